@@ -1,0 +1,3 @@
+from fleetline.cli import app
+
+app()

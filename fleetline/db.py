@@ -1,0 +1,81 @@
+"""Database access shared by the services: pool creation and connection retry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+import orjson
+
+log = logging.getLogger(__name__)
+
+POOL_CLOSE_TIMEOUT_SECONDS = 10.0
+
+
+async def init_connection(con: asyncpg.Connection[Any]) -> None:
+    """Codecs every connection gets: jsonb/json as Python objects via orjson."""
+    for typename in ("jsonb", "json"):
+        await con.set_type_codec(
+            typename,
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # What a service's queries receive: a plain connection or one borrowed from a pool.
+    Connection: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+
+ConnectionInit = Callable[["asyncpg.Connection[Any]"], Awaitable[None]]
+
+
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 4, init: ConnectionInit | None = None
+) -> asyncpg.Pool[Any]:
+    """A pool whose connections get the shared codecs, then the service's own ``init``."""
+
+    async def setup(con: asyncpg.Connection[Any]) -> None:
+        await init_connection(con)
+        if init is not None:
+            await init(con)
+
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=setup)
+    assert pool is not None
+    return pool
+
+
+async def close_pool(pool: asyncpg.Pool[Any]) -> None:
+    """Close gracefully, but never hang shutdown on a connection that does not come back."""
+    try:
+        await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_SECONDS)
+    except TimeoutError:
+        log.warning("database pool did not close in time; terminating connections")
+        pool.terminate()
+
+
+async def wait_for_database(dsn: str, *, timeout_seconds: float = 60.0) -> None:
+    """Block until the server accepts a connection; log while it does not."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_seconds
+    attempt = 0
+    while True:
+        try:
+            con = await asyncpg.connect(dsn, timeout=5)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            if isinstance(exc, asyncpg.InvalidCatalogNameError | asyncpg.InvalidPasswordError):
+                raise
+            if loop.time() > deadline:
+                raise
+            if attempt % 5 == 0:
+                log.warning("database not reachable yet (%s); retrying", exc)
+            attempt += 1
+            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        else:
+            await con.close()
+            return

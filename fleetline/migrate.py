@@ -1,0 +1,215 @@
+"""Apply the numbered SQL files of ``migrations/`` in order, once each.
+
+Forward-only: applied files are recorded in ``schema_migrations`` with a checksum, and
+an applied file that changed afterwards stops the run (write a new file instead). A
+session advisory lock makes concurrent runners (a k8s Job and a developer, two
+replicas starting) take turns. A file whose first line is ``-- no-transaction`` runs
+outside a transaction; every other file runs in its own.
+
+The runner passes the storage settings to the SQL as session settings
+(``fleetline.timescale``, ``fleetline.raw_retention``...), so no interval is hard-coded
+in a migration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from fleetline.settings import StorageSettings
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = 0x666C6565  # "flee": one advisory lock id for all fleetline migration runners
+_NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class MigrationError(Exception):
+    """The migrations cannot be applied as they are."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def transactional(self) -> bool:
+        return not self.sql.lstrip().lower().startswith("-- no-transaction")
+
+
+def migrations_dir() -> Path:
+    override = os.environ.get("FLEETLINE_MIGRATIONS_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or migrations_dir()
+    if not directory.is_dir():
+        raise MigrationError(f"migrations directory {directory} does not exist")
+    found: list[Migration] = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _NAME_RE.match(path.name)
+        if not match:
+            raise MigrationError(f"{path.name}: migration files are named NNNN_verb_object.sql")
+        found.append(Migration(int(match.group(1)), match.group(2), path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migration files share a number in {directory}")
+    return found
+
+
+async def timescale_available(con: asyncpg.Connection[Any]) -> bool:
+    return bool(
+        await con.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = $1)", "timescaledb"
+        )
+    )
+
+
+async def _session_settings(con: asyncpg.Connection[Any], storage: StorageSettings) -> bool:
+    use_timescale = {"on": True, "off": False}.get(storage.timescale)
+    if use_timescale is None:
+        use_timescale = await timescale_available(con)
+    elif use_timescale and not await timescale_available(con):
+        raise MigrationError(
+            "FLEETLINE_STORAGE_TIMESCALE=on but the server has no timescaledb extension"
+        )
+    values = {
+        "fleetline.timescale": "on" if use_timescale else "off",
+        "fleetline.raw_retention": storage.raw_retention,
+        "fleetline.partition_interval": storage.partition_interval,
+        "fleetline.partitions_ahead": str(storage.partitions_ahead),
+        "fleetline.compress_after": storage.compress_after,
+    }
+    for key, value in values.items():
+        await con.execute("SELECT set_config($1, $2, false)", key, value)
+    return use_timescale
+
+
+async def apply_migrations(
+    con: asyncpg.Connection[Any],
+    storage: StorageSettings,
+    *,
+    directory: Path | None = None,
+) -> list[Migration]:
+    """Apply what is pending; return the migrations applied by this call."""
+    migrations = load_migrations(directory)
+    await con.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+    try:
+        await con.execute(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                version     INTEGER PRIMARY KEY,
+                name        TEXT NOT NULL,
+                checksum    TEXT NOT NULL,
+                applied_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+                duration_ms INTEGER NOT NULL
+            )
+            """
+        )
+        applied = {r["version"]: r for r in await con.fetch("SELECT * FROM schema_migrations")}
+        known = {m.version for m in migrations}
+        unknown = sorted(set(applied) - known)
+        if unknown:
+            raise MigrationError(
+                f"the database has migrations {unknown} that this code does not know; "
+                "is an older version of fleetline running against a newer schema?"
+            )
+        for m in migrations:
+            row = applied.get(m.version)
+            if row is not None and row["checksum"] != m.checksum:
+                raise MigrationError(
+                    f"migration {m.version:04d}_{m.name} was edited after it was applied; "
+                    "applied migrations are never changed, add a new file instead"
+                )
+        pending = [m for m in migrations if m.version not in applied]
+        if not pending:
+            log.info("schema is up to date", extra={"version": max(known, default=0)})
+            return []
+        use_timescale = await _session_settings(con, storage)
+        log.info(
+            "applying %d migration(s)",
+            len(pending),
+            extra={"storage": "timescaledb" if use_timescale else "partitioned"},
+        )
+        for m in pending:
+            started = time.perf_counter()
+            try:
+                if m.transactional:
+                    async with con.transaction():
+                        await con.execute(m.sql)
+                        await _record(con, m, started)
+                else:
+                    await con.execute(m.sql)
+                    await _record(con, m, started)
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {exc}") from exc
+            log.info(
+                "applied migration %04d_%s",
+                m.version,
+                m.name,
+                extra={"duration_ms": round((time.perf_counter() - started) * 1000)},
+            )
+        return pending
+    finally:
+        await con.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+
+
+async def _record(con: asyncpg.Connection[Any], m: Migration, started: float) -> None:
+    await con.execute(
+        "INSERT INTO schema_migrations (version, name, checksum, duration_ms) "
+        "VALUES ($1, $2, $3, $4)",
+        m.version,
+        m.name,
+        m.checksum,
+        round((time.perf_counter() - started) * 1000),
+    )
+
+
+async def ensure_database(dsn: str) -> None:
+    """Create the database named in ``dsn`` if the server does not have it yet."""
+    try:
+        con = await asyncpg.connect(dsn)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await con.close()
+        return
+    database = urlsplit(dsn).path.lstrip("/")
+    if not database or '"' in database:
+        raise MigrationError(f"cannot create database {database!r}: name it in the URL path")
+    admin = await asyncpg.connect(dsn, database="postgres")
+    try:
+        log.info("creating database %s", database)
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    except asyncpg.DuplicateDatabaseError:
+        pass
+    finally:
+        await admin.close()
+
+
+async def migrate(dsn: str, storage: StorageSettings, *, create_database: bool = True) -> int:
+    if create_database:
+        await ensure_database(dsn)
+    con = await asyncpg.connect(dsn)
+    try:
+        return len(await apply_migrations(con, storage))
+    finally:
+        await con.close()

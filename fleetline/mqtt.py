@@ -1,0 +1,215 @@
+"""The one place that knows aiomqtt's and paho's internals.
+
+aiomqtt 2.5 has no public manual-acknowledgement API (upstream issue empicano/aiomqtt#345)
+and hands every message to an asyncio queue that, when bounded, silently discards
+messages paho has already acknowledged. Ingest needs three things aiomqtt does not
+offer, so this module provides them on the wrapped paho client:
+
+* manual PUBACK (``Client.ack``): a message is acknowledged only after its rows commit;
+* a direct message handler that bypasses aiomqtt's queue (no per-message ``Message``
+  object, no unbounded queue);
+* pausing socket reads, so a slow database turns into TCP backpressure on the broker
+  instead of memory growth. Mosquitto 2.0.11 honours an MQTT 5 Receive Maximum only
+  until the first acknowledgements arrive (measured), so the broker's in-flight window
+  cannot be relied on to bound what we hold.
+
+It also gives paho a buffered socket read: paho reads a packet with several small
+``recv`` calls (type byte, length bytes, body), one packet per readiness event; reading
+64 KiB at a time and draining the buffer in one callback removes most system calls
+and event-loop turns from the hot path.
+
+Moving to aiomqtt 3 (which has manual ack and its own reconnect) touches this file only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fleetline.settings import MqttProtocol, MqttTarget
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MAX_SECONDS = 30.0
+READ_CHUNK_BYTES = 65536
+# CONNACK codes that retrying cannot fix (MQTT 3.1.1 codes 4/5, MQTT 5 codes 134/135).
+_FATAL_CONNACK = {4, 5, 134, 135}
+_UNSUPPORTED_PROTOCOL = {1, 132}
+
+MessageHandler = Callable[[paho.MQTTMessage], None]
+
+
+class MqttAuthError(Exception):
+    """The broker refused our credentials; retrying will not help."""
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Capped, jittered delay before reconnect attempt ``attempt`` (0-based)."""
+    return min(RECONNECT_MAX_SECONDS, random.uniform(0.2, 1.5 ** min(10, attempt)))
+
+
+def make_client(
+    target: MqttTarget,
+    *,
+    identifier: str,
+    protocol: MqttProtocol,
+    persistent: bool,
+    session_expiry_seconds: int = 86_400,
+    receive_maximum: int | None = None,
+    will: aiomqtt.Will | None = None,
+    keepalive_seconds: int = 30,
+) -> aiomqtt.Client:
+    """An aiomqtt client; ``protocol='auto'`` starts with MQTT 5 (see :func:`connected`)."""
+    v5 = protocol != "3.1.1"
+    props: Properties | None = None
+    if v5:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry_seconds if persistent else 0
+        if receive_maximum:
+            props.ReceiveMaximum = min(receive_maximum, 65535)
+    return aiomqtt.Client(
+        target.host,
+        target.port,
+        identifier=identifier,
+        username=target.username,
+        password=target.password.get_secret_value() if target.password else None,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        clean_session=None if v5 else not persistent,
+        clean_start=False if (persistent and v5) else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=props,
+        will=will,
+        keepalive=keepalive_seconds,
+        timeout=10,
+    )
+
+
+def is_v5(client: aiomqtt.Client) -> bool:
+    return bool(client._client.protocol == paho.MQTTv5)  # noqa: SLF001
+
+
+@asynccontextmanager
+async def connected(
+    make: Callable[[MqttProtocol], aiomqtt.Client],
+    protocol: MqttProtocol,
+    *,
+    prepare: Callable[[aiomqtt.Client], None] | None = None,
+) -> AsyncIterator[aiomqtt.Client]:
+    """Connect once; with ``auto``, fall back to MQTT 3.1.1 when the broker refuses v5.
+
+    ``prepare`` runs on each client before it connects. Raises :class:`MqttAuthError`
+    for refused credentials, ``aiomqtt.MqttError`` for everything a retry may fix.
+    """
+    client = make(protocol)
+    if prepare:
+        prepare(client)
+    try:
+        await client.__aenter__()
+    except MqttConnectError as exc:
+        code = int(getattr(exc, "rc", -1) or -1)
+        if code in _FATAL_CONNACK:
+            raise MqttAuthError(str(exc)) from exc
+        if protocol == "auto" and code in _UNSUPPORTED_PROTOCOL:
+            log.warning(
+                "broker refused MQTT 5; falling back to MQTT 3.1.1 "
+                "(no shared subscriptions: run a single replica)"
+            )
+            client = make("3.1.1")
+            if prepare:
+                prepare(client)
+            await client.__aenter__()
+        else:
+            raise
+    try:
+        yield client
+    finally:
+        try:
+            await client.__aexit__(None, None, None)
+        except aiomqtt.MqttError:
+            pass
+
+
+async def wait_disconnected(client: aiomqtt.Client) -> None:
+    """Return (or raise the broker error) when the connection ends."""
+    await asyncio.shield(client._disconnected)  # noqa: SLF001
+
+
+class DirectReader:
+    """Manual ack, a direct message handler and pausable, buffered reads for one client.
+
+    Create it before connecting: a persistent session's queued messages arrive right
+    behind the CONNACK, and they must already be in manual-ack mode and reach
+    ``handler`` rather than aiomqtt's queue. Call :meth:`start` once connected. All calls
+    happen on the event loop thread, like every other paho call aiomqtt makes.
+    """
+
+    def __init__(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
+        self._aio = client
+        self._paho: Any = client._client  # noqa: SLF001
+        self._buf = b""
+        self._fd = -1
+        self._sock: Any = None
+        self.paused = False
+        self._paho.manual_ack_set(True)
+        self._paho.on_message = lambda _c, _u, msg: handler(msg)
+
+    def start(self) -> None:
+        """Take over socket reads from aiomqtt (plain TCP; TLS keeps aiomqtt's reader)."""
+        self._loop = asyncio.get_running_loop()
+        sock = self._paho.socket()
+        if sock is None or isinstance(sock, ssl.SSLSocket):
+            return
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._paho._sock_recv = self._recv  # noqa: SLF001
+        self._loop.remove_reader(self._fd)
+        if not self.paused:
+            self._loop.add_reader(self._fd, self._on_readable)
+
+    def _recv(self, bufsize: int) -> bytes:
+        if not self._buf:
+            data = self._sock.recv(READ_CHUNK_BYTES)  # BlockingIOError means "no data yet"
+            if not data:
+                return b""
+            self._buf = data
+        chunk, self._buf = self._buf[:bufsize], self._buf[bufsize:]
+        return chunk
+
+    def _on_readable(self) -> None:
+        try:
+            while True:
+                rc = self._paho.loop_read()
+                if rc != paho.MQTT_ERR_SUCCESS or not self._buf or self.paused:
+                    break
+        except Exception as exc:  # a broken socket ends this connection
+            if not self._aio._disconnected.done():  # noqa: SLF001
+                self._aio._disconnected.set_exception(exc)  # noqa: SLF001
+
+    def ack(self, mid: int, qos: int) -> None:
+        if qos:
+            self._paho.ack(mid, qos)
+
+    def pause(self) -> None:
+        """Stop reading: the socket fills and the broker holds the rest."""
+        if not self.paused:
+            self.paused = True
+            if self._fd >= 0:
+                self._loop.remove_reader(self._fd)
+
+    def resume(self) -> None:
+        if self.paused and self._fd >= 0:
+            self.paused = False
+            self._loop.add_reader(self._fd, self._on_readable)
+            if self._buf:
+                # Packets already read into the buffer do not wake the selector.
+                self._loop.call_soon(self._on_readable)

@@ -1,0 +1,172 @@
+"""The device-facing contract (PROTOCOL.md): topics, names, and telemetry payload parsing.
+
+``parse_telemetry`` is ingest's hot path: it runs once per MQTT message, so it avoids
+regexes for names already seen and allocates one tuple per stored value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+TOPIC_ROOT = "devices"
+TELEMETRY = "telemetry"
+STATUS = "status"
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+METRIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# One stored value: (device_id, metric, ts, numeric value, text value).
+Row = tuple[str, str, datetime, float | None, str | None]
+
+
+def topic_for(device_id: str, kind: str) -> str:
+    return f"{TOPIC_ROOT}/{device_id}/{kind}"
+
+
+def split_device_topic(topic: str) -> tuple[str, str] | None:
+    """``devices/{id}/{kind}`` -> (id, kind); None when the topic is not of that shape."""
+    parts = topic.split("/", 2)
+    if len(parts) != 3 or parts[0] != TOPIC_ROOT:
+        return None
+    return parts[1], parts[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one telemetry message may hold; anything beyond is dead-lettered."""
+
+    max_payload_bytes: int = 256 * 1024
+    max_readings: int = 1000
+    max_metrics: int = 256
+    max_text_chars: int = 1024
+    max_future_seconds: float = 600.0
+    oldest: datetime = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+class PayloadError(ValueError):
+    """The whole message is unusable; the text is the dead-letter reason."""
+
+
+class _NameCache:
+    """Remembers names that passed the regex; bounded so hostile input cannot grow it."""
+
+    __slots__ = ("_ok", "_re", "_max")
+
+    def __init__(self, pattern: re.Pattern[str], max_entries: int = 200_000) -> None:
+        self._ok: set[str] = set()
+        self._re = pattern
+        self._max = max_entries
+
+    def valid(self, name: str) -> bool:
+        if name in self._ok:
+            return True
+        if self._re.match(name) is None:
+            return False
+        if len(self._ok) >= self._max:
+            self._ok.clear()
+        self._ok.add(name)
+        return True
+
+
+device_ids = _NameCache(DEVICE_ID_RE)
+metric_names = _NameCache(METRIC_RE)
+
+
+def parse_ts(raw: Any, received_at: datetime, limits: Limits) -> datetime:
+    """A reading's ts: RFC 3339 string or epoch milliseconds; absent means received_at."""
+    if raw is None:
+        return received_at
+    if isinstance(raw, str):
+        try:
+            ts = datetime.fromisoformat(raw)
+        except ValueError:
+            raise ValueError(f"ts {raw[:40]!r} is not an RFC 3339 time") from None
+        if ts.tzinfo is None:
+            raise ValueError(f"ts {raw[:40]!r} has no time zone offset")
+    elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        if not math.isfinite(raw) or abs(raw) > 1e15:
+            raise ValueError(f"ts {raw!r} is out of range")
+        ts = EPOCH + timedelta(milliseconds=raw)
+    else:
+        raise ValueError("ts must be an RFC 3339 string or epoch milliseconds")
+    if ts < limits.oldest:
+        raise ValueError(f"ts {ts.isoformat()} is before {limits.oldest.date().isoformat()}")
+    if (ts - received_at).total_seconds() > limits.max_future_seconds:
+        raise ValueError(f"ts {ts.isoformat()} is more than {limits.max_future_seconds:g} s ahead")
+    return ts
+
+
+def _reading(
+    device_id: str, doc: Any, received_at: datetime, limits: Limits, out: list[Row], where: str
+) -> list[str]:
+    if not isinstance(doc, dict):
+        return [f"{where}: a reading must be a JSON object"]
+    values = doc.get("values")
+    if not isinstance(values, dict) or not values:
+        return [f"{where}: 'values' must be a non-empty object"]
+    if len(values) > limits.max_metrics:
+        return [f"{where}: {len(values)} metrics, more than {limits.max_metrics}"]
+    try:
+        ts = parse_ts(doc.get("ts"), received_at, limits)
+    except ValueError as exc:
+        return [f"{where}: {exc}"]
+    errors: list[str] = []
+    valid_metric = metric_names.valid
+    for metric, value in values.items():
+        if not valid_metric(metric):
+            errors.append(f"{where}: metric name {metric[:80]!r} is not [A-Za-z0-9_.-]{{1,64}}")
+        elif value is True or value is False:
+            out.append((device_id, metric, ts, 1.0 if value else 0.0, None))
+        elif isinstance(value, float | int):
+            number = float(value)
+            if math.isfinite(number):
+                out.append((device_id, metric, ts, number, None))
+            else:
+                errors.append(f"{where}: value of {metric!r} is not a finite number")
+        elif isinstance(value, str):
+            if len(value) > limits.max_text_chars:
+                errors.append(
+                    f"{where}: value of {metric!r} is longer than {limits.max_text_chars} chars"
+                )
+            elif "\x00" in value:
+                errors.append(f"{where}: value of {metric!r} contains a NUL character")
+            else:
+                out.append((device_id, metric, ts, None, value))
+        else:
+            errors.append(f"{where}: value of {metric!r} must be a number, boolean or string")
+    return errors
+
+
+def parse_telemetry(
+    device_id: str, payload: bytes, received_at: datetime, limits: Limits, out: list[Row]
+) -> list[str]:
+    """Append the message's values to ``out``; return the problems with its other readings.
+
+    Raises :class:`PayloadError` when nothing in the message can be used.
+    """
+    if len(payload) > limits.max_payload_bytes:
+        raise PayloadError(f"payload of {len(payload)} bytes exceeds {limits.max_payload_bytes}")
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError(f"not JSON: {exc}") from None
+    if isinstance(doc, list):
+        if not doc:
+            raise PayloadError("empty batch")
+        if len(doc) > limits.max_readings:
+            raise PayloadError(f"batch of {len(doc)} readings exceeds {limits.max_readings}")
+        errors: list[str] = []
+        for i, item in enumerate(doc):
+            errors += _reading(device_id, item, received_at, limits, out, f"reading[{i}]")
+        return errors
+    return _reading(device_id, doc, received_at, limits, out, "reading")

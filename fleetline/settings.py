@@ -1,0 +1,107 @@
+"""Settings shared by every service, read from FLEETLINE_* environment variables.
+
+Each service has one ``BaseSettings`` subclass of :class:`ServiceSettings` with its own
+``env_prefix`` (``FLEETLINE_INGEST_``...). The connection settings all services share
+are read from unprefixed names (``FLEETLINE_DATABASE_URL``, ``FLEETLINE_MQTT_URL``)
+through validation aliases, so one ConfigMap serves every service.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/fleetline"
+DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
+
+MqttProtocol = Literal["auto", "5", "3.1.1"]
+
+
+class MqttTarget(BaseModel):
+    """Where the broker is, parsed from ``mqtt://user:pass@host:port``."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+def parse_mqtt_url(url: str) -> MqttTarget:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "tcp"):
+        raise ValueError(f"MQTT URL must start with mqtt://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"MQTT URL has no host: {url!r}")
+    password = SecretStr(unquote(parts.password)) if parts.password else None
+    return MqttTarget(
+        host=parts.hostname,
+        port=parts.port or 1883,
+        username=unquote(parts.username) if parts.username else None,
+        password=password,
+    )
+
+
+def _shared(name: str) -> AliasChoices:
+    return AliasChoices(f"FLEETLINE_{name}")
+
+
+class ServiceSettings(BaseSettings):
+    """What every service reads; subclasses add their own prefixed knobs."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETLINE_", extra="ignore")
+
+    database_url: SecretStr = Field(
+        default=SecretStr(DEFAULT_DATABASE_URL), validation_alias=_shared("DATABASE_URL")
+    )
+    mqtt_url: SecretStr = Field(
+        default=SecretStr(DEFAULT_MQTT_URL), validation_alias=_shared("MQTT_URL")
+    )
+    mqtt_protocol: MqttProtocol = Field(default="auto", validation_alias=_shared("MQTT_PROTOCOL"))
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", validation_alias=_shared("LOG_LEVEL")
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", validation_alias=_shared("LOG_FORMAT")
+    )
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, value: SecretStr) -> SecretStr:
+        parse_mqtt_url(value.get_secret_value())
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError("database URL must start with postgresql://")
+        return value
+
+    @property
+    def mqtt(self) -> MqttTarget:
+        return parse_mqtt_url(self.mqtt_url.get_secret_value())
+
+    @property
+    def dsn(self) -> str:
+        return self.database_url.get_secret_value()
+
+
+class StorageSettings(ServiceSettings):
+    """How telemetry is stored; read by the migration runner and by ingest's maintenance."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETLINE_STORAGE_", extra="ignore")
+
+    # "auto" uses TimescaleDB when the extension is available on the server.
+    timescale: Literal["auto", "on", "off"] = "auto"
+    # Raw readings older than this are dropped (partitions or chunks).
+    raw_retention: str = "90 days"
+    # Width of one partition (plain PostgreSQL) or chunk (TimescaleDB).
+    partition_interval: str = "1 day"
+    # Partitions created ahead of time on plain PostgreSQL.
+    partitions_ahead: int = Field(default=3, ge=1, le=60)
+    # TimescaleDB compresses chunks older than this.
+    compress_after: str = "7 days"

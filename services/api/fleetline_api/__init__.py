@@ -1,0 +1,1 @@
+"""fleetline api service."""

@@ -1,0 +1,1 @@
+"""fleetline ingest service."""

@@ -1,0 +1,84 @@
+"""A batch: what ingest received since the last write, and what to acknowledge after it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from fleetline import protocol
+from fleetline.protocol import Limits, PayloadError, Row
+
+# Dead-letter reasons longer than this are cut (a payload can hold 1000 bad readings).
+MAX_REASON_CHARS = 2000
+
+# (received_at, topic, device_id, reason, payload): a row of ingest_dead_letter.
+DeadLetter = tuple[datetime, str, str | None, str, bytes]
+
+
+@dataclass(slots=True)
+class Batch:
+    generation: int
+    started: float = 0.0
+    rows: list[Row] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    # (mid, qos) of every message in the batch, in arrival order: acknowledged after commit.
+    acks: list[tuple[int, int]] = field(default_factory=list)
+    # The raw messages, kept only to retry them one by one if the database rejects the batch.
+    raw: list[tuple[str, bytes, datetime]] = field(default_factory=list)
+    # device -> last time heard from; device -> (online, when) from the status topic.
+    seen: dict[str, datetime] = field(default_factory=dict)
+    status: dict[str, tuple[bool, datetime]] = field(default_factory=dict)
+    telemetry_messages: int = 0
+    status_messages: int = 0
+
+    @property
+    def messages(self) -> int:
+        return len(self.acks)
+
+
+def _reason(errors: list[str]) -> str:
+    text = "; ".join(errors)
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+
+
+def collect(
+    batch: Batch, topic: str, payload: bytes, received_at: datetime, limits: Limits
+) -> None:
+    """Add one message to ``batch``: its values, status, or a dead letter. Never raises."""
+    parts = protocol.split_device_topic(topic)
+    if parts is None:
+        batch.dead.append((received_at, topic, None, "topic is not devices/{id}/...", payload))
+        return
+    device_id, kind = parts
+    if not protocol.device_ids.valid(device_id):
+        batch.dead.append(
+            (received_at, topic, None, "device id is not [A-Za-z0-9_.:-]{1,128}", payload)
+        )
+        return
+    if kind == protocol.TELEMETRY:
+        batch.telemetry_messages += 1
+        try:
+            errors = protocol.parse_telemetry(device_id, payload, received_at, limits, batch.rows)
+        except PayloadError as exc:
+            errors = [str(exc)]
+        except Exception as exc:  # a parser bug must cost one message, not the service
+            errors = [f"unexpected error while parsing: {exc!r}"]
+        if errors:
+            batch.dead.append((received_at, topic, device_id, _reason(errors), payload))
+        batch.seen[device_id] = received_at
+    elif kind == protocol.STATUS:
+        batch.status_messages += 1
+        state = payload.strip().lower()
+        if state in (protocol.STATUS_ONLINE, protocol.STATUS_OFFLINE):
+            online = state == protocol.STATUS_ONLINE
+            batch.status[device_id] = (online, received_at)
+            if online:  # an "offline" is often the broker speaking (Last Will), not the device
+                batch.seen[device_id] = received_at
+        else:
+            batch.dead.append(
+                (received_at, topic, device_id, "status must be 'online' or 'offline'", payload)
+            )
+    else:
+        batch.dead.append(
+            (received_at, topic, device_id, f"ingest does not handle {kind!r}", payload)
+        )

@@ -1,0 +1,301 @@
+"""The ingest pipeline: MQTT in, batches out, acknowledgements after commit.
+
+    broker ──DirectReader──> on_message (parse into the current batch)
+                                 │ sealed when full or old
+                                 ▼
+                           queue (2 batches) ──> writer: COPY, commit, then PUBACK
+
+Memory is bounded by ``max_pending_messages`` / ``max_pending_rows``: above either,
+reading from the socket pauses and the broker holds the rest of the backlog. A batch is
+acknowledged only on the connection its messages came in on; after a reconnect the
+broker redelivers whatever was not acknowledged and the idempotent insert drops the
+copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+import asyncpg
+
+from fleetline import mqtt
+from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
+from fleetline.settings import MqttProtocol, StorageSettings
+from fleetline_ingest import metrics
+from fleetline_ingest.batch import Batch, collect
+from fleetline_ingest.settings import IngestSettings
+from fleetline_ingest.writer import BatchWriter, is_transient
+
+log = logging.getLogger(__name__)
+
+QUEUED_BATCHES = 2
+WRITE_RETRY_MAX_SECONDS = 10.0
+
+
+class Ingestor:
+    def __init__(
+        self, settings: IngestSettings, storage: StorageSettings, pool: asyncpg.Pool[Any]
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.pool = pool
+        self.limits = settings.limits
+        self.writer = BatchWriter(
+            seen_resolution_seconds=settings.seen_resolution_seconds, limits=self.limits
+        )
+        self.generation = 0
+        self.current = Batch(generation=0)
+        self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=QUEUED_BATCHES)
+        self.pending_messages = 0
+        self.pending_rows = 0
+        self.reader: mqtt.DirectReader | None = None
+        self.connected = False
+        self._batch_full = asyncio.Event()
+        self._batch_started = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    # -- receiving (runs inside paho's read callback, on the event loop) ---------------
+
+    def on_message(self, msg: Any) -> None:
+        batch = self.current
+        if not batch.acks:
+            batch.started = self._loop.time()
+            self._batch_started.set()
+        rows_before = len(batch.rows)
+        now = datetime.now(UTC)
+        topic: str = msg.topic
+        payload: bytes = msg.payload
+        batch.acks.append((msg.mid, msg.qos))
+        batch.raw.append((topic, payload, now))
+        collect(batch, topic, payload, now, self.limits)
+        self.pending_messages += 1
+        self.pending_rows += len(batch.rows) - rows_before
+        if len(batch.rows) >= self.settings.batch_rows or (
+            len(batch.acks) >= self.settings.batch_messages
+        ):
+            self._batch_full.set()
+        if (
+            (
+                self.pending_messages >= self.settings.max_pending_messages
+                or self.pending_rows >= self.settings.max_pending_rows
+            )
+            and self.reader is not None
+            and not self.reader.paused
+        ):
+            self.reader.pause()
+            metrics.PAUSED.set(1)
+            log.info("pausing reads: %d messages pending", self.pending_messages)
+
+    def _maybe_resume(self) -> None:
+        if (
+            self.reader is not None
+            and self.reader.paused
+            and self.pending_messages < self.settings.max_pending_messages // 2
+            and self.pending_rows < self.settings.max_pending_rows // 2
+        ):
+            self.reader.resume()
+            metrics.PAUSED.set(0)
+
+    async def _seal(self) -> None:
+        """Hand the current batch to the writer (waits while the writer is behind)."""
+        batch = self.current
+        if not batch.acks:
+            return
+        self.current = Batch(generation=self.generation)
+        self._batch_full.clear()
+        self._batch_started.clear()
+        await self.queue.put(batch)
+
+    # -- the loops --------------------------------------------------------------------
+
+    def _subscriptions(self, client: aiomqtt.Client) -> list[str]:
+        topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
+        if mqtt.is_v5(client):
+            return [f"$share/{self.settings.share_group}/{t}" for t in topics]
+        return topics
+
+    def _make_client(self, protocol: MqttProtocol) -> aiomqtt.Client:
+        s = self.settings
+        return mqtt.make_client(
+            s.mqtt,
+            identifier=s.client_id,
+            protocol=protocol,
+            persistent=True,
+            session_expiry_seconds=s.session_expiry_seconds,
+            receive_maximum=s.max_pending_messages,
+        )
+
+    def _prepare(self, client: aiomqtt.Client) -> None:
+        self.reader = mqtt.DirectReader(client, self.on_message)
+
+    async def mqtt_loop(self) -> None:
+        attempt = 0
+        while True:
+            # Whatever came in on the previous connection is written (not acknowledged:
+            # its message ids mean nothing on the next connection).
+            await self._seal()
+            self.generation += 1
+            self.current = Batch(generation=self.generation)
+            try:
+                async with mqtt.connected(
+                    self._make_client, self.settings.mqtt_protocol, prepare=self._prepare
+                ) as client:
+                    assert self.reader is not None
+                    self.reader.start()
+                    attempt = 0
+                    topics = self._subscriptions(client)
+                    for topic in topics:
+                        await client.subscribe(topic, qos=1)
+                    self.connected = True
+                    metrics.CONNECTED.set(1)
+                    log.info(
+                        "connected to the broker, subscribed",
+                        extra={
+                            "topics": topics,
+                            "client_id": self.settings.client_id,
+                            "mqtt": "5" if mqtt.is_v5(client) else "3.1.1",
+                        },
+                    )
+                    await mqtt.wait_disconnected(client)
+                    log.warning("broker closed the connection")
+            except aiomqtt.MqttError as exc:
+                log.warning("MQTT connection lost or refused: %s", exc)
+            finally:
+                self.connected = False
+                metrics.CONNECTED.set(0)
+                # Unacknowledged messages will be redelivered; stop counting them.
+                self.reader = None
+                metrics.PAUSED.set(0)
+            await asyncio.sleep(mqtt.backoff_seconds(attempt))
+            attempt += 1
+
+    async def flush_loop(self) -> None:
+        max_age = self.settings.batch_ms / 1000
+        while True:
+            batch = self.current
+            if not batch.acks:
+                await self._batch_started.wait()
+                continue
+            remaining = batch.started + max_age - self._loop.time()
+            if remaining > 0 and not self._batch_full.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_full.wait(), remaining)
+            if batch is self.current:
+                await self._seal()
+
+    async def write_loop(self) -> None:
+        while True:
+            batch = await self.queue.get()
+            try:
+                await self._write_with_retry(batch)
+                self._acknowledge(batch)
+            finally:
+                self.queue.task_done()
+
+    async def _write_with_retry(self, batch: Batch) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with self.pool.acquire() as con:
+                    await self.writer.write_batch(con, batch)
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                metrics.WRITE_ERRORS.labels("transient").inc()
+                delay = min(WRITE_RETRY_MAX_SECONDS, 0.1 * 2**attempt)
+                log.warning(
+                    "batch write failed (%s); retrying in %.1f s",
+                    exc,
+                    delay,
+                    extra={"batch_rows": len(batch.rows), "attempt": attempt},
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    def _acknowledge(self, batch: Batch) -> None:
+        reader = self.reader
+        if batch.generation == self.generation and reader is not None and self.connected:
+            for mid, qos in batch.acks:
+                reader.ack(mid, qos)
+            self.pending_messages -= batch.messages
+            self.pending_rows -= len(batch.rows)
+        elif batch.generation == self.generation:
+            # Connection dropped before commit finished: the broker redelivers.
+            pass
+        if batch.generation != self.generation:
+            log.info(
+                "batch committed after a reconnect; the broker will redeliver it and "
+                "the copies are dropped",
+                extra={"messages": batch.messages},
+            )
+        else:
+            self._maybe_resume()
+        metrics.PENDING_MESSAGES.set(self.pending_messages)
+
+    async def maintenance_loop(self) -> None:
+        while True:
+            try:
+                async with self.pool.acquire() as con:
+                    dropped = await con.fetchval(
+                        "SELECT fleetline_maintain($1::text::interval, $2)",
+                        self.storage.raw_retention,
+                        self.storage.partitions_ahead,
+                    )
+                if dropped:
+                    log.info("dropped %d expired telemetry partition(s)", dropped)
+            except Exception as exc:  # upkeep must not take the service down
+                log.warning("storage maintenance failed: %s", exc)
+            await asyncio.sleep(self.settings.maintenance_interval_seconds)
+
+    async def ready(self) -> bool:
+        if not self.connected:
+            return False
+        try:
+            async with self.pool.acquire(timeout=2) as con:
+                await con.fetchval("SELECT 1")
+        except Exception:
+            return False
+        return True
+
+    # -- running and stopping ---------------------------------------------------------
+
+    async def run(self) -> None:
+        tasks = [
+            asyncio.create_task(self.mqtt_loop(), name="ingest.mqtt"),
+            asyncio.create_task(self.flush_loop(), name="ingest.flush"),
+            asyncio.create_task(self.write_loop(), name="ingest.write"),
+            asyncio.create_task(self.maintenance_loop(), name="ingest.maintenance"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise RuntimeError("an ingest loop stopped unexpectedly")
+        finally:
+            await self._drain(tasks)
+
+    async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Stop reading, write and acknowledge what was received, then disconnect."""
+        mqtt_task, flush_task, write_task, maintenance_task = tasks
+        flush_task.cancel()
+        maintenance_task.cancel()
+        if self.reader is not None:
+            self.reader.pause()
+        pending = self.current.messages + self.queue.qsize()
+        log.info("stopping: writing what was received", extra={"messages": pending})
+        try:
+            async with asyncio.timeout(self.settings.shutdown_timeout_seconds):
+                if not write_task.done():
+                    await self._seal()
+                    await self.queue.join()
+        except TimeoutError:
+            log.warning("shutdown timed out; unacknowledged messages stay with the broker")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,31 @@
+"""Prometheus metrics of the ingest service (counted per batch, not per message)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES = Counter(
+    "fleetline_ingest_messages_total", "MQTT messages written and acknowledged", ["kind"]
+)
+ROWS = Counter("fleetline_ingest_rows_total", "Telemetry values stored")
+DUPLICATES = Counter(
+    "fleetline_ingest_duplicate_rows_total", "Values already stored (redelivered or re-sent)"
+)
+DEAD_LETTERS = Counter("fleetline_ingest_dead_letters_total", "Messages dead-lettered")
+BATCHES = Counter("fleetline_ingest_batches_total", "Batches committed")
+BATCH_SECONDS = Histogram(
+    "fleetline_ingest_batch_seconds",
+    "Time to write and commit one batch",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BATCH_ROWS = Histogram(
+    "fleetline_ingest_batch_rows",
+    "Values per committed batch",
+    buckets=(1, 10, 100, 500, 1000, 5000, 10000, 50000, 200000),
+)
+WRITE_ERRORS = Counter(
+    "fleetline_ingest_write_errors_total", "Failed batch writes (retried)", ["kind"]
+)
+PENDING_MESSAGES = Gauge(
+    "fleetline_ingest_pending_messages", "Messages received but not yet committed and acked"
+)
+PAUSED = Gauge("fleetline_ingest_paused", "1 while reading from the broker is paused")
+CONNECTED = Gauge("fleetline_ingest_mqtt_connected", "1 while connected to the broker")

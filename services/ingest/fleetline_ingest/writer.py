@@ -1,0 +1,223 @@
+"""Writing a batch: one transaction, binary COPY, idempotent insert, then acknowledge.
+
+Values are copied into a per-connection temporary table and moved with
+``INSERT ... ON CONFLICT DO NOTHING``, so a redelivered message (QoS 1 after a crash
+before the acknowledgement) or a re-sent reading is stored once (asyncpg's maintainer
+recommends staging for this: MagicStack/asyncpg#749).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from fleetline.protocol import Limits
+from fleetline_ingest import metrics
+from fleetline_ingest.batch import Batch, collect
+
+if TYPE_CHECKING:
+    from fleetline.db import Connection
+
+log = logging.getLogger(__name__)
+
+STAGING_DDL = """
+CREATE TEMPORARY TABLE IF NOT EXISTS telemetry_staging (
+    series_id INTEGER, ts TIMESTAMPTZ, value DOUBLE PRECISION, value_text TEXT
+) ON COMMIT DELETE ROWS
+"""
+STAGING_COLUMNS = ("series_id", "ts", "value", "value_text")
+MOVE_STAGED = """
+INSERT INTO telemetry (series_id, ts, value, value_text)
+SELECT series_id, ts, value, value_text FROM telemetry_staging
+ON CONFLICT DO NOTHING
+"""
+RESOLVE_SERIES = """
+WITH wanted AS (SELECT * FROM unnest($1::text[], $2::text[]) AS w(device_id, metric)),
+ins AS (
+    INSERT INTO series (device_id, metric) SELECT device_id, metric FROM wanted
+    ON CONFLICT (device_id, metric) DO NOTHING
+    RETURNING id, device_id, metric
+)
+SELECT id, device_id, metric FROM ins
+UNION ALL
+SELECT s.id, s.device_id, s.metric FROM series s JOIN wanted USING (device_id, metric)
+"""
+DEAD_LETTER_COLUMNS = ("received_at", "topic", "device_id", "reason", "payload")
+UPSERT_ACTIVITY = """
+INSERT INTO device_activity AS a (device_id, last_seen, online, status_changed_at)
+SELECT d, s, o, c FROM unnest($1::text[], $2::timestamptz[], $3::bool[], $4::timestamptz[])
+    AS u(d, s, o, c)
+ON CONFLICT (device_id) DO UPDATE SET
+    last_seen = greatest(a.last_seen, excluded.last_seen),
+    online = CASE WHEN excluded.status_changed_at IS NOT NULL
+                   AND (a.status_changed_at IS NULL
+                        OR excluded.status_changed_at >= a.status_changed_at)
+                  THEN excluded.online ELSE a.online END,
+    status_changed_at = greatest(a.status_changed_at, excluded.status_changed_at)
+"""
+ENSURE_PARTITIONS = "SELECT fleetline_ensure_partition(t) FROM unnest($1::timestamptz[]) AS t"
+
+# SQLSTATE classes that a retry can fix: connection (08), resources (53), operator
+# intervention such as a restart (57), transaction rollback such as deadlock (40).
+_TRANSIENT_CLASSES = ("08", "53", "57", "40")
+SERIES_CACHE_MAX = 1_000_000
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "")).startswith(_TRANSIENT_CLASSES)
+    return False
+
+
+def _is_missing_partition(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.CheckViolationError) and "no partition" in str(exc)
+
+
+async def init_connection(con: asyncpg.Connection[Any]) -> None:
+    await con.execute(STAGING_DDL)
+
+
+class BatchWriter:
+    """Writes batches; keeps the (device, metric) -> series id cache."""
+
+    def __init__(self, *, seen_resolution_seconds: float, limits: Limits) -> None:
+        self._series: dict[tuple[str, str], int] = {}
+        self._seen_written: dict[str, datetime] = {}
+        self._seen_resolution = seen_resolution_seconds
+        self._limits = limits
+
+    async def _resolve_series(
+        self, con: Connection, keys: Iterable[tuple[str, str]]
+    ) -> None:
+        missing = [k for k in keys if k not in self._series]
+        if not missing:
+            return
+        if len(self._series) + len(missing) > SERIES_CACHE_MAX:
+            self._series.clear()
+        rows = await con.fetch(RESOLVE_SERIES, [k[0] for k in missing], [k[1] for k in missing])
+        for r in rows:
+            self._series[(r["device_id"], r["metric"])] = r["id"]
+
+    def _activity(
+        self, batch: Batch
+    ) -> tuple[list[str], list[datetime], list[bool | None], list[datetime | None]]:
+        ids: list[str] = []
+        seen: list[datetime] = []
+        online: list[bool | None] = []
+        changed: list[datetime | None] = []
+        written = self._seen_written
+        for device_id in sorted(batch.seen.keys() | batch.status.keys()):
+            status = batch.status.get(device_id)
+            last = batch.seen.get(device_id) or (status[1] if status else None)
+            assert last is not None
+            previous = written.get(device_id)
+            if (
+                status is None
+                and previous is not None
+                and (last - previous).total_seconds() < self._seen_resolution
+            ):
+                continue
+            written[device_id] = last
+            ids.append(device_id)
+            seen.append(last)
+            online.append(status[0] if status else None)
+            changed.append(status[1] if status else None)
+        if len(written) > SERIES_CACHE_MAX:
+            written.clear()
+        return ids, seen, online, changed
+
+    async def write(self, con: Connection, batch: Batch) -> int:
+        """Commit the batch; returns how many new values were stored."""
+        rows = batch.rows
+        if rows:
+            await self._resolve_series(con, {(r[0], r[1]) for r in rows})
+            series = self._series
+            records = [(series[(d, m)], ts, v, t) for d, m, ts, v, t in rows]
+        else:
+            records = []
+        activity = self._activity(batch)
+        inserted = 0
+        async with con.transaction():
+            if records:
+                await con.copy_records_to_table(
+                    "telemetry_staging", records=records, columns=STAGING_COLUMNS
+                )
+                status = await con.execute(MOVE_STAGED)
+                inserted = int(status.rsplit(" ", 1)[-1])
+            if batch.dead:
+                await con.copy_records_to_table(
+                    "ingest_dead_letter", records=batch.dead, columns=DEAD_LETTER_COLUMNS
+                )
+            if activity[0]:
+                await con.execute(UPSERT_ACTIVITY, *activity)
+        return inserted
+
+    async def write_batch(self, con: Connection, batch: Batch) -> None:
+        """Write, creating missing partitions on demand; non-transient errors fall back to
+        writing message by message so one bad message cannot block the stream."""
+        started = time.perf_counter()
+        try:
+            inserted = await self._write_creating_partitions(con, batch)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            metrics.WRITE_ERRORS.labels("rejected").inc()
+            log.error(
+                "database rejected a batch (%s); writing its %d messages one by one",
+                exc,
+                batch.messages,
+            )
+            inserted = await self._write_one_by_one(con, batch)
+        elapsed = time.perf_counter() - started
+        metrics.BATCHES.inc()
+        metrics.BATCH_SECONDS.observe(elapsed)
+        metrics.BATCH_ROWS.observe(len(batch.rows))
+        metrics.ROWS.inc(inserted)
+        metrics.DUPLICATES.inc(len(batch.rows) - inserted if inserted <= len(batch.rows) else 0)
+        metrics.DEAD_LETTERS.inc(len(batch.dead))
+        metrics.MESSAGES.labels("telemetry").inc(batch.telemetry_messages)
+        metrics.MESSAGES.labels("status").inc(batch.status_messages)
+        log.debug(
+            "batch committed",
+            extra={
+                "batch_rows": len(batch.rows),
+                "messages": batch.messages,
+                "inserted": inserted,
+                "dead_letters": len(batch.dead),
+                "duration_ms": round(elapsed * 1000, 1),
+            },
+        )
+
+    async def _write_creating_partitions(self, con: Connection, batch: Batch) -> int:
+        try:
+            return await self.write(con, batch)
+        except asyncpg.CheckViolationError as exc:
+            if not _is_missing_partition(exc):
+                raise
+        hours = sorted({r[2].replace(minute=0, second=0, microsecond=0) for r in batch.rows})
+        log.info("creating partitions for %d hour(s) of readings", len(hours))
+        await con.execute(ENSURE_PARTITIONS, hours)
+        return await self.write(con, batch)
+
+    async def _write_one_by_one(self, con: Connection, batch: Batch) -> int:
+        inserted = 0
+        for topic, payload, received_at in batch.raw:
+            single = Batch(generation=batch.generation)
+            collect(single, topic, payload, received_at, self._limits)
+            try:
+                inserted += await self._write_creating_partitions(con, single)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                reason = f"database rejected the message: {exc}"[:2000]
+                single = Batch(generation=batch.generation)
+                single.dead.append((received_at, topic, None, reason, payload))
+                await self.write(con, single)
+        return inserted

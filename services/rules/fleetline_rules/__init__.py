@@ -1,0 +1,1 @@
+"""fleetline rules service."""

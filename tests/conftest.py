@@ -1,0 +1,125 @@
+"""Fixtures: a real PostgreSQL database per test run and a real Mosquitto broker.
+
+The PostgreSQL server comes from FLEETLINE_TEST_PG_URL (default: the local server on
+127.0.0.1:5432, which `make test` starts if it is not running); each run creates its own
+database and drops it at the end. The broker is a Mosquitto process with the project's
+configuration on a free port, started here, so every run has its own topic space. A
+missing server fails the run; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from fleetline.embedded import LocalMosquitto
+from fleetline.migrate import migrate
+from fleetline.settings import StorageSettings
+from tests.support import IngestProcess
+
+ADMIN_URL = os.environ.get("FLEETLINE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ARTIFACTS = Path(os.environ.get("FLEETLINE_TEST_ARTIFACTS", "test-artifacts"))
+
+
+def _with_database(url: str, database: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{database}"
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    try:
+        admin = await asyncpg.connect(ADMIN_URL, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {ADMIN_URL} ({exc}). Run the tests with "
+            "`make test`, which starts it, or set FLEETLINE_TEST_PG_URL.",
+            pytrace=False,
+        )
+    name = f"fleetline_test_{os.getpid()}_{secrets.token_hex(3)}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(ADMIN_URL, name)
+    try:
+        await migrate(url, StorageSettings(timescale="off"), create_database=False)
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Pool[Any]]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMosquitto]:
+    with LocalMosquitto(tmp_path_factory.mktemp("mosquitto")) as server:
+        yield server
+
+
+@pytest.fixture
+def uid(request: pytest.FixtureRequest) -> str:
+    """A short id unique to this test: device ids and replica groups are built from it."""
+    return f"{request.node.name[:24].strip('_[]')}-{secrets.token_hex(3)}".replace("[", "-")
+
+
+@pytest.fixture
+def start_ingest(
+    database_url: str, broker: LocalMosquitto, artifacts: Path, uid: str
+) -> Iterator[Callable[..., IngestProcess]]:
+    started: list[IngestProcess] = []
+
+    def start(*, env: dict[str, str] | None = None, mqtt_url: str | None = None,
+              database: str | None = None, name: str | None = None,
+              wait_ready: bool = True) -> IngestProcess:
+        proc = IngestProcess(
+            database_url=database or database_url, mqtt_url=mqtt_url or broker.url,
+            log_dir=artifacts, name=name or uid, env=env,
+        )
+        started.append(proc)
+        return proc.start(wait_ready=wait_ready)
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+async def count_rows(pool: asyncpg.Pool[Any], device_prefix: str) -> int:
+    return int(await pool.fetchval(
+        "SELECT count(*) FROM readings WHERE device_id LIKE $1 || '%'", device_prefix
+    ))
+
+
+async def wait_rows(pool: asyncpg.Pool[Any], device_prefix: str, expected: int,
+                    timeout: float = 30.0) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        n = await count_rows(pool, device_prefix)
+        if n >= expected or loop.time() > deadline:
+            return n
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_tools() -> None:
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.fail("mosquitto is not installed: run `make test` (it installs it)", pytrace=False)

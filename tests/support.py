@@ -1,0 +1,160 @@
+"""Test helpers: a device that publishes over a real broker, the ingest process, waiting."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+
+from fleetline.embedded import free_port
+
+
+def wait_until(check: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.1,
+               what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Device:
+    """An MQTT publisher standing in for a device (real paho client, real broker)."""
+
+    def __init__(self, url: str, device_id: str, *, persistent: bool = False) -> None:
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.device_id = device_id
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311,
+            clean_session=not persistent,
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.connected = threading.Event()
+        self.client.on_connect = lambda *_a: self.connected.set()
+        self.client.on_disconnect = lambda *_a: self.connected.clear()
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        if not self.connected.wait(10):
+            raise AssertionError(f"device {device_id} could not connect to {url}")
+
+    def publish(self, payload: bytes | str | Any, *, kind: str = "telemetry",
+                retain: bool = False) -> mqtt.MQTTMessageInfo:
+        if not isinstance(payload, bytes | str):
+            payload = orjson.dumps(payload)
+        return self.client.publish(f"devices/{self.device_id}/{kind}", payload, qos=1,
+                                   retain=retain)
+
+    def publish_all(self, payloads: Iterable[Any], *, kind: str = "telemetry",
+                    timeout: float = 60.0) -> int:
+        infos = [self.publish(p, kind=kind) for p in payloads]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            assert info.is_published(), "broker did not acknowledge a publish in time"
+        return len(infos)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def reading(ts_ms: int, **values: Any) -> dict[str, Any]:
+    return {"ts": ts_ms, "values": values}
+
+
+class IngestProcess:
+    """``python -m fleetline ingest`` as a child process, as production runs it."""
+
+    def __init__(self, *, database_url: str, mqtt_url: str, log_dir: Path, name: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / f"ingest-{name}.log"
+        self.env = {
+            **os.environ,
+            "FLEETLINE_DATABASE_URL": database_url,
+            "FLEETLINE_MQTT_URL": mqtt_url,
+            "FLEETLINE_LOG_FORMAT": "json",
+            "FLEETLINE_LOG_LEVEL": "INFO",
+            "FLEETLINE_INGEST_HTTP_HOST": "127.0.0.1",
+            "FLEETLINE_INGEST_HTTP_PORT": str(self.port),
+            # Each test is its own replica group, so tests never split each other's messages.
+            "FLEETLINE_INGEST_CLIENT_ID": f"test-ingest-{name}",
+            "FLEETLINE_INGEST_SHARE_GROUP": f"g{name}"[:64],
+            "FLEETLINE_INGEST_BATCH_MS": "50",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait_ready: bool = True) -> IngestProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetline", "ingest"], env=self.env, stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait_ready:
+            wait_until(self.ready, timeout=30, what=f"ingest ready (log: {self.log_path})")
+        return self
+
+    def _get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except OSError:
+            return 0, ""
+
+    def ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(
+                f"ingest exited with {self.proc.returncode}:\n{self.log_tail()}"
+            )
+        return self._get("/readyz")[0] == 200
+
+    def metric(self, name: str) -> float:
+        status, text = self._get("/metrics")
+        assert status == 200, "ingest /metrics did not answer"
+        total = 0.0
+        for match in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M):
+            total += float(match.group(1))
+        return total
+
+    def terminate(self, timeout: float = 40.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.terminate()
+            except subprocess.TimeoutExpired:
+                self.kill()
