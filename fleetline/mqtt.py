@@ -139,6 +139,31 @@ async def connected(
             pass
 
 
+def subscribe_nowait(client: aiomqtt.Client, topics: list[str], *, qos: int = 1) -> None:
+    """Subscribe without waiting for the SUBACK; a refusal is logged when it arrives.
+
+    A persistent session's backlog arrives right after the CONNACK, before any SUBACK.
+    When that backlog fills the pending bound, reads pause, and an awaited SUBACK
+    would never be read: the subscription must not wait on it.
+    """
+    paho_client: Any = client._client  # noqa: SLF001
+    for topic in topics:
+        result, mid = paho_client.subscribe(topic, qos)
+        if result != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(result, f"could not subscribe to {topic}")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        client._pending_subscribes[mid] = fut  # noqa: SLF001
+
+        def check(done: asyncio.Future[Any], topic: str = topic) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            codes = done.result()
+            if any(getattr(code, "value", 0) >= 0x80 for code in codes):
+                log.error("broker refused the subscription to %s: %s", topic, codes)
+
+        fut.add_done_callback(check)
+
+
 async def wait_disconnected(client: aiomqtt.Client) -> None:
     """Return (or raise the broker error) when the connection ends."""
     await asyncio.shield(client._disconnected)  # noqa: SLF001

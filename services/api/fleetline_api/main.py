@@ -67,6 +67,9 @@ def main() -> None:
     settings = ApiSettings()
     setup_logging("api", level=settings.log_level, fmt=settings.log_format)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_config=None,
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
         timeout_graceful_shutdown=10,
     )

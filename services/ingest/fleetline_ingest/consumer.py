@@ -115,7 +115,7 @@ class Ingestor:
 
     def _subscriptions(self, client: aiomqtt.Client) -> list[str]:
         topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
-        if mqtt.is_v5(client):
+        if mqtt.is_v5(client) and self.settings.share_group:
             return [f"$share/{self.settings.share_group}/{t}" for t in topics]
         return topics
 
@@ -141,18 +141,23 @@ class Ingestor:
             await self._seal()
             self.generation += 1
             self.current = Batch(generation=self.generation)
+            # What the last connection left unacknowledged will be redelivered: the
+            # bound counts only what this connection holds.
+            self.pending_messages = 0
+            self.pending_rows = 0
             try:
                 async with mqtt.connected(
                     self._make_client, self.settings.mqtt_protocol, prepare=self._prepare
                 ) as client:
                     assert self.reader is not None
                     self.reader.start()
-                    attempt = 0
-                    topics = self._subscriptions(client)
-                    for topic in topics:
-                        await client.subscribe(topic, qos=1)
+                    # Acknowledgements are valid from the CONNACK on: a persistent
+                    # session's backlog is already arriving.
                     self.connected = True
                     metrics.CONNECTED.set(1)
+                    attempt = 0
+                    topics = self._subscriptions(client)
+                    mqtt.subscribe_nowait(client, topics, qos=1)
                     log.info(
                         "connected to the broker, subscribed",
                         extra={
@@ -220,23 +225,20 @@ class Ingestor:
 
     def _acknowledge(self, batch: Batch) -> None:
         reader = self.reader
-        if batch.generation == self.generation and reader is not None and self.connected:
-            for mid, qos in batch.acks:
-                reader.ack(mid, qos)
-            self.pending_messages -= batch.messages
-            self.pending_rows -= len(batch.rows)
-        elif batch.generation == self.generation:
-            # Connection dropped before commit finished: the broker redelivers.
-            pass
-        if batch.generation != self.generation:
+        if batch.generation != self.generation or reader is None or not self.connected:
+            # Its connection is gone: the broker redelivers these messages and the
+            # idempotent insert drops the copies.
             log.info(
-                "batch committed after a reconnect; the broker will redeliver it and "
-                "the copies are dropped",
+                "batch committed after its connection closed; it will be redelivered",
                 extra={"messages": batch.messages},
             )
-        else:
-            self._maybe_resume()
+            return
+        for mid, qos in batch.acks:
+            reader.ack(mid, qos)
+        self.pending_messages -= batch.messages
+        self.pending_rows -= len(batch.rows)
         metrics.PENDING_MESSAGES.set(self.pending_messages)
+        self._maybe_resume()
 
     async def maintenance_loop(self) -> None:
         while True:

@@ -22,7 +22,11 @@ class IngestSettings(ServiceSettings):
 
     client_id: str = Field(default_factory=_default_client_id, min_length=1, max_length=128)
     # Replicas in the same group split the devices' messages (MQTT 5 shared subscription).
-    share_group: str = Field(default="ingest", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Empty: a plain subscription, for a single replica. Mosquitto 2.0 does not restore
+    # shared subscriptions from its persistence file after a restart (measured), so
+    # readings published between a broker restart and ingest's resubscribe reach no
+    # shared group; a plain persistent subscription is restored and queues them.
+    share_group: str = Field(default="ingest", pattern=r"^[A-Za-z0-9_-]{0,64}$")
     # How long the broker keeps our session (and queues for it) while we are away.
     session_expiry_seconds: int = Field(default=86_400, ge=60)
 

@@ -93,9 +93,7 @@ class BatchWriter:
         self._seen_resolution = seen_resolution_seconds
         self._limits = limits
 
-    async def _resolve_series(
-        self, con: Connection, keys: Iterable[tuple[str, str]]
-    ) -> None:
+    async def _resolve_series(self, con: Connection, keys: Iterable[tuple[str, str]]) -> None:
         missing = [k for k in keys if k not in self._series]
         if not missing:
             return
