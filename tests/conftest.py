@@ -13,6 +13,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetline.embedded import LocalMosquitto
+from fleetline.embedded import LocalMosquitto, LocalPostgres
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
 from tests.support import IngestProcess
 
-ADMIN_URL = os.environ.get("FLEETLINE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+LOCAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 ARTIFACTS = Path(os.environ.get("FLEETLINE_TEST_ARTIFACTS", "test-artifacts"))
 
 
@@ -41,18 +42,35 @@ def artifacts() -> Path:
 
 
 @pytest.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
+def admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """FLEETLINE_TEST_PG_URL, else the local server on :5432, else an embedded server."""
+    configured = os.environ.get("FLEETLINE_TEST_PG_URL")
+    if configured:
+        yield configured
+        return
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        local = probe.connect_ex(("127.0.0.1", 5432)) == 0
+    if local:
+        yield LOCAL_PG_URL
+        return
+    with LocalPostgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+async def database_url(admin_url: str) -> AsyncIterator[str]:
     try:
-        admin = await asyncpg.connect(ADMIN_URL, timeout=10)
+        admin = await asyncpg.connect(admin_url, timeout=10)
     except (OSError, asyncpg.PostgresError) as exc:
         pytest.fail(
-            f"PostgreSQL is not reachable at {ADMIN_URL} ({exc}). Run the tests with "
-            "`make test`, which starts it, or set FLEETLINE_TEST_PG_URL.",
+            f"PostgreSQL is not reachable at {admin_url} ({exc}). Run the tests with "
+            "`make test`, or set FLEETLINE_TEST_PG_URL.",
             pytrace=False,
         )
     name = f"fleetline_test_{os.getpid()}_{secrets.token_hex(3)}"
     await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(ADMIN_URL, name)
+    url = _with_database(admin_url, name)
     try:
         await migrate(url, StorageSettings(timescale="off"), create_database=False)
         yield url

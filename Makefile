@@ -1,0 +1,37 @@
+# fleetline: the two commands of the README are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint pytest bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The whole system on an embedded database and a local broker (Ctrl-C stops it).
+run: $(STAMP)
+	scripts/ensure-services.sh run
+	$(BIN)/fleetline up
+
+# Lint, types, architecture contracts, then every test against real services.
+test: $(STAMP)
+	scripts/ensure-services.sh test
+	$(MAKE) --no-print-directory lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check fleetline services
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: $(STAMP)
+	scripts/ensure-services.sh run
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .fleetline test-artifacts .pytest_cache .mypy_cache .ruff_cache

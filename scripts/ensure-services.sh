@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install what fleetline runs on, when missing (Debian/Ubuntu packages).
+#   ensure-services.sh run   the broker (mosquitto); the database is embedded
+#   ensure-services.sh test  the broker, Node.js (TimescaleDB test), and PostgreSQL
+#                            on 127.0.0.1:5432 when it is installed but stopped
+# Tests start their own mosquitto processes; when no PostgreSQL answers on
+# 127.0.0.1:5432 (and FLEETLINE_TEST_PG_URL is unset) they start an embedded one.
+set -euo pipefail
+mode=${1:-test}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+  echo "error: need root to run: $*" >&2; exit 1; fi; }
+
+apt_updated=
+apt_install() {
+  if ! command -v apt-get >/dev/null; then
+    echo "error: $* missing and this is not a Debian/Ubuntu system; install it by hand" >&2
+    exit 1
+  fi
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  echo "installing $*" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+have_mosquitto() { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; }
+have_mosquitto || apt_install mosquitto
+have_mosquitto || { echo "error: mosquitto still missing after install" >&2; exit 1; }
+
+if [ "$mode" = test ]; then
+  command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+  if [ -z "${FLEETLINE_TEST_PG_URL:-}" ] && command -v pg_ctlcluster >/dev/null \
+     && ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+    for version in $(ls /etc/postgresql 2>/dev/null); do
+      echo "starting PostgreSQL $version cluster main" >&2
+      as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    done
+  fi
+fi
