@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Offline checks of the deploy files; run from anywhere: `bash deploy/k8s/check.sh`.
+#  1. base/mosquitto/fleetline.conf is identical to deploy/mosquitto/fleetline.conf
+#     (kustomize cannot read files outside base/, so base/ keeps a copy).
+#  2. Both overlays render with `kubectl kustomize`.
+#  3. The rendered manifests validate against the Kubernetes 1.30 schemas, unknown fields
+#     rejected, when kubernetes-validate is installed (KUBERNETES_VALIDATE=path/to/it).
+#  4. The Grafana dashboard is valid JSON.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+
+if ! diff -u deploy/mosquitto/fleetline.conf deploy/k8s/base/mosquitto/fleetline.conf; then
+    echo "deploy/k8s/base/mosquitto/fleetline.conf differs from deploy/mosquitto/fleetline.conf:" >&2
+    echo "  cp deploy/mosquitto/fleetline.conf deploy/k8s/base/mosquitto/fleetline.conf" >&2
+    exit 1
+fi
+echo "ok: mosquitto fleetline.conf copy matches"
+
+validate="${KUBERNETES_VALIDATE:-$(command -v kubernetes-validate || true)}"
+for overlay in dev prod; do
+    rendered="$(kubectl kustomize "deploy/k8s/overlays/$overlay")"
+    echo "ok: overlays/$overlay renders ($(grep -c '^kind:' <<<"$rendered") resources)"
+    if [[ -n "$validate" ]]; then
+        "$validate" --strict -k 1.30.0 --quiet - <<<"$rendered"
+        echo "ok: overlays/$overlay validates (kubernetes-validate --strict -k 1.30.0)"
+    else
+        echo "skip: kubernetes-validate not installed; schema validation of overlays/$overlay not run"
+    fi
+done
+
+python3 -m json.tool deploy/grafana/dashboards/fleetline.json >/dev/null
+echo "ok: deploy/grafana/dashboards/fleetline.json parses"
