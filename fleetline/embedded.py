@@ -20,6 +20,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -174,9 +175,18 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
     log.info("creating system user %s to run PostgreSQL (it refuses to run as root)", name)
     try:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-             "--user-group", name],
-            check=True, capture_output=True, text=True,
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--user-group",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
@@ -277,21 +287,51 @@ class LocalPostgres:
         if (self.data_dir / "PG_VERSION").exists():
             return
         if any(self.data_dir.iterdir()):
-            raise EmbeddedError(
-                f"{self.data_dir} is neither empty nor a PostgreSQL data directory"
-            )
+            raise EmbeddedError(f"{self.data_dir} is neither empty nor a PostgreSQL data directory")
         log.info("initialising a PostgreSQL cluster in %s", self.data_dir)
+        # initdb writes PG_VERSION first: interrupted (Ctrl-C), it would leave a broken
+        # cluster that the next start() takes for a real one. So it works in a staging
+        # directory that is renamed into place once complete.
+        staging = self.data_dir.with_name(self.data_dir.name + ".initdb")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        if user is not None:
+            os.chown(staging, user.pw_uid, user.pw_gid)
         cmd = [
-            str(_pg_binaries() / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-            "--auth=trust", "--encoding=UTF8", "--locale=C",
+            str(_pg_binaries() / "initdb"),
+            "-D",
+            str(staging),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
             # PostgreSQL's own UTF-8 locale: no dependency on the OS's installed locales.
-            "--locale-provider=builtin", "--builtin-locale=C.UTF-8",
+            "--locale-provider=builtin",
+            "--builtin-locale=C.UTF-8",
         ]
-        result = subprocess.run(cmd, capture_output=True, text=True, **_as_user(user))
-        if result.returncode != 0:
-            raise EmbeddedError(
-                f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        with tempfile.TemporaryFile() as output:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **_as_user(user),
             )
+            try:
+                code = proc.wait()
+            except BaseException:
+                _kill_tree(proc)
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            if code != 0:
+                shutil.rmtree(staging, ignore_errors=True)
+                output.seek(0)
+                text = output.read().decode(errors="replace")
+                raise EmbeddedError(f"initdb failed with code {code}:\n{text}")
+        self.data_dir.rmdir()
+        staging.rename(self.data_dir)
 
     def start(self) -> None:
         if self.running:
@@ -321,8 +361,12 @@ class LocalPostgres:
         # A session of its own: a Ctrl-C on the terminal does not reach the server; the
         # caller decides when to stop it (after the services that use it).
         self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-            start_new_session=True, **_as_user(user),
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **_as_user(user),
         )
         _live.add(self)
         try:
@@ -427,8 +471,7 @@ def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
     if user is None:
         return {}
     env = {**os.environ, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name}
-    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "env": env,
-            "cwd": "/"}
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "env": env, "cwd": "/"}
 
 
 def find_mosquitto() -> str | None:
@@ -443,13 +486,36 @@ def find_mosquitto() -> str | None:
 
 # Directives of the project's broker config that describe a deployment (where files
 # live, listeners, authentication, privileges): a local broker sets its own.
-_MOSQUITTO_LOCAL_KEYS = frozenset({
-    "include_dir", "listener", "port", "bind_address", "bind_interface", "socket_domain",
-    "persistence_location", "persistence_file", "log_dest", "pid_file", "user",
-    "allow_anonymous", "password_file", "acl_file", "psk_file", "plugin", "auth_plugin",
-    "plugin_opt_config_file", "cafile", "capath", "certfile", "keyfile", "require_certificate",
-    "use_identity_as_username", "protocol", "mount_point",
-})
+_MOSQUITTO_LOCAL_KEYS = frozenset(
+    {
+        "include_dir",
+        "listener",
+        "port",
+        "bind_address",
+        "bind_interface",
+        "socket_domain",
+        "persistence_location",
+        "persistence_file",
+        "log_dest",
+        "pid_file",
+        "user",
+        "allow_anonymous",
+        "password_file",
+        "acl_file",
+        "psk_file",
+        "plugin",
+        "auth_plugin",
+        "plugin_opt_config_file",
+        "cafile",
+        "capath",
+        "certfile",
+        "keyfile",
+        "require_certificate",
+        "use_identity_as_username",
+        "protocol",
+        "mount_point",
+    }
+)
 
 
 class LocalMosquitto:
@@ -522,7 +588,9 @@ class LocalMosquitto:
         log.info("starting mosquitto on 127.0.0.1:%d (%s)", self.port, self.data_dir)
         self._proc = subprocess.Popen(
             [binary, "-c", str(self.conf_path)],
-            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         _live.add(self)

@@ -1,0 +1,258 @@
+"""A simulated device fleet speaking the device contract of PROTOCOL.md (demo load).
+
+Each device is its own MQTT connection (client id = device id, QoS 1): a retained
+``offline`` Last Will and a retained ``online`` birth message on ``devices/{id}/status``,
+then one reading per interval on ``devices/{id}/telemetry``. Now and then a device holds
+a few readings back and sends them as one JSON array, the way devices send a backlog;
+readings whose publish failed are sent that way after the reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+import orjson
+
+from fleetline.mqtt import backoff_seconds, make_client, wait_disconnected
+from fleetline.protocol import STATUS, STATUS_OFFLINE, STATUS_ONLINE, TELEMETRY, topic_for
+from fleetline.settings import MqttTarget
+
+log = logging.getLogger(__name__)
+
+FIRMWARE_VERSION = "1.0.3"
+# Share of ticks on which a device starts holding readings back to send them as a batch.
+BATCH_PROBABILITY = 0.05
+BATCH_READINGS = (2, 5)
+# Readings a device keeps while its publishes fail; older ones are dropped.
+MAX_BACKLOG_READINGS = 100
+# Device starts are spread over one interval, but over no more than this.
+MAX_STAGGER_SECONDS = 10.0
+PUBLISH_TIMEOUT_SECONDS = 10.0
+GOODBYE_TIMEOUT_SECONDS = 2.0
+REPORT_INTERVAL_SECONDS = 30.0
+
+Reading = dict[str, Any]
+
+
+@dataclass
+class _Stats:
+    connected: int = 0
+    readings: int = 0
+
+
+class _Sensors:
+    """Plausible values: temperature and humidity drift around a set point."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.temperature = rng.gauss(21.0, 1.0)
+        self.humidity = rng.uniform(35.0, 55.0)
+
+    def read(self) -> Reading:
+        rng = self.rng
+        # Random walk pulled back towards 21 C / 45 %.
+        self.temperature += rng.gauss(0, 0.15) - 0.05 * (self.temperature - 21.0)
+        self.humidity += rng.gauss(0, 0.5) - 0.05 * (self.humidity - 45.0)
+        self.humidity = min(100.0, max(0.0, self.humidity))
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return {
+            "ts": now,
+            "values": {
+                "temperature": round(self.temperature, 2),
+                "humidity": round(self.humidity, 1),
+                "door_open": rng.random() < 0.03,
+                "fw": FIRMWARE_VERSION,
+            },
+        }
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep; True as soon as ``stop`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max(0.0, seconds))
+    return stop.is_set()
+
+
+async def _while_connected(
+    client: aiomqtt.Client, work: Awaitable[object], *, timeout: float | None = None
+) -> None:
+    """Await ``work`` (at most ``timeout`` seconds); raise MqttError as soon as the
+    connection drops.
+
+    aiomqtt's publish keeps waiting for its PUBACK after the broker is gone, and a sleep
+    would not notice at all: watching the connection starts the reconnect at once.
+    """
+    task = asyncio.ensure_future(work)
+    lost = asyncio.ensure_future(wait_disconnected(client))
+    try:
+        await asyncio.wait(
+            {task, lost},
+            timeout=None if timeout is None else max(0.0, timeout),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        task.cancel()
+        lost.cancel()
+    if lost.done() and not lost.cancelled():
+        # aiomqtt ends a connection with an MqttError, or with the socket's own error
+        # (OSError) when a write fails.
+        error = lost.exception()
+        raise aiomqtt.MqttError(f"disconnected: {error or 'by the broker'}") from error
+    if task.done() and not task.cancelled():
+        task.result()
+
+
+async def _say_offline(client: aiomqtt.Client, status_topic: str) -> None:
+    """Best effort: a clean DISCONNECT does not fire the Will, so say it ourselves."""
+    with contextlib.suppress(aiomqtt.MqttError, OSError):
+        await client.publish(
+            status_topic, STATUS_OFFLINE, qos=1, retain=True, timeout=GOODBYE_TIMEOUT_SECONDS
+        )
+
+
+async def _device(
+    device_id: str,
+    target: MqttTarget,
+    *,
+    interval_seconds: float,
+    start_delay_seconds: float,
+    stop: asyncio.Event,
+    stats: _Stats,
+) -> None:
+    status_topic = topic_for(device_id, STATUS)
+    telemetry_topic = topic_for(device_id, TELEMETRY)
+    client = make_client(
+        target,
+        identifier=device_id,
+        # Small devices (mqtt_as on MicroPython) speak MQTT 3.1.1.
+        protocol="3.1.1",
+        persistent=False,
+        will=aiomqtt.Will(status_topic, STATUS_OFFLINE, qos=1, retain=True),
+    )
+    rng = random.Random(device_id)
+    sensors = _Sensors(rng)
+    backlog: list[Reading] = []
+    hold = 0  # ticks left before the held-back readings go out as one batch
+    attempt = 0
+    if await _sleep_or_stop(stop, start_delay_seconds):
+        return
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        connected = False
+        try:
+            async with client:
+                connected = True
+                stats.connected += 1
+                attempt = 0
+                log.debug("device %s connected", device_id, extra={"device_id": device_id})
+                try:
+                    await client.publish(status_topic, STATUS_ONLINE, qos=1, retain=True)
+                    next_tick = loop.time()
+                    while not stop.is_set():
+                        backlog.append(sensors.read())
+                        del backlog[:-MAX_BACKLOG_READINGS]
+                        if hold == 0 and rng.random() < BATCH_PROBABILITY:
+                            hold = rng.randint(*BATCH_READINGS) - 1
+                        elif hold > 0:
+                            hold -= 1
+                        if hold == 0:
+                            payload = backlog[0] if len(backlog) == 1 else backlog
+                            publish = client.publish(
+                                telemetry_topic,
+                                orjson.dumps(payload),
+                                qos=1,
+                                timeout=PUBLISH_TIMEOUT_SECONDS,
+                            )
+                            await _while_connected(client, publish)
+                            stats.readings += len(backlog)
+                            backlog.clear()
+                        next_tick += interval_seconds
+                        await _while_connected(client, stop.wait(), timeout=next_tick - loop.time())
+                    await _say_offline(client, status_topic)
+                except asyncio.CancelledError:
+                    await _say_offline(client, status_topic)
+                    raise
+                finally:
+                    stats.connected -= 1
+        except (aiomqtt.MqttError, OSError) as exc:
+            delay = backoff_seconds(attempt)
+            attempt += 1
+            log.debug(
+                "device %s %s (%s); reconnecting in %.1f s",
+                device_id,
+                "disconnected" if connected else "cannot connect",
+                exc,
+                delay,
+                extra={"device_id": device_id},
+            )
+            await _sleep_or_stop(stop, delay)
+
+
+async def _report(stats: _Stats, devices: int) -> None:
+    while True:
+        await asyncio.sleep(REPORT_INTERVAL_SECONDS)
+        log.info(
+            "simulator: %d/%d devices connected, %d readings sent",
+            stats.connected,
+            devices,
+            stats.readings,
+        )
+
+
+async def run_fleet(
+    target: MqttTarget,
+    *,
+    devices: int,
+    interval_seconds: float,
+    prefix: str = "sim-",
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run ``devices`` simulated devices until ``stop`` is set (or the task is cancelled).
+
+    On stop every device publishes a retained ``offline`` and disconnects cleanly.
+    """
+    if devices <= 0:
+        return
+    if interval_seconds <= 0:
+        raise ValueError("interval_seconds must be positive")
+    stop = stop or asyncio.Event()
+    stats = _Stats()
+    width = max(4, len(str(devices - 1)))
+    stagger = min(interval_seconds, MAX_STAGGER_SECONDS) / devices
+    log.info(
+        "simulating %d devices (%s%0*d...) every %.1f s on %s:%d",
+        devices,
+        prefix,
+        width,
+        0,
+        interval_seconds,
+        target.host,
+        target.port,
+    )
+    async with asyncio.TaskGroup() as tg:
+        reporter = tg.create_task(_report(stats, devices), name="simulator.report")
+        device_tasks = [
+            tg.create_task(
+                _device(
+                    f"{prefix}{i:0{width}d}",
+                    target,
+                    interval_seconds=interval_seconds,
+                    start_delay_seconds=i * stagger,
+                    stop=stop,
+                    stats=stats,
+                ),
+                name=f"simulator.device[{prefix}{i:0{width}d}]",
+            )
+            for i in range(devices)
+        ]
+        await asyncio.gather(*device_tasks)
+        reporter.cancel()
+    log.info("simulator stopped: %d readings sent", stats.readings)

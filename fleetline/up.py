@@ -1,0 +1,355 @@
+"""``fleetline up``: the whole system on one machine, for development and demos.
+
+Database and broker are embedded (:mod:`fleetline.embedded`) unless
+FLEETLINE_DATABASE_URL / FLEETLINE_MQTT_URL say where they are. Then the migrations run,
+the three services start as child processes, and a simulated fleet publishes telemetry.
+Ctrl-C (or SIGTERM) stops everything in reverse order: the simulator, the services (they
+flush on SIGTERM), then the broker and the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import typer
+from pydantic import ValidationError
+
+from fleetline.embedded import (
+    EmbeddedError,
+    LocalMosquitto,
+    LocalPostgres,
+    find_mosquitto,
+    free_port,
+    port_is_free,
+)
+from fleetline.logs import setup_logging
+from fleetline.migrate import MigrationError, migrate
+from fleetline.settings import ServiceSettings, StorageSettings, parse_mqtt_url
+from fleetline.simulator import run_fleet
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("ingest", "api", "rules")
+POSTGRES_PORT = 54329
+MOSQUITTO_PORT = 18830
+DATABASE = "fleetline"
+API_URL = "http://127.0.0.1:8000"
+INGEST_HTTP_PORT = 9101
+SERVICE_STOP_TIMEOUT_SECONDS = 20.0
+SIMULATOR_STOP_TIMEOUT_SECONDS = 10.0
+# The simulator starts once ingest is subscribed (its /readyz), so the first readings
+# are not published to nobody; after this long it starts anyway.
+INGEST_READY_TIMEOUT_SECONDS = 30.0
+
+MOSQUITTO_MISSING = (
+    "mosquitto is not installed. Install the Debian package: apt-get install mosquitto "
+    "(`make run` does it), or point FLEETLINE_MQTT_URL at a broker."
+)
+
+
+def _pick_port(preferred: int) -> int:
+    return preferred if port_is_free(preferred) else free_port()
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# Ctrl-C, kill, and the terminal going away (closing its window sends SIGHUP): each
+# stops everything in order.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _say(text: str, *, err: bool = False) -> None:
+    """typer.echo that survives a vanished terminal (after SIGHUP writes fail)."""
+    with contextlib.suppress(OSError):
+        typer.echo(text, err=err)
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _trap_signals() -> None:
+    """Outside the event loop every stop signal unwinds as KeyboardInterrupt (even a
+    SIGINT inherited as ignored), so the servers already started are stopped.
+
+    (Needed again after each ``asyncio.run``: closing the loop resets the handlers.)
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
+
+
+def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
+    try:
+        settings = ServiceSettings()
+    except ValidationError as exc:
+        _say(f"error: invalid settings:\n{exc}", err=True)
+        return 2
+    setup_logging("up", level=settings.log_level, fmt=settings.log_format)
+    # paho logs every socket error of every simulated device; the simulator logs its own.
+    logging.getLogger("mqtt").setLevel(logging.CRITICAL)
+
+    database_url = os.environ.get("FLEETLINE_DATABASE_URL")
+    mqtt_url = os.environ.get("FLEETLINE_MQTT_URL")
+    if not mqtt_url and find_mosquitto() is None:
+        _say(f"error: {MOSQUITTO_MISSING}", err=True)
+        return 1
+    base = Path(data_dir).resolve()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    _trap_signals()
+    try:
+        with contextlib.ExitStack() as servers:
+            if not database_url:
+                pg = LocalPostgres(base / "postgres", port=_pick_port(POSTGRES_PORT))
+                servers.enter_context(pg)
+                database_url = pg.url_for(DATABASE)
+            if not mqtt_url:
+                broker = LocalMosquitto(base / "mosquitto", port=_pick_port(MOSQUITTO_PORT))
+                servers.enter_context(broker)
+                mqtt_url = broker.url
+            try:
+                asyncio.run(migrate(database_url, StorageSettings(), create_database=True))
+            except MigrationError as exc:
+                _say(f"error: migrations failed: {exc}", err=True)
+                return 1
+            except (OSError, asyncpg.PostgresError) as exc:
+                _say(f"error: database {_redact(database_url)}: {exc}", err=True)
+                return 1
+            _trap_signals()
+            code = asyncio.run(
+                _supervise(
+                    database_url, mqtt_url, devices=devices, interval_seconds=interval_seconds
+                )
+            )
+            _trap_signals()
+            return code
+    except KeyboardInterrupt:
+        # Interrupted while starting (or signalled again while stopping the servers).
+        return 0
+    except EmbeddedError as exc:
+        _say(f"error: {exc}", err=True)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _child_env(database_url: str, mqtt_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLEETLINE_DATABASE_URL"] = database_url
+    env["FLEETLINE_MQTT_URL"] = mqtt_url
+    if sys.stderr.isatty():
+        env.setdefault("FLEETLINE_LOG_FORMAT", "console")
+    # One ingest replica: a plain persistent subscription, which Mosquitto restores after
+    # a restart (it forgets shared ones), so no reading is lost to a broker restart.
+    env.setdefault("FLEETLINE_INGEST_SHARE_GROUP", "")
+    return env
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+async def _http_ok(port: int, path: str) -> bool:
+    try:
+        async with asyncio.timeout(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                await writer.drain()
+                status = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    return status.split(b" ")[1:2] == [b"200"]
+
+
+async def _wait_ingest_ready(port: int, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + INGEST_READY_TIMEOUT_SECONDS
+    while loop.time() < deadline:
+        if stop.is_set() or await _http_ok(port, "/readyz"):
+            return
+        await asyncio.sleep(0.25)
+    log.warning(
+        "ingest is not ready after %.0f s; starting the simulator anyway",
+        INGEST_READY_TIMEOUT_SECONDS,
+    )
+
+
+async def _start_simulator(
+    mqtt_url: str,
+    *,
+    devices: int,
+    interval_seconds: float,
+    ingest_port: int,
+    stop: asyncio.Event,
+) -> None:
+    await _wait_ingest_ready(ingest_port, stop)
+    if stop.is_set():
+        return
+    await run_fleet(
+        parse_mqtt_url(mqtt_url), devices=devices, interval_seconds=interval_seconds, stop=stop
+    )
+
+
+async def _supervise(
+    database_url: str, mqtt_url: str, *, devices: int, interval_seconds: float
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()  # a second Ctrl-C: do not wait for the services
+        else:
+            stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal)
+
+    env = _child_env(database_url, mqtt_url)
+    ingest_port = int(env.get("FLEETLINE_INGEST_HTTP_PORT") or INGEST_HTTP_PORT)
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    exits: dict[asyncio.Task[int], str] = {}
+    sim_stop = asyncio.Event()
+    sim: asyncio.Task[None] | None = None
+    code = 0
+    try:
+        for name in SERVICES:
+            # A process group of its own: a Ctrl-C on the terminal reaches only us, and
+            # we stop the services before the broker and the database they use.
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "fleetline",
+                    name,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    env=env,
+                    process_group=0,
+                )
+            except OSError as exc:
+                _say(f"error: cannot start service {name}: {exc}", err=True)
+                return 1
+            procs[name] = proc
+            exits[asyncio.create_task(proc.wait(), name=f"up.wait[{name}]")] = name
+            log.info("started %s (pid %d)", name, proc.pid)
+
+        fleet = (
+            f"{devices} simulated, one reading every {interval_seconds:g} s"
+            if devices > 0
+            else "none simulated (--devices 0)"
+        )
+        _say(
+            "\nfleetline is up\n"
+            f"  database  {_redact(database_url)}\n"
+            f"  broker    {_redact(mqtt_url)}\n"
+            f"  API       {API_URL} (docs at {API_URL}/docs)\n"
+            f"  ingest    http://127.0.0.1:{ingest_port}/metrics\n"
+            f"  devices   {fleet}\n"
+            "Ctrl-C to stop.\n"
+        )
+        if devices > 0:
+            sim = asyncio.create_task(
+                _start_simulator(
+                    mqtt_url,
+                    devices=devices,
+                    interval_seconds=interval_seconds,
+                    ingest_port=ingest_port,
+                    stop=sim_stop,
+                ),
+                name="up.simulator",
+            )
+        stopping = asyncio.create_task(stop.wait(), name="up.stop")
+        watched: set[asyncio.Future[Any]] = {stopping, *exits}
+        if sim is not None:
+            watched.add(sim)
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        for task in done:
+            if task in exits:
+                name = exits[task]
+                _say(
+                    f"error: service {name} exited unexpectedly ({_describe_exit(task.result())})",
+                    err=True,
+                )
+                code = 1
+            elif task is sim:
+                error = task.exception()
+                if error is not None:
+                    _say(f"error: the simulator failed: {error!r}", err=True)
+                    code = 1
+        if code == 0:
+            _say("stopping...")
+    finally:
+        await _stop_simulator(sim, sim_stop)
+        await _stop_services(procs, hurry)
+    return code
+
+
+async def _stop_simulator(sim: asyncio.Task[None] | None, sim_stop: asyncio.Event) -> None:
+    if sim is None or sim.done():
+        return
+    sim_stop.set()
+    try:
+        async with asyncio.timeout(SIMULATOR_STOP_TIMEOUT_SECONDS):
+            await asyncio.shield(sim)
+    except TimeoutError:
+        sim.cancel()
+    except Exception:
+        log.exception("the simulator failed while stopping")
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await sim
+
+
+async def _stop_services(
+    procs: dict[str, asyncio.subprocess.Process], hurry: asyncio.Event
+) -> None:
+    running = {name: p for name, p in procs.items() if p.returncode is None}
+    for name, proc in running.items():
+        log.info("stopping %s (pid %d)", name, proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    if not running:
+        return
+    waits = asyncio.gather(*(p.wait() for p in running.values()))
+    hurried = asyncio.ensure_future(hurry.wait())
+    either: set[asyncio.Future[Any]] = {waits, hurried}
+    try:
+        await asyncio.wait(
+            either,
+            timeout=SERVICE_STOP_TIMEOUT_SECONDS,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        hurried.cancel()
+    for name, proc in running.items():
+        if proc.returncode is None:
+            log.warning("%s did not stop in time; killing it", name)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    await waits
+    for name, proc in running.items():
+        if proc.returncode not in (0, -signal.SIGTERM):
+            log.warning("%s stopped with %s", name, _describe_exit(proc.returncode or 0))
