@@ -15,8 +15,9 @@ offer, so this module provides them on the wrapped paho client:
 
 It also gives paho a buffered socket read: paho reads a packet with several small
 ``recv`` calls (type byte, length bytes, body), one packet per readiness event; reading
-64 KiB at a time and draining the buffer in one callback removes most system calls
-and event-loop turns from the hot path.
+64 KiB at a time and parsing every packet in it in one callback removes most system
+calls and event-loop turns from the hot path. One callback reads the socket once, so
+the event loop (batch sealing, writes, probes) runs at least every 64 KiB.
 
 Moving to aiomqtt 3 (which has manual ack and its own reconnect) touches this file only.
 """
@@ -29,7 +30,7 @@ import random
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -47,7 +48,8 @@ READ_CHUNK_BYTES = 65536
 _FATAL_CONNACK = {4, 5, 134, 135}
 _UNSUPPORTED_PROTOCOL = {1, 132}
 
-MessageHandler = Callable[[paho.MQTTMessage], None]
+# (topic, payload, message id, QoS) of one PUBLISH.
+MessageHandler = Callable[[str, bytes, int, int], None]
 
 
 class MqttAuthError(Exception):
@@ -180,13 +182,62 @@ class DirectReader:
 
     def __init__(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
         self._aio = client
-        self._paho: Any = client._client  # noqa: SLF001
+        self._paho: Any = cast(Any, client._client)  # noqa: SLF001
+        self._handler = handler
         self._buf = b""
+        self._pos = 0
         self._fd = -1
         self._sock: Any = None
+        self._may_recv = False
         self.paused = False
         self._paho.manual_ack_set(True)
-        self._paho.on_message = lambda _c, _u, msg: handler(msg)
+        self._paho.on_message = lambda _c, _u, m: handler(m.topic, m.payload, m.mid, m.qos)
+        in_packet = getattr(self._paho, "_in_packet", None)
+        self._paho_handle_publish: Callable[[], int] | None = getattr(
+            self._paho, "_handle_publish", None
+        )
+        if isinstance(in_packet, dict) and "packet" in in_packet and self._paho_handle_publish:
+            self._v5 = is_v5(client)
+            self._paho._handle_publish = self._handle_publish  # noqa: SLF001
+        else:  # another paho: its own decoding, still with manual ack and this handler
+            log.warning("paho internals changed; using its slower message path")
+
+    def _handle_publish(self) -> int:
+        """Decode an incoming PUBLISH (replaces paho's ``_handle_publish``).
+
+        paho builds a format string, a ``Properties`` object, an ``MQTTMessage`` and a
+        debug log record for every message: most of a consumer's CPU. Ingest needs the
+        topic, payload, message id and QoS only. QoS 2 and topic aliases go to paho.
+        """
+        in_packet = self._paho._in_packet  # noqa: SLF001
+        header: int = in_packet["command"]
+        packet: bytearray = in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        topic_len = (packet[0] << 8) | packet[1]
+        if qos == 2 or topic_len == 0:
+            assert self._paho_handle_publish is not None
+            return int(self._paho_handle_publish())
+        pos = 2 + topic_len
+        topic = bytes(packet[2:pos]).decode("utf-8", "replace")
+        mid = 0
+        if qos:
+            mid = (packet[pos] << 8) | packet[pos + 1]
+            pos += 2
+        if self._v5:
+            # Property Length (a variable byte integer); the properties are not used.
+            length = shift = 0
+            while True:
+                byte = packet[pos]
+                pos += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise ValueError("malformed PUBLISH property length")
+            pos += length
+        self._handler(topic, bytes(memoryview(packet)[pos:]), mid, qos)
+        return int(paho.MQTT_ERR_SUCCESS)
 
     def start(self) -> None:
         """Take over socket reads from aiomqtt (plain TCP; TLS keeps aiomqtt's reader)."""
@@ -202,19 +253,31 @@ class DirectReader:
             self._loop.add_reader(self._fd, self._on_readable)
 
     def _recv(self, bufsize: int) -> bytes:
-        if not self._buf:
-            data = self._sock.recv(READ_CHUNK_BYTES)  # BlockingIOError means "no data yet"
-            if not data:
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            if not self._may_recv:
+                # One socket read per readiness event: the loop gets back control after
+                # at most READ_CHUNK_BYTES, so batches are sealed and written on time.
+                raise BlockingIOError
+            self._may_recv = False
+            buf = self._sock.recv(READ_CHUNK_BYTES)  # BlockingIOError: no data yet
+            if not buf:
                 return b""
-            self._buf = data
-        chunk, self._buf = self._buf[:bufsize], self._buf[bufsize:]
-        return chunk
+            self._buf, pos = buf, 0
+        end = pos + bufsize
+        self._pos = end
+        return buf[pos:end]
+
+    @property
+    def _buffered(self) -> bool:
+        return self._pos < len(self._buf)
 
     def _on_readable(self) -> None:
+        self._may_recv = True
         try:
             while True:
                 rc = self._paho.loop_read()
-                if rc != paho.MQTT_ERR_SUCCESS or not self._buf or self.paused:
+                if rc != paho.MQTT_ERR_SUCCESS or not self._buffered or self.paused:
                     break
         except Exception as exc:  # a broken socket ends this connection
             if not self._aio._disconnected.done():  # noqa: SLF001
@@ -235,6 +298,6 @@ class DirectReader:
         if self.paused and self._fd >= 0:
             self.paused = False
             self._loop.add_reader(self._fd, self._on_readable)
-            if self._buf:
+            if self._buffered:
                 # Packets already read into the buffer do not wake the selector.
                 self._loop.call_soon(self._on_readable)

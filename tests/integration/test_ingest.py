@@ -218,3 +218,32 @@ async def test_backpressure_pauses_reading_while_the_database_is_blocked(
     assert await wait_rows(db, uid, 2000) == 2000
     wait_until(lambda: ingest.metric("fleetline_ingest_paused") == 0, what="reads resumed")
     dev.close()
+
+
+async def test_mqtt5_publish_properties_and_qos0_are_decoded(
+    start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
+    db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    start_ingest()
+    device_id = f"{uid}-d1"
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id,
+                         protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = "application/json"
+    props.UserProperty = [("fw", "1.2.3"), ("x" * 200, "y" * 300)]  # a multi-byte length
+    topic = f"devices/{device_id}/telemetry"
+    client.publish(topic, orjson.dumps(reading(NOW_MS, a=1.5)), qos=1,
+                   properties=props).wait_for_publish(10)
+    client.publish(topic, orjson.dumps(reading(NOW_MS + 1, a=2.5)), qos=0).wait_for_publish(10)
+    assert await wait_rows(db, uid, 2) == 2
+    values = await db.fetch("SELECT value FROM readings WHERE device_id = $1 ORDER BY time",
+                            device_id)
+    assert [r["value"] for r in values] == [1.5, 2.5]
+    client.disconnect()
+    client.loop_stop()

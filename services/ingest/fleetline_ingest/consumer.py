@@ -61,16 +61,14 @@ class Ingestor:
 
     # -- receiving (runs inside paho's read callback, on the event loop) ---------------
 
-    def on_message(self, msg: Any) -> None:
+    def on_message(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
         batch = self.current
         if not batch.acks:
             batch.started = self._loop.time()
             self._batch_started.set()
         rows_before = len(batch.rows)
         now = datetime.now(UTC)
-        topic: str = msg.topic
-        payload: bytes = msg.payload
-        batch.acks.append((msg.mid, msg.qos))
+        batch.acks.append((mid, qos))
         batch.raw.append((topic, payload, now))
         collect(batch, topic, payload, now, self.limits)
         self.pending_messages += 1
