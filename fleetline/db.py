@@ -59,6 +59,15 @@ async def close_pool(pool: asyncpg.Pool[Any]) -> None:
         pool.terminate()
 
 
+async def close_connection(con: asyncpg.Connection[Any]) -> None:
+    """Close politely, but do not wait on a server that never closes its end (seen with
+    TimescaleDB's WebAssembly build behind pglite-socket)."""
+    try:
+        await con.close(timeout=POOL_CLOSE_TIMEOUT_SECONDS)
+    except (TimeoutError, OSError, asyncpg.InterfaceError):
+        con.terminate()
+
+
 async def wait_for_database(dsn: str, *, timeout_seconds: float = 60.0) -> None:
     """Block until the server accepts a connection; log while it does not."""
     loop = asyncio.get_running_loop()
@@ -77,5 +86,5 @@ async def wait_for_database(dsn: str, *, timeout_seconds: float = 60.0) -> None:
             attempt += 1
             await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
         else:
-            await con.close()
+            await close_connection(con)
             return

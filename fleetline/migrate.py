@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from fleetline.db import close_connection
 from fleetline.settings import StorageSettings
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ async def ensure_database(dsn: str) -> None:
     except asyncpg.InvalidCatalogNameError:
         pass
     else:
-        await con.close()
+        await close_connection(con)
         return
     database = urlsplit(dsn).path.lstrip("/")
     if not database or '"' in database:
@@ -202,7 +203,7 @@ async def ensure_database(dsn: str) -> None:
     except asyncpg.DuplicateDatabaseError:
         pass
     finally:
-        await admin.close()
+        await close_connection(admin)
 
 
 async def migrate(dsn: str, storage: StorageSettings, *, create_database: bool = True) -> int:
@@ -212,4 +213,4 @@ async def migrate(dsn: str, storage: StorageSettings, *, create_database: bool =
     try:
         return len(await apply_migrations(con, storage))
     finally:
-        await con.close()
+        await close_connection(con)

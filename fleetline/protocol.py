@@ -6,7 +6,6 @@ regexes for names already seen and allocates one tuple per stored value.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -84,66 +83,88 @@ metric_names = _NameCache(METRIC_RE)
 
 def parse_ts(raw: Any, received_at: datetime, limits: Limits) -> datetime:
     """A reading's ts: RFC 3339 string or epoch milliseconds; absent means received_at."""
+    return _parse_ts(
+        raw, received_at, received_at + timedelta(seconds=limits.max_future_seconds), limits
+    )
+
+
+def _parse_ts(raw: Any, received_at: datetime, latest: datetime, limits: Limits) -> datetime:
+    kind = type(raw)
     if raw is None:
         return received_at
-    if isinstance(raw, str):
+    if kind is int or kind is float:  # exact types: a JSON true is not a time
+        if not -1e15 < raw < 1e15:  # also false for NaN
+            raise ValueError(f"ts {raw!r} is out of range")
+        ts = EPOCH + timedelta(milliseconds=raw)
+    elif kind is str:
         try:
             ts = datetime.fromisoformat(raw)
         except ValueError:
             raise ValueError(f"ts {raw[:40]!r} is not an RFC 3339 time") from None
         if ts.tzinfo is None:
             raise ValueError(f"ts {raw[:40]!r} has no time zone offset")
-    elif isinstance(raw, int | float) and not isinstance(raw, bool):
-        if not math.isfinite(raw) or abs(raw) > 1e15:
-            raise ValueError(f"ts {raw!r} is out of range")
-        ts = EPOCH + timedelta(milliseconds=raw)
     else:
         raise ValueError("ts must be an RFC 3339 string or epoch milliseconds")
     if ts < limits.oldest:
         raise ValueError(f"ts {ts.isoformat()} is before {limits.oldest.date().isoformat()}")
-    if (ts - received_at).total_seconds() > limits.max_future_seconds:
+    if ts > latest:
         raise ValueError(f"ts {ts.isoformat()} is more than {limits.max_future_seconds:g} s ahead")
     return ts
 
 
 def _reading(
-    device_id: str, doc: Any, received_at: datetime, limits: Limits, out: list[Row], where: str
-) -> list[str]:
-    if not isinstance(doc, dict):
+    device_id: str,
+    doc: Any,
+    received_at: datetime,
+    latest: datetime,
+    limits: Limits,
+    out: list[Row],
+    where: str,
+) -> list[str] | None:
+    """Append one reading's values to ``out``; return its problems (None when there are none,
+    the common case, so nothing is allocated for it)."""
+    if type(doc) is not dict:
         return [f"{where}: a reading must be a JSON object"]
     values = doc.get("values")
-    if not isinstance(values, dict) or not values:
+    if type(values) is not dict or not values:
         return [f"{where}: 'values' must be a non-empty object"]
     if len(values) > limits.max_metrics:
         return [f"{where}: {len(values)} metrics, more than {limits.max_metrics}"]
     try:
-        ts = parse_ts(doc.get("ts"), received_at, limits)
+        ts = _parse_ts(doc.get("ts"), received_at, latest, limits)
     except ValueError as exc:
         return [f"{where}: {exc}"]
-    errors: list[str] = []
-    valid_metric = metric_names.valid
+    errors: list[str] | None = None
+    known = metric_names._ok  # noqa: SLF001  (the hot path skips a method call per value)
     for metric, value in values.items():
-        if not valid_metric(metric):
-            errors.append(f"{where}: metric name {metric[:80]!r} is not [A-Za-z0-9_.-]{{1,64}}")
-        elif value is True or value is False:
-            out.append((device_id, metric, ts, 1.0 if value else 0.0, None))
-        elif isinstance(value, float | int):
-            number = float(value)
-            if math.isfinite(number):
-                out.append((device_id, metric, ts, number, None))
-            else:
-                errors.append(f"{where}: value of {metric!r} is not a finite number")
-        elif isinstance(value, str):
-            if len(value) > limits.max_text_chars:
-                errors.append(
-                    f"{where}: value of {metric!r} is longer than {limits.max_text_chars} chars"
-                )
-            elif "\x00" in value:
-                errors.append(f"{where}: value of {metric!r} contains a NUL character")
-            else:
-                out.append((device_id, metric, ts, None, value))
+        if metric not in known and not metric_names.valid(metric):
+            problem = f"metric name {metric[:80]!r} is not [A-Za-z0-9_.-]{{1,64}}"
         else:
-            errors.append(f"{where}: value of {metric!r} must be a number, boolean or string")
+            kind = type(value)
+            if kind is float:
+                if value - value == 0.0:  # finite: inf - inf and NaN - NaN are NaN
+                    out.append((device_id, metric, ts, value, None))
+                    continue
+                problem = f"value of {metric!r} is not a finite number"
+            elif kind is int:
+                out.append((device_id, metric, ts, float(value), None))
+                continue
+            elif kind is bool:
+                out.append((device_id, metric, ts, 1.0 if value else 0.0, None))
+                continue
+            elif kind is str:
+                if len(value) > limits.max_text_chars:
+                    problem = f"value of {metric!r} is longer than {limits.max_text_chars} chars"
+                elif "\x00" in value:
+                    problem = f"value of {metric!r} contains a NUL character"
+                else:
+                    out.append((device_id, metric, ts, None, value))
+                    continue
+            else:
+                problem = f"value of {metric!r} must be a number, boolean or string"
+        if errors is None:
+            errors = []
+        errors.append(f"{where}: {problem}")
     return errors
 
 
@@ -160,13 +181,16 @@ def parse_telemetry(
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise PayloadError(f"not JSON: {exc}") from None
-    if isinstance(doc, list):
+    latest = received_at + timedelta(seconds=limits.max_future_seconds)
+    if type(doc) is list:
         if not doc:
             raise PayloadError("empty batch")
         if len(doc) > limits.max_readings:
             raise PayloadError(f"batch of {len(doc)} readings exceeds {limits.max_readings}")
         errors: list[str] = []
         for i, item in enumerate(doc):
-            errors += _reading(device_id, item, received_at, limits, out, f"reading[{i}]")
+            problems = _reading(device_id, item, received_at, latest, limits, out, "")
+            if problems:
+                errors += [f"reading[{i}]{p}" for p in problems]
         return errors
-    return _reading(device_id, doc, received_at, limits, out, "reading")
+    return _reading(device_id, doc, received_at, latest, limits, out, "reading") or []

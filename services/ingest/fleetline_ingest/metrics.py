@@ -9,6 +9,10 @@ ROWS = Counter("fleetline_ingest_rows_total", "Telemetry values stored")
 DUPLICATES = Counter(
     "fleetline_ingest_duplicate_rows_total", "Values already stored (redelivered or re-sent)"
 )
+DUPLICATE_BATCHES = Counter(
+    "fleetline_ingest_duplicate_batches_total",
+    "Batches that held an already stored value and went through the staging table",
+)
 DEAD_LETTERS = Counter("fleetline_ingest_dead_letters_total", "Messages dead-lettered")
 BATCHES = Counter("fleetline_ingest_batches_total", "Batches committed")
 BATCH_SECONDS = Histogram(

@@ -33,7 +33,7 @@ class IngestSettings(ServiceSettings):
     # A batch is written when it holds this many values or messages, or is this old.
     batch_rows: int = Field(default=5000, ge=1, le=1_000_000)
     batch_messages: int = Field(default=5000, ge=1, le=60_000)
-    batch_ms: int = Field(default=200, ge=1, le=60_000)
+    batch_ms: int = Field(default=100, ge=1, le=60_000)
     # Backpressure: above either bound (received, not yet committed and acknowledged)
     # ingest stops reading from the broker until the database catches up.
     max_pending_messages: int = Field(default=20_000, ge=100, le=1_000_000)

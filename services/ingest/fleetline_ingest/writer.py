@@ -1,9 +1,12 @@
 """Writing a batch: one transaction, binary COPY, idempotent insert, then acknowledge.
 
-Values are copied into a per-connection temporary table and moved with
-``INSERT ... ON CONFLICT DO NOTHING``, so a redelivered message (QoS 1 after a crash
-before the acknowledgement) or a re-sent reading is stored once (asyncpg's maintainer
-recommends staging for this: MagicStack/asyncpg#749).
+A reading is stored once even when it comes again (a QoS 1 redelivery after a crash
+before the acknowledgement, a device re-sending its backlog). Values are binary-COPYed
+straight into ``telemetry`` inside a savepoint; when that hits a unique violation, the
+savepoint is rolled back and the batch goes through a per-connection staging table and
+``INSERT ... ON CONFLICT DO NOTHING`` (asyncpg's maintainer recommends staging for
+this: MagicStack/asyncpg#749). Duplicates are rare, so most batches pay for one COPY
+only (batched payloads: 198k -> 248k rows/s, bench/ingest.py).
 """
 
 from __future__ import annotations
@@ -134,21 +137,17 @@ class BatchWriter:
     async def write(self, con: Connection, batch: Batch) -> int:
         """Commit the batch; returns how many new values were stored."""
         rows = batch.rows
-        if rows:
-            await self._resolve_series(con, {(r[0], r[1]) for r in rows})
-            series = self._series
+        series = self._series
+        try:  # every series id already known: the common case, one pass
             records = [(series[(d, m)], ts, v, t) for d, m, ts, v, t in rows]
-        else:
-            records = []
+        except KeyError:
+            await self._resolve_series(con, {(r[0], r[1]) for r in rows})
+            records = [(series[(d, m)], ts, v, t) for d, m, ts, v, t in rows]
         activity = self._activity(batch)
         inserted = 0
         async with con.transaction():
             if records:
-                await con.copy_records_to_table(
-                    "telemetry_staging", records=records, columns=STAGING_COLUMNS
-                )
-                status = await con.execute(MOVE_STAGED)
-                inserted = int(status.rsplit(" ", 1)[-1])
+                inserted = await self._store_values(con, records)
             if batch.dead:
                 await con.copy_records_to_table(
                     "ingest_dead_letter", records=batch.dead, columns=DEAD_LETTER_COLUMNS
@@ -156,6 +155,21 @@ class BatchWriter:
             if activity[0]:
                 await con.execute(UPSERT_ACTIVITY, *activity)
         return inserted
+
+    async def _store_values(self, con: Connection, records: list[tuple[Any, ...]]) -> int:
+        try:
+            async with con.transaction():  # a savepoint: a duplicate undoes only this
+                status = await con.copy_records_to_table(
+                    "telemetry", records=records, columns=STAGING_COLUMNS
+                )
+            return int(status.rsplit(" ", 1)[-1])
+        except asyncpg.UniqueViolationError:
+            metrics.DUPLICATE_BATCHES.inc()
+        await con.copy_records_to_table(
+            "telemetry_staging", records=records, columns=STAGING_COLUMNS
+        )
+        status = await con.execute(MOVE_STAGED)
+        return int(status.rsplit(" ", 1)[-1])
 
     async def write_batch(self, con: Connection, batch: Batch) -> None:
         """Write, creating missing partitions on demand; non-transient errors fall back to
@@ -178,7 +192,7 @@ class BatchWriter:
         metrics.BATCH_SECONDS.observe(elapsed)
         metrics.BATCH_ROWS.observe(len(batch.rows))
         metrics.ROWS.inc(inserted)
-        metrics.DUPLICATES.inc(len(batch.rows) - inserted if inserted <= len(batch.rows) else 0)
+        metrics.DUPLICATES.inc(max(0, len(batch.rows) - inserted))
         metrics.DEAD_LETTERS.inc(len(batch.dead))
         metrics.MESSAGES.labels("telemetry").inc(batch.telemetry_messages)
         metrics.MESSAGES.labels("status").inc(batch.status_messages)
