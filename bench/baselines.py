@@ -41,6 +41,9 @@ import aiomqtt
 import asyncpg
 import paho.mqtt.client as paho
 
+# The same (device, metric) -> series id resolution as ingest: same schema, same cost.
+from fleetline_ingest.writer import RESOLVE_SERIES
+
 TOPIC = "devices/+/telemetry"
 FLUSH_ROWS = 5000
 FLUSH_SECONDS = 1.0
@@ -64,17 +67,6 @@ CREATE TEMPORARY TABLE IF NOT EXISTS bench_staging (
 MOVE_STAGED = """
 INSERT INTO telemetry (series_id, ts, value)
 SELECT series_id, ts, value FROM bench_staging ON CONFLICT DO NOTHING
-"""
-RESOLVE_SERIES = """
-WITH wanted AS (SELECT * FROM unnest($1::text[], $2::text[]) AS w(device_id, metric)),
-ins AS (
-    INSERT INTO series (device_id, metric) SELECT device_id, metric FROM wanted
-    ON CONFLICT (device_id, metric) DO NOTHING
-    RETURNING id, device_id, metric
-)
-SELECT id, device_id, metric FROM ins
-UNION ALL
-SELECT s.id, s.device_id, s.metric FROM series s JOIN wanted USING (device_id, metric)
 """
 
 

