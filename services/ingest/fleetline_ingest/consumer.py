@@ -107,6 +107,7 @@ class Ingestor:
         self.current = Batch(generation=self.generation)
         self._batch_full.clear()
         self._batch_started.clear()
+        metrics.PENDING_MESSAGES.set(self.pending_messages)
         await self.queue.put(batch)
 
     # -- the loops --------------------------------------------------------------------
@@ -156,6 +157,11 @@ class Ingestor:
                     attempt = 0
                     topics = self._subscriptions(client)
                     mqtt.subscribe_nowait(client, topics, qos=1)
+                    if not mqtt.is_v5(client):
+                        log.warning(
+                            "MQTT 3.1.1: plain subscription, no shared group; run a single "
+                            "ingest replica (each replica would receive every message)"
+                        )
                     log.info(
                         "connected to the broker, subscribed",
                         extra={
