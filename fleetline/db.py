@@ -36,7 +36,12 @@ ConnectionInit = Callable[["asyncpg.Connection[Any]"], Awaitable[None]]
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 4, init: ConnectionInit | None = None
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    init: ConnectionInit | None = None,
+    command_timeout: float | None = None,
 ) -> asyncpg.Pool[Any]:
     """A pool whose connections get the shared codecs, then the service's own ``init``."""
 
@@ -45,7 +50,9 @@ async def create_pool(
         if init is not None:
             await init(con)
 
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=setup)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=setup, command_timeout=command_timeout
+    )
     assert pool is not None
     return pool
 

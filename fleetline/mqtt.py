@@ -44,16 +44,25 @@ log = logging.getLogger(__name__)
 
 RECONNECT_MAX_SECONDS = 30.0
 READ_CHUNK_BYTES = 65536
-# CONNACK codes that retrying cannot fix (MQTT 3.1.1 codes 4/5, MQTT 5 codes 134/135).
-_FATAL_CONNACK = {4, 5, 134, 135}
+# CONNACK codes that retrying cannot fix: bad user name or password, not authorized
+# (paho reports MQTT 3.1.1's codes 4 and 5 as these MQTT 5 reason codes).
+_FATAL_CONNACK = {134, 135}
+# Unsupported protocol version (MQTT 5 code 132; 3.1.1's code 1, as paho reports it).
 _UNSUPPORTED_PROTOCOL = {1, 132}
 
-# (topic, payload, message id, QoS) of one PUBLISH.
-MessageHandler = Callable[[str, bytes, int, int], None]
+# (topic, payload, message id, QoS, retain flag) of one PUBLISH.
+MessageHandler = Callable[[str, bytes, int, int, bool], None]
 
 
 class MqttAuthError(Exception):
     """The broker refused our credentials; retrying will not help."""
+
+
+def connack_code(exc: MqttConnectError) -> int:
+    """The numeric CONNACK code of a refused connection (paho hands a ReasonCode)."""
+    rc: Any = getattr(exc, "rc", None)
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else -1
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -118,7 +127,7 @@ async def connected(
     try:
         await client.__aenter__()
     except MqttConnectError as exc:
-        code = int(getattr(exc, "rc", -1) or -1)
+        code = connack_code(exc)
         if code in _FATAL_CONNACK:
             raise MqttAuthError(str(exc)) from exc
         if protocol == "auto" and code in _UNSUPPORTED_PROTOCOL:
@@ -162,6 +171,11 @@ def subscribe_nowait(client: aiomqtt.Client, topics: list[str], *, qos: int = 1)
             codes = done.result()
             if any(getattr(code, "value", 0) >= 0x80 for code in codes):
                 log.error("broker refused the subscription to %s: %s", topic, codes)
+                # Connected but receiving nothing is worse than retrying visibly.
+                if not client._disconnected.done():  # noqa: SLF001
+                    client._disconnected.set_exception(  # noqa: SLF001
+                        aiomqtt.MqttError(f"subscription to {topic} refused: {codes}")
+                    )
 
         fut.add_done_callback(check)
 
@@ -190,8 +204,20 @@ class DirectReader:
         self._sock: Any = None
         self._may_recv = False
         self.paused = False
+        # Whether the broker resumed our session (CONNACK session present): then it
+        # redelivers whatever the previous connection left unacknowledged.
+        self.session_present = False
         self._paho.manual_ack_set(True)
-        self._paho.on_message = lambda _c, _u, m: handler(m.topic, m.payload, m.mid, m.qos)
+        self._paho.on_message = lambda _c, _u, m: handler(
+            m.topic, m.payload, m.mid, m.qos, bool(m.retain)
+        )
+        aiomqtt_on_connect = self._paho.on_connect
+
+        def on_connect(*args: Any) -> None:
+            self.session_present = bool(getattr(args[2], "session_present", False))
+            aiomqtt_on_connect(*args)
+
+        self._paho.on_connect = on_connect
         in_packet = getattr(self._paho, "_in_packet", None)
         self._paho_handle_publish: Callable[[], int] | None = getattr(
             self._paho, "_handle_publish", None
@@ -213,30 +239,37 @@ class DirectReader:
         header: int = in_packet["command"]
         packet: bytearray = in_packet["packet"]
         qos = (header & 0x06) >> 1
-        topic_len = (packet[0] << 8) | packet[1]
-        if qos == 2 or topic_len == 0:
-            assert self._paho_handle_publish is not None
-            return int(self._paho_handle_publish())
-        pos = 2 + topic_len
-        topic = bytes(packet[2:pos]).decode("utf-8", "replace")
-        mid = 0
-        if qos:
-            mid = (packet[pos] << 8) | packet[pos + 1]
-            pos += 2
-        if self._v5:
-            # Property Length (a variable byte integer); the properties are not used.
-            length = shift = 0
-            while True:
-                byte = packet[pos]
-                pos += 1
-                length |= (byte & 0x7F) << shift
-                if not byte & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    raise ValueError("malformed PUBLISH property length")
-            pos += length
-        self._handler(topic, bytes(memoryview(packet)[pos:]), mid, qos)
+        try:
+            topic_len = (packet[0] << 8) | packet[1]
+            if qos == 2 or topic_len == 0:
+                assert self._paho_handle_publish is not None
+                return int(self._paho_handle_publish())
+            pos = 2 + topic_len
+            topic = bytes(packet[2:pos]).decode("utf-8", "replace")
+            mid = 0
+            if qos:
+                mid = (packet[pos] << 8) | packet[pos + 1]
+                pos += 2
+            if self._v5:
+                # Property Length (a variable byte integer); the properties are not used.
+                length = shift = 0
+                while True:
+                    byte = packet[pos]
+                    pos += 1
+                    length |= (byte & 0x7F) << shift
+                    if not byte & 0x80:
+                        break
+                    shift += 7
+                    if shift > 21:
+                        raise ValueError("malformed property length")
+                pos += length
+            if pos > len(packet):
+                raise ValueError("properties run past the packet")
+        except (IndexError, ValueError) as exc:
+            # paho then closes the connection, as it does for its own protocol errors.
+            log.error("malformed PUBLISH from the broker (%s); reconnecting", exc)
+            return int(paho.MQTT_ERR_PROTOCOL)
+        self._handler(topic, bytes(memoryview(packet)[pos:]), mid, qos, bool(header & 0x01))
         return int(paho.MQTT_ERR_SUCCESS)
 
     def start(self) -> None:
@@ -287,15 +320,19 @@ class DirectReader:
         if qos:
             self._paho.ack(mid, qos)
 
+    def _socket_open(self) -> bool:
+        # After paho closed the socket its descriptor number may belong to another file.
+        return self._fd >= 0 and self._paho.socket() is self._sock
+
     def pause(self) -> None:
         """Stop reading: the socket fills and the broker holds the rest."""
         if not self.paused:
             self.paused = True
-            if self._fd >= 0:
+            if self._socket_open():
                 self._loop.remove_reader(self._fd)
 
     def resume(self) -> None:
-        if self.paused and self._fd >= 0:
+        if self.paused and self._socket_open():
             self.paused = False
             self._loop.add_reader(self._fd, self._on_readable)
             if self._buffered:

@@ -50,6 +50,16 @@ class Limits:
     max_text_chars: int = 1024
     max_future_seconds: float = 600.0
     oldest: datetime = datetime(2000, 1, 1, tzinfo=UTC)
+    # Readings older than this (the raw retention) would be dropped with their partition:
+    # they are dead-lettered instead. None: only ``oldest`` applies.
+    max_age: timedelta | None = None
+
+    def window(self, received_at: datetime) -> tuple[datetime, datetime]:
+        """The earliest and latest ts a message received at ``received_at`` may carry."""
+        earliest = self.oldest
+        if self.max_age is not None:
+            earliest = max(earliest, received_at - self.max_age)
+        return earliest, received_at + timedelta(seconds=self.max_future_seconds)
 
 
 class PayloadError(ValueError):
@@ -83,19 +93,20 @@ metric_names = _NameCache(METRIC_RE)
 
 def parse_ts(raw: Any, received_at: datetime, limits: Limits) -> datetime:
     """A reading's ts: RFC 3339 string or epoch milliseconds; absent means received_at."""
-    return _parse_ts(
-        raw, received_at, received_at + timedelta(seconds=limits.max_future_seconds), limits
-    )
+    return _parse_ts(raw, received_at, limits.window(received_at), limits)
 
 
-def _parse_ts(raw: Any, received_at: datetime, latest: datetime, limits: Limits) -> datetime:
+def _parse_ts(
+    raw: Any, received_at: datetime, window: tuple[datetime, datetime], limits: Limits
+) -> datetime:
     kind = type(raw)
     if raw is None:
         return received_at
     if kind is int or kind is float:  # exact types: a JSON true is not a time
-        if not -1e15 < raw < 1e15:  # also false for NaN
-            raise ValueError(f"ts {raw!r} is out of range")
-        ts = EPOCH + timedelta(milliseconds=raw)
+        try:
+            ts = EPOCH + timedelta(milliseconds=raw)
+        except (OverflowError, ValueError):  # beyond year 9999, or NaN
+            raise ValueError(f"ts {raw!r} is out of range") from None
     elif kind is str:
         try:
             ts = datetime.fromisoformat(raw)
@@ -105,8 +116,13 @@ def _parse_ts(raw: Any, received_at: datetime, latest: datetime, limits: Limits)
             raise ValueError(f"ts {raw[:40]!r} has no time zone offset")
     else:
         raise ValueError("ts must be an RFC 3339 string or epoch milliseconds")
-    if ts < limits.oldest:
-        raise ValueError(f"ts {ts.isoformat()} is before {limits.oldest.date().isoformat()}")
+    earliest, latest = window
+    if ts < earliest:
+        if earliest == limits.oldest:
+            raise ValueError(f"ts {ts.isoformat()} is before {earliest.date().isoformat()}")
+        age = limits.max_age
+        shown = f"{age.days} days" if age and age == timedelta(days=age.days) else str(age)
+        raise ValueError(f"ts {ts.isoformat()} is older than the retention ({shown})")
     if ts > latest:
         raise ValueError(f"ts {ts.isoformat()} is more than {limits.max_future_seconds:g} s ahead")
     return ts
@@ -116,7 +132,7 @@ def _reading(
     device_id: str,
     doc: Any,
     received_at: datetime,
-    latest: datetime,
+    window: tuple[datetime, datetime],
     limits: Limits,
     out: list[Row],
     where: str,
@@ -131,7 +147,7 @@ def _reading(
     if len(values) > limits.max_metrics:
         return [f"{where}: {len(values)} metrics, more than {limits.max_metrics}"]
     try:
-        ts = _parse_ts(doc.get("ts"), received_at, latest, limits)
+        ts = _parse_ts(doc.get("ts"), received_at, window, limits)
     except ValueError as exc:
         return [f"{where}: {exc}"]
     errors: list[str] | None = None
@@ -181,7 +197,7 @@ def parse_telemetry(
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise PayloadError(f"not JSON: {exc}") from None
-    latest = received_at + timedelta(seconds=limits.max_future_seconds)
+    window = limits.window(received_at)
     if type(doc) is list:
         if not doc:
             raise PayloadError("empty batch")
@@ -189,8 +205,8 @@ def parse_telemetry(
             raise PayloadError(f"batch of {len(doc)} readings exceeds {limits.max_readings}")
         errors: list[str] = []
         for i, item in enumerate(doc):
-            problems = _reading(device_id, item, received_at, latest, limits, out, "")
+            problems = _reading(device_id, item, received_at, window, limits, out, "")
             if problems:
                 errors += [f"reading[{i}]{p}" for p in problems]
         return errors
-    return _reading(device_id, doc, received_at, latest, limits, out, "reading") or []
+    return _reading(device_id, doc, received_at, window, limits, out, "reading") or []

@@ -78,7 +78,8 @@ MALFORMED = [
     (b'{"ts": "yesterday", "values": {"t": 1}}', "is not an RFC 3339 time"),
     (b'{"ts": "2026-11-24T10:00:00", "values": {"t": 1}}', "has no time zone offset"),
     (orjson.dumps({"ts": NOW_MS + 3_600_000, "values": {"t": 1}}), "s ahead"),
-    (b'{"ts": 1, "values": {"t": 1}}', "is before 2000-01-01"),
+    (b'{"ts": 1, "values": {"t": 1}}', "is older than the retention (90 days)"),
+    (b'{"ts": 1e300, "values": {"t": 1}}', "is out of range"),
     (b'{"values": {"t": [1, 2]}}', "must be a number, boolean or string"),
     (b'{"values": {"t": "a\\u0000b"}}', "NUL character"),
     (b"[]", "empty batch"),
@@ -247,3 +248,90 @@ async def test_mqtt5_publish_properties_and_qos0_are_decoded(
     assert [r["value"] for r in values] == [1.5, 2.5]
     client.disconnect()
     client.loop_stop()
+
+
+async def test_pending_bytes_bound_pauses_reading(
+    start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
+    db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    mib = 1024 * 1024
+    ingest = start_ingest(env={"FLEETLINE_INGEST_MAX_PENDING_BYTES": str(mib)})
+    dev = Device(broker.url, f"{uid}-d1")
+    padding = b" " * (100 * 1024)  # valid JSON: trailing white space
+    async with db.acquire() as con:
+        tx = con.transaction()
+        await tx.start()
+        await con.execute("LOCK TABLE telemetry IN EXCLUSIVE MODE")
+        dev.publish_all([orjson.dumps(reading(NOW_MS + i, t=i)) + padding for i in range(40)])
+        wait_until(lambda: ingest.metric("fleetline_ingest_paused") == 1, what="reads paused")
+        await tx.rollback()
+    assert await wait_rows(db, uid, 40) == 40
+    dev.close()
+
+
+async def test_retained_status_replays_do_not_refresh_last_seen(
+    start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
+    db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    # A plain subscription gets retained messages again on every subscribe.
+    env = {"FLEETLINE_INGEST_SHARE_GROUP": ""}
+    ingest = start_ingest(env=env, name=f"{uid}-a")
+    dev = Device(broker.url, f"{uid}-d1")
+    dev.publish(b"online", kind="status", retain=True).wait_for_publish(10)
+    await wait_until_async(
+        lambda: db.fetchval("SELECT count(*) FROM device_activity WHERE device_id = $1",
+                            dev.device_id), 1)
+    before = await db.fetchrow("SELECT * FROM device_activity WHERE device_id = $1",
+                               dev.device_id)
+    dev.close()
+    assert ingest.terminate() == 0
+    time.sleep(1.1)
+    replayed = start_ingest(env=env, name=f"{uid}-b")  # a new session: retained replay
+    wait_until(lambda: replayed.metric("fleetline_ingest_batches_total") >= 1,
+               what="the replay acknowledged")
+    after = await db.fetchrow("SELECT * FROM device_activity WHERE device_id = $1",
+                              dev.device_id)
+    assert after == before
+
+
+async def test_reading_in_a_new_partition_with_a_half_hour_offset(
+    start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
+    db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    start_ingest()
+    dev = Device(broker.url, f"{uid}-d1")
+    # 00:15 UTC, 20 days ago: 05:45 at +05:30 is still the same UTC day's partition.
+    day = (datetime.now(UTC) - timedelta(days=20)).date()
+    dev.publish_all([{"ts": f"{day.isoformat()}T05:45:00+05:30", "values": {"t": 1}}])
+    assert await wait_rows(db, uid, 1) == 1
+    dev.close()
+
+
+async def test_readings_without_ts_are_stored_once_across_a_broker_restart_mid_write(
+    start_ingest: Callable[..., IngestProcess], db: asyncpg.Pool[Any], uid: str,
+    tmp_path: Any,
+) -> None:
+    with LocalMosquitto(tmp_path / "mq") as mq:
+        ingest = start_ingest(mqtt_url=mq.url, env={"FLEETLINE_INGEST_SHARE_GROUP": ""})
+        dev = Device(mq.url, f"{uid}-d1", persistent=True)
+        async with db.acquire() as con:
+            tx = con.transaction()
+            await tx.start()
+            await con.execute("LOCK TABLE telemetry IN EXCLUSIVE MODE")
+            dev.publish_all([{"values": {"n": i}} for i in range(200)])
+            # Received, in a batch whose write waits on the lock; then the connection goes.
+            wait_until(lambda: ingest.metric("fleetline_ingest_pending_messages") >= 200,
+                       what="batch sealed")
+            mq.stop()
+            mq.start()
+            wait_until(lambda: ingest.metric("fleetline_ingest_mqtt_connected") == 1,
+                       what="ingest reconnected")
+            time.sleep(0.5)
+            await tx.rollback()
+        assert await wait_rows(db, uid, 200) == 200
+        time.sleep(1.0)
+        assert await count_rows(db, uid) == 200
+        values = await db.fetch("SELECT DISTINCT value FROM readings WHERE device_id = $1",
+                                dev.device_id)
+        assert len(values) == 200
+        dev.close()

@@ -107,3 +107,25 @@ def test_mqtt_urls() -> None:
     assert parse_mqtt_url("mqtt://localhost").port == 1883
     with pytest.raises(ValueError, match="mqtt://"):
         parse_mqtt_url("http://broker")
+
+
+def test_readings_older_than_the_retention_are_refused() -> None:
+    limits = Limits(max_age=timedelta(days=90))
+    old = int((NOW - timedelta(days=91)).timestamp() * 1000)
+    rows, errors = parse(b'{"ts": ' + str(old).encode() + b', "values": {"a": 1}}', limits)
+    assert rows == [] and "older than the retention (90 days)" in errors[0]
+    recent = int((NOW - timedelta(days=89)).timestamp() * 1000)
+    rows, errors = parse(b'{"ts": ' + str(recent).encode() + b', "values": {"a": 1}}', limits)
+    assert errors == [] and len(rows) == 1
+
+
+def test_refused_connack_codes_are_read_from_paho_reason_codes() -> None:
+    from aiomqtt.exceptions import MqttConnectError
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from fleetline.mqtt import connack_code
+
+    refused = MqttConnectError(ReasonCode(PacketTypes.CONNACK, "Not authorized"))
+    assert connack_code(refused) == 135
+    assert connack_code(MqttConnectError(ReasonCode(PacketTypes.CONNACK, "Server busy"))) == 137

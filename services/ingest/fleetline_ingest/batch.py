@@ -23,13 +23,19 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     # (mid, qos) of every message in the batch, in arrival order: acknowledged after commit.
     acks: list[tuple[int, int]] = field(default_factory=list)
-    # The raw messages, kept only to retry them one by one if the database rejects the batch.
-    raw: list[tuple[str, bytes, datetime]] = field(default_factory=list)
+    # The messages themselves, aligned with ``acks``: (topic, payload, received_at, used),
+    # where ``used`` is False for a message only acknowledged (a retained replay). Kept to
+    # rebuild the batch: one by one if the database rejects it, or without what the
+    # broker will redeliver after a reconnect.
+    raw: list[tuple[str, bytes, datetime, bool]] = field(default_factory=list)
+    payload_bytes: int = 0
     # device -> last time heard from; device -> (online, when) from the status topic.
     seen: dict[str, datetime] = field(default_factory=dict)
     status: dict[str, tuple[bool, datetime]] = field(default_factory=dict)
     telemetry_messages: int = 0
     status_messages: int = 0
+    # Rebuilt after its connection closed: written without acknowledgement.
+    stale: bool = False
 
     @property
     def messages(self) -> int:
@@ -82,3 +88,14 @@ def collect(
         batch.dead.append(
             (received_at, topic, device_id, f"ingest does not handle {kind!r}", payload)
         )
+
+
+def rebuild(batch: Batch, limits: Limits, *, keep_qos0_only: bool) -> Batch:
+    """The same messages collected again; with ``keep_qos0_only``, only those the broker
+    will not redeliver (QoS 0). Acknowledgements are not carried over."""
+    fresh = Batch(generation=batch.generation, stale=True)
+    for (topic, payload, received_at, used), (_mid, qos) in zip(batch.raw, batch.acks, strict=True):
+        if used and not (keep_qos0_only and qos):
+            fresh.raw.append((topic, payload, received_at, used))
+            collect(fresh, topic, payload, received_at, limits)
+    return fresh

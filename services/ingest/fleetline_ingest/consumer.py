@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomqtt
@@ -27,9 +29,9 @@ from fleetline import mqtt
 from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
 from fleetline.settings import MqttProtocol, StorageSettings
 from fleetline_ingest import metrics
-from fleetline_ingest.batch import Batch, collect
+from fleetline_ingest.batch import Batch, collect, rebuild
 from fleetline_ingest.settings import IngestSettings
-from fleetline_ingest.writer import BatchWriter, is_transient
+from fleetline_ingest.writer import BatchSupersededError, BatchWriter, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,17 @@ WRITE_RETRY_MAX_SECONDS = 10.0
 
 class Ingestor:
     def __init__(
-        self, settings: IngestSettings, storage: StorageSettings, pool: asyncpg.Pool[Any]
+        self,
+        settings: IngestSettings,
+        storage: StorageSettings,
+        pool: asyncpg.Pool[Any],
+        *,
+        retention: timedelta | None = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
         self.pool = pool
-        self.limits = settings.limits
+        self.limits = dataclasses.replace(settings.limits, max_age=retention)
         self.writer = BatchWriter(
             seen_resolution_seconds=settings.seen_resolution_seconds, limits=self.limits
         )
@@ -53,15 +60,17 @@ class Ingestor:
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=QUEUED_BATCHES)
         self.pending_messages = 0
         self.pending_rows = 0
+        self.pending_bytes = 0
         self.reader: mqtt.DirectReader | None = None
         self.connected = False
+        self.stopping = False
         self._batch_full = asyncio.Event()
         self._batch_started = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
     # -- receiving (runs inside paho's read callback, on the event loop) ---------------
 
-    def on_message(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
+    def on_message(self, topic: str, payload: bytes, mid: int, qos: int, retain: bool) -> None:
         batch = self.current
         if not batch.acks:
             batch.started = self._loop.time()
@@ -69,10 +78,16 @@ class Ingestor:
         rows_before = len(batch.rows)
         now = datetime.now(UTC)
         batch.acks.append((mid, qos))
-        batch.raw.append((topic, payload, now))
-        collect(batch, topic, payload, now, self.limits)
+        # A retained message arrives only as a replay on (re)subscribing: ingest stored it
+        # when it was published (a persistent session receives it then, retain flag
+        # cleared), so the replay is acknowledged and not taken as fresh news.
+        batch.raw.append((topic, payload, now, not retain))
+        if not retain:
+            collect(batch, topic, payload, now, self.limits)
+        batch.payload_bytes += len(payload)
         self.pending_messages += 1
         self.pending_rows += len(batch.rows) - rows_before
+        self.pending_bytes += len(payload)
         if len(batch.rows) >= self.settings.batch_rows or (
             len(batch.acks) >= self.settings.batch_messages
         ):
@@ -81,6 +96,7 @@ class Ingestor:
             (
                 self.pending_messages >= self.settings.max_pending_messages
                 or self.pending_rows >= self.settings.max_pending_rows
+                or self.pending_bytes >= self.settings.max_pending_bytes
             )
             and self.reader is not None
             and not self.reader.paused
@@ -95,6 +111,7 @@ class Ingestor:
             and self.reader.paused
             and self.pending_messages < self.settings.max_pending_messages // 2
             and self.pending_rows < self.settings.max_pending_rows // 2
+            and self.pending_bytes < self.settings.max_pending_bytes // 2
         ):
             self.reader.resume()
             metrics.PAUSED.set(0)
@@ -144,6 +161,9 @@ class Ingestor:
             # bound counts only what this connection holds.
             self.pending_messages = 0
             self.pending_rows = 0
+            self.pending_bytes = 0
+            if self.stopping:
+                return
             try:
                 async with mqtt.connected(
                     self._make_client, self.settings.mqtt_protocol, prepare=self._prepare
@@ -154,6 +174,12 @@ class Ingestor:
                     # session's backlog is already arriving.
                     self.connected = True
                     metrics.CONNECTED.set(1)
+                    if self.generation > 1 and not self.reader.session_present:
+                        log.error(
+                            "the broker did not resume ingest's session: messages it "
+                            "queued or had in flight for ingest are lost (is its "
+                            "persistence on, and the session expiry long enough?)"
+                        )
                     attempt = 0
                     topics = self._subscriptions(client)
                     mqtt.subscribe_nowait(client, topics, qos=1)
@@ -201,18 +227,43 @@ class Ingestor:
         while True:
             batch = await self.queue.get()
             try:
+                if not self._is_current(batch):
+                    batch = self._without_redeliveries(batch)
                 await self._write_with_retry(batch)
                 self._acknowledge(batch)
             finally:
                 self.queue.task_done()
 
+    def _is_current(self, batch: Batch) -> bool:
+        """Its messages can still be acknowledged: their connection is the live one."""
+        return not batch.stale and batch.generation == self.generation and self.connected
+
+    def _without_redeliveries(self, batch: Batch) -> Batch:
+        """A batch whose connection closed before it was written. The broker redelivers
+        its QoS 1 messages when it resumes our session, so only QoS 0 ones are written
+        now: writing both would store a reading without ts twice, under two receive
+        times. Ingest always asks for its session to be kept; only when the broker is
+        known to have lost it (a connection made since says so) is everything written.
+        Not waiting for that answer keeps the writer from waiting on the reconnect loop,
+        which may itself be waiting for room in the queue."""
+        reader = self.reader
+        if self.connected and reader is not None and not reader.session_present:
+            batch.stale = True
+            return batch
+        return rebuild(batch, self.limits, keep_qos0_only=True)
+
     async def _write_with_retry(self, batch: Batch) -> None:
         attempt = 0
         while True:
+            still_current = None if batch.stale else functools.partial(self._is_current, batch)
             try:
                 async with self.pool.acquire() as con:
-                    await self.writer.write_batch(con, batch)
+                    await self.writer.write_batch(con, batch, still_current)
                 return
+            except BatchSupersededError:
+                # Rolled back: the broker redelivers it. Write only what it will not.
+                batch = self._without_redeliveries(batch)
+                continue
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -229,7 +280,7 @@ class Ingestor:
 
     def _acknowledge(self, batch: Batch) -> None:
         reader = self.reader
-        if batch.generation != self.generation or reader is None or not self.connected:
+        if not self._is_current(batch) or reader is None:
             # Its connection is gone: the broker redelivers these messages and the
             # idempotent insert drops the copies.
             log.info(
@@ -241,6 +292,7 @@ class Ingestor:
             reader.ack(mid, qos)
         self.pending_messages -= batch.messages
         self.pending_rows -= len(batch.rows)
+        self.pending_bytes -= batch.payload_bytes
         metrics.PENDING_MESSAGES.set(self.pending_messages)
         self._maybe_resume()
 
@@ -289,12 +341,15 @@ class Ingestor:
     async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop reading, write and acknowledge what was received, then disconnect."""
         mqtt_task, flush_task, write_task, maintenance_task = tasks
+        self.stopping = True  # a connection lost from here on is not made again
         flush_task.cancel()
         maintenance_task.cancel()
         if self.reader is not None:
             self.reader.pause()
-        pending = self.current.messages + self.queue.qsize()
-        log.info("stopping: writing what was received", extra={"messages": pending})
+        log.info(
+            "stopping: writing what was received",
+            extra={"messages": self.current.messages, "queued_batches": self.queue.qsize()},
+        )
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout_seconds):
                 if not write_task.done():

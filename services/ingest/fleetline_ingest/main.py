@@ -13,14 +13,27 @@ from fleetline_ingest.writer import init_connection
 
 log = logging.getLogger(__name__)
 
+# A statement that runs longer is abandoned and retried: a half-open connection to the
+# database must not hold a batch (and its acknowledgements) forever.
+DB_COMMAND_TIMEOUT_SECONDS = 60.0
+
 
 async def run(settings: IngestSettings, storage: StorageSettings) -> None:
     await db.wait_for_database(settings.dsn)
     # One connection writes (batches are committed in order); one spare for upkeep and
     # readiness checks.
-    pool = await db.create_pool(settings.dsn, min_size=1, max_size=3, init=init_connection)
+    pool = await db.create_pool(
+        settings.dsn,
+        min_size=1,
+        max_size=3,
+        init=init_connection,
+        command_timeout=DB_COMMAND_TIMEOUT_SECONDS,
+    )
     try:
-        ingestor = Ingestor(settings, storage, pool)
+        # Readings older than the raw retention would vanish with their partition at the
+        # next upkeep: they are dead-lettered instead (the server parses the interval).
+        retention = await pool.fetchval("SELECT $1::text::interval", storage.raw_retention)
+        ingestor = Ingestor(settings, storage, pool, retention=retention)
         probes = await service.serve_probes(
             settings.http_host, settings.http_port, ready=ingestor.ready
         )

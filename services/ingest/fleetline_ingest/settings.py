@@ -33,11 +33,12 @@ class IngestSettings(ServiceSettings):
     # A batch is written when it holds this many values or messages, or is this old.
     batch_rows: int = Field(default=5000, ge=1, le=1_000_000)
     batch_messages: int = Field(default=5000, ge=1, le=60_000)
-    batch_ms: int = Field(default=100, ge=1, le=60_000)
+    batch_ms: int = Field(default=50, ge=1, le=60_000)
     # Backpressure: above either bound (received, not yet committed and acknowledged)
     # ingest stops reading from the broker until the database catches up.
     max_pending_messages: int = Field(default=20_000, ge=100, le=1_000_000)
     max_pending_rows: int = Field(default=200_000, ge=1000, le=10_000_000)
+    max_pending_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
 
     # Last-seen is written at most this often per device (status changes always).
     seen_resolution_seconds: float = Field(default=5.0, ge=0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +63,13 @@ ON CONFLICT (device_id) DO UPDATE SET
                   THEN excluded.online ELSE a.online END,
     status_changed_at = greatest(a.status_changed_at, excluded.status_changed_at)
 """
-ENSURE_PARTITIONS = "SELECT fleetline_ensure_partition(t) FROM unnest($1::timestamptz[]) AS t"
+# One call per partition the batch's readings fall in (the width is the schema's).
+ENSURE_PARTITIONS = """
+SELECT fleetline_ensure_partition(min(t))
+FROM unnest($1::timestamptz[]) AS t
+GROUP BY fleetline_partition_start(
+    t, coalesce((SELECT partition_interval FROM storage_config), interval '1 day'))
+"""
 
 # SQLSTATE classes that a retry can fix: connection (08), resources (53), operator
 # intervention such as a restart (57), transaction rollback such as deadlock (40).
@@ -71,7 +77,17 @@ _TRANSIENT_CLASSES = ("08", "53", "57", "40")
 SERIES_CACHE_MAX = 1_000_000
 
 
+class BatchSupersededError(Exception):
+    """The batch's MQTT connection closed while it was being written: it was rolled back,
+    because the broker redelivers its messages."""
+
+
+StillCurrent = Callable[[], bool]
+
+
 def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+        return False  # asyncpg's client-side DataError: a value it cannot encode
     if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
         return True
     if isinstance(exc, asyncpg.PostgresError):
@@ -125,17 +141,26 @@ class BatchWriter:
                 and (last - previous).total_seconds() < self._seen_resolution
             ):
                 continue
-            written[device_id] = last
             ids.append(device_id)
             seen.append(last)
             online.append(status[0] if status else None)
             changed.append(status[1] if status else None)
-        if len(written) > SERIES_CACHE_MAX:
-            written.clear()
         return ids, seen, online, changed
 
-    async def write(self, con: Connection, batch: Batch) -> int:
-        """Commit the batch; returns how many new values were stored."""
+    def _activity_committed(self, ids: list[str], seen: list[datetime]) -> None:
+        written = self._seen_written
+        if len(written) + len(ids) > SERIES_CACHE_MAX:
+            written.clear()
+        written.update(zip(ids, seen, strict=True))
+
+    async def write(
+        self, con: Connection, batch: Batch, still_current: StillCurrent | None = None
+    ) -> int:
+        """Commit the batch; returns how many new values were stored.
+
+        ``still_current`` is asked right before the commit; False rolls the batch back
+        (:class:`BatchSupersededError`).
+        """
         rows = batch.rows
         series = self._series
         try:  # every series id already known: the common case, one pass
@@ -154,6 +179,10 @@ class BatchWriter:
                 )
             if activity[0]:
                 await con.execute(UPSERT_ACTIVITY, *activity)
+            if still_current is not None and not still_current():
+                raise BatchSupersededError
+        # Only now: a batch that is retried must write its devices' last-seen again.
+        self._activity_committed(activity[0], activity[1])
         return inserted
 
     async def _store_values(self, con: Connection, records: list[tuple[Any, ...]]) -> int:
@@ -171,14 +200,16 @@ class BatchWriter:
         status = await con.execute(MOVE_STAGED)
         return int(status.rsplit(" ", 1)[-1])
 
-    async def write_batch(self, con: Connection, batch: Batch) -> None:
+    async def write_batch(
+        self, con: Connection, batch: Batch, still_current: StillCurrent | None = None
+    ) -> None:
         """Write, creating missing partitions on demand; non-transient errors fall back to
         writing message by message so one bad message cannot block the stream."""
         started = time.perf_counter()
         try:
-            inserted = await self._write_creating_partitions(con, batch)
+            inserted = await self._write_creating_partitions(con, batch, still_current)
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) or isinstance(exc, BatchSupersededError):
                 raise
             metrics.WRITE_ERRORS.labels("rejected").inc()
             log.error(
@@ -207,20 +238,23 @@ class BatchWriter:
             },
         )
 
-    async def _write_creating_partitions(self, con: Connection, batch: Batch) -> int:
+    async def _write_creating_partitions(
+        self, con: Connection, batch: Batch, still_current: StillCurrent | None = None
+    ) -> int:
         try:
-            return await self.write(con, batch)
+            return await self.write(con, batch, still_current)
         except asyncpg.CheckViolationError as exc:
             if not _is_missing_partition(exc):
                 raise
-        hours = sorted({r[2].replace(minute=0, second=0, microsecond=0) for r in batch.rows})
-        log.info("creating partitions for %d hour(s) of readings", len(hours))
-        await con.execute(ENSURE_PARTITIONS, hours)
-        return await self.write(con, batch)
+        log.info("creating partitions for the batch's readings", extra={"rows": len(batch.rows)})
+        await con.execute(ENSURE_PARTITIONS, [r[2] for r in batch.rows])
+        return await self.write(con, batch, still_current)
 
     async def _write_one_by_one(self, con: Connection, batch: Batch) -> int:
         inserted = 0
-        for topic, payload, received_at in batch.raw:
+        for topic, payload, received_at, used in batch.raw:
+            if not used:
+                continue
             single = Batch(generation=batch.generation)
             collect(single, topic, payload, received_at, self._limits)
             try:
