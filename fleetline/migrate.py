@@ -4,7 +4,9 @@ Forward-only: applied files are recorded in ``schema_migrations`` with a checksu
 an applied file that changed afterwards stops the run (write a new file instead). A
 session advisory lock makes concurrent runners (a k8s Job and a developer, two
 replicas starting) take turns. A file whose first line is ``-- no-transaction`` runs
-outside a transaction; every other file runs in its own.
+outside a transaction and holds one statement (several statements sent at once run in
+one implicit transaction, where ``CREATE INDEX CONCURRENTLY`` fails); every other file
+runs in its own transaction.
 
 The runner passes the storage settings to the SQL as session settings
 (``fleetline.timescale``, ``fleetline.raw_retention``...), so no interval is hard-coded

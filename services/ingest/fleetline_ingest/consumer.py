@@ -36,6 +36,10 @@ from fleetline_ingest.writer import BatchSupersededError, BatchWriter, is_transi
 log = logging.getLogger(__name__)
 
 QUEUED_BATCHES = 2
+MAINTAIN = """
+SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
+            THEN fleetline_maintain($1::text::interval, $2) END
+"""
 WRITE_RETRY_MAX_SECONDS = 10.0
 
 
@@ -300,10 +304,9 @@ class Ingestor:
         while True:
             try:
                 async with self.pool.acquire() as con:
+                    # One replica at a time; the others skip this round.
                     dropped = await con.fetchval(
-                        "SELECT fleetline_maintain($1::text::interval, $2)",
-                        self.storage.raw_retention,
-                        self.storage.partitions_ahead,
+                        MAINTAIN, self.storage.raw_retention, self.storage.partitions_ahead
                     )
                 if dropped:
                     log.info("dropped %d expired telemetry partition(s)", dropped)
