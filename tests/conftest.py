@@ -24,7 +24,7 @@ import pytest
 from fleetline.embedded import LocalMosquitto, LocalPostgres
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
-from tests.support import IngestProcess
+from tests.support import ApiProcess, IngestProcess
 
 LOCAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 ARTIFACTS = Path(os.environ.get("FLEETLINE_TEST_ARTIFACTS", "test-artifacts"))
@@ -141,3 +141,26 @@ async def wait_rows(pool: asyncpg.Pool[Any], device_prefix: str, expected: int,
 def _require_tools() -> None:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         pytest.fail("mosquitto is not installed: run `make test` (it installs it)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def api(
+    database_url: str, broker: LocalMosquitto, artifacts: Path
+) -> Iterator[ApiProcess]:
+    proc = ApiProcess(database_url=database_url, mqtt_url=broker.url, log_dir=artifacts,
+                      name=f"session-{os.getpid()}")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+async def make_key(db: asyncpg.Pool[Any]) -> Callable[..., Any]:
+    """Create an API key with the given scopes, as `fleetline apikey create` does."""
+    from fleetline import apikeys
+
+    async def make(*scopes: str) -> str:
+        async with db.acquire() as con:
+            return (await apikeys.create_key(con, name="test", scopes=list(scopes))).token
+
+    return make

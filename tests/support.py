@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -78,38 +78,45 @@ def reading(ts_ms: int, **values: Any) -> dict[str, Any]:
     return {"ts": ts_ms, "values": values}
 
 
-class IngestProcess:
-    """``python -m fleetline ingest`` as a child process, as production runs it."""
+class ServiceProcess:
+    """``python -m fleetline <service>`` as a child process, as production runs it."""
+
+    service = ""
+    port_variable = ""
 
     def __init__(self, *, database_url: str, mqtt_url: str, log_dir: Path, name: str,
                  env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self.log_path = log_dir / f"ingest-{name}.log"
+        self.log_path = log_dir / f"{self.service}-{name}.log"
         self.env = {
             **os.environ,
             "FLEETLINE_DATABASE_URL": database_url,
             "FLEETLINE_MQTT_URL": mqtt_url,
             "FLEETLINE_LOG_FORMAT": "json",
             "FLEETLINE_LOG_LEVEL": "INFO",
-            "FLEETLINE_INGEST_HTTP_HOST": "127.0.0.1",
-            "FLEETLINE_INGEST_HTTP_PORT": str(self.port),
-            # Each test is its own replica group, so tests never split each other's messages.
-            "FLEETLINE_INGEST_CLIENT_ID": f"test-ingest-{name}",
-            "FLEETLINE_INGEST_SHARE_GROUP": f"g{name}"[:64],
-            "FLEETLINE_INGEST_BATCH_MS": "50",
+            self.port_variable: str(self.port),
+            **self.service_env(name),
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, wait_ready: bool = True) -> IngestProcess:
+    def service_env(self, name: str) -> dict[str, str]:
+        return {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait_ready: bool = True) -> Self:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetline", "ingest"], env=self.env, stdout=log,
+            [sys.executable, "-m", "fleetline", self.service], env=self.env, stdout=log,
             stderr=subprocess.STDOUT,
         )
         log.close()
         if wait_ready:
-            wait_until(self.ready, timeout=30, what=f"ingest ready (log: {self.log_path})")
+            wait_until(self.ready, timeout=30,
+                       what=f"{self.service} ready (log: {self.log_path})")
         return self
 
     def _get(self, path: str) -> tuple[int, str]:
@@ -124,13 +131,13 @@ class IngestProcess:
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(
-                f"ingest exited with {self.proc.returncode}:\n{self.log_tail()}"
+                f"{self.service} exited with {self.proc.returncode}:\n{self.log_tail()}"
             )
         return self._get("/readyz")[0] == 200
 
     def metric(self, name: str) -> float:
         status, text = self._get("/metrics")
-        assert status == 200, "ingest /metrics did not answer"
+        assert status == 200, f"{self.service} /metrics did not answer"
         total = 0.0
         for match in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M):
             total += float(match.group(1))
@@ -158,3 +165,25 @@ class IngestProcess:
                 self.terminate()
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class IngestProcess(ServiceProcess):
+    service = "ingest"
+    port_variable = "FLEETLINE_INGEST_HTTP_PORT"
+
+    def service_env(self, name: str) -> dict[str, str]:
+        return {
+            "FLEETLINE_INGEST_HTTP_HOST": "127.0.0.1",
+            # Each test is its own replica group, so tests never split each other's messages.
+            "FLEETLINE_INGEST_CLIENT_ID": f"test-ingest-{name}",
+            "FLEETLINE_INGEST_SHARE_GROUP": f"g{name}"[:64],
+            "FLEETLINE_INGEST_BATCH_MS": "50",
+        }
+
+
+class ApiProcess(ServiceProcess):
+    service = "api"
+    port_variable = "FLEETLINE_API_PORT"
+
+    def service_env(self, name: str) -> dict[str, str]:
+        return {"FLEETLINE_API_HOST": "127.0.0.1"}

@@ -13,3 +13,4 @@ class ApiSettings(ServiceSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
+    pool_size: int = Field(default=10, ge=1, le=200)

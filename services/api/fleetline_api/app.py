@@ -1,0 +1,50 @@
+"""The FastAPI application: lifespan (pool), error handling, routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypedDict
+
+import asyncpg
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from fleetline import __version__, db
+from fleetline_api import problems
+from fleetline_api.routes import devices, health, telemetry
+from fleetline_api.settings import ApiSettings
+
+
+class State(TypedDict):
+    pool: asyncpg.Pool[Any]
+
+
+def _operation_id(route: APIRoute) -> str:
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
+        await db.wait_for_database(settings.dsn)
+        pool = await db.create_pool(
+            settings.dsn, min_size=1, max_size=settings.pool_size, command_timeout=30
+        )
+        try:
+            yield {"pool": pool}
+        finally:
+            await db.close_pool(pool)
+
+    app = FastAPI(
+        title="fleetline",
+        version=__version__,
+        description="REST API of fleetline. Errors are RFC 9457 problem+json.",
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
+    problems.install(app)
+    app.include_router(health.router)
+    app.include_router(devices.router)
+    app.include_router(telemetry.router)
+    return app

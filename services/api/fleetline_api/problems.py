@@ -1,0 +1,134 @@
+"""Errors as RFC 9457 ``application/problem+json``, for every error the API returns."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; validation errors add ``errors``."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    detail: str | None,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body = Problem(
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        instance=request.url.path,
+        errors=errors,
+    )
+    return JSONResponse(
+        body.model_dump(exclude_none=True),
+        status_code=status,
+        media_type=MEDIA_TYPE,
+        headers=dict(headers) if headers else None,
+    )
+
+
+# What routes document besides their success response (the media type of every error is
+# set to application/problem+json in the OpenAPI document by install()).
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "A parameter makes no sense (the detail says why)"},
+    401: {"model": Problem, "description": "No or an invalid API key"},
+    403: {"model": Problem, "description": "The key lacks the scope"},
+    422: {"model": Problem, "description": "A parameter or the body is invalid"},
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "Not found"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "It exists"}}
+
+
+def _problem_media_types(schema: dict[str, Any]) -> dict[str, Any]:
+    ref = {"$ref": "#/components/schemas/Problem"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for code, response in operation.get("responses", {}).items():
+                if str(code)[0] in "45":
+                    response["content"] = {MEDIA_TYPE: {"schema": ref}}
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("Problem", Problem.model_json_schema())
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return schema
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
+def install(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _problem_media_types(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else None
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of one route; a path has one route per method.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return problem_response(request, exc.status_code, detail, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        where = ", ".join(".".join(str(p) for p in e["loc"]) for e in errors[:5])
+        return problem_response(request, 422, f"invalid {where}", errors=errors)
+
+    @app.exception_handler(asyncpg.UniqueViolationError)
+    async def conflict(request: Request, exc: asyncpg.UniqueViolationError) -> JSONResponse:
+        return problem_response(request, 409, f"it exists already ({exc.constraint_name})")
+
+    @app.exception_handler(asyncpg.DataError)
+    async def bad_data(request: Request, exc: asyncpg.DataError) -> JSONResponse:
+        return problem_response(request, 400, f"the database refused a value: {exc}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return problem_response(request, 500, "unexpected error; it was logged")

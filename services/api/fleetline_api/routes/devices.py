@@ -1,0 +1,109 @@
+"""The device registry.
+
+Deleting a device removes it from the registry. Its readings stay until the raw
+retention drops them, and so does its last-seen record, written by ingest; a device
+created again with the same id sees its earlier readings.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from pydantic import StringConstraints
+
+from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep
+from fleetline_api.problems import NOT_FOUND, RESPONSES
+from fleetline_api.schemas import DeviceCreate, DeviceId, DevicePage, DevicePublic, DeviceUpdate
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=RESPONSES)
+
+SELECT_DEVICE = """
+SELECT d.id, d.tags, d.created_at, coalesce(a.online, false) AS online, a.last_seen,
+       a.status_changed_at
+FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
+"""
+
+
+def _parse_tags(tag: list[str]) -> dict[str, str]:
+    # The query pattern guarantees name=value.
+    return dict(item.partition("=")[::2] for item in tag)
+
+
+@router.get("", response_model=DevicePage)
+async def list_devices(
+    pool: PoolDep,
+    _key: DevicesRead,
+    tag: Annotated[
+        list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}=.{0,256}$")]],
+        Query(description="name=value (string values); repeat to require several"),
+    ] = [],  # noqa: B006
+    status: Annotated[Literal["online", "offline"] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> DevicePage:
+    """Devices ordered by id, filtered by tags (string values) and connection status."""
+    wanted = _parse_tags(tag)
+    rows = await pool.fetch(
+        SELECT_DEVICE
+        + """WHERE ($1::jsonb IS NULL OR d.tags @> $1::jsonb)
+              AND ($2::bool IS NULL OR coalesce(a.online, false) = $2)
+              AND ($3::text IS NULL OR d.id > $3)
+           ORDER BY d.id LIMIT $4""",
+        wanted or None,
+        None if status is None else status == "online",
+        cursor,
+        limit + 1,
+    )
+    items = [DevicePublic(**dict(r)) for r in rows[:limit]]
+    return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DevicePublic,
+    responses={409: {"description": "A device with this id exists"}},
+)
+async def create_device(body: DeviceCreate, pool: PoolDep, _key: DevicesWrite) -> DevicePublic:
+    """Register a device."""
+    await pool.execute("INSERT INTO devices (id, tags) VALUES ($1, $2)", body.id, body.tags)
+    return await _get(pool, body.id)
+
+
+async def _get(pool: Any, device_id: str) -> DevicePublic:
+    row = await pool.fetchrow(SELECT_DEVICE + "WHERE d.id = $1", device_id)
+    if row is None:
+        raise HTTPException(404, f"device {device_id} not found")
+    return DevicePublic(**dict(row))
+
+
+@router.get("/{device_id}", response_model=DevicePublic, responses=NOT_FOUND)
+async def get_device(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> DevicePublic:
+    """One device with its connection status."""
+    return await _get(pool, device_id)
+
+
+@router.patch("/{device_id}", response_model=DevicePublic, responses=NOT_FOUND)
+async def update_device(
+    device_id: DeviceId, body: DeviceUpdate, pool: PoolDep, _key: DevicesWrite
+) -> DevicePublic:
+    """Merge-patch the tags: given keys are set, keys given as null are removed."""
+    status = await pool.execute(
+        "UPDATE devices SET tags = jsonb_strip_nulls(tags || $2::jsonb), updated_at = now() "
+        "WHERE id = $1",
+        device_id,
+        body.tags,
+    )
+    if status.endswith(" 0"):
+        raise HTTPException(404, f"device {device_id} not found")
+    return await _get(pool, device_id)
+
+
+@router.delete("/{device_id}", status_code=204, responses=NOT_FOUND)
+async def delete_device(device_id: DeviceId, pool: PoolDep, _key: DevicesWrite) -> Response:
+    """Remove a device from the registry (its readings stay until the retention)."""
+    status = await pool.execute("DELETE FROM devices WHERE id = $1", device_id)
+    if status.endswith(" 0"):
+        raise HTTPException(404, f"device {device_id} not found")
+    return Response(status_code=204)

@@ -1,0 +1,224 @@
+"""Telemetry of one device: raw points, time buckets, and the latest value of each metric.
+
+Aggregates are computed from raw rows here; rollups for long ranges come with the
+rollup tables and continuous aggregates.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import TypeAdapter, ValidationError
+
+from fleetline_api.deps import PoolDep, TelemetryRead
+from fleetline_api.problems import NOT_FOUND, RESPONSES
+from fleetline_api.schemas import (
+    Aggregates,
+    Bucket,
+    DeviceId,
+    Latest,
+    MetricName,
+    MetricValue,
+    Point,
+    PointPage,
+    Rfc3339,
+)
+
+router = APIRouter(prefix="/v1/devices", tags=["telemetry"], responses=RESPONSES)
+
+DEFAULT_RANGE = timedelta(hours=24)
+MAX_BUCKETS = 10_000
+Agg = Literal["avg", "min", "max", "count", "last"]
+_AGG_SQL: dict[Agg, str] = {
+    "avg": "avg(t.value)",
+    "min": "min(t.value)",
+    "max": "max(t.value)",
+    "count": "count(*)",
+    "last": "(array_agg(t.value ORDER BY t.ts DESC))[1]",
+}
+
+LATEST = """
+SELECT s.metric, l.ts, l.value, l.value_text
+FROM series s
+CROSS JOIN LATERAL (
+    SELECT ts, value, value_text FROM telemetry
+    WHERE series_id = s.id ORDER BY ts DESC LIMIT 1
+) l
+WHERE s.device_id = $1
+"""
+
+
+def _time(name: str, text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text.upper().replace(" ", "T"))
+    except ValueError:
+        raise HTTPException(400, f"'{name}' {text!r} is not a valid time") from None
+
+
+def _range(start_text: str | None, end_text: str | None) -> tuple[datetime, datetime]:
+    start, end = _time("from", start_text), _time("to", end_text)
+    end = end or datetime.now(UTC)
+    start = start or end - DEFAULT_RANGE
+    if start >= end:
+        raise HTTPException(400, "'from' must be before 'to'")
+    return start, end
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = TypeAdapter(timedelta)
+
+
+def _parse_bucket(text: str) -> timedelta:
+    text = text.strip()
+    try:
+        if text[-1:] in _UNITS and text[:-1].replace(".", "", 1).isdigit():
+            return timedelta(seconds=float(text[:-1]) * _UNITS[text[-1]])
+        if text.replace(".", "", 1).isdigit():
+            return timedelta(seconds=float(text))
+        return _DURATION.validate_python(text)
+    except (ValidationError, ValueError, OverflowError):
+        raise HTTPException(
+            400, f"'bucket' {text[:40]!r} is not seconds, 5m/1h/1d, or an ISO 8601 duration"
+        ) from None
+
+
+def _encode_cursor(ts: datetime, series_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{ts.isoformat()}|{series_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        ts_text, _, sid = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        ts = datetime.fromisoformat(ts_text)
+        if ts.tzinfo is None:
+            raise ValueError
+        return ts, int(sid)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, "'cursor' is not one this API returned") from None
+
+
+async def _require_device(pool: PoolDep, device_id: str) -> None:
+    found = await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1) "
+        "OR EXISTS (SELECT 1 FROM series WHERE device_id = $1)",
+        device_id,
+    )
+    if not found:
+        raise HTTPException(404, f"device {device_id} not found")
+
+
+@router.get("/{device_id}/latest", response_model=Latest, responses=NOT_FOUND)
+async def latest(device_id: DeviceId, pool: PoolDep, _key: TelemetryRead) -> Latest:
+    """The last stored value of each of the device's metrics, with its time."""
+    await _require_device(pool, device_id)
+    rows = await pool.fetch(LATEST, device_id)
+    return Latest(
+        device_id=device_id,
+        metrics={
+            r["metric"]: MetricValue(ts=r["ts"], value=r["value"], value_text=r["value_text"])
+            for r in rows
+        },
+    )
+
+
+@router.get("/{device_id}/telemetry", response_model=PointPage | Aggregates, responses=NOT_FOUND)
+async def telemetry(
+    device_id: DeviceId,
+    pool: PoolDep,
+    _key: TelemetryRead,
+    metric: Annotated[list[MetricName], Query(description="Repeat for several; all if none")] = [],  # noqa: B006
+    start: Annotated[Rfc3339 | None, Query(alias="from", description="Default: to - 24 h")] = None,
+    end: Annotated[Rfc3339 | None, Query(alias="to", description="Default: now")] = None,
+    bucket: Annotated[
+        str | None,
+        Query(
+            max_length=40,
+            description="Bucket width: seconds (`300`), `5m`/`1h`/`1d`, or ISO 8601 (`PT1H`); "
+            "aggregates instead of raw points",
+        ),
+    ] = None,
+    agg: Annotated[list[Agg], Query(description="With bucket; default all")] = [],  # noqa: B006
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> PointPage | Aggregates:
+    """Raw points in time order (paged), or time-bucketed aggregates when `bucket` is set."""
+    since, until = _range(start, end)
+    await _require_device(pool, device_id)
+    metrics = metric or None
+    if bucket is not None:
+        width = _parse_bucket(bucket)
+        return await _aggregates(
+            pool, device_id, metrics, since, until, width, agg or list(_AGG_SQL)
+        )
+    after_ts, after_sid = _decode_cursor(cursor) if cursor else (None, None)
+    rows = await pool.fetch(
+        """
+        SELECT t.ts, s.metric, t.value, t.value_text, s.id AS sid
+        FROM series s JOIN telemetry t ON t.series_id = s.id
+        WHERE s.device_id = $1 AND ($2::text[] IS NULL OR s.metric = ANY($2))
+          AND t.ts >= $3 AND t.ts < $4
+          AND ($5::timestamptz IS NULL OR (t.ts, s.id) > ($5, $6))
+        ORDER BY t.ts, s.id
+        LIMIT $7
+        """,
+        device_id,
+        metrics,
+        since,
+        until,
+        after_ts,
+        after_sid,
+        limit + 1,
+    )
+    items = [
+        Point(ts=r["ts"], metric=r["metric"], value=r["value"], value_text=r["value_text"])
+        for r in rows[:limit]
+    ]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = _encode_cursor(last["ts"], last["sid"])
+    return PointPage(items=items, next_cursor=next_cursor)
+
+
+async def _aggregates(
+    pool: PoolDep,
+    device_id: str,
+    metrics: list[str] | None,
+    start: datetime,
+    end: datetime,
+    bucket: timedelta,
+    aggs: list[Agg],
+) -> Aggregates:
+    width = bucket.total_seconds()
+    if width < 1:
+        raise HTTPException(400, "'bucket' must be at least 1 second")
+    if (end - start).total_seconds() / width > MAX_BUCKETS:
+        raise HTTPException(
+            400,
+            f"that range holds more than {MAX_BUCKETS} buckets; widen 'bucket' or narrow the range",
+        )
+    chosen = list(dict.fromkeys(aggs))
+    columns = ", ".join(f"{_AGG_SQL[a]} AS {a}" for a in chosen)
+    rows = await pool.fetch(
+        f"""
+        SELECT date_bin($5::interval, t.ts, $3) AS bucket, s.metric, {columns}
+        FROM series s JOIN telemetry t ON t.series_id = s.id
+        WHERE s.device_id = $1 AND ($2::text[] IS NULL OR s.metric = ANY($2))
+          AND t.ts >= $3 AND t.ts < $4 AND t.value IS NOT NULL
+        GROUP BY 1, 2 ORDER BY 1, 2
+        """,
+        device_id,
+        metrics,
+        start,
+        end,
+        bucket,
+    )
+    return Aggregates(
+        bucket_seconds=width,
+        items=[Bucket(**{k: r[k] for k in ("bucket", "metric", *chosen)}) for r in rows],
+    )

@@ -1,0 +1,105 @@
+"""Request and response bodies (separate Create, Update and Public models)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+)
+from pydantic.config import JsonDict
+
+DeviceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+# An RFC 3339 time with its offset (`Z` or `+01:00`).
+Rfc3339 = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}:\d{2})$"
+    ),
+]
+# Tags are a flat JSON object: names like metric names, short printable strings, numbers
+# or booleans as values.
+TagName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+TagText = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+# Strict: a string of digits is text, not a number.
+TagValue = TagText | StrictInt | StrictFloat | StrictBool
+Tags = dict[TagName, TagValue]
+
+
+# A tag name outside the pattern is refused: say so in the schema too.
+_NAMED_KEYS_ONLY: JsonDict = {"additionalProperties": False}
+
+
+class DeviceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: DeviceId
+    tags: Tags = Field(default_factory=dict, max_length=64, json_schema_extra=_NAMED_KEYS_ONLY)
+
+
+class DeviceUpdate(BaseModel):
+    """A JSON merge patch of the tags: a null value removes that tag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: dict[TagName, TagValue | None] = Field(max_length=64, json_schema_extra=_NAMED_KEYS_ONLY)
+
+
+class DevicePublic(BaseModel):
+    id: str
+    tags: dict[str, Any]
+    online: bool
+    last_seen: datetime | None
+    status_changed_at: datetime | None
+    created_at: datetime
+
+
+class DevicePage(BaseModel):
+    items: list[DevicePublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+
+
+class MetricValue(BaseModel):
+    ts: datetime
+    value: float | None
+    value_text: str | None
+
+
+class Latest(BaseModel):
+    device_id: str
+    metrics: dict[str, MetricValue]
+
+
+class Point(BaseModel):
+    ts: datetime
+    metric: str
+    value: float | None
+    value_text: str | None
+
+
+class PointPage(BaseModel):
+    items: list[Point]
+    next_cursor: str | None
+
+
+class Bucket(BaseModel):
+    bucket: datetime
+    metric: str
+    avg: float | None = None
+    min: float | None = None
+    max: float | None = None
+    count: int | None = None
+    last: float | None = None
+
+
+class Aggregates(BaseModel):
+    bucket_seconds: float
+    items: list[Bucket]

@@ -1,0 +1,176 @@
+"""The REST API against the real database, with telemetry written by the real ingest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from statistics import mean
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from fleetline import apikeys
+from fleetline.embedded import LocalMosquitto
+from tests.conftest import wait_rows
+from tests.support import ApiProcess, Device, IngestProcess
+
+pytestmark = pytest.mark.integration
+PROBLEM = "application/problem+json"
+
+
+def client(api: ApiProcess, token: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=api.url, headers=headers, timeout=10)
+
+
+def assert_problem(resp: httpx.Response, status: int, detail: str = "") -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = resp.json()
+    assert body["status"] == status and body["title"] and body["instance"]
+    assert detail in body.get("detail", ""), body
+    return body
+
+
+async def test_requests_without_a_valid_key_get_401(
+    api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any]
+) -> None:
+    resp = client(api).get("/v1/devices")
+    assert_problem(resp, 401, "an API key is required")
+    assert resp.headers["www-authenticate"] == "Bearer"
+    assert_problem(client(api, "flk_nope").get("/v1/devices"), 401, "unknown or revoked")
+    token = await make_key("devices:read")
+    assert client(api, token).get("/v1/devices").status_code == 200
+    wrong_secret = token[: -4] + "AAAA"
+    assert_problem(client(api, wrong_secret).get("/v1/devices"), 401)
+    key_id = apikeys.split_token(token)[0]  # type: ignore[index]
+    async with db.acquire() as con:
+        assert await apikeys.revoke(con, key_id)
+    assert_problem(client(api, token).get("/v1/devices"), 401, "unknown or revoked")
+
+
+async def test_a_key_without_the_scope_gets_403(
+    api: ApiProcess, make_key: Callable[..., Any], uid: str
+) -> None:
+    reader = client(api, await make_key("devices:read"))
+    assert_problem(reader.post("/v1/devices", json={"id": f"{uid}-x"}), 403, "devices:write")
+    assert_problem(reader.get(f"/v1/devices/{uid}-x/latest"), 403, "telemetry:read")
+    admin = client(api, await make_key("admin"))
+    assert admin.post("/v1/devices", json={"id": f"{uid}-x"}).status_code == 201
+
+
+async def test_device_registry_lifecycle(
+    api: ApiProcess, make_key: Callable[..., Any], uid: str
+) -> None:
+    c = client(api, await make_key("devices:read", "devices:write"))
+    created = c.post("/v1/devices", json={"id": f"{uid}-a", "tags": {"site": uid, "floor": 2}})
+    assert created.status_code == 201
+    assert created.json()["tags"] == {"site": uid, "floor": 2}
+    assert created.json()["online"] is False and created.json()["last_seen"] is None
+    assert_problem(c.post("/v1/devices", json={"id": f"{uid}-a"}), 409, "exists")
+    for i in range(5):
+        assert c.post("/v1/devices", json={"id": f"{uid}-b{i}", "tags": {"site": uid}}).is_success
+    patched = c.patch(f"/v1/devices/{uid}-a", json={"tags": {"floor": None, "zone": "z"}})
+    assert patched.json()["tags"] == {"site": uid, "zone": "z"}
+    # Paging through the tag filter: 6 devices, 4 a page.
+    first = c.get("/v1/devices", params={"tag": f"site={uid}", "limit": 4}).json()
+    assert len(first["items"]) == 4 and first["next_cursor"]
+    second = c.get("/v1/devices", params={"tag": f"site={uid}", "limit": 4,
+                                         "cursor": first["next_cursor"]}).json()
+    ids = [d["id"] for d in first["items"] + second["items"]]
+    assert ids == sorted(ids) and len(set(ids)) == 6 and second["next_cursor"] is None
+    both = c.get("/v1/devices", params={"tag": [f"site={uid}", "zone=z"]}).json()
+    assert [d["id"] for d in both["items"]] == [f"{uid}-a"]
+    online = c.get("/v1/devices", params={"tag": f"site={uid}", "status": "online"}).json()
+    assert online["items"] == []
+    assert c.delete(f"/v1/devices/{uid}-a").status_code == 204
+    assert_problem(c.get(f"/v1/devices/{uid}-a"), 404, "not found")
+    assert_problem(c.delete(f"/v1/devices/{uid}-a"), 404)
+
+
+async def test_invalid_input_is_a_4xx_problem(
+    api: ApiProcess, make_key: Callable[..., Any]
+) -> None:
+    c = client(api, await make_key("admin"))
+    body = assert_problem(c.post("/v1/devices", json={"id": "bad id!"}), 422, "body.id")
+    assert body["errors"][0]["loc"] == ["body", "id"]
+    assert_problem(c.post("/v1/devices", json={"id": "ok", "color": "red"}), 422, "color")
+    assert_problem(c.post("/v1/devices", content=b"{", headers={"content-type":
+                                                                 "application/json"}), 422)
+    assert_problem(c.get("/v1/devices", params={"tag": "nosign"}), 422, "query.tag")
+    assert_problem(c.get("/v1/devices", params={"limit": 0}), 422, "limit")
+    assert_problem(c.get("/v1/devices/bad%20id"), 422)
+    assert_problem(c.get("/v1/nothing"), 404)
+
+
+async def test_telemetry_written_by_ingest_reads_back_raw_bucketed_and_latest(
+    api: ApiProcess, make_key: Callable[..., Any], start_ingest: Callable[..., IngestProcess],
+    broker: LocalMosquitto, db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    start_ingest()
+    device_id = f"{uid}-t"
+    base = (datetime.now(UTC) - timedelta(hours=4)).replace(minute=0, second=0, microsecond=0)
+    points = [(base + timedelta(minutes=7 * i), float(i * i % 17)) for i in range(30)]
+    dev = Device(broker.url, device_id)
+    dev.publish_all([{"ts": ts.isoformat(), "values": {"temp": v, "fw": f"1.{i}"}}
+                     for i, (ts, v) in enumerate(points)])
+    assert await wait_rows(db, device_id, 60) == 60
+    c = client(api, await make_key("telemetry:read"))
+
+    latest = c.get(f"/v1/devices/{device_id}/latest").json()
+    assert latest["metrics"]["temp"]["value"] == points[-1][1]
+    assert latest["metrics"]["fw"]["value_text"] == "1.29"
+
+    # Raw points, paged by 7, in time order.
+    seen: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"metric": "temp", "from": base.isoformat(), "limit": 7}
+    while True:
+        page = c.get(f"/v1/devices/{device_id}/telemetry", params=params).json()
+        seen += page["items"]
+        if not page["next_cursor"]:
+            break
+        params["cursor"] = page["next_cursor"]
+    assert [p["value"] for p in seen] == [v for _, v in points]
+
+    # Hourly buckets equal what the raw points give.
+    agg = c.get(f"/v1/devices/{device_id}/telemetry",
+                params={"metric": "temp", "from": base.isoformat(), "bucket": "PT1H"}).json()
+    assert agg["bucket_seconds"] == 3600
+    for bucket in agg["items"]:
+        start = datetime.fromisoformat(bucket["bucket"])
+        inside = [v for ts, v in points if start <= ts < start + timedelta(hours=1)]
+        assert bucket["count"] == len(inside) and bucket["last"] == inside[-1]
+        assert bucket["min"] == min(inside) and bucket["max"] == max(inside)
+        assert bucket["avg"] == pytest.approx(mean(inside))
+    assert sum(b["count"] for b in agg["items"]) == len(points)
+    only = c.get(f"/v1/devices/{device_id}/telemetry",
+                 params={"from": base.isoformat(), "bucket": 3600, "agg": ["max"]})
+    assert only.status_code == 200, only.text
+    first = only.json()["items"][0]
+    assert first["max"] is not None and first["avg"] is None and first["count"] is None
+    dev.close()
+
+
+async def test_bad_telemetry_queries_are_400_or_404(
+    api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any], uid: str
+) -> None:
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", f"{uid}-q")
+    c = client(api, await make_key("telemetry:read"))
+    url = f"/v1/devices/{uid}-q/telemetry"
+    assert_problem(c.get(url, params={"from": "2026-11-25T10:00Z", "to": "2026-11-25T09:00Z"}),
+                   400, "'from' must be before 'to'")
+    assert_problem(c.get(url, params={"from": "2026-11-25T10:00"}), 422, "query.from")
+    assert_problem(c.get(url, params={"to": "0.5"}), 422, "query.to")
+    assert_problem(c.get(url, params={"from": "2026-13-25T10:00Z"}), 400, "not a valid time")
+    assert_problem(c.get(url, params={"from": "2020-01-01T00:00Z", "bucket": 1}), 400,
+                   "more than 10000 buckets")
+    assert_problem(c.get(url, params={"bucket": 0.5}), 400, "at least 1 second")
+    assert_problem(c.get(url, params={"bucket": "soon"}), 400, "'bucket' 'soon' is not")
+    assert c.get(url, params={"bucket": "5m"}).json() == {"bucket_seconds": 300, "items": []}
+    assert_problem(c.get(url, params={"cursor": "zzz"}), 400, "cursor")
+    assert_problem(c.get(url, params={"metric": "bad name"}), 422)
+    assert_problem(c.get(url, params={"agg": "median", "bucket": 60}), 422)
+    assert_problem(c.get(f"/v1/devices/{uid}-none/latest"), 404)
+    assert c.get(url).json() == {"items": [], "next_cursor": None}
