@@ -142,6 +142,131 @@ def apikey_revoke(
     typer.echo(f"revoked {key_id}")
 
 
+device_app = typer.Typer(
+    help="Devices, over the REST API (FLEETLINE_API_URL, FLEETLINE_API_KEY).", no_args_is_help=True
+)
+telemetry_app = typer.Typer(help="Telemetry, over the REST API.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+app.add_typer(telemetry_app, name="telemetry")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+
+
+def _api(method: str, path: str, **kwargs: Any) -> Any:
+    from fleetline.client import ApiClient, ApiError
+
+    try:
+        return ApiClient().request(method, path, **kwargs)
+    except ApiError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _tags(tag: list[str]) -> dict[str, str]:
+    pairs = [t.partition("=") for t in tag]
+    bad = [t for t, (_k, sep, _v) in zip(tag, pairs, strict=True) if not sep]
+    if bad:
+        raise typer.BadParameter(f"{bad[0]!r} must read name=value", param_hint="--tag")
+    return {k: v for k, _sep, v in pairs}
+
+
+def _show_device(device: dict[str, Any]) -> None:
+    state = "online " if device["online"] else "offline"
+    tags = " ".join(f"{k}={v}" for k, v in sorted(device["tags"].items()))
+    typer.echo(f"{device['id']:32} {state} last seen {device['last_seen'] or '-':32} {tags}")
+
+
+@device_app.command("create")
+def device_create(
+    device_id: Annotated[str, typer.Argument(help="[A-Za-z0-9_.:-]{1,128}")],
+    tag: Annotated[list[str], typer.Option("--tag", "-t", help="name=value, repeatable")] = [],  # noqa: B006
+    as_json: JsonOption = False,
+) -> None:
+    """Register a device."""
+    device = _api("POST", "/v1/devices", json={"id": device_id, "tags": _tags(tag)})
+    if as_json:
+        typer.echo(json.dumps(device))
+    else:
+        _show_device(device)
+
+
+@device_app.command("list")
+def device_list(
+    tag: Annotated[list[str], typer.Option("--tag", "-t", help="name=value, repeatable")] = [],  # noqa: B006
+    status: Annotated[str | None, typer.Option(help="online or offline")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List devices (all pages), filtered by tags and status."""
+    from fleetline.client import ApiClient, ApiError
+
+    params: dict[str, Any] = {"tag": [f"{k}={v}" for k, v in _tags(tag).items()], "limit": 1000}
+    if status:
+        params["status"] = status
+    try:
+        devices = list(ApiClient().pages("/v1/devices", params))
+    except ApiError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(devices))
+    else:
+        for device in devices:
+            _show_device(device)
+
+
+@device_app.command("show")
+def device_show(device_id: str, as_json: JsonOption = False) -> None:
+    """One device and the latest value of each of its metrics."""
+    device = _api("GET", f"/v1/devices/{device_id}")
+    latest = _api("GET", f"/v1/devices/{device_id}/latest")
+    if as_json:
+        typer.echo(json.dumps({**device, "latest": latest["metrics"]}))
+        return
+    _show_device(device)
+    for metric, point in sorted(latest["metrics"].items()):
+        value = point["value"] if point["value"] is not None else point["value_text"]
+        typer.echo(f"  {metric:24} {value!s:>16}  at {point['ts']}")
+
+
+@device_app.command("delete")
+def device_delete(device_id: str) -> None:
+    """Remove a device from the registry (its readings stay until the retention)."""
+    _api("DELETE", f"/v1/devices/{device_id}")
+    typer.echo(f"deleted {device_id}")
+
+
+@telemetry_app.command("query")
+def telemetry_query(
+    device_id: str,
+    metric: Annotated[list[str], typer.Option("--metric", "-m", help="Repeatable")] = [],  # noqa: B006
+    start: Annotated[str | None, typer.Option("--from", help="RFC 3339, with offset")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="RFC 3339, with offset")] = None,
+    bucket: Annotated[str | None, typer.Option(help="e.g. 5m, 1h: aggregates")] = None,
+    limit: Annotated[int, typer.Option(help="Raw points at most")] = 1000,
+    as_json: JsonOption = False,
+) -> None:
+    """Raw points of a device, or time-bucketed aggregates with --bucket."""
+    params: dict[str, Any] = {"metric": metric, "limit": limit}
+    for name, value in (("from", start), ("to", end), ("bucket", bucket)):
+        if value:
+            params[name] = value
+    result = _api("GET", f"/v1/devices/{device_id}/telemetry", params=params)
+    if as_json:
+        typer.echo(json.dumps(result["items"]))
+        return
+    for item in result["items"]:
+        if bucket:
+            stats = " ".join(
+                f"{k}={item[k]}"
+                for k in ("avg", "min", "max", "count", "last")
+                if item.get(k) is not None
+            )
+            typer.echo(f"{item['bucket']}  {item['metric']:24} {stats}")
+        else:
+            value = item["value"] if item["value"] is not None else item["value_text"]
+            typer.echo(f"{item['ts']}  {item['metric']:24} {value}")
+
+
 @app.command()
 def up(
     devices: Annotated[int, typer.Option(help="Simulated devices to run (0: none).")] = 20,
