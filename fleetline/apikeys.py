@@ -51,6 +51,8 @@ def split_token(token: str) -> tuple[str, str] | None:
 
 
 async def create_key(con: Any, *, name: str, scopes: list[str]) -> NewKey:
+    if not 1 <= len(name) <= 200:
+        raise ValueError("the name must have 1 to 200 characters")
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValueError(f"scopes must be some of {', '.join(SCOPES)}; got {unknown or 'none'}")
@@ -72,13 +74,14 @@ async def verify(con: Any, token: str) -> KeyInfo | None:
     if parts is None:
         return None
     key_id, secret = parts
+    digest = _digest(secret)  # before the lookup: unknown ids cost the same
     row = await con.fetchrow(
         "SELECT name, secret_sha256, scopes, "
         "       last_used_at IS NULL OR last_used_at < now() - interval '1 minute' AS stale "
         "FROM api_keys WHERE id = $1 AND revoked_at IS NULL",
         key_id,
     )
-    if row is None or not hmac.compare_digest(bytes(row["secret_sha256"]), _digest(secret)):
+    if row is None or not hmac.compare_digest(bytes(row["secret_sha256"]), digest):
         return None
     if row["stale"]:  # at most one write a minute per key, not one per request
         await con.execute("UPDATE api_keys SET last_used_at = now() WHERE id = $1", key_id)

@@ -106,7 +106,7 @@ def apikey_create(
     try:
         key = _with_database(lambda con: apikeys.create_key(con, name=name, scopes=scope))
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--scope") from None
+        raise typer.BadParameter(str(exc)) from None
     typer.echo(key.token)
     typer.echo(
         f"created key {key.id} ({', '.join(sorted(set(scope)))}); it is not shown again", err=True
@@ -133,9 +133,11 @@ def apikey_list(
 
 @apikey_app.command("revoke")
 def apikey_revoke(
-    key_id: Annotated[str, typer.Argument(help="The key's id (flk_<id>_...).")],
+    key: Annotated[str, typer.Argument(help="The key's id, or the whole key")],
 ) -> None:
     """Revoke an API key: requests with it get 401 from now on."""
+    parts = apikeys.split_token(key)
+    key_id = parts[0] if parts else key
     if not _with_database(lambda con: apikeys.revoke(con, key_id)):
         typer.echo(f"error: no active key {key_id}", err=True)
         raise typer.Exit(1)

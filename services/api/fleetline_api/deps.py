@@ -18,7 +18,7 @@ else:  # FastAPI resolves annotations at run time, where Pool is not subscriptab
     Pool = asyncpg.Pool
 
 
-def get_pool(request: Request) -> Pool:
+async def get_pool(request: Request) -> Pool:
     pool: Pool = request.state.pool
     return pool
 

@@ -58,6 +58,7 @@ def problem_response(
 # set to application/problem+json in the OpenAPI document by install()).
 RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "A parameter makes no sense (the detail says why)"},
+    503: {"model": Problem, "description": "The database did not answer in time"},
     401: {"model": Problem, "description": "No or an invalid API key"},
     403: {"model": Problem, "description": "The key lacks the scope"},
     422: {"model": Problem, "description": "A parameter or the body is invalid"},
@@ -80,16 +81,17 @@ def _problem_media_types(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
-    methods: set[str] = set()
-    for route in app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return sorted(methods)
+    """Every method some route serves at this path (a path has one route per method)."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 def install(app: FastAPI) -> None:
@@ -126,9 +128,20 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(asyncpg.DataError)
     async def bad_data(request: Request, exc: asyncpg.DataError) -> JSONResponse:
-        return problem_response(request, 400, f"the database refused a value: {exc}")
+        return problem_response(request, 400, f"a value is out of range ({exc.sqlstate})")
+
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database timed out on %s %s: %r", request.method, request.url.path, exc)
+        return problem_response(
+            request, 503, "the database did not answer in time", headers={"Retry-After": "5"}
+        )
+
+    app.add_exception_handler(TimeoutError, unavailable)
+    app.add_exception_handler(asyncpg.QueryCanceledError, unavailable)
+    app.add_exception_handler(asyncpg.PostgresConnectionError, unavailable)
+    app.add_exception_handler(asyncpg.InterfaceError, unavailable)
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    async def unexpected(request: Request, _exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this response, and the server logs the traceback.
         return problem_response(request, 500, "unexpected error; it was logged")

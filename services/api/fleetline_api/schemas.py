@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import (
+    AllowInfNan,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,7 +31,8 @@ Rfc3339 = Annotated[
 TagName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 TagText = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
 # Strict: a string of digits is text, not a number.
-TagValue = TagText | StrictInt | StrictFloat | StrictBool
+TagValue = TagText | StrictInt | Annotated[StrictFloat, AllowInfNan(False)] | StrictBool
+MAX_TAGS = 64
 Tags = dict[TagName, TagValue]
 
 
@@ -42,7 +44,9 @@ class DeviceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: DeviceId
-    tags: Tags = Field(default_factory=dict, max_length=64, json_schema_extra=_NAMED_KEYS_ONLY)
+    tags: Tags = Field(
+        default_factory=dict, max_length=MAX_TAGS, json_schema_extra=_NAMED_KEYS_ONLY
+    )
 
 
 class DeviceUpdate(BaseModel):
@@ -50,7 +54,9 @@ class DeviceUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tags: dict[TagName, TagValue | None] = Field(max_length=64, json_schema_extra=_NAMED_KEYS_ONLY)
+    tags: dict[TagName, TagValue | None] = Field(
+        max_length=MAX_TAGS, json_schema_extra=_NAMED_KEYS_ONLY
+    )
 
 
 class DevicePublic(BaseModel):

@@ -14,7 +14,14 @@ from pydantic import StringConstraints
 
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES
-from fleetline_api.schemas import DeviceCreate, DeviceId, DevicePage, DevicePublic, DeviceUpdate
+from fleetline_api.schemas import (
+    MAX_TAGS,
+    DeviceCreate,
+    DeviceId,
+    DevicePage,
+    DevicePublic,
+    DeviceUpdate,
+)
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=RESPONSES)
 
@@ -25,9 +32,14 @@ FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
 """
 
 
-def _parse_tags(tag: list[str]) -> dict[str, str]:
-    # The query pattern guarantees name=value.
-    return dict(item.partition("=")[::2] for item in tag)
+def _parse_tags(tag: list[str]) -> dict[str, str] | None:
+    """The filter as an object; None when it asks one tag for two values (nothing matches).
+    The query pattern guarantees name=value."""
+    wanted: dict[str, str] = {}
+    for name, _sep, value in (item.partition("=") for item in tag):
+        if wanted.setdefault(name, value) != value:
+            return None
+    return wanted
 
 
 @router.get("", response_model=DevicePage)
@@ -44,6 +56,8 @@ async def list_devices(
 ) -> DevicePage:
     """Devices ordered by id, filtered by tags (string values) and connection status."""
     wanted = _parse_tags(tag)
+    if wanted is None:
+        return DevicePage(items=[], next_cursor=None)
     rows = await pool.fetch(
         SELECT_DEVICE
         + """WHERE ($1::jsonb IS NULL OR d.tags @> $1::jsonb)
@@ -89,14 +103,22 @@ async def update_device(
     device_id: DeviceId, body: DeviceUpdate, pool: PoolDep, _key: DevicesWrite
 ) -> DevicePublic:
     """Merge-patch the tags: given keys are set, keys given as null are removed."""
-    status = await pool.execute(
-        "UPDATE devices SET tags = jsonb_strip_nulls(tags || $2::jsonb), updated_at = now() "
-        "WHERE id = $1",
+    tags = await pool.fetchval(
+        """
+        WITH merged AS (
+            SELECT id, jsonb_strip_nulls(tags || $2::jsonb) AS tags FROM devices WHERE id = $1
+        )
+        UPDATE devices d SET tags = m.tags, updated_at = now() FROM merged m
+        WHERE d.id = m.id AND (SELECT count(*) FROM jsonb_object_keys(m.tags)) <= $3
+        RETURNING d.tags
+        """,
         device_id,
         body.tags,
+        MAX_TAGS,
     )
-    if status.endswith(" 0"):
-        raise HTTPException(404, f"device {device_id} not found")
+    if tags is None:
+        await _get(pool, device_id)  # 404 when it does not exist
+        raise HTTPException(400, f"a device holds at most {MAX_TAGS} tags")
     return await _get(pool, device_id)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fleetline_api.deps import PoolDep
+from fleetline_api.problems import Problem
 
 router = APIRouter(tags=["health"])
 
@@ -16,15 +17,14 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "The database does not answer"}})
-async def readyz(pool: PoolDep, response: Response) -> dict[str, str]:
-    """The database answers."""
+@router.get("/readyz", responses={503: {"model": Problem, "description": "Not ready"}})
+async def readyz(pool: PoolDep) -> dict[str, str]:
+    """The database answers (within 2 s)."""
     try:
         async with pool.acquire(timeout=2) as con:
-            await con.fetchval("SELECT 1")
+            await con.fetchval("SELECT 1", timeout=2)
     except Exception:
-        response.status_code = 503
-        return {"status": "database unreachable"}
+        raise HTTPException(503, "the database does not answer") from None
     return {"status": "ready"}
 
 

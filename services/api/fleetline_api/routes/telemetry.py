@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
-from pydantic import TypeAdapter, ValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from fleetline_api.deps import PoolDep, TelemetryRead
 from fleetline_api.problems import NOT_FOUND, RESPONSES
@@ -30,15 +30,27 @@ from fleetline_api.schemas import (
 router = APIRouter(prefix="/v1/devices", tags=["telemetry"], responses=RESPONSES)
 
 DEFAULT_RANGE = timedelta(hours=24)
+# Buckets in one answer, over all the metrics asked for.
 MAX_BUCKETS = 10_000
-Agg = Literal["avg", "min", "max", "count", "last"]
-_AGG_SQL: dict[Agg, str] = {
-    "avg": "avg(t.value)",
-    "min": "min(t.value)",
-    "max": "max(t.value)",
+MAX_BUCKET_WIDTH = timedelta(days=366)
+# Buckets start at this origin (not at `from`), so their edges do not move between calls
+# and match the rollups' buckets.
+BUCKET_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+# Times a query may name: no reading lies outside (ingest refuses them).
+FIRST_TIME, LAST_TIME = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
+AGGS = ("avg", "min", "max", "count", "last")
+_NUMERIC = "FILTER (WHERE t.value IS NOT NULL)"
+_AGG_SQL: dict[str, str] = {
+    # count is every reading in the bucket (text values too); the others numeric only.
     "count": "count(*)",
-    "last": "(array_agg(t.value ORDER BY t.ts DESC))[1]",
+    "avg": f"avg(t.value) {_NUMERIC}",
+    "min": f"min(t.value) {_NUMERIC}",
+    "max": f"max(t.value) {_NUMERIC}",
+    "last": f"(array_agg(t.value ORDER BY t.ts DESC) {_NUMERIC})[1]",
 }
+AggList = Annotated[
+    str, StringConstraints(pattern=r"^(avg|min|max|count|last)(,(avg|min|max|count|last))*$")
+]
 
 LATEST = """
 SELECT s.metric, l.ts, l.value, l.value_text
@@ -55,15 +67,18 @@ def _time(name: str, text: str | None) -> datetime | None:
     if text is None:
         return None
     try:
-        return datetime.fromisoformat(text.upper().replace(" ", "T"))
-    except ValueError:
+        value = datetime.fromisoformat(text.upper().replace(" ", "T"))
+        if FIRST_TIME <= value <= LAST_TIME:
+            return value
+    except (ValueError, OverflowError):
         raise HTTPException(400, f"'{name}' {text!r} is not a valid time") from None
+    raise HTTPException(400, f"'{name}' must lie between {FIRST_TIME.year} and {LAST_TIME.year}")
 
 
 def _range(start_text: str | None, end_text: str | None) -> tuple[datetime, datetime]:
     start, end = _time("from", start_text), _time("to", end_text)
     end = end or datetime.now(UTC)
-    start = start or end - DEFAULT_RANGE
+    start = start or max(FIRST_TIME, end - DEFAULT_RANGE)
     if start >= end:
         raise HTTPException(400, "'from' must be before 'to'")
     return start, end
@@ -77,14 +92,22 @@ def _parse_bucket(text: str) -> timedelta:
     text = text.strip()
     try:
         if text[-1:] in _UNITS and text[:-1].replace(".", "", 1).isdigit():
-            return timedelta(seconds=float(text[:-1]) * _UNITS[text[-1]])
-        if text.replace(".", "", 1).isdigit():
-            return timedelta(seconds=float(text))
-        return _DURATION.validate_python(text)
+            width = timedelta(seconds=float(text[:-1]) * _UNITS[text[-1]])
+        elif text.replace(".", "", 1).isdigit():
+            width = timedelta(seconds=float(text))
+        elif "Y" in text.upper().partition("T")[0] or "M" in text.upper().partition("T")[0]:
+            raise HTTPException(400, "'bucket' in years or months has no fixed width; use days")
+        else:
+            width = _DURATION.validate_python(text)
     except (ValidationError, ValueError, OverflowError):
         raise HTTPException(
             400, f"'bucket' {text[:40]!r} is not seconds, 5m/1h/1d, or an ISO 8601 duration"
         ) from None
+    if width < timedelta(seconds=1):
+        raise HTTPException(400, "'bucket' must be at least 1 second")
+    if width > MAX_BUCKET_WIDTH:
+        raise HTTPException(400, f"'bucket' must be at most {MAX_BUCKET_WIDTH.days} days")
+    return width
 
 
 def _encode_cursor(ts: datetime, series_id: int) -> str:
@@ -142,7 +165,12 @@ async def telemetry(
             "aggregates instead of raw points",
         ),
     ] = None,
-    agg: Annotated[list[Agg], Query(description="With bucket; default all")] = [],  # noqa: B006
+    agg: Annotated[
+        list[AggList],
+        Query(
+            description="With bucket: avg,min,max,count,last (comma list or repeated); default all"
+        ),
+    ] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> PointPage | Aggregates:
@@ -152,9 +180,8 @@ async def telemetry(
     metrics = metric or None
     if bucket is not None:
         width = _parse_bucket(bucket)
-        return await _aggregates(
-            pool, device_id, metrics, since, until, width, agg or list(_AGG_SQL)
-        )
+        chosen = [a for a in AGGS if any(a in item.split(",") for item in agg)] or list(AGGS)
+        return await _aggregates(pool, device_id, metrics, since, until, width, chosen)
     after_ts, after_sid = _decode_cursor(cursor) if cursor else (None, None)
     rows = await pool.fetch(
         """
@@ -162,7 +189,7 @@ async def telemetry(
         FROM series s JOIN telemetry t ON t.series_id = s.id
         WHERE s.device_id = $1 AND ($2::text[] IS NULL OR s.metric = ANY($2))
           AND t.ts >= $3 AND t.ts < $4
-          AND ($5::timestamptz IS NULL OR (t.ts, s.id) > ($5, $6))
+          AND ($5::timestamptz IS NULL OR (t.ts >= $5 AND (t.ts, s.id) > ($5, $6)))
         ORDER BY t.ts, s.id
         LIMIT $7
         """,
@@ -192,24 +219,29 @@ async def _aggregates(
     start: datetime,
     end: datetime,
     bucket: timedelta,
-    aggs: list[Agg],
+    aggs: list[str],
 ) -> Aggregates:
     width = bucket.total_seconds()
-    if width < 1:
-        raise HTTPException(400, "'bucket' must be at least 1 second")
-    if (end - start).total_seconds() / width > MAX_BUCKETS:
+    buckets = (end - start).total_seconds() / width
+    series = await pool.fetchval(
+        "SELECT count(*) FROM series WHERE device_id = $1 AND ($2::text[] IS NULL "
+        "OR metric = ANY($2))",
+        device_id,
+        metrics,
+    )
+    if buckets * max(1, series) > MAX_BUCKETS:
         raise HTTPException(
             400,
-            f"that range holds more than {MAX_BUCKETS} buckets; widen 'bucket' or narrow the range",
+            f"that asks for up to {buckets * max(1, series):,.0f} buckets ({series} metric(s)); "
+            f"at most {MAX_BUCKETS:,}: widen 'bucket', narrow the range or name metrics",
         )
-    chosen = list(dict.fromkeys(aggs))
-    columns = ", ".join(f"{_AGG_SQL[a]} AS {a}" for a in chosen)
+    columns = ", ".join(f"{_AGG_SQL[a]} AS {a}" for a in aggs)
     rows = await pool.fetch(
         f"""
-        SELECT date_bin($5::interval, t.ts, $3) AS bucket, s.metric, {columns}
+        SELECT date_bin($5::interval, t.ts, $6) AS bucket, s.metric, {columns}
         FROM series s JOIN telemetry t ON t.series_id = s.id
         WHERE s.device_id = $1 AND ($2::text[] IS NULL OR s.metric = ANY($2))
-          AND t.ts >= $3 AND t.ts < $4 AND t.value IS NOT NULL
+          AND t.ts >= $3 AND t.ts < $4
         GROUP BY 1, 2 ORDER BY 1, 2
         """,
         device_id,
@@ -217,8 +249,9 @@ async def _aggregates(
         start,
         end,
         bucket,
+        BUCKET_ORIGIN,
     )
     return Aggregates(
         bucket_seconds=width,
-        items=[Bucket(**{k: r[k] for k in ("bucket", "metric", *chosen)}) for r in rows],
+        items=[Bucket(**{k: r[k] for k in ("bucket", "metric", *aggs)}) for r in rows],
     )
