@@ -100,6 +100,8 @@ async def _session_settings(con: asyncpg.Connection[Any], storage: StorageSettin
         "fleetline.partition_interval": storage.partition_interval,
         "fleetline.partitions_ahead": str(storage.partitions_ahead),
         "fleetline.compress_after": storage.compress_after,
+        "fleetline.rollup_1m_retention": storage.rollup_1m_retention,
+        "fleetline.rollup_1h_retention": storage.rollup_1h_retention,
     }
     for key, value in values.items():
         await con.execute("SELECT set_config($1, $2, false)", key, value)

@@ -105,3 +105,6 @@ class StorageSettings(ServiceSettings):
     partitions_ahead: int = Field(default=3, ge=1, le=60)
     # TimescaleDB compresses chunks older than this.
     compress_after: str = "7 days"
+    # Minute and hour rollups (readings_1m, readings_1h) are kept this long.
+    rollup_1m_retention: str = "30 days"
+    rollup_1h_retention: str = "730 days"

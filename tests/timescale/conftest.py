@@ -195,6 +195,8 @@ def storage() -> StorageSettings:
         raw_retention="45 days",
         partition_interval="12 hours",
         compress_after="3 days",
+        rollup_1m_retention="20 days",
+        rollup_1h_retention="400 days",
     )
 
 

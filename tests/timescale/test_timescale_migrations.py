@@ -62,8 +62,10 @@ async def write_readings(con: asyncpg.Connection[Any], readings: Sequence[Readin
         series = {(row["device_id"], row["metric"]): row["id"] for row in resolved}
         await con.execute(
             STAGE_ROWS,
-            [series[(r[0], r[1])] for r in readings], [r[2] for r in readings],
-            [v[0] for v in values], [v[1] for v in values],
+            [series[(r[0], r[1])] for r in readings],
+            [r[2] for r in readings],
+            [v[0] for v in values],
+            [v[1] for v in values],
         )
         status = await con.execute(MOVE_STAGED)
     return int(status.split()[-1])  # "INSERT 0 <rows>"
@@ -172,8 +174,10 @@ async def test_policies_take_their_intervals_from_settings(
     same = await con.fetchrow(
         "SELECT $1::text::interval = $2::text::interval AS compress, "
         "       $3::text::interval = $4::text::interval AS retain",
-        configs["policy_compression"]["compress_after"], storage.compress_after,
-        configs["policy_retention"]["drop_after"], storage.raw_retention,
+        configs["policy_compression"]["compress_after"],
+        storage.compress_after,
+        configs["policy_retention"]["drop_after"],
+        storage.raw_retention,
     )
     assert same is not None
     assert (same["compress"], same["retain"]) == (True, True), configs
@@ -192,7 +196,8 @@ async def test_partition_functions_are_noops(
     await con.execute("SELECT fleetline_ensure_partition(now())")
     dropped = await con.fetchval(
         "SELECT fleetline_maintain($1::text::interval, $2)",
-        storage.raw_retention, storage.partitions_ahead,
+        storage.raw_retention,
+        storage.partitions_ahead,
     )
     assert dropped == 0
     created = await con.fetchval(
@@ -217,9 +222,12 @@ async def test_readings_view_returns_what_was_written_once(
     # inside a batch that also carries a new one. Only the new reading is stored.
     assert await write_readings(con, readings) == 0
     late = start + timedelta(hours=1, minutes=30)
-    assert await write_readings(
-        con, [(device_id, "temperature", start, 99.0), (device_id, "temperature", late, 21.5)]
-    ) == 1
+    assert (
+        await write_readings(
+            con, [(device_id, "temperature", start, 99.0), (device_id, "temperature", late, 21.5)]
+        )
+        == 1
+    )
 
     assert await fetch_readings(con, device_id) == expected_rows(
         [*readings, (device_id, "temperature", late, 21.5)]
@@ -239,14 +247,15 @@ async def test_device_status_view_joins_registry_and_activity(
     registered, active, unknown = f"{device_id}-reg", f"{device_id}-act", f"{device_id}-unk"
     await con.execute(
         "INSERT INTO devices (id, tags) VALUES ($1, $2), ($3, $4)",
-        registered, {"site": "north"}, active, {"site": "south", "floor": 2},
+        registered,
+        {"site": "north"},
+        active,
+        {"site": "south", "floor": 2},
     )
     # Ingest's upsert: `active` reports online, `unknown` (never registered) sends a
     # reading; then a later reading from `active` moves last_seen but not the status.
     later = seen + timedelta(minutes=5)
-    await con.execute(
-        UPSERT_ACTIVITY, [active, unknown], [seen, seen], [True, None], [seen, None]
-    )
+    await con.execute(UPSERT_ACTIVITY, [active, unknown], [seen, seen], [True, None], [seen, None])
     await con.execute(UPSERT_ACTIVITY, [active], [later], [None], [None])
     rows = await con.fetch(
         "SELECT device_id, online, last_seen, tags, status_changed_at FROM device_status "
@@ -268,7 +277,10 @@ async def test_dead_letters_view_keeps_raw_payload(
     await con.execute(
         "INSERT INTO ingest_dead_letter (topic, device_id, reason, payload) "
         "VALUES ($1, $2, $3, $4)",
-        topic, device_id, "invalid JSON", payload,
+        topic,
+        device_id,
+        "invalid JSON",
+        payload,
     )
     rows = await con.fetch(
         "SELECT topic, reason, payload, device_id, received_at FROM dead_letters "
@@ -313,3 +325,79 @@ async def test_compressed_chunks_keep_readings_and_ignore_duplicates(
     gap: Reading = (device_id, "temperature", start + timedelta(seconds=30), 19.0)
     assert await write_readings(con, [gap]) == 1
     assert await fetch_readings(con, device_id) == expected_rows([*readings, gap])
+
+
+# --- rollups ------------------------------------------------------------------------------
+
+ROLLUP_VS_RAW = """
+SELECT r.bucket, r.metric, r.count, r.min, r.max, r.last, r.avg,
+       w.count AS raw_count, w.min AS raw_min, w.max AS raw_max, w.last AS raw_last,
+       w.avg AS raw_avg
+FROM {view} r
+FULL JOIN (
+    SELECT time_bucket($2::text::interval, time) AS bucket, metric, count(*) AS count,
+           min(value) AS min, max(value) AS max, avg(value) AS avg,
+           (array_agg(value ORDER BY time DESC) FILTER (WHERE value IS NOT NULL))[1] AS last
+    FROM readings WHERE device_id = $1 GROUP BY 1, 2
+) w USING (bucket, metric)
+WHERE r.device_id = $1 OR r.device_id IS NULL
+"""
+
+
+async def assert_rollups_match(con: asyncpg.Connection[Any], device_id: str) -> None:
+    for view, width in (("readings_1m", "1 minute"), ("readings_1h", "1 hour")):
+        rows = await con.fetch(ROLLUP_VS_RAW.format(view=view), device_id, width)
+        assert rows, view
+        for r in rows:
+            assert (r["count"], r["min"], r["max"], r["last"]) == (
+                r["raw_count"],
+                r["raw_min"],
+                r["raw_max"],
+                r["raw_last"],
+            ), (view, dict(r))
+            assert (r["avg"] is None and r["raw_avg"] is None) or r["avg"] == pytest.approx(
+                r["raw_avg"]
+            ), (view, dict(r))
+
+
+async def test_rollups_are_continuous_aggregates_equal_to_raw(
+    con: asyncpg.Connection[Any], device_id: str, storage: StorageSettings
+) -> None:
+    kinds = {
+        r["view_name"]: r["materialized_only"]
+        for r in await con.fetch(
+            "SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates"
+        )
+    }
+    assert kinds == {"telemetry_1m": False, "telemetry_1h": False}
+    start = hour_floor(datetime.now(UTC)) - timedelta(hours=3)
+    readings = sample_readings(device_id, start, 150)
+    for i in range(0, len(readings), 150):
+        await write_readings(con, readings[i : i + 150])
+    # Real-time aggregation: right before any refresh.
+    await assert_rollups_match(con, device_id)
+    await con.execute("CALL refresh_continuous_aggregate('telemetry_1m', NULL, NULL)")
+    await con.execute("CALL refresh_continuous_aggregate('telemetry_1h', NULL, NULL)")
+    await assert_rollups_match(con, device_id)
+    # A late reading into a refreshed hour, then a refresh: still equal.
+    await write_readings(con, [(device_id, "temperature", start + timedelta(seconds=30), 99.5)])
+    await con.execute("CALL refresh_continuous_aggregate('telemetry_1m', NULL, NULL)")
+    await con.execute("CALL refresh_continuous_aggregate('telemetry_1h', NULL, NULL)")
+    await assert_rollups_match(con, device_id)
+    assert await con.fetchval("SELECT fleetline_roll_up(10)") == 0
+    retention = {
+        r["hypertable_name"]: r["config"]["drop_after"]
+        for r in await con.fetch(
+            "SELECT hypertable_name, config FROM timescaledb_information.jobs "
+            "WHERE proc_name = 'policy_retention' AND hypertable_name LIKE 'telemetry_1%'"
+        )
+    }
+    same = await con.fetchrow(
+        "SELECT $1::text::interval = $2::text::interval AS a, "
+        "$3::text::interval = $4::text::interval AS b",
+        retention["telemetry_1m"],
+        storage.rollup_1m_retention,
+        retention["telemetry_1h"],
+        storage.rollup_1h_retention,
+    )
+    assert same is not None and (same["a"], same["b"]) == (True, True), retention

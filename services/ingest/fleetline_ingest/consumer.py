@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 QUEUED_BATCHES = 2
 MAINTAIN = """
 SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
-            THEN fleetline_maintain($1::text::interval, $2) END
+            THEN fleetline_maintain($1::text::interval, $2)
+                 + fleetline_expire_rollups($3::text::interval, $4::text::interval) END
 """
 WRITE_RETRY_MAX_SECONDS = 10.0
 
@@ -306,13 +307,32 @@ class Ingestor:
                 async with self.pool.acquire() as con:
                     # One replica at a time; the others skip this round.
                     dropped = await con.fetchval(
-                        MAINTAIN, self.storage.raw_retention, self.storage.partitions_ahead
+                        MAINTAIN,
+                        self.storage.raw_retention,
+                        self.storage.partitions_ahead,
+                        self.storage.rollup_1m_retention,
+                        self.storage.rollup_1h_retention,
                     )
                 if dropped:
-                    log.info("dropped %d expired telemetry partition(s)", dropped)
+                    log.info("storage upkeep removed %d expired partitions and rollups", dropped)
             except Exception as exc:  # upkeep must not take the service down
                 log.warning("storage maintenance failed: %s", exc)
             await asyncio.sleep(self.settings.maintenance_interval_seconds)
+
+    async def rollup_loop(self) -> None:
+        """Recompute the rollups of the hours that received readings (plain PostgreSQL)."""
+        per_round = self.settings.rollup_hours_per_round
+        while True:
+            try:
+                while True:
+                    async with self.pool.acquire() as con:
+                        done = await con.fetchval("SELECT fleetline_roll_up($1)", per_round)
+                    metrics.ROLLUP_HOURS.inc(done)
+                    if done < per_round:
+                        break
+            except Exception as exc:  # replicas racing on one hour, a restart: next round
+                log.warning("rollup round failed: %s", exc)
+            await asyncio.sleep(self.settings.rollup_interval_seconds)
 
     async def ready(self) -> bool:
         if not self.connected:
@@ -332,6 +352,7 @@ class Ingestor:
             asyncio.create_task(self.flush_loop(), name="ingest.flush"),
             asyncio.create_task(self.write_loop(), name="ingest.write"),
             asyncio.create_task(self.maintenance_loop(), name="ingest.maintenance"),
+            asyncio.create_task(self.rollup_loop(), name="ingest.rollup"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -343,10 +364,11 @@ class Ingestor:
 
     async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop reading, write and acknowledge what was received, then disconnect."""
-        mqtt_task, flush_task, write_task, maintenance_task = tasks
+        mqtt_task, flush_task, write_task, *upkeep = tasks
         self.stopping = True  # a connection lost from here on is not made again
         flush_task.cancel()
-        maintenance_task.cancel()
+        for task in upkeep:
+            task.cancel()
         if self.reader is not None:
             self.reader.pause()
         log.info(
