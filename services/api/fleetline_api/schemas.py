@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AllowInfNan,
@@ -108,4 +108,7 @@ class Bucket(BaseModel):
 
 class Aggregates(BaseModel):
     bucket_seconds: float
+    source: Literal["telemetry", "telemetry_1m", "telemetry_1h"] = Field(
+        description="Raw rows, or the minute or hour rollups (the same numbers)"
+    )
     items: list[Bucket]

@@ -1,14 +1,16 @@
 """Telemetry of one device: raw points, time buckets, and the latest value of each metric.
 
-Aggregates are computed from raw rows here; rollups for long ranges come with the
-rollup tables and continuous aggregates.
+Buckets come from the hourly or minute rollups when the bucket width and the range are
+whole hours or minutes, and from raw rows otherwise. Hours whose rollups are still
+pending (plain PostgreSQL, a few seconds behind) are aggregated from their raw rows in
+the same query, so both sources give the same answer.
 """
 
 from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import StringConstraints, TypeAdapter, ValidationError
@@ -108,6 +110,59 @@ def _parse_bucket(text: str) -> timedelta:
     if width > MAX_BUCKET_WIDTH:
         raise HTTPException(400, f"'bucket' must be at most {MAX_BUCKET_WIDTH.days} days")
     return width
+
+
+# Rollup rows in range, except the hours still pending, plus those hours from raw rows;
+# then the same buckets and aggregates as from raw rows.
+FROM_ROLLUPS = """
+WITH chosen AS (
+    SELECT id, metric FROM series
+    WHERE device_id = $1 AND ($2::text[] IS NULL OR metric = ANY($2))
+),
+pending AS (
+    SELECT p.series_id, p.hour FROM rollup_pending p JOIN chosen c ON c.id = p.series_id
+    WHERE p.hour >= $3::timestamptz - INTERVAL '1 hour' AND p.hour < $4::timestamptz
+),
+parts AS (
+    SELECT r.series_id, r.bucket, r.count, r.value_count, r.sum, r.min, r.max, r.last
+    FROM {table} r JOIN chosen c ON c.id = r.series_id
+    WHERE r.bucket >= $3 AND r.bucket < $4
+      AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.series_id = r.series_id
+                      AND p.hour = date_bin(INTERVAL '1 hour', r.bucket, $6))
+    UNION ALL
+    SELECT t.series_id, date_bin($7::interval, t.ts, $6), count(*), count(t.value),
+           sum(t.value), min(t.value), max(t.value),
+           (array_agg(t.value ORDER BY t.ts DESC) FILTER (WHERE t.value IS NOT NULL))[1]
+    FROM telemetry t
+    JOIN pending p ON t.series_id = p.series_id
+                  AND t.ts >= p.hour AND t.ts < p.hour + INTERVAL '1 hour'
+    WHERE t.ts >= $3 AND t.ts < $4
+    GROUP BY 1, 2
+)
+SELECT date_bin($5::interval, x.bucket, $6) AS bucket, c.metric,
+       sum(x.count)::bigint AS count,
+       sum(x.sum) / nullif(sum(x.value_count), 0) AS avg,
+       min(x.min) AS min, max(x.max) AS max,
+       (array_agg(x.last ORDER BY x.bucket DESC) FILTER (WHERE x.last IS NOT NULL))[1] AS last
+FROM parts x JOIN chosen c ON c.id = x.series_id
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
+Source = Literal["telemetry", "telemetry_1m", "telemetry_1h"]
+ROLLUPS: tuple[tuple[Source, timedelta], ...] = (
+    ("telemetry_1h", timedelta(hours=1)),
+    ("telemetry_1m", timedelta(minutes=1)),
+)
+
+
+def _rollup_for(
+    bucket: timedelta, start: datetime, end: datetime
+) -> tuple[Source, timedelta] | None:
+    """The coarsest rollup whose buckets tile the request exactly, if any."""
+    for table, granularity in ROLLUPS:
+        if bucket % granularity or any((t - BUCKET_ORIGIN) % granularity for t in (start, end)):
+            continue
+        return table, granularity
+    return None
 
 
 def _encode_cursor(ts: datetime, series_id: int) -> str:
@@ -235,23 +290,39 @@ async def _aggregates(
             f"that asks for up to {buckets * max(1, series):,.0f} buckets ({series} metric(s)); "
             f"at most {MAX_BUCKETS:,}: widen 'bucket', narrow the range or name metrics",
         )
-    columns = ", ".join(f"{_AGG_SQL[a]} AS {a}" for a in aggs)
-    rows = await pool.fetch(
-        f"""
-        SELECT date_bin($5::interval, t.ts, $6) AS bucket, s.metric, {columns}
-        FROM series s JOIN telemetry t ON t.series_id = s.id
-        WHERE s.device_id = $1 AND ($2::text[] IS NULL OR s.metric = ANY($2))
-          AND t.ts >= $3 AND t.ts < $4
-        GROUP BY 1, 2 ORDER BY 1, 2
-        """,
-        device_id,
-        metrics,
-        start,
-        end,
-        bucket,
-        BUCKET_ORIGIN,
-    )
+    source = _rollup_for(bucket, start, end)
+    if source is None:
+        columns = ", ".join(f"{_AGG_SQL[a]} AS {a}" for a in aggs)
+        rows = await pool.fetch(
+            f"""
+            SELECT date_bin($5::interval, t.ts, $6) AS bucket, s.metric, {columns}
+            FROM series s JOIN telemetry t ON t.series_id = s.id
+            WHERE s.device_id = $1 AND ($2::text[] IS NULL OR s.metric = ANY($2))
+              AND t.ts >= $3 AND t.ts < $4
+            GROUP BY 1, 2 ORDER BY 1, 2
+            """,
+            device_id,
+            metrics,
+            start,
+            end,
+            bucket,
+            BUCKET_ORIGIN,
+        )
+    else:
+        table, granularity = source
+        rows = await pool.fetch(
+            FROM_ROLLUPS.format(table=table),
+            device_id,
+            metrics,
+            start,
+            end,
+            bucket,
+            BUCKET_ORIGIN,
+            granularity,
+        )
+    used: Source = source[0] if source is not None else "telemetry"
     return Aggregates(
         bucket_seconds=width,
+        source=used,
         items=[Bucket(**{k: r[k] for k in ("bucket", "metric", *aggs)}) for r in rows],
     )
