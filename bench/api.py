@@ -51,15 +51,22 @@ async def load(url: str, days: int, every: float) -> int:
         end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         start = end - timedelta(days=days)
         n = int(days * 86400 / every)
-        await con.execute("SELECT fleetline_ensure_partition(t) FROM generate_series("
-                          "$1::timestamptz, $2::timestamptz, interval '1 hour') t", start, end)
+        await con.execute(
+            "SELECT fleetline_ensure_partition(t) FROM generate_series("
+            "$1::timestamptz, $2::timestamptz, interval '1 hour') t",
+            start,
+            end,
+        )
         step = timedelta(seconds=every)
         chunk = 200_000
         for first in range(0, n, chunk):
-            records = [(sid, start + step * i, 20 + 5 * math.sin(i / 500) + (i % 7) / 10, None)
-                       for i in range(first, min(n, first + chunk))]
+            records = [
+                (sid, start + step * i, 20 + 5 * math.sin(i / 500) + (i % 7) / 10, None)
+                for i in range(first, min(n, first + chunk))
+            ]
             await con.copy_records_to_table(
-                "telemetry", records=records, columns=["series_id", "ts", "value", "value_text"])
+                "telemetry", records=records, columns=["series_id", "ts", "value", "value_text"]
+            )
         t0 = time.perf_counter()
         hours = 0
         while done := await con.fetchval("SELECT fleetline_roll_up(100000)"):
@@ -71,11 +78,45 @@ async def load(url: str, days: int, every: float) -> int:
         await con.close()
 
 
+async def load_fleet(url: str, devices: int) -> None:
+    """`devices` registered devices with a temperature series, ten readings each, and
+    their latest values (as ingest writes them)."""
+    con = await asyncpg.connect(url)
+    try:
+        ids = [f"fleet-{i:05d}" for i in range(devices)]
+        await con.copy_records_to_table(
+            "devices",
+            records=[(d, f'{{"site": "s{int(d[-5:]) % 10}"}}') for d in ids],
+            columns=["id", "tags"],
+        )
+        sids = await con.fetch(
+            "INSERT INTO series (device_id, metric) "
+            "SELECT d, 'temperature' FROM unnest($1::text[]) d RETURNING id",
+            ids,
+        )
+        now = datetime.now(UTC)
+        records = [
+            (r["id"], now - timedelta(minutes=k), 20.0 + k, None) for r in sids for k in range(10)
+        ]
+        await con.copy_records_to_table(
+            "telemetry", records=records, columns=["series_id", "ts", "value", "value_text"]
+        )
+        await con.execute(
+            "INSERT INTO series_latest SELECT DISTINCT ON (series_id) series_id, ts, value, "
+            "value_text FROM telemetry ORDER BY series_id, ts DESC "
+            "ON CONFLICT (series_id) DO NOTHING"
+        )
+        await con.execute("VACUUM ANALYZE")
+    finally:
+        await con.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--every", type=float, default=5.0, help="seconds between readings")
     parser.add_argument("--requests", type=int, default=15)
+    parser.add_argument("--fleet", type=int, default=10_000, help="devices for the fleet table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flbench-api-") as tmp:
         os.chmod(tmp, 0o755)
@@ -84,12 +125,19 @@ async def main() -> None:
             await migrate(url, StorageSettings(timescale="off"))
             rows = await load(url, args.days, args.every)
             log(f"{rows:,} readings over {args.days} days for one device")
+            await load_fleet(url, args.fleet)
+            log(f"{args.fleet:,} devices with a temperature series")
             con = await asyncpg.connect(url)
             key = (await apikeys.create_key(con, name="bench", scopes=["admin"])).token
             await con.close()
             port = free_port()
-            env = {**os.environ, "FLEETLINE_DATABASE_URL": url, "FLEETLINE_API_PORT": str(port),
-                   "FLEETLINE_API_HOST": "127.0.0.1", "FLEETLINE_LOG_LEVEL": "WARNING"}
+            env = {
+                **os.environ,
+                "FLEETLINE_DATABASE_URL": url,
+                "FLEETLINE_API_PORT": str(port),
+                "FLEETLINE_API_HOST": "127.0.0.1",
+                "FLEETLINE_LOG_LEVEL": "WARNING",
+            }
             api = subprocess.Popen([sys.executable, "-m", "fleetline", "api"], env=env)
             try:
                 await run_queries(f"http://127.0.0.1:{port}", key, args)
@@ -99,8 +147,7 @@ async def main() -> None:
 
 
 async def run_queries(base: str, key: str, args: argparse.Namespace) -> None:
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"},
-                          timeout=120)
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
     for _ in range(100):
         try:
             if client.get("/readyz").status_code == 200:
@@ -114,8 +161,9 @@ async def run_queries(base: str, key: str, args: argparse.Namespace) -> None:
 
     def ask(begin: datetime) -> tuple[float, dict[str, Any]]:
         t0 = time.perf_counter()
-        resp = client.get(url, params={"bucket": "1h", "from": begin.isoformat(),
-                                       "to": end.isoformat()})
+        resp = client.get(
+            url, params={"bucket": "1h", "from": begin.isoformat(), "to": end.isoformat()}
+        )
         elapsed = time.perf_counter() - t0
         assert resp.status_code == 200, resp.text
         return elapsed, resp.json()
@@ -131,13 +179,25 @@ async def run_queries(base: str, key: str, args: argparse.Namespace) -> None:
     for _ in range(args.requests):
         times["rollup"].append(ask(start)[0])
         times["raw"].append(ask(start + timedelta(seconds=1))[0])
+    fleet: list[float] = []
+    for _ in range(args.requests):
+        t0 = time.perf_counter()
+        resp = client.get("/v1/latest", params={"metric": "temperature", "limit": 10_000})
+        fleet.append(time.perf_counter() - t0)
+        assert resp.status_code == 200 and len(resp.json()["items"]) == min(args.fleet, 10_000)
     p50 = {k: statistics.median(v) * 1000 for k, v in times.items()}
     print()
-    print(f"{args.days}-day hourly aggregate, {len(rolled['items'])} buckets, one device, "
-          f"{args.requests} requests each over HTTP (median):")
+    print(
+        f"{args.days}-day hourly aggregate, {len(rolled['items'])} buckets, one device, "
+        f"{args.requests} requests each over HTTP (median):"
+    )
     print(f"  from rollups (telemetry_1h): {p50['rollup']:8.1f} ms")
     print(f"  from raw rows:               {p50['raw']:8.1f} ms")
     print(f"  rollup speed-up:             {p50['raw'] / p50['rollup']:8.1f}x")
+    print(
+        f"latest temperature of {min(args.fleet, 10_000):,} devices in one response "
+        f"(GET /v1/latest, median): {statistics.median(fleet) * 1000:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -276,3 +276,33 @@ async def test_aligned_buckets_come_from_rollups_and_equal_raw(
             assert b["count"] == len(inside) and b["last"] == inside[-1]
             assert (b["min"], b["max"]) == (min(inside), max(inside))
             assert b["avg"] == pytest.approx(mean(inside))
+
+
+async def test_fleet_latest_lists_one_metric_across_devices(
+    api: ApiProcess, make_key: Callable[..., Any], start_ingest: Callable[..., IngestProcess],
+    broker: LocalMosquitto, db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    start_ingest()
+    admin = client(api, await make_key("admin"))
+    now = datetime.now(UTC)
+    for i in range(5):
+        device_id = f"{uid}-f{i}"
+        assert admin.post("/v1/devices", json={"id": device_id, "tags": {"site": uid}}).is_success
+        dev = Device(broker.url, device_id)
+        # Out of order: the newest reading arrives first and must stay the latest.
+        dev.publish_all([
+            {"ts": (now - timedelta(seconds=10)).isoformat(), "values": {"temp": 100 + i}},
+            {"ts": (now - timedelta(seconds=20)).isoformat(), "values": {"temp": 0}},
+        ])
+        dev.close()
+    assert await wait_rows(db, f"{uid}-f", 10) == 10
+    c = client(api, await make_key("telemetry:read"))
+    first = c.get("/v1/latest", params={"metric": "temp", "tag": f"site={uid}", "limit": 3}).json()
+    rest = c.get("/v1/latest", params={"metric": "temp", "tag": f"site={uid}", "limit": 3,
+                                       "cursor": first["next_cursor"]}).json()
+    values = {p["device_id"]: p["value"] for p in first["items"] + rest["items"]}
+    assert values == {f"{uid}-f{i}": 100.0 + i for i in range(5)}
+    assert rest["next_cursor"] is None
+    assert c.get("/v1/latest", params={"metric": "nope", "tag": f"site={uid}"}).json()[
+        "items"] == []
+    assert_problem(c.get("/v1/latest"), 422, "query.metric")

@@ -47,4 +47,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(devices.router)
     app.include_router(telemetry.router)
+    app.include_router(telemetry.fleet_router)
     return app

@@ -112,3 +112,16 @@ class Aggregates(BaseModel):
         description="Raw rows, or the minute or hour rollups (the same numbers)"
     )
     items: list[Bucket]
+
+
+class DeviceValue(BaseModel):
+    device_id: str
+    ts: datetime
+    value: float | None
+    value_text: str | None
+
+
+class FleetLatest(BaseModel):
+    metric: str
+    items: list[DeviceValue]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")

@@ -64,6 +64,13 @@ ON CONFLICT (device_id) DO UPDATE SET
     status_changed_at = greatest(a.status_changed_at, excluded.status_changed_at)
 """
 # One call per partition the batch's readings fall in (the width is the schema's).
+UPSERT_LATEST = """
+INSERT INTO series_latest AS l (series_id, ts, value, value_text)
+SELECT * FROM unnest($1::int[], $2::timestamptz[], $3::float8[], $4::text[])
+ON CONFLICT (series_id) DO UPDATE
+SET ts = excluded.ts, value = excluded.value, value_text = excluded.value_text
+WHERE excluded.ts > l.ts
+"""
 ENSURE_PARTITIONS = """
 SELECT fleetline_ensure_partition(min(t))
 FROM unnest($1::timestamptz[]) AS t
@@ -169,10 +176,18 @@ class BatchWriter:
             await self._resolve_series(con, {(r[0], r[1]) for r in rows})
             records = [(series[(d, m)], ts, v, t) for d, m, ts, v, t in rows]
         activity = self._activity(batch)
+        newest: dict[int, tuple[Any, ...]] = {}
+        for record in records:
+            seen = newest.get(record[0])
+            if seen is None or record[1] > seen[1]:
+                newest[record[0]] = record
         inserted = 0
         async with con.transaction():
             if records:
                 inserted = await self._store_values(con, records)
+                # Sorted by series: concurrent replicas lock these rows in one order.
+                latest = [newest[sid] for sid in sorted(newest)]
+                await con.execute(UPSERT_LATEST, *(list(col) for col in zip(*latest, strict=True)))
             if batch.dead:
                 await con.copy_records_to_table(
                     "ingest_dead_letter", records=batch.dead, columns=DEAD_LETTER_COLUMNS

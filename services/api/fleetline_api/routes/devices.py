@@ -32,7 +32,7 @@ FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
 """
 
 
-def _parse_tags(tag: list[str]) -> dict[str, str] | None:
+def parse_tags(tag: list[str]) -> dict[str, str] | None:
     """The filter as an object; None when it asks one tag for two values (nothing matches).
     The query pattern guarantees name=value."""
     wanted: dict[str, str] = {}
@@ -42,20 +42,24 @@ def _parse_tags(tag: list[str]) -> dict[str, str] | None:
     return wanted
 
 
+TagFilter = Annotated[
+    list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}=.{0,256}$")]],
+    Query(description="name=value (string values); repeat to require several"),
+]
+StatusFilter = Annotated[Literal["online", "offline"] | None, Query()]
+
+
 @router.get("", response_model=DevicePage)
 async def list_devices(
     pool: PoolDep,
     _key: DevicesRead,
-    tag: Annotated[
-        list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}=.{0,256}$")]],
-        Query(description="name=value (string values); repeat to require several"),
-    ] = [],  # noqa: B006
-    status: Annotated[Literal["online", "offline"] | None, Query()] = None,
+    tag: TagFilter = [],  # noqa: B006
+    status: StatusFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
 ) -> DevicePage:
     """Devices ordered by id, filtered by tags (string values) and connection status."""
-    wanted = _parse_tags(tag)
+    wanted = parse_tags(tag)
     if wanted is None:
         return DevicePage(items=[], next_cursor=None)
     rows = await pool.fetch(

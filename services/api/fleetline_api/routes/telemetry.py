@@ -17,10 +17,13 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from fleetline_api.deps import PoolDep, TelemetryRead
 from fleetline_api.problems import NOT_FOUND, RESPONSES
+from fleetline_api.routes.devices import StatusFilter, TagFilter, parse_tags
 from fleetline_api.schemas import (
     Aggregates,
     Bucket,
     DeviceId,
+    DeviceValue,
+    FleetLatest,
     Latest,
     MetricName,
     MetricValue,
@@ -30,6 +33,7 @@ from fleetline_api.schemas import (
 )
 
 router = APIRouter(prefix="/v1/devices", tags=["telemetry"], responses=RESPONSES)
+fleet_router = APIRouter(prefix="/v1/latest", tags=["telemetry"], responses=RESPONSES)
 
 DEFAULT_RANGE = timedelta(hours=24)
 # Buckets in one answer, over all the metrics asked for.
@@ -56,11 +60,7 @@ AggList = Annotated[
 
 LATEST = """
 SELECT s.metric, l.ts, l.value, l.value_text
-FROM series s
-CROSS JOIN LATERAL (
-    SELECT ts, value, value_text FROM telemetry
-    WHERE series_id = s.id ORDER BY ts DESC LIMIT 1
-) l
+FROM series s JOIN series_latest l ON l.series_id = s.id
 WHERE s.device_id = $1
 """
 
@@ -325,4 +325,44 @@ async def _aggregates(
         bucket_seconds=width,
         source=used,
         items=[Bucket(**{k: r[k] for k in ("bucket", "metric", *aggs)}) for r in rows],
+    )
+
+
+@fleet_router.get("", response_model=FleetLatest)
+async def fleet_latest(
+    pool: PoolDep,
+    _key: TelemetryRead,
+    metric: MetricName,
+    tag: TagFilter = [],  # noqa: B006
+    status: StatusFilter = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> FleetLatest:
+    """The last value of one metric on every registered device that has it (a fleet
+    table), ordered by device id, filtered like the device list."""
+    wanted = parse_tags(tag)
+    if wanted is None:
+        return FleetLatest(metric=metric, items=[], next_cursor=None)
+    rows = await pool.fetch(
+        """
+        SELECT d.id AS device_id, l.ts, l.value, l.value_text
+        FROM devices d
+        JOIN series s ON s.device_id = d.id AND s.metric = $1
+        JOIN series_latest l ON l.series_id = s.id
+        LEFT JOIN device_activity a ON a.device_id = d.id
+        WHERE ($2::jsonb IS NULL OR d.tags @> $2::jsonb)
+          AND ($3::bool IS NULL OR coalesce(a.online, false) = $3)
+          AND ($4::text IS NULL OR d.id > $4)
+        ORDER BY d.id
+        LIMIT $5
+        """,
+        metric,
+        wanted or None,
+        None if status is None else status == "online",
+        cursor,
+        limit + 1,
+    )
+    items = [DeviceValue(**dict(r)) for r in rows[:limit]]
+    return FleetLatest(
+        metric=metric, items=items, next_cursor=items[-1].device_id if len(rows) > limit else None
     )
