@@ -234,6 +234,9 @@ class _LocalServer:
     """What both local servers share: one child process tree, its log, a fixed port."""
 
     NAME = "server"
+    START_TIMEOUT_SECONDS = 30.0
+    STOP_SIGNAL = signal.SIGTERM
+    STOP_TIMEOUT_SECONDS = 30.0
 
     def __init__(self, data_dir: Path, *, port: int | None, log_name: str) -> None:
         self.data_dir = Path(data_dir).resolve()
@@ -255,7 +258,77 @@ class _LocalServer:
         raise NotImplementedError
 
     def stop(self) -> None:
+        """Stop with STOP_SIGNAL and wait; kill it if it takes longer than
+        STOP_TIMEOUT_SECONDS, or if the wait is interrupted (a second Ctrl-C): no
+        server is ever left behind."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                log.info("stopping %s on port %d", self.NAME, self.port)
+                proc.send_signal(self.STOP_SIGNAL)
+                try:
+                    proc.wait(self.STOP_TIMEOUT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in time; killing it", self.NAME)
+                    _kill_tree(proc)
+        except BaseException:
+            _kill_tree(proc)
+            raise
+        finally:
+            self._proc = None
+            self._close_log()
+
+    def _serving(self) -> bool:
+        """The server accepts connections."""
         raise NotImplementedError
+
+    def _spawn(self, cmd: list[str], **popen: Any) -> None:
+        """Start the server and wait until it serves; on any failure leave nothing running.
+
+        A session of its own: a Ctrl-C on the terminal does not reach the server; the
+        caller decides when to stop it (after the services that use it). Errors before
+        the log file is open (a bad config line) go to stderr.
+        """
+        self._log_file = self.log_path.open("ab")
+        log.info("starting %s on 127.0.0.1:%d (%s)", self.NAME, self.port, self.data_dir)
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen,
+        )
+        _live.add(self)
+        try:
+            self._wait_ready()
+        except BaseException:
+            if self._proc.poll() is None:
+                _kill_tree(self._proc)
+            self._proc = None
+            self._close_log()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                raise EmbeddedError(
+                    f"{self.NAME} exited with code {code} while starting; "
+                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            if self._serving():
+                log.info("%s ready on 127.0.0.1:%d", self.NAME, self.port)
+                return
+            time.sleep(_POLL_SECONDS)
+        raise EmbeddedError(
+            f"{self.NAME} did not accept connections within {self.START_TIMEOUT_SECONDS:.0f} s; "
+            f"log {self.log_path}:\n{_tail(self.log_path)}"
+        )
 
     def kill(self) -> None:
         """Crash the server: SIGKILL its process and all its children at once.
@@ -310,6 +383,10 @@ class LocalPostgres(_LocalServer):
     """
 
     NAME = "PostgreSQL"
+    START_TIMEOUT_SECONDS = PG_START_TIMEOUT_SECONDS
+    # Fast shutdown: disconnect clients, checkpoint, exit.
+    STOP_SIGNAL = signal.SIGINT
+    STOP_TIMEOUT_SECONDS = PG_STOP_TIMEOUT_SECONDS
 
     def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
         super().__init__(data_dir, port=port, log_name="postgres.log")
@@ -412,78 +489,21 @@ class LocalPostgres(_LocalServer):
         cmd = [str(_pg_binaries() / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             cmd += ["-c", f"{key}={value}"]
-        self._log_file = self.log_path.open("ab")
-        log.info("starting PostgreSQL on 127.0.0.1:%d (%s)", self.port, self.data_dir)
-        # A session of its own: a Ctrl-C on the terminal does not reach the server; the
-        # caller decides when to stop it (after the services that use it).
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            **_as_user(user),
-        )
-        _live.add(self)
-        try:
-            self._wait_ready()
-        except BaseException:
-            if self._proc.poll() is None:
-                _kill_tree(self._proc)
-            self._proc = None
-            self._close_log()
-            raise
+        self._spawn(cmd, **_as_user(user))
 
-    def _wait_ready(self) -> None:
+    def _serving(self) -> bool:
+        # postmaster.pid: line 1 is the pid, line 8 becomes "ready" once the server
+        # accepts connections (after crash recovery). A file left by a killed server
+        # says "ready" too, hence the pid check.
         assert self._proc is not None
-        deadline = time.monotonic() + PG_START_TIMEOUT_SECONDS
-        pid_file = self.data_dir / "postmaster.pid"
-        while time.monotonic() < deadline:
-            code = self._proc.poll()
-            if code is not None:
-                raise EmbeddedError(
-                    f"PostgreSQL exited with code {code} while starting; "
-                    f"log {self.log_path}:\n{_tail(self.log_path)}"
-                )
-            # postmaster.pid: line 1 is the pid, line 8 becomes "ready" once the server
-            # accepts connections (after crash recovery). A file left by a killed server
-            # says "ready" too, hence the pid check.
-            with contextlib.suppress(OSError):
-                lines = pid_file.read_text().splitlines()
-                if (
-                    len(lines) >= 8
-                    and lines[0].strip() == str(self._proc.pid)
-                    and lines[7].strip() == "ready"
-                ):
-                    log.info("PostgreSQL ready on 127.0.0.1:%d", self.port)
-                    return
-            time.sleep(_POLL_SECONDS)
-        raise EmbeddedError(
-            f"PostgreSQL did not accept connections within {PG_START_TIMEOUT_SECONDS:.0f} s; "
-            f"log {self.log_path}:\n{_tail(self.log_path)}"
-        )
-
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT): disconnect clients, checkpoint, exit."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                log.info("stopping PostgreSQL on port %d", self.port)
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(PG_STOP_TIMEOUT_SECONDS)
-                except subprocess.TimeoutExpired:
-                    log.warning("PostgreSQL did not stop in time; killing it")
-                    _kill_tree(proc)
-        except BaseException:
-            # Interrupted while waiting (a second Ctrl-C): leave no server behind.
-            _kill_tree(proc)
-            raise
-        finally:
-            self._proc = None
-            self._close_log()
+        with contextlib.suppress(OSError):
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+            return (
+                len(lines) >= 8
+                and lines[0].strip() == str(self._proc.pid)
+                and lines[7].strip() == "ready"
+            )
+        return False
 
 
 def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
@@ -544,6 +564,10 @@ class LocalMosquitto(_LocalServer):
     """
 
     NAME = "mosquitto"
+    START_TIMEOUT_SECONDS = MQTT_START_TIMEOUT_SECONDS
+    # SIGTERM: mosquitto writes its persistence DB (sessions, queued and retained
+    # messages) and exits.
+    STOP_TIMEOUT_SECONDS = MQTT_STOP_TIMEOUT_SECONDS
 
     def __init__(self, data_dir: Path, *, port: int | None = None, extra_config: str = "") -> None:
         super().__init__(data_dir, port=port, log_name="mosquitto.log")
@@ -593,63 +617,7 @@ class LocalMosquitto(_LocalServer):
             raise EmbeddedError(f"port {self.port} on 127.0.0.1 is already in use")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.conf_path.write_text(self.config_text())
-        # Errors before the log file is open (a bad config line) go to stderr.
-        self._log_file = self.log_path.open("ab")
-        log.info("starting mosquitto on 127.0.0.1:%d (%s)", self.port, self.data_dir)
-        self._proc = subprocess.Popen(
-            [binary, "-c", str(self.conf_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _live.add(self)
-        try:
-            self._wait_ready()
-        except BaseException:
-            if self._proc.poll() is None:
-                _kill_tree(self._proc)
-            self._proc = None
-            self._close_log()
-            raise
+        self._spawn([binary, "-c", str(self.conf_path)])
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + MQTT_START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            code = self._proc.poll()
-            if code is not None:
-                raise EmbeddedError(
-                    f"mosquitto exited with code {code} while starting; "
-                    f"log {self.log_path}:\n{_tail(self.log_path)}"
-                )
-            if _accepts_tcp(self.port):
-                log.info("mosquitto ready on 127.0.0.1:%d", self.port)
-                return
-            time.sleep(_POLL_SECONDS)
-        raise EmbeddedError(
-            f"mosquitto did not accept connections within {MQTT_START_TIMEOUT_SECONDS:.0f} s; "
-            f"log {self.log_path}:\n{_tail(self.log_path)}"
-        )
-
-    def stop(self) -> None:
-        """SIGTERM: mosquitto writes its persistence DB (sessions, queued and retained
-        messages) and exits."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                log.info("stopping mosquitto on port %d", self.port)
-                proc.terminate()
-                try:
-                    proc.wait(MQTT_STOP_TIMEOUT_SECONDS)
-                except subprocess.TimeoutExpired:
-                    log.warning("mosquitto did not stop in time; killing it")
-                    _kill_tree(proc)
-        except BaseException:
-            _kill_tree(proc)
-            raise
-        finally:
-            self._proc = None
-            self._close_log()
+    def _serving(self) -> bool:
+        return _accepts_tcp(self.port)

@@ -291,6 +291,7 @@ async def _aggregates(
             f"at most {MAX_BUCKETS:,}: widen 'bucket', narrow the range or name metrics",
         )
     source = _rollup_for(bucket, start, end)
+    args = (device_id, metrics, start, end, bucket, BUCKET_ORIGIN)
     if source is None:
         columns = ", ".join(f"{_AGG_SQL[a]} AS {a}" for a in aggs)
         rows = await pool.fetch(
@@ -301,25 +302,11 @@ async def _aggregates(
               AND t.ts >= $3 AND t.ts < $4
             GROUP BY 1, 2 ORDER BY 1, 2
             """,
-            device_id,
-            metrics,
-            start,
-            end,
-            bucket,
-            BUCKET_ORIGIN,
+            *args,
         )
     else:
         table, granularity = source
-        rows = await pool.fetch(
-            FROM_ROLLUPS.format(table=table),
-            device_id,
-            metrics,
-            start,
-            end,
-            bucket,
-            BUCKET_ORIGIN,
-            granularity,
-        )
+        rows = await pool.fetch(FROM_ROLLUPS.format(table=table), *args, granularity)
     used: Source = source[0] if source is not None else "telemetry"
     return Aggregates(
         bucket_seconds=width,
