@@ -111,6 +111,7 @@ async def test_telemetry_written_by_ingest_reads_back_raw_bucketed_and_latest(
 ) -> None:
     start_ingest()
     device_id = f"{uid}-t"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
     base = (datetime.now(UTC) - timedelta(hours=4)).replace(minute=0, second=0, microsecond=0)
     points = [(base + timedelta(minutes=7 * i), float(i * i % 17)) for i in range(30)]
     dev = Device(broker.url, device_id)
@@ -204,6 +205,11 @@ async def test_edge_inputs_are_4xx_problems(
     allowed = set(wrong.headers["allow"].split(", "))
     assert {"GET", "PATCH", "DELETE"} <= allowed and not {"PUT", "POST"} & allowed
     assert "POST" in c.put("/v1/devices").headers["allow"]
+    # A deleted device is gone from the telemetry routes too (its readings stay stored).
+    assert c.post("/v1/devices", json={"id": f"{uid}-gone"}).status_code == 201
+    assert c.delete(f"/v1/devices/{uid}-gone").status_code == 204
+    assert_problem(c.get(f"/v1/devices/{uid}-gone/telemetry"), 404)
+    assert_problem(c.get(f"/v1/devices/{uid}-gone/latest"), 404)
     # One tag asked for two values matches nothing.
     assert c.get("/v1/devices", params={"tag": ["a=1", "a=2"]}).json()["items"] == []
 
@@ -214,6 +220,7 @@ async def test_paging_all_metrics_and_counting_text_values(
 ) -> None:
     start_ingest()
     device_id = f"{uid}-p"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
     base = (datetime.now(UTC) - timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
     dev = Device(broker.url, device_id)
     # Three metrics share every timestamp: pages must break ties without loss or repeats.
@@ -243,6 +250,7 @@ async def test_aligned_buckets_come_from_rollups_and_equal_raw(
     api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any], uid: str
 ) -> None:
     device_id = f"{uid}-r"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
     sid = await db.fetchval(
         "INSERT INTO series (device_id, metric) VALUES ($1, 'temp') RETURNING id", device_id)
     base = (datetime.now(UTC) - timedelta(hours=6)).replace(minute=0, second=0, microsecond=0)

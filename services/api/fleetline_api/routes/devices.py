@@ -1,8 +1,9 @@
 """The device registry.
 
-Deleting a device removes it from the registry. Its readings stay until the raw
-retention drops them, and so does its last-seen record, written by ingest; a device
-created again with the same id sees its earlier readings.
+Deleting a device removes it from the registry and from the API: its telemetry routes
+answer 404. Its readings stay in storage (and the SQL views) until the raw retention
+drops them, and so does its last-seen record, written by ingest; a device registered
+again with the same id sees its earlier readings.
 """
 
 from __future__ import annotations

@@ -181,12 +181,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
 
 
 async def _require_device(pool: PoolDep, device_id: str) -> None:
-    found = await pool.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1) "
-        "OR EXISTS (SELECT 1 FROM series WHERE device_id = $1)",
-        device_id,
-    )
-    if not found:
+    """Telemetry is served for registered devices: a deleted device is gone from the API
+    (its readings stay in storage, and in the SQL views, until the retention)."""
+    if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)", device_id):
         raise HTTPException(404, f"device {device_id} not found")
 
 
