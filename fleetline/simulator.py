@@ -207,6 +207,12 @@ async def _report(stats: _Stats, devices: int) -> None:
         )
 
 
+def device_ids(devices: int, prefix: str = "sim-") -> list[str]:
+    """The ids the simulated fleet uses: sim-0000, sim-0001, ..."""
+    width = max(4, len(str(devices - 1)))
+    return [f"{prefix}{i:0{width}d}" for i in range(devices)]
+
+
 async def run_fleet(
     target: MqttTarget,
     *,
@@ -225,14 +231,12 @@ async def run_fleet(
         raise ValueError("interval_seconds must be positive")
     stop = stop or asyncio.Event()
     stats = _Stats()
-    width = max(4, len(str(devices - 1)))
+    ids = device_ids(devices, prefix)
     stagger = min(interval_seconds, MAX_STAGGER_SECONDS) / devices
     log.info(
-        "simulating %d devices (%s%0*d...) every %.1f s on %s:%d",
+        "simulating %d devices (%s...) every %.1f s on %s:%d",
         devices,
-        prefix,
-        width,
-        0,
+        ids[0],
         interval_seconds,
         target.host,
         target.port,
@@ -242,16 +246,16 @@ async def run_fleet(
         device_tasks = [
             tg.create_task(
                 _device(
-                    f"{prefix}{i:0{width}d}",
+                    device_id,
                     target,
                     interval_seconds=interval_seconds,
                     start_delay_seconds=i * stagger,
                     stop=stop,
                     stats=stats,
                 ),
-                name=f"simulator.device[{prefix}{i:0{width}d}]",
+                name=f"simulator.device[{device_id}]",
             )
-            for i in range(devices)
+            for i, device_id in enumerate(ids)
         ]
         await asyncio.gather(*device_tasks)
         reporter.cancel()

@@ -24,6 +24,7 @@ import asyncpg
 import typer
 from pydantic import ValidationError
 
+from fleetline.db import close_connection
 from fleetline.embedded import (
     EmbeddedError,
     LocalMosquitto,
@@ -35,7 +36,7 @@ from fleetline.embedded import (
 from fleetline.logs import setup_logging
 from fleetline.migrate import MigrationError, migrate
 from fleetline.settings import ServiceSettings, StorageSettings, parse_mqtt_url
-from fleetline.simulator import run_fleet
+from fleetline.simulator import device_ids, run_fleet
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                 mqtt_url = broker.url
             try:
                 asyncio.run(migrate(database_url, StorageSettings(), create_database=True))
+                asyncio.run(_register_simulated(database_url, device_ids(devices)))
             except MigrationError as exc:
                 _say(f"error: migrations failed: {exc}", err=True)
                 return 1
@@ -194,6 +196,22 @@ async def _wait_ingest_ready(port: int, stop: asyncio.Event) -> None:
         "ingest is not ready after %.0f s; starting the simulator anyway",
         INGEST_READY_TIMEOUT_SECONDS,
     )
+
+
+async def _register_simulated(database_url: str, ids: list[str]) -> None:
+    """Put the simulated fleet in the device registry, so the API serves its telemetry."""
+    if not ids:
+        return
+    con = await asyncpg.connect(database_url)
+    try:
+        await con.execute(
+            "INSERT INTO devices (id, tags) SELECT d, $2::text::jsonb FROM unnest($1::text[]) d "
+            "ON CONFLICT (id) DO NOTHING",
+            ids,
+            '{"source": "simulator"}',
+        )
+    finally:
+        await close_connection(con)
 
 
 async def _start_simulator(
