@@ -23,6 +23,8 @@ DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 METRIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Larger magnitudes are refused: sums over a rollup bucket must stay finite.
+MAX_ABS_VALUE = 1e100
 
 # One stored value: (device_id, metric, ts, numeric value, text value).
 Row = tuple[str, str, datetime, float | None, str | None]
@@ -157,14 +159,12 @@ def _reading(
             problem = f"metric name {metric[:80]!r} is not [A-Za-z0-9_.-]{{1,64}}"
         else:
             kind = type(value)
-            if kind is float:
-                if value - value == 0.0:  # finite: inf - inf and NaN - NaN are NaN
-                    out.append((device_id, metric, ts, value, None))
+            if kind is float or kind is int:
+                number = float(value) if kind is int else value
+                if -MAX_ABS_VALUE <= number <= MAX_ABS_VALUE:  # False for NaN
+                    out.append((device_id, metric, ts, number, None))
                     continue
-                problem = f"value of {metric!r} is not a finite number"
-            elif kind is int:
-                out.append((device_id, metric, ts, float(value), None))
-                continue
+                problem = f"value of {metric!r} is not a number within ±{MAX_ABS_VALUE:g}"
             elif kind is bool:
                 out.append((device_id, metric, ts, 1.0 if value else 0.0, None))
                 continue

@@ -105,6 +105,8 @@ class StorageSettings(ServiceSettings):
     partitions_ahead: int = Field(default=3, ge=1, le=60)
     # TimescaleDB compresses chunks older than this.
     compress_after: str = "7 days"
-    # Minute and hour rollups (readings_1m, readings_1h) are kept this long.
-    rollup_1m_retention: str = "30 days"
+    # Minute and hour rollups (readings_1m, readings_1h) are kept this long. Keep the
+    # minute rollups at least as long as raw readings: hours are built from minutes, and
+    # a late reading can arrive for any time within the raw retention.
+    rollup_1m_retention: str = "90 days"
     rollup_1h_retention: str = "730 days"

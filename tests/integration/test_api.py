@@ -266,6 +266,9 @@ async def test_aligned_buckets_come_from_rollups_and_equal_raw(
             "bucket": bucket, "from": start.isoformat(), "to": end.isoformat()}).json()
         return body
 
+    # Older than the minute rollups are kept (90 days): raw rows, even when aligned.
+    old = (end - timedelta(days=100)).replace(minute=0)
+    assert query("30m", old)["source"] == "telemetry"
     # Unaligned: raw rows. Aligned to the minute or the hour: the rollups.
     raw = query("1h", base + timedelta(seconds=1))
     assert raw["source"] == "telemetry"

@@ -110,3 +110,25 @@ async def test_ingest_keeps_rollups_current(
         await asyncio.sleep(0.1)
     assert await assert_rollups_equal_raw(db, uid) > 0
     dev.close()
+
+
+async def test_a_roll_up_does_not_consume_the_mark_of_an_uncommitted_batch(
+    db: asyncpg.Pool[Any], uid: str
+) -> None:
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    sid = await db.fetchval(
+        "INSERT INTO series (device_id, metric) VALUES ($1, 'v') RETURNING id", f"{uid}-m")
+    await db.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 1)",
+                     sid, hour)  # the hour is marked, not rolled up yet
+    async with db.acquire() as writer:
+        tx = writer.transaction()
+        await tx.start()
+        await writer.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 2)",
+                             sid, hour + timedelta(minutes=5))
+        # A roll-up while that batch is open must leave the hour's mark for later.
+        await db.fetchval("SELECT fleetline_roll_up(100000)")
+        await tx.commit()
+    await roll_up(db)
+    count = await db.fetchval(
+        "SELECT count FROM readings_1h WHERE device_id = $1 AND bucket = $2", f"{uid}-m", hour)
+    assert count == 2

@@ -87,6 +87,12 @@ def test_bad_values(value: str, reason: str) -> None:
     assert reason in errors[0]
 
 
+def test_values_beyond_the_rollup_safe_range_are_refused() -> None:
+    rows, errors = parse(b'{"values": {"big": 1e300, "huge": 1' + b"0" * 120 + b', "ok": -2}}')
+    assert [r[1] for r in rows] == ["ok"]
+    assert len(errors) == 2 and all("within" in e for e in errors)
+
+
 def test_metric_count_limit() -> None:
     values = ", ".join(f'"m{i}": {i}' for i in range(5))
     _, errors = parse(b'{"values": {' + values.encode() + b"}}", Limits(max_metrics=4))

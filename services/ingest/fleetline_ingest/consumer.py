@@ -322,6 +322,9 @@ class Ingestor:
     async def rollup_loop(self) -> None:
         """Recompute the rollups of the hours that received readings (plain PostgreSQL)."""
         per_round = self.settings.rollup_hours_per_round
+        async with self.pool.acquire() as con:
+            if await con.fetchval("SELECT timescale FROM storage_config"):
+                return  # continuous aggregates refresh themselves
         while True:
             try:
                 while True:

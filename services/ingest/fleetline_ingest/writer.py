@@ -63,7 +63,6 @@ ON CONFLICT (device_id) DO UPDATE SET
                   THEN excluded.online ELSE a.online END,
     status_changed_at = greatest(a.status_changed_at, excluded.status_changed_at)
 """
-# One call per partition the batch's readings fall in (the width is the schema's).
 UPSERT_LATEST = """
 INSERT INTO series_latest AS l (series_id, ts, value, value_text)
 SELECT * FROM unnest($1::int[], $2::timestamptz[], $3::float8[], $4::text[])
@@ -71,6 +70,7 @@ ON CONFLICT (series_id) DO UPDATE
 SET ts = excluded.ts, value = excluded.value, value_text = excluded.value_text
 WHERE excluded.ts > l.ts
 """
+# One call per partition the batch's readings fall in (the width is the schema's).
 ENSURE_PARTITIONS = """
 SELECT fleetline_ensure_partition(min(t))
 FROM unnest($1::timestamptz[]) AS t

@@ -12,7 +12,7 @@ import base64
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from fleetline_api.deps import PoolDep, TelemetryRead
@@ -155,11 +155,15 @@ ROLLUPS: tuple[tuple[Source, timedelta], ...] = (
 
 
 def _rollup_for(
-    bucket: timedelta, start: datetime, end: datetime
+    bucket: timedelta, start: datetime, end: datetime, horizons: dict[str, timedelta]
 ) -> tuple[Source, timedelta] | None:
-    """The coarsest rollup whose buckets tile the request exactly, if any."""
+    """The coarsest rollup whose buckets tile the request exactly and that still holds
+    the whole range (rollups are kept for their own retention), if any."""
+    now = datetime.now(UTC)
     for table, granularity in ROLLUPS:
         if bucket % granularity or any((t - BUCKET_ORIGIN) % granularity for t in (start, end)):
+            continue
+        if start < now - horizons.get(table, timedelta(0)):
             continue
         return table, granularity
     return None
@@ -203,6 +207,7 @@ async def latest(device_id: DeviceId, pool: PoolDep, _key: TelemetryRead) -> Lat
 
 @router.get("/{device_id}/telemetry", response_model=PointPage | Aggregates, responses=NOT_FOUND)
 async def telemetry(
+    request: Request,
     device_id: DeviceId,
     pool: PoolDep,
     _key: TelemetryRead,
@@ -233,7 +238,9 @@ async def telemetry(
     if bucket is not None:
         width = _parse_bucket(bucket)
         chosen = [a for a in AGGS if any(a in item.split(",") for item in agg)] or list(AGGS)
-        return await _aggregates(pool, device_id, metrics, since, until, width, chosen)
+        return await _aggregates(
+            pool, request.state.rollup_horizons, device_id, metrics, since, until, width, chosen
+        )
     after_ts, after_sid = _decode_cursor(cursor) if cursor else (None, None)
     rows = await pool.fetch(
         """
@@ -266,6 +273,7 @@ async def telemetry(
 
 async def _aggregates(
     pool: PoolDep,
+    horizons: dict[str, timedelta],
     device_id: str,
     metrics: list[str] | None,
     start: datetime,
@@ -287,7 +295,7 @@ async def _aggregates(
             f"that asks for up to {buckets * max(1, series):,.0f} buckets ({series} metric(s)); "
             f"at most {MAX_BUCKETS:,}: widen 'bucket', narrow the range or name metrics",
         )
-    source = _rollup_for(bucket, start, end)
+    source = _rollup_for(bucket, start, end, horizons)
     args = (device_id, metrics, start, end, bucket, BUCKET_ORIGIN)
     if source is None:
         columns = ", ".join(f"{_AGG_SQL[a]} AS {a}" for a in aggs)
