@@ -44,6 +44,7 @@ def log(text: str) -> None:
 async def load(url: str, days: int, every: float) -> int:
     con = await asyncpg.connect(url)
     try:
+        await con.execute("INSERT INTO devices (id) VALUES ($1)", DEVICE)
         sid = await con.fetchval(
             "INSERT INTO series (device_id, metric) VALUES ($1, 'temperature') RETURNING id",
             DEVICE,
@@ -68,10 +69,10 @@ async def load(url: str, days: int, every: float) -> int:
                 "telemetry", records=records, columns=["series_id", "ts", "value", "value_text"]
             )
         t0 = time.perf_counter()
-        hours = 0
+        marks = 0
         while done := await con.fetchval("SELECT fleetline_roll_up(100000)"):
-            hours += done
-        log(f"rolled up {hours} hours in {time.perf_counter() - t0:.2f} s")
+            marks += done
+        log(f"rolled up {marks} (series, minute) marks in {time.perf_counter() - t0:.2f} s")
         await con.execute("VACUUM ANALYZE")
         return n
     finally:

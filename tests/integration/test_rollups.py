@@ -102,7 +102,7 @@ async def test_ingest_keeps_rollups_current(
     dev.publish_all([{"ts": (base + timedelta(seconds=30 * i)).isoformat(),
                       "values": {"t": i % 13, "fw": "1.0"}} for i in range(300)])
     assert await wait_rows(db, uid, 600) == 600
-    wait_until(lambda: ingest.metric("fleetline_ingest_rollup_hours_total") >= 3,
+    wait_until(lambda: ingest.metric("fleetline_ingest_rollup_minutes_total") >= 150,
                what="rollups recomputed")
     deadline = time.monotonic() + 20
     while await db.fetchval("SELECT count(*) FROM rollup_pending"):
@@ -124,7 +124,7 @@ async def test_a_roll_up_does_not_consume_the_mark_of_an_uncommitted_batch(
         tx = writer.transaction()
         await tx.start()
         await writer.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 2)",
-                             sid, hour + timedelta(minutes=5))
+                             sid, hour + timedelta(seconds=30))  # the same minute: one mark
         # A roll-up while that batch is open must leave the hour's mark for later.
         await db.fetchval("SELECT fleetline_roll_up(100000)")
         await tx.commit()

@@ -320,8 +320,8 @@ class Ingestor:
             await asyncio.sleep(self.settings.maintenance_interval_seconds)
 
     async def rollup_loop(self) -> None:
-        """Recompute the rollups of the hours that received readings (plain PostgreSQL)."""
-        per_round = self.settings.rollup_hours_per_round
+        """Recompute the rollups of the minutes that received readings (plain PostgreSQL)."""
+        per_round = self.settings.rollup_marks_per_round
         async with self.pool.acquire() as con:
             if await con.fetchval("SELECT timescale FROM storage_config"):
                 return  # continuous aggregates refresh themselves
@@ -330,7 +330,7 @@ class Ingestor:
                 while True:
                     async with self.pool.acquire() as con:
                         done = await con.fetchval("SELECT fleetline_roll_up($1)", per_round)
-                    metrics.ROLLUP_HOURS.inc(done)
+                    metrics.ROLLUP_MINUTES.inc(done)
                     if done < per_round:
                         break
             except Exception as exc:  # replicas racing on one hour, a restart: next round

@@ -33,6 +33,7 @@ PENDING_MESSAGES = Gauge(
 )
 PAUSED = Gauge("fleetline_ingest_paused", "1 while reading from the broker is paused")
 CONNECTED = Gauge("fleetline_ingest_mqtt_connected", "1 while connected to the broker")
-ROLLUP_HOURS = Counter(
-    "fleetline_ingest_rollup_hours_total", "(series, hour) pairs whose rollups were recomputed"
+ROLLUP_MINUTES = Counter(
+    "fleetline_ingest_rollup_minutes_total",
+    "(series, minute) pairs whose rollups were recomputed",
 )

@@ -45,9 +45,9 @@ class IngestSettings(ServiceSettings):
     # How often to create partitions ahead and drop expired ones (plain PostgreSQL).
     maintenance_interval_seconds: float = Field(default=3600.0, ge=1)
     # How often to bring the minute and hour rollups up to date (plain PostgreSQL), and
-    # how many (series, hour) pairs one statement recomputes.
+    # how many marked (series, minute) pairs one statement recomputes.
     rollup_interval_seconds: float = Field(default=5.0, ge=0.1)
-    rollup_hours_per_round: int = Field(default=2000, ge=1, le=1_000_000)
+    rollup_marks_per_round: int = Field(default=5000, ge=1, le=1_000_000)
     # On SIGTERM, time allowed to write and acknowledge what was received.
     shutdown_timeout_seconds: float = Field(default=20.0, ge=1)
 

@@ -119,9 +119,10 @@ WITH chosen AS (
     SELECT id, metric FROM series
     WHERE device_id = $1 AND ($2::text[] IS NULL OR metric = ANY($2))
 ),
-pending AS (
-    SELECT p.series_id, p.hour FROM rollup_pending p JOIN chosen c ON c.id = p.series_id
-    WHERE p.hour >= $3::timestamptz - INTERVAL '1 hour' AND p.hour < $4::timestamptz
+pending AS (  -- hours holding a minute whose rollup is behind its raw rows
+    SELECT DISTINCT p.series_id, date_bin(INTERVAL '1 hour', p.minute, $6) AS hour
+    FROM rollup_pending p JOIN chosen c ON c.id = p.series_id
+    WHERE p.minute >= $3::timestamptz - INTERVAL '1 hour' AND p.minute < $4::timestamptz
 ),
 parts AS (
     SELECT r.series_id, r.bucket, r.count, r.value_count, r.sum, r.min, r.max, r.last
