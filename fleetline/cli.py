@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
@@ -154,14 +155,23 @@ app.add_typer(telemetry_app, name="telemetry")
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 
 
-def _api(method: str, path: str, **kwargs: Any) -> Any:
-    from fleetline.client import ApiClient, ApiError
+@contextmanager
+def _api_errors() -> Iterator[None]:
+    """An API problem or an unreachable API: one line on stderr, exit code 1."""
+    from fleetline.client import ApiError
 
     try:
-        return ApiClient().request(method, path, **kwargs)
+        yield
     except ApiError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _api(method: str, path: str, **kwargs: Any) -> Any:
+    from fleetline.client import ApiClient
+
+    with _api_errors():
+        return ApiClient().request(method, path, **kwargs)
 
 
 def _tags(tag: list[str]) -> dict[str, str]:
@@ -199,16 +209,13 @@ def device_list(
     as_json: JsonOption = False,
 ) -> None:
     """List devices (all pages), filtered by tags and status."""
-    from fleetline.client import ApiClient, ApiError
+    from fleetline.client import ApiClient
 
     params: dict[str, Any] = {"tag": [f"{k}={v}" for k, v in _tags(tag).items()], "limit": 1000}
     if status:
         params["status"] = status
-    try:
+    with _api_errors():
         devices = list(ApiClient().pages("/v1/devices", params))
-    except ApiError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(devices))
     else:

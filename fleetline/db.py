@@ -66,6 +66,20 @@ async def close_pool(pool: asyncpg.Pool[Any]) -> None:
         pool.terminate()
 
 
+READY_TIMEOUT_SECONDS = 2.0
+
+
+async def answers(pool: asyncpg.Pool[Any], *, timeout: float = READY_TIMEOUT_SECONDS) -> bool:
+    """The database hands out a connection and answers a query, within ``timeout`` each
+    (a readiness probe must not hang on a database that does not answer)."""
+    try:
+        async with pool.acquire(timeout=timeout) as con:
+            await con.fetchval("SELECT 1", timeout=timeout)
+    except Exception:
+        return False
+    return True
+
+
 async def close_connection(con: asyncpg.Connection[Any]) -> None:
     """Close politely, but do not wait on a server that never closes its end (seen with
     TimescaleDB's WebAssembly build behind pglite-socket)."""

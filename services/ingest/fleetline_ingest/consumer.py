@@ -25,7 +25,7 @@ from typing import Any
 import aiomqtt
 import asyncpg
 
-from fleetline import mqtt
+from fleetline import db, mqtt
 from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
 from fleetline.settings import MqttProtocol, StorageSettings
 from fleetline_ingest import metrics
@@ -338,14 +338,7 @@ class Ingestor:
             await asyncio.sleep(self.settings.rollup_interval_seconds)
 
     async def ready(self) -> bool:
-        if not self.connected:
-            return False
-        try:
-            async with self.pool.acquire(timeout=2) as con:
-                await con.fetchval("SELECT 1")
-        except Exception:
-            return False
-        return True
+        return self.connected and await db.answers(self.pool)
 
     # -- running and stopping ---------------------------------------------------------
 

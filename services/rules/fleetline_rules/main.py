@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
-
-import asyncpg
 
 from fleetline import db, service
 from fleetline.logs import setup_logging
@@ -25,7 +22,7 @@ async def run(settings: RulesSettings) -> None:
     pool = await db.create_pool(settings.dsn, min_size=1, max_size=2)
 
     async def ready() -> bool:
-        return await _database_answers(pool)
+        return await db.answers(pool)
 
     probes = await service.serve_probes(settings.http_host, settings.http_port, ready=ready)
     try:
@@ -33,15 +30,6 @@ async def run(settings: RulesSettings) -> None:
     finally:
         probes.close()
         await db.close_pool(pool)
-
-
-async def _database_answers(pool: asyncpg.Pool[Any]) -> bool:
-    try:
-        async with pool.acquire(timeout=2) as con:
-            await con.fetchval("SELECT 1")
-    except Exception:
-        return False
-    return True
 
 
 def main() -> None:

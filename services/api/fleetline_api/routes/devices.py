@@ -50,6 +50,24 @@ TagFilter = Annotated[
 StatusFilter = Annotated[Literal["online", "offline"] | None, Query()]
 
 
+def device_filter(
+    tag: list[str], status: str | None, cursor: str | None, *, first: int
+) -> tuple[str, list[Any]] | None:
+    """SQL conditions on devices ``d`` (with their activity ``a``) and their parameters,
+    numbered from ``$first``: tags, connection status, and the page after ``cursor``.
+    None when no device can match (one tag asked for two values)."""
+    wanted = parse_tags(tag)
+    if wanted is None:
+        return None
+    t, s, c = first, first + 1, first + 2
+    sql = (
+        f"(${t}::jsonb IS NULL OR d.tags @> ${t}::jsonb)"
+        f" AND (${s}::bool IS NULL OR coalesce(a.online, false) = ${s})"
+        f" AND (${c}::text IS NULL OR d.id > ${c})"
+    )
+    return sql, [wanted or None, None if status is None else status == "online", cursor]
+
+
 @router.get("", response_model=DevicePage)
 async def list_devices(
     pool: PoolDep,
@@ -60,19 +78,12 @@ async def list_devices(
     cursor: Annotated[str | None, Query(max_length=128)] = None,
 ) -> DevicePage:
     """Devices ordered by id, filtered by tags (string values) and connection status."""
-    wanted = parse_tags(tag)
-    if wanted is None:
+    where = device_filter(tag, status, cursor, first=1)
+    if where is None:
         return DevicePage(items=[], next_cursor=None)
+    sql, params = where
     rows = await pool.fetch(
-        SELECT_DEVICE
-        + """WHERE ($1::jsonb IS NULL OR d.tags @> $1::jsonb)
-              AND ($2::bool IS NULL OR coalesce(a.online, false) = $2)
-              AND ($3::text IS NULL OR d.id > $3)
-           ORDER BY d.id LIMIT $4""",
-        wanted or None,
-        None if status is None else status == "online",
-        cursor,
-        limit + 1,
+        f"{SELECT_DEVICE} WHERE {sql} ORDER BY d.id LIMIT $4", *params, limit + 1
     )
     items = [DevicePublic(**dict(r)) for r in rows[:limit]]
     return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from fleetline import db
 from fleetline_api.deps import PoolDep
 from fleetline_api.problems import Problem
 
@@ -20,11 +21,8 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"model": Problem, "description": "Not ready"}})
 async def readyz(pool: PoolDep) -> dict[str, str]:
     """The database answers (within 2 s)."""
-    try:
-        async with pool.acquire(timeout=2) as con:
-            await con.fetchval("SELECT 1", timeout=2)
-    except Exception:
-        raise HTTPException(503, "the database does not answer") from None
+    if not await db.answers(pool):
+        raise HTTPException(503, "the database does not answer")
     return {"status": "ready"}
 
 

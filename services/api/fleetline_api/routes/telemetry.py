@@ -17,7 +17,7 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from fleetline_api.deps import PoolDep, TelemetryRead
 from fleetline_api.problems import NOT_FOUND, RESPONSES
-from fleetline_api.routes.devices import StatusFilter, TagFilter, parse_tags
+from fleetline_api.routes.devices import StatusFilter, TagFilter, device_filter
 from fleetline_api.schemas import (
     Aggregates,
     Bucket,
@@ -333,26 +333,23 @@ async def fleet_latest(
 ) -> FleetLatest:
     """The last value of one metric on every registered device that has it (a fleet
     table), ordered by device id, filtered like the device list."""
-    wanted = parse_tags(tag)
-    if wanted is None:
+    where = device_filter(tag, status, cursor, first=2)
+    if where is None:
         return FleetLatest(metric=metric, items=[], next_cursor=None)
+    sql, params = where
     rows = await pool.fetch(
-        """
+        f"""
         SELECT d.id AS device_id, l.ts, l.value, l.value_text
         FROM devices d
         JOIN series s ON s.device_id = d.id AND s.metric = $1
         JOIN series_latest l ON l.series_id = s.id
         LEFT JOIN device_activity a ON a.device_id = d.id
-        WHERE ($2::jsonb IS NULL OR d.tags @> $2::jsonb)
-          AND ($3::bool IS NULL OR coalesce(a.online, false) = $3)
-          AND ($4::text IS NULL OR d.id > $4)
+        WHERE {sql}
         ORDER BY d.id
         LIMIT $5
         """,
         metric,
-        wanted or None,
-        None if status is None else status == "online",
-        cursor,
+        *params,
         limit + 1,
     )
     items = [DeviceValue(**dict(r)) for r in rows[:limit]]
