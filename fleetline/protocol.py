@@ -93,14 +93,11 @@ device_ids = _NameCache(DEVICE_ID_RE)
 metric_names = _NameCache(METRIC_RE)
 
 
-def parse_ts(raw: Any, received_at: datetime, limits: Limits) -> datetime:
-    """A reading's ts: RFC 3339 string or epoch milliseconds; absent means received_at."""
-    return _parse_ts(raw, received_at, limits.window(received_at), limits)
-
-
 def _parse_ts(
     raw: Any, received_at: datetime, window: tuple[datetime, datetime], limits: Limits
 ) -> datetime:
+    """A reading's ts: RFC 3339 string or epoch milliseconds; absent means received_at.
+    ``window`` is ``limits.window(received_at)``, computed once per message."""
     kind = type(raw)
     if raw is None:
         return received_at

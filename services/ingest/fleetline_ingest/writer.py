@@ -178,8 +178,8 @@ class BatchWriter:
         activity = self._activity(batch)
         newest: dict[int, tuple[Any, ...]] = {}
         for record in records:
-            seen = newest.get(record[0])
-            if seen is None or record[1] > seen[1]:
+            kept = newest.get(record[0])
+            if kept is None or record[1] > kept[1]:
                 newest[record[0]] = record
         inserted = 0
         async with con.transaction():
