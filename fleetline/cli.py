@@ -188,18 +188,71 @@ def _show_device(device: dict[str, Any]) -> None:
     typer.echo(f"{device['id']:32} {state} last seen {device['last_seen'] or '-':32} {tags}")
 
 
+def _show_credentials(creds: dict[str, Any]) -> None:
+    typer.echo(f"key (version {creds['key_version']}, shown once): {creds['key']}")
+    typer.echo(f"connection string: {creds['connection_string']}")
+
+
 @device_app.command("create")
 def device_create(
     device_id: Annotated[str, typer.Argument(help="[A-Za-z0-9_.:-]{1,128}")],
     tag: Annotated[list[str], typer.Option("--tag", "-t", help="name=value, repeatable")] = [],  # noqa: B006
     as_json: JsonOption = False,
 ) -> None:
-    """Register a device."""
+    """Register a device and print its key and connection string (shown this once)."""
     device = _api("POST", "/v1/devices", json={"id": device_id, "tags": _tags(tag)})
     if as_json:
         typer.echo(json.dumps(device))
     else:
         _show_device(device)
+        _show_credentials(device["credentials"])
+
+
+@device_app.command("renew-key")
+def device_renew_key(device_id: str, as_json: JsonOption = False) -> None:
+    """Issue a new key (shown once); the old key and its tokens stop working."""
+    creds = _api("POST", f"/v1/devices/{device_id}/key")
+    if as_json:
+        typer.echo(json.dumps(creds))
+    else:
+        _show_credentials(creds)
+
+
+@device_app.command("token")
+def device_token(
+    device_id: str,
+    ttl: Annotated[int, typer.Option(help="Seconds the token is valid.")] = 3600,
+    as_json: JsonOption = False,
+) -> None:
+    """A SAS token for the device's MQTT password (sig=...&se=...), signed by the API."""
+    token = _api("POST", f"/v1/devices/{device_id}/token", json={"ttl_s": ttl})
+    typer.echo(json.dumps(token) if as_json else token["token"])
+
+
+@device_app.command("connection-string")
+def device_connection_string(
+    device_id: str,
+    key: Annotated[
+        str | None, typer.Option(envvar="FLEETLINE_DEVICE_KEY", help="The device's key.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Broker host devices connect to.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Broker port devices connect to.")] = 1883,
+    renew: Annotated[bool, typer.Option(help="Issue a new key and use it.")] = False,
+) -> None:
+    """A device's connection string. fleetline never returns a key twice, so give the key
+    you were shown (--key), or issue a new one (--renew)."""
+    from fleetline import devicekeys
+
+    if renew:
+        typer.echo(_api("POST", f"/v1/devices/{device_id}/key")["connection_string"])
+        return
+    if not key:
+        raise typer.BadParameter("give --key (the key is shown only once) or --renew")
+    try:
+        devicekeys.fingerprint(key)  # well-formed
+    except devicekeys.DeviceKeyError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--key") from None
+    typer.echo(devicekeys.connection_string(host=host, port=port, device_id=device_id, key=key))
 
 
 @device_app.command("list")
@@ -289,6 +342,56 @@ def up(
     from fleetline.up import run_up
 
     raise typer.Exit(run_up(devices=devices, interval_seconds=interval, data_dir=data_dir))
+
+
+@app.command()
+def monitor(
+    device: Annotated[list[str], typer.Option("--device", "-d", help="Repeatable")] = [],  # noqa: B006
+    tag: Annotated[list[str], typer.Option("--tag", "-t", help="name=value, repeatable")] = [],  # noqa: B006
+    metric: Annotated[list[str], typer.Option("--metric", "-m", help="Repeatable")] = [],  # noqa: B006
+    events: Annotated[str, typer.Option(help="telemetry, status, or both")] = "telemetry,status",
+    count: Annotated[int, typer.Option(help="Stop after this many events (0: never).")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Live events (stored telemetry, status changes) from /v1/stream, until Ctrl-C."""
+    from fleetline.client import ApiError, stream_events
+
+    params = {
+        "device": device,
+        "tag": [f"{k}={v}" for k, v in _tags(tag).items()],
+        "metric": metric,
+        "events": events,
+    }
+
+    async def run() -> None:
+        seen = 0
+        async for event in stream_events(params):
+            if event.get("type") == "subscribed":
+                if not as_json:
+                    typer.echo("listening for events (Ctrl-C stops)", err=True)
+                continue
+            typer.echo(json.dumps(event) if as_json else _event_line(event))
+            seen += 1
+            if count and seen >= count:
+                return
+
+    try:
+        asyncio.run(run())
+    except ApiError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    head = f"{event.get('ts', '')}  {event.get('device_id', ''):24}"
+    if event.get("type") == "telemetry":
+        values = " ".join(f"{k}={v}" for k, v in event.get("values", {}).items())
+        return f"{head} {values}"
+    if event.get("type") == "status":
+        return f"{head} {'online' if event.get('online') else 'offline'}"
+    return f"{head} {json.dumps(event)}"
 
 
 if __name__ == "__main__":

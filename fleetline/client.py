@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 
@@ -15,13 +18,60 @@ class ApiError(Exception):
     """The API answered with a problem (RFC 9457), or could not be reached."""
 
 
+# Close codes after which reconnecting cannot help (fleetline_api/routes/stream.py).
+FATAL_CLOSE_CODES = {1008, 4401, 4403}
+RECONNECT_MAX_SECONDS = 30.0
+
+
+def _key(key: str | None) -> str:
+    key = key or os.environ.get("FLEETLINE_API_KEY")
+    if not key:
+        raise ApiError("set FLEETLINE_API_KEY (create one: fleetline apikey create)")
+    return key
+
+
+def _base_url(url: str | None) -> str:
+    return url or os.environ.get("FLEETLINE_API_URL", DEFAULT_API_URL)
+
+
+async def stream_events(
+    params: dict[str, Any], *, url: str | None = None, key: str | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Events of ``/v1/stream``, reconnecting (with backoff) when the stream drops."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+
+    token = _key(key)
+    base = urlsplit(_base_url(url))
+    scheme = "wss" if base.scheme == "https" else "ws"
+    query = urlencode({k: v for k, v in params.items() if v}, doseq=True)
+    ws_url = f"{scheme}://{base.netloc}{base.path.rstrip('/')}/v1/stream?{query}"
+    attempt = 0
+    while True:
+        try:
+            async with connect(
+                ws_url, additional_headers={"Authorization": f"Bearer {token}"}
+            ) as ws:
+                async for message in ws:
+                    attempt = 0
+                    yield json.loads(message)
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            reason = exc.rcvd.reason if exc.rcvd else "connection lost"
+            if code in FATAL_CLOSE_CODES:
+                raise ApiError(f"stream closed ({code}): {reason}") from None
+        except (OSError, InvalidStatus, InvalidURI) as exc:
+            if isinstance(exc, InvalidURI) or attempt >= 5:
+                raise ApiError(f"cannot open the stream at {ws_url}: {exc}") from None
+        await asyncio.sleep(min(RECONNECT_MAX_SECONDS, 0.5 * 2**attempt))
+        attempt += 1
+
+
 class ApiClient:
     def __init__(self, url: str | None = None, key: str | None = None) -> None:
-        key = key or os.environ.get("FLEETLINE_API_KEY")
-        if not key:
-            raise ApiError("set FLEETLINE_API_KEY (create one: fleetline apikey create)")
+        key = _key(key)
         self._http = httpx.Client(
-            base_url=url or os.environ.get("FLEETLINE_API_URL", DEFAULT_API_URL),
+            base_url=_base_url(url),
             headers={"Authorization": f"Bearer {key}"},
             timeout=30,
         )

@@ -8,10 +8,11 @@ through validation aliases, so one ConfigMap serves every service.
 
 from __future__ import annotations
 
-from typing import Literal
+import sys
+from typing import Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/fleetline"
@@ -110,3 +111,22 @@ class StorageSettings(ServiceSettings):
     # a late reading can arrive for any time within the raw retention.
     rollup_1m_retention: str = "90 days"
     rollup_1h_retention: str = "730 days"
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load(cls: type[SettingsT]) -> SettingsT:
+    """``cls()`` from the environment; a bad or missing setting exits with a message that
+    names the environment variable, instead of a traceback."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"])
+            name = field if field.startswith("FLEETLINE_") else f"{prefix}{field}".upper()
+            lines.append(f"  {name}: {error['msg']}")
+        sys.stderr.write(f"error: invalid settings ({cls.__name__}):\n" + "\n".join(lines) + "\n")
+        raise SystemExit(2) from None

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ import asyncpg
 import typer
 from pydantic import ValidationError
 
+from fleetline import devicekeys
 from fleetline.db import close_connection
 from fleetline.embedded import (
     EmbeddedError,
@@ -56,6 +58,21 @@ MOSQUITTO_MISSING = (
     "mosquitto is not installed. Install the Debian package: apt-get install mosquitto "
     "(`make run` does it), or point FLEETLINE_MQTT_URL at a broker."
 )
+
+
+def device_key_secret(base: Path) -> str:
+    """FLEETLINE_DEVICE_KEY_SECRET, else this data directory's own (made on first run):
+    device keys stay valid across restarts of ``up``."""
+    configured = os.environ.get("FLEETLINE_DEVICE_KEY_SECRET")
+    if configured:
+        return configured
+    path = base / "device-key-secret"
+    if not path.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return path.read_text().strip()
 
 
 def _pick_port(preferred: int) -> int:
@@ -111,6 +128,12 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
         _say(f"error: {MOSQUITTO_MISSING}", err=True)
         return 1
     base = Path(data_dir).resolve()
+    try:
+        key_secret = device_key_secret(base)
+        devicekeys.check_secret(key_secret.encode())
+    except (OSError, devicekeys.DeviceKeyError) as exc:
+        _say(f"error: device-key secret: {exc}", err=True)
+        return 1
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     _trap_signals()
     try:
@@ -125,7 +148,9 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                 mqtt_url = broker.url
             try:
                 asyncio.run(migrate(database_url, StorageSettings(), create_database=True))
-                asyncio.run(_register_simulated(database_url, device_ids(devices)))
+                asyncio.run(
+                    _register_simulated(database_url, device_ids(devices), key_secret.encode())
+                )
             except MigrationError as exc:
                 _say(f"error: migrations failed: {exc}", err=True)
                 return 1
@@ -135,7 +160,11 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
             _trap_signals()
             code = asyncio.run(
                 _supervise(
-                    database_url, mqtt_url, devices=devices, interval_seconds=interval_seconds
+                    database_url,
+                    mqtt_url,
+                    key_secret=key_secret,
+                    devices=devices,
+                    interval_seconds=interval_seconds,
                 )
             )
             _trap_signals()
@@ -151,10 +180,11 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
             signal.signal(sig, handler)
 
 
-def _child_env(database_url: str, mqtt_url: str) -> dict[str, str]:
+def _child_env(database_url: str, mqtt_url: str, key_secret: str) -> dict[str, str]:
     env = dict(os.environ)
     env["FLEETLINE_DATABASE_URL"] = database_url
     env["FLEETLINE_MQTT_URL"] = mqtt_url
+    env["FLEETLINE_DEVICE_KEY_SECRET"] = key_secret
     if sys.stderr.isatty():
         env.setdefault("FLEETLINE_LOG_FORMAT", "console")
     # One ingest replica: a plain persistent subscription, which Mosquitto restores after
@@ -198,16 +228,23 @@ async def _wait_ingest_ready(port: int, stop: asyncio.Event) -> None:
     )
 
 
-async def _register_simulated(database_url: str, ids: list[str]) -> None:
-    """Put the simulated fleet in the device registry, so the API serves its telemetry."""
+async def _register_simulated(database_url: str, ids: list[str], key_secret: bytes) -> None:
+    """Put the simulated fleet in the device registry with its first keys (which the
+    simulator derives from the same secret), so devices may connect and the API serves
+    their telemetry."""
     if not ids:
         return
+    fingerprints = [devicekeys.fingerprint(devicekeys.derive_key(key_secret, d, 1)) for d in ids]
     con = await asyncpg.connect(database_url)
     try:
         await con.execute(
-            "INSERT INTO devices (id, tags) SELECT d, $2::text::jsonb FROM unnest($1::text[]) d "
-            "ON CONFLICT (id) DO NOTHING",
+            """
+            INSERT INTO devices (id, tags, key_version, key_sha256, key_created_at)
+            SELECT d, $3::text::jsonb, 1, f, now() FROM unnest($1::text[], $2::bytea[]) u(d, f)
+            ON CONFLICT (id) DO NOTHING
+            """,
             ids,
+            fingerprints,
             '{"source": "simulator"}',
         )
     finally:
@@ -231,7 +268,7 @@ async def _start_simulator(
 
 
 async def _supervise(
-    database_url: str, mqtt_url: str, *, devices: int, interval_seconds: float
+    database_url: str, mqtt_url: str, *, key_secret: str, devices: int, interval_seconds: float
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -246,7 +283,7 @@ async def _supervise(
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
 
-    env = _child_env(database_url, mqtt_url)
+    env = _child_env(database_url, mqtt_url, key_secret)
     ingest_port = int(env.get("FLEETLINE_INGEST_HTTP_PORT") or INGEST_HTTP_PORT)
     procs: dict[str, asyncio.subprocess.Process] = {}
     exits: dict[asyncio.Task[int], str] = {}

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install what fleetline runs on, when missing (Debian/Ubuntu packages).
-#   ensure-services.sh run   the broker (mosquitto); the database is embedded
-#   ensure-services.sh test  the broker, Node.js (TimescaleDB test), and PostgreSQL
-#                            on 127.0.0.1:5432 when it is installed but stopped
+#   ensure-services.sh run   the broker (mosquitto) and what builds its auth plugin
+#                            (deploy/mosquitto/auth); the database is embedded
+#   ensure-services.sh test  the same, Node.js (TimescaleDB test), Chromium (dashboard
+#                            test), and PostgreSQL on 127.0.0.1:5432 when it is
+#                            installed but stopped
 # Tests start their own mosquitto processes; when no PostgreSQL answers on
 # 127.0.0.1:5432 (and FLEETLINE_TEST_PG_URL is unset) they start an embedded one.
 set -euo pipefail
@@ -26,8 +28,18 @@ have_mosquitto() { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]
 have_mosquitto || apt_install mosquitto
 have_mosquitto || { echo "error: mosquitto still missing after install" >&2; exit 1; }
 
+# The broker's auth plugin is C against the mosquitto plugin API, libpq and OpenSSL.
+missing=()
+[ -f /usr/include/mosquitto_plugin.h ] || missing+=(mosquitto-dev libmosquitto-dev)
+[ -f /usr/include/postgresql/libpq-fe.h ] || missing+=(libpq-dev)
+[ -f /usr/include/openssl/hmac.h ] || missing+=(libssl-dev)
+command -v cc >/dev/null || missing+=(gcc)
+command -v make >/dev/null || missing+=(make)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+
 if [ "$mode" = test ]; then
   command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+  [ -x /usr/bin/chromium ] || apt_install chromium
   if [ -z "${FLEETLINE_TEST_PG_URL:-}" ] && command -v pg_ctlcluster >/dev/null \
      && ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
     for version in $(ls /etc/postgresql 2>/dev/null); do

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,6 +20,9 @@ import orjson
 import paho.mqtt.client as mqtt
 
 from fleetline.embedded import free_port
+
+# This run's device-key secret: the API derives device keys from it, the broker checks them.
+DEVICE_KEY_SECRET = secrets.token_hex(32)
 
 
 def wait_until(check: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.1,
@@ -186,4 +190,4 @@ class ApiProcess(ServiceProcess):
     port_variable = "FLEETLINE_API_PORT"
 
     def service_env(self, name: str) -> dict[str, str]:
-        return {"FLEETLINE_API_HOST": "127.0.0.1"}
+        return {"FLEETLINE_API_HOST": "127.0.0.1", "FLEETLINE_DEVICE_KEY_SECRET": DEVICE_KEY_SECRET}

@@ -6,12 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
-from tests.support import ApiProcess
+from fleetline import devicekeys
+from fleetline.embedded import LocalMosquitto
+from tests.support import DEVICE_KEY_SECRET, ApiProcess, Device, IngestProcess
 
 pytestmark = pytest.mark.integration
 
@@ -49,3 +53,57 @@ def test_missing_key_and_unreachable_api_are_clear_errors() -> None:
     down = fleetline("device", "list",
                      env={"FLEETLINE_API_KEY": "flk_x", "FLEETLINE_API_URL": "http://127.0.0.1:9"})
     assert down.returncode == 1 and "cannot reach the API" in down.stderr
+
+
+async def test_device_credentials_verbs(
+    api: ApiProcess, make_key: Callable[..., Any], uid: str
+) -> None:
+    env = {"FLEETLINE_API_URL": api.url, "FLEETLINE_API_KEY": await make_key("admin")}
+    made = fleetline("device", "create", f"{uid}-k", env=env)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.split("shown once): ", 1)[1].split()[0]
+    assert devicekeys.derive_key(DEVICE_KEY_SECRET.encode(), f"{uid}-k", 1) == key
+    assert f"DeviceId={uid}-k;SharedAccessKey={key}" in made.stdout
+    token = fleetline("device", "token", f"{uid}-k", "--ttl", "60", env=env)
+    assert token.returncode == 0 and devicekeys.verify_password(key, f"{uid}-k", token.stdout.strip())
+    conn = fleetline("device", "connection-string", f"{uid}-k", "--key", key, "--port", "8883",
+                     env=env)
+    assert conn.stdout.strip() == f"HostName=127.0.0.1;Port=8883;DeviceId={uid}-k;SharedAccessKey={key}"
+    no_key = fleetline("device", "connection-string", f"{uid}-k", env=env)
+    assert no_key.returncode == 2 and "--renew" in no_key.stderr
+    renewed = fleetline("device", "connection-string", f"{uid}-k", "--renew", env=env)
+    new_key = renewed.stdout.strip().rsplit("SharedAccessKey=", 1)[1]
+    assert new_key == devicekeys.derive_key(DEVICE_KEY_SECRET.encode(), f"{uid}-k", 2)
+
+
+async def test_monitor_prints_live_events(
+    api: ApiProcess, make_key: Callable[..., Any], start_ingest: Callable[..., IngestProcess],
+    broker: LocalMosquitto, db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    start_ingest()
+    device_id = f"{uid}-m"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
+    env = {**os.environ, "FLEETLINE_API_URL": api.url,
+           "FLEETLINE_API_KEY": await make_key("telemetry:read")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetline", "monitor", "--device", device_id, "--count", "2",
+         "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        dev = Device(broker.url, device_id)
+        # Publish until monitor has subscribed and printed two events.
+        start = int(time.time() * 1000)
+        for i in range(40):
+            dev.publish_all([{"ts": start + i, "values": {"temp": i}}])
+            if proc.poll() is not None:
+                break
+            time.sleep(0.25)
+        out, err = proc.communicate(timeout=20)
+        dev.close()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert len(events) == 2 and {e["device_id"] for e in events} == {device_id}
+    assert all(e["type"] == "telemetry" and "temp" in e["values"] for e in events)
+    denied = fleetline("monitor", env={"FLEETLINE_API_URL": api.url, "FLEETLINE_API_KEY": "flk_x"})
+    assert denied.returncode == 1 and "4401" in denied.stderr

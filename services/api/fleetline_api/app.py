@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -14,12 +16,17 @@ from fastapi.routing import APIRoute
 from fleetline import __version__, db
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
-from fleetline_api.routes import devices, health, telemetry
+from fleetline_api.broker import BrokerLink
+from fleetline_api.routes import dead_letters, devices, health, stream, telemetry
 from fleetline_api.settings import ApiSettings
+from fleetline_api.stream import StreamHub
 
 
 class State(TypedDict):
+    settings: ApiSettings
     pool: asyncpg.Pool[Any]
+    broker: BrokerLink
+    stream: StreamHub
     # How far back each rollup reaches (its retention): older ranges read raw rows.
     rollup_horizons: dict[str, timedelta]
 
@@ -43,9 +50,26 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 ("telemetry_1h", storage.rollup_1h_retention),
             )
         }
+        broker = BrokerLink(settings)
+        hub = StreamHub(settings.dsn, pool)
+        tasks = [
+            asyncio.create_task(broker.run(), name="api.broker"),
+            asyncio.create_task(hub.run(), name="api.stream"),
+        ]
         try:
-            yield {"pool": pool, "rollup_horizons": horizons}
+            yield {
+                "settings": settings,
+                "pool": pool,
+                "broker": broker,
+                "stream": hub,
+                "rollup_horizons": horizons,
+            }
         finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await db.close_pool(pool)
 
     app = FastAPI(
@@ -58,6 +82,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     problems.install(app)
     app.include_router(health.router)
     app.include_router(devices.router)
+    app.include_router(stream.router)
+    app.include_router(dead_letters.router)
     app.include_router(telemetry.router)
     app.include_router(telemetry.fleet_router)
     return app

@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleetline import apikeys
 from fleetline.apikeys import KeyInfo, Scope
+from fleetline_api.settings import ApiSettings
 
 if TYPE_CHECKING:
     Pool = asyncpg.Pool[Any]
@@ -24,8 +25,32 @@ async def get_pool(request: Request) -> Pool:
 
 
 PoolDep = Annotated[Pool, Depends(get_pool)]
+
+
+async def get_settings(request: Request) -> ApiSettings:
+    settings: ApiSettings = request.state.settings
+    return settings
+
+
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 _bearer = HTTPBearer(auto_error=False, description="An API key: flk_<id>_<secret>")
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+async def authorize(pool: Pool, token: str | None, scope: Scope) -> KeyInfo:
+    """The key behind ``token`` if it holds ``scope`` (or ``admin``); HTTPException
+    401 (no or unknown key) or 403 (scope missing) otherwise."""
+    if token is None:
+        raise HTTPException(
+            401, "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
+        )
+    async with pool.acquire() as con:
+        key = await apikeys.verify(con, token)
+    if key is None:
+        raise HTTPException(401, "unknown or revoked API key", headers=_CHALLENGE)
+    if scope not in key.scopes and "admin" not in key.scopes:
+        raise HTTPException(403, f"this key lacks the {scope} scope")
+    return key
 
 
 def require(scope: Scope) -> Callable[..., Awaitable[KeyInfo]]:
@@ -35,17 +60,7 @@ def require(scope: Scope) -> Callable[..., Awaitable[KeyInfo]]:
         pool: PoolDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> KeyInfo:
-        if credentials is None:
-            raise HTTPException(
-                401, "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
-            )
-        async with pool.acquire() as con:
-            key = await apikeys.verify(con, credentials.credentials)
-        if key is None:
-            raise HTTPException(401, "unknown or revoked API key", headers=_CHALLENGE)
-        if scope not in key.scopes and "admin" not in key.scopes:
-            raise HTTPException(403, f"this key lacks the {scope} scope")
-        return key
+        return await authorize(pool, credentials.credentials if credentials else None, scope)
 
     return check
 
@@ -53,3 +68,4 @@ def require(scope: Scope) -> Callable[..., Awaitable[KeyInfo]]:
 DevicesRead = Annotated[KeyInfo, Depends(require("devices:read"))]
 DevicesWrite = Annotated[KeyInfo, Depends(require("devices:write"))]
 TelemetryRead = Annotated[KeyInfo, Depends(require("telemetry:read"))]
+Admin = Annotated[KeyInfo, Depends(require("admin"))]

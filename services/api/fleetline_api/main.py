@@ -5,12 +5,13 @@ from __future__ import annotations
 import uvicorn
 
 from fleetline.logs import setup_logging
+from fleetline.settings import load
 from fleetline_api.app import create_app
 from fleetline_api.settings import ApiSettings
 
 
 def main() -> None:
-    settings = ApiSettings()
+    settings = load(ApiSettings)
     setup_logging("api", level=settings.log_level, fmt=settings.log_format)
     uvicorn.run(
         create_app(settings),

@@ -66,6 +66,35 @@ class DevicePublic(BaseModel):
     last_seen: datetime | None
     status_changed_at: datetime | None
     created_at: datetime
+    key_version: int = Field(description="0: no key issued yet (the device cannot connect)")
+    key_created_at: datetime | None
+
+
+class DeviceCredentials(BaseModel):
+    """The device's key, shown this once: fleetline keeps only its fingerprint."""
+
+    device_id: str
+    key: str = Field(description="Base64 symmetric key; the MQTT password, or signs tokens")
+    key_version: int
+    connection_string: str = Field(
+        description="HostName=...;Port=...;DeviceId=...;SharedAccessKey=..."
+    )
+
+
+class DeviceCreated(DevicePublic):
+    credentials: DeviceCredentials
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_s: int = Field(default=3600, ge=1, le=366 * 24 * 3600)
+
+
+class DeviceToken(BaseModel):
+    device_id: str
+    token: str = Field(description="MQTT password: sig=<base64 hmac>&se=<expiry>")
+    expires_at: datetime
 
 
 class DevicePage(BaseModel):
@@ -119,6 +148,21 @@ class DeviceValue(BaseModel):
     ts: datetime
     value: float | None
     value_text: str | None
+
+
+class DeadLetter(BaseModel):
+    id: int
+    received_at: datetime
+    topic: str
+    device_id: str | None
+    reason: str
+    payload_text: str = Field(description="The payload as UTF-8 (bad bytes replaced), cut")
+    payload_size: int
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadLetter]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
 
 class FleetLatest(BaseModel):

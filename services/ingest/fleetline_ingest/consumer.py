@@ -58,7 +58,9 @@ class Ingestor:
         self.pool = pool
         self.limits = dataclasses.replace(settings.limits, max_age=retention)
         self.writer = BatchWriter(
-            seen_resolution_seconds=settings.seen_resolution_seconds, limits=self.limits
+            seen_resolution_seconds=settings.seen_resolution_seconds,
+            limits=self.limits,
+            notify=settings.stream_notify,
         )
         self.generation = 0
         self.current = Batch(generation=0)

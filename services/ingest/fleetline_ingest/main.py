@@ -6,7 +6,7 @@ import logging
 
 from fleetline import db, service
 from fleetline.logs import setup_logging
-from fleetline.settings import StorageSettings
+from fleetline.settings import StorageSettings, load
 from fleetline_ingest.consumer import Ingestor
 from fleetline_ingest.settings import IngestSettings
 from fleetline_ingest.writer import init_connection
@@ -46,8 +46,8 @@ async def run(settings: IngestSettings, storage: StorageSettings) -> None:
 
 
 def main() -> None:
-    settings = IngestSettings()
-    storage = StorageSettings()
+    settings = load(IngestSettings)
+    storage = load(StorageSettings)
     setup_logging("ingest", level=settings.log_level, fmt=settings.log_format)
     log.info(
         "starting ingest",

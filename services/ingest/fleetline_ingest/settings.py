@@ -48,6 +48,9 @@ class IngestSettings(ServiceSettings):
     # how many marked (series, minute) pairs one statement recomputes.
     rollup_interval_seconds: float = Field(default=5.0, ge=0.1)
     rollup_marks_per_round: int = Field(default=5000, ge=1, le=1_000_000)
+    # Announce each committed batch's readings and status changes on the database's
+    # NOTIFY channel fleetline_stream, which feeds the API's live /v1/stream.
+    stream_notify: bool = True
     # On SIGTERM, time allowed to write and acknowledge what was received.
     shutdown_timeout_seconds: float = Field(default=20.0, ge=1)
 

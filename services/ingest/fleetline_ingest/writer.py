@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from fleetline import streamevents
 from fleetline.protocol import Limits
 from fleetline_ingest import metrics
 from fleetline_ingest.batch import Batch, collect
@@ -70,6 +71,7 @@ ON CONFLICT (series_id) DO UPDATE
 SET ts = excluded.ts, value = excluded.value, value_text = excluded.value_text
 WHERE excluded.ts > l.ts
 """
+NOTIFY_STREAM = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
 # One call per partition the batch's readings fall in (the width is the schema's).
 ENSURE_PARTITIONS = """
 SELECT fleetline_ensure_partition(min(t))
@@ -113,11 +115,14 @@ async def init_connection(con: asyncpg.Connection[Any]) -> None:
 class BatchWriter:
     """Writes batches; keeps the (device, metric) -> series id cache."""
 
-    def __init__(self, *, seen_resolution_seconds: float, limits: Limits) -> None:
+    def __init__(
+        self, *, seen_resolution_seconds: float, limits: Limits, notify: bool = True
+    ) -> None:
         self._series: dict[tuple[str, str], int] = {}
         self._seen_written: dict[str, datetime] = {}
         self._seen_resolution = seen_resolution_seconds
         self._limits = limits
+        self._notify = notify
 
     async def _resolve_series(self, con: Connection, keys: Iterable[tuple[str, str]]) -> None:
         missing = [k for k in keys if k not in self._series]
@@ -181,6 +186,13 @@ class BatchWriter:
             kept = newest.get(record[0])
             if kept is None or record[1] > kept[1]:
                 newest[record[0]] = record
+        notifications = (
+            streamevents.pack(
+                streamevents.telemetry_events(rows) + streamevents.status_events(batch.status)
+            )
+            if self._notify
+            else []
+        )
         inserted = 0
         async with con.transaction():
             if records:
@@ -194,6 +206,9 @@ class BatchWriter:
                 )
             if activity[0]:
                 await con.execute(UPSERT_ACTIVITY, *activity)
+            if notifications:
+                # Delivered to listeners (the API's /v1/stream) at commit, and only then.
+                await con.execute(NOTIFY_STREAM, streamevents.CHANNEL, notifications)
             if still_current is not None and not still_current():
                 raise BatchSupersededError
         # Only now: a batch that is retried must write its devices' last-seen again.

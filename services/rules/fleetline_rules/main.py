@@ -12,6 +12,7 @@ import logging
 
 from fleetline import db, service
 from fleetline.logs import setup_logging
+from fleetline.settings import load
 from fleetline_rules.settings import RulesSettings
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ async def run(settings: RulesSettings) -> None:
 
 
 def main() -> None:
-    settings = RulesSettings()
+    settings = load(RulesSettings)
     setup_logging("rules", level=settings.log_level, fmt=settings.log_format)
     log.info("starting rules")
     service.run(run(settings))

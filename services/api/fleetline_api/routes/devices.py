@@ -1,34 +1,47 @@
 """The device registry.
 
+Credentials: creating a device issues its key, returned once with a connection string;
+``POST /v1/devices/{id}/key`` issues a new one (the old key and its tokens stop working,
+and the broker disconnects the device); ``POST /v1/devices/{id}/token`` signs a
+short-lived SAS token with the current key, without revealing the key.
+
 Deleting a device removes it from the registry and from the API: its telemetry routes
-answer 404. Its readings stay in storage (and the SQL views) until the raw retention
-drops them, and so does its last-seen record, written by ingest; a device registered
-again with the same id sees its earlier readings.
+answer 404, and the broker refuses (and disconnects) it. Its readings stay in storage
+(and the SQL views) until the raw retention drops them, and so does its last-seen
+record, written by ingest; a device registered again with the same id sees its earlier
+readings.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import StringConstraints
 
-from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep
-from fleetline_api.problems import NOT_FOUND, RESPONSES
+from fleetline import devicekeys
+from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep
+from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.schemas import (
     MAX_TAGS,
     DeviceCreate,
+    DeviceCreated,
+    DeviceCredentials,
     DeviceId,
     DevicePage,
     DevicePublic,
+    DeviceToken,
     DeviceUpdate,
+    TokenRequest,
 )
+from fleetline_api.settings import ApiSettings
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=RESPONSES)
 
 SELECT_DEVICE = """
 SELECT d.id, d.tags, d.created_at, coalesce(a.online, false) AS online, a.last_seen,
-       a.status_changed_at
+       a.status_changed_at, d.key_version, d.key_created_at
 FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
 """
 
@@ -89,16 +102,85 @@ async def list_devices(
     return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
 
+# Issue the next key version; None when the device does not exist.
+ISSUE_KEY = """
+UPDATE devices SET key_version = key_version + 1, key_created_at = now(), updated_at = now()
+WHERE id = $1 RETURNING key_version
+"""
+STORE_FINGERPRINT = "UPDATE devices SET key_sha256 = $3 WHERE id = $1 AND key_version = $2"
+
+
+async def _issue_key(con: Any, settings: ApiSettings, device_id: str) -> DeviceCredentials:
+    version = await con.fetchval(ISSUE_KEY, device_id)
+    if version is None:
+        raise HTTPException(404, f"device {device_id} not found")
+    key = devicekeys.derive_key(settings.key_secret, device_id, version)
+    await con.execute(STORE_FINGERPRINT, device_id, version, devicekeys.fingerprint(key))
+    broker = settings.device_mqtt
+    return DeviceCredentials(
+        device_id=device_id,
+        key=key,
+        key_version=version,
+        connection_string=devicekeys.connection_string(
+            host=broker.host, port=broker.port, device_id=device_id, key=key
+        ),
+    )
+
+
 @router.post(
     "",
     status_code=201,
-    response_model=DevicePublic,
+    response_model=DeviceCreated,
     responses={409: {"description": "A device with this id exists"}},
 )
-async def create_device(body: DeviceCreate, pool: PoolDep, _key: DevicesWrite) -> DevicePublic:
-    """Register a device."""
-    await pool.execute("INSERT INTO devices (id, tags) VALUES ($1, $2)", body.id, body.tags)
-    return await _get(pool, body.id)
+async def create_device(
+    body: DeviceCreate, pool: PoolDep, settings: SettingsDep, _key: DevicesWrite
+) -> DeviceCreated:
+    """Register a device and issue its key. The key is in this response only."""
+    async with pool.acquire() as con, con.transaction():
+        await con.execute("INSERT INTO devices (id, tags) VALUES ($1, $2)", body.id, body.tags)
+        credentials = await _issue_key(con, settings, body.id)
+        device = await _get(con, body.id)
+    return DeviceCreated(**device.model_dump(), credentials=credentials)
+
+
+@router.post("/{device_id}/key", response_model=DeviceCredentials, responses=NOT_FOUND)
+async def regenerate_key(
+    device_id: DeviceId, pool: PoolDep, settings: SettingsDep, _key: DevicesWrite
+) -> DeviceCredentials:
+    """Issue a new key, shown in this response only. The previous key and every token
+    signed with it stop working; the broker disconnects the device."""
+    async with pool.acquire() as con, con.transaction():
+        return await _issue_key(con, settings, device_id)
+
+
+@router.post(
+    "/{device_id}/token",
+    response_model=DeviceToken,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "No key issued yet"}},
+)
+async def create_token(
+    device_id: DeviceId,
+    pool: PoolDep,
+    settings: SettingsDep,
+    _key: DevicesWrite,
+    body: TokenRequest | None = None,
+) -> DeviceToken:
+    """A SAS token for the device's MQTT login, valid for ``ttl_s`` seconds (default 1 h):
+    ``sig=<base64 hmac-sha256(key, "{device_id}\\n{expiry}")>&se=<expiry>``."""
+    version = await pool.fetchval("SELECT key_version FROM devices WHERE id = $1", device_id)
+    if version is None:
+        raise HTTPException(404, f"device {device_id} not found")
+    if version == 0:
+        raise HTTPException(409, f"device {device_id} has no key yet: POST its /key first")
+    key = devicekeys.derive_key(settings.key_secret, device_id, version)
+    ttl = (body or TokenRequest()).ttl_s
+    token, expiry = devicekeys.sas_token(key, device_id, ttl_seconds=ttl)
+    return DeviceToken(
+        device_id=device_id,
+        token=token,
+        expires_at=datetime.fromtimestamp(expiry, UTC),
+    )
 
 
 async def _get(pool: Any, device_id: str) -> DevicePublic:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fleetline import db
@@ -19,10 +19,12 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"model": Problem, "description": "Not ready"}})
-async def readyz(pool: PoolDep) -> dict[str, str]:
-    """The database answers (within 2 s)."""
+async def readyz(pool: PoolDep, request: Request) -> dict[str, str]:
+    """The database answers (within 2 s) and the broker connection is up."""
     if not await db.answers(pool):
         raise HTTPException(503, "the database does not answer")
+    if not request.state.broker.connected:
+        raise HTTPException(503, "not connected to the MQTT broker")
     return {"status": "ready"}
 
 

@@ -1,0 +1,79 @@
+"""Live events from storage to the API's ``/v1/stream``, over PostgreSQL NOTIFY.
+
+Ingest notifies in the transaction that stores a batch, so listeners hear of readings
+and status changes only once they are committed (and never of a batch rolled back).
+A notification's payload is a JSON array of events, as the WebSocket sends them:
+
+- ``{"type": "telemetry", "device_id": "d1", "ts": "...Z", "values": {"temp": 21.5}}``
+- ``{"type": "status", "device_id": "d1", "online": true, "ts": "...Z"}``
+
+PostgreSQL caps a payload below 8000 bytes, so a batch's events are packed into as
+many notifications as needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from fleetline.protocol import Row
+
+CHANNEL = "fleetline_stream"
+# PostgreSQL refuses payloads of 8000 bytes or more.
+MAX_PAYLOAD_BYTES = 7900
+_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+
+
+def telemetry_events(rows: Iterable[Row]) -> list[dict[str, Any]]:
+    """One event per (device, ts): the values a reading carried, in arrival order."""
+    groups: dict[tuple[str, datetime], dict[str, Any]] = {}
+    for device_id, metric, ts, value, text in rows:
+        values = groups.get((device_id, ts))
+        if values is None:
+            values = groups[(device_id, ts)] = {}
+        values[metric] = text if text is not None else value
+    return [
+        {"type": "telemetry", "device_id": d, "ts": ts, "values": values}
+        for (d, ts), values in groups.items()
+    ]
+
+
+def status_events(status: dict[str, tuple[bool, datetime]]) -> list[dict[str, Any]]:
+    return [
+        {"type": "status", "device_id": d, "online": online, "ts": ts}
+        for d, (online, ts) in status.items()
+    ]
+
+
+def _fitting(event: dict[str, Any]) -> list[bytes]:
+    """The event encoded; a reading too large for one notification (hundreds of
+    metrics) is split into several events with the same ts."""
+    encoded = orjson.dumps(event, option=_OPTIONS)
+    values = event.get("values")
+    if len(encoded) + 2 <= MAX_PAYLOAD_BYTES or not values or len(values) < 2:
+        return [encoded] if len(encoded) + 2 <= MAX_PAYLOAD_BYTES else []
+    items = list(values.items())
+    half = len(items) // 2
+    return _fitting({**event, "values": dict(items[:half])}) + _fitting(
+        {**event, "values": dict(items[half:])}
+    )
+
+
+def pack(events: Iterable[dict[str, Any]]) -> list[str]:
+    """Notification payloads, each a JSON array below :data:`MAX_PAYLOAD_BYTES`."""
+    payloads: list[str] = []
+    chunk: list[bytes] = []
+    size = 2
+    for event in events:
+        for encoded in _fitting(event):
+            if size + len(encoded) + 1 > MAX_PAYLOAD_BYTES:
+                payloads.append((b"[" + b",".join(chunk) + b"]").decode())
+                chunk, size = [], 2
+            chunk.append(encoded)
+            size += len(encoded) + 1
+    if chunk:
+        payloads.append((b"[" + b",".join(chunk) + b"]").decode())
+    return payloads
