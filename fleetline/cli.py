@@ -349,11 +349,13 @@ def monitor(
     device: Annotated[list[str], typer.Option("--device", "-d", help="Repeatable")] = [],  # noqa: B006
     tag: Annotated[list[str], typer.Option("--tag", "-t", help="name=value, repeatable")] = [],  # noqa: B006
     metric: Annotated[list[str], typer.Option("--metric", "-m", help="Repeatable")] = [],  # noqa: B006
-    events: Annotated[str, typer.Option(help="telemetry, status, or both")] = "telemetry,status",
+    events: Annotated[
+        str, typer.Option(help="Comma list of telemetry, status, alarm")
+    ] = "telemetry,status,alarm",
     count: Annotated[int, typer.Option(help="Stop after this many events (0: never).")] = 0,
     as_json: JsonOption = False,
 ) -> None:
-    """Live events (stored telemetry, status changes) from /v1/stream, until Ctrl-C."""
+    """Live events (stored telemetry, status changes, alarms) from /v1/stream, until Ctrl-C."""
     from fleetline.client import ApiError, stream_events
 
     params = {
@@ -391,6 +393,11 @@ def _event_line(event: dict[str, Any]) -> str:
         return f"{head} {values}"
     if event.get("type") == "status":
         return f"{head} {'online' if event.get('online') else 'offline'}"
+    if event.get("type") == "alarm":
+        alarm = event.get("alarm", {})
+        return f"{head} ALARM {alarm.get('severity', '')} {alarm.get('state', '')}: " + str(
+            alarm.get("message", "")
+        )
     return f"{head} {json.dumps(event)}"
 
 

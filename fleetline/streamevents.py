@@ -6,6 +6,8 @@ A notification's payload is a JSON array of events, as the WebSocket sends them:
 
 - ``{"type": "telemetry", "device_id": "d1", "ts": "...Z", "values": {"temp": 21.5}}``
 - ``{"type": "status", "device_id": "d1", "online": true, "ts": "...Z"}``
+- ``{"type": "alarm", "device_id": "d1", "ts": "...Z", "alarm": {...}}`` (the rules
+  service, when an alarm is raised, updated, acknowledged or cleared)
 
 PostgreSQL caps a payload below 8000 bytes, so a batch's events are packed into as
 many notifications as needed.

@@ -24,7 +24,7 @@ import pytest
 from fleetline.embedded import LocalMosquitto, LocalPostgres
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
-from tests.support import ApiProcess, IngestProcess
+from tests.support import ApiProcess, IngestProcess, RulesProcess, ServiceProcess
 
 LOCAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 ARTIFACTS = Path(os.environ.get("FLEETLINE_TEST_ARTIFACTS", "test-artifacts"))
@@ -99,22 +99,42 @@ def uid(request: pytest.FixtureRequest) -> str:
     return f"{request.node.name[:24].strip('_[]')}-{secrets.token_hex(3)}".replace("[", "-")
 
 
-@pytest.fixture
-def start_ingest(
-    database_url: str, broker: LocalMosquitto, artifacts: Path, uid: str
-) -> Iterator[Callable[..., IngestProcess]]:
-    started: list[IngestProcess] = []
+def _starter(
+    kind: type[ServiceProcess], database_url: str, broker: LocalMosquitto, artifacts: Path,
+    uid: str,
+) -> tuple[Callable[..., Any], list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
 
     def start(*, env: dict[str, str] | None = None, mqtt_url: str | None = None,
               database: str | None = None, name: str | None = None,
-              wait_ready: bool = True) -> IngestProcess:
-        proc = IngestProcess(
+              wait_ready: bool = True) -> ServiceProcess:
+        proc = kind(
             database_url=database or database_url, mqtt_url=mqtt_url or broker.url,
             log_dir=artifacts, name=name or uid, env=env,
         )
         started.append(proc)
         return proc.start(wait_ready=wait_ready)
 
+    return start, started
+
+
+@pytest.fixture
+def start_ingest(
+    database_url: str, broker: LocalMosquitto, artifacts: Path, uid: str
+) -> Iterator[Callable[..., IngestProcess]]:
+    """Start ingest processes (stopped after the test)."""
+    start, started = _starter(IngestProcess, database_url, broker, artifacts, uid)
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def start_rules(
+    database_url: str, broker: LocalMosquitto, artifacts: Path, uid: str
+) -> Iterator[Callable[..., RulesProcess]]:
+    """Start rules processes (stopped after the test)."""
+    start, started = _starter(RulesProcess, database_url, broker, artifacts, uid)
     yield start
     for proc in started:
         proc.stop()

@@ -191,3 +191,11 @@ class ApiProcess(ServiceProcess):
 
     def service_env(self, name: str) -> dict[str, str]:
         return {"FLEETLINE_API_HOST": "127.0.0.1", "FLEETLINE_DEVICE_KEY_SECRET": DEVICE_KEY_SECRET}
+
+
+class RulesProcess(ServiceProcess):
+    service = "rules"
+    port_variable = "FLEETLINE_RULES_HTTP_PORT"
+
+    def service_env(self, name: str) -> dict[str, str]:
+        return {"FLEETLINE_RULES_HTTP_HOST": "127.0.0.1"}

@@ -27,7 +27,6 @@ SUBPROTOCOL = "fleetline.v1"
 BEARER_PREFIX = "bearer."
 SEND_TIMEOUT_SECONDS = 10.0
 CLOSE_TIMEOUT_SECONDS = 5.0
-EVENT_TYPES = frozenset({"telemetry", "status"})
 
 
 def _token(websocket: WebSocket) -> str | None:
@@ -52,9 +51,9 @@ async def stream(
     device: Annotated[list[DeviceId], Query(max_length=1000)] = [],  # noqa: B006
     tag: TagFilter = [],  # noqa: B006
     metric: Annotated[list[MetricName], Query(max_length=256)] = [],  # noqa: B006
-    events: Annotated[str, Query(pattern=r"^(telemetry|status)(,(telemetry|status))*$")] = (
-        "telemetry,status"
-    ),
+    events: Annotated[
+        str, Query(pattern=r"^(telemetry|status|alarm)(,(telemetry|status|alarm))*$")
+    ] = "telemetry,status,alarm",
 ) -> None:
     state: Any = websocket.state
     hub: StreamHub = state.stream
