@@ -65,10 +65,12 @@ async def test_device_credentials_verbs(
     assert devicekeys.derive_key(DEVICE_KEY_SECRET.encode(), f"{uid}-k", 1) == key
     assert f"DeviceId={uid}-k;SharedAccessKey={key}" in made.stdout
     token = fleetline("device", "token", f"{uid}-k", "--ttl", "60", env=env)
-    assert token.returncode == 0 and devicekeys.verify_password(key, f"{uid}-k", token.stdout.strip())
+    assert token.returncode == 0
+    assert devicekeys.verify_password(key, f"{uid}-k", token.stdout.strip())
     conn = fleetline("device", "connection-string", f"{uid}-k", "--key", key, "--port", "8883",
                      env=env)
-    assert conn.stdout.strip() == f"HostName=127.0.0.1;Port=8883;DeviceId={uid}-k;SharedAccessKey={key}"
+    assert conn.stdout.strip() == (
+        f"HostName=127.0.0.1;Port=8883;DeviceId={uid}-k;SharedAccessKey={key}")
     no_key = fleetline("device", "connection-string", f"{uid}-k", env=env)
     assert no_key.returncode == 2 and "--renew" in no_key.stderr
     renewed = fleetline("device", "connection-string", f"{uid}-k", "--renew", env=env)

@@ -58,8 +58,8 @@ async def test_stream_sends_stored_readings_and_status_filtered_by_device_and_me
 ) -> None:
     start_ingest()
     mine, other, unregistered = f"{uid}-a", f"{uid}-b", f"{uid}-u"
-    await db.execute("INSERT INTO devices (id, tags) SELECT unnest($1::text[]), '{\"site\": \"A\"}'",
-                     [mine, other])
+    await db.execute("INSERT INTO devices (id, tags) SELECT unnest($1::text[]), $2::jsonb",
+                     [mine, other], '{"site": "A"}')
     token = await make_key("telemetry:read")
     headers = {"Authorization": f"Bearer {token}"}
     async with connect(ws_url(api, device=[mine, unregistered], metric="temp"),
@@ -70,7 +70,7 @@ async def test_stream_sends_stored_readings_and_status_filtered_by_device_and_me
         await subscribed(ws_site)
         devices = {d: Device(broker.url, d) for d in (mine, other, unregistered)}
         ts = int(time.time() * 1000)
-        for d, dev in devices.items():
+        for dev in devices.values():
             dev.publish_all([{"ts": ts, "values": {"temp": 21.5, "hum": 40, "fw": "1.2"}}])
         devices[mine].publish(b"online", kind="status")
 
@@ -145,7 +145,8 @@ async def test_a_client_that_falls_behind_is_dropped_with_1013(
             dev.close()
         assert small.metric("fleetline_api_stream_dropped_clients_total") >= 1
         # The API process is unharmed and serves the next client.
-        async with connect(ws_url(small), additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with connect(ws_url(small), additional_headers=headers) as ws:
             await subscribed(ws)
     finally:
         small.stop()

@@ -17,7 +17,7 @@ from fleetline import __version__, db
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
 from fleetline_api.broker import BrokerLink
-from fleetline_api.routes import dead_letters, devices, health, stream, telemetry
+from fleetline_api.routes import dashboard, dead_letters, devices, health, stream, telemetry
 from fleetline_api.settings import ApiSettings
 from fleetline_api.stream import StreamHub
 
@@ -84,6 +84,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(stream.router)
     app.include_router(dead_letters.router)
+    app.include_router(dashboard.router)
     app.include_router(telemetry.router)
     app.include_router(telemetry.fleet_router)
     return app

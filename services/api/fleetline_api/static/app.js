@@ -1,0 +1,109 @@
+// The dashboard: hash routes, the header (navigation, live status, log out), and the
+// key check before any view that reads data.
+//
+//   #/login                 the API key
+//   #/fleet?tag=k=v&status= devices with status, last seen and latest values
+//   #/device/<id>?range=1h  one chart per metric, live
+//   #/dead-letters?device_id=
+
+import { clearKey, getKey, setUnauthorizedHandler } from "./api.js";
+import { refreshRelativeTimes } from "./dom.js";
+import * as deadLetters from "./deadletters.js";
+import * as device from "./device.js";
+import * as fleet from "./fleet.js";
+import * as login from "./login.js";
+import * as notFound from "./notfound.js";
+import * as stream from "./stream.js";
+
+const main = document.getElementById("main");
+let cleanup = null;
+// Shown on the login page after a key stopped working (401).
+let loginNotice = "";
+
+function parseRoute() {
+  const hash = location.hash.replace(/^#/, "") || "/fleet";
+  const [path, query = ""] = hash.split("?", 2);
+  const params = new URLSearchParams(query);
+  const parts = path.split("/").filter(Boolean);
+  if (parts[0] === "login") return { name: "login", params };
+  if (parts[0] === "fleet" || parts.length === 0) return { name: "fleet", params };
+  if (parts[0] === "dead-letters") return { name: "dead-letters", params };
+  if (parts[0] === "device" && parts.length === 2) {
+    try {
+      return { name: "device", id: decodeURIComponent(parts[1]), params };
+    } catch {
+      return { name: "not-found", params };
+    }
+  }
+  return { name: "not-found", params };
+}
+
+function render() {
+  if (cleanup) cleanup();
+  cleanup = null;
+  stream.stop();
+  const route = parseRoute();
+  const loggedIn = Boolean(getKey());
+  document.getElementById("mainnav").hidden = !loggedIn;
+  document.getElementById("logout").hidden = !loggedIn;
+  document.getElementById("live-status").hidden = !loggedIn;
+  for (const link of document.querySelectorAll("[data-nav]")) {
+    if (link.dataset.nav === route.name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  if (route.name !== "login" && !loggedIn) {
+    sessionStorage.setItem("fleetline.next", location.hash);
+    location.replace("#/login");
+    return;
+  }
+  main.replaceChildren();
+  if (route.name === "login") {
+    if (loggedIn) {
+      location.replace("#/fleet");
+      return;
+    }
+    cleanup = login.mount(main, { notice: loginNotice, onLogin: afterLogin });
+    loginNotice = "";
+  } else if (route.name === "fleet") {
+    cleanup = fleet.mount(main, route.params);
+    document.title = "Fleet · fleetline";
+  } else if (route.name === "device") {
+    cleanup = device.mount(main, route.id, route.params);
+    document.title = `${route.id} · fleetline`;
+  } else if (route.name === "dead-letters") {
+    cleanup = deadLetters.mount(main, route.params);
+    document.title = "Dead letters · fleetline";
+  } else {
+    cleanup = notFound.mount(main);
+    document.title = "Not found · fleetline";
+  }
+  // Move focus to the new view (its heading; the key field on the login page).
+  const target = main.querySelector("[autofocus]") || main.querySelector("h1");
+  if (target) target.focus();
+}
+
+function afterLogin() {
+  const next = sessionStorage.getItem("fleetline.next");
+  sessionStorage.removeItem("fleetline.next");
+  location.hash = next && !next.startsWith("#/login") ? next : "#/fleet";
+}
+
+function logout(notice = "") {
+  clearKey();
+  loginNotice = notice;
+  stream.stop();
+  if (location.hash === "#/login") render();
+  else location.hash = "#/login";
+}
+
+function expired(err) {
+  if (!getKey()) return;
+  logout(`Signed out: ${err.message}`);
+}
+
+setUnauthorizedHandler(expired);
+stream.setStreamUnauthorizedHandler(expired);
+document.getElementById("logout").addEventListener("click", () => logout("Signed out."));
+window.addEventListener("hashchange", render);
+setInterval(() => refreshRelativeTimes(main), 5000);
+render();

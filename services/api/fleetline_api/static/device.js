@@ -1,0 +1,279 @@
+// One device: its status and tags, a chart per numeric metric over the chosen range, and
+// the last value of its text metrics. Short ranges read raw points, long ones buckets
+// (avg, min, max) that the API serves from its rollups. Live readings from the stream
+// are merged into the charts; history is (re)loaded once the stream confirms its
+// subscription, so no reading falls between the two.
+
+import { ApiError, describe, getJson, mapLimit } from "./api.js";
+import { MetricChart, colorFor } from "./chart.js";
+import {
+  el,
+  fillTags,
+  formatValue,
+  setAbsoluteTime,
+  setRelativeTime,
+  setStatusBadge,
+  setText,
+  showError,
+  template,
+} from "./dom.js";
+import * as stream from "./stream.js";
+
+export const RANGES = [
+  { id: "15m", label: "15 min", seconds: 15 * 60, bucket: null },
+  { id: "1h", label: "1 h", seconds: 3600, bucket: null },
+  { id: "6h", label: "6 h", seconds: 6 * 3600, bucket: 60 },
+  { id: "24h", label: "24 h", seconds: 24 * 3600, bucket: 300 },
+  { id: "7d", label: "7 d", seconds: 7 * 86400, bucket: 3600 },
+];
+const DEFAULT_RANGE = "1h";
+const RAW_PAGE = 10_000;
+const RAW_MAX_PAGES = 10;
+// Readings may carry a ts a little ahead of this clock (ingest accepts up to 10 min).
+const FUTURE_S = 600;
+// How long to wait for the stream's subscription before loading history without it.
+const SUBSCRIBE_WAIT_MS = 2000;
+const TICK_MS = 10_000;
+
+function seconds(iso) {
+  return Date.parse(iso) / 1000;
+}
+
+export function mount(root, deviceId, params) {
+  root.append(template("device"));
+  const $ = (selector) => root.querySelector(selector);
+  const range = RANGES.find((r) => r.id === params.get("range")) || RANGES.find((r) => r.id === DEFAULT_RANGE);
+  const error = $("#device-error");
+  const chartsNode = $("#charts");
+  const path = `/v1/devices/${encodeURIComponent(deviceId)}`;
+
+  setText($("#device-title"), deviceId);
+  $("section").dataset.deviceId = deviceId;
+  $(".crumbs").append(" ", el("span", { "aria-current": "page" }, deviceId));
+  setText(
+    $("#device-mode"),
+    range.bucket
+      ? `Last ${range.label}: average per ${range.bucket >= 3600 ? `${range.bucket / 3600} h` : `${range.bucket / 60} min`}, with the min–max band.`
+      : `Last ${range.label}: every reading.`,
+  );
+
+  // The range picker: radio buttons, the choice kept in the address.
+  const picker = $("#range-picker");
+  for (const r of RANGES) {
+    const input = el("input", {
+      type: "radio",
+      name: "range",
+      id: `range-${r.id}`,
+      value: r.id,
+      "data-testid": `range-${r.id}`,
+      checked: r === range,
+    });
+    input.addEventListener("change", () => {
+      location.hash = `#/device/${encodeURIComponent(deviceId)}?range=${r.id}`;
+    });
+    picker.append(el("span", { class: "range" }, input, el("label", { for: `range-${r.id}` }, r.label)));
+  }
+
+  // The x range shown: the last `range` up to now, sliding.
+  const window = () => {
+    const end = Date.now() / 1000;
+    return [end - range.seconds, end];
+  };
+
+  const charts = new Map(); // metric → MetricChart
+  const texts = new Map(); // metric → {row, t}
+  let generation = 0;
+  let loading = false;
+  let pending = [];
+  let closed = false;
+  let lastSeen = null;
+
+  function chartFor(metric) {
+    let chart = charts.get(metric);
+    if (chart) return chart;
+    chart = new MetricChart(metric, { window, bucket: range.bucket, color: colorFor(charts.size) });
+    charts.set(metric, chart);
+    // Keep the charts in metric order.
+    const after = [...charts.keys()].filter((m) => m > metric).sort()[0];
+    chartsNode.insertBefore(chart.figure, after ? charts.get(after).figure : null);
+    chart.attach();
+    $("#charts-empty").hidden = true;
+    return chart;
+  }
+
+  function showTextMetric(metric, value, t) {
+    const known = texts.get(metric);
+    if (known && known.t > t) return;
+    let row = known && known.row;
+    if (!row) {
+      row = el(
+        "tr",
+        { "data-metric": metric, "data-testid": "text-metric" },
+        el("th", { scope: "row" }, metric),
+        el("td", { class: "value" }),
+        el("td", {}, el("time")),
+      );
+      const rowsNode = $("#text-metrics tbody");
+      const after = [...rowsNode.children].find((r) => r.dataset.metric > metric);
+      rowsNode.insertBefore(row, after || null);
+      $("#text-metrics").hidden = false;
+    }
+    texts.set(metric, { row, t });
+    row.dataset.value = String(value);
+    setText(row.querySelector(".value"), formatValue(value));
+    setAbsoluteTime(row.querySelector("time"), new Date(t * 1000));
+  }
+
+  function noteSeen(iso) {
+    if (!iso || (lastSeen && Date.parse(iso) <= Date.parse(lastSeen))) return;
+    lastSeen = iso;
+    setRelativeTime($("#device-seen"), iso);
+  }
+
+  function apply(message) {
+    if (message.device_id !== deviceId) return;
+    if (message.type === "status") {
+      setStatusBadge($("#device-status"), message.online);
+      return;
+    }
+    if (message.type !== "telemetry") return;
+    const t = seconds(message.ts);
+    for (const [metric, value] of Object.entries(message.values || {})) {
+      if (typeof value === "number") chartFor(metric).add(t, value);
+      else showTextMetric(metric, value, t);
+    }
+    noteSeen(message.ts);
+  }
+
+  function onEvent(message) {
+    if (loading) pending.push(message);
+    else apply(message);
+  }
+
+  async function loadDevice() {
+    try {
+      const device = await getJson(path);
+      setStatusBadge($("#device-status"), device.online);
+      noteSeen(device.last_seen);
+      if (!lastSeen) setRelativeTime($("#device-seen"), null);
+      fillTags($("#device-tags"), device.tags);
+    } catch (err) {
+      // Without devices:read the charts still work; say what is missing.
+      if (!(err instanceof ApiError && err.status === 404)) showError(error, describe(err));
+    }
+  }
+
+  async function rawPoints(metric, from, to, gen) {
+    const points = [];
+    let cursor = null;
+    for (let page = 0; page < RAW_MAX_PAGES; page++) {
+      const body = await getJson(`${path}/telemetry`, { metric, from, to, limit: RAW_PAGE, cursor });
+      if (gen !== generation) return null;
+      for (const p of body.items) if (p.value !== null) points.push({ t: seconds(p.ts), value: p.value });
+      cursor = body.next_cursor;
+      if (!cursor) break;
+    }
+    return points;
+  }
+
+  async function buckets(metric, from, to) {
+    const body = await getJson(`${path}/telemetry`, {
+      metric,
+      from,
+      to,
+      bucket: String(range.bucket),
+      agg: "avg,min,max,count",
+    });
+    return body.items.map((b) => ({ t: seconds(b.bucket), avg: b.avg, min: b.min, max: b.max, count: b.count }));
+  }
+
+  async function loadHistory() {
+    const gen = ++generation;
+    loading = true;
+    pending = [];
+    try {
+      const latest = await getJson(`${path}/latest`);
+      if (gen !== generation) return;
+      // Bucket edges lie on multiples of the width since 2000-01-01 (itself a whole
+      // hour since the epoch): an aligned range lets the API read its rollups.
+      const nowS = Date.now() / 1000;
+      const toS = range.bucket ? Math.ceil(nowS / range.bucket) * range.bucket : nowS + FUTURE_S;
+      const fromS = (range.bucket ? toS : nowS) - range.seconds;
+      const from = new Date(fromS * 1000).toISOString();
+      const to = new Date(toS * 1000).toISOString();
+      const numeric = Object.keys(latest.metrics)
+        .filter((m) => latest.metrics[m].value !== null)
+        .sort();
+      const history = await mapLimit(numeric, 4, (metric) =>
+        range.bucket ? buckets(metric, from, to) : rawPoints(metric, from, to, gen),
+      );
+      if (gen !== generation || closed) return;
+
+      for (const chart of charts.values()) chart.destroy();
+      charts.clear();
+      chartsNode.replaceChildren();
+      numeric.forEach((metric, i) => {
+        const chart = chartFor(metric);
+        const m = latest.metrics[metric];
+        chart.noteReading(seconds(m.ts), m.value);
+        if (range.bucket) chart.setBuckets(history[i]);
+        else chart.setPoints(history[i]);
+      });
+      for (const [metric, m] of Object.entries(latest.metrics)) {
+        if (m.value === null) showTextMetric(metric, m.value_text, seconds(m.ts));
+      }
+      $("#charts-empty").hidden = charts.size > 0;
+      showError(error, "");
+      chartsNode.dataset.loaded = "true";
+    } catch (err) {
+      if (gen === generation) showError(error, describe(err));
+    } finally {
+      if (gen === generation) {
+        loading = false;
+        const queued = pending;
+        pending = [];
+        for (const message of queued) apply(message);
+      }
+    }
+  }
+
+  // Stream first; history once it is subscribed (or after a short wait without it).
+  let subscribedOnce = false;
+  const fallback = setTimeout(() => {
+    if (!subscribedOnce) loadHistory();
+  }, SUBSCRIBE_WAIT_MS);
+  stream.subscribe(
+    { devices: [deviceId] },
+    {
+      onEvent,
+      onSubscribed() {
+        // Each (re)subscription: reload, so nothing between history and live is lost.
+        subscribedOnce = true;
+        clearTimeout(fallback);
+        loadHistory();
+      },
+    },
+  );
+  loadDevice();
+
+  // Slide the window with the clock.
+  const ticker = setInterval(() => {
+    for (const chart of charts.values()) {
+      chart.trim();
+      chart.redraw();
+    }
+  }, TICK_MS);
+  const resizer = new ResizeObserver(() => {
+    for (const chart of charts.values()) chart.resize();
+  });
+  resizer.observe(chartsNode);
+
+  return () => {
+    closed = true;
+    generation++;
+    clearTimeout(fallback);
+    clearInterval(ticker);
+    resizer.disconnect();
+    for (const chart of charts.values()) chart.destroy();
+  };
+}
