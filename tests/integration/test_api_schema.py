@@ -32,4 +32,12 @@ async def test_openapi_holds_under_schemathesis(
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
-    assert "No issues found" in result.stdout
+    if "No issues found" in result.stdout:
+        return
+    # The one warning accepted: the telemetry query answers many schema-valid inputs with
+    # 400 (`from` after `to`, too many buckets: rules OpenAPI cannot state).
+    warnings = result.stdout.split("WARNINGS", 1)[1].split("SUMMARY", 1)[0]
+    listed = [line.strip() for line in warnings.splitlines() if line.strip().startswith("- ")]
+    assert "Schema validation mismatch" in warnings and listed == [
+        "- GET /v1/devices/{device_id}/telemetry"
+    ], result.stdout[-8000:]
