@@ -11,6 +11,13 @@ A notification's payload is a JSON array of events, as the WebSocket sends them:
 
 PostgreSQL caps a payload below 8000 bytes, so a batch's events are packed into as
 many notifications as needed.
+
+Announcing costs ingest CPU and the database NOTIFY traffic, so it happens only while
+someone listens: an API process with stream clients keeps a row in ``stream_listeners``
+(expiring after :data:`LISTENER_TTL_SECONDS`, refreshed every
+:data:`LISTENER_REFRESH_SECONDS`), and ingest looks every :data:`LISTENER_POLL_SECONDS`.
+A process that starts listening waits :data:`LISTENER_SETTLE_SECONDS` before telling its
+first client it is subscribed, so ingest has noticed by then.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ import orjson
 from fleetline.protocol import Row
 
 CHANNEL = "fleetline_stream"
+LISTENER_TTL_SECONDS = 15.0
+LISTENER_REFRESH_SECONDS = 5.0
+LISTENER_POLL_SECONDS = 1.0
+LISTENER_SETTLE_SECONDS = LISTENER_POLL_SECONDS + 0.5
+ANY_LISTENER = "SELECT EXISTS (SELECT 1 FROM stream_listeners WHERE expires_at > now())"
 # PostgreSQL refuses payloads of 8000 bytes or more.
 MAX_PAYLOAD_BYTES = 7900
 _OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC

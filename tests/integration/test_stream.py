@@ -150,3 +150,38 @@ async def test_a_client_that_falls_behind_is_dropped_with_1013(
             await subscribed(ws)
     finally:
         small.stop()
+
+
+async def test_ingest_announces_batches_only_while_someone_listens(
+    start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto, db: asyncpg.Pool[Any],
+    database_url: str, uid: str,
+) -> None:
+    start_ingest()
+    device_id = f"{uid}-quiet"
+    heard: list[str] = []
+    con = await asyncpg.connect(database_url)
+    await con.add_listener("fleetline_stream",
+                           lambda *args: heard.append(args[3]) if device_id in args[3] else None)
+    dev = Device(broker.url, device_id)
+    try:
+        # Another test's API may still hold a presence row; this test's own is the only
+        # one that counts, so start from none.
+        await db.execute("DELETE FROM stream_listeners")
+        await asyncio.sleep(1.5)  # ingest polls presence every second
+        dev.publish_all([{"values": {"v": 1}}])
+        await asyncio.sleep(1.0)
+        assert await db.fetchval(
+            "SELECT count(*) FROM readings WHERE device_id = $1", device_id) == 1
+        assert heard == []
+        await db.execute("INSERT INTO stream_listeners VALUES ($1, now() + interval '1 minute')",
+                         uid)
+        await asyncio.sleep(1.5)
+        dev.publish_all([{"values": {"v": 2}}])
+        async with asyncio.timeout(10):
+            while not heard:
+                await asyncio.sleep(0.05)
+        assert '"v":2' in heard[0]
+    finally:
+        dev.close()
+        await db.execute("DELETE FROM stream_listeners WHERE listener_id = $1", uid)
+        await con.close()

@@ -13,6 +13,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,6 +35,14 @@ TAGS_TTL_SECONDS = 15.0
 TAGS_CACHE_MAX = 200_000
 # Notifications waiting for the dispatcher; beyond this the stream is lagging.
 BACKLOG_MAX = 10_000
+# A new client waits at most this long for ingest to learn that this process listens.
+ANNOUNCE_TIMEOUT_SECONDS = 5.0
+ANNOUNCE = """
+INSERT INTO stream_listeners (listener_id, expires_at)
+VALUES ($1, now() + make_interval(secs => $2))
+ON CONFLICT (listener_id) DO UPDATE SET expires_at = excluded.expires_at
+"""
+WITHDRAW = "DELETE FROM stream_listeners WHERE listener_id = $1"
 
 CLIENTS = Gauge("fleetline_api_stream_clients", "WebSocket clients of /v1/stream")
 EVENTS = Counter("fleetline_api_stream_events_total", "Events sent to stream clients")
@@ -112,6 +123,11 @@ class StreamHub:
         # device id -> (tags, or None when not registered; when read)
         self._devices: dict[str, tuple[dict[str, Any] | None, float]] = {}
         self.listening = False
+        # Presence in stream_listeners, which makes ingest announce its batches.
+        self._listener_id = f"api-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._announced_at: float | None = None
+        self._announced = asyncio.Event()
+        self._presence_wake = asyncio.Event()
 
     @property
     def clients(self) -> int:
@@ -141,9 +157,51 @@ class StreamHub:
 
     async def run(self) -> None:
         """Listen (reconnecting with backoff) and dispatch, until cancelled."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._dispatch(), name="api.stream.dispatch")
-            tg.create_task(self._listen(), name="api.stream.listen")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._dispatch(), name="api.stream.dispatch")
+                tg.create_task(self._listen(), name="api.stream.listen")
+                tg.create_task(self._presence(), name="api.stream.presence")
+        finally:
+            if self._announced_at is not None:
+                with contextlib.suppress(Exception):
+                    await self._pool.execute(WITHDRAW, self._listener_id, timeout=2)
+
+    async def announced(self) -> None:
+        """Wait until ingest has had time to see that this process listens (bounded: with
+        the database down, the client starts anyway and the stream closes it)."""
+        self._presence_wake.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ANNOUNCE_TIMEOUT_SECONDS):
+                await self._announced.wait()
+                assert self._announced_at is not None
+                settle = self._announced_at + streamevents.LISTENER_SETTLE_SECONDS
+                await asyncio.sleep(max(0.0, settle - time.monotonic()))
+
+    async def _presence(self) -> None:
+        while True:
+            try:
+                if self._subs:
+                    await self._pool.execute(
+                        ANNOUNCE,
+                        self._listener_id,
+                        streamevents.LISTENER_TTL_SECONDS,
+                        timeout=5,
+                    )
+                    if self._announced_at is None:
+                        self._announced_at = time.monotonic()
+                        self._announced.set()
+                elif self._announced_at is not None:
+                    await self._pool.execute(WITHDRAW, self._listener_id, timeout=5)
+                    self._announced_at = None
+                    self._announced.clear()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("could not record stream presence: %s", exc)
+            self._presence_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._presence_wake.wait(), streamevents.LISTENER_REFRESH_SECONDS
+                )
 
     async def _listen(self) -> None:
         attempt = 0

@@ -25,7 +25,7 @@ from typing import Any
 import aiomqtt
 import asyncpg
 
-from fleetline import db, mqtt
+from fleetline import db, mqtt, streamevents
 from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
 from fleetline.settings import MqttProtocol, StorageSettings
 from fleetline_ingest import metrics
@@ -42,6 +42,11 @@ SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
                  + fleetline_expire_rollups($3::text::interval, $4::text::interval) END
 """
 WRITE_RETRY_MAX_SECONDS = 10.0
+
+
+async def _idle() -> None:
+    """For a loop with nothing to do here: run() takes a loop that returns for a failure."""
+    await asyncio.Event().wait()
 
 
 class Ingestor:
@@ -326,7 +331,7 @@ class Ingestor:
         per_round = self.settings.rollup_marks_per_round
         async with self.pool.acquire() as con:
             if await con.fetchval("SELECT timescale FROM storage_config"):
-                return  # continuous aggregates refresh themselves
+                await _idle()  # continuous aggregates refresh themselves
         while True:
             try:
                 while True:
@@ -338,6 +343,21 @@ class Ingestor:
             except Exception as exc:  # replicas racing on one hour, a restart: next round
                 log.warning("rollup round failed: %s", exc)
             await asyncio.sleep(self.settings.rollup_interval_seconds)
+
+    async def listeners_loop(self) -> None:
+        """Keep ``writer.listeners`` current: whether any API process has stream clients."""
+        if not self.writer.notify_enabled:
+            await _idle()
+        while True:
+            try:
+                async with self.pool.acquire() as con:
+                    listening = bool(await con.fetchval(streamevents.ANY_LISTENER, timeout=5))
+                if listening != self.writer.listeners:
+                    log.info("stream listeners %s", "present" if listening else "gone")
+                self.writer.listeners = listening
+            except Exception as exc:  # keep the last answer; ingest itself is unaffected
+                log.warning("could not look for stream listeners: %s", exc)
+            await asyncio.sleep(streamevents.LISTENER_POLL_SECONDS)
 
     async def ready(self) -> bool:
         return self.connected and await db.answers(self.pool)
@@ -351,6 +371,7 @@ class Ingestor:
             asyncio.create_task(self.write_loop(), name="ingest.write"),
             asyncio.create_task(self.maintenance_loop(), name="ingest.maintenance"),
             asyncio.create_task(self.rollup_loop(), name="ingest.rollup"),
+            asyncio.create_task(self.listeners_loop(), name="ingest.listeners"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

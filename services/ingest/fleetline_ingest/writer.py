@@ -122,7 +122,9 @@ class BatchWriter:
         self._seen_written: dict[str, datetime] = {}
         self._seen_resolution = seen_resolution_seconds
         self._limits = limits
-        self._notify = notify
+        # Announce batches on the stream channel: configured on, and someone listens.
+        self.notify_enabled = notify
+        self.listeners = False
 
     async def _resolve_series(self, con: Connection, keys: Iterable[tuple[str, str]]) -> None:
         missing = [k for k in keys if k not in self._series]
@@ -190,7 +192,7 @@ class BatchWriter:
             streamevents.pack(
                 streamevents.telemetry_events(rows) + streamevents.status_events(batch.status)
             )
-            if self._notify
+            if self.notify_enabled and self.listeners
             else []
         )
         inserted = 0

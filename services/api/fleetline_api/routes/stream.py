@@ -83,6 +83,7 @@ async def stream(
     with hub.subscribe(wanted, queue_size=state.settings.stream_queue_size) as sub:
 
         async def pump() -> None:
+            await hub.announced()
             await websocket.send_json(
                 {
                     "type": "subscribed",
