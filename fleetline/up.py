@@ -190,6 +190,7 @@ def _child_env(database_url: str, mqtt_url: str, key_secret: str) -> dict[str, s
     # One ingest replica: a plain persistent subscription, which Mosquitto restores after
     # a restart (it forgets shared ones), so no reading is lost to a broker restart.
     env.setdefault("FLEETLINE_INGEST_SHARE_GROUP", "")
+    env.setdefault("FLEETLINE_RULES_SHARE_GROUP", "")
     return env
 
 

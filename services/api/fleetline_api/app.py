@@ -17,7 +17,16 @@ from fleetline import __version__, db
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
 from fleetline_api.broker import BrokerLink
-from fleetline_api.routes import dashboard, dead_letters, devices, health, stream, telemetry
+from fleetline_api.routes import (
+    alarms,
+    dashboard,
+    dead_letters,
+    devices,
+    health,
+    rules,
+    stream,
+    telemetry,
+)
 from fleetline_api.settings import ApiSettings
 from fleetline_api.stream import StreamHub
 
@@ -87,4 +96,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(telemetry.router)
     app.include_router(telemetry.fleet_router)
+    app.include_router(rules.router)
+    app.include_router(alarms.router)
     return app

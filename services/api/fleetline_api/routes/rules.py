@@ -1,0 +1,438 @@
+"""Rules: CRUD, and a backtest over stored telemetry.
+
+Every write notifies ``fleetline_rules`` in its transaction, so the rules service
+reloads as soon as the change is committed (it also reloads periodically). Changing a
+rule restarts its timers (its ``rule_state`` rows go); disabling or deleting it clears
+its open alarms, which would otherwise stay open with nothing to clear them.
+
+Reading rules needs ``rules:write`` or ``telemetry:read``: a rule is a view on
+telemetry, and a dashboard that shows a fleet's readings and alarms should be able to
+say which rule raised them; secrets are masked in every response, so reading a rule
+reveals nothing a telemetry reader could not see.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, StringConstraints
+
+from fleetline import apikeys, rules_engine, streamevents
+from fleetline.apikeys import KeyInfo
+from fleetline_api.deps import PoolDep, require
+from fleetline_api.problems import NOT_FOUND, RESPONSES
+from fleetline_api.rule_schemas import (
+    MASK,
+    Backtest,
+    BacktestAlarm,
+    CommandAction,
+    NoDataRule,
+    Outside,
+    PushsaferAction,
+    RuleIn,
+    RulePage,
+    RulePublic,
+    ThresholdRule,
+    WebhookAction,
+)
+
+router = APIRouter(prefix="/v1/rules", tags=["rules"], responses=RESPONSES)
+
+RULES_CHANNEL = "fleetline_rules"
+RuleId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+SECRET_FIELDS = ("secret", "key")
+# A command's params are stored as JSON and sent to a device: keep them small and exact.
+MAX_PARAMS_BYTES = 8192
+MAX_SAFE_INT = 2**53
+# Backtest bounds: readings replayed in one request, and the default range.
+MAX_BACKTEST_READINGS = 500_000
+DEFAULT_BACKTEST_RANGE = timedelta(hours=24)
+# An RFC 3339 time with its offset, years 1970-8999 (no reading lies outside); the
+# pattern checks the range of each field.
+Time = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^(19[7-9]\d|[2-8]\d{3})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+        r"[Tt ]([01]\d|2[0-3]):[0-5]\d"
+        r"(:[0-5]\d(\.\d{1,9})?)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)$"
+    ),
+]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: flk_<id>_<secret>")
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def require_any(*scopes: apikeys.Scope) -> Any:
+    """A dependency that lets through keys holding any of ``scopes`` (or ``admin``)."""
+
+    async def check(
+        pool: PoolDep,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> KeyInfo:
+        if credentials is None:
+            raise HTTPException(
+                401, "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
+            )
+        async with pool.acquire() as con:
+            key = await apikeys.verify(con, credentials.credentials)
+        if key is None:
+            raise HTTPException(401, "unknown or revoked API key", headers=_CHALLENGE)
+        if "admin" not in key.scopes and not set(scopes) & set(key.scopes):
+            raise HTTPException(403, f"this key lacks the {' or '.join(scopes)} scope")
+        return key
+
+    return check
+
+
+RulesRead = Annotated[KeyInfo, Depends(require_any("rules:write", "telemetry:read"))]
+RulesWrite = Annotated[KeyInfo, Depends(require("rules:write"))]
+
+COLUMNS = """
+id, name, kind, match, metric, raise_condition, clear_condition, timeout_s, severity, message,
+actions, enabled, version, created_at, updated_at
+"""
+INSERT = f"""
+INSERT INTO rules (name, match, kind, metric, raise_condition, clear_condition, timeout_s,
+                   severity, message, actions, enabled)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+RETURNING {COLUMNS}
+"""
+UPDATE = f"""
+UPDATE rules SET name = $2, match = $3, kind = $4, metric = $5, raise_condition = $6,
+       clear_condition = $7, timeout_s = $8, severity = $9, message = $10, actions = $11,
+       enabled = $12, version = version + 1, updated_at = now()
+WHERE id = $1
+RETURNING {COLUMNS}
+"""
+# Open alarms of a rule that is going away or being disabled.
+CLEAR_OPEN = """
+WITH cleared AS (
+    UPDATE rule_alarms SET state = 'cleared', cleared_at = now(), cleared_by = $2,
+           updated_at = now()
+    WHERE rule_id = $1 AND state <> 'cleared'
+    RETURNING *
+), history AS (
+    INSERT INTO alarm_events (alarm_id, at, event, actor, value)
+    SELECT id, cleared_at, 'cleared', $2, value FROM cleared
+)
+SELECT id, rule_id, rule_name, device_id, metric, severity, state, raised_at, acknowledged_at,
+       acknowledged_by, cleared_at, cleared_by, value, peak, count, message, updated_at
+FROM cleared
+"""
+
+
+def masked(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: (MASK if k in SECRET_FIELDS and v else v) for k, v in a.items()} for a in actions]
+
+
+def public(row: Any) -> RulePublic:
+    return RulePublic.model_validate(
+        {
+            "id": row["id"],
+            "name": row["name"],
+            "kind": row["kind"],
+            "match": row["match"],
+            "metric": row["metric"],
+            "raise": row["raise_condition"],
+            "clear": row["clear_condition"],
+            "timeout_s": row["timeout_s"],
+            "severity": row["severity"],
+            "message": row["message"],
+            "actions": masked(row["actions"]),
+            "enabled": row["enabled"],
+            "version": row["version"],
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+        }
+    )
+
+
+def _dump(model: BaseModel | None) -> dict[str, Any] | None:
+    return None if model is None else model.model_dump(mode="json", exclude_none=True)
+
+
+def _check_json(value: Any, depth: int = 0) -> None:
+    if depth > 16:
+        raise HTTPException(400, "command params are nested too deeply")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_json(k, depth + 1)
+            _check_json(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_json(v, depth + 1)
+    elif isinstance(value, str):
+        if "\x00" in value:
+            raise HTTPException(400, "command params may not contain NUL characters")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INT:
+        raise HTTPException(400, "command params: integers must lie within ±2^53")
+
+
+def _columns(body: ThresholdRule | NoDataRule, stored: list[dict[str, Any]]) -> list[Any]:
+    """The rule's column values; masked secrets take the stored action's secret."""
+    actions: list[dict[str, Any]] = []
+    for index, action in enumerate(body.actions):
+        doc = action.model_dump(mode="json", exclude_none=True)
+        for name in SECRET_FIELDS:
+            if doc.get(name) != MASK:
+                continue
+            old = stored[index] if index < len(stored) else {}
+            if old.get("type") != doc["type"] or not old.get(name):
+                raise HTTPException(
+                    400, f"actions[{index}].{name} is masked but no such secret is stored"
+                )
+            doc[name] = old[name]
+        if isinstance(action, CommandAction):
+            _check_json(action.params)
+            if len(orjson.dumps(action.params)) > MAX_PARAMS_BYTES:
+                raise HTTPException(400, f"command params must be at most {MAX_PARAMS_BYTES} bytes")
+        assert isinstance(action, WebhookAction | PushsaferAction | CommandAction)
+        actions.append(doc)
+    match = body.match.model_dump(mode="json")
+    if isinstance(body, ThresholdRule):
+        for cond in (body.raise_, body.clear):
+            if isinstance(cond, Outside) and cond.low > cond.high:
+                raise HTTPException(400, "'outside' needs low <= high")
+        return [
+            body.name,
+            match,
+            "threshold",
+            body.metric,
+            _dump(body.raise_),
+            _dump(body.clear),
+            None,
+            body.severity,
+            body.message,
+            actions,
+            body.enabled,
+        ]
+    return [
+        body.name,
+        match,
+        "no_data",
+        None,
+        None,
+        None,
+        body.timeout_s,
+        body.severity,
+        body.message,
+        actions,
+        body.enabled,
+    ]
+
+
+async def _notify_rule(con: Any, rule_id: int) -> None:
+    await con.execute(
+        "SELECT pg_notify($1, $2)", RULES_CHANNEL, orjson.dumps({"rule_id": rule_id}).decode()
+    )
+
+
+async def clear_open_alarms(con: Any, rule_id: int, actor: str) -> None:
+    """Clear a rule's open alarms and announce it on the stream (in the caller's
+    transaction)."""
+    rows = await con.fetch(CLEAR_OPEN, rule_id, actor)
+    if rows:
+        events = [
+            {"type": "alarm", "device_id": r["device_id"], "ts": r["cleared_at"], "alarm": dict(r)}
+            for r in rows
+        ]
+        await con.execute(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+            streamevents.CHANNEL,
+            streamevents.pack(events),
+        )
+
+
+def who(key: KeyInfo) -> str:
+    return f"{key.name} (key {key.id})"
+
+
+@router.get("", response_model=RulePage, response_model_by_alias=True)
+async def list_rules(
+    pool: PoolDep,
+    _key: RulesRead,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+) -> RulePage:
+    """Rules by id."""
+    rows = await pool.fetch(
+        f"SELECT {COLUMNS} FROM rules WHERE ($1::bigint IS NULL OR id > $1) ORDER BY id LIMIT $2",
+        cursor,
+        limit + 1,
+    )
+    items = [public(r) for r in rows[:limit]]
+    return RulePage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
+
+
+def links(path: str, *names: str) -> dict[str, Any]:
+    """OpenAPI links from a response to the operations that take the id it holds."""
+    return {
+        name: {"operationId": operation, "parameters": {param: f"$response.body#{path}"}}
+        for name, operation, param in (n.split(":") for n in names)
+    }
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=RulePublic,
+    response_model_by_alias=True,
+    responses={
+        201: {
+            "description": "The rule (secrets masked)",
+            "links": links(
+                "/id",
+                "GetRule:rules-get_rule:rule_id",
+                "ReplaceRule:rules-replace_rule:rule_id",
+                "DeleteRule:rules-delete_rule:rule_id",
+                "BacktestRule:rules-backtest_rule:rule_id",
+            ),
+        }
+    },
+)
+async def create_rule(body: RuleIn, pool: PoolDep, _key: RulesWrite) -> RulePublic:
+    """Create a rule; the rules service evaluates it from the next reading on."""
+    values = _columns(body, [])
+    async with pool.acquire() as con, con.transaction():
+        row = await con.fetchrow(INSERT, *values)
+        assert row is not None
+        await _notify_rule(con, row["id"])
+    return public(row)
+
+
+@router.get(
+    "/{rule_id}", response_model=RulePublic, response_model_by_alias=True, responses=NOT_FOUND
+)
+async def get_rule(rule_id: RuleId, pool: PoolDep, _key: RulesRead) -> RulePublic:
+    """One rule (secrets masked)."""
+    row = await pool.fetchrow(f"SELECT {COLUMNS} FROM rules WHERE id = $1", rule_id)
+    if row is None:
+        raise HTTPException(404, f"rule {rule_id} not found")
+    return public(row)
+
+
+@router.put(
+    "/{rule_id}", response_model=RulePublic, response_model_by_alias=True, responses=NOT_FOUND
+)
+async def replace_rule(rule_id: RuleId, body: RuleIn, pool: PoolDep, key: RulesWrite) -> RulePublic:
+    """Replace a rule. Its timers restart; open alarms stay open and clear by the new
+    clear condition (or are cleared now if the rule is disabled). A secret sent back as
+    ``********`` keeps the stored one."""
+    async with pool.acquire() as con, con.transaction():
+        stored = await con.fetchval("SELECT actions FROM rules WHERE id = $1 FOR UPDATE", rule_id)
+        if stored is None:
+            raise HTTPException(404, f"rule {rule_id} not found")
+        row = await con.fetchrow(UPDATE, rule_id, *_columns(body, stored))
+        assert row is not None
+        await con.execute("DELETE FROM rule_state WHERE rule_id = $1", rule_id)
+        if not body.enabled:
+            await clear_open_alarms(con, rule_id, f"rule disabled by {who(key)}")
+        await _notify_rule(con, rule_id)
+    return public(row)
+
+
+@router.delete("/{rule_id}", status_code=204, responses=NOT_FOUND)
+async def delete_rule(rule_id: RuleId, pool: PoolDep, key: RulesWrite) -> Response:
+    """Delete a rule; its open alarms are cleared (and kept in the history)."""
+    async with pool.acquire() as con, con.transaction():
+        status = await con.execute("DELETE FROM rules WHERE id = $1", rule_id)
+        if status.endswith(" 0"):
+            raise HTTPException(404, f"rule {rule_id} not found")
+        await clear_open_alarms(con, rule_id, f"rule deleted by {who(key)}")
+        await _notify_rule(con, rule_id)
+    return Response(status_code=204)
+
+
+def _time(name: str, text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text.upper().replace(" ", "T")).astimezone(UTC)
+    except (ValueError, OverflowError):  # 30 February, year 1 with a positive offset
+        raise HTTPException(400, f"'{name}' {text!r} is not a valid time") from None
+
+
+BACKTEST_THRESHOLD = """
+SELECT r.device_id, r.time, r.value
+FROM readings r LEFT JOIN devices d ON d.id = r.device_id
+WHERE r.metric = $1 AND r.time >= $4 AND r.time < $5 AND r.value IS NOT NULL
+  AND ((cardinality($2::text[]) = 0 AND $3::jsonb = '{}'::jsonb)
+       OR r.device_id = ANY($2::text[])
+       OR ($3::jsonb <> '{}'::jsonb AND d.tags @> $3::jsonb))
+ORDER BY r.device_id, r.time
+LIMIT $6
+"""
+# no_data rules: every reading is a sign of life, whatever its metric.
+BACKTEST_NO_DATA = """
+SELECT DISTINCT r.device_id, r.time, NULL::float8 AS value
+FROM readings r LEFT JOIN devices d ON d.id = r.device_id
+WHERE r.time >= $3 AND r.time < $4
+  AND ((cardinality($1::text[]) = 0 AND $2::jsonb = '{}'::jsonb)
+       OR r.device_id = ANY($1::text[])
+       OR ($2::jsonb <> '{}'::jsonb AND d.tags @> $2::jsonb))
+ORDER BY r.device_id, r.time
+LIMIT $5
+"""
+
+
+@router.post(
+    "/{rule_id}/backtest",
+    response_model=Backtest,
+    response_model_by_alias=True,
+    responses=NOT_FOUND,
+)
+async def backtest_rule(
+    rule_id: RuleId,
+    pool: PoolDep,
+    _key: RulesRead,
+    start: Annotated[Time | None, Query(alias="from", description="Default: to - 24 h")] = None,
+    end: Annotated[Time | None, Query(alias="to", description="Default: now")] = None,
+) -> Backtest:
+    """Replay the stored readings of ``[from, to)`` through the rule, with the same
+    evaluation code as the rules service, and return the alarms it would have raised
+    (nothing is stored, no action runs); a range with ``from`` at or after ``to`` holds
+    no readings. Time is the readings' own; the clock is moved
+    to ``to`` at the end, so a condition still holding then raises if it held long
+    enough. no_data rules see readings only (status messages are not stored)."""
+    row = await pool.fetchrow(f"SELECT {COLUMNS} FROM rules WHERE id = $1", rule_id)
+    if row is None:
+        raise HTTPException(404, f"rule {rule_id} not found")
+    until = _time("to", end) or datetime.now(UTC)
+    since = _time("from", start) or until - DEFAULT_BACKTEST_RANGE
+    rule = rules_engine.Rule.from_row(dict(row))
+    where = [sorted(rule.devices), dict(rule.tags), since, until, MAX_BACKTEST_READINGS + 1]
+    if rule.kind == "threshold":
+        readings = await pool.fetch(BACKTEST_THRESHOLD, rule.metric, *where)
+    else:
+        readings = await pool.fetch(BACKTEST_NO_DATA, *where)
+    if len(readings) > MAX_BACKTEST_READINGS:
+        raise HTTPException(
+            400, f"more than {MAX_BACKTEST_READINGS} readings in range: narrow 'from'/'to'"
+        )
+    alarms = rules_engine.replay(
+        rule, ((r["device_id"], r["time"], r["value"]) for r in readings), until
+    )
+    return Backtest.model_validate(
+        {
+            "rule_id": rule_id,
+            "from": since,
+            "to": until,
+            "readings": len(readings),
+            "alarms": [
+                BacktestAlarm(
+                    device_id=a.device_id,
+                    raised_at=a.raised_at,
+                    cleared_at=a.cleared_at,
+                    value=a.value,
+                    peak=a.peak,
+                    count=a.count,
+                    message=a.message,
+                )
+                for a in alarms
+            ],
+        }
+    )

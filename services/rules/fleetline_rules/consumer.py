@@ -1,0 +1,436 @@
+"""The rules service: readings and status from the broker, evaluated, transitions stored.
+
+    broker ──DirectReader──> inbox ──> evaluate a batch ──> write its transitions ──> PUBACK
+                                           ▲   (one lock: the state changes and their
+    ticker (time-based transitions) ───────┤    writes happen in one order)
+    flusher (open alarms' value/peak/count)┤
+    reload (NOTIFY fleetline_rules, timer) ┘
+    deliverer: action_deliveries ──> webhook / Pushsafer / command
+
+- A message is acknowledged after the transitions it caused are committed: killed at
+  any moment, the service loses no raise, and the broker redelivers what it had not
+  acknowledged (persistent session). Redelivered readings change nothing: the state
+  machine skips readings not newer than the last one it evaluated.
+- State that must survive a restart (pending and clearing timers, open alarms) is in
+  the database and read back at start; an open alarm is unique per (rule, device) by a
+  partial unique index, so a restart or a second replica never raises it twice.
+- Bad payloads are skipped here: ingest dead-letters them.
+- Replicas share the subscription ($share/<group>/...). Mosquitto hands each message to
+  one member, so a device's readings may be split between replicas; each replica reads
+  the open alarms back at every reload, and the unique index arbitrates raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import aiomqtt
+import asyncpg
+
+from fleetline import db, mqtt
+from fleetline.protocol import (
+    STATUS,
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    TELEMETRY,
+    TOPIC_ROOT,
+    Limits,
+    PayloadError,
+    Row,
+    device_ids,
+    parse_telemetry,
+    split_device_topic,
+)
+from fleetline.rules_engine import Phase
+from fleetline.settings import MqttProtocol
+from fleetline_rules import metrics, store
+from fleetline_rules.actions import Deliverer
+from fleetline_rules.evaluator import Change, Evaluator, RuleSet
+from fleetline_rules.settings import RulesSettings
+
+log = logging.getLogger(__name__)
+
+# After refused credentials, retry this rarely: an operator has to fix them.
+AUTH_RETRY_SECONDS = 30.0
+SUBSCRIBE_TIMEOUT_SECONDS = 10.0
+WRITE_RETRY_MAX_SECONDS = 10.0
+# device_activity (ingest's last-seen and status) is read at most this often.
+ACTIVITY_POLL_SECONDS = 1.0
+# Notifications arriving together (a script creating rules) cause one reload.
+RELOAD_DEBOUNCE_SECONDS = 0.05
+
+
+class Message(NamedTuple):
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    retain: bool
+    generation: int
+    received_at: datetime
+
+
+def _set_done(future: asyncio.Future[None], *_args: object) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class RulesService:
+    def __init__(self, settings: RulesSettings, pool: asyncpg.Pool[Any]) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.limits = Limits()
+        self.evaluator = Evaluator(RuleSet((), {}))
+        self.lock = asyncio.Lock()
+        self.inbox: deque[Message] = deque()
+        self.generation = 0
+        self.reader: mqtt.DirectReader | None = None
+        self.client: aiomqtt.Client | None = None
+        self.subscribed = False
+        self.loaded = False
+        self._wake = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.deliverer = Deliverer(settings, pool, lambda: self.client)
+
+    # -- loading ------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rules, tags and the persisted state of every rule (at start)."""
+        async with self.pool.acquire() as con:
+            rules = await store.load_rules(con)
+            tags = await store.load_tags(con)
+            ruleset = RuleSet(rules, tags)
+            states = await store.load_states(con, ruleset.rules)
+        async with self.lock:
+            self.evaluator.replace_rules(ruleset, states, set(ruleset.rules))
+        metrics.RULES.set(len(rules))
+        self.loaded = True
+        log.info(
+            "rules loaded",
+            extra={"rules": len(rules), "states": len(states), "devices_tagged": len(tags)},
+        )
+
+    async def reload(self) -> None:
+        """Rules and tags again; states of new or changed rules from the database; open
+        alarms reconciled (cleared by hand, or raised by another replica)."""
+        async with self.pool.acquire() as con:
+            rules = await store.load_rules(con)
+            tags = await store.load_tags(con)
+            old = self.evaluator.rules.rules
+            changed = {r.id for r in rules if r.id not in old or old[r.id].version != r.version}
+            ruleset = RuleSet(rules, tags)
+            fresh = {i: ruleset.rules[i] for i in changed}
+            states = await store.load_states(con, fresh) if fresh else {}
+            async with self.lock:
+                self.evaluator.replace_rules(ruleset, states, changed)
+                await self._reconcile(con)
+        metrics.RULES.set(len(rules))
+        if changed or len(rules) != len(old):
+            log.info("rules reloaded", extra={"rules": len(rules), "changed": len(changed)})
+
+    async def _reconcile(self, con: db.Connection) -> None:
+        """Under the lock: memory follows the open alarms in the database."""
+        rows = await con.fetch(store.LOAD_OPEN_ALARMS, None)
+        open_alarms = {(r["rule_id"], r["device_id"]): r for r in rows}
+        ev = self.evaluator
+        now = datetime.now(UTC)
+        for key, state in list(ev.states.items()):
+            if state.phase in (Phase.ACTIVE, Phase.CLEARING) and key not in open_alarms:
+                ev.reset(key[0], key[1], now)
+        for key, row in open_alarms.items():
+            rule = ev.rules.rules.get(key[0])
+            if rule is None:
+                continue
+            known = ev.states.get(key)
+            if known is None or known.phase in (Phase.IDLE, Phase.PENDING):
+                state = ev.watch(key) if rule.kind == "no_data" else ev.state(key)
+                state.phase, state.since = Phase.ACTIVE, None
+                state.value, state.peak, state.count = row["value"], row["peak"], row["count"]
+                ev.timed.discard(key)
+                if rule.kind == "no_data":
+                    state.offline = True
+
+    # -- receiving (paho's read callback, on the event loop) ----------------------------
+
+    def on_message(self, topic: str, payload: bytes, mid: int, qos: int, retain: bool) -> None:
+        self.inbox.append(
+            Message(topic, payload, mid, qos, retain, self.generation, datetime.now(UTC))
+        )
+        if (
+            len(self.inbox) >= self.settings.max_pending_messages
+            and self.reader is not None
+            and not self.reader.paused
+        ):
+            self.reader.pause()
+            log.info("pausing reads: %d messages pending", len(self.inbox))
+        self._wake.set()
+
+    def _evaluate(self, msg: Message) -> list[Change]:
+        parts = split_device_topic(msg.topic)
+        if parts is None:
+            return []
+        device_id, kind = parts
+        if not device_ids.valid(device_id):
+            return []
+        if kind == TELEMETRY:
+            metrics.MESSAGES.labels("telemetry").inc()
+            rows: list[Row] = []
+            try:
+                parse_telemetry(device_id, msg.payload, msg.received_at, self.limits, rows)
+            except PayloadError:
+                return []  # ingest dead-letters it
+            if len(rows) > 1:
+                rows.sort(key=lambda r: r[2])  # a device's backlog, in time order
+            before = self.evaluator.evaluated
+            changes = self.evaluator.reading(device_id, rows, msg.received_at)
+            metrics.EVALUATIONS.inc(self.evaluator.evaluated - before)
+            return changes
+        if kind == STATUS and msg.payload in (STATUS_ONLINE, STATUS_OFFLINE):
+            metrics.MESSAGES.labels("status").inc()
+            return self.evaluator.status(device_id, msg.payload == STATUS_ONLINE, msg.received_at)
+        return []
+
+    # -- writing --------------------------------------------------------------------------
+
+    async def _persist(self, changes: list[Change]) -> None:
+        """Under the lock: write transitions, retrying while the database is away (reads
+        pause meanwhile: the inbox fills and nothing is acknowledged)."""
+        attempt = 0
+        while True:
+            try:
+                async with self.pool.acquire() as con, con.transaction():
+                    await store.write(con, changes, self.evaluator)
+            except Exception as exc:
+                if not store.is_transient(exc):
+                    # Memory and database may disagree now: the next reload re-reads.
+                    log.exception("could not write %d transitions", len(changes))
+                    self._reload.set()
+                    return
+                delay = min(WRITE_RETRY_MAX_SECONDS, 0.1 * 2**attempt)
+                log.warning("writing transitions failed (%s); retrying in %.1f s", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            for change in changes:
+                metrics.TRANSITIONS.labels(change.transition.event.value).inc()
+                if change.transition.event.value in ("raised", "cleared"):
+                    log.info(
+                        "alarm %s",
+                        change.transition.event.value,
+                        extra={
+                            "rule_id": change.rule.id,
+                            "device_id": change.device_id,
+                            "at": change.transition.at.isoformat(),
+                            "value": change.transition.value,
+                        },
+                    )
+            return
+
+    # -- the loops ----------------------------------------------------------------------
+
+    async def process_loop(self) -> None:
+        batch_size = self.settings.batch_messages
+        while True:
+            if not self.inbox:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self.inbox.popleft() for _ in range(min(batch_size, len(self.inbox)))]
+            metrics.PENDING_MESSAGES.set(len(self.inbox))
+            async with self.lock:
+                changes: list[Change] = []
+                for msg in batch:
+                    if msg.retain:
+                        continue  # a replay of the last status: ingest stored it when new
+                    try:
+                        changes += self._evaluate(msg)
+                    except Exception:  # one odd message must not stop evaluation
+                        log.exception("evaluating a message on %s failed", msg.topic[:200])
+                if changes:
+                    await self._persist(changes)
+            self._acknowledge(batch)
+
+    def _acknowledge(self, batch: list[Message]) -> None:
+        reader = self.reader
+        if reader is None:
+            return
+        for msg in batch:
+            # Message ids mean nothing on a later connection: the broker redelivers.
+            if msg.generation == self.generation:
+                reader.ack(msg.mid, msg.qos)
+        if reader.paused and len(self.inbox) < self.settings.max_pending_messages // 2:
+            reader.resume()
+
+    async def tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.tick_interval_seconds
+        last_activity = -1e9
+        while True:
+            started = loop.time()
+            try:
+                activity = None
+                if self.evaluator.rules.no_data and started - last_activity >= max(
+                    interval, ACTIVITY_POLL_SECONDS
+                ):
+                    last_activity = started
+                    activity = await store.load_activity(self.pool)
+                async with self.lock:
+                    changes = self.evaluator.activity(activity) if activity else []
+                    changes += self.evaluator.tick(datetime.now(UTC))
+                    if changes:
+                        await self._persist(changes)
+            except Exception as exc:  # the next tick tries again
+                log.warning("tick failed: %s", exc)
+            elapsed = loop.time() - started
+            if elapsed > interval:
+                log.warning("a tick took %.2f s, longer than its interval", elapsed)
+            await asyncio.sleep(max(0.0, interval - elapsed))
+
+    async def flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval_seconds)
+            try:
+                await self.flush()
+            except Exception as exc:
+                log.warning("flushing open alarms failed: %s", exc)
+
+    async def flush(self) -> None:
+        async with self.lock:
+            if not self.evaluator.dirty and not self.evaluator.dirty_rates:
+                return
+            now = datetime.now(UTC)
+            async with self.pool.acquire() as con, con.transaction():
+                gone = await store.flush(con, self.evaluator, now)
+            for rule_id, device_id in gone:
+                self.evaluator.reset(rule_id, device_id, now)
+
+    async def reload_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload.wait(), self.settings.reload_interval_seconds)
+            await asyncio.sleep(RELOAD_DEBOUNCE_SECONDS)
+            self._reload.clear()
+            try:
+                await self.reload()
+            except Exception as exc:
+                log.warning("reloading rules failed: %s", exc)
+
+    async def listen_loop(self) -> None:
+        """LISTEN for rule changes and manual clears (the api notifies in the transaction
+        of the change); every (re)connection reloads, in case one was missed."""
+        attempt = 0
+        while True:
+            con: asyncpg.Connection[Any] | None = None
+            try:
+                con = await asyncpg.connect(self.settings.dsn, timeout=10)
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                con.add_termination_listener(functools.partial(_set_done, lost))
+                await con.add_listener(store.RULES_CHANNEL, self._on_rules_notify)
+                self._reload.set()
+                attempt = 0
+                while not lost.done():
+                    await asyncio.wait({lost}, timeout=10)
+                    if not lost.done():
+                        await con.fetchval("SELECT 1", timeout=5)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("rules listener lost the database: %s", exc)
+            finally:
+                if con is not None:
+                    await db.close_connection(con)
+            await asyncio.sleep(mqtt.backoff_seconds(attempt))
+            attempt += 1
+
+    def _on_rules_notify(self, _con: object, _pid: int, _channel: str, _payload: object) -> None:
+        self._reload.set()
+
+    def _subscriptions(self, client: aiomqtt.Client) -> list[str]:
+        topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
+        if mqtt.is_v5(client) and self.settings.share_group:
+            return [f"$share/{self.settings.share_group}/{t}" for t in topics]
+        return topics
+
+    def _make_client(self, protocol: MqttProtocol) -> aiomqtt.Client:
+        s = self.settings
+        return mqtt.make_client(
+            s.mqtt,
+            identifier=s.client_id,
+            protocol=protocol,
+            persistent=True,
+            session_expiry_seconds=s.session_expiry_seconds,
+            receive_maximum=s.max_pending_messages,
+        )
+
+    def _prepare(self, client: aiomqtt.Client) -> None:
+        self.generation += 1
+        self.reader = mqtt.DirectReader(client, self.on_message)
+
+    async def mqtt_loop(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with mqtt.connected(
+                    self._make_client, self.settings.mqtt_protocol, prepare=self._prepare
+                ) as client:
+                    assert self.reader is not None
+                    self.reader.start()
+                    self.client = client
+                    metrics.CONNECTED.set(1)
+                    topics = self._subscriptions(client)
+                    for topic in topics:
+                        await client.subscribe(topic, qos=1, timeout=SUBSCRIBE_TIMEOUT_SECONDS)
+                    self.subscribed = True
+                    attempt = 0
+                    log.info(
+                        "connected to the broker, subscribed",
+                        extra={"topics": topics, "client_id": self.settings.client_id},
+                    )
+                    await mqtt.wait_disconnected(client)
+                    log.warning("broker closed the connection")
+            except mqtt.MqttAuthError as exc:
+                log.error("the broker refused the rules service's credentials: %s", exc)
+                await asyncio.sleep(AUTH_RETRY_SECONDS)
+                continue
+            except aiomqtt.MqttError as exc:
+                log.warning("MQTT connection lost or refused: %s", exc)
+            finally:
+                self.client = None
+                self.subscribed = False
+                self.reader = None
+                metrics.CONNECTED.set(0)
+            await asyncio.sleep(mqtt.backoff_seconds(attempt))
+            attempt += 1
+
+    async def ready(self) -> bool:
+        return self.loaded and self.subscribed and await db.answers(self.pool)
+
+    async def run(self) -> None:
+        tasks = [
+            asyncio.create_task(self.mqtt_loop(), name="rules.mqtt"),
+            asyncio.create_task(self.process_loop(), name="rules.process"),
+            asyncio.create_task(self.tick_loop(), name="rules.tick"),
+            asyncio.create_task(self.flush_loop(), name="rules.flush"),
+            asyncio.create_task(self.reload_loop(), name="rules.reload"),
+            asyncio.create_task(self.listen_loop(), name="rules.listen"),
+            asyncio.create_task(self.deliverer.run(), name="rules.actions"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise RuntimeError("a rules loop stopped unexpectedly")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Open alarms' latest figures; what was not evaluated stays with the broker.
+            try:
+                async with asyncio.timeout(self.settings.shutdown_timeout_seconds):
+                    await self.flush()
+            except Exception as exc:
+                log.warning("final flush failed: %s", exc)
