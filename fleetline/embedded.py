@@ -11,6 +11,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -23,6 +25,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Protocol, Self
@@ -38,6 +41,10 @@ PG_SYSTEM_USER = "fleetline-postgres"
 PROJECT_MOSQUITTO_CONF = (
     Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "fleetline.conf"
 )
+# The broker's auth plugin (C): per-device credentials and topic ACLs.
+AUTH_PLUGIN_DIR = PROJECT_MOSQUITTO_CONF.parent / "auth"
+AUTH_PLUGIN_BUILD_PACKAGES = "mosquitto-dev libmosquitto-dev libpq-dev libssl-dev gcc make"
+_AUTH_PLUGIN_MIN_SECRET_BYTES = 32
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _UNIX_PATH_MAX = 107
 _LOG_TAIL_LINES = 30
@@ -558,9 +565,112 @@ _MOSQUITTO_LOCAL_KEYS = frozenset(
 )
 
 
+def auth_plugin_path() -> Path:
+    """The broker's auth plugin (``deploy/mosquitto/auth/fleetline_auth.so``), built with
+    ``make`` when it is missing or older than its source.
+
+    Concurrent callers (pytest-xdist workers, ``fleetline up`` beside a test run) take
+    turns on a lock; the build writes a temporary file that is renamed into place, so a
+    broker never loads a half-written library.
+    """
+    source = AUTH_PLUGIN_DIR / "fleetline_auth.c"
+    makefile = AUTH_PLUGIN_DIR / "Makefile"
+    target = AUTH_PLUGIN_DIR / "fleetline_auth.so"
+
+    def fresh() -> bool:
+        try:
+            built = target.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return all(built >= dep.stat().st_mtime for dep in (source, makefile))
+
+    if fresh():
+        return target
+    if shutil.which("make") is None:
+        raise EmbeddedError(
+            f"cannot build the broker's auth plugin: `make` is not installed (Debian "
+            f"packages: {AUTH_PLUGIN_BUILD_PACKAGES})"
+        )
+    # The Makefile is the lock: it always exists, and a read-only open is enough to flock.
+    with makefile.open("rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fresh():
+            return target
+        temporary = f"{target.name}.tmp.{os.getpid()}"
+        log.info("building the broker's auth plugin in %s", AUTH_PLUGIN_DIR)
+        try:
+            result = subprocess.run(
+                ["make", "--no-print-directory", "-C", str(AUTH_PLUGIN_DIR), f"OUT={temporary}"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        except OSError as exc:
+            raise EmbeddedError(
+                f"cannot run make to build the broker's auth plugin: {exc}"
+            ) from exc
+        if result.returncode != 0:
+            (AUTH_PLUGIN_DIR / temporary).unlink(missing_ok=True)
+            output = "\n".join((result.stdout + result.stderr).splitlines()[-_LOG_TAIL_LINES:])
+            raise EmbeddedError(
+                f"building the broker's auth plugin failed (make -C {AUTH_PLUGIN_DIR}); it "
+                f"needs the Debian packages {AUTH_PLUGIN_BUILD_PACKAGES}:\n{output}"
+            )
+        os.replace(AUTH_PLUGIN_DIR / temporary, target)
+    return target
+
+
+@dataclass(frozen=True)
+class BrokerAuth:
+    """Per-device credentials and topic ACLs for a :class:`LocalMosquitto`, checked by the
+    auth plugin (``deploy/mosquitto/auth``).
+
+    Devices log in with their key or a SAS token (``fleetline.devicekeys``), their key
+    version read from ``database_url``; ``services`` are the backend's accounts (username
+    → password, in plain text here: the broker gets their SHA-256), with full access.
+    """
+
+    database_url: str
+    key_secret: bytes = field(repr=False)
+    services: dict[str, str] = field(default_factory=dict, repr=False)
+    # How long the plugin trusts a key version it read (None: the plugin's default, 5 s).
+    cache_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.key_secret) < _AUTH_PLUGIN_MIN_SECRET_BYTES:
+            raise ValueError(
+                f"the device-key secret must hold at least {_AUTH_PLUGIN_MIN_SECRET_BYTES} bytes"
+            )
+        if any(ch in self.database_url for ch in "\r\n"):
+            raise ValueError("the database URL must be one line")
+        for username in self.services:
+            if not username or username[0] == "#" or any(ch.isspace() for ch in username):
+                raise ValueError(f"invalid service username {username!r}")
+
+    def services_text(self) -> str:
+        """The plugin's services file: ``username:<hex sha256 of the password>`` lines."""
+        lines = ["# Written by fleetline.embedded: username:<hex sha256 of the password>"]
+        for username, password in self.services.items():
+            lines.append(f"{username}:{hashlib.sha256(password.encode()).hexdigest()}")
+        return "\n".join(lines) + "\n"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, readable by its owner only (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # the file may have existed with another mode
+        out.write(data)
+
+
 class LocalMosquitto(_LocalServer):
     """A Mosquitto broker on 127.0.0.1:``port`` with its config, log and persistence DB
     in ``data_dir``; the broker settings are those of ``deploy/mosquitto/fleetline.conf``.
+
+    Without ``auth`` anyone may connect and use any topic. With it, the auth plugin
+    checks every login and topic (:class:`BrokerAuth`); its secret and services files are
+    written into ``data_dir``.
     """
 
     NAME = "mosquitto"
@@ -569,10 +679,20 @@ class LocalMosquitto(_LocalServer):
     # messages) and exits.
     STOP_TIMEOUT_SECONDS = MQTT_STOP_TIMEOUT_SECONDS
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        extra_config: str = "",
+        auth: BrokerAuth | None = None,
+    ) -> None:
         super().__init__(data_dir, port=port, log_name="mosquitto.log")
         self.extra_config = extra_config
+        self.auth = auth
         self.conf_path = self.data_dir / "mosquitto.conf"
+        self.key_secret_path = self.data_dir / "device-key-secret"
+        self.services_path = self.data_dir / "mqtt-services"
 
     @property
     def url(self) -> str:
@@ -590,10 +710,21 @@ class LocalMosquitto(_LocalServer):
             "",
             "# Local broker for development and tests.",
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
             f"persistence_location {self.data_dir}/",
             f"log_dest file {self.log_path}",
         ]
+        if self.auth is None:
+            lines.append("allow_anonymous true")
+        else:
+            lines += [
+                "allow_anonymous false",
+                f"plugin {auth_plugin_path()}",
+                f"plugin_opt_database {self.auth.database_url}",
+                f"plugin_opt_key_secret_file {self.key_secret_path}",
+                f"plugin_opt_services_file {self.services_path}",
+            ]
+            if self.auth.cache_seconds is not None:
+                lines.append(f"plugin_opt_cache_seconds {self.auth.cache_seconds}")
         if os.geteuid() == 0:
             # Started as root, mosquitto switches to the user "mosquitto", which could not
             # write the persistence DB and log into this root-owned directory. Staying root
@@ -616,6 +747,9 @@ class LocalMosquitto(_LocalServer):
         if not port_is_free(self.port):
             raise EmbeddedError(f"port {self.port} on 127.0.0.1 is already in use")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.auth is not None:
+            _write_private(self.key_secret_path, self.auth.key_secret)
+            _write_private(self.services_path, self.auth.services_text().encode())
         self.conf_path.write_text(self.config_text())
         self._spawn([binary, "-c", str(self.conf_path)])
 

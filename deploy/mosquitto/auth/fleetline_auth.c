@@ -1,0 +1,1306 @@
+/*
+ * fleetline_auth: per-device credentials and topic ACLs for Mosquitto 2.0 (plugin API 5).
+ *
+ * Devices (PROTOCOL.md, Identities): client id = username = device id; the password is the
+ * device key (base64 of 32 bytes) or a SAS token
+ *     sig=<base64 hmac-sha256(key_bytes, "{device_id}\n{expiry}")>&se=<expiry epoch s>
+ * where key = HMAC-SHA256(secret, "{device_id}\n{key_version}") and key_version comes
+ * from the registry (devices.key_version; 0 = no key issued). The arithmetic is that of
+ * fleetline/devicekeys.py, which is the reference.
+ * A device may read, write and subscribe only under "devices/{its id}/".
+ *
+ * Service accounts (ingest, api, rules, test harnesses) are listed in a file of
+ * "username:<hex sha256 of the password>" lines; they may use any client id and have
+ * full access.
+ *
+ * key_version is cached for plugin_opt_cache_seconds; when the database cannot be
+ * reached, a cached value up to plugin_opt_stale_seconds old is used. The plugin LISTENs
+ * on "fleetline_device_credentials" (migration 0009): a notification drops the device's
+ * cache entry and, at the next tick, disconnects the device if it is connected with a
+ * key version the registry no longer has (mosquitto_kick_client_by_clientid). Connected
+ * devices are tracked by login and MOSQ_EVT_DISCONNECT: 2.0.11 must not be asked to kick
+ * an offline session.
+ *
+ * Mosquitto is single-threaded: a database round trip blocks the whole broker. Queries
+ * have a 2 s deadline; connecting is asynchronous, advanced by the tick without waiting
+ * (a login that needs the database waits 0.5 s at most), gives up after 3 s and backs
+ * off (0.5 s doubling to 10 s) after a failure.
+ */
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <libpq-fe.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/sha.h>
+
+#include <mosquitto.h>
+#include <mosquitto_broker.h>
+#include <mosquitto_plugin.h>
+
+#define PLUGIN_NAME "fleetline_auth"
+#define KEY_BYTES 32
+#define B64_KEY_LEN 44 /* base64 of 32 bytes, with padding */
+#define MIN_SECRET_BYTES 32
+#define MAX_SECRET_BYTES (1024 * 1024)
+#define DEVICE_ID_MAX 128
+#define DEVICE_PREFIX "devices/"
+#define NOTIFY_CHANNEL "fleetline_device_credentials"
+#define DEFAULT_CACHE_SECONDS 5
+#define DEFAULT_STALE_SECONDS 600
+#define CONNECT_TIMEOUT_MS 3000
+#define QUERY_TIMEOUT_MS 2000
+#define LOGIN_CONNECT_WAIT_MS 500
+#define BACKOFF_MIN_MS 500
+#define BACKOFF_MAX_MS 10000
+#define DRAIN_INTERVAL_MS 100
+#define PRUNE_INTERVAL_MS 10000
+#define REVALIDATE_BATCH 5000 /* connected devices checked per tick after a reconnection */
+#define LOG_FIELD_MAX 160
+
+#define VERSION_UNKNOWN_DEVICE (-1)
+
+/* ------------------------------------------------------------------------------------ */
+/* State                                                                                */
+
+struct cache_entry {
+	struct cache_entry *next;
+	int64_t fetched_ms;
+	int version; /* VERSION_UNKNOWN_DEVICE when the registry has no such device */
+	const struct mosquitto *client; /* sessions only: the connection */
+	bool current; /* sessions only, while checking: the registry has this version */
+	char id[];
+};
+
+struct cache {
+	struct cache_entry **buckets;
+	size_t nbuckets;
+	size_t count;
+};
+
+struct service {
+	char *username;
+	unsigned char sha256[SHA256_DIGEST_LENGTH];
+};
+
+struct services {
+	struct service *items;
+	size_t count;
+};
+
+struct plugin {
+	mosquitto_plugin_id_t *pid;
+	char *conninfo;
+	char *services_path;
+	unsigned char *secret;
+	size_t secret_len;
+	struct services services;
+	int64_t cache_ms;
+	int64_t stale_ms;
+
+	PGconn *conn;
+	bool connecting; /* conn is an attempt in progress (PQconnectPoll) */
+	PostgresPollingStatusType connect_status;
+	int64_t connect_deadline_ms;
+	int64_t next_connect_ms;
+	int64_t backoff_ms;
+	bool reconnected;
+
+	struct cache cache; /* device id -> key_version, as last read */
+	/* Connected devices: id -> the connection and the key version it logged in with.
+	 * Only these are ever kicked: kicking the offline session of a persistent client
+	 * corrupts Mosquitto 2.0.11's session list. */
+	struct cache sessions;
+	bool track_sessions; /* MOSQ_EVT_DISCONNECT and MOSQ_EVT_TICK are both available */
+	char **kicks;
+	size_t nkicks;
+	size_t capkicks;
+	char **recheck; /* after a reconnection: connected devices still to check */
+	size_t nrecheck;
+	size_t donerecheck;
+	int64_t next_drain_ms;
+	int64_t next_prune_ms;
+	bool tick_registered;
+	bool disconnect_registered;
+};
+
+enum lookup_result { LOOKUP_OK, LOOKUP_DB_ERROR };
+
+/* ------------------------------------------------------------------------------------ */
+/* Small helpers                                                                        */
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* A copy of an untrusted string that is safe to log: printable ASCII, bounded. */
+static const char *printable(const char *in, char *out, size_t outlen)
+{
+	size_t i = 0;
+	if(in == NULL){
+		snprintf(out, outlen, "(none)");
+		return out;
+	}
+	for(; in[i] && i + 4 < outlen; i++){
+		unsigned char ch = (unsigned char)in[i];
+		out[i] = (ch >= 0x20 && ch < 0x7f) ? (char)ch : '?';
+	}
+	if(in[i]){
+		out[i++] = '.';
+		out[i++] = '.';
+		out[i++] = '.';
+	}
+	out[i] = '\0';
+	return out;
+}
+
+static void trim_newline(char *s)
+{
+	size_t n = strlen(s);
+	while(n > 0 && (s[n - 1] == '\n' || s[n - 1] == '\r' || s[n - 1] == ' ')){
+		s[--n] = '\0';
+	}
+}
+
+static bool valid_device_id(const char *id)
+{
+	size_t n = 0;
+	for(; id[n]; n++){
+		unsigned char ch = (unsigned char)id[n];
+		if(n >= DEVICE_ID_MAX) return false;
+		bool alnum = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
+		if(!(alnum || ch == '_' || ch == '.' || ch == ':' || ch == '-')) return false;
+	}
+	return n > 0;
+}
+
+static int hexval(int ch)
+{
+	if(ch >= '0' && ch <= '9') return ch - '0';
+	if(ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+	if(ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+	return -1;
+}
+
+static const char *option(struct mosquitto_opt *opts, int count, const char *key)
+{
+	for(int i = 0; i < count; i++){
+		if(opts[i].key && !strcmp(opts[i].key, key)){
+			return opts[i].value;
+		}
+	}
+	return NULL;
+}
+
+static bool parse_seconds(const char *text, int64_t *out)
+{
+	char *end;
+	long long v;
+	errno = 0;
+	v = strtoll(text, &end, 10);
+	if(errno || end == text || *end != '\0' || v < 0 || v > 86400 * 365){
+		return false;
+	}
+	*out = (int64_t)v;
+	return true;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* key_version cache: a chained hash table keyed by device id                           */
+
+static uint64_t hash_id(const char *s)
+{
+	uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+	for(; *s; s++){
+		h ^= (unsigned char)*s;
+		h *= 1099511628211ULL;
+	}
+	return h;
+}
+
+static bool cache_init(struct cache *c)
+{
+	c->nbuckets = 1024;
+	c->count = 0;
+	c->buckets = mosquitto_calloc(c->nbuckets, sizeof(*c->buckets));
+	return c->buckets != NULL;
+}
+
+static struct cache_entry *cache_find(struct cache *c, const char *id)
+{
+	struct cache_entry *e = c->buckets[hash_id(id) % c->nbuckets];
+	for(; e; e = e->next){
+		if(!strcmp(e->id, id)) return e;
+	}
+	return NULL;
+}
+
+static void cache_grow(struct cache *c)
+{
+	size_t n = c->nbuckets * 2;
+	struct cache_entry **b = mosquitto_calloc(n, sizeof(*b));
+	if(b == NULL) return; /* keep the longer chains */
+	for(size_t i = 0; i < c->nbuckets; i++){
+		struct cache_entry *e = c->buckets[i], *next;
+		for(; e; e = next){
+			size_t k = hash_id(e->id) % n;
+			next = e->next;
+			e->next = b[k];
+			b[k] = e;
+		}
+	}
+	mosquitto_free(c->buckets);
+	c->buckets = b;
+	c->nbuckets = n;
+}
+
+static struct cache_entry *cache_put(struct cache *c, const char *id, int version, int64_t now)
+{
+	struct cache_entry *e = cache_find(c, id);
+	size_t len, k;
+	if(e == NULL){
+		len = strlen(id);
+		e = mosquitto_malloc(sizeof(*e) + len + 1);
+		if(e == NULL) return NULL; /* not cached: the next login asks the database again */
+		memcpy(e->id, id, len + 1);
+		k = hash_id(id) % c->nbuckets;
+		e->next = c->buckets[k];
+		c->buckets[k] = e;
+		if(++c->count > c->nbuckets) cache_grow(c);
+	}
+	e->version = version;
+	e->fetched_ms = now;
+	e->client = NULL;
+	e->current = false;
+	return e;
+}
+
+static void cache_del(struct cache *c, const char *id)
+{
+	struct cache_entry **link = &c->buckets[hash_id(id) % c->nbuckets];
+	for(; *link; link = &(*link)->next){
+		if(!strcmp((*link)->id, id)){
+			struct cache_entry *e = *link;
+			*link = e->next;
+			mosquitto_free(e);
+			c->count--;
+			return;
+		}
+	}
+}
+
+/* Removes the entries for which drop(entry) is true. */
+static void cache_sweep(struct cache *c, bool (*drop)(const struct cache_entry *, void *),
+		void *arg)
+{
+	for(size_t i = 0; i < c->nbuckets; i++){
+		struct cache_entry **link = &c->buckets[i];
+		while(*link){
+			struct cache_entry *e = *link;
+			if(drop(e, arg)){
+				*link = e->next;
+				mosquitto_free(e);
+				c->count--;
+			}else{
+				link = &e->next;
+			}
+		}
+	}
+}
+
+static void cache_free(struct cache *c)
+{
+	if(c->buckets == NULL) return;
+	for(size_t i = 0; i < c->nbuckets; i++){
+		struct cache_entry *e = c->buckets[i], *next;
+		for(; e; e = next){
+			next = e->next;
+			mosquitto_free(e);
+		}
+	}
+	mosquitto_free(c->buckets);
+	c->buckets = NULL;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Devices to disconnect at the next tick                                               */
+
+static void kick_queue(struct plugin *p, const char *id)
+{
+	for(size_t i = 0; i < p->nkicks; i++){
+		if(!strcmp(p->kicks[i], id)) return;
+	}
+	if(p->nkicks == p->capkicks){
+		size_t cap = p->capkicks ? p->capkicks * 2 : 16;
+		char **k = mosquitto_realloc(p->kicks, cap * sizeof(*k));
+		if(k == NULL) return;
+		p->kicks = k;
+		p->capkicks = cap;
+	}
+	p->kicks[p->nkicks] = mosquitto_strdup(id);
+	if(p->kicks[p->nkicks]) p->nkicks++;
+}
+
+/* A device that just logged in with current credentials replaces its old connection
+ * (same client id): no kick is due any more, and one would disconnect the new session. */
+static void kick_forget(struct plugin *p, const char *id)
+{
+	for(size_t i = 0; i < p->nkicks; i++){
+		if(!strcmp(p->kicks[i], id)){
+			mosquitto_free(p->kicks[i]);
+			p->kicks[i] = p->kicks[--p->nkicks];
+			return;
+		}
+	}
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Files                                                                                */
+
+static unsigned char *read_file(const char *path, size_t *len, char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "rb");
+	unsigned char *buf;
+	size_t n;
+	if(f == NULL){
+		snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+		return NULL;
+	}
+	buf = mosquitto_malloc(MAX_SECRET_BYTES + 1);
+	if(buf == NULL){
+		fclose(f);
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	n = fread(buf, 1, MAX_SECRET_BYTES + 1, f);
+	if(ferror(f) || n > MAX_SECRET_BYTES){
+		snprintf(err, errlen, "cannot read %s (or larger than %d bytes)", path, MAX_SECRET_BYTES);
+		fclose(f);
+		mosquitto_free(buf);
+		return NULL;
+	}
+	fclose(f);
+	*len = n;
+	return buf;
+}
+
+static void services_free(struct services *s)
+{
+	for(size_t i = 0; i < s->count; i++){
+		mosquitto_free(s->items[i].username);
+	}
+	mosquitto_free(s->items);
+	s->items = NULL;
+	s->count = 0;
+}
+
+/* Reads "username:<64 hex digits>" lines; # comments and blank lines are skipped. */
+static bool services_load(const char *path, struct services *out)
+{
+	FILE *f = fopen(path, "r");
+	char *line = NULL, *start, *colon;
+	size_t cap = 0, lineno = 0;
+	struct services s = {NULL, 0};
+	bool ok = true;
+
+	if(f == NULL){
+		mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": plugin_opt_services_file: cannot open %s: %s",
+				path, strerror(errno));
+		return false;
+	}
+	while(ok && getline(&line, &cap, f) != -1){
+		lineno++;
+		trim_newline(line);
+		start = line;
+		while(*start == ' ' || *start == '\t') start++;
+		if(*start == '\0' || *start == '#') continue;
+		colon = strrchr(start, ':');
+		if(colon == NULL || colon == start || strlen(colon + 1) != 2 * SHA256_DIGEST_LENGTH){
+			mosquitto_log_printf(MOSQ_LOG_ERR,
+					PLUGIN_NAME ": %s line %zu: expected username:<hex sha256 of the password>",
+					path, lineno);
+			ok = false;
+			break;
+		}
+		struct service svc = {NULL, {0}};
+		for(size_t i = 0; i < SHA256_DIGEST_LENGTH; i++){
+			int hi = hexval(colon[1 + 2 * i]), lo = hexval(colon[2 + 2 * i]);
+			if(hi < 0 || lo < 0){
+				mosquitto_log_printf(MOSQ_LOG_ERR,
+						PLUGIN_NAME ": %s line %zu: the password hash is not hex", path, lineno);
+				ok = false;
+				break;
+			}
+			svc.sha256[i] = (unsigned char)(hi << 4 | lo);
+		}
+		if(!ok) break;
+		*colon = '\0';
+		for(size_t i = 0; i < s.count; i++){
+			if(!strcmp(s.items[i].username, start)){
+				mosquitto_log_printf(MOSQ_LOG_ERR,
+						PLUGIN_NAME ": %s line %zu: duplicate username", path, lineno);
+				ok = false;
+			}
+		}
+		if(!ok) break;
+		struct service *items = mosquitto_realloc(s.items, (s.count + 1) * sizeof(*items));
+		svc.username = mosquitto_strdup(start);
+		if(items == NULL || svc.username == NULL){
+			if(items) s.items = items;
+			mosquitto_free(svc.username);
+			ok = false;
+			break;
+		}
+		s.items = items;
+		s.items[s.count++] = svc;
+	}
+	free(line);
+	fclose(f);
+	if(!ok){
+		services_free(&s);
+		return false;
+	}
+	*out = s;
+	return true;
+}
+
+static const struct service *find_service(const struct plugin *p, const char *username)
+{
+	for(size_t i = 0; i < p->services.count; i++){
+		if(!strcmp(p->services.items[i].username, username)) return &p->services.items[i];
+	}
+	return NULL;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Database                                                                             */
+
+/* 1: ready, 0: deadline passed, -1: error. A deadline already passed checks without
+ * waiting. */
+static int wait_socket(int fd, short events, int64_t deadline)
+{
+	struct pollfd pfd;
+	int rc;
+	if(fd < 0) return -1;
+	for(;;){
+		int64_t left = deadline - now_ms();
+		if(left < 0) left = 0; /* still look once: a non-blocking check */
+		pfd.fd = fd;
+		pfd.events = events;
+		pfd.revents = 0;
+		rc = poll(&pfd, 1, (int)left);
+		if(rc > 0) return 1;
+		if(rc == 0) return 0;
+		if(errno != EINTR) return -1;
+	}
+}
+
+static void copy_pq_error(const char *msg, char *err, size_t errlen)
+{
+	/* libpq's messages span lines (and indent them): make them one log line */
+	size_t n = 0;
+	if(msg == NULL || *msg == '\0') msg = "unknown error";
+	for(; *msg && n + 1 < errlen; msg++){
+		char ch = (*msg == '\n' || *msg == '\t' || *msg == '\r') ? ' ' : *msg;
+		if(ch == ' ' && (n == 0 || err[n - 1] == ' ')) continue;
+		err[n++] = ch;
+	}
+	while(n > 0 && err[n - 1] == ' ') n--;
+	err[n] = '\0';
+}
+
+static void db_drop(struct plugin *p)
+{
+	if(p->conn){
+		PQfinish(p->conn);
+		p->conn = NULL;
+	}
+	p->connecting = false;
+}
+
+/* Runs one statement with a deadline. On a connection failure or timeout the connection
+ * is dropped (the next db_ready reconnects). NULL on error, with err filled in. */
+static PGresult *db_exec(struct plugin *p, const char *sql, int nparams,
+		const char *const *params, char *err, size_t errlen)
+{
+	PGconn *c = p->conn;
+	PGresult *result = NULL, *r;
+	int64_t deadline = now_ms() + QUERY_TIMEOUT_MS;
+	ExecStatusType status;
+
+	if(!PQsendQueryParams(c, sql, nparams, NULL, params, NULL, NULL, 0)){
+		copy_pq_error(PQerrorMessage(c), err, errlen);
+		db_drop(p);
+		return NULL;
+	}
+	for(;;){
+		while(PQisBusy(c)){
+			int w = wait_socket(PQsocket(c), POLLIN, deadline);
+			if(w <= 0){
+				snprintf(err, errlen, "no answer within %d ms", QUERY_TIMEOUT_MS);
+				PQclear(result);
+				db_drop(p);
+				return NULL;
+			}
+			if(!PQconsumeInput(c)){
+				copy_pq_error(PQerrorMessage(c), err, errlen);
+				PQclear(result);
+				db_drop(p);
+				return NULL;
+			}
+		}
+		r = PQgetResult(c);
+		if(r == NULL) break;
+		if(result == NULL){
+			result = r;
+		}else{
+			PQclear(r);
+		}
+	}
+	if(result == NULL){
+		copy_pq_error(PQerrorMessage(c), err, errlen);
+		if(PQstatus(c) != CONNECTION_OK) db_drop(p);
+		return NULL;
+	}
+	status = PQresultStatus(result);
+	if(status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK){
+		copy_pq_error(PQresultErrorMessage(result), err, errlen);
+		PQclear(result);
+		if(PQstatus(c) != CONNECTION_OK) db_drop(p);
+		return NULL;
+	}
+	return result;
+}
+
+static void db_connect_failed(struct plugin *p, const char *err)
+{
+	db_drop(p);
+	p->connecting = false;
+	mosquitto_log_printf(MOSQ_LOG_WARNING,
+			PLUGIN_NAME ": cannot connect to the database (next attempt in %" PRId64 " ms): %s",
+			p->backoff_ms, err);
+	p->next_connect_ms = now_ms() + p->backoff_ms;
+	p->backoff_ms = p->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : p->backoff_ms * 2;
+}
+
+/* Starts connecting (when the backoff allows). Only host name resolution blocks here. */
+static void db_start_connect(struct plugin *p)
+{
+	/* Settings before "dbname" are defaults that the conninfo or URL may override. */
+	static const char *const keys[] = {
+		"connect_timeout", "tcp_user_timeout", "keepalives", "keepalives_idle",
+		"keepalives_interval", "keepalives_count", "fallback_application_name",
+		"dbname", NULL,
+	};
+	const char *values[] = {
+		"3", "5000", "1", "30", "10", "3", "mosquitto-" PLUGIN_NAME, p->conninfo, NULL,
+	};
+	char err[512];
+	int64_t now = now_ms();
+
+	if(now < p->next_connect_ms) return;
+	p->conn = PQconnectStartParams(keys, values, 1);
+	if(p->conn == NULL){
+		db_connect_failed(p, "out of memory");
+		return;
+	}
+	if(PQstatus(p->conn) == CONNECTION_BAD){
+		copy_pq_error(PQerrorMessage(p->conn), err, sizeof(err));
+		db_connect_failed(p, err);
+		return;
+	}
+	p->connecting = true;
+	p->connect_status = PGRES_POLLING_WRITING;
+	p->connect_deadline_ms = now + CONNECT_TIMEOUT_MS;
+}
+
+/* Advances a connection attempt, waiting for the server until wait_until at most (a
+ * time already passed: no waiting). true once connected and LISTENing. */
+static bool db_advance_connect(struct plugin *p, int64_t wait_until)
+{
+	char err[512];
+	PGresult *res;
+
+	if(wait_until > p->connect_deadline_ms) wait_until = p->connect_deadline_ms;
+	while(p->connect_status != PGRES_POLLING_OK){
+		int w;
+		if(p->connect_status == PGRES_POLLING_FAILED){
+			copy_pq_error(PQerrorMessage(p->conn), err, sizeof(err));
+			db_connect_failed(p, err);
+			return false;
+		}
+		w = wait_socket(PQsocket(p->conn),
+				p->connect_status == PGRES_POLLING_READING ? POLLIN : POLLOUT, wait_until);
+		if(w < 0){
+			snprintf(err, sizeof(err), "poll: %s", strerror(errno));
+			db_connect_failed(p, err);
+			return false;
+		}
+		if(w == 0){
+			if(now_ms() >= p->connect_deadline_ms){
+				snprintf(err, sizeof(err), "no connection within %d ms", CONNECT_TIMEOUT_MS);
+				db_connect_failed(p, err);
+			}
+			return false; /* still connecting: the next tick goes on */
+		}
+		p->connect_status = PQconnectPoll(p->conn);
+	}
+	p->connecting = false;
+	res = db_exec(p, "LISTEN " NOTIFY_CHANNEL, 0, NULL, err, sizeof(err));
+	if(res == NULL){
+		db_connect_failed(p, err);
+		return false;
+	}
+	PQclear(res);
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, PLUGIN_NAME ": connected to the database");
+	p->backoff_ms = BACKOFF_MIN_MS;
+	p->next_connect_ms = 0;
+	/* Notifications sent while there was no connection are lost: the next ticks check
+	 * the connected devices against the registry, and no cached key version is fresh. */
+	p->reconnected = true;
+	for(size_t i = 0; i < p->cache.nbuckets; i++){
+		for(struct cache_entry *e = p->cache.buckets[i]; e; e = e->next){
+			if(e->fetched_ms > now_ms() - p->cache_ms) e->fetched_ms = now_ms() - p->cache_ms;
+		}
+	}
+	return true;
+}
+
+/* Whether there is a working, LISTENing connection, starting or advancing a connection
+ * attempt when there is none. Connecting never blocks the broker for long: the server
+ * is waited for max_wait_ms at most (0 from the tick; a login in need of a key version
+ * waits a little), and an attempt that takes longer goes on at the next ticks until its
+ * deadline (CONNECT_TIMEOUT_MS). */
+static bool db_ready(struct plugin *p, int64_t max_wait_ms)
+{
+	if(p->conn && !p->connecting){
+		if(PQstatus(p->conn) == CONNECTION_OK) return true;
+		db_drop(p); /* broken: reconnect at once, backoff applies to failed attempts */
+	}
+	if(p->conn == NULL){
+		db_start_connect(p);
+		if(p->conn == NULL) return false;
+	}
+	return db_advance_connect(p, now_ms() + max_wait_ms);
+}
+
+/* Reads pending notifications: each names a device whose key changed or which was
+ * deleted. Its cache entry goes now; its connection at the next tick. */
+static void db_drain(struct plugin *p)
+{
+	PGnotify *n;
+	char err[512];
+	if(p->conn == NULL || p->connecting) return;
+	if(!PQconsumeInput(p->conn)){
+		copy_pq_error(PQerrorMessage(p->conn), err, sizeof(err));
+		mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": database connection lost: %s", err);
+		db_drop(p);
+		return;
+	}
+	while((n = PQnotifies(p->conn)) != NULL){
+		if(!strcmp(n->relname, NOTIFY_CHANNEL) && n->extra && n->extra[0]){
+			cache_del(&p->cache, n->extra);
+			kick_queue(p, n->extra);
+		}
+		PQfreemem(n);
+	}
+}
+
+/* SELECT id, key_version for the given ids (one round trip). NULL on error. */
+static PGresult *db_versions(struct plugin *p, char *const *ids, size_t n, char *err,
+		size_t errlen)
+{
+	char *literal, *w;
+	size_t size = 3;
+	const char *params[1];
+	PGresult *res;
+
+	for(size_t i = 0; i < n; i++) size += 2 * strlen(ids[i]) + 3;
+	/* a text[] literal: {"id1","id2"}, with " and \ escaped */
+	literal = w = mosquitto_malloc(size);
+	if(literal == NULL){
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	*w++ = '{';
+	for(size_t i = 0; i < n; i++){
+		if(i > 0) *w++ = ',';
+		*w++ = '"';
+		for(const char *c = ids[i]; *c; c++){
+			if(*c == '"' || *c == '\\') *w++ = '\\';
+			*w++ = *c;
+		}
+		*w++ = '"';
+	}
+	*w++ = '}';
+	*w = '\0';
+	params[0] = literal;
+	res = db_exec(p, "SELECT id, key_version FROM devices WHERE id = ANY($1::text[])", 1,
+			params, err, errlen);
+	mosquitto_free(literal);
+	return res;
+}
+
+/* Disconnects those of the given devices that are connected with a key version which
+ * is no longer the registry's (or which are no longer registered). false when the
+ * registry could not be read; then, if kick_on_error, they are all disconnected. */
+static bool check_sessions(struct plugin *p, char *const *ids, size_t n, bool kick_on_error)
+{
+	char **connected, **stale, shown[LOG_FIELD_MAX], err[512];
+	size_t nconnected = 0, nstale = 0;
+	PGresult *res = NULL;
+	bool ok = true;
+
+	if(n == 0) return true;
+	connected = mosquitto_malloc(n * sizeof(*connected));
+	stale = mosquitto_malloc(n * sizeof(*stale));
+	if(connected == NULL || stale == NULL){
+		mosquitto_free(connected);
+		mosquitto_free(stale);
+		return false;
+	}
+	for(size_t i = 0; i < n; i++){
+		if(cache_find(&p->sessions, ids[i])) connected[nconnected++] = ids[i];
+	}
+	if(nconnected > 0){
+		if(db_ready(p, 0)){
+			res = db_versions(p, connected, nconnected, err, sizeof(err));
+		}else{
+			snprintf(err, sizeof(err), "no database connection");
+		}
+		if(res == NULL){
+			mosquitto_log_printf(MOSQ_LOG_WARNING,
+					PLUGIN_NAME ": cannot read the key versions of connected devices: %s", err);
+			ok = false;
+		}
+	}
+	for(size_t i = 0; i < nconnected; i++){
+		cache_find(&p->sessions, connected[i])->current = false; /* found just above */
+	}
+	for(int row = 0; res && row < PQntuples(res); row++){
+		struct cache_entry *e = cache_find(&p->sessions, PQgetvalue(res, row, 0));
+		if(e && e->version == atoi(PQgetvalue(res, row, 1))) e->current = true;
+	}
+	for(size_t i = 0; i < nconnected; i++){
+		const struct cache_entry *e = cache_find(&p->sessions, connected[i]);
+		if(e && (res ? !e->current : kick_on_error)) stale[nstale++] = connected[i];
+	}
+	PQclear(res);
+	/* Kicking calls on_disconnect, which removes the session entry. */
+	for(size_t i = 0; i < nstale; i++){
+		if(mosquitto_kick_client_by_clientid(stale[i], false) == MOSQ_ERR_SUCCESS){
+			mosquitto_log_printf(MOSQ_LOG_NOTICE,
+					PLUGIN_NAME ": disconnected device '%s': its credentials changed",
+					printable(stale[i], shown, sizeof(shown)));
+		}
+	}
+	mosquitto_free(connected);
+	mosquitto_free(stale);
+	return ok;
+}
+
+/* The devices named by notifications: those connected with an outdated key go. A device
+ * that logged in again with its new key keeps its new session (the notification merely
+ * arrived after that login). */
+static void kick_run(struct plugin *p)
+{
+	check_sessions(p, p->kicks, p->nkicks, true);
+	for(size_t i = 0; i < p->nkicks; i++) mosquitto_free(p->kicks[i]);
+	p->nkicks = 0;
+}
+
+static void recheck_free(struct plugin *p)
+{
+	for(size_t i = 0; i < p->nrecheck; i++) mosquitto_free(p->recheck[i]);
+	mosquitto_free(p->recheck);
+	p->recheck = NULL;
+	p->nrecheck = p->donerecheck = 0;
+}
+
+/* After a reconnection, a batch per tick: the connected devices whose key changed while
+ * the notifications could not arrive are disconnected. */
+static void recheck_step(struct plugin *p)
+{
+	size_t batch;
+	if(p->reconnected){
+		p->reconnected = false;
+		recheck_free(p);
+		p->recheck = mosquitto_malloc((p->sessions.count + 1) * sizeof(*p->recheck));
+		if(p->recheck == NULL) return;
+		for(size_t i = 0; i < p->sessions.nbuckets; i++){
+			for(struct cache_entry *e = p->sessions.buckets[i]; e; e = e->next){
+				if((p->recheck[p->nrecheck] = mosquitto_strdup(e->id)) != NULL) p->nrecheck++;
+			}
+		}
+	}
+	if(p->donerecheck >= p->nrecheck){
+		if(p->recheck) recheck_free(p);
+		return;
+	}
+	batch = p->nrecheck - p->donerecheck;
+	if(batch > REVALIDATE_BATCH) batch = REVALIDATE_BATCH;
+	/* On an error the connection is gone: its next reconnection starts over. */
+	if(check_sessions(p, p->recheck + p->donerecheck, batch, false)){
+		p->donerecheck += batch;
+	}else{
+		recheck_free(p);
+	}
+}
+
+/* The device's key_version (VERSION_UNKNOWN_DEVICE if absent): from the cache while
+ * fresh, else from the database, else from a stale cache entry. */
+static enum lookup_result lookup_version(struct plugin *p, const char *id, int *version,
+		const char *shown_id)
+{
+	struct cache_entry *e;
+	int64_t now = now_ms();
+	const char *params[1] = {id};
+	char err[512] = "no database connection";
+	PGresult *res = NULL;
+	bool tried = false;
+
+	db_drain(p);
+	e = cache_find(&p->cache, id);
+	if(e && now - e->fetched_ms < p->cache_ms){
+		*version = e->version;
+		return LOOKUP_OK;
+	}
+	/* Two attempts: a connection broken since its last use fails on the first. */
+	for(int attempt = 0; attempt < 2 && res == NULL; attempt++){
+		if(!db_ready(p, LOGIN_CONNECT_WAIT_MS)) break;
+		tried = true;
+		res = db_exec(p, "SELECT key_version FROM devices WHERE id = $1", 1, params, err,
+				sizeof(err));
+	}
+	if(res != NULL){
+		*version = PQntuples(res) > 0 ? atoi(PQgetvalue(res, 0, 0)) : VERSION_UNKNOWN_DEVICE;
+		PQclear(res);
+		cache_put(&p->cache, id, *version, now);
+		return LOOKUP_OK;
+	}
+	e = cache_find(&p->cache, id);
+	if(e && e->version > 0 && now - e->fetched_ms < p->stale_ms){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": database unavailable (%s); using the key version of '%s' cached "
+				"%" PRId64 " s ago", err, shown_id, (now - e->fetched_ms) / 1000);
+		*version = e->version;
+		return LOOKUP_OK;
+	}
+	if(tried){ /* else the connection attempt logged its failure */
+		mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": key version query failed: %s", err);
+	}
+	return LOOKUP_DB_ERROR;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Credentials                                                                          */
+
+static bool hmac_sha256(const void *key, size_t keylen, const char *msg,
+		unsigned char out[KEY_BYTES])
+{
+	unsigned int outlen = 0;
+	return HMAC(EVP_sha256(), key, (int)keylen, (const unsigned char *)msg, strlen(msg), out,
+			&outlen) != NULL && outlen == KEY_BYTES;
+}
+
+static bool equal_ct(const char *a, size_t alen, const char *b, size_t blen)
+{
+	return alen == blen && CRYPTO_memcmp(a, b, alen) == 0;
+}
+
+/* NULL when the password is valid for the device's key; else the reason. */
+static const char *check_device_password(const struct plugin *p, const char *id, int version,
+		const char *password)
+{
+	unsigned char key[KEY_BYTES], mac[KEY_BYTES];
+	char msg[DEVICE_ID_MAX + 32], b64[B64_KEY_LEN + 1];
+	const char *sig, *sep, *digits;
+	long long expiry = 0;
+	size_t ndigits = 0;
+	const char *reason = NULL;
+
+	snprintf(msg, sizeof(msg), "%s\n%d", id, version);
+	if(!hmac_sha256(p->secret, p->secret_len, msg, key)){
+		return "internal error (HMAC)";
+	}
+	if(strncmp(password, "sig=", 4) != 0){
+		EVP_EncodeBlock((unsigned char *)b64, key, KEY_BYTES);
+		reason = equal_ct(password, strlen(password), b64, B64_KEY_LEN) ? NULL : "bad key";
+		goto out;
+	}
+	/* sig=<base64>&se=<expiry>: as devicekeys.verify_password, the first "&se=" splits */
+	sig = password + 4;
+	sep = strstr(sig, "&se=");
+	if(sep == NULL){
+		reason = "bad token (no se=)";
+		goto out;
+	}
+	/* se: ASCII digits; int() in Python also ignores leading zeros (and would take
+	 * other Unicode digits, or more than 18 digits, which no issued token has) */
+	digits = sep + 4;
+	while(*digits == '0' && digits[1]) digits++;
+	for(const char *d = digits; *d; d++){
+		if(*d < '0' || *d > '9'){
+			reason = "bad token (se is not a number)";
+			goto out;
+		}
+		ndigits++;
+	}
+	if(ndigits == 0 || ndigits > 18){
+		reason = "bad token (se is not a number)";
+		goto out;
+	}
+	expiry = strtoll(digits, NULL, 10);
+	if(expiry <= (long long)time(NULL)){
+		reason = "expired token";
+		goto out;
+	}
+	snprintf(msg, sizeof(msg), "%s\n%lld", id, expiry);
+	if(!hmac_sha256(key, KEY_BYTES, msg, mac)){
+		reason = "internal error (HMAC)";
+		goto out;
+	}
+	EVP_EncodeBlock((unsigned char *)b64, mac, KEY_BYTES);
+	reason = equal_ct(sig, (size_t)(sep - sig), b64, B64_KEY_LEN) ? NULL : "bad token signature";
+out:
+	OPENSSL_cleanse(key, sizeof(key));
+	OPENSSL_cleanse(b64, sizeof(b64));
+	return reason;
+}
+
+static int refuse(struct mosquitto *client, const char *username, const char *reason)
+{
+	char shown_user[LOG_FIELD_MAX], shown_id[LOG_FIELD_MAX];
+	mosquitto_log_printf(MOSQ_LOG_NOTICE,
+			PLUGIN_NAME ": refused login of username '%s' (client id '%s', %s): %s",
+			printable(username, shown_user, sizeof(shown_user)),
+			printable(mosquitto_client_id(client), shown_id, sizeof(shown_id)),
+			mosquitto_client_address(client) ? mosquitto_client_address(client) : "?", reason);
+	return MOSQ_ERR_AUTH;
+}
+
+static int on_basic_auth(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_basic_auth *ed = event_data;
+	struct plugin *p = userdata;
+	const char *username = ed->username, *password = ed->password, *client_id, *reason;
+	const struct service *svc;
+	char shown[LOG_FIELD_MAX];
+	int version = 0;
+
+	(void)event;
+	if(username == NULL) return refuse(ed->client, NULL, "anonymous login");
+
+	svc = find_service(p, username);
+	if(svc != NULL){
+		unsigned char digest[SHA256_DIGEST_LENGTH];
+		bool ok;
+		if(password == NULL) return refuse(ed->client, username, "service without password");
+		SHA256((const unsigned char *)password, strlen(password), digest);
+		ok = CRYPTO_memcmp(digest, svc->sha256, sizeof(digest)) == 0;
+		return ok ? MOSQ_ERR_SUCCESS : refuse(ed->client, username, "bad service password");
+	}
+
+	client_id = mosquitto_client_id(ed->client);
+	if(client_id == NULL || strcmp(client_id, username) != 0){
+		return refuse(ed->client, username, "client id mismatch (must equal the device id)");
+	}
+	if(!valid_device_id(username)) return refuse(ed->client, username, "unknown device");
+	if(password == NULL) return refuse(ed->client, username, "bad key (no password)");
+
+	if(lookup_version(p, username, &version, printable(username, shown, sizeof(shown)))
+			!= LOOKUP_OK){
+		return refuse(ed->client, username, "database unavailable");
+	}
+	if(version == VERSION_UNKNOWN_DEVICE) return refuse(ed->client, username, "unknown device");
+	if(version <= 0) return refuse(ed->client, username, "no key issued");
+
+	reason = check_device_password(p, username, version, password);
+	if(reason != NULL) return refuse(ed->client, username, reason);
+	kick_forget(p, username);
+	if(p->track_sessions){
+		struct cache_entry *session = cache_put(&p->sessions, username, version, now_ms());
+		if(session) session->client = ed->client;
+	}
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* ACL                                                                                  */
+
+static bool under_own_prefix(const char *topic, const char *id)
+{
+	size_t plen = sizeof(DEVICE_PREFIX) - 1, idlen = strlen(id);
+	return topic != NULL && !strncmp(topic, DEVICE_PREFIX, plen)
+		&& !strncmp(topic + plen, id, idlen) && topic[plen + idlen] == '/';
+}
+
+static int on_acl_check(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_acl_check *ed = event_data;
+	struct plugin *p = userdata;
+	const char *username = mosquitto_client_username(ed->client);
+	const char *client_id = mosquitto_client_id(ed->client);
+	char shown_id[LOG_FIELD_MAX], shown_topic[LOG_FIELD_MAX];
+
+	(void)event;
+	if(username == NULL) return MOSQ_ERR_ACL_DENIED;
+	if(find_service(p, username) != NULL) return MOSQ_ERR_SUCCESS;
+	/* Unsubscribing only ever removes access. */
+	if(ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS;
+	if(client_id != NULL && !strcmp(client_id, username) && under_own_prefix(ed->topic, username)){
+		return MOSQ_ERR_SUCCESS;
+	}
+	if(ed->access == MOSQ_ACL_SUBSCRIBE){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE,
+				PLUGIN_NAME ": denied subscription of device '%s' to '%s'",
+				printable(username, shown_id, sizeof(shown_id)),
+				printable(ed->topic, shown_topic, sizeof(shown_topic)));
+	}
+	return MOSQ_ERR_ACL_DENIED;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Tick and reload                                                                      */
+
+static bool drop_expired(const struct cache_entry *e, void *arg)
+{
+	const struct plugin *p = arg;
+	int64_t age = now_ms() - e->fetched_ms;
+	/* Only a known key version is worth keeping for stale-if-error. */
+	return e->version > 0 ? age >= p->stale_ms : age >= p->cache_ms;
+}
+
+/* A connection ends (also a refused login, or one replaced by a newer connection with
+ * the same client id: only the entry of this very connection goes). */
+static int on_disconnect(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_disconnect *ed = event_data;
+	struct plugin *p = userdata;
+	const char *id = mosquitto_client_id(ed->client);
+	const struct cache_entry *e;
+
+	(void)event;
+	if(id == NULL) return MOSQ_ERR_SUCCESS;
+	e = cache_find(&p->sessions, id);
+	if(e && e->client == ed->client) cache_del(&p->sessions, id);
+	return MOSQ_ERR_SUCCESS;
+}
+
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	struct plugin *p = userdata;
+	int64_t now = now_ms();
+
+	(void)event;
+	(void)event_data; /* now_s/now_ns are not filled in by 2.0.11 */
+	if(now >= p->next_drain_ms){
+		p->next_drain_ms = now + DRAIN_INTERVAL_MS;
+		/* keeps LISTENing: reconnects (honouring the backoff) without waiting */
+		if(db_ready(p, 0)){
+			db_drain(p);
+			if(p->reconnected || p->recheck) recheck_step(p);
+		}
+	}
+	if(p->nkicks) kick_run(p);
+	if(now >= p->next_prune_ms){
+		p->next_prune_ms = now + PRUNE_INTERVAL_MS;
+		cache_sweep(&p->cache, drop_expired, p);
+	}
+	return MOSQ_ERR_SUCCESS;
+}
+
+static int on_reload(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_reload *ed = event_data;
+	struct plugin *p = userdata;
+	struct services fresh;
+	const char *path = option(ed->options, ed->option_count, "services_file");
+
+	(void)event;
+	if(path && strcmp(path, p->services_path) != 0){
+		char *copy = mosquitto_strdup(path);
+		if(copy){
+			mosquitto_free(p->services_path);
+			p->services_path = copy;
+		}
+	}
+	if(services_load(p->services_path, &fresh)){
+		services_free(&p->services);
+		p->services = fresh;
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, PLUGIN_NAME ": reloaded %zu service account(s)",
+				p->services.count);
+	}else{
+		mosquitto_log_printf(MOSQ_LOG_ERR,
+				PLUGIN_NAME ": keeping the previous %zu service account(s)", p->services.count);
+	}
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Plugin entry points                                                                  */
+
+static void plugin_free(struct plugin *p)
+{
+	if(p == NULL) return;
+	db_drop(p);
+	cache_free(&p->cache);
+	cache_free(&p->sessions);
+	recheck_free(p);
+	for(size_t i = 0; i < p->nkicks; i++) mosquitto_free(p->kicks[i]);
+	mosquitto_free(p->kicks);
+	services_free(&p->services);
+	if(p->secret){
+		OPENSSL_cleanse(p->secret, p->secret_len);
+		mosquitto_free(p->secret);
+	}
+	mosquitto_free(p->conninfo);
+	mosquitto_free(p->services_path);
+	mosquitto_free(p);
+}
+
+int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
+{
+	for(int i = 0; i < supported_version_count; i++){
+		if(supported_versions[i] == 5) return 5;
+	}
+	return -1;
+}
+
+static int init_fail(struct plugin *p, const char *what)
+{
+	mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": %s", what);
+	plugin_free(p);
+	return MOSQ_ERR_INVAL;
+}
+
+int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
+		struct mosquitto_opt *options, int option_count)
+{
+	struct plugin *p = mosquitto_calloc(1, sizeof(*p));
+	const char *database = option(options, option_count, "database");
+	const char *secret_file = option(options, option_count, "key_secret_file");
+	const char *services_file = option(options, option_count, "services_file");
+	const char *cache_seconds = option(options, option_count, "cache_seconds");
+	const char *stale_seconds = option(options, option_count, "stale_seconds");
+	char err[512], msg[640];
+	int64_t seconds;
+	int rc;
+
+	if(p == NULL) return MOSQ_ERR_NOMEM;
+	p->pid = identifier;
+	p->cache_ms = DEFAULT_CACHE_SECONDS * 1000;
+	p->stale_ms = DEFAULT_STALE_SECONDS * 1000;
+	p->backoff_ms = BACKOFF_MIN_MS;
+
+	if(database == NULL || !*database){
+		return init_fail(p, "plugin_opt_database is required (a libpq conninfo or URL)");
+	}
+	if(secret_file == NULL || !*secret_file){
+		return init_fail(p, "plugin_opt_key_secret_file is required");
+	}
+	if(services_file == NULL || !*services_file){
+		return init_fail(p, "plugin_opt_services_file is required");
+	}
+	if(cache_seconds){
+		if(!parse_seconds(cache_seconds, &seconds)){
+			return init_fail(p, "plugin_opt_cache_seconds must be a number of seconds");
+		}
+		p->cache_ms = seconds * 1000;
+	}
+	if(stale_seconds){
+		if(!parse_seconds(stale_seconds, &seconds)){
+			return init_fail(p, "plugin_opt_stale_seconds must be a number of seconds");
+		}
+		p->stale_ms = seconds * 1000;
+	}
+	p->conninfo = mosquitto_strdup(database);
+	p->services_path = mosquitto_strdup(services_file);
+	if(p->conninfo == NULL || p->services_path == NULL || !cache_init(&p->cache)
+			|| !cache_init(&p->sessions)){
+		return init_fail(p, "out of memory");
+	}
+
+	p->secret = read_file(secret_file, &p->secret_len, err, sizeof(err));
+	if(p->secret == NULL){
+		snprintf(msg, sizeof(msg), "plugin_opt_key_secret_file: %s", err);
+		return init_fail(p, msg);
+	}
+	if(p->secret_len < MIN_SECRET_BYTES){
+		snprintf(msg, sizeof(msg),
+				"plugin_opt_key_secret_file: %s holds %zu bytes; the secret needs at least %d",
+				secret_file, p->secret_len, MIN_SECRET_BYTES);
+		return init_fail(p, msg);
+	}
+	if(p->secret[p->secret_len - 1] == '\n'){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": %s ends with a newline, which is part of the secret (keys derived "
+				"from the secret without it will not match)", secret_file);
+	}
+	if(!services_load(p->services_path, &p->services)){
+		return init_fail(p, "plugin_opt_services_file: cannot load the service accounts");
+	}
+
+	rc = mosquitto_callback_register(identifier, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, p);
+	if(rc == MOSQ_ERR_SUCCESS){
+		rc = mosquitto_callback_register(identifier, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, p);
+	}
+	if(rc == MOSQ_ERR_SUCCESS){
+		rc = mosquitto_callback_register(identifier, MOSQ_EVT_RELOAD, on_reload, NULL, p);
+	}
+	if(rc != MOSQ_ERR_SUCCESS){
+		mosquitto_callback_unregister(identifier, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL);
+		mosquitto_callback_unregister(identifier, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
+		snprintf(msg, sizeof(msg), "cannot register callbacks (error %d)", rc);
+		return init_fail(p, msg);
+	}
+	/* Disconnecting devices whose key changed needs both; 2.0.11 calls tick callbacks
+	 * only with per_listener_settings false. */
+	p->tick_registered =
+		mosquitto_callback_register(identifier, MOSQ_EVT_TICK, on_tick, NULL, p) == MOSQ_ERR_SUCCESS;
+	p->disconnect_registered = mosquitto_callback_register(identifier, MOSQ_EVT_DISCONNECT,
+			on_disconnect, NULL, p) == MOSQ_ERR_SUCCESS;
+	p->track_sessions = p->tick_registered && p->disconnect_registered;
+	if(!p->track_sessions){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": no tick or disconnect event: devices whose key changes stay "
+				"connected until they reconnect");
+	}
+	mosquitto_log_printf(MOSQ_LOG_NOTICE,
+			PLUGIN_NAME ": ready; %zu service account(s), key versions cached %" PRId64 " s "
+			"(stale-if-error %" PRId64 " s)", p->services.count, p->cache_ms / 1000,
+			p->stale_ms / 1000);
+	*userdata = p;
+	return MOSQ_ERR_SUCCESS;
+}
+
+int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int option_count)
+{
+	struct plugin *p = userdata;
+	(void)options;
+	(void)option_count;
+	if(p == NULL) return MOSQ_ERR_SUCCESS;
+	mosquitto_callback_unregister(p->pid, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL);
+	mosquitto_callback_unregister(p->pid, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
+	mosquitto_callback_unregister(p->pid, MOSQ_EVT_RELOAD, on_reload, NULL);
+	if(p->tick_registered){
+		mosquitto_callback_unregister(p->pid, MOSQ_EVT_TICK, on_tick, NULL);
+	}
+	if(p->disconnect_registered){
+		mosquitto_callback_unregister(p->pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
+	}
+	plugin_free(p);
+	return MOSQ_ERR_SUCCESS;
+}
