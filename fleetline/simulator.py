@@ -20,7 +20,9 @@ from typing import Any
 
 import aiomqtt
 import orjson
+from pydantic import SecretStr
 
+from fleetline import devicekeys
 from fleetline.mqtt import backoff_seconds, make_client, wait_disconnected
 from fleetline.protocol import STATUS, STATUS_OFFLINE, STATUS_ONLINE, TELEMETRY, topic_for
 from fleetline.settings import MqttTarget
@@ -126,8 +128,14 @@ async def _device(
     start_delay_seconds: float,
     stop: asyncio.Event,
     stats: _Stats,
+    key_secret: bytes | None,
 ) -> None:
     status_topic = topic_for(device_id, STATUS)
+    if key_secret is not None:
+        # Log in as a device does: user name = client id = device id, password = its key
+        # (version 1, as `fleetline up` registers the simulated fleet).
+        key = devicekeys.derive_key(key_secret, device_id, 1)
+        target = target.model_copy(update={"username": device_id, "password": SecretStr(key)})
     telemetry_topic = topic_for(device_id, TELEMETRY)
     client = make_client(
         target,
@@ -220,8 +228,12 @@ async def run_fleet(
     interval_seconds: float,
     prefix: str = "sim-",
     stop: asyncio.Event | None = None,
+    key_secret: bytes | None = None,
 ) -> None:
     """Run ``devices`` simulated devices until ``stop`` is set (or the task is cancelled).
+
+    With ``key_secret`` each device logs in with its own key (version 1), as the broker's
+    auth plugin requires; without, with ``target``'s credentials.
 
     On stop every device publishes a retained ``offline`` and disconnects cleanly.
     """
@@ -252,6 +264,7 @@ async def run_fleet(
                     start_delay_seconds=i * stagger,
                     stop=stop,
                     stats=stats,
+                    key_secret=key_secret,
                 ),
                 name=f"simulator.device[{device_id}]",
             )

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from fleetline import devicekeys
 from fleetline.db import close_connection
 from fleetline.embedded import (
+    BrokerAuth,
     EmbeddedError,
     LocalMosquitto,
     LocalPostgres,
@@ -142,10 +143,6 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                 pg = LocalPostgres(base / "postgres", port=_pick_port(POSTGRES_PORT))
                 servers.enter_context(pg)
                 database_url = pg.url_for(DATABASE)
-            if not mqtt_url:
-                broker = LocalMosquitto(base / "mosquitto", port=_pick_port(MOSQUITTO_PORT))
-                servers.enter_context(broker)
-                mqtt_url = broker.url
             try:
                 asyncio.run(migrate(database_url, StorageSettings(), create_database=True))
                 asyncio.run(
@@ -157,11 +154,31 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
             except (OSError, asyncpg.PostgresError) as exc:
                 _say(f"error: database {_redact(database_url)}: {exc}", err=True)
                 return 1
+            service_urls: dict[str, str] = {}
+            if not mqtt_url:
+                # After the migrations: the broker's auth plugin reads the device registry.
+                # Devices log in with their keys, each service with its own account.
+                passwords = {name: secrets.token_urlsafe(24) for name in SERVICES}
+                auth = BrokerAuth(
+                    database_url,
+                    key_secret.encode(),
+                    services={f"fleetline-{name}": pw for name, pw in passwords.items()},
+                )
+                broker = LocalMosquitto(
+                    base / "mosquitto", port=_pick_port(MOSQUITTO_PORT), auth=auth
+                )
+                servers.enter_context(broker)
+                mqtt_url = broker.url
+                service_urls = {
+                    name: f"mqtt://fleetline-{name}:{pw}@127.0.0.1:{broker.port}"
+                    for name, pw in passwords.items()
+                }
             _trap_signals()
             code = asyncio.run(
                 _supervise(
                     database_url,
                     mqtt_url,
+                    service_urls=service_urls,
                     key_secret=key_secret,
                     devices=devices,
                     interval_seconds=interval_seconds,
@@ -255,6 +272,7 @@ async def _register_simulated(database_url: str, ids: list[str], key_secret: byt
 async def _start_simulator(
     mqtt_url: str,
     *,
+    key_secret: bytes,
     devices: int,
     interval_seconds: float,
     ingest_port: int,
@@ -264,12 +282,22 @@ async def _start_simulator(
     if stop.is_set():
         return
     await run_fleet(
-        parse_mqtt_url(mqtt_url), devices=devices, interval_seconds=interval_seconds, stop=stop
+        parse_mqtt_url(mqtt_url),
+        devices=devices,
+        interval_seconds=interval_seconds,
+        stop=stop,
+        key_secret=key_secret,
     )
 
 
 async def _supervise(
-    database_url: str, mqtt_url: str, *, key_secret: str, devices: int, interval_seconds: float
+    database_url: str,
+    mqtt_url: str,
+    *,
+    service_urls: dict[str, str],
+    key_secret: str,
+    devices: int,
+    interval_seconds: float,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -302,7 +330,7 @@ async def _supervise(
                     "fleetline",
                     name,
                     stdin=asyncio.subprocess.DEVNULL,
-                    env=env,
+                    env={**env, "FLEETLINE_MQTT_URL": service_urls.get(name, mqtt_url)},
                     process_group=0,
                 )
             except OSError as exc:
@@ -330,6 +358,7 @@ async def _supervise(
             sim = asyncio.create_task(
                 _start_simulator(
                     mqtt_url,
+                    key_secret=key_secret.encode(),
                     devices=devices,
                     interval_seconds=interval_seconds,
                     ingest_port=ingest_port,

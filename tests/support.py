@@ -40,7 +40,10 @@ def wait_until(check: Callable[[], Any], *, timeout: float = 20.0, interval: flo
 class Device:
     """An MQTT publisher standing in for a device (real paho client, real broker)."""
 
-    def __init__(self, url: str, device_id: str, *, persistent: bool = False) -> None:
+    def __init__(self, url: str, device_id: str, *, persistent: bool = False,
+                 password: str | None = None) -> None:
+        """``password``: log in as the device (user name = client id = device id) with its
+        key or a SAS token, as a broker with the auth plugin requires."""
         host, port = url.removeprefix("mqtt://").split(":")
         self.device_id = device_id
         self.client = mqtt.Client(
@@ -50,12 +53,28 @@ class Device:
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.connected = threading.Event()
-        self.client.on_connect = lambda *_a: self.connected.set()
+        self.refused: Any = None
+
+        def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
+            if reason.is_failure:
+                self.refused = reason
+            else:
+                self.connected.set()
+
+        self.client.on_connect = on_connect
         self.client.on_disconnect = lambda *_a: self.connected.clear()
+        if password is not None:
+            self.client.username_pw_set(device_id, password)
         self.client.connect(host, int(port))
         self.client.loop_start()
-        if not self.connected.wait(10):
-            raise AssertionError(f"device {device_id} could not connect to {url}")
+        deadline = time.monotonic() + 10
+        while not self.connected.wait(0.05) and self.refused is None:
+            if time.monotonic() > deadline:
+                break
+        if not self.connected.is_set():
+            self.client.loop_stop()
+            raise AssertionError(
+                f"device {device_id} could not connect to {url} ({self.refused or 'no answer'})")
 
     def publish(self, payload: bytes | str | Any, *, kind: str = "telemetry",
                 retain: bool = False) -> mqtt.MQTTMessageInfo:

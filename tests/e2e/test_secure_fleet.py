@@ -1,0 +1,89 @@
+"""The system as `fleetline up` runs it: the broker checks device keys and service
+accounts, a device registered over REST publishes with the key it was shown, and a
+renewed key locks the old one out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from fleetline.embedded import BrokerAuth, LocalMosquitto
+from tests.conftest import wait_rows
+from tests.support import DEVICE_KEY_SECRET, ApiProcess, Device, IngestProcess, wait_until
+
+pytestmark = pytest.mark.integration
+SERVICES = {"fleetline-ingest": "ingest-pw", "fleetline-api": "api-pw"}
+
+
+@pytest.fixture(scope="module")
+def secure_broker(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str
+) -> Iterator[LocalMosquitto]:
+    auth = BrokerAuth(database_url, DEVICE_KEY_SECRET.encode(), services=SERVICES)
+    with LocalMosquitto(tmp_path_factory.mktemp("secure-mosquitto"), auth=auth) as broker:
+        yield broker
+
+
+def service_url(broker: LocalMosquitto, name: str) -> str:
+    return f"mqtt://{name}:{SERVICES[name]}@127.0.0.1:{broker.port}"
+
+
+async def test_a_registered_device_publishes_with_its_key_until_it_is_renewed(
+    secure_broker: LocalMosquitto, make_key: Callable[..., Any], db: asyncpg.Pool[Any],
+    database_url: str, artifacts: Path, uid: str,
+) -> None:
+    ingest = IngestProcess(database_url=database_url,
+                           mqtt_url=service_url(secure_broker, "fleetline-ingest"),
+                           log_dir=artifacts, name=f"{uid}-secure")
+    api = ApiProcess(database_url=database_url,
+                     mqtt_url=service_url(secure_broker, "fleetline-api"),
+                     log_dir=artifacts, name=f"{uid}-secure")
+    ingest.start()
+    api.start()  # /readyz includes the broker: the service account logged in
+    try:
+        http = httpx.Client(base_url=api.url, timeout=10,
+                            headers={"Authorization": f"Bearer {await make_key('admin')}"})
+        device_id = f"{uid}-dev"
+        created = http.post("/v1/devices", json={"id": device_id}).json()
+        key = created["credentials"]["key"]
+
+        # The raw key and a token from the API both log in; readings are stored.
+        dev = Device(secure_broker.url, device_id, password=key)
+        dev.publish_all([{"values": {"temp": 1.0}}])
+        token = http.post(f"/v1/devices/{device_id}/token", json={"ttl_s": 60}).json()["token"]
+        dev2 = Device(secure_broker.url, device_id, password=token)  # takes over the session
+        wait_until(lambda: not dev.connected.is_set(), what="the first session to be replaced")
+        dev2.publish_all([{"values": {"temp": 2.0}}])
+        assert await wait_rows(db, device_id, 2) == 2
+
+        # Publishing into another device's topics is dropped by the broker's ACL.
+        dev2.client.publish(f"devices/{uid}-other/telemetry", b'{"values": {"temp": 9}}', qos=1)
+        # Anonymous and wrong-key logins are refused.
+        with pytest.raises(AssertionError, match="could not connect"):
+            Device(secure_broker.url, f"{uid}-anon")
+        with pytest.raises(AssertionError, match="could not connect"):
+            Device(secure_broker.url, device_id, password=key[:-4] + "AAA=")
+
+        # Renewing the key disconnects the device; the old key and token are refused.
+        new_key = http.post(f"/v1/devices/{device_id}/key").json()["key"]
+        wait_until(lambda: not dev2.connected.is_set(), timeout=10,
+                   what="the broker to disconnect the device with the old key")
+        with pytest.raises(AssertionError, match="could not connect"):
+            Device(secure_broker.url, device_id, password=key)
+        dev3 = Device(secure_broker.url, device_id, password=new_key)
+        dev3.publish_all([{"values": {"temp": 3.0}}])
+        assert await wait_rows(db, device_id, 3) == 3
+        time.sleep(0.5)
+        assert await db.fetchval(
+            "SELECT count(*) FROM readings WHERE device_id = $1", f"{uid}-other") == 0
+        for d in (dev, dev2, dev3):
+            d.close()
+    finally:
+        api.stop()
+        ingest.stop()
