@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -109,3 +110,53 @@ async def wait_for_database(dsn: str, *, timeout_seconds: float = 60.0) -> None:
         else:
             await close_connection(con)
             return
+
+
+def _resolve(future: asyncio.Future[None], *_args: object) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# How often a LISTEN connection is probed: a half-open one never terminates by itself.
+LISTEN_PROBE_SECONDS = 10.0
+Notified = Callable[[Any, int, str, Any], None]
+
+
+async def listen(
+    dsn: str,
+    channel: str,
+    callback: Notified,
+    *,
+    on_listening: Callable[[], None] | None = None,
+    on_lost: Callable[[], None] | None = None,
+) -> None:
+    """LISTEN on ``channel`` on a connection of its own until cancelled, reconnecting with
+    backoff. ``on_listening`` runs after each (re)subscription, ``on_lost`` when the
+    connection goes: notifications sent in between are gone, and the caller decides
+    what that means (reload, tell its clients)."""
+    from fleetline.mqtt import backoff_seconds
+
+    attempt = 0
+    while True:
+        con: asyncpg.Connection[Any] | None = None
+        try:
+            con = await asyncpg.connect(dsn, timeout=10)
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            con.add_termination_listener(functools.partial(_resolve, lost))
+            await con.add_listener(channel, callback)
+            attempt = 0
+            if on_listening is not None:
+                on_listening()
+            while not lost.done():
+                await asyncio.wait({lost}, timeout=LISTEN_PROBE_SECONDS)
+                if not lost.done():
+                    await con.fetchval("SELECT 1", timeout=5)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("LISTEN %s lost the database: %s", channel, exc)
+        finally:
+            if con is not None:
+                await close_connection(con)
+            if on_lost is not None:
+                on_lost()
+        await asyncio.sleep(backoff_seconds(attempt))
+        attempt += 1

@@ -30,7 +30,7 @@ import random
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -38,6 +38,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
 from fleetline.settings import MqttProtocol, MqttTarget
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,40 @@ _UNSUPPORTED_PROTOCOL = {1, 132}
 
 # (topic, payload, message id, QoS, retain flag) of one PUBLISH.
 MessageHandler = Callable[[str, bytes, int, int, bool], None]
+
+
+class ConsumerSettings(Protocol):
+    """What a service that consumes device messages (ingest, rules) configures."""
+
+    @property
+    def mqtt(self) -> MqttTarget: ...
+
+    client_id: str
+    share_group: str
+    session_expiry_seconds: int
+    max_pending_messages: int
+
+
+def consumer_client(settings: ConsumerSettings, protocol: MqttProtocol) -> aiomqtt.Client:
+    """A persistent session under the replica's client id; its Receive Maximum is the
+    pending bound, since messages are acknowledged only once handled."""
+    return make_client(
+        settings.mqtt,
+        identifier=settings.client_id,
+        protocol=protocol,
+        persistent=True,
+        session_expiry_seconds=settings.session_expiry_seconds,
+        receive_maximum=settings.max_pending_messages,
+    )
+
+
+def device_message_topics(client: aiomqtt.Client, share_group: str) -> list[str]:
+    """Every device's telemetry and status; a shared subscription of ``share_group`` when
+    one is set and the connection is MQTT 5 (3.1.1 has none)."""
+    topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
+    if is_v5(client) and share_group:
+        return [f"$share/{share_group}/{t}" for t in topics]
+    return topics
 
 
 class MqttAuthError(Exception):

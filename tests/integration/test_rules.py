@@ -30,10 +30,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 from fleetline.embedded import LocalMosquitto, free_port
+from tests.integration.test_api import assert_problem, client
 from tests.support import ApiProcess, Device, IngestProcess, RulesProcess
 
 pytestmark = pytest.mark.integration
-PROBLEM = "application/problem+json"
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -100,19 +100,6 @@ def rules_env(name: str, receiver: Receiver | None = None) -> dict[str, str]:
     if receiver is not None:
         env["FLEETLINE_RULES_PUSHSAFER_URL"] = f"{receiver.url}/pushsafer"
     return env
-
-
-def client(api: ApiProcess, token: str | None = None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=api.url, headers=headers, timeout=10)
-
-
-def assert_problem(resp: httpx.Response, status: int, detail: str = "") -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"] == PROBLEM
-    body: dict[str, Any] = resp.json()
-    assert body["status"] == status and detail in body.get("detail", ""), body
-    return body
 
 
 async def eventually(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import secrets
@@ -26,7 +25,6 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from fleetline import db, streamevents
-from fleetline.mqtt import backoff_seconds
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +105,6 @@ class Subscription:
                 getter.cancel()
                 return
             yield getter.result()
-
-
-def _set_done(future: asyncio.Future[None], *_args: object) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class StreamHub:
@@ -204,33 +197,25 @@ class StreamHub:
                 )
 
     async def _listen(self) -> None:
-        attempt = 0
-        while True:
-            con: asyncpg.Connection[Any] | None = None
-            try:
-                con = await asyncpg.connect(self._dsn, timeout=10)
-                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                con.add_termination_listener(functools.partial(_set_done, lost))
-                await con.add_listener(streamevents.CHANNEL, self._on_notify)
-                self.listening = True
-                attempt = 0
-                log.info("listening for stored events on %s", streamevents.CHANNEL)
-                while not lost.done():
-                    # A half-open connection does not terminate by itself: probe it.
-                    await asyncio.wait({lost}, timeout=10)
-                    if not lost.done():
-                        await con.fetchval("SELECT 1", timeout=5)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("stream listener lost the database: %s", exc)
-            finally:
-                self.listening = False
-                if con is not None:
-                    await db.close_connection(con)
-            # Events committed while not listening are gone: clients must know.
-            for sub in list(self._subs):
-                sub.close(1011, "the stream lost its database connection; reconnect")
-            await asyncio.sleep(backoff_seconds(attempt))
-            attempt += 1
+        await db.listen(
+            self._dsn,
+            streamevents.CHANNEL,
+            self._on_notify,
+            on_listening=self._listening,
+            on_lost=self._lost,
+        )
+
+    def _listening(self) -> None:
+        self.listening = True
+        log.info("listening for stored events on %s", streamevents.CHANNEL)
+
+    def _lost(self) -> None:
+        if not self.listening:
+            return
+        self.listening = False
+        # Events committed while not listening are gone: clients must know.
+        for sub in list(self._subs):
+            sub.close(1011, "the stream lost its database connection; reconnect")
 
     async def _dispatch(self) -> None:
         while True:

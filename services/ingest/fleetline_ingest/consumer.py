@@ -26,7 +26,6 @@ import aiomqtt
 import asyncpg
 
 from fleetline import db, mqtt, streamevents
-from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
 from fleetline.settings import MqttProtocol, StorageSettings
 from fleetline_ingest import metrics
 from fleetline_ingest.batch import Batch, collect, rebuild
@@ -141,22 +140,8 @@ class Ingestor:
 
     # -- the loops --------------------------------------------------------------------
 
-    def _subscriptions(self, client: aiomqtt.Client) -> list[str]:
-        topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
-        if mqtt.is_v5(client) and self.settings.share_group:
-            return [f"$share/{self.settings.share_group}/{t}" for t in topics]
-        return topics
-
     def _make_client(self, protocol: MqttProtocol) -> aiomqtt.Client:
-        s = self.settings
-        return mqtt.make_client(
-            s.mqtt,
-            identifier=s.client_id,
-            protocol=protocol,
-            persistent=True,
-            session_expiry_seconds=s.session_expiry_seconds,
-            receive_maximum=s.max_pending_messages,
-        )
+        return mqtt.consumer_client(self.settings, protocol)
 
     def _prepare(self, client: aiomqtt.Client) -> None:
         self.reader = mqtt.DirectReader(client, self.on_message)
@@ -193,7 +178,7 @@ class Ingestor:
                             "persistence on, and the session expiry long enough?)"
                         )
                     attempt = 0
-                    topics = self._subscriptions(client)
+                    topics = mqtt.device_message_topics(client, self.settings.share_group)
                     mqtt.subscribe_nowait(client, topics, qos=1)
                     if not mqtt.is_v5(client):
                         log.warning(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections import deque
 from datetime import UTC, datetime
@@ -39,7 +38,6 @@ from fleetline.protocol import (
     STATUS_OFFLINE,
     STATUS_ONLINE,
     TELEMETRY,
-    TOPIC_ROOT,
     Limits,
     PayloadError,
     Row,
@@ -74,11 +72,6 @@ class Message(NamedTuple):
     retain: bool
     generation: int
     received_at: datetime
-
-
-def _set_done(future: asyncio.Future[None], *_args: object) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class RulesService:
@@ -324,47 +317,18 @@ class RulesService:
     async def listen_loop(self) -> None:
         """LISTEN for rule changes and manual clears (the api notifies in the transaction
         of the change); every (re)connection reloads, in case one was missed."""
-        attempt = 0
-        while True:
-            con: asyncpg.Connection[Any] | None = None
-            try:
-                con = await asyncpg.connect(self.settings.dsn, timeout=10)
-                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                con.add_termination_listener(functools.partial(_set_done, lost))
-                await con.add_listener(store.RULES_CHANNEL, self._on_rules_notify)
-                self._reload.set()
-                attempt = 0
-                while not lost.done():
-                    await asyncio.wait({lost}, timeout=10)
-                    if not lost.done():
-                        await con.fetchval("SELECT 1", timeout=5)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("rules listener lost the database: %s", exc)
-            finally:
-                if con is not None:
-                    await db.close_connection(con)
-            await asyncio.sleep(mqtt.backoff_seconds(attempt))
-            attempt += 1
+        await db.listen(
+            self.settings.dsn,
+            store.RULES_CHANNEL,
+            self._on_rules_notify,
+            on_listening=self._reload.set,
+        )
 
     def _on_rules_notify(self, _con: object, _pid: int, _channel: str, _payload: object) -> None:
         self._reload.set()
 
-    def _subscriptions(self, client: aiomqtt.Client) -> list[str]:
-        topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
-        if mqtt.is_v5(client) and self.settings.share_group:
-            return [f"$share/{self.settings.share_group}/{t}" for t in topics]
-        return topics
-
     def _make_client(self, protocol: MqttProtocol) -> aiomqtt.Client:
-        s = self.settings
-        return mqtt.make_client(
-            s.mqtt,
-            identifier=s.client_id,
-            protocol=protocol,
-            persistent=True,
-            session_expiry_seconds=s.session_expiry_seconds,
-            receive_maximum=s.max_pending_messages,
-        )
+        return mqtt.consumer_client(self.settings, protocol)
 
     def _prepare(self, client: aiomqtt.Client) -> None:
         self.generation += 1
@@ -381,7 +345,7 @@ class RulesService:
                     self.reader.start()
                     self.client = client
                     metrics.CONNECTED.set(1)
-                    topics = self._subscriptions(client)
+                    topics = mqtt.device_message_topics(client, self.settings.share_group)
                     for topic in topics:
                         await client.subscribe(topic, qos=1, timeout=SUBSCRIBE_TIMEOUT_SECONDS)
                     self.subscribed = True
