@@ -37,9 +37,9 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: flk_<id>_<secret
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-async def authorize(pool: Pool, token: str | None, scope: Scope) -> KeyInfo:
-    """The key behind ``token`` if it holds ``scope`` (or ``admin``); HTTPException
-    401 (no or unknown key) or 403 (scope missing) otherwise."""
+async def authorize(pool: Pool, token: str | None, *scopes: Scope) -> KeyInfo:
+    """The key behind ``token`` if it holds one of ``scopes`` (or ``admin``);
+    HTTPException 401 (no or unknown key) or 403 (scope missing) otherwise."""
     if token is None:
         raise HTTPException(
             401, "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
@@ -48,19 +48,19 @@ async def authorize(pool: Pool, token: str | None, scope: Scope) -> KeyInfo:
         key = await apikeys.verify(con, token)
     if key is None:
         raise HTTPException(401, "unknown or revoked API key", headers=_CHALLENGE)
-    if scope not in key.scopes and "admin" not in key.scopes:
-        raise HTTPException(403, f"this key lacks the {scope} scope")
+    if "admin" not in key.scopes and not set(scopes) & set(key.scopes):
+        raise HTTPException(403, f"this key lacks the {' or '.join(scopes)} scope")
     return key
 
 
-def require(scope: Scope) -> Callable[..., Awaitable[KeyInfo]]:
-    """A dependency that lets through keys holding ``scope`` (or ``admin``)."""
+def require(*scopes: Scope) -> Callable[..., Awaitable[KeyInfo]]:
+    """A dependency that lets through keys holding one of ``scopes`` (or ``admin``)."""
 
     async def check(
         pool: PoolDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> KeyInfo:
-        return await authorize(pool, credentials.credentials if credentials else None, scope)
+        return await authorize(pool, credentials.credentials if credentials else None, *scopes)
 
     return check
 
@@ -68,4 +68,3 @@ def require(scope: Scope) -> Callable[..., Awaitable[KeyInfo]]:
 DevicesRead = Annotated[KeyInfo, Depends(require("devices:read"))]
 DevicesWrite = Annotated[KeyInfo, Depends(require("devices:write"))]
 TelemetryRead = Annotated[KeyInfo, Depends(require("telemetry:read"))]
-Admin = Annotated[KeyInfo, Depends(require("admin"))]

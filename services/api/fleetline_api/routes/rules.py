@@ -18,10 +18,9 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, StringConstraints
 
-from fleetline import apikeys, rules_engine, streamevents
+from fleetline import rules_engine, streamevents
 from fleetline.apikeys import KeyInfo
 from fleetline_api.deps import PoolDep, require
 from fleetline_api.problems import NOT_FOUND, RESPONSES
@@ -62,33 +61,7 @@ Time = Annotated[
     ),
 ]
 
-_bearer = HTTPBearer(auto_error=False, description="An API key: flk_<id>_<secret>")
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
-def require_any(*scopes: apikeys.Scope) -> Any:
-    """A dependency that lets through keys holding any of ``scopes`` (or ``admin``)."""
-
-    async def check(
-        pool: PoolDep,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> KeyInfo:
-        if credentials is None:
-            raise HTTPException(
-                401, "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
-            )
-        async with pool.acquire() as con:
-            key = await apikeys.verify(con, credentials.credentials)
-        if key is None:
-            raise HTTPException(401, "unknown or revoked API key", headers=_CHALLENGE)
-        if "admin" not in key.scopes and not set(scopes) & set(key.scopes):
-            raise HTTPException(403, f"this key lacks the {' or '.join(scopes)} scope")
-        return key
-
-    return check
-
-
-RulesRead = Annotated[KeyInfo, Depends(require_any("rules:write", "telemetry:read"))]
+RulesRead = Annotated[KeyInfo, Depends(require("rules:write", "telemetry:read"))]
 RulesWrite = Annotated[KeyInfo, Depends(require("rules:write"))]
 
 COLUMNS = """
