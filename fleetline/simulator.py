@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +22,6 @@ import aiomqtt
 import orjson
 from pydantic import SecretStr
 
-from fleetline import devicekeys
 from fleetline.mqtt import backoff_seconds, make_client, wait_disconnected
 from fleetline.protocol import STATUS, STATUS_OFFLINE, STATUS_ONLINE, TELEMETRY, topic_for
 from fleetline.settings import MqttTarget
@@ -128,13 +127,11 @@ async def _device(
     start_delay_seconds: float,
     stop: asyncio.Event,
     stats: _Stats,
-    key_secret: bytes | None,
+    key: str | None,
 ) -> None:
     status_topic = topic_for(device_id, STATUS)
-    if key_secret is not None:
-        # Log in as a device does: user name = client id = device id, password = its key
-        # (version 1, as `fleetline up` registers the simulated fleet).
-        key = devicekeys.derive_key(key_secret, device_id, 1)
+    if key is not None:
+        # Log in as a device does: user name = client id = device id, password = its key.
         target = target.model_copy(update={"username": device_id, "password": SecretStr(key)})
     telemetry_topic = topic_for(device_id, TELEMETRY)
     client = make_client(
@@ -228,12 +225,12 @@ async def run_fleet(
     interval_seconds: float,
     prefix: str = "sim-",
     stop: asyncio.Event | None = None,
-    key_secret: bytes | None = None,
+    keys: Mapping[str, str] | None = None,
 ) -> None:
     """Run ``devices`` simulated devices until ``stop`` is set (or the task is cancelled).
 
-    With ``key_secret`` each device logs in with its own key (version 1), as the broker's
-    auth plugin requires; without, with ``target``'s credentials.
+    A device listed in ``keys`` logs in with its key, as the broker's auth plugin
+    requires; the others with ``target``'s credentials.
 
     On stop every device publishes a retained ``offline`` and disconnects cleanly.
     """
@@ -264,7 +261,7 @@ async def run_fleet(
                     start_delay_seconds=i * stagger,
                     stop=stop,
                     stats=stats,
-                    key_secret=key_secret,
+                    key=(keys or {}).get(device_id),
                 ),
                 name=f"simulator.device[{device_id}]",
             )

@@ -145,7 +145,7 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                 database_url = pg.url_for(DATABASE)
             try:
                 asyncio.run(migrate(database_url, StorageSettings(), create_database=True))
-                asyncio.run(
+                sim_keys = asyncio.run(
                     _register_simulated(database_url, device_ids(devices), key_secret.encode())
                 )
             except MigrationError as exc:
@@ -180,6 +180,7 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                     mqtt_url,
                     service_urls=service_urls,
                     key_secret=key_secret,
+                    sim_keys=sim_keys,
                     devices=devices,
                     interval_seconds=interval_seconds,
                 )
@@ -246,25 +247,46 @@ async def _wait_ingest_ready(port: int, stop: asyncio.Event) -> None:
     )
 
 
-async def _register_simulated(database_url: str, ids: list[str], key_secret: bytes) -> None:
-    """Put the simulated fleet in the device registry with its first keys (which the
-    simulator derives from the same secret), so devices may connect and the API serves
-    their telemetry."""
+async def _register_simulated(
+    database_url: str, ids: list[str], key_secret: bytes
+) -> dict[str, str]:
+    """Put the simulated fleet in the device registry, issuing a key to each device that
+    has none, so devices may connect and the API serves their telemetry. Returns each
+    device's current key, for the simulator to log in with."""
     if not ids:
-        return
-    fingerprints = [devicekeys.fingerprint(devicekeys.derive_key(key_secret, d, 1)) for d in ids]
+        return {}
     con = await asyncpg.connect(database_url)
     try:
-        await con.execute(
-            """
-            INSERT INTO devices (id, tags, key_version, key_sha256, key_created_at)
-            SELECT d, $3::text::jsonb, 1, f, now() FROM unnest($1::text[], $2::bytea[]) u(d, f)
-            ON CONFLICT (id) DO NOTHING
-            """,
-            ids,
-            fingerprints,
-            '{"source": "simulator"}',
-        )
+        async with con.transaction():
+            await con.execute(
+                "INSERT INTO devices (id, tags) SELECT d, $2::text::jsonb "
+                "FROM unnest($1::text[]) d ON CONFLICT (id) DO NOTHING",
+                ids,
+                '{"source": "simulator"}',
+            )
+            await con.execute(
+                """
+                UPDATE devices SET key_version = nextval('device_key_version_seq'),
+                                   key_created_at = now()
+                WHERE id = ANY($1::text[]) AND key_version = 0
+                """,
+                ids,
+            )
+            rows = await con.fetch(
+                "SELECT id, key_version FROM devices WHERE id = ANY($1::text[])", ids
+            )
+            keys = {
+                r["id"]: devicekeys.derive_key(key_secret, r["id"], r["key_version"]) for r in rows
+            }
+            await con.execute(
+                """
+                UPDATE devices d SET key_sha256 = u.f
+                FROM unnest($1::text[], $2::bytea[]) u(id, f) WHERE d.id = u.id
+                """,
+                list(keys),
+                [devicekeys.fingerprint(k) for k in keys.values()],
+            )
+        return keys
     finally:
         await close_connection(con)
 
@@ -272,7 +294,7 @@ async def _register_simulated(database_url: str, ids: list[str], key_secret: byt
 async def _start_simulator(
     mqtt_url: str,
     *,
-    key_secret: bytes,
+    keys: dict[str, str],
     devices: int,
     interval_seconds: float,
     ingest_port: int,
@@ -286,7 +308,7 @@ async def _start_simulator(
         devices=devices,
         interval_seconds=interval_seconds,
         stop=stop,
-        key_secret=key_secret,
+        keys=keys,
     )
 
 
@@ -296,6 +318,7 @@ async def _supervise(
     *,
     service_urls: dict[str, str],
     key_secret: str,
+    sim_keys: dict[str, str],
     devices: int,
     interval_seconds: float,
 ) -> int:
@@ -358,7 +381,7 @@ async def _supervise(
             sim = asyncio.create_task(
                 _start_simulator(
                     mqtt_url,
-                    key_secret=key_secret.encode(),
+                    keys=sim_keys,
                     devices=devices,
                     interval_seconds=interval_seconds,
                     ingest_port=ingest_port,

@@ -62,7 +62,9 @@ async def test_device_credentials_verbs(
     made = fleetline("device", "create", f"{uid}-k", env=env)
     assert made.returncode == 0, made.stderr
     key = made.stdout.split("shown once): ", 1)[1].split()[0]
-    assert devicekeys.derive_key(DEVICE_KEY_SECRET.encode(), f"{uid}-k", 1) == key
+    version = json.loads(fleetline("device", "show", f"{uid}-k", "--json", env=env).stdout)[
+        "key_version"]
+    assert devicekeys.derive_key(DEVICE_KEY_SECRET.encode(), f"{uid}-k", version) == key
     assert f"DeviceId={uid}-k;SharedAccessKey={key}" in made.stdout
     token = fleetline("device", "token", f"{uid}-k", "--ttl", "60", env=env)
     assert token.returncode == 0
@@ -75,7 +77,9 @@ async def test_device_credentials_verbs(
     assert no_key.returncode == 2 and "--renew" in no_key.stderr
     renewed = fleetline("device", "connection-string", f"{uid}-k", "--renew", env=env)
     new_key = renewed.stdout.strip().rsplit("SharedAccessKey=", 1)[1]
-    assert new_key == devicekeys.derive_key(DEVICE_KEY_SECRET.encode(), f"{uid}-k", 2)
+    version = json.loads(fleetline("device", "show", f"{uid}-k", "--json", env=env).stdout)[
+        "key_version"]
+    assert new_key == devicekeys.derive_key(DEVICE_KEY_SECRET.encode(), f"{uid}-k", version)
 
 
 async def test_monitor_prints_live_events(

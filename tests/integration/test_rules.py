@@ -425,7 +425,9 @@ async def test_offline_alarm_after_the_timeout_and_at_once_on_the_last_will(
     db: asyncpg.Pool[Any],
     uid: str,
 ) -> None:
-    quiet, dropped = f"{uid}-quiet", f"{uid}-dropped"
+    quiet, dropped, ghost = f"{uid}-quiet", f"{uid}-dropped", f"{uid}-ghost"
+    # Offline detection watches registered devices; the ghost is not registered.
+    await db.execute("INSERT INTO devices (id) SELECT unnest($1::text[])", [quiet, dropped])
     fast = admin.post(
         "/v1/rules",
         json={
@@ -433,7 +435,7 @@ async def test_offline_alarm_after_the_timeout_and_at_once_on_the_last_will(
             "kind": "no_data",
             "timeout_s": 1.5,
             "severity": "critical",
-            "match": {"devices": [quiet]},
+            "match": {"devices": [quiet, ghost]},
         },
     ).json()
     slow = admin.post(
@@ -447,13 +449,16 @@ async def test_offline_alarm_after_the_timeout_and_at_once_on_the_last_will(
         },
     ).json()
     await asyncio.sleep(0.5)
-    q, d = Device(broker.url, quiet), Device(broker.url, dropped)
+    q, d, g = Device(broker.url, quiet), Device(broker.url, dropped), Device(broker.url, ghost)
     q.publish_all([{"values": {"temp": 20}}])
     d.publish_all([{"values": {"temp": 20}}])
+    g.publish_all([{"values": {"temp": 20}}])
+    g.close()
     sent = time.monotonic()
     await asyncio.sleep(1.0)
     assert await alarms_of(db, fast["id"]) == [], "offline before the timeout"
     (alarm,) = await eventually(lambda: alarms_of(db, fast["id"]), timeout=5, what="offline")
+    assert alarm["device_id"] == quiet  # none for the unregistered ghost
     assert time.monotonic() - sent < 4
     assert alarm["severity"] == "critical" and alarm["state"] == "active"
     # It comes back: cleared at once.

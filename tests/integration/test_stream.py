@@ -185,3 +185,42 @@ async def test_ingest_announces_batches_only_while_someone_listens(
         dev.close()
         await db.execute("DELETE FROM stream_listeners WHERE listener_id = $1", uid)
         await con.close()
+
+
+async def test_a_full_notify_queue_costs_announcements_not_rows(
+    start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto, db: asyncpg.Pool[Any],
+    uid: str,
+) -> None:
+    device_id = f"{uid}-full"
+    # PostgreSQL raises "too many notifications in the NOTIFY queue" (54000) at COMMIT;
+    # a deferred trigger raises the same at the first commit touching this device.
+    seq, fn, trigger = (f'"{uid}-{name}"' for name in ("seq", "fn", "trg"))
+    await db.execute(f"""
+        CREATE SEQUENCE {seq};
+        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.device_id = '{device_id}' AND nextval('{seq}') = 1 THEN
+                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
+                    USING ERRCODE = '54000';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT OR UPDATE ON device_activity
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
+    """)
+    try:
+        ingest = start_ingest()
+        dev = Device(broker.url, device_id)
+        dev.publish_all([{"values": {"v": i}} for i in range(5)])
+        async with asyncio.timeout(15):
+            while await db.fetchval(
+                    "SELECT count(*) FROM readings WHERE device_id = $1", device_id) < 5:
+                await asyncio.sleep(0.1)
+        dev.close()
+        assert await db.fetchval(
+            "SELECT count(*) FROM dead_letters WHERE device_id = $1", device_id) == 0
+        assert ingest.metric("fleetline_ingest_write_errors_total") >= 1
+        assert "NOTIFY queue is full" in ingest.log_tail(200)
+    finally:
+        await db.execute(f"DROP TRIGGER {trigger} ON device_activity; DROP FUNCTION {fn}();"
+                         f" DROP SEQUENCE {seq}")

@@ -99,10 +99,13 @@ class Subscription:
         """Encoded events until the subscription closes."""
         while not self.closed.done():
             getter = asyncio.ensure_future(self.queue.get())
-            waited: set[asyncio.Future[Any]] = {getter, self.closed}
-            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
+            try:
+                waited: set[asyncio.Future[Any]] = {getter, self.closed}
+                await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():  # closed, or the sender was cancelled
+                    getter.cancel()
+            if getter.cancelled():
                 return
             yield getter.result()
 
@@ -173,6 +176,8 @@ class StreamHub:
 
     async def _presence(self) -> None:
         while True:
+            # Cleared before the work: a client arriving during it wakes the next round.
+            self._presence_wake.clear()
             try:
                 if self._subs:
                     await self._pool.execute(
@@ -185,12 +190,15 @@ class StreamHub:
                         self._announced_at = time.monotonic()
                         self._announced.set()
                 elif self._announced_at is not None:
-                    await self._pool.execute(WITHDRAW, self._listener_id, timeout=5)
+                    # Not announced from here on, so a client arriving meanwhile waits
+                    # for the next round's announcement instead of trusting this one.
                     self._announced_at = None
                     self._announced.clear()
+                    await self._pool.execute(WITHDRAW, self._listener_id, timeout=5)
+                    if self._subs:
+                        continue
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("could not record stream presence: %s", exc)
-            self._presence_wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._presence_wake.wait(), streamevents.LISTENER_REFRESH_SECONDS
@@ -221,31 +229,41 @@ class StreamHub:
         while True:
             payload = await self._backlog.get()
             try:
-                events = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                log.warning("ignoring a malformed stream notification")
-                continue
-            if not self._subs or not isinstance(events, list):
-                continue
-            tags = await self._device_tags({e.get("device_id") for e in events})
-            for event in events:
-                device_tags = tags.get(event.get("device_id"))
-                if device_tags is None:
-                    continue
-                encoded_for_all: bytes | None = None
-                for sub in list(self._subs):
-                    view = sub.filter.select(event, device_tags)
-                    if view is None:
-                        continue
-                    if view is event:
-                        if encoded_for_all is None:
-                            encoded_for_all = orjson.dumps(event)
-                        sub.offer(encoded_for_all)
-                    else:
-                        sub.offer(orjson.dumps(view))
-                    EVENTS.inc()
+                await self._dispatch_one(payload)
+            except Exception:  # one odd notification must not end the stream
+                log.exception("could not dispatch a stream notification")
 
-    async def _device_tags(self, ids: set[Any]) -> dict[str, dict[str, Any] | None]:
+    async def _dispatch_one(self, payload: str) -> None:
+        if not self._subs:
+            return
+        try:
+            events = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            log.warning("ignoring a malformed stream notification")
+            return
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            log.warning("ignoring a stream notification that is not a list of events")
+            return
+        ids = {e.get("device_id") for e in events if isinstance(e.get("device_id"), str)}
+        tags = await self._device_tags(ids)
+        for event in events:
+            device_tags = tags.get(event.get("device_id"))
+            if device_tags is None:
+                continue
+            encoded_for_all: bytes | None = None
+            for sub in list(self._subs):
+                view = sub.filter.select(event, device_tags)
+                if view is None:
+                    continue
+                if view is event:
+                    if encoded_for_all is None:
+                        encoded_for_all = orjson.dumps(event)
+                    sub.offer(encoded_for_all)
+                else:
+                    sub.offer(orjson.dumps(view))
+                EVENTS.inc()
+
+    async def _device_tags(self, ids: set[str]) -> dict[str, dict[str, Any] | None]:
         now = time.monotonic()
         found: dict[str, dict[str, Any] | None] = {}
         missing: list[str] = []

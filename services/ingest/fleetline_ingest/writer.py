@@ -84,6 +84,9 @@ GROUP BY fleetline_partition_start(
 # intervention such as a restart (57), transaction rollback such as deadlock (40).
 _TRANSIENT_CLASSES = ("08", "53", "57", "40")
 SERIES_CACHE_MAX = 1_000_000
+# When the database's NOTIFY queue is full (a listener stopped reading), batches are
+# stored without announcing them for this long.
+NOTIFY_PAUSE_SECONDS = 60.0
 
 
 class BatchSupersededError(Exception):
@@ -102,6 +105,11 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         return str(getattr(exc, "sqlstate", "")).startswith(_TRANSIENT_CLASSES)
     return False
+
+
+def _is_notify_queue_full(exc: BaseException) -> bool:
+    # "too many notifications in the NOTIFY queue", raised at COMMIT (SQLSTATE 54000).
+    return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") == "54000"
 
 
 def _is_missing_partition(exc: BaseException) -> bool:
@@ -125,6 +133,7 @@ class BatchWriter:
         # Announce batches on the stream channel: configured on, and someone listens.
         self.notify_enabled = notify
         self.listeners = False
+        self._notify_paused_until = 0.0
 
     async def _resolve_series(self, con: Connection, keys: Iterable[tuple[str, str]]) -> None:
         missing = [k for k in keys if k not in self._series]
@@ -192,7 +201,9 @@ class BatchWriter:
             streamevents.pack(
                 streamevents.telemetry_events(rows) + streamevents.status_events(batch.status)
             )
-            if self.notify_enabled and self.listeners
+            if self.notify_enabled
+            and self.listeners
+            and time.monotonic() >= self._notify_paused_until
             else []
         )
         inserted = 0
@@ -239,7 +250,20 @@ class BatchWriter:
         writing message by message so one bad message cannot block the stream."""
         started = time.perf_counter()
         try:
-            inserted = await self._write_creating_partitions(con, batch, still_current)
+            try:
+                inserted = await self._write_creating_partitions(con, batch, still_current)
+            except asyncpg.PostgresError as exc:
+                if not _is_notify_queue_full(exc):
+                    raise
+                # Announcing must never cost stored rows: store without it for a while.
+                log.error(
+                    "the database's NOTIFY queue is full (a LISTEN session stopped reading); "
+                    "storing batches without announcing them for %.0f s",
+                    NOTIFY_PAUSE_SECONDS,
+                )
+                metrics.WRITE_ERRORS.labels("notify_queue_full").inc()
+                self._notify_paused_until = time.monotonic() + NOTIFY_PAUSE_SECONDS
+                inserted = await self._write_creating_partitions(con, batch, still_current)
         except Exception as exc:
             if is_transient(exc) or isinstance(exc, BatchSupersededError):
                 raise

@@ -298,8 +298,15 @@ class RulesService:
             if not self.evaluator.dirty and not self.evaluator.dirty_rates:
                 return
             now = datetime.now(UTC)
-            async with self.pool.acquire() as con, con.transaction():
-                gone = await store.flush(con, self.evaluator, now)
+            dirty, rates = set(self.evaluator.dirty), set(self.evaluator.dirty_rates)
+            try:
+                async with self.pool.acquire() as con, con.transaction():
+                    gone = await store.flush(con, self.evaluator, now)
+            except BaseException:
+                # Not committed: write these figures with the next flush.
+                self.evaluator.dirty |= dirty
+                self.evaluator.dirty_rates |= rates
+                raise
             for rule_id, device_id in gone:
                 self.evaluator.reset(rule_id, device_id, now)
 

@@ -186,7 +186,11 @@ class Evaluator:
         out: list[Change] = []
         if not self.rules.no_data:
             return out
+        registry = self.rules.tags
         for device_id, last_seen, online, changed_at in rows:
+            # Activity outlives the registry entry: a deleted device is not watched.
+            if device_id not in registry:
+                continue
             for rule in self.rules.for_device(device_id).no_data:
                 state = self.watch((rule.id, device_id))
                 if last_seen is not None and (state.last_ts is None or last_seen > state.last_ts):
@@ -212,8 +216,8 @@ class Evaluator:
         for key in list(self.watched):
             rule = self.rules.rules.get(key[0])
             state = self.states.get(key)
-            if rule is None or state is None:
-                self.watched.discard(key)
+            if rule is None or state is None or key[1] not in self.rules.tags:
+                self.watched.discard(key)  # rule or device gone (deleted from the registry)
                 continue
             self._collect(rule, key[1], state, engine.advance(rule, state, now), out)
         return out

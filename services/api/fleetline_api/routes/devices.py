@@ -102,9 +102,11 @@ async def list_devices(
     return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
 
-# Issue the next key version; None when the device does not exist.
+# Issue a new key version, never used before by any device (a device deleted and
+# registered again must not get its old key back); None when the device does not exist.
 ISSUE_KEY = """
-UPDATE devices SET key_version = key_version + 1, key_created_at = now(), updated_at = now()
+UPDATE devices SET key_version = nextval('device_key_version_seq'), key_created_at = now(),
+                   updated_at = now()
 WHERE id = $1 RETURNING key_version
 """
 STORE_FINGERPRINT = "UPDATE devices SET key_sha256 = $3 WHERE id = $1 AND key_version = $2"
