@@ -127,9 +127,19 @@ def apikey_list(
     if as_json:
         typer.echo(json.dumps(docs))
         return
-    for d in docs:
-        state = "revoked" if d["revoked_at"] else "active"
-        typer.echo(f"{d['id']}  {state:8} {','.join(d['scopes']):40} {d['name']}")
+    _print_table(
+        ["id", "state", "scopes", "name", "last used"],
+        [
+            [
+                d["id"],
+                ("revoked", "red") if d["revoked_at"] else ("active", "green"),
+                ",".join(d["scopes"]),
+                d["name"],
+                d.get("last_used_at"),
+            ]
+            for d in docs
+        ],
+    )
 
 
 @apikey_app.command("revoke")
@@ -153,6 +163,28 @@ app.add_typer(device_app, name="device")
 app.add_typer(telemetry_app, name="telemetry")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+# Without a terminal (a pipe, a file) tables are not cut to 80 columns.
+PIPE_WIDTH = 240
+
+
+def _print_table(columns: list[str], rows: list[list[Any]]) -> None:
+    """A table for people (``--json`` is the form for scripts)."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    def cell(value: Any) -> Text:
+        # Data is never read as markup; (text, style) pairs are styled.
+        if isinstance(value, tuple):
+            return Text(*value)
+        return Text("-" if value is None else str(value))
+
+    table = Table(*columns, box=None, header_style="bold", pad_edge=False)
+    for row in rows:
+        table.add_row(*(cell(v) for v in row))
+    Console(width=None if sys.stdout.isatty() else PIPE_WIDTH).print(table)
 
 
 @contextmanager
@@ -272,8 +304,19 @@ def device_list(
     if as_json:
         typer.echo(json.dumps(devices))
     else:
-        for device in devices:
-            _show_device(device)
+        _print_table(
+            ["device", "status", "last seen", "key", "tags"],
+            [
+                [
+                    d["id"],
+                    ("online", "green") if d["online"] else ("offline", "dim"),
+                    d["last_seen"],
+                    f"v{d['key_version']}" if d.get("key_version") else ("none", "yellow"),
+                    " ".join(f"{k}={v}" for k, v in sorted(d["tags"].items())),
+                ]
+                for d in devices
+            ],
+        )
 
 
 @device_app.command("show")
@@ -316,17 +359,21 @@ def telemetry_query(
     if as_json:
         typer.echo(json.dumps(result["items"]))
         return
-    for item in result["items"]:
-        if bucket:
-            stats = " ".join(
-                f"{k}={item[k]}"
-                for k in ("avg", "min", "max", "count", "last")
-                if item.get(k) is not None
-            )
-            typer.echo(f"{item['bucket']}  {item['metric']:24} {stats}")
-        else:
-            value = item["value"] if item["value"] is not None else item["value_text"]
-            typer.echo(f"{item['ts']}  {item['metric']:24} {value}")
+    items = result["items"]
+    if bucket:
+        stats = ("avg", "min", "max", "count", "last")
+        _print_table(
+            ["bucket", "metric", *stats],
+            [[i["bucket"], i["metric"], *(i.get(k) for k in stats)] for i in items],
+        )
+    else:
+        _print_table(
+            ["ts", "metric", "value"],
+            [
+                [i["ts"], i["metric"], i["value"] if i["value"] is not None else i["value_text"]]
+                for i in items
+            ],
+        )
 
 
 @app.command()
