@@ -16,6 +16,10 @@ import orjson
 TOPIC_ROOT = "devices"
 TELEMETRY = "telemetry"
 STATUS = "status"
+# The topic kind after devices/{id}/ (split_device_topic splits on the first two '/'
+# only, so a kind may hold more).
+TWIN_REPORTED = "twin/reported"
+TWIN_DESIRED = "twin/desired"
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 
@@ -28,6 +32,66 @@ MAX_ABS_VALUE = 1e100
 
 # One stored value: (device_id, metric, ts, numeric value, text value).
 Row = tuple[str, str, datetime, float | None, str | None]
+
+
+# Twin documents (desired and reported, and each patch of them): at most this many bytes
+# as JSON text, objects and arrays nested at most this deep (the root object is level 1).
+# Member names are 1-128 characters without '.', '$', whitespace or control characters,
+# so that a dotted path (`reported.fw.version`) names one member unambiguously.
+MAX_TWIN_BYTES = 32 * 1024
+MAX_TWIN_DEPTH = 8
+TWIN_KEY_RE = re.compile(r"[^.$\s\x00-\x1f\x7f]{1,128}\Z")
+
+
+def _twin_problem(value: Any, depth: int, path: str) -> str | None:
+    kind = type(value)
+    if kind is dict or kind is list:
+        if depth > MAX_TWIN_DEPTH:
+            return f"{path or 'the document'} is nested more than {MAX_TWIN_DEPTH} levels deep"
+        if kind is dict:
+            for key, item in value.items():
+                if TWIN_KEY_RE.match(key) is None:
+                    shown = f"{path}.{key[:40]!r}" if path else repr(key[:40])
+                    return (
+                        f"member name {shown} must be 1-128 characters without '.', '$', "
+                        "whitespace or control characters"
+                    )
+                problem = _twin_problem(item, depth + 1, f"{path}.{key}" if path else key)
+                if problem:
+                    return problem
+        else:
+            for i, item in enumerate(value):
+                problem = _twin_problem(item, depth + 1, f"{path}[{i}]")
+                if problem:
+                    return problem
+    elif kind is str and "\x00" in value:
+        return f"{path} contains a NUL character"  # PostgreSQL's jsonb cannot store it
+    return None
+
+
+def twin_patch_problem(patch: Any) -> str | None:
+    """Why ``patch`` (parsed JSON) cannot be a twin patch; None when it can. Its size in
+    bytes is checked on the raw payload, before parsing."""
+    if type(patch) is not dict:
+        return "a twin patch must be a JSON object"
+    return _twin_problem(patch, 1, "")
+
+
+def parse_twin_patch(payload: bytes) -> dict[str, Any]:
+    """A reported-properties patch from a device (a JSON merge patch, RFC 7396).
+
+    Raises :class:`PayloadError` (the dead-letter reason) when it is unusable."""
+    if len(payload) > MAX_TWIN_BYTES:
+        raise PayloadError(f"twin patch of {len(payload)} bytes exceeds {MAX_TWIN_BYTES}")
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError(f"not JSON: {exc}") from None
+    problem = twin_patch_problem(doc)
+    if problem:
+        raise PayloadError(problem)
+    patch: dict[str, Any] = doc
+    return patch
 
 
 def topic_for(device_id: str, kind: str) -> str:

@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 async def test_openapi_holds_under_schemathesis(
     api: ApiProcess, make_key: Callable[..., Any], artifacts: Path, db: Any
 ) -> None:
+    # A registered device, whatever ran before: schemathesis follows the device list's
+    # links to the per-device routes, which otherwise answer only 404.
+    await db.execute("INSERT INTO devices (id) VALUES ('schema-test-device') "
+                     "ON CONFLICT (id) DO NOTHING")
     # Alarms are raised by the rules service only: seed one for the /v1/alarms/{id} routes.
     await db.execute(
         "INSERT INTO rule_alarms (rule_id, rule_name, device_id, severity, state, raised_at) "

@@ -224,4 +224,4 @@ async def con(
             f"the pglite server dropped the connection; its log:\n{pglite_server.log_tail()}",
             pytrace=False,
         )
-    await session_con.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY")
+    await session_con.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY CASCADE")

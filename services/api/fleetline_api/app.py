@@ -23,9 +23,11 @@ from fleetline_api.routes import (
     dead_letters,
     devices,
     health,
+    methods,
     rules,
     stream,
     telemetry,
+    twins,
 )
 from fleetline_api.settings import ApiSettings
 from fleetline_api.stream import StreamHub
@@ -98,4 +100,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(telemetry.fleet_router)
     app.include_router(rules.router)
     app.include_router(alarms.router)
+    app.include_router(twins.router)
+    app.include_router(methods.router)
     return app

@@ -3,18 +3,32 @@
 ``/readyz`` reports it; the API publishes cloud-to-device traffic through it. The API
 connects with its own service account (the credentials in ``FLEETLINE_MQTT_URL``) and a
 clean session: it holds no subscriptions that must survive it.
+
+Direct methods: on every connect the API subscribes to every device's method responses
+(``devices/+/methods/+/res``) with a plain subscription, so each API replica sees each
+response and the replica waiting for that request id takes it; the others ignore it.
+Request ids are random (uuid4), so no replica or device can guess another's. A call
+waits for its answer across reconnects until its own timeout: the device may answer
+after the link is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
+from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import Gauge
 
 from fleetline import mqtt
+from fleetline.protocol import TOPIC_ROOT
 from fleetline.settings import MqttProtocol
 from fleetline_api.settings import ApiSettings
 
@@ -22,17 +36,69 @@ log = logging.getLogger(__name__)
 
 # After refused credentials, retry this rarely: an operator has to fix them.
 AUTH_RETRY_SECONDS = 30.0
+# Direct method calls one API process waits on at once; beyond, calls are refused.
+MAX_PENDING_CALLS = 10_000
+METHOD_RESPONSES = f"{TOPIC_ROOT}/+/methods/+/res"
+
+PENDING_CALLS = Gauge(
+    "fleetline_api_method_calls_pending", "Direct method calls waiting for their answer"
+)
+
+
+class MethodCallError(Exception):
+    """A direct method call got no answer."""
+
+
+class BrokerUnavailableError(MethodCallError):
+    """The API is not connected to the broker, or the request could not be published."""
+
+
+class TooManyCallsError(MethodCallError):
+    """This API process already waits on its maximum of calls."""
+
+
+class MethodTimeoutError(MethodCallError):
+    """The device did not answer within the call's timeout."""
+
+
+def method_topic(device_id: str, request_id: str, direction: str) -> str:
+    return f"{TOPIC_ROOT}/{device_id}/methods/{request_id}/{direction}"
+
+
+def _expiring(client: aiomqtt.Client, seconds: float) -> Properties | None:
+    """MQTT 5: the broker drops the request once the caller has stopped waiting, so a
+    device with a persistent session does not run a stale call when it comes back.
+    (MQTT 3.1.1 has no expiry: such a device may still get the request later.)"""
+    if not mqtt.is_v5(client):
+        return None
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.MessageExpiryInterval = max(1, math.ceil(seconds))
+    return props
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    device_id: str
+    answer: asyncio.Future[bytes]
 
 
 class BrokerLink:
-    def __init__(self, settings: ApiSettings) -> None:
+    def __init__(
+        self, settings: ApiSettings, *, max_pending_calls: int = MAX_PENDING_CALLS
+    ) -> None:
         self._settings = settings
         self.client: aiomqtt.Client | None = None
         self.identifier = f"fleetline-api-{socket.gethostname()}-{os.getpid()}"
+        self._max_pending = max_pending_calls
+        self._pending: dict[str, _Pending] = {}
 
     @property
     def connected(self) -> bool:
         return self.client is not None
+
+    @property
+    def pending_calls(self) -> int:
+        return len(self._pending)
 
     def _make(self, protocol: MqttProtocol) -> aiomqtt.Client:
         return mqtt.make_client(
@@ -48,10 +114,11 @@ class BrokerLink:
         while True:
             try:
                 async with mqtt.connected(self._make, self._settings.mqtt_protocol) as client:
+                    await self._subscribe(client)
                     self.client = client
                     attempt = 0
                     log.info("connected to the broker as %s", self.identifier)
-                    await mqtt.wait_disconnected(client)
+                    await self._serve(client)
             except mqtt.MqttAuthError as exc:
                 log.error("the broker refused the API's credentials: %s", exc)
                 self.client = None
@@ -59,7 +126,94 @@ class BrokerLink:
                 continue
             except aiomqtt.MqttError as exc:
                 log.warning("broker connection lost: %s", exc)
+            except Exception:  # a bug here must not leave the API without a broker for good
+                log.exception("broker link failed; reconnecting")
             finally:
                 self.client = None
             await asyncio.sleep(mqtt.backoff_seconds(attempt))
             attempt += 1
+
+    @staticmethod
+    async def _subscribe(client: aiomqtt.Client) -> None:
+        result = await client.subscribe(METHOD_RESPONSES, qos=1)
+        # Granted QoS per topic: ints (MQTT 3.1.1) or reason codes (MQTT 5); 0x80+ is a refusal.
+        codes: list[Any] = list(result) if isinstance(result, list | tuple) else [result]
+        if any(int(getattr(code, "value", code)) >= 0x80 for code in codes):
+            raise aiomqtt.MqttError(f"subscription to {METHOD_RESPONSES} refused: {codes}")
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Take method responses until the connection ends (then raise MqttError)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(client), name=f"{self.identifier}.method_responses")
+                tg.create_task(mqtt.wait_disconnected(client), name=f"{self.identifier}.connection")
+        except ExceptionGroup as group:
+            first = group.exceptions[0]
+            if isinstance(first, aiomqtt.MqttError):
+                raise first from None
+            raise
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            try:
+                payload = message.payload
+                raw = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+                self._dispatch(message.topic.value, raw)
+            except Exception:  # one message must not end the loop
+                log.exception("could not hand over a method response")
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        """Complete the call this response answers; ignore anything else."""
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[2] != "methods" or parts[4] != "res":
+            log.debug("ignored a message on %s", topic)
+            return
+        device_id, request_id = parts[1], parts[3]
+        pending = self._pending.get(request_id)
+        # The device must be the one asked: a response topic names its sender.
+        if pending is None or pending.device_id != device_id or pending.answer.done():
+            # Another replica's call, or one that timed out already.
+            log.debug(
+                "method response to no call waiting here",
+                extra={"device_id": device_id, "request_id": request_id},
+            )
+            return
+        pending.answer.set_result(payload)
+
+    async def call(
+        self, device_id: str, request_id: str, request: bytes, *, timeout_seconds: float
+    ) -> bytes:
+        """Publish ``request`` to the device's method request topic (QoS 1) and return the
+        raw payload of its answer.
+
+        Raises :class:`BrokerUnavailableError`, :class:`TooManyCallsError` or
+        :class:`MethodTimeoutError` (the publish counts into the timeout).
+        """
+        client = self.client
+        if client is None:
+            raise BrokerUnavailableError("the API is not connected to the MQTT broker")
+        if len(self._pending) >= self._max_pending:
+            raise TooManyCallsError(f"{self._max_pending} calls are in flight")
+        if request_id in self._pending:
+            raise ValueError(f"request id {request_id} is in use")
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # Registered before publishing: the answer may come before the PUBACK.
+        self._pending[request_id] = _Pending(device_id, answer)
+        PENDING_CALLS.set(len(self._pending))
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                try:
+                    await client.publish(
+                        method_topic(device_id, request_id, "req"),
+                        request,
+                        qos=1,
+                        properties=_expiring(client, timeout_seconds),
+                    )
+                except aiomqtt.MqttError as exc:
+                    raise BrokerUnavailableError(f"could not publish the request: {exc}") from exc
+                return await answer
+        except TimeoutError:
+            raise MethodTimeoutError(f"no answer within {timeout_seconds:g} s") from None
+        finally:
+            del self._pending[request_id]
+            PENDING_CALLS.set(len(self._pending))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from fleetline import protocol
 from fleetline.protocol import Limits, PayloadError, Row
@@ -13,6 +14,9 @@ MAX_REASON_CHARS = 2000
 
 # (received_at, topic, device_id, reason, payload): a row of ingest_dead_letter.
 DeadLetter = tuple[datetime, str, str | None, str, bytes]
+# (device_id, patch, received_at, topic, payload): a reported-properties patch, applied in
+# arrival order; the topic and payload make its dead letter if the database refuses it.
+TwinPatch = tuple[str, dict[str, Any], datetime, str, bytes]
 
 
 @dataclass(slots=True)
@@ -32,8 +36,10 @@ class Batch:
     # device -> last time heard from; device -> (online, when) from the status topic.
     seen: dict[str, datetime] = field(default_factory=dict)
     status: dict[str, tuple[bool, datetime]] = field(default_factory=dict)
+    twin: list[TwinPatch] = field(default_factory=list)
     telemetry_messages: int = 0
     status_messages: int = 0
+    twin_messages: int = 0
     # Rebuilt after its connection closed: written without acknowledgement.
     stale: bool = False
 
@@ -84,6 +90,16 @@ def collect(
             batch.dead.append(
                 (received_at, topic, device_id, "status must be 'online' or 'offline'", payload)
             )
+    elif kind == protocol.TWIN_REPORTED:
+        batch.twin_messages += 1
+        try:
+            patch = protocol.parse_twin_patch(payload)
+        except Exception as exc:  # PayloadError; anything else is a bug costing one message
+            reason = str(exc) if isinstance(exc, PayloadError) else f"unexpected error: {exc!r}"
+            batch.dead.append((received_at, topic, device_id, _reason([reason]), payload))
+        else:
+            batch.twin.append((device_id, patch, received_at, topic, payload))
+        batch.seen[device_id] = received_at
     else:
         batch.dead.append(
             (received_at, topic, device_id, f"ingest does not handle {kind!r}", payload)

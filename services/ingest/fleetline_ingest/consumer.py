@@ -178,7 +178,9 @@ class Ingestor:
                             "persistence on, and the session expiry long enough?)"
                         )
                     attempt = 0
-                    topics = mqtt.device_message_topics(client, self.settings.share_group)
+                    topics = mqtt.device_message_topics(
+                        client, self.settings.share_group, twin_reported=True
+                    )
                     mqtt.subscribe_nowait(client, topics, qos=1)
                     if not mqtt.is_v5(client):
                         log.warning(

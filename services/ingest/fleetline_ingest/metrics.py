@@ -13,6 +13,9 @@ DUPLICATE_BATCHES = Counter(
     "fleetline_ingest_duplicate_batches_total",
     "Batches that held an already stored value and went through the staging table",
 )
+TWIN_PATCHES = Counter(
+    "fleetline_ingest_twin_patches_total", "Reported twin patches applied to their twins"
+)
 DEAD_LETTERS = Counter("fleetline_ingest_dead_letters_total", "Messages dead-lettered")
 BATCHES = Counter("fleetline_ingest_batches_total", "Batches committed")
 BATCH_SECONDS = Histogram(

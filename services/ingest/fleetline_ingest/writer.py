@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from fleetline import streamevents
-from fleetline.protocol import Limits
+from fleetline.protocol import MAX_TWIN_BYTES, Limits
 from fleetline_ingest import metrics
-from fleetline_ingest.batch import Batch, collect
+from fleetline_ingest.batch import Batch, DeadLetter, TwinPatch, collect
 
 if TYPE_CHECKING:
     from fleetline.db import Connection
@@ -70,6 +70,11 @@ SELECT * FROM unnest($1::int[], $2::timestamptz[], $3::float8[], $4::text[])
 ON CONFLICT (series_id) DO UPDATE
 SET ts = excluded.ts, value = excluded.value, value_text = excluded.value_text
 WHERE excluded.ts > l.ts
+"""
+# Reported twin patches, applied one by one in array order (migrations/0013).
+APPLY_REPORTED = """
+SELECT idx, reason
+FROM fleetline_apply_reported($1::text[], $2::jsonb[], $3::timestamptz[], $4::integer)
 """
 NOTIFY_STREAM = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
 # One call per partition the batch's readings fall in (the width is the schema's).
@@ -208,14 +213,19 @@ class BatchWriter:
         )
         inserted = 0
         async with con.transaction():
+            dead = batch.dead
+            if batch.twin:  # rare next to telemetry: a batch without patches skips this
+                refused = await self._apply_twin_patches(con, batch.twin)
+                if refused:
+                    dead = dead + refused
             if records:
                 inserted = await self._store_values(con, records)
                 # Sorted by series: concurrent replicas lock these rows in one order.
                 latest = [newest[sid] for sid in sorted(newest)]
                 await con.execute(UPSERT_LATEST, *(list(col) for col in zip(*latest, strict=True)))
-            if batch.dead:
+            if dead:
                 await con.copy_records_to_table(
-                    "ingest_dead_letter", records=batch.dead, columns=DEAD_LETTER_COLUMNS
+                    "ingest_dead_letter", records=dead, columns=DEAD_LETTER_COLUMNS
                 )
             if activity[0]:
                 await con.execute(UPSERT_ACTIVITY, *activity)
@@ -226,7 +236,32 @@ class BatchWriter:
                 raise BatchSupersededError
         # Only now: a batch that is retried must write its devices' last-seen again.
         self._activity_committed(activity[0], activity[1])
+        if batch.twin:
+            refused_count = len(dead) - len(batch.dead)
+            metrics.TWIN_PATCHES.inc(len(batch.twin) - refused_count)
+            metrics.DEAD_LETTERS.inc(refused_count)
         return inserted
+
+    async def _apply_twin_patches(
+        self, con: Connection, patches: list[TwinPatch]
+    ) -> list[DeadLetter]:
+        """Merge the reported patches into their twins; the dead letters of those refused
+        (device not registered, document too large). Sorted by device, stable: each
+        device's patches keep their arrival order, and concurrent replicas lock twin rows
+        in one order."""
+        ordered = sorted(patches, key=lambda p: p[0])
+        refused = await con.fetch(
+            APPLY_REPORTED,
+            [p[0] for p in ordered],
+            [p[1] for p in ordered],
+            [p[2] for p in ordered],
+            MAX_TWIN_BYTES,
+        )
+        dead: list[DeadLetter] = []
+        for r in refused:
+            device_id, _patch, received_at, topic, payload = ordered[r["idx"] - 1]
+            dead.append((received_at, topic, device_id, r["reason"], payload))
+        return dead
 
     async def _store_values(self, con: Connection, records: list[tuple[Any, ...]]) -> int:
         try:
@@ -283,6 +318,8 @@ class BatchWriter:
         metrics.DEAD_LETTERS.inc(len(batch.dead))
         metrics.MESSAGES.labels("telemetry").inc(batch.telemetry_messages)
         metrics.MESSAGES.labels("status").inc(batch.status_messages)
+        if batch.twin_messages:
+            metrics.MESSAGES.labels("twin_reported").inc(batch.twin_messages)
         log.debug(
             "batch committed",
             extra={

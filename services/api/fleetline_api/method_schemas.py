@@ -1,0 +1,87 @@
+"""Request and response bodies of direct methods (``POST /v1/devices/{id}/methods/{name}``).
+
+The request the device receives on ``devices/{id}/methods/{request_id}/req`` is
+``{"method": name, "params": {...}}`` (PROTOCOL.md), as the rules service sends its
+commands; the device answers on ``.../res`` with ``{"status": 200, "payload": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+
+# A method name: like a metric name, but not made of dots only (".." would be read as a
+# path segment by HTTP clients).
+MethodName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")]
+MAX_PARAMS_BYTES = 8192
+MAX_TIMEOUT_SECONDS = 300
+# A device's answer larger than this is refused as malformed (502).
+MAX_RESPONSE_BYTES = 256 * 1024
+
+
+def encode_params(params: dict[str, Any]) -> bytes:
+    """The params as compact JSON. The standard library keeps integers of any size, and
+    escapes non-ASCII (a lone surrogate from the request stays encodable); NaN is refused."""
+    return json.dumps(params, separators=(",", ":"), allow_nan=False).encode()
+
+
+class MethodCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Passed to the device as is; at most {MAX_PARAMS_BYTES} bytes as JSON",
+    )
+    timeout_s: int = Field(
+        default=30,
+        ge=1,
+        le=MAX_TIMEOUT_SECONDS,
+        description="How long to wait for the device's answer, in seconds",
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(encode_params(value))
+        if size > MAX_PARAMS_BYTES:
+            raise ValueError(f"params take {size} bytes as JSON, more than {MAX_PARAMS_BYTES}")
+        return value
+
+
+class DeviceAnswer(BaseModel):
+    """What a device publishes on ``devices/{id}/methods/{request_id}/res``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    status: StrictInt
+    payload: Any = None
+
+
+class MethodResult(BaseModel):
+    request_id: str = Field(description="The id in the request and response topics")
+    status: int = Field(description="The status the device answered with (its own code)")
+    payload: Any = Field(description="The device's answer, as it sent it")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_answer(raw: bytes) -> DeviceAnswer | None:
+    """The device's answer; None when it is not JSON of the protocol's shape."""
+    if len(raw) > MAX_RESPONSE_BYTES:
+        return None
+    try:
+        doc = json.loads(raw, parse_constant=_no_constant)
+        # What the API answers must encode again: no lone surrogates ("\\ud800").
+        json.dumps(doc, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
+        return None
+    if not isinstance(doc, dict):
+        return None
+    try:
+        return DeviceAnswer.model_validate(doc)
+    except ValueError:  # pydantic's ValidationError
+        return None

@@ -1,0 +1,284 @@
+"""Device twins: desired properties set here, reported properties sent by the device.
+
+``PATCH`` takes a JSON merge patch (RFC 7396) of the desired properties, applied in the
+database by ``fleetline_merge_patch`` (migrations/0013, which ingest uses for reported
+patches too). ``If-Match`` is optional: with it, the patch applies only to that desired
+version (the ``ETag`` of GET and PATCH), else 412; without it, the last writer wins.
+
+After the commit, the whole desired document ``{"version": n, "desired": {...}}`` is
+published retained, QoS 1, on ``devices/{id}/twin/desired``, so a device that connects
+later receives the current state at once. The API refuses a change (503) while it is not
+connected to the broker. If the publish after the commit fails, the change stays
+(``desired_published_version`` then lags ``desired_version``) and the next PATCH of that
+device, even ``{}``, publishes the current document again. Publishing holds the twin's
+row lock and reads the document under it, so concurrent PATCHes, on one API process or
+several, can never leave an older version retained.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, HTTPException, Request, Response
+
+from fleetline import protocol
+from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep
+from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
+from fleetline_api.schemas import DeviceId
+from fleetline_api.twin_schemas import (
+    DESIRED_PATCH_SCHEMA,
+    MERGE_PATCH_MEDIA_TYPE,
+    TwinPublic,
+)
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/devices", tags=["twins"], responses=RESPONSES)
+
+PUBLISH_TIMEOUT_SECONDS = 5.0
+ACCEPTED_MEDIA_TYPES = (MERGE_PATCH_MEDIA_TYPE, "application/json")
+
+SELECT_TWIN = """
+SELECT d.id AS device_id, d.tags,
+       coalesce(td.desired, '{}'::jsonb) AS desired,
+       coalesce(td.version, 0) AS desired_version,
+       td.updated_at AS desired_updated_at,
+       coalesce(td.published_version, 0) AS desired_published_version,
+       coalesce(tr.reported, '{}'::jsonb) AS reported,
+       coalesce(tr.version, 0) AS reported_version,
+       tr.updated_at AS reported_updated_at
+FROM devices d
+LEFT JOIN twin_desired td ON td.device_id = d.id
+LEFT JOIN twin_reported tr ON tr.device_id = d.id
+WHERE d.id = $1
+"""
+# A row to lock, version 0, for a registered device that has none yet.
+ENSURE_DESIRED = """
+INSERT INTO twin_desired (device_id) SELECT id FROM devices WHERE id = $1
+ON CONFLICT (device_id) DO NOTHING
+"""
+LOCK_DESIRED = "SELECT version FROM twin_desired WHERE device_id = $1 FOR UPDATE"
+# Versions move only when the document changes: a patch that changes nothing (such as
+# {}) keeps the version and only publishes again.
+APPLY_DESIRED = """
+WITH merged AS (
+    SELECT desired AS old, fleetline_merge_patch(desired, $2::jsonb) AS new
+    FROM twin_desired WHERE device_id = $1
+)
+UPDATE twin_desired t
+SET desired = m.new, version = t.version + 1, updated_at = now()
+FROM merged m
+WHERE t.device_id = $1 AND m.new IS DISTINCT FROM m.old
+  AND octet_length(m.new::text) <= $3
+RETURNING t.version
+"""
+DESIRED_SIZE = """
+SELECT octet_length(fleetline_merge_patch(desired, $2::jsonb)::text)
+FROM twin_desired WHERE device_id = $1
+"""
+LOCK_FOR_PUBLISH = """
+SELECT desired, version FROM twin_desired WHERE device_id = $1 FOR UPDATE
+"""
+MARK_PUBLISHED = "UPDATE twin_desired SET published_version = $2 WHERE device_id = $1"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: true and 1 differ (Python's == says they are equal), 1 and 1.0 not."""
+    if type(a) is bool or type(b) is bool:
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+_ABSENT = object()
+
+
+def delta(desired: dict[str, Any], reported: dict[str, Any]) -> dict[str, Any]:
+    """The desired members whose reported value differs or is absent; nested objects on
+    both sides are compared member by member."""
+    out: dict[str, Any] = {}
+    for key, want in desired.items():
+        have = reported.get(key, _ABSENT)
+        if isinstance(want, dict) and isinstance(have, dict):
+            inner = delta(want, have)
+            if inner:
+                out[key] = inner
+        elif have is _ABSENT or not _same(want, have):
+            out[key] = want
+    return out
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _matches(if_match: str, version: int) -> bool:
+    """RFC 9110 §13.1.1: ``*`` or a list of strong entity tags; weak tags never match.
+    A bare number is taken as the version too, for clients that drop the quotes."""
+    for tag in (t.strip() for t in if_match.split(",")):
+        if tag == "*" or tag == _etag(version) or tag == str(version):
+            return True
+    return False
+
+
+async def _twin(con: Any, device_id: str) -> TwinPublic:
+    row = await con.fetchrow(SELECT_TWIN, device_id)
+    if row is None:
+        raise HTTPException(404, f"device {device_id} not found")
+    fields = dict(row)
+    return TwinPublic(**fields, delta=delta(fields["desired"], fields["reported"]))
+
+
+@router.get("/{device_id}/twin", response_model=TwinPublic, responses=NOT_FOUND)
+async def get_twin(
+    device_id: DeviceId, pool: PoolDep, _key: DevicesRead, response: Response
+) -> TwinPublic:
+    """The device's twin: tags, desired and reported properties with their versions and
+    times of last change, and the delta. The ``ETag`` is the desired version, for
+    ``If-Match`` on PATCH."""
+    twin = await _twin(pool, device_id)
+    response.headers["ETag"] = _etag(twin.desired_version)
+    return twin
+
+
+async def _read_patch(request: Request) -> dict[str, Any]:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type not in ACCEPTED_MEDIA_TYPES:
+        raise HTTPException(
+            415, f"send the patch as {MERGE_PATCH_MEDIA_TYPE} (or application/json)"
+        )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > protocol.MAX_TWIN_BYTES:
+        raise HTTPException(
+            413, f"the patch is {declared} bytes, more than {protocol.MAX_TWIN_BYTES}"
+        )
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > protocol.MAX_TWIN_BYTES:
+            raise HTTPException(413, f"the patch is more than {protocol.MAX_TWIN_BYTES} bytes")
+    try:
+        patch = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPException(422, f"the body is not JSON: {exc}") from None
+    if type(patch) is not dict:
+        # RFC 7396 would let a non-object replace the document; desired stays an object.
+        raise HTTPException(422, "the patch must be a JSON object")
+    problem = protocol.twin_patch_problem(patch)
+    if problem:
+        raise HTTPException(400, problem)
+    return patch
+
+
+async def _publish(request: Request, pool: Any, device_id: str) -> int:
+    """Publish the current desired document, retained; the version published (the row
+    lock is held meanwhile, so publishes of one twin happen in version order)."""
+    client = request.state.broker.client
+    async with pool.acquire() as con, con.transaction():
+        row = await con.fetchrow(LOCK_FOR_PUBLISH, device_id)
+        if row is None:  # deleted meanwhile
+            return 0
+        if client is None:
+            raise ConnectionError("not connected to the broker")
+        payload = orjson.dumps({"version": row["version"], "desired": row["desired"]})
+        await client.publish(
+            protocol.topic_for(device_id, protocol.TWIN_DESIRED),
+            payload,
+            qos=1,
+            retain=True,
+            timeout=PUBLISH_TIMEOUT_SECONDS,
+        )
+        await con.execute(MARK_PUBLISHED, device_id, row["version"])
+        version: int = row["version"]
+        return version
+
+
+@router.patch(
+    "/{device_id}/twin",
+    response_model=TwinPublic,
+    responses={
+        **NOT_FOUND,
+        412: {"model": Problem, "description": "If-Match names another desired version"},
+        413: {"model": Problem, "description": "The patch or the resulting document is too large"},
+        415: {"model": Problem, "description": "Not application/merge-patch+json"},
+        503: {
+            "model": Problem,
+            "description": "The database did not answer, or the API is not connected to the broker",
+        },
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {t: {"schema": DESIRED_PATCH_SCHEMA} for t in ACCEPTED_MEDIA_TYPES},
+        }
+    },
+)
+async def patch_desired(
+    device_id: DeviceId,
+    request: Request,
+    response: Response,
+    pool: PoolDep,
+    _key: DevicesWrite,
+    if_match: Annotated[
+        str | None,
+        Header(
+            max_length=1024,
+            description='The desired version the patch is for, as its ETag ("3"); '
+            "optional: without it the patch applies to whatever version is current",
+        ),
+    ] = None,
+) -> TwinPublic:
+    """Merge-patch the desired properties (RFC 7396) and publish the whole desired
+    document, retained, to ``devices/{id}/twin/desired``. A patch that changes nothing
+    keeps the version and publishes the current document again."""
+    patch = await _read_patch(request)
+    if request.state.broker.client is None:
+        raise HTTPException(
+            503,
+            "the API is not connected to the broker; nothing was changed",
+            headers={"Retry-After": "5"},
+        )
+    async with pool.acquire() as con, con.transaction():
+        await con.execute(ENSURE_DESIRED, device_id)
+        current = await con.fetchval(LOCK_DESIRED, device_id)
+        if current is None:
+            raise HTTPException(404, f"device {device_id} not found")
+        if if_match is not None and not _matches(if_match, current):
+            raise HTTPException(
+                412,
+                f"the desired properties are at version {current}; If-Match was {if_match[:80]!r}",
+                headers={"ETag": _etag(current)},
+            )
+        changed = await con.fetchval(APPLY_DESIRED, device_id, patch, protocol.MAX_TWIN_BYTES)
+        if changed is None:
+            size = await con.fetchval(DESIRED_SIZE, device_id, patch)
+            if size is not None and size > protocol.MAX_TWIN_BYTES:
+                raise HTTPException(
+                    413,
+                    f"the desired document would be {size} bytes, "
+                    f"more than {protocol.MAX_TWIN_BYTES}",
+                )
+    try:
+        await _publish(request, pool, device_id)
+    except Exception as exc:  # committed: the next PATCH publishes it (see the module doc)
+        log.error(
+            "desired twin stored but not published: %r",
+            exc,
+            extra={"device_id": device_id, "version": changed or current},
+        )
+    twin = await _twin(pool, device_id)
+    response.headers["ETag"] = _etag(twin.desired_version)
+    log.info(
+        "desired twin patched",
+        extra={
+            "device_id": device_id,
+            "version": twin.desired_version,
+            "published": twin.desired_published_version == twin.desired_version,
+        },
+    )
+    return twin
