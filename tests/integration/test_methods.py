@@ -294,6 +294,8 @@ async def test_a_malformed_answer_is_502(
         "nan": b'{"status": 200, "payload": NaN}',
         "surrogate": b'{"status": 200, "payload": "\\ud800"}',
         "empty": b"",
+        # Nested deeper than the API can encode back (was a 500).
+        "deep": b'{"status": 200, "payload": ' + b"[" * 300 + b"]" * 300 + b"}",
     }
     devices(device_id, lambda rid, body: answers.get(body["method"], echo(rid, body)))
     token = await make_key("commands:write")

@@ -69,6 +69,25 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Deeper answers are malformed: the API could not encode them back (pydantic's limit).
+MAX_ANSWER_DEPTH = 64
+
+
+def _depth(doc: Any) -> int:
+    """Nesting depth of a JSON document, without recursion."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_ANSWER_DEPTH:
+            break
+        children = (
+            node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        )
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def parse_answer(raw: bytes) -> DeviceAnswer | None:
     """The device's answer; None when it is not JSON of the protocol's shape."""
     if len(raw) > MAX_RESPONSE_BYTES:
@@ -79,7 +98,7 @@ def parse_answer(raw: bytes) -> DeviceAnswer | None:
         json.dumps(doc, ensure_ascii=False).encode()
     except (ValueError, RecursionError):  # UnicodeError is a ValueError
         return None
-    if not isinstance(doc, dict):
+    if not isinstance(doc, dict) or _depth(doc) > MAX_ANSWER_DEPTH:
         return None
     try:
         return DeviceAnswer.model_validate(doc)

@@ -11,8 +11,11 @@ later receives the current state at once. The API refuses a change (503) while i
 connected to the broker. If the publish after the commit fails, the change stays
 (``desired_published_version`` then lags ``desired_version``) and the next PATCH of that
 device, even ``{}``, publishes the current document again. Publishing holds the twin's
-row lock and reads the document under it, so concurrent PATCHes, on one API process or
-several, can never leave an older version retained.
+row lock and reads the document under it, so concurrent PATCHes publish in version
+order. One gap remains: a publish that timed out stays queued in the MQTT client and may
+still go out after a newer one from another API process, leaving the older version
+retained until the next PATCH; devices should ignore a ``version`` lower than one they
+have applied.
 """
 
 from __future__ import annotations
