@@ -42,6 +42,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 
+# The api notifies this channel in the transaction of every rule write, with
+# {"rule_id": n} or, after a manual clear, {"cleared": [rule_id, device_id]}; the rules
+# service listens and reloads.
+RULES_CHANNEL = "fleetline_rules"
 OPS = (">", ">=", "<", "<=", "==", "!=", "outside", "rate>")
 Op = Literal[">", ">=", "<", "<=", "==", "!=", "outside", "rate>"]
 Kind = Literal["threshold", "no_data"]

@@ -22,7 +22,7 @@ first client it is subscribed, so ingest has noticed by then.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +36,8 @@ LISTENER_REFRESH_SECONDS = 5.0
 LISTENER_POLL_SECONDS = 1.0
 LISTENER_SETTLE_SECONDS = LISTENER_POLL_SECONDS + 0.5
 ANY_LISTENER = "SELECT EXISTS (SELECT 1 FROM stream_listeners WHERE expires_at > now())"
+# Send packed payloads ($2) on the channel ($1), in the caller's transaction.
+NOTIFY_SQL = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
 # PostgreSQL refuses payloads of 8000 bytes or more.
 MAX_PAYLOAD_BYTES = 7900
 _OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
@@ -60,6 +62,18 @@ def status_events(status: dict[str, tuple[bool, datetime]]) -> list[dict[str, An
         {"type": "status", "device_id": d, "online": online, "ts": ts}
         for d, (online, ts) in status.items()
     ]
+
+
+def alarm_event(alarm: Mapping[str, Any], at: datetime | None) -> dict[str, Any]:
+    """An alarm (as REST shows it) raised, updated, acknowledged or cleared at ``at``."""
+    return {"type": "alarm", "device_id": alarm["device_id"], "ts": at, "alarm": dict(alarm)}
+
+
+async def announce(con: Any, events: Iterable[dict[str, Any]]) -> None:
+    """Notify ``events`` in ``con``'s transaction: listeners hear of them at commit."""
+    payloads = pack(events)
+    if payloads:
+        await con.execute(NOTIFY_SQL, CHANNEL, payloads)
 
 
 def _fitting(event: dict[str, Any]) -> list[bytes]:

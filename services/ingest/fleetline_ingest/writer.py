@@ -76,7 +76,6 @@ APPLY_REPORTED = """
 SELECT idx, reason
 FROM fleetline_apply_reported($1::text[], $2::jsonb[], $3::timestamptz[], $4::integer)
 """
-NOTIFY_STREAM = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
 # One call per partition the batch's readings fall in (the width is the schema's).
 ENSURE_PARTITIONS = """
 SELECT fleetline_ensure_partition(min(t))
@@ -231,7 +230,7 @@ class BatchWriter:
                 await con.execute(UPSERT_ACTIVITY, *activity)
             if notifications:
                 # Delivered to listeners (the API's /v1/stream) at commit, and only then.
-                await con.execute(NOTIFY_STREAM, streamevents.CHANNEL, notifications)
+                await con.execute(streamevents.NOTIFY_SQL, streamevents.CHANNEL, notifications)
             if still_current is not None and not still_current():
                 raise BatchSupersededError
         # Only now: a batch that is retried must write its devices' last-seen again.

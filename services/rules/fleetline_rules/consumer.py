@@ -45,7 +45,7 @@ from fleetline.protocol import (
     parse_telemetry,
     split_device_topic,
 )
-from fleetline.rules_engine import Phase
+from fleetline.rules_engine import RULES_CHANNEL, Phase
 from fleetline.settings import MqttProtocol
 from fleetline_rules import metrics, store
 from fleetline_rules.actions import Deliverer
@@ -326,7 +326,7 @@ class RulesService:
         of the change); every (re)connection reloads, in case one was missed."""
         await db.listen(
             self.settings.dsn,
-            store.RULES_CHANNEL,
+            RULES_CHANNEL,
             self._on_rules_notify,
             on_listening=self._reload.set,
         )

@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A channel the api notifies in the transaction of every rule write; the payload is
-# {"rule_id": n} or, after a manual clear, {"cleared": [rule_id, device_id]}.
-RULES_CHANNEL = "fleetline_rules"
 # Announced after actions were queued, so the delivery worker starts at once.
 ACTIONS_CHANNEL = "fleetline_actions"
 ACTOR = "rules"
@@ -103,16 +100,11 @@ INSERT INTO action_deliveries (alarm_id, rule_id, event, action_index, action_ty
                                payload, target)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 """
-NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
 
 
 def alarm_doc(row: Mapping[str, Any]) -> dict[str, Any]:
     """An alarm as REST and the stream show it."""
     return {k.strip(): row[k.strip()] for k in ALARM_COLUMNS.split(",")}
-
-
-def alarm_event(doc: Mapping[str, Any], at: datetime) -> dict[str, Any]:
-    return {"type": "alarm", "device_id": doc["device_id"], "ts": at, "alarm": dict(doc)}
 
 
 async def load_rules(con: Connection) -> list[Rule]:
@@ -246,7 +238,7 @@ async def write(con: Connection, changes: Sequence[Change], evaluator: Evaluator
                 for delivery in _deliveries(rule, "raised", doc):
                     await con.execute(ENQUEUE, *delivery)
                     queued += 1
-            events.append(alarm_event(doc, t.at))
+            events.append(streamevents.alarm_event(doc, t.at))
         elif t.event is Event.CLEARED:
             row = await con.fetchrow(
                 CLEAR, rule.id, device_id, t.at, t.value, t.peak, t.count, message
@@ -258,11 +250,10 @@ async def write(con: Connection, changes: Sequence[Change], evaluator: Evaluator
             for delivery in _deliveries(rule, "cleared", doc):
                 await con.execute(ENQUEUE, *delivery)
                 queued += 1
-            events.append(alarm_event(doc, t.at))
+            events.append(streamevents.alarm_event(doc, t.at))
     if touched:
         await con.execute(SAVE_STATES, *_state_arrays(touched, evaluator.states))
-    if events:
-        await con.execute(NOTIFY, streamevents.CHANNEL, streamevents.pack(events))
+    await streamevents.announce(con, events)
     if queued:
         await con.execute("SELECT pg_notify($1, '')", ACTIONS_CHANNEL)
     return queued
@@ -289,8 +280,9 @@ async def flush(con: Connection, evaluator: Evaluator, now: datetime) -> list[Ke
         if cols[0]:
             rows = await con.fetch(UPDATE_OPEN, *cols)
             if rows:
-                events = [alarm_event(alarm_doc(r), now) for r in rows]
-                await con.execute(NOTIFY, streamevents.CHANNEL, streamevents.pack(events))
+                await streamevents.announce(
+                    con, [streamevents.alarm_event(alarm_doc(r), now) for r in rows]
+                )
             if len(rows) < len(cols[0]):
                 # Unchanged rows are not returned either: ask which are still open.
                 still = {

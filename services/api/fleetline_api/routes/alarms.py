@@ -18,10 +18,10 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query
 
-from fleetline import streamevents
+from fleetline import rules_engine, streamevents
 from fleetline_api.deps import PoolDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
-from fleetline_api.routes.rules import RULES_CHANNEL, RulesRead, RulesWrite, links, masked, who
+from fleetline_api.routes.rules import RulesRead, RulesWrite, links, masked, who
 from fleetline_api.rule_schemas import (
     AlarmEvent,
     AlarmPage,
@@ -130,21 +130,11 @@ async def _move(
         alarm = AlarmPublic(**dict(row))
         at = alarm.acknowledged_at if event == "acknowledged" else alarm.cleared_at
         await con.execute(HISTORY, alarm.id, at, event, actor, alarm.value)
-        stream = {
-            "type": "alarm",
-            "device_id": alarm.device_id,
-            "ts": at,
-            "alarm": alarm.model_dump(),
-        }
-        await con.execute(
-            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-            streamevents.CHANNEL,
-            streamevents.pack([stream]),
-        )
+        await streamevents.announce(con, [streamevents.alarm_event(alarm.model_dump(), at)])
         if event == "cleared":
             await con.execute(
                 "SELECT pg_notify($1, $2)",
-                RULES_CHANNEL,
+                rules_engine.RULES_CHANNEL,
                 orjson.dumps({"cleared": [alarm.rule_id, alarm.device_id]}).decode(),
             )
     return alarm

@@ -41,7 +41,6 @@ from fleetline_api.rule_schemas import (
 
 router = APIRouter(prefix="/v1/rules", tags=["rules"], responses=RESPONSES)
 
-RULES_CHANNEL = "fleetline_rules"
 RuleId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 SECRET_FIELDS = ("secret", "key")
 # A command's params are stored as JSON and sent to a device: keep them small and exact.
@@ -200,7 +199,9 @@ def _columns(body: ThresholdRule | NoDataRule, stored: list[dict[str, Any]]) -> 
 
 async def _notify_rule(con: Any, rule_id: int) -> None:
     await con.execute(
-        "SELECT pg_notify($1, $2)", RULES_CHANNEL, orjson.dumps({"rule_id": rule_id}).decode()
+        "SELECT pg_notify($1, $2)",
+        rules_engine.RULES_CHANNEL,
+        orjson.dumps({"rule_id": rule_id}).decode(),
     )
 
 
@@ -209,14 +210,8 @@ async def clear_open_alarms(con: Any, rule_id: int, actor: str) -> None:
     transaction)."""
     rows = await con.fetch(CLEAR_OPEN, rule_id, actor)
     if rows:
-        events = [
-            {"type": "alarm", "device_id": r["device_id"], "ts": r["cleared_at"], "alarm": dict(r)}
-            for r in rows
-        ]
-        await con.execute(
-            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-            streamevents.CHANNEL,
-            streamevents.pack(events),
+        await streamevents.announce(
+            con, [streamevents.alarm_event(r, r["cleared_at"]) for r in rows]
         )
 
 
