@@ -319,6 +319,34 @@ def device_list(
         )
 
 
+@device_app.command("query")
+def device_query(
+    query: Annotated[str, typer.Argument(help="e.g. \"tags.site = 'A' AND reported.fw < '1.2'\"")],
+    as_json: JsonOption = False,
+) -> None:
+    """Devices a query matches (all pages), with their twin versions."""
+    from fleetline.client import ApiClient
+
+    with _api_errors():
+        devices = list(ApiClient().pages("/v1/query", {"q": query, "limit": 1000}))
+    if as_json:
+        typer.echo(json.dumps(devices))
+        return
+    _print_table(
+        ["device", "status", "desired", "reported", "tags"],
+        [
+            [
+                d["device_id"],
+                ("online", "green") if d["online"] else ("offline", "dim"),
+                f"v{d['desired_version']}",
+                f"v{d['reported_version']}",
+                " ".join(f"{k}={v}" for k, v in sorted(d["tags"].items())),
+            ]
+            for d in devices
+        ],
+    )
+
+
 @device_app.command("show")
 def device_show(device_id: str, as_json: JsonOption = False) -> None:
     """One device and the latest value of each of its metrics."""

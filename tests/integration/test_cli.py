@@ -41,6 +41,11 @@ async def test_device_verbs_and_telemetry_query(
     assert table[1].split()[:3] == [f"{uid}-c", "offline", "-"] and f"site={uid}" in table[1]
     shown = fleetline("device", "show", f"{uid}-c", env=env)
     assert shown.returncode == 0 and shown.stdout.startswith(f"{uid}-c")
+    matched = fleetline("device", "query", f"tags.site = '{uid}'", env=env).stdout.splitlines()
+    assert matched[0].split() == ["device", "status", "desired", "reported", "tags"]
+    assert matched[1].split()[:4] == [f"{uid}-c", "offline", "v0", "v0"]
+    bad_query = fleetline("device", "query", f"tags.site = '{uid}' AND", env=env)
+    assert bad_query.returncode == 1 and "at position" in bad_query.stderr
     query = fleetline("telemetry", "query", f"{uid}-c", "--bucket", "1h", "--json", env=env)
     assert query.returncode == 0 and json.loads(query.stdout) == []
     bad = fleetline("telemetry", "query", f"{uid}-c", "--from", "yesterday", env=env)

@@ -24,6 +24,7 @@ from fleetline_api.routes import (
     devices,
     health,
     methods,
+    query,
     rules,
     stream,
     telemetry,
@@ -102,4 +103,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(alarms.router)
     app.include_router(twins.router)
     app.include_router(methods.router)
+    app.include_router(query.router)
     return app

@@ -15,13 +15,16 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from fleetline import devicequery
+
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/problem+json"
 
 
 class Problem(BaseModel):
-    """RFC 9457 problem details; validation errors add ``errors``."""
+    """RFC 9457 problem details; validation errors add ``errors``, device query errors
+    the ``position`` (0-based) of the offending text."""
 
     type: str = "about:blank"
     title: str
@@ -29,6 +32,7 @@ class Problem(BaseModel):
     detail: str | None = None
     instance: str | None = None
     errors: list[dict[str, Any]] | None = None
+    position: int | None = None
 
 
 def problem_response(
@@ -37,6 +41,7 @@ def problem_response(
     detail: str | None,
     *,
     errors: list[dict[str, Any]] | None = None,
+    position: int | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body = Problem(
@@ -45,6 +50,7 @@ def problem_response(
         detail=detail,
         instance=request.url.path,
         errors=errors,
+        position=position,
     )
     return JSONResponse(
         body.model_dump(exclude_none=True),
@@ -121,6 +127,10 @@ def install(app: FastAPI) -> None:
         ]
         where = ", ".join(".".join(str(p) for p in e["loc"]) for e in errors[:5])
         return problem_response(request, 422, f"invalid {where}", errors=errors)
+
+    @app.exception_handler(devicequery.QueryError)
+    async def bad_query(request: Request, exc: devicequery.QueryError) -> JSONResponse:
+        return problem_response(request, 400, str(exc), position=exc.position)
 
     @app.exception_handler(asyncpg.UniqueViolationError)
     async def conflict(request: Request, exc: asyncpg.UniqueViolationError) -> JSONResponse:

@@ -1,0 +1,46 @@
+"""Bodies of ``/v1/query``: a device query and the devices it matches."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleetline import devicequery
+
+QUERY_DESCRIPTION = (
+    "A device query, as `tags.site = 'A' AND reported.fw < '1.2'`: `id`, `status`, "
+    "`tags.<name>`, `desired.<path>`, `reported.<path>` compared with `= != < <= > >= IN`, "
+    "joined with `AND`, `OR`, `NOT` and parentheses. Empty: every device"
+)
+
+
+class QueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(
+        default="", max_length=devicequery.MAX_QUERY_LENGTH, description=QUERY_DESCRIPTION
+    )
+    limit: int = Field(default=100, ge=1, le=1000)
+    cursor: str | None = Field(
+        default=None, max_length=128, description="`next_cursor` of the previous page"
+    )
+
+
+class DeviceMatch(BaseModel):
+    """A device a query matched: its registry entry, status and twin."""
+
+    device_id: str
+    tags: dict[str, Any]
+    online: bool
+    last_seen: datetime | None
+    desired: dict[str, Any]
+    desired_version: int
+    reported: dict[str, Any]
+    reported_version: int
+
+
+class QueryPage(BaseModel):
+    items: list[DeviceMatch] = Field(description="Matching devices, ordered by id")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")

@@ -1,0 +1,64 @@
+"""``/v1/query``: the devices a device query matches, with their twins.
+
+The query language is :mod:`fleetline.devicequery`; it compiles to a parameterised SQL
+condition, and a query that does not compile is a 400 whose ``position`` points at the
+offending text. Pages are ordered by device id.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from fleetline import devicequery
+from fleetline_api.deps import DevicesRead, PoolDep
+from fleetline_api.problems import RESPONSES
+from fleetline_api.query_schemas import (
+    QUERY_DESCRIPTION,
+    DeviceMatch,
+    QueryPage,
+    QueryRequest,
+)
+
+router = APIRouter(prefix="/v1/query", tags=["query"], responses=RESPONSES)
+
+# $1 cursor, $2 limit + 1, the query's own parameters from $3.
+SELECT_MATCHES = """
+SELECT d.id AS device_id, d.tags, coalesce(a.online, false) AS online, a.last_seen,
+       coalesce(td.desired, '{{}}'::jsonb) AS desired, coalesce(td.version, 0) AS desired_version,
+       coalesce(tr.reported, '{{}}'::jsonb) AS reported,
+       coalesce(tr.version, 0) AS reported_version
+FROM {from_} WHERE ({where}) AND ($1::text IS NULL OR d.id > $1)
+ORDER BY d.id LIMIT $2
+"""
+
+
+async def _run(pool: PoolDep, request: QueryRequest) -> QueryPage:
+    compiled = devicequery.compile_query(request.query, first_param=3)
+    sql = SELECT_MATCHES.format(from_=devicequery.DEVICE_FROM, where=compiled.where)
+    rows = await pool.fetch(sql, request.cursor, request.limit + 1, *compiled.params)
+    items = [DeviceMatch(**dict(r)) for r in rows[: request.limit]]
+    more = len(rows) > request.limit
+    return QueryPage(items=items, next_cursor=items[-1].device_id if more else None)
+
+
+@router.post("", response_model=QueryPage)
+async def query_devices(pool: PoolDep, _key: DevicesRead, body: QueryRequest) -> QueryPage:
+    """The devices the query matches (a 400 problem with `position` when it does not
+    compile)."""
+    return await _run(pool, body)
+
+
+@router.get("", response_model=QueryPage)
+async def query_devices_get(
+    pool: PoolDep,
+    _key: DevicesRead,
+    q: Annotated[
+        str, Query(max_length=devicequery.MAX_QUERY_LENGTH, description=QUERY_DESCRIPTION)
+    ] = "",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> QueryPage:
+    """As `POST /v1/query`, with the query in `q`."""
+    return await _run(pool, QueryRequest(query=q, limit=limit, cursor=cursor))
