@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -121,21 +121,41 @@ def _resolve(future: asyncio.Future[None], *_args: object) -> None:
 LISTEN_PROBE_SECONDS = 10.0
 Notified = Callable[[Any, int, str, Any], None]
 
+# PostgreSQL raises "too many notifications in the NOTIFY queue" at COMMIT when its
+# queue is full (a LISTEN session stopped reading): the whole transaction is lost.
+NOTIFY_QUEUE_FULL = "54000"
+# Read by triggers that NOTIFY from a writer's transaction (migration 0015's c2d trigger):
+# while set, they leave it to their listeners' periodic sweep. A writer that retries a
+# transaction without notifying after a full queue sets it too.
+QUIET_NOTIFY_SQL = "SET LOCAL fleetline.quiet = 'on'"
+
+
+def is_notify_queue_full(exc: BaseException) -> bool:
+    """The error a COMMIT raises when the NOTIFY queue is full (SQLSTATE 54000, class
+    program limit exceeded: a retry without notifications tells it from other limits)."""
+    return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") == (
+        NOTIFY_QUEUE_FULL
+    )
+
 
 async def listen(
     dsn: str,
-    channel: str,
+    channels: str | Collection[str],
     callback: Notified,
     *,
     on_listening: Callable[[], None] | None = None,
     on_lost: Callable[[], None] | None = None,
 ) -> None:
-    """LISTEN on ``channel`` on a connection of its own until cancelled, reconnecting with
-    backoff. ``on_listening`` runs after each (re)subscription, ``on_lost`` when the
-    connection goes: notifications sent in between are gone, and the caller decides
-    what that means (reload, tell its clients)."""
+    """LISTEN on ``channels`` (one name or several) on a connection of its own until
+    cancelled, reconnecting with backoff. ``callback`` gets every channel's
+    notifications (its third argument names the channel). ``on_listening`` runs after
+    each (re)subscription, ``on_lost`` when the connection goes: notifications sent in
+    between are gone, and the caller decides what that means (reload, tell its
+    clients)."""
     from fleetline.mqtt import backoff_seconds
 
+    names = [channels] if isinstance(channels, str) else list(channels)
+    shown = ", ".join(names)
     attempt = 0
     while True:
         con: asyncpg.Connection[Any] | None = None
@@ -143,7 +163,8 @@ async def listen(
             con = await asyncpg.connect(dsn, timeout=10)
             lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             con.add_termination_listener(functools.partial(_resolve, lost))
-            await con.add_listener(channel, callback)
+            for name in names:
+                await con.add_listener(name, callback)
             attempt = 0
             if on_listening is not None:
                 on_listening()
@@ -152,7 +173,7 @@ async def listen(
                 if not lost.done():
                     await con.fetchval("SELECT 1", timeout=5)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("LISTEN %s lost the database: %s", channel, exc)
+            log.warning("LISTEN %s lost the database: %s", shown, exc)
         finally:
             if con is not None:
                 await close_connection(con)

@@ -7,6 +7,7 @@ regexes for names already seen and allocates one tuple per stored value.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,9 @@ STATUS = "status"
 # only, so a kind may hold more).
 TWIN_REPORTED = "twin/reported"
 TWIN_DESIRED = "twin/desired"
+# Cloud-to-device messages (cloud to device) and the device's acknowledgements of them.
+C2D = "c2d"
+C2D_ACK = "c2d/ack"
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 
@@ -92,6 +96,37 @@ def parse_twin_patch(payload: bytes) -> dict[str, Any]:
         raise PayloadError(problem)
     patch: dict[str, Any] = doc
     return patch
+
+
+# A device's acknowledgement of a cloud-to-device message:
+# {"id": "<message id>", "outcome": "complete" | "reject"} (other members are ignored).
+MAX_C2D_ACK_BYTES = 1024
+C2D_OUTCOMES = ("complete", "reject")
+
+
+def parse_c2d_ack(payload: bytes) -> tuple[str, str]:
+    """(message id, outcome) of an acknowledgement; the id in canonical UUID form.
+
+    Raises :class:`PayloadError` (the dead-letter reason) when it is unusable."""
+    if len(payload) > MAX_C2D_ACK_BYTES:
+        raise PayloadError(f"c2d ack of {len(payload)} bytes exceeds {MAX_C2D_ACK_BYTES}")
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError(f"not JSON: {exc}") from None
+    if type(doc) is not dict:
+        raise PayloadError('a c2d ack must be a JSON object {"id": ..., "outcome": ...}')
+    message_id = doc.get("id")
+    if type(message_id) is not str:
+        raise PayloadError("a c2d ack's 'id' must be the message id (a string)")
+    try:
+        canonical = str(uuid.UUID(message_id))
+    except ValueError:
+        raise PayloadError(f"c2d ack id {message_id[:40]!r} is not a message id (a UUID)") from None
+    outcome = doc.get("outcome")
+    if outcome not in C2D_OUTCOMES:
+        raise PayloadError("a c2d ack's 'outcome' must be 'complete' or 'reject'")
+    return canonical, outcome
 
 
 def topic_for(device_id: str, kind: str) -> str:

@@ -46,7 +46,12 @@ from typing import Any, Literal
 # {"rule_id": n} or, after a manual clear, {"cleared": [rule_id, device_id]}; the rules
 # service listens and reloads.
 RULES_CHANNEL = "fleetline_rules"
+# The api notifies this channel, with {"route_id": n}, in the transaction of every
+# message route write; the rules service reloads its routes.
+ROUTES_CHANNEL = "fleetline_routes"
 OPS = (">", ">=", "<", "<=", "==", "!=", "outside", "rate>")
+# A message route's condition judges one reading on its own: no rate, no duration.
+ROUTE_OPS = (">", ">=", "<", "<=", "==", "!=", "outside")
 Op = Literal[">", ">=", "<", "<=", "==", "!=", "outside", "rate>"]
 Kind = Literal["threshold", "no_data"]
 SEVERITIES = ("critical", "major", "minor", "warning", "info")

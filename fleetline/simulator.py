@@ -5,6 +5,12 @@ Each device is its own MQTT connection (client id = device id, QoS 1): a retaine
 then one reading per interval on ``devices/{id}/telemetry``. Now and then a device holds
 a few readings back and sends them as one JSON array, the way devices send a backlog;
 readings whose publish failed are sent that way after the reconnect.
+
+Cloud-to-device messages: each device subscribes to ``devices/{id}/c2d`` before it
+announces itself ``online`` (the API sends queued messages when it sees that status), and
+acknowledges every message with ``{"id": ..., "outcome": "complete"}`` on
+``devices/{id}/c2d/ack``. Delivery is at least once: a message whose id the device has
+handled already is acknowledged again but not acted on twice.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +30,15 @@ import orjson
 from pydantic import SecretStr
 
 from fleetline.mqtt import backoff_seconds, make_client, wait_disconnected
-from fleetline.protocol import STATUS, STATUS_OFFLINE, STATUS_ONLINE, TELEMETRY, topic_for
+from fleetline.protocol import (
+    C2D,
+    C2D_ACK,
+    STATUS,
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    TELEMETRY,
+    topic_for,
+)
 from fleetline.settings import MqttTarget
 
 log = logging.getLogger(__name__)
@@ -39,6 +54,8 @@ MAX_STAGGER_SECONDS = 10.0
 PUBLISH_TIMEOUT_SECONDS = 10.0
 GOODBYE_TIMEOUT_SECONDS = 2.0
 REPORT_INTERVAL_SECONDS = 30.0
+# Ids of cloud-to-device messages a device remembers having handled (for duplicates).
+SEEN_MESSAGE_IDS = 100
 
 Reading = dict[str, Any]
 
@@ -47,6 +64,57 @@ Reading = dict[str, Any]
 class _Stats:
     connected: int = 0
     readings: int = 0
+    c2d_messages: int = 0
+
+
+class _SeenIds:
+    """The ids of the last messages handled, bounded (oldest forgotten first)."""
+
+    def __init__(self, size: int = SEEN_MESSAGE_IDS) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def add(self, message_id: str) -> bool:
+        """True the first time ``message_id`` is seen."""
+        if message_id in self._ids:
+            return False
+        self._ids[message_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return True
+
+
+async def _answer_c2d(
+    client: aiomqtt.Client, device_id: str, seen: _SeenIds, stats: _Stats
+) -> None:
+    """Take cloud-to-device messages until the connection ends; acknowledge each."""
+    ack_topic = topic_for(device_id, C2D_ACK)
+    try:
+        async for message in client.messages:
+            payload = message.payload
+            try:
+                doc = orjson.loads(payload if isinstance(payload, bytes | bytearray) else b"")
+                message_id = doc["id"]
+                if type(message_id) is not str:
+                    raise TypeError("id is not a string")
+            except Exception as exc:  # not a message of the protocol: nothing to acknowledge
+                log.debug("device %s ignored a malformed c2d message: %r", device_id, exc)
+                continue
+            if seen.add(message_id):
+                stats.c2d_messages += 1
+                log.info(
+                    "device %s received a cloud-to-device message",
+                    device_id,
+                    extra={"device_id": device_id, "message_id": message_id},
+                )
+            await client.publish(
+                ack_topic,
+                orjson.dumps({"id": message_id, "outcome": "complete"}),
+                qos=1,
+                timeout=PUBLISH_TIMEOUT_SECONDS,
+            )
+    except aiomqtt.MqttError as exc:  # the connection went; the device loop reconnects
+        log.debug("device %s stops taking c2d messages: %s", device_id, exc)
 
 
 class _Sensors:
@@ -145,6 +213,7 @@ async def _device(
     rng = random.Random(device_id)
     sensors = _Sensors(rng)
     backlog: list[Reading] = []
+    seen = _SeenIds()
     hold = 0  # ticks left before the held-back readings go out as one batch
     attempt = 0
     if await _sleep_or_stop(stop, start_delay_seconds):
@@ -158,7 +227,15 @@ async def _device(
                 stats.connected += 1
                 attempt = 0
                 log.debug("device %s connected", device_id, extra={"device_id": device_id})
+                receiver: asyncio.Task[None] | None = None
                 try:
+                    # Subscribed before saying online: the API sends queued messages as
+                    # soon as it sees the status.
+                    await client.subscribe(topic_for(device_id, C2D), qos=1)
+                    receiver = asyncio.create_task(
+                        _answer_c2d(client, device_id, seen, stats),
+                        name=f"simulator.device[{device_id}].c2d",
+                    )
                     await client.publish(status_topic, STATUS_ONLINE, qos=1, retain=True)
                     next_tick = loop.time()
                     while not stop.is_set():
@@ -187,6 +264,10 @@ async def _device(
                     raise
                 finally:
                     stats.connected -= 1
+                    if receiver is not None:
+                        receiver.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await receiver
         except (aiomqtt.MqttError, OSError) as exc:
             delay = backoff_seconds(attempt)
             attempt += 1
@@ -205,10 +286,11 @@ async def _report(stats: _Stats, devices: int) -> None:
     while True:
         await asyncio.sleep(REPORT_INTERVAL_SECONDS)
         log.info(
-            "simulator: %d/%d devices connected, %d readings sent",
+            "simulator: %d/%d devices connected, %d readings sent, %d c2d messages received",
             stats.connected,
             devices,
             stats.readings,
+            stats.c2d_messages,
         )
 
 

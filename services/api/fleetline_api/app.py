@@ -17,12 +17,17 @@ from fleetline import __version__, db
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
 from fleetline_api.broker import BrokerLink
+from fleetline_api.c2d import C2dDispatcher
+from fleetline_api.jobs import JobRunner
 from fleetline_api.routes import (
     alarms,
     dashboard,
     dead_letters,
     devices,
     health,
+    jobs,
+    message_routes,
+    messages,
     methods,
     query,
     rules,
@@ -39,6 +44,7 @@ class State(TypedDict):
     pool: asyncpg.Pool[Any]
     broker: BrokerLink
     stream: StreamHub
+    jobs: JobRunner
     # How far back each rollup reaches (its retention): older ranges read raw rows.
     rollup_horizons: dict[str, timedelta]
 
@@ -64,19 +70,28 @@ def create_app(settings: ApiSettings) -> FastAPI:
         }
         broker = BrokerLink(settings)
         hub = StreamHub(settings.dsn, pool)
+        runner = JobRunner(settings, broker)
         tasks = [
             asyncio.create_task(broker.run(), name="api.broker"),
             asyncio.create_task(hub.run(), name="api.stream"),
+            asyncio.create_task(C2dDispatcher(settings, pool, broker).run(), name="api.c2d"),
         ]
+        # Started last and stopped first: on shutdown its running devices may still
+        # finish over the broker link.
+        job_task = asyncio.create_task(runner.run(), name="api.jobs")
         try:
             yield {
                 "settings": settings,
                 "pool": pool,
                 "broker": broker,
                 "stream": hub,
+                "jobs": runner,
                 "rollup_horizons": horizons,
             }
         finally:
+            runner.stop()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(job_task, timeout=30)
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -101,7 +116,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(telemetry.fleet_router)
     app.include_router(rules.router)
     app.include_router(alarms.router)
+    app.include_router(message_routes.router)
     app.include_router(twins.router)
     app.include_router(methods.router)
+    app.include_router(jobs.router)
+    app.include_router(messages.router)
     app.include_router(query.router)
     return app

@@ -53,6 +53,10 @@ class BrokerUnavailableError(MethodCallError):
     """The API is not connected to the broker, or the request could not be published."""
 
 
+class NotConnectedError(BrokerUnavailableError):
+    """The API is not connected to the broker: nothing was sent."""
+
+
 class TooManyCallsError(MethodCallError):
     """This API process already waits on its maximum of calls."""
 
@@ -186,12 +190,13 @@ class BrokerLink:
         """Publish ``request`` to the device's method request topic (QoS 1) and return the
         raw payload of its answer.
 
-        Raises :class:`BrokerUnavailableError`, :class:`TooManyCallsError` or
-        :class:`MethodTimeoutError` (the publish counts into the timeout).
+        Raises :class:`BrokerUnavailableError` (:class:`NotConnectedError` when nothing
+        was sent), :class:`TooManyCallsError` or :class:`MethodTimeoutError` (the publish
+        counts into the timeout).
         """
         client = self.client
         if client is None:
-            raise BrokerUnavailableError("the API is not connected to the MQTT broker")
+            raise NotConnectedError("the API is not connected to the MQTT broker")
         if len(self._pending) >= self._max_pending:
             raise TooManyCallsError(f"{self._max_pending} calls are in flight")
         if request_id in self._pending:

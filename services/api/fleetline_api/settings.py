@@ -28,6 +28,31 @@ class ApiSettings(ServiceSettings):
     # many clients one API process serves.
     stream_queue_size: int = Field(default=1000, ge=10, le=100_000)
     stream_max_clients: int = Field(default=1000, ge=1, le=100_000)
+    # /v1/jobs (fleetline_api/jobs.py): how often the runner looks for work; devices one
+    # API process runs at once over all jobs; how long past a device's own timeout its
+    # claim lasts before another runner takes it over (the process is presumed dead);
+    # starts per device before it counts as failed ("abandoned"); devices one job may
+    # target; days a finished job is kept (0: for ever); the runner's own database
+    # connections (so that a large job cannot take the REST routes' pool).
+    jobs_poll_interval_seconds: float = Field(default=0.5, ge=0.05, le=60)
+    jobs_max_in_flight: int = Field(default=1000, ge=1, le=10_000)
+    jobs_pool_size: int = Field(default=8, ge=1, le=100)
+    jobs_lease_grace_seconds: float = Field(default=30, ge=1, le=3600)
+    jobs_max_attempts: int = Field(default=3, ge=1, le=100)
+    jobs_max_devices: int = Field(default=100_000, ge=1, le=1_000_000)
+    jobs_retention_days: int = Field(default=30, ge=0, le=36_500)
+    # Cloud-to-device messages (fleetline_api/c2d.py): messages a device may have queued
+    # or sent but not yet acknowledged (more are refused with 409); the time to live of a
+    # message that names none (at most 48 h, the API's limit); how long a sent message
+    # waits for the device's ack before it is sent again while the device stays online;
+    # how many times one message is sent at most; how often the dispatcher looks for
+    # due and expired messages; how long finished messages are kept.
+    c2d_max_depth: int = Field(default=50, ge=1, le=10_000)
+    c2d_default_ttl_s: int = Field(default=3600, ge=1, le=172_800)
+    c2d_ack_timeout_s: float = Field(default=30.0, ge=0.5, le=3600)
+    c2d_max_deliveries: int = Field(default=10, ge=1, le=1000)
+    c2d_sweep_s: float = Field(default=1.0, ge=0.05, le=60)
+    c2d_retention_s: int = Field(default=7 * 86_400, ge=60, le=366 * 86_400)
 
     @field_validator("device_key_secret")
     @classmethod

@@ -17,6 +17,10 @@ DeadLetter = tuple[datetime, str, str | None, str, bytes]
 # (device_id, patch, received_at, topic, payload): a reported-properties patch, applied in
 # arrival order; the topic and payload make its dead letter if the database refuses it.
 TwinPatch = tuple[str, dict[str, Any], datetime, str, bytes]
+# (device_id, message id, outcome, received_at, topic, payload): a device's acknowledgement
+# of a cloud-to-device message; the topic and payload make its dead letter if it names no
+# message of that device.
+C2dAck = tuple[str, str, str, datetime, str, bytes]
 
 
 @dataclass(slots=True)
@@ -37,9 +41,11 @@ class Batch:
     seen: dict[str, datetime] = field(default_factory=dict)
     status: dict[str, tuple[bool, datetime]] = field(default_factory=dict)
     twin: list[TwinPatch] = field(default_factory=list)
+    c2d_acks: list[C2dAck] = field(default_factory=list)
     telemetry_messages: int = 0
     status_messages: int = 0
     twin_messages: int = 0
+    c2d_ack_messages: int = 0
     # Rebuilt after its connection closed: written without acknowledgement.
     stale: bool = False
 
@@ -99,6 +105,16 @@ def collect(
             batch.dead.append((received_at, topic, device_id, _reason([reason]), payload))
         else:
             batch.twin.append((device_id, patch, received_at, topic, payload))
+        batch.seen[device_id] = received_at
+    elif kind == protocol.C2D_ACK:
+        batch.c2d_ack_messages += 1
+        try:
+            message_id, outcome = protocol.parse_c2d_ack(payload)
+        except Exception as exc:  # PayloadError; anything else is a bug costing one message
+            reason = str(exc) if isinstance(exc, PayloadError) else f"unexpected error: {exc!r}"
+            batch.dead.append((received_at, topic, device_id, _reason([reason]), payload))
+        else:
+            batch.c2d_acks.append((device_id, message_id, outcome, received_at, topic, payload))
         batch.seen[device_id] = received_at
     else:
         batch.dead.append(

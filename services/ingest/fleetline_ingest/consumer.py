@@ -179,7 +179,7 @@ class Ingestor:
                         )
                     attempt = 0
                     topics = mqtt.device_message_topics(
-                        client, self.settings.share_group, twin_reported=True
+                        client, self.settings.share_group, twin_reported=True, c2d_acks=True
                     )
                     mqtt.subscribe_nowait(client, topics, qos=1)
                     if not mqtt.is_v5(client):

@@ -16,6 +16,10 @@ DUPLICATE_BATCHES = Counter(
 TWIN_PATCHES = Counter(
     "fleetline_ingest_twin_patches_total", "Reported twin patches applied to their twins"
 )
+C2D_ACKS = Counter(
+    "fleetline_ingest_c2d_acks_total",
+    "Device acknowledgements of cloud-to-device messages applied (or ignored as repeats)",
+)
 DEAD_LETTERS = Counter("fleetline_ingest_dead_letters_total", "Messages dead-lettered")
 BATCHES = Counter("fleetline_ingest_batches_total", "Batches committed")
 BATCH_SECONDS = Histogram(

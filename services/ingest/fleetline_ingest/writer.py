@@ -22,7 +22,7 @@ import asyncpg
 from fleetline import streamevents
 from fleetline.protocol import MAX_TWIN_BYTES, Limits
 from fleetline_ingest import metrics
-from fleetline_ingest.batch import Batch, DeadLetter, TwinPatch, collect
+from fleetline_ingest.batch import Batch, C2dAck, DeadLetter, TwinPatch, collect
 
 if TYPE_CHECKING:
     from fleetline.db import Connection
@@ -76,6 +76,11 @@ APPLY_REPORTED = """
 SELECT idx, reason
 FROM fleetline_apply_reported($1::text[], $2::jsonb[], $3::timestamptz[], $4::integer)
 """
+# Devices' acknowledgements of cloud-to-device messages, in array order (migrations/0015).
+APPLY_C2D_ACKS = """
+SELECT idx, reason
+FROM fleetline_apply_c2d_acks($1::text[], $2::uuid[], $3::text[], $4::timestamptz[])
+"""
 # One call per partition the batch's readings fall in (the width is the schema's).
 ENSURE_PARTITIONS = """
 SELECT fleetline_ensure_partition(min(t))
@@ -91,6 +96,9 @@ SERIES_CACHE_MAX = 1_000_000
 # When the database's NOTIFY queue is full (a listener stopped reading), batches are
 # stored without announcing them for this long.
 NOTIFY_PAUSE_SECONDS = 60.0
+# Read by the triggers that NOTIFY from ingest's writes (migration 0015's c2d trigger):
+# while set, they leave it to the API's periodic sweep.
+QUIET_TRIGGERS = "SET LOCAL fleetline.quiet = 'on'"
 
 
 class BatchSupersededError(Exception):
@@ -211,12 +219,18 @@ class BatchWriter:
             else []
         )
         inserted = 0
+        refused: list[DeadLetter] = []
+        unknown: list[DeadLetter] = []
         async with con.transaction():
             dead = batch.dead
             if batch.twin:  # rare next to telemetry: a batch without patches skips this
                 refused = await self._apply_twin_patches(con, batch.twin)
                 if refused:
                     dead = dead + refused
+            if batch.c2d_acks:  # rare too: a batch without acks skips this
+                unknown = await self._apply_c2d_acks(con, batch.c2d_acks)
+                if unknown:
+                    dead = dead + unknown
             if records:
                 inserted = await self._store_values(con, records)
                 # Sorted by series: concurrent replicas lock these rows in one order.
@@ -227,6 +241,9 @@ class BatchWriter:
                     "ingest_dead_letter", records=dead, columns=DEAD_LETTER_COLUMNS
                 )
             if activity[0]:
+                if time.monotonic() < self._notify_paused_until:
+                    # The c2d trigger on device_activity notifies too: quiet it as well.
+                    await con.execute(QUIET_TRIGGERS)
                 await con.execute(UPSERT_ACTIVITY, *activity)
             if notifications:
                 # Delivered to listeners (the API's /v1/stream) at commit, and only then.
@@ -236,9 +253,11 @@ class BatchWriter:
         # Only now: a batch that is retried must write its devices' last-seen again.
         self._activity_committed(activity[0], activity[1])
         if batch.twin:
-            refused_count = len(dead) - len(batch.dead)
-            metrics.TWIN_PATCHES.inc(len(batch.twin) - refused_count)
-            metrics.DEAD_LETTERS.inc(refused_count)
+            metrics.TWIN_PATCHES.inc(len(batch.twin) - len(refused))
+            metrics.DEAD_LETTERS.inc(len(refused))
+        if batch.c2d_acks:
+            metrics.C2D_ACKS.inc(len(batch.c2d_acks) - len(unknown))
+            metrics.DEAD_LETTERS.inc(len(unknown))
         return inserted
 
     async def _apply_twin_patches(
@@ -259,6 +278,25 @@ class BatchWriter:
         dead: list[DeadLetter] = []
         for r in refused:
             device_id, _patch, received_at, topic, payload = ordered[r["idx"] - 1]
+            dead.append((received_at, topic, device_id, r["reason"], payload))
+        return dead
+
+    async def _apply_c2d_acks(self, con: Connection, acks: list[C2dAck]) -> list[DeadLetter]:
+        """Move the acknowledged cloud-to-device messages to completed or rejected; the
+        dead letters of acks naming no message of their device. Acks for messages
+        already final are ignored (a redelivery). Sorted by device, stable, as twin
+        patches are."""
+        ordered = sorted(acks, key=lambda a: a[0])
+        unknown = await con.fetch(
+            APPLY_C2D_ACKS,
+            [a[0] for a in ordered],
+            [a[1] for a in ordered],
+            [a[2] for a in ordered],
+            [a[3] for a in ordered],
+        )
+        dead: list[DeadLetter] = []
+        for r in unknown:
+            device_id, _id, _outcome, received_at, topic, payload = ordered[r["idx"] - 1]
             dead.append((received_at, topic, device_id, r["reason"], payload))
         return dead
 
@@ -319,6 +357,8 @@ class BatchWriter:
         metrics.MESSAGES.labels("status").inc(batch.status_messages)
         if batch.twin_messages:
             metrics.MESSAGES.labels("twin_reported").inc(batch.twin_messages)
+        if batch.c2d_ack_messages:
+            metrics.MESSAGES.labels("c2d_ack").inc(batch.c2d_ack_messages)
         log.debug(
             "batch committed",
             extra={

@@ -5,7 +5,10 @@
     ticker (time-based transitions) ───────┤    writes happen in one order)
     flusher (open alarms' value/peak/count)┤
     reload (NOTIFY fleetline_rules, timer) ┘
+    router (message routes: which devices, refreshed) ──> route deliveries, written with
+                                                           the batch's transitions
     deliverer: action_deliveries ──> webhook / Pushsafer / command
+               route_deliveries ──> webhook / MQTT topic
 
 - A message is acknowledged after the transitions it caused are committed: killed at
   any moment, the service loses no raise, and the broker redelivers what it had not
@@ -14,6 +17,8 @@
 - State that must survive a restart (pending and clearing timers, open alarms) is in
   the database and read back at start; an open alarm is unique per (rule, device) by a
   partial unique index, so a restart or a second replica never raises it twice.
+- Message routes (routing.py) queue their deliveries in the same transaction, so a
+  reading acknowledged is a reading routed.
 - Bad payloads are skipped here: ingest dead-letters them.
 - Replicas share the subscription ($share/<group>/...). Mosquitto hands each message to
   one member, so a device's readings may be split between replicas; each replica reads
@@ -45,9 +50,9 @@ from fleetline.protocol import (
     parse_telemetry,
     split_device_topic,
 )
-from fleetline.rules_engine import RULES_CHANNEL, Phase
+from fleetline.rules_engine import ROUTES_CHANNEL, RULES_CHANNEL, Phase
 from fleetline.settings import MqttProtocol
-from fleetline_rules import metrics, store
+from fleetline_rules import metrics, routing, store
 from fleetline_rules.actions import Deliverer
 from fleetline_rules.evaluator import Change, Evaluator, RuleSet
 from fleetline_rules.settings import RulesSettings
@@ -62,6 +67,8 @@ WRITE_RETRY_MAX_SECONDS = 10.0
 ACTIVITY_POLL_SECONDS = 1.0
 # Notifications arriving together (a script creating rules) cause one reload.
 RELOAD_DEBOUNCE_SECONDS = 0.05
+# Finished route deliveries past their retention are deleted this often.
+ROUTE_CLEANUP_INTERVAL_SECONDS = 60.0
 
 
 class Message(NamedTuple):
@@ -89,17 +96,26 @@ class RulesService:
         self.loaded = False
         self._wake = asyncio.Event()
         self._reload = asyncio.Event()
-        self.deliverer = Deliverer(settings, pool, lambda: self.client)
+        self.router = routing.Router()
+        self._routes_changed = asyncio.Event()
+        self.deliverer = Deliverer(
+            settings,
+            pool,
+            lambda: self.client,
+            extra_queues=[routing.RouteQueue(settings, pool, metrics.ROUTE_DELIVERIES)],
+        )
 
     # -- loading ------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Rules, tags and the persisted state of every rule (at start)."""
+        """Rules, tags and the persisted state of every rule, and message routes (at
+        start)."""
         async with self.pool.acquire() as con:
             rules = await store.load_rules(con)
             tags = await store.load_tags(con)
             ruleset = RuleSet(rules, tags)
             states = await store.load_states(con, ruleset.rules)
+            await self.router.refresh(con)
         async with self.lock:
             self.evaluator.replace_rules(ruleset, states, set(ruleset.rules))
         metrics.RULES.set(len(rules))
@@ -164,7 +180,7 @@ class RulesService:
             log.info("pausing reads: %d messages pending", len(self.inbox))
         self._wake.set()
 
-    def _evaluate(self, msg: Message) -> list[Change]:
+    def _evaluate(self, msg: Message, routed: list[routing.Delivery]) -> list[Change]:
         parts = split_device_topic(msg.topic)
         if parts is None:
             return []
@@ -183,6 +199,7 @@ class RulesService:
             before = self.evaluator.evaluated
             changes = self.evaluator.reading(device_id, rows, msg.received_at)
             metrics.EVALUATIONS.inc(self.evaluator.evaluated - before)
+            self.router.match(device_id, rows, routed)
             return changes
         if kind == STATUS and msg.payload in (STATUS_ONLINE, STATUS_OFFLINE):
             metrics.MESSAGES.labels("status").inc()
@@ -191,18 +208,27 @@ class RulesService:
 
     # -- writing --------------------------------------------------------------------------
 
-    async def _persist(self, changes: list[Change]) -> None:
-        """Under the lock: write transitions, retrying while the database is away (reads
-        pause meanwhile: the inbox fills and nothing is acknowledged)."""
+    async def _persist(
+        self, changes: list[Change], routed: list[routing.Delivery] | None = None
+    ) -> None:
+        """Under the lock: write transitions and queue route deliveries, retrying while
+        the database is away (reads pause meanwhile: the inbox fills and nothing is
+        acknowledged)."""
         attempt = 0
         while True:
             try:
                 async with self.pool.acquire() as con, con.transaction():
-                    await store.write(con, changes, self.evaluator)
+                    if changes:
+                        await store.write(con, changes, self.evaluator)
+                    queued = await routing.enqueue(con, routed) if routed else 0
             except Exception as exc:
                 if not store.is_transient(exc):
                     # Memory and database may disagree now: the next reload re-reads.
-                    log.exception("could not write %d transitions", len(changes))
+                    log.exception(
+                        "could not write %d transitions and %d route deliveries",
+                        len(changes),
+                        len(routed or ()),
+                    )
                     self._reload.set()
                     return
                 delay = min(WRITE_RETRY_MAX_SECONDS, 0.1 * 2**attempt)
@@ -210,6 +236,7 @@ class RulesService:
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
+            metrics.ROUTED.inc(queued)
             for change in changes:
                 metrics.TRANSITIONS.labels(change.transition.event.value).inc()
                 if change.transition.event.value in ("raised", "cleared"):
@@ -238,15 +265,16 @@ class RulesService:
             metrics.PENDING_MESSAGES.set(len(self.inbox))
             async with self.lock:
                 changes: list[Change] = []
+                routed: list[routing.Delivery] = []
                 for msg in batch:
                     if msg.retain:
                         continue  # a replay of the last status: ingest stored it when new
                     try:
-                        changes += self._evaluate(msg)
+                        changes += self._evaluate(msg, routed)
                     except Exception:  # one odd message must not stop evaluation
                         log.exception("evaluating a message on %s failed", msg.topic[:200])
-                if changes:
-                    await self._persist(changes)
+                if changes or routed:
+                    await self._persist(changes, routed)
             self._acknowledge(batch)
 
     def _acknowledge(self, batch: list[Message]) -> None:
@@ -334,6 +362,47 @@ class RulesService:
     def _on_rules_notify(self, _con: object, _pid: int, _channel: str, _payload: object) -> None:
         self._reload.set()
 
+    async def routes_loop(self) -> None:
+        """Message routes and the devices they take: again at every route change and
+        every ``route_refresh_interval_seconds``; old finished deliveries deleted."""
+        loop = asyncio.get_running_loop()
+        last_cleanup = loop.time()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._routes_changed.wait(), self.settings.route_refresh_interval_seconds
+                )
+            await asyncio.sleep(RELOAD_DEBOUNCE_SECONDS)
+            self._routes_changed.clear()
+            try:
+                async with self.pool.acquire() as con:
+                    await self.router.refresh(con)
+            except Exception as exc:  # the routes in memory stay until the next try
+                log.warning("refreshing message routes failed: %s", exc)
+            if loop.time() - last_cleanup >= ROUTE_CLEANUP_INTERVAL_SECONDS:
+                last_cleanup = loop.time()
+                try:
+                    deleted = await routing.clean_up(
+                        self.pool, self.settings.route_log_retention_seconds
+                    )
+                except Exception as exc:
+                    log.warning("deleting old route deliveries failed: %s", exc)
+                else:
+                    if deleted:
+                        log.info("old route deliveries deleted", extra={"rows": deleted})
+
+    async def routes_listen_loop(self) -> None:
+        """LISTEN for route changes (the api notifies in the transaction of the change)."""
+        await db.listen(
+            self.settings.dsn,
+            ROUTES_CHANNEL,
+            self._on_routes_notify,
+            on_listening=self._routes_changed.set,
+        )
+
+    def _on_routes_notify(self, _con: object, _pid: int, _channel: str, _payload: object) -> None:
+        self._routes_changed.set()
+
     def _make_client(self, protocol: MqttProtocol) -> aiomqtt.Client:
         return mqtt.consumer_client(self.settings, protocol)
 
@@ -388,6 +457,8 @@ class RulesService:
             asyncio.create_task(self.flush_loop(), name="rules.flush"),
             asyncio.create_task(self.reload_loop(), name="rules.reload"),
             asyncio.create_task(self.listen_loop(), name="rules.listen"),
+            asyncio.create_task(self.routes_loop(), name="rules.routes"),
+            asyncio.create_task(self.routes_listen_loop(), name="rules.routes.listen"),
             asyncio.create_task(self.deliverer.run(), name="rules.actions"),
         ]
         try:

@@ -24,21 +24,32 @@ DB_COMMAND_TIMEOUT_SECONDS = 30.0
 
 async def run(settings: RulesSettings) -> None:
     await db.wait_for_database(settings.dsn)
-    # Evaluation writes, the ticker, the flusher and the action worker take turns on a
-    # few connections; one more for readiness checks.
+    # Evaluation writes (which gate the acknowledgements), the ticker, the flusher and
+    # the rule reload take turns on a few connections; one more for readiness checks.
     pool = await db.create_pool(
         settings.dsn, min_size=1, max_size=5, command_timeout=DB_COMMAND_TIMEOUT_SECONDS
     )
     try:
-        rules = RulesService(settings, pool)
-        await rules.load()
-        probes = await service.serve_probes(
-            settings.http_host, settings.http_port, ready=rules.ready
+        # The delivery workers and the route refresh on their own: up to 40 deliveries
+        # recording outcomes, or a long registry scan, never hold up a batch's write.
+        background = await db.create_pool(
+            settings.dsn,
+            min_size=1,
+            max_size=settings.delivery_pool_size,
+            command_timeout=DB_COMMAND_TIMEOUT_SECONDS,
         )
         try:
-            await rules.run()
+            rules = RulesService(settings, pool, background)
+            await rules.load()
+            probes = await service.serve_probes(
+                settings.http_host, settings.http_port, ready=rules.ready
+            )
+            try:
+                await rules.run()
+            finally:
+                probes.close()
         finally:
-            probes.close()
+            await db.close_pool(background)
     finally:
         await db.close_pool(pool)
 

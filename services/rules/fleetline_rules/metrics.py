@@ -19,3 +19,26 @@ CONNECTED = Gauge("fleetline_rules_mqtt_connected", "1 while connected to the br
 PENDING_MESSAGES = Gauge(
     "fleetline_rules_pending_messages", "Messages received and not yet evaluated"
 )
+ROUTES = Gauge("fleetline_rules_routes_loaded", "Enabled message routes loaded")
+ROUTED_DEVICES = Gauge(
+    "fleetline_rules_routed_devices", "Registered devices at least one message route takes"
+)
+ROUTED = Counter(
+    "fleetline_rules_routed_total", "Readings queued for a message route (one per route)"
+)
+ROUTE_DELIVERIES = Counter(
+    "fleetline_rules_route_deliveries_total",
+    "Message route delivery attempts",
+    ["type", "result"],
+)
+ROUTE_PENDING = Gauge(
+    "fleetline_rules_route_deliveries_pending", "Route deliveries waiting (at the last cleanup)"
+)
+WRITE_ERRORS = Counter(
+    "fleetline_rules_write_errors_total",
+    "Failed writes of a batch's transitions and route deliveries, by what was done: "
+    "notify_queue_full (written again without notifications), retried (not acknowledged, "
+    "retried with backoff), isolated (written item by item), dropped (an item the "
+    "database refuses, logged with the reason)",
+    ["reason"],
+)

@@ -56,6 +56,23 @@ class RulesSettings(ServiceSettings):
     command_min_interval_seconds: float = Field(default=10.0, ge=0, le=86_400)
     action_concurrency: int = Field(default=8, ge=1, le=256)
 
+    # Message routes (/v1/routes): the devices each route's query selects are computed
+    # in the database at every route change and at least this often, so a change of a
+    # device's tags, twin or status alters which routes take its readings within it.
+    route_refresh_interval_seconds: float = Field(default=10.0, ge=0.1, le=3600)
+    # Delivered and failed route deliveries are kept this long (the delivery log, and
+    # what a re-sent reading is recognised by), then deleted.
+    route_log_retention_seconds: float = Field(default=86_400.0, ge=60, le=90 * 86_400)
+    # Route deliveries in flight at once, and at most this many to one route: a receiver
+    # that hangs until the timeout holds a few slots, not all of them.
+    route_concurrency: int = Field(default=32, ge=1, le=1024)
+    route_concurrency_per_route: int = Field(default=8, ge=1, le=1024)
+    # Database connections of the delivery workers (claims, outcomes) and of the route
+    # refresh and cleanup: a pool of their own, so that up to route_concurrency +
+    # action_concurrency deliveries never keep a batch's write (which gates the MQTT
+    # acknowledgements) waiting for a connection.
+    delivery_pool_size: int = Field(default=4, ge=2, le=100)
+
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=9103, ge=0, le=65535)
     shutdown_timeout_seconds: float = Field(default=10.0, ge=1)

@@ -7,59 +7,25 @@ every replica sees every response and the one waiting for the request id takes i
 (fleetline_api/broker.py). A device is called only while its status says online; one
 that went away without its Last Will yet shows up as a timeout (504).
 
-Params and payloads are never logged: they may hold secrets.
+The call itself is fleetline_api/commands.py (shared with method jobs). Params and
+payloads are never logged: they may hold secrets.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
-import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
-from prometheus_client import Counter, Histogram
 
 from fleetline.apikeys import KeyInfo
-from fleetline_api.broker import (
-    BrokerLink,
-    BrokerUnavailableError,
-    MethodTimeoutError,
-    TooManyCallsError,
-)
+from fleetline_api import commands
+from fleetline_api.broker import BrokerLink
 from fleetline_api.deps import PoolDep, require
-from fleetline_api.method_schemas import (
-    MethodCall,
-    MethodName,
-    MethodResult,
-    encode_params,
-    parse_answer,
-)
+from fleetline_api.method_schemas import MethodCall, MethodName, MethodResult
 from fleetline_api.problems import RESPONSES, Problem
 from fleetline_api.schemas import DeviceId
 
-log = logging.getLogger(__name__)
-
 router = APIRouter(prefix="/v1/devices", tags=["methods"], responses=RESPONSES)
-
-OUTCOMES = (
-    "answered",  # the device answered (whatever status it gave)
-    "malformed",  # 502
-    "timeout",  # 504
-    "offline",  # 409
-    "not_found",  # 404
-    "unavailable",  # 503: no broker connection
-    "overloaded",  # 503: too many calls in flight
-)
-CALLS = Counter("fleetline_api_method_calls_total", "Direct method calls by outcome", ["outcome"])
-for _outcome in OUTCOMES:
-    CALLS.labels(_outcome)
-LATENCY = Histogram(
-    "fleetline_api_method_call_seconds",
-    "From publishing a direct method request to the device's answer",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-)
 
 CommandsWrite = Annotated[KeyInfo, Depends(require("commands:write"))]
 
@@ -70,11 +36,6 @@ async def get_broker(request: Request) -> BrokerLink:
 
 
 BrokerDep = Annotated[BrokerLink, Depends(get_broker)]
-
-DEVICE_ONLINE = """
-SELECT a.online FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
-WHERE d.id = $1
-"""
 
 METHOD_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No such device"},
@@ -101,53 +62,10 @@ async def invoke_method(
     """Call ``name`` on the device with ``params`` and wait up to ``timeout_s`` for its
     answer: the device's own ``status`` and ``payload``. Only an online device is called."""
     call = body or MethodCall()
-    exists = await pool.fetchrow(DEVICE_ONLINE, device_id)
-    if exists is None:
-        CALLS.labels("not_found").inc()
-        raise HTTPException(404, f"device {device_id} not found")
-    if exists["online"] is not True:
-        CALLS.labels("offline").inc()
-        raise HTTPException(409, f"device {device_id} is offline")
-    request_id = uuid.uuid4().hex
-    request = b'{"method":%s,"params":%s}' % (json.dumps(name).encode(), encode_params(call.params))
-    fields = {"device_id": device_id, "method": name, "request_id": request_id}
-    started = time.monotonic()
     try:
-        raw = await broker.call(device_id, request_id, request, timeout_seconds=call.timeout_s)
-    except BrokerUnavailableError as exc:
-        CALLS.labels("unavailable").inc()
-        log.warning("method call not sent: %s", exc, extra=fields)
-        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
-    except TooManyCallsError as exc:
-        CALLS.labels("overloaded").inc()
-        log.warning("method call refused: %s", exc, extra=fields)
-        raise HTTPException(
-            503, f"too many calls in flight ({exc})", headers={"Retry-After": "1"}
-        ) from None
-    except MethodTimeoutError:
-        CALLS.labels("timeout").inc()
-        log.info("method call timed out", extra={**fields, "timeout_s": call.timeout_s})
-        raise HTTPException(
-            504,
-            f"device {device_id} did not answer {name} within {call.timeout_s} s "
-            f"(request {request_id})",
-        ) from None
-    elapsed = time.monotonic() - started
-    LATENCY.observe(elapsed)
-    duration_ms = round(elapsed * 1000, 1)
-    answer = parse_answer(raw)
-    if answer is None:
-        CALLS.labels("malformed").inc()
-        log.warning(
-            "device answered with a malformed response",
-            extra={**fields, "bytes": len(raw), "duration_ms": duration_ms},
+        answer = await commands.invoke_method(
+            pool, broker, device_id, name, call.params, timeout_s=call.timeout_s
         )
-        raise HTTPException(
-            502, f"device answered with a malformed response (request {request_id})"
-        )
-    CALLS.labels("answered").inc()
-    log.info(
-        "method call answered",
-        extra={**fields, "status": answer.status, "duration_ms": duration_ms},
-    )
-    return MethodResult(request_id=request_id, status=answer.status, payload=answer.payload)
+    except commands.CommandError as exc:
+        raise HTTPException(exc.status, str(exc), headers=exc.headers or None) from None
+    return MethodResult(request_id=answer.request_id, status=answer.status, payload=answer.payload)

@@ -15,7 +15,8 @@ row lock and reads the document under it, so concurrent PATCHes publish in versi
 order. One gap remains: a publish that timed out stays queued in the MQTT client and may
 still go out after a newer one from another API process, leaving the older version
 retained until the next PATCH; devices should ignore a ``version`` lower than one they
-have applied.
+have applied. The patch and the publish are fleetline_api/commands.py (shared with
+twin jobs).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import orjson
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 
 from fleetline import protocol
+from fleetline_api import commands
+from fleetline_api.commands import etag
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.schemas import DeviceId
@@ -40,7 +43,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/devices", tags=["twins"], responses=RESPONSES)
 
-PUBLISH_TIMEOUT_SECONDS = 5.0
 ACCEPTED_MEDIA_TYPES = (MERGE_PATCH_MEDIA_TYPE, "application/json")
 
 SELECT_TWIN = """
@@ -57,34 +59,6 @@ LEFT JOIN twin_desired td ON td.device_id = d.id
 LEFT JOIN twin_reported tr ON tr.device_id = d.id
 WHERE d.id = $1
 """
-# A row to lock, version 0, for a registered device that has none yet.
-ENSURE_DESIRED = """
-INSERT INTO twin_desired (device_id) SELECT id FROM devices WHERE id = $1
-ON CONFLICT (device_id) DO NOTHING
-"""
-LOCK_DESIRED = "SELECT version FROM twin_desired WHERE device_id = $1 FOR UPDATE"
-# Versions move only when the document changes: a patch that changes nothing (such as
-# {}) keeps the version and only publishes again.
-APPLY_DESIRED = """
-WITH merged AS (
-    SELECT desired AS old, fleetline_merge_patch(desired, $2::jsonb) AS new
-    FROM twin_desired WHERE device_id = $1
-)
-UPDATE twin_desired t
-SET desired = m.new, version = t.version + 1, updated_at = now()
-FROM merged m
-WHERE t.device_id = $1 AND m.new IS DISTINCT FROM m.old
-  AND octet_length(m.new::text) <= $3
-RETURNING t.version
-"""
-DESIRED_SIZE = """
-SELECT octet_length(fleetline_merge_patch(desired, $2::jsonb)::text)
-FROM twin_desired WHERE device_id = $1
-"""
-LOCK_FOR_PUBLISH = """
-SELECT desired, version FROM twin_desired WHERE device_id = $1 FOR UPDATE
-"""
-MARK_PUBLISHED = "UPDATE twin_desired SET published_version = $2 WHERE device_id = $1"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -116,19 +90,6 @@ def delta(desired: dict[str, Any], reported: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _etag(version: int) -> str:
-    return f'"{version}"'
-
-
-def _matches(if_match: str, version: int) -> bool:
-    """RFC 9110 §13.1.1: ``*`` or a list of strong entity tags; weak tags never match.
-    A bare number is taken as the version too, for clients that drop the quotes."""
-    for tag in (t.strip() for t in if_match.split(",")):
-        if tag == "*" or tag == _etag(version) or tag == str(version):
-            return True
-    return False
-
-
 async def _twin(con: Any, device_id: str) -> TwinPublic:
     row = await con.fetchrow(SELECT_TWIN, device_id)
     if row is None:
@@ -145,7 +106,7 @@ async def get_twin(
     times of last change, and the delta. The ``ETag`` is the desired version, for
     ``If-Match`` on PATCH."""
     twin = await _twin(pool, device_id)
-    response.headers["ETag"] = _etag(twin.desired_version)
+    response.headers["ETag"] = etag(twin.desired_version)
     return twin
 
 
@@ -176,29 +137,6 @@ async def _read_patch(request: Request) -> dict[str, Any]:
     if problem:
         raise HTTPException(400, problem)
     return patch
-
-
-async def _publish(request: Request, pool: Any, device_id: str) -> int:
-    """Publish the current desired document, retained; the version published (the row
-    lock is held meanwhile, so publishes of one twin happen in version order)."""
-    client = request.state.broker.client
-    async with pool.acquire() as con, con.transaction():
-        row = await con.fetchrow(LOCK_FOR_PUBLISH, device_id)
-        if row is None:  # deleted meanwhile
-            return 0
-        if client is None:
-            raise ConnectionError("not connected to the broker")
-        payload = orjson.dumps({"version": row["version"], "desired": row["desired"]})
-        await client.publish(
-            protocol.topic_for(device_id, protocol.TWIN_DESIRED),
-            payload,
-            qos=1,
-            retain=True,
-            timeout=PUBLISH_TIMEOUT_SECONDS,
-        )
-        await con.execute(MARK_PUBLISHED, device_id, row["version"])
-        version: int = row["version"]
-        return version
 
 
 @router.patch(
@@ -240,42 +178,14 @@ async def patch_desired(
     document, retained, to ``devices/{id}/twin/desired``. A patch that changes nothing
     keeps the version and publishes the current document again."""
     patch = await _read_patch(request)
-    if request.state.broker.client is None:
-        raise HTTPException(
-            503,
-            "the API is not connected to the broker; nothing was changed",
-            headers={"Retry-After": "5"},
-        )
-    async with pool.acquire() as con, con.transaction():
-        await con.execute(ENSURE_DESIRED, device_id)
-        current = await con.fetchval(LOCK_DESIRED, device_id)
-        if current is None:
-            raise HTTPException(404, f"device {device_id} not found")
-        if if_match is not None and not _matches(if_match, current):
-            raise HTTPException(
-                412,
-                f"the desired properties are at version {current}; If-Match was {if_match[:80]!r}",
-                headers={"ETag": _etag(current)},
-            )
-        changed = await con.fetchval(APPLY_DESIRED, device_id, patch, protocol.MAX_TWIN_BYTES)
-        if changed is None:
-            size = await con.fetchval(DESIRED_SIZE, device_id, patch)
-            if size is not None and size > protocol.MAX_TWIN_BYTES:
-                raise HTTPException(
-                    413,
-                    f"the desired document would be {size} bytes, "
-                    f"more than {protocol.MAX_TWIN_BYTES}",
-                )
     try:
-        await _publish(request, pool, device_id)
-    except Exception as exc:  # committed: the next PATCH publishes it (see the module doc)
-        log.error(
-            "desired twin stored but not published: %r",
-            exc,
-            extra={"device_id": device_id, "version": changed or current},
+        await commands.apply_desired(
+            pool, request.state.broker, device_id, patch, if_match=if_match
         )
+    except commands.CommandError as exc:
+        raise HTTPException(exc.status, str(exc), headers=exc.headers or None) from None
     twin = await _twin(pool, device_id)
-    response.headers["ETag"] = _etag(twin.desired_version)
+    response.headers["ETag"] = etag(twin.desired_version)
     log.info(
         "desired twin patched",
         extra={

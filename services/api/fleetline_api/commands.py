@@ -1,0 +1,328 @@
+"""Commands to devices, one implementation for the REST routes and the job runner.
+
+- :func:`invoke_method`: call a direct method on an online device and wait for its answer
+  (routes/methods.py, and method jobs).
+- :func:`apply_desired`: merge-patch a device's desired properties and publish the whole
+  document, retained (routes/twins.py, and twin jobs).
+
+Each returns what happened or raises a :class:`CommandError`, whose ``status`` is the HTTP
+status the routes answer with and the status a job records for the device, and whose
+``reason`` is a short word for the outcome (``offline``, ``timeout``...).
+
+Params, payloads and documents are never logged: they may hold secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from prometheus_client import Counter, Histogram
+
+from fleetline import protocol
+from fleetline_api.broker import (
+    BrokerLink,
+    BrokerUnavailableError,
+    MethodTimeoutError,
+    NotConnectedError,
+    TooManyCallsError,
+)
+from fleetline_api.method_schemas import encode_params, parse_answer
+
+log = logging.getLogger(__name__)
+
+METHOD_OUTCOMES = (
+    "answered",  # the device answered (whatever status it gave)
+    "malformed",  # 502
+    "timeout",  # 504
+    "offline",  # 409
+    "not_found",  # 404
+    "unavailable",  # 503: no broker connection
+    "overloaded",  # 503: too many calls in flight
+)
+CALLS = Counter("fleetline_api_method_calls_total", "Direct method calls by outcome", ["outcome"])
+for _outcome in METHOD_OUTCOMES:
+    CALLS.labels(_outcome)
+LATENCY = Histogram(
+    "fleetline_api_method_call_seconds",
+    "From publishing a direct method request to the device's answer",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+
+PUBLISH_TIMEOUT_SECONDS = 5.0
+
+
+class CommandError(Exception):
+    """A command that did not get through; ``status`` says why, as an HTTP status."""
+
+    status = 500
+    reason = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.headers = dict(headers or {})
+        # Nothing was sent to the device and nothing was changed: the same command may
+        # be tried again later without doing anything twice.
+        self.retryable = retryable
+
+
+class DeviceNotFoundError(CommandError):
+    status = 404
+    reason = "not_found"
+
+
+class DeviceOfflineError(CommandError):
+    status = 409
+    reason = "offline"
+
+
+class VersionMismatchError(CommandError):
+    status = 412
+    reason = "version_mismatch"
+
+
+class DocumentTooLargeError(CommandError):
+    status = 413
+    reason = "too_large"
+
+
+class MalformedAnswerError(CommandError):
+    status = 502
+    reason = "malformed"
+
+
+class BrokerDownError(CommandError):
+    status = 503
+    reason = "unavailable"
+
+
+class OverloadedError(CommandError):
+    status = 503
+    reason = "overloaded"
+
+
+class NoAnswerError(CommandError):
+    status = 504
+    reason = "timeout"
+
+
+# --- direct methods ---------------------------------------------------------------
+
+DEVICE_ONLINE = """
+SELECT a.online FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
+WHERE d.id = $1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class MethodAnswer:
+    request_id: str
+    status: int  # the device's own code
+    payload: Any
+
+
+async def invoke_method(
+    pool: Any,
+    broker: BrokerLink,
+    device_id: str,
+    name: str,
+    params: dict[str, Any],
+    *,
+    timeout_s: float,
+) -> MethodAnswer:
+    """Call ``name`` on the device with ``params`` and wait up to ``timeout_s`` for its
+    answer. Only a device whose status is online is called."""
+    exists = await pool.fetchrow(DEVICE_ONLINE, device_id)
+    if exists is None:
+        CALLS.labels("not_found").inc()
+        raise DeviceNotFoundError(f"device {device_id} not found")
+    if exists["online"] is not True:
+        CALLS.labels("offline").inc()
+        raise DeviceOfflineError(f"device {device_id} is offline")
+    request_id = uuid.uuid4().hex
+    request = b'{"method":%s,"params":%s}' % (json.dumps(name).encode(), encode_params(params))
+    fields = {"device_id": device_id, "method": name, "request_id": request_id}
+    started = time.monotonic()
+    try:
+        raw = await broker.call(device_id, request_id, request, timeout_seconds=timeout_s)
+    except BrokerUnavailableError as exc:
+        CALLS.labels("unavailable").inc()
+        log.warning("method call not sent: %s", exc, extra=fields)
+        raise BrokerDownError(
+            str(exc),
+            headers={"Retry-After": "5"},
+            retryable=isinstance(exc, NotConnectedError),
+        ) from None
+    except TooManyCallsError as exc:
+        CALLS.labels("overloaded").inc()
+        log.warning("method call refused: %s", exc, extra=fields)
+        raise OverloadedError(
+            f"too many calls in flight ({exc})", headers={"Retry-After": "1"}, retryable=True
+        ) from None
+    except MethodTimeoutError:
+        CALLS.labels("timeout").inc()
+        log.info("method call timed out", extra={**fields, "timeout_s": timeout_s})
+        raise NoAnswerError(
+            f"device {device_id} did not answer {name} within {timeout_s:g} s "
+            f"(request {request_id})"
+        ) from None
+    elapsed = time.monotonic() - started
+    LATENCY.observe(elapsed)
+    duration_ms = round(elapsed * 1000, 1)
+    answer = parse_answer(raw)
+    if answer is None:
+        CALLS.labels("malformed").inc()
+        log.warning(
+            "device answered with a malformed response",
+            extra={**fields, "bytes": len(raw), "duration_ms": duration_ms},
+        )
+        raise MalformedAnswerError(
+            f"device answered with a malformed response (request {request_id})"
+        )
+    CALLS.labels("answered").inc()
+    log.info(
+        "method call answered",
+        extra={**fields, "status": answer.status, "duration_ms": duration_ms},
+    )
+    return MethodAnswer(request_id=request_id, status=answer.status, payload=answer.payload)
+
+
+# --- desired properties -------------------------------------------------------------
+
+# A row to lock, version 0, for a registered device that has none yet.
+ENSURE_DESIRED = """
+INSERT INTO twin_desired (device_id) SELECT id FROM devices WHERE id = $1
+ON CONFLICT (device_id) DO NOTHING
+"""
+LOCK_DESIRED = "SELECT version FROM twin_desired WHERE device_id = $1 FOR UPDATE"
+# Versions move only when the document changes: a patch that changes nothing (such as
+# {}) keeps the version and only publishes again.
+APPLY_DESIRED = """
+WITH merged AS (
+    SELECT desired AS old, fleetline_merge_patch(desired, $2::jsonb) AS new
+    FROM twin_desired WHERE device_id = $1
+)
+UPDATE twin_desired t
+SET desired = m.new, version = t.version + 1, updated_at = now()
+FROM merged m
+WHERE t.device_id = $1 AND m.new IS DISTINCT FROM m.old
+  AND octet_length(m.new::text) <= $3
+RETURNING t.version
+"""
+DESIRED_SIZE = """
+SELECT octet_length(fleetline_merge_patch(desired, $2::jsonb)::text)
+FROM twin_desired WHERE device_id = $1
+"""
+LOCK_FOR_PUBLISH = """
+SELECT desired, version FROM twin_desired WHERE device_id = $1 FOR UPDATE
+"""
+MARK_PUBLISHED = "UPDATE twin_desired SET published_version = $2 WHERE device_id = $1"
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def if_match_matches(if_match: str, version: int) -> bool:
+    """RFC 9110 §13.1.1: ``*`` or a list of strong entity tags; weak tags never match.
+    A bare number is taken as the version too, for clients that drop the quotes."""
+    for tag in (t.strip() for t in if_match.split(",")):
+        if tag == "*" or tag == etag(version) or tag == str(version):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredApplied:
+    version: int  # the desired version after the patch
+    changed: bool  # false: the patch changed nothing, the version stayed
+    published: bool  # the document went out, retained
+    publish_error: str | None = None
+
+
+async def publish_desired(pool: Any, broker: BrokerLink, device_id: str) -> int:
+    """Publish the current desired document, retained; the version published (the row
+    lock is held meanwhile, so publishes of one twin happen in version order); 0 when
+    the device is gone."""
+    client = broker.client
+    async with pool.acquire() as con, con.transaction():
+        row = await con.fetchrow(LOCK_FOR_PUBLISH, device_id)
+        if row is None:  # deleted meanwhile
+            return 0
+        if client is None:
+            raise ConnectionError("not connected to the broker")
+        payload = orjson.dumps({"version": row["version"], "desired": row["desired"]})
+        await client.publish(
+            protocol.topic_for(device_id, protocol.TWIN_DESIRED),
+            payload,
+            qos=1,
+            retain=True,
+            timeout=PUBLISH_TIMEOUT_SECONDS,
+        )
+        await con.execute(MARK_PUBLISHED, device_id, row["version"])
+        version: int = row["version"]
+        return version
+
+
+async def apply_desired(
+    pool: Any,
+    broker: BrokerLink,
+    device_id: str,
+    patch: dict[str, Any],
+    *,
+    if_match: str | None = None,
+) -> DesiredApplied:
+    """Merge ``patch`` (checked already: protocol.twin_patch_problem and its size) into
+    the device's desired properties, then publish the whole document retained.
+
+    A failed publish leaves the change committed (the next patch, even ``{}``, publishes
+    again): it is logged and returned as ``published=False``."""
+    if broker.client is None:
+        raise BrokerDownError(
+            "the API is not connected to the broker; nothing was changed",
+            headers={"Retry-After": "5"},
+            retryable=True,
+        )
+    async with pool.acquire() as con, con.transaction():
+        await con.execute(ENSURE_DESIRED, device_id)
+        current: int | None = await con.fetchval(LOCK_DESIRED, device_id)
+        if current is None:
+            raise DeviceNotFoundError(f"device {device_id} not found")
+        if if_match is not None and not if_match_matches(if_match, current):
+            raise VersionMismatchError(
+                f"the desired properties are at version {current}; If-Match was {if_match[:80]!r}",
+                headers={"ETag": etag(current)},
+            )
+        changed: int | None = await con.fetchval(
+            APPLY_DESIRED, device_id, patch, protocol.MAX_TWIN_BYTES
+        )
+        if changed is None:
+            size = await con.fetchval(DESIRED_SIZE, device_id, patch)
+            if size is not None and size > protocol.MAX_TWIN_BYTES:
+                raise DocumentTooLargeError(
+                    f"the desired document would be {size} bytes, "
+                    f"more than {protocol.MAX_TWIN_BYTES}"
+                )
+    version = changed if changed is not None else current
+    try:
+        await publish_desired(pool, broker, device_id)
+    except Exception as exc:  # committed: the next patch publishes it (routes/twins.py)
+        log.error(
+            "desired twin stored but not published: %r",
+            exc,
+            extra={"device_id": device_id, "version": version},
+        )
+        return DesiredApplied(version, changed is not None, False, repr(exc))
+    return DesiredApplied(version, changed is not None, True)

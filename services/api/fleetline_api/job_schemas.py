@@ -1,0 +1,148 @@
+"""Bodies of ``/v1/jobs``: a method or a desired-properties patch for every device a
+device query matches, its progress and each device's outcome."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+from fleetline import devicequery
+from fleetline_api.method_schemas import MethodCall, MethodName
+from fleetline_api.query_schemas import QUERY_DESCRIPTION
+from fleetline_api.twin_schemas import DESIRED_PATCH_SCHEMA, TwinDocument
+
+JobType = Literal["method", "twin"]
+JobState = Literal["queued", "running", "completed", "cancelled", "failed"]
+DeviceState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+DEVICE_STATES: tuple[DeviceState, ...] = ("pending", "running", "succeeded", "failed", "cancelled")
+MAX_BATCH_SIZE = 1000
+MAX_PER_SECOND = 10_000
+
+
+class MethodSpec(MethodCall):
+    """The method each device is called with, as ``POST /v1/devices/{id}/methods/{name}``
+    takes it."""
+
+    name: MethodName = Field(description="The method's name, as the devices know it")
+
+
+class _JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(
+        max_length=devicequery.MAX_QUERY_LENGTH,
+        description=QUERY_DESCRIPTION + ". Evaluated once, when the job is created",
+    )
+    batch_size: int = Field(
+        default=10,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description="At most this many of the job's devices run at once",
+    )
+    max_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_PER_SECOND,
+        allow_inf_nan=False,
+        description="At most this many devices started per second; none: no limit",
+    )
+
+
+class MethodJobCreate(_JobCreate):
+    type: Literal["method"]
+    method: MethodSpec
+
+
+def _plain_json(patch: dict[str, Any]) -> dict[str, Any]:
+    """The patch as the twin route would have parsed it (orjson): no NaN or infinity,
+    integers beyond 64 bits as floats."""
+    try:
+        normal: dict[str, Any] = orjson.loads(json.dumps(patch, allow_nan=False))
+    except (ValueError, RecursionError) as exc:  # orjson.JSONDecodeError is a ValueError
+        raise ValueError(f"the patch is not plain JSON: {exc}") from None
+    return normal
+
+
+class TwinJobCreate(_JobCreate):
+    type: Literal["twin"]
+    patch: Annotated[dict[str, Any], WithJsonSchema(DESIRED_PATCH_SCHEMA)] = Field(
+        description="Merged into each device's desired properties, as "
+        "PATCH /v1/devices/{id}/twin does; the whole document is then published, retained"
+    )
+
+    @field_validator("patch")
+    @classmethod
+    def _json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _plain_json(value)
+
+
+JobCreate = Annotated[MethodJobCreate | TwinJobCreate, Field(discriminator="type")]
+
+
+class JobProgress(BaseModel):
+    total: int = Field(description="Devices the query matched when the job was created")
+    pending: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    percent: float = Field(description="Devices finished (in any way) of the total, 0-100")
+
+
+class JobPublic(BaseModel):
+    id: int
+    type: JobType
+    query: str
+    method: MethodSpec | None = Field(description="A method job's call")
+    patch: TwinDocument | None = Field(description="A twin job's patch of desired properties")
+    batch_size: int
+    max_per_second: float | None
+    state: JobState = Field(
+        description="queued (nothing started yet), running, completed (no device left), "
+        "cancelled, or failed (the job itself could not run: see error)"
+    )
+    progress: JobProgress
+    created_at: datetime
+    created_by: str | None
+    started_at: datetime | None
+    cancelled_at: datetime | None
+    cancelled_by: str | None
+    finished_at: datetime | None = Field(description="When no device was left pending or running")
+    error: str | None
+
+
+class JobPage(BaseModel):
+    items: list[JobPublic] = Field(description="Newest first")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+
+
+class JobDevicePublic(BaseModel):
+    """One device's part in a job."""
+
+    device_id: str
+    state: DeviceState
+    attempts: int = Field(description="Times the device was started (a restart may add one)")
+    status: int | None = Field(
+        description="A method job: the device's own status when it answered; otherwise the "
+        "HTTP status of the outcome (409 offline, 504 no answer, 404 device deleted...)"
+    )
+    reason: str | None = Field(
+        description="The outcome in a word: answered, applied, offline, timeout, malformed, "
+        "not_found, unavailable, unpublished, too_large, abandoned, cancelled"
+    )
+    result: Any = Field(
+        description='A method: {"request_id", "payload"} (the device\'s answer); a twin '
+        'patch: {"version", "published"}'
+    )
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobDevicePage(BaseModel):
+    items: list[JobDevicePublic] = Field(description="Ordered by device id")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")

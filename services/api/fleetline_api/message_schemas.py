@@ -1,0 +1,136 @@
+"""Request and response bodies of cloud-to-device messages (``/v1/devices/{id}/messages``).
+
+What the device receives on ``devices/{id}/c2d`` is ``{"id": ..., "body": ...,
+"properties": {...}}`` (PROTOCOL.md); it answers on ``devices/{id}/c2d/ack`` with
+``{"id": ..., "outcome": "complete" | "reject"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from fleetline_api.schemas import TagName, TagText
+
+MessageState = Literal["queued", "sent", "completed", "rejected", "expired", "cancelled"]
+PENDING_STATES = ("queued", "sent")
+# A message's body, as JSON, and the request that carries it, in bytes.
+MAX_BODY_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = MAX_BODY_BYTES + 32 * 1024
+# Objects and arrays nested deeper than this are refused (the root is level 1).
+MAX_BODY_DEPTH = 32
+MAX_PROPERTIES = 32
+# 48 h: a command older than that is rarely still wanted (IoT Hub's default maximum).
+MAX_TTL_SECONDS = 172_800
+
+
+class BodyError(ValueError):
+    """The body cannot be stored or sent as it is (the text says why)."""
+
+
+class BodyTooLargeError(BodyError):
+    pass
+
+
+def _check(body: Any) -> None:
+    """Depth, and strings PostgreSQL's jsonb cannot store (NUL), without recursion."""
+    stack: list[tuple[Any, int, str]] = [(body, 1, "body")]
+    while stack:
+        node, depth, path = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_BODY_DEPTH:
+                raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep")
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if "\x00" in key:
+                        raise BodyError(f"a member name in {path} contains a NUL character")
+                    stack.append((value, depth + 1, f"{path}.{key[:40]}"))
+            else:
+                stack.extend((item, depth + 1, f"{path}[{i}]") for i, item in enumerate(node))
+        elif isinstance(node, str) and "\x00" in node:
+            raise BodyError(f"{path} contains a NUL character")
+
+
+def encode_body(body: Any) -> str:
+    """The body as compact JSON text, as it is stored and sent.
+
+    Raises :class:`BodyError` for what JSON or PostgreSQL cannot hold (NaN, infinities,
+    NUL characters, lone surrogates, nesting beyond the limit) and
+    :class:`BodyTooLargeError` beyond ``MAX_BODY_BYTES``."""
+    _check(body)
+    try:
+        text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        size = len(text.encode())
+    except ValueError as exc:  # NaN or infinity; UnicodeEncodeError: a lone surrogate
+        raise BodyError(f"the body cannot be sent as JSON: {exc}") from None
+    if size > MAX_BODY_BYTES:
+        raise BodyTooLargeError(f"the body is {size} bytes as JSON, more than {MAX_BODY_BYTES}")
+    return text
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema's integer: a number with no fraction (60.0 is one); not a string or a
+    boolean, which pydantic's lax mode would take."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
+TtlSeconds = Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS), BeforeValidator(_whole_number)]
+
+
+class MessageCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    body: Any = Field(
+        description=f"Any JSON value, passed to the device as is; at most {MAX_BODY_BYTES} "
+        f"bytes as JSON and {MAX_BODY_DEPTH} levels deep"
+    )
+    properties: dict[TagName, TagText] = Field(
+        default_factory=dict,
+        max_length=MAX_PROPERTIES,
+        description="Application properties the device receives beside the body",
+        json_schema_extra={"additionalProperties": False},
+    )
+    ttl_s: TtlSeconds | None = Field(
+        default=None,
+        description="Seconds before an undelivered or unacknowledged message expires "
+        "(default: the API's FLEETLINE_API_C2D_DEFAULT_TTL_S, 3600)",
+    )
+
+
+class MessageEvent(BaseModel):
+    at: datetime
+    event: MessageState = Field(description="The state the message entered (sent: each delivery)")
+    detail: str | None
+
+
+class MessagePublic(BaseModel):
+    id: uuid.UUID = Field(description="The id the device receives and acknowledges")
+    device_id: str
+    state: MessageState
+    body: Any
+    properties: dict[str, str]
+    created_at: datetime
+    created_by: str | None = Field(description="The API key that queued it")
+    expires_at: datetime
+    sent_at: datetime | None = Field(description="First delivery to the device")
+    last_sent_at: datetime | None = Field(description="Latest delivery")
+    deliveries: int = Field(description="How many times it was sent")
+    finished_at: datetime | None = Field(
+        description="When it was completed, rejected, expired or cancelled"
+    )
+    history: list[MessageEvent] = Field(description="Its moves, oldest first")
+
+
+class MessagePage(BaseModel):
+    items: list[MessagePublic]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")

@@ -1,0 +1,296 @@
+"""Jobs: a direct method or a desired-properties patch for every device a query matches.
+
+``POST /v1/jobs`` compiles the device query (a 400 with ``position`` when it does not
+compile), evaluates it once and snapshots the matching device ids into ``job_devices``
+in the transaction that creates the job, so the target set is fixed and visible from
+the start. The job runner of every API replica (fleetline_api/jobs.py) then runs the
+devices, ``batch_size`` at a time and at most ``max_per_second``, and records each
+device's outcome.
+
+Scopes: creating and cancelling a job needs ``commands:write``; a twin job changes the
+desired properties of every device it targets, which ``PATCH /v1/devices/{id}/twin``
+allows only with ``devices:write``, so it needs that scope as well. Reading jobs needs
+``devices:read`` (or ``commands:write``, so whoever starts jobs can follow them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+
+from fleetline import devicequery, protocol
+from fleetline.apikeys import KeyInfo
+from fleetline_api import jobs
+from fleetline_api.deps import PoolDep, SettingsDep, require
+from fleetline_api.job_schemas import (
+    DEVICE_STATES,
+    DeviceState,
+    JobCreate,
+    JobDevicePage,
+    JobDevicePublic,
+    JobPage,
+    JobProgress,
+    JobPublic,
+    JobState,
+    MethodJobCreate,
+    MethodSpec,
+    TwinJobCreate,
+)
+from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
+from fleetline_api.routes.methods import CommandsWrite
+from fleetline_api.routes.rules import links, who
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=RESPONSES)
+
+JobsRead = Annotated[KeyInfo, Depends(require("devices:read", "commands:write"))]
+JobId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+# The spec as text: the standard library keeps integers of any size (orjson would not).
+COLUMNS = """
+id, type, query, spec::text AS spec, batch_size, max_per_second, state, total, counts, error,
+created_at, created_by, started_at, cancelled_at, cancelled_by, finished_at
+"""
+INSERT_JOB = """
+INSERT INTO jobs (type, query, spec, batch_size, max_per_second, created_by)
+VALUES ($1, $2, $3::text::jsonb, $4, $5, $6)
+RETURNING id
+"""
+# $1 job id, $2 the cap + 1, the query's own parameters from $3.
+SNAPSHOT = "INSERT INTO job_devices (job_id, device_id) SELECT $1, d.id FROM {from_} WHERE {where}"
+LIVE_COUNTS = """
+SELECT job_id, state, count(*)::int AS n FROM job_devices
+WHERE job_id = ANY($1::bigint[]) GROUP BY job_id, state
+"""
+CANCEL = """
+UPDATE jobs SET state = 'cancelled', cancelled_at = now(), cancelled_by = $2
+WHERE id = $1 AND state IN ('queued', 'running')
+RETURNING id
+"""
+DEVICE_COLUMNS = (
+    "device_id, state, attempts, status, reason, result, error, started_at, finished_at"
+)
+
+JOB_LINKS = (
+    "GetJob:jobs-get_job:job_id",
+    "JobDevices:jobs-list_job_devices:job_id",
+    "CancelJob:jobs-cancel_job:job_id",
+)
+
+
+def _progress(total: int, counts: dict[str, int]) -> JobProgress:
+    by_state = {state: int(counts.get(state, 0)) for state in DEVICE_STATES}
+    done = by_state["succeeded"] + by_state["failed"] + by_state["cancelled"]
+    percent = round(100.0 * done / total, 1) if total else 100.0
+    return JobProgress(total=total, percent=percent, **by_state)
+
+
+def _public(row: Any, live: dict[str, int] | None) -> JobPublic:
+    spec: dict[str, Any] = json.loads(row["spec"])
+    counts = row["counts"] if row["counts"] is not None else (live or {})
+    return JobPublic(
+        id=row["id"],
+        type=row["type"],
+        query=row["query"],
+        method=MethodSpec.model_validate(spec) if row["type"] == "method" else None,
+        patch=spec.get("patch") if row["type"] == "twin" else None,
+        batch_size=row["batch_size"],
+        max_per_second=row["max_per_second"],
+        state=row["state"],
+        progress=_progress(row["total"], counts),
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        started_at=row["started_at"],
+        cancelled_at=row["cancelled_at"],
+        cancelled_by=row["cancelled_by"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+    )
+
+
+async def _publics(con: Any, rows: list[Any]) -> list[JobPublic]:
+    """The jobs with their progress: stored counts once finished, counted live before."""
+    live_ids = [r["id"] for r in rows if r["counts"] is None]
+    live: dict[int, dict[str, int]] = {}
+    if live_ids:
+        for c in await con.fetch(LIVE_COUNTS, live_ids):
+            live.setdefault(c["job_id"], {})[c["state"]] = c["n"]
+    return [_public(r, live.get(r["id"])) for r in rows]
+
+
+async def _get(con: Any, job_id: int) -> JobPublic:
+    row = await con.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
+    if row is None:
+        raise HTTPException(404, f"job {job_id} not found")
+    return (await _publics(con, [row]))[0]
+
+
+def _spec(body: MethodJobCreate | TwinJobCreate, key: KeyInfo) -> str:
+    """The job's spec as JSON text (the standard library keeps integers of any size)."""
+    if isinstance(body, MethodJobCreate):
+        return json.dumps(body.method.model_dump(), allow_nan=False)
+    if "admin" not in key.scopes and "devices:write" not in key.scopes:
+        raise HTTPException(403, "a twin job needs the devices:write scope as well")
+    problem = protocol.twin_patch_problem(body.patch)
+    if problem:
+        raise HTTPException(400, problem)
+    size = len(orjson.dumps(body.patch))
+    if size > protocol.MAX_TWIN_BYTES:
+        raise HTTPException(413, f"the patch is {size} bytes, more than {protocol.MAX_TWIN_BYTES}")
+    return json.dumps({"patch": body.patch}, allow_nan=False)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={
+        201: {"description": "The job, queued", "links": links("/id", *JOB_LINKS)},
+        400: {
+            "model": Problem,
+            "description": "The query does not compile (`position` points at the offending "
+            "text), matches too many devices, or the patch is not a valid twin patch",
+        },
+        413: {"model": Problem, "description": "The patch is too large"},
+    },
+)
+async def create_job(
+    body: JobCreate, request: Request, pool: PoolDep, settings: SettingsDep, key: CommandsWrite
+) -> JobPublic:
+    """Run a method (`type: method`) or a desired-properties patch (`type: twin`) on every
+    device the query matches now. The devices are fixed when the job is created; the job
+    runs in the background: follow it with `GET /v1/jobs/{id}`."""
+    spec = _spec(body, key)
+    compiled = devicequery.compile_query(body.query, first_param=3)
+    cap = settings.jobs_max_devices
+    snapshot = SNAPSHOT.format(from_=devicequery.DEVICE_FROM, where=compiled.where)
+    async with pool.acquire() as con, con.transaction():
+        job_id = await con.fetchval(
+            INSERT_JOB,
+            body.type,
+            body.query,
+            spec,
+            body.batch_size,
+            body.max_per_second,
+            who(key),
+        )
+        status = await con.execute(f"{snapshot} LIMIT $2", job_id, cap + 1, *compiled.params)
+        total = int(status.rsplit(" ", 1)[-1])
+        if total > cap:
+            raise HTTPException(
+                400, f"the query matches more than {cap} devices, the most one job may target"
+            )
+        await con.execute("UPDATE jobs SET total = $2 WHERE id = $1", job_id, total)
+        if total == 0:
+            await jobs.finish(con, job_id)
+    jobs.JOBS.labels("created").inc()
+    log.info(
+        "job created",
+        extra={
+            "job_id": job_id,
+            "type": body.type,
+            "total": total,
+            "batch_size": body.batch_size,
+            "max_per_second": body.max_per_second,
+            "key_id": key.id,
+        },
+    )
+    request.state.jobs.wake()
+    return await _get(pool, job_id)
+
+
+@router.get(
+    "",
+    response_model=JobPage,
+    responses={200: {"description": "A page of jobs", "links": links("/items/0/id", *JOB_LINKS)}},
+)
+async def list_jobs(
+    pool: PoolDep,
+    _key: JobsRead,
+    state: Annotated[JobState | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+) -> JobPage:
+    """Jobs, newest first, with their progress; `state` filters."""
+    async with pool.acquire() as con:
+        rows = await con.fetch(
+            f"""
+            SELECT {COLUMNS} FROM jobs
+            WHERE ($1::text IS NULL OR state = $1) AND ($2::bigint IS NULL OR id < $2)
+            ORDER BY id DESC LIMIT $3
+            """,
+            state,
+            cursor,
+            limit + 1,
+        )
+        items = await _publics(con, rows[:limit])
+    return JobPage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
+async def get_job(job_id: JobId, pool: PoolDep, _key: JobsRead) -> JobPublic:
+    """One job and its progress: devices per state, total, percent finished."""
+    async with pool.acquire() as con:
+        return await _get(con, job_id)
+
+
+@router.get("/{job_id}/devices", response_model=JobDevicePage, responses=NOT_FOUND)
+async def list_job_devices(
+    job_id: JobId,
+    pool: PoolDep,
+    _key: JobsRead,
+    state: Annotated[DeviceState | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> JobDevicePage:
+    """The job's devices by id, each with its outcome; `state` filters."""
+    async with pool.acquire() as con:
+        if await con.fetchval("SELECT 1 FROM jobs WHERE id = $1", job_id) is None:
+            raise HTTPException(404, f"job {job_id} not found")
+        rows = await con.fetch(
+            f"""
+            SELECT {DEVICE_COLUMNS} FROM job_devices
+            WHERE job_id = $1 AND ($2::text IS NULL OR state = $2)
+              AND ($3::text IS NULL OR device_id > $3)
+            ORDER BY device_id LIMIT $4
+            """,
+            job_id,
+            state,
+            cursor,
+            limit + 1,
+        )
+    items = [JobDevicePublic(**dict(r)) for r in rows[:limit]]
+    more = len(rows) > limit
+    return JobDevicePage(items=items, next_cursor=items[-1].device_id if more else None)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={
+        **NOT_FOUND,
+        409: {"model": Problem, "description": "The job has finished already"},
+    },
+)
+async def cancel_job(job_id: JobId, pool: PoolDep, key: CommandsWrite) -> JobPublic:
+    """Cancel a job: its pending devices are cancelled, the ones running finish."""
+    async with pool.acquire() as con:
+        async with con.transaction():
+            cancelled = await con.fetchval(CANCEL, job_id, who(key))
+            if cancelled is None:
+                state = await con.fetchval("SELECT state FROM jobs WHERE id = $1", job_id)
+                if state is None:
+                    raise HTTPException(404, f"job {job_id} not found")
+                raise HTTPException(409, f"job {job_id} is {state} already")
+            dropped = await jobs.cancel_pending(con, job_id)
+        await jobs.finish(con, job_id)
+        log.info(
+            "job cancelled",
+            extra={"job_id": job_id, "devices_cancelled": dropped, "key_id": key.id},
+        )
+        return await _get(con, job_id)

@@ -1,0 +1,544 @@
+"""Jobs (/v1/jobs): the API as a process running methods and twin patches on real paho
+devices over the real broker; restarts, cancellation and two replicas sharing a job."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+
+from fleetline import apikeys
+from fleetline.embedded import LocalMosquitto
+from fleetline.migrate import migrate
+from fleetline.settings import StorageSettings
+from tests.integration.test_api import assert_problem, client
+from tests.support import ApiProcess, Device, wait_until
+
+pytestmark = pytest.mark.integration
+
+# (request body) -> (status, payload) to answer with, or None to stay silent.
+Answer = Callable[[dict[str, Any]], tuple[int, Any] | None]
+
+
+class JobDevice:
+    """A device on the real broker, as firmware would be: it answers method requests
+    from paho's network thread (after ``delay`` seconds, from a timer thread) and keeps
+    the desired documents it receives on ``devices/{id}/twin/desired``."""
+
+    def __init__(
+        self, broker_url: str, device_id: str, answer: Answer | None = None, *, delay: float = 0
+    ) -> None:
+        self.device_id = device_id
+        self.answer = answer or self.echo
+        self.requests: list[dict[str, Any]] = []
+        self.desired: list[tuple[dict[str, Any], bool]] = []  # (document, retained)
+        self._lock = threading.Lock()
+        self.device = Device(broker_url, device_id)
+        c = self.device.client
+        subscribed = threading.Event()
+        c.on_subscribe = lambda *_a: subscribed.set()
+
+        def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            body = orjson.loads(msg.payload)
+            if msg.topic.endswith("/twin/desired"):
+                with self._lock:
+                    self.desired.append((body, bool(msg.retain)))
+                return
+            request_id = msg.topic.split("/")[3]
+            with self._lock:
+                self.requests.append(body)
+            reply = self.answer(body)
+            if reply is None:
+                return
+            status, payload = reply
+            topic = f"devices/{device_id}/methods/{request_id}/res"
+            raw = orjson.dumps({"status": status, "payload": payload})
+            if delay:
+                threading.Timer(delay, c.publish, (topic, raw), {"qos": 1}).start()
+            else:
+                c.publish(topic, raw, qos=1)
+
+        c.on_message = on_message
+        c.subscribe(
+            [(f"devices/{device_id}/methods/+/req", 1), (f"devices/{device_id}/twin/desired", 1)]
+        )
+        assert subscribed.wait(10), "the device's subscription was not acknowledged"
+
+    def echo(self, body: dict[str, Any]) -> tuple[int, Any]:
+        return 200, {"device": self.device_id, "method": body["method"], **body["params"]}
+
+    def calls(self, method: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if r["method"] == method]
+
+    def documents(self) -> list[tuple[dict[str, Any], bool]]:
+        with self._lock:
+            return list(self.desired)
+
+    def close(self) -> None:
+        self.device.close()
+
+
+@pytest.fixture
+def job_devices(broker: LocalMosquitto) -> Iterator[Callable[..., JobDevice]]:
+    made: list[JobDevice] = []
+
+    def make(device_id: str, answer: Answer | None = None, **kwargs: Any) -> JobDevice:
+        made.append(JobDevice(broker.url, device_id, answer, **kwargs))
+        return made[-1]
+
+    yield make
+    for dev in made:
+        dev.close()
+
+
+async def register(
+    pool: asyncpg.Pool[Any], ids: list[str], tags: dict[str, Any], *, online: bool = False
+) -> list[str]:
+    """Register devices with tags; ``online``: mark them online as ingest does on their
+    `online` status."""
+    await pool.execute(
+        "INSERT INTO devices (id, tags) SELECT unnest($1::text[]), $2::text::jsonb",
+        ids,
+        orjson.dumps(tags).decode(),
+    )
+    if online:
+        await pool.execute(
+            "INSERT INTO device_activity (device_id, last_seen, online, status_changed_at) "
+            "SELECT unnest($1::text[]), now(), true, now()",
+            ids,
+        )
+    return ids
+
+
+async def offline(pool: asyncpg.Pool[Any], prefix: str) -> None:
+    """No later test (schemathesis follows device lists) may find these devices online."""
+    await pool.execute(
+        "UPDATE device_activity SET online = false WHERE device_id LIKE $1 || '%'", prefix
+    )
+
+
+async def cancel_leftover_jobs(pool: asyncpg.Pool[Any]) -> None:
+    """Jobs other tests (schemathesis) left running would share the runner with ours."""
+    await pool.execute(
+        "UPDATE jobs SET state = 'cancelled', cancelled_at = now() "
+        "WHERE state IN ('queued', 'running')"
+    )
+    await pool.execute(
+        "UPDATE job_devices SET state = 'cancelled', reason = 'cancelled', finished_at = now() "
+        "WHERE state = 'pending'"
+    )
+
+
+@pytest.fixture(autouse=True)
+async def _only_our_jobs(db: asyncpg.Pool[Any]) -> None:
+    await cancel_leftover_jobs(db)
+
+
+def method_job(query: str, name: str, **extra: Any) -> dict[str, Any]:
+    params = extra.pop("params", {})
+    timeout_s = extra.pop("timeout_s", 5)
+    return {
+        "query": query,
+        "type": "method",
+        "method": {"name": name, "params": params, "timeout_s": timeout_s},
+        **extra,
+    }
+
+
+def wait_job(
+    c: httpx.Client,
+    job_id: int,
+    *,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """The job once ``until`` holds (default: it has finished)."""
+    done = until or (lambda job: job["finished_at"] is not None)
+
+    def check() -> dict[str, Any] | None:
+        resp = c.get(f"/v1/jobs/{job_id}")
+        assert resp.status_code == 200, resp.text
+        job: dict[str, Any] = resp.json()
+        return job if done(job) else None
+
+    found: dict[str, Any] = wait_until(check, timeout=timeout, interval=0.2, what=f"job {job_id}")
+    return found
+
+
+def outcomes(c: httpx.Client, job_id: int, **params: Any) -> list[dict[str, Any]]:
+    """Every device of the job, following the pages."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        resp = c.get(f"/v1/jobs/{job_id}/devices", params=query)
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return items
+
+
+async def test_a_method_job_calls_every_matched_device_and_records_each_outcome(
+    api: ApiProcess,
+    make_key: Callable[..., Any],
+    job_devices: Callable[..., JobDevice],
+    db: asyncpg.Pool[Any],
+    uid: str,
+) -> None:
+    answering = await register(db, [f"{uid}-{i}" for i in range(3)], {"run": uid}, online=True)
+    [broken] = await register(db, [f"{uid}-broken"], {"run": uid}, online=True)
+    [away] = await register(db, [f"{uid}-away"], {"run": uid})  # never connected
+    [other] = await register(db, [f"{uid}-other"], {"run": f"{uid}-not"}, online=True)
+    try:
+        devs = {d: job_devices(d) for d in answering}
+        devs[broken] = job_devices(broken, lambda _b: (500, {"error": "relay stuck"}))
+        devs[other] = job_devices(other)
+        c = client(api, await make_key("commands:write"))
+        params = {"level": 3, "note": "ünïcode", "big": 2**70}
+        created = c.post(
+            "/v1/jobs", json=method_job(f"tags.run = '{uid}'", "set", params=params, batch_size=2)
+        )
+        assert created.status_code == 201, created.text
+        job = created.json()
+        assert job["type"] == "method" and job["query"] == f"tags.run = '{uid}'"
+        assert job["method"] == {"name": "set", "params": params, "timeout_s": 5}
+        assert job["batch_size"] == 2 and job["max_per_second"] is None
+        assert job["progress"]["total"] == 5 and job["created_by"]
+
+        done = wait_job(c, job["id"])
+        assert done["state"] == "completed"
+        assert done["started_at"] and done["finished_at"] >= done["started_at"]
+        assert done["progress"] == {
+            "total": 5,
+            "pending": 0,
+            "running": 0,
+            "succeeded": 3,
+            "failed": 2,
+            "cancelled": 0,
+            "percent": 100.0,
+        }
+        rows = {r["device_id"]: r for r in outcomes(c, job["id"], limit=2)}
+        assert sorted(rows) == sorted([*answering, broken, away])
+        for device_id in answering:
+            row = rows[device_id]
+            assert (row["state"], row["status"], row["reason"], row["attempts"]) == (
+                "succeeded",
+                200,
+                "answered",
+                1,
+            )
+            # The integer beyond 64 bits reaches the device exactly, as a direct call does.
+            assert devs[device_id].calls("set") == [{"method": "set", "params": params}]
+            assert row["result"]["payload"]["device"] == device_id
+            assert row["result"]["payload"]["note"] == "ünïcode"
+            assert len(row["result"]["request_id"]) == 32
+            assert row["error"] is None and row["started_at"] and row["finished_at"]
+        # A device that answers with an error code did not do it: failed, its answer kept.
+        assert rows[broken]["state"] == "failed" and rows[broken]["status"] == 500
+        assert rows[broken]["result"]["payload"] == {"error": "relay stuck"}
+        assert "status 500" in rows[broken]["error"]
+        assert (rows[away]["state"], rows[away]["status"], rows[away]["reason"]) == (
+            "failed",
+            409,
+            "offline",
+        )
+        assert f"device {away} is offline" in rows[away]["error"]
+        assert devs[other].requests == []  # not matched by the query
+
+        failed = outcomes(c, job["id"], state="failed")
+        assert sorted(r["device_id"] for r in failed) == sorted([broken, away])
+
+        # Listing: newest first, filtered by state, paged; readable with devices:read.
+        reader = client(api, await make_key("devices:read"))
+        second = c.post("/v1/jobs", json=method_job(f"id = '{uid}-nobody'", "noop")).json()
+        listed = reader.get("/v1/jobs", params={"limit": 1}).json()
+        assert [j["id"] for j in listed["items"]] == [second["id"]] and listed["next_cursor"]
+        after = reader.get("/v1/jobs", params={"limit": 1, "cursor": listed["next_cursor"]})
+        assert after.json()["items"][0]["id"] == job["id"]
+        completed = reader.get("/v1/jobs", params={"state": "completed"}).json()["items"]
+        assert job["id"] in [j["id"] for j in completed]
+        assert all(j["state"] == "completed" for j in completed)
+        assert reader.get(f"/v1/jobs/{job['id']}").json()["progress"]["succeeded"] == 3
+        assert_problem(reader.post("/v1/jobs", json=method_job("", "x")), 403, "commands:write")
+        assert_problem(reader.post(f"/v1/jobs/{job['id']}/cancel"), 403, "commands:write")
+    finally:
+        await offline(db, uid)
+
+
+async def test_a_job_matching_nothing_is_completed_at_once(
+    api: ApiProcess, make_key: Callable[..., Any], uid: str
+) -> None:
+    c = client(api, await make_key("commands:write"))
+    created = c.post("/v1/jobs", json=method_job(f"id = '{uid}-nobody'", "noop"))
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["state"] == "completed" and job["finished_at"]
+    assert job["progress"]["total"] == 0 and job["progress"]["percent"] == 100.0
+    assert c.get(f"/v1/jobs/{job['id']}/devices").json() == {"items": [], "next_cursor": None}
+    assert_problem(c.post(f"/v1/jobs/{job['id']}/cancel"), 409, "completed already")
+
+
+async def test_invalid_jobs_get_4xx_problems(
+    api: ApiProcess, make_key: Callable[..., Any], uid: str
+) -> None:
+    c = client(api, await make_key("commands:write", "devices:write"))
+    bad = c.post("/v1/jobs", json=method_job("tags.run = 'x' AND AND", "m"))
+    body = assert_problem(bad, 400, "expected a property")
+    assert body["position"] == 19
+    assert (
+        assert_problem(c.post("/v1/jobs", json=method_job("status = 'maybe'", "m")), 400)[
+            "position"
+        ]
+        == 9
+    )
+    good = method_job(f"id = '{uid}'", "m")
+    for wrong in (
+        {k: v for k, v in good.items() if k != "query"},
+        {**good, "type": "reboot"},
+        {k: v for k, v in good.items() if k != "method"},
+        {**good, "patch": {"a": 1}},
+        {**good, "batch_size": 0},
+        {**good, "batch_size": 1001},
+        {**good, "max_per_second": 0},
+        {**good, "max_per_second": -1},
+        {**good, "method": {"name": "m", "timeout_s": 301}},
+        {**good, "method": {"name": "bad name"}},
+        {**good, "method": {"name": "m", "params": []}},
+        {**good, "extra": 1},
+        {"query": "", "type": "twin"},
+        {"query": "", "type": "twin", "patch": []},
+        {"query": "x" * 5000, "type": "twin", "patch": {}},
+    ):
+        assert_problem(c.post("/v1/jobs", json=wrong), 422)
+    for raw in (
+        b'{"query": "", "type": "twin", "patch": {"a": NaN}}',
+        b'{"query": "", "type": "method", "method": {"name": "m", "params": {"x": Infinity}}}',
+    ):
+        assert_problem(
+            c.post("/v1/jobs", content=raw, headers={"content-type": "application/json"}), 422
+        )
+    twin = {"query": f"id = '{uid}'", "type": "twin"}
+    assert_problem(c.post("/v1/jobs", json={**twin, "patch": {"a.b": 1}}), 400, "member name")
+    deep: dict[str, Any] = {"v": 1}
+    for _ in range(8):
+        deep = {"a": deep}
+    assert_problem(c.post("/v1/jobs", json={**twin, "patch": deep}), 400, "nested more than")
+    assert_problem(
+        c.post("/v1/jobs", json={**twin, "patch": {"blob": "x" * 40_000}}), 413, "more than 32768"
+    )
+    # A twin job changes desired properties: it needs devices:write besides commands:write.
+    commander = client(api, await make_key("commands:write"))
+    assert_problem(
+        commander.post("/v1/jobs", json={**twin, "patch": {"a": 1}}), 403, "devices:write"
+    )
+    assert c.post("/v1/jobs", json={**twin, "patch": {"a": 1}}).status_code == 201
+    for path in ("/v1/jobs/999999999", "/v1/jobs/999999999/devices"):
+        assert_problem(c.get(path), 404, "job 999999999 not found")
+    assert_problem(c.post("/v1/jobs/999999999/cancel"), 404)
+    assert_problem(c.get("/v1/jobs", params={"state": "sleeping"}), 422)
+    assert_problem(c.get("/v1/jobs/1/devices", params={"state": "sleeping"}), 422)
+    assert_problem(client(api).get("/v1/jobs"), 401)
+
+
+async def test_cancel_stops_the_pending_devices_and_lets_running_ones_finish(
+    api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any], uid: str
+) -> None:
+    # Offline devices fail at once (409); one start every 2 s keeps the job going.
+    ids = await register(db, [f"{uid}-{i:02}" for i in range(10)], {"run": uid})
+    c = client(api, await make_key("commands:write", "devices:read"))
+    job = c.post(
+        "/v1/jobs",
+        json=method_job(f"tags.run = '{uid}'", "m", batch_size=1, max_per_second=0.5),
+    ).json()
+    wait_job(c, job["id"], until=lambda j: j["progress"]["failed"] >= 1)
+    cancelled = c.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["state"] == "cancelled" and cancelled.json()["cancelled_at"]
+    assert cancelled.json()["cancelled_by"]
+    assert_problem(c.post(f"/v1/jobs/{job['id']}/cancel"), 409, "cancelled already")
+    done = wait_job(c, job["id"])
+    progress = done["progress"]
+    assert done["state"] == "cancelled"
+    assert progress["pending"] == 0 and progress["running"] == 0 and progress["total"] == 10
+    assert progress["failed"] >= 1 and progress["cancelled"] >= 5
+    assert progress["failed"] + progress["cancelled"] == 10 and progress["percent"] == 100.0
+    rows = outcomes(c, job["id"])
+    assert sorted(r["device_id"] for r in rows) == ids
+    for row in rows:
+        if row["state"] == "cancelled":
+            assert row["reason"] == "cancelled" and row["attempts"] == 0
+        else:
+            assert (row["state"], row["reason"], row["attempts"]) == ("failed", "offline", 1)
+    assert await db.fetchval("SELECT count(*) FROM job_devices WHERE job_id = $1", job["id"]) == 10
+
+
+# --- processes of our own: a database only they serve ------------------------------
+
+
+@pytest.fixture(scope="module")
+async def private_db(admin_url: str) -> AsyncIterator[str]:
+    """A database of its own: the session's API process would otherwise run these
+    tests' jobs too, where each test needs to know which processes run them."""
+    name = f"fleetline_jobs_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rpartition("/")[0] + "/" + name
+    try:
+        await migrate(url, StorageSettings(timescale="off"), create_database=False)
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def private(private_db: str) -> AsyncIterator[asyncpg.Pool[Any]]:
+    pool = await asyncpg.create_pool(private_db, min_size=1, max_size=2)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def start_private_api(
+    private_db: str, broker: LocalMosquitto, artifacts: Path, uid: str
+) -> Iterator[Callable[..., ApiProcess]]:
+    started: list[ApiProcess] = []
+
+    def start(name: str, **env: str) -> ApiProcess:
+        proc = ApiProcess(
+            database_url=private_db,
+            mqtt_url=broker.url,
+            log_dir=artifacts,
+            name=f"{uid}-{name}",
+            env={"FLEETLINE_API_JOBS_POLL_INTERVAL_SECONDS": "0.2", **env},
+        )
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+async def admin_token(pool: asyncpg.Pool[Any]) -> str:
+    async with pool.acquire() as con:
+        return (await apikeys.create_key(con, name="jobs test", scopes=["admin"])).token
+
+
+async def states(pool: asyncpg.Pool[Any], job_id: int) -> dict[str, int]:
+    rows = await pool.fetch(
+        "SELECT state, count(*)::int AS n FROM job_devices WHERE job_id = $1 GROUP BY state",
+        job_id,
+    )
+    return {r["state"]: r["n"] for r in rows}
+
+
+async def wait_states(
+    pool: asyncpg.Pool[Any],
+    job_id: int,
+    check: Callable[[dict[str, int]], bool],
+    timeout: float = 30,
+) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        now = await states(pool, job_id)
+        if check(now):
+            return now
+        assert time.monotonic() < deadline, f"job {job_id} stayed at {now}"
+        time.sleep(0.1)
+
+
+async def test_a_job_survives_kill_9_and_sigterm_of_its_api_process(
+    start_private_api: Callable[..., ApiProcess],
+    private: asyncpg.Pool[Any],
+    job_devices: Callable[..., JobDevice],
+    uid: str,
+) -> None:
+    ids = await register(private, [f"{uid}-{i:02}" for i in range(20)], {"run": uid}, online=True)
+    # Each answer takes 1 s: two devices are running nearly all the time.
+    devs = [job_devices(d, delay=1.0) for d in ids]
+    token = await admin_token(private)
+    # Leases: the method's 2 s timeout, 2 s of work, 1 s of grace.
+    env = {"FLEETLINE_API_JOBS_LEASE_GRACE_SECONDS": "1"}
+    first = start_private_api("first", **env)
+    # At most 4 devices a second, 2 at a time: about 10 s for the job.
+    body = method_job(f"tags.run = '{uid}'", "one", timeout_s=2, batch_size=2, max_per_second=4)
+    job = client(first, token).post("/v1/jobs", json=body).json()
+    await wait_states(private, job["id"], lambda s: s.get("succeeded", 0) >= 5)
+    first.kill()
+    left = await states(private, job["id"])
+    # Killed mid-job, with devices running: their leases must run out.
+    assert left.get("pending", 0) > 0 and left.get("running", 0) > 0, left
+
+    second = start_private_api("second", **env)
+    c = client(second, token)
+    done = wait_job(c, job["id"])
+    assert done["state"] == "completed", done
+    assert done["progress"]["succeeded"] == 20 and done["progress"]["total"] == 20
+    rows = outcomes(c, job["id"])
+    assert sorted(r["device_id"] for r in rows) == ids  # one final outcome each
+    for row, dev in zip(rows, devs, strict=True):
+        assert row["state"] == "succeeded" and row["status"] == 200, row
+        # A device running when the process died was started again once its lease ran
+        # out: its request may have reached it twice (at least once), never more often
+        # than it was started.
+        assert 1 <= len(dev.calls("one")) <= row["attempts"] <= 2, row
+    assert sum(r["attempts"] == 2 for r in rows) == left["running"]
+
+    # SIGTERM: the process stops claiming, lets running devices finish (they answer in
+    # 1 s) and hands back any it cut short; nothing is left running for a lease.
+    job = c.post("/v1/jobs", json={**body, "method": {**body["method"], "name": "two"}}).json()
+    await wait_states(private, job["id"], lambda s: s.get("succeeded", 0) >= 5)
+    # uvicorn re-raises the signal once its graceful shutdown is done.
+    assert second.terminate() in (0, -15)
+    assert "Application shutdown complete" in second.log_tail(5)
+    left = await states(private, job["id"])
+    assert "running" not in left and left.get("pending", 0) > 0, left
+    third = start_private_api("third", **env)
+    done = wait_job(client(third, token), job["id"])
+    assert done["state"] == "completed" and done["progress"]["succeeded"] == 20, done
+    for row, dev in zip(outcomes(client(third, token), job["id"]), devs, strict=True):
+        assert row["attempts"] == 1 and len(dev.calls("two")) == 1, row
+
+
+async def test_two_replicas_share_one_job_and_run_each_device_once(
+    start_private_api: Callable[..., ApiProcess],
+    private: asyncpg.Pool[Any],
+    job_devices: Callable[..., JobDevice],
+    uid: str,
+) -> None:
+    ids = await register(private, [f"{uid}-{i:02}" for i in range(24)], {"run": uid}, online=True)
+    devs = [job_devices(d, delay=0.2) for d in ids]
+    token = await admin_token(private)
+    # Each replica runs at most 2 devices at once, the job 4: both must take part.
+    replicas = [
+        start_private_api(name, FLEETLINE_API_JOBS_MAX_IN_FLIGHT="2") for name in ("a", "b")
+    ]
+    job = (
+        client(replicas[0], token)
+        .post("/v1/jobs", json=method_job(f"tags.run = '{uid}'", "once", batch_size=4))
+        .json()
+    )
+    done = wait_job(client(replicas[1], token), job["id"])
+    assert done["state"] == "completed" and done["progress"]["succeeded"] == 24, done
+    for dev in devs:
+        assert len(dev.calls("once")) == 1, dev.device_id
+    runners = await private.fetch(
+        "SELECT claimed_by, attempts FROM job_devices WHERE job_id = $1", job["id"]
+    )
+    assert len({r["claimed_by"] for r in runners}) == 2
+    assert {r["attempts"] for r in runners} == {1}
