@@ -6,12 +6,13 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 import orjson
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POOL_CLOSE_TIMEOUT_SECONDS = 10.0
 
@@ -136,6 +137,53 @@ def is_notify_queue_full(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") == (
         NOTIFY_QUEUE_FULL
     )
+
+
+# Every payload of one channel in one statement.
+NOTIFY_MANY_SQL = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
+
+
+class Notices:
+    """The notifications a transaction run by :func:`notifying` sends at its commit."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, list[str]]] = []
+
+    def add(self, channel: str, *payloads: str) -> None:
+        if payloads:
+            self.items.append((channel, list(payloads)))
+
+
+async def notifying(
+    pool: asyncpg.Pool[Any], work: Callable[[Any, Notices], Awaitable[T]], *, what: str
+) -> T:
+    """Run ``work(con, notices)`` in a transaction that sends what it added to
+    ``notices`` at its commit.
+
+    Notifications only tell listeners sooner what they would find by their periodic
+    sweep, so they must never cost the change: when the commit fails because
+    PostgreSQL's NOTIFY queue is full, the transaction is run again without them, with
+    :data:`QUIET_NOTIFY_SQL` set for triggers that notify. ``what`` names the change in
+    that log line."""
+    async with pool.acquire() as con:
+        notices = Notices()
+        try:
+            async with con.transaction():
+                result = await work(con, notices)
+                for channel, payloads in notices.items:
+                    await con.execute(NOTIFY_MANY_SQL, channel, payloads)
+            return result
+        except asyncpg.PostgresError as exc:
+            if not is_notify_queue_full(exc):
+                raise
+        log.error(
+            "the database's NOTIFY queue is full (a LISTEN session stopped reading); "
+            "%s written without notifying (listeners find it by their periodic sweep)",
+            what,
+        )
+        async with con.transaction():
+            await con.execute(QUIET_NOTIFY_SQL)
+            return await work(con, Notices())
 
 
 async def listen(

@@ -48,8 +48,8 @@ MAX_EXPONENT = 300
 DEVICE_FROM = (
     "devices d"
     " LEFT JOIN device_activity a ON a.device_id = d.id"
-    " LEFT JOIN twin_desired td ON td.device_id = d.id"
-    " LEFT JOIN twin_reported tr ON tr.device_id = d.id"
+    " LEFT JOIN twin_desired td ON td.device_id = d.id AND td.module_id = ''"
+    " LEFT JOIN twin_reported tr ON tr.device_id = d.id AND tr.module_id = ''"
 )
 
 # The JSON document each root names (a device without a twin row has none: every

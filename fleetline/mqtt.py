@@ -38,7 +38,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fleetline.protocol import C2D_ACK, STATUS, TELEMETRY, TOPIC_ROOT, TWIN_REPORTED
+from fleetline.protocol import C2D_ACK, MODULES, STATUS, TELEMETRY, TOPIC_ROOT, TWIN_REPORTED
 from fleetline.settings import MqttProtocol, MqttTarget
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,13 @@ def device_message_topics(
     twin_reported: bool = False,
     c2d_acks: bool = False,
 ) -> list[str]:
-    """Every device's telemetry and status (and, for ingest, its reported twin patches and
-    its acknowledgements of cloud-to-device messages); a shared subscription of
+    """Every device's telemetry and status (and, for ingest, its and its modules' reported
+    twin patches and its acknowledgements of cloud-to-device messages); a shared subscription of
     ``share_group`` when one is set and the connection is MQTT 5 (3.1.1 has none)."""
     topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
     if twin_reported:
         topics.append(f"{TOPIC_ROOT}/+/{TWIN_REPORTED}")
+        topics.append(f"{TOPIC_ROOT}/+/{MODULES}/+/{TWIN_REPORTED}")
     if c2d_acks:
         topics.append(f"{TOPIC_ROOT}/+/{C2D_ACK}")
     if is_v5(client) and share_group:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -28,6 +29,10 @@ STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 
 DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+# Modules: named parts of a device's software, each with its own twin and methods, under
+# devices/{id}/modules/{module_id}/ (over the device's own connection).
+MODULES = "modules"
+MODULE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 METRIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -47,30 +52,83 @@ MAX_TWIN_DEPTH = 8
 TWIN_KEY_RE = re.compile(r"[^.$\s\x00-\x1f\x7f]{1,128}\Z")
 
 
-def _twin_problem(value: Any, depth: int, path: str) -> str | None:
-    kind = type(value)
-    if kind is dict or kind is list:
-        if depth > MAX_TWIN_DEPTH:
-            return f"{path or 'the document'} is nested more than {MAX_TWIN_DEPTH} levels deep"
+# Where a JSON path names a member, at most this much of its name is shown.
+MAX_PATH_KEY_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class JsonProblem:
+    """What :func:`json_problem` found first: ``too_deep`` (the object or array at
+    ``path``), ``member_name`` (``key`` of the object at ``path``) or ``nul`` (the
+    string at ``path``)."""
+
+    kind: Literal["too_deep", "member_name", "nul"]
+    path: str
+    key: str = ""
+
+
+def _no_nul(key: str) -> bool:
+    return "\x00" not in key
+
+
+def json_problem(
+    doc: Any, *, max_depth: int, path: str = "", key_ok: Callable[[str], bool] = _no_nul
+) -> JsonProblem | None:
+    """The first thing in parsed JSON that a document may not hold: objects or arrays
+    nested deeper than ``max_depth`` (the root is level 1), a member name ``key_ok``
+    refuses (by default one with a NUL), a string with a NUL (PostgreSQL's jsonb cannot
+    store it). Depth first, in document order, without recursion. Paths read
+    ``a.b[2]``, under ``path``."""
+    # (value, its depth, its path; for an object's member: the object's path, its name)
+    stack: list[tuple[Any, int, str, str, str | None]] = [(doc, 1, path, "", None)]
+    while stack:
+        value, depth, where, parent, key = stack.pop()
+        if key is not None and not key_ok(key):
+            return JsonProblem("member_name", parent, key)
+        kind = type(value)
         if kind is dict:
-            for key, item in value.items():
-                if TWIN_KEY_RE.match(key) is None:
-                    shown = f"{path}.{key[:40]!r}" if path else repr(key[:40])
-                    return (
-                        f"member name {shown} must be 1-128 characters without '.', '$', "
-                        "whitespace or control characters"
-                    )
-                problem = _twin_problem(item, depth + 1, f"{path}.{key}" if path else key)
-                if problem:
-                    return problem
-        else:
-            for i, item in enumerate(value):
-                problem = _twin_problem(item, depth + 1, f"{path}[{i}]")
-                if problem:
-                    return problem
-    elif kind is str and "\x00" in value:
-        return f"{path} contains a NUL character"  # PostgreSQL's jsonb cannot store it
+            if depth > max_depth:
+                return JsonProblem("too_deep", where)
+            members = [
+                (item, depth + 1, _member_path(where, name), where, name)
+                for name, item in value.items()
+            ]
+            stack.extend(reversed(members))
+        elif kind is list:
+            if depth > max_depth:
+                return JsonProblem("too_deep", where)
+            items = [
+                (item, depth + 1, f"{where}[{i}]", where, None) for i, item in enumerate(value)
+            ]
+            stack.extend(reversed(items))
+        elif kind is str and "\x00" in value:
+            return JsonProblem("nul", where)
     return None
+
+
+def _member_path(path: str, key: str) -> str:
+    shown = key[:MAX_PATH_KEY_CHARS]
+    return f"{path}.{shown}" if path else shown
+
+
+def _twin_key_ok(key: str) -> bool:
+    return TWIN_KEY_RE.match(key) is not None
+
+
+def _twin_problem(doc: Any) -> str | None:
+    problem = json_problem(doc, max_depth=MAX_TWIN_DEPTH, key_ok=_twin_key_ok)
+    if problem is None:
+        return None
+    path = problem.path
+    if problem.kind == "too_deep":
+        return f"{path or 'the document'} is nested more than {MAX_TWIN_DEPTH} levels deep"
+    if problem.kind == "member_name":
+        shown = f"{path}.{problem.key[:40]!r}" if path else repr(problem.key[:40])
+        return (
+            f"member name {shown} must be 1-128 characters without '.', '$', "
+            "whitespace or control characters"
+        )
+    return f"{path} contains a NUL character"
 
 
 def twin_patch_problem(patch: Any) -> str | None:
@@ -78,7 +136,7 @@ def twin_patch_problem(patch: Any) -> str | None:
     bytes is checked on the raw payload, before parsing."""
     if type(patch) is not dict:
         return "a twin patch must be a JSON object"
-    return _twin_problem(patch, 1, "")
+    return _twin_problem(patch)
 
 
 def parse_twin_patch(payload: bytes) -> dict[str, Any]:
@@ -129,8 +187,20 @@ def parse_c2d_ack(payload: bytes) -> tuple[str, str]:
     return canonical, outcome
 
 
-def topic_for(device_id: str, kind: str) -> str:
+def topic_for(device_id: str, kind: str, module_id: str = "") -> str:
+    """The topic of ``kind`` for a device, or for one of its modules (``module_id``)."""
+    if module_id:
+        return f"{TOPIC_ROOT}/{device_id}/{MODULES}/{module_id}/{kind}"
     return f"{TOPIC_ROOT}/{device_id}/{kind}"
+
+
+def split_module_kind(kind: str) -> tuple[str, str] | None:
+    """``modules/{module_id}/{rest}`` (a kind split_device_topic returned) -> (module_id,
+    rest); None when it is not a module's topic or the module id is invalid."""
+    parts = kind.split("/", 2)
+    if len(parts) != 3 or parts[0] != MODULES or MODULE_ID_RE.match(parts[1]) is None:
+        return None
+    return parts[1], parts[2]
 
 
 def split_device_topic(topic: str) -> tuple[str, str] | None:

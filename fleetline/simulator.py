@@ -6,11 +6,16 @@ then one reading per interval on ``devices/{id}/telemetry``. Now and then a devi
 a few readings back and sends them as one JSON array, the way devices send a backlog;
 readings whose publish failed are sent that way after the reconnect.
 
-Cloud-to-device messages: each device subscribes to ``devices/{id}/c2d`` before it
-announces itself ``online`` (the API sends queued messages when it sees that status), and
-acknowledges every message with ``{"id": ..., "outcome": "complete"}`` on
-``devices/{id}/c2d/ack``. Delivery is at least once: a message whose id the device has
-handled already is acknowledged again but not acted on twice.
+From the cloud: each device subscribes to its ``c2d``, ``twin/desired`` and
+``methods/+/req`` topics before it announces itself ``online`` (the API sends queued
+messages when it sees that status), then reports ``{"fw", "model"}`` on
+``twin/reported``.
+
+- Cloud-to-device messages are acknowledged with ``{"id": ..., "outcome": "complete"}``
+  on ``devices/{id}/c2d/ack``. Delivery is at least once: a message whose id the device
+  has handled already is acknowledged again but not acted on twice.
+- The desired document is reported back as applied, with ``desired_version``.
+- Methods ``ping`` and ``reboot`` answer 200; any other 404.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from fleetline.protocol import (
     STATUS_OFFLINE,
     STATUS_ONLINE,
     TELEMETRY,
+    TOPIC_ROOT,
+    TWIN_DESIRED,
+    TWIN_REPORTED,
     topic_for,
 )
 from fleetline.settings import MqttTarget
@@ -44,6 +52,7 @@ from fleetline.settings import MqttTarget
 log = logging.getLogger(__name__)
 
 FIRMWARE_VERSION = "1.0.3"
+MODEL = "sim-th1"
 # Share of ticks on which a device starts holding readings back to send them as a batch.
 BATCH_PROBABILITY = 0.05
 BATCH_READINGS = (2, 5)
@@ -65,6 +74,7 @@ class _Stats:
     connected: int = 0
     readings: int = 0
     c2d_messages: int = 0
+    method_calls: int = 0
 
 
 class _SeenIds:
@@ -84,37 +94,85 @@ class _SeenIds:
         return True
 
 
-async def _answer_c2d(
+async def _serve_cloud(
     client: aiomqtt.Client, device_id: str, seen: _SeenIds, stats: _Stats
 ) -> None:
-    """Take cloud-to-device messages until the connection ends; acknowledge each."""
-    ack_topic = topic_for(device_id, C2D_ACK)
+    """Take what the cloud sends until the connection ends: cloud-to-device messages
+    (acknowledged), the desired twin (applied and reported back) and direct methods
+    (answered)."""
+    own = f"{TOPIC_ROOT}/{device_id}/"
     try:
         async for message in client.messages:
             payload = message.payload
+            raw = payload if isinstance(payload, bytes | bytearray) else b""
+            kind = message.topic.value.removeprefix(own)
             try:
-                doc = orjson.loads(payload if isinstance(payload, bytes | bytearray) else b"")
-                message_id = doc["id"]
-                if type(message_id) is not str:
-                    raise TypeError("id is not a string")
-            except Exception as exc:  # not a message of the protocol: nothing to acknowledge
-                log.debug("device %s ignored a malformed c2d message: %r", device_id, exc)
-                continue
-            if seen.add(message_id):
-                stats.c2d_messages += 1
-                log.info(
-                    "device %s received a cloud-to-device message",
-                    device_id,
-                    extra={"device_id": device_id, "message_id": message_id},
-                )
-            await client.publish(
-                ack_topic,
-                orjson.dumps({"id": message_id, "outcome": "complete"}),
-                qos=1,
-                timeout=PUBLISH_TIMEOUT_SECONDS,
-            )
+                if kind == C2D:
+                    await _take_c2d(client, device_id, orjson.loads(raw), seen, stats)
+                elif kind == TWIN_DESIRED and raw:
+                    await _apply_desired(client, device_id, orjson.loads(raw))
+                elif kind.startswith("methods/") and kind.endswith("/req"):
+                    await _answer_method(client, device_id, kind, orjson.loads(raw), stats)
+            except aiomqtt.MqttError:
+                raise
+            except Exception as exc:  # not of the protocol: a device ignores it
+                log.debug("device %s ignored a message on %s: %r", device_id, kind, exc)
     except aiomqtt.MqttError as exc:  # the connection went; the device loop reconnects
-        log.debug("device %s stops taking c2d messages: %s", device_id, exc)
+        log.debug("device %s stops listening: %s", device_id, exc)
+
+
+async def _take_c2d(
+    client: aiomqtt.Client, device_id: str, doc: Any, seen: _SeenIds, stats: _Stats
+) -> None:
+    message_id = doc["id"]
+    if type(message_id) is not str:
+        raise TypeError("id is not a string")
+    if seen.add(message_id):
+        stats.c2d_messages += 1
+        log.info(
+            "device %s received a cloud-to-device message",
+            device_id,
+            extra={"device_id": device_id, "message_id": message_id},
+        )
+    await client.publish(
+        topic_for(device_id, C2D_ACK),
+        orjson.dumps({"id": message_id, "outcome": "complete"}),
+        qos=1,
+        timeout=PUBLISH_TIMEOUT_SECONDS,
+    )
+
+
+async def _apply_desired(client: aiomqtt.Client, device_id: str, doc: Any) -> None:
+    """Report the desired properties as applied, with the version they came in."""
+    desired = doc["desired"]
+    if type(desired) is not dict:
+        raise TypeError("desired is not an object")
+    await client.publish(
+        topic_for(device_id, TWIN_REPORTED),
+        orjson.dumps({**desired, "desired_version": doc["version"]}),
+        qos=1,
+        timeout=PUBLISH_TIMEOUT_SECONDS,
+    )
+
+
+async def _answer_method(
+    client: aiomqtt.Client, device_id: str, kind: str, request: Any, stats: _Stats
+) -> None:
+    """``ping`` and ``reboot`` answer 200 (a reboot is pretended); others 404."""
+    name = request["method"]
+    stats.method_calls += 1
+    if name == "ping":
+        answer = {"status": 200, "payload": {"pong": True, "params": request.get("params")}}
+    elif name == "reboot":
+        answer = {"status": 200, "payload": {"rebooting": True}}
+    else:
+        answer = {"status": 404, "payload": {"error": f"no method {str(name)[:64]!r}"}}
+    await client.publish(
+        topic_for(device_id, kind.removesuffix("/req") + "/res"),
+        orjson.dumps(answer),
+        qos=1,
+        timeout=PUBLISH_TIMEOUT_SECONDS,
+    )
 
 
 class _Sensors:
@@ -231,12 +289,23 @@ async def _device(
                 try:
                     # Subscribed before saying online: the API sends queued messages as
                     # soon as it sees the status.
-                    await client.subscribe(topic_for(device_id, C2D), qos=1)
+                    await client.subscribe(
+                        [
+                            (topic_for(device_id, C2D), 1),
+                            (topic_for(device_id, TWIN_DESIRED), 1),
+                            (topic_for(device_id, "methods/+/req"), 1),
+                        ]
+                    )
                     receiver = asyncio.create_task(
-                        _answer_c2d(client, device_id, seen, stats),
-                        name=f"simulator.device[{device_id}].c2d",
+                        _serve_cloud(client, device_id, seen, stats),
+                        name=f"simulator.device[{device_id}].cloud",
                     )
                     await client.publish(status_topic, STATUS_ONLINE, qos=1, retain=True)
+                    await client.publish(
+                        topic_for(device_id, TWIN_REPORTED),
+                        orjson.dumps({"fw": FIRMWARE_VERSION, "model": MODEL}),
+                        qos=1,
+                    )
                     next_tick = loop.time()
                     while not stop.is_set():
                         backlog.append(sensors.read())
@@ -286,11 +355,13 @@ async def _report(stats: _Stats, devices: int) -> None:
     while True:
         await asyncio.sleep(REPORT_INTERVAL_SECONDS)
         log.info(
-            "simulator: %d/%d devices connected, %d readings sent, %d c2d messages received",
+            "simulator: %d/%d devices connected, %d readings sent, %d c2d messages received, "
+            "%d method calls answered",
             stats.connected,
             devices,
             stats.readings,
             stats.c2d_messages,
+            stats.method_calls,
         )
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from fleetline.db import NOTIFY_MANY_SQL
 from fleetline.protocol import Row
 
 CHANNEL = "fleetline_stream"
@@ -37,7 +38,7 @@ LISTENER_POLL_SECONDS = 1.0
 LISTENER_SETTLE_SECONDS = LISTENER_POLL_SECONDS + 0.5
 ANY_LISTENER = "SELECT EXISTS (SELECT 1 FROM stream_listeners WHERE expires_at > now())"
 # Send packed payloads ($2) on the channel ($1), in the caller's transaction.
-NOTIFY_SQL = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
+NOTIFY_SQL = NOTIFY_MANY_SQL
 # PostgreSQL refuses payloads of 8000 bytes or more.
 MAX_PAYLOAD_BYTES = 7900
 _OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC

@@ -9,10 +9,13 @@
 --                       message, and ingest alone reads device messages and acknowledges
 --                       them to the broker only after their rows commit, so the ack is
 --                       applied in ingest's batch transaction (fleetline_apply_c2d_acks).
---                       Every writer uses a conditional UPDATE (WHERE state IN ('queued',
---                       'sent')), so none overwrites a transition another made; the
---                       dispatcher claims rows with FOR UPDATE SKIP LOCKED, so API replicas
---                       never send one message at the same moment.
+--                       Every state change is a conditional UPDATE (WHERE state IN
+--                       ('queued', 'sent')), so none overwrites a transition another made.
+--                       The dispatcher claims messages for a lease (claimed_until) in a
+--                       short transaction, under the device row's lock, and publishes after
+--                       the commit: no row lock is held across network I/O (ingest's ack
+--                       never waits for a broker), and API replicas never send one message
+--                       at the same moment.
 --   c2d_message_events  whoever moves a message, in the same transaction (history).
 --
 -- Both reference their parent with ON DELETE CASCADE: a deleted device's queue and history
@@ -37,6 +40,10 @@ CREATE TABLE c2d_messages (
     deliveries    INTEGER NOT NULL DEFAULT 0,
     -- When it reached a final state (completed, rejected, expired, cancelled).
     finished_at   TIMESTAMPTZ,
+    -- A dispatcher's lease: it is publishing the message (claimed, not yet marked sent).
+    -- Other claims skip the device until then; a dispatcher that dies mid-publish leaves
+    -- the message to be claimed again when the lease runs out.
+    claimed_until TIMESTAMPTZ,
     CHECK ((finished_at IS NULL) = (state IN ('queued', 'sent')))
 );
 CREATE UNIQUE INDEX c2d_messages_seq_idx ON c2d_messages (seq);

@@ -19,7 +19,13 @@ import paho.mqtt.client as paho
 import pytest
 
 from fleetline.embedded import BrokerAuth, LocalMosquitto
-from tests.integration.test_rules import Receiver, eventually, now_ms, rules_env
+from tests.integration.test_rules import (
+    Receiver,
+    eventually,
+    now_ms,
+    rules_env,
+    threshold_rule,
+)
 from tests.support import (
     DEVICE_KEY_SECRET,
     ApiProcess,
@@ -377,6 +383,173 @@ async def test_routed_readings_survive_a_kill_9_of_the_rules_service(
     flows = sorted(json.loads(r["body"])["values"]["flow"] for r in receiver.on(f"/kill-{uid}"))
     assert flows == [1.0, 1.0, 2.0, 3.0]  # the first one failed once, then went through
     dev.close()
+
+
+# -- when the batch's write fails --------------------------------------------------------
+
+
+def raise_now(name: str, device_id: str) -> dict[str, Any]:
+    """A rule that raises on the first reading above 30 (no duration)."""
+    return threshold_rule(name, [device_id], **{"raise": {"op": ">", "value": 30, "for_s": 0}})
+
+
+async def alarm_of(db: asyncpg.Pool[Any], rule_id: int, device_id: str) -> Any:
+    return await db.fetchval(
+        "SELECT state FROM rule_alarms WHERE rule_id = $1 AND device_id = $2", rule_id, device_id
+    )
+
+
+async def test_a_full_notify_queue_costs_notifications_not_routed_readings_or_alarms(
+    start_rules: Callable[..., RulesProcess],
+    admin: httpx.Client,
+    receiver: Receiver,
+    broker: LocalMosquitto,
+    db: asyncpg.Pool[Any],
+    uid: str,
+) -> None:
+    """A batch that notifies fails at COMMIT while PostgreSQL's NOTIFY queue is full
+    (54000): it is written again without notifications, not acknowledged as lost."""
+    rules = start_rules(env=routes_env(uid))
+    device_id = f"{uid}-full"
+    register(admin, device_id)
+    # As a full queue does: fail the commit of a batch that queues our device's
+    # deliveries (and so notifies the delivery workers) unless it went quiet.
+    fn, trigger = (f'"{uid}-{name}"' for name in ("fn", "trg"))
+    await db.execute(f"""
+        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.device_id = '{device_id}'
+               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
+                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
+                    USING ERRCODE = '54000';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT ON route_deliveries
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
+    """)
+    try:
+        route = create_route(
+            admin,
+            {
+                "name": f"{uid} full",
+                "query": f"id = '{device_id}'",
+                "destination": {"type": "webhook", "url": f"{receiver.url}/full-{uid}"},
+            },
+        )
+        rule = admin.post("/v1/rules", json=raise_now(f"{uid} hot", device_id)).json()
+        await eventually(
+            lambda: (
+                rules.metric("fleetline_rules_routed_devices") == 1
+                and rules.metric("fleetline_rules_loaded") == 1
+            ),
+            timeout=TIMEOUT,
+            what="the route and the rule to be loaded",
+        )
+        dev = Device(broker.url, device_id)
+        dev.publish_all([reading(now_ms(), temp=35)])
+        # Not woken by a notification, the delivery worker finds the row by polling.
+        (call,) = await eventually(
+            lambda: receiver.on(f"/full-{uid}"), timeout=TIMEOUT, what="the routed reading"
+        )
+        assert json.loads(call["body"])["values"] == {"temp": 35.0}
+        assert await alarm_of(db, rule["id"], device_id) == "active"
+        assert "NOTIFY queue is full" in rules.log_path.read_text()
+        assert rules.metric("fleetline_rules_write_errors_total") >= 1
+        await eventually(
+            lambda: delivered(admin, route["id"], 1), timeout=TIMEOUT, what="the delivery log"
+        )
+        dev.close()
+    finally:
+        await db.execute(f"DROP TRIGGER {trigger} ON route_deliveries; DROP FUNCTION {fn}()")
+
+
+async def test_a_refused_batch_is_retried_unacknowledged_and_only_what_is_refused_alone_is_dropped(
+    start_rules: Callable[..., RulesProcess],
+    admin: httpx.Client,
+    receiver: Receiver,
+    broker: LocalMosquitto,
+    db: asyncpg.Pool[Any],
+    uid: str,
+) -> None:
+    rules = start_rules(env=routes_env(uid))
+    flaky, poison = f"{uid}-flaky", f"{uid}-poison"
+    for device_id in (flaky, poison):
+        register(admin, device_id, group=uid)
+    # The database refuses our devices' deliveries: the flaky one's first three times as
+    # a revoked permission would (not the content: retried), the poison one's readings
+    # carrying `bad` as a value it cannot take (the content: refused every time).
+    seq, fn, trigger = (f'"{uid}-{name}"' for name in ("seq", "fn", "trg"))
+    await db.execute(f"""
+        CREATE SEQUENCE {seq};
+        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.device_id = '{flaky}' AND nextval('{seq}') <= 3 THEN
+                RAISE EXCEPTION 'permission denied (as if revoked)' USING ERRCODE = '42501';
+            END IF;
+            IF NEW.device_id = '{poison}' AND NEW.metrics ? 'bad' THEN
+                RAISE EXCEPTION 'value out of range (as if)' USING ERRCODE = '22003';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER {trigger} AFTER INSERT ON route_deliveries
+            FOR EACH ROW EXECUTE FUNCTION {fn}();
+    """)
+    try:
+        route = create_route(
+            admin,
+            {
+                "name": f"{uid} all",
+                "query": f"tags.group = '{uid}'",
+                "destination": {"type": "webhook", "url": f"{receiver.url}/all-{uid}"},
+            },
+        )
+        rule = admin.post("/v1/rules", json=raise_now(f"{uid} hot", poison)).json()
+        await eventually(
+            lambda: (
+                rules.metric("fleetline_rules_routed_devices") == 2
+                and rules.metric("fleetline_rules_loaded") == 1
+            ),
+            timeout=TIMEOUT,
+            what="the route and the rule to be loaded",
+        )
+        devices = {d: Device(broker.url, d) for d in (flaky, poison)}
+        base = now_ms()
+
+        # Refused three times for a reason that is not its content: written on the
+        # fourth try, not acknowledged (and lost) after the first.
+        devices[flaky].publish_all([reading(base, flow=1.5)])
+        await eventually(lambda: _has(db, route["id"], base), timeout=TIMEOUT, what="the retry")
+        assert await db.fetchval(f"SELECT last_value FROM {seq}") == 4
+        assert "not acknowledged, retrying" in rules.log_path.read_text()
+
+        # One message, two readings: the database refuses the first one's delivery alone;
+        # the second and the alarm the first raised, written in the same batch, stay.
+        devices[poison].publish_all(
+            [[reading(base + 1, temp=35, bad=1), reading(base + 2, temp=36)]]
+        )
+        await eventually(
+            lambda: _has(db, route["id"], base + 2), timeout=TIMEOUT, what="the good reading"
+        )
+        assert not await _has(db, route["id"], base + 1)
+        assert await alarm_of(db, rule["id"], poison) == "active"
+        log = rules.log_path.read_text()
+        assert "route delivery left out: the database refuses it" in log
+        assert "value out of range (as if)" in log
+        assert rules.metric("fleetline_rules_write_errors_total") >= 5
+
+        # Acknowledged and going on: a later reading is routed too.
+        devices[flaky].publish_all([reading(base + 3, flow=2.5)])
+        await eventually(
+            lambda: delivered(admin, route["id"], 3), timeout=TIMEOUT, what="every delivery"
+        )
+        for dev in devices.values():
+            dev.close()
+    finally:
+        await db.execute(
+            f"DROP TRIGGER {trigger} ON route_deliveries; DROP FUNCTION {fn}(); "
+            f"DROP SEQUENCE {seq}"
+        )
 
 
 # -- an MQTT destination, on a broker with the auth plugin ------------------------------

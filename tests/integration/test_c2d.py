@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
+import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -450,11 +453,13 @@ async def test_dispatcher_rounds_resend_once_per_online_moment_and_expire(
         at = await set_online(True)
         # No broker connection: nothing is claimed.
         unlinked = C2dDispatcher(settings, pool, BrokerLink(settings))
-        await unlinked.deliver_device(device_id, at)
+        assert await unlinked.deliver_device(device_id, at) is False
         assert await deliveries() == 0
 
-        await first.deliver_device(device_id, at)
-        await second.deliver_device(device_id, at)  # the other replica, same notification
+        # Both replicas get the notification and claim at the same moment: one sends.
+        await asyncio.gather(
+            first.deliver_device(device_id, at), second.deliver_device(device_id, at)
+        )
         assert await deliveries() == 1
         wait_until(lambda: len(inbox.received()) == 1, what="the message")
         payload, expiry = inbox.received()[0]
@@ -462,9 +467,13 @@ async def test_dispatcher_rounds_resend_once_per_online_moment_and_expire(
         assert expiry is not None and 95 <= expiry <= 100, expiry
         # A later online moment: sent again (by whichever replica), once.
         later = await set_online(True)
-        await second.deliver_device(device_id, later)
-        await first.deliver_device(device_id, later)
+        await asyncio.gather(
+            second.deliver_device(device_id, later), first.deliver_device(device_id, later)
+        )
         assert await deliveries() == 2
+        assert await pool.fetchval(
+            "SELECT claimed_until FROM c2d_messages WHERE id = $1", message_id
+        ) is None  # the lease ended with the mark
         # The ack timeout (0.5 s) passes while online: the sweep sends it the third time,
         # the last allowed; once the timeout passes again it expires.
         await asyncio.sleep(0.6)
@@ -561,3 +570,254 @@ async def test_a_full_notify_queue_costs_no_status_of_a_device_with_messages(
     finally:
         await listener.close()
         await db.execute(f"DROP TRIGGER {trigger} ON device_activity; DROP FUNCTION {fn}()")
+
+
+async def _eventually(
+    check: Callable[[], Awaitable[Any]], *, what: str, timeout: float = 20.0
+) -> Any:
+    """wait_until for checks that need the event loop (a dispatcher runs in it)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not (value := await check()):
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None
+    return value
+
+
+async def test_a_post_while_the_notify_queue_is_full_queues_without_notifying(
+    api: ApiProcess,
+    make_key: Callable[..., Any],
+    db: asyncpg.Pool[Any],
+    database_url: str,
+    uid: str,
+) -> None:
+    """The POST's notification is a shortcut: when the NOTIFY queue is full (54000 at
+    COMMIT), the message is queued anyway, for the sweep, instead of a 500."""
+    device_id, control = f"{uid}-full", f"{uid}-control"
+    c = await _device(api, make_key, device_id)
+    assert c.post("/v1/devices", json={"id": control}).status_code == 201
+    # As a full queue does: a transaction that notifies fails at COMMIT, for this device.
+    fn, trigger = (f'"{uid}-{name}"' for name in ("fn", "trg"))
+    await db.execute(f"""
+        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.device_id = '{device_id}'
+               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
+                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
+                    USING ERRCODE = '54000';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT ON c2d_messages
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
+    """)
+    heard: list[str] = []
+    listener = await asyncpg.connect(database_url)
+    await listener.add_listener("fleetline_c2d", lambda *args: heard.append(args[-1]))
+    try:
+        # Another device's POST notifies as usual: the listener hears POSTs.
+        assert _post(c, control, {"body": 0}).status_code == 201
+        await _eventually(lambda: _true(any(control in h for h in heard)), what="a notification")
+
+        resp = _post(c, device_id, {"body": {"cmd": "x"}})
+        assert resp.status_code == 201, resp.text
+        message = resp.json()
+        assert message["state"] == "queued"
+        assert [e["event"] for e in message["history"]] == ["queued"]
+        assert c.get(f"/v1/devices/{device_id}/messages/{message['id']}").json() == message
+        assert (
+            await db.fetchval("SELECT count(*) FROM c2d_messages WHERE device_id = $1", device_id)
+            == 1
+        )
+        assert "NOTIFY queue is full" in api.log_tail(200)
+        await asyncio.sleep(0.5)
+        assert not [h for h in heard if device_id in h]
+    finally:
+        await listener.close()
+        await db.execute(f"DROP TRIGGER {trigger} ON c2d_messages; DROP FUNCTION {fn}()")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@contextlib.asynccontextmanager
+async def _dispatching(
+    database_url: str, broker_url: str, monkeypatch: pytest.MonkeyPatch, **env: str
+) -> AsyncIterator[tuple[ApiSettings, asyncpg.Pool[Any], BrokerLink]]:
+    """Settings, a pool and a (not yet running) broker link for dispatchers under test."""
+    monkeypatch.setenv("FLEETLINE_DATABASE_URL", database_url)
+    monkeypatch.setenv("FLEETLINE_MQTT_URL", broker_url)
+    monkeypatch.setenv("FLEETLINE_DEVICE_KEY_SECRET", DEVICE_KEY_SECRET)
+    for name, value in env.items():
+        monkeypatch.setenv(f"FLEETLINE_API_{name.upper()}", value)
+    settings = ApiSettings()
+    pool = await fleetline_db.create_pool(database_url)
+    try:
+        yield settings, pool, BrokerLink(settings)
+    finally:
+        await fleetline_db.close_pool(pool)
+
+
+@contextlib.asynccontextmanager
+async def _running(*coros: Awaitable[None]) -> AsyncIterator[None]:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _online_device(pool: asyncpg.Pool[Any], device_id: str) -> None:
+    await pool.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
+    await pool.execute(
+        "INSERT INTO device_activity (device_id, last_seen, online, status_changed_at) "
+        "VALUES ($1, now(), true, now())",
+        device_id,
+    )
+
+
+async def _queue_message(pool: asyncpg.Pool[Any], device_id: str, body: str = "1") -> uuid.UUID:
+    message_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO c2d_messages (id, device_id, body, expires_at) "
+        "VALUES ($1, $2, $3::text::jsonb, now() + interval '1 hour')",
+        message_id,
+        device_id,
+        body,
+    )
+    return message_id
+
+
+async def test_a_claim_holds_no_lock_while_publishing_so_an_early_ack_wins(
+    fresh_database: str, tmp_path: Path, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker is stopped (SIGSTOP) while the dispatcher publishes: ingest's ack
+    function, with a lock timeout, completes the message meanwhile. The PUBACK then
+    comes while that (ingest-like) transaction is still open: the mark waits for it, and
+    records the delivery without moving the message back to sent."""
+    with LocalMosquitto(tmp_path / "mq") as mq:
+        async with _dispatching(fresh_database, mq.url, monkeypatch) as (settings, pool, link):
+            device_id = f"{uid}-d"
+            await _online_device(pool, device_id)
+            message_id = await _queue_message(pool, device_id)
+            async with _running(link.run()):
+                await _eventually(lambda: _true(link.connected), what="the broker link")
+                dispatcher = C2dDispatcher(settings, pool, link)
+                assert mq.pid is not None
+                os.kill(mq.pid, signal.SIGSTOP)
+                try:
+                    delivery = asyncio.ensure_future(dispatcher.deliver_device(device_id, None))
+                    await _eventually(
+                        lambda: pool.fetchval(
+                            "SELECT claimed_until IS NOT NULL FROM c2d_messages WHERE id = $1",
+                            message_id,
+                        ),
+                        what="the claim",
+                    )
+                    async with pool.acquire() as con, con.transaction():
+                        await con.execute("SET LOCAL lock_timeout = '2s'")
+                        unknown = await con.fetch(
+                            "SELECT * FROM fleetline_apply_c2d_acks($1, $2, $3, $4)",
+                            [device_id],
+                            [message_id],
+                            ["complete"],
+                            [datetime.now(UTC)],
+                        )
+                        assert unknown == []
+                        assert not delivery.done()  # still waiting for the PUBACK
+                        os.kill(mq.pid, signal.SIGCONT)
+                        await _eventually(
+                            lambda: pool.fetchval(
+                                "SELECT count(*) > 0 FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                            ),
+                            what="the mark to wait for the ack's transaction",
+                        )
+                        assert not delivery.done()
+                finally:
+                    os.kill(mq.pid, signal.SIGCONT)
+                assert await asyncio.wait_for(delivery, 15) is True
+            row = await pool.fetchrow("SELECT * FROM c2d_messages WHERE id = $1", message_id)
+            assert row["state"] == "completed" and row["finished_at"] is not None
+            assert row["deliveries"] == 1 and row["sent_at"] is not None
+            assert row["claimed_until"] is None
+            events = await pool.fetch(
+                "SELECT event, detail FROM c2d_message_events WHERE message_id = $1 "
+                "ORDER BY at, id",
+                message_id,
+            )
+            assert [(e["event"], e["detail"]) for e in events] == [
+                ("sent", "delivery 1"),
+                ("completed", "the device completed it"),
+            ]
+
+
+async def test_notifications_taken_while_the_broker_link_is_down_are_sent_once_it_is_up(
+    fresh_database: str, broker: LocalMosquitto, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device comes online and a message is queued while the API has no broker
+    connection: both go out when it connects, not at the next sweep (a minute away here)
+    or after the ack timeout (an hour)."""
+    async with _dispatching(
+        fresh_database, broker.url, monkeypatch, c2d_sweep_s="60", c2d_ack_timeout_s="3600"
+    ) as (settings, pool, link):
+        device_id = f"{uid}-d"
+        await _online_device(pool, device_id)
+        unacked = await _queue_message(pool, device_id, '"unacked"')
+        await pool.execute(
+            "UPDATE c2d_messages SET state = 'sent', deliveries = 1, "
+            "sent_at = now() - interval '1 minute', last_sent_at = now() - interval '1 minute' "
+            "WHERE id = $1",
+            unacked,
+        )
+        inbox = _V5Inbox(broker.url, device_id)
+        dispatcher = C2dDispatcher(settings, pool, link)
+        try:
+            async with _running(dispatcher.run()):
+                fresh: uuid.UUID | None = None
+
+                async def heard_both() -> bool:
+                    nonlocal fresh
+                    # The device says online again (the trigger notifies); a POST notifies.
+                    await pool.execute(
+                        "UPDATE device_activity SET status_changed_at = now() "
+                        "WHERE device_id = $1",
+                        device_id,
+                    )
+                    if fresh is None:
+                        fresh = await _queue_message(pool, device_id, '"fresh"')
+                    await pool.execute(
+                        "SELECT pg_notify('fleetline_c2d', $1)",
+                        orjson.dumps({"queued": device_id}).decode(),
+                    )
+                    await asyncio.sleep(0.2)
+                    return dispatcher.pending_devices == 2
+
+                await _eventually(heard_both, what="the notifications")
+                assert inbox.received() == []
+                async with _running(link.run()):
+                    await _eventually(
+                        lambda: _true(len(inbox.received()) == 2), what="both messages"
+                    )
+                    await _eventually(
+                        lambda: pool.fetchval(
+                            "SELECT bool_and(state = 'sent') FROM c2d_messages "
+                            "WHERE device_id = $1",
+                            device_id,
+                        ),
+                        what="both marked sent",
+                    )
+            assert [m["body"] for m, _expiry in inbox.received()] == ["unacked", "fresh"]
+            rows = await pool.fetch(
+                "SELECT id, deliveries FROM c2d_messages WHERE device_id = $1", device_id
+            )
+            assert {r["id"]: r["deliveries"] for r in rows} == {unacked: 2, fresh: 1}
+            assert dispatcher.pending_devices == 0
+        finally:
+            inbox.close()

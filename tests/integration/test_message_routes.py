@@ -246,3 +246,50 @@ async def test_the_delivery_log_lists_a_routes_deliveries_newest_first(
     )
     assert [r["status"] for r in left] == ["delivered", "failed"]
     writer.delete(f"/v1/routes/{other['id']}")
+
+
+async def test_a_full_notify_queue_does_not_fail_a_route_change(
+    api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any], database_url: str,
+    uid: str,
+) -> None:
+    """PostgreSQL fails a COMMIT that notifies while its NOTIFY queue is full (54000): the
+    change is stored without the notification (the rules service's refresh takes it),
+    never a 500."""
+    # As a full queue does: fail the commit of our routes' writes unless they go quiet.
+    fn, trigger = (f'"{uid}-{name}"' for name in ("fn", "trg"))
+    await db.execute(f"""
+        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF coalesce(NEW.name, OLD.name) LIKE '{uid}%'
+               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
+                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
+                    USING ERRCODE = '54000';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON message_routes
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
+    """)
+    heard: list[str] = []
+    listener = await asyncpg.connect(database_url)
+    await listener.add_listener(ROUTES_CHANNEL, lambda *args: heard.append(args[-1]))
+    try:
+        writer = client(api, await make_key("rules:write"))
+        created = writer.post("/v1/routes", json=webhook_route(f"{uid} full"))
+        assert created.status_code == 201, created.text
+        route = created.json()
+        assert writer.get(f"/v1/routes/{route['id']}").json() == route
+        put = writer.put(f"/v1/routes/{route['id']}", json=webhook_route(f"{uid} full 2"))
+        assert put.status_code == 200, put.text
+        assert put.json()["name"] == f"{uid} full 2" and put.json()["version"] == 2
+        assert_problem(
+            writer.put("/v1/routes/999999999", json=webhook_route(f"{uid} none")), 404
+        )
+        assert writer.delete(f"/v1/routes/{route['id']}").status_code == 204
+        assert_problem(writer.get(f"/v1/routes/{route['id']}"), 404)
+        await asyncio.sleep(0.3)
+        assert not [h for h in heard if f'"route_id":{route["id"]}' in h.replace(" ", "")]
+        assert "NOTIFY queue is full" in api.log_tail(200)
+    finally:
+        await listener.close()
+        await db.execute(f"DROP TRIGGER {trigger} ON message_routes; DROP FUNCTION {fn}()")

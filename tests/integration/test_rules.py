@@ -749,3 +749,38 @@ async def test_backtest_returns_what_live_evaluation_raised_on_the_same_readings
     )
     for dev in pubs:
         dev.close()
+
+
+async def test_a_full_notify_queue_costs_no_rule_change(
+    api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any], uid: str
+) -> None:
+    """Rule writes notify the rules service; when PostgreSQL's NOTIFY queue is full the
+    COMMIT fails (54000), and the API writes the change again without notifying."""
+    name = f"{uid} quiet"
+    fn, trigger = (f'"{uid}-{part}"' for part in ("fn", "trg"))
+    await db.execute(f"""
+        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.name = '{name}'
+               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
+                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
+                    USING ERRCODE = '54000';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT OR UPDATE ON rules
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
+    """)
+    try:
+        writer = client(api, await make_key("rules:write"))
+        body = threshold_rule(name, [f"{uid}-d1"])
+        created = writer.post("/v1/rules", json=body)
+        assert created.status_code == 201, created.text
+        rule = created.json()
+        assert await db.fetchval("SELECT count(*) FROM rules WHERE name = $1", name) == 1
+        replaced = writer.put(f"/v1/rules/{rule['id']}", json={**body, "enabled": False})
+        assert replaced.status_code == 200, replaced.text
+        assert replaced.json()["enabled"] is False
+        assert api.log_tail(200).count("NOTIFY queue is full") >= 2
+    finally:
+        await db.execute(f"DROP TRIGGER {trigger} ON rules; DROP FUNCTION {fn}()")

@@ -29,6 +29,7 @@ from fleetline_api.routes import (
     message_routes,
     messages,
     methods,
+    modules,
     query,
     rules,
     stream,
@@ -119,6 +120,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(message_routes.router)
     app.include_router(twins.router)
     app.include_router(methods.router)
+    app.include_router(modules.router)
     app.include_router(jobs.router)
     app.include_router(messages.router)
     app.include_router(query.router)

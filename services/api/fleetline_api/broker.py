@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import Gauge
 
 from fleetline import mqtt
-from fleetline.protocol import TOPIC_ROOT
+from fleetline.protocol import MODULES, TOPIC_ROOT, topic_for
 from fleetline.settings import MqttProtocol
 from fleetline_api.settings import ApiSettings
 
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 AUTH_RETRY_SECONDS = 30.0
 # Direct method calls one API process waits on at once; beyond, calls are refused.
 MAX_PENDING_CALLS = 10_000
-METHOD_RESPONSES = f"{TOPIC_ROOT}/+/methods/+/res"
+# Method responses of devices and of their modules.
+METHOD_RESPONSES = (f"{TOPIC_ROOT}/+/methods/+/res", f"{TOPIC_ROOT}/+/{MODULES}/+/methods/+/res")
 
 PENDING_CALLS = Gauge(
     "fleetline_api_method_calls_pending", "Direct method calls waiting for their answer"
@@ -65,8 +66,8 @@ class MethodTimeoutError(MethodCallError):
     """The device did not answer within the call's timeout."""
 
 
-def method_topic(device_id: str, request_id: str, direction: str) -> str:
-    return f"{TOPIC_ROOT}/{device_id}/methods/{request_id}/{direction}"
+def method_topic(device_id: str, request_id: str, direction: str, module_id: str = "") -> str:
+    return topic_for(device_id, f"methods/{request_id}/{direction}", module_id)
 
 
 def _expiring(client: aiomqtt.Client, seconds: float) -> Properties | None:
@@ -83,6 +84,7 @@ def _expiring(client: aiomqtt.Client, seconds: float) -> Properties | None:
 @dataclass(frozen=True, slots=True)
 class _Pending:
     device_id: str
+    module_id: str
     answer: asyncio.Future[bytes]
 
 
@@ -139,7 +141,7 @@ class BrokerLink:
 
     @staticmethod
     async def _subscribe(client: aiomqtt.Client) -> None:
-        result = await client.subscribe(METHOD_RESPONSES, qos=1)
+        result = await client.subscribe([(topic, 1) for topic in METHOD_RESPONSES])
         # Granted QoS per topic: ints (MQTT 3.1.1) or reason codes (MQTT 5); 0x80+ is a refusal.
         codes: list[Any] = list(result) if isinstance(result, list | tuple) else [result]
         if any(int(getattr(code, "value", code)) >= 0x80 for code in codes):
@@ -169,13 +171,23 @@ class BrokerLink:
     def _dispatch(self, topic: str, payload: bytes) -> None:
         """Complete the call this response answers; ignore anything else."""
         parts = topic.split("/")
+        if len(parts) == 7 and parts[2] == MODULES:  # devices/{id}/modules/{m}/methods/...
+            module_id = parts[3]
+            del parts[2:4]
+        else:
+            module_id = ""
         if len(parts) != 5 or parts[2] != "methods" or parts[4] != "res":
             log.debug("ignored a message on %s", topic)
             return
         device_id, request_id = parts[1], parts[3]
         pending = self._pending.get(request_id)
-        # The device must be the one asked: a response topic names its sender.
-        if pending is None or pending.device_id != device_id or pending.answer.done():
+        # The device (and module) must be the one asked: a response topic names its sender.
+        if (
+            pending is None
+            or pending.device_id != device_id
+            or pending.module_id != module_id
+            or pending.answer.done()
+        ):
             # Another replica's call, or one that timed out already.
             log.debug(
                 "method response to no call waiting here",
@@ -185,7 +197,13 @@ class BrokerLink:
         pending.answer.set_result(payload)
 
     async def call(
-        self, device_id: str, request_id: str, request: bytes, *, timeout_seconds: float
+        self,
+        device_id: str,
+        request_id: str,
+        request: bytes,
+        *,
+        timeout_seconds: float,
+        module_id: str = "",
     ) -> bytes:
         """Publish ``request`` to the device's method request topic (QoS 1) and return the
         raw payload of its answer.
@@ -203,13 +221,13 @@ class BrokerLink:
             raise ValueError(f"request id {request_id} is in use")
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         # Registered before publishing: the answer may come before the PUBACK.
-        self._pending[request_id] = _Pending(device_id, answer)
+        self._pending[request_id] = _Pending(device_id, module_id, answer)
         PENDING_CALLS.set(len(self._pending))
         try:
             async with asyncio.timeout(timeout_seconds):
                 try:
                     await client.publish(
-                        method_topic(device_id, request_id, "req"),
+                        method_topic(device_id, request_id, "req", module_id),
                         request,
                         qos=1,
                         properties=_expiring(client, timeout_seconds),

@@ -22,17 +22,34 @@ A message is sent at most ``FLEETLINE_API_C2D_MAX_DELIVERIES`` times; if the las
 delivery is not acknowledged within the ack timeout, it expires. Messages go out in the
 order they were queued, per device (a re-sent one may come after newer ones).
 
-At least once: a message may reach the device more than once (a re-send after a lost
-ack, after reconnecting, a publish whose PUBACK or commit was lost), so devices drop a
-message whose id they have already handled, and acknowledge it again. API replicas
-claim messages with ``FOR UPDATE SKIP LOCKED``, so two replicas never send one message
-at the same moment, and after a device comes online only messages last sent before that
-moment (the database's clock, carried by the notification) are sent again: each replica
-gets the notification, one re-sends.
+No row lock is held across network I/O, so ingest's batch (which applies acks first)
+never waits for the broker. A delivery is three steps:
 
-Rows are locked from the claim until the publishes are acknowledged by the broker (at
-most ``PUBLISH_TIMEOUT_SECONDS``) and marked sent; an ack from the device arriving
-meanwhile waits for that commit in ingest, and then completes the message.
+1. claim, in a short transaction: lock the device's row (``FOR NO KEY UPDATE``: claims
+   and POSTs of one device take turns; ingest's ``FOR KEY SHARE`` is not held up), then
+   lease its due messages (``claimed_until``, ``LEASE_SECONDS`` ahead) and commit. A
+   device with a live lease is skipped: another claim is publishing its messages, and
+   its holder sends what came meanwhile (each dispatcher handles notifications one after
+   another, and every replica hears every notification), so messages keep their order.
+   Message rows locked by another transaction (an ack being applied) are skipped;
+2. publish, outside any transaction and without a database connection;
+3. mark sent, ending the lease: ``sent`` only from ``queued`` or ``sent``, so a message
+   the device acknowledged (or a person cancelled) in the meantime keeps its final
+   state; the delivery is recorded either way (``deliveries``, the ``sent`` event at the
+   claim's time, before the ack's). Rows locked by an ack being applied are marked one
+   at a time, after it: the mark never waits while holding rows ingest may want.
+
+At least once: a message may reach the device more than once (a re-send after a lost
+ack, after reconnecting, a publish whose PUBACK or mark was lost, a lease that ran out),
+so devices drop a message whose id they have already handled, and acknowledge it again.
+Two replicas never send one message at the same moment (the lease), and after a device
+comes online only messages last sent before that moment (the database's clock, carried
+by the notification; a delivery's time is its claim's, before the publish) are sent
+again: each replica gets the notification, one re-sends.
+
+Notifications taken while sending is impossible (no broker connection, or paused after
+a publish timed out) are kept, up to ``MAX_PENDING_DEVICES`` devices, and handled once
+sending resumes.
 """
 
 from __future__ import annotations
@@ -60,7 +77,10 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "fleetline_c2d"
 PUBLISH_TIMEOUT_SECONDS = 5.0
-# Messages claimed and published in one transaction; a full round is followed by another.
+# A claim's lease: its publishes (at most PUBLISH_TIMEOUT_SECONDS) and the mark must fit
+# in it; past it, another claim may send the message again.
+LEASE_SECONDS = 2 * PUBLISH_TIMEOUT_SECONDS
+# Messages claimed and published in one round; a full round is followed by another.
 CLAIM_LIMIT = 100
 EXPIRE_LIMIT = 1000
 PURGE_LIMIT = 1000
@@ -72,6 +92,8 @@ MAX_PENDING_DEVICES = 10_000
 # the MQTT client's queue until the connection is dropped, so a stuck broker must not
 # receive a round every sweep.
 SEND_PAUSE_SECONDS = 10.0
+# While notifications wait for sending to resume, check this often whether it has.
+RESUME_CHECK_SECONDS = 0.5
 
 EVENTS = Counter(
     "fleetline_api_c2d_messages_total",
@@ -82,49 +104,96 @@ EVENTS = Counter(
 for _event in ("queued", "sent", "expired", "cancelled"):
     EVENTS.labels(_event)
 
-_CLAIMED = """
-m.id, m.device_id, m.body::text AS body, m.properties::text AS properties, m.deliveries,
-greatest(1, ceil(extract(epoch FROM m.expires_at - now())))::integer AS ttl_left
+# FOR NO KEY UPDATE: a device's POSTs and claims take turns, while ingest's FOR KEY SHARE
+# (acks, reported twin patches) and foreign-key checks are not held up.
+LOCK_DEVICE = "SELECT 1 FROM devices WHERE id = $1 FOR NO KEY UPDATE"
+
+# One device's due messages, leased, under the device's row lock (LOCK_DEVICE first):
+# queued ones, and sent ones {resend}; none while another claim's lease on one of them
+# is live. Rows another transaction has locked are skipped, never waited for: ingest's
+# batch may hold them (an ack is finishing them) and wait for rows a claim holds. The
+# UPDATE checks state and lease again. $1 device, $2 max deliveries, $3 the resend
+# bound, $4 limit, $5 lease seconds.
+_CLAIM = """
+WITH due AS (
+    SELECT m.id
+    FROM c2d_messages m JOIN device_activity a ON a.device_id = m.device_id
+    WHERE m.device_id = $1 AND a.online AND m.state IN ('queued', 'sent')
+      AND m.expires_at > now() AND m.deliveries < $2
+      AND (m.state = 'queued' OR {resend})
+      AND NOT EXISTS (
+          SELECT 1 FROM c2d_messages o
+          WHERE o.device_id = $1 AND o.state IN ('queued', 'sent') AND o.claimed_until > now()
+      )
+    ORDER BY m.seq
+    LIMIT $4
+    FOR UPDATE OF m SKIP LOCKED
+)
+UPDATE c2d_messages m SET claimed_until = now() + make_interval(secs => $5)
+FROM due
+WHERE m.id = due.id AND m.state IN ('queued', 'sent')
+  AND (m.claimed_until IS NULL OR m.claimed_until <= now())
+RETURNING m.id, m.device_id, m.seq, m.body::text AS body, m.properties::text AS properties,
+          greatest(1, ceil(extract(epoch FROM m.expires_at - now())))::integer AS ttl_left,
+          now() AS claimed_at, m.claimed_until
 """
-# One device's messages to send: queued ones, and (with $3, the time it came online) the
-# ones last sent before then.
-CLAIM_FOR_DEVICE = f"""
-SELECT {_CLAIMED}
-FROM c2d_messages m JOIN device_activity a ON a.device_id = m.device_id
-WHERE m.device_id = $1 AND a.online AND m.state IN ('queued', 'sent')
-  AND m.expires_at > now() AND m.deliveries < $2
-  AND (m.state = 'queued' OR m.last_sent_at < $3::text::timestamptz)
-ORDER BY m.seq
-LIMIT $4
-FOR UPDATE OF m SKIP LOCKED
-"""
-# Every online device's queued messages, and sent ones whose ack is overdue.
-CLAIM_DUE = f"""
-SELECT {_CLAIMED}
+# After the device came online at $3 (the notification's `at`): those last sent before.
+CLAIM_FOR_DEVICE = _CLAIM.format(resend="m.last_sent_at < $3::text::timestamptz")
+# The sweep: those whose ack is overdue ($3 the ack timeout, seconds).
+CLAIM_OVERDUE = _CLAIM.format(resend="m.last_sent_at <= now() - make_interval(secs => $3)")
+# Online devices with messages due and no live lease, oldest message first.
+DUE_DEVICES = """
+SELECT m.device_id
 FROM c2d_messages m JOIN device_activity a ON a.device_id = m.device_id
 WHERE a.online AND m.state IN ('queued', 'sent')
   AND m.expires_at > now() AND m.deliveries < $1
   AND (m.state = 'queued' OR m.last_sent_at <= now() - make_interval(secs => $2))
-ORDER BY m.seq
+  AND NOT EXISTS (
+      SELECT 1 FROM c2d_messages o
+      WHERE o.device_id = m.device_id AND o.state IN ('queued', 'sent')
+        AND o.claimed_until > now()
+  )
+GROUP BY m.device_id
+ORDER BY min(m.seq)
 LIMIT $3
-FOR UPDATE OF m SKIP LOCKED
 """
-# now() is this transaction's start, before the publish: a device that came online after
-# it is sent the message again (see CLAIM_FOR_DEVICE), never the other way round.
-MARK_SENT = """
-WITH sent AS (
-    UPDATE c2d_messages
-    SET state = 'sent', sent_at = coalesce(sent_at, now()), last_sent_at = now(),
-        deliveries = deliveries + 1
-    WHERE id = ANY($1::uuid[])
-    RETURNING id, deliveries
+# $1 ids, $2 their claims' times, $3 their leases, $4 why sent again. A delivery happened
+# at its claim's time, before the publish: a device that came online after it is sent the
+# message again (CLAIM_FOR_DEVICE), never the other way round. Only queued and sent
+# messages become sent: one acknowledged or cancelled meanwhile keeps its state (the
+# delivery is still recorded). The lease ends only if it is still this claim's.
+# MARK_SENT skips rows another transaction has locked (so it never waits for ingest's
+# batch while holding rows that batch may want); those are marked one by one, waiting,
+# with MARK_ONE_SENT. Both return the ids marked.
+_MARK = """
+WITH claimed AS (
+    SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[])
+        AS c(id, claimed_at, claimed_until)
+), locked AS (
+    SELECT m.id FROM c2d_messages m JOIN claimed c ON c.id = m.id
+    FOR UPDATE OF m {skip}
+), sent AS (
+    UPDATE c2d_messages m
+    SET state = CASE WHEN m.state IN ('queued', 'sent') THEN 'sent' ELSE m.state END,
+        sent_at = coalesce(m.sent_at, c.claimed_at),
+        last_sent_at = greatest(m.last_sent_at, c.claimed_at),
+        deliveries = m.deliveries + 1,
+        claimed_until = CASE WHEN m.claimed_until = c.claimed_until THEN NULL
+                             ELSE m.claimed_until END
+    FROM claimed c JOIN locked l ON l.id = c.id
+    WHERE m.id = c.id
+    RETURNING m.id, m.deliveries, c.claimed_at
+), events AS (
+    INSERT INTO c2d_message_events (message_id, at, event, detail)
+    SELECT id, claimed_at, 'sent',
+           CASE WHEN deliveries = 1 THEN 'delivery 1'
+                ELSE format('delivery %s (%s)', deliveries, $4::text) END
+    FROM sent
 )
-INSERT INTO c2d_message_events (message_id, at, event, detail)
-SELECT id, now(), 'sent',
-       CASE WHEN deliveries = 1 THEN 'delivery 1'
-            ELSE format('delivery %s (%s)', deliveries, $2::text) END
-FROM sent
+SELECT id FROM sent
 """
+MARK_SENT = _MARK.format(skip="SKIP LOCKED")
+MARK_ONE_SENT = _MARK.format(skip="")
 EXPIRE_TTL = """
 WITH due AS (
     SELECT id FROM c2d_messages
@@ -217,6 +286,11 @@ class C2dDispatcher:
         self._paused_until = 0.0
         self._next_purge = 0.0
 
+    @property
+    def pending_devices(self) -> int:
+        """Devices whose notifications wait to be handled."""
+        return len(self._online) + len(self._queued)
+
     async def run(self) -> None:
         """Listen and dispatch until cancelled; failures are logged and retried."""
         async with asyncio.TaskGroup() as tg:
@@ -251,7 +325,11 @@ class C2dDispatcher:
         except Exception as exc:  # not ours, or malformed: nothing to do
             log.warning("ignored a notification on %s: %r", CHANNEL, exc)
             return
-        if len(self._online) + len(self._queued) > MAX_PENDING_DEVICES:
+        self._bound()
+        self._wake.set()
+
+    def _bound(self) -> None:
+        if self.pending_devices > MAX_PENDING_DEVICES:
             log.warning(
                 "more than %d devices wait for cloud-to-device delivery; the sweep takes over",
                 MAX_PENDING_DEVICES,
@@ -259,7 +337,16 @@ class C2dDispatcher:
             self._online.clear()
             self._queued.clear()
             self._sweep_now = True
-        self._wake.set()
+
+    def _keep(self, devices: list[tuple[str, str | None]]) -> None:
+        """Devices that could not be served yet go back (a newer notification of one,
+        taken meanwhile, stays)."""
+        for device_id, at in devices:
+            if at is None:
+                self._queued.add(device_id)
+            else:
+                self._online.setdefault(device_id, at)
+        self._bound()
 
     # -- the worker ---------------------------------------------------------------------
 
@@ -270,20 +357,32 @@ class C2dDispatcher:
             log.warning("cloud-to-device %s failed: %r", what, exc)
             return None
 
+    def _sender(self) -> aiomqtt.Client | None:
+        """The broker connection to send on; None while there is none or sending pauses."""
+        if asyncio.get_running_loop().time() < self._paused_until:
+            return None
+        return self._broker.client
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self._settings.c2d_sweep_s
         next_sweep = loop.time()
         while True:
+            timeout = next_sweep - loop.time()
+            if self.pending_devices and self._sender() is None:
+                timeout = min(timeout, RESUME_CHECK_SECONDS)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - loop.time()))
+                await asyncio.wait_for(self._wake.wait(), max(0.0, timeout))
             self._wake.clear()
-            online, self._online = self._online, {}
-            queued, self._queued = self._queued, set()
-            for device_id, at in online.items():
-                await self._guard(self.deliver_device(device_id, at), "delivery")
-            for device_id in queued - online.keys():
-                await self._guard(self.deliver_device(device_id, None), "delivery")
+            if self._sender() is not None:
+                online, self._online = self._online, {}
+                queued, self._queued = self._queued, set()
+                todo = [*online.items(), *((d, None) for d in queued - online.keys())]
+                for i, (device_id, at) in enumerate(todo):
+                    done = await self._guard(self.deliver_device(device_id, at), "delivery")
+                    if done is False:  # sending stopped: the rest waits for it to resume
+                        self._keep(todo[i:])
+                        break
             if self._sweep_now or loop.time() >= next_sweep:
                 self._sweep_now = False
                 started = loop.time()
@@ -291,13 +390,22 @@ class C2dDispatcher:
                 # A full round leaves more to do: go on at once (notifications first).
                 next_sweep = loop.time() if more else started + interval
 
-    async def deliver_device(self, device_id: str, online_at: str | None) -> None:
+    async def deliver_device(self, device_id: str, online_at: str | None) -> bool:
         """Send the device's queued messages and, with ``online_at``, those last sent
-        before it came online; round after round while rounds are full."""
+        before it came online; round after round while rounds are full. False when
+        sending is not possible (no broker connection, paused) or a publish failed."""
         reason = "the device came online again"
-        args = (device_id, self._settings.c2d_max_deliveries, online_at, CLAIM_LIMIT)
-        while await self._deliver(CLAIM_FOR_DEVICE, args, reason, device_id=device_id):
-            pass
+        while True:
+            client = self._sender()
+            if client is None:
+                return False
+            rows = await self._claim(CLAIM_FOR_DEVICE, device_id, online_at, CLAIM_LIMIT)
+            if not rows:
+                return True
+            if not await self._send(client, rows, reason, device_id=device_id):
+                return False
+            if len(rows) < CLAIM_LIMIT:
+                return True
 
     async def sweep(self) -> bool:
         """Expire, send what is due, purge; True when a round was full (more to do)."""
@@ -324,30 +432,60 @@ class C2dDispatcher:
         if expired:
             EVENTS.labels("expired").inc(expired)
             log.info("cloud-to-device messages expired", extra={"messages": expired})
-        more = await self._deliver(
-            CLAIM_DUE,
-            (settings.c2d_max_deliveries, settings.c2d_ack_timeout_s, CLAIM_LIMIT),
-            f"no acknowledgement within {settings.c2d_ack_timeout_s:g} s",
-        )
+        more = await self._send_due()
         return more or expired >= EXPIRE_LIMIT
 
-    async def _deliver(
-        self, claim: str, args: tuple[Any, ...], reason: str, *, device_id: str | None = None
-    ) -> bool:
-        """Claim messages, publish them, mark those the broker took as sent; True when
-        the round was full and every publish succeeded (there may be more)."""
-        client = self._broker.client
-        loop = asyncio.get_running_loop()
-        if client is None or loop.time() < self._paused_until:
-            return False  # the sweep tries again once the broker is back
+    async def _send_due(self) -> bool:
+        """Claim due messages device by device, up to CLAIM_LIMIT, and send them; True
+        when the round was full and every publish succeeded."""
+        client = self._sender()
+        if client is None:
+            return False  # the next sweep after sending resumes
+        settings = self._settings
+        timeout = settings.c2d_ack_timeout_s
+        devices = await self._pool.fetch(
+            DUE_DEVICES, settings.c2d_max_deliveries, timeout, CLAIM_LIMIT
+        )
+        rows: list[asyncpg.Record] = []
+        for device in devices:
+            rows += await self._claim(
+                CLAIM_OVERDUE, device["device_id"], timeout, CLAIM_LIMIT - len(rows)
+            )
+            if len(rows) >= CLAIM_LIMIT:
+                break
+        if not rows:
+            return False
+        ok = await self._send(client, rows, f"no acknowledgement within {timeout:g} s")
+        return ok and (len(rows) >= CLAIM_LIMIT or len(devices) >= CLAIM_LIMIT)
+
+    async def _claim(
+        self, claim: str, device_id: str, resend: Any, limit: int
+    ) -> list[asyncpg.Record]:
+        """Lease the device's due messages (see _CLAIM), in the order they were queued."""
         async with self._pool.acquire() as con, con.transaction():
-            rows = await con.fetch(claim, *args)
-            if not rows:
-                return False
-            published = await asyncio.gather(*(self._publish(client, r) for r in rows))
-            sent = [r["id"] for r, ok in zip(rows, published, strict=True) if ok]
-            if sent:
-                await con.execute(MARK_SENT, sent, reason)
+            if await con.fetchval(LOCK_DEVICE, device_id) is None:
+                return []  # deleted
+            rows = await con.fetch(
+                claim, device_id, self._settings.c2d_max_deliveries, resend, limit, LEASE_SECONDS
+            )
+        return sorted(rows, key=lambda r: r["seq"])
+
+    async def _send(
+        self,
+        client: aiomqtt.Client,
+        rows: list[asyncpg.Record],
+        reason: str,
+        *,
+        device_id: str | None = None,
+    ) -> bool:
+        """Publish claimed messages (no transaction, no connection held), then mark
+        those the broker took as sent; True when every publish succeeded. A failed one
+        stays leased until its lease runs out, and sending pauses."""
+        # Publishes start in this order (each calls paho before its first await).
+        published = await asyncio.gather(*(self._publish(client, r) for r in rows))
+        sent = [r for r, ok in zip(rows, published, strict=True) if ok]
+        if sent:
+            await self._mark_sent(sent, reason)
         failed = len(rows) - len(sent)
         EVENTS.labels("sent").inc(len(sent))
         fields: dict[str, Any] = {"messages": len(sent), "failed": failed}
@@ -355,13 +493,27 @@ class C2dDispatcher:
             fields["device_id"] = device_id
         log.info("cloud-to-device messages sent", extra=fields)
         if failed:
-            self._paused_until = loop.time() + SEND_PAUSE_SECONDS
+            self._paused_until = asyncio.get_running_loop().time() + SEND_PAUSE_SECONDS
             log.warning(
                 "%d cloud-to-device publishes failed; sending pauses for %.0f s",
                 failed,
                 SEND_PAUSE_SECONDS,
             )
-        return failed == 0 and len(rows) >= CLAIM_LIMIT
+        return failed == 0
+
+    async def _mark_sent(self, rows: list[asyncpg.Record], reason: str) -> None:
+        def args(rs: list[asyncpg.Record]) -> tuple[Any, ...]:
+            return (
+                [r["id"] for r in rs],
+                [r["claimed_at"] for r in rs],
+                [r["claimed_until"] for r in rs],
+                reason,
+            )
+
+        marked = {r["id"] for r in await self._pool.fetch(MARK_SENT, *args(rows))}
+        for row in rows:
+            if row["id"] not in marked:  # locked by an ack (or a cancel) being applied
+                await self._pool.execute(MARK_ONE_SENT, *args([row]))
 
     @staticmethod
     async def _publish(client: aiomqtt.Client, row: asyncpg.Record) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiomqtt
 import orjson
 from prometheus_client import Counter, Histogram
 
@@ -120,10 +121,25 @@ class NoAnswerError(CommandError):
 
 # --- direct methods ---------------------------------------------------------------
 
+# The device's status, and whether the module ('' : the device itself) is registered.
 DEVICE_ONLINE = """
-SELECT a.online FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
+SELECT a.online,
+       $2::text = '' OR EXISTS (
+           SELECT 1 FROM device_modules m WHERE m.device_id = d.id AND m.module_id = $2
+       ) AS module_exists
+FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
 WHERE d.id = $1
 """
+# Taken before a module's twin row is written: its deletion (whose trigger removes the
+# module's twin rows) waits for the transaction, so no twin row outlives its module.
+LOCK_MODULE = """
+SELECT 1 FROM device_modules WHERE device_id = $1 AND module_id = $2 FOR KEY SHARE
+"""
+
+
+def target_name(device_id: str, module_id: str = "") -> str:
+    """How messages name a device or one of its modules."""
+    return f"module {device_id}/{module_id}" if module_id else f"device {device_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,22 +157,28 @@ async def invoke_method(
     params: dict[str, Any],
     *,
     timeout_s: float,
+    module_id: str = "",
 ) -> MethodAnswer:
-    """Call ``name`` on the device with ``params`` and wait up to ``timeout_s`` for its
-    answer. Only a device whose status is online is called."""
-    exists = await pool.fetchrow(DEVICE_ONLINE, device_id)
-    if exists is None:
+    """Call ``name`` on the device (or its module ``module_id``) with ``params`` and wait
+    up to ``timeout_s`` for its answer. Only a device whose status is online is called (a
+    module speaks over its device's connection)."""
+    exists = await pool.fetchrow(DEVICE_ONLINE, device_id, module_id)
+    if exists is None or not exists["module_exists"]:
         CALLS.labels("not_found").inc()
-        raise DeviceNotFoundError(f"device {device_id} not found")
+        raise DeviceNotFoundError(f"{target_name(device_id, module_id)} not found")
     if exists["online"] is not True:
         CALLS.labels("offline").inc()
         raise DeviceOfflineError(f"device {device_id} is offline")
     request_id = uuid.uuid4().hex
     request = b'{"method":%s,"params":%s}' % (json.dumps(name).encode(), encode_params(params))
     fields = {"device_id": device_id, "method": name, "request_id": request_id}
+    if module_id:
+        fields["module_id"] = module_id
     started = time.monotonic()
     try:
-        raw = await broker.call(device_id, request_id, request, timeout_seconds=timeout_s)
+        raw = await broker.call(
+            device_id, request_id, request, timeout_seconds=timeout_s, module_id=module_id
+        )
     except BrokerUnavailableError as exc:
         CALLS.labels("unavailable").inc()
         log.warning("method call not sent: %s", exc, extra=fields)
@@ -175,7 +197,7 @@ async def invoke_method(
         CALLS.labels("timeout").inc()
         log.info("method call timed out", extra={**fields, "timeout_s": timeout_s})
         raise NoAnswerError(
-            f"device {device_id} did not answer {name} within {timeout_s:g} s "
+            f"{target_name(device_id, module_id)} did not answer {name} within {timeout_s:g} s "
             f"(request {request_id})"
         ) from None
     elapsed = time.monotonic() - started
@@ -202,33 +224,38 @@ async def invoke_method(
 # --- desired properties -------------------------------------------------------------
 
 # A row to lock, version 0, for a registered device that has none yet.
+# A twin is (device_id, module_id): module_id '' is the device's own twin.
 ENSURE_DESIRED = """
-INSERT INTO twin_desired (device_id) SELECT id FROM devices WHERE id = $1
-ON CONFLICT (device_id) DO NOTHING
+INSERT INTO twin_desired (device_id, module_id) SELECT id, $2 FROM devices WHERE id = $1
+ON CONFLICT (device_id, module_id) DO NOTHING
 """
-LOCK_DESIRED = "SELECT version FROM twin_desired WHERE device_id = $1 FOR UPDATE"
+LOCK_DESIRED = """
+SELECT version FROM twin_desired WHERE device_id = $1 AND module_id = $2 FOR UPDATE
+"""
 # Versions move only when the document changes: a patch that changes nothing (such as
 # {}) keeps the version and only publishes again.
 APPLY_DESIRED = """
 WITH merged AS (
-    SELECT desired AS old, fleetline_merge_patch(desired, $2::jsonb) AS new
-    FROM twin_desired WHERE device_id = $1
+    SELECT desired AS old, fleetline_merge_patch(desired, $3::jsonb) AS new
+    FROM twin_desired WHERE device_id = $1 AND module_id = $2
 )
 UPDATE twin_desired t
 SET desired = m.new, version = t.version + 1, updated_at = now()
 FROM merged m
-WHERE t.device_id = $1 AND m.new IS DISTINCT FROM m.old
-  AND octet_length(m.new::text) <= $3
+WHERE t.device_id = $1 AND t.module_id = $2 AND m.new IS DISTINCT FROM m.old
+  AND octet_length(m.new::text) <= $4
 RETURNING t.version
 """
 DESIRED_SIZE = """
-SELECT octet_length(fleetline_merge_patch(desired, $2::jsonb)::text)
-FROM twin_desired WHERE device_id = $1
+SELECT octet_length(fleetline_merge_patch(desired, $3::jsonb)::text)
+FROM twin_desired WHERE device_id = $1 AND module_id = $2
 """
 LOCK_FOR_PUBLISH = """
-SELECT desired, version FROM twin_desired WHERE device_id = $1 FOR UPDATE
+SELECT desired, version FROM twin_desired WHERE device_id = $1 AND module_id = $2 FOR UPDATE
 """
-MARK_PUBLISHED = "UPDATE twin_desired SET published_version = $2 WHERE device_id = $1"
+MARK_PUBLISHED = """
+UPDATE twin_desired SET published_version = $3 WHERE device_id = $1 AND module_id = $2
+"""
 
 
 def etag(version: int) -> str:
@@ -252,26 +279,28 @@ class DesiredApplied:
     publish_error: str | None = None
 
 
-async def publish_desired(pool: Any, broker: BrokerLink, device_id: str) -> int:
+async def publish_desired(
+    pool: Any, broker: BrokerLink, device_id: str, module_id: str = ""
+) -> int:
     """Publish the current desired document, retained; the version published (the row
     lock is held meanwhile, so publishes of one twin happen in version order); 0 when
-    the device is gone."""
+    the device (or module) is gone."""
     client = broker.client
     async with pool.acquire() as con, con.transaction():
-        row = await con.fetchrow(LOCK_FOR_PUBLISH, device_id)
+        row = await con.fetchrow(LOCK_FOR_PUBLISH, device_id, module_id)
         if row is None:  # deleted meanwhile
             return 0
         if client is None:
             raise ConnectionError("not connected to the broker")
         payload = orjson.dumps({"version": row["version"], "desired": row["desired"]})
         await client.publish(
-            protocol.topic_for(device_id, protocol.TWIN_DESIRED),
+            protocol.topic_for(device_id, protocol.TWIN_DESIRED, module_id),
             payload,
             qos=1,
             retain=True,
             timeout=PUBLISH_TIMEOUT_SECONDS,
         )
-        await con.execute(MARK_PUBLISHED, device_id, row["version"])
+        await con.execute(MARK_PUBLISHED, device_id, module_id, row["version"])
         version: int = row["version"]
         return version
 
@@ -283,6 +312,7 @@ async def apply_desired(
     patch: dict[str, Any],
     *,
     if_match: str | None = None,
+    module_id: str = "",
 ) -> DesiredApplied:
     """Merge ``patch`` (checked already: protocol.twin_patch_problem and its size) into
     the device's desired properties, then publish the whole document retained.
@@ -296,8 +326,10 @@ async def apply_desired(
             retryable=True,
         )
     async with pool.acquire() as con, con.transaction():
-        await con.execute(ENSURE_DESIRED, device_id)
-        current: int | None = await con.fetchval(LOCK_DESIRED, device_id)
+        if module_id and await con.fetchval(LOCK_MODULE, device_id, module_id) is None:
+            raise DeviceNotFoundError(f"{target_name(device_id, module_id)} not found")
+        await con.execute(ENSURE_DESIRED, device_id, module_id)
+        current: int | None = await con.fetchval(LOCK_DESIRED, device_id, module_id)
         if current is None:
             raise DeviceNotFoundError(f"device {device_id} not found")
         if if_match is not None and not if_match_matches(if_match, current):
@@ -306,10 +338,10 @@ async def apply_desired(
                 headers={"ETag": etag(current)},
             )
         changed: int | None = await con.fetchval(
-            APPLY_DESIRED, device_id, patch, protocol.MAX_TWIN_BYTES
+            APPLY_DESIRED, device_id, module_id, patch, protocol.MAX_TWIN_BYTES
         )
         if changed is None:
-            size = await con.fetchval(DESIRED_SIZE, device_id, patch)
+            size = await con.fetchval(DESIRED_SIZE, device_id, module_id, patch)
             if size is not None and size > protocol.MAX_TWIN_BYTES:
                 raise DocumentTooLargeError(
                     f"the desired document would be {size} bytes, "
@@ -317,12 +349,38 @@ async def apply_desired(
                 )
     version = changed if changed is not None else current
     try:
-        await publish_desired(pool, broker, device_id)
+        await publish_desired(pool, broker, device_id, module_id)
     except Exception as exc:  # committed: the next patch publishes it (routes/twins.py)
         log.error(
             "desired twin stored but not published: %r",
             exc,
-            extra={"device_id": device_id, "version": version},
+            extra={"device_id": device_id, "module_id": module_id, "version": version},
         )
         return DesiredApplied(version, changed is not None, False, repr(exc))
     return DesiredApplied(version, changed is not None, True)
+
+
+async def clear_desired(broker: BrokerLink, device_id: str, module_ids: list[str]) -> None:
+    """Remove the desired documents the broker retains for a device ('' in ``module_ids``)
+    or its modules, once they are deleted: one registered again with the same id must
+    not receive the old desired state. An empty retained message removes the retained
+    one (MQTT 3.3.1.3). Failures are logged: the deletion stands."""
+    client = broker.client
+    for module_id in module_ids:
+        try:
+            if client is None:
+                raise ConnectionError("not connected to the broker")
+            await client.publish(
+                protocol.topic_for(device_id, protocol.TWIN_DESIRED, module_id),
+                b"",
+                qos=1,
+                retain=True,
+                timeout=PUBLISH_TIMEOUT_SECONDS,
+            )
+        except (aiomqtt.MqttError, ConnectionError, TimeoutError) as exc:
+            log.warning(
+                "%s deleted, but its retained desired document stays at the broker: %s",
+                target_name(device_id, module_id),
+                exc,
+                extra={"device_id": device_id, "module_id": module_id},
+            )

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from fleetline.protocol import json_problem
 from fleetline_api.schemas import TagName, TagText
 
 MessageState = Literal["queued", "sent", "completed", "rejected", "expired", "cancelled"]
@@ -37,22 +38,15 @@ class BodyTooLargeError(BodyError):
 
 
 def _check(body: Any) -> None:
-    """Depth, and strings PostgreSQL's jsonb cannot store (NUL), without recursion."""
-    stack: list[tuple[Any, int, str]] = [(body, 1, "body")]
-    while stack:
-        node, depth, path = stack.pop()
-        if isinstance(node, dict | list):
-            if depth > MAX_BODY_DEPTH:
-                raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep")
-            if isinstance(node, dict):
-                for key, value in node.items():
-                    if "\x00" in key:
-                        raise BodyError(f"a member name in {path} contains a NUL character")
-                    stack.append((value, depth + 1, f"{path}.{key[:40]}"))
-            else:
-                stack.extend((item, depth + 1, f"{path}[{i}]") for i, item in enumerate(node))
-        elif isinstance(node, str) and "\x00" in node:
-            raise BodyError(f"{path} contains a NUL character")
+    """Depth, and strings PostgreSQL's jsonb cannot store (NUL)."""
+    problem = json_problem(body, max_depth=MAX_BODY_DEPTH, path="body")
+    if problem is None:
+        return
+    if problem.kind == "too_deep":
+        raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep")
+    if problem.kind == "member_name":
+        raise BodyError(f"a member name in {problem.path} contains a NUL character")
+    raise BodyError(f"{problem.path} contains a NUL character")
 
 
 def encode_body(body: Any) -> str:

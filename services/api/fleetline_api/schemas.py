@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 DeviceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+ModuleId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 # An RFC 3339 time with its offset (`Z` or `+01:00`).
 Rfc3339 = Annotated[
@@ -169,3 +170,16 @@ class FleetLatest(BaseModel):
     metric: str
     items: list[DeviceValue]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+
+
+class ModulePublic(BaseModel):
+    """A module of a device: a named part of its software with its own twin and methods,
+    speaking over the device's connection under devices/{id}/modules/{module_id}/."""
+
+    device_id: str
+    module_id: str
+    created_at: datetime
+
+
+class ModuleList(BaseModel):
+    items: list[ModulePublic] = Field(description="The device's modules, ordered by id")

@@ -57,6 +57,9 @@ class TwinPublic(BaseModel):
     """A device twin: its tags, desired and reported properties, and their difference."""
 
     device_id: str
+    module_id: str | None = Field(
+        default=None, description="The module whose twin this is; null: the device's own"
+    )
     tags: dict[str, Any] = Field(description="The device's tags (set with PATCH /v1/devices/{id})")
     desired: TwinDocument
     desired_version: int = Field(

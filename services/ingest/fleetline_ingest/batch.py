@@ -14,9 +14,10 @@ MAX_REASON_CHARS = 2000
 
 # (received_at, topic, device_id, reason, payload): a row of ingest_dead_letter.
 DeadLetter = tuple[datetime, str, str | None, str, bytes]
-# (device_id, patch, received_at, topic, payload): a reported-properties patch, applied in
-# arrival order; the topic and payload make its dead letter if the database refuses it.
-TwinPatch = tuple[str, dict[str, Any], datetime, str, bytes]
+# (device_id, module_id, patch, received_at, topic, payload): a reported-properties patch
+# of a device's twin (module_id '') or of one of its modules' twins, applied in arrival
+# order; the topic and payload make its dead letter if the database refuses it.
+TwinPatch = tuple[str, str, dict[str, Any], datetime, str, bytes]
 # (device_id, message id, outcome, received_at, topic, payload): a device's acknowledgement
 # of a cloud-to-device message; the topic and payload make its dead letter if it names no
 # message of that device.
@@ -97,15 +98,7 @@ def collect(
                 (received_at, topic, device_id, "status must be 'online' or 'offline'", payload)
             )
     elif kind == protocol.TWIN_REPORTED:
-        batch.twin_messages += 1
-        try:
-            patch = protocol.parse_twin_patch(payload)
-        except Exception as exc:  # PayloadError; anything else is a bug costing one message
-            reason = str(exc) if isinstance(exc, PayloadError) else f"unexpected error: {exc!r}"
-            batch.dead.append((received_at, topic, device_id, _reason([reason]), payload))
-        else:
-            batch.twin.append((device_id, patch, received_at, topic, payload))
-        batch.seen[device_id] = received_at
+        _collect_twin_patch(batch, device_id, "", topic, payload, received_at)
     elif kind == protocol.C2D_ACK:
         batch.c2d_ack_messages += 1
         try:
@@ -116,10 +109,26 @@ def collect(
         else:
             batch.c2d_acks.append((device_id, message_id, outcome, received_at, topic, payload))
         batch.seen[device_id] = received_at
+    elif (module := protocol.split_module_kind(kind)) and module[1] == protocol.TWIN_REPORTED:
+        _collect_twin_patch(batch, device_id, module[0], topic, payload, received_at)
     else:
         batch.dead.append(
             (received_at, topic, device_id, f"ingest does not handle {kind!r}", payload)
         )
+
+
+def _collect_twin_patch(
+    batch: Batch, device_id: str, module_id: str, topic: str, payload: bytes, received_at: datetime
+) -> None:
+    batch.twin_messages += 1
+    try:
+        patch = protocol.parse_twin_patch(payload)
+    except Exception as exc:  # PayloadError; anything else is a bug costing one message
+        reason = str(exc) if isinstance(exc, PayloadError) else f"unexpected error: {exc!r}"
+        batch.dead.append((received_at, topic, device_id, _reason([reason]), payload))
+    else:
+        batch.twin.append((device_id, module_id, patch, received_at, topic, payload))
+    batch.seen[device_id] = received_at
 
 
 def rebuild(batch: Batch, limits: Limits, *, keep_qos0_only: bool) -> Batch:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from fleetline import streamevents
+from fleetline import db, streamevents
 from fleetline.protocol import MAX_TWIN_BYTES, Limits
 from fleetline_ingest import metrics
 from fleetline_ingest.batch import Batch, C2dAck, DeadLetter, TwinPatch, collect
@@ -71,10 +71,12 @@ ON CONFLICT (series_id) DO UPDATE
 SET ts = excluded.ts, value = excluded.value, value_text = excluded.value_text
 WHERE excluded.ts > l.ts
 """
-# Reported twin patches, applied one by one in array order (migrations/0013).
+# Reported twin patches, applied one by one in array order (migrations/0018).
 APPLY_REPORTED = """
 SELECT idx, reason
-FROM fleetline_apply_reported($1::text[], $2::jsonb[], $3::timestamptz[], $4::integer)
+FROM fleetline_apply_reported(
+    $1::text[], $2::text[], $3::jsonb[], $4::timestamptz[], $5::integer
+)
 """
 # Devices' acknowledgements of cloud-to-device messages, in array order (migrations/0015).
 APPLY_C2D_ACKS = """
@@ -96,9 +98,6 @@ SERIES_CACHE_MAX = 1_000_000
 # When the database's NOTIFY queue is full (a listener stopped reading), batches are
 # stored without announcing them for this long.
 NOTIFY_PAUSE_SECONDS = 60.0
-# Read by the triggers that NOTIFY from ingest's writes (migration 0015's c2d trigger):
-# while set, they leave it to the API's periodic sweep.
-QUIET_TRIGGERS = "SET LOCAL fleetline.quiet = 'on'"
 
 
 class BatchSupersededError(Exception):
@@ -117,11 +116,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         return str(getattr(exc, "sqlstate", "")).startswith(_TRANSIENT_CLASSES)
     return False
-
-
-def _is_notify_queue_full(exc: BaseException) -> bool:
-    # "too many notifications in the NOTIFY queue", raised at COMMIT (SQLSTATE 54000).
-    return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") == "54000"
 
 
 def _is_missing_partition(exc: BaseException) -> bool:
@@ -243,7 +237,7 @@ class BatchWriter:
             if activity[0]:
                 if time.monotonic() < self._notify_paused_until:
                     # The c2d trigger on device_activity notifies too: quiet it as well.
-                    await con.execute(QUIET_TRIGGERS)
+                    await con.execute(db.QUIET_NOTIFY_SQL)
                 await con.execute(UPSERT_ACTIVITY, *activity)
             if notifications:
                 # Delivered to listeners (the API's /v1/stream) at commit, and only then.
@@ -264,20 +258,21 @@ class BatchWriter:
         self, con: Connection, patches: list[TwinPatch]
     ) -> list[DeadLetter]:
         """Merge the reported patches into their twins; the dead letters of those refused
-        (device not registered, document too large). Sorted by device, stable: each
-        device's patches keep their arrival order, and concurrent replicas lock twin rows
-        in one order."""
-        ordered = sorted(patches, key=lambda p: p[0])
+        (device or module not registered, document too large). Sorted by twin (device,
+        module), stable: each twin's patches keep their arrival order, and concurrent
+        replicas lock twin rows in one order."""
+        ordered = sorted(patches, key=lambda p: (p[0], p[1]))
         refused = await con.fetch(
             APPLY_REPORTED,
             [p[0] for p in ordered],
             [p[1] for p in ordered],
             [p[2] for p in ordered],
+            [p[3] for p in ordered],
             MAX_TWIN_BYTES,
         )
         dead: list[DeadLetter] = []
         for r in refused:
-            device_id, _patch, received_at, topic, payload = ordered[r["idx"] - 1]
+            device_id, _module, _patch, received_at, topic, payload = ordered[r["idx"] - 1]
             dead.append((received_at, topic, device_id, r["reason"], payload))
         return dead
 
@@ -325,7 +320,7 @@ class BatchWriter:
             try:
                 inserted = await self._write_creating_partitions(con, batch, still_current)
             except asyncpg.PostgresError as exc:
-                if not _is_notify_queue_full(exc):
+                if not db.is_notify_queue_full(exc):
                     raise
                 # Announcing must never cost stored rows: store without it for a while.
                 log.error(

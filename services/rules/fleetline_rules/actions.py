@@ -38,7 +38,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import Counter
 
 from fleetline import db
-from fleetline.mqtt import backoff_seconds, is_v5
+from fleetline.mqtt import is_v5
 from fleetline_rules import metrics
 from fleetline_rules.settings import RulesSettings
 from fleetline_rules.store import ACTIONS_CHANNEL
@@ -358,25 +358,15 @@ class Deliverer:
             await self.sender.aclose()
 
     async def _listen(self) -> None:
-        """Wake up as soon as work is queued."""
-        attempt = 0
-        while True:
-            con: asyncpg.Connection[Any] | None = None
-            try:
-                con = await asyncpg.connect(self.settings.dsn, timeout=10)
-                for channel in self._wakes:
-                    await con.add_listener(channel, self.wake)
-                attempt = 0
-                while True:
-                    await asyncio.sleep(10)
-                    await con.fetchval("SELECT 1", timeout=5)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("delivery listener lost the database: %s", exc)
-            finally:
-                if con is not None:
-                    await db.close_connection(con)
-            await asyncio.sleep(backoff_seconds(attempt))
-            attempt += 1
+        """Wake up as soon as work is queued (and at every (re)connection, in case a
+        notification was missed meanwhile)."""
+        await db.listen(
+            self.settings.dsn, list(self._wakes), self.wake, on_listening=self._wake_all
+        )
+
+    def _wake_all(self) -> None:
+        for event in self._wakes.values():
+            event.set()
 
     async def _deliver_loop(self, queue: Queue) -> None:
         """Claim due rows whenever slots free up, and deliver each in its own task. At

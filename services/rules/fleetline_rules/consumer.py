@@ -19,6 +19,11 @@
   partial unique index, so a restart or a second replica never raises it twice.
 - Message routes (routing.py) queue their deliveries in the same transaction, so a
   reading acknowledged is a reading routed.
+- A batch whose write fails is not acknowledged: it is retried (with backoff while the
+  database is away or refuses it for reasons of its own), written again without
+  notifications when PostgreSQL's NOTIFY queue is full, and written item by item when
+  the database refuses its content, so that only an item it refuses alone (a data
+  error) is left out, logged with the reason (:meth:`RulesService._persist`).
 - Bad payloads are skipped here: ingest dead-letters them.
 - Replicas share the subscription ($share/<group>/...). Mosquitto hands each message to
   one member, so a device's readings may be split between replicas; each replica reads
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -69,6 +75,28 @@ ACTIVITY_POLL_SECONDS = 1.0
 RELOAD_DEBOUNCE_SECONDS = 0.05
 # Finished route deliveries past their retention are deleted this often.
 ROUTE_CLEANUP_INTERVAL_SECONDS = 60.0
+# When PostgreSQL's NOTIFY queue is full (a LISTEN session stopped reading), writes go
+# without notifications for this long (as ingest's): the stream misses those alarm
+# events, and the delivery workers find the queued work by polling.
+NOTIFY_PAUSE_SECONDS = 60.0
+# SQLSTATE classes of errors that the content of a write causes: data exception (22),
+# integrity constraint violation (23), program limit exceeded (54, e.g. a document too
+# large; the full NOTIFY queue is told apart by writing again without notifications).
+POISON_CLASSES = ("22", "23", "54")
+
+
+def is_poison(exc: BaseException) -> bool:
+    """An error the written content causes, so writing it again fails again: the
+    database refuses a value (classes :data:`POISON_CLASSES`), asyncpg cannot encode
+    one, or our code fails on it. Connection, resource, schema and permission errors
+    are not: they pass, or need an operator, and the write waits for them."""
+    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+        return True  # asyncpg's client-side DataError
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "")).startswith(POISON_CLASSES)
+    return isinstance(exc, Exception)
 
 
 class Message(NamedTuple):
@@ -82,9 +110,17 @@ class Message(NamedTuple):
 
 
 class RulesService:
-    def __init__(self, settings: RulesSettings, pool: asyncpg.Pool[Any]) -> None:
+    def __init__(
+        self,
+        settings: RulesSettings,
+        pool: asyncpg.Pool[Any],
+        background: asyncpg.Pool[Any] | None = None,
+    ) -> None:
         self.settings = settings
+        # Batches, ticks, flushes and reloads; the delivery workers, the route refresh
+        # and cleanup use ``background`` (their own pool), so they never hold up a write.
         self.pool = pool
+        self.background = background or pool
         self.limits = Limits()
         self.evaluator = Evaluator(RuleSet((), {}))
         self.lock = asyncio.Lock()
@@ -98,11 +134,13 @@ class RulesService:
         self._reload = asyncio.Event()
         self.router = routing.Router()
         self._routes_changed = asyncio.Event()
+        # Until when writes leave out their notifications (a full NOTIFY queue).
+        self._quiet_until = 0.0
         self.deliverer = Deliverer(
             settings,
-            pool,
+            self.background,
             lambda: self.client,
-            extra_queues=[routing.RouteQueue(settings, pool, metrics.ROUTE_DELIVERIES)],
+            extra_queues=[routing.RouteQueue(settings, self.background, metrics.ROUTE_DELIVERIES)],
         )
 
     # -- loading ------------------------------------------------------------------------
@@ -115,6 +153,7 @@ class RulesService:
             tags = await store.load_tags(con)
             ruleset = RuleSet(rules, tags)
             states = await store.load_states(con, ruleset.rules)
+        async with self.background.acquire() as con:
             await self.router.refresh(con)
         async with self.lock:
             self.evaluator.replace_rules(ruleset, states, set(ruleset.rules))
@@ -208,31 +247,73 @@ class RulesService:
 
     # -- writing --------------------------------------------------------------------------
 
+    def _notifying(self) -> bool:
+        return time.monotonic() >= self._quiet_until
+
+    def _notify_queue_full(self) -> None:
+        log.error(
+            "the database's NOTIFY queue is full (a LISTEN session stopped reading); "
+            "writing without notifications for %.0f s",
+            NOTIFY_PAUSE_SECONDS,
+        )
+        metrics.WRITE_ERRORS.labels("notify_queue_full").inc()
+        self._quiet_until = time.monotonic() + NOTIFY_PAUSE_SECONDS
+
     async def _persist(
         self, changes: list[Change], routed: list[routing.Delivery] | None = None
     ) -> None:
-        """Under the lock: write transitions and queue route deliveries, retrying while
-        the database is away (reads pause meanwhile: the inbox fills and nothing is
-        acknowledged)."""
+        """Under the lock: write transitions and queue route deliveries. Returns when
+        they are committed (the caller then acknowledges their messages), never before:
+
+        - the database away, restarting, or refusing for reasons of its own (schema,
+          permissions): retried with backoff; reads pause meanwhile (the inbox fills)
+          and nothing is acknowledged;
+        - a full NOTIFY queue (raised at COMMIT): written again at once without
+          notifications, and so for :data:`NOTIFY_PAUSE_SECONDS`;
+        - content the database refuses (:func:`is_poison`): written again item by item
+          (each transition, and the deliveries halved until the culprit is alone), each
+          in a savepoint of one transaction; what it refuses alone is left out and
+          logged with the reason, the rest is committed.
+        """
+        routed = routed or []
         attempt = 0
+        isolate = False
         while True:
+            notify = self._notifying()
             try:
-                async with self.pool.acquire() as con, con.transaction():
-                    if changes:
-                        await store.write(con, changes, self.evaluator)
-                    queued = await routing.enqueue(con, routed) if routed else 0
+                if isolate:
+                    queued = await self._write_isolating(changes, routed, notify=notify)
+                else:
+                    queued = await self._write(changes, routed, notify=notify)
             except Exception as exc:
-                if not store.is_transient(exc):
-                    # Memory and database may disagree now: the next reload re-reads.
-                    log.exception(
-                        "could not write %d transitions and %d route deliveries",
+                if notify and db.is_notify_queue_full(exc):
+                    self._notify_queue_full()
+                    continue
+                if not isolate and is_poison(exc):
+                    log.error(
+                        "the database refused a batch's %d transitions and %d route "
+                        "deliveries (%s); writing them one by one",
                         len(changes),
-                        len(routed or ()),
+                        len(routed),
+                        exc,
                     )
-                    self._reload.set()
-                    return
+                    metrics.WRITE_ERRORS.labels("isolated").inc()
+                    isolate = True
+                    continue
                 delay = min(WRITE_RETRY_MAX_SECONDS, 0.1 * 2**attempt)
-                log.warning("writing transitions failed (%s); retrying in %.1f s", exc, delay)
+                metrics.WRITE_ERRORS.labels("retried").inc()
+                if store.is_transient(exc):
+                    log.warning("writing transitions failed (%s); retrying in %.1f s", exc, delay)
+                else:
+                    # Not the content: the batch waits (unacknowledged) for a fix.
+                    log.error(
+                        "writing %d transitions and %d route deliveries failed; not "
+                        "acknowledged, retrying in %.1f s",
+                        len(changes),
+                        len(routed),
+                        delay,
+                        exc_info=exc,
+                    )
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
@@ -251,6 +332,78 @@ class RulesService:
                         },
                     )
             return
+
+    async def _write(
+        self, changes: list[Change], routed: list[routing.Delivery], *, notify: bool
+    ) -> int:
+        """One transaction; returns the route deliveries queued."""
+        async with self.pool.acquire() as con, con.transaction():
+            if not notify:
+                await con.execute(db.QUIET_NOTIFY_SQL)
+            if changes:
+                await store.write(con, changes, self.evaluator, notify=notify)
+            return await routing.enqueue(con, routed, notify=notify) if routed else 0
+
+    async def _write_isolating(
+        self, changes: list[Change], routed: list[routing.Delivery], *, notify: bool
+    ) -> int:
+        """One transaction, each item in a savepoint: what the database refuses alone
+        (:func:`is_poison`) is left out and logged; any other error aborts the whole."""
+        dropped = 0
+        queued = 0
+        async with self.pool.acquire() as con, con.transaction():
+            if not notify:
+                await con.execute(db.QUIET_NOTIFY_SQL)
+            for change in changes:
+                try:
+                    async with con.transaction():
+                        await store.write(con, [change], self.evaluator, notify=notify)
+                except Exception as exc:
+                    if not is_poison(exc):
+                        raise
+                    dropped += 1
+                    log.error(
+                        "alarm transition left out: the database refuses it: %s",
+                        exc,
+                        extra={
+                            "rule_id": change.rule.id,
+                            "device_id": change.device_id,
+                            "event": change.transition.event.value,
+                            "at": change.transition.at.isoformat(),
+                        },
+                    )
+            parts = [routed] if routed else []
+            while parts:
+                part = parts.pop()
+                try:
+                    async with con.transaction():
+                        queued += await routing.enqueue(con, part, notify=False)
+                except Exception as exc:
+                    if not is_poison(exc):
+                        raise
+                    if len(part) > 1:
+                        half = len(part) // 2
+                        parts += [part[half:], part[:half]]
+                        continue
+                    dropped += 1
+                    route_id, device_id, ts, _key, values = part[0]
+                    log.error(
+                        "route delivery left out: the database refuses it: %s",
+                        exc,
+                        extra={
+                            "route_id": route_id,
+                            "device_id": device_id,
+                            "ts": ts.isoformat(),
+                            "metrics": sorted(values)[:20],
+                        },
+                    )
+            if queued and notify:
+                await routing.notify_queued(con)
+        if dropped:
+            metrics.WRITE_ERRORS.labels("dropped").inc(dropped)
+            if changes:
+                self._reload.set()  # memory may hold a transition the database lacks
+        return queued
 
     # -- the loops ----------------------------------------------------------------------
 
@@ -327,14 +480,22 @@ class RulesService:
                 return
             now = datetime.now(UTC)
             dirty, rates = set(self.evaluator.dirty), set(self.evaluator.dirty_rates)
-            try:
-                async with self.pool.acquire() as con, con.transaction():
-                    gone = await store.flush(con, self.evaluator, now)
-            except BaseException:
-                # Not committed: write these figures with the next flush.
-                self.evaluator.dirty |= dirty
-                self.evaluator.dirty_rates |= rates
-                raise
+            while True:
+                notify = self._notifying()
+                try:
+                    async with self.pool.acquire() as con, con.transaction():
+                        if not notify:
+                            await con.execute(db.QUIET_NOTIFY_SQL)
+                        gone = await store.flush(con, self.evaluator, now, notify=notify)
+                except BaseException as exc:
+                    # Not committed: write these figures again, now or with the next flush.
+                    self.evaluator.dirty |= dirty
+                    self.evaluator.dirty_rates |= rates
+                    if notify and db.is_notify_queue_full(exc):
+                        self._notify_queue_full()
+                        continue
+                    raise
+                break
             for rule_id, device_id in gone:
                 self.evaluator.reset(rule_id, device_id, now)
 
@@ -350,17 +511,22 @@ class RulesService:
                 log.warning("reloading rules failed: %s", exc)
 
     async def listen_loop(self) -> None:
-        """LISTEN for rule changes and manual clears (the api notifies in the transaction
-        of the change); every (re)connection reloads, in case one was missed."""
+        """LISTEN for rule changes and manual clears, and for route changes (the api
+        notifies in the transaction of the change); every (re)connection reloads both,
+        in case one was missed."""
         await db.listen(
             self.settings.dsn,
-            RULES_CHANNEL,
-            self._on_rules_notify,
-            on_listening=self._reload.set,
+            (RULES_CHANNEL, ROUTES_CHANNEL),
+            self._on_notify,
+            on_listening=self._on_listening,
         )
 
-    def _on_rules_notify(self, _con: object, _pid: int, _channel: str, _payload: object) -> None:
+    def _on_notify(self, _con: object, _pid: int, channel: str, _payload: object) -> None:
+        (self._routes_changed if channel == ROUTES_CHANNEL else self._reload).set()
+
+    def _on_listening(self) -> None:
         self._reload.set()
+        self._routes_changed.set()
 
     async def routes_loop(self) -> None:
         """Message routes and the devices they take: again at every route change and
@@ -375,7 +541,7 @@ class RulesService:
             await asyncio.sleep(RELOAD_DEBOUNCE_SECONDS)
             self._routes_changed.clear()
             try:
-                async with self.pool.acquire() as con:
+                async with self.background.acquire() as con:
                     await self.router.refresh(con)
             except Exception as exc:  # the routes in memory stay until the next try
                 log.warning("refreshing message routes failed: %s", exc)
@@ -383,25 +549,13 @@ class RulesService:
                 last_cleanup = loop.time()
                 try:
                     deleted = await routing.clean_up(
-                        self.pool, self.settings.route_log_retention_seconds
+                        self.background, self.settings.route_log_retention_seconds
                     )
                 except Exception as exc:
                     log.warning("deleting old route deliveries failed: %s", exc)
                 else:
                     if deleted:
                         log.info("old route deliveries deleted", extra={"rows": deleted})
-
-    async def routes_listen_loop(self) -> None:
-        """LISTEN for route changes (the api notifies in the transaction of the change)."""
-        await db.listen(
-            self.settings.dsn,
-            ROUTES_CHANNEL,
-            self._on_routes_notify,
-            on_listening=self._routes_changed.set,
-        )
-
-    def _on_routes_notify(self, _con: object, _pid: int, _channel: str, _payload: object) -> None:
-        self._routes_changed.set()
 
     def _make_client(self, protocol: MqttProtocol) -> aiomqtt.Client:
         return mqtt.consumer_client(self.settings, protocol)
@@ -458,7 +612,6 @@ class RulesService:
             asyncio.create_task(self.reload_loop(), name="rules.reload"),
             asyncio.create_task(self.listen_loop(), name="rules.listen"),
             asyncio.create_task(self.routes_loop(), name="rules.routes"),
-            asyncio.create_task(self.routes_listen_loop(), name="rules.routes.listen"),
             asyncio.create_task(self.deliverer.run(), name="rules.actions"),
         ]
         try:

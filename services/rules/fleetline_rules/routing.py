@@ -1,12 +1,15 @@
 """Message routes (``/v1/routes``): readings forwarded to a webhook or an MQTT topic.
 
 - **Which devices.** A route's device query (:mod:`fleetline.devicequery`) is evaluated
-  in the database, for all routes in one pass over the registry (one boolean per route
-  and device, in pages), when routes change (NOTIFY ``fleetline_routes``) and every
-  ``route_refresh_interval_seconds``: a device whose tags, twin or status changed joins
-  or leaves a route within that interval, and a newly registered device is routed from
-  the next refresh on. Memory is one entry per device some route takes, holding a
-  tuple of route ids that devices with the same routes share.
+  in the database, for all routes in one pass over the registry and its twins: one
+  statement holds every route's condition and returns, per device, the positions of
+  the routes it meets, in pages of devices (routes are split over several passes only
+  past PostgreSQL's 32767 parameters). This runs when routes change (NOTIFY
+  ``fleetline_routes``) and every ``route_refresh_interval_seconds``: a device whose
+  tags, twin or status changed joins or leaves a route within that interval, and a
+  newly registered device is routed from the next refresh on. Memory is one entry per
+  device some route takes, holding a tuple of route ids that devices with the same
+  routes share.
 - **Which readings.** A reading of such a device goes to a route without a metric as
   it is; to a route with a metric when it carries that metric and, with a condition
   (``> >= < <= == != outside``, the rules' evaluator), the value meets it. Text values
@@ -50,10 +53,11 @@ log = logging.getLogger(__name__)
 DELIVERIES_CHANNEL = "fleetline_route_deliveries"
 # Devices read per statement while computing which routes take which device.
 MEMBERSHIP_PAGE_ROWS = 5000
-# Routes evaluated in one scan of the registry (each is a column), and the parameters
-# of one statement (PostgreSQL takes at most 32767).
-MAX_ROUTES_PER_SCAN = 100
+# One pass over the registry evaluates every route, unless its statement would exceed
+# this many parameters (PostgreSQL takes at most 32767) or this much SQL text; then
+# the routes are split over as few passes as fit.
 MAX_PARAMS_PER_SCAN = 30_000
+MAX_SQL_CHARS_PER_SCAN = 1_000_000
 # Deliveries inserted per statement (all in the batch's transaction).
 ENQUEUE_CHUNK_ROWS = 5000
 # Finished deliveries deleted per statement, and statements per cleanup.
@@ -64,8 +68,10 @@ LOAD_ROUTES = """
 SELECT id, name, query, metric, condition, destination ->> 'type' AS kind
 FROM message_routes WHERE enabled ORDER BY id
 """
+# Per device, the positions (in the statement) of the routes whose query it meets:
+# mostly an empty array, so a page costs little to decode however many routes there are.
 MEMBERS = """
-SELECT d.id, ARRAY[{columns}]::bool[] AS hits
+SELECT d.id, array_remove(ARRAY[{hits}]::int[], NULL) AS hits
 FROM {from_} WHERE d.id > $1 ORDER BY d.id LIMIT $2
 """
 ENQUEUE = """
@@ -256,46 +262,53 @@ async def _one_by_one(con: Connection, routes: list[Route]) -> dict[str, tuple[i
 
 
 def _chunks(routes: list[Route]) -> list[list[Route]]:
+    """The routes, in as few groups as fit one statement each (almost always one)."""
     chunks: list[list[Route]] = []
-    params = 0
+    params = chars = 0
     for route in routes:
-        count = len(devicequery.compile_query(route.query).params)
+        compiled = devicequery.compile_query(route.query)
+        count, size = len(compiled.params), len(compiled.where) + 40
         if (
             not chunks
-            or len(chunks[-1]) >= MAX_ROUTES_PER_SCAN
-            or params + count > (MAX_PARAMS_PER_SCAN)
+            or params + count > MAX_PARAMS_PER_SCAN
+            or chars + size > MAX_SQL_CHARS_PER_SCAN
         ):
             chunks.append([])
-            params = 0
+            params = chars = 0
         chunks[-1].append(route)
         params += count
+        chars += size
     return chunks
 
 
 async def _scan(con: Connection, routes: list[Route]) -> dict[str, tuple[int, ...]]:
-    """Which of ``routes`` take each device: the whole registry, a page at a time."""
-    columns: list[str] = []
+    """Which of ``routes`` take each device: one pass over the registry, a page of
+    devices per statement, every route's condition in each."""
+    hits: list[str] = []
     params: list[Any] = []
-    for route in routes:
+    for position, route in enumerate(routes):
+        # Parameters numbered across the routes, after the page's $1 and $2.
         compiled = devicequery.compile_query(route.query, first_param=3 + len(params))
-        columns.append(f"coalesce(({compiled.where}), false)")
+        hits.append(f"CASE WHEN ({compiled.where}) THEN {position} END")
         params += compiled.params
-    sql = MEMBERS.format(columns=", ".join(columns), from_=devicequery.DEVICE_FROM)
+    sql = MEMBERS.format(hits=", ".join(hits), from_=devicequery.DEVICE_FROM)
+    ids = [route.id for route in routes]
     found: dict[str, tuple[int, ...]] = {}
     cursor = ""
     while True:
         rows = await con.fetch(sql, cursor, MEMBERSHIP_PAGE_ROWS, *params)
         for row in rows:
-            ids = tuple(r.id for r, hit in zip(routes, row["hits"], strict=True) if hit)
-            if ids:
-                found[row["id"]] = ids
+            if row["hits"]:
+                found[row["id"]] = tuple(ids[i] for i in row["hits"])
         if len(rows) < MEMBERSHIP_PAGE_ROWS:
             return found
         cursor = rows[-1]["id"]
 
 
-async def enqueue(con: Connection, deliveries: list[Delivery]) -> int:
-    """Queue deliveries (in the caller's transaction); returns how many were new."""
+async def enqueue(con: Connection, deliveries: list[Delivery], *, notify: bool = True) -> int:
+    """Queue deliveries (in the caller's transaction); returns how many were new.
+    ``notify``: wake the delivery workers at commit (off while PostgreSQL's NOTIFY queue
+    is full: they poll every second)."""
     queued = 0
     for start in range(0, len(deliveries), ENQUEUE_CHUNK_ROWS):
         chunk = deliveries[start : start + ENQUEUE_CHUNK_ROWS]
@@ -305,9 +318,14 @@ async def enqueue(con: Connection, deliveries: list[Delivery]) -> int:
                 column.append(value)
         status = await con.execute(ENQUEUE, *columns)
         queued += int(status.rsplit(" ", 1)[-1])
-    if queued:
-        await con.execute("SELECT pg_notify($1, '')", DELIVERIES_CHANNEL)
+    if queued and notify:
+        await notify_queued(con)
     return queued
+
+
+async def notify_queued(con: Connection) -> None:
+    """Wake the delivery workers when the caller's transaction commits."""
+    await con.execute("SELECT pg_notify($1, '')", DELIVERIES_CHANNEL)
 
 
 async def clean_up(pool: asyncpg.Pool[Any], retention_seconds: float) -> int:

@@ -191,8 +191,12 @@ def _deliveries(rule: Rule, event: str, doc: Mapping[str, Any]) -> list[tuple[An
     return rows
 
 
-async def write(con: Connection, changes: Sequence[Change], evaluator: Evaluator) -> int:
-    """Persist transitions (in the caller's transaction); returns actions queued."""
+async def write(
+    con: Connection, changes: Sequence[Change], evaluator: Evaluator, *, notify: bool = True
+) -> int:
+    """Persist transitions (in the caller's transaction); returns actions queued.
+    ``notify``: announce the alarms on the stream and wake the action worker (off while
+    PostgreSQL's NOTIFY queue is full: the worker polls)."""
     events: list[dict[str, Any]] = []
     queued = 0
     touched: dict[Key, None] = {}
@@ -253,15 +257,19 @@ async def write(con: Connection, changes: Sequence[Change], evaluator: Evaluator
             events.append(streamevents.alarm_event(doc, t.at))
     if touched:
         await con.execute(SAVE_STATES, *_state_arrays(touched, evaluator.states))
-    await streamevents.announce(con, events)
-    if queued:
-        await con.execute("SELECT pg_notify($1, '')", ACTIONS_CHANNEL)
+    if notify:
+        await streamevents.announce(con, events)
+        if queued:
+            await con.execute("SELECT pg_notify($1, '')", ACTIONS_CHANNEL)
     return queued
 
 
-async def flush(con: Connection, evaluator: Evaluator, now: datetime) -> list[Key]:
-    """Write open alarms' new figures and rate rules' previous values; returns the keys
-    whose alarm is no longer open (cleared by hand): the caller starts them over."""
+async def flush(
+    con: Connection, evaluator: Evaluator, now: datetime, *, notify: bool = True
+) -> list[Key]:
+    """Write open alarms' new figures and rate rules' previous values (announced on the
+    stream unless ``notify`` is off); returns the keys whose alarm is no longer open
+    (cleared by hand): the caller starts them over."""
     dirty, evaluator.dirty = evaluator.dirty, set()
     rates, evaluator.dirty_rates = evaluator.dirty_rates, set()
     gone: list[Key] = []
@@ -279,7 +287,7 @@ async def flush(con: Connection, evaluator: Evaluator, now: datetime) -> list[Ke
                 col.append(value)
         if cols[0]:
             rows = await con.fetch(UPDATE_OPEN, *cols)
-            if rows:
+            if rows and notify:
                 await streamevents.announce(
                     con, [streamevents.alarm_event(alarm_doc(r), now) for r in rows]
                 )

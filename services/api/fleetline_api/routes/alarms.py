@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query
 
-from fleetline import rules_engine, streamevents
+from fleetline import db, rules_engine, streamevents
 from fleetline_api.deps import PoolDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.routes.rules import RulesRead, RulesWrite, links, masked, who
@@ -120,7 +120,8 @@ async def get_alarm(alarm_id: AlarmId, pool: PoolDep, _key: RulesRead) -> AlarmP
 async def _move(
     pool: Any, alarm_id: int, sql: str, event: str, actor: str, allowed: str
 ) -> AlarmPublic:
-    async with pool.acquire() as con, con.transaction():
+
+    async def work(con: Any, notices: db.Notices) -> AlarmPublic:
         row = await con.fetchrow(sql, alarm_id, actor)
         if row is None:
             current = await _get(con, alarm_id)  # 404 when there is none
@@ -130,14 +131,18 @@ async def _move(
         alarm = AlarmPublic(**dict(row))
         at = alarm.acknowledged_at if event == "acknowledged" else alarm.cleared_at
         await con.execute(HISTORY, alarm.id, at, event, actor, alarm.value)
-        await streamevents.announce(con, [streamevents.alarm_event(alarm.model_dump(), at)])
+        notices.add(
+            streamevents.CHANNEL,
+            *streamevents.pack([streamevents.alarm_event(alarm.model_dump(), at)]),
+        )
         if event == "cleared":
-            await con.execute(
-                "SELECT pg_notify($1, $2)",
+            notices.add(
                 rules_engine.RULES_CHANNEL,
                 orjson.dumps({"cleared": [alarm.rule_id, alarm.device_id]}).decode(),
             )
-    return alarm
+        return alarm
+
+    return await db.notifying(pool, work, what=f"alarm {alarm_id} {event}")
 
 
 @router.post("/{alarm_id}/ack", response_model=AlarmPublic, responses={**NOT_FOUND, **CONFLICT})

@@ -18,12 +18,11 @@ import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-import aiomqtt
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import StringConstraints
 
 from fleetline import devicekeys
-from fleetline.protocol import TWIN_DESIRED, topic_for
+from fleetline_api import commands
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.schemas import (
@@ -231,21 +230,15 @@ async def delete_device(
     device_id: DeviceId, pool: PoolDep, request: Request, _key: DevicesWrite
 ) -> Response:
     """Remove a device from the registry (its readings stay until the retention), with
-    its twin and the desired document the broker retains for it."""
-    status = await pool.execute("DELETE FROM devices WHERE id = $1", device_id)
+    its modules, twins and the desired documents the broker retains for them."""
+    async with pool.acquire() as con, con.transaction():
+        modules = await con.fetch(
+            "SELECT module_id FROM device_modules WHERE device_id = $1", device_id
+        )
+        status = await con.execute("DELETE FROM devices WHERE id = $1", device_id)
     if status.endswith(" 0"):
         raise HTTPException(404, f"device {device_id} not found")
-    # An empty retained message removes the retained one (MQTT 3.3.1.3): a device
-    # registered again with this id must not receive the old desired state.
-    client = request.state.broker.client
-    try:
-        if client is None:
-            raise aiomqtt.MqttError("not connected to the broker")
-        await client.publish(topic_for(device_id, TWIN_DESIRED), b"", qos=1, retain=True, timeout=5)
-    except (aiomqtt.MqttError, TimeoutError) as exc:
-        log.warning(
-            "device deleted, but its retained desired document stays at the broker: %s",
-            exc,
-            extra={"device_id": device_id},
-        )
+    await commands.clear_desired(
+        request.state.broker, device_id, ["", *(m["module_id"] for m in modules)]
+    )
     return Response(status_code=204)

@@ -3,8 +3,10 @@
 The rules service does the routing (it already reads every reading from the broker and
 acknowledges one only after what it caused is committed): every write here notifies
 ``fleetline_routes`` in its transaction, so it reloads its routes as soon as the change
-is committed. A query that does not compile is a 400 whose ``position`` points at the
-offending text.
+is committed. When PostgreSQL's NOTIFY queue is full (a LISTEN session stopped reading;
+the COMMIT fails), the change is written again without the notification, and the rules
+service's periodic refresh picks it up. A query that does not compile is a 400 whose
+``position`` points at the offending text.
 
 Scopes as for rules: writing needs ``rules:write``; reading needs ``rules:write`` or
 ``telemetry:read`` (a route is a view on telemetry; its secret is masked in every
@@ -13,12 +15,15 @@ response).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
+import asyncpg
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 
-from fleetline import devicequery, rules_engine
+from fleetline import db, devicequery, rules_engine
 from fleetline_api.deps import PoolDep
 from fleetline_api.problems import CONFLICT, NOT_FOUND, RESPONSES
 from fleetline_api.route_schemas import (
@@ -34,6 +39,8 @@ from fleetline_api.route_schemas import (
 )
 from fleetline_api.routes.rules import RulesRead, RulesWrite, links
 from fleetline_api.rule_schemas import MASK
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/routes", tags=["routes"], responses=RESPONSES)
 
@@ -119,12 +126,16 @@ def _columns(body: RouteIn, stored: dict[str, Any] | None) -> list[Any]:
     return [body.name, body.enabled, body.query, body.metric, condition, destination]
 
 
-async def _notify(con: Any, route_id: int) -> None:
-    await con.execute(
-        "SELECT pg_notify($1, $2)",
-        rules_engine.ROUTES_CHANNEL,
-        orjson.dumps({"route_id": route_id}).decode(),
-    )
+async def _change(pool: asyncpg.Pool[Any], write: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``write`` (returning a row with the route's ``id``) in a transaction that
+    notifies the rules service (which also refreshes its routes periodically)."""
+
+    async def work(con: Any, notices: db.Notices) -> Any:
+        row = await write(con)
+        notices.add(rules_engine.ROUTES_CHANNEL, orjson.dumps({"route_id": row["id"]}).decode())
+        return row
+
+    return await db.notifying(pool, work, what="route change")
 
 
 @router.get("", response_model=RoutePage)
@@ -167,15 +178,15 @@ async def create_route(body: RouteIn, pool: PoolDep, _key: RulesWrite) -> RouteP
     """Create a route; the rules service routes readings through it from its next
     reload on (at once, on the change's notification). 409 beyond 1000 routes."""
     values = _columns(body, None)
-    async with pool.acquire() as con, con.transaction():
+
+    async def write(con: Any) -> Any:
         # Serialises creations, so the count below holds.
         await con.execute("LOCK TABLE message_routes IN SHARE ROW EXCLUSIVE MODE")
         if await con.fetchval("SELECT count(*) FROM message_routes") >= MAX_ROUTES:
             raise HTTPException(409, f"there are {MAX_ROUTES} routes already: delete one first")
-        row = await con.fetchrow(INSERT, *values)
-        assert row is not None
-        await _notify(con, row["id"])
-    return public(row)
+        return await con.fetchrow(INSERT, *values)
+
+    return public(await _change(pool, write))
 
 
 @router.get("/{route_id}", response_model=RoutePublic, responses=NOT_FOUND)
@@ -194,30 +205,33 @@ async def replace_route(
     """Replace a route. A secret sent back as ``********`` keeps the stored one.
     Deliveries already queued go to the route's destination as it is when they are
     sent, also when the route is disabled."""
-    async with pool.acquire() as con, con.transaction():
+
+    async def write(con: Any) -> Any:
         stored = await con.fetchval(
             "SELECT destination FROM message_routes WHERE id = $1 FOR UPDATE", route_id
         )
         if stored is None:
             raise HTTPException(404, f"route {route_id} not found")
-        row = await con.fetchrow(UPDATE, route_id, *_columns(body, stored))
-        assert row is not None
-        await _notify(con, route_id)
-    return public(row)
+        return await con.fetchrow(UPDATE, route_id, *_columns(body, stored))
+
+    return public(await _change(pool, write))
 
 
 @router.delete("/{route_id}", status_code=204, responses=NOT_FOUND)
 async def delete_route(route_id: RouteId, pool: PoolDep, _key: RulesWrite) -> Response:
     """Delete a route; its deliveries still waiting are dropped (the finished ones age
     out of the log)."""
-    async with pool.acquire() as con, con.transaction():
-        status = await con.execute("DELETE FROM message_routes WHERE id = $1", route_id)
-        if status.endswith(" 0"):
+
+    async def write(con: Any) -> Any:
+        row = await con.fetchrow("DELETE FROM message_routes WHERE id = $1 RETURNING id", route_id)
+        if row is None:
             raise HTTPException(404, f"route {route_id} not found")
         await con.execute(
             "DELETE FROM route_deliveries WHERE route_id = $1 AND status = 'pending'", route_id
         )
-        await _notify(con, route_id)
+        return row
+
+    await _change(pool, write)
     return Response(status_code=204)
 
 

@@ -10,12 +10,18 @@ A device holds at most ``FLEETLINE_API_C2D_MAX_DEPTH`` messages not yet final; m
 refused with 409 (problem type ``QUEUE_FULL``). The device's row is locked while its
 queue is counted, so concurrent POSTs cannot overshoot.
 
+The POST notifies the dispatchers in its transaction, which is only a shortcut (their
+sweep finds the message within ``FLEETLINE_API_C2D_SWEEP_S``): when PostgreSQL's NOTIFY
+queue is full, the commit fails (SQLSTATE 54000) and the POST queues the message again
+without notifying, rather than failing.
+
 Posting and cancelling need ``commands:write``; reading needs ``devices:read``. Bodies
 are never logged: they may hold secrets.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -27,7 +33,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from fleetline import db
 from fleetline_api import c2d
+from fleetline_api.bodies import read_body
 from fleetline_api.deps import DevicesRead, PoolDep, SettingsDep
 from fleetline_api.message_schemas import (
     MAX_REQUEST_BYTES,
@@ -57,9 +65,6 @@ COLUMNS = """
 m.id, m.device_id, m.state, m.body::text AS body, m.properties, m.created_at, m.created_by,
 m.expires_at, m.sent_at, m.last_sent_at, m.deliveries, m.finished_at, m.seq
 """
-# FOR NO KEY UPDATE: POSTs to one device take turns, while ingest's FOR KEY SHARE (acks,
-# reported twin patches) and foreign-key checks are not held up.
-LOCK_DEVICE = "SELECT 1 FROM devices WHERE id = $1 FOR NO KEY UPDATE"
 DEPTH = """
 SELECT count(*) FROM c2d_messages
 WHERE device_id = $1 AND state IN ('queued', 'sent') AND expires_at > now()
@@ -76,7 +81,7 @@ RETURNING id
 """
 HISTORY = """
 SELECT message_id, at, event, detail FROM c2d_message_events
-WHERE message_id = ANY($1::uuid[]) ORDER BY id
+WHERE message_id = ANY($1::uuid[]) ORDER BY at, id
 """
 DEVICE_EXISTS = "SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)"
 
@@ -113,23 +118,40 @@ async def _get(con: Any, device_id: str, message_id: uuid.UUID) -> MessagePublic
 
 
 async def _read_message(request: Request) -> MessageCreate:
-    """The request body, read with a bound before it is parsed."""
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
-        raise HTTPException(415, "send the message as application/json")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-        raise HTTPException(413, f"the request is {declared} bytes, more than {MAX_REQUEST_BYTES}")
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_REQUEST_BYTES:
-            raise HTTPException(413, f"the request is more than {MAX_REQUEST_BYTES} bytes")
+    """The request body, read with a bound before it is parsed (by pydantic, from the
+    bytes: integers of any size stay exact)."""
+    raw = await read_body(
+        request, max_bytes=MAX_REQUEST_BYTES, media_types=("application/json",), what="message"
+    )
     try:
         return MessageCreate.model_validate_json(raw)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False)
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+
+
+async def _queue(
+    con: Any,
+    notices: db.Notices,
+    *,
+    device_id: str,
+    message_id: uuid.UUID,
+    body: str,
+    properties: dict[str, str],
+    ttl: int,
+    created_by: str,
+    max_depth: int,
+) -> int:
+    """Queue the message unless the device's queue is full; the depth found before."""
+    if await con.fetchval(c2d.LOCK_DEVICE, device_id) is None:
+        raise HTTPException(404, f"device {device_id} not found")
+    depth: int = await con.fetchval(DEPTH, device_id)
+    if depth < max_depth:
+        await con.execute(INSERT, message_id, device_id, body, properties, ttl, created_by)
+        await con.execute(EVENT, message_id, "queued", f"queued by {created_by}")
+        # The dispatchers hear of it at commit (and send at once if it is online).
+        notices.add(c2d.CHANNEL, c2d.queued_notification(device_id))
+    return depth
 
 
 def _queue_full(request: Request, device_id: str, depth: int) -> JSONResponse:
@@ -187,24 +209,21 @@ async def send_message(
         raise HTTPException(400, str(exc)) from None
     ttl = message.ttl_s or settings.c2d_default_ttl_s
     message_id = uuid.uuid4()
-    async with pool.acquire() as con:
-        async with con.transaction():
-            if await con.fetchval(LOCK_DEVICE, device_id) is None:
-                raise HTTPException(404, f"device {device_id} not found")
-            depth = await con.fetchval(DEPTH, device_id)
-            if depth < settings.c2d_max_depth:
-                await con.execute(
-                    INSERT, message_id, device_id, body, message.properties, ttl, who(key)
-                )
-                await con.execute(EVENT, message_id, "queued", f"queued by {who(key)}")
-                # The dispatchers hear of it at commit (and send at once if it is online).
-                await con.execute(
-                    "SELECT pg_notify($1, $2)", c2d.CHANNEL, c2d.queued_notification(device_id)
-                )
-        if depth >= settings.c2d_max_depth:
-            log.info("c2d message refused: queue full", extra={"device_id": device_id})
-            return _queue_full(request, device_id, depth)
-        created = await _get(con, device_id, message_id)
+    queue = functools.partial(
+        _queue,
+        device_id=device_id,
+        message_id=message_id,
+        body=body,
+        properties=message.properties,
+        ttl=ttl,
+        created_by=who(key),
+        max_depth=settings.c2d_max_depth,
+    )
+    depth = await db.notifying(pool, queue, what=f"c2d message {message_id} for {device_id}")
+    if depth >= settings.c2d_max_depth:
+        log.info("c2d message refused: queue full", extra={"device_id": device_id})
+        return _queue_full(request, device_id, depth)
+    created = await _get(pool, device_id, message_id)
     c2d.EVENTS.labels("queued").inc()
     log.info(
         "c2d message queued",

@@ -23,7 +23,7 @@ from fleetline_api.broker import BrokerLink
 from fleetline_api.deps import PoolDep, require
 from fleetline_api.method_schemas import MethodCall, MethodName, MethodResult
 from fleetline_api.problems import RESPONSES, Problem
-from fleetline_api.schemas import DeviceId
+from fleetline_api.schemas import DeviceId, ModuleId
 
 router = APIRouter(prefix="/v1/devices", tags=["methods"], responses=RESPONSES)
 
@@ -38,7 +38,7 @@ async def get_broker(request: Request) -> BrokerLink:
 BrokerDep = Annotated[BrokerLink, Depends(get_broker)]
 
 METHOD_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"model": Problem, "description": "No such device"},
+    404: {"model": Problem, "description": "No such device (or module)"},
     409: {"model": Problem, "description": "The device is offline (or has never connected)"},
     502: {"model": Problem, "description": "The device answered with a malformed response"},
     503: {
@@ -50,10 +50,37 @@ METHOD_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+async def _invoke(
+    pool: Any,
+    broker: BrokerLink,
+    device_id: str,
+    module_id: str,
+    name: str,
+    body: MethodCall | None,
+) -> MethodResult:
+    call = body or MethodCall()
+    try:
+        answer = await commands.invoke_method(
+            pool,
+            broker,
+            device_id,
+            name,
+            call.params,
+            timeout_s=call.timeout_s,
+            module_id=module_id,
+        )
+    except commands.CommandError as exc:
+        raise HTTPException(exc.status, str(exc), headers=exc.headers or None) from None
+    return MethodResult(request_id=answer.request_id, status=answer.status, payload=answer.payload)
+
+
+MethodPath = Annotated[MethodName, Path(description="The method's name, as the device knows it")]
+
+
 @router.post("/{device_id}/methods/{name}", response_model=MethodResult, responses=METHOD_RESPONSES)
 async def invoke_method(
     device_id: DeviceId,
-    name: Annotated[MethodName, Path(description="The method's name, as the device knows it")],
+    name: MethodPath,
     pool: PoolDep,
     broker: BrokerDep,
     _key: CommandsWrite,
@@ -61,11 +88,23 @@ async def invoke_method(
 ) -> MethodResult:
     """Call ``name`` on the device with ``params`` and wait up to ``timeout_s`` for its
     answer: the device's own ``status`` and ``payload``. Only an online device is called."""
-    call = body or MethodCall()
-    try:
-        answer = await commands.invoke_method(
-            pool, broker, device_id, name, call.params, timeout_s=call.timeout_s
-        )
-    except commands.CommandError as exc:
-        raise HTTPException(exc.status, str(exc), headers=exc.headers or None) from None
-    return MethodResult(request_id=answer.request_id, status=answer.status, payload=answer.payload)
+    return await _invoke(pool, broker, device_id, "", name, body)
+
+
+@router.post(
+    "/{device_id}/modules/{module_id}/methods/{name}",
+    response_model=MethodResult,
+    responses=METHOD_RESPONSES,
+)
+async def invoke_module_method(
+    device_id: DeviceId,
+    module_id: ModuleId,
+    name: MethodPath,
+    pool: PoolDep,
+    broker: BrokerDep,
+    _key: CommandsWrite,
+    body: MethodCall | None = None,
+) -> MethodResult:
+    """Call ``name`` on a module of an online device: the request goes to
+    ``devices/{id}/modules/{module_id}/methods/{request_id}/req``."""
+    return await _invoke(pool, broker, device_id, module_id, name, body)

@@ -20,7 +20,7 @@ import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from pydantic import BaseModel, StringConstraints
 
-from fleetline import rules_engine, streamevents
+from fleetline import db, rules_engine, streamevents
 from fleetline.apikeys import KeyInfo
 from fleetline_api.deps import PoolDep, require
 from fleetline_api.problems import NOT_FOUND, RESPONSES
@@ -197,22 +197,18 @@ def _columns(body: ThresholdRule | NoDataRule, stored: list[dict[str, Any]]) -> 
     ]
 
 
-async def _notify_rule(con: Any, rule_id: int) -> None:
-    await con.execute(
-        "SELECT pg_notify($1, $2)",
-        rules_engine.RULES_CHANNEL,
-        orjson.dumps({"rule_id": rule_id}).decode(),
-    )
+def _notify_rule(notices: db.Notices, rule_id: int) -> None:
+    notices.add(rules_engine.RULES_CHANNEL, orjson.dumps({"rule_id": rule_id}).decode())
 
 
-async def clear_open_alarms(con: Any, rule_id: int, actor: str) -> None:
+async def clear_open_alarms(con: Any, notices: db.Notices, rule_id: int, actor: str) -> None:
     """Clear a rule's open alarms and announce it on the stream (in the caller's
     transaction)."""
     rows = await con.fetch(CLEAR_OPEN, rule_id, actor)
-    if rows:
-        await streamevents.announce(
-            con, [streamevents.alarm_event(r, r["cleared_at"]) for r in rows]
-        )
+    notices.add(
+        streamevents.CHANNEL,
+        *streamevents.pack([streamevents.alarm_event(r, r["cleared_at"]) for r in rows]),
+    )
 
 
 def who(key: KeyInfo) -> str:
@@ -265,11 +261,14 @@ def links(path: str, *names: str) -> dict[str, Any]:
 async def create_rule(body: RuleIn, pool: PoolDep, _key: RulesWrite) -> RulePublic:
     """Create a rule; the rules service evaluates it from the next reading on."""
     values = _columns(body, [])
-    async with pool.acquire() as con, con.transaction():
+
+    async def work(con: Any, notices: db.Notices) -> Any:
         row = await con.fetchrow(INSERT, *values)
         assert row is not None
-        await _notify_rule(con, row["id"])
-    return public(row)
+        _notify_rule(notices, row["id"])
+        return row
+
+    return public(await db.notifying(pool, work, what="rule creation"))
 
 
 @router.get(
@@ -290,7 +289,8 @@ async def replace_rule(rule_id: RuleId, body: RuleIn, pool: PoolDep, key: RulesW
     """Replace a rule. Its timers restart; open alarms stay open and clear by the new
     clear condition (or are cleared now if the rule is disabled). A secret sent back as
     ``********`` keeps the stored one."""
-    async with pool.acquire() as con, con.transaction():
+
+    async def work(con: Any, notices: db.Notices) -> Any:
         stored = await con.fetchval("SELECT actions FROM rules WHERE id = $1 FOR UPDATE", rule_id)
         if stored is None:
             raise HTTPException(404, f"rule {rule_id} not found")
@@ -298,20 +298,25 @@ async def replace_rule(rule_id: RuleId, body: RuleIn, pool: PoolDep, key: RulesW
         assert row is not None
         await con.execute("DELETE FROM rule_state WHERE rule_id = $1", rule_id)
         if not body.enabled:
-            await clear_open_alarms(con, rule_id, f"rule disabled by {who(key)}")
-        await _notify_rule(con, rule_id)
-    return public(row)
+            await clear_open_alarms(con, notices, rule_id, f"rule disabled by {who(key)}")
+        _notify_rule(notices, rule_id)
+        return row
+
+    return public(await db.notifying(pool, work, what=f"rule {rule_id} change"))
 
 
 @router.delete("/{rule_id}", status_code=204, responses=NOT_FOUND)
 async def delete_rule(rule_id: RuleId, pool: PoolDep, key: RulesWrite) -> Response:
     """Delete a rule; its open alarms are cleared (and kept in the history)."""
-    async with pool.acquire() as con, con.transaction():
+
+    async def work(con: Any, notices: db.Notices) -> None:
         status = await con.execute("DELETE FROM rules WHERE id = $1", rule_id)
         if status.endswith(" 0"):
             raise HTTPException(404, f"rule {rule_id} not found")
-        await clear_open_alarms(con, rule_id, f"rule deleted by {who(key)}")
-        await _notify_rule(con, rule_id)
+        await clear_open_alarms(con, notices, rule_id, f"rule deleted by {who(key)}")
+        _notify_rule(notices, rule_id)
+
+    await db.notifying(pool, work, what=f"rule {rule_id} deletion")
     return Response(status_code=204)
 
 

@@ -24,15 +24,15 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 
 from fleetline import protocol
 from fleetline_api import commands
+from fleetline_api.bodies import read_json_body
 from fleetline_api.commands import etag
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
-from fleetline_api.schemas import DeviceId
+from fleetline_api.schemas import DeviceId, ModuleId
 from fleetline_api.twin_schemas import (
     DESIRED_PATCH_SCHEMA,
     MERGE_PATCH_MEDIA_TYPE,
@@ -46,7 +46,7 @@ router = APIRouter(prefix="/v1/devices", tags=["twins"], responses=RESPONSES)
 ACCEPTED_MEDIA_TYPES = (MERGE_PATCH_MEDIA_TYPE, "application/json")
 
 SELECT_TWIN = """
-SELECT d.id AS device_id, d.tags,
+SELECT d.id AS device_id, nullif($2::text, '') AS module_id, d.tags,
        coalesce(td.desired, '{}'::jsonb) AS desired,
        coalesce(td.version, 0) AS desired_version,
        td.updated_at AS desired_updated_at,
@@ -55,9 +55,11 @@ SELECT d.id AS device_id, d.tags,
        coalesce(tr.version, 0) AS reported_version,
        tr.updated_at AS reported_updated_at
 FROM devices d
-LEFT JOIN twin_desired td ON td.device_id = d.id
-LEFT JOIN twin_reported tr ON tr.device_id = d.id
-WHERE d.id = $1
+LEFT JOIN twin_desired td ON td.device_id = d.id AND td.module_id = $2
+LEFT JOIN twin_reported tr ON tr.device_id = d.id AND tr.module_id = $2
+WHERE d.id = $1 AND ($2 = '' OR EXISTS (
+    SELECT 1 FROM device_modules m WHERE m.device_id = d.id AND m.module_id = $2
+))
 """
 
 
@@ -90,10 +92,10 @@ def delta(desired: dict[str, Any], reported: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _twin(con: Any, device_id: str) -> TwinPublic:
-    row = await con.fetchrow(SELECT_TWIN, device_id)
+async def _twin(con: Any, device_id: str, module_id: str = "") -> TwinPublic:
+    row = await con.fetchrow(SELECT_TWIN, device_id, module_id)
     if row is None:
-        raise HTTPException(404, f"device {device_id} not found")
+        raise HTTPException(404, f"{commands.target_name(device_id, module_id)} not found")
     fields = dict(row)
     return TwinPublic(**fields, delta=delta(fields["desired"], fields["reported"]))
 
@@ -110,26 +112,23 @@ async def get_twin(
     return twin
 
 
+@router.get("/{device_id}/modules/{module_id}/twin", response_model=TwinPublic, responses=NOT_FOUND)
+async def get_module_twin(
+    device_id: DeviceId, module_id: ModuleId, pool: PoolDep, _key: DevicesRead, response: Response
+) -> TwinPublic:
+    """A module's twin, as the device's (its ``tags`` are the device's)."""
+    twin = await _twin(pool, device_id, module_id)
+    response.headers["ETag"] = etag(twin.desired_version)
+    return twin
+
+
 async def _read_patch(request: Request) -> dict[str, Any]:
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type not in ACCEPTED_MEDIA_TYPES:
-        raise HTTPException(
-            415, f"send the patch as {MERGE_PATCH_MEDIA_TYPE} (or application/json)"
-        )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > protocol.MAX_TWIN_BYTES:
-        raise HTTPException(
-            413, f"the patch is {declared} bytes, more than {protocol.MAX_TWIN_BYTES}"
-        )
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > protocol.MAX_TWIN_BYTES:
-            raise HTTPException(413, f"the patch is more than {protocol.MAX_TWIN_BYTES} bytes")
-    try:
-        patch = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise HTTPException(422, f"the body is not JSON: {exc}") from None
+    patch = await read_json_body(
+        request,
+        max_bytes=protocol.MAX_TWIN_BYTES,
+        media_types=ACCEPTED_MEDIA_TYPES,
+        what="patch",
+    )
     if type(patch) is not dict:
         # RFC 7396 would let a non-object replace the document; desired stays an object.
         raise HTTPException(422, "the patch must be a JSON object")
@@ -139,25 +138,66 @@ async def _read_patch(request: Request) -> dict[str, Any]:
     return patch
 
 
+PATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **NOT_FOUND,
+    412: {"model": Problem, "description": "If-Match names another desired version"},
+    413: {"model": Problem, "description": "The patch or the resulting document is too large"},
+    415: {"model": Problem, "description": "Not application/merge-patch+json"},
+    503: {
+        "model": Problem,
+        "description": "The database did not answer, or the API is not connected to the broker",
+    },
+}
+PATCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {t: {"schema": DESIRED_PATCH_SCHEMA} for t in ACCEPTED_MEDIA_TYPES},
+    }
+}
+IfMatch = Annotated[
+    str | None,
+    Header(
+        max_length=1024,
+        description='The desired version the patch is for, as its ETag ("3"); '
+        "optional: without it the patch applies to whatever version is current",
+    ),
+]
+
+
+async def _patch(
+    request: Request,
+    response: Response,
+    pool: Any,
+    device_id: str,
+    module_id: str,
+    if_match: str | None,
+) -> TwinPublic:
+    patch = await _read_patch(request)
+    try:
+        await commands.apply_desired(
+            pool, request.state.broker, device_id, patch, if_match=if_match, module_id=module_id
+        )
+    except commands.CommandError as exc:
+        raise HTTPException(exc.status, str(exc), headers=exc.headers or None) from None
+    twin = await _twin(pool, device_id, module_id)
+    response.headers["ETag"] = etag(twin.desired_version)
+    log.info(
+        "desired twin patched",
+        extra={
+            "device_id": device_id,
+            "module_id": module_id,
+            "version": twin.desired_version,
+            "published": twin.desired_published_version == twin.desired_version,
+        },
+    )
+    return twin
+
+
 @router.patch(
     "/{device_id}/twin",
     response_model=TwinPublic,
-    responses={
-        **NOT_FOUND,
-        412: {"model": Problem, "description": "If-Match names another desired version"},
-        413: {"model": Problem, "description": "The patch or the resulting document is too large"},
-        415: {"model": Problem, "description": "Not application/merge-patch+json"},
-        503: {
-            "model": Problem,
-            "description": "The database did not answer, or the API is not connected to the broker",
-        },
-    },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {t: {"schema": DESIRED_PATCH_SCHEMA} for t in ACCEPTED_MEDIA_TYPES},
-        }
-    },
+    responses=PATCH_RESPONSES,
+    openapi_extra=PATCH_BODY,
 )
 async def patch_desired(
     device_id: DeviceId,
@@ -165,33 +205,29 @@ async def patch_desired(
     response: Response,
     pool: PoolDep,
     _key: DevicesWrite,
-    if_match: Annotated[
-        str | None,
-        Header(
-            max_length=1024,
-            description='The desired version the patch is for, as its ETag ("3"); '
-            "optional: without it the patch applies to whatever version is current",
-        ),
-    ] = None,
+    if_match: IfMatch = None,
 ) -> TwinPublic:
     """Merge-patch the desired properties (RFC 7396) and publish the whole desired
     document, retained, to ``devices/{id}/twin/desired``. A patch that changes nothing
     keeps the version and publishes the current document again."""
-    patch = await _read_patch(request)
-    try:
-        await commands.apply_desired(
-            pool, request.state.broker, device_id, patch, if_match=if_match
-        )
-    except commands.CommandError as exc:
-        raise HTTPException(exc.status, str(exc), headers=exc.headers or None) from None
-    twin = await _twin(pool, device_id)
-    response.headers["ETag"] = etag(twin.desired_version)
-    log.info(
-        "desired twin patched",
-        extra={
-            "device_id": device_id,
-            "version": twin.desired_version,
-            "published": twin.desired_published_version == twin.desired_version,
-        },
-    )
-    return twin
+    return await _patch(request, response, pool, device_id, "", if_match)
+
+
+@router.patch(
+    "/{device_id}/modules/{module_id}/twin",
+    response_model=TwinPublic,
+    responses=PATCH_RESPONSES,
+    openapi_extra=PATCH_BODY,
+)
+async def patch_module_desired(
+    device_id: DeviceId,
+    module_id: ModuleId,
+    request: Request,
+    response: Response,
+    pool: PoolDep,
+    _key: DevicesWrite,
+    if_match: IfMatch = None,
+) -> TwinPublic:
+    """As for the device's twin; published to
+    ``devices/{id}/modules/{module_id}/twin/desired``."""
+    return await _patch(request, response, pool, device_id, module_id, if_match)
