@@ -139,16 +139,21 @@ def twin_patch_problem(patch: Any) -> str | None:
     return _twin_problem(patch)
 
 
+def _json_payload(payload: bytes, max_bytes: int, what: str) -> Any:
+    """A device message parsed as JSON; PayloadError when too large or not JSON."""
+    if len(payload) > max_bytes:
+        raise PayloadError(f"{what} of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError(f"not JSON: {exc}") from None
+
+
 def parse_twin_patch(payload: bytes) -> dict[str, Any]:
     """A reported-properties patch from a device (a JSON merge patch, RFC 7396).
 
     Raises :class:`PayloadError` (the dead-letter reason) when it is unusable."""
-    if len(payload) > MAX_TWIN_BYTES:
-        raise PayloadError(f"twin patch of {len(payload)} bytes exceeds {MAX_TWIN_BYTES}")
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise PayloadError(f"not JSON: {exc}") from None
+    doc = _json_payload(payload, MAX_TWIN_BYTES, "twin patch")
     problem = twin_patch_problem(doc)
     if problem:
         raise PayloadError(problem)
@@ -166,12 +171,7 @@ def parse_c2d_ack(payload: bytes) -> tuple[str, str]:
     """(message id, outcome) of an acknowledgement; the id in canonical UUID form.
 
     Raises :class:`PayloadError` (the dead-letter reason) when it is unusable."""
-    if len(payload) > MAX_C2D_ACK_BYTES:
-        raise PayloadError(f"c2d ack of {len(payload)} bytes exceeds {MAX_C2D_ACK_BYTES}")
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise PayloadError(f"not JSON: {exc}") from None
+    doc = _json_payload(payload, MAX_C2D_ACK_BYTES, "c2d ack")
     if type(doc) is not dict:
         raise PayloadError('a c2d ack must be a JSON object {"id": ..., "outcome": ...}')
     message_id = doc.get("id")

@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
 
@@ -218,3 +218,31 @@ class RulesProcess(ServiceProcess):
 
     def service_env(self, name: str) -> dict[str, str]:
         return {"FLEETLINE_RULES_HTTP_HOST": "127.0.0.1"}
+
+
+async def full_notify_queue(
+    db: Any, uid: str, table: str, when: str, *, on: str = "INSERT OR UPDATE"
+) -> Callable[[], Awaitable[None]]:
+    """Make ``db`` act as PostgreSQL does while its NOTIFY queue is full: the COMMIT of a
+    transaction that wrote (``on``) a row of ``table`` matching ``when`` (SQL over NEW or
+    OLD) fails with 54000, unless the transaction set ``fleetline.quiet`` (as writers do
+    when they retry without notifying). Returns the coroutine function that undoes it."""
+    fn, trigger = f'"{uid}-queue-full"', f'"{uid}-queue-full-trigger"'
+    await db.execute(f"""
+        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF ({when})
+               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
+                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
+                    USING ERRCODE = '54000';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER {trigger} AFTER {on} ON {table}
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
+    """)
+
+    async def undo() -> None:
+        await db.execute(f"DROP TRIGGER {trigger} ON {table}; DROP FUNCTION {fn}()")
+
+    return undo

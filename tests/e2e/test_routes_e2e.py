@@ -32,6 +32,7 @@ from tests.support import (
     Device,
     IngestProcess,
     RulesProcess,
+    full_notify_queue,
     reading,
 )
 
@@ -414,20 +415,9 @@ async def test_a_full_notify_queue_costs_notifications_not_routed_readings_or_al
     register(admin, device_id)
     # As a full queue does: fail the commit of a batch that queues our device's
     # deliveries (and so notifies the delivery workers) unless it went quiet.
-    fn, trigger = (f'"{uid}-{name}"' for name in ("fn", "trg"))
-    await db.execute(f"""
-        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.device_id = '{device_id}'
-               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
-                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
-                    USING ERRCODE = '54000';
-            END IF;
-            RETURN NULL;
-        END $$;
-        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT ON route_deliveries
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
-    """)
+    undo = await full_notify_queue(
+        db, uid, "route_deliveries", f"NEW.device_id = '{device_id}'", on="INSERT",
+    )
     try:
         route = create_route(
             admin,
@@ -461,7 +451,7 @@ async def test_a_full_notify_queue_costs_notifications_not_routed_readings_or_al
         )
         dev.close()
     finally:
-        await db.execute(f"DROP TRIGGER {trigger} ON route_deliveries; DROP FUNCTION {fn}()")
+        await undo()
 
 
 async def test_a_refused_batch_is_retried_unacknowledged_and_only_what_is_refused_alone_is_dropped(

@@ -31,7 +31,14 @@ from fleetline_api.broker import BrokerLink
 from fleetline_api.c2d import C2dDispatcher
 from fleetline_api.settings import ApiSettings
 from tests.integration.test_api import assert_problem, client
-from tests.support import DEVICE_KEY_SECRET, ApiProcess, Device, IngestProcess, wait_until
+from tests.support import (
+    DEVICE_KEY_SECRET,
+    ApiProcess,
+    Device,
+    IngestProcess,
+    full_notify_queue,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 QUEUE_FULL = "urn:fleetline:problem:c2d-queue-full"
@@ -536,20 +543,7 @@ async def test_a_full_notify_queue_costs_no_status_of_a_device_with_messages(
         uuid.uuid4(), device_id,
     )
     # As a full queue does: fail the commit with 54000 unless ingest has quieted its triggers.
-    fn, trigger = (f'"{uid}-{name}"' for name in ("fn", "trg"))
-    await db.execute(f"""
-        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.device_id = '{device_id}'
-               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
-                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
-                    USING ERRCODE = '54000';
-            END IF;
-            RETURN NULL;
-        END $$;
-        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT OR UPDATE ON device_activity
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
-    """)
+    undo = await full_notify_queue(db, uid, "device_activity", f"NEW.device_id = '{device_id}'")
     heard: list[str] = []
     listener = await asyncpg.connect(database_url)
     await listener.add_listener("fleetline_c2d", lambda *args: heard.append(args[-1]))
@@ -569,7 +563,7 @@ async def test_a_full_notify_queue_costs_no_status_of_a_device_with_messages(
         assert not [h for h in heard if device_id in h]
     finally:
         await listener.close()
-        await db.execute(f"DROP TRIGGER {trigger} ON device_activity; DROP FUNCTION {fn}()")
+        await undo()
 
 
 async def _eventually(
@@ -598,20 +592,9 @@ async def test_a_post_while_the_notify_queue_is_full_queues_without_notifying(
     c = await _device(api, make_key, device_id)
     assert c.post("/v1/devices", json={"id": control}).status_code == 201
     # As a full queue does: a transaction that notifies fails at COMMIT, for this device.
-    fn, trigger = (f'"{uid}-{name}"' for name in ("fn", "trg"))
-    await db.execute(f"""
-        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.device_id = '{device_id}'
-               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
-                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
-                    USING ERRCODE = '54000';
-            END IF;
-            RETURN NULL;
-        END $$;
-        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT ON c2d_messages
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
-    """)
+    undo = await full_notify_queue(
+        db, uid, "c2d_messages", f"NEW.device_id = '{device_id}'", on="INSERT",
+    )
     heard: list[str] = []
     listener = await asyncpg.connect(database_url)
     await listener.add_listener("fleetline_c2d", lambda *args: heard.append(args[-1]))
@@ -635,7 +618,7 @@ async def test_a_post_while_the_notify_queue_is_full_queues_without_notifying(
         assert not [h for h in heard if device_id in h]
     finally:
         await listener.close()
-        await db.execute(f"DROP TRIGGER {trigger} ON c2d_messages; DROP FUNCTION {fn}()")
+        await undo()
 
 
 async def _true(value: bool) -> bool:

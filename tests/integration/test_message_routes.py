@@ -15,7 +15,7 @@ import pytest
 
 from fleetline.rules_engine import ROUTES_CHANNEL
 from tests.integration.test_api import assert_problem, client
-from tests.support import ApiProcess
+from tests.support import ApiProcess, full_notify_queue
 
 pytestmark = pytest.mark.integration
 
@@ -256,20 +256,10 @@ async def test_a_full_notify_queue_does_not_fail_a_route_change(
     change is stored without the notification (the rules service's refresh takes it),
     never a 500."""
     # As a full queue does: fail the commit of our routes' writes unless they go quiet.
-    fn, trigger = (f'"{uid}-{name}"' for name in ("fn", "trg"))
-    await db.execute(f"""
-        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF coalesce(NEW.name, OLD.name) LIKE '{uid}%'
-               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
-                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
-                    USING ERRCODE = '54000';
-            END IF;
-            RETURN NULL;
-        END $$;
-        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON message_routes
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
-    """)
+    undo = await full_notify_queue(
+        db, uid, "message_routes", f"coalesce(NEW.name, OLD.name) LIKE '{uid}%'",
+        on="INSERT OR UPDATE OR DELETE",
+    )
     heard: list[str] = []
     listener = await asyncpg.connect(database_url)
     await listener.add_listener(ROUTES_CHANNEL, lambda *args: heard.append(args[-1]))
@@ -292,4 +282,4 @@ async def test_a_full_notify_queue_does_not_fail_a_route_change(
         assert "NOTIFY queue is full" in api.log_tail(200)
     finally:
         await listener.close()
-        await db.execute(f"DROP TRIGGER {trigger} ON message_routes; DROP FUNCTION {fn}()")
+        await undo()

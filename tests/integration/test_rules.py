@@ -31,7 +31,7 @@ from websockets.asyncio.client import connect
 
 from fleetline.embedded import LocalMosquitto, free_port
 from tests.integration.test_api import assert_problem, client
-from tests.support import ApiProcess, Device, IngestProcess, RulesProcess
+from tests.support import ApiProcess, Device, IngestProcess, RulesProcess, full_notify_queue
 
 pytestmark = pytest.mark.integration
 
@@ -757,20 +757,7 @@ async def test_a_full_notify_queue_costs_no_rule_change(
     """Rule writes notify the rules service; when PostgreSQL's NOTIFY queue is full the
     COMMIT fails (54000), and the API writes the change again without notifying."""
     name = f"{uid} quiet"
-    fn, trigger = (f'"{uid}-{part}"' for part in ("fn", "trg"))
-    await db.execute(f"""
-        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.name = '{name}'
-               AND current_setting('fleetline.quiet', true) IS DISTINCT FROM 'on' THEN
-                RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
-                    USING ERRCODE = '54000';
-            END IF;
-            RETURN NULL;
-        END $$;
-        CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT OR UPDATE ON rules
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {fn}();
-    """)
+    undo = await full_notify_queue(db, uid, "rules", f"NEW.name = '{name}'")
     try:
         writer = client(api, await make_key("rules:write"))
         body = threshold_rule(name, [f"{uid}-d1"])
@@ -783,4 +770,4 @@ async def test_a_full_notify_queue_costs_no_rule_change(
         assert replaced.json()["enabled"] is False
         assert api.log_tail(200).count("NOTIFY queue is full") >= 2
     finally:
-        await db.execute(f"DROP TRIGGER {trigger} ON rules; DROP FUNCTION {fn}()")
+        await undo()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from fleetline import protocol
 from fleetline.protocol import Limits, PayloadError, Row
+
+T = TypeVar("T")
 
 # Dead-letter reasons longer than this are cut (a payload can hold 1000 bad readings).
 MAX_REASON_CHARS = 2000
@@ -101,14 +104,9 @@ def collect(
         _collect_twin_patch(batch, device_id, "", topic, payload, received_at)
     elif kind == protocol.C2D_ACK:
         batch.c2d_ack_messages += 1
-        try:
-            message_id, outcome = protocol.parse_c2d_ack(payload)
-        except Exception as exc:  # PayloadError; anything else is a bug costing one message
-            reason = str(exc) if isinstance(exc, PayloadError) else f"unexpected error: {exc!r}"
-            batch.dead.append((received_at, topic, device_id, _reason([reason]), payload))
-        else:
-            batch.c2d_acks.append((device_id, message_id, outcome, received_at, topic, payload))
-        batch.seen[device_id] = received_at
+        ack = _parsed(batch, protocol.parse_c2d_ack, device_id, topic, payload, received_at)
+        if ack is not None:
+            batch.c2d_acks.append((device_id, *ack, received_at, topic, payload))
     elif (module := protocol.split_module_kind(kind)) and module[1] == protocol.TWIN_REPORTED:
         _collect_twin_patch(batch, device_id, module[0], topic, payload, received_at)
     else:
@@ -117,18 +115,32 @@ def collect(
         )
 
 
+def _parsed(
+    batch: Batch,
+    parse: Callable[[bytes], T],
+    device_id: str,
+    topic: str,
+    payload: bytes,
+    received_at: datetime,
+) -> T | None:
+    """``parse(payload)``, or None once the message is dead-lettered with the reason; the
+    device counts as seen either way."""
+    batch.seen[device_id] = received_at
+    try:
+        return parse(payload)
+    except Exception as exc:  # PayloadError; anything else is a bug costing one message
+        reason = str(exc) if isinstance(exc, PayloadError) else f"unexpected error: {exc!r}"
+        batch.dead.append((received_at, topic, device_id, _reason([reason]), payload))
+        return None
+
+
 def _collect_twin_patch(
     batch: Batch, device_id: str, module_id: str, topic: str, payload: bytes, received_at: datetime
 ) -> None:
     batch.twin_messages += 1
-    try:
-        patch = protocol.parse_twin_patch(payload)
-    except Exception as exc:  # PayloadError; anything else is a bug costing one message
-        reason = str(exc) if isinstance(exc, PayloadError) else f"unexpected error: {exc!r}"
-        batch.dead.append((received_at, topic, device_id, _reason([reason]), payload))
-    else:
+    patch = _parsed(batch, protocol.parse_twin_patch, device_id, topic, payload, received_at)
+    if patch is not None:
         batch.twin.append((device_id, module_id, patch, received_at, topic, payload))
-    batch.seen[device_id] = received_at
 
 
 def rebuild(batch: Batch, limits: Limits, *, keep_qos0_only: bool) -> Batch:
