@@ -15,6 +15,7 @@ import secrets
 import shutil
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,17 @@ async def database_url(admin_url: str) -> AsyncIterator[str]:
             "`make test`, or set FLEETLINE_TEST_PG_URL.",
             pytrace=False,
         )
-    name = f"fleetline_test_{os.getpid()}_{secrets.token_hex(3)}"
+    await admin.close()
+    async with migrated_database(admin_url, "fleetline_test") as url:
+        yield url
+
+
+@asynccontextmanager
+async def migrated_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
+    """A new database with every migration applied, dropped afterwards: for the session,
+    or for tests whose services must serve no other test's data."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(admin_url, timeout=10)
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = _with_database(admin_url, name)
     try:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import threading
 import time
@@ -25,11 +24,10 @@ import pytest
 
 from fleetline import db as fleetline_db
 from fleetline.embedded import LocalMosquitto
-from fleetline.migrate import migrate
-from fleetline.settings import StorageSettings
 from fleetline_api.broker import BrokerLink
 from fleetline_api.c2d import C2dDispatcher
 from fleetline_api.settings import ApiSettings
+from tests.conftest import migrated_database
 from tests.integration.test_api import assert_problem, client
 from tests.support import (
     DEVICE_KEY_SECRET,
@@ -390,16 +388,8 @@ class _V5Inbox:
 @pytest.fixture
 async def fresh_database(admin_url: str) -> AsyncIterator[str]:
     """A database of its own: no API process's dispatcher sends from it."""
-    name = f"fleetline_c2d_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rpartition("/")[0] + "/" + name
-    try:
-        await migrate(url, StorageSettings(timescale="off"), create_database=False)
+    async with migrated_database(admin_url, "fleetline_c2d") as url:
         yield url
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_dispatcher_rounds_resend_once_per_online_moment_and_expire(

@@ -3,8 +3,6 @@ devices over the real broker; restarts, cancellation and two replicas sharing a 
 
 from __future__ import annotations
 
-import os
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,8 +17,7 @@ import pytest
 
 from fleetline import apikeys
 from fleetline.embedded import LocalMosquitto
-from fleetline.migrate import migrate
-from fleetline.settings import StorageSettings
+from tests.conftest import migrated_database
 from tests.integration.test_api import assert_problem, client
 from tests.support import ApiProcess, Device, wait_until
 
@@ -392,16 +389,8 @@ async def test_cancel_stops_the_pending_devices_and_lets_running_ones_finish(
 async def private_db(admin_url: str) -> AsyncIterator[str]:
     """A database of its own: the session's API process would otherwise run these
     tests' jobs too, where each test needs to know which processes run them."""
-    name = f"fleetline_jobs_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = await asyncpg.connect(admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = admin_url.rpartition("/")[0] + "/" + name
-    try:
-        await migrate(url, StorageSettings(timescale="off"), create_database=False)
+    async with migrated_database(admin_url, "fleetline_jobs") as url:
         yield url
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture
