@@ -14,7 +14,8 @@ messages when it sees that status), then reports ``{"fw", "model"}`` on
 - Cloud-to-device messages are acknowledged with ``{"id": ..., "outcome": "complete"}``
   on ``devices/{id}/c2d/ack``. Delivery is at least once: a message whose id the device
   has handled already is acknowledged again but not acted on twice.
-- The desired document is reported back as applied, with ``desired_version``.
+- The desired document is reported back with ``desired_version``; ``interval_s`` (seconds
+  between readings) is applied.
 - Methods ``ping`` and ``reboot`` answer 200; any other 404.
 """
 
@@ -65,8 +66,18 @@ GOODBYE_TIMEOUT_SECONDS = 2.0
 REPORT_INTERVAL_SECONDS = 30.0
 # Ids of cloud-to-device messages a device remembers having handled (for duplicates).
 SEEN_MESSAGE_IDS = 100
+# The desired `interval_s` a device applies.
+MIN_INTERVAL_S = 0.1
+MAX_INTERVAL_S = 3600.0
 
 Reading = dict[str, Any]
+
+
+@dataclass
+class _State:
+    """What the cloud may change on a device (its desired twin)."""
+
+    interval_seconds: float
 
 
 @dataclass
@@ -95,7 +106,7 @@ class _SeenIds:
 
 
 async def _serve_cloud(
-    client: aiomqtt.Client, device_id: str, seen: _SeenIds, stats: _Stats
+    client: aiomqtt.Client, device_id: str, seen: _SeenIds, stats: _Stats, state: _State
 ) -> None:
     """Take what the cloud sends until the connection ends: cloud-to-device messages
     (acknowledged), the desired twin (applied and reported back) and direct methods
@@ -110,7 +121,7 @@ async def _serve_cloud(
                 if kind == C2D:
                     await _take_c2d(client, device_id, orjson.loads(raw), seen, stats)
                 elif kind == TWIN_DESIRED and raw:
-                    await _apply_desired(client, device_id, orjson.loads(raw))
+                    await _apply_desired(client, device_id, orjson.loads(raw), state)
                 elif kind.startswith("methods/") and kind.endswith("/req"):
                     await _answer_method(client, device_id, kind, orjson.loads(raw), stats)
             except aiomqtt.MqttError:
@@ -142,11 +153,16 @@ async def _take_c2d(
     )
 
 
-async def _apply_desired(client: aiomqtt.Client, device_id: str, doc: Any) -> None:
-    """Report the desired properties as applied, with the version they came in."""
+async def _apply_desired(client: aiomqtt.Client, device_id: str, doc: Any, state: _State) -> None:
+    """Apply ``interval_s`` (seconds between readings, 0.1 to 3600) and report the
+    desired properties back, with the version they came in."""
     desired = doc["desired"]
     if type(desired) is not dict:
         raise TypeError("desired is not an object")
+    interval = desired.get("interval_s")
+    if isinstance(interval, int | float) and not isinstance(interval, bool):
+        if MIN_INTERVAL_S <= interval <= MAX_INTERVAL_S:
+            state.interval_seconds = float(interval)
     await client.publish(
         topic_for(device_id, TWIN_REPORTED),
         orjson.dumps({**desired, "desired_version": doc["version"]}),
@@ -270,6 +286,7 @@ async def _device(
     )
     rng = random.Random(device_id)
     sensors = _Sensors(rng)
+    state = _State(interval_seconds)
     backlog: list[Reading] = []
     seen = _SeenIds()
     hold = 0  # ticks left before the held-back readings go out as one batch
@@ -297,7 +314,7 @@ async def _device(
                         ]
                     )
                     receiver = asyncio.create_task(
-                        _serve_cloud(client, device_id, seen, stats),
+                        _serve_cloud(client, device_id, seen, stats, state),
                         name=f"simulator.device[{device_id}].cloud",
                     )
                     await client.publish(status_topic, STATUS_ONLINE, qos=1, retain=True)
@@ -325,7 +342,7 @@ async def _device(
                             await _while_connected(client, publish)
                             stats.readings += len(backlog)
                             backlog.clear()
-                        next_tick += interval_seconds
+                        next_tick += state.interval_seconds
                         await _while_connected(client, stop.wait(), timeout=next_tick - loop.time())
                     await _say_offline(client, status_topic)
                 except asyncio.CancelledError:

@@ -59,6 +59,12 @@ async def test_simulated_devices_answer_twins_and_methods(
             "the desired twin reported as applied")
         assert twin["reported"]["interval_s"] == 30
         assert twin["reported"]["desired_version"] == twin["desired_version"] == 1
+        # Applied: at one reading per 30 s instead of 2 per s, no more arrive for a while.
+        count = "SELECT count(*) FROM readings WHERE device_id = $1"
+        await asyncio.sleep(1.5)  # what was in flight when the twin changed
+        before = await db.fetchval(count, device_id)
+        await asyncio.sleep(3)
+        assert await db.fetchval(count, device_id) - before <= 4  # one tick, 4 metrics
 
         # The simulator runs on this event loop: wait for the answer off it.
         ping = await asyncio.to_thread(c.post, f"/v1/devices/{device_id}/methods/ping",
