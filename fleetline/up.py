@@ -375,6 +375,9 @@ async def _supervise(
             f"  API       {API_URL} (docs at {API_URL}/docs)\n"
             f"  ingest    http://127.0.0.1:{ingest_port}/metrics\n"
             f"  devices   {fleet}\n"
+            "an API key (for the API, the dashboard and the CLI):\n"
+            f"  FLEETLINE_DATABASE_URL={_redact(database_url)} "
+            ".venv/bin/fleetline apikey create --scope admin\n"
             "Ctrl-C to stop.\n"
         )
         if devices > 0:
