@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -77,6 +78,8 @@ def consumer_client(settings: ConsumerSettings, protocol: MqttProtocol) -> aiomq
         persistent=True,
         session_expiry_seconds=settings.session_expiry_seconds,
         receive_maximum=settings.max_pending_messages,
+        # Its acknowledgements go out in bursts after each commit: let TCP coalesce them.
+        nodelay=False,
     )
 
 
@@ -127,8 +130,12 @@ def make_client(
     receive_maximum: int | None = None,
     will: aiomqtt.Will | None = None,
     keepalive_seconds: int = 30,
+    nodelay: bool = True,
 ) -> aiomqtt.Client:
-    """An aiomqtt client; ``protocol='auto'`` starts with MQTT 5 (see :func:`connected`)."""
+    """An aiomqtt client; ``protocol='auto'`` starts with MQTT 5 (see :func:`connected`).
+
+    ``nodelay`` sets TCP_NODELAY: a small packet (a method request, an answer) goes out
+    at once instead of waiting for the peer's delayed ACK (about 40 ms a hop on Linux)."""
     v5 = protocol != "3.1.1"
     props: Properties | None = None
     if v5:
@@ -149,6 +156,7 @@ def make_client(
         will=will,
         keepalive=keepalive_seconds,
         timeout=10,
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)] if nodelay else (),
     )
 
 
