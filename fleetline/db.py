@@ -132,10 +132,12 @@ QUIET_NOTIFY_SQL = "SET LOCAL fleetline.quiet = 'on'"
 
 
 def is_notify_queue_full(exc: BaseException) -> bool:
-    """The error a COMMIT raises when the NOTIFY queue is full (SQLSTATE 54000, class
-    program limit exceeded: a retry without notifications tells it from other limits)."""
-    return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") == (
-        NOTIFY_QUEUE_FULL
+    """The error a COMMIT raises when the NOTIFY queue is full: SQLSTATE 54000 (program
+    limit exceeded, which other limits share) with PostgreSQL's message for it."""
+    return (
+        isinstance(exc, asyncpg.PostgresError)
+        and getattr(exc, "sqlstate", "") == NOTIFY_QUEUE_FULL
+        and "notifications in the NOTIFY queue" in str(exc)
     )
 
 

@@ -23,6 +23,7 @@ Semantics, for a JSON property (tags, desired, reported):
 - ``= null`` matches a missing property, ``!= null`` a present one.
 - Any other comparison with a missing property is false, so ``NOT tags.site = 'A'``
   matches devices without a ``site`` tag while ``tags.site != 'A'`` does not.
+  ``x NOT IN (...)`` is ``NOT (x IN (...))``: it matches them too.
 
 The query compiles to a parameterised SQL condition over :data:`DEVICE_FROM`: values,
 paths and names travel as parameters, never as SQL text. Errors are
@@ -101,7 +102,18 @@ class _Token:
         return "the end of the query" if self.kind == "end" else repr(self.text)
 
 
+# Characters PostgreSQL's text and jsonb cannot hold (NUL), or that are no character
+# at all (halves of a UTF-16 surrogate pair).
+_UNUSABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def _tokens(text: str) -> list[_Token]:
+    unusable = _UNUSABLE.search(text)
+    if unusable is not None:
+        raise QueryError(
+            f"character U+{ord(unusable.group()):04X} is not allowed in a query",
+            unusable.start(),
+        )
     tokens = []
     position = 0
     while position < len(text):
@@ -267,7 +279,10 @@ class _Compiler:
         if token.kind == "string":
             return _Value("text", token.text[1:-1].replace("''", "'"), token.position)
         if token.kind == "number":
-            number = Decimal(token.text)
+            try:
+                number = Decimal(token.text)
+            except ArithmeticError:  # an exponent beyond what Decimal holds
+                raise QueryError(f"numbers go up to 1e{MAX_EXPONENT}", token.position) from None
             if number and abs(number.adjusted()) > MAX_EXPONENT:
                 raise QueryError(f"numbers go up to 1e{MAX_EXPONENT}", token.position)
             return _Value("number", number, token.position)

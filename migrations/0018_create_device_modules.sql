@@ -5,6 +5,11 @@
 -- A twin is now keyed by (device_id, module_id); the device's own twin has module_id ''.
 -- Deleting a module deletes its twin rows (trigger); deleting a device deletes its
 -- modules and twins (foreign keys).
+--
+-- Rolling over from the previous release: the API's twin PATCH of that release names
+-- the old primary key (ON CONFLICT (device_id)) and fails until its replicas are
+-- replaced; rebuilding the two primary keys locks the twin tables for as long as that
+-- takes (one row per device: well under a second for 100,000 devices).
 
 CREATE TABLE device_modules (
     device_id   TEXT NOT NULL REFERENCES devices ON DELETE CASCADE,
@@ -34,8 +39,8 @@ FOR EACH ROW EXECUTE FUNCTION fleetline_drop_module_twin();
 
 -- As 0014's, with each patch's module ('' for the device itself): a module's patch is
 -- applied only while the module is registered (its row locked FOR KEY SHARE, as the
--- device's is).
-DROP FUNCTION fleetline_apply_reported(text[], jsonb[], timestamptz[], integer);
+-- device's is). 0014's four-argument form stays, for the device's own twin, so that
+-- ingest replicas of the previous release keep working while a deployment rolls over.
 CREATE FUNCTION fleetline_apply_reported(
     devices_ text[], modules_ text[], patches jsonb[], received timestamptz[], max_bytes integer
 ) RETURNS TABLE (idx integer, reason text)
@@ -79,4 +84,14 @@ BEGIN
         END IF;
     END LOOP;
 END
+$$;
+
+CREATE OR REPLACE FUNCTION fleetline_apply_reported(
+    devices_ text[], patches jsonb[], received timestamptz[], max_bytes integer
+) RETURNS TABLE (idx integer, reason text)
+LANGUAGE sql AS $$
+    SELECT * FROM fleetline_apply_reported(
+        devices_, array_fill(''::text, ARRAY[coalesce(cardinality(devices_), 0)]),
+        patches, received, max_bytes
+    )
 $$;

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -210,3 +211,43 @@ async def test_module_methods_reach_the_module_only(
         dev.close()
         await db.execute("UPDATE device_activity SET online = false WHERE device_id = $1",
                          device_id)
+
+
+async def test_the_previous_releases_reported_function_still_applies_device_patches(
+    db: asyncpg.Pool[Any], uid: str
+) -> None:
+    """Ingest of the previous release calls the four-argument form while a deployment
+    rolls over: it applies to the device's own twin."""
+    device_id = f"{uid}-old"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
+    refused = await db.fetch(
+        "SELECT * FROM fleetline_apply_reported($1::text[], $2::jsonb[], $3::timestamptz[], $4)",
+        [device_id, f"{uid}-nobody"], ['{"fw": "1.0"}', '{"fw": "2.0"}'],
+        [datetime.now(UTC)] * 2, 1000,
+    )
+    assert [(r["idx"], r["reason"]) for r in refused] == [
+        (2, "twin patch for a device that is not registered")]
+    assert await db.fetchval(
+        "SELECT reported ->> 'fw' FROM twin_reported WHERE device_id = $1 AND module_id = ''",
+        device_id) == "1.0"
+
+
+async def test_deleting_a_device_clears_its_modules_retained_documents(
+    api: ApiProcess, make_key: Callable[..., Any], broker: LocalMosquitto, uid: str
+) -> None:
+    device_id = f"{uid}-gone"
+    c = await _registered(api, make_key, device_id)
+    for module in ("a", "b"):
+        assert c.put(f"/v1/devices/{device_id}/modules/{module}").status_code == 201
+        patched = c.patch(f"/v1/devices/{device_id}/modules/{module}/twin", content=b'{"x": 1}',
+                          headers=MERGE_PATCH)
+        assert patched.status_code == 200, patched.text
+    assert c.delete(f"/v1/devices/{device_id}").status_code == 204
+    topics = [f"devices/{device_id}/modules/{m}/twin/desired" for m in ("a", "b")]
+    late = Device(broker.url, device_id)
+    try:
+        inbox = Listener(late, *topics)
+        time.sleep(1)
+        assert not [m for t in topics for m in inbox.on(t) if m.payload]
+    finally:
+        late.close()

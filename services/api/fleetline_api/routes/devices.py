@@ -232,12 +232,13 @@ async def delete_device(
     """Remove a device from the registry (its readings stay until the retention), with
     its modules, twins and the desired documents the broker retains for them."""
     async with pool.acquire() as con, con.transaction():
+        # Locked first: a module registered meanwhile waits, then finds the device gone.
+        if await con.fetchval("SELECT 1 FROM devices WHERE id = $1 FOR UPDATE", device_id) is None:
+            raise HTTPException(404, f"device {device_id} not found")
         modules = await con.fetch(
-            "SELECT module_id FROM device_modules WHERE device_id = $1", device_id
+            "DELETE FROM device_modules WHERE device_id = $1 RETURNING module_id", device_id
         )
-        status = await con.execute("DELETE FROM devices WHERE id = $1", device_id)
-    if status.endswith(" 0"):
-        raise HTTPException(404, f"device {device_id} not found")
+        await con.execute("DELETE FROM devices WHERE id = $1", device_id)
     await commands.clear_desired(
         request.state.broker, device_id, ["", *(m["module_id"] for m in modules)]
     )
