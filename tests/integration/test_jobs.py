@@ -23,8 +23,9 @@ from tests.support import ApiProcess, Device, wait_until
 
 pytestmark = pytest.mark.integration
 
-# (request body) -> (status, payload) to answer with, or None to stay silent.
-Answer = Callable[[dict[str, Any]], tuple[int, Any] | None]
+# (request body) -> (status, payload) to answer with, the raw answer, or None to stay
+# silent.
+Answer = Callable[[dict[str, Any]], tuple[int, Any] | bytes | None]
 
 
 class JobDevice:
@@ -57,9 +58,12 @@ class JobDevice:
             reply = self.answer(body)
             if reply is None:
                 return
-            status, payload = reply
             topic = f"devices/{device_id}/methods/{request_id}/res"
-            raw = orjson.dumps({"status": status, "payload": payload})
+            if isinstance(reply, bytes):
+                raw = reply
+            else:
+                status, payload = reply
+                raw = orjson.dumps({"status": status, "payload": payload})
             if delay:
                 threading.Timer(delay, c.publish, (topic, raw), {"qos": 1}).start()
             else:
@@ -327,6 +331,9 @@ async def test_invalid_jobs_get_4xx_problems(
         assert_problem(
             c.post("/v1/jobs", content=raw, headers={"content-type": "application/json"}), 422
         )
+    # A NUL character: the direct method route refuses it too (jsonb could not keep it).
+    nul = method_job(f"id = '{uid}'", "m", params={"a": {"b": "x\u0000"}})
+    assert_problem(c.post("/v1/jobs", json=nul), 400, "params.a.b contains a NUL character")
     twin = {"query": f"id = '{uid}'", "type": "twin"}
     assert_problem(c.post("/v1/jobs", json={**twin, "patch": {"a.b": 1}}), 400, "member name")
     deep: dict[str, Any] = {"v": 1}
@@ -348,6 +355,91 @@ async def test_invalid_jobs_get_4xx_problems(
     assert_problem(c.get("/v1/jobs", params={"state": "sleeping"}), 422)
     assert_problem(c.get("/v1/jobs/1/devices", params={"state": "sleeping"}), 422)
     assert_problem(client(api).get("/v1/jobs"), 401)
+
+
+async def test_answers_jsonb_cannot_hold_fail_as_malformed_and_are_sent_once(
+    api: ApiProcess,
+    make_key: Callable[..., Any],
+    job_devices: Callable[..., JobDevice],
+    db: asyncpg.Pool[Any],
+    uid: str,
+) -> None:
+    """A NUL character or a number beyond a double in the answer (jsonb refuses both)
+    was once taken for a database outage: the device was called again (3 times), then
+    abandoned."""
+    answers = {
+        f"{uid}-nul": b'{"status": 200, "payload": {"text": "a\\u0000b"}}',
+        f"{uid}-nul-name": b'{"status": 200, "payload": {"a\\u0000": 1}}',
+        f"{uid}-huge": b'{"status": 200, "payload": {"x": [1, 1e400]}}',
+    }
+    ids = await register(db, [*answers, f"{uid}-fine"], {"run": uid}, online=True)
+    try:
+
+        def answer(device_id: str) -> Answer:
+            raw = answers.get(device_id)
+            return lambda _body: raw if raw is not None else (200, "ok")
+
+        devs = {d: job_devices(d, answer(d)) for d in ids}
+        c = client(api, await make_key("commands:write"))
+        job = c.post("/v1/jobs", json=method_job(f"tags.run = '{uid}'", "read")).json()
+        done = wait_job(c, job["id"])
+        assert done["state"] == "completed", done
+        assert (done["progress"]["succeeded"], done["progress"]["failed"]) == (1, 3), done
+        for row in outcomes(c, job["id"]):
+            assert len(devs[row["device_id"]].calls("read")) == 1, row
+            assert row["attempts"] == 1, row
+            if row["device_id"] in answers:
+                assert (row["state"], row["status"], row["reason"]) == ("failed", 502, "malformed")
+                assert "malformed response" in row["error"] and row["result"] is None, row
+            else:
+                assert row["state"] == "succeeded" and row["result"]["payload"] == "ok", row
+    finally:
+        await offline(db, uid)
+
+
+async def test_an_outcome_the_database_refuses_is_kept_without_its_result(
+    api: ApiProcess,
+    make_key: Callable[..., Any],
+    job_devices: Callable[..., JobDevice],
+    db: asyncpg.Pool[Any],
+    uid: str,
+) -> None:
+    """A value PostgreSQL refuses (data exception, class 22) is no outage: retrying it
+    changes nothing, and leaving the device running would start it again."""
+    [device_id] = await register(db, [f"{uid}-d"], {"run": uid}, online=True)
+    fn, trigger = f'"{uid}-refuse"', f'"{uid}-refuse-trigger"'
+    # As PostgreSQL refuses a result it cannot store (22P05: \u0000 in jsonb).
+    await db.execute(f"""
+        CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.device_id = '{device_id}' AND NEW.result IS NOT NULL THEN
+                RAISE EXCEPTION 'unsupported Unicode escape sequence'
+                    USING ERRCODE = '22P05';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER {trigger} BEFORE UPDATE ON job_devices
+            FOR EACH ROW EXECUTE FUNCTION {fn}();
+    """)
+    try:
+        dev = job_devices(device_id)
+        c = client(api, await make_key("commands:write"))
+        job = c.post("/v1/jobs", json=method_job(f"id = '{device_id}'", "read")).json()
+        done = wait_job(c, job["id"])
+        assert done["state"] == "completed" and done["progress"]["succeeded"] == 1, done
+        [row] = outcomes(c, job["id"])
+        assert (row["state"], row["status"], row["reason"], row["attempts"]) == (
+            "succeeded",
+            200,
+            "answered",
+            1,
+        )
+        assert row["result"] is None
+        assert "the database refused to store the result (22P05)" in row["error"]
+        assert len(dev.calls("read")) == 1
+    finally:
+        await db.execute(f"DROP TRIGGER {trigger} ON job_devices; DROP FUNCTION {fn}()")
+        await offline(db, uid)
 
 
 async def test_cancel_stops_the_pending_devices_and_lets_running_ones_finish(
@@ -461,11 +553,12 @@ async def test_a_job_survives_kill_9_and_sigterm_of_its_api_process(
     # Each answer takes 1 s: two devices are running nearly all the time.
     devs = [job_devices(d, delay=1.0) for d in ids]
     token = await admin_token(private)
-    # Leases: the method's 2 s timeout, 2 s of work, 1 s of grace.
+    # Leases: the method's 4 s timeout (answers take 1 s: room for a loaded machine),
+    # 5 s of work, 1 s of grace.
     env = {"FLEETLINE_API_JOBS_LEASE_GRACE_SECONDS": "1"}
     first = start_private_api("first", **env)
     # At most 4 devices a second, 2 at a time: about 10 s for the job.
-    body = method_job(f"tags.run = '{uid}'", "one", timeout_s=2, batch_size=2, max_per_second=4)
+    body = method_job(f"tags.run = '{uid}'", "one", timeout_s=4, batch_size=2, max_per_second=4)
     job = client(first, token).post("/v1/jobs", json=body).json()
     await wait_states(private, job["id"], lambda s: s.get("succeeded", 0) >= 5)
     first.kill()
@@ -477,8 +570,9 @@ async def test_a_job_survives_kill_9_and_sigterm_of_its_api_process(
     c = client(second, token)
     done = wait_job(c, job["id"])
     assert done["state"] == "completed", done
-    assert done["progress"]["succeeded"] == 20 and done["progress"]["total"] == 20
     rows = outcomes(c, job["id"])
+    assert done["progress"]["succeeded"] == 20 and done["progress"]["total"] == 20, [
+        r for r in rows if r["state"] != "succeeded"]
     assert sorted(r["device_id"] for r in rows) == ids  # one final outcome each
     for row, dev in zip(rows, devs, strict=True):
         assert row["state"] == "succeeded" and row["status"] == 200, row
@@ -531,3 +625,149 @@ async def test_two_replicas_share_one_job_and_run_each_device_once(
     )
     assert len({r["claimed_by"] for r in runners}) == 2
     assert {r["attempts"] for r in runners} == {1}
+
+
+async def test_sigterm_waits_for_calls_in_flight_and_never_sends_one_twice(
+    start_private_api: Callable[..., ApiProcess],
+    private: asyncpg.Pool[Any],
+    job_devices: Callable[..., JobDevice],
+    uid: str,
+) -> None:
+    """A planned restart: a call answered within the shutdown grace (12 s) is recorded;
+    one still waiting then fails as interrupted rather than going back to pending, where
+    the next runner would send the method again (it was handed back after 5 s once)."""
+    slow, silent = await register(
+        private, [f"{uid}-slow", f"{uid}-silent"], {"run": uid}, online=True
+    )
+    devs = {slow: job_devices(slow, delay=3.0), silent: job_devices(silent, lambda _b: None)}
+    token = await admin_token(private)
+    first = start_private_api("first")
+    body = method_job(f"tags.run = '{uid}'", "reboot", timeout_s=30, batch_size=2)
+    job = client(first, token).post("/v1/jobs", json=body).json()
+    wait_until(
+        lambda: all(dev.calls("reboot") for dev in devs.values()),
+        timeout=20,
+        what="both requests sent",
+    )
+    started = time.monotonic()
+    assert first.terminate() in (0, -15)
+    took = time.monotonic() - started
+    assert 8 < took < 25, took  # waited out the grace for the silent device
+    assert "job devices cut short at shutdown" in first.log_tail(40)
+    rows = {
+        r["device_id"]: r
+        for r in await private.fetch(
+            "SELECT device_id, state, status, reason, attempts, error, result "
+            "FROM job_devices WHERE job_id = $1",
+            job["id"],
+        )
+    }
+    assert (rows[slow]["state"], rows[slow]["status"], rows[slow]["attempts"]) == (
+        "succeeded",
+        200,
+        1,
+    )
+    assert (rows[silent]["state"], rows[silent]["status"], rows[silent]["reason"]) == (
+        "failed",
+        503,
+        "interrupted",
+    )
+    assert rows[silent]["attempts"] == 1 and "not sent again" in rows[silent]["error"]
+    # Nothing left for the next process to run: the job is finished.
+    second = start_private_api("second")
+    done = wait_job(client(second, token), job["id"], timeout=10)
+    assert done["state"] == "completed", done
+    assert done["progress"]["succeeded"] == 1 and done["progress"]["failed"] == 1
+    for dev in devs.values():
+        assert len(dev.calls("reboot")) == 1, dev.device_id
+
+
+async def test_a_start_that_lost_its_lease_while_waiting_sends_nothing(
+    start_private_api: Callable[..., ApiProcess],
+    private: asyncpg.Pool[Any],
+    private_db: str,
+    job_devices: Callable[..., JobDevice],
+    uid: str,
+) -> None:
+    """A device's start that waits (here for the database) past its lease: the device is
+    started again meanwhile, and the old start must not send the method as well."""
+    [device_id] = await register(private, [f"{uid}-d"], {"run": uid}, online=True)
+    dev = job_devices(device_id)
+    token = await admin_token(private)
+    # Leases of 1 s (timeout) + 5 s + 1 s of grace.
+    api = start_private_api("api", FLEETLINE_API_JOBS_LEASE_GRACE_SECONDS="1")
+    blocker = await asyncpg.connect(private_db)
+    try:
+        blocking = blocker.transaction()
+        await blocking.start()
+        # The online check before each call waits for this lock.
+        await blocker.execute("LOCK TABLE device_activity IN ACCESS EXCLUSIVE MODE")
+        # The job as POST /v1/jobs creates it (whose snapshot would wait for the lock).
+        spec = orjson.dumps({"name": "once", "params": {}, "timeout_s": 1}).decode()
+        job_id = await private.fetchval(
+            "INSERT INTO jobs (type, query, spec, batch_size, total) "
+            "VALUES ('method', $1, $2::jsonb, 1, 1) RETURNING id",
+            f"id = '{device_id}'",
+            spec,
+        )
+        await private.execute(
+            "INSERT INTO job_devices (job_id, device_id) VALUES ($1, $2)", job_id, device_id
+        )
+
+        async def restarted() -> bool:
+            row = await private.fetchrow(
+                "SELECT state, attempts FROM job_devices WHERE job_id = $1", job_id
+            )
+            return row is not None and (row["state"], row["attempts"]) == ("running", 2)
+
+        deadline = time.monotonic() + 30
+        while not await restarted():
+            assert time.monotonic() < deadline, "the lease never ran out"
+            time.sleep(0.1)
+        await blocking.rollback()
+    finally:
+        await blocker.close()
+    done = wait_job(client(api, token), job_id, timeout=30)
+    assert done["state"] == "completed" and done["progress"]["succeeded"] == 1, done
+    [row] = outcomes(client(api, token), job_id)
+    assert (row["state"], row["attempts"]) == ("succeeded", 2), row
+    assert len(dev.calls("once")) == 1
+    assert "job device not sent: its lease ran out before" in api.log_tail(40)
+
+
+async def test_a_process_claims_no_more_twin_devices_than_it_runs_at_once(
+    start_private_api: Callable[..., ApiProcess],
+    private: asyncpg.Pool[Any],
+    private_db: str,
+    uid: str,
+) -> None:
+    """Twin devices each hold one of the runner's connections: claiming more than it has
+    connections for left them queued while their leases ran out."""
+    ids = await register(private, [f"{uid}-{i:02}" for i in range(12)], {"run": uid})
+    token = await admin_token(private)
+    # 3 connections: 2 twin devices at a time, 1 connection for the rest.
+    api = start_private_api("api", FLEETLINE_API_JOBS_POOL_SIZE="3")
+    blocker = await asyncpg.connect(private_db)
+    try:
+        blocking = blocker.transaction()
+        await blocking.start()
+        # Every patch waits for this lock, as it would behind a stalled publish.
+        await blocker.execute("LOCK TABLE twin_desired IN EXCLUSIVE MODE")
+        body = {"query": f"tags.run = '{uid}'", "type": "twin", "patch": {"n": 1}}
+        created = client(api, token).post("/v1/jobs", json={**body, "batch_size": 1000})
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        await wait_states(private, job_id, lambda s: s.get("running", 0) >= 2)
+        seen = []
+        for _ in range(15):  # the runner polls every 0.2 s: it would have claimed them all
+            seen.append(await states(private, job_id))
+            time.sleep(0.1)
+        assert all(s == {"running": 2, "pending": 10} for s in seen), seen
+        await blocking.rollback()
+    finally:
+        await blocker.close()
+    done = wait_job(client(api, token), job_id)
+    assert done["state"] == "completed" and done["progress"]["succeeded"] == 12, done
+    rows = outcomes(client(api, token), job_id)
+    assert sorted(r["device_id"] for r in rows) == ids
+    assert {(r["state"], r["attempts"]) for r in rows} == {("succeeded", 1)}

@@ -250,12 +250,25 @@ async def test_an_offline_device_gets_409_and_an_unknown_one_404(
     assert_problem(call(api, token, f"{uid}-nobody", "ping"), 404, "not found")
 
 
-async def test_invalid_calls_are_422(
-    api: ApiProcess, make_key: Callable[..., Any], online: Any, uid: str
+async def test_invalid_calls_are_422_and_params_with_nul_400(
+    api: ApiProcess,
+    make_key: Callable[..., Any],
+    devices: Callable[..., MethodDevice],
+    online: Any,
+    uid: str,
 ) -> None:
     device_id = await online(f"{uid}-d")
+    dev = devices(device_id)
     path = f"/v1/devices/{device_id}/methods"
     with client(api, await make_key("commands:write")) as c:
+        # A NUL character: refused as a method job refuses it (jsonb cannot hold it).
+        nul = c.post(f"{path}/m", json={"params": {"x": ["ok", "a\u0000b"]}})
+        assert_problem(nul, 400, "params.x[1] contains a NUL character")
+        nul_name = c.post(f"{path}/m", json={"params": {"x": {"a\u0000": 1}}})
+        assert_problem(nul_name, 400, "a member name in params.x contains a NUL character")
+        assert dev.requests == []
+        # The six characters \u0000 are text like any other.
+        assert c.post(f"{path}/m", json={"params": {"x": "a\\u0000b"}}).status_code == 200
         for name in ("bad name", "a" * 65, ".hidden", "-%C3%A9"):
             assert_problem(c.post(f"{path}/{name}", json={}), 422)
         for body in (
@@ -293,6 +306,12 @@ async def test_a_malformed_answer_is_502(
         "no_status": b'{"payload": {}}',
         "nan": b'{"status": 200, "payload": NaN}',
         "surrogate": b'{"status": 200, "payload": "\\ud800"}',
+        # What jsonb (where a method job keeps answers) cannot hold: a NUL in a string or
+        # a member name (was a 200); a number beyond a double (was a 200 with null).
+        "nul": b'{"status": 200, "payload": "a\\u0000b"}',
+        "nul_name": b'{"status": 200, "payload": {"a\\u0000": 1}}',
+        "huge": b'{"status": 200, "payload": {"x": [1e400]}}',
+        "minus_huge": b'{"status": 200, "payload": -1e999}',
         "empty": b"",
         # Nested deeper than the API can encode back (was a 500).
         "deep": b'{"status": 200, "payload": ' + b"[" * 300 + b"]" * 300 + b"}",

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +34,12 @@ from fleetline_api.broker import (
     NotConnectedError,
     TooManyCallsError,
 )
-from fleetline_api.method_schemas import encode_params, parse_answer
+from fleetline_api.method_schemas import encode_params, params_problem, parse_answer
 
 log = logging.getLogger(__name__)
 
 METHOD_OUTCOMES = (
+    "invalid",  # 400: params that may not be sent
     "answered",  # the device answered (whatever status it gave)
     "malformed",  # 502
     "timeout",  # 504
@@ -77,6 +78,11 @@ class CommandError(Exception):
         # Nothing was sent to the device and nothing was changed: the same command may
         # be tried again later without doing anything twice.
         self.retryable = retryable
+
+
+class InvalidParamsError(CommandError):
+    status = 400
+    reason = "invalid"
 
 
 class DeviceNotFoundError(CommandError):
@@ -158,10 +164,18 @@ async def invoke_method(
     *,
     timeout_s: float,
     module_id: str = "",
+    before_send: Callable[[], Awaitable[None]] | None = None,
 ) -> MethodAnswer:
     """Call ``name`` on the device (or its module ``module_id``) with ``params`` and wait
     up to ``timeout_s`` for its answer. Only a device whose status is online is called (a
-    module speaks over its device's connection)."""
+    module speaks over its device's connection).
+
+    ``before_send`` is awaited just before the request is published (nothing is sent
+    when it raises): the job runner confirms there that it still holds the device."""
+    problem = params_problem(params)
+    if problem:
+        CALLS.labels("invalid").inc()
+        raise InvalidParamsError(problem)
     exists = await pool.fetchrow(DEVICE_ONLINE, device_id, module_id)
     if exists is None or not exists["module_exists"]:
         CALLS.labels("not_found").inc()
@@ -174,6 +188,8 @@ async def invoke_method(
     fields = {"device_id": device_id, "method": name, "request_id": request_id}
     if module_id:
         fields["module_id"] = module_id
+    if before_send is not None:
+        await before_send()
     started = time.monotonic()
     try:
         raw = await broker.call(
@@ -313,12 +329,17 @@ async def apply_desired(
     *,
     if_match: str | None = None,
     module_id: str = "",
+    before_apply: Callable[[Any], Awaitable[None]] | None = None,
 ) -> DesiredApplied:
     """Merge ``patch`` (checked already: protocol.twin_patch_problem and its size) into
     the device's desired properties, then publish the whole document retained.
 
     A failed publish leaves the change committed (the next patch, even ``{}``, publishes
-    again): it is logged and returned as ``published=False``."""
+    again): it is logged and returned as ``published=False``.
+
+    ``before_apply`` is awaited with the connection, first thing in the transaction that
+    applies the patch (it rolls back, changing nothing, when that raises): the job runner
+    confirms there that it still holds the device."""
     if broker.client is None:
         raise BrokerDownError(
             "the API is not connected to the broker; nothing was changed",
@@ -326,6 +347,8 @@ async def apply_desired(
             retryable=True,
         )
     async with pool.acquire() as con, con.transaction():
+        if before_apply is not None:
+            await before_apply(con)
         if module_id and await con.fetchval(LOCK_MODULE, device_id, module_id) is None:
             raise DeviceNotFoundError(f"{target_name(device_id, module_id)} not found")
         await con.execute(ENSURE_DESIRED, device_id, module_id)

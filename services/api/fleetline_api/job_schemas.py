@@ -128,11 +128,13 @@ class JobDevicePublic(BaseModel):
     attempts: int = Field(description="Times the device was started (a restart may add one)")
     status: int | None = Field(
         description="A method job: the device's own status when it answered; otherwise the "
-        "HTTP status of the outcome (409 offline, 504 no answer, 404 device deleted...)"
+        "HTTP status of the outcome (409 offline, 504 no answer, 404 device deleted, 503 "
+        "interrupted...)"
     )
     reason: str | None = Field(
         description="The outcome in a word: answered, applied, offline, timeout, malformed, "
-        "not_found, unavailable, unpublished, too_large, abandoned, cancelled"
+        "not_found, unavailable, unpublished, too_large, abandoned, interrupted (the API "
+        "stopped after sending), error, cancelled"
     )
     result: Any = Field(
         description='A method: {"request_id", "payload"} (the device\'s answer); a twin '

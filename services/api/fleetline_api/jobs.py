@@ -11,13 +11,25 @@ the REST routes (fleetline_api/commands.py) and writes each outcome. Claims of o
 serialise on its row, so ``batch_size`` bounds the job's running devices over all
 replicas, and replicas share a job's devices without running one twice.
 
+A process claims no more devices than it starts at once: every claimed device runs at
+once, and twin devices (each holds a database connection through its transaction and
+the retained publish) at most one fewer than the runner's connections, so none waits
+behind the others for a connection while its lease runs. Just before a method request
+is published, and first thing in the transaction applying a twin patch, the device's
+start confirms that it still holds the device (``running``, ``attempts`` unchanged) and
+renews the lease, unless its claim is too recent for the lease to have run out; a start
+that lost it sends and changes nothing.
+
 Surviving a restart: a device whose lease ran out (its API process died, or lost the
 database for that long) goes back to pending and is started again, by any replica;
 after ``FLEETLINE_API_JOBS_MAX_ATTEMPTS`` starts it fails as ``abandoned``. An outcome is
 written only by the start that holds the device (``attempts`` matches), so each device
 ends in exactly one final state. A method whose process died mid-call may therefore
-reach the device twice (at least once). On SIGTERM the runner stops claiming, gives
-running devices a few seconds, and hands the rest back (pending) for the next runner.
+reach the device twice (at least once). On SIGTERM the runner stops claiming and lets
+running devices finish (each call ends at its own timeout) for up to
+SHUTDOWN_GRACE_SECONDS; a method cut short then ends ``failed`` (``interrupted``) once
+its request was sent, so a planned restart never sends a method twice; anything else
+cut short goes back to pending.
 
 A job is finished (``completed``, or ``cancelled`` once its running devices are done)
 by whoever records its last outcome, or by the sweep each runner makes every second,
@@ -33,7 +45,7 @@ import logging
 import math
 import time
 from collections import Counter as Tally
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -69,8 +81,14 @@ MAINTAIN_INTERVAL_SECONDS = 1.0
 RETENTION_INTERVAL_SECONDS = 300.0
 RETENTION_BATCH = 100
 PROGRESS_LOG_SECONDS = 5.0
-# On shutdown: how long running devices may still finish before they are handed back.
-SHUTDOWN_GRACE_SECONDS = 5.0
+# On shutdown (SIGTERM): how long running devices may still finish; a call ends by itself
+# at its own timeout, so this cuts only the longer ones. The budget: Kubernetes kills the
+# pod 30 s after SIGTERM (deploy/k8s terminationGracePeriodSeconds); uvicorn first waits
+# up to 10 s for open HTTP requests (main.py timeout_graceful_shutdown) before the
+# lifespan stops the runner (app.py); then this, then HANDBACK_SECONDS to record the
+# devices cut short, and 3 s left to close the pools.
+SHUTDOWN_GRACE_SECONDS = 12.0
+HANDBACK_SECONDS = 5.0
 # Claiming pauses this long after a device could not be started (broker gone, too many
 # calls in flight): the device went back to pending untouched.
 PAUSE_SECONDS = 2.0
@@ -78,10 +96,12 @@ PAUSE_SECONDS = 2.0
 TWIN_WORK_SECONDS = 15.0
 RECORD_ATTEMPTS = 3
 
+# $1: whether this process may start twin devices now.
 PICK_JOB = """
 SELECT j.id, j.type, j.spec::text AS spec, j.batch_size, j.max_per_second, j.state
 FROM jobs j
 WHERE j.state IN ('queued', 'running') AND j.next_batch_at <= now()
+  AND ($1::boolean OR j.type <> 'twin')
   AND EXISTS (SELECT 1 FROM job_devices p WHERE p.job_id = j.id AND p.state = 'pending')
   AND (SELECT count(*) FROM job_devices r WHERE r.job_id = j.id AND r.state = 'running')
       < j.batch_size
@@ -106,6 +126,11 @@ UPDATE jobs SET state = 'running', started_at = coalesce(started_at, now()),
                          ELSE now() + make_interval(secs => $2 / max_per_second) END
 WHERE id = $1
 """
+# The start still holds the device: its lease renewed from now.
+CONFIRM = """
+UPDATE job_devices SET lease_until = now() + make_interval(secs => $4)
+WHERE job_id = $1 AND device_id = $2 AND state = 'running' AND attempts = $3
+"""
 RECORD = """
 UPDATE job_devices
 SET state = $4, status = $5, reason = $6, result = $7::text::jsonb, error = $8,
@@ -123,6 +148,15 @@ SET state = CASE WHEN j.state = 'cancelled' THEN 'cancelled' ELSE 'pending' END,
 FROM jobs j, unnest($2::text[], $3::int[]) AS u(device_id, attempts)
 WHERE j.id = $1 AND jd.job_id = $1 AND jd.device_id = u.device_id
   AND jd.attempts = u.attempts AND jd.state = 'running'
+"""
+# Method devices cut short at shutdown after their request was sent.
+INTERRUPT = """
+UPDATE job_devices jd
+SET state = 'failed', status = 503, reason = 'interrupted', error = $4, result = NULL,
+    finished_at = now(), lease_until = NULL
+FROM unnest($2::text[], $3::int[]) AS u(device_id, attempts)
+WHERE jd.job_id = $1 AND jd.device_id = u.device_id AND jd.attempts = u.attempts
+  AND jd.state = 'running'
 """
 EXPIRE = """
 UPDATE job_devices jd
@@ -202,6 +236,22 @@ class _Outcome:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """A device whose task was cancelled at shutdown."""
+
+    job_id: int
+    job_type: str
+    device_id: str
+    attempt: int
+    acting: bool  # its request may have been sent (its patch applied)
+    outcome: _Outcome | None  # known, perhaps not yet recorded
+
+
+class _LeaseLostError(Exception):
+    """The start no longer holds the device (its lease ran out and it was taken back)."""
+
+
 @dataclass(slots=True)
 class _Progress:
     """Outcomes this process recorded for one job since its last progress line."""
@@ -277,10 +327,16 @@ class JobRunner:
         self._broker = broker
         self.identifier = broker.identifier
         self._wake = asyncio.Event()
-        # Device tasks of this process: (job id, device id, attempt).
+        # Device tasks of this process: (job id, device id, attempt); those of twin jobs.
         self._running: dict[asyncio.Task[None], tuple[int, str, int]] = {}
-        # Devices cut short at shutdown, to hand back.
-        self._cut: list[tuple[int, str, int]] = []
+        self._twins: set[asyncio.Task[None]] = set()
+        # Each twin device holds a connection through its transaction and its publish:
+        # one connection is left for claims, outcomes and method devices' queries.
+        self._twin_slots = max(1, settings.jobs_pool_size - 1)
+        # Starts that confirmed their hold and may have sent (applied): (job, device, attempt).
+        self._acting: set[tuple[int, str, int]] = set()
+        # Devices cut short at shutdown, to record or hand back.
+        self._cut: list[_Cut] = []
         self._progress: dict[int, _Progress] = {}
         self._paused_until = 0.0
         self._stopping = False
@@ -402,10 +458,15 @@ class JobRunner:
         return work + self._settings.jobs_lease_grace_seconds
 
     async def _claim(self) -> bool:
-        """Start the next devices of one runnable job; False when there is none."""
+        """Start the next devices of one runnable job; False when there is none. Only as
+        many as start at once are claimed: a claimed device never waits here for a slot
+        (or a connection) while its lease runs."""
         free = self._settings.jobs_max_in_flight - len(self._running)
+        twin_free = self._twin_slots - len(self._twins)
+        # Before the transaction, whose start time the leases count from: see _hold.
+        claimed_at = time.monotonic()
         async with self._pool.acquire() as con, con.transaction():
-            row = await con.fetchrow(PICK_JOB)
+            row = await con.fetchrow(PICK_JOB, twin_free > 0)
             if row is None:
                 return False
             try:
@@ -416,7 +477,7 @@ class JobRunner:
                 JOBS.labels("failed").inc()
                 return True
             room = row["batch_size"] - await con.fetchval(RUNNING, job.id)
-            count = min(free, room)
+            count = min(free, room, twin_free if job.type == "twin" else free)
             rate = row["max_per_second"]
             if rate is not None:
                 # Spread the starts over the poll interval rather than bursting a batch.
@@ -433,23 +494,46 @@ class JobRunner:
             log.info("job started", extra={"job_id": job.id, "type": job.type})
         log.debug("job devices claimed", extra={"job_id": job.id, "devices": len(claimed)})
         for device in claimed:
-            self._start(job, device["device_id"], device["attempts"])
+            self._start(job, device["device_id"], device["attempts"], claimed_at)
         return True
 
-    def _start(self, job: _Job, device_id: str, attempt: int) -> None:
+    def _start(self, job: _Job, device_id: str, attempt: int, claimed_at: float) -> None:
         task = asyncio.create_task(
-            self._device(job, device_id, attempt), name=f"api.jobs[{job.id}].{device_id}"
+            self._device(job, device_id, attempt, claimed_at),
+            name=f"api.jobs[{job.id}].{device_id}",
         )
         self._running[task] = (job.id, device_id, attempt)
+        if job.type == "twin":
+            self._twins.add(task)
         IN_FLIGHT.set(len(self._running))
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
+        self._twins.discard(task)
         IN_FLIGHT.set(len(self._running))
         self._wake.set()  # a slot is free
 
-    async def _execute(self, job: _Job, device_id: str) -> _Outcome | None:
+    async def _hold(
+        self, job: _Job, device_id: str, attempt: int, claimed_at: float, con: Any = None
+    ) -> None:
+        """Just before acting on the device: confirm this start still holds it and renew
+        its lease; _LeaseLostError when it does not (nothing is sent or changed).
+
+        A start younger than half the lease grace skips the round trip: only a lease
+        that ran out is taken back, and the claim's own lease (counted from a moment
+        after ``claimed_at``) still has the whole work ahead plus half the grace."""
+        if time.monotonic() - claimed_at >= self._settings.jobs_lease_grace_seconds / 2:
+            status = await (con or self._pool).execute(
+                CONFIRM, job.id, device_id, attempt, self._lease_seconds(job)
+            )
+            if status != "UPDATE 1":
+                raise _LeaseLostError(f"job {job.id}: device {device_id} was taken back")
+        self._acting.add((job.id, device_id, attempt))
+
+    async def _execute(
+        self, job: _Job, device_id: str, attempt: int, claimed_at: float
+    ) -> _Outcome | None:
         """The device's outcome; None when it was not started (nothing sent, nothing
         changed) and should go back to pending."""
         spec = job.spec
@@ -462,6 +546,7 @@ class JobRunner:
                     spec["name"],
                     spec["params"],
                     timeout_s=spec["timeout_s"],
+                    before_send=lambda: self._hold(job, device_id, attempt, claimed_at),
                 )
                 result, note = _kept(answer)
                 # A device that answers with an error code did not do what was asked.
@@ -470,7 +555,11 @@ class JobRunner:
                     return _Outcome("failed", answer.status, "answered", result, error)
                 return _Outcome("succeeded", answer.status, "answered", result, note)
             applied = await commands.apply_desired(
-                self._pool, self._broker, device_id, spec["patch"]
+                self._pool,
+                self._broker,
+                device_id,
+                spec["patch"],
+                before_apply=lambda con: self._hold(job, device_id, attempt, claimed_at, con),
             )
             result = json.dumps({"version": applied.version, "published": applied.published})
             if applied.published:
@@ -488,11 +577,22 @@ class JobRunner:
                 return None
             return _Outcome("failed", exc.status, exc.reason, None, str(exc))
 
-    async def _device(self, job: _Job, device_id: str, attempt: int) -> None:
+    async def _device(self, job: _Job, device_id: str, attempt: int, claimed_at: float) -> None:
+        key = (job.id, device_id, attempt)
         fields = {"job_id": job.id, "device_id": device_id, "attempt": attempt}
+        outcome: _Outcome | None = None
         try:
             try:
-                outcome = await self._execute(job, device_id)
+                outcome = await self._execute(job, device_id, attempt, claimed_at)
+            except _LeaseLostError:
+                # It waited too long: another start holds it now (or it was abandoned).
+                log.warning("job device not sent: its lease ran out before", extra=fields)
+                return
+            except asyncpg.DataError as exc:  # refused whatever the database's state
+                log.error("job device failed: the database refused a value: %r", exc, extra=fields)
+                outcome = _Outcome(
+                    "failed", 500, "error", None, f"the database refused a value ({exc.sqlstate})"
+                )
             except DB_ERRORS as exc:
                 # Leave it running: its lease runs out and a runner starts it again.
                 log.warning("job device interrupted: %r", exc, extra=fields)
@@ -501,14 +601,19 @@ class JobRunner:
                 log.exception("job device failed unexpectedly", extra=fields)
                 outcome = _Outcome("failed", 500, "error", None, f"unexpected error: {exc!r}"[:500])
             if outcome is None:
+                self._acting.discard(key)  # nothing was sent
                 self._paused_until = time.monotonic() + PAUSE_SECONDS
                 await self._release(job, [(device_id, attempt)], taken_back=True)
                 return
             await self._record(job, device_id, attempt, outcome)
         except asyncio.CancelledError:
-            # Shutdown: handed back unless its outcome is in (RELEASE then matches nothing).
-            self._cut.append((job.id, device_id, attempt))
+            # Shutdown: recorded or handed back by _shutdown (a no-op once its outcome
+            # is in: the statements match only a running device of this attempt).
+            acting = key in self._acting
+            self._cut.append(_Cut(job.id, job.type, device_id, attempt, acting, outcome))
             raise
+        finally:
+            self._acting.discard(key)
 
     async def _release(
         self, job: _Job, devices: list[tuple[str, int]], *, taken_back: bool
@@ -528,68 +633,92 @@ class JobRunner:
 
     async def _record(self, job: _Job, device_id: str, attempt: int, outcome: _Outcome) -> None:
         fields = {"job_id": job.id, "device_id": device_id, "attempt": attempt}
-        for retry in range(RECORD_ATTEMPTS):
+        failures = refused = 0
+        while True:
             try:
-                status = await self._pool.execute(
-                    RECORD,
-                    job.id,
-                    device_id,
-                    attempt,
-                    outcome.state,
-                    outcome.status,
-                    outcome.reason,
-                    outcome.result,
-                    outcome.error,
-                )
+                status = await self._write(job.id, device_id, attempt, outcome)
                 break
+            except asyncpg.DataError as exc:
+                # A value the database cannot store: not an outage (trying again changes
+                # nothing, and a lease running out would start the device again), so the
+                # outcome is kept without it: first the result, then any text of ours.
+                log.error("job device outcome refused: %r", exc, extra=fields)
+                refused += 1
+                if refused == 1 and outcome.result is not None:
+                    note = f"the database refused to store the result ({exc.sqlstate})"
+                    error = "; ".join(filter(None, [outcome.error, note]))
+                elif refused <= 2:
+                    error = f"the database refused to store this outcome's details ({exc.sqlstate})"
+                else:
+                    return
+                outcome = replace(outcome, result=None, error=error)
             except DB_ERRORS as exc:
-                if retry == RECORD_ATTEMPTS - 1:
+                failures += 1
+                if failures == RECORD_ATTEMPTS:
                     log.error(
                         "job device outcome not recorded (%r); it runs again after its lease",
                         exc,
                         extra=fields,
                     )
                     return
-                await asyncio.sleep(1 + retry)
+                await asyncio.sleep(failures)
         if status == "UPDATE 0":
             log.warning(
                 "job device outcome dropped: its lease ran out and it was taken back",
                 extra=fields,
             )
             return
-        JOB_DEVICES.labels(job.type, outcome.state).inc()
-        self._note(job, outcome)
+        self._counted(job.id, job.type, outcome)
         try:
             await finish(self._pool, job.id)
         except DB_ERRORS as exc:  # the sweep finishes it
             log.warning("job not finished yet: %r", exc, extra=fields)
 
-    def _note(self, job: _Job, outcome: _Outcome) -> None:
+    async def _write(self, job_id: int, device_id: str, attempt: int, outcome: _Outcome) -> str:
+        status: str = await self._pool.execute(
+            RECORD,
+            job_id,
+            device_id,
+            attempt,
+            outcome.state,
+            outcome.status,
+            outcome.reason,
+            outcome.result,
+            outcome.error,
+        )
+        return status
+
+    def _counted(self, job_id: int, job_type: str, outcome: _Outcome) -> None:
+        JOB_DEVICES.labels(job_type, outcome.state).inc()
+        self._note(job_id, job_type, outcome)
+
+    def _note(self, job_id: int, job_type: str, outcome: _Outcome) -> None:
         """A progress line per job at most every PROGRESS_LOG_SECONDS."""
-        progress = self._progress.setdefault(job.id, _Progress())
+        progress = self._progress.setdefault(job_id, _Progress())
         progress.tally[outcome.state] += 1
         now = time.monotonic()
         if now - progress.logged_at < PROGRESS_LOG_SECONDS:
             return
-        running_here = sum(1 for j, _, _ in self._running.values() if j == job.id)
+        running_here = sum(1 for j, _, _ in self._running.values() if j == job_id)
         log.info(
             "job progress",
             extra={
-                "job_id": job.id,
-                "type": job.type,
+                "job_id": job_id,
+                "type": job_type,
                 "succeeded": progress.tally["succeeded"],
                 "failed": progress.tally["failed"],
                 "running_here": running_here,
                 "since_s": round(now - progress.logged_at, 1),
             },
         )
-        self._progress[job.id] = _Progress()
+        self._progress[job_id] = _Progress()
         if len(self._progress) > 1000:  # bounded: forget the jobs noted longest ago
             for stale in sorted(self._progress, key=lambda k: self._progress[k].logged_at)[:500]:
                 del self._progress[stale]
 
     async def _shutdown(self) -> None:
-        """Let running devices finish for a while, then hand the rest back."""
+        """Let running devices finish (each ends at its own timeout) for up to
+        SHUTDOWN_GRACE_SECONDS, then cut the rest short and record them."""
         tasks = list(self._running)
         if tasks:
             log.info("job runner stopping", extra={"devices": len(tasks)})
@@ -598,25 +727,71 @@ class JobRunner:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         cut, self._cut = self._cut, []
-        by_job: dict[int, list[tuple[str, int]]] = {}
-        for job_id, device_id, attempt in cut:
-            by_job.setdefault(job_id, []).append((device_id, attempt))
-        for job_id, devices in by_job.items():
-            try:
-                async with asyncio.timeout(5):
+        if not cut:
+            return
+        try:
+            async with asyncio.timeout(HANDBACK_SECONDS):
+                await self._settle(cut)
+        except Exception as exc:  # shutting down: never hang or fail on it
+            log.warning(
+                "job devices cut short not all recorded (%r); their leases run out",
+                exc,
+                extra={"devices": len(cut)},
+            )
+
+    async def _settle(self, cut: list[_Cut]) -> None:
+        """Devices cut short at shutdown: an outcome already known is recorded. A method
+        whose request was sent fails as ``interrupted`` rather than being sent again by
+        the next runner (it may have been carried out). A twin patch goes back to pending
+        (applying it again changes nothing more; the start counts), and so does anything
+        not yet sent, its start taken back."""
+        by_job: dict[int, list[_Cut]] = {}
+        for item in cut:
+            by_job.setdefault(item.job_id, []).append(item)
+        for job_id, items in by_job.items():
+            job_type = items[0].job_type
+            for c in items:
+                if c.outcome is None:
+                    continue
+                try:
+                    status = await self._write(job_id, c.device_id, c.attempt, c.outcome)
+                except asyncpg.DataError as exc:  # rare (see _record): its lease runs out
+                    log.error("job device outcome refused: %r", exc, extra={"job_id": job_id})
+                    continue
+                if status == "UPDATE 1":
+                    self._counted(job_id, job_type, c.outcome)
+            rest = [c for c in items if c.outcome is None]
+            interrupted = [c for c in rest if c.acting and job_type == "method"]
+            again = [c for c in rest if c.acting and job_type != "method"]
+            untouched = [c for c in rest if not c.acting]
+            if interrupted:
+                status = await self._pool.execute(
+                    INTERRUPT,
+                    job_id,
+                    [c.device_id for c in interrupted],
+                    [c.attempt for c in interrupted],
+                    f"the API process shut down while waiting for the answer (at most "
+                    f"{SHUTDOWN_GRACE_SECONDS:g} s); the request was sent and may have been "
+                    "carried out, so it is not sent again",
+                )
+                JOB_DEVICES.labels(job_type, "failed").inc(int(status.rsplit(" ", 1)[-1]))
+            for devices, taken_back in ((again, 0), (untouched, 1)):
+                if devices:
                     await self._pool.execute(
                         RELEASE,
                         job_id,
-                        [d for d, _ in devices],
-                        [a for _, a in devices],
-                        0,
+                        [c.device_id for c in devices],
+                        [c.attempt for c in devices],
+                        taken_back,
                     )
-                log.info(
-                    "job devices handed back", extra={"job_id": job_id, "devices": len(devices)}
-                )
-            except Exception as exc:  # shutting down: never hang or fail on it
-                log.warning(
-                    "job devices not handed back (%r); their leases run out",
-                    exc,
-                    extra={"job_id": job_id},
-                )
+                    JOB_DEVICES.labels(job_type, "released").inc(len(devices))
+            log.info(
+                "job devices cut short at shutdown",
+                extra={
+                    "job_id": job_id,
+                    "interrupted": len(interrupted),
+                    "handed_back": len(again) + len(untouched),
+                    "recorded": len(items) - len(rest),
+                },
+            )
+            await finish(self._pool, job_id)

@@ -8,9 +8,12 @@ commands; the device answers on ``.../res`` with ``{"status": 200, "payload": ..
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+
+from fleetline import protocol
 
 # A method name: like a metric name, but not made of dots only (".." would be read as a
 # path segment by HTTP clients).
@@ -25,6 +28,19 @@ def encode_params(params: dict[str, Any]) -> bytes:
     """The params as compact JSON. The standard library keeps integers of any size, and
     escapes non-ASCII (a lone surrogate from the request stays encodable); NaN is refused."""
     return json.dumps(params, separators=(",", ":"), allow_nan=False).encode()
+
+
+def params_problem(params: dict[str, Any]) -> str | None:
+    """Why ``params`` may not be sent; None when they may. A NUL character (in a string or
+    a member name) is refused: a method job keeps its params as jsonb, which cannot hold
+    it, and a direct call refuses what a job would (400 both)."""
+    # Depth is bounded by the size (MAX_PARAMS_BYTES) and checked nowhere else.
+    problem = protocol.json_problem(params, max_depth=MAX_PARAMS_BYTES + 1, path="params")
+    if problem is None:
+        return None
+    if problem.kind == "member_name":
+        return f"a member name in {problem.path} contains a NUL character"
+    return f"{problem.path} contains a NUL character"
 
 
 class MethodCall(BaseModel):
@@ -69,6 +85,15 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    """A JSON number with a fraction or exponent; beyond a double (1e400) it would be
+    read as infinity, which neither JSON nor jsonb can carry back."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
 # Deeper answers are malformed: the API could not encode them back (pydantic's limit).
 MAX_ANSWER_DEPTH = 64
 
@@ -89,16 +114,21 @@ def _depth(doc: Any) -> int:
 
 
 def parse_answer(raw: bytes) -> DeviceAnswer | None:
-    """The device's answer; None when it is not JSON of the protocol's shape."""
+    """The device's answer; None when it is not JSON of the protocol's shape, or holds
+    what the API could not answer with or a method job could not keep (jsonb): a lone
+    surrogate, a NUL character, a number beyond a double, nesting beyond
+    MAX_ANSWER_DEPTH."""
     if len(raw) > MAX_RESPONSE_BYTES:
         return None
     try:
-        doc = json.loads(raw, parse_constant=_no_constant)
+        doc = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
         # What the API answers must encode again: no lone surrogates ("\\ud800").
         json.dumps(doc, ensure_ascii=False).encode()
     except (ValueError, RecursionError):  # UnicodeError is a ValueError
         return None
     if not isinstance(doc, dict) or _depth(doc) > MAX_ANSWER_DEPTH:
+        return None
+    if protocol.json_problem(doc, max_depth=MAX_ANSWER_DEPTH) is not None:  # a NUL
         return None
     try:
         return DeviceAnswer.model_validate(doc)

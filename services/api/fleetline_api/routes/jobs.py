@@ -40,6 +40,7 @@ from fleetline_api.job_schemas import (
     MethodSpec,
     TwinJobCreate,
 )
+from fleetline_api.method_schemas import params_problem
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.routes.methods import CommandsWrite
 from fleetline_api.routes.rules import links, who
@@ -133,6 +134,10 @@ async def _get(con: Any, job_id: int) -> JobPublic:
 def _spec(body: MethodJobCreate | TwinJobCreate, key: KeyInfo) -> str:
     """The job's spec as JSON text (the standard library keeps integers of any size)."""
     if isinstance(body, MethodJobCreate):
+        # What the direct method route refuses (400), and jsonb could not store.
+        problem = params_problem(body.method.params)
+        if problem:
+            raise HTTPException(400, problem)
         return json.dumps(body.method.model_dump(), allow_nan=False)
     if "admin" not in key.scopes and "devices:write" not in key.scopes:
         raise HTTPException(403, "a twin job needs the devices:write scope as well")
@@ -154,7 +159,8 @@ def _spec(body: MethodJobCreate | TwinJobCreate, key: KeyInfo) -> str:
         400: {
             "model": Problem,
             "description": "The query does not compile (`position` points at the offending "
-            "text), matches too many devices, or the patch is not a valid twin patch",
+            "text), matches too many devices, the patch is not a valid twin patch, or the "
+            "params hold a NUL character",
         },
         413: {"model": Problem, "description": "The patch is too large"},
     },

@@ -1,0 +1,623 @@
+"""fleetline's device side: PROTOCOL.md and the README's device contract, portable.
+
+One module for every device fleetline ships code for: the ESP32 firmware runs it under
+MicroPython, the Raspberry Pi agent and the tests under CPython. So it imports only what
+MicroPython has (binascii, hashlib, json, random, time), uses no f-strings, `typing`,
+dataclasses or `from __future__` (MicroPython has no such module), keeps every buffer
+bounded, and talks to an MQTT client with umqtt.simple's API:
+``MQTTClient(client_id, server, port, user, password, keepalive)``, ``set_last_will``,
+``set_callback``, ``connect(clean_session)``, ``subscribe``, ``publish(topic, msg,
+retain, qos)``, ``check_msg``, ``ping`` and ``disconnect``. On a board that is
+micropython-lib's umqtt.simple; on a Pi ``umqtt_paho.MQTTClient`` (paho-mqtt).
+
+What a :class:`Device` does, in its one thread:
+- logs in with client id = user name = its id and a SAS token signed with its key (or the
+  key itself), with a retained ``offline`` Last Will on ``devices/{id}/status``;
+- subscribes to ``c2d``, ``twin/desired`` and ``methods/+/req`` *before* publishing a
+  retained ``online`` (the API sends queued messages the moment it sees that);
+- takes a reading every ``interval_s`` (``{"ts": epoch ms, "values": {...}}``); readings
+  that could not be sent wait in a bounded backlog and go out as JSON arrays once
+  connected again;
+- applies the desired twin (ignoring versions below one it applied) and reports what it
+  applied as a merge patch; answers direct methods; acknowledges cloud-to-device messages,
+  acting once on each id however often it is delivered;
+- reconnects with capped, jittered backoff, and reconnects with a fresh token before the
+  one it logged in with expires.
+
+The umqtt callback only queues what arrives (a bounded inbox); messages are handled
+between network calls, because umqtt.simple delivers messages while it waits for a
+PUBACK or SUBACK and is not re-entrant.
+"""
+
+import binascii
+import hashlib
+import json
+import random
+import time
+
+VERSION = "1.0.0"
+
+TOKEN_TTL_S = 3600
+# A token is renewed (by reconnecting) this long before it expires, or at 3/4 of a
+# shorter lifetime.
+TOKEN_RENEW_BEFORE_S = 300
+KEEPALIVE_S = 60
+# Readings kept while they cannot be sent; the oldest are dropped first. Each is kept as
+# its JSON text (~60-120 bytes), so the default costs about 10 KB of RAM at most.
+BACKLOG_READINGS = 100
+# Readings per telemetry message when a backlog is sent (ingest takes up to 1000).
+BATCH_READINGS = 25
+# Cloud-to-device message ids remembered with their outcome, to act once on each.
+SEEN_C2D_IDS = 32
+# Messages queued between two network calls; beyond, they are dropped (and counted).
+INBOX_MESSAGES = 16
+# Larger incoming messages are not parsed: a method gets 413; a c2d message cannot be
+# acknowledged, so the API sends it again until it expires.
+MAX_MESSAGE_BYTES = 16384
+# What a desired `interval_s` may set (seconds between readings).
+MIN_INTERVAL_S = 0.5
+MAX_INTERVAL_S = 86400
+BACKOFF_MIN_S = 1
+BACKOFF_MAX_S = 60
+# After the broker refused the credentials (CONNACK 4 or 5): a key may be restored, so
+# the device keeps trying, slowly.
+BACKOFF_REFUSED_S = 300
+LOOP_SLEEP_MS = 50
+# A clock before this (2024-01-01) has not been set: no ts, no token.
+CLOCK_VALID_AFTER_S = 1704067200
+
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+
+# MicroPython ports whose epoch is 2000-01-01 (ESP32 before 1.22, for one) count from
+# there; PROTOCOL.md's ts and a token's expiry count from 1970.
+_EPOCH_OFFSET_S = 946684800 if time.gmtime(0)[0] == 2000 else 0
+
+
+def _print(text: str) -> None:
+    print(text)  # noqa: T201 - the serial console (or journald) is a device's log
+
+
+# MicroPython's ticks wrap around: add and compare them only with ticks_add/ticks_diff.
+if hasattr(time, "ticks_ms"):
+    _ticks_ms = time.ticks_ms
+    _ticks_add = time.ticks_add
+    _ticks_diff = time.ticks_diff
+else:
+
+    def _ticks_ms() -> int:
+        return int(time.monotonic() * 1000)
+
+    def _ticks_add(a: int, b: int) -> int:
+        return a + b
+
+    def _ticks_diff(a: int, b: int) -> int:
+        return a - b
+
+
+def _sleep_ms(ms: int) -> None:
+    if hasattr(time, "sleep_ms"):
+        time.sleep_ms(ms)
+    else:
+        time.sleep(ms / 1000)
+
+
+def epoch_s() -> int:
+    """Seconds since 1970-01-01 UTC, whatever the port's epoch."""
+    return int(time.time()) + _EPOCH_OFFSET_S
+
+
+def epoch_ms() -> int:
+    if hasattr(time, "time_ns"):
+        return time.time_ns() // 1000000 + _EPOCH_OFFSET_S * 1000
+    return int(time.time() * 1000) + _EPOCH_OFFSET_S * 1000
+
+
+def clock_valid() -> bool:
+    return epoch_s() > CLOCK_VALID_AFTER_S
+
+
+def hmac_sha256(key: bytes, msg: bytes) -> bytes:
+    """HMAC-SHA256 (RFC 2104, block size 64): MicroPython has no hmac module."""
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    inner_pad = bytearray(64)
+    outer_pad = bytearray(64)
+    for i in range(64):
+        k = key[i] if i < len(key) else 0
+        inner_pad[i] = k ^ 0x36
+        outer_pad[i] = k ^ 0x5C
+    inner = hashlib.sha256(inner_pad)
+    inner.update(msg)
+    outer = hashlib.sha256(outer_pad)
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+def b64encode(data: bytes) -> str:
+    return binascii.b2a_base64(data).decode().strip()
+
+
+def sas_token(key: str, device_id: str, expiry: int) -> str:
+    """``sig=<base64 hmac-sha256(key bytes, "{device_id}\\n{expiry}")>&se=<expiry>``, as
+    fleetline/devicekeys.py signs and the broker's auth plugin checks."""
+    # Bytes in: some ports' binascii (a Python one in micropython-lib) takes no str.
+    mac = hmac_sha256(binascii.a2b_base64(key.encode()), (device_id + "\n" + str(expiry)).encode())
+    return "sig=" + b64encode(mac) + "&se=" + str(expiry)
+
+
+def parse_connection_string(text: str) -> dict:
+    """``HostName=...;Port=...;DeviceId=...;SharedAccessKey=...`` (what `fleetline device
+    create` prints) as a dict of those names. A key's base64 may end in '=': only the
+    first '=' of each part separates."""
+    out = {}
+    for part in text.strip().split(";"):
+        at = part.find("=")
+        if at > 0:
+            out[part[:at].strip()] = part[at + 1 :].strip()
+    for name in ("HostName", "DeviceId", "SharedAccessKey"):
+        if not out.get(name):
+            raise ValueError("connection string lacks " + name)
+    return out
+
+
+def _refused(exc: BaseException) -> bool:
+    """CONNACK 4 (bad user name or password) or 5 (not authorized), as umqtt.simple's
+    MQTTException carries them."""
+    return type(exc).__name__ == "MQTTException" and bool(exc.args) and exc.args[0] in (4, 5)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class Device:
+    """One device: its connection, its cloud-facing state and its main loop (:meth:`run`).
+
+    ``mqtt_client``: a class with umqtt.simple's constructor and methods.
+    ``read_sensors()``: the values of one reading (``{"name": number|bool|str}``); a value
+    of None is left out. ``methods``: name → ``fn(params)`` returning the payload, or
+    ``(status, payload)``; raising ValueError answers 400, anything else 500.
+    ``desired``: property name → ``fn(value)`` applying a desired value (None when the
+    desired document lacks it) and returning the value to report.
+    ``on_c2d(body, properties)``: acts on a message; returning False or raising rejects it.
+    ``reboot()``: called after ``reboot`` was answered (machine.reset on a board); without
+    it the method answers 501. ``sync_clock()``: sets the clock when it is not (NTP).
+    ``feed()``: called every loop (a watchdog). ``reported``: reported once after the first
+    connection (firmware version, model)."""
+
+    def __init__(
+        self,
+        device_id: str,
+        key: str,
+        host: str,
+        port: int = 1883,
+        *,
+        mqtt_client: object,
+        read_sensors: object = None,
+        interval_s: float = 10,
+        auth: str = "token",
+        token_ttl_s: int = TOKEN_TTL_S,
+        keepalive_s: int = KEEPALIVE_S,
+        backlog_readings: int = BACKLOG_READINGS,
+        backoff_min_s: float = BACKOFF_MIN_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+        methods: dict | None = None,
+        desired: dict | None = None,
+        on_c2d: object = None,
+        reboot: object = None,
+        sync_clock: object = None,
+        feed: object = None,
+        reported: dict | None = None,
+        log: object = None,
+    ) -> None:
+        if auth not in ("token", "key"):
+            raise ValueError("auth is 'token' or 'key'")
+        self.device_id = device_id
+        self.key = key
+        self.host = host
+        self.port = port
+        self.auth = auth
+        self.token_ttl_s = token_ttl_s
+        self.keepalive_s = keepalive_s
+        self.backlog_readings = backlog_readings
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
+        self.default_interval_s = interval_s
+        self.interval_s = interval_s
+        self._mqtt_client = mqtt_client
+        self._read_sensors = read_sensors
+        self._methods = methods or {}
+        self._desired = {"interval_s": self._apply_interval}
+        self._desired.update(desired or {})
+        self._on_c2d_fn = on_c2d
+        self._reboot_fn = reboot
+        self._sync_clock = sync_clock
+        self._feed = feed
+        self._log = log or _print
+        self._base = "devices/" + device_id + "/"
+        self._status_topic = (self._base + "status").encode()
+        self._telemetry_topic = (self._base + "telemetry").encode()
+        self.client = None
+        self.stopping = False
+        self.desired_version = -1
+        self.backlog = []
+        self._inbox = []
+        self._seen_ids = []
+        self._seen_outcomes = {}
+        self._pending_report = dict(reported or {})
+        self._reboot_requested = False
+        self._token_expiry = 0
+        self._attempt = 0
+        self._next_reading = _ticks_ms()
+        self._last_tx = _ticks_ms()
+        # What happened, for a `status` screen and the tests.
+        self.connects = 0
+        self.readings_taken = 0
+        self.readings_sent = 0
+        self.readings_dropped = 0
+        self.messages_dropped = 0
+        self.c2d_acted = 0
+        self.last_error = None
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until :meth:`stop`: stay connected, take readings, serve the cloud."""
+        while not self.stopping:
+            if self.client is None and not self._try_connect():
+                self._wait(self._backoff_s())
+                continue
+            try:
+                self.step()
+            except Exception as exc:  # the connection broke (OSError, MQTTException...)
+                self._drop(exc)
+                continue
+            self._wait_ms(LOOP_SLEEP_MS)
+        self._goodbye()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to say ``offline``, disconnect and return (from any thread)."""
+        self.stopping = True
+
+    def step(self) -> None:
+        """One pass while connected: read the socket, handle what came, send what is due."""
+        client = self.client
+        for _ in range(INBOX_MESSAGES):
+            if client.check_msg() is None:
+                break
+        self._handle_inbox()
+        self._sample_if_due()
+        if self._pending_report:
+            self._publish(self._base + "twin/reported", json.dumps(self._pending_report))
+            self._pending_report = {}
+        self._send_backlog()
+        self._handle_inbox()  # what arrived while waiting for PUBACKs
+        if self._reboot_requested and self._reboot_fn is not None:
+            self._log("fleetline: rebooting as asked")
+            self._reboot_fn()
+            self._reboot_requested = False
+        if _ticks_diff(_ticks_ms(), self._last_tx) >= self.keepalive_s * 500:
+            client.ping()
+            self._last_tx = _ticks_ms()
+        if self.auth == "token" and epoch_s() >= self._token_expiry - self._renew_before_s():
+            self._log("fleetline: renewing the token")
+            # A clean DISCONNECT: no Last Will, the status stays online while it
+            # reconnects at once.
+            self.client = None
+            client.disconnect()
+            if not self._try_connect():
+                self._wait(self._backoff_s())
+
+    def _wait(self, seconds: float) -> None:
+        self._wait_ms(int(seconds * 1000))
+
+    def _wait_ms(self, ms: int) -> None:
+        """Sleep, still taking readings (into the backlog while offline)."""
+        start = _ticks_ms()
+        while not self.stopping:
+            if self._feed is not None:
+                self._feed()
+            if self.client is None:
+                self._sample_if_due()
+            left = ms - _ticks_diff(_ticks_ms(), start)
+            if left <= 0:
+                return
+            _sleep_ms(min(left, LOOP_SLEEP_MS))
+
+    # -- connection ----------------------------------------------------------------
+
+    def _renew_before_s(self) -> int:
+        return min(TOKEN_RENEW_BEFORE_S, self.token_ttl_s // 4)
+
+    def _password(self) -> str:
+        if self.auth == "key":
+            return self.key
+        if not clock_valid() and self._sync_clock is not None:
+            try:
+                self._sync_clock()
+            except Exception as exc:
+                self._log("fleetline: clock not set: " + repr(exc))
+        if not clock_valid():
+            raise OSError("the clock is not set: a token cannot be made")
+        self._token_expiry = epoch_s() + self.token_ttl_s
+        return sas_token(self.key, self.device_id, self._token_expiry)
+
+    def _try_connect(self) -> bool:
+        client = None
+        try:
+            password = self._password()
+            client = self._mqtt_client(
+                self.device_id, self.host, self.port, self.device_id, password, self.keepalive_s
+            )
+            client.set_callback(self._on_message)
+            client.set_last_will(self._status_topic, STATUS_OFFLINE, retain=True, qos=1)
+            client.connect(True)
+            self.client = client
+            for kind in ("c2d", "twin/desired", "methods/+/req"):
+                client.subscribe((self._base + kind).encode(), qos=1)
+            # Only now: the API sends queued messages when it sees this.
+            client.publish(self._status_topic, STATUS_ONLINE, retain=True, qos=1)
+        except Exception as exc:
+            self.client = None
+            if client is not None:
+                self._close(client)
+            self.last_error = exc
+            self._attempt += 1
+            self._log("fleetline: cannot connect to " + self.host + ": " + repr(exc))
+            return False
+        self._last_tx = _ticks_ms()
+        self._attempt = 0
+        self.last_error = None
+        self.connects += 1
+        self._log("fleetline: connected as " + self.device_id)
+        return True
+
+    def _backoff_s(self) -> float:
+        if self.last_error is not None and _refused(self.last_error):
+            return BACKOFF_REFUSED_S
+        delay = min(self.backoff_max_s, self.backoff_min_s * (2 ** min(self._attempt - 1, 10)))
+        # 50-100 % of it, so a fleet does not come back in step after a broker restart.
+        return delay * (128 + random.getrandbits(7)) / 255
+
+    def _drop(self, exc: BaseException) -> None:
+        """The connection broke: close the socket without DISCONNECT, so the broker
+        publishes the Last Will."""
+        self._log("fleetline: connection lost: " + repr(exc))
+        client, self.client = self.client, None
+        self.last_error = exc
+        self._attempt = 1
+        if client is not None:
+            self._close(client)
+        self._wait(self._backoff_s())
+
+    def _close(self, client: object) -> None:
+        try:
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()
+            elif getattr(client, "sock", None) is not None:
+                client.sock.close()
+        except Exception:  # already closed
+            pass
+
+    def _goodbye(self) -> None:
+        client, self.client = self.client, None
+        if client is None:
+            return
+        try:
+            # A clean DISCONNECT does not fire the Will: say it ourselves.
+            client.publish(self._status_topic, STATUS_OFFLINE, retain=True, qos=1)
+            client.disconnect()
+        except Exception as exc:
+            self._log("fleetline: goodbye failed: " + repr(exc))
+            self._close(client)
+
+    def _publish(self, topic: str, text: str) -> None:
+        self.client.publish(topic.encode(), text.encode(), retain=False, qos=1)
+        self._last_tx = _ticks_ms()
+
+    # -- telemetry -----------------------------------------------------------------
+
+    def _sample_if_due(self) -> None:
+        now = _ticks_ms()
+        if self._read_sensors is None or _ticks_diff(now, self._next_reading) < 0:
+            return
+        step_ms = int(self.interval_s * 1000)
+        self._next_reading = _ticks_add(self._next_reading, step_ms)
+        if _ticks_diff(now, self._next_reading) >= 0:  # fell behind
+            self._next_reading = _ticks_add(now, step_ms)
+        self.take_reading()
+
+    def take_reading(self) -> None:
+        """Read the sensors into the backlog (sent by the next :meth:`step`)."""
+        try:
+            values = {}
+            for name, value in self._read_sensors().items():
+                if value is not None:
+                    values[name] = value
+        except Exception as exc:
+            self._log("fleetline: sensors failed: " + repr(exc))
+            return
+        if not values:
+            return
+        reading = {"values": values}
+        if clock_valid():  # without a clock, ingest stamps it on arrival
+            reading["ts"] = epoch_ms()
+        self.backlog.append(json.dumps(reading))
+        self.readings_taken += 1
+        excess = len(self.backlog) - self.backlog_readings
+        if excess > 0:
+            del self.backlog[:excess]
+            self.readings_dropped += excess
+
+    def _send_backlog(self) -> None:
+        """One reading as an object, several as JSON arrays of up to BATCH_READINGS; a
+        reading leaves the backlog only once the broker acknowledged it."""
+        while self.backlog and self.client is not None:
+            chunk = self.backlog[:BATCH_READINGS]
+            text = chunk[0] if len(chunk) == 1 else "[" + ",".join(chunk) + "]"
+            self.client.publish(self._telemetry_topic, text.encode(), retain=False, qos=1)
+            self._last_tx = _ticks_ms()
+            del self.backlog[: len(chunk)]
+            self.readings_sent += len(chunk)
+
+    # -- from the cloud --------------------------------------------------------------
+
+    def _on_message(self, topic: bytes, msg: bytes) -> None:
+        """umqtt's callback: queue only (it runs inside publish and subscribe)."""
+        if len(self._inbox) >= INBOX_MESSAGES:
+            self.messages_dropped += 1
+            return
+        self._inbox.append((topic, msg if len(msg) <= MAX_MESSAGE_BYTES else None))
+
+    def _handle_inbox(self) -> None:
+        while self._inbox and self.client is not None:
+            topic, msg = self._inbox.pop(0)
+            topic = topic.decode() if isinstance(topic, (bytes, bytearray)) else topic
+            if not topic.startswith(self._base):
+                continue
+            kind = topic[len(self._base) :]
+            if kind == "c2d":
+                self._take_c2d(msg)
+            elif kind == "twin/desired":
+                self._take_desired(msg)
+            elif kind.startswith("methods/") and kind.endswith("/req"):
+                self._answer_method(kind[len("methods/") : -len("/req")], msg)
+
+    def _parse(self, msg: bytes | None, what: str) -> dict | None:
+        if msg is None:
+            self._log("fleetline: a " + what + " larger than the limit was dropped")
+            return None
+        try:
+            doc = json.loads(msg)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            self._log("fleetline: a " + what + " is not a JSON object")
+            return None
+        return doc
+
+    def _take_c2d(self, msg: bytes | None) -> None:
+        doc = self._parse(msg, "cloud-to-device message")
+        if doc is None:
+            return
+        message_id = doc.get("id")
+        if not isinstance(message_id, str):
+            self._log("fleetline: a cloud-to-device message without an id")
+            return
+        outcome = self._seen_outcomes.get(message_id)
+        if outcome is None:  # delivered at least once: act on the first delivery only
+            outcome = "complete"
+            if self._on_c2d_fn is not None:
+                try:
+                    if self._on_c2d_fn(doc.get("body"), doc.get("properties") or {}) is False:
+                        outcome = "reject"
+                except Exception as exc:
+                    self._log("fleetline: c2d handler failed: " + repr(exc))
+                    outcome = "reject"
+            self.c2d_acted += 1
+            self._seen_ids.append(message_id)
+            self._seen_outcomes[message_id] = outcome
+            if len(self._seen_ids) > SEEN_C2D_IDS:
+                self._seen_outcomes.pop(self._seen_ids.pop(0), None)
+        self._publish(self._base + "c2d/ack", json.dumps({"id": message_id, "outcome": outcome}))
+
+    def _take_desired(self, msg: bytes | None) -> None:
+        if msg is not None and len(msg) == 0:  # the retained document was cleared
+            return
+        doc = self._parse(msg, "desired twin")
+        if doc is None:
+            return
+        version = doc.get("version")
+        desired = doc.get("desired")
+        if not isinstance(version, int) or not isinstance(desired, dict):
+            self._log("fleetline: a desired twin without version or desired")
+            return
+        # A publish that timed out may arrive after a newer one (README, Device twins).
+        if version <= self.desired_version:
+            return
+        patch = {}
+        for name, apply in self._desired.items():
+            try:
+                patch[name] = apply(desired.get(name))
+            except Exception as exc:
+                self._log("fleetline: desired " + name + " not applied: " + repr(exc))
+        for name in desired:
+            if name not in self._desired:
+                self._log("fleetline: desired " + name + " is unknown here")
+        patch["desired_version"] = version
+        self.desired_version = version
+        self.report(patch)
+
+    def _apply_interval(self, value: object) -> float:
+        if value is None:
+            self.interval_s = self.default_interval_s
+        elif _is_number(value) and MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:
+            self.interval_s = value
+        else:
+            self._log("fleetline: interval_s out of range: " + repr(value))
+        self._next_reading = _ticks_add(_ticks_ms(), int(self.interval_s * 1000))
+        return self.interval_s
+
+    def report(self, patch: dict) -> None:
+        """Queue a merge patch of reported properties (sent by the next step, or after
+        reconnecting: patches merge while waiting)."""
+        self._pending_report.update(patch)
+
+    def _answer_method(self, request_id: str, msg: bytes | None) -> None:
+        if msg is None:
+            status, payload = 413, {"error": "request too large"}
+        else:
+            doc = self._parse(msg, "method request")
+            name = doc.get("method") if doc is not None else None
+            if not isinstance(name, str):
+                status, payload = 400, {"error": "no method name"}
+            else:
+                status, payload = self._call(name, doc.get("params"))
+        answer = json.dumps({"status": status, "payload": payload})
+        self._publish(self._base + "methods/" + request_id + "/res", answer)
+
+    def _call(self, name: str, params: object) -> tuple:
+        if name == "ping":
+            return 200, {"pong": True, "params": params}
+        if name == "reboot" and name not in self._methods:
+            if self._reboot_fn is None:
+                return 501, {"error": "reboot is not supported here"}
+            self._reboot_requested = True  # after the answer is out
+            return 200, {"rebooting": True}
+        fn = self._methods.get(name)
+        if fn is None:
+            return 404, {"error": "no method '" + name[:64] + "'"}
+        try:
+            result = fn(params if params is not None else {})
+        except ValueError as exc:
+            return 400, {"error": str(exc)}
+        except Exception as exc:
+            return 500, {"error": repr(exc)}
+        if isinstance(result, tuple) and len(result) == 2:
+            return result
+        return 200, result
+
+
+def add_switch(
+    device: Device, set_on: object, is_on: object, method: str = "switch", prop: str = "relay_on"
+) -> None:
+    """An on/off output (a relay, an LED) driven by the method ``switch`` (``{"on":
+    true}``) and by the desired ``relay_on``; its state is reported as ``relay_on``."""
+
+    def switch(params: dict) -> dict:
+        on = params.get("on") if isinstance(params, dict) else None
+        if not isinstance(on, bool):
+            raise ValueError("params.on must be true or false")
+        set_on(on)
+        device.report({prop: is_on()})
+        return {"on": is_on()}
+
+    def desired(value: object) -> bool:
+        if isinstance(value, bool):
+            set_on(value)
+        return is_on()
+
+    device._methods[method] = switch
+    device._desired[prop] = desired

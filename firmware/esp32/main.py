@@ -1,0 +1,39 @@
+# fleetline reference firmware for ESP32 boards (MicroPython): telemetry, twin, direct
+# methods and cloud-to-device messages over MQTT (firmware/README.md). The protocol lives
+# in fleetline_device.py; this file wires the board to it.
+import board
+import config_local as config
+import fleetline_device
+import machine
+from umqtt.simple import MQTTClient
+
+
+def main():
+    device_id, key, host, port = board.credentials(config)
+    watchdog_s = getattr(config, "WATCHDOG_S", 0)
+    wdt = machine.WDT(timeout=watchdog_s * 1000) if watchdog_s else None
+    device = fleetline_device.Device(
+        device_id,
+        key,
+        host,
+        port,
+        mqtt_client=board.mqtt_client_factory(MQTTClient, config),
+        read_sensors=board.Sensors(config).read,
+        interval_s=getattr(config, "INTERVAL_S", 10),
+        auth=getattr(config, "AUTH", "token"),
+        token_ttl_s=getattr(config, "TOKEN_TTL_S", fleetline_device.TOKEN_TTL_S),
+        on_c2d=board.show_message,
+        reboot=machine.reset,
+        sync_clock=lambda: board.sync_clock(config),
+        feed=board.Feeder(wdt).feed,
+        reported={"fw": fleetline_device.VERSION, "model": board.model(), "platform": "esp32"},
+        log=board.log,
+    )
+    relay_pin = getattr(config, "RELAY_PIN", None)
+    if relay_pin is not None:
+        relay = board.Relay(relay_pin, getattr(config, "RELAY_ACTIVE_HIGH", True))
+        fleetline_device.add_switch(device, relay.set, relay.is_on)
+    device.run()
+
+
+main()
