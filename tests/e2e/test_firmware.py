@@ -27,7 +27,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -44,7 +43,7 @@ import pytest
 from fleetline import devicekeys
 from fleetline.embedded import BrokerAuth, LocalMosquitto
 from tests.integration.test_api import client
-from tests.support import DEVICE_KEY_SECRET, ApiProcess, IngestProcess, wait_until
+from tests.support import DEVICE_KEY_SECRET, ApiProcess, IngestProcess, TcpProxy, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -133,73 +132,6 @@ class Observer:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-class Proxy:
-    """A TCP relay between a device and the broker that the test cuts and restores, as a
-    network drop would: open connections are closed on both sides (the broker publishes
-    the Last Will), new ones are closed at once while it is down."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.server.getsockname()[1]
-        self.up = threading.Event()
-        self.up.set()
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, name="proxy.accept", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            if not self.up.is_set():
-                conn.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                conn.close()
-                continue
-            with self.lock:
-                self.sockets += [conn, upstream]
-            for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        self.up.clear()
-        with self.lock:
-            sockets, self.sockets = self.sockets, []
-        for s in sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv
-            except OSError:
-                pass
-            s.close()
-
-    def restore(self) -> None:
-        self.up.set()
-
-    def close(self) -> None:
-        self.cut()
-        self.server.close()
 
 
 def make_device(port: int, device_id: str, key: str, **options: Any) -> Any:
@@ -513,7 +445,8 @@ async def test_readings_taken_offline_are_sent_as_a_batch_after_reconnecting(
 ) -> None:
     start_ingest()
     device_id = f"{uid}-esp"
-    proxy = Proxy(broker.port)
+    proxy = TcpProxy(("127.0.0.1", broker.port))
+    proxy.up()
     device = make_device(proxy.port, device_id, "unused-on-an-anonymous-broker", auth="key",
                          interval_s=0.3)
     observer = Observer(broker.port, device_id)
@@ -521,13 +454,13 @@ async def test_readings_taken_offline_are_sent_as_a_batch_after_reconnecting(
     try:
         with Running(device):
             await _until_db(_at_least(_stored_n(db, device_id), 2), "readings before the drop")
-            proxy.cut()
+            proxy.down()
             wait_until(lambda: device.client is None, what="the device to notice the drop")
             # The broker lost the connection without a DISCONNECT: it publishes the Will.
             wait_until(lambda: observer.payloads(base + "status")[-1:] == [b"offline"],
                        what="the Last Will")
             wait_until(lambda: len(device.backlog) >= 4, what="readings kept while offline")
-            proxy.restore()
+            proxy.up()
             wait_until(lambda: device.connects >= 2 and not device.backlog, timeout=30,
                        what="the backlog sent after reconnecting")
             wait_until(lambda: observer.payloads(base + "status")[-1:] == [b"online"],
@@ -544,7 +477,7 @@ async def test_readings_taken_offline_are_sent_as_a_batch_after_reconnecting(
         assert stored == [float(n) for n in range(1, sent + 1)]  # none lost, none twice
     finally:
         observer.close()
-        proxy.close()
+        proxy.down()
         await _offline(db, device_id)
 
 
