@@ -43,6 +43,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(ROOT))
 
 import publish as pub  # noqa: E402
+from measure import log, machine_busy, pct, proc_cpu, tree_cpu  # noqa: E402
 
 from fleetline.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
 from fleetline.migrate import migrate  # noqa: E402
@@ -64,44 +65,6 @@ CROSS JOIN LATERAL (
     WHERE series_id = w.id AND ts > w.since AND ts >= $3 AND ts < $4
 ) AS t
 """
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# -- CPU accounting -------------------------------------------------------------------
-
-
-def _proc_cpu(p: psutil.Process, children_reaped: bool = True) -> float:
-    t = p.cpu_times()
-    total = t.user + t.system
-    if children_reaped:
-        total += t.children_user + t.children_system
-    return total
-
-
-def tree_cpu(pid: int | None) -> float:
-    """CPU seconds of ``pid`` and its live descendants (plus children they reaped)."""
-    if pid is None:
-        return 0.0
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += _proc_cpu(p)
-    return total
-
-
-def machine_busy() -> float:
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(
-        t, "guest_nice", 0.0
-    )
 
 
 @dataclass
@@ -366,14 +329,6 @@ class TelegrafBounded(Baseline):
 # -- the bench ------------------------------------------------------------------------
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
-    return s[k]
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
@@ -585,7 +540,7 @@ class Bench:
         cpu = CpuWindow(consumer.proc.pid if consumer.proc else None, self.pg.pid, self.mq.pid)
         cpu.begin()
         me = psutil.Process()
-        poller_cpu0 = _proc_cpu(me, children_reaped=False)
+        poller_cpu0 = proc_cpu(me, children_reaped=False)
         ps = psutil.Process(consumer.proc.pid) if consumer.proc else None
         rss_peak = 0
         task = asyncio.create_task(poller())
@@ -612,7 +567,7 @@ class Bench:
             await asyncio.sleep(0.05)
         done.set()
         await task
-        poller_cpu = _proc_cpu(me, children_reaped=False) - poller_cpu0
+        poller_cpu = proc_cpu(me, children_reaped=False) - poller_cpu0
         stored = int(await con.fetchval("SELECT count(*) FROM telemetry")) - rows_before
         periods = [b - a for a, b in zip(poll_starts, poll_starts[1:], strict=False)]
         result = {

@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 import orjson  # noqa: E402
-import psutil  # type: ignore[import-untyped]  # noqa: E402
+from measure import log, machine_busy, pct, tree_cpu  # noqa: E402
 
 from fleetline import apikeys  # noqa: E402
 from fleetline.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
@@ -80,48 +80,19 @@ STOP_TIMEOUT_SECONDS = 30.0
 PAGE = 1000
 
 
-def log(text: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {text}", flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
-
-
 # -- CPU used by others on the machine ------------------------------------------------
-
-
-def machine_busy() -> float:
-    t = psutil.cpu_times()
-    idle = t.idle + sum(getattr(t, f, 0.0) for f in ("iowait", "guest", "guest_nice"))
-    busy: float = sum(t) - idle
-    return busy
-
-
-def tree_cpu() -> float:
-    """CPU seconds of this process and its descendants (servers, services, devices)."""
-    me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-    return total
 
 
 class CpuWindow:
     def __init__(self) -> None:
         self.t0 = time.monotonic()
         self.machine0 = machine_busy()
-        self.ours0 = tree_cpu()
+        self.ours0 = tree_cpu(os.getpid())
 
     def other_cores(self) -> float:
         """Cores used meanwhile by processes outside this benchmark."""
         wall = time.monotonic() - self.t0
-        other = (machine_busy() - self.machine0) - (tree_cpu() - self.ours0)
+        other = (machine_busy() - self.machine0) - (tree_cpu(os.getpid()) - self.ours0)
         return max(0.0, other) / wall if wall > 0 else 0.0
 
 

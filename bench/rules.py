@@ -43,6 +43,7 @@ from typing import Any
 import asyncpg
 import orjson
 import paho.mqtt.client as paho
+from measure import log
 
 from fleetline import rules_engine
 from fleetline.embedded import LocalMosquitto, LocalPostgres, free_port
@@ -53,10 +54,6 @@ from fleetline_rules.evaluator import Evaluator, RuleSet
 
 METRICS = 5
 SITES = 100
-
-
-def log(text: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {text}", flush=True)
 
 
 def rule_rows(n_rules: int) -> list[dict[str, Any]]:

@@ -1,0 +1,53 @@
+"""What the benchmarks share: log lines, percentiles and CPU accounting."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import psutil  # type: ignore[import-untyped]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (nearest rank); NaN for no values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def proc_cpu(p: psutil.Process, children_reaped: bool = True) -> float:
+    t = p.cpu_times()
+    total: float = t.user + t.system
+    if children_reaped:
+        total += t.children_user + t.children_system
+    return total
+
+
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds of ``pid`` and its live descendants (plus children they reaped)."""
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc_cpu(p)
+    return total
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (not idle, waiting or a guest's)."""
+    t = psutil.cpu_times()
+    idle = t.idle + sum(getattr(t, f, 0.0) for f in ("iowait", "guest", "guest_nice"))
+    busy: float = sum(t) - idle
+    return busy
