@@ -1,4 +1,5 @@
-"""Dependencies shared by the routers: the pool, and API-key authentication with scopes."""
+"""Dependencies shared by the routers: the pool, API-key authentication with scopes, and
+the registered-device checks."""
 
 from __future__ import annotations
 
@@ -68,3 +69,18 @@ def require(*scopes: Scope) -> Callable[..., Awaitable[KeyInfo]]:
 DevicesRead = Annotated[KeyInfo, Depends(require("devices:read"))]
 DevicesWrite = Annotated[KeyInfo, Depends(require("devices:write"))]
 TelemetryRead = Annotated[KeyInfo, Depends(require("telemetry:read"))]
+
+
+async def require_device(con: Any, device_id: str) -> None:
+    """404 unless ``device_id`` is registered (``con``: a pool or a connection). A deleted
+    device is gone from the API, though its readings stay in storage (and the SQL views)
+    until the retention."""
+    if not await con.fetchval("SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)", device_id):
+        raise HTTPException(404, f"device {device_id} not found")
+
+
+async def lock_device(con: Any, device_id: str) -> None:
+    """Lock the device's row for this transaction (FOR UPDATE: writers of the device and
+    of what belongs to it take turns); 404 unless it is registered."""
+    if await con.fetchval("SELECT 1 FROM devices WHERE id = $1 FOR UPDATE", device_id) is None:
+        raise HTTPException(404, f"device {device_id} not found")

@@ -23,7 +23,7 @@ from pydantic import StringConstraints
 
 from fleetline import devicekeys
 from fleetline_api import commands
-from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep
+from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep, lock_device
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.schemas import (
     MAX_TAGS,
@@ -233,8 +233,7 @@ async def delete_device(
     its modules, twins and the desired documents the broker retains for them."""
     async with pool.acquire() as con, con.transaction():
         # Locked first: a module registered meanwhile waits, then finds the device gone.
-        if await con.fetchval("SELECT 1 FROM devices WHERE id = $1 FOR UPDATE", device_id) is None:
-            raise HTTPException(404, f"device {device_id} not found")
+        await lock_device(con, device_id)
         modules = await con.fetch(
             "DELETE FROM device_modules WHERE device_id = $1 RETURNING module_id", device_id
         )

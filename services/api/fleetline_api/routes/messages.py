@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from fleetline import db
 from fleetline_api import c2d
 from fleetline_api.bodies import read_body
-from fleetline_api.deps import DevicesRead, PoolDep, SettingsDep
+from fleetline_api.deps import DevicesRead, PoolDep, SettingsDep, require_device
 from fleetline_api.message_schemas import (
     MAX_REQUEST_BYTES,
     BodyError,
@@ -83,7 +83,6 @@ HISTORY = """
 SELECT message_id, at, event, detail FROM c2d_message_events
 WHERE message_id = ANY($1::uuid[]) ORDER BY at, id
 """
-DEVICE_EXISTS = "SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)"
 
 
 async def _messages(con: Any, rows: list[asyncpg.Record]) -> list[MessagePublic]:
@@ -111,8 +110,7 @@ async def _get(con: Any, device_id: str, message_id: uuid.UUID) -> MessagePublic
         device_id,
     )
     if row is None:
-        if not await con.fetchval(DEVICE_EXISTS, device_id):
-            raise HTTPException(404, f"device {device_id} not found")
+        await require_device(con, device_id)
         raise HTTPException(404, f"device {device_id} has no message {message_id}")
     return (await _messages(con, [row]))[0]
 
@@ -245,8 +243,7 @@ async def list_messages(
     """The device's messages, newest first, each with its state and history; filter by
     ``state``. Finished messages are kept for ``FLEETLINE_API_C2D_RETENTION_S``."""
     async with pool.acquire() as con:
-        if not await con.fetchval(DEVICE_EXISTS, device_id):
-            raise HTTPException(404, f"device {device_id} not found")
+        await require_device(con, device_id)
         rows = await con.fetch(
             f"""
             SELECT {COLUMNS} FROM c2d_messages m

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from fleetline_api import commands
-from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep
+from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, lock_device, require_device
 from fleetline_api.problems import CONFLICT, NOT_FOUND, RESPONSES
 from fleetline_api.schemas import DeviceId, ModuleId, ModuleList, ModulePublic
 
@@ -23,7 +23,6 @@ router = APIRouter(prefix="/v1/devices", tags=["modules"], responses=RESPONSES)
 
 MAX_MODULES = 100
 
-LOCK_DEVICE = "SELECT 1 FROM devices WHERE id = $1 FOR UPDATE"
 SELECT_MODULE = """
 SELECT device_id, module_id, created_at FROM device_modules
 WHERE device_id = $1 AND module_id = $2
@@ -38,8 +37,7 @@ RETURNING device_id, module_id, created_at
 async def list_modules(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> ModuleList:
     """The device's modules."""
     async with pool.acquire() as con:
-        if await con.fetchval("SELECT 1 FROM devices WHERE id = $1", device_id) is None:
-            raise HTTPException(404, f"device {device_id} not found")
+        await require_device(con, device_id)
         rows = await con.fetch(
             "SELECT device_id, module_id, created_at FROM device_modules "
             "WHERE device_id = $1 ORDER BY module_id",
@@ -68,8 +66,7 @@ async def put_module(
     """Register a module (201); one that exists is returned as it is (200)."""
     async with pool.acquire() as con, con.transaction():
         # The device's row lock serialises concurrent registrations (the count below).
-        if await con.fetchval(LOCK_DEVICE, device_id) is None:
-            raise HTTPException(404, f"device {device_id} not found")
+        await lock_device(con, device_id)
         row = await con.fetchrow(SELECT_MODULE, device_id, module_id)
         if row is not None:
             response.status_code = 200

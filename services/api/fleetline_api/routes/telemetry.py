@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from fleetline_api.deps import PoolDep, TelemetryRead
+from fleetline_api.deps import PoolDep, TelemetryRead, require_device
 from fleetline_api.problems import NOT_FOUND, RESPONSES
 from fleetline_api.routes.devices import StatusFilter, TagFilter, device_filter
 from fleetline_api.schemas import (
@@ -185,17 +185,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise HTTPException(400, "'cursor' is not one this API returned") from None
 
 
-async def _require_device(pool: PoolDep, device_id: str) -> None:
-    """Telemetry is served for registered devices: a deleted device is gone from the API
-    (its readings stay in storage, and in the SQL views, until the retention)."""
-    if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)", device_id):
-        raise HTTPException(404, f"device {device_id} not found")
-
-
 @router.get("/{device_id}/latest", response_model=Latest, responses=NOT_FOUND)
 async def latest(device_id: DeviceId, pool: PoolDep, _key: TelemetryRead) -> Latest:
     """The last stored value of each of the device's metrics, with its time."""
-    await _require_device(pool, device_id)
+    await require_device(pool, device_id)
     rows = await pool.fetch(LATEST, device_id)
     return Latest(
         device_id=device_id,
@@ -234,7 +227,7 @@ async def telemetry(
 ) -> PointPage | Aggregates:
     """Raw points in time order (paged), or time-bucketed aggregates when `bucket` is set."""
     since, until = _range(start, end)
-    await _require_device(pool, device_id)
+    await require_device(pool, device_id)
     metrics = metric or None
     if bucket is not None:
         width = _parse_bucket(bucket)
