@@ -39,7 +39,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fleetline.protocol import C2D_ACK, MODULES, STATUS, TELEMETRY, TOPIC_ROOT, TWIN_REPORTED
+from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
 from fleetline.settings import MqttProtocol, MqttTarget
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ _FATAL_CONNACK = {134, 135}
 # Unsupported protocol version (MQTT 5 code 132; 3.1.1's code 1, as paho reports it).
 _UNSUPPORTED_PROTOCOL = {1, 132}
 
+# The client type, for modules that make clients here without importing aiomqtt.
+Client = aiomqtt.Client
 # (topic, payload, message id, QoS, retain flag) of one PUBLISH.
 MessageHandler = Callable[[str, bytes, int, int, bool], None]
 
@@ -64,6 +66,7 @@ class ConsumerSettings(Protocol):
 
     client_id: str
     share_group: str
+    mqtt_keepalive_seconds: int
     session_expiry_seconds: int
     max_pending_messages: int
 
@@ -78,27 +81,29 @@ def consumer_client(settings: ConsumerSettings, protocol: MqttProtocol) -> aiomq
         persistent=True,
         session_expiry_seconds=settings.session_expiry_seconds,
         receive_maximum=settings.max_pending_messages,
+        keepalive_seconds=settings.mqtt_keepalive_seconds,
         # Its acknowledgements go out in bursts after each commit: let TCP coalesce them.
         nodelay=False,
     )
 
 
 def device_message_topics(
-    client: aiomqtt.Client,
-    share_group: str,
-    *,
-    twin_reported: bool = False,
-    c2d_acks: bool = False,
+    client: aiomqtt.Client, share_group: str, *, every_kind: bool = False
 ) -> list[str]:
-    """Every device's telemetry and status (and, for ingest, its and its modules' reported
-    twin patches and its acknowledgements of cloud-to-device messages); a shared subscription of
-    ``share_group`` when one is set and the connection is MQTT 5 (3.1.1 has none)."""
-    topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
-    if twin_reported:
-        topics.append(f"{TOPIC_ROOT}/+/{TWIN_REPORTED}")
-        topics.append(f"{TOPIC_ROOT}/+/{MODULES}/+/{TWIN_REPORTED}")
-    if c2d_acks:
-        topics.append(f"{TOPIC_ROOT}/+/{C2D_ACK}")
+    """Every device's telemetry and status; with ``every_kind`` (ingest), everything
+    under ``devices/``, so that no device message goes unseen: what ingest does not
+    handle it dead-letters, or leaves to the service it belongs to. A shared subscription
+    of ``share_group`` when one is set and the connection is MQTT 5 (3.1.1 has none)."""
+    if every_kind:
+        topics = [f"{TOPIC_ROOT}/#"]
+    else:
+        topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
+    return shared(client, share_group, topics)
+
+
+def shared(client: aiomqtt.Client, share_group: str, topics: list[str]) -> list[str]:
+    """``topics`` in the shared subscription ``share_group`` (none when it is empty or the
+    connection is MQTT 3.1.1)."""
     if is_v5(client) and share_group:
         return [f"$share/{share_group}/{t}" for t in topics]
     return topics
@@ -235,9 +240,88 @@ def subscribe_nowait(client: aiomqtt.Client, topics: list[str], *, qos: int = 1)
         fut.add_done_callback(check)
 
 
+async def watch_topics(
+    make: Callable[[MqttProtocol], aiomqtt.Client],
+    protocol: MqttProtocol,
+    topics: list[str],
+    handle: Callable[[str, bytes], None],
+) -> None:
+    """Subscribe to ``topics`` (QoS 0) on a connection of its own and hand each message
+    to ``handle``, reconnecting with backoff for ever. For low-rate side channels (the
+    broker's ``$SYS`` counters), apart from a consumer whose reads may be paused."""
+    attempt = 0
+    while True:
+        try:
+            async with connected(make, protocol) as client:
+                await client.subscribe([(topic, 0) for topic in topics])
+                attempt = 0
+                async for message in client.messages:
+                    payload = message.payload
+                    if isinstance(payload, bytes | bytearray):
+                        handle(str(message.topic), bytes(payload))
+        except (aiomqtt.MqttError, MqttAuthError) as exc:
+            log.debug("side connection lost: %s", exc)
+        await asyncio.sleep(backoff_seconds(attempt))
+        attempt += 1
+
+
+def unsubscribe_nowait(client: aiomqtt.Client, topics: list[str]) -> None:
+    """Drop subscriptions a persistent session may still hold (an earlier release's),
+    without waiting for the UNSUBACK; one that does not exist is no error."""
+    paho_client: Any = client._client  # noqa: SLF001
+    result, mid = paho_client.unsubscribe(topics)
+    if result != paho.MQTT_ERR_SUCCESS:
+        raise aiomqtt.MqttCodeError(result, f"could not unsubscribe from {topics}")
+    # aiomqtt's UNSUBACK handler expects a waiter for every message id.
+    client._pending_unsubscribes[mid] = asyncio.Event()  # noqa: SLF001
+
+
 async def wait_disconnected(client: aiomqtt.Client) -> None:
     """Return (or raise the broker error) when the connection ends."""
     await asyncio.shield(client._disconnected)  # noqa: SLF001
+
+
+def decode_publish(
+    header: int, packet: bytes | bytearray, *, v5: bool
+) -> tuple[str, int, int, bool, int] | None:
+    """(topic, message id, QoS, retain flag, where the payload starts) of a PUBLISH whose
+    fixed header's first byte is ``header`` and whose remaining bytes are ``packet``;
+    None for what it leaves to paho (QoS 2, a topic alias with an empty topic). Raises
+    ValueError for a malformed packet (MQTT 3.1.1 section 3.3, MQTT 5 section 3.3)."""
+    qos = (header & 0x06) >> 1
+    if qos == 3:
+        raise ValueError("QoS 3 is reserved")
+    try:
+        topic_len = (packet[0] << 8) | packet[1]
+        if qos == 2 or topic_len == 0:
+            return None
+        pos = 2 + topic_len
+        if pos > len(packet):
+            raise ValueError("topic runs past the packet")
+        # Never refused here: a topic no device may use is dead-lettered by the handler.
+        topic = bytes(packet[2:pos]).decode("utf-8", "replace")
+        mid = 0
+        if qos:
+            mid = (packet[pos] << 8) | packet[pos + 1]
+            pos += 2
+        if v5:
+            # Property Length (a variable byte integer); the properties are not used.
+            length = shift = 0
+            while True:
+                byte = packet[pos]
+                pos += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise ValueError("malformed property length")
+            pos += length
+    except IndexError:
+        raise ValueError("packet ends inside its variable header") from None
+    if pos > len(packet):
+        raise ValueError("properties run past the packet")
+    return topic, mid, qos, bool(header & 0x01), pos
 
 
 class DirectReader:
@@ -258,6 +342,7 @@ class DirectReader:
         self._fd = -1
         self._sock: Any = None
         self._may_recv = False
+        self._keepalive_timer: asyncio.TimerHandle | None = None
         self.paused = False
         # Whether the broker resumed our session (CONNACK session present): then it
         # redelivers whatever the previous connection left unacknowledged.
@@ -291,40 +376,18 @@ class DirectReader:
         topic, payload, message id and QoS only. QoS 2 and topic aliases go to paho.
         """
         in_packet = self._paho._in_packet  # noqa: SLF001
-        header: int = in_packet["command"]
         packet: bytearray = in_packet["packet"]
-        qos = (header & 0x06) >> 1
         try:
-            topic_len = (packet[0] << 8) | packet[1]
-            if qos == 2 or topic_len == 0:
-                assert self._paho_handle_publish is not None
-                return int(self._paho_handle_publish())
-            pos = 2 + topic_len
-            topic = bytes(packet[2:pos]).decode("utf-8", "replace")
-            mid = 0
-            if qos:
-                mid = (packet[pos] << 8) | packet[pos + 1]
-                pos += 2
-            if self._v5:
-                # Property Length (a variable byte integer); the properties are not used.
-                length = shift = 0
-                while True:
-                    byte = packet[pos]
-                    pos += 1
-                    length |= (byte & 0x7F) << shift
-                    if not byte & 0x80:
-                        break
-                    shift += 7
-                    if shift > 21:
-                        raise ValueError("malformed property length")
-                pos += length
-            if pos > len(packet):
-                raise ValueError("properties run past the packet")
-        except (IndexError, ValueError) as exc:
+            decoded = decode_publish(in_packet["command"], packet, v5=self._v5)
+        except ValueError as exc:
             # paho then closes the connection, as it does for its own protocol errors.
             log.error("malformed PUBLISH from the broker (%s); reconnecting", exc)
             return int(paho.MQTT_ERR_PROTOCOL)
-        self._handler(topic, bytes(memoryview(packet)[pos:]), mid, qos, bool(header & 0x01))
+        if decoded is None:
+            assert self._paho_handle_publish is not None
+            return int(self._paho_handle_publish())
+        topic, mid, qos, retain, start = decoded
+        self._handler(topic, bytes(memoryview(packet)[start:]), mid, qos, retain)
         return int(paho.MQTT_ERR_SUCCESS)
 
     def start(self) -> None:
@@ -337,7 +400,9 @@ class DirectReader:
         self._fd = sock.fileno()
         self._paho._sock_recv = self._recv  # noqa: SLF001
         self._loop.remove_reader(self._fd)
-        if not self.paused:
+        if self.paused:
+            self._hold_keepalive()
+        else:
             self._loop.add_reader(self._fd, self._on_readable)
 
     def _recv(self, bufsize: int) -> bytes:
@@ -385,10 +450,26 @@ class DirectReader:
             self.paused = True
             if self._socket_open():
                 self._loop.remove_reader(self._fd)
+                self._hold_keepalive()
+
+    def _hold_keepalive(self) -> None:
+        """Keep a paused connection open. paho closes a connection whose PINGRESP it has
+        not read within the keepalive, and a paused reader reads nothing: a pause longer
+        than the keepalive (a database outage) would end the connection, and the
+        broker would redeliver all it had sent. While paused, paho is told every third of
+        the keepalive that no PINGRESP is outstanding: it goes on sending PINGREQs, which
+        keep the broker's side open, and reads the answers on resume."""
+        if self.paused and self._socket_open():
+            self._paho._ping_t = 0  # noqa: SLF001
+            interval = max(1.0, self._paho.keepalive / 3)
+            self._keepalive_timer = self._loop.call_later(interval, self._hold_keepalive)
 
     def resume(self) -> None:
         if self.paused and self._socket_open():
             self.paused = False
+            if self._keepalive_timer is not None:
+                self._keepalive_timer.cancel()
+                self._keepalive_timer = None
             self._loop.add_reader(self._fd, self._on_readable)
             if self._buffered:
                 # Packets already read into the buffer do not wake the selector.

@@ -28,11 +28,12 @@ C2D_ACK = "c2d/ack"
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 
-DEVICE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+# Ids are path segments (in topics and REST paths): "." and ".." are refused.
+DEVICE_ID_RE = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.:-]{1,128}\Z")
 # Modules: named parts of a device's software, each with its own twin and methods, under
 # devices/{id}/modules/{module_id}/ (over the device's own connection).
 MODULES = "modules"
-MODULE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+MODULE_ID_RE = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.:-]{1,64}\Z")
 METRIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -201,6 +202,36 @@ def split_module_kind(kind: str) -> tuple[str, str] | None:
     if len(parts) != 3 or parts[0] != MODULES or MODULE_ID_RE.match(parts[1]) is None:
         return None
     return parts[1], parts[2]
+
+
+METHODS = "methods"
+METHOD_REQUEST = "req"
+METHOD_RESPONSE = "res"
+
+
+def is_not_ingested(kind: str) -> bool:
+    """Whether a kind on a device's topics (or a module's) is one ingest leaves alone:
+    what the cloud sends the device (``twin/desired``, ``c2d``, ``methods/{r}/req``) and
+    the device's method answers (``methods/{r}/res``, which the API receives)."""
+    module = split_module_kind(kind)
+    if module is not None:
+        kind = module[1]
+    if kind in (TWIN_DESIRED, C2D):
+        return True
+    parts = kind.split("/")
+    return len(parts) == 3 and parts[0] == METHODS and parts[2] in (METHOD_REQUEST, METHOD_RESPONSE)
+
+
+def readings_carry_ts(payload: bytes) -> bool:
+    """Whether a telemetry payload is a reading, or a list of readings, each with its own
+    ``ts``: storing it twice stores it once (a reading without ``ts`` takes the time it
+    was received, which differs between two deliveries)."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    readings = doc if type(doc) is list else [doc]
+    return bool(readings) and all(type(r) is dict and r.get("ts") is not None for r in readings)
 
 
 def split_device_topic(topic: str) -> tuple[str, str] | None:

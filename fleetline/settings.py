@@ -61,6 +61,11 @@ class ServiceSettings(BaseSettings):
         default=SecretStr(DEFAULT_MQTT_URL), validation_alias=_shared("MQTT_URL")
     )
     mqtt_protocol: MqttProtocol = Field(default="auto", validation_alias=_shared("MQTT_PROTOCOL"))
+    # Seconds between keepalive pings of the services' broker connections; a broker that
+    # stops answering is noticed within twice this.
+    mqtt_keepalive_seconds: int = Field(
+        default=30, ge=2, le=3600, validation_alias=_shared("MQTT_KEEPALIVE_SECONDS")
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", validation_alias=_shared("LOG_LEVEL")
     )

@@ -205,10 +205,6 @@ def _child_env(database_url: str, mqtt_url: str, key_secret: str) -> dict[str, s
     env["FLEETLINE_DEVICE_KEY_SECRET"] = key_secret
     if sys.stderr.isatty():
         env.setdefault("FLEETLINE_LOG_FORMAT", "console")
-    # One ingest replica: a plain persistent subscription, which Mosquitto restores after
-    # a restart (it forgets shared ones), so no reading is lost to a broker restart.
-    env.setdefault("FLEETLINE_INGEST_SHARE_GROUP", "")
-    env.setdefault("FLEETLINE_RULES_SHARE_GROUP", "")
     return env
 
 

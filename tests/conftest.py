@@ -84,6 +84,13 @@ async def migrated_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
     url = _with_database(admin_url, name)
     try:
         await migrate(url, StorageSettings(timescale="off"), create_database=False)
+        # Tests write readings up to a few hours old directly: yesterday's partition must
+        # exist too when they run shortly after midnight (migrations create today's on).
+        con = await asyncpg.connect(url, timeout=10)
+        try:
+            await con.execute("SELECT fleetline_ensure_partition(now() - interval '1 day')")
+        finally:
+            await con.close()
         yield url
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

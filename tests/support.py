@@ -198,9 +198,9 @@ class IngestProcess(ServiceProcess):
     def service_env(self, name: str) -> dict[str, str]:
         return {
             "FLEETLINE_INGEST_HTTP_HOST": "127.0.0.1",
-            # Each test is its own replica group, so tests never split each other's messages.
+            # Each test's ingest is its own replica with the shipped default: a plain
+            # persistent subscription under its own client id.
             "FLEETLINE_INGEST_CLIENT_ID": f"test-ingest-{name}",
-            "FLEETLINE_INGEST_SHARE_GROUP": f"g{name}"[:64],
             "FLEETLINE_INGEST_BATCH_MS": "50",
         }
 

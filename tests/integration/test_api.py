@@ -95,6 +95,8 @@ async def test_invalid_input_is_a_4xx_problem(
 ) -> None:
     c = client(api, await make_key("admin"))
     body = assert_problem(c.post("/v1/devices", json={"id": "bad id!"}), 422, "body.id")
+    for segment in (".", ".."):  # path segments: they would name another folder
+        assert_problem(c.post("/v1/devices", json={"id": segment}), 422, "body.id")
     assert body["errors"][0]["loc"] == ["body", "id"]
     assert_problem(c.post("/v1/devices", json={"id": "ok", "color": "red"}), 422, "color")
     assert_problem(c.post("/v1/devices", content=b"{", headers={"content-type":

@@ -109,6 +109,40 @@ async def test_malformed_messages_are_dead_lettered_with_reason(
     dev.close()
 
 
+async def test_every_message_on_a_device_topic_is_stored_dead_lettered_or_left_alone(
+    start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
+    db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    """Nothing a device publishes under devices/ is acknowledged and then dropped: a kind
+    ingest does not know is dead-lettered with the reason; what the cloud sends devices,
+    and method answers (the API's), are acknowledged and left alone."""
+    ingest = start_ingest()
+    dev = Device(broker.url, f"{uid}-d1")
+    unknown = ["telemetry/extra", "Telemetry", "foo", "twin/reported/x", "modules/./twin/reported"]
+    others = ["twin/desired", "c2d", "methods/r1/req", "methods/r1/res",
+              "modules/m1/twin/desired", "modules/m1/methods/r2/res"]
+    dev.publish_all([b'{"values": {"t": 1}}'] * len(unknown + others), kind="telemetry")
+    for kind in unknown + others:
+        dev.publish_all([b'{"values": {"t": 1}}'], kind=kind)
+    for bad_id in (".", ".."):
+        dev.client.publish(f"devices/{bad_id}/telemetry", b'{"values": {"t": 1}}',
+                           qos=1).wait_for_publish(10)
+    wait_until(lambda: ingest.metric("fleetline_ingest_messages_total") >= 2 * len(
+        unknown + others) + 2, what="every message handled")
+    dead = await db.fetch("SELECT topic, device_id, reason FROM dead_letters "
+                          "WHERE topic LIKE 'devices/' || $1 || '%' OR topic IN "
+                          "('devices/./telemetry', 'devices/../telemetry')", dev.device_id)
+    by_topic = {r["topic"]: r for r in dead}
+    assert set(by_topic) == {f"devices/{dev.device_id}/{k}" for k in unknown} | {
+        "devices/./telemetry", "devices/../telemetry"}
+    assert "unknown topic kind 'telemetry/extra'" in by_topic[
+        f"devices/{dev.device_id}/telemetry/extra"]["reason"]
+    assert "device id is not" in by_topic["devices/./telemetry"]["reason"]
+    assert ingest.metric("fleetline_ingest_messages_total{kind=\"not_ingested\"}") == len(others)
+    assert await count_rows(db, uid) == len(unknown + others)
+    dev.close()
+
+
 async def test_mixed_batch_keeps_the_valid_readings(
     start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
     db: asyncpg.Pool[Any], uid: str,
@@ -204,8 +238,12 @@ async def test_backpressure_pauses_reading_while_the_database_is_blocked(
     start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
     db: asyncpg.Pool[Any], uid: str,
 ) -> None:
+    """The gauges tell the truth throughout, and a pause longer than the keepalive keeps
+    the connection (a lost one would make the broker send everything again)."""
+    keepalive = 2
     ingest = start_ingest(env={"FLEETLINE_INGEST_MAX_PENDING_MESSAGES": "200",
-                               "FLEETLINE_INGEST_BATCH_MESSAGES": "50"})
+                               "FLEETLINE_INGEST_BATCH_MESSAGES": "50",
+                               "FLEETLINE_MQTT_KEEPALIVE_SECONDS": str(keepalive)})
     dev = Device(broker.url, f"{uid}-d1")
     async with db.acquire() as con:
         tx = con.transaction()
@@ -214,10 +252,21 @@ async def test_backpressure_pauses_reading_while_the_database_is_blocked(
         await con.execute("LOCK TABLE telemetry IN EXCLUSIVE MODE")
         dev.publish_all([reading(NOW_MS + i, t=i) for i in range(2000)])
         wait_until(lambda: ingest.metric("fleetline_ingest_paused") == 1, what="reads paused")
+        held = ingest.metric("fleetline_ingest_pending_messages")
+        assert 200 <= held < 2000, held
+        deadline = time.monotonic() + 4 * keepalive
+        while time.monotonic() < deadline:
+            assert ingest.metric("fleetline_ingest_mqtt_connected") == 1
+            assert ingest.metric("fleetline_ingest_paused") == 1
+            assert ingest.metric("fleetline_ingest_pending_messages") == held
+            await asyncio.sleep(0.25)
         assert await count_rows(db, uid) == 0
         await tx.rollback()
     assert await wait_rows(db, uid, 2000) == 2000
     wait_until(lambda: ingest.metric("fleetline_ingest_paused") == 0, what="reads resumed")
+    wait_until(lambda: ingest.metric("fleetline_ingest_pending_messages") == 0,
+               what="nothing held")
+    assert "connection lost" not in ingest.log_path.read_text()
     dev.close()
 
 

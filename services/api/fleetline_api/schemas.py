@@ -17,8 +17,10 @@ from pydantic import (
 )
 from pydantic.config import JsonDict
 
-DeviceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
-ModuleId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+# Ids are path segments (topics, REST paths): any of these characters, but not "." or "..".
+_PATH_SEGMENT = r"^(?:[A-Za-z0-9_.:-]*[A-Za-z0-9_:-][A-Za-z0-9_.:-]*|\.{3,})$"
+DeviceId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=_PATH_SEGMENT)]
+ModuleId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=_PATH_SEGMENT)]
 MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 # An RFC 3339 time with its offset (`Z` or `+01:00`).
 Rfc3339 = Annotated[

@@ -12,6 +12,11 @@ from fleetline.protocol import Limits, PayloadError, Row
 
 T = TypeVar("T")
 
+DEVICE_ID_RULE = "device id is not [A-Za-z0-9_.:-]{1,128}, or is '.' or '..'"
+UNKNOWN_KIND = (
+    "unknown topic kind {!r}: a device publishes on devices/{{id}}/ telemetry, status, "
+    "twin/reported, c2d/ack and methods/{{request_id}}/res"
+)
 # Dead-letter reasons longer than this are cut (a payload can hold 1000 bad readings).
 MAX_REASON_CHARS = 2000
 
@@ -50,6 +55,10 @@ class Batch:
     status_messages: int = 0
     twin_messages: int = 0
     c2d_ack_messages: int = 0
+    # On a device's topics but not ingest's to handle (twin/desired, c2d, method calls).
+    other_messages: int = 0
+    # Not on a known device topic (or not a valid device id): dead-lettered.
+    unknown_messages: int = 0
     # Rebuilt after its connection closed: written without acknowledgement.
     stale: bool = False
 
@@ -69,13 +78,13 @@ def collect(
     """Add one message to ``batch``: its values, status, or a dead letter. Never raises."""
     parts = protocol.split_device_topic(topic)
     if parts is None:
+        batch.unknown_messages += 1
         batch.dead.append((received_at, topic, None, "topic is not devices/{id}/...", payload))
         return
     device_id, kind = parts
     if not protocol.device_ids.valid(device_id):
-        batch.dead.append(
-            (received_at, topic, None, "device id is not [A-Za-z0-9_.:-]{1,128}", payload)
-        )
+        batch.unknown_messages += 1
+        batch.dead.append((received_at, topic, None, DEVICE_ID_RULE, payload))
         return
     if kind == protocol.TELEMETRY:
         batch.telemetry_messages += 1
@@ -109,10 +118,11 @@ def collect(
             batch.c2d_acks.append((device_id, *ack, received_at, topic, payload))
     elif (module := protocol.split_module_kind(kind)) and module[1] == protocol.TWIN_REPORTED:
         _collect_twin_patch(batch, device_id, module[0], topic, payload, received_at)
+    elif protocol.is_not_ingested(kind):
+        batch.other_messages += 1
     else:
-        batch.dead.append(
-            (received_at, topic, device_id, f"ingest does not handle {kind!r}", payload)
-        )
+        batch.unknown_messages += 1
+        batch.dead.append((received_at, topic, device_id, UNKNOWN_KIND.format(kind), payload))
 
 
 def _parsed(
@@ -143,12 +153,26 @@ def _collect_twin_patch(
         batch.twin.append((device_id, module_id, patch, received_at, topic, payload))
 
 
-def rebuild(batch: Batch, limits: Limits, *, keep_qos0_only: bool) -> Batch:
-    """The same messages collected again; with ``keep_qos0_only``, only those the broker
-    will not redeliver (QoS 0). Acknowledgements are not carried over."""
+def rebuild(batch: Batch, limits: Limits, *, without_redelivered: bool) -> Batch:
+    """The same messages collected again; with ``without_redelivered``, only those that
+    are safe to write although the broker may deliver them again: QoS 0 messages (never
+    redelivered) and idempotent ones (readings that all carry ``ts``, acknowledgements of
+    cloud-to-device messages). A broker that crashed may have lost the others' copies
+    too; those are its stated crash window. Acknowledgements are not carried over."""
     fresh = Batch(generation=batch.generation, stale=True)
     for (topic, payload, received_at, used), (_mid, qos) in zip(batch.raw, batch.acks, strict=True):
-        if used and not (keep_qos0_only and qos):
+        if used and not (without_redelivered and qos and not _idempotent(topic, payload)):
             fresh.raw.append((topic, payload, received_at, used))
             collect(fresh, topic, payload, received_at, limits)
     return fresh
+
+
+def _idempotent(topic: str, payload: bytes) -> bool:
+    """Writing the message twice has the effect of writing it once."""
+    parts = protocol.split_device_topic(topic)
+    if parts is None:
+        return False
+    kind = parts[1]
+    return kind == protocol.C2D_ACK or (
+        kind == protocol.TELEMETRY and protocol.readings_carry_ts(payload)
+    )

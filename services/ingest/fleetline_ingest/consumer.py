@@ -26,8 +26,9 @@ import aiomqtt
 import asyncpg
 
 from fleetline import db, mqtt, streamevents
+from fleetline.protocol import TOPIC_ROOT
 from fleetline.settings import MqttProtocol, StorageSettings
-from fleetline_ingest import metrics
+from fleetline_ingest import broker_stats, metrics
 from fleetline_ingest.batch import Batch, collect, rebuild
 from fleetline_ingest.settings import IngestSettings
 from fleetline_ingest.writer import BatchSupersededError, BatchWriter, is_transient
@@ -41,6 +42,16 @@ SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
                  + fleetline_expire_rollups($3::text::interval, $4::text::interval) END
 """
 WRITE_RETRY_MAX_SECONDS = 10.0
+# What ingest subscribed to before it took every topic under devices/, and the share
+# group it used by default then: dropped from a session carried over from that release.
+PREVIOUS_TOPICS = (
+    f"{TOPIC_ROOT}/+/telemetry",
+    f"{TOPIC_ROOT}/+/status",
+    f"{TOPIC_ROOT}/+/twin/reported",
+    f"{TOPIC_ROOT}/+/modules/+/twin/reported",
+    f"{TOPIC_ROOT}/+/c2d/ack",
+)
+PREVIOUS_SHARE_GROUP = "ingest"
 
 
 async def _idle() -> None:
@@ -69,15 +80,20 @@ class Ingestor:
         self.generation = 0
         self.current = Batch(generation=0)
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=QUEUED_BATCHES)
+        # Received on the live connection and not yet acknowledged: the backpressure bound.
         self.pending_messages = 0
         self.pending_rows = 0
         self.pending_bytes = 0
+        # Every message held in memory, from any connection, until its batch is written.
+        self.held_messages = 0
         self.reader: mqtt.DirectReader | None = None
         self.connected = False
         self.stopping = False
         self._batch_full = asyncio.Event()
         self._batch_started = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        metrics.PENDING_MESSAGES.set_function(lambda: self.held_messages)
+        metrics.PAUSED.set_function(lambda: int(self.reader is not None and self.reader.paused))
 
     # -- receiving (runs inside paho's read callback, on the event loop) ---------------
 
@@ -96,6 +112,7 @@ class Ingestor:
         if not retain:
             collect(batch, topic, payload, now, self.limits)
         batch.payload_bytes += len(payload)
+        self.held_messages += 1
         self.pending_messages += 1
         self.pending_rows += len(batch.rows) - rows_before
         self.pending_bytes += len(payload)
@@ -113,7 +130,6 @@ class Ingestor:
             and not self.reader.paused
         ):
             self.reader.pause()
-            metrics.PAUSED.set(1)
             log.info("pausing reads: %d messages pending", self.pending_messages)
 
     def _maybe_resume(self) -> None:
@@ -125,7 +141,6 @@ class Ingestor:
             and self.pending_bytes < self.settings.max_pending_bytes // 2
         ):
             self.reader.resume()
-            metrics.PAUSED.set(0)
 
     async def _seal(self) -> None:
         """Hand the current batch to the writer (waits while the writer is behind)."""
@@ -135,7 +150,6 @@ class Ingestor:
         self.current = Batch(generation=self.generation)
         self._batch_full.clear()
         self._batch_started.clear()
-        metrics.PENDING_MESSAGES.set(self.pending_messages)
         await self.queue.put(batch)
 
     # -- the loops --------------------------------------------------------------------
@@ -179,10 +193,11 @@ class Ingestor:
                         )
                     attempt = 0
                     topics = mqtt.device_message_topics(
-                        client, self.settings.share_group, twin_reported=True, c2d_acks=True
+                        client, self.settings.share_group, every_kind=True
                     )
                     mqtt.subscribe_nowait(client, topics, qos=1)
-                    if not mqtt.is_v5(client):
+                    mqtt.unsubscribe_nowait(client, self._superseded_topics(client, topics))
+                    if not mqtt.is_v5(client) and self.settings.share_group:
                         log.warning(
                             "MQTT 3.1.1: plain subscription, no shared group; run a single "
                             "ingest replica (each replica would receive every message)"
@@ -204,9 +219,17 @@ class Ingestor:
                 metrics.CONNECTED.set(0)
                 # Unacknowledged messages will be redelivered; stop counting them.
                 self.reader = None
-                metrics.PAUSED.set(0)
             await asyncio.sleep(mqtt.backoff_seconds(attempt))
             attempt += 1
+
+    def _superseded_topics(self, client: aiomqtt.Client, topics: list[str]) -> list[str]:
+        """What an earlier release's ingest subscribed to in this session, and the other
+        form (shared or plain) of today's topics: a session that kept them would receive
+        messages twice."""
+        groups = {"", PREVIOUS_SHARE_GROUP, self.settings.share_group}
+        previous = [mqtt.shared(client, g, list(PREVIOUS_TOPICS)) for g in groups]
+        other_form = [mqtt.shared(client, g, [f"{TOPIC_ROOT}/#"]) for g in groups]
+        return sorted({t for form in previous + other_form for t in form} - set(topics))
 
     async def flush_loop(self) -> None:
         max_age = self.settings.batch_ms / 1000
@@ -225,12 +248,14 @@ class Ingestor:
     async def write_loop(self) -> None:
         while True:
             batch = await self.queue.get()
+            received = batch.messages
             try:
                 if not self._is_current(batch):
                     batch = self._without_redeliveries(batch)
                 await self._write_with_retry(batch)
-                self._acknowledge(batch)
+                self._acknowledge(batch, received)
             finally:
+                self.held_messages -= received
                 self.queue.task_done()
 
     def _is_current(self, batch: Batch) -> bool:
@@ -239,9 +264,12 @@ class Ingestor:
 
     def _without_redeliveries(self, batch: Batch) -> Batch:
         """A batch whose connection closed before it was written. The broker redelivers
-        its QoS 1 messages when it resumes our session, so only QoS 0 ones are written
-        now: writing both would store a reading without ts twice, under two receive
-        times. Ingest always asks for its session to be kept; only when the broker is
+        its QoS 1 messages when it resumes our session, so only the messages that are
+        safe to write twice are written now (QoS 0 ones, readings that carry ``ts``):
+        writing the others too would store a reading without ts twice, under two receive
+        times. Writing the idempotent ones matters when the broker crashed: it restores
+        its session from its last save and cannot redeliver what came in after it.
+        Ingest always asks for its session to be kept; only when the broker is
         known to have lost it (a connection made since says so) is everything written.
         Not waiting for that answer keeps the writer from waiting on the reconnect loop,
         which may itself be waiting for room in the queue."""
@@ -249,7 +277,7 @@ class Ingestor:
         if self.connected and reader is not None and not reader.session_present:
             batch.stale = True
             return batch
-        return rebuild(batch, self.limits, keep_qos0_only=True)
+        return rebuild(batch, self.limits, without_redelivered=True)
 
     async def _write_with_retry(self, batch: Batch) -> None:
         attempt = 0
@@ -277,14 +305,14 @@ class Ingestor:
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    def _acknowledge(self, batch: Batch) -> None:
+    def _acknowledge(self, batch: Batch, received: int) -> None:
         reader = self.reader
         if not self._is_current(batch) or reader is None:
-            # Its connection is gone: the broker redelivers these messages and the
-            # idempotent insert drops the copies.
+            # Its connection is gone: the broker redelivers its QoS 1 messages and the
+            # idempotent insert drops the copies of those written now.
             log.info(
-                "batch committed after its connection closed; it will be redelivered",
-                extra={"messages": batch.messages},
+                "batch written after its connection closed; the broker redelivers the rest",
+                extra={"messages": received, "written": len(batch.raw)},
             )
             return
         for mid, qos in batch.acks:
@@ -292,7 +320,6 @@ class Ingestor:
         self.pending_messages -= batch.messages
         self.pending_rows -= len(batch.rows)
         self.pending_bytes -= batch.payload_bytes
-        metrics.PENDING_MESSAGES.set(self.pending_messages)
         self._maybe_resume()
 
     async def maintenance_loop(self) -> None:
@@ -359,6 +386,7 @@ class Ingestor:
             asyncio.create_task(self.maintenance_loop(), name="ingest.maintenance"),
             asyncio.create_task(self.rollup_loop(), name="ingest.rollup"),
             asyncio.create_task(self.listeners_loop(), name="ingest.listeners"),
+            asyncio.create_task(broker_stats.watch(self.settings), name="ingest.broker_stats"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

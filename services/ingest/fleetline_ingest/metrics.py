@@ -36,11 +36,23 @@ WRITE_ERRORS = Counter(
     "fleetline_ingest_write_errors_total", "Failed batch writes (retried)", ["kind"]
 )
 PENDING_MESSAGES = Gauge(
-    "fleetline_ingest_pending_messages", "Messages received but not yet committed and acked"
+    "fleetline_ingest_pending_messages",
+    "Messages received and held in memory, not yet written (and acknowledged)",
 )
-PAUSED = Gauge("fleetline_ingest_paused", "1 while reading from the broker is paused")
+PAUSED = Gauge(
+    "fleetline_ingest_paused", "1 while reading from the broker is paused (backpressure)"
+)
 CONNECTED = Gauge("fleetline_ingest_mqtt_connected", "1 while connected to the broker")
 ROLLUP_MINUTES = Counter(
     "fleetline_ingest_rollup_minutes_total",
     "(series, minute) pairs whose rollups were recomputed",
+)
+BROKER_DROPPED = Gauge(
+    "fleetline_broker_dropped_messages",
+    "Messages the broker dropped since it started, for lack of queue space "
+    "(max_queued_messages); any rise means lost readings",
+)
+BROKER_STORED = Gauge(
+    "fleetline_broker_stored_messages",
+    "Messages the broker holds (queued for sessions, in flight, retained)",
 )

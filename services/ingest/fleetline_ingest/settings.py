@@ -21,12 +21,13 @@ class IngestSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLEETLINE_INGEST_", extra="ignore")
 
     client_id: str = Field(default_factory=_default_client_id, min_length=1, max_length=128)
-    # Replicas in the same group split the devices' messages (MQTT 5 shared subscription).
-    # Empty: a plain subscription, for a single replica. Mosquitto 2.0 does not restore
-    # shared subscriptions from its persistence file after a restart (measured), so
-    # readings published between a broker restart and ingest's resubscribe reach no
-    # shared group; a plain persistent subscription is restored and queues them.
-    share_group: str = Field(default="ingest", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+    # Empty (the default): a plain persistent subscription, for a single replica; the
+    # broker restores it after a restart and queues what devices publish meanwhile.
+    # Set, replicas in the same group split the devices' messages (MQTT 5 shared
+    # subscription), but Mosquitto (2.0.11 to 2.1, measured) does not restore shared
+    # subscriptions after a restart: readings published between the broker's restart and
+    # ingest's resubscribe reach no one and are lost (README, "How ingest keeps its promise").
+    share_group: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
     # How long the broker keeps our session (and queues for it) while we are away.
     session_expiry_seconds: int = Field(default=86_400, ge=60)
 

@@ -354,6 +354,10 @@ class BatchWriter:
             metrics.MESSAGES.labels("twin_reported").inc(batch.twin_messages)
         if batch.c2d_ack_messages:
             metrics.MESSAGES.labels("c2d_ack").inc(batch.c2d_ack_messages)
+        if batch.other_messages:
+            metrics.MESSAGES.labels("not_ingested").inc(batch.other_messages)
+        if batch.unknown_messages:
+            metrics.MESSAGES.labels("unknown").inc(batch.unknown_messages)
         log.debug(
             "batch committed",
             extra={

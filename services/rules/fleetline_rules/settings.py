@@ -25,7 +25,7 @@ class RulesSettings(ServiceSettings):
     # Replicas in one group split the devices' messages ($share/<group>/...); empty: a
     # plain subscription, for a single replica (see FLEETLINE_INGEST_SHARE_GROUP for why
     # that matters across broker restarts).
-    share_group: str = Field(default="rules", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+    share_group: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
     # How long the broker queues readings for us while we are away (a restart within
     # this evaluates what was published meanwhile).
     session_expiry_seconds: int = Field(default=3600, ge=60)

@@ -1,0 +1,68 @@
+"""What the broker says of itself (``$SYS``), as metrics and log lines.
+
+Mosquitto drops a QoS 1 message it already acknowledged to a device when the receiving
+session's queue is at ``max_queued_messages``: during a long database outage that is
+ingest's session. That must never happen silently, so ingest subscribes to the broker's
+own counters, over a connection of its own (its consumer's reads are paused exactly
+when the queue grows), exports them (``fleetline_broker_*``), and logs an error each
+time the dropped count grows.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from fleetline import mqtt
+from fleetline.settings import MqttProtocol
+from fleetline_ingest import metrics
+from fleetline_ingest.settings import IngestSettings
+
+log = logging.getLogger(__name__)
+
+DROPPED = "$SYS/broker/publish/messages/dropped"
+STORED = "$SYS/broker/store/messages/count"
+TOPICS = [DROPPED, STORED]
+
+
+class BrokerStats:
+    def __init__(self) -> None:
+        self.dropped: int | None = None
+
+    def observe(self, topic: str, payload: bytes) -> None:
+        try:
+            value = int(payload)
+        except ValueError:
+            return
+        if topic == STORED:
+            metrics.BROKER_STORED.set(value)
+        elif topic == DROPPED:
+            metrics.BROKER_DROPPED.set(value)
+            # The count starts again at 0 when the broker restarts.
+            grown = value - (self.dropped or 0) if value >= (self.dropped or 0) else value
+            if grown > 0:
+                log.error(
+                    "the broker dropped %d messages it had accepted (a session's queue was "
+                    "at max_queued_messages): readings are being lost",
+                    grown,
+                    extra={"broker_dropped_total": value},
+                )
+            self.dropped = value
+
+
+async def watch(settings: IngestSettings) -> None:
+    """Follow the broker's counters for as long as ingest runs."""
+    stats = BrokerStats()
+
+    def make(protocol: MqttProtocol) -> mqtt.Client:
+        return mqtt.make_client(
+            settings.mqtt,
+            identifier=f"{settings.client_id}-stats",
+            protocol=protocol,
+            persistent=False,
+            keepalive_seconds=settings.mqtt_keepalive_seconds,
+        )
+
+    await mqtt.watch_topics(
+        make, settings.mqtt_protocol, TOPICS, functools.partial(BrokerStats.observe, stats)
+    )
