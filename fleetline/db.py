@@ -118,6 +118,32 @@ def _resolve(future: asyncio.Future[None], *_args: object) -> None:
         future.set_result(None)
 
 
+# SQLSTATE classes of errors a retry can fix: connection (08), insufficient resources
+# (53), operator intervention such as a restart (57), transaction rollback such as a
+# deadlock or serialization failure (40).
+TRANSIENT_CLASSES = ("08", "53", "57", "40")
+# Retries of a failed write wait 0.1 s, doubling up to this.
+RETRY_MAX_SECONDS = 10.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error that trying again can fix: the connection, the server's
+    resources, a restart, a deadlock. Not asyncpg's client-side DataError (a value it
+    cannot encode), which is a ValueError and fails again."""
+    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+        return False
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "")).startswith(TRANSIENT_CLASSES)
+    return False
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds before retry ``attempt`` (0-based) of a failed write."""
+    return min(RETRY_MAX_SECONDS, 0.1 * 2.0 ** min(attempt, 10))
+
+
 # How often a LISTEN connection is probed: a half-open one never terminates by itself.
 LISTEN_PROBE_SECONDS = 10.0
 Notified = Callable[[Any, int, str, Any], None]

@@ -31,7 +31,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -40,7 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
-from fleetline.settings import MqttProtocol, MqttTarget
+from fleetline.settings import ConsumerSettings, MqttProtocol, MqttTarget
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +52,12 @@ _FATAL_CONNACK = {134, 135}
 # Unsupported protocol version (MQTT 5 code 132; 3.1.1's code 1, as paho reports it).
 _UNSUPPORTED_PROTOCOL = {1, 132}
 
-# The client type, for modules that make clients here without importing aiomqtt.
+# The client type and the connection errors, for modules that make clients here
+# without importing aiomqtt.
 Client = aiomqtt.Client
+MqttError = aiomqtt.MqttError
 # (topic, payload, message id, QoS, retain flag) of one PUBLISH.
 MessageHandler = Callable[[str, bytes, int, int, bool], None]
-
-
-class ConsumerSettings(Protocol):
-    """What a service that consumes device messages (ingest, rules) configures."""
-
-    @property
-    def mqtt(self) -> MqttTarget: ...
-
-    client_id: str
-    share_group: str
-    mqtt_keepalive_seconds: int
-    session_expiry_seconds: int
-    max_pending_messages: int
 
 
 def consumer_client(settings: ConsumerSettings, protocol: MqttProtocol) -> aiomqtt.Client:
@@ -210,14 +199,18 @@ async def connected(
             pass
 
 
-def subscribe_nowait(client: aiomqtt.Client, topics: list[str], *, qos: int = 1) -> None:
-    """Subscribe without waiting for the SUBACK; a refusal is logged when it arrives.
+def subscribe_nowait(
+    client: aiomqtt.Client, topics: list[str], *, qos: int = 1
+) -> list[asyncio.Future[Any]]:
+    """Subscribe without waiting for the SUBACK; a refusal is logged when it arrives, and
+    ends the connection. Returns the SUBACKs' futures, for whoever wants to know.
 
     A persistent session's backlog arrives right after the CONNACK, before any SUBACK.
     When that backlog fills the pending bound, reads pause, and an awaited SUBACK
     would never be read: the subscription must not wait on it.
     """
     paho_client: Any = client._client  # noqa: SLF001
+    futures: list[asyncio.Future[Any]] = []
     for topic in topics:
         result, mid = paho_client.subscribe(topic, qos)
         if result != paho.MQTT_ERR_SUCCESS:
@@ -238,6 +231,19 @@ def subscribe_nowait(client: aiomqtt.Client, topics: list[str], *, qos: int = 1)
                     )
 
         fut.add_done_callback(check)
+        futures.append(fut)
+    return futures
+
+
+def granted(futures: list[asyncio.Future[Any]]) -> bool:
+    """Every SUBACK of :func:`subscribe_nowait` arrived and granted its subscription."""
+    return all(
+        f.done()
+        and not f.cancelled()
+        and f.exception() is None
+        and all(getattr(code, "value", 0) < 0x80 for code in f.result())
+        for f in futures
+    )
 
 
 async def watch_topics(

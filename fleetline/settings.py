@@ -96,6 +96,28 @@ class ServiceSettings(BaseSettings):
         return self.database_url.get_secret_value()
 
 
+class ConsumerSettings(ServiceSettings):
+    """What the services that consume device messages (ingest, rules) configure alike,
+    each under its own prefix; each sets its own ``client_id`` default and may change
+    the others' (see :class:`fleetline.consumer.AckConsumer`)."""
+
+    # A persistent MQTT session belongs to a client id: stable across restarts of one
+    # replica (a StatefulSet pod name), different between replicas.
+    client_id: str = Field(min_length=1, max_length=128)
+    # Empty (the default): a plain persistent subscription, for a single replica; the
+    # broker restores it after a restart and queues what devices publish meanwhile.
+    # Set, replicas in the same group split the devices' messages (MQTT 5 shared
+    # subscription), but Mosquitto (2.0.11 to 2.1, measured) does not restore shared
+    # subscriptions after a restart: what devices publish between the broker's restart
+    # and the replicas' resubscribe reaches no one and is lost.
+    share_group: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+    # How long the broker keeps the session (and queues for it) while the service is away.
+    session_expiry_seconds: int = Field(default=86_400, ge=60)
+    # Messages received and not yet committed and acknowledged; above this, reading from
+    # the broker pauses until the database catches up.
+    max_pending_messages: int = Field(default=20_000, ge=100, le=1_000_000)
+
+
 class StorageSettings(ServiceSettings):
     """How telemetry is stored; read by the migration runner and by ingest's maintenance."""
 

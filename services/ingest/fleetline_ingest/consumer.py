@@ -5,11 +5,12 @@
                                  ▼
                            queue (2 batches) ──> writer: COPY, commit, then PUBACK
 
-Memory is bounded by ``max_pending_messages`` / ``max_pending_rows``: above either,
-reading from the socket pauses and the broker holds the rest of the backlog. A batch is
-acknowledged only on the connection its messages came in on; after a reconnect the
-broker redelivers whatever was not acknowledged and the idempotent insert drops the
-copies.
+The connection, the bounds on what is held and the acknowledgements are the common
+consumer's (:class:`fleetline.consumer.AckConsumer`, shared with rules): memory is
+bounded by ``max_pending_messages`` / ``_rows`` / ``_bytes``, above which reading from
+the socket pauses and the broker holds the rest of the backlog. A batch is acknowledged
+only on the connection its messages came in on; after a reconnect the broker redelivers
+whatever was not acknowledged and the idempotent insert drops the copies.
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiomqtt
 import asyncpg
 
 from fleetline import db, mqtt, streamevents
+from fleetline.consumer import AckConsumer, Bounds, Gauges
 from fleetline.protocol import TOPIC_ROOT
-from fleetline.settings import MqttProtocol, StorageSettings
+from fleetline.settings import StorageSettings
 from fleetline_ingest import broker_stats, metrics
 from fleetline_ingest.batch import Batch, collect, rebuild
 from fleetline_ingest.settings import IngestSettings
-from fleetline_ingest.writer import BatchSupersededError, BatchWriter, is_transient
+from fleetline_ingest.writer import BatchSupersededError, BatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
             THEN fleetline_maintain($1::text::interval, $2)
                  + fleetline_expire_rollups($3::text::interval, $4::text::interval) END
 """
-WRITE_RETRY_MAX_SECONDS = 10.0
 # What ingest subscribed to before it took every topic under devices/, and the share
 # group it used by default then: dropped from a session carried over from that release.
 PREVIOUS_TOPICS = (
@@ -77,29 +77,32 @@ class Ingestor:
             limits=self.limits,
             notify=settings.stream_notify,
         )
-        self.generation = 0
         self.current = Batch(generation=0)
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=QUEUED_BATCHES)
-        # Received on the live connection and not yet acknowledged: the backpressure bound.
-        self.pending_messages = 0
-        self.pending_rows = 0
-        self.pending_bytes = 0
-        # Every message held in memory, from any connection, until its batch is written.
-        self.held_messages = 0
-        self.reader: mqtt.DirectReader | None = None
-        self.connected = False
-        self.stopping = False
+        self.consumer = AckConsumer(
+            settings,
+            service="ingest",
+            topics=self._topics,
+            handler=self.on_message,
+            bounds=Bounds(
+                settings.max_pending_messages, settings.max_pending_rows, settings.max_pending_bytes
+            ),
+            gauges=Gauges(metrics.PENDING_MESSAGES, metrics.PAUSED, metrics.CONNECTED),
+            # Whatever came in on the previous connection is written (not acknowledged:
+            # its message ids mean nothing on the next connection).
+            before_connect=self._seal,
+            on_connected=self._on_connected,
+        )
         self._batch_full = asyncio.Event()
         self._batch_started = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        metrics.PENDING_MESSAGES.set_function(lambda: self.held_messages)
-        metrics.PAUSED.set_function(lambda: int(self.reader is not None and self.reader.paused))
 
     # -- receiving (runs inside paho's read callback, on the event loop) ---------------
 
     def on_message(self, topic: str, payload: bytes, mid: int, qos: int, retain: bool) -> None:
         batch = self.current
         if not batch.acks:
+            batch.generation = self.consumer.generation
             batch.started = self._loop.time()
             self._batch_started.set()
         rows_before = len(batch.rows)
@@ -112,117 +115,36 @@ class Ingestor:
         if not retain:
             collect(batch, topic, payload, now, self.limits)
         batch.payload_bytes += len(payload)
-        self.held_messages += 1
-        self.pending_messages += 1
-        self.pending_rows += len(batch.rows) - rows_before
-        self.pending_bytes += len(payload)
         if len(batch.rows) >= self.settings.batch_rows or (
             len(batch.acks) >= self.settings.batch_messages
         ):
             self._batch_full.set()
-        if (
-            (
-                self.pending_messages >= self.settings.max_pending_messages
-                or self.pending_rows >= self.settings.max_pending_rows
-                or self.pending_bytes >= self.settings.max_pending_bytes
-            )
-            and self.reader is not None
-            and not self.reader.paused
-        ):
-            self.reader.pause()
-            log.info("pausing reads: %d messages pending", self.pending_messages)
-
-    def _maybe_resume(self) -> None:
-        if (
-            self.reader is not None
-            and self.reader.paused
-            and self.pending_messages < self.settings.max_pending_messages // 2
-            and self.pending_rows < self.settings.max_pending_rows // 2
-            and self.pending_bytes < self.settings.max_pending_bytes // 2
-        ):
-            self.reader.resume()
+        self.consumer.hold(1, len(batch.rows) - rows_before, len(payload))
 
     async def _seal(self) -> None:
         """Hand the current batch to the writer (waits while the writer is behind)."""
         batch = self.current
         if not batch.acks:
             return
-        self.current = Batch(generation=self.generation)
+        self.current = Batch(generation=0)
         self._batch_full.clear()
         self._batch_started.clear()
         await self.queue.put(batch)
 
     # -- the loops --------------------------------------------------------------------
 
-    def _make_client(self, protocol: MqttProtocol) -> aiomqtt.Client:
-        return mqtt.consumer_client(self.settings, protocol)
+    def _topics(self, client: mqtt.Client) -> list[str]:
+        return mqtt.device_message_topics(client, self.settings.share_group, every_kind=True)
 
-    def _prepare(self, client: aiomqtt.Client) -> None:
-        self.reader = mqtt.DirectReader(client, self.on_message)
+    def _on_connected(self, client: mqtt.Client) -> None:
+        mqtt.unsubscribe_nowait(client, self._superseded_topics(client, self._topics(client)))
+        if not mqtt.is_v5(client) and self.settings.share_group:
+            log.warning(
+                "MQTT 3.1.1: plain subscription, no shared group; run a single "
+                "ingest replica (each replica would receive every message)"
+            )
 
-    async def mqtt_loop(self) -> None:
-        attempt = 0
-        while True:
-            # Whatever came in on the previous connection is written (not acknowledged:
-            # its message ids mean nothing on the next connection).
-            await self._seal()
-            self.generation += 1
-            self.current = Batch(generation=self.generation)
-            # What the last connection left unacknowledged will be redelivered: the
-            # bound counts only what this connection holds.
-            self.pending_messages = 0
-            self.pending_rows = 0
-            self.pending_bytes = 0
-            if self.stopping:
-                return
-            try:
-                async with mqtt.connected(
-                    self._make_client, self.settings.mqtt_protocol, prepare=self._prepare
-                ) as client:
-                    assert self.reader is not None
-                    self.reader.start()
-                    # Acknowledgements are valid from the CONNACK on: a persistent
-                    # session's backlog is already arriving.
-                    self.connected = True
-                    metrics.CONNECTED.set(1)
-                    if self.generation > 1 and not self.reader.session_present:
-                        log.error(
-                            "the broker did not resume ingest's session: messages it "
-                            "queued or had in flight for ingest are lost (is its "
-                            "persistence on, and the session expiry long enough?)"
-                        )
-                    attempt = 0
-                    topics = mqtt.device_message_topics(
-                        client, self.settings.share_group, every_kind=True
-                    )
-                    mqtt.subscribe_nowait(client, topics, qos=1)
-                    mqtt.unsubscribe_nowait(client, self._superseded_topics(client, topics))
-                    if not mqtt.is_v5(client) and self.settings.share_group:
-                        log.warning(
-                            "MQTT 3.1.1: plain subscription, no shared group; run a single "
-                            "ingest replica (each replica would receive every message)"
-                        )
-                    log.info(
-                        "connected to the broker, subscribed",
-                        extra={
-                            "topics": topics,
-                            "client_id": self.settings.client_id,
-                            "mqtt": "5" if mqtt.is_v5(client) else "3.1.1",
-                        },
-                    )
-                    await mqtt.wait_disconnected(client)
-                    log.warning("broker closed the connection")
-            except aiomqtt.MqttError as exc:
-                log.warning("MQTT connection lost or refused: %s", exc)
-            finally:
-                self.connected = False
-                metrics.CONNECTED.set(0)
-                # Unacknowledged messages will be redelivered; stop counting them.
-                self.reader = None
-            await asyncio.sleep(mqtt.backoff_seconds(attempt))
-            attempt += 1
-
-    def _superseded_topics(self, client: aiomqtt.Client, topics: list[str]) -> list[str]:
+    def _superseded_topics(self, client: mqtt.Client, topics: list[str]) -> list[str]:
         """What an earlier release's ingest subscribed to in this session, and the other
         form (shared or plain) of today's topics: a session that kept them would receive
         messages twice."""
@@ -248,19 +170,19 @@ class Ingestor:
     async def write_loop(self) -> None:
         while True:
             batch = await self.queue.get()
-            received = batch.messages
+            received = (batch.messages, len(batch.rows), batch.payload_bytes)
             try:
                 if not self._is_current(batch):
                     batch = self._without_redeliveries(batch)
                 await self._write_with_retry(batch)
-                self._acknowledge(batch, received)
+                self._acknowledge(batch, received[0])
             finally:
-                self.held_messages -= received
+                self.consumer.release(*received)
                 self.queue.task_done()
 
     def _is_current(self, batch: Batch) -> bool:
         """Its messages can still be acknowledged: their connection is the live one."""
-        return not batch.stale and batch.generation == self.generation and self.connected
+        return not batch.stale and self.consumer.is_live(batch.generation)
 
     def _without_redeliveries(self, batch: Batch) -> Batch:
         """A batch whose connection closed before it was written. The broker redelivers
@@ -273,8 +195,7 @@ class Ingestor:
         known to have lost it (a connection made since says so) is everything written.
         Not waiting for that answer keeps the writer from waiting on the reconnect loop,
         which may itself be waiting for room in the queue."""
-        reader = self.reader
-        if self.connected and reader is not None and not reader.session_present:
+        if self.consumer.session_lost:
             batch.stale = True
             return batch
         return rebuild(batch, self.limits, without_redelivered=True)
@@ -292,10 +213,10 @@ class Ingestor:
                 batch = self._without_redeliveries(batch)
                 continue
             except Exception as exc:
-                if not is_transient(exc):
+                if not db.is_transient(exc):
                     raise
                 metrics.WRITE_ERRORS.labels("transient").inc()
-                delay = min(WRITE_RETRY_MAX_SECONDS, 0.1 * 2**attempt)
+                delay = db.retry_delay(attempt)
                 log.warning(
                     "batch write failed (%s); retrying in %.1f s",
                     exc,
@@ -306,21 +227,13 @@ class Ingestor:
                 await asyncio.sleep(delay)
 
     def _acknowledge(self, batch: Batch, received: int) -> None:
-        reader = self.reader
-        if not self._is_current(batch) or reader is None:
+        if batch.stale or not self.consumer.acknowledge(batch.generation, batch.acks):
             # Its connection is gone: the broker redelivers its QoS 1 messages and the
             # idempotent insert drops the copies of those written now.
             log.info(
                 "batch written after its connection closed; the broker redelivers the rest",
                 extra={"messages": received, "written": len(batch.raw)},
             )
-            return
-        for mid, qos in batch.acks:
-            reader.ack(mid, qos)
-        self.pending_messages -= batch.messages
-        self.pending_rows -= len(batch.rows)
-        self.pending_bytes -= batch.payload_bytes
-        self._maybe_resume()
 
     async def maintenance_loop(self) -> None:
         while True:
@@ -374,13 +287,13 @@ class Ingestor:
             await asyncio.sleep(streamevents.LISTENER_POLL_SECONDS)
 
     async def ready(self) -> bool:
-        return self.connected and await db.answers(self.pool)
+        return self.consumer.subscribed and await db.answers(self.pool)
 
     # -- running and stopping ---------------------------------------------------------
 
     async def run(self) -> None:
         tasks = [
-            asyncio.create_task(self.mqtt_loop(), name="ingest.mqtt"),
+            asyncio.create_task(self.consumer.run(), name="ingest.mqtt"),
             asyncio.create_task(self.flush_loop(), name="ingest.flush"),
             asyncio.create_task(self.write_loop(), name="ingest.write"),
             asyncio.create_task(self.maintenance_loop(), name="ingest.maintenance"),
@@ -399,12 +312,11 @@ class Ingestor:
     async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop reading, write and acknowledge what was received, then disconnect."""
         mqtt_task, flush_task, write_task, *upkeep = tasks
-        self.stopping = True  # a connection lost from here on is not made again
+        # No more reads, and a connection lost from here on is not made again.
+        self.consumer.stop_reading()
         flush_task.cancel()
         for task in upkeep:
             task.cancel()
-        if self.reader is not None:
-            self.reader.pause()
         log.info(
             "stopping: writing what was received",
             extra={"messages": self.current.messages, "queued_batches": self.queue.qsize()},

@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from fleetline.protocol import Limits
-from fleetline.settings import ServiceSettings
+from fleetline.settings import ConsumerSettings
 
 
 def _default_client_id() -> str:
@@ -17,27 +17,17 @@ def _default_client_id() -> str:
     return f"fleetline-ingest-{socket.gethostname()}"
 
 
-class IngestSettings(ServiceSettings):
+class IngestSettings(ConsumerSettings):
     model_config = SettingsConfigDict(env_prefix="FLEETLINE_INGEST_", extra="ignore")
 
     client_id: str = Field(default_factory=_default_client_id, min_length=1, max_length=128)
-    # Empty (the default): a plain persistent subscription, for a single replica; the
-    # broker restores it after a restart and queues what devices publish meanwhile.
-    # Set, replicas in the same group split the devices' messages (MQTT 5 shared
-    # subscription), but Mosquitto (2.0.11 to 2.1, measured) does not restore shared
-    # subscriptions after a restart: readings published between the broker's restart and
-    # ingest's resubscribe reach no one and are lost (README, "How ingest keeps its promise").
-    share_group: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
-    # How long the broker keeps our session (and queues for it) while we are away.
-    session_expiry_seconds: int = Field(default=86_400, ge=60)
 
     # A batch is written when it holds this many values or messages, or is this old.
     batch_rows: int = Field(default=5000, ge=1, le=1_000_000)
     batch_messages: int = Field(default=5000, ge=1, le=60_000)
     batch_ms: int = Field(default=50, ge=1, le=60_000)
-    # Backpressure: above either bound (received, not yet committed and acknowledged)
-    # ingest stops reading from the broker until the database catches up.
-    max_pending_messages: int = Field(default=20_000, ge=100, le=1_000_000)
+    # Backpressure: above any bound (max_pending_messages, and these: received, not yet
+    # committed and acknowledged) ingest stops reading until the database catches up.
     max_pending_rows: int = Field(default=200_000, ge=1000, le=10_000_000)
     max_pending_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
 

@@ -91,9 +91,6 @@ GROUP BY fleetline_partition_start(
     t, coalesce((SELECT partition_interval FROM storage_config), interval '1 day'))
 """
 
-# SQLSTATE classes that a retry can fix: connection (08), resources (53), operator
-# intervention such as a restart (57), transaction rollback such as deadlock (40).
-_TRANSIENT_CLASSES = ("08", "53", "57", "40")
 SERIES_CACHE_MAX = 1_000_000
 # When the database's NOTIFY queue is full (a listener stopped reading), batches are
 # stored without announcing them for this long.
@@ -106,16 +103,6 @@ class BatchSupersededError(Exception):
 
 
 StillCurrent = Callable[[], bool]
-
-
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
-        return False  # asyncpg's client-side DataError: a value it cannot encode
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        return str(getattr(exc, "sqlstate", "")).startswith(_TRANSIENT_CLASSES)
-    return False
 
 
 def _is_missing_partition(exc: BaseException) -> bool:
@@ -332,7 +319,7 @@ class BatchWriter:
                 self._notify_paused_until = time.monotonic() + NOTIFY_PAUSE_SECONDS
                 inserted = await self._write_creating_partitions(con, batch, still_current)
         except Exception as exc:
-            if is_transient(exc) or isinstance(exc, BatchSupersededError):
+            if db.is_transient(exc) or isinstance(exc, BatchSupersededError):
                 raise
             metrics.WRITE_ERRORS.labels("rejected").inc()
             log.error(
@@ -391,7 +378,7 @@ class BatchWriter:
             try:
                 inserted += await self._write_creating_partitions(con, single)
             except Exception as exc:
-                if is_transient(exc):
+                if db.is_transient(exc):
                     raise
                 reason = f"database rejected the message: {exc}"[:2000]
                 single = Batch(generation=batch.generation)

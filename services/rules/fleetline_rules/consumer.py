@@ -24,10 +24,14 @@
   notifications when PostgreSQL's NOTIFY queue is full, and written item by item when
   the database refuses its content, so that only an item it refuses alone (a data
   error) is left out, logged with the reason (:meth:`RulesService._persist`).
+- The connection, the pending bound and the acknowledgements are the common consumer's
+  (:class:`fleetline.consumer.AckConsumer`, shared with ingest).
 - Bad payloads are skipped here: ingest dead-letters them.
-- Replicas share the subscription ($share/<group>/...). Mosquitto hands each message to
-  one member, so a device's readings may be split between replicas; each replica reads
-  the open alarms back at every reload, and the unique index arbitrates raises.
+- One replica by default, on a plain subscription (the broker keeps it across its
+  restarts). Replicas may share a subscription ($share/<group>/...), but Mosquitto hands
+  each message to one member, so a device's readings may be split between replicas; each
+  replica reads the open alarms back at every reload, and the unique index arbitrates
+  raises.
 """
 
 from __future__ import annotations
@@ -40,10 +44,10 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-import aiomqtt
 import asyncpg
 
 from fleetline import db, mqtt
+from fleetline.consumer import AckConsumer, Bounds, Gauges
 from fleetline.protocol import (
     STATUS,
     STATUS_OFFLINE,
@@ -57,7 +61,6 @@ from fleetline.protocol import (
     split_device_topic,
 )
 from fleetline.rules_engine import ROUTES_CHANNEL, RULES_CHANNEL, Phase
-from fleetline.settings import MqttProtocol
 from fleetline_rules import metrics, routing, store
 from fleetline_rules.actions import Deliverer
 from fleetline_rules.evaluator import Change, Evaluator, RuleSet
@@ -65,10 +68,6 @@ from fleetline_rules.settings import RulesSettings
 
 log = logging.getLogger(__name__)
 
-# After refused credentials, retry this rarely: an operator has to fix them.
-AUTH_RETRY_SECONDS = 30.0
-SUBSCRIBE_TIMEOUT_SECONDS = 10.0
-WRITE_RETRY_MAX_SECONDS = 10.0
 # device_activity (ingest's last-seen and status) is read at most this often.
 ACTIVITY_POLL_SECONDS = 1.0
 # Notifications arriving together (a script creating rules) cause one reload.
@@ -125,10 +124,14 @@ class RulesService:
         self.evaluator = Evaluator(RuleSet((), {}))
         self.lock = asyncio.Lock()
         self.inbox: deque[Message] = deque()
-        self.generation = 0
-        self.reader: mqtt.DirectReader | None = None
-        self.client: aiomqtt.Client | None = None
-        self.subscribed = False
+        self.consumer = AckConsumer(
+            settings,
+            service="rules",
+            topics=lambda client: mqtt.device_message_topics(client, settings.share_group),
+            handler=self.on_message,
+            bounds=Bounds(settings.max_pending_messages),
+            gauges=Gauges(metrics.PENDING_MESSAGES, metrics.PAUSED, metrics.CONNECTED),
+        )
         self.loaded = False
         self._wake = asyncio.Event()
         self._reload = asyncio.Event()
@@ -139,7 +142,7 @@ class RulesService:
         self.deliverer = Deliverer(
             settings,
             self.background,
-            lambda: self.client,
+            lambda: self.consumer.client,
             extra_queues=[routing.RouteQueue(settings, self.background, metrics.ROUTE_DELIVERIES)],
         )
 
@@ -208,15 +211,9 @@ class RulesService:
 
     def on_message(self, topic: str, payload: bytes, mid: int, qos: int, retain: bool) -> None:
         self.inbox.append(
-            Message(topic, payload, mid, qos, retain, self.generation, datetime.now(UTC))
+            Message(topic, payload, mid, qos, retain, self.consumer.generation, datetime.now(UTC))
         )
-        if (
-            len(self.inbox) >= self.settings.max_pending_messages
-            and self.reader is not None
-            and not self.reader.paused
-        ):
-            self.reader.pause()
-            log.info("pausing reads: %d messages pending", len(self.inbox))
+        self.consumer.hold()
         self._wake.set()
 
     def _evaluate(self, msg: Message, routed: list[routing.Delivery]) -> list[Change]:
@@ -300,9 +297,9 @@ class RulesService:
                     metrics.WRITE_ERRORS.labels("isolated").inc()
                     isolate = True
                     continue
-                delay = min(WRITE_RETRY_MAX_SECONDS, 0.1 * 2**attempt)
+                delay = db.retry_delay(attempt)
                 metrics.WRITE_ERRORS.labels("retried").inc()
-                if store.is_transient(exc):
+                if db.is_transient(exc):
                     log.warning("writing transitions failed (%s); retrying in %.1f s", exc, delay)
                 else:
                     # Not the content: the batch waits (unacknowledged) for a fix.
@@ -415,7 +412,6 @@ class RulesService:
                 await self._wake.wait()
                 continue
             batch = [self.inbox.popleft() for _ in range(min(batch_size, len(self.inbox)))]
-            metrics.PENDING_MESSAGES.set(len(self.inbox))
             async with self.lock:
                 changes: list[Change] = []
                 routed: list[routing.Delivery] = []
@@ -431,15 +427,10 @@ class RulesService:
             self._acknowledge(batch)
 
     def _acknowledge(self, batch: list[Message]) -> None:
-        reader = self.reader
-        if reader is None:
-            return
-        for msg in batch:
-            # Message ids mean nothing on a later connection: the broker redelivers.
-            if msg.generation == self.generation:
-                reader.ack(msg.mid, msg.qos)
-        if reader.paused and len(self.inbox) < self.settings.max_pending_messages // 2:
-            reader.resume()
+        # Message ids mean nothing on a later connection: the broker redelivers those.
+        live = self.consumer.generation
+        self.consumer.acknowledge(live, [(m.mid, m.qos) for m in batch if m.generation == live])
+        self.consumer.release(len(batch))
 
     async def tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -557,55 +548,12 @@ class RulesService:
                     if deleted:
                         log.info("old route deliveries deleted", extra={"rows": deleted})
 
-    def _make_client(self, protocol: MqttProtocol) -> aiomqtt.Client:
-        return mqtt.consumer_client(self.settings, protocol)
-
-    def _prepare(self, client: aiomqtt.Client) -> None:
-        self.generation += 1
-        self.reader = mqtt.DirectReader(client, self.on_message)
-
-    async def mqtt_loop(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                async with mqtt.connected(
-                    self._make_client, self.settings.mqtt_protocol, prepare=self._prepare
-                ) as client:
-                    assert self.reader is not None
-                    self.reader.start()
-                    self.client = client
-                    metrics.CONNECTED.set(1)
-                    topics = mqtt.device_message_topics(client, self.settings.share_group)
-                    for topic in topics:
-                        await client.subscribe(topic, qos=1, timeout=SUBSCRIBE_TIMEOUT_SECONDS)
-                    self.subscribed = True
-                    attempt = 0
-                    log.info(
-                        "connected to the broker, subscribed",
-                        extra={"topics": topics, "client_id": self.settings.client_id},
-                    )
-                    await mqtt.wait_disconnected(client)
-                    log.warning("broker closed the connection")
-            except mqtt.MqttAuthError as exc:
-                log.error("the broker refused the rules service's credentials: %s", exc)
-                await asyncio.sleep(AUTH_RETRY_SECONDS)
-                continue
-            except aiomqtt.MqttError as exc:
-                log.warning("MQTT connection lost or refused: %s", exc)
-            finally:
-                self.client = None
-                self.subscribed = False
-                self.reader = None
-                metrics.CONNECTED.set(0)
-            await asyncio.sleep(mqtt.backoff_seconds(attempt))
-            attempt += 1
-
     async def ready(self) -> bool:
-        return self.loaded and self.subscribed and await db.answers(self.pool)
+        return self.loaded and self.consumer.subscribed and await db.answers(self.pool)
 
     async def run(self) -> None:
         tasks = [
-            asyncio.create_task(self.mqtt_loop(), name="rules.mqtt"),
+            asyncio.create_task(self.consumer.run(), name="rules.mqtt"),
             asyncio.create_task(self.process_loop(), name="rules.process"),
             asyncio.create_task(self.tick_loop(), name="rules.tick"),
             asyncio.create_task(self.flush_loop(), name="rules.flush"),

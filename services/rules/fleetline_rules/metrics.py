@@ -17,8 +17,10 @@ ACTIONS = Counter("fleetline_rules_actions_total", "Action delivery attempts", [
 RULES = Gauge("fleetline_rules_loaded", "Enabled rules loaded")
 CONNECTED = Gauge("fleetline_rules_mqtt_connected", "1 while connected to the broker")
 PENDING_MESSAGES = Gauge(
-    "fleetline_rules_pending_messages", "Messages received and not yet evaluated"
+    "fleetline_rules_pending_messages",
+    "Messages received and held in memory, not yet evaluated (and acknowledged)",
 )
+PAUSED = Gauge("fleetline_rules_paused", "1 while reading from the broker is paused (backpressure)")
 ROUTES = Gauge("fleetline_rules_routes_loaded", "Enabled message routes loaded")
 ROUTED_DEVICES = Gauge(
     "fleetline_rules_routed_devices", "Registered devices at least one message route takes"

@@ -37,10 +37,10 @@ import asyncpg
 import orjson
 from prometheus_client import Counter
 
-from fleetline import devicequery, streamevents
+from fleetline import db, devicequery, streamevents
 from fleetline.protocol import Row
 from fleetline.rules_engine import ROUTE_OPS, Condition, RuleDefinitionError
-from fleetline_rules import metrics, store
+from fleetline_rules import metrics
 from fleetline_rules.actions import LEASE_SECONDS, MAX_ERROR_CHARS, Outcome, Queue, Sender
 from fleetline_rules.settings import RulesSettings
 
@@ -236,7 +236,7 @@ class Router:
             try:
                 found = await _scan(con, chunk)
             except asyncpg.PostgresError as exc:
-                if store.is_transient(exc):
+                if db.is_transient(exc):
                     raise
                 # A query that fails at run time: find it, keep the others.
                 found = await _one_by_one(con, chunk)
@@ -252,7 +252,7 @@ async def _one_by_one(con: Connection, routes: list[Route]) -> dict[str, tuple[i
         try:
             alone = await _scan(con, [route])
         except asyncpg.PostgresError as exc:
-            if store.is_transient(exc):
+            if db.is_transient(exc):
                 raise
             log.error("skipping message route %s: its query failed: %s", route.id, exc)
             continue

@@ -7,7 +7,7 @@ import socket
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from fleetline.settings import ServiceSettings
+from fleetline.settings import ConsumerSettings
 
 DEFAULT_PUSHSAFER_URL = "https://www.pushsafer.com/api"
 
@@ -18,14 +18,10 @@ def _default_client_id() -> str:
     return f"fleetline-rules-{socket.gethostname()}"
 
 
-class RulesSettings(ServiceSettings):
+class RulesSettings(ConsumerSettings):
     model_config = SettingsConfigDict(env_prefix="FLEETLINE_RULES_", extra="ignore")
 
     client_id: str = Field(default_factory=_default_client_id, min_length=1, max_length=128)
-    # Replicas in one group split the devices' messages ($share/<group>/...); empty: a
-    # plain subscription, for a single replica (see FLEETLINE_INGEST_SHARE_GROUP for why
-    # that matters across broker restarts).
-    share_group: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
     # How long the broker queues readings for us while we are away (a restart within
     # this evaluates what was published meanwhile).
     session_expiry_seconds: int = Field(default=3600, ge=60)

@@ -309,12 +309,3 @@ def decode_notification(payload: str) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return doc if isinstance(doc, dict) else {}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Database errors a retry can fix (connection, resources, restart, deadlock)."""
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-        return not isinstance(exc, ValueError)
-    if isinstance(exc, asyncpg.PostgresError):
-        return str(getattr(exc, "sqlstate", "")).startswith(("08", "53", "57", "40"))
-    return False
