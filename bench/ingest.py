@@ -694,6 +694,17 @@ class Bench:
         finally:
             consumer.stop()
             await con.close()
+        # The Telegraf-style consumer on the same backlog, in the same run.
+        telegraf: dict[str, Any] | None = None
+        if not self.args.only_fleetline:
+            telegraf, tconsumer, tcon = await self.drains(TelegrafStyle, "tbatched", "batch",
+                                                          m, rows)
+            try:
+                tconsumer.stop()
+                tconsumer.clear()
+            finally:
+                tconsumer.stop()
+                await tcon.close()
         # The same rows by binary COPY, straight into telemetry, from this process.
         base_ms = drained["base_ms"]
         copy = {}
@@ -738,7 +749,7 @@ class Bench:
         finally:
             await ccon.close()
         return {"messages": m, "readings_per_message": n, "rows": rows,
-                "fleetline": drained, "copy": copy}
+                "fleetline": drained, "telegraf": telegraf, "copy": copy}
 
     async def run(self) -> None:
         a = self.args
@@ -890,6 +901,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"peak RSS {_mb(f['rss_bytes']['peak'])} MB, "
             f"CPU {f'{us:.1f}' if us else '-'} us/row)"
         )
+        t = b.get("telegraf")
+        if t:
+            tus = t["consumer_cpu_us_per_row"]
+            lines.append(
+                f"  Telegraf-style            {t['rows_per_second']:>10,.0f} rows/s  "
+                f"(stored {t['stored_rows']:,}, lost {t['lost_rows']:,}, "
+                f"peak RSS {_mb(t['rss_bytes']['peak'])} MB, "
+                f"CPU {f'{tus:.1f}' if tus else '-'} us/row)  "
+                f"fleetline / Telegraf-style = {f['rows_per_second'] / t['rows_per_second']:.2f}"
+            )
         lines.append(
             f"  binary COPY, 5000/commit  {c5['rows_per_second']:>10,.0f} rows/s  "
             f"fleetline / COPY = {f['rows_per_second'] / c5['rows_per_second']:.2f}"

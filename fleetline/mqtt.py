@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -52,10 +53,11 @@ _FATAL_CONNACK = {134, 135}
 # Unsupported protocol version (MQTT 5 code 132; 3.1.1's code 1, as paho reports it).
 _UNSUPPORTED_PROTOCOL = {1, 132}
 
-# The client type and the connection errors, for modules that make clients here
-# without importing aiomqtt.
+# What other modules use of aiomqtt, so that this module stays the only one importing it
+# (and paho): the client, its connection errors, a Last Will.
 Client = aiomqtt.Client
 MqttError = aiomqtt.MqttError
+Will = aiomqtt.Will
 # (topic, payload, message id, QoS, retain flag) of one PUBLISH.
 MessageHandler = Callable[[str, bytes, int, int, bool], None]
 
@@ -152,6 +154,29 @@ def make_client(
         timeout=10,
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)] if nodelay else (),
     )
+
+
+def publish_properties(
+    client: aiomqtt.Client,
+    *,
+    expiry_seconds: float | None = None,
+    user_properties: Sequence[tuple[str, str]] = (),
+    content_type: str | None = None,
+) -> Properties | None:
+    """PUBLISH properties for a message on ``client``'s connection; None on MQTT 3.1.1,
+    which has none, or when none is asked for. ``expiry_seconds`` becomes the Message
+    Expiry Interval (whole seconds, at least 1): the broker drops the message when it
+    runs out, so a device with a persistent session does not get it late."""
+    if not is_v5(client) or (expiry_seconds is None and not user_properties and not content_type):
+        return None
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if expiry_seconds is not None:
+        props.MessageExpiryInterval = max(1, math.ceil(expiry_seconds))
+    if user_properties:
+        props.UserProperty = list(user_properties)
+    if content_type:
+        props.ContentType = content_type
+    return props
 
 
 def is_v5(client: aiomqtt.Client) -> bool:

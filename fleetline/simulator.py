@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import aiomqtt
 import orjson
 from pydantic import SecretStr
 
+from fleetline import mqtt
 from fleetline.mqtt import backoff_seconds, make_client, wait_disconnected
 from fleetline.protocol import (
     C2D,
@@ -106,7 +106,7 @@ class _SeenIds:
 
 
 async def _serve_cloud(
-    client: aiomqtt.Client, device_id: str, seen: _SeenIds, stats: _Stats, state: _State
+    client: mqtt.Client, device_id: str, seen: _SeenIds, stats: _Stats, state: _State
 ) -> None:
     """Take what the cloud sends until the connection ends: cloud-to-device messages
     (acknowledged), the desired twin (applied and reported back) and direct methods
@@ -124,16 +124,16 @@ async def _serve_cloud(
                     await _apply_desired(client, device_id, orjson.loads(raw), state)
                 elif kind.startswith("methods/") and kind.endswith("/req"):
                     await _answer_method(client, device_id, kind, orjson.loads(raw), stats)
-            except aiomqtt.MqttError:
+            except mqtt.MqttError:
                 raise
             except Exception as exc:  # not of the protocol: a device ignores it
                 log.debug("device %s ignored a message on %s: %r", device_id, kind, exc)
-    except aiomqtt.MqttError as exc:  # the connection went; the device loop reconnects
+    except mqtt.MqttError as exc:  # the connection went; the device loop reconnects
         log.debug("device %s stops listening: %s", device_id, exc)
 
 
 async def _take_c2d(
-    client: aiomqtt.Client, device_id: str, doc: Any, seen: _SeenIds, stats: _Stats
+    client: mqtt.Client, device_id: str, doc: Any, seen: _SeenIds, stats: _Stats
 ) -> None:
     message_id = doc["id"]
     if type(message_id) is not str:
@@ -153,7 +153,7 @@ async def _take_c2d(
     )
 
 
-async def _apply_desired(client: aiomqtt.Client, device_id: str, doc: Any, state: _State) -> None:
+async def _apply_desired(client: mqtt.Client, device_id: str, doc: Any, state: _State) -> None:
     """Apply ``interval_s`` (seconds between readings, 0.1 to 3600) and report the
     desired properties back, with the version they came in."""
     desired = doc["desired"]
@@ -172,7 +172,7 @@ async def _apply_desired(client: aiomqtt.Client, device_id: str, doc: Any, state
 
 
 async def _answer_method(
-    client: aiomqtt.Client, device_id: str, kind: str, request: Any, stats: _Stats
+    client: mqtt.Client, device_id: str, kind: str, request: Any, stats: _Stats
 ) -> None:
     """``ping`` and ``reboot`` answer 200 (a reboot is pretended); others 404."""
     name = request["method"]
@@ -225,7 +225,7 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
 
 
 async def _while_connected(
-    client: aiomqtt.Client, work: Awaitable[object], *, timeout: float | None = None
+    client: mqtt.Client, work: Awaitable[object], *, timeout: float | None = None
 ) -> None:
     """Await ``work`` (at most ``timeout`` seconds); raise MqttError as soon as the
     connection drops.
@@ -248,14 +248,14 @@ async def _while_connected(
         # aiomqtt ends a connection with an MqttError, or with the socket's own error
         # (OSError) when a write fails.
         error = lost.exception()
-        raise aiomqtt.MqttError(f"disconnected: {error or 'by the broker'}") from error
+        raise mqtt.MqttError(f"disconnected: {error or 'by the broker'}") from error
     if task.done() and not task.cancelled():
         task.result()
 
 
-async def _say_offline(client: aiomqtt.Client, status_topic: str) -> None:
+async def _say_offline(client: mqtt.Client, status_topic: str) -> None:
     """Best effort: a clean DISCONNECT does not fire the Will, so say it ourselves."""
-    with contextlib.suppress(aiomqtt.MqttError, OSError):
+    with contextlib.suppress(mqtt.MqttError, OSError):
         await client.publish(
             status_topic, STATUS_OFFLINE, qos=1, retain=True, timeout=GOODBYE_TIMEOUT_SECONDS
         )
@@ -282,7 +282,7 @@ async def _device(
         # Small devices (mqtt_as on MicroPython) speak MQTT 3.1.1.
         protocol="3.1.1",
         persistent=False,
-        will=aiomqtt.Will(status_topic, STATUS_OFFLINE, qos=1, retain=True),
+        will=mqtt.Will(status_topic, STATUS_OFFLINE, qos=1, retain=True),
     )
     rng = random.Random(device_id)
     sensors = _Sensors(rng)
@@ -354,7 +354,7 @@ async def _device(
                         receiver.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await receiver
-        except (aiomqtt.MqttError, OSError) as exc:
+        except (mqtt.MqttError, OSError) as exc:
             delay = backoff_seconds(attempt)
             attempt += 1
             log.debug(

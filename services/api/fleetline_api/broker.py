@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from prometheus_client import Gauge
 
 from fleetline import mqtt
@@ -70,17 +66,6 @@ def method_topic(device_id: str, request_id: str, direction: str, module_id: str
     return topic_for(device_id, f"methods/{request_id}/{direction}", module_id)
 
 
-def _expiring(client: aiomqtt.Client, seconds: float) -> Properties | None:
-    """MQTT 5: the broker drops the request once the caller has stopped waiting, so a
-    device with a persistent session does not run a stale call when it comes back.
-    (MQTT 3.1.1 has no expiry: such a device may still get the request later.)"""
-    if not mqtt.is_v5(client):
-        return None
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    props.MessageExpiryInterval = max(1, math.ceil(seconds))
-    return props
-
-
 @dataclass(frozen=True, slots=True)
 class _Pending:
     device_id: str
@@ -93,7 +78,7 @@ class BrokerLink:
         self, settings: ApiSettings, *, max_pending_calls: int = MAX_PENDING_CALLS
     ) -> None:
         self._settings = settings
-        self.client: aiomqtt.Client | None = None
+        self.client: mqtt.Client | None = None
         self.identifier = f"fleetline-api-{socket.gethostname()}-{os.getpid()}"
         self._max_pending = max_pending_calls
         self._pending: dict[str, _Pending] = {}
@@ -106,7 +91,7 @@ class BrokerLink:
     def pending_calls(self) -> int:
         return len(self._pending)
 
-    def _make(self, protocol: MqttProtocol) -> aiomqtt.Client:
+    def _make(self, protocol: MqttProtocol) -> mqtt.Client:
         return mqtt.make_client(
             self._settings.mqtt,
             identifier=self.identifier,
@@ -130,7 +115,7 @@ class BrokerLink:
                 self.client = None
                 await asyncio.sleep(AUTH_RETRY_SECONDS)
                 continue
-            except aiomqtt.MqttError as exc:
+            except mqtt.MqttError as exc:
                 log.warning("broker connection lost: %s", exc)
             except Exception:  # a bug here must not leave the API without a broker for good
                 log.exception("broker link failed; reconnecting")
@@ -140,14 +125,14 @@ class BrokerLink:
             attempt += 1
 
     @staticmethod
-    async def _subscribe(client: aiomqtt.Client) -> None:
+    async def _subscribe(client: mqtt.Client) -> None:
         result = await client.subscribe([(topic, 1) for topic in METHOD_RESPONSES])
         # Granted QoS per topic: ints (MQTT 3.1.1) or reason codes (MQTT 5); 0x80+ is a refusal.
         codes: list[Any] = list(result) if isinstance(result, list | tuple) else [result]
         if any(int(getattr(code, "value", code)) >= 0x80 for code in codes):
-            raise aiomqtt.MqttError(f"subscription to {METHOD_RESPONSES} refused: {codes}")
+            raise mqtt.MqttError(f"subscription to {METHOD_RESPONSES} refused: {codes}")
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, client: mqtt.Client) -> None:
         """Take method responses until the connection ends (then raise MqttError)."""
         try:
             async with asyncio.TaskGroup() as tg:
@@ -155,11 +140,11 @@ class BrokerLink:
                 tg.create_task(mqtt.wait_disconnected(client), name=f"{self.identifier}.connection")
         except ExceptionGroup as group:
             first = group.exceptions[0]
-            if isinstance(first, aiomqtt.MqttError):
+            if isinstance(first, mqtt.MqttError):
                 raise first from None
             raise
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
+    async def _receive(self, client: mqtt.Client) -> None:
         async for message in client.messages:
             try:
                 payload = message.payload
@@ -230,9 +215,11 @@ class BrokerLink:
                         method_topic(device_id, request_id, "req", module_id),
                         request,
                         qos=1,
-                        properties=_expiring(client, timeout_seconds),
+                        # MQTT 5: dropped once the caller stopped waiting, so a device
+                        # with a persistent session runs no stale call when it is back.
+                        properties=mqtt.publish_properties(client, expiry_seconds=timeout_seconds),
                     )
-                except aiomqtt.MqttError as exc:
+                except mqtt.MqttError as exc:
                     raise BrokerUnavailableError(f"could not publish the request: {exc}") from exc
                 return await answer
         except TimeoutError:

@@ -61,11 +61,8 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-import aiomqtt
 import asyncpg
 import orjson
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from prometheus_client import Counter
 
 from fleetline import db, mqtt
@@ -252,17 +249,6 @@ def queued_notification(device_id: str) -> str:
     return orjson.dumps({"queued": device_id}).decode()
 
 
-def _expiring(client: aiomqtt.Client, seconds: int) -> Properties | None:
-    """MQTT 5: the broker drops the message when its time to live runs out, so a device
-    with a persistent session does not receive it after it expired here. (MQTT 3.1.1
-    has no expiry; the device may then receive it late, and its ack is ignored.)"""
-    if not mqtt.is_v5(client):
-        return None
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    props.MessageExpiryInterval = max(1, seconds)
-    return props
-
-
 def _payload(row: asyncpg.Record) -> bytes:
     # body and properties are jsonb as text (valid JSON): spliced in, never re-encoded.
     return b'{"id":"%s","body":%s,"properties":%s}' % (
@@ -357,7 +343,7 @@ class C2dDispatcher:
             log.warning("cloud-to-device %s failed: %r", what, exc)
             return None
 
-    def _sender(self) -> aiomqtt.Client | None:
+    def _sender(self) -> mqtt.Client | None:
         """The broker connection to send on; None while there is none or sending pauses."""
         if asyncio.get_running_loop().time() < self._paused_until:
             return None
@@ -472,7 +458,7 @@ class C2dDispatcher:
 
     async def _send(
         self,
-        client: aiomqtt.Client,
+        client: mqtt.Client,
         rows: list[asyncpg.Record],
         reason: str,
         *,
@@ -516,17 +502,19 @@ class C2dDispatcher:
                 await self._pool.execute(MARK_ONE_SENT, *args([row]))
 
     @staticmethod
-    async def _publish(client: aiomqtt.Client, row: asyncpg.Record) -> bool:
+    async def _publish(client: mqtt.Client, row: asyncpg.Record) -> bool:
         message_id: uuid.UUID = row["id"]
         try:
             await client.publish(
                 topic_for(row["device_id"], C2D),
                 _payload(row),
                 qos=1,
-                properties=_expiring(client, row["ttl_left"]),
+                # MQTT 5: the broker drops it when its time to live runs out. (3.1.1 has
+                # no expiry: a device may get it late, and its ack is then ignored.)
+                properties=mqtt.publish_properties(client, expiry_seconds=row["ttl_left"]),
                 timeout=PUBLISH_TIMEOUT_SECONDS,
             )
-        except (aiomqtt.MqttError, OSError) as exc:
+        except (mqtt.MqttError, OSError) as exc:
             log.debug(
                 "c2d publish failed: %s",
                 exc,

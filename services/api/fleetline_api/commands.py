@@ -22,11 +22,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiomqtt
 import orjson
 from prometheus_client import Counter, Histogram
 
-from fleetline import protocol
+from fleetline import mqtt, protocol
 from fleetline_api.broker import (
     BrokerLink,
     BrokerUnavailableError,
@@ -400,7 +399,7 @@ async def clear_desired(broker: BrokerLink, device_id: str, module_ids: list[str
                 retain=True,
                 timeout=PUBLISH_TIMEOUT_SECONDS,
             )
-        except (aiomqtt.MqttError, ConnectionError, TimeoutError) as exc:
+        except (mqtt.MqttError, ConnectionError, TimeoutError) as exc:
             log.warning(
                 "%s deleted, but its retained desired document stays at the broker: %s",
                 target_name(device_id, module_id),

@@ -29,16 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiomqtt
 import asyncpg
 import httpx
 import orjson
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from prometheus_client import Counter
 
-from fleetline import db
-from fleetline.mqtt import is_v5
+from fleetline import db, mqtt
+from fleetline.mqtt import publish_properties
 from fleetline_rules import metrics
 from fleetline_rules.settings import RulesSettings
 from fleetline_rules.store import ACTIONS_CHANNEL
@@ -87,9 +84,7 @@ class Sender:
     """How a message leaves the service: a JSON POST (signed when there is a secret), or
     a QoS 1 publish on the rules service's own broker connection."""
 
-    def __init__(
-        self, settings: RulesSettings, broker: Callable[[], aiomqtt.Client | None]
-    ) -> None:
+    def __init__(self, settings: RulesSettings, broker: Callable[[], mqtt.Client | None]) -> None:
         self.settings = settings
         self.broker = broker
         self.http = httpx.AsyncClient(
@@ -147,17 +142,19 @@ class Sender:
         client = self.broker()
         if client is None:
             return Outcome(ok=False, retry=True, error="not connected to the broker")
-        properties: Properties | None = None
-        if user_properties and is_v5(client):
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.UserProperty = list(user_properties)
-            properties.ContentType = "application/json"
+        properties = (
+            publish_properties(
+                client, user_properties=user_properties, content_type="application/json"
+            )
+            if user_properties
+            else None
+        )
         try:
             await asyncio.wait_for(
                 client.publish(topic, payload, qos=1, properties=properties),
                 self.settings.action_timeout_seconds,
             )
-        except (aiomqtt.MqttError, TimeoutError) as exc:
+        except (mqtt.MqttError, TimeoutError) as exc:
             return Outcome(ok=False, retry=True, error=f"publish failed: {exc}"[:MAX_ERROR_CHARS])
         return Outcome(ok=True)
 
@@ -333,7 +330,7 @@ class Deliverer:
         self,
         settings: RulesSettings,
         pool: asyncpg.Pool[Any],
-        broker: Callable[[], aiomqtt.Client | None],
+        broker: Callable[[], mqtt.Client | None],
         *,
         extra_queues: Sequence[Queue] = (),
     ) -> None:
