@@ -38,6 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(ROOT))
@@ -246,10 +247,31 @@ class FleetlineIngest(Consumer):
     def __init__(self, bench: Bench, db: str, tag: str) -> None:
         super().__init__(bench, db, tag)
         self.http_port = free_port()
-        self.share_group = f"b{tag}{bench.run_id}"[:64].replace(".", "_")
+        self.profiler: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "fleetline", "ingest"]
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """With --py-spy, every run after the session-creating one is sampled by py-spy
+        (collapsed stacks in bench/results/, one file per run)."""
+        proc = super().spawn()
+        if self.bench.args.py_spy and self.idle_rss is not None:
+            out = RESULTS_DIR / f"py-spy-{self.client_id}-{int(time.time())}.txt"
+            self.profiler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(proc.pid), "--rate", "250",
+                 "--format", "raw", "--output", str(out), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            log(f"  py-spy sampling ingest into {out}")
+        return proc
+
+    def stop(self) -> int | None:
+        code = super().stop()
+        if self.profiler is not None:
+            self.profiler.wait(30)  # it writes its file when ingest has exited
+            self.profiler = None
+        return code
 
     def env(self) -> dict[str, str]:
         return {
@@ -257,7 +279,6 @@ class FleetlineIngest(Consumer):
             "FLEETLINE_DATABASE_URL": self.dsn,
             "FLEETLINE_MQTT_URL": self.bench.mq.url,
             "FLEETLINE_INGEST_CLIENT_ID": self.client_id,
-            "FLEETLINE_INGEST_SHARE_GROUP": self.share_group,
             "FLEETLINE_INGEST_HTTP_HOST": "127.0.0.1",
             "FLEETLINE_INGEST_HTTP_PORT": str(self.http_port),
             "FLEETLINE_LOG_LEVEL": "WARNING",
@@ -504,9 +525,10 @@ class Bench:
         return result
 
     async def live(self, consumer: Consumer, con: asyncpg.Connection[Any], rate: float,
-                   seconds: float, rows_before: int) -> dict[str, Any]:
-        """Publish at ``rate`` for ``seconds`` with the send time as ts; a poller records
-        now - ts for every row when it first becomes visible."""
+                   seconds: float, rows_before: int, readings: int = 1) -> dict[str, Any]:
+        """Publish ``rate`` rows/s (in messages of ``readings`` readings) for ``seconds``
+        with the send time as ts; a poller records now - ts for every row when it first
+        becomes visible."""
         ids = [r["id"] for r in await con.fetch(
             "SELECT id FROM series WHERE device_id LIKE 'bench-%' ORDER BY id")]
         t_start = time.time()
@@ -545,8 +567,9 @@ class Bench:
         rss_peak = 0
         task = asyncio.create_task(poller())
         plan = pub.Plan(kind="live", host="127.0.0.1", port=self.mq.port,
-                        devices=self.args.devices, rate=rate, seconds=seconds, tag="live")
-        workers = 1 if rate <= 12_000 else 2
+                        devices=self.args.devices, rate=rate / readings, seconds=seconds,
+                        readings=readings, tag="live")
+        workers = 1 if rate / readings <= 12_000 else 2
         pub_task = asyncio.create_task(asyncio.to_thread(pub.publish, plan, workers))
         while not pub_task.done():
             if ps is not None:
@@ -555,7 +578,7 @@ class Bench:
             await asyncio.sleep(RSS_SAMPLE_SECONDS)
         published = pub_task.result()
         cpu_used = cpu.end()
-        sent = int(published["sent"])
+        sent = int(published["sent"]) * readings  # rows
         # Let the tail arrive.
         deadline = time.time() + IDLE_TIMEOUT_SECONDS
         seen = 0
@@ -572,9 +595,10 @@ class Bench:
         periods = [b - a for a, b in zip(poll_starts, poll_starts[1:], strict=False)]
         result = {
             "target_rate": rate,
+            "readings_per_message": readings,
             "seconds": seconds,
             "sent": sent,
-            "publish_rate": published["rate"],
+            "publish_rate": published["rate"] * readings,
             "publisher_processes": workers,
             "stored_rows": stored,
             "lost_rows": sent - stored,
@@ -598,7 +622,7 @@ class Bench:
             ],
         }
         lat = result["latency_ms"]
-        log(f"  {consumer.name}: live {sent:,} msgs at {published['rate']:,.0f}/s, "
+        log(f"  {consumer.name}: live {sent:,} rows at {published['rate'] * readings:,.0f}/s, "
             f"p50 {lat['p50']:.0f} ms p99 {lat['p99']:.0f} ms, stored {stored:,}")
         return result
 
@@ -681,30 +705,34 @@ class Bench:
             consumer.stop()
             await con.close()
 
+    async def batched_drains(self, cls: type[Consumer], tag: str, messages: int,
+                             rows: int) -> dict[str, Any]:
+        """The batched drains; then, live, half the drain's rows/s in batched messages."""
+        drained, consumer, con = await self.drains(cls, tag, "batch", messages, rows)
+        try:
+            if self.args.live_seconds > 0 and not drained["lost_rows"]:
+                drained["live"] = await self.live(
+                    consumer, con, drained["rows_per_second"] / 2, self.args.live_seconds,
+                    int(await con.fetchval("SELECT count(*) FROM telemetry")),
+                    readings=pub.READINGS_PER_BATCH_MESSAGE)
+            consumer.stop()
+            consumer.clear()
+        finally:
+            consumer.stop()
+            await con.close()
+        return drained
+
     async def run_batched(self) -> dict[str, Any]:
         m = self.args.batch_messages
         k = self.args.devices
         n = pub.READINGS_PER_BATCH_MESSAGE
         rows = m * n
         log(f"batched payloads: {m:,} messages x {n} readings")
-        drained, consumer, con = await self.drains(FleetlineIngest, "batched", "batch", m, rows)
-        try:
-            consumer.stop()
-            consumer.clear()
-        finally:
-            consumer.stop()
-            await con.close()
+        drained = await self.batched_drains(FleetlineIngest, "batched", m, rows)
         # The Telegraf-style consumer on the same backlog, in the same run.
         telegraf: dict[str, Any] | None = None
         if not self.args.only_fleetline:
-            telegraf, tconsumer, tcon = await self.drains(TelegrafStyle, "tbatched", "batch",
-                                                          m, rows)
-            try:
-                tconsumer.stop()
-                tconsumer.clear()
-            finally:
-                tconsumer.stop()
-                await tcon.close()
+            telegraf = await self.batched_drains(TelegrafStyle, "tbatched", m, rows)
         # The same rows by binary COPY, straight into telemetry, from this process.
         base_ms = drained["base_ms"]
         copy = {}
@@ -919,6 +947,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"  binary COPY, one commit   {c1['rows_per_second']:>10,.0f} rows/s  "
             f"fleetline / COPY = {f['rows_per_second'] / c1['rows_per_second']:.2f}"
         )
+        for who, d in (("fleetline ingest", f), ("Telegraf-style", t)):
+            lv = (d or {}).get("live")
+            if lv:
+                lat = lv["latency_ms"]
+                lines.append(
+                    f"  live, {who}: {lv['target_rate']:,.0f} rows/s (half its drain rate) in "
+                    f"messages of {lv['readings_per_message']} readings for {lv['seconds']:g} s:"
+                    f" publish -> queryable p50 {lat['p50']:.0f} ms, p90 {lat['p90']:.0f} ms, "
+                    f"p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms, lost {lv['lost_rows']:,}"
+                )
         lines.append(
             "  COPY: asyncpg copy_records_to_table into telemetry (empty, after CHECKPOINT) "
             "from one process, series ids known, records built"
@@ -968,6 +1006,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int,
                    help="backlog drains per consumer, median reported (default 3; quick 1)")
     p.add_argument("--only-fleetline", action="store_true", help="skip the baselines")
+    p.add_argument("--py-spy", action="store_true",
+                   help="sample ingest's drains with py-spy (it must be on PATH)")
     p.add_argument("--quick", action="store_true", help="smoke run, under a minute")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = p.parse_args(argv)
@@ -1007,7 +1047,7 @@ async def amain(args: argparse.Namespace) -> int:
     text = report(results, args)
     print()
     print(text)
-    out_dir = BENCH_DIR / "results"
+    out_dir = RESULTS_DIR
     out_dir.mkdir(exist_ok=True)
     out = out_dir / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
     results["report"] = text

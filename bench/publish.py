@@ -42,8 +42,10 @@ class Plan:
     with ts = base_ms + i // K (unique per device).
     kind "batch": ``messages`` messages of 50 readings; message j goes to device j % K,
     its readings have ts = base_ms + (j // K) * 50 + r.
-    kind "live": one reading per message at ``rate`` messages/s in total for
-    ``seconds``; ts is the send time in epoch ms (kept increasing per device).
+    kind "live": ``readings`` readings per message at ``rate`` messages/s in total for
+    ``seconds``; the last reading's ts is the send time in epoch ms, the others the
+    milliseconds before it (kept increasing per device), so a latency measured from ts
+    is never less than the real one.
     """
 
     kind: str
@@ -54,6 +56,7 @@ class Plan:
     base_ms: int = 0
     rate: float = 0.0
     seconds: float = 0.0
+    readings: int = 1
     tag: str = "pub"
 
 
@@ -153,6 +156,7 @@ def _run_live(plan: Plan, worker: int, workers: int) -> dict[str, float]:
     topics = [topic(d) for d in mine]
     last_ts = [0] * len(mine)
     rate = plan.rate / workers
+    n = plan.readings
     publish = c.client.publish
     loop = c.client.loop
     dumps = orjson.dumps
@@ -166,12 +170,16 @@ def _run_live(plan: Plan, worker: int, workers: int) -> dict[str, float]:
             break
         due = int((now - t0) * rate)
         while sent < due:
-            ts = int(time.time() * 1000)
+            ts = int(time.time() * 1000) - (n - 1)
             if ts <= last_ts[slot]:
                 ts = last_ts[slot] + 1
-            last_ts[slot] = ts
-            publish(topics[slot], dumps({"ts": ts, "values": {"temperature": _value(sent)}}),
-                    qos=1)
+            last_ts[slot] = ts + n - 1
+            if n == 1:
+                payload = dumps({"ts": ts, "values": {"temperature": _value(sent)}})
+            else:
+                payload = dumps([{"ts": ts + r, "values": {"temperature": _value(sent + r)}}
+                                 for r in range(n)])
+            publish(topics[slot], payload, qos=1)
             sent += 1
             slot = (slot + 1) % len(mine)
             if sent % READ_EVERY == 0:

@@ -293,11 +293,19 @@ device_ids = _NameCache(DEVICE_ID_RE)
 metric_names = _NameCache(METRIC_RE)
 
 
-def _parse_ts(
-    raw: Any, received_at: datetime, window: tuple[datetime, datetime], limits: Limits
-) -> datetime:
+# (earliest, latest) ts a message's readings may carry, as datetimes and in epoch
+# milliseconds: computed once per message (:func:`_window`).
+Window = tuple[datetime, datetime, float, float]
+
+
+def _window(received_at: datetime, limits: Limits) -> Window:
+    earliest, latest = limits.window(received_at)
+    return earliest, latest, earliest.timestamp() * 1000, latest.timestamp() * 1000
+
+
+def _parse_ts(raw: Any, received_at: datetime, window: Window, limits: Limits) -> datetime:
     """A reading's ts: RFC 3339 string or epoch milliseconds; absent means received_at.
-    ``window`` is ``limits.window(received_at)``, computed once per message."""
+    (:func:`_reading` takes the common case, integer milliseconds in the window, itself.)"""
     kind = type(raw)
     if raw is None:
         return received_at
@@ -315,7 +323,7 @@ def _parse_ts(
             raise ValueError(f"ts {raw[:40]!r} has no time zone offset")
     else:
         raise ValueError("ts must be an RFC 3339 string or epoch milliseconds")
-    earliest, latest = window
+    earliest, latest = window[0], window[1]
     if ts < earliest:
         if earliest == limits.oldest:
             raise ValueError(f"ts {ts.isoformat()} is before {earliest.date().isoformat()}")
@@ -331,7 +339,7 @@ def _reading(
     device_id: str,
     doc: Any,
     received_at: datetime,
-    window: tuple[datetime, datetime],
+    window: Window,
     limits: Limits,
     out: list[Row],
     where: str,
@@ -345,10 +353,17 @@ def _reading(
         return [f"{where}: 'values' must be a non-empty object"]
     if len(values) > limits.max_metrics:
         return [f"{where}: {len(values)} metrics, more than {limits.max_metrics}"]
-    try:
-        ts = _parse_ts(doc.get("ts"), received_at, window, limits)
-    except ValueError as exc:
-        return [f"{where}: {exc}"]
+    raw = doc.get("ts")
+    if type(raw) is int and window[2] <= raw <= window[3]:
+        # The common case, about twice as fast as the general one: integer epoch
+        # milliseconds in the window (2000 to now + 600 s), where a double holds
+        # raw / 1000 to well under half a microsecond, so the datetime is exact.
+        ts = datetime.fromtimestamp(raw / 1000, UTC)
+    else:
+        try:
+            ts = _parse_ts(raw, received_at, window, limits)
+        except ValueError as exc:
+            return [f"{where}: {exc}"]
     errors: list[str] | None = None
     known = metric_names._ok  # noqa: SLF001  (the hot path skips a method call per value)
     for metric, value in values.items():
@@ -394,7 +409,7 @@ def parse_telemetry(
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise PayloadError(f"not JSON: {exc}") from None
-    window = limits.window(received_at)
+    window = _window(received_at, limits)
     if type(doc) is list:
         if not doc:
             raise PayloadError("empty batch")

@@ -34,6 +34,24 @@ def test_epoch_milliseconds_and_missing_ts() -> None:
     assert rows[1][2] == NOW
 
 
+def test_epoch_milliseconds_are_exact_across_the_window() -> None:
+    """Integer milliseconds take a fast path (a double division): the times it gives are
+    those of exact arithmetic, at the window's edges and between them."""
+    earliest, latest = LIMITS.window(NOW)
+    edges = [int(earliest.timestamp() * 1000), int(latest.timestamp() * 1000)]
+    step = (edges[1] - edges[0]) // 997
+    samples = edges + [edges[0] + k * step + k % 1000 for k in range(1, 997)]
+    payload = ",".join(f'{{"ts": {ms}, "values": {{"a": 1}}}}' for ms in samples)
+    rows, errors = parse(f"[{payload}]".encode(), Limits(max_readings=1000))
+    assert errors == []
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert [r[2] for r in rows] == [epoch + timedelta(milliseconds=ms) for ms in samples]
+    _, errors = parse(f'{{"ts": {edges[1] + 1}, "values": {{"a": 1}}}}'.encode())
+    assert errors and "s ahead" in errors[0]
+    _, errors = parse(f'{{"ts": {edges[0] - 1}, "values": {{"a": 1}}}}'.encode())
+    assert errors and "before 2000-01-01" in errors[0]
+
+
 def test_valid_readings_survive_their_bad_neighbours() -> None:
     rows, errors = parse(b'[{"values": {"a": 1}}, {"values": {"b c": 2, "d": 3}}, 5]')
     assert [r[1] for r in rows] == ["a", "d"]

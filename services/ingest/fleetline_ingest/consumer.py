@@ -42,6 +42,8 @@ SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
             THEN fleetline_maintain($1::text::interval, $2)
                  + fleetline_expire_rollups($3::text::interval, $4::text::interval) END
 """
+# Minutes that ended at least the settle time ago (migrations/0020).
+ROLL_UP = "SELECT fleetline_roll_up($1, make_interval(secs => $2))"
 # What ingest subscribed to before it took every topic under devices/, and the share
 # group it used by default then: dropped from a session carried over from that release.
 PREVIOUS_TOPICS = (
@@ -263,7 +265,9 @@ class Ingestor:
             try:
                 while True:
                     async with self.pool.acquire() as con:
-                        done = await con.fetchval("SELECT fleetline_roll_up($1)", per_round)
+                        done = await con.fetchval(
+                            ROLL_UP, per_round, self.settings.rollup_settle_seconds
+                        )
                     metrics.ROLLUP_MINUTES.inc(done)
                     if done < per_round:
                         break

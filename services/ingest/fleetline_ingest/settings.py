@@ -39,6 +39,10 @@ class IngestSettings(ConsumerSettings):
     # how many marked (series, minute) pairs one statement recomputes.
     rollup_interval_seconds: float = Field(default=5.0, ge=0.1)
     rollup_marks_per_round: int = Field(default=5000, ge=1, le=1_000_000)
+    # A minute is rolled up once it ended this long ago: the minutes still being written
+    # are left alone, so a roll-up never holds up a batch (the API reads pending minutes
+    # from raw rows meanwhile).
+    rollup_settle_seconds: float = Field(default=10.0, ge=0, le=3600)
     # Announce each committed batch's readings and status changes on the database's
     # NOTIFY channel fleetline_stream, which feeds the API's live /v1/stream.
     stream_notify: bool = True
