@@ -16,7 +16,8 @@ What both services need, done once:
   :data:`AUTH_RETRY_SECONDS`, the service up and not ready meanwhile (an operator has to
   fix them; exiting would only make a crash loop);
 * subscriptions that do not wait for their SUBACK: a resumed session's backlog arrives
-  first and may fill the bounds, and a paused reader would never read the SUBACK;
+  first and may fill the bounds, and a paused reader would never read the SUBACK; what
+  an earlier release or share group left in the session is unsubscribed;
 * a generation per connection: message ids mean nothing on a later connection, so a
   message received on an earlier one is never acknowledged (the broker redelivers it);
 * bounded memory: everything held, from any connection, counts against the bounds;
@@ -71,16 +72,20 @@ class AckConsumer:
         settings: ConsumerSettings,
         *,
         service: str,
-        topics: Callable[[mqtt.Client], list[str]],
+        topics: list[str],
         handler: mqtt.MessageHandler,
         bounds: Bounds,
         gauges: Gauges,
         before_connect: Callable[[], Awaitable[None]] | None = None,
         on_connected: Callable[[mqtt.Client], None] | None = None,
+        previous_topics: Iterable[str] = (),
+        previous_share_groups: Iterable[str] = (),
     ) -> None:
         self._settings = settings
         self._service = service
         self._topics = topics
+        self._previous_topics = list(previous_topics)
+        self._previous_share_groups = list(previous_share_groups)
         self._handler = handler
         self._bounds = bounds
         self._before_connect = before_connect
@@ -214,8 +219,19 @@ class AckConsumer:
                 self.connected = False
                 self._subacks = []
                 self.client = None
+                if self.reader is not None:
+                    self.reader.close()
                 self.reader = None
             await asyncio.sleep(delay)
+
+    def _superseded(self, client: mqtt.Client, topics: list[str]) -> list[str]:
+        """What a persistent session may still hold from an earlier release or setting:
+        the previous topics, and today's, plain and in the share groups used before. A
+        session that kept them would receive messages twice."""
+        groups = {"", self._settings.share_group, *self._previous_share_groups}
+        plain = [*self._topics, *self._previous_topics]
+        every = {t for group in groups for t in mqtt.shared(client, group, plain)}
+        return sorted(every - set(topics))
 
     async def _serve(self, client: mqtt.Client) -> None:
         reader = self.reader
@@ -223,6 +239,8 @@ class AckConsumer:
         reader.start()
         if self._over() or self.stopping:
             reader.pause()  # what earlier connections left is still held
+        elif reader.paused:
+            reader.resume()  # paused before the socket opened, released since
         # Acknowledgements are valid from the CONNACK on: a resumed session's backlog is
         # already arriving.
         self.client = client
@@ -235,8 +253,11 @@ class AckConsumer:
                 "long enough?)",
                 self._service,
             )
-        topics = self._topics(client)
+        topics = mqtt.shared(client, self._settings.share_group, self._topics)
         self._subacks = mqtt.subscribe_nowait(client, topics, qos=1)
+        superseded = self._superseded(client, topics)
+        if superseded:
+            mqtt.unsubscribe_nowait(client, superseded)
         if self._on_connected is not None:
             self._on_connected(client)
         log.info(

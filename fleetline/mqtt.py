@@ -78,18 +78,13 @@ def consumer_client(settings: ConsumerSettings, protocol: MqttProtocol) -> aiomq
     )
 
 
-def device_message_topics(
-    client: aiomqtt.Client, share_group: str, *, every_kind: bool = False
-) -> list[str]:
+def device_message_topics(*, every_kind: bool = False) -> list[str]:
     """Every device's telemetry and status; with ``every_kind`` (ingest), everything
     under ``devices/``, so that no device message goes unseen: what ingest does not
-    handle it dead-letters, or leaves to the service it belongs to. A shared subscription
-    of ``share_group`` when one is set and the connection is MQTT 5 (3.1.1 has none)."""
+    handle it dead-letters, or leaves to the service it belongs to."""
     if every_kind:
-        topics = [f"{TOPIC_ROOT}/#"]
-    else:
-        topics = [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
-    return shared(client, share_group, topics)
+        return [f"{TOPIC_ROOT}/#"]
+    return [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
 
 
 def shared(client: aiomqtt.Client, share_group: str, topics: list[str]) -> list[str]:
@@ -291,7 +286,9 @@ async def watch_topics(
                     if isinstance(payload, bytes | bytearray):
                         handle(str(message.topic), bytes(payload))
         except (aiomqtt.MqttError, MqttAuthError) as exc:
-            log.debug("side connection lost: %s", exc)
+            log.warning("side connection for %s lost or refused: %s", topics, exc)
+        except Exception:  # a bug here must not end the service it serves
+            log.exception("side connection for %s failed", topics)
         await asyncio.sleep(backoff_seconds(attempt))
         attempt += 1
 
@@ -353,6 +350,10 @@ def decode_publish(
     if pos > len(packet):
         raise ValueError("properties run past the packet")
     return topic, mid, qos, bool(header & 0x01), pos
+
+
+def _ignore(topic: str, payload: bytes, mid: int, qos: int, retain: bool) -> None:
+    """The handler of a closed :class:`DirectReader`."""
 
 
 class DirectReader:
@@ -470,6 +471,21 @@ class DirectReader:
     def ack(self, mid: int, qos: int) -> None:
         if qos:
             self._paho.ack(mid, qos)
+
+    def close(self) -> None:
+        """The connection is over: nothing more is read from its socket or handed to the
+        handler (its message ids must never be acknowledged on a later connection), and
+        the socket is closed if paho has not closed it (a disconnect we asked for, such
+        as after a refused subscription, leaves it open)."""
+        self._handler = _ignore
+        self.paused = True
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
+        if self._socket_open():
+            self._loop.remove_reader(self._fd)
+        if self._paho.socket() is not None:
+            self._paho._sock_close()  # noqa: SLF001
 
     def _socket_open(self) -> bool:
         # After paho closed the socket its descriptor number may belong to another file.

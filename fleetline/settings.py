@@ -62,7 +62,8 @@ class ServiceSettings(BaseSettings):
     )
     mqtt_protocol: MqttProtocol = Field(default="auto", validation_alias=_shared("MQTT_PROTOCOL"))
     # Seconds between keepalive pings of the services' broker connections; a broker that
-    # stops answering is noticed within twice this.
+    # stops answering is noticed within twice this (while a consumer's reads are paused
+    # for backpressure, only once a ping cannot be sent, or on resume).
     mqtt_keepalive_seconds: int = Field(
         default=30, ge=2, le=3600, validation_alias=_shared("MQTT_KEEPALIVE_SECONDS")
     )

@@ -201,6 +201,9 @@ class IngestProcess(ServiceProcess):
             # Each test's ingest is its own replica with the shipped default: a plain
             # persistent subscription under its own client id.
             "FLEETLINE_INGEST_CLIENT_ID": f"test-ingest-{name}",
+            # A stopped test's session (devices/#) would queue the rest of the run's
+            # messages for a day: ten minutes covers every restart a test makes.
+            "FLEETLINE_INGEST_SESSION_EXPIRY_SECONDS": "600",
             "FLEETLINE_INGEST_BATCH_MS": "50",
         }
 

@@ -43,15 +43,17 @@ class Received:
         return acked
 
 
-def consumer_for(url: str, uid: str, received: Received, bound: int) -> AckConsumer:
+def consumer_for(url: str, uid: str, received: Received, bound: int, *, share_group: str = "",
+                 previous_share_groups: tuple[str, ...] = ()) -> AckConsumer:
     settings = ConsumerSettings.model_validate(
-        {"FLEETLINE_MQTT_URL": url, "client_id": f"{uid}-consumer"})
+        {"FLEETLINE_MQTT_URL": url, "client_id": f"{uid}-consumer", "share_group": share_group})
     registry = CollectorRegistry()
     gauges = Gauges(*(Gauge(f"g_{name}", name, registry=registry)
                       for name in ("held", "paused", "connected")))
     received.consumer = AckConsumer(
-        settings, service="test", topics=lambda _c: [f"devices/{uid}-d/telemetry"],
-        handler=received.handler, bounds=Bounds(bound), gauges=gauges)
+        settings, service="test", topics=[f"devices/{uid}-d/telemetry"],
+        handler=received.handler, bounds=Bounds(bound), gauges=gauges,
+        previous_share_groups=previous_share_groups)
     return received.consumer
 
 
@@ -141,3 +143,26 @@ async def test_refused_credentials_are_retried_not_fatal(
                 await asyncio.sleep(0.5)
                 assert not task.done(), "refused credentials must not end the service"
                 assert not consumer.connected
+
+
+async def test_a_share_group_left_in_the_session_is_dropped(broker: LocalMosquitto,
+                                                            uid: str) -> None:
+    """A session carried over from a release that subscribed in a share group holds that
+    subscription too: unsubscribed, each message arrives once, not twice."""
+    old = Received()
+    async with running(consumer_for(broker.url, uid, old, 100, share_group="old")) as task:
+        await eventually(lambda: old.consumer is not None and old.consumer.subscribed,
+                         "subscribed in the group")
+    assert task.done()
+    received = Received()
+    consumer = consumer_for(broker.url, uid, received, 100, previous_share_groups=("old",))
+    async with running(consumer):
+        await eventually(lambda: consumer.subscribed, "subscribed plainly")
+        await asyncio.sleep(0.2)  # the UNSUBSCRIBE went out with the SUBSCRIBE
+        dev = Device(broker.url, f"{uid}-d")
+        await asyncio.to_thread(dev.publish_all, [b"{}"] * 5)
+        await eventually(lambda: received.total >= 5, "5 received")
+        await asyncio.sleep(0.5)
+        assert received.total == 5
+        assert received.commit(5)
+        dev.close()

@@ -127,18 +127,23 @@ async def test_every_message_on_a_device_topic_is_stored_dead_lettered_or_left_a
     for bad_id in (".", ".."):
         dev.client.publish(f"devices/{bad_id}/telemetry", b'{"values": {"t": 1}}',
                            qos=1).wait_for_publish(10)
-    wait_until(lambda: ingest.metric("fleetline_ingest_messages_total") >= 2 * len(
-        unknown + others) + 2, what="every message handled")
-    dead = await db.fetch("SELECT topic, device_id, reason FROM dead_letters "
-                          "WHERE topic LIKE 'devices/' || $1 || '%' OR topic IN "
-                          "('devices/./telemetry', 'devices/../telemetry')", dev.device_id)
+    mine = ("SELECT topic, device_id, reason FROM dead_letters "
+            "WHERE topic LIKE 'devices/' || $1 || '%' OR topic IN "
+            "('devices/./telemetry', 'devices/../telemetry')")
+    await wait_until_async(lambda: db.fetchval(f"SELECT count(*) FROM ({mine}) d",
+                                               dev.device_id), len(unknown) + 2)
+    wait_until(lambda: ingest.metric('fleetline_ingest_messages_total{kind="not_ingested"}')
+               >= len(others), what="the others acknowledged")
+    await asyncio.sleep(0.5)  # nothing more may come of them
+    dead = await db.fetch(mine, dev.device_id)
     by_topic = {r["topic"]: r for r in dead}
     assert set(by_topic) == {f"devices/{dev.device_id}/{k}" for k in unknown} | {
         "devices/./telemetry", "devices/../telemetry"}
     assert "unknown topic kind 'telemetry/extra'" in by_topic[
         f"devices/{dev.device_id}/telemetry/extra"]["reason"]
     assert "device id is not" in by_topic["devices/./telemetry"]["reason"]
-    assert ingest.metric("fleetline_ingest_messages_total{kind=\"not_ingested\"}") == len(others)
+    # (At least: the session's API may send devices of other tests something meanwhile.)
+    assert ingest.metric("fleetline_ingest_messages_total{kind=\"not_ingested\"}") >= len(others)
     assert await count_rows(db, uid) == len(unknown + others)
     dev.close()
 

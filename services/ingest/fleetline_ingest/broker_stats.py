@@ -5,7 +5,8 @@ session's queue is at ``max_queued_messages``: during a long database outage tha
 ingest's session. That must never happen silently, so ingest subscribes to the broker's
 own counters, over a connection of its own (its consumer's reads are paused exactly
 when the queue grows), exports them (``fleetline_broker_*``), and logs an error each
-time the dropped count grows.
+time the dropped count grows. The count is the whole broker's: any session at its cap
+(ingest's, rules', a stalled subscriber's) raises it.
 """
 
 from __future__ import annotations
@@ -38,15 +39,24 @@ class BrokerStats:
             metrics.BROKER_STORED.set(value)
         elif topic == DROPPED:
             metrics.BROKER_DROPPED.set(value)
-            # The count starts again at 0 when the broker restarts.
-            grown = value - (self.dropped or 0) if value >= (self.dropped or 0) else value
-            if grown > 0:
-                log.error(
-                    "the broker dropped %d messages it had accepted (a session's queue was "
-                    "at max_queued_messages): readings are being lost",
-                    grown,
-                    extra={"broker_dropped_total": value},
-                )
+            if self.dropped is None:
+                # The first count covers the broker's whole run, before ingest looked.
+                if value:
+                    log.warning(
+                        "the broker has dropped %d messages since it started",
+                        value,
+                        extra={"broker_dropped_total": value},
+                    )
+            else:
+                # The count starts again at 0 when the broker restarts.
+                grown = value - self.dropped if value >= self.dropped else value
+                if grown > 0:
+                    log.error(
+                        "the broker dropped %d messages it had accepted (a session's queue "
+                        "was at max_queued_messages): if ingest's, readings were lost",
+                        grown,
+                        extra={"broker_dropped_total": value},
+                    )
             self.dropped = value
 
 

@@ -45,7 +45,8 @@ SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
 # Minutes that ended at least the settle time ago (migrations/0020).
 ROLL_UP = "SELECT fleetline_roll_up($1, make_interval(secs => $2))"
 # What ingest subscribed to before it took every topic under devices/, and the share
-# group it used by default then: dropped from a session carried over from that release.
+# group it used by default then: unsubscribed from a session carried over from that
+# release.
 PREVIOUS_TOPICS = (
     f"{TOPIC_ROOT}/+/telemetry",
     f"{TOPIC_ROOT}/+/status",
@@ -84,7 +85,7 @@ class Ingestor:
         self.consumer = AckConsumer(
             settings,
             service="ingest",
-            topics=self._topics,
+            topics=mqtt.device_message_topics(every_kind=True),
             handler=self.on_message,
             bounds=Bounds(
                 settings.max_pending_messages, settings.max_pending_rows, settings.max_pending_bytes
@@ -94,6 +95,8 @@ class Ingestor:
             # its message ids mean nothing on the next connection).
             before_connect=self._seal,
             on_connected=self._on_connected,
+            previous_topics=PREVIOUS_TOPICS,
+            previous_share_groups=[PREVIOUS_SHARE_GROUP],
         )
         self._batch_full = asyncio.Event()
         self._batch_started = asyncio.Event()
@@ -135,25 +138,12 @@ class Ingestor:
 
     # -- the loops --------------------------------------------------------------------
 
-    def _topics(self, client: mqtt.Client) -> list[str]:
-        return mqtt.device_message_topics(client, self.settings.share_group, every_kind=True)
-
     def _on_connected(self, client: mqtt.Client) -> None:
-        mqtt.unsubscribe_nowait(client, self._superseded_topics(client, self._topics(client)))
         if not mqtt.is_v5(client) and self.settings.share_group:
             log.warning(
                 "MQTT 3.1.1: plain subscription, no shared group; run a single "
                 "ingest replica (each replica would receive every message)"
             )
-
-    def _superseded_topics(self, client: mqtt.Client, topics: list[str]) -> list[str]:
-        """What an earlier release's ingest subscribed to in this session, and the other
-        form (shared or plain) of today's topics: a session that kept them would receive
-        messages twice."""
-        groups = {"", PREVIOUS_SHARE_GROUP, self.settings.share_group}
-        previous = [mqtt.shared(client, g, list(PREVIOUS_TOPICS)) for g in groups]
-        other_form = [mqtt.shared(client, g, [f"{TOPIC_ROOT}/#"]) for g in groups]
-        return sorted({t for form in previous + other_form for t in form} - set(topics))
 
     async def flush_loop(self) -> None:
         max_age = self.settings.batch_ms / 1000

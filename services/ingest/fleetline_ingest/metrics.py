@@ -50,7 +50,7 @@ ROLLUP_MINUTES = Counter(
 BROKER_DROPPED = Gauge(
     "fleetline_broker_dropped_messages",
     "Messages the broker dropped since it started, for lack of queue space "
-    "(max_queued_messages); any rise means lost readings",
+    "(max_queued_messages) in any session; a rise while ingest is behind means lost readings",
 )
 BROKER_STORED = Gauge(
     "fleetline_broker_stored_messages",

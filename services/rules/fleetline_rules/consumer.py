@@ -127,7 +127,9 @@ class RulesService:
         self.consumer = AckConsumer(
             settings,
             service="rules",
-            topics=lambda client: mqtt.device_message_topics(client, settings.share_group),
+            topics=mqtt.device_message_topics(),
+            # The share group rules used by default before it subscribed plainly.
+            previous_share_groups=["rules"],
             handler=self.on_message,
             bounds=Bounds(settings.max_pending_messages),
             gauges=Gauges(metrics.PENDING_MESSAGES, metrics.PAUSED, metrics.CONNECTED),
