@@ -39,6 +39,7 @@ import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
 from fleetline.settings import ConsumerSettings, MqttProtocol, MqttTarget
@@ -223,7 +224,8 @@ def subscribe_nowait(
     client: aiomqtt.Client, topics: list[str], *, qos: int = 1
 ) -> list[asyncio.Future[Any]]:
     """Subscribe without waiting for the SUBACK; a refusal is logged when it arrives, and
-    ends the connection. Returns the SUBACKs' futures, for whoever wants to know.
+    ends the connection. Returns the SUBACKs' futures, for whoever wants to know. On
+    MQTT 5 no retained messages are sent for these subscriptions (Retain Handling 2).
 
     A persistent session's backlog arrives right after the CONNACK, before any SUBACK.
     When that backlog fills the pending bound, reads pause, and an awaited SUBACK
@@ -231,8 +233,15 @@ def subscribe_nowait(
     """
     paho_client: Any = client._client  # noqa: SLF001
     futures: list[asyncio.Future[Any]] = []
+    # MQTT 5: no retained messages on subscribing. A consumer took each one in when it
+    # was published (its persistent session queued it); a replay of every retained
+    # message under devices/ (statuses, desired twins) at each new session is only work.
+    options = SubscribeOptions(qos=qos, retainHandling=2) if is_v5(client) else None
     for topic in topics:
-        result, mid = paho_client.subscribe(topic, qos)
+        if options is None:
+            result, mid = paho_client.subscribe(topic, qos)
+        else:
+            result, mid = paho_client.subscribe(topic, options=options)
         if result != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(result, f"could not subscribe to {topic}")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

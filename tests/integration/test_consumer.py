@@ -166,3 +166,21 @@ async def test_a_share_group_left_in_the_session_is_dropped(broker: LocalMosquit
         assert received.total == 5
         assert received.commit(5)
         dev.close()
+
+
+async def test_a_new_session_gets_no_retained_replay(broker: LocalMosquitto, uid: str) -> None:
+    """MQTT 5, Retain Handling 2: what was retained before is not sent on subscribing
+    (consumers took it in when it was published); what is published after is."""
+    dev = Device(broker.url, f"{uid}-d")
+    dev.publish(b"{}", retain=True).wait_for_publish(10)
+    received = Received()
+    consumer = consumer_for(broker.url, uid, received, 100)
+    async with running(consumer):
+        await eventually(lambda: consumer.subscribed, "subscribed")
+        await asyncio.sleep(0.5)
+        assert received.total == 0, "a retained message was replayed"
+        await asyncio.to_thread(dev.publish_all, [b"{}"])
+        await eventually(lambda: received.total == 1, "the new message")
+        assert received.commit(1)
+    dev.publish(b"", retain=True).wait_for_publish(10)  # clear the retained message
+    dev.close()
