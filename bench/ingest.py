@@ -44,7 +44,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(ROOT))
 
 import publish as pub  # noqa: E402
-from measure import log, machine_busy, pct, proc_cpu, tree_cpu  # noqa: E402
+from measure import log, machine_busy, pct, proc_cpu, tree_cpu, tree_rss  # noqa: E402
 
 from fleetline.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
 from fleetline.migrate import migrate  # noqa: E402
@@ -210,7 +210,7 @@ class Consumer:
             self.startup_cpu = tree_cpu(proc.pid)
         time.sleep(0.3)
         with contextlib.suppress(psutil.Error):
-            self.idle_rss = psutil.Process(proc.pid).memory_info().rss
+            self.idle_rss = tree_rss(proc.pid)
         code = self.stop()
         if code != 0:
             raise RuntimeError(f"{self.name} exited with {code} on SIGTERM; log {self.log_path}")
@@ -246,11 +246,24 @@ class FleetlineIngest(Consumer):
 
     def __init__(self, bench: Bench, db: str, tag: str) -> None:
         super().__init__(bench, db, tag)
-        self.http_port = free_port()
+        # With --ingest-replicas N > 1: N processes in one share group (bench/replicas.py).
+        self.replicas = bench.args.ingest_replicas
+        self.http_ports = [free_port() for _ in range(self.replicas)]
+        self.http_port = self.http_ports[0]
         self.profiler: subprocess.Popen[bytes] | None = None
+        if self.replicas > 1:
+            self.name = f"fleetline ingest x{self.replicas}"
 
     def command(self) -> list[str]:
+        if self.replicas > 1:
+            return [sys.executable, str(BENCH_DIR / "replicas.py"), str(self.replicas)]
         return [sys.executable, "-m", "fleetline", "ingest"]
+
+    def clear(self) -> None:
+        if self.replicas == 1:
+            super().clear()
+        for i in range(self.replicas if self.replicas > 1 else 0):
+            clear_session(self.bench.mq.port, f"{self.client_id}-{i}", v5=self.v5)
 
     def spawn(self) -> subprocess.Popen[bytes]:
         """With --py-spy, every run after the session-creating one is sampled by py-spy
@@ -284,19 +297,24 @@ class FleetlineIngest(Consumer):
             "FLEETLINE_LOG_LEVEL": "WARNING",
             "FLEETLINE_LOG_FORMAT": "json",
             "FLEETLINE_STORAGE_TIMESCALE": "off",
+            **({"FLEETLINE_INGEST_SHARE_GROUP": f"bench{self.bench.run_id}",
+                "BENCH_REPLICA_PORTS": ",".join(map(str, self.http_ports))}
+               if self.replicas > 1 else {}),
             **dict(kv.split("=", 1) for kv in self.bench.args.ingest_env),
         }
 
     def is_ready(self) -> bool:
-        return http_get(self.http_port, "/readyz")[0] == 200
+        return all(http_get(port, "/readyz")[0] == 200 for port in self.http_ports)
 
     def metrics(self) -> dict[str, float]:
-        status, text = http_get(self.http_port, "/metrics")
-        if status != 200:
-            return {}
         found: dict[str, float] = {}
-        for m in re.finditer(r"^(fleetline_ingest_[a-z_]+)(?:\{[^}]*\})? (\S+)$", text, re.M):
-            found[m.group(1)] = found.get(m.group(1), 0.0) + float(m.group(2))
+        for port in self.http_ports:  # summed over the replicas
+            status, text = http_get(port, "/metrics")
+            if status != 200:
+                return {}
+            for m in re.finditer(r"^(fleetline_ingest_[a-z_]+)(?:\{[^}]*\})? (\S+)$", text,
+                                 re.M):
+                found[m.group(1)] = found.get(m.group(1), 0.0) + float(m.group(2))
         keep = ("batches_total", "batch_seconds_sum", "batch_rows_sum", "rows_total",
                 "duplicate_rows_total", "dead_letters_total", "write_errors_total",
                 "messages_total")
@@ -399,7 +417,7 @@ class Bench:
 
         def sample() -> None:
             with contextlib.suppress(psutil.Error):
-                rss.append((time.time() - t_spawn, ps.memory_info().rss))
+                rss.append((time.time() - t_spawn, tree_rss(ps.pid)))
 
         async def sample_rss() -> None:
             # The first sample 0.5 s after spawn (at spawn the process has not exec'd yet).
@@ -574,7 +592,7 @@ class Bench:
         while not pub_task.done():
             if ps is not None:
                 with contextlib.suppress(psutil.Error):
-                    rss_peak = max(rss_peak, ps.memory_info().rss)
+                    rss_peak = max(rss_peak, tree_rss(ps.pid))
             await asyncio.sleep(RSS_SAMPLE_SECONDS)
         published = pub_task.result()
         cpu_used = cpu.end()
@@ -1006,6 +1024,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int,
                    help="backlog drains per consumer, median reported (default 3; quick 1)")
     p.add_argument("--only-fleetline", action="store_true", help="skip the baselines")
+    p.add_argument("--ingest-replicas", type=int, default=1,
+                   help="fleetline ingest replicas in one share group (default 1)")
     p.add_argument("--py-spy", action="store_true",
                    help="sample ingest's drains with py-spy (it must be on PATH)")
     p.add_argument("--quick", action="store_true", help="smoke run, under a minute")

@@ -45,6 +45,17 @@ def tree_cpu(pid: int | None) -> float:
     return total
 
 
+def tree_rss(pid: int) -> int:
+    """Resident memory of ``pid`` and its descendants (one process, or ingest replicas
+    under their launcher)."""
+    root = psutil.Process(pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine has been busy (not idle, waiting or a guest's)."""
     t = psutil.cpu_times()

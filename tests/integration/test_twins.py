@@ -3,6 +3,7 @@ broker (retained), reported patches from the device are applied by the real inge
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -207,6 +208,42 @@ async def test_reported_patches_from_the_device_update_the_twin(
     wait_until(lambda: twin()["reported_version"] == 4, what="the fourth patch")
     assert twin()["delta"] == {}
     assert ingest.metric("fleetline_ingest_twin_patches_total") == 4
+    dev.close()
+
+
+async def test_reported_patches_apply_in_order_across_concurrent_writers(
+    api: ApiProcess,
+    make_key: Callable[..., Any],
+    broker: LocalMosquitto,
+    db: asyncpg.Pool[Any],
+    start_ingest: Callable[..., IngestProcess],
+    uid: str,
+) -> None:
+    """Ingest writes batches on two connections at once; a device's reported patches
+    still apply in the order it sent them. The first batch is held up (its new metric
+    waits for the series table, which the test locks) while the next, with later
+    patches only, could commit first: it must wait its turn."""
+    device_id = f"{uid}-d"
+    c = await _device(api, make_key, device_id)
+    start_ingest(env={"FLEETLINE_INGEST_BATCH_MESSAGES": "2", "FLEETLINE_INGEST_WRITERS": "2"})
+    dev = Device(broker.url, device_id)
+
+    def twin() -> dict[str, Any]:
+        body: dict[str, Any] = c.get(f"/v1/devices/{device_id}/twin").json()
+        return body
+
+    async with db.acquire() as con:
+        tx = con.transaction()
+        await tx.start()
+        await con.execute("LOCK TABLE series IN EXCLUSIVE MODE")
+        dev.publish_all([{"n": 1}], kind="twin/reported")  # batch 1: a patch and a
+        dev.publish_all([{"values": {f"new_{uid[-6:]}": 1}}])  # reading of a new metric
+        dev.publish_all([{"n": 2}, {"n": 3}], kind="twin/reported")  # batch 2
+        await asyncio.sleep(1.5)
+        assert twin()["reported_version"] == 0, "a later batch's patches came first"
+        await tx.rollback()
+    wait_until(lambda: twin()["reported_version"] == 3, what="three reported patches")
+    assert twin()["reported"] == {"n": 3}
     dev.close()
 
 

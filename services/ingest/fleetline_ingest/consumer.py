@@ -82,6 +82,8 @@ class Ingestor:
         )
         self.current = Batch(generation=0)
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=QUEUED_BATCHES)
+        # Done when the last batch with reported twin patches has been written.
+        self._twin_turn: asyncio.Future[None] | None = None
         self.consumer = AckConsumer(
             settings,
             service="ingest",
@@ -160,15 +162,29 @@ class Ingestor:
                 await self._seal()
 
     async def write_loop(self) -> None:
+        """One of ``settings.writers`` writers, each with its own connection: a batch is
+        parsed and encoded while another's COPY runs in the database. Batches commit in
+        any order, except that batches with reported twin patches commit in the order
+        they were received (a device's patches are applied in order); everything else a
+        batch writes is ordered by its content (ts, status times) or idempotent."""
         while True:
             batch = await self.queue.get()
             received = (batch.messages, len(batch.rows), batch.payload_bytes)
+            turn: asyncio.Future[None] | None = None
             try:
                 if not self._is_current(batch):
                     batch = self._without_redeliveries(batch)
+                if batch.twin:
+                    # Taken before any await: the order of the queue.
+                    previous, turn = self._twin_turn, self._loop.create_future()
+                    self._twin_turn = turn
+                    if previous is not None:
+                        await previous
                 await self._write_with_retry(batch)
                 self._acknowledge(batch, received[0])
             finally:
+                if turn is not None and not turn.done():
+                    turn.set_result(None)
                 self.consumer.release(*received)
                 self.queue.task_done()
 
@@ -286,26 +302,35 @@ class Ingestor:
     # -- running and stopping ---------------------------------------------------------
 
     async def run(self) -> None:
-        tasks = [
-            asyncio.create_task(self.consumer.run(), name="ingest.mqtt"),
-            asyncio.create_task(self.flush_loop(), name="ingest.flush"),
-            asyncio.create_task(self.write_loop(), name="ingest.write"),
+        flush = asyncio.create_task(self.flush_loop(), name="ingest.flush")
+        writers = [
+            asyncio.create_task(self.write_loop(), name=f"ingest.write.{i}")
+            for i in range(self.settings.writers)
+        ]
+        upkeep = [
             asyncio.create_task(self.maintenance_loop(), name="ingest.maintenance"),
             asyncio.create_task(self.rollup_loop(), name="ingest.rollup"),
             asyncio.create_task(self.listeners_loop(), name="ingest.listeners"),
             asyncio.create_task(broker_stats.watch(self.settings), name="ingest.broker_stats"),
         ]
+        tasks = [asyncio.create_task(self.consumer.run(), name="ingest.mqtt"), flush]
+        tasks += writers + upkeep
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
             raise RuntimeError("an ingest loop stopped unexpectedly")
         finally:
-            await self._drain(tasks)
+            await self._drain(tasks, flush, writers, upkeep)
 
-    async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
+    async def _drain(
+        self,
+        tasks: list[asyncio.Task[None]],
+        flush_task: asyncio.Task[None],
+        writers: list[asyncio.Task[None]],
+        upkeep: list[asyncio.Task[None]],
+    ) -> None:
         """Stop reading, write and acknowledge what was received, then disconnect."""
-        mqtt_task, flush_task, write_task, *upkeep = tasks
         # No more reads, and a connection lost from here on is not made again.
         self.consumer.stop_reading()
         flush_task.cancel()
@@ -317,7 +342,7 @@ class Ingestor:
         )
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout_seconds):
-                if not write_task.done():
+                if any(not w.done() for w in writers):
                     await self._seal()
                     await self.queue.join()
         except TimeoutError:

@@ -20,12 +20,11 @@ DB_COMMAND_TIMEOUT_SECONDS = 60.0
 
 async def run(settings: IngestSettings, storage: StorageSettings) -> None:
     await db.wait_for_database(settings.dsn)
-    # One connection writes (batches are committed in order); one spare for upkeep and
-    # readiness checks.
+    # A connection per writer; two spare for upkeep and readiness checks.
     pool = await db.create_pool(
         settings.dsn,
         min_size=1,
-        max_size=3,
+        max_size=settings.writers + 2,
         init=init_connection,
         command_timeout=DB_COMMAND_TIMEOUT_SECONDS,
     )
