@@ -152,6 +152,30 @@ def make_client(
     )
 
 
+def topic_name_problem(topic: str) -> str | None:
+    """Why ``topic`` cannot be the topic of a PUBLISH (None when it can): empty, over
+    65,535 bytes, a wildcard, or a character brokers refuse in a topic (MQTT 5 section
+    1.5.4: NUL, control characters U+0001-U+001F and U+007F-U+009F, noncharacters,
+    surrogates). Mosquitto disconnects a client that publishes such a topic."""
+    if not topic:
+        return "is empty"
+    if "+" in topic or "#" in topic:
+        return "holds a wildcard (+ or #)"
+    for ch in topic:
+        code = ord(ch)
+        if (
+            code <= 0x1F
+            or 0x7F <= code <= 0x9F
+            or 0xD800 <= code <= 0xDFFF
+            or 0xFDD0 <= code <= 0xFDEF
+            or (code & 0xFFFE) == 0xFFFE
+        ):
+            return f"holds the character U+{code:04X}, which MQTT topics may not"
+    if len(topic.encode()) > 65535:
+        return "is longer than 65,535 bytes"
+    return None
+
+
 def publish_properties(
     client: aiomqtt.Client,
     *,

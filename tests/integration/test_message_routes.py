@@ -134,6 +134,7 @@ async def test_invalid_routes_get_4xx_problems_saying_why(
         ("devices/d1/telemetry", "devices' own"),
         ("devices", "devices' own"),
         ("$SYS/x", "may not start with $"),
+        ("fleet/\x85/out", "U+0085"),  # the broker would end rules' connection over it
     ):
         resp = writer.post("/v1/routes", json={**body, "destination": {**mqtt, "topic": topic}})
         assert_problem(resp, 400, why)
@@ -283,3 +284,15 @@ async def test_a_full_notify_queue_does_not_fail_a_route_change(
     finally:
         await listener.close()
         await undo()
+
+
+async def test_a_topic_the_broker_refuses_fails_the_delivery_for_good() -> None:
+    """A stored route whose topic the broker refuses (a row from an older release) must
+    not make rules publish it: Mosquitto would end rules' whole connection at every retry."""
+    from fleetline_rules.actions import Sender
+    from fleetline_rules.settings import RulesSettings
+
+    sender = Sender(RulesSettings(), lambda: None)
+    outcome = await sender.publish("fleet/\x85/out", b"{}")
+    assert not outcome.ok and not outcome.retry
+    assert outcome.error is not None and "U+0085" in outcome.error

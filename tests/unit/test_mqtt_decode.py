@@ -7,7 +7,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fleetline.mqtt import decode_publish
+from fleetline.mqtt import decode_publish, topic_name_problem
 
 PUBLISH = 0x30
 
@@ -276,3 +276,28 @@ def test_properties_ending_exactly_at_the_packet_end_are_valid() -> None:
     """The boundary of the previous case: properties filling the packet, no payload."""
     packet = b"\x00\x01t\x03\x23\x00\x05"
     assert decode_publish(header(0), packet, v5=True) == ("t", 0, 0, False, len(packet))
+
+
+@pytest.mark.parametrize(
+    ("topic", "why"),
+    [
+        ("", "empty"),
+        ("fleet/+/out", "wildcard"),
+        ("fleet/#", "wildcard"),
+        ("fleet/\x01", "U+0001"),
+        ("fleet/\x85", "U+0085"),  # C1 controls pass a plain printable-check
+        ("fleet/\ufdd0", "U+FDD0"),
+        ("fleet/\uffff", "U+FFFF"),
+        ("fleet/\U0001fffe", "U+1FFFE"),
+        ("a" * 65536, "65,535 bytes"),
+    ],
+)
+def test_topic_names_brokers_refuse(topic: str, why: str) -> None:
+    """A PUBLISH to such a topic makes Mosquitto end the connection (malformed packet)."""
+    problem = topic_name_problem(topic)
+    assert problem is not None and why in problem
+
+
+def test_topic_names_brokers_take() -> None:
+    for topic in ("fleet/out", "fleet/énergie/温度", "a" * 65535, "$x/y", "fleet//out"):
+        assert topic_name_problem(topic) is None

@@ -139,6 +139,11 @@ class Sender:
     ) -> Outcome:
         """Publish QoS 1 and wait for the broker's PUBACK (bounded by the action
         timeout). On MQTT 5, ``user_properties`` go along (3.1.1 has none)."""
+        problem = mqtt.topic_name_problem(topic)
+        if problem:
+            # The broker would end the whole connection (rules' readings too) over it,
+            # at every retry: the delivery fails for good instead.
+            return Outcome(ok=False, error=f"topic {topic[:80]!r} {problem}"[:MAX_ERROR_CHARS])
         client = self.broker()
         if client is None:
             return Outcome(ok=False, retry=True, error="not connected to the broker")

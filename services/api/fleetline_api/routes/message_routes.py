@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 
-from fleetline import db, devicequery, rules_engine
+from fleetline import db, devicequery, mqtt, rules_engine
 from fleetline_api.deps import PoolDep
 from fleetline_api.problems import CONFLICT, NOT_FOUND, RESPONSES
 from fleetline_api.route_schemas import (
@@ -91,6 +91,9 @@ def check_topic(topic: str) -> None:
         raise HTTPException(
             400, "destination.topic must be a topic name: the wildcards + and # are not allowed"
         )
+    problem = mqtt.topic_name_problem(topic)
+    if problem:
+        raise HTTPException(400, f"destination.topic {problem}")
     if topic.startswith("$"):
         raise HTTPException(400, "destination.topic may not start with $ (the broker's own)")
     if topic == DEVICE_NAMESPACE or topic.startswith(f"{DEVICE_NAMESPACE}/"):
@@ -99,8 +102,6 @@ def check_topic(topic: str) -> None:
             "destination.topic may not be under devices/: that namespace is the devices' "
             "own (a route publishes readings onward, not as a device)",
         )
-    if len(topic.encode()) > 65535:  # the MQTT limit; the schema's 256 characters keep below
-        raise HTTPException(400, "destination.topic is too long")
 
 
 def _columns(body: RouteIn, stored: dict[str, Any] | None) -> list[Any]:
