@@ -665,16 +665,18 @@ async def test_backtest_returns_what_live_evaluation_raised_on_the_same_readings
         "/v1/rules",
         json=threshold_rule(f"{uid} bt", devices)
         | {
-            "raise": {"op": ">", "value": 30, "for_s": 1.0},
-            "clear": {"op": "<", "value": 28, "for_s": 0.6},
+            # Twice the delays (and the spacing below) that a loaded machine could make a
+            # delivery overtake: a pending raise fires on the clock, not on the next reading.
+            "raise": {"op": ">", "value": 30, "for_s": 2.0},
+            "clear": {"op": "<", "value": 28, "for_s": 1.2},
         },
     ).json()
     await asyncio.sleep(0.5)
     start = datetime.now(UTC) - timedelta(seconds=1)
     pubs = [Device(broker.url, d) for d in devices]
-    # Readings 0.4 s apart, each stamped with the time it is due (not when the publish
-    # got through, which a loaded machine delays). a: raised (held 1 s), cleared (held
-    # 0.6 s), raised again, open at the end. b: a blip too short to raise, then raised,
+    # Readings 0.8 s apart, each stamped with the time it is due (not when the publish
+    # got through, which a loaded machine delays). a: raised (held 2 s), cleared (held
+    # 1.2 s), raised again, open at the end. b: a blip too short to raise, then raised,
     # then dancing in the hysteresis band (29-31) without clearing.
     series = {
         devices[0]: [25, 31, 32, 33, 34, 27, 27, 27, 31, 31, 31, 31],
@@ -682,12 +684,12 @@ async def test_backtest_returns_what_live_evaluation_raised_on_the_same_readings
     }
     base = time.time() + 0.3
     for i in range(12):
-        due = base + 0.4 * i
+        due = base + 0.8 * i
         await asyncio.sleep(max(0.0, due - time.time()))
         for dev in pubs:
             ts = int(due * 1000)
             dev.publish_all([{"ts": ts, "values": {"temp": series[dev.device_id][i]}}])
-    await asyncio.sleep(2.0)  # timers due, open alarms flushed
+    await asyncio.sleep(3.0)  # timers due, open alarms flushed
     live = await db.fetch(
         "SELECT device_id, raised_at, cleared_at, value, peak, count FROM rule_alarms "
         "WHERE rule_id = $1 ORDER BY raised_at, device_id",
