@@ -202,8 +202,9 @@ class IngestProcess(ServiceProcess):
             # persistent subscription under its own client id.
             "FLEETLINE_INGEST_CLIENT_ID": f"test-ingest-{name}",
             # A stopped test's session (devices/#) would queue the rest of the run's
-            # messages for a day: ten minutes covers every restart a test makes.
-            "FLEETLINE_INGEST_SESSION_EXPIRY_SECONDS": "600",
+            # messages for a day, which loads the shared broker for every later test: a
+            # minute covers every restart a test makes.
+            "FLEETLINE_INGEST_SESSION_EXPIRY_SECONDS": "60",
             "FLEETLINE_INGEST_BATCH_MS": "50",
         }
 
