@@ -77,7 +77,6 @@ class AckConsumer:
         bounds: Bounds,
         gauges: Gauges,
         before_connect: Callable[[], Awaitable[None]] | None = None,
-        on_connected: Callable[[mqtt.Client], None] | None = None,
         previous_topics: Iterable[str] = (),
         previous_share_groups: Iterable[str] = (),
     ) -> None:
@@ -89,7 +88,6 @@ class AckConsumer:
         self._handler = handler
         self._bounds = bounds
         self._before_connect = before_connect
-        self._on_connected = on_connected
         self.generation = 0
         self.reader: mqtt.DirectReader | None = None
         self.client: mqtt.Client | None = None
@@ -258,8 +256,12 @@ class AckConsumer:
         superseded = self._superseded(client, topics)
         if superseded:
             mqtt.unsubscribe_nowait(client, superseded)
-        if self._on_connected is not None:
-            self._on_connected(client)
+        if not mqtt.is_v5(client) and self._settings.share_group:
+            log.warning(
+                "MQTT 3.1.1: plain subscription, no shared group; run a single %s "
+                "replica (each replica would receive every message)",
+                self._service,
+            )
         log.info(
             "connected to the broker, subscribed",
             extra={

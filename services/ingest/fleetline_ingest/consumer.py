@@ -27,7 +27,7 @@ import asyncpg
 
 from fleetline import db, mqtt, streamevents
 from fleetline.consumer import AckConsumer, Bounds, Gauges
-from fleetline.protocol import TOPIC_ROOT
+from fleetline.protocol import C2D_ACK, MODULES, STATUS, TELEMETRY, TOPIC_ROOT, TWIN_REPORTED
 from fleetline.settings import StorageSettings
 from fleetline_ingest import broker_stats, metrics
 from fleetline_ingest.batch import Batch, collect, rebuild
@@ -48,11 +48,11 @@ ROLL_UP = "SELECT fleetline_roll_up($1, make_interval(secs => $2))"
 # group it used by default then: unsubscribed from a session carried over from that
 # release.
 PREVIOUS_TOPICS = (
-    f"{TOPIC_ROOT}/+/telemetry",
-    f"{TOPIC_ROOT}/+/status",
-    f"{TOPIC_ROOT}/+/twin/reported",
-    f"{TOPIC_ROOT}/+/modules/+/twin/reported",
-    f"{TOPIC_ROOT}/+/c2d/ack",
+    f"{TOPIC_ROOT}/+/{TELEMETRY}",
+    f"{TOPIC_ROOT}/+/{STATUS}",
+    f"{TOPIC_ROOT}/+/{TWIN_REPORTED}",
+    f"{TOPIC_ROOT}/+/{MODULES}/+/{TWIN_REPORTED}",
+    f"{TOPIC_ROOT}/+/{C2D_ACK}",
 )
 PREVIOUS_SHARE_GROUP = "ingest"
 
@@ -96,7 +96,6 @@ class Ingestor:
             # Whatever came in on the previous connection is written (not acknowledged:
             # its message ids mean nothing on the next connection).
             before_connect=self._seal,
-            on_connected=self._on_connected,
             previous_topics=PREVIOUS_TOPICS,
             previous_share_groups=[PREVIOUS_SHARE_GROUP],
         )
@@ -139,13 +138,6 @@ class Ingestor:
         await self.queue.put(batch)
 
     # -- the loops --------------------------------------------------------------------
-
-    def _on_connected(self, client: mqtt.Client) -> None:
-        if not mqtt.is_v5(client) and self.settings.share_group:
-            log.warning(
-                "MQTT 3.1.1: plain subscription, no shared group; run a single "
-                "ingest replica (each replica would receive every message)"
-            )
 
     async def flush_loop(self) -> None:
         max_age = self.settings.batch_ms / 1000
