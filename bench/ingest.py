@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import publish as pub  # noqa: E402
 from measure import log, machine_busy, pct, proc_cpu, tree_cpu, tree_rss  # noqa: E402
 
+from fleetline import streamevents  # noqa: E402
 from fleetline.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
 from fleetline.migrate import migrate  # noqa: E402
 from fleetline.settings import StorageSettings  # noqa: E402
@@ -797,8 +798,31 @@ class Bench:
         return {"messages": m, "readings_per_message": n, "rows": rows,
                 "fleetline": drained, "telegraf": telegraf, "copy": copy}
 
+    def watch_stream(self) -> paho.Client:
+        """--stream-listener: stand in for an API process with stream clients (its retained
+        presence, a subscription to the events ingest publishes), for the whole run."""
+        received = self.results.setdefault("stream_listener", {"messages": 0, "bytes": 0})
+
+        def on_message(_c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+            if message.topic == streamevents.EVENTS_TOPIC:
+                received["messages"] += 1
+                received["bytes"] += len(message.payload)
+
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-stream",
+                             protocol=paho.MQTTv5)
+        client.on_message = on_message
+        client.connect("127.0.0.1", self.mq.port)
+        client.loop_start()
+        client.subscribe(streamevents.EVENTS_TOPIC, qos=0)
+        client.publish(f"{streamevents.LISTENERS_TOPIC}/bench", b"1", qos=1,
+                       retain=True).wait_for_publish(10)
+        log("  a stream listener is present (--stream-listener)")
+        return client
+
     async def run(self) -> None:
         a = self.args
+        if a.stream_listener:
+            self.watch_stream()
         env = await self.environment()
         self.results["environment"] = env
         self.results["args"] = vars(a)
@@ -859,6 +883,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                  f"{tuple(round(x, 2) for x in env.get('loadavg_end', ()))}")
     if args.ingest_env:
         lines.append(f"fleetline ingest extra settings: {' '.join(args.ingest_env)}")
+    if "stream_listener" in results:
+        heard = results["stream_listener"]
+        lines.append(f"with a stream listener: it received {heard['messages']:,} event messages "
+                     f"({heard['bytes'] / MB:,.0f} MB)")
     lines.append("")
     sizes = {r["messages"] for r in single.values()}
     lines.append(
@@ -1028,6 +1056,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fleetline ingest replicas in one share group (default 1)")
     p.add_argument("--py-spy", action="store_true",
                    help="sample ingest's drains with py-spy (it must be on PATH)")
+    p.add_argument("--stream-listener", action="store_true",
+                   help="run with a /v1/stream listener present (ingest publishes its events)")
     p.add_argument("--quick", action="store_true", help="smoke run, under a minute")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = p.parse_args(argv)

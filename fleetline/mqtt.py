@@ -304,20 +304,30 @@ async def watch_topics(
     protocol: MqttProtocol,
     topics: list[str],
     handle: Callable[[str, bytes], None],
+    *,
+    connection: Callable[[aiomqtt.Client | None], None] | None = None,
 ) -> None:
     """Subscribe to ``topics`` (QoS 0) on a connection of its own and hand each message
     to ``handle``, reconnecting with backoff for ever. For low-rate side channels (the
-    broker's ``$SYS`` counters), apart from a consumer whose reads may be paused."""
+    broker's ``$SYS`` counters), apart from a consumer whose reads may be paused.
+    ``connection`` is told the client once it is subscribed, and None when it is gone
+    (whoever publishes on the side connection uses it meanwhile)."""
     attempt = 0
     while True:
         try:
             async with connected(make, protocol) as client:
                 await client.subscribe([(topic, 0) for topic in topics])
                 attempt = 0
-                async for message in client.messages:
-                    payload = message.payload
-                    if isinstance(payload, bytes | bytearray):
-                        handle(str(message.topic), bytes(payload))
+                if connection is not None:
+                    connection(client)
+                try:
+                    async for message in client.messages:
+                        payload = message.payload
+                        if isinstance(payload, bytes | bytearray):
+                            handle(str(message.topic), bytes(payload))
+                finally:
+                    if connection is not None:
+                        connection(None)
         except (aiomqtt.MqttError, MqttAuthError) as exc:
             log.warning("side connection for %s lost or refused: %s", topics, exc)
         except Exception:  # a bug here must not end the service it serves

@@ -1,23 +1,30 @@
-"""Live events from storage to the API's ``/v1/stream``, over PostgreSQL NOTIFY.
+"""Live events from storage to the API's ``/v1/stream``.
 
-Ingest notifies in the transaction that stores a batch, so listeners hear of readings
-and status changes only once they are committed (and never of a batch rolled back).
-A notification's payload is a JSON array of events, as the WebSocket sends them:
+An event is a JSON object, as the WebSocket sends it:
 
 - ``{"type": "telemetry", "device_id": "d1", "ts": "...Z", "values": {"temp": 21.5}}``
 - ``{"type": "status", "device_id": "d1", "online": true, "ts": "...Z"}``
-- ``{"type": "alarm", "device_id": "d1", "ts": "...Z", "alarm": {...}}`` (the rules
-  service, when an alarm is raised, updated, acknowledged or cleared)
+- ``{"type": "alarm", "device_id": "d1", "ts": "...Z", "alarm": {...}}``
 
-PostgreSQL caps a payload below 8000 bytes, so a batch's events are packed into as
-many notifications as needed.
+Two ways carry them, each chosen for its rate:
 
-Announcing costs ingest CPU and the database NOTIFY traffic, so it happens only while
-someone listens: an API process with stream clients keeps a row in ``stream_listeners``
-(expiring after :data:`LISTENER_TTL_SECONDS`, refreshed every
-:data:`LISTENER_REFRESH_SECONDS`), and ingest looks every :data:`LISTENER_POLL_SECONDS`.
-A process that starts listening waits :data:`LISTENER_SETTLE_SECONDS` before telling its
-first client it is subscribed, so ingest has noticed by then.
+- **Readings and status changes, over the broker.** After a batch commits, ingest
+  publishes its rows and status changes (QoS 0) on :data:`EVENTS_TOPIC`, which each API
+  process with stream clients subscribes to and builds the events from. A message is
+  ``{"publisher": id, "seq": n, "rows": [...], "status": [...]}`` (:func:`batch_parts`);
+  ``seq`` counts each publisher's messages from 0, so a subscriber sees a gap when a
+  message was lost. Publishing happens outside the batch's transaction, so it
+  never holds up a commit (NOTIFY, which this replaced, takes a database-wide lock at
+  every commit that notifies) and costs ingest only while someone listens: an API
+  process with stream clients keeps a retained message on
+  ``{LISTENERS_TOPIC}/{listener id}`` (refreshed every :data:`LISTENER_REFRESH_SECONDS`,
+  expiring after :data:`LISTENER_TTL_SECONDS`, cleared by its Last Will when the
+  process dies), and ingest answers a new listener on ``{HEARD_TOPIC}/{listener id}`` once
+  it announces to it. Topics outside ``devices/`` are out of every device's reach (the
+  broker's auth plugin).
+- **Alarms, over PostgreSQL NOTIFY** on :data:`CHANNEL`, in the transaction that raises,
+  acknowledges or clears them: rare, and heard only once committed. PostgreSQL caps a
+  payload below 8000 bytes, so events are packed into as many notifications as needed.
 """
 
 from __future__ import annotations
@@ -32,15 +39,18 @@ from fleetline.db import NOTIFY_MANY_SQL
 from fleetline.protocol import Row
 
 CHANNEL = "fleetline_stream"
-LISTENER_TTL_SECONDS = 15.0
-LISTENER_REFRESH_SECONDS = 5.0
-LISTENER_POLL_SECONDS = 1.0
-LISTENER_SETTLE_SECONDS = LISTENER_POLL_SECONDS + 0.5
-ANY_LISTENER = "SELECT EXISTS (SELECT 1 FROM stream_listeners WHERE expires_at > now())"
+EVENTS_TOPIC = "fleetline/stream/events"
+LISTENERS_TOPIC = "fleetline/stream/listeners"
+HEARD_TOPIC = "fleetline/stream/heard"
+LISTENER_TTL_SECONDS = 60.0
+LISTENER_REFRESH_SECONDS = 20.0
 # Send packed payloads ($2) on the channel ($1), in the caller's transaction.
 NOTIFY_SQL = NOTIFY_MANY_SQL
 # PostgreSQL refuses payloads of 8000 bytes or more.
 MAX_PAYLOAD_BYTES = 7900
+# Under the broker's max_packet_size (deploy/mosquitto/fleetline.conf: 1 MiB): a whole
+# batch of ingest's default 5000 rows fits in one message, encoded once.
+MAX_MESSAGE_BYTES = 768 * 1024
 _OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
 
 
@@ -58,13 +68,6 @@ def telemetry_events(rows: Iterable[Row]) -> list[dict[str, Any]]:
     ]
 
 
-def status_events(status: dict[str, tuple[bool, datetime]]) -> list[dict[str, Any]]:
-    return [
-        {"type": "status", "device_id": d, "online": online, "ts": ts}
-        for d, (online, ts) in status.items()
-    ]
-
-
 def alarm_event(alarm: Mapping[str, Any], at: datetime | None) -> dict[str, Any]:
     """An alarm (as REST shows it) raised, updated, acknowledged or cleared at ``at``."""
     return {"type": "alarm", "device_id": alarm["device_id"], "ts": at, "alarm": dict(alarm)}
@@ -77,18 +80,23 @@ async def announce(con: Any, events: Iterable[dict[str, Any]]) -> None:
         await con.execute(NOTIFY_SQL, CHANNEL, payloads)
 
 
-def _fitting(event: dict[str, Any]) -> list[bytes]:
-    """The event encoded; a reading too large for one notification (hundreds of
-    metrics) is split into several events with the same ts."""
-    encoded = orjson.dumps(event, option=_OPTIONS)
+def _split(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """A reading with many metrics as two events with the same ts; [] if it cannot be."""
     values = event.get("values")
-    if len(encoded) + 2 <= MAX_PAYLOAD_BYTES or not values or len(values) < 2:
-        return [encoded] if len(encoded) + 2 <= MAX_PAYLOAD_BYTES else []
+    if not values or len(values) < 2:
+        return []
     items = list(values.items())
     half = len(items) // 2
-    return _fitting({**event, "values": dict(items[:half])}) + _fitting(
-        {**event, "values": dict(items[half:])}
-    )
+    return [{**event, "values": dict(items[:half])}, {**event, "values": dict(items[half:])}]
+
+
+def _fitting(event: dict[str, Any], limit: int) -> list[bytes]:
+    """The event encoded in pieces of at most ``limit`` bytes (a reading with hundreds of
+    metrics split by :func:`_split`; what cannot be split that far is left out)."""
+    encoded = orjson.dumps(event, option=_OPTIONS)
+    if len(encoded) <= limit:
+        return [encoded]
+    return [piece for part in _split(event) for piece in _fitting(part, limit)]
 
 
 def pack(events: Iterable[dict[str, Any]]) -> list[str]:
@@ -97,7 +105,7 @@ def pack(events: Iterable[dict[str, Any]]) -> list[str]:
     chunk: list[bytes] = []
     size = 2
     for event in events:
-        for encoded in _fitting(event):
+        for encoded in _fitting(event, MAX_PAYLOAD_BYTES - 2):
             if size + len(encoded) + 1 > MAX_PAYLOAD_BYTES:
                 payloads.append((b"[" + b",".join(chunk) + b"]").decode())
                 chunk, size = [], 2
@@ -106,3 +114,56 @@ def pack(events: Iterable[dict[str, Any]]) -> list[str]:
     if chunk:
         payloads.append((b"[" + b",".join(chunk) + b"]").decode())
     return payloads
+
+
+def batch_parts(
+    rows: list[Row],
+    status: dict[str, tuple[bool, datetime]],
+    limit: int = MAX_MESSAGE_BYTES,
+) -> list[bytes]:
+    """A committed batch as the bodies of messages on :data:`EVENTS_TOPIC`, each at most
+    about ``limit`` bytes: ``"rows":[[device, metric, ts, value, text], ...],"status":
+    [[device, online, ts], ...]``. Rows go as ingest holds them, encoded in one call
+    (0.14 us a row, against 1.2 us for building and encoding events): subscribers build
+    the events (:func:`read_message`), and only while they have clients."""
+    encoded = orjson.dumps(rows, option=_OPTIONS)
+    if len(encoded) > limit and len(rows) > 1:
+        half = len(rows) // 2
+        return batch_parts(rows[:half], {}, limit) + batch_parts(rows[half:], status, limit)
+    changes = orjson.dumps([(d, online, ts) for d, (online, ts) in status.items()], option=_OPTIONS)
+    return [b'"rows":' + encoded + b',"status":' + changes]
+
+
+def message(publisher: str, seq: int, body: bytes) -> bytes:
+    """The payload published on :data:`EVENTS_TOPIC` for one part of a batch."""
+    head = orjson.dumps({"publisher": publisher, "seq": seq})
+    return head[:-1] + b"," + body + b"}"
+
+
+def read_message(payload: bytes) -> tuple[str, int, list[dict[str, Any]]] | None:
+    """(publisher, seq, events) of a message on :data:`EVENTS_TOPIC`; None if malformed."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    publisher, seq = doc.get("publisher"), doc.get("seq")
+    rows, status = doc.get("rows", []), doc.get("status", [])
+    if (
+        not isinstance(publisher, str)
+        or not isinstance(seq, int)
+        or isinstance(seq, bool)
+        or not isinstance(rows, list)
+        or not isinstance(status, list)
+    ):
+        return None
+    try:
+        events = telemetry_events(rows)
+        events += [
+            {"type": "status", "device_id": d, "online": online, "ts": ts}
+            for d, online, ts in status
+        ]
+    except (TypeError, ValueError):  # a row or change of the wrong shape
+        return None
+    return publisher, seq, events

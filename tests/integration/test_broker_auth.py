@@ -404,8 +404,10 @@ async def test_device_publishes_only_under_its_own_topics(
     await run(watcher.subscribe, "devices/#", "elsewhere/#", "#")
     device = await run(Client, auth_broker, me, me, key_for(me))
     assert device.ok
+    # fleetline/stream/...: the live stream's events and listeners, for services only.
     forbidden = [f"devices/{other}/telemetry", f"devices/{lookalike}/telemetry",
-                 f"devices/{me}", "elsewhere/x", f"$share/g/devices/{me}/x"]
+                 f"devices/{me}", "elsewhere/x", f"$share/g/devices/{me}/x",
+                 "fleetline/stream/events", f"fleetline/stream/listeners/{me}"]
     for n, topic in enumerate(forbidden):
         if topic.startswith("$share"):
             continue  # not a topic one can publish to; the subscription test covers it
@@ -432,7 +434,8 @@ async def test_device_subscribes_only_to_its_own_topics(
     backend = await run(service, auth_broker, f"backend-{uid}")
     assert device.ok and neighbour.ok
     denied = ["devices/#", "devices/+/telemetry", f"devices/{other}/#",
-              f"$share/g/devices/{me}/#", "#"]
+              f"$share/g/devices/{me}/#", "#", "fleetline/stream/events",
+              "fleetline/stream/heard/+"]
     codes = await run(device.subscribe, *denied, f"devices/{me}/#")
     # Mosquitto 2.0.11 answers a denied filter with a failure code (0x80 in 3.1.1,
     # 0x87 "Not authorized" in 5) and does not subscribe it.

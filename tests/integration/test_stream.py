@@ -10,10 +10,12 @@ from typing import Any
 
 import asyncpg
 import orjson
+import paho.mqtt.client as paho
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from fleetline import streamevents
 from fleetline.embedded import LocalMosquitto
 from tests.support import ApiProcess, Device, IngestProcess
 
@@ -152,39 +154,126 @@ async def test_a_client_that_falls_behind_is_dropped_with_1013(
         small.stop()
 
 
-async def test_ingest_announces_batches_only_while_someone_listens(
+class Service:
+    """A backend MQTT client (MQTT 5): what ingest and the API see of the stream's topics."""
+
+    def __init__(self, broker: LocalMosquitto, client_id: str, *topics: str) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=paho.MQTTv5)
+        self.client.on_message = lambda _c, _u, m: self.messages.append(
+            (m.topic, m.payload, m.retain))
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+        self.publish("fleetline/test/ping", b"")  # once through, the subscriptions hold
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(10)
+        assert info.is_published()
+
+    def events(self, publisher: str) -> list[dict[str, Any]]:
+        """The events ``publisher`` published, checking its sequence has no gap."""
+        read = [streamevents.read_message(p) for t, p, _ in list(self.messages)
+                if t == "fleetline/stream/events"]
+        assert None not in read
+        mine = [m for m in read if m is not None and m[0] == publisher]
+        seqs = [seq for _, seq, _ in mine]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True, seqs
+        return [e for _, _, events in mine for e in events]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def test_ingest_publishes_stored_batches_only_while_someone_listens(
     start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto, db: asyncpg.Pool[Any],
-    database_url: str, uid: str,
+    uid: str,
 ) -> None:
-    start_ingest()
+    ingest = start_ingest()
+    # Other tests' API processes withdraw their presence when they stop; this test's own
+    # presence is the only one that counts, so clear whatever is retained.
+    old = Service(broker, f"{uid}-old", "fleetline/stream/listeners/+")
+    await asyncio.sleep(0.3)
+    for topic, _, retained in list(old.messages):
+        if retained:
+            old.publish(topic, b"", retain=True)
+    old.close()
+    watcher = Service(broker, f"{uid}-watch", "fleetline/stream/events",
+                      f"fleetline/stream/heard/{uid}")
     device_id = f"{uid}-quiet"
-    heard: list[str] = []
-    con = await asyncpg.connect(database_url)
-    await con.add_listener("fleetline_stream",
-                           lambda *args: heard.append(args[3]) if device_id in args[3] else None)
     dev = Device(broker.url, device_id)
-    try:
-        # Another test's API may still hold a presence row; this test's own is the only
-        # one that counts, so start from none.
-        await db.execute("DELETE FROM stream_listeners")
-        await asyncio.sleep(1.5)  # ingest polls presence every second
-        dev.publish_all([{"values": {"v": 1}}])
-        await asyncio.sleep(1.0)
-        assert await db.fetchval(
-            "SELECT count(*) FROM readings WHERE device_id = $1", device_id) == 1
-        assert heard == []
-        await db.execute("INSERT INTO stream_listeners VALUES ($1, now() + interval '1 minute')",
-                         uid)
-        await asyncio.sleep(1.5)
-        dev.publish_all([{"values": {"v": 2}}])
-        async with asyncio.timeout(10):
-            while not heard:
+    publisher = f"test-ingest-{uid}"  # the test ingest's client id (tests/support.py)
+
+    async def stored(v: int) -> None:
+        async with asyncio.timeout(15):
+            while not await db.fetchval(
+                    "SELECT count(*) FROM readings WHERE device_id = $1 AND value = $2",
+                    device_id, v):
                 await asyncio.sleep(0.05)
-        assert '"v":2' in heard[0]
+
+    try:
+        dev.publish_all([{"values": {"v": 1}}])
+        await stored(1)
+        await asyncio.sleep(0.5)
+        assert watcher.events(publisher) == []
+        # A listener appears: ingest answers it, then publishes what it stores.
+        watcher.publish(f"fleetline/stream/listeners/{uid}", b"1", retain=True)
+        async with asyncio.timeout(10):
+            while not any(t.endswith(f"/heard/{uid}") for t, _, _ in list(watcher.messages)):
+                await asyncio.sleep(0.05)
+        dev.publish_all([{"values": {"v": 2}}])
+        dev.publish(b"online", kind="status")
+        async with asyncio.timeout(10):
+            while len(watcher.events(publisher)) < 2:
+                await asyncio.sleep(0.05)
+        telemetry, status = watcher.events(publisher)
+        assert telemetry["device_id"] == device_id and telemetry["values"] == {"v": 2}
+        assert status["type"] == "status" and status["online"] is True
+        assert ingest.metric("fleetline_ingest_stream_listeners") >= 1
+        # Withdrawn (an empty retained message): nothing more is published.
+        watcher.publish(f"fleetline/stream/listeners/{uid}", b"", retain=True)
+        await asyncio.sleep(0.3)
+        dev.publish_all([{"values": {"v": 3}}])
+        await stored(3)
+        await asyncio.sleep(0.5)
+        assert len(watcher.events(publisher)) == 2
     finally:
         dev.close()
-        await db.execute("DELETE FROM stream_listeners WHERE listener_id = $1", uid)
-        await con.close()
+        watcher.publish(f"fleetline/stream/listeners/{uid}", b"", retain=True)
+        watcher.close()
+
+
+async def test_events_lost_on_the_way_close_the_stream_with_1013(
+    api: ApiProcess, make_key: Callable[..., Any], broker: LocalMosquitto,
+    db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    device_id = f"{uid}-gap"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
+    token = await make_key("telemetry:read")
+    publisher = Service(broker, f"{uid}-pub")
+
+    def message(seq: int) -> bytes:
+        row = [device_id, "v", "2026-01-01T00:00:00Z", seq, None]
+        return orjson.dumps({"publisher": uid, "seq": seq, "rows": [row], "status": []})
+
+    try:
+        async with connect(ws_url(api, device=device_id),
+                           additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+            await subscribed(ws)
+            for seq in (7, 8):
+                publisher.publish("fleetline/stream/events", message(seq))
+            assert [e["values"]["v"] for e in await next_events(ws, 2)] == [7, 8]
+            publisher.publish("fleetline/stream/events", b"not json")  # ignored
+            publisher.publish("fleetline/stream/events", message(10))  # 9 never came
+            code, reason = await close_code(ws)
+            assert code == 1013 and "missed events" in reason
+        assert api.metric('fleetline_api_stream_dropped_clients_total{reason="gap"}') >= 1
+    finally:
+        publisher.close()
 
 
 async def test_a_full_notify_queue_costs_announcements_not_rows(

@@ -70,7 +70,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             )
         }
         broker = BrokerLink(settings)
-        hub = StreamHub(settings.dsn, pool)
+        hub = StreamHub(settings, pool)
         runner = JobRunner(settings, broker)
         tasks = [
             asyncio.create_task(broker.run(), name="api.broker"),

@@ -1,10 +1,17 @@
 """Fan-out of stored events (fleetline.streamevents) to the WebSocket clients of /v1/stream.
 
-One database connection per API process LISTENs on the stream channel. Each client has
-a bounded queue and its own sender task (a slow client never delays the others); a
-client whose queue fills is dropped with close code 1013, so memory stays bounded by
-``clients x queue size``. Events of devices that are not registered are not streamed,
-as the REST API does not serve them either.
+Each API process with stream clients takes readings and status changes from the broker
+(ingest publishes them after commit on ``fleetline/stream/events``) over a connection of
+its own, and alarm events from PostgreSQL (one connection LISTENs on the stream
+channel). While it has clients it keeps a retained presence message under
+``fleetline/stream/listeners/``, which tells ingest to publish; its Last Will clears it.
+Each client has a bounded queue and its own sender task (a slow client never delays the
+others); a client whose queue fills is dropped with close code 1013, so memory stays
+bounded by ``clients x queue size`` plus :data:`BACKLOG_MAX_BYTES`. Clients are closed
+too when events were lost on the way (a gap in a publisher's sequence numbers, the
+broker or the database connection gone), so none is left believing it saw everything.
+Events of devices that are not registered are not streamed, as the REST API does not
+serve them either.
 """
 
 from __future__ import annotations
@@ -24,29 +31,29 @@ import asyncpg
 import orjson
 from prometheus_client import Counter, Gauge
 
-from fleetline import db, streamevents
+from fleetline import db, mqtt, streamevents
+from fleetline.settings import MqttProtocol
+from fleetline_api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
 # How long a device's registration and tags are trusted before they are read again.
 TAGS_TTL_SECONDS = 15.0
 TAGS_CACHE_MAX = 200_000
-# Notifications waiting for the dispatcher; beyond this the stream is lagging.
-BACKLOG_MAX = 10_000
-# A new client waits at most this long for ingest to learn that this process listens.
+# Event payloads waiting for the dispatcher; beyond this the stream is lagging.
+BACKLOG_MAX_BYTES = 32 * 1024 * 1024
+# A new client waits at most this long for ingest to answer this process's presence.
 ANNOUNCE_TIMEOUT_SECONDS = 5.0
-ANNOUNCE = """
-INSERT INTO stream_listeners (listener_id, expires_at)
-VALUES ($1, now() + make_interval(secs => $2))
-ON CONFLICT (listener_id) DO UPDATE SET expires_at = excluded.expires_at
-"""
-WITHDRAW = "DELETE FROM stream_listeners WHERE listener_id = $1"
+# After refused credentials, retry this rarely: an operator has to fix them.
+AUTH_RETRY_SECONDS = 30.0
 
 CLIENTS = Gauge("fleetline_api_stream_clients", "WebSocket clients of /v1/stream")
 EVENTS = Counter("fleetline_api_stream_events_total", "Events sent to stream clients")
 DROPPED = Counter(
     "fleetline_api_stream_dropped_clients_total",
-    "Stream clients closed because they could not keep up",
+    "Stream clients closed by the server: slow (the client could not keep up), lagging "
+    "(this process fell behind), gap (events lost on the way), lost (a source's "
+    "connection ended)",
     ["reason"],
 )
 
@@ -111,23 +118,33 @@ class Subscription:
 
 
 class StreamHub:
-    def __init__(self, dsn: str, pool: asyncpg.Pool[Any]) -> None:
-        self._dsn = dsn
+    def __init__(self, settings: ApiSettings, pool: asyncpg.Pool[Any]) -> None:
+        self._settings = settings
         self._pool = pool
         self._subs: set[Subscription] = set()
-        self._backlog: asyncio.Queue[str] = asyncio.Queue(maxsize=BACKLOG_MAX)
+        # (from the broker?, payload) waiting for the dispatcher, and their size.
+        self._backlog: asyncio.Queue[tuple[bool, bytes]] = asyncio.Queue()
+        self._backlog_bytes = 0
         # device id -> (tags, or None when not registered; when read)
         self._devices: dict[str, tuple[dict[str, Any] | None, float]] = {}
-        self.listening = False
-        # Presence in stream_listeners, which makes ingest announce its batches.
-        self._listener_id = f"api-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self._announced_at: float | None = None
-        self._announced = asyncio.Event()
+        self._db_listening = False
+        self._client: mqtt.Client | None = None
+        self.listener_id = f"api-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._presence_topic = f"{streamevents.LISTENERS_TOPIC}/{self.listener_id}"
+        self._heard_topic = f"{streamevents.HEARD_TOPIC}/{self.listener_id}"
+        self._heard = asyncio.Event()
         self._presence_wake = asyncio.Event()
+        # Each publisher's last sequence number seen since this process subscribed.
+        self._seqs: dict[str, int] = {}
 
     @property
     def clients(self) -> int:
         return len(self._subs)
+
+    @property
+    def listening(self) -> bool:
+        """Both sources are connected: the database (alarms) and the broker (the rest)."""
+        return self._db_listening and self._client is not None
 
     @contextlib.contextmanager
     def subscribe(self, wanted: StreamFilter, *, queue_size: int) -> Any:
@@ -139,74 +156,153 @@ class StreamHub:
         finally:
             self._subs.discard(sub)
             CLIENTS.set(len(self._subs))
+            if not self._subs:
+                self._presence_wake.set()
+
+    def _close_all(self, code: int, reason: str, why: str) -> None:
+        for sub in list(self._subs):
+            DROPPED.labels(why).inc()
+            sub.close(code, reason)
+
+    def _enqueue(self, from_broker: bool, payload: bytes) -> None:
+        if not self._subs:
+            return
+        if self._backlog_bytes + len(payload) > BACKLOG_MAX_BYTES:
+            # The dispatcher is behind: every client would miss events. Tell them.
+            self._close_all(1013, "the stream is lagging behind; reconnect", "lagging")
+            return
+        self._backlog_bytes += len(payload)
+        self._backlog.put_nowait((from_broker, payload))
 
     def _on_notify(self, _con: object, _pid: int, _channel: str, payload: object) -> None:
-        if not self._subs or not isinstance(payload, str):
-            return
-        try:
-            self._backlog.put_nowait(payload)
-        except asyncio.QueueFull:
-            # The dispatcher is behind: every client would miss events. Tell them.
-            for sub in list(self._subs):
-                DROPPED.labels("lagging").inc()
-                sub.close(1013, "the stream is lagging behind the database; reconnect")
+        if isinstance(payload, str):
+            self._enqueue(False, payload.encode())
 
     async def run(self) -> None:
-        """Listen (reconnecting with backoff) and dispatch, until cancelled."""
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._dispatch(), name="api.stream.dispatch")
-                tg.create_task(self._listen(), name="api.stream.listen")
-                tg.create_task(self._presence(), name="api.stream.presence")
-        finally:
-            if self._announced_at is not None:
-                with contextlib.suppress(Exception):
-                    await self._pool.execute(WITHDRAW, self._listener_id, timeout=2)
+        """Listen on both sources (reconnecting with backoff) and dispatch, until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._dispatch(), name="api.stream.dispatch")
+            tg.create_task(self._listen(), name="api.stream.listen")
+            tg.create_task(self._broker(), name="api.stream.broker")
 
     async def announced(self) -> None:
-        """Wait until ingest has had time to see that this process listens (bounded: with
-        the database down, the client starts anyway and the stream closes it)."""
+        """Wait until ingest has answered this process's presence (bounded: with no
+        ingest running, or the broker away, the client starts anyway)."""
         self._presence_wake.set()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ANNOUNCE_TIMEOUT_SECONDS):
-                await self._announced.wait()
-                assert self._announced_at is not None
-                settle = self._announced_at + streamevents.LISTENER_SETTLE_SECONDS
-                await asyncio.sleep(max(0.0, settle - time.monotonic()))
+                await self._heard.wait()
 
-    async def _presence(self) -> None:
+    # -- the broker: presence, readings and status changes ------------------------------
+
+    def _make(self, protocol: MqttProtocol) -> mqtt.Client:
+        return mqtt.make_client(
+            self._settings.mqtt,
+            identifier=f"fleetline-{self.listener_id}",
+            protocol=protocol,
+            persistent=False,
+            # Ingest stops publishing for this process when it dies.
+            will=mqtt.Will(self._presence_topic, b"", qos=1, retain=True),
+        )
+
+    async def _broker(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with mqtt.connected(self._make, self._settings.mqtt_protocol) as client:
+                    await client.subscribe(self._heard_topic, qos=0)
+                    self._client = client
+                    attempt = 0
+                    await self._serve(client)
+            except mqtt.MqttAuthError as exc:
+                log.error("the broker refused the stream's credentials: %s", exc)
+                await asyncio.sleep(AUTH_RETRY_SECONDS)
+                continue
+            except mqtt.MqttError as exc:
+                log.warning("stream's broker connection lost: %s", exc)
+            except Exception:  # a bug here must not leave the stream without a broker
+                log.exception("stream's broker connection failed; reconnecting")
+            finally:
+                if self._client is not None:
+                    self._client = None
+                    self._heard.clear()
+                    # Events published meanwhile are gone: clients must know.
+                    self._close_all(
+                        1011, "the stream lost its broker connection; reconnect", "lost"
+                    )
+            await asyncio.sleep(mqtt.backoff_seconds(attempt))
+            attempt += 1
+
+    async def _serve(self, client: mqtt.Client) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(client), name="api.stream.receive")
+                tg.create_task(self._presence(client), name="api.stream.presence")
+                tg.create_task(mqtt.wait_disconnected(client), name="api.stream.connection")
+        except ExceptionGroup as group:
+            first = group.exceptions[0]
+            if isinstance(first, mqtt.MqttError):
+                raise first from None
+            raise
+
+    async def _receive(self, client: mqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            raw = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+            if message.topic.value == self._heard_topic:
+                self._heard.set()
+            elif message.topic.value == streamevents.EVENTS_TOPIC:
+                self._enqueue(True, raw)
+
+    async def _presence(self, client: mqtt.Client) -> None:
+        """While there are clients: subscribed to the events, presence retained and
+        refreshed. Without: neither."""
+        try:
+            await self._keep_presence(client)
+        finally:
+            if self._subs or self._heard.is_set():
+                # Shutting down: a clean disconnect sends no Will, so withdraw here.
+                with contextlib.suppress(mqtt.MqttError, TimeoutError):
+                    async with asyncio.timeout(2):
+                        await client.publish(self._presence_topic, b"", qos=1, retain=True)
+
+    async def _keep_presence(self, client: mqtt.Client) -> None:
+        present = False
         while True:
             # Cleared before the work: a client arriving during it wakes the next round.
             self._presence_wake.clear()
-            try:
+            if self._subs:
+                if not present:
+                    self._seqs.clear()  # sequence numbers count from what comes now
+                    await client.subscribe(streamevents.EVENTS_TOPIC, qos=0)
+                    present = True
+                await client.publish(
+                    self._presence_topic,
+                    b"1",
+                    qos=1,
+                    retain=True,
+                    # A presence a dead process left behind runs out on its own.
+                    properties=mqtt.publish_properties(
+                        client, expiry_seconds=streamevents.LISTENER_TTL_SECONDS
+                    ),
+                )
+            elif present:
+                present = False
+                self._heard.clear()
+                await client.publish(self._presence_topic, b"", qos=1, retain=True)
+                await client.unsubscribe(streamevents.EVENTS_TOPIC)
                 if self._subs:
-                    await self._pool.execute(
-                        ANNOUNCE,
-                        self._listener_id,
-                        streamevents.LISTENER_TTL_SECONDS,
-                        timeout=5,
-                    )
-                    if self._announced_at is None:
-                        self._announced_at = time.monotonic()
-                        self._announced.set()
-                elif self._announced_at is not None:
-                    # Not announced from here on, so a client arriving meanwhile waits
-                    # for the next round's announcement instead of trusting this one.
-                    self._announced_at = None
-                    self._announced.clear()
-                    await self._pool.execute(WITHDRAW, self._listener_id, timeout=5)
-                    if self._subs:
-                        continue
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("could not record stream presence: %s", exc)
+                    continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._presence_wake.wait(), streamevents.LISTENER_REFRESH_SECONDS
                 )
 
+    # -- the database: alarms ------------------------------------------------------------
+
     async def _listen(self) -> None:
         await db.listen(
-            self._dsn,
+            self._settings.dsn,
             streamevents.CHANNEL,
             self._on_notify,
             on_listening=self._listening,
@@ -214,40 +310,60 @@ class StreamHub:
         )
 
     def _listening(self) -> None:
-        self.listening = True
-        log.info("listening for stored events on %s", streamevents.CHANNEL)
+        self._db_listening = True
+        log.info("listening for alarm events on %s", streamevents.CHANNEL)
 
     def _lost(self) -> None:
-        if not self.listening:
+        if not self._db_listening:
             return
-        self.listening = False
+        self._db_listening = False
         # Events committed while not listening are gone: clients must know.
-        for sub in list(self._subs):
-            sub.close(1011, "the stream lost its database connection; reconnect")
+        self._close_all(1011, "the stream lost its database connection; reconnect", "lost")
+
+    # -- dispatching -----------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
         while True:
-            payload = await self._backlog.get()
+            from_broker, payload = await self._backlog.get()
+            self._backlog_bytes -= len(payload)
             try:
-                await self._dispatch_one(payload)
-            except Exception:  # one odd notification must not end the stream
-                log.exception("could not dispatch a stream notification")
+                await self._dispatch_one(from_broker, payload)
+            except Exception:  # one odd message must not end the stream
+                log.exception("could not dispatch stream events")
 
-    async def _dispatch_one(self, payload: str) -> None:
+    def _events(self, from_broker: bool, payload: bytes) -> list[dict[str, Any]] | None:
+        if not from_broker:
+            try:
+                events = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                events = None
+            if isinstance(events, list) and all(isinstance(e, dict) for e in events):
+                return events
+            log.warning("ignoring a malformed alarm notification")
+            return None
+        read = streamevents.read_message(payload)
+        if read is None:
+            log.warning("ignoring a malformed message on %s", streamevents.EVENTS_TOPIC)
+            return None
+        publisher, seq, events = read
+        last = self._seqs.get(publisher)
+        self._seqs[publisher] = seq
+        if last is not None and seq > last + 1:
+            log.warning("stream events from %s lost: %d messages", publisher, seq - last - 1)
+            self._close_all(1013, "the stream missed events on the way; reconnect", "gap")
+        return events
+
+    async def _dispatch_one(self, from_broker: bool, payload: bytes) -> None:
         if not self._subs:
             return
-        try:
-            events = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            log.warning("ignoring a malformed stream notification")
+        events = self._events(from_broker, payload)
+        if not events or not self._subs:
             return
-        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
-            log.warning("ignoring a stream notification that is not a list of events")
-            return
-        ids = {e.get("device_id") for e in events if isinstance(e.get("device_id"), str)}
+        ids = {d for e in events if isinstance(d := e.get("device_id"), str)}
         tags = await self._device_tags(ids)
         for event in events:
-            device_tags = tags.get(event.get("device_id"))
+            device_id = event.get("device_id")
+            device_tags = tags.get(device_id) if isinstance(device_id, str) else None
             if device_tags is None:
                 continue
             encoded_for_all: bytes | None = None

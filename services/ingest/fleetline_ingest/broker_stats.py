@@ -6,17 +6,19 @@ ingest's session. That must never happen silently, so ingest subscribes to the b
 own counters, over a connection of its own (its consumer's reads are paused exactly
 when the queue grows), exports them (``fleetline_broker_*``), and logs an error each
 time the dropped count grows. The count is the whole broker's: any session at its cap
-(ingest's, rules', a stalled subscriber's) raises it.
+(ingest's, rules', a stalled subscriber's) raises it. The same side connection carries
+the live stream's events and listeners (fleetline_ingest/announcer.py).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 
 from fleetline import mqtt
 from fleetline.settings import MqttProtocol
 from fleetline_ingest import metrics
+from fleetline_ingest.announcer import TOPICS as STREAM_TOPICS
+from fleetline_ingest.announcer import StreamAnnouncer
 from fleetline_ingest.settings import IngestSettings
 
 log = logging.getLogger(__name__)
@@ -60,19 +62,30 @@ class BrokerStats:
             self.dropped = value
 
 
-async def watch(settings: IngestSettings) -> None:
-    """Follow the broker's counters for as long as ingest runs."""
+async def watch(settings: IngestSettings, announcer: StreamAnnouncer) -> None:
+    """Ingest's side connection, for as long as ingest runs: the broker's counters, and
+    the stream's listeners and events (fleetline_ingest/announcer.py)."""
     stats = BrokerStats()
 
     def make(protocol: MqttProtocol) -> mqtt.Client:
         return mqtt.make_client(
             settings.mqtt,
-            identifier=f"{settings.client_id}-stats",
+            identifier=f"{settings.client_id}-side",
             protocol=protocol,
             persistent=False,
             keepalive_seconds=settings.mqtt_keepalive_seconds,
         )
 
+    def handle(topic: str, payload: bytes) -> None:
+        if topic in TOPICS:
+            stats.observe(topic, payload)
+        else:
+            announcer.observe(topic, payload)
+
     await mqtt.watch_topics(
-        make, settings.mqtt_protocol, TOPICS, functools.partial(BrokerStats.observe, stats)
+        make,
+        settings.mqtt_protocol,
+        TOPICS + STREAM_TOPICS,
+        handle,
+        connection=announcer.connection,
     )

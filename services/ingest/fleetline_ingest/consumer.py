@@ -25,11 +25,12 @@ from typing import Any
 
 import asyncpg
 
-from fleetline import db, mqtt, streamevents
+from fleetline import db, mqtt
 from fleetline.consumer import AckConsumer, Bounds, Gauges
 from fleetline.protocol import C2D_ACK, MODULES, STATUS, TELEMETRY, TOPIC_ROOT, TWIN_REPORTED
 from fleetline.settings import StorageSettings
 from fleetline_ingest import broker_stats, metrics
+from fleetline_ingest.announcer import StreamAnnouncer
 from fleetline_ingest.batch import Batch, collect, rebuild
 from fleetline_ingest.settings import IngestSettings
 from fleetline_ingest.writer import BatchSupersededError, BatchWriter
@@ -75,10 +76,11 @@ class Ingestor:
         self.storage = storage
         self.pool = pool
         self.limits = dataclasses.replace(settings.limits, max_age=retention)
+        self.announcer = StreamAnnouncer(settings.client_id, enabled=settings.stream_events)
         self.writer = BatchWriter(
             seen_resolution_seconds=settings.seen_resolution_seconds,
             limits=self.limits,
-            notify=settings.stream_notify,
+            announcer=self.announcer,
         )
         self.current = Batch(generation=0)
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=QUEUED_BATCHES)
@@ -273,21 +275,6 @@ class Ingestor:
                 log.warning("rollup round failed: %s", exc)
             await asyncio.sleep(self.settings.rollup_interval_seconds)
 
-    async def listeners_loop(self) -> None:
-        """Keep ``writer.listeners`` current: whether any API process has stream clients."""
-        if not self.writer.notify_enabled:
-            await _idle()
-        while True:
-            try:
-                async with self.pool.acquire() as con:
-                    listening = bool(await con.fetchval(streamevents.ANY_LISTENER, timeout=5))
-                if listening != self.writer.listeners:
-                    log.info("stream listeners %s", "present" if listening else "gone")
-                self.writer.listeners = listening
-            except Exception as exc:  # keep the last answer; ingest itself is unaffected
-                log.warning("could not look for stream listeners: %s", exc)
-            await asyncio.sleep(streamevents.LISTENER_POLL_SECONDS)
-
     async def ready(self) -> bool:
         return self.consumer.subscribed and await db.answers(self.pool)
 
@@ -302,8 +289,10 @@ class Ingestor:
         upkeep = [
             asyncio.create_task(self.maintenance_loop(), name="ingest.maintenance"),
             asyncio.create_task(self.rollup_loop(), name="ingest.rollup"),
-            asyncio.create_task(self.listeners_loop(), name="ingest.listeners"),
-            asyncio.create_task(broker_stats.watch(self.settings), name="ingest.broker_stats"),
+            asyncio.create_task(self.announcer.run(), name="ingest.announcer"),
+            asyncio.create_task(
+                broker_stats.watch(self.settings, self.announcer), name="ingest.side_link"
+            ),
         ]
         tasks = [asyncio.create_task(self.consumer.run(), name="ingest.mqtt"), flush]
         tasks += writers + upkeep

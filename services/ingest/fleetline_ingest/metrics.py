@@ -56,3 +56,12 @@ BROKER_STORED = Gauge(
     "fleetline_broker_stored_messages",
     "Messages the broker holds (queued for sessions, in flight, retained)",
 )
+STREAM_MESSAGES = Counter(
+    "fleetline_ingest_stream_messages_total",
+    "Messages of stored events published for /v1/stream (only while an API process has "
+    "stream clients), by outcome: published, dropped (the broker link was down or behind)",
+    ["outcome"],
+)
+STREAM_LISTENERS = Gauge(
+    "fleetline_ingest_stream_listeners", "API processes with stream clients, as ingest knows them"
+)

@@ -47,9 +47,9 @@ class IngestSettings(ConsumerSettings):
     # are left alone, so a roll-up never holds up a batch (the API reads pending minutes
     # from raw rows meanwhile).
     rollup_settle_seconds: float = Field(default=10.0, ge=0, le=3600)
-    # Announce each committed batch's readings and status changes on the database's
-    # NOTIFY channel fleetline_stream, which feeds the API's live /v1/stream.
-    stream_notify: bool = True
+    # Publish each committed batch's readings and status changes on the broker for the
+    # API's live /v1/stream (only while an API process has stream clients).
+    stream_events: bool = True
     # On SIGTERM, time allowed to write and acknowledge what was received.
     shutdown_timeout_seconds: float = Field(default=20.0, ge=1)
 

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from fleetline import db, streamevents
+from fleetline import db
 from fleetline.protocol import MAX_TWIN_BYTES, Limits
 from fleetline_ingest import metrics
 from fleetline_ingest.batch import Batch, C2dAck, DeadLetter, TwinPatch, collect
 
 if TYPE_CHECKING:
     from fleetline.db import Connection
+    from fleetline_ingest.announcer import StreamAnnouncer
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ GROUP BY fleetline_partition_start(
 
 SERIES_CACHE_MAX = 1_000_000
 # When the database's NOTIFY queue is full (a listener stopped reading), batches are
-# stored without announcing them for this long.
+# stored without the notifications of the c2d trigger for this long.
 NOTIFY_PAUSE_SECONDS = 60.0
 
 
@@ -117,15 +118,18 @@ class BatchWriter:
     """Writes batches; keeps the (device, metric) -> series id cache."""
 
     def __init__(
-        self, *, seen_resolution_seconds: float, limits: Limits, notify: bool = True
+        self,
+        *,
+        seen_resolution_seconds: float,
+        limits: Limits,
+        announcer: StreamAnnouncer | None = None,
     ) -> None:
         self._series: dict[tuple[str, str], int] = {}
         self._seen_written: dict[str, datetime] = {}
         self._seen_resolution = seen_resolution_seconds
         self._limits = limits
-        # Announce batches on the stream channel: configured on, and someone listens.
-        self.notify_enabled = notify
-        self.listeners = False
+        # Told of each committed batch, for the API's /v1/stream.
+        self._announcer = announcer
         self._notify_paused_until = 0.0
 
     async def _resolve_series(self, con: Connection, keys: Iterable[tuple[str, str]]) -> None:
@@ -190,15 +194,6 @@ class BatchWriter:
             kept = newest.get(record[0])
             if kept is None or record[1] > kept[1]:
                 newest[record[0]] = record
-        notifications = (
-            streamevents.pack(
-                streamevents.telemetry_events(rows) + streamevents.status_events(batch.status)
-            )
-            if self.notify_enabled
-            and self.listeners
-            and time.monotonic() >= self._notify_paused_until
-            else []
-        )
         inserted = 0
         refused: list[DeadLetter] = []
         unknown: list[DeadLetter] = []
@@ -226,13 +221,12 @@ class BatchWriter:
                     # The c2d trigger on device_activity notifies too: quiet it as well.
                     await con.execute(db.QUIET_NOTIFY_SQL)
                 await con.execute(UPSERT_ACTIVITY, *activity)
-            if notifications:
-                # Delivered to listeners (the API's /v1/stream) at commit, and only then.
-                await con.execute(streamevents.NOTIFY_SQL, streamevents.CHANNEL, notifications)
             if still_current is not None and not still_current():
                 raise BatchSupersededError
         # Only now: a batch that is retried must write its devices' last-seen again.
         self._activity_committed(activity[0], activity[1])
+        if self._announcer is not None:
+            self._announcer.offer(rows, batch.status)
         if batch.twin:
             metrics.TWIN_PATCHES.inc(len(batch.twin) - len(refused))
             metrics.DEAD_LETTERS.inc(len(refused))
@@ -309,10 +303,10 @@ class BatchWriter:
             except asyncpg.PostgresError as exc:
                 if not db.is_notify_queue_full(exc):
                     raise
-                # Announcing must never cost stored rows: store without it for a while.
+                # Notifying must never cost stored rows: store without it for a while.
                 log.error(
                     "the database's NOTIFY queue is full (a LISTEN session stopped reading); "
-                    "storing batches without announcing them for %.0f s",
+                    "storing batches without notifying for %.0f s",
                     NOTIFY_PAUSE_SECONDS,
                 )
                 metrics.WRITE_ERRORS.labels("notify_queue_full").inc()

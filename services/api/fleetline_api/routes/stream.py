@@ -69,7 +69,7 @@ async def stream(
         await _close(websocket, 1008, "tag: one tag cannot have two values")
         return
     if not hub.listening:
-        await _close(websocket, 1013, "the stream is not connected to the database; retry")
+        await _close(websocket, 1013, "the stream is not connected to its sources; retry")
         return
     if hub.clients >= state.settings.stream_max_clients:
         await _close(websocket, 1013, "too many stream clients; retry later")
