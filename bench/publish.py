@@ -45,7 +45,9 @@ class Plan:
     kind "live": ``readings`` readings per message at ``rate`` messages/s in total for
     ``seconds``; the last reading's ts is the send time in epoch ms, the others the
     milliseconds before it (kept increasing per device), so a latency measured from ts
-    is never less than the real one.
+    is never less than the real one. With ``probes_per_second``, the workers also send
+    that many single-reading probes in all, interleaved with the load, each with its send
+    time as ts, on devices ``bench-probe-{worker}``: the poller times those.
     """
 
     kind: str
@@ -57,7 +59,12 @@ class Plan:
     rate: float = 0.0
     seconds: float = 0.0
     readings: int = 1
+    probes_per_second: float = 0.0
     tag: str = "pub"
+
+
+def probe_device(worker: int) -> str:
+    return f"bench-probe-{worker}"
 
 
 def _value(i: int) -> float:
@@ -162,13 +169,22 @@ def _run_live(plan: Plan, worker: int, workers: int) -> dict[str, float]:
     dumps = orjson.dumps
     sent = 0
     slot = 0
+    probe_topic = f"devices/{probe_device(worker)}/telemetry"
+    probe_rate = plan.probes_per_second / workers
+    probes = 0
+    last_probe_ts = 0
     t0 = time.time()
     end = t0 + plan.seconds
     while True:
         now = time.time()
         if now >= end:
             break
-        due = int((now - t0) * rate)
+        if probes < int((now - t0) * probe_rate):
+            last_probe_ts = max(int(time.time() * 1000), last_probe_ts + 1)
+            publish(probe_topic, dumps({"ts": last_probe_ts, "values": {"probe": probes}}), qos=1)
+            probes += 1
+            sent += 1
+        due = int((now - t0) * rate) + probes
         while sent < due:
             ts = int(time.time() * 1000) - (n - 1)
             if ts <= last_ts[slot]:
@@ -189,7 +205,7 @@ def _run_live(plan: Plan, worker: int, workers: int) -> dict[str, float]:
     elapsed = time.time() - t0
     acked = c.acked
     c.close()
-    return {"worker": worker, "sent": sent, "acked": acked, "seconds": elapsed}
+    return {"worker": worker, "sent": sent, "acked": acked, "seconds": elapsed, "probes": probes}
 
 
 def _worker(plan: Plan, worker: int, workers: int, out: mp.Queue[dict[str, float]]) -> None:
@@ -222,7 +238,9 @@ def publish(plan: Plan, workers: int) -> dict[str, float]:
     sent = sum(int(r["sent"]) for r in results)
     acked = sum(int(r["acked"]) for r in results)
     seconds = max(r["seconds"] for r in results)
+    probes = sum(int(r.get("probes", 0)) for r in results)
     if acked != sent:
         raise RuntimeError(f"broker acknowledged {acked} of {sent} published messages")
-    return {"sent": sent, "acked": acked, "seconds": seconds,
-            "rate": sent / seconds if seconds else 0.0}
+    # Probes are counted apart: "sent" and "rate" are the load.
+    return {"sent": sent - probes, "acked": acked, "seconds": seconds, "probes": probes,
+            "rate": (sent - probes) / seconds if seconds else 0.0}

@@ -3,8 +3,8 @@
 #   ensure-services.sh run   the broker (mosquitto) and what builds its auth plugin
 #                            (deploy/mosquitto/auth); the database is embedded
 #   ensure-services.sh test  the same, Node.js (TimescaleDB test), Chromium (dashboard
-#                            test), and PostgreSQL on 127.0.0.1:5432 when it is
-#                            installed but stopped
+#                            test), promtool (alert rules test), and PostgreSQL on
+#                            127.0.0.1:5432 when it is installed but stopped
 # Tests start their own mosquitto processes; when no PostgreSQL answers on
 # 127.0.0.1:5432 (and FLEETLINE_TEST_PG_URL is unset) they start an embedded one.
 set -euo pipefail
@@ -40,6 +40,8 @@ command -v make >/dev/null || missing+=(make)
 if [ "$mode" = test ]; then
   command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
   [ -x /usr/bin/chromium ] || apt_install chromium
+  # promtool checks the Prometheus alert rules (deploy/prometheus).
+  command -v promtool >/dev/null || apt_install prometheus
   if [ -z "${FLEETLINE_TEST_PG_URL:-}" ] && command -v pg_ctlcluster >/dev/null \
      && ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
     for version in $(ls /etc/postgresql 2>/dev/null); do

@@ -159,6 +159,12 @@ class ServiceProcess:
             )
         return self._get("/readyz")[0] == 200
 
+    def metric_names(self) -> set[str]:
+        """The names of the metrics the service exports."""
+        status, text = self._get("/metrics")
+        assert status == 200, f"{self.service} /metrics did not answer"
+        return set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", text, re.M))
+
     def metric(self, name: str) -> float:
         status, text = self._get("/metrics")
         assert status == 200, f"{self.service} /metrics did not answer"

@@ -271,6 +271,16 @@ async def test_events_lost_on_the_way_close_the_stream_with_1013(
             publisher.publish("fleetline/stream/events", message(10))  # 9 never came
             code, reason = await close_code(ws)
             assert code == 1013 and "missed events" in reason
+        # Messages passed over while no client listened are no gap for the next client.
+        for seq in (11, 12):
+            publisher.publish("fleetline/stream/events", message(seq))
+        async with connect(ws_url(api, device=device_id),
+                           additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+            await subscribed(ws)
+            publisher.publish("fleetline/stream/events", message(20))
+            assert [e["values"]["v"] for e in await next_events(ws, 1)] == [20]
+            with pytest.raises(TimeoutError):
+                await next_events(ws, 1, timeout=1)
         assert api.metric('fleetline_api_stream_dropped_clients_total{reason="gap"}') >= 1
     finally:
         publisher.close()

@@ -122,8 +122,8 @@ class StreamHub:
         self._settings = settings
         self._pool = pool
         self._subs: set[Subscription] = set()
-        # (from the broker?, payload) waiting for the dispatcher, and their size.
-        self._backlog: asyncio.Queue[tuple[bool, bytes]] = asyncio.Queue()
+        # (epoch, from the broker?, payload) waiting for the dispatcher, and their size.
+        self._backlog: asyncio.Queue[tuple[int, bool, bytes]] = asyncio.Queue()
         self._backlog_bytes = 0
         # device id -> (tags, or None when not registered; when read)
         self._devices: dict[str, tuple[dict[str, Any] | None, float]] = {}
@@ -134,7 +134,11 @@ class StreamHub:
         self._heard_topic = f"{streamevents.HEARD_TOPIC}/{self.listener_id}"
         self._heard = asyncio.Event()
         self._presence_wake = asyncio.Event()
-        # Each publisher's last sequence number seen since this process subscribed.
+        # Each publisher's last sequence number seen in the current epoch. The epoch
+        # moves on whenever messages are passed over on purpose (no clients then, or a new
+        # subscription): a gap across epochs loses no client an event.
+        self._epoch = 0
+        self._seqs_epoch = 0
         self._seqs: dict[str, int] = {}
 
     @property
@@ -166,13 +170,15 @@ class StreamHub:
 
     def _enqueue(self, from_broker: bool, payload: bytes) -> None:
         if not self._subs:
+            self._epoch += 1
             return
         if self._backlog_bytes + len(payload) > BACKLOG_MAX_BYTES:
             # The dispatcher is behind: every client would miss events. Tell them.
             self._close_all(1013, "the stream is lagging behind; reconnect", "lagging")
+            self._epoch += 1  # every client that could miss this one is closed
             return
         self._backlog_bytes += len(payload)
-        self._backlog.put_nowait((from_broker, payload))
+        self._backlog.put_nowait((self._epoch, from_broker, payload))
 
     def _on_notify(self, _con: object, _pid: int, _channel: str, payload: object) -> None:
         if isinstance(payload, str):
@@ -273,7 +279,7 @@ class StreamHub:
             self._presence_wake.clear()
             if self._subs:
                 if not present:
-                    self._seqs.clear()  # sequence numbers count from what comes now
+                    self._epoch += 1  # sequence numbers count from what comes now
                     await client.subscribe(streamevents.EVENTS_TOPIC, qos=0)
                     present = True
                 await client.publish(
@@ -324,14 +330,14 @@ class StreamHub:
 
     async def _dispatch(self) -> None:
         while True:
-            from_broker, payload = await self._backlog.get()
+            epoch, from_broker, payload = await self._backlog.get()
             self._backlog_bytes -= len(payload)
             try:
-                await self._dispatch_one(from_broker, payload)
+                await self._dispatch_one(epoch, from_broker, payload)
             except Exception:  # one odd message must not end the stream
                 log.exception("could not dispatch stream events")
 
-    def _events(self, from_broker: bool, payload: bytes) -> list[dict[str, Any]] | None:
+    def _events(self, epoch: int, from_broker: bool, payload: bytes) -> list[dict[str, Any]] | None:
         if not from_broker:
             try:
                 events = orjson.loads(payload)
@@ -346,6 +352,9 @@ class StreamHub:
             log.warning("ignoring a malformed message on %s", streamevents.EVENTS_TOPIC)
             return None
         publisher, seq, events = read
+        if epoch != self._seqs_epoch:
+            self._seqs_epoch = epoch
+            self._seqs.clear()
         last = self._seqs.get(publisher)
         self._seqs[publisher] = seq
         if last is not None and seq > last + 1:
@@ -353,10 +362,9 @@ class StreamHub:
             self._close_all(1013, "the stream missed events on the way; reconnect", "gap")
         return events
 
-    async def _dispatch_one(self, from_broker: bool, payload: bytes) -> None:
-        if not self._subs:
-            return
-        events = self._events(from_broker, payload)
+    async def _dispatch_one(self, epoch: int, from_broker: bool, payload: bytes) -> None:
+        # Read even without clients: the sequence numbers must stay current.
+        events = self._events(epoch, from_broker, payload)
         if not events or not self._subs:
             return
         ids = {d for e in events if isinstance(d := e.get("device_id"), str)}

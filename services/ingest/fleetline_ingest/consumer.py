@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -264,6 +265,7 @@ class Ingestor:
         while True:
             try:
                 while True:
+                    started = time.monotonic()
                     async with self.pool.acquire() as con:
                         done = await con.fetchval(
                             ROLL_UP, per_round, self.settings.rollup_settle_seconds
@@ -271,6 +273,10 @@ class Ingestor:
                     metrics.ROLLUP_MINUTES.inc(done)
                     if done < per_round:
                         break
+                    # More is due (a minute of the whole fleet settles at once): pause as
+                    # long as the round took, so a roll-up never takes more than half of
+                    # a core from the batches being written meanwhile.
+                    await asyncio.sleep(time.monotonic() - started)
             except Exception as exc:  # replicas racing on one hour, a restart: next round
                 log.warning("rollup round failed: %s", exc)
             await asyncio.sleep(self.settings.rollup_interval_seconds)
