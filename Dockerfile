@@ -4,7 +4,9 @@
 # Settings come from FLEETLINE_* environment variables (a ConfigMap and a Secret in
 # Kubernetes, see deploy/k8s/); the image carries no config files (STYLE.md section 4).
 
-ARG PYTHON_VERSION=3.12
+# The Python the project targets and tests (pyproject.toml: requires-python, ruff and
+# mypy targets).
+ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -12,8 +14,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# The context is allow-listed by .dockerignore: pyproject.toml, fleetline/, services/,
-# migrations/. Every dependency ships manylinux wheels, so no compiler is needed here.
+# The context is allow-listed by .dockerignore: pyproject.toml, the packages, migrations/
+# and the broker files the package carries as data. Every dependency ships manylinux
+# wheels, so no compiler is needed here.
 COPY . .
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install . \
@@ -26,13 +29,11 @@ RUN groupadd --system --gid 10001 fleetline \
         --home-dir /nonexistent --shell /usr/sbin/nologin fleetline
 # Same base image in both stages, so the venv's interpreter path stays valid.
 COPY --from=build /opt/venv /opt/venv
-# The migration runner reads the SQL files from FLEETLINE_MIGRATIONS_DIR; they are not
-# part of the installed package.
-COPY migrations/ /app/migrations/
+# The migrations travel with the package (/opt/venv/share/fleetline/migrations, found by
+# fleetline/files.py); FLEETLINE_MIGRATIONS_DIR may point elsewhere.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    FLEETLINE_MIGRATIONS_DIR=/app/migrations \
     FLEETLINE_LOG_FORMAT=json
 WORKDIR /app
 USER 10001:10001

@@ -25,7 +25,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check fleetline services
+	$(BIN)/ruff format --check fleetline fleetline_cli fleetline_dev services
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

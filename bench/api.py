@@ -1,7 +1,7 @@
 """bench/api.py: a 30-day hourly aggregate for one device, from rollups and from raw rows.
 
-Starts its own PostgreSQL (fleetline.embedded.LocalPostgres) and the real API service
-(`python -m fleetline api`), writes N days of readings for one device with binary COPY
+Starts its own PostgreSQL (fleetline_dev.embedded.LocalPostgres) and the real API service
+(`python -m fleetline_cli api`), writes N days of readings for one device with binary COPY
 (the rollup trigger marks them as ingest's writes would), rolls them up with
 fleetline_roll_up(), then times GET /v1/devices/{id}/telemetry?bucket=1h over the whole
 range: aligned to the hour (answered from telemetry_1h) and shifted by one second
@@ -31,9 +31,9 @@ import asyncpg
 import httpx
 
 from fleetline import apikeys
-from fleetline.embedded import LocalPostgres, free_port
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
+from fleetline_dev.embedded import LocalPostgres, free_port
 
 DEVICE = "bench-device"
 
@@ -142,7 +142,7 @@ async def main() -> None:
                 # Required by the API; device keys play no part in these queries.
                 "FLEETLINE_DEVICE_KEY_SECRET": secrets.token_hex(32),
             }
-            api = subprocess.Popen([sys.executable, "-m", "fleetline", "api"], env=env)
+            api = subprocess.Popen([sys.executable, "-m", "fleetline_cli", "api"], env=env)
             try:
                 await run_queries(f"http://127.0.0.1:{port}", key, args)
             finally:

@@ -47,9 +47,9 @@ import publish as pub  # noqa: E402
 from measure import log, machine_busy, pct, proc_cpu, tree_cpu, tree_rss  # noqa: E402
 
 from fleetline import streamevents  # noqa: E402
-from fleetline.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
 from fleetline.migrate import migrate  # noqa: E402
 from fleetline.settings import StorageSettings  # noqa: E402
+from fleetline_dev.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
 
 COUNT_POLL_SECONDS = 0.1
 RSS_SAMPLE_SECONDS = 0.5
@@ -261,7 +261,7 @@ class FleetlineIngest(Consumer):
     def command(self) -> list[str]:
         if self.replicas > 1:
             return [sys.executable, str(BENCH_DIR / "replicas.py"), str(self.replicas)]
-        return [sys.executable, "-m", "fleetline", "ingest"]
+        return [sys.executable, "-m", "fleetline_cli", "ingest"]
 
     def clear(self) -> None:
         if self.replicas == 1:

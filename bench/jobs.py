@@ -4,11 +4,11 @@
     .venv/bin/python bench/jobs.py --quick    # 500 devices, 100 online, 1 run (~45 s)
     .venv/bin/python bench/jobs.py --devices 10000 --online 500 --batch-size 500
 
-Starts its own PostgreSQL (fleetline.embedded.LocalPostgres) and Mosquitto
-(LocalMosquitto, the project's broker config), `python -m fleetline ingest` and
-`python -m fleetline api` as production runs them, registers N devices (tagged
+Starts its own PostgreSQL (fleetline_dev.embedded.LocalPostgres) and Mosquitto
+(LocalMosquitto, the project's broker config), `python -m fleetline_cli ingest` and
+`python -m fleetline_cli api` as production runs them, registers N devices (tagged
 run=bench), and brings K of them online as real MQTT devices: the simulator of
-fleetline/simulator.py (`run_fleet`) in a child process, which answers `ping` and reports
+fleetline_dev/simulator.py (`run_fleet`) in a child process, which answers `ping` and reports
 each desired document back; ingest records their `online` status. Then, in the same run:
 
 (a) a desired-twin patch on every device (`tags.run = 'bench'`, N devices);
@@ -58,16 +58,16 @@ import orjson  # noqa: E402
 from measure import log, machine_busy, pct, tree_cpu  # noqa: E402
 
 from fleetline import apikeys  # noqa: E402
-from fleetline.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
 from fleetline.migrate import migrate  # noqa: E402
 from fleetline.settings import StorageSettings, parse_mqtt_url  # noqa: E402
-from fleetline.simulator import device_ids, run_fleet  # noqa: E402
+from fleetline_dev.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
+from fleetline_dev.simulator import device_ids, run_fleet  # noqa: E402
 
 ONLINE_PREFIX = "bench-on-"
 OFFLINE_PREFIX = "bench-off-"
 TWIN_QUERY = "tags.run = 'bench'"
 METHOD_QUERY = "tags.run = 'bench' AND status = 'online'"
-DEFAULT_BATCH_SIZE = 10  # the job's own default (fleetline_api/job_schemas.py)
+DEFAULT_BATCH_SIZE = 10  # the job's own default (fleetline_api/schemas/jobs.py)
 METHOD_TIMEOUT_S = 10
 # The simulated devices send one reading when they connect and the next after this long:
 # no telemetry load during the measurements.
@@ -100,7 +100,7 @@ class CpuWindow:
 
 
 class Service:
-    """`python -m fleetline <name>` as a child process, ready when /readyz answers 200."""
+    """`python -m fleetline_cli <name>` as a child process, ready when /readyz answers 200."""
 
     def __init__(self, name: str, env: dict[str, str], port: int, workdir: Path) -> None:
         self.name = name
@@ -112,7 +112,7 @@ class Service:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fleetline", self.name],
+                [sys.executable, "-m", "fleetline_cli", self.name],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -2,7 +2,7 @@
 
     python bench/replicas.py N
 
-Replica i runs ``python -m fleetline ingest`` with FLEETLINE_INGEST_CLIENT_ID suffixed
+Replica i runs ``python -m fleetline_cli ingest`` with FLEETLINE_INGEST_CLIENT_ID suffixed
 ``-i`` and FLEETLINE_INGEST_HTTP_PORT from BENCH_REPLICA_PORTS (comma-separated); the
 share group and everything else come from the environment. SIGTERM is passed on to
 every replica; the exit code is the first non-zero one of theirs.
@@ -23,7 +23,7 @@ def main() -> None:
     base_id = os.environ["FLEETLINE_INGEST_CLIENT_ID"]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fleetline", "ingest"],
+            [sys.executable, "-m", "fleetline_cli", "ingest"],
             env={**os.environ, "FLEETLINE_INGEST_CLIENT_ID": f"{base_id}-{i}",
                  "FLEETLINE_INGEST_HTTP_PORT": ports[i]},
         )

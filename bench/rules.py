@@ -9,8 +9,8 @@ Three measurements, in one run:
     indexed evaluator (per-device map metric -> matching rules, built once per device)
     and through the naive approach (every rule checked against every reading: match,
     metric, then evaluate). Same rules, same readings, same transitions (checked equal).
-(b) The service end to end: its own PostgreSQL (fleetline.embedded.LocalPostgres) and
-    Mosquitto (LocalMosquitto), `python -m fleetline rules` as production runs it. A
+(b) The service end to end: its own PostgreSQL (fleetline_dev.embedded.LocalPostgres) and
+    Mosquitto (LocalMosquitto), `python -m fleetline_cli rules` as production runs it. A
     backlog of single-reading QoS 1 messages is queued for its persistent session while
     it is stopped; then it is started and the drain is timed (messages counted by its
     /metrics), start-up excluded.
@@ -46,10 +46,10 @@ import paho.mqtt.client as paho
 from measure import log
 
 from fleetline import rules_engine
-from fleetline.embedded import LocalMosquitto, LocalPostgres, free_port
 from fleetline.migrate import migrate
 from fleetline.protocol import Row
 from fleetline.settings import StorageSettings
+from fleetline_dev.embedded import LocalMosquitto, LocalPostgres, free_port
 from fleetline_rules.evaluator import Evaluator, RuleSet
 
 METRICS = 5
@@ -158,7 +158,7 @@ class Service:
         self.body = ""
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fleetline", "rules"],
+                [sys.executable, "-m", "fleetline_cli", "rules"],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

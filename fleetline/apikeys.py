@@ -11,9 +11,11 @@ import hmac
 import secrets
 import string
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import asyncpg
+
+from fleetline import db
 
 Scope = Literal[
     "devices:read", "devices:write", "telemetry:read", "commands:write", "rules:write", "admin"
@@ -50,7 +52,7 @@ def split_token(token: str) -> tuple[str, str] | None:
     return key_id, secret
 
 
-async def create_key(con: Any, *, name: str, scopes: list[str]) -> NewKey:
+async def create_key(con: db.Connection, *, name: str, scopes: list[str]) -> NewKey:
     if not 1 <= len(name) <= 200:
         raise ValueError("the name must have 1 to 200 characters")
     unknown = sorted(set(scopes) - set(SCOPES))
@@ -68,7 +70,7 @@ async def create_key(con: Any, *, name: str, scopes: list[str]) -> NewKey:
     return NewKey(id=key_id, token=f"{PREFIX}{key_id}_{secret}")
 
 
-async def verify(con: Any, token: str) -> KeyInfo | None:
+async def verify(con: db.Connection, token: str) -> KeyInfo | None:
     """The key's identity and scopes, or None for an unknown, revoked or wrong token."""
     parts = split_token(token)
     if parts is None:
@@ -88,14 +90,14 @@ async def verify(con: Any, token: str) -> KeyInfo | None:
     return KeyInfo(id=key_id, name=row["name"], scopes=tuple(row["scopes"]))
 
 
-async def revoke(con: Any, key_id: str) -> bool:
+async def revoke(con: db.Connection, key_id: str) -> bool:
     status = await con.execute(
         "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", key_id
     )
     return bool(status.endswith(" 1"))
 
 
-async def list_keys(con: Any) -> list[asyncpg.Record]:
+async def list_keys(con: db.Connection) -> list[asyncpg.Record]:
     return list(
         await con.fetch(
             "SELECT id, name, scopes, created_at, last_used_at, revoked_at FROM api_keys "

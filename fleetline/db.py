@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
     # What a service's queries receive: a plain connection or one borrowed from a pool.
     Connection: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+    # What a single statement may run on: a connection, or a pool (one borrowed for it).
+    Queryable: TypeAlias = Connection | asyncpg.Pool[Any]
 
 ConnectionInit = Callable[["asyncpg.Connection[Any]"], Awaitable[None]]
 
@@ -183,7 +185,7 @@ class Notices:
 
 
 async def notifying(
-    pool: asyncpg.Pool[Any], work: Callable[[Any, Notices], Awaitable[T]], *, what: str
+    pool: asyncpg.Pool[Any], work: Callable[[Connection, Notices], Awaitable[T]], *, what: str
 ) -> T:
     """Run ``work(con, notices)`` in a transaction that sends what it added to
     ``notices`` at its commit.

@@ -11,6 +11,12 @@ runs in its own transaction.
 The runner passes the storage settings to the SQL as session settings
 (``fleetline.timescale``, ``fleetline.raw_retention``...), so no interval is hard-coded
 in a migration.
+
+A function whose body changes after the migration that created it lives in
+``migrations/functions/<name>.sql`` (``CREATE OR REPLACE``), its current body in one place:
+after the numbered files, the runner applies each such definition whose checksum differs
+from the one recorded in ``schema_definitions`` (so on a new database, and whenever the
+file changes). The numbered files keep the bodies they were applied with.
 """
 
 from __future__ import annotations
@@ -28,16 +34,31 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from fleetline.db import close_connection
+from fleetline.files import ProjectFileError, project_path
 from fleetline.settings import StorageSettings
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x666C6565  # "flee": one advisory lock id for all fleetline migration runners
 _NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+DEFINITIONS_FOLDER = "functions"
+_DEFINITION_RE = re.compile(r"^[a-z][a-z0-9_]*\.sql$")
 
 
 class MigrationError(Exception):
     """The migrations cannot be applied as they are."""
+
+
+@dataclass(frozen=True)
+class Definition:
+    """The current definition of one function (``migrations/functions/<name>.sql``)."""
+
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -56,10 +77,14 @@ class Migration:
 
 
 def migrations_dir() -> Path:
+    """``FLEETLINE_MIGRATIONS_DIR``, else the migrations this installation carries."""
     override = os.environ.get("FLEETLINE_MIGRATIONS_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "migrations"
+    try:
+        return project_path("migrations")
+    except ProjectFileError as exc:
+        raise MigrationError(str(exc)) from None
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
@@ -75,6 +100,18 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise MigrationError(f"two migration files share a number in {directory}")
+    return found
+
+
+def load_definitions(directory: Path | None = None) -> list[Definition]:
+    folder = (directory or migrations_dir()) / DEFINITIONS_FOLDER
+    if not folder.is_dir():
+        return []
+    found: list[Definition] = []
+    for path in sorted(folder.glob("*.sql")):
+        if not _DEFINITION_RE.match(path.name):
+            raise MigrationError(f"{path.name}: function definitions are named <function>.sql")
+        found.append(Definition(path.stem, path.read_text()))
     return found
 
 
@@ -114,8 +151,10 @@ async def apply_migrations(
     *,
     directory: Path | None = None,
 ) -> list[Migration]:
-    """Apply what is pending; return the migrations applied by this call."""
+    """Apply what is pending, then the function definitions that changed; return the
+    migrations applied by this call."""
     migrations = load_migrations(directory)
+    definitions = load_definitions(directory)
     await con.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
         await con.execute(
@@ -145,36 +184,74 @@ async def apply_migrations(
                     "applied migrations are never changed, add a new file instead"
                 )
         pending = [m for m in migrations if m.version not in applied]
-        if not pending:
+        if pending:
+            await _apply(con, storage, pending)
+        else:
             log.info("schema is up to date", extra={"version": max(known, default=0)})
-            return []
-        use_timescale = await _session_settings(con, storage)
-        log.info(
-            "applying %d migration(s)",
-            len(pending),
-            extra={"storage": "timescaledb" if use_timescale else "partitioned"},
-        )
-        for m in pending:
-            started = time.perf_counter()
-            try:
-                if m.transactional:
-                    async with con.transaction():
-                        await con.execute(m.sql)
-                        await _record(con, m, started)
-                else:
-                    await con.execute(m.sql)
-                    await _record(con, m, started)
-            except asyncpg.PostgresError as exc:
-                raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {exc}") from exc
-            log.info(
-                "applied migration %04d_%s",
-                m.version,
-                m.name,
-                extra={"duration_ms": round((time.perf_counter() - started) * 1000)},
-            )
+        await _define(con, definitions)
         return pending
     finally:
         await con.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+
+
+async def _apply(
+    con: asyncpg.Connection[Any], storage: StorageSettings, pending: list[Migration]
+) -> None:
+    use_timescale = await _session_settings(con, storage)
+    log.info(
+        "applying %d migration(s)",
+        len(pending),
+        extra={"storage": "timescaledb" if use_timescale else "partitioned"},
+    )
+    for m in pending:
+        started = time.perf_counter()
+        try:
+            if m.transactional:
+                async with con.transaction():
+                    await con.execute(m.sql)
+                    await _record(con, m, started)
+            else:
+                await con.execute(m.sql)
+                await _record(con, m, started)
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {exc}") from exc
+        log.info(
+            "applied migration %04d_%s",
+            m.version,
+            m.name,
+            extra={"duration_ms": round((time.perf_counter() - started) * 1000)},
+        )
+
+
+async def _define(con: asyncpg.Connection[Any], definitions: list[Definition]) -> None:
+    """(Re)create each function whose definition is new or changed, in its own transaction."""
+    await con.execute(
+        """
+        CREATE TABLE IF NOT EXISTS schema_definitions (
+            name        TEXT PRIMARY KEY,
+            checksum    TEXT NOT NULL,
+            applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+        )
+        """
+    )
+    rows = await con.fetch("SELECT name, checksum FROM schema_definitions")
+    recorded = {r["name"]: r["checksum"] for r in rows}
+    for d in definitions:
+        if recorded.get(d.name) == d.checksum:
+            continue
+        try:
+            async with con.transaction():
+                await con.execute(d.sql)
+                await con.execute(
+                    "INSERT INTO schema_definitions (name, checksum) VALUES ($1, $2) "
+                    "ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, "
+                    "applied_at = now()",
+                    d.name,
+                    d.checksum,
+                )
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(f"function definition {d.name} failed: {exc}") from exc
+        log.info("applied function definition %s", d.name)
 
 
 async def _record(con: asyncpg.Connection[Any], m: Migration, started: float) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from fleetline import db
 from fleetline.db import NOTIFY_MANY_SQL
 from fleetline.protocol import Row
 
@@ -73,7 +74,7 @@ def alarm_event(alarm: Mapping[str, Any], at: datetime | None) -> dict[str, Any]
     return {"type": "alarm", "device_id": alarm["device_id"], "ts": at, "alarm": dict(alarm)}
 
 
-async def announce(con: Any, events: Iterable[dict[str, Any]]) -> None:
+async def announce(con: db.Connection, events: Iterable[dict[str, Any]]) -> None:
     """Notify ``events`` in ``con``'s transaction: listeners hear of them at commit."""
     payloads = pack(events)
     if payloads:

@@ -22,9 +22,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetline.embedded import LocalMosquitto, LocalPostgres
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
+from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
 from tests.support import ApiProcess, IngestProcess, RulesProcess, ServiceProcess
 
 LOCAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

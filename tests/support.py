@@ -20,7 +20,7 @@ from typing import Any, Self
 import orjson
 import paho.mqtt.client as mqtt
 
-from fleetline.embedded import free_port
+from fleetline_dev.embedded import free_port
 
 # This run's device-key secret: the API derives device keys from it, the broker checks them.
 DEVICE_KEY_SECRET = secrets.token_hex(32)
@@ -103,7 +103,7 @@ def reading(ts_ms: int, **values: Any) -> dict[str, Any]:
 
 
 class ServiceProcess:
-    """``python -m fleetline <service>`` as a child process, as production runs it."""
+    """``python -m fleetline_cli <service>`` as a child process, as production runs it."""
 
     service = ""
     port_variable = ""
@@ -134,7 +134,7 @@ class ServiceProcess:
     def start(self, *, wait_ready: bool = True) -> Self:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetline", self.service], env=self.env, stdout=log,
+            [sys.executable, "-m", "fleetline_cli", self.service], env=self.env, stdout=log,
             stderr=subprocess.STDOUT,
         )
         log.close()

@@ -20,9 +20,9 @@ import orjson
 import paho.mqtt.client as paho
 import pytest
 
-from fleetline.embedded import LocalMosquitto
 from fleetline.settings import parse_mqtt_url
-from fleetline.simulator import device_ids, run_fleet
+from fleetline_dev.embedded import LocalMosquitto
+from fleetline_dev.simulator import device_ids, run_fleet
 from tests.integration.test_api import client
 from tests.support import ApiProcess, Device, IngestProcess, wait_until
 

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from playwright.async_api import ConsoleMessage, Page, async_playwright, expect
 
-from fleetline.embedded import LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import wait_rows
 from tests.support import ApiProcess, Device, IngestProcess
 

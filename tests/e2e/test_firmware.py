@@ -41,7 +41,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fleetline import devicekeys
-from fleetline.embedded import BrokerAuth, LocalMosquitto
+from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
 from tests.integration.test_api import client
 from tests.support import DEVICE_KEY_SECRET, ApiProcess, IngestProcess, TcpProxy, wait_until
 

@@ -18,7 +18,7 @@ import httpx
 import paho.mqtt.client as paho
 import pytest
 
-from fleetline.embedded import BrokerAuth, LocalMosquitto
+from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
 from tests.integration.test_rules import (
     Receiver,
     eventually,

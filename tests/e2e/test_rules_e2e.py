@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from fleetline.embedded import LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.integration.test_rules import (
     alarms_of,
     eventually,

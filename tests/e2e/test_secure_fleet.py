@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from fleetline.embedded import BrokerAuth, LocalMosquitto
+from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
 from tests.conftest import wait_rows
 from tests.support import DEVICE_KEY_SECRET, ApiProcess, Device, IngestProcess, wait_until
 

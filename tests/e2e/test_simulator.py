@@ -11,9 +11,9 @@ import asyncpg
 import orjson
 import pytest
 
-from fleetline.embedded import LocalMosquitto
 from fleetline.settings import parse_mqtt_url
-from fleetline.simulator import FIRMWARE_VERSION, device_ids, run_fleet
+from fleetline_dev.embedded import LocalMosquitto
+from fleetline_dev.simulator import FIRMWARE_VERSION, device_ids, run_fleet
 from tests.integration.test_api import client
 from tests.support import ApiProcess, IngestProcess
 

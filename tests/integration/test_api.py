@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from fleetline import apikeys
-from fleetline.embedded import LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import wait_rows
 from tests.support import ApiProcess, Device, IngestProcess
 

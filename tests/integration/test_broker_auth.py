@@ -27,7 +27,7 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetline import devicekeys
-from fleetline.embedded import (
+from fleetline_dev.embedded import (
     BrokerAuth,
     EmbeddedError,
     LocalMosquitto,

@@ -23,10 +23,10 @@ import paho.mqtt.client as paho
 import pytest
 
 from fleetline import db as fleetline_db
-from fleetline.embedded import LocalMosquitto
-from fleetline_api.broker import BrokerLink
-from fleetline_api.c2d import C2dDispatcher
 from fleetline_api.settings import ApiSettings
+from fleetline_api.workers.broker import BrokerLink
+from fleetline_api.workers.c2d import C2dDispatcher
+from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import migrated_database
 from tests.integration.test_api import assert_problem, client
 from tests.support import (

@@ -14,14 +14,14 @@ import asyncpg
 import pytest
 
 from fleetline import devicekeys
-from fleetline.embedded import LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.support import DEVICE_KEY_SECRET, ApiProcess, Device, IngestProcess
 
 pytestmark = pytest.mark.integration
 
 
 def fleetline(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleetline", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "fleetline_cli", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -100,7 +100,7 @@ async def test_monitor_prints_live_events(
     env = {**os.environ, "FLEETLINE_API_URL": api.url,
            "FLEETLINE_API_KEY": await make_key("telemetry:read")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleetline", "monitor", "--device", device_id, "--count", "2",
+        [sys.executable, "-m", "fleetline_cli", "monitor", "--device", device_id, "--count", "2",
          "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         dev = Device(broker.url, device_id)

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from fleetline.consumer import AckConsumer, Bounds, Gauges
-from fleetline.embedded import LocalMosquitto
 from fleetline.settings import ConsumerSettings
+from fleetline_dev.embedded import LocalMosquitto
 from tests.support import Device
 
 pytestmark = pytest.mark.integration

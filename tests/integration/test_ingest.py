@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 import pytest
 
-from fleetline.embedded import LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import count_rows, wait_rows
 from tests.support import Device, IngestProcess, reading, wait_until
 

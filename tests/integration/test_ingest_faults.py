@@ -16,9 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetline.embedded import LocalMosquitto, LocalPostgres
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
+from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
 from tests.conftest import count_rows, wait_rows
 from tests.support import Device, IngestProcess, reading, wait_until
 

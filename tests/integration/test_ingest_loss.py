@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetline.embedded import LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import count_rows, wait_rows
 from tests.integration.test_ingest_faults import Publisher, assert_exactly_once
 from tests.support import IngestProcess, wait_until

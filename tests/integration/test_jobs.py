@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fleetline import apikeys
-from fleetline.embedded import LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import migrated_database
 from tests.integration.test_api import assert_problem, client
 from tests.support import ApiProcess, Device, wait_until

@@ -17,14 +17,14 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 
-from fleetline.embedded import LocalMosquitto
-from fleetline_api.broker import (
+from fleetline_api.settings import ApiSettings
+from fleetline_api.workers.broker import (
     BrokerLink,
     BrokerUnavailableError,
     MethodTimeoutError,
     TooManyCallsError,
 )
-from fleetline_api.settings import ApiSettings
+from fleetline_dev.embedded import LocalMosquitto
 from tests.integration.test_api import assert_problem, client
 from tests.support import DEVICE_KEY_SECRET, ApiProcess, Device, IngestProcess, wait_until
 

@@ -11,7 +11,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from fleetline.migrate import MigrationError, apply_migrations, load_migrations, migrations_dir
+from fleetline.migrate import (
+    MigrationError,
+    apply_migrations,
+    load_definitions,
+    load_migrations,
+    migrations_dir,
+)
 from fleetline.settings import StorageSettings
 
 pytestmark = pytest.mark.integration
@@ -68,4 +74,44 @@ async def test_partitions_are_made_ahead_on_demand_and_dropped_when_expired(
     assert parts == PLAIN.partitions_ahead + 1
     await con.execute("SELECT fleetline_ensure_partition(now() - interval '200 days')")
     assert await con.fetchval("SELECT fleetline_maintain('90 days', 1)") == 1
+    await con.close()
+
+
+def _bodies(sql: str) -> set[str]:
+    """The bodies ($$ ... $$) of the functions a definition file creates."""
+    return {body.strip() for body in sql.split("$$")[1::2]}
+
+
+async def test_each_redefined_function_has_its_current_body_in_one_file(fresh_db: str) -> None:
+    con = await asyncpg.connect(fresh_db)
+    await apply_migrations(con, PLAIN)
+    definitions = load_definitions()
+    assert {d.name for d in definitions} >= {"fleetline_roll_up", "fleetline_apply_reported"}
+    recorded = await con.fetch("SELECT name, checksum FROM schema_definitions")
+    assert {r["name"]: r["checksum"] for r in recorded} == {d.name: d.checksum for d in definitions}
+    for d in definitions:
+        live = await con.fetch("SELECT prosrc FROM pg_proc WHERE proname = $1", d.name)
+        assert {r["prosrc"].strip() for r in live} == _bodies(d.sql), d.name
+    # No numbered migration after the one a definition names as its last change redefines
+    # the function: its current body is the file's.
+    for d in definitions:
+        last = max(m.version for m in load_migrations() if f"FUNCTION {d.name}(" in m.sql)
+        assert f"last changed by {last:04d}" in d.sql, d.name
+    await con.close()
+
+
+async def test_a_changed_definition_is_applied_again(fresh_db: str, tmp_path: Path) -> None:
+    con = await asyncpg.connect(fresh_db)
+    await apply_migrations(con, PLAIN)
+    edited = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), edited)
+    path = edited / "functions" / "fleetline_roll_up.sql"
+    path.write_text(path.read_text().replace("BEGIN\n", "BEGIN\n    -- edited\n", 1))
+    assert await apply_migrations(con, PLAIN, directory=edited) == []
+    src = await con.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_roll_up'")
+    assert "-- edited" in src
+    checksums = {d.name: d.checksum for d in load_definitions(edited)}
+    assert await con.fetchval(
+        "SELECT checksum FROM schema_definitions WHERE name = 'fleetline_roll_up'"
+    ) == checksums["fleetline_roll_up"]
     await con.close()

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetline.embedded import LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import wait_rows
 from tests.support import Device, IngestProcess, wait_until
 

@@ -29,7 +29,7 @@ import paho.mqtt.client as paho
 import pytest
 from websockets.asyncio.client import connect
 
-from fleetline.embedded import LocalMosquitto, free_port
+from fleetline_dev.embedded import LocalMosquitto, free_port
 from tests.integration.test_api import assert_problem, client
 from tests.support import ApiProcess, Device, IngestProcess, RulesProcess, full_notify_queue
 

@@ -14,7 +14,7 @@ import orjson
 import paho.mqtt.client as paho
 import pytest
 
-from fleetline.embedded import LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.integration.test_api import assert_problem, client
 from tests.support import ApiProcess, Device, IngestProcess, wait_until
 

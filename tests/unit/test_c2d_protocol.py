@@ -16,7 +16,7 @@ from fleetline.protocol import (
     parse_c2d_ack,
     twin_patch_problem,
 )
-from fleetline_api.message_schemas import MAX_BODY_DEPTH, BodyError, encode_body
+from fleetline_api.schemas.messages import MAX_BODY_DEPTH, BodyError, encode_body
 
 MESSAGE_ID = "0b6f1c2e-5d4a-4f7e-9c1b-2a3d4e5f6a7b"
 

@@ -16,9 +16,6 @@ from fastapi.routing import APIRoute
 from fleetline import __version__, db
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
-from fleetline_api.broker import BrokerLink
-from fleetline_api.c2d import C2dDispatcher
-from fleetline_api.jobs import JobRunner
 from fleetline_api.routes import (
     alarms,
     dashboard,
@@ -37,7 +34,10 @@ from fleetline_api.routes import (
     twins,
 )
 from fleetline_api.settings import ApiSettings
-from fleetline_api.stream import StreamHub
+from fleetline_api.workers.broker import BrokerLink
+from fleetline_api.workers.c2d import C2dDispatcher
+from fleetline_api.workers.jobs import JobRunner
+from fleetline_api.workers.stream import StreamHub
 
 
 class State(TypedDict):

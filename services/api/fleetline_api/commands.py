@@ -26,14 +26,14 @@ import orjson
 from prometheus_client import Counter, Histogram
 
 from fleetline import mqtt, protocol
-from fleetline_api.broker import (
+from fleetline_api.schemas.methods import encode_params, params_problem, parse_answer
+from fleetline_api.workers.broker import (
     BrokerLink,
     BrokerUnavailableError,
     MethodTimeoutError,
     NotConnectedError,
     TooManyCallsError,
 )
-from fleetline_api.method_schemas import encode_params, params_problem, parse_answer
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""Dependencies shared by the routers: the pool, API-key authentication with scopes, and
-the registered-device checks."""
+"""Dependencies shared by the routers: the pool, the settings, the broker link, API-key
+authentication with scopes, and the registered-device checks."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import asyncpg
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from fleetline import apikeys
+from fleetline import apikeys, db
 from fleetline.apikeys import KeyInfo, Scope
 from fleetline_api.settings import ApiSettings
+from fleetline_api.workers.broker import BrokerLink
 
 if TYPE_CHECKING:
     Pool = asyncpg.Pool[Any]
@@ -69,9 +70,25 @@ def require(*scopes: Scope) -> Callable[..., Awaitable[KeyInfo]]:
 DevicesRead = Annotated[KeyInfo, Depends(require("devices:read"))]
 DevicesWrite = Annotated[KeyInfo, Depends(require("devices:write"))]
 TelemetryRead = Annotated[KeyInfo, Depends(require("telemetry:read"))]
+CommandsWrite = Annotated[KeyInfo, Depends(require("commands:write"))]
+RulesRead = Annotated[KeyInfo, Depends(require("rules:write", "telemetry:read"))]
+RulesWrite = Annotated[KeyInfo, Depends(require("rules:write"))]
 
 
-async def require_device(con: Any, device_id: str) -> None:
+def actor(key: KeyInfo) -> str:
+    """How a change made with ``key`` is recorded (alarm history, messages, jobs)."""
+    return f"{key.name} (key {key.id})"
+
+
+async def get_broker(request: Request) -> BrokerLink:
+    broker: BrokerLink = request.state.broker
+    return broker
+
+
+BrokerDep = Annotated[BrokerLink, Depends(get_broker)]
+
+
+async def require_device(con: db.Queryable, device_id: str) -> None:
     """404 unless ``device_id`` is registered (``con``: a pool or a connection). A deleted
     device is gone from the API, though its readings stay in storage (and the SQL views)
     until the retention."""
@@ -79,7 +96,7 @@ async def require_device(con: Any, device_id: str) -> None:
         raise HTTPException(404, f"device {device_id} not found")
 
 
-async def lock_device(con: Any, device_id: str) -> None:
+async def lock_device(con: db.Connection, device_id: str) -> None:
     """Lock the device's row for this transaction (FOR UPDATE: writers of the device and
     of what belongs to it take turns); 404 unless it is registered."""
     if await con.fetchval("SELECT 1 FROM devices WHERE id = $1 FOR UPDATE", device_id) is None:

@@ -28,7 +28,7 @@ class ApiSettings(ServiceSettings):
     # many clients one API process serves.
     stream_queue_size: int = Field(default=1000, ge=10, le=100_000)
     stream_max_clients: int = Field(default=1000, ge=1, le=100_000)
-    # /v1/jobs (fleetline_api/jobs.py): how often the runner looks for work; devices one
+    # /v1/jobs (fleetline_api/workers/jobs.py): how often the runner looks for work; devices one
     # API process runs at once over all jobs; how long past a device's own timeout its
     # claim lasts before another runner takes it over (the process is presumed dead);
     # starts per device before it counts as failed ("abandoned"); devices one job may
@@ -41,7 +41,7 @@ class ApiSettings(ServiceSettings):
     jobs_max_attempts: int = Field(default=3, ge=1, le=100)
     jobs_max_devices: int = Field(default=100_000, ge=1, le=1_000_000)
     jobs_retention_days: int = Field(default=30, ge=0, le=36_500)
-    # Cloud-to-device messages (fleetline_api/c2d.py): messages a device may have queued
+    # Cloud-to-device messages (fleetline_api/workers/c2d.py): messages a device may have queued
     # or sent but not yet acknowledged (more are refused with 409); the time to live of a
     # message that names none (at most 48 h, the API's limit); how long a sent message
     # waits for the device's ack before it is sent again while the device stays online;

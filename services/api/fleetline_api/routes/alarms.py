@@ -19,18 +19,19 @@ import orjson
 from fastapi import APIRouter, HTTPException, Path, Query
 
 from fleetline import db, rules_engine, streamevents
-from fleetline_api.deps import PoolDep
+from fleetline_api.deps import PoolDep, RulesRead, RulesWrite, actor
+from fleetline_api.openapi import links
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
-from fleetline_api.routes.rules import RulesRead, RulesWrite, links, masked, who
-from fleetline_api.rule_schemas import (
+from fleetline_api.schemas.common import DeviceId
+from fleetline_api.schemas.rules import (
     AlarmEvent,
     AlarmPage,
     AlarmPublic,
     AlarmState,
     Delivery,
     Severity,
+    masked,
 )
-from fleetline_api.schemas import DeviceId
 
 router = APIRouter(prefix="/v1/alarms", tags=["alarms"], responses=RESPONSES)
 
@@ -104,7 +105,7 @@ async def list_alarms(
     return AlarmPage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
 
 
-async def _get(con: Any, alarm_id: int) -> AlarmPublic:
+async def _get(con: db.Queryable, alarm_id: int) -> AlarmPublic:
     row = await con.fetchrow(f"SELECT {COLUMNS} FROM rule_alarms WHERE id = $1", alarm_id)
     if row is None:
         raise HTTPException(404, f"alarm {alarm_id} not found")
@@ -121,7 +122,7 @@ async def _move(
     pool: Any, alarm_id: int, sql: str, event: str, actor: str, allowed: str
 ) -> AlarmPublic:
 
-    async def work(con: Any, notices: db.Notices) -> AlarmPublic:
+    async def work(con: db.Connection, notices: db.Notices) -> AlarmPublic:
         row = await con.fetchrow(sql, alarm_id, actor)
         if row is None:
             current = await _get(con, alarm_id)  # 404 when there is none
@@ -149,13 +150,13 @@ async def _move(
 async def acknowledge_alarm(alarm_id: AlarmId, pool: PoolDep, key: RulesWrite) -> AlarmPublic:
     """Acknowledge an active alarm (409 if it is acknowledged or cleared already). It
     stays open, and clears when its rule's clear condition holds."""
-    return await _move(pool, alarm_id, ACK, "acknowledged", who(key), "active")
+    return await _move(pool, alarm_id, ACK, "acknowledged", actor(key), "active")
 
 
 @router.post("/{alarm_id}/clear", response_model=AlarmPublic, responses={**NOT_FOUND, **CONFLICT})
 async def clear_alarm(alarm_id: AlarmId, pool: PoolDep, key: RulesWrite) -> AlarmPublic:
     """Clear an active or acknowledged alarm by hand (409 if it is cleared already)."""
-    return await _move(pool, alarm_id, CLEAR, "cleared", who(key), "active or acknowledged")
+    return await _move(pool, alarm_id, CLEAR, "cleared", actor(key), "active or acknowledged")
 
 
 @router.get("/{alarm_id}/history", response_model=list[AlarmEvent], responses=NOT_FOUND)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from fleetline_api.deps import PoolDep, TelemetryRead
 from fleetline_api.problems import RESPONSES
-from fleetline_api.schemas import DeadLetter, DeadLetterPage, DeviceId
+from fleetline_api.schemas.common import DeadLetter, DeadLetterPage, DeviceId
 
 router = APIRouter(prefix="/v1/dead-letters", tags=["dead-letters"], responses=RESPONSES)
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from pydantic import StringConstraints
 
-from fleetline import devicekeys
+from fleetline import db, devicekeys
 from fleetline_api import commands
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep, lock_device
+from fleetline_api.params import StatusFilter, TagFilter, device_filter
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
-from fleetline_api.schemas import (
+from fleetline_api.schemas.common import (
     MAX_TAGS,
     DeviceCreate,
     DeviceCreated,
@@ -47,41 +47,6 @@ SELECT d.id, d.tags, d.created_at, coalesce(a.online, false) AS online, a.last_s
        a.status_changed_at, d.key_version, d.key_created_at
 FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
 """
-
-
-def parse_tags(tag: list[str]) -> dict[str, str] | None:
-    """The filter as an object; None when it asks one tag for two values (nothing matches).
-    The query pattern guarantees name=value."""
-    wanted: dict[str, str] = {}
-    for name, _sep, value in (item.partition("=") for item in tag):
-        if wanted.setdefault(name, value) != value:
-            return None
-    return wanted
-
-
-TagFilter = Annotated[
-    list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}=.{0,256}$")]],
-    Query(description="name=value (string values); repeat to require several"),
-]
-StatusFilter = Annotated[Literal["online", "offline"] | None, Query()]
-
-
-def device_filter(
-    tag: list[str], status: str | None, cursor: str | None, *, first: int
-) -> tuple[str, list[Any]] | None:
-    """SQL conditions on devices ``d`` (with their activity ``a``) and their parameters,
-    numbered from ``$first``: tags, connection status, and the page after ``cursor``.
-    None when no device can match (one tag asked for two values)."""
-    wanted = parse_tags(tag)
-    if wanted is None:
-        return None
-    t, s, c = first, first + 1, first + 2
-    sql = (
-        f"(${t}::jsonb IS NULL OR d.tags @> ${t}::jsonb)"
-        f" AND (${s}::bool IS NULL OR coalesce(a.online, false) = ${s})"
-        f" AND (${c}::text IS NULL OR d.id > ${c})"
-    )
-    return sql, [wanted or None, None if status is None else status == "online", cursor]
 
 
 @router.get("", response_model=DevicePage)
@@ -115,7 +80,9 @@ WHERE id = $1 RETURNING key_version
 STORE_FINGERPRINT = "UPDATE devices SET key_sha256 = $3 WHERE id = $1 AND key_version = $2"
 
 
-async def _issue_key(con: Any, settings: ApiSettings, device_id: str) -> DeviceCredentials:
+async def _issue_key(
+    con: db.Connection, settings: ApiSettings, device_id: str
+) -> DeviceCredentials:
     version = await con.fetchval(ISSUE_KEY, device_id)
     if version is None:
         raise HTTPException(404, f"device {device_id} not found")

@@ -3,7 +3,7 @@
 ``POST /v1/jobs`` compiles the device query (a 400 with ``position`` when it does not
 compile), evaluates it once and snapshots the matching device ids into ``job_devices``
 in the transaction that creates the job, so the target set is fixed and visible from
-the start. The job runner of every API replica (fleetline_api/jobs.py) then runs the
+the start. The job runner of every API replica (fleetline_api/workers/jobs.py) then runs the
 devices, ``batch_size`` at a time and at most ``max_per_second``, and records each
 device's outcome.
 
@@ -22,11 +22,12 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 
-from fleetline import devicequery, protocol
+from fleetline import db, devicequery, protocol
 from fleetline.apikeys import KeyInfo
-from fleetline_api import jobs
-from fleetline_api.deps import PoolDep, SettingsDep, require
-from fleetline_api.job_schemas import (
+from fleetline_api.deps import CommandsWrite, PoolDep, SettingsDep, actor, require
+from fleetline_api.openapi import links
+from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
+from fleetline_api.schemas.jobs import (
     DEVICE_STATES,
     DeviceState,
     JobCreate,
@@ -40,10 +41,8 @@ from fleetline_api.job_schemas import (
     MethodSpec,
     TwinJobCreate,
 )
-from fleetline_api.method_schemas import params_problem
-from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
-from fleetline_api.routes.methods import CommandsWrite
-from fleetline_api.routes.rules import links, who
+from fleetline_api.schemas.methods import params_problem
+from fleetline_api.workers import jobs
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def _public(row: Any, live: dict[str, int] | None) -> JobPublic:
     )
 
 
-async def _publics(con: Any, rows: list[Any]) -> list[JobPublic]:
+async def _publics(con: db.Queryable, rows: list[Any]) -> list[JobPublic]:
     """The jobs with their progress: stored counts once finished, counted live before."""
     live_ids = [r["id"] for r in rows if r["counts"] is None]
     live: dict[int, dict[str, int]] = {}
@@ -124,7 +123,7 @@ async def _publics(con: Any, rows: list[Any]) -> list[JobPublic]:
     return [_public(r, live.get(r["id"])) for r in rows]
 
 
-async def _get(con: Any, job_id: int) -> JobPublic:
+async def _get(con: db.Queryable, job_id: int) -> JobPublic:
     row = await con.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
     if row is None:
         raise HTTPException(404, f"job {job_id} not found")
@@ -183,7 +182,7 @@ async def create_job(
             spec,
             body.batch_size,
             body.max_per_second,
-            who(key),
+            actor(key),
         )
         status = await con.execute(f"{snapshot} LIMIT $2", job_id, cap + 1, *compiled.params)
         total = int(status.rsplit(" ", 1)[-1])
@@ -287,7 +286,7 @@ async def cancel_job(job_id: JobId, pool: PoolDep, key: CommandsWrite) -> JobPub
     """Cancel a job: its pending devices are cancelled, the ones running finish."""
     async with pool.acquire() as con:
         async with con.transaction():
-            cancelled = await con.fetchval(CANCEL, job_id, who(key))
+            cancelled = await con.fetchval(CANCEL, job_id, actor(key))
             if cancelled is None:
                 state = await con.fetchval("SELECT state FROM jobs WHERE id = $1", job_id)
                 if state is None:

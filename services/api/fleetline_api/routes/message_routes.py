@@ -24,9 +24,10 @@ import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 
 from fleetline import db, devicequery, mqtt, rules_engine
-from fleetline_api.deps import PoolDep
+from fleetline_api.deps import PoolDep, RulesRead, RulesWrite
+from fleetline_api.openapi import links
 from fleetline_api.problems import CONFLICT, NOT_FOUND, RESPONSES
-from fleetline_api.route_schemas import (
+from fleetline_api.schemas.message_routes import (
     DeliveryState,
     MqttDestination,
     RouteDelivery,
@@ -37,8 +38,7 @@ from fleetline_api.route_schemas import (
     RoutePublic,
     WebhookDestination,
 )
-from fleetline_api.routes.rules import RulesRead, RulesWrite, links
-from fleetline_api.rule_schemas import MASK
+from fleetline_api.schemas.rules import MASK
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ async def _change(pool: asyncpg.Pool[Any], write: Callable[[Any], Awaitable[Any]
     """Run ``write`` (returning a row with the route's ``id``) in a transaction that
     notifies the rules service (which also refreshes its routes periodically)."""
 
-    async def work(con: Any, notices: db.Notices) -> Any:
+    async def work(con: db.Connection, notices: db.Notices) -> Any:
         row = await write(con)
         notices.add(rules_engine.ROUTES_CHANNEL, orjson.dumps({"route_id": row["id"]}).decode())
         return row
@@ -180,7 +180,7 @@ async def create_route(body: RouteIn, pool: PoolDep, _key: RulesWrite) -> RouteP
     reload on (at once, on the change's notification). 409 beyond 1000 routes."""
     values = _columns(body, None)
 
-    async def write(con: Any) -> Any:
+    async def write(con: db.Connection) -> Any:
         # Serialises creations, so the count below holds.
         await con.execute("LOCK TABLE message_routes IN SHARE ROW EXCLUSIVE MODE")
         if await con.fetchval("SELECT count(*) FROM message_routes") >= MAX_ROUTES:
@@ -207,7 +207,7 @@ async def replace_route(
     Deliveries already queued go to the route's destination as it is when they are
     sent, also when the route is disabled."""
 
-    async def write(con: Any) -> Any:
+    async def write(con: db.Connection) -> Any:
         stored = await con.fetchval(
             "SELECT destination FROM message_routes WHERE id = $1 FOR UPDATE", route_id
         )
@@ -223,7 +223,7 @@ async def delete_route(route_id: RouteId, pool: PoolDep, _key: RulesWrite) -> Re
     """Delete a route; its deliveries still waiting are dropped (the finished ones age
     out of the log)."""
 
-    async def write(con: Any) -> Any:
+    async def write(con: db.Connection) -> Any:
         row = await con.fetchrow("DELETE FROM message_routes WHERE id = $1 RETURNING id", route_id)
         if row is None:
             raise HTTPException(404, f"route {route_id} not found")

@@ -1,7 +1,7 @@
 """Cloud-to-device messages: a persistent queue per device, with each message's history.
 
 ``POST`` queues a message (whether the device is online or not) with a time to live;
-the dispatcher (fleetline_api/c2d.py) sends it on ``devices/{id}/c2d`` when the device
+the dispatcher (fleetline_api/workers/c2d.py) sends it on ``devices/{id}/c2d`` when the device
 is online, again when it comes back online without having acknowledged it, and the
 device's ack on ``devices/{id}/c2d/ack`` (applied by ingest) completes or rejects it:
 ``queued → sent → completed | rejected | expired`` (or ``cancelled`` here).
@@ -34,10 +34,18 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from fleetline import db
-from fleetline_api import c2d
-from fleetline_api.bodies import read_body
-from fleetline_api.deps import DevicesRead, PoolDep, SettingsDep, require_device
-from fleetline_api.message_schemas import (
+from fleetline_api.deps import (
+    CommandsWrite,
+    DevicesRead,
+    PoolDep,
+    SettingsDep,
+    actor,
+    require_device,
+)
+from fleetline_api.problems import MEDIA_TYPE, NOT_FOUND, RESPONSES, Problem
+from fleetline_api.schemas.bodies import read_body
+from fleetline_api.schemas.common import DeviceId
+from fleetline_api.schemas.messages import (
     MAX_REQUEST_BYTES,
     BodyError,
     BodyTooLargeError,
@@ -48,10 +56,7 @@ from fleetline_api.message_schemas import (
     MessageState,
     encode_body,
 )
-from fleetline_api.problems import MEDIA_TYPE, NOT_FOUND, RESPONSES, Problem
-from fleetline_api.routes.methods import CommandsWrite
-from fleetline_api.routes.rules import who
-from fleetline_api.schemas import DeviceId
+from fleetline_api.workers import c2d
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,7 @@ WHERE message_id = ANY($1::uuid[]) ORDER BY at, id
 """
 
 
-async def _messages(con: Any, rows: list[asyncpg.Record]) -> list[MessagePublic]:
+async def _messages(con: db.Queryable, rows: list[asyncpg.Record]) -> list[MessagePublic]:
     """The rows as messages, each with its history (one query for all of them)."""
     history: dict[uuid.UUID, list[MessageEvent]] = {r["id"]: [] for r in rows}
     if rows:
@@ -103,7 +108,7 @@ async def _messages(con: Any, rows: list[asyncpg.Record]) -> list[MessagePublic]
     return out
 
 
-async def _get(con: Any, device_id: str, message_id: uuid.UUID) -> MessagePublic:
+async def _get(con: db.Queryable, device_id: str, message_id: uuid.UUID) -> MessagePublic:
     row = await con.fetchrow(
         f"SELECT {COLUMNS} FROM c2d_messages m WHERE m.id = $1 AND m.device_id = $2",
         message_id,
@@ -129,7 +134,7 @@ async def _read_message(request: Request) -> MessageCreate:
 
 
 async def _queue(
-    con: Any,
+    con: db.Connection,
     notices: db.Notices,
     *,
     device_id: str,
@@ -214,7 +219,7 @@ async def send_message(
         body=body,
         properties=message.properties,
         ttl=ttl,
-        created_by=who(key),
+        created_by=actor(key),
         max_depth=settings.c2d_max_depth,
     )
     depth = await db.notifying(pool, queue, what=f"c2d message {message_id} for {device_id}")
@@ -289,7 +294,7 @@ async def cancel_message(
         async with con.transaction():
             cancelled = await con.fetchval(CANCEL, message_id, device_id)
             if cancelled is not None:
-                await con.execute(EVENT, message_id, "cancelled", f"cancelled by {who(key)}")
+                await con.execute(EVENT, message_id, "cancelled", f"cancelled by {actor(key)}")
         message = await _get(con, device_id, message_id)  # 404 when there is none
     if cancelled is None:
         raise HTTPException(

@@ -4,7 +4,7 @@ The API publishes ``{"method": name, "params": {...}}`` (QoS 1) to
 ``devices/{id}/methods/{request_id}/req`` and waits up to ``timeout_s`` for the device's
 ``{"status": ..., "payload": ...}`` on ``.../res``. Any API replica may serve the call:
 every replica sees every response and the one waiting for the request id takes it
-(fleetline_api/broker.py). A device is called only while its status says online; one
+(fleetline_api/workers/broker.py). A device is called only while its status says online; one
 that went away without its Last Will yet shows up as a timeout (504).
 
 The call itself is fleetline_api/commands.py (shared with method jobs). Params and
@@ -15,27 +15,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request
+from fastapi import APIRouter, HTTPException, Path
 
-from fleetline.apikeys import KeyInfo
 from fleetline_api import commands
-from fleetline_api.broker import BrokerLink
-from fleetline_api.deps import PoolDep, require
-from fleetline_api.method_schemas import MethodCall, MethodName, MethodResult
+from fleetline_api.deps import BrokerDep, CommandsWrite, PoolDep
 from fleetline_api.problems import RESPONSES, Problem
-from fleetline_api.schemas import DeviceId, ModuleId
+from fleetline_api.schemas.common import DeviceId, ModuleId
+from fleetline_api.schemas.methods import MethodCall, MethodName, MethodResult
+from fleetline_api.workers.broker import BrokerLink
 
 router = APIRouter(prefix="/v1/devices", tags=["methods"], responses=RESPONSES)
-
-CommandsWrite = Annotated[KeyInfo, Depends(require("commands:write"))]
-
-
-async def get_broker(request: Request) -> BrokerLink:
-    broker: BrokerLink = request.state.broker
-    return broker
-
-
-BrokerDep = Annotated[BrokerLink, Depends(get_broker)]
 
 METHOD_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No such device (or module)"},

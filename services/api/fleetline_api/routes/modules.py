@@ -16,7 +16,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fleetline_api import commands
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, lock_device, require_device
 from fleetline_api.problems import CONFLICT, NOT_FOUND, RESPONSES
-from fleetline_api.schemas import DeviceId, ModuleId, ModuleList, ModulePublic
+from fleetline_api.schemas.common import DeviceId, ModuleId, ModuleList, ModulePublic
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/devices", tags=["modules"], responses=RESPONSES)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query
 from fleetline import devicequery
 from fleetline_api.deps import DevicesRead, PoolDep
 from fleetline_api.problems import RESPONSES
-from fleetline_api.query_schemas import (
+from fleetline_api.schemas.query import (
     QUERY_DESCRIPTION,
     DeviceMatch,
     QueryPage,

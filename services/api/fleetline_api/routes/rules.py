@@ -17,15 +17,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
 from pydantic import BaseModel, StringConstraints
 
 from fleetline import db, rules_engine, streamevents
-from fleetline.apikeys import KeyInfo
-from fleetline_api.deps import PoolDep, require
+from fleetline_api.deps import PoolDep, RulesRead, RulesWrite, actor
+from fleetline_api.openapi import links
 from fleetline_api.problems import NOT_FOUND, RESPONSES
-from fleetline_api.rule_schemas import (
+from fleetline_api.schemas.rules import (
     MASK,
+    SECRET_FIELDS,
     Backtest,
     BacktestAlarm,
     CommandAction,
@@ -37,12 +38,12 @@ from fleetline_api.rule_schemas import (
     RulePublic,
     ThresholdRule,
     WebhookAction,
+    masked,
 )
 
 router = APIRouter(prefix="/v1/rules", tags=["rules"], responses=RESPONSES)
 
 RuleId = Annotated[int, Path(ge=1, le=2**63 - 1)]
-SECRET_FIELDS = ("secret", "key")
 # A command's params are stored as JSON and sent to a device: keep them small and exact.
 MAX_PARAMS_BYTES = 8192
 MAX_SAFE_INT = 2**53
@@ -60,8 +61,6 @@ Time = Annotated[
     ),
 ]
 
-RulesRead = Annotated[KeyInfo, Depends(require("rules:write", "telemetry:read"))]
-RulesWrite = Annotated[KeyInfo, Depends(require("rules:write"))]
 
 COLUMNS = """
 id, name, kind, match, metric, raise_condition, clear_condition, timeout_s, severity, message,
@@ -95,10 +94,6 @@ SELECT id, rule_id, rule_name, device_id, metric, severity, state, raised_at, ac
        acknowledged_by, cleared_at, cleared_by, value, peak, count, message, updated_at
 FROM cleared
 """
-
-
-def masked(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: (MASK if k in SECRET_FIELDS and v else v) for k, v in a.items()} for a in actions]
 
 
 def public(row: Any) -> RulePublic:
@@ -201,7 +196,9 @@ def _notify_rule(notices: db.Notices, rule_id: int) -> None:
     notices.add(rules_engine.RULES_CHANNEL, orjson.dumps({"rule_id": rule_id}).decode())
 
 
-async def clear_open_alarms(con: Any, notices: db.Notices, rule_id: int, actor: str) -> None:
+async def clear_open_alarms(
+    con: db.Connection, notices: db.Notices, rule_id: int, actor: str
+) -> None:
     """Clear a rule's open alarms and announce it on the stream (in the caller's
     transaction)."""
     rows = await con.fetch(CLEAR_OPEN, rule_id, actor)
@@ -209,10 +206,6 @@ async def clear_open_alarms(con: Any, notices: db.Notices, rule_id: int, actor: 
         streamevents.CHANNEL,
         *streamevents.pack([streamevents.alarm_event(r, r["cleared_at"]) for r in rows]),
     )
-
-
-def who(key: KeyInfo) -> str:
-    return f"{key.name} (key {key.id})"
 
 
 @router.get("", response_model=RulePage, response_model_by_alias=True)
@@ -230,14 +223,6 @@ async def list_rules(
     )
     items = [public(r) for r in rows[:limit]]
     return RulePage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
-
-
-def links(path: str, *names: str) -> dict[str, Any]:
-    """OpenAPI links from a response to the operations that take the id it holds."""
-    return {
-        name: {"operationId": operation, "parameters": {param: f"$response.body#{path}"}}
-        for name, operation, param in (n.split(":") for n in names)
-    }
 
 
 @router.post(
@@ -262,7 +247,7 @@ async def create_rule(body: RuleIn, pool: PoolDep, _key: RulesWrite) -> RulePubl
     """Create a rule; the rules service evaluates it from the next reading on."""
     values = _columns(body, [])
 
-    async def work(con: Any, notices: db.Notices) -> Any:
+    async def work(con: db.Connection, notices: db.Notices) -> Any:
         row = await con.fetchrow(INSERT, *values)
         assert row is not None
         _notify_rule(notices, row["id"])
@@ -290,7 +275,7 @@ async def replace_rule(rule_id: RuleId, body: RuleIn, pool: PoolDep, key: RulesW
     clear condition (or are cleared now if the rule is disabled). A secret sent back as
     ``********`` keeps the stored one."""
 
-    async def work(con: Any, notices: db.Notices) -> Any:
+    async def work(con: db.Connection, notices: db.Notices) -> Any:
         stored = await con.fetchval("SELECT actions FROM rules WHERE id = $1 FOR UPDATE", rule_id)
         if stored is None:
             raise HTTPException(404, f"rule {rule_id} not found")
@@ -298,7 +283,7 @@ async def replace_rule(rule_id: RuleId, body: RuleIn, pool: PoolDep, key: RulesW
         assert row is not None
         await con.execute("DELETE FROM rule_state WHERE rule_id = $1", rule_id)
         if not body.enabled:
-            await clear_open_alarms(con, notices, rule_id, f"rule disabled by {who(key)}")
+            await clear_open_alarms(con, notices, rule_id, f"rule disabled by {actor(key)}")
         _notify_rule(notices, rule_id)
         return row
 
@@ -309,11 +294,11 @@ async def replace_rule(rule_id: RuleId, body: RuleIn, pool: PoolDep, key: RulesW
 async def delete_rule(rule_id: RuleId, pool: PoolDep, key: RulesWrite) -> Response:
     """Delete a rule; its open alarms are cleared (and kept in the history)."""
 
-    async def work(con: Any, notices: db.Notices) -> None:
+    async def work(con: db.Connection, notices: db.Notices) -> None:
         status = await con.execute("DELETE FROM rules WHERE id = $1", rule_id)
         if status.endswith(" 0"):
             raise HTTPException(404, f"rule {rule_id} not found")
-        await clear_open_alarms(con, notices, rule_id, f"rule deleted by {who(key)}")
+        await clear_open_alarms(con, notices, rule_id, f"rule deleted by {actor(key)}")
         _notify_rule(notices, rule_id)
 
     await db.notifying(pool, work, what=f"rule {rule_id} deletion")

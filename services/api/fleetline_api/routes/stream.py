@@ -17,9 +17,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, WebSocket, WebSocketDisconnect
 
 from fleetline_api.deps import authorize
-from fleetline_api.routes.devices import TagFilter, parse_tags
-from fleetline_api.schemas import DeviceId, MetricName
-from fleetline_api.stream import StreamFilter, StreamHub
+from fleetline_api.params import TagFilter, parse_tags
+from fleetline_api.schemas.common import DeviceId, MetricName
+from fleetline_api.workers.stream import StreamFilter, StreamHub
 
 router = APIRouter(tags=["stream"])
 

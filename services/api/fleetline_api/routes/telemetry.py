@@ -16,9 +16,9 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from fleetline_api.deps import PoolDep, TelemetryRead, require_device
+from fleetline_api.params import StatusFilter, TagFilter, device_filter
 from fleetline_api.problems import NOT_FOUND, RESPONSES
-from fleetline_api.routes.devices import StatusFilter, TagFilter, device_filter
-from fleetline_api.schemas import (
+from fleetline_api.schemas.common import (
     Aggregates,
     Bucket,
     DeviceId,

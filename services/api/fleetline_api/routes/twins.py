@@ -26,14 +26,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 
-from fleetline import protocol
+from fleetline import db, protocol
 from fleetline_api import commands
-from fleetline_api.bodies import read_json_body
 from fleetline_api.commands import etag
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
-from fleetline_api.schemas import DeviceId, ModuleId
-from fleetline_api.twin_schemas import (
+from fleetline_api.schemas.bodies import read_json_body
+from fleetline_api.schemas.common import DeviceId, ModuleId
+from fleetline_api.schemas.twins import (
     DESIRED_PATCH_SCHEMA,
     MERGE_PATCH_MEDIA_TYPE,
     TwinPublic,
@@ -92,7 +92,7 @@ def delta(desired: dict[str, Any], reported: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _twin(con: Any, device_id: str, module_id: str = "") -> TwinPublic:
+async def _twin(con: db.Queryable, device_id: str, module_id: str = "") -> TwinPublic:
     row = await con.fetchrow(SELECT_TWIN, device_id, module_id)
     if row is None:
         raise HTTPException(404, f"{commands.target_name(device_id, module_id)} not found")

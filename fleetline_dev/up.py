@@ -1,6 +1,6 @@
 """``fleetline up``: the whole system on one machine, for development and demos.
 
-Database and broker are embedded (:mod:`fleetline.embedded`) unless
+Database and broker are embedded (:mod:`fleetline_dev.embedded`) unless
 FLEETLINE_DATABASE_URL / FLEETLINE_MQTT_URL say where they are. Then the migrations run,
 the three services start as child processes, and a simulated fleet publishes telemetry.
 Ctrl-C (or SIGTERM) stops everything in reverse order: the simulator, the services (they
@@ -27,7 +27,10 @@ from pydantic import ValidationError
 
 from fleetline import devicekeys
 from fleetline.db import close_connection
-from fleetline.embedded import (
+from fleetline.logs import setup_logging
+from fleetline.migrate import MigrationError, migrate
+from fleetline.settings import ServiceSettings, StorageSettings, parse_mqtt_url
+from fleetline_dev.embedded import (
     BrokerAuth,
     EmbeddedError,
     LocalMosquitto,
@@ -36,10 +39,7 @@ from fleetline.embedded import (
     free_port,
     port_is_free,
 )
-from fleetline.logs import setup_logging
-from fleetline.migrate import MigrationError, migrate
-from fleetline.settings import ServiceSettings, StorageSettings, parse_mqtt_url
-from fleetline.simulator import device_ids, run_fleet
+from fleetline_dev.simulator import device_ids, run_fleet
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ async def _supervise(
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
-                    "fleetline",
+                    "fleetline_cli",
                     name,
                     stdin=asyncio.subprocess.DEVNULL,
                     env={**env, "FLEETLINE_MQTT_URL": service_urls.get(name, mqtt_url)},

@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Protocol, Self
 
+from fleetline.files import project_path
+
 log = logging.getLogger(__name__)
 
 PG_START_TIMEOUT_SECONDS = 30.0
@@ -38,11 +40,11 @@ MQTT_START_TIMEOUT_SECONDS = 10.0
 MQTT_STOP_TIMEOUT_SECONDS = 10.0
 # PostgreSQL refuses to run as root; as root we run it as this system user.
 PG_SYSTEM_USER = "fleetline-postgres"
-PROJECT_MOSQUITTO_CONF = (
-    Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "fleetline.conf"
-)
-# The broker's auth plugin (C): per-device credentials and topic ACLs.
-AUTH_PLUGIN_DIR = PROJECT_MOSQUITTO_CONF.parent / "auth"
+# The project's broker config, and the source of the broker's auth plugin (C): per-device
+# credentials and topic ACLs.
+PROJECT_MOSQUITTO_CONF = "deploy/mosquitto/fleetline.conf"
+AUTH_PLUGIN_SOURCE = "deploy/mosquitto/auth"
+AUTH_PLUGIN_FILES = ("fleetline_auth.c", "Makefile")
 AUTH_PLUGIN_BUILD_PACKAGES = "mosquitto-dev libmosquitto-dev libpq-dev libssl-dev gcc make"
 _AUTH_PLUGIN_MIN_SECRET_BYTES = 32
 # sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -565,42 +567,57 @@ _MOSQUITTO_LOCAL_KEYS = frozenset(
 )
 
 
+def cache_dir() -> Path:
+    """Where development tooling keeps what it builds: ``FLEETLINE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fleetline`` (``~/.cache/fleetline``); never the source tree."""
+    override = os.environ.get("FLEETLINE_CACHE_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fleetline"
+
+
 def auth_plugin_path() -> Path:
-    """The broker's auth plugin (``deploy/mosquitto/auth/fleetline_auth.so``), built with
-    ``make`` when it is missing or older than its source.
+    """The broker's auth plugin (``fleetline_auth.so``), built with ``make`` from the
+    source this installation carries (``deploy/mosquitto/auth``) into a folder of the
+    cache named by the source's hash, so a changed source builds anew and an unchanged
+    one is built once.
 
-    Concurrent callers (pytest-xdist workers, ``fleetline up`` beside a test run) take
-    turns on a lock; the build writes a temporary file that is renamed into place, so a
-    broker never loads a half-written library.
+    Concurrent callers (``fleetline up`` beside a test run) take turns on a lock; the
+    build writes a temporary file that is renamed into place, so a broker never loads a
+    half-written library.
     """
-    source = AUTH_PLUGIN_DIR / "fleetline_auth.c"
-    makefile = AUTH_PLUGIN_DIR / "Makefile"
-    target = AUTH_PLUGIN_DIR / "fleetline_auth.so"
-
-    def fresh() -> bool:
-        try:
-            built = target.stat().st_mtime
-        except FileNotFoundError:
-            return False
-        return all(built >= dep.stat().st_mtime for dep in (source, makefile))
-
-    if fresh():
+    try:
+        source_dir = project_path(AUTH_PLUGIN_SOURCE)
+        sources = {name: (source_dir / name).read_bytes() for name in AUTH_PLUGIN_FILES}
+    except OSError as exc:
+        raise EmbeddedError(f"cannot read the broker's auth plugin source: {exc}") from exc
+    digest = hashlib.sha256(b"".join(sources[name] for name in AUTH_PLUGIN_FILES))
+    build_dir = cache_dir() / "auth-plugin" / digest.hexdigest()[:16]
+    target = build_dir / "fleetline_auth.so"
+    if target.exists():
         return target
     if shutil.which("make") is None:
         raise EmbeddedError(
             f"cannot build the broker's auth plugin: `make` is not installed (Debian "
             f"packages: {AUTH_PLUGIN_BUILD_PACKAGES})"
         )
-    # The Makefile is the lock: it always exists, and a read-only open is enough to flock.
-    with makefile.open("rb") as lock:
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        lock = (build_dir.parent / ".lock").open("ab")
+    except OSError as exc:
+        raise EmbeddedError(f"cannot build the broker's auth plugin in {build_dir}: {exc}") from exc
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if fresh():
+        if target.exists():
             return target
+        for name, content in sources.items():
+            (build_dir / name).write_bytes(content)
         temporary = f"{target.name}.tmp.{os.getpid()}"
-        log.info("building the broker's auth plugin in %s", AUTH_PLUGIN_DIR)
+        log.info("building the broker's auth plugin in %s", build_dir)
         try:
             result = subprocess.run(
-                ["make", "--no-print-directory", "-C", str(AUTH_PLUGIN_DIR), f"OUT={temporary}"],
+                ["make", "--no-print-directory", "-C", str(build_dir), f"OUT={temporary}"],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
@@ -611,13 +628,13 @@ def auth_plugin_path() -> Path:
                 f"cannot run make to build the broker's auth plugin: {exc}"
             ) from exc
         if result.returncode != 0:
-            (AUTH_PLUGIN_DIR / temporary).unlink(missing_ok=True)
+            (build_dir / temporary).unlink(missing_ok=True)
             output = "\n".join((result.stdout + result.stderr).splitlines()[-_LOG_TAIL_LINES:])
             raise EmbeddedError(
-                f"building the broker's auth plugin failed (make -C {AUTH_PLUGIN_DIR}); it "
+                f"building the broker's auth plugin failed (make -C {build_dir}); it "
                 f"needs the Debian packages {AUTH_PLUGIN_BUILD_PACKAGES}:\n{output}"
             )
-        os.replace(AUTH_PLUGIN_DIR / temporary, target)
+        os.replace(build_dir / temporary, target)
     return target
 
 
@@ -650,7 +667,7 @@ class BrokerAuth:
 
     def services_text(self) -> str:
         """The plugin's services file: ``username:<hex sha256 of the password>`` lines."""
-        lines = ["# Written by fleetline.embedded: username:<hex sha256 of the password>"]
+        lines = ["# Written by fleetline_dev.embedded: username:<hex sha256 of the password>"]
         for username, password in self.services.items():
             lines.append(f"{username}:{hashlib.sha256(password.encode()).hexdigest()}")
         return "\n".join(lines) + "\n"
@@ -699,8 +716,9 @@ class LocalMosquitto(_LocalServer):
         return f"mqtt://127.0.0.1:{self.port}"
 
     def config_text(self) -> str:
-        lines = [f"# Written by fleetline.embedded from {PROJECT_MOSQUITTO_CONF}."]
-        for line in PROJECT_MOSQUITTO_CONF.read_text().splitlines():
+        conf = project_path(PROJECT_MOSQUITTO_CONF)
+        lines = [f"# Written by fleetline_dev.embedded from {conf}."]
+        for line in conf.read_text().splitlines():
             words = line.split()
             if words and words[0] in _MOSQUITTO_LOCAL_KEYS:
                 lines.append(f"# (local broker) {line}")

@@ -67,8 +67,8 @@ from prometheus_client import Counter
 
 from fleetline import db, mqtt
 from fleetline.protocol import C2D, topic_for
-from fleetline_api.broker import BrokerLink
 from fleetline_api.settings import ApiSettings
+from fleetline_api.workers.broker import BrokerLink
 
 log = logging.getLogger(__name__)
 

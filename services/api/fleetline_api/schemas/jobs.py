@@ -11,9 +11,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from fleetline import devicequery
-from fleetline_api.method_schemas import MethodCall, MethodName
-from fleetline_api.query_schemas import QUERY_DESCRIPTION
-from fleetline_api.twin_schemas import DESIRED_PATCH_SCHEMA, TwinDocument
+from fleetline_api.schemas.methods import MethodCall, MethodName
+from fleetline_api.schemas.query import QUERY_DESCRIPTION
+from fleetline_api.schemas.twins import DESIRED_PATCH_SCHEMA, TwinDocument
 
 JobType = Literal["method", "twin"]
 JobState = Literal["queued", "running", "completed", "cancelled", "failed"]
@@ -28,6 +28,12 @@ class MethodSpec(MethodCall):
     takes it."""
 
     name: MethodName = Field(description="The method's name, as the devices know it")
+
+
+class TwinSpec(BaseModel):
+    """What a twin job stores: the patch merged into each device's desired properties."""
+
+    patch: dict[str, Any]
 
 
 class _JobCreate(BaseModel):

@@ -190,7 +190,7 @@ def _print_table(columns: list[str], rows: list[list[Any]]) -> None:
 @contextmanager
 def _api_errors() -> Iterator[None]:
     """An API problem or an unreachable API: one line on stderr, exit code 1."""
-    from fleetline.client import ApiError
+    from fleetline_cli.client import ApiError
 
     try:
         yield
@@ -200,7 +200,7 @@ def _api_errors() -> Iterator[None]:
 
 
 def _api(method: str, path: str, **kwargs: Any) -> Any:
-    from fleetline.client import ApiClient
+    from fleetline_cli.client import ApiClient
 
     with _api_errors():
         return ApiClient().request(method, path, **kwargs)
@@ -294,7 +294,7 @@ def device_list(
     as_json: JsonOption = False,
 ) -> None:
     """List devices (all pages), filtered by tags and status."""
-    from fleetline.client import ApiClient
+    from fleetline_cli.client import ApiClient
 
     params: dict[str, Any] = {"tag": [f"{k}={v}" for k, v in _tags(tag).items()], "limit": 1000}
     if status:
@@ -325,7 +325,7 @@ def device_query(
     as_json: JsonOption = False,
 ) -> None:
     """Devices a query matches (all pages), with their twin versions."""
-    from fleetline.client import ApiClient
+    from fleetline_cli.client import ApiClient
 
     with _api_errors():
         devices = list(ApiClient().pages("/v1/query", {"q": query, "limit": 1000}))
@@ -414,7 +414,7 @@ def up(
 ) -> None:
     """Run the whole system: database and broker (embedded unless FLEETLINE_DATABASE_URL /
     FLEETLINE_MQTT_URL are set), migrations, the three services and a simulated fleet."""
-    from fleetline.up import run_up
+    from fleetline_dev.up import run_up
 
     raise typer.Exit(run_up(devices=devices, interval_seconds=interval, data_dir=data_dir))
 
@@ -431,7 +431,7 @@ def monitor(
     as_json: JsonOption = False,
 ) -> None:
     """Live events (stored telemetry, status changes, alarms) from /v1/stream, until Ctrl-C."""
-    from fleetline.client import ApiError, stream_events
+    from fleetline_cli.client import ApiError, stream_events
 
     params = {
         "device": device,

@@ -22,9 +22,18 @@ from pydantic import (
     Tag,
 )
 
-from fleetline_api.schemas import MAX_TAGS, DeviceId, MetricName, Tags
+from fleetline_api.schemas.common import MAX_TAGS, DeviceId, MetricName, Tags
 
 MASK = "********"
+# Action fields that hold secrets: shown as MASK once set.
+SECRET_FIELDS = ("secret", "key")
+
+
+def masked(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``actions`` with their secrets replaced by :data:`MASK`."""
+    return [{k: (MASK if k in SECRET_FIELDS and v else v) for k, v in a.items()} for a in actions]
+
+
 MAX_SECONDS = 30 * 86_400
 MAX_ACTIONS = 10
 MAX_MATCH_DEVICES = 1000

@@ -50,11 +50,13 @@ from typing import Any
 
 import asyncpg
 from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, ValidationError
 
 from fleetline import db, mqtt
 from fleetline_api import commands
-from fleetline_api.broker import BrokerLink
+from fleetline_api.schemas.jobs import MethodSpec, TwinSpec
 from fleetline_api.settings import ApiSettings
+from fleetline_api.workers.broker import BrokerLink
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +239,8 @@ class _Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class _Cut:
-    """A device whose task was cancelled at shutdown."""
+class _Interrupted:
+    """A device whose task was cancelled at shutdown, to be recorded or handed back."""
 
     job_id: int
     job_type: str
@@ -261,21 +263,22 @@ class _Progress:
 
 
 def _parse(row: Any) -> _Job:
-    """The job as the runner needs it; ValueError when its spec cannot be run."""
-    spec = json.loads(row["spec"])  # the standard library keeps integers of any size
-    if row["type"] == "method":
-        if not (
-            isinstance(spec.get("name"), str)
-            and isinstance(spec.get("params"), dict)
-            and isinstance(spec.get("timeout_s"), int | float)
-        ):
-            raise ValueError("a method job's spec needs name, params and timeout_s")
-    elif row["type"] != "twin" or not isinstance(spec.get("patch"), dict):
-        raise ValueError("a twin job's spec needs a patch")
+    """The job as the runner needs it; ValueError when its spec cannot be run. The spec
+    is checked by the models it was made with, and kept as parsed by the standard
+    library, which keeps integers of any size."""
+    spec = json.loads(row["spec"])
+    models: dict[str, type[BaseModel]] = {"method": MethodSpec, "twin": TwinSpec}
+    model = models.get(row["type"])
+    if model is None:
+        raise ValueError(f"unknown job type {row['type']!r}")
+    try:
+        model.model_validate(spec)
+    except ValidationError as exc:
+        raise ValueError(f"a {row['type']} job's spec cannot be run: {exc}") from None
     return _Job(row["id"], row["type"], spec)
 
 
-def _kept(answer: commands.MethodAnswer) -> tuple[str, str | None]:
+def _stored_result(answer: commands.MethodAnswer) -> tuple[str, str | None]:
     """The method result to store, as JSON text, and a note when the payload was dropped."""
     result = json.dumps({"request_id": answer.request_id, "payload": answer.payload})
     if len(result) <= MAX_RESULT_BYTES:
@@ -287,7 +290,7 @@ def _kept(answer: commands.MethodAnswer) -> tuple[str, str | None]:
     return json.dumps({"request_id": answer.request_id, "payload": None}), note
 
 
-async def finish(con: Any, job_id: int | None = None) -> list[Any]:
+async def finish(con: db.Connection, job_id: int | None = None) -> list[Any]:
     """Finish the job (or every job) with no device left pending or running; the jobs
     finished, logged and counted here."""
     rows: list[Any] = await con.fetch(FINISH, job_id)
@@ -312,7 +315,7 @@ async def finish(con: Any, job_id: int | None = None) -> list[Any]:
     return rows
 
 
-async def cancel_pending(con: Any, job_id: int) -> int:
+async def cancel_pending(con: db.Connection, job_id: int) -> int:
     """Pending devices of a job that was just cancelled: cancelled."""
     status: str = await con.execute(CANCEL_PENDING, job_id)
     return int(status.rsplit(" ", 1)[-1])
@@ -336,7 +339,7 @@ class JobRunner:
         # Starts that confirmed their hold and may have sent (applied): (job, device, attempt).
         self._acting: set[tuple[int, str, int]] = set()
         # Devices cut short at shutdown, to record or hand back.
-        self._cut: list[_Cut] = []
+        self._interrupted: list[_Interrupted] = []
         self._progress: dict[int, _Progress] = {}
         self._paused_until = 0.0
         self._stopping = False
@@ -463,7 +466,7 @@ class JobRunner:
         (or a connection) while its lease runs."""
         free = self._settings.jobs_max_in_flight - len(self._running)
         twin_free = self._twin_slots - len(self._twins)
-        # Before the transaction, whose start time the leases count from: see _hold.
+        # Before the transaction, whose start time the leases count from: see _confirm_lease.
         claimed_at = time.monotonic()
         async with self._pool.acquire() as con, con.transaction():
             row = await con.fetchrow(PICK_JOB, twin_free > 0)
@@ -514,8 +517,13 @@ class JobRunner:
         IN_FLIGHT.set(len(self._running))
         self._wake.set()  # a slot is free
 
-    async def _hold(
-        self, job: _Job, device_id: str, attempt: int, claimed_at: float, con: Any = None
+    async def _confirm_lease(
+        self,
+        job: _Job,
+        device_id: str,
+        attempt: int,
+        claimed_at: float,
+        con: db.Connection | None = None,
     ) -> None:
         """Just before acting on the device: confirm this start still holds it and renew
         its lease; _LeaseLostError when it does not (nothing is sent or changed).
@@ -546,9 +554,9 @@ class JobRunner:
                     spec["name"],
                     spec["params"],
                     timeout_s=spec["timeout_s"],
-                    before_send=lambda: self._hold(job, device_id, attempt, claimed_at),
+                    before_send=lambda: self._confirm_lease(job, device_id, attempt, claimed_at),
                 )
-                result, note = _kept(answer)
+                result, note = _stored_result(answer)
                 # A device that answers with an error code did not do what was asked.
                 if answer.status >= 400:
                     error = f"device answered with status {answer.status}"
@@ -559,7 +567,9 @@ class JobRunner:
                 self._broker,
                 device_id,
                 spec["patch"],
-                before_apply=lambda con: self._hold(job, device_id, attempt, claimed_at, con),
+                before_apply=lambda con: self._confirm_lease(
+                    job, device_id, attempt, claimed_at, con
+                ),
             )
             result = json.dumps({"version": applied.version, "published": applied.published})
             if applied.published:
@@ -610,7 +620,9 @@ class JobRunner:
             # Shutdown: recorded or handed back by _shutdown (a no-op once its outcome
             # is in: the statements match only a running device of this attempt).
             acting = key in self._acting
-            self._cut.append(_Cut(job.id, job.type, device_id, attempt, acting, outcome))
+            self._interrupted.append(
+                _Interrupted(job.id, job.type, device_id, attempt, acting, outcome)
+            )
             raise
         finally:
             self._acting.discard(key)
@@ -690,9 +702,9 @@ class JobRunner:
 
     def _counted(self, job_id: int, job_type: str, outcome: _Outcome) -> None:
         JOB_DEVICES.labels(job_type, outcome.state).inc()
-        self._note(job_id, job_type, outcome)
+        self._log_progress(job_id, job_type, outcome)
 
-    def _note(self, job_id: int, job_type: str, outcome: _Outcome) -> None:
+    def _log_progress(self, job_id: int, job_type: str, outcome: _Outcome) -> None:
         """A progress line per job at most every PROGRESS_LOG_SECONDS."""
         progress = self._progress.setdefault(job_id, _Progress())
         progress.tally[outcome.state] += 1
@@ -726,12 +738,12 @@ class JobRunner:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        cut, self._cut = self._cut, []
+        cut, self._interrupted = self._interrupted, []
         if not cut:
             return
         try:
             async with asyncio.timeout(HANDBACK_SECONDS):
-                await self._settle(cut)
+                await self._hand_back(cut)
         except Exception as exc:  # shutting down: never hang or fail on it
             log.warning(
                 "job devices cut short not all recorded (%r); their leases run out",
@@ -739,13 +751,13 @@ class JobRunner:
                 extra={"devices": len(cut)},
             )
 
-    async def _settle(self, cut: list[_Cut]) -> None:
+    async def _hand_back(self, cut: list[_Interrupted]) -> None:
         """Devices cut short at shutdown: an outcome already known is recorded. A method
         whose request was sent fails as ``interrupted`` rather than being sent again by
         the next runner (it may have been carried out). A twin patch goes back to pending
         (applying it again changes nothing more; the start counts), and so does anything
         not yet sent, its start taken back."""
-        by_job: dict[int, list[_Cut]] = {}
+        by_job: dict[int, list[_Interrupted]] = {}
         for item in cut:
             by_job.setdefault(item.job_id, []).append(item)
         for job_id, items in by_job.items():

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from fleetline.protocol import json_problem
-from fleetline_api.schemas import TagName, TagText
+from fleetline_api.schemas.common import TagName, TagText
 
 MessageState = Literal["queued", "sent", "completed", "rejected", "expired", "cancelled"]
 PENDING_STATES = ("queued", "sent")

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from fleetline import devicequery
-from fleetline_api.query_schemas import QUERY_DESCRIPTION
-from fleetline_api.rule_schemas import Name, Number, Secret, Url
-from fleetline_api.schemas import MetricName
+from fleetline_api.schemas.common import MetricName
+from fleetline_api.schemas.query import QUERY_DESCRIPTION
+from fleetline_api.schemas.rules import Name, Number, Secret, Url
 
 # Checked in the route handler (a 400 that says why): no wildcards, not under devices/
 # and not starting with $.

@@ -1,3 +1,0 @@
-from fleetline.cli import app
-
-app()

@@ -1,0 +1,3 @@
+from fleetline_cli.main import app
+
+app()
