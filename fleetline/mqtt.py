@@ -30,7 +30,7 @@ import math
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -350,6 +350,22 @@ def unsubscribe_nowait(client: aiomqtt.Client, topics: list[str]) -> None:
 async def wait_disconnected(client: aiomqtt.Client) -> None:
     """Return (or raise the broker error) when the connection ends."""
     await asyncio.shield(client._disconnected)  # noqa: SLF001
+
+
+async def serve(client: aiomqtt.Client, jobs: dict[str, Coroutine[Any, Any, None]]) -> None:
+    """Run ``jobs`` (by task name) on ``client``'s connection until it ends or one fails;
+    the end of the connection raises its ``MqttError`` itself, not in an ExceptionGroup,
+    so a caller's reconnect loop catches it as it would from any other call."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for name, job in jobs.items():
+                tg.create_task(job, name=name)
+            tg.create_task(wait_disconnected(client), name="mqtt.connection")
+    except ExceptionGroup as group:
+        first = group.exceptions[0]
+        if isinstance(first, aiomqtt.MqttError):
+            raise first from None
+        raise
 
 
 def decode_publish(

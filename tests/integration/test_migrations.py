@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -45,13 +46,24 @@ async def test_concurrent_runners_apply_each_migration_once(fresh_db: str) -> No
         await c.close()
 
 
-async def test_an_edited_applied_migration_stops_the_run(fresh_db: str, tmp_path: Path) -> None:
-    con = await asyncpg.connect(fresh_db)
+async def migrated_then_edited(
+    database: str, tmp_path: Path, relative: str, edit: Callable[[str], str]
+) -> tuple[asyncpg.Connection[Any], Path]:
+    """The database migrated, and a copy of the migrations with ``relative`` edited."""
+    con = await asyncpg.connect(database)
     await apply_migrations(con, PLAIN)
     edited = tmp_path / "migrations"
     shutil.copytree(migrations_dir(), edited)
-    first = sorted(edited.glob("*.sql"))[0]
-    first.write_text(first.read_text() + "\n-- changed\n")
+    path = edited / relative
+    path.write_text(edit(path.read_text()))
+    return con, edited
+
+
+async def test_an_edited_applied_migration_stops_the_run(fresh_db: str, tmp_path: Path) -> None:
+    first = sorted(migrations_dir().glob("*.sql"))[0].name
+    con, edited = await migrated_then_edited(
+        fresh_db, tmp_path, first, lambda sql: sql + "\n-- changed\n"
+    )
     with pytest.raises(MigrationError, match="was edited after it was applied"):
         await apply_migrations(con, PLAIN, directory=edited)
     await con.close()
@@ -101,12 +113,12 @@ async def test_each_redefined_function_has_its_current_body_in_one_file(fresh_db
 
 
 async def test_a_changed_definition_is_applied_again(fresh_db: str, tmp_path: Path) -> None:
-    con = await asyncpg.connect(fresh_db)
-    await apply_migrations(con, PLAIN)
-    edited = tmp_path / "migrations"
-    shutil.copytree(migrations_dir(), edited)
-    path = edited / "functions" / "fleetline_roll_up.sql"
-    path.write_text(path.read_text().replace("BEGIN\n", "BEGIN\n    -- edited\n", 1))
+    con, edited = await migrated_then_edited(
+        fresh_db,
+        tmp_path,
+        "functions/fleetline_roll_up.sql",
+        lambda sql: sql.replace("BEGIN\n", "BEGIN\n    -- edited\n", 1),
+    )
     assert await apply_migrations(con, PLAIN, directory=edited) == []
     src = await con.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_roll_up'")
     assert "-- edited" in src

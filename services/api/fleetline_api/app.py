@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from fleetline import __version__, db
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
+from fleetline_api.queries import telemetry as sql
 from fleetline_api.routes import (
     alarms,
     dashboard,
@@ -63,7 +64,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         )
         storage = StorageSettings()
         horizons = {
-            table: await pool.fetchval("SELECT $1::text::interval", retention)
+            table: await pool.fetchval(sql.INTERVAL, retention)
             for table, retention in (
                 ("telemetry_1m", storage.rollup_1m_retention),
                 ("telemetry_1h", storage.rollup_1h_retention),

@@ -26,6 +26,7 @@ import orjson
 from prometheus_client import Counter, Histogram
 
 from fleetline import mqtt, protocol
+from fleetline_api.queries import commands as sql
 from fleetline_api.schemas.methods import encode_params, params_problem, parse_answer
 from fleetline_api.workers.broker import (
     BrokerLink,
@@ -126,21 +127,6 @@ class NoAnswerError(CommandError):
 
 # --- direct methods ---------------------------------------------------------------
 
-# The device's status, and whether the module ('' : the device itself) is registered.
-DEVICE_ONLINE = """
-SELECT a.online,
-       $2::text = '' OR EXISTS (
-           SELECT 1 FROM device_modules m WHERE m.device_id = d.id AND m.module_id = $2
-       ) AS module_exists
-FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
-WHERE d.id = $1
-"""
-# Taken before a module's twin row is written: its deletion (whose trigger removes the
-# module's twin rows) waits for the transaction, so no twin row outlives its module.
-LOCK_MODULE = """
-SELECT 1 FROM device_modules WHERE device_id = $1 AND module_id = $2 FOR KEY SHARE
-"""
-
 
 def target_name(device_id: str, module_id: str = "") -> str:
     """How messages name a device or one of its modules."""
@@ -175,7 +161,7 @@ async def invoke_method(
     if problem:
         CALLS.labels("invalid").inc()
         raise InvalidParamsError(problem)
-    exists = await pool.fetchrow(DEVICE_ONLINE, device_id, module_id)
+    exists = await pool.fetchrow(sql.DEVICE_ONLINE, device_id, module_id)
     if exists is None or not exists["module_exists"]:
         CALLS.labels("not_found").inc()
         raise DeviceNotFoundError(f"{target_name(device_id, module_id)} not found")
@@ -238,40 +224,6 @@ async def invoke_method(
 
 # --- desired properties -------------------------------------------------------------
 
-# A row to lock, version 0, for a registered device that has none yet.
-# A twin is (device_id, module_id): module_id '' is the device's own twin.
-ENSURE_DESIRED = """
-INSERT INTO twin_desired (device_id, module_id) SELECT id, $2 FROM devices WHERE id = $1
-ON CONFLICT (device_id, module_id) DO NOTHING
-"""
-LOCK_DESIRED = """
-SELECT version FROM twin_desired WHERE device_id = $1 AND module_id = $2 FOR UPDATE
-"""
-# Versions move only when the document changes: a patch that changes nothing (such as
-# {}) keeps the version and only publishes again.
-APPLY_DESIRED = """
-WITH merged AS (
-    SELECT desired AS old, fleetline_merge_patch(desired, $3::jsonb) AS new
-    FROM twin_desired WHERE device_id = $1 AND module_id = $2
-)
-UPDATE twin_desired t
-SET desired = m.new, version = t.version + 1, updated_at = now()
-FROM merged m
-WHERE t.device_id = $1 AND t.module_id = $2 AND m.new IS DISTINCT FROM m.old
-  AND octet_length(m.new::text) <= $4
-RETURNING t.version
-"""
-DESIRED_SIZE = """
-SELECT octet_length(fleetline_merge_patch(desired, $3::jsonb)::text)
-FROM twin_desired WHERE device_id = $1 AND module_id = $2
-"""
-LOCK_FOR_PUBLISH = """
-SELECT desired, version FROM twin_desired WHERE device_id = $1 AND module_id = $2 FOR UPDATE
-"""
-MARK_PUBLISHED = """
-UPDATE twin_desired SET published_version = $3 WHERE device_id = $1 AND module_id = $2
-"""
-
 
 def etag(version: int) -> str:
     return f'"{version}"'
@@ -302,7 +254,7 @@ async def publish_desired(
     the device (or module) is gone."""
     client = broker.client
     async with pool.acquire() as con, con.transaction():
-        row = await con.fetchrow(LOCK_FOR_PUBLISH, device_id, module_id)
+        row = await con.fetchrow(sql.LOCK_FOR_PUBLISH, device_id, module_id)
         if row is None:  # deleted meanwhile
             return 0
         if client is None:
@@ -315,7 +267,7 @@ async def publish_desired(
             retain=True,
             timeout=PUBLISH_TIMEOUT_SECONDS,
         )
-        await con.execute(MARK_PUBLISHED, device_id, module_id, row["version"])
+        await con.execute(sql.MARK_PUBLISHED, device_id, module_id, row["version"])
         version: int = row["version"]
         return version
 
@@ -348,10 +300,10 @@ async def apply_desired(
     async with pool.acquire() as con, con.transaction():
         if before_apply is not None:
             await before_apply(con)
-        if module_id and await con.fetchval(LOCK_MODULE, device_id, module_id) is None:
+        if module_id and await con.fetchval(sql.LOCK_MODULE, device_id, module_id) is None:
             raise DeviceNotFoundError(f"{target_name(device_id, module_id)} not found")
-        await con.execute(ENSURE_DESIRED, device_id, module_id)
-        current: int | None = await con.fetchval(LOCK_DESIRED, device_id, module_id)
+        await con.execute(sql.ENSURE_DESIRED, device_id, module_id)
+        current: int | None = await con.fetchval(sql.LOCK_DESIRED, device_id, module_id)
         if current is None:
             raise DeviceNotFoundError(f"device {device_id} not found")
         if if_match is not None and not if_match_matches(if_match, current):
@@ -360,10 +312,10 @@ async def apply_desired(
                 headers={"ETag": etag(current)},
             )
         changed: int | None = await con.fetchval(
-            APPLY_DESIRED, device_id, module_id, patch, protocol.MAX_TWIN_BYTES
+            sql.APPLY_DESIRED, device_id, module_id, patch, protocol.MAX_TWIN_BYTES
         )
         if changed is None:
-            size = await con.fetchval(DESIRED_SIZE, device_id, module_id, patch)
+            size = await con.fetchval(sql.DESIRED_SIZE, device_id, module_id, patch)
             if size is not None and size > protocol.MAX_TWIN_BYTES:
                 raise DocumentTooLargeError(
                     f"the desired document would be {size} bytes, "

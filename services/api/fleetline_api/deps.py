@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleetline import apikeys, db
 from fleetline.apikeys import KeyInfo, Scope
+from fleetline_api.queries import devices as sql
 from fleetline_api.settings import ApiSettings
 from fleetline_api.workers.broker import BrokerLink
 
@@ -92,12 +93,12 @@ async def require_device(con: db.Queryable, device_id: str) -> None:
     """404 unless ``device_id`` is registered (``con``: a pool or a connection). A deleted
     device is gone from the API, though its readings stay in storage (and the SQL views)
     until the retention."""
-    if not await con.fetchval("SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)", device_id):
+    if not await con.fetchval(sql.DEVICE_EXISTS, device_id):
         raise HTTPException(404, f"device {device_id} not found")
 
 
 async def lock_device(con: db.Connection, device_id: str) -> None:
     """Lock the device's row for this transaction (FOR UPDATE: writers of the device and
     of what belongs to it take turns); 404 unless it is registered."""
-    if await con.fetchval("SELECT 1 FROM devices WHERE id = $1 FOR UPDATE", device_id) is None:
+    if await con.fetchval(sql.LOCK_DEVICE, device_id) is None:
         raise HTTPException(404, f"device {device_id} not found")

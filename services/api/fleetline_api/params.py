@@ -1,4 +1,5 @@
-"""Query parameters that several routes take, and the SQL conditions they make."""
+"""Query parameters that several routes take, and the SQL conditions they make (their
+text: queries/devices.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Query
 from pydantic import StringConstraints
+
+from fleetline_api.queries import devices as sql
 
 
 def parse_tags(tag: list[str]) -> dict[str, str] | None:
@@ -34,10 +37,4 @@ def device_filter(
     wanted = parse_tags(tag)
     if wanted is None:
         return None
-    t, s, c = first, first + 1, first + 2
-    sql = (
-        f"(${t}::jsonb IS NULL OR d.tags @> ${t}::jsonb)"
-        f" AND (${s}::bool IS NULL OR coalesce(a.online, false) = ${s})"
-        f" AND (${c}::text IS NULL OR d.id > ${c})"
-    )
-    return sql, [wanted or None, None if status is None else status == "online", cursor]
+    return sql.device_conditions(wanted, status, cursor, first=first)

@@ -28,7 +28,7 @@ class ApiSettings(ServiceSettings):
     # many clients one API process serves.
     stream_queue_size: int = Field(default=1000, ge=10, le=100_000)
     stream_max_clients: int = Field(default=1000, ge=1, le=100_000)
-    # /v1/jobs (fleetline_api/workers/jobs.py): how often the runner looks for work; devices one
+    # /v1/jobs (fleetline_api/workers/jobs/): how often the runner looks for work; devices one
     # API process runs at once over all jobs; how long past a device's own timeout its
     # claim lasts before another runner takes it over (the process is presumed dead);
     # starts per device before it counts as failed ("abandoned"); devices one job may

@@ -22,6 +22,7 @@ from fleetline import db, rules_engine, streamevents
 from fleetline_api.deps import PoolDep, RulesRead, RulesWrite, actor
 from fleetline_api.openapi import links
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
+from fleetline_api.queries import alarms as sql
 from fleetline_api.schemas.common import DeviceId
 from fleetline_api.schemas.rules import (
     AlarmEvent,
@@ -39,22 +40,6 @@ AlarmId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": Problem, "description": "The alarm's state does not allow this"}
 }
-COLUMNS = """
-id, rule_id, rule_name, device_id, metric, severity, state, raised_at, acknowledged_at,
-acknowledged_by, cleared_at, cleared_by, value, peak, count, message, updated_at
-"""
-ACK = f"""
-UPDATE rule_alarms SET state = 'acknowledged', acknowledged_at = now(), acknowledged_by = $2,
-       updated_at = now()
-WHERE id = $1 AND state = 'active'
-RETURNING {COLUMNS}
-"""
-CLEAR = f"""
-UPDATE rule_alarms SET state = 'cleared', cleared_at = now(), cleared_by = $2, updated_at = now()
-WHERE id = $1 AND state IN ('active', 'acknowledged')
-RETURNING {COLUMNS}
-"""
-HISTORY = "INSERT INTO alarm_events (alarm_id, at, event, actor, value) VALUES ($1, $2, $3, $4, $5)"
 
 
 @router.get(
@@ -86,14 +71,7 @@ async def list_alarms(
 ) -> AlarmPage:
     """Newest first, filtered by state, device, rule and severity."""
     rows = await pool.fetch(
-        f"""
-        SELECT {COLUMNS} FROM rule_alarms
-        WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR device_id = $2)
-          AND ($3::bigint IS NULL OR rule_id = $3) AND ($4::text IS NULL OR severity = $4)
-          AND ($5::bigint IS NULL OR id < $5)
-        ORDER BY id DESC
-        LIMIT $6
-        """,
+        sql.LIST_ALARMS,
         state,
         device_id,
         rule_id,
@@ -106,7 +84,7 @@ async def list_alarms(
 
 
 async def _get(con: db.Queryable, alarm_id: int) -> AlarmPublic:
-    row = await con.fetchrow(f"SELECT {COLUMNS} FROM rule_alarms WHERE id = $1", alarm_id)
+    row = await con.fetchrow(sql.SELECT_ALARM, alarm_id)
     if row is None:
         raise HTTPException(404, f"alarm {alarm_id} not found")
     return AlarmPublic(**dict(row))
@@ -119,11 +97,11 @@ async def get_alarm(alarm_id: AlarmId, pool: PoolDep, _key: RulesRead) -> AlarmP
 
 
 async def _move(
-    pool: Any, alarm_id: int, sql: str, event: str, actor: str, allowed: str
+    pool: Any, alarm_id: int, statement: str, event: str, actor: str, allowed: str
 ) -> AlarmPublic:
 
     async def work(con: db.Connection, notices: db.Notices) -> AlarmPublic:
-        row = await con.fetchrow(sql, alarm_id, actor)
+        row = await con.fetchrow(statement, alarm_id, actor)
         if row is None:
             current = await _get(con, alarm_id)  # 404 when there is none
             raise HTTPException(
@@ -131,7 +109,7 @@ async def _move(
             )
         alarm = AlarmPublic(**dict(row))
         at = alarm.acknowledged_at if event == "acknowledged" else alarm.cleared_at
-        await con.execute(HISTORY, alarm.id, at, event, actor, alarm.value)
+        await con.execute(sql.RECORD_HISTORY, alarm.id, at, event, actor, alarm.value)
         notices.add(
             streamevents.CHANNEL,
             *streamevents.pack([streamevents.alarm_event(alarm.model_dump(), at)]),
@@ -150,13 +128,13 @@ async def _move(
 async def acknowledge_alarm(alarm_id: AlarmId, pool: PoolDep, key: RulesWrite) -> AlarmPublic:
     """Acknowledge an active alarm (409 if it is acknowledged or cleared already). It
     stays open, and clears when its rule's clear condition holds."""
-    return await _move(pool, alarm_id, ACK, "acknowledged", actor(key), "active")
+    return await _move(pool, alarm_id, sql.ACK, "acknowledged", actor(key), "active")
 
 
 @router.post("/{alarm_id}/clear", response_model=AlarmPublic, responses={**NOT_FOUND, **CONFLICT})
 async def clear_alarm(alarm_id: AlarmId, pool: PoolDep, key: RulesWrite) -> AlarmPublic:
     """Clear an active or acknowledged alarm by hand (409 if it is cleared already)."""
-    return await _move(pool, alarm_id, CLEAR, "cleared", actor(key), "active or acknowledged")
+    return await _move(pool, alarm_id, sql.CLEAR, "cleared", actor(key), "active or acknowledged")
 
 
 @router.get("/{alarm_id}/history", response_model=list[AlarmEvent], responses=NOT_FOUND)
@@ -164,10 +142,7 @@ async def alarm_history(alarm_id: AlarmId, pool: PoolDep, _key: RulesRead) -> li
     """Every move of the alarm, oldest first: raised, acknowledged, cleared, with who."""
     async with pool.acquire() as con:
         await _get(con, alarm_id)
-        rows = await con.fetch(
-            "SELECT at, event, actor, value FROM alarm_events WHERE alarm_id = $1 ORDER BY id",
-            alarm_id,
-        )
+        rows = await con.fetch(sql.ALARM_HISTORY, alarm_id)
     return [AlarmEvent(**dict(r)) for r in rows]
 
 
@@ -177,12 +152,5 @@ async def alarm_deliveries(alarm_id: AlarmId, pool: PoolDep, _key: RulesRead) ->
     (the delivery log; secrets masked)."""
     async with pool.acquire() as con:
         await _get(con, alarm_id)
-        rows = await con.fetch(
-            """
-            SELECT id, event, action_index, action_type, action, target, status, attempts,
-                   next_attempt_at, last_error, response_status, created_at, delivered_at
-            FROM action_deliveries WHERE alarm_id = $1 ORDER BY id
-            """,
-            alarm_id,
-        )
+        rows = await con.fetch(sql.ALARM_DELIVERIES, alarm_id)
     return [Delivery(**{**dict(r), "action": masked([r["action"]])[0]}) for r in rows]

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from fleetline_api.deps import PoolDep, TelemetryRead
 from fleetline_api.problems import RESPONSES
+from fleetline_api.queries import dead_letters as sql
 from fleetline_api.schemas.common import DeadLetter, DeadLetterPage, DeviceId
 
 router = APIRouter(prefix="/v1/dead-letters", tags=["dead-letters"], responses=RESPONSES)
@@ -26,14 +27,7 @@ async def list_dead_letters(
 ) -> DeadLetterPage:
     """Newest first, optionally of one device id (as the topic named it)."""
     rows = await pool.fetch(
-        """
-        SELECT id, received_at, topic, device_id, reason,
-               substring(payload FROM 1 FOR $4) AS head, length(payload) AS payload_size
-        FROM ingest_dead_letter
-        WHERE ($1::text IS NULL OR device_id = $1) AND ($2::bigint IS NULL OR id < $2)
-        ORDER BY id DESC
-        LIMIT $3
-        """,
+        sql.LIST_DEAD_LETTERS,
         device_id,
         cursor,
         limit + 1,

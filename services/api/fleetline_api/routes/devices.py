@@ -25,6 +25,7 @@ from fleetline_api import commands
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep, lock_device
 from fleetline_api.params import StatusFilter, TagFilter, device_filter
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
+from fleetline_api.queries import devices as sql
 from fleetline_api.schemas.common import (
     MAX_TAGS,
     DeviceCreate,
@@ -42,12 +43,6 @@ from fleetline_api.settings import ApiSettings
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=RESPONSES)
 
-SELECT_DEVICE = """
-SELECT d.id, d.tags, d.created_at, coalesce(a.online, false) AS online, a.last_seen,
-       a.status_changed_at, d.key_version, d.key_created_at
-FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
-"""
-
 
 @router.get("", response_model=DevicePage)
 async def list_devices(
@@ -62,32 +57,20 @@ async def list_devices(
     where = device_filter(tag, status, cursor, first=1)
     if where is None:
         return DevicePage(items=[], next_cursor=None)
-    sql, params = where
-    rows = await pool.fetch(
-        f"{SELECT_DEVICE} WHERE {sql} ORDER BY d.id LIMIT $4", *params, limit + 1
-    )
+    conditions, params = where
+    rows = await pool.fetch(sql.list_devices(conditions), *params, limit + 1)
     items = [DevicePublic(**dict(r)) for r in rows[:limit]]
     return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
-
-
-# Issue a new key version, never used before by any device (a device deleted and
-# registered again must not get its old key back); None when the device does not exist.
-ISSUE_KEY = """
-UPDATE devices SET key_version = nextval('device_key_version_seq'), key_created_at = now(),
-                   updated_at = now()
-WHERE id = $1 RETURNING key_version
-"""
-STORE_FINGERPRINT = "UPDATE devices SET key_sha256 = $3 WHERE id = $1 AND key_version = $2"
 
 
 async def _issue_key(
     con: db.Connection, settings: ApiSettings, device_id: str
 ) -> DeviceCredentials:
-    version = await con.fetchval(ISSUE_KEY, device_id)
+    version = await con.fetchval(sql.ISSUE_KEY, device_id)
     if version is None:
         raise HTTPException(404, f"device {device_id} not found")
     key = devicekeys.derive_key(settings.key_secret, device_id, version)
-    await con.execute(STORE_FINGERPRINT, device_id, version, devicekeys.fingerprint(key))
+    await con.execute(sql.STORE_FINGERPRINT, device_id, version, devicekeys.fingerprint(key))
     broker = settings.device_mqtt
     return DeviceCredentials(
         device_id=device_id,
@@ -110,7 +93,7 @@ async def create_device(
 ) -> DeviceCreated:
     """Register a device and issue its key. The key is in this response only."""
     async with pool.acquire() as con, con.transaction():
-        await con.execute("INSERT INTO devices (id, tags) VALUES ($1, $2)", body.id, body.tags)
+        await con.execute(sql.INSERT_DEVICE, body.id, body.tags)
         credentials = await _issue_key(con, settings, body.id)
         device = await _get(con, body.id)
     return DeviceCreated(**device.model_dump(), credentials=credentials)
@@ -140,7 +123,7 @@ async def create_token(
 ) -> DeviceToken:
     """A SAS token for the device's MQTT login, valid for ``ttl_s`` seconds (default 1 h):
     ``sig=<base64 hmac-sha256(key, "{device_id}\\n{expiry}")>&se=<expiry>``."""
-    version = await pool.fetchval("SELECT key_version FROM devices WHERE id = $1", device_id)
+    version = await pool.fetchval(sql.KEY_VERSION, device_id)
     if version is None:
         raise HTTPException(404, f"device {device_id} not found")
     if version == 0:
@@ -156,7 +139,7 @@ async def create_token(
 
 
 async def _get(pool: Any, device_id: str) -> DevicePublic:
-    row = await pool.fetchrow(SELECT_DEVICE + "WHERE d.id = $1", device_id)
+    row = await pool.fetchrow(sql.SELECT_DEVICE_BY_ID, device_id)
     if row is None:
         raise HTTPException(404, f"device {device_id} not found")
     return DevicePublic(**dict(row))
@@ -173,19 +156,7 @@ async def update_device(
     device_id: DeviceId, body: DeviceUpdate, pool: PoolDep, _key: DevicesWrite
 ) -> DevicePublic:
     """Merge-patch the tags: given keys are set, keys given as null are removed."""
-    tags = await pool.fetchval(
-        """
-        WITH merged AS (
-            SELECT id, jsonb_strip_nulls(tags || $2::jsonb) AS tags FROM devices WHERE id = $1
-        )
-        UPDATE devices d SET tags = m.tags, updated_at = now() FROM merged m
-        WHERE d.id = m.id AND (SELECT count(*) FROM jsonb_object_keys(m.tags)) <= $3
-        RETURNING d.tags
-        """,
-        device_id,
-        body.tags,
-        MAX_TAGS,
-    )
+    tags = await pool.fetchval(sql.MERGE_TAGS, device_id, body.tags, MAX_TAGS)
     if tags is None:
         await _get(pool, device_id)  # 404 when it does not exist
         raise HTTPException(400, f"a device holds at most {MAX_TAGS} tags")
@@ -201,10 +172,8 @@ async def delete_device(
     async with pool.acquire() as con, con.transaction():
         # Locked first: a module registered meanwhile waits, then finds the device gone.
         await lock_device(con, device_id)
-        modules = await con.fetch(
-            "DELETE FROM device_modules WHERE device_id = $1 RETURNING module_id", device_id
-        )
-        await con.execute("DELETE FROM devices WHERE id = $1", device_id)
+        modules = await con.fetch(sql.DELETE_MODULES, device_id)
+        await con.execute(sql.DELETE_DEVICE, device_id)
     await commands.clear_desired(
         request.state.broker, device_id, ["", *(m["module_id"] for m in modules)]
     )

@@ -3,7 +3,7 @@
 ``POST /v1/jobs`` compiles the device query (a 400 with ``position`` when it does not
 compile), evaluates it once and snapshots the matching device ids into ``job_devices``
 in the transaction that creates the job, so the target set is fixed and visible from
-the start. The job runner of every API replica (fleetline_api/workers/jobs.py) then runs the
+the start. The job runner of every API replica (fleetline_api/workers/jobs/) then runs the
 devices, ``batch_size`` at a time and at most ``max_per_second``, and records each
 device's outcome.
 
@@ -27,6 +27,7 @@ from fleetline.apikeys import KeyInfo
 from fleetline_api.deps import CommandsWrite, PoolDep, SettingsDep, actor, require
 from fleetline_api.openapi import links
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
+from fleetline_api.queries import jobs as sql
 from fleetline_api.schemas.jobs import (
     DEVICE_STATES,
     DeviceState,
@@ -50,31 +51,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=RESPONSES)
 
 JobsRead = Annotated[KeyInfo, Depends(require("devices:read", "commands:write"))]
 JobId = Annotated[int, Path(ge=1, le=2**63 - 1)]
-
-# The spec as text: the standard library keeps integers of any size (orjson would not).
-COLUMNS = """
-id, type, query, spec::text AS spec, batch_size, max_per_second, state, total, counts, error,
-created_at, created_by, started_at, cancelled_at, cancelled_by, finished_at
-"""
-INSERT_JOB = """
-INSERT INTO jobs (type, query, spec, batch_size, max_per_second, created_by)
-VALUES ($1, $2, $3::text::jsonb, $4, $5, $6)
-RETURNING id
-"""
-# $1 job id, $2 the cap + 1, the query's own parameters from $3.
-SNAPSHOT = "INSERT INTO job_devices (job_id, device_id) SELECT $1, d.id FROM {from_} WHERE {where}"
-LIVE_COUNTS = """
-SELECT job_id, state, count(*)::int AS n FROM job_devices
-WHERE job_id = ANY($1::bigint[]) GROUP BY job_id, state
-"""
-CANCEL = """
-UPDATE jobs SET state = 'cancelled', cancelled_at = now(), cancelled_by = $2
-WHERE id = $1 AND state IN ('queued', 'running')
-RETURNING id
-"""
-DEVICE_COLUMNS = (
-    "device_id, state, attempts, status, reason, result, error, started_at, finished_at"
-)
 
 JOB_LINKS = (
     "GetJob:jobs-get_job:job_id",
@@ -118,13 +94,13 @@ async def _publics(con: db.Queryable, rows: list[Any]) -> list[JobPublic]:
     live_ids = [r["id"] for r in rows if r["counts"] is None]
     live: dict[int, dict[str, int]] = {}
     if live_ids:
-        for c in await con.fetch(LIVE_COUNTS, live_ids):
+        for c in await con.fetch(sql.LIVE_COUNTS, live_ids):
             live.setdefault(c["job_id"], {})[c["state"]] = c["n"]
     return [_public(r, live.get(r["id"])) for r in rows]
 
 
 async def _get(con: db.Queryable, job_id: int) -> JobPublic:
-    row = await con.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
+    row = await con.fetchrow(sql.SELECT_JOB, job_id)
     if row is None:
         raise HTTPException(404, f"job {job_id} not found")
     return (await _publics(con, [row]))[0]
@@ -173,10 +149,10 @@ async def create_job(
     spec = _spec(body, key)
     compiled = devicequery.compile_query(body.query, first_param=3)
     cap = settings.jobs_max_devices
-    snapshot = SNAPSHOT.format(from_=devicequery.DEVICE_FROM, where=compiled.where)
+    snapshot = sql.snapshot(compiled.where)
     async with pool.acquire() as con, con.transaction():
         job_id = await con.fetchval(
-            INSERT_JOB,
+            sql.INSERT_JOB,
             body.type,
             body.query,
             spec,
@@ -184,13 +160,13 @@ async def create_job(
             body.max_per_second,
             actor(key),
         )
-        status = await con.execute(f"{snapshot} LIMIT $2", job_id, cap + 1, *compiled.params)
+        status = await con.execute(snapshot, job_id, cap + 1, *compiled.params)
         total = int(status.rsplit(" ", 1)[-1])
         if total > cap:
             raise HTTPException(
                 400, f"the query matches more than {cap} devices, the most one job may target"
             )
-        await con.execute("UPDATE jobs SET total = $2 WHERE id = $1", job_id, total)
+        await con.execute(sql.SET_TOTAL, job_id, total)
         if total == 0:
             await jobs.finish(con, job_id)
     jobs.JOBS.labels("created").inc()
@@ -223,16 +199,7 @@ async def list_jobs(
 ) -> JobPage:
     """Jobs, newest first, with their progress; `state` filters."""
     async with pool.acquire() as con:
-        rows = await con.fetch(
-            f"""
-            SELECT {COLUMNS} FROM jobs
-            WHERE ($1::text IS NULL OR state = $1) AND ($2::bigint IS NULL OR id < $2)
-            ORDER BY id DESC LIMIT $3
-            """,
-            state,
-            cursor,
-            limit + 1,
-        )
+        rows = await con.fetch(sql.LIST_JOBS, state, cursor, limit + 1)
         items = await _publics(con, rows[:limit])
     return JobPage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
 
@@ -255,20 +222,9 @@ async def list_job_devices(
 ) -> JobDevicePage:
     """The job's devices by id, each with its outcome; `state` filters."""
     async with pool.acquire() as con:
-        if await con.fetchval("SELECT 1 FROM jobs WHERE id = $1", job_id) is None:
+        if await con.fetchval(sql.JOB_EXISTS, job_id) is None:
             raise HTTPException(404, f"job {job_id} not found")
-        rows = await con.fetch(
-            f"""
-            SELECT {DEVICE_COLUMNS} FROM job_devices
-            WHERE job_id = $1 AND ($2::text IS NULL OR state = $2)
-              AND ($3::text IS NULL OR device_id > $3)
-            ORDER BY device_id LIMIT $4
-            """,
-            job_id,
-            state,
-            cursor,
-            limit + 1,
-        )
+        rows = await con.fetch(sql.LIST_DEVICES, job_id, state, cursor, limit + 1)
     items = [JobDevicePublic(**dict(r)) for r in rows[:limit]]
     more = len(rows) > limit
     return JobDevicePage(items=items, next_cursor=items[-1].device_id if more else None)
@@ -286,9 +242,9 @@ async def cancel_job(job_id: JobId, pool: PoolDep, key: CommandsWrite) -> JobPub
     """Cancel a job: its pending devices are cancelled, the ones running finish."""
     async with pool.acquire() as con:
         async with con.transaction():
-            cancelled = await con.fetchval(CANCEL, job_id, actor(key))
+            cancelled = await con.fetchval(sql.CANCEL_JOB, job_id, actor(key))
             if cancelled is None:
-                state = await con.fetchval("SELECT state FROM jobs WHERE id = $1", job_id)
+                state = await con.fetchval(sql.JOB_STATE, job_id)
                 if state is None:
                     raise HTTPException(404, f"job {job_id} not found")
                 raise HTTPException(409, f"job {job_id} is {state} already")

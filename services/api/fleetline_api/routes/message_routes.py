@@ -27,6 +27,7 @@ from fleetline import db, devicequery, mqtt, rules_engine
 from fleetline_api.deps import PoolDep, RulesRead, RulesWrite
 from fleetline_api.openapi import links
 from fleetline_api.problems import CONFLICT, NOT_FOUND, RESPONSES
+from fleetline_api.queries import message_routes as sql
 from fleetline_api.schemas.message_routes import (
     DeliveryState,
     MqttDestination,
@@ -50,21 +51,6 @@ RouteId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 MAX_ROUTES = 1000
 # The devices' own topics; a route must not publish as if it were a device.
 DEVICE_NAMESPACE = "devices"
-
-COLUMNS = """
-id, name, enabled, query, metric, condition, destination, version, created_at, updated_at
-"""
-INSERT = f"""
-INSERT INTO message_routes (name, enabled, query, metric, condition, destination)
-VALUES ($1, $2, $3, $4, $5, $6)
-RETURNING {COLUMNS}
-"""
-UPDATE = f"""
-UPDATE message_routes SET name = $2, enabled = $3, query = $4, metric = $5, condition = $6,
-       destination = $7, version = version + 1, updated_at = now()
-WHERE id = $1
-RETURNING {COLUMNS}
-"""
 
 
 def public(row: Any) -> RoutePublic:
@@ -147,12 +133,7 @@ async def list_routes(
     cursor: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
 ) -> RoutePage:
     """Message routes by id (secrets masked)."""
-    rows = await pool.fetch(
-        f"SELECT {COLUMNS} FROM message_routes WHERE ($1::bigint IS NULL OR id > $1) "
-        "ORDER BY id LIMIT $2",
-        cursor,
-        limit + 1,
-    )
+    rows = await pool.fetch(sql.LIST_ROUTES, cursor, limit + 1)
     items = [public(r) for r in rows[:limit]]
     return RoutePage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
 
@@ -182,10 +163,10 @@ async def create_route(body: RouteIn, pool: PoolDep, _key: RulesWrite) -> RouteP
 
     async def write(con: db.Connection) -> Any:
         # Serialises creations, so the count below holds.
-        await con.execute("LOCK TABLE message_routes IN SHARE ROW EXCLUSIVE MODE")
-        if await con.fetchval("SELECT count(*) FROM message_routes") >= MAX_ROUTES:
+        await con.execute(sql.LOCK_ROUTES)
+        if await con.fetchval(sql.COUNT_ROUTES) >= MAX_ROUTES:
             raise HTTPException(409, f"there are {MAX_ROUTES} routes already: delete one first")
-        return await con.fetchrow(INSERT, *values)
+        return await con.fetchrow(sql.INSERT_ROUTE, *values)
 
     return public(await _change(pool, write))
 
@@ -193,7 +174,7 @@ async def create_route(body: RouteIn, pool: PoolDep, _key: RulesWrite) -> RouteP
 @router.get("/{route_id}", response_model=RoutePublic, responses=NOT_FOUND)
 async def get_route(route_id: RouteId, pool: PoolDep, _key: RulesRead) -> RoutePublic:
     """One route (secret masked)."""
-    row = await pool.fetchrow(f"SELECT {COLUMNS} FROM message_routes WHERE id = $1", route_id)
+    row = await pool.fetchrow(sql.SELECT_ROUTE, route_id)
     if row is None:
         raise HTTPException(404, f"route {route_id} not found")
     return public(row)
@@ -208,12 +189,10 @@ async def replace_route(
     sent, also when the route is disabled."""
 
     async def write(con: db.Connection) -> Any:
-        stored = await con.fetchval(
-            "SELECT destination FROM message_routes WHERE id = $1 FOR UPDATE", route_id
-        )
+        stored = await con.fetchval(sql.LOCK_DESTINATION, route_id)
         if stored is None:
             raise HTTPException(404, f"route {route_id} not found")
-        return await con.fetchrow(UPDATE, route_id, *_columns(body, stored))
+        return await con.fetchrow(sql.UPDATE_ROUTE, route_id, *_columns(body, stored))
 
     return public(await _change(pool, write))
 
@@ -224,12 +203,10 @@ async def delete_route(route_id: RouteId, pool: PoolDep, _key: RulesWrite) -> Re
     out of the log)."""
 
     async def write(con: db.Connection) -> Any:
-        row = await con.fetchrow("DELETE FROM message_routes WHERE id = $1 RETURNING id", route_id)
+        row = await con.fetchrow(sql.DELETE_ROUTE, route_id)
         if row is None:
             raise HTTPException(404, f"route {route_id} not found")
-        await con.execute(
-            "DELETE FROM route_deliveries WHERE route_id = $1 AND status = 'pending'", route_id
-        )
+        await con.execute(sql.DROP_PENDING, route_id)
         return row
 
     await _change(pool, write)
@@ -248,23 +225,9 @@ async def route_deliveries(
     """The route's recent deliveries, newest first, with their state, attempts and last
     error (kept for the rules service's ``FLEETLINE_RULES_ROUTE_LOG_RETENTION_SECONDS``)."""
     async with pool.acquire() as con:
-        if await con.fetchval("SELECT 1 FROM message_routes WHERE id = $1", route_id) is None:
+        if await con.fetchval(sql.ROUTE_EXISTS, route_id) is None:
             raise HTTPException(404, f"route {route_id} not found")
-        rows = await con.fetch(
-            """
-            SELECT id, device_id, ts, metrics AS values, status, attempts, next_attempt_at,
-                   last_error, response_status, created_at, delivered_at
-            FROM route_deliveries
-            WHERE route_id = $1 AND ($2::text IS NULL OR status = $2)
-              AND ($3::bigint IS NULL OR id < $3)
-            ORDER BY id DESC
-            LIMIT $4
-            """,
-            route_id,
-            status,
-            cursor,
-            limit + 1,
-        )
+        rows = await con.fetch(sql.DELIVERIES, route_id, status, cursor, limit + 1)
     items = [RouteDelivery(**dict(r)) for r in rows[:limit]]
     return RouteDeliveryPage(
         items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None

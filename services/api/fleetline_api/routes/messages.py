@@ -43,6 +43,7 @@ from fleetline_api.deps import (
     require_device,
 )
 from fleetline_api.problems import MEDIA_TYPE, NOT_FOUND, RESPONSES, Problem
+from fleetline_api.queries import messages as sql
 from fleetline_api.schemas.bodies import read_body
 from fleetline_api.schemas.common import DeviceId
 from fleetline_api.schemas.messages import (
@@ -66,35 +67,12 @@ router = APIRouter(prefix="/v1/devices", tags=["messages"], responses=RESPONSES)
 QUEUE_FULL = "urn:fleetline:problem:c2d-queue-full"
 MessageId = Annotated[uuid.UUID, Path(description="The message's id")]
 
-COLUMNS = """
-m.id, m.device_id, m.state, m.body::text AS body, m.properties, m.created_at, m.created_by,
-m.expires_at, m.sent_at, m.last_sent_at, m.deliveries, m.finished_at, m.seq
-"""
-DEPTH = """
-SELECT count(*) FROM c2d_messages
-WHERE device_id = $1 AND state IN ('queued', 'sent') AND expires_at > now()
-"""
-INSERT = """
-INSERT INTO c2d_messages (id, device_id, body, properties, expires_at, created_by)
-VALUES ($1, $2, $3::text::jsonb, $4, now() + make_interval(secs => $5), $6)
-"""
-EVENT = "INSERT INTO c2d_message_events (message_id, at, event, detail) VALUES ($1, now(), $2, $3)"
-CANCEL = """
-UPDATE c2d_messages SET state = 'cancelled', finished_at = now()
-WHERE id = $1 AND device_id = $2 AND state IN ('queued', 'sent')
-RETURNING id
-"""
-HISTORY = """
-SELECT message_id, at, event, detail FROM c2d_message_events
-WHERE message_id = ANY($1::uuid[]) ORDER BY at, id
-"""
-
 
 async def _messages(con: db.Queryable, rows: list[asyncpg.Record]) -> list[MessagePublic]:
     """The rows as messages, each with its history (one query for all of them)."""
     history: dict[uuid.UUID, list[MessageEvent]] = {r["id"]: [] for r in rows}
     if rows:
-        for e in await con.fetch(HISTORY, list(history)):
+        for e in await con.fetch(sql.HISTORY, list(history)):
             history[e["message_id"]].append(
                 MessageEvent(at=e["at"], event=e["event"], detail=e["detail"])
             )
@@ -109,11 +87,7 @@ async def _messages(con: db.Queryable, rows: list[asyncpg.Record]) -> list[Messa
 
 
 async def _get(con: db.Queryable, device_id: str, message_id: uuid.UUID) -> MessagePublic:
-    row = await con.fetchrow(
-        f"SELECT {COLUMNS} FROM c2d_messages m WHERE m.id = $1 AND m.device_id = $2",
-        message_id,
-        device_id,
-    )
+    row = await con.fetchrow(sql.SELECT_MESSAGE, message_id, device_id)
     if row is None:
         await require_device(con, device_id)
         raise HTTPException(404, f"device {device_id} has no message {message_id}")
@@ -146,12 +120,14 @@ async def _queue(
     max_depth: int,
 ) -> int:
     """Queue the message unless the device's queue is full; the depth found before."""
-    if await con.fetchval(c2d.LOCK_DEVICE, device_id) is None:
+    if await con.fetchval(sql.LOCK_DEVICE, device_id) is None:
         raise HTTPException(404, f"device {device_id} not found")
-    depth: int = await con.fetchval(DEPTH, device_id)
+    depth: int = await con.fetchval(sql.DEPTH, device_id)
     if depth < max_depth:
-        await con.execute(INSERT, message_id, device_id, body, properties, ttl, created_by)
-        await con.execute(EVENT, message_id, "queued", f"queued by {created_by}")
+        await con.execute(
+            sql.INSERT_MESSAGE, message_id, device_id, body, properties, ttl, created_by
+        )
+        await con.execute(sql.RECORD_EVENT, message_id, "queued", f"queued by {created_by}")
         # The dispatchers hear of it at commit (and send at once if it is online).
         notices.add(c2d.CHANNEL, c2d.queued_notification(device_id))
     return depth
@@ -249,19 +225,7 @@ async def list_messages(
     ``state``. Finished messages are kept for ``FLEETLINE_API_C2D_RETENTION_S``."""
     async with pool.acquire() as con:
         await require_device(con, device_id)
-        rows = await con.fetch(
-            f"""
-            SELECT {COLUMNS} FROM c2d_messages m
-            WHERE m.device_id = $1 AND ($2::text IS NULL OR m.state = $2)
-              AND ($3::bigint IS NULL OR m.seq < $3)
-            ORDER BY m.seq DESC
-            LIMIT $4
-            """,
-            device_id,
-            state,
-            cursor,
-            limit + 1,
-        )
+        rows = await con.fetch(sql.LIST_MESSAGES, device_id, state, cursor, limit + 1)
         items = await _messages(con, rows[:limit])
     return MessagePage(
         items=items, next_cursor=str(rows[limit - 1]["seq"]) if len(rows) > limit else None
@@ -292,9 +256,11 @@ async def cancel_message(
     one comes, is ignored. A device that received it already may still act on it."""
     async with pool.acquire() as con:
         async with con.transaction():
-            cancelled = await con.fetchval(CANCEL, message_id, device_id)
+            cancelled = await con.fetchval(sql.CANCEL_MESSAGE, message_id, device_id)
             if cancelled is not None:
-                await con.execute(EVENT, message_id, "cancelled", f"cancelled by {actor(key)}")
+                await con.execute(
+                    sql.RECORD_EVENT, message_id, "cancelled", f"cancelled by {actor(key)}"
+                )
         message = await _get(con, device_id, message_id)  # 404 when there is none
     if cancelled is None:
         raise HTTPException(

@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fleetline_api import commands
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, lock_device, require_device
 from fleetline_api.problems import CONFLICT, NOT_FOUND, RESPONSES
+from fleetline_api.queries import modules as sql
 from fleetline_api.schemas.common import DeviceId, ModuleId, ModuleList, ModulePublic
 
 log = logging.getLogger(__name__)
@@ -23,26 +24,13 @@ router = APIRouter(prefix="/v1/devices", tags=["modules"], responses=RESPONSES)
 
 MAX_MODULES = 100
 
-SELECT_MODULE = """
-SELECT device_id, module_id, created_at FROM device_modules
-WHERE device_id = $1 AND module_id = $2
-"""
-CREATE_MODULE = """
-INSERT INTO device_modules (device_id, module_id) VALUES ($1, $2)
-RETURNING device_id, module_id, created_at
-"""
-
 
 @router.get("/{device_id}/modules", response_model=ModuleList, responses=NOT_FOUND)
 async def list_modules(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> ModuleList:
     """The device's modules."""
     async with pool.acquire() as con:
         await require_device(con, device_id)
-        rows = await con.fetch(
-            "SELECT device_id, module_id, created_at FROM device_modules "
-            "WHERE device_id = $1 ORDER BY module_id",
-            device_id,
-        )
+        rows = await con.fetch(sql.LIST_MODULES, device_id)
     return ModuleList(items=[ModulePublic(**dict(r)) for r in rows])
 
 
@@ -67,16 +55,14 @@ async def put_module(
     async with pool.acquire() as con, con.transaction():
         # The device's row lock serialises concurrent registrations (the count below).
         await lock_device(con, device_id)
-        row = await con.fetchrow(SELECT_MODULE, device_id, module_id)
+        row = await con.fetchrow(sql.SELECT_MODULE, device_id, module_id)
         if row is not None:
             response.status_code = 200
             return ModulePublic(**dict(row))
-        count = await con.fetchval(
-            "SELECT count(*) FROM device_modules WHERE device_id = $1", device_id
-        )
+        count = await con.fetchval(sql.COUNT_MODULES, device_id)
         if count >= MAX_MODULES:
             raise HTTPException(409, f"device {device_id} has {count} modules, the most allowed")
-        created: Any = await con.fetchrow(CREATE_MODULE, device_id, module_id)
+        created: Any = await con.fetchrow(sql.CREATE_MODULE, device_id, module_id)
     log.info("module registered", extra={"device_id": device_id, "module_id": module_id})
     return ModulePublic(**dict(created))
 
@@ -85,7 +71,7 @@ async def put_module(
 async def get_module(
     device_id: DeviceId, module_id: ModuleId, pool: PoolDep, _key: DevicesRead
 ) -> ModulePublic:
-    row = await pool.fetchrow(SELECT_MODULE, device_id, module_id)
+    row = await pool.fetchrow(sql.SELECT_MODULE, device_id, module_id)
     if row is None:
         raise HTTPException(404, f"{commands.target_name(device_id, module_id)} not found")
     return ModulePublic(**dict(row))
@@ -96,9 +82,7 @@ async def delete_module(
     device_id: DeviceId, module_id: ModuleId, pool: PoolDep, request: Request, _key: DevicesWrite
 ) -> Response:
     """Remove a module with its twin and the desired document the broker retains for it."""
-    status = await pool.execute(
-        "DELETE FROM device_modules WHERE device_id = $1 AND module_id = $2", device_id, module_id
-    )
+    status = await pool.execute(sql.DELETE_MODULE, device_id, module_id)
     if status.endswith(" 0"):
         raise HTTPException(404, f"{commands.target_name(device_id, module_id)} not found")
     await commands.clear_desired(request.state.broker, device_id, [module_id])

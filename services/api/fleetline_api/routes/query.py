@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query
 from fleetline import devicequery
 from fleetline_api.deps import DevicesRead, PoolDep
 from fleetline_api.problems import RESPONSES
+from fleetline_api.queries import query as sql
 from fleetline_api.schemas.query import (
     QUERY_DESCRIPTION,
     DeviceMatch,
@@ -23,21 +24,12 @@ from fleetline_api.schemas.query import (
 
 router = APIRouter(prefix="/v1/query", tags=["query"], responses=RESPONSES)
 
-# $1 cursor, $2 limit + 1, the query's own parameters from $3.
-SELECT_MATCHES = """
-SELECT d.id AS device_id, d.tags, coalesce(a.online, false) AS online, a.last_seen,
-       coalesce(td.desired, '{{}}'::jsonb) AS desired, coalesce(td.version, 0) AS desired_version,
-       coalesce(tr.reported, '{{}}'::jsonb) AS reported,
-       coalesce(tr.version, 0) AS reported_version
-FROM {from_} WHERE ({where}) AND ($1::text IS NULL OR d.id > $1)
-ORDER BY d.id LIMIT $2
-"""
-
 
 async def _run(pool: PoolDep, request: QueryRequest) -> QueryPage:
     compiled = devicequery.compile_query(request.query, first_param=3)
-    sql = SELECT_MATCHES.format(from_=devicequery.DEVICE_FROM, where=compiled.where)
-    rows = await pool.fetch(sql, request.cursor, request.limit + 1, *compiled.params)
+    rows = await pool.fetch(
+        sql.select_matches(compiled.where), request.cursor, request.limit + 1, *compiled.params
+    )
     items = [DeviceMatch(**dict(r)) for r in rows[: request.limit]]
     more = len(rows) > request.limit
     return QueryPage(items=items, next_cursor=items[-1].device_id if more else None)

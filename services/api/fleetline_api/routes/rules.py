@@ -24,6 +24,7 @@ from fleetline import db, rules_engine, streamevents
 from fleetline_api.deps import PoolDep, RulesRead, RulesWrite, actor
 from fleetline_api.openapi import links
 from fleetline_api.problems import NOT_FOUND, RESPONSES
+from fleetline_api.queries import rules as sql
 from fleetline_api.schemas.rules import (
     MASK,
     SECRET_FIELDS,
@@ -60,40 +61,6 @@ Time = Annotated[
         r"(:[0-5]\d(\.\d{1,9})?)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)$"
     ),
 ]
-
-
-COLUMNS = """
-id, name, kind, match, metric, raise_condition, clear_condition, timeout_s, severity, message,
-actions, enabled, version, created_at, updated_at
-"""
-INSERT = f"""
-INSERT INTO rules (name, match, kind, metric, raise_condition, clear_condition, timeout_s,
-                   severity, message, actions, enabled)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-RETURNING {COLUMNS}
-"""
-UPDATE = f"""
-UPDATE rules SET name = $2, match = $3, kind = $4, metric = $5, raise_condition = $6,
-       clear_condition = $7, timeout_s = $8, severity = $9, message = $10, actions = $11,
-       enabled = $12, version = version + 1, updated_at = now()
-WHERE id = $1
-RETURNING {COLUMNS}
-"""
-# Open alarms of a rule that is going away or being disabled.
-CLEAR_OPEN = """
-WITH cleared AS (
-    UPDATE rule_alarms SET state = 'cleared', cleared_at = now(), cleared_by = $2,
-           updated_at = now()
-    WHERE rule_id = $1 AND state <> 'cleared'
-    RETURNING *
-), history AS (
-    INSERT INTO alarm_events (alarm_id, at, event, actor, value)
-    SELECT id, cleared_at, 'cleared', $2, value FROM cleared
-)
-SELECT id, rule_id, rule_name, device_id, metric, severity, state, raised_at, acknowledged_at,
-       acknowledged_by, cleared_at, cleared_by, value, peak, count, message, updated_at
-FROM cleared
-"""
 
 
 def public(row: Any) -> RulePublic:
@@ -201,7 +168,7 @@ async def clear_open_alarms(
 ) -> None:
     """Clear a rule's open alarms and announce it on the stream (in the caller's
     transaction)."""
-    rows = await con.fetch(CLEAR_OPEN, rule_id, actor)
+    rows = await con.fetch(sql.CLEAR_OPEN, rule_id, actor)
     notices.add(
         streamevents.CHANNEL,
         *streamevents.pack([streamevents.alarm_event(r, r["cleared_at"]) for r in rows]),
@@ -216,11 +183,7 @@ async def list_rules(
     cursor: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
 ) -> RulePage:
     """Rules by id."""
-    rows = await pool.fetch(
-        f"SELECT {COLUMNS} FROM rules WHERE ($1::bigint IS NULL OR id > $1) ORDER BY id LIMIT $2",
-        cursor,
-        limit + 1,
-    )
+    rows = await pool.fetch(sql.LIST_RULES, cursor, limit + 1)
     items = [public(r) for r in rows[:limit]]
     return RulePage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
 
@@ -248,7 +211,7 @@ async def create_rule(body: RuleIn, pool: PoolDep, _key: RulesWrite) -> RulePubl
     values = _columns(body, [])
 
     async def work(con: db.Connection, notices: db.Notices) -> Any:
-        row = await con.fetchrow(INSERT, *values)
+        row = await con.fetchrow(sql.INSERT_RULE, *values)
         assert row is not None
         _notify_rule(notices, row["id"])
         return row
@@ -261,7 +224,7 @@ async def create_rule(body: RuleIn, pool: PoolDep, _key: RulesWrite) -> RulePubl
 )
 async def get_rule(rule_id: RuleId, pool: PoolDep, _key: RulesRead) -> RulePublic:
     """One rule (secrets masked)."""
-    row = await pool.fetchrow(f"SELECT {COLUMNS} FROM rules WHERE id = $1", rule_id)
+    row = await pool.fetchrow(sql.SELECT_RULE, rule_id)
     if row is None:
         raise HTTPException(404, f"rule {rule_id} not found")
     return public(row)
@@ -276,12 +239,12 @@ async def replace_rule(rule_id: RuleId, body: RuleIn, pool: PoolDep, key: RulesW
     ``********`` keeps the stored one."""
 
     async def work(con: db.Connection, notices: db.Notices) -> Any:
-        stored = await con.fetchval("SELECT actions FROM rules WHERE id = $1 FOR UPDATE", rule_id)
+        stored = await con.fetchval(sql.LOCK_ACTIONS, rule_id)
         if stored is None:
             raise HTTPException(404, f"rule {rule_id} not found")
-        row = await con.fetchrow(UPDATE, rule_id, *_columns(body, stored))
+        row = await con.fetchrow(sql.UPDATE_RULE, rule_id, *_columns(body, stored))
         assert row is not None
-        await con.execute("DELETE FROM rule_state WHERE rule_id = $1", rule_id)
+        await con.execute(sql.DELETE_STATE, rule_id)
         if not body.enabled:
             await clear_open_alarms(con, notices, rule_id, f"rule disabled by {actor(key)}")
         _notify_rule(notices, rule_id)
@@ -295,7 +258,7 @@ async def delete_rule(rule_id: RuleId, pool: PoolDep, key: RulesWrite) -> Respon
     """Delete a rule; its open alarms are cleared (and kept in the history)."""
 
     async def work(con: db.Connection, notices: db.Notices) -> None:
-        status = await con.execute("DELETE FROM rules WHERE id = $1", rule_id)
+        status = await con.execute(sql.DELETE_RULE, rule_id)
         if status.endswith(" 0"):
             raise HTTPException(404, f"rule {rule_id} not found")
         await clear_open_alarms(con, notices, rule_id, f"rule deleted by {actor(key)}")
@@ -312,29 +275,6 @@ def _time(name: str, text: str | None) -> datetime | None:
         return datetime.fromisoformat(text.upper().replace(" ", "T")).astimezone(UTC)
     except (ValueError, OverflowError):  # 30 February, year 1 with a positive offset
         raise HTTPException(400, f"'{name}' {text!r} is not a valid time") from None
-
-
-BACKTEST_THRESHOLD = """
-SELECT r.device_id, r.time, r.value
-FROM readings r LEFT JOIN devices d ON d.id = r.device_id
-WHERE r.metric = $1 AND r.time >= $4 AND r.time < $5 AND r.value IS NOT NULL
-  AND ((cardinality($2::text[]) = 0 AND $3::jsonb = '{}'::jsonb)
-       OR r.device_id = ANY($2::text[])
-       OR ($3::jsonb <> '{}'::jsonb AND d.tags @> $3::jsonb))
-ORDER BY r.device_id, r.time
-LIMIT $6
-"""
-# no_data rules: every reading is a sign of life, whatever its metric.
-BACKTEST_NO_DATA = """
-SELECT DISTINCT r.device_id, r.time, NULL::float8 AS value
-FROM readings r LEFT JOIN devices d ON d.id = r.device_id
-WHERE r.time >= $3 AND r.time < $4
-  AND ((cardinality($1::text[]) = 0 AND $2::jsonb = '{}'::jsonb)
-       OR r.device_id = ANY($1::text[])
-       OR ($2::jsonb <> '{}'::jsonb AND d.tags @> $2::jsonb))
-ORDER BY r.device_id, r.time
-LIMIT $5
-"""
 
 
 @router.post(
@@ -356,7 +296,7 @@ async def backtest_rule(
     no readings. Time is the readings' own; the clock is moved
     to ``to`` at the end, so a condition still holding then raises if it held long
     enough. no_data rules see readings only (status messages are not stored)."""
-    row = await pool.fetchrow(f"SELECT {COLUMNS} FROM rules WHERE id = $1", rule_id)
+    row = await pool.fetchrow(sql.SELECT_RULE, rule_id)
     if row is None:
         raise HTTPException(404, f"rule {rule_id} not found")
     until = _time("to", end) or datetime.now(UTC)
@@ -364,9 +304,9 @@ async def backtest_rule(
     rule = rules_engine.Rule.from_row(dict(row))
     where = [sorted(rule.devices), dict(rule.tags), since, until, MAX_BACKTEST_READINGS + 1]
     if rule.kind == "threshold":
-        readings = await pool.fetch(BACKTEST_THRESHOLD, rule.metric, *where)
+        readings = await pool.fetch(sql.BACKTEST_THRESHOLD, rule.metric, *where)
     else:
-        readings = await pool.fetch(BACKTEST_NO_DATA, *where)
+        readings = await pool.fetch(sql.BACKTEST_NO_DATA, *where)
     if len(readings) > MAX_BACKTEST_READINGS:
         raise HTTPException(
             400, f"more than {MAX_BACKTEST_READINGS} readings in range: narrow 'from'/'to'"

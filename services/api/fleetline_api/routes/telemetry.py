@@ -18,6 +18,7 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 from fleetline_api.deps import PoolDep, TelemetryRead, require_device
 from fleetline_api.params import StatusFilter, TagFilter, device_filter
 from fleetline_api.problems import NOT_FOUND, RESPONSES
+from fleetline_api.queries import telemetry as sql
 from fleetline_api.schemas.common import (
     Aggregates,
     Bucket,
@@ -45,24 +46,9 @@ BUCKET_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
 # Times a query may name: no reading lies outside (ingest refuses them).
 FIRST_TIME, LAST_TIME = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 AGGS = ("avg", "min", "max", "count", "last")
-_NUMERIC = "FILTER (WHERE t.value IS NOT NULL)"
-_AGG_SQL: dict[str, str] = {
-    # count is every reading in the bucket (text values too); the others numeric only.
-    "count": "count(*)",
-    "avg": f"avg(t.value) {_NUMERIC}",
-    "min": f"min(t.value) {_NUMERIC}",
-    "max": f"max(t.value) {_NUMERIC}",
-    "last": f"(array_agg(t.value ORDER BY t.ts DESC) {_NUMERIC})[1]",
-}
 AggList = Annotated[
     str, StringConstraints(pattern=r"^(avg|min|max|count|last)(,(avg|min|max|count|last))*$")
 ]
-
-LATEST = """
-SELECT s.metric, l.ts, l.value, l.value_text
-FROM series s JOIN series_latest l ON l.series_id = s.id
-WHERE s.device_id = $1
-"""
 
 
 def _time(name: str, text: str | None) -> datetime | None:
@@ -112,42 +98,6 @@ def _parse_bucket(text: str) -> timedelta:
     return width
 
 
-# Rollup rows in range, except the hours still pending, plus those hours from raw rows;
-# then the same buckets and aggregates as from raw rows.
-FROM_ROLLUPS = """
-WITH chosen AS (
-    SELECT id, metric FROM series
-    WHERE device_id = $1 AND ($2::text[] IS NULL OR metric = ANY($2))
-),
-pending AS (  -- hours holding a minute whose rollup is behind its raw rows
-    SELECT DISTINCT p.series_id, date_bin(INTERVAL '1 hour', p.minute, $6) AS hour
-    FROM rollup_pending p JOIN chosen c ON c.id = p.series_id
-    WHERE p.minute >= $3::timestamptz - INTERVAL '1 hour' AND p.minute < $4::timestamptz
-),
-parts AS (
-    SELECT r.series_id, r.bucket, r.count, r.value_count, r.sum, r.min, r.max, r.last
-    FROM {table} r JOIN chosen c ON c.id = r.series_id
-    WHERE r.bucket >= $3 AND r.bucket < $4
-      AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.series_id = r.series_id
-                      AND p.hour = date_bin(INTERVAL '1 hour', r.bucket, $6))
-    UNION ALL
-    SELECT t.series_id, date_bin($7::interval, t.ts, $6), count(*), count(t.value),
-           sum(t.value), min(t.value), max(t.value),
-           (array_agg(t.value ORDER BY t.ts DESC) FILTER (WHERE t.value IS NOT NULL))[1]
-    FROM telemetry t
-    JOIN pending p ON t.series_id = p.series_id
-                  AND t.ts >= p.hour AND t.ts < p.hour + INTERVAL '1 hour'
-    WHERE t.ts >= $3 AND t.ts < $4
-    GROUP BY 1, 2
-)
-SELECT date_bin($5::interval, x.bucket, $6) AS bucket, c.metric,
-       sum(x.count)::bigint AS count,
-       sum(x.sum) / nullif(sum(x.value_count), 0) AS avg,
-       min(x.min) AS min, max(x.max) AS max,
-       (array_agg(x.last ORDER BY x.bucket DESC) FILTER (WHERE x.last IS NOT NULL))[1] AS last
-FROM parts x JOIN chosen c ON c.id = x.series_id
-GROUP BY 1, 2 ORDER BY 1, 2
-"""
 Source = Literal["telemetry", "telemetry_1m", "telemetry_1h"]
 ROLLUPS: tuple[tuple[Source, timedelta], ...] = (
     ("telemetry_1h", timedelta(hours=1)),
@@ -189,7 +139,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
 async def latest(device_id: DeviceId, pool: PoolDep, _key: TelemetryRead) -> Latest:
     """The last stored value of each of the device's metrics, with its time."""
     await require_device(pool, device_id)
-    rows = await pool.fetch(LATEST, device_id)
+    rows = await pool.fetch(sql.LATEST, device_id)
     return Latest(
         device_id=device_id,
         metrics={
@@ -237,15 +187,7 @@ async def telemetry(
         )
     after_ts, after_sid = _decode_cursor(cursor) if cursor else (None, None)
     rows = await pool.fetch(
-        """
-        SELECT t.ts, s.metric, t.value, t.value_text, s.id AS sid
-        FROM series s JOIN telemetry t ON t.series_id = s.id
-        WHERE s.device_id = $1 AND ($2::text[] IS NULL OR s.metric = ANY($2))
-          AND t.ts >= $3 AND t.ts < $4
-          AND ($5::timestamptz IS NULL OR (t.ts >= $5 AND (t.ts, s.id) > ($5, $6)))
-        ORDER BY t.ts, s.id
-        LIMIT $7
-        """,
+        sql.POINTS,
         device_id,
         metrics,
         since,
@@ -277,12 +219,7 @@ async def _aggregates(
 ) -> Aggregates:
     width = bucket.total_seconds()
     buckets = (end - start).total_seconds() / width
-    series = await pool.fetchval(
-        "SELECT count(*) FROM series WHERE device_id = $1 AND ($2::text[] IS NULL "
-        "OR metric = ANY($2))",
-        device_id,
-        metrics,
-    )
+    series = await pool.fetchval(sql.COUNT_SERIES, device_id, metrics)
     if buckets * max(1, series) > MAX_BUCKETS:
         raise HTTPException(
             400,
@@ -292,20 +229,10 @@ async def _aggregates(
     source = _rollup_for(bucket, start, end, horizons)
     args = (device_id, metrics, start, end, bucket, BUCKET_ORIGIN)
     if source is None:
-        columns = ", ".join(f"{_AGG_SQL[a]} AS {a}" for a in aggs)
-        rows = await pool.fetch(
-            f"""
-            SELECT date_bin($5::interval, t.ts, $6) AS bucket, s.metric, {columns}
-            FROM series s JOIN telemetry t ON t.series_id = s.id
-            WHERE s.device_id = $1 AND ($2::text[] IS NULL OR s.metric = ANY($2))
-              AND t.ts >= $3 AND t.ts < $4
-            GROUP BY 1, 2 ORDER BY 1, 2
-            """,
-            *args,
-        )
+        rows = await pool.fetch(sql.buckets_from_raw(aggs), *args)
     else:
         table, granularity = source
-        rows = await pool.fetch(FROM_ROLLUPS.format(table=table), *args, granularity)
+        rows = await pool.fetch(sql.buckets_from_rollup(table), *args, granularity)
     used: Source = source[0] if source is not None else "telemetry"
     return Aggregates(
         bucket_seconds=width,
@@ -329,22 +256,8 @@ async def fleet_latest(
     where = device_filter(tag, status, cursor, first=2)
     if where is None:
         return FleetLatest(metric=metric, items=[], next_cursor=None)
-    sql, params = where
-    rows = await pool.fetch(
-        f"""
-        SELECT d.id AS device_id, l.ts, l.value, l.value_text
-        FROM devices d
-        JOIN series s ON s.device_id = d.id AND s.metric = $1
-        JOIN series_latest l ON l.series_id = s.id
-        LEFT JOIN device_activity a ON a.device_id = d.id
-        WHERE {sql}
-        ORDER BY d.id
-        LIMIT $5
-        """,
-        metric,
-        *params,
-        limit + 1,
-    )
+    conditions, params = where
+    rows = await pool.fetch(sql.fleet_latest(conditions), metric, *params, limit + 1)
     items = [DeviceValue(**dict(r)) for r in rows[:limit]]
     return FleetLatest(
         metric=metric, items=items, next_cursor=items[-1].device_id if len(rows) > limit else None

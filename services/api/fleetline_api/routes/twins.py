@@ -31,6 +31,7 @@ from fleetline_api import commands
 from fleetline_api.commands import etag
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
+from fleetline_api.queries import twins as sql
 from fleetline_api.schemas.bodies import read_json_body
 from fleetline_api.schemas.common import DeviceId, ModuleId
 from fleetline_api.schemas.twins import (
@@ -44,23 +45,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/devices", tags=["twins"], responses=RESPONSES)
 
 ACCEPTED_MEDIA_TYPES = (MERGE_PATCH_MEDIA_TYPE, "application/json")
-
-SELECT_TWIN = """
-SELECT d.id AS device_id, nullif($2::text, '') AS module_id, d.tags,
-       coalesce(td.desired, '{}'::jsonb) AS desired,
-       coalesce(td.version, 0) AS desired_version,
-       td.updated_at AS desired_updated_at,
-       coalesce(td.published_version, 0) AS desired_published_version,
-       coalesce(tr.reported, '{}'::jsonb) AS reported,
-       coalesce(tr.version, 0) AS reported_version,
-       tr.updated_at AS reported_updated_at
-FROM devices d
-LEFT JOIN twin_desired td ON td.device_id = d.id AND td.module_id = $2
-LEFT JOIN twin_reported tr ON tr.device_id = d.id AND tr.module_id = $2
-WHERE d.id = $1 AND ($2 = '' OR EXISTS (
-    SELECT 1 FROM device_modules m WHERE m.device_id = d.id AND m.module_id = $2
-))
-"""
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -93,7 +77,7 @@ def delta(desired: dict[str, Any], reported: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _twin(con: db.Queryable, device_id: str, module_id: str = "") -> TwinPublic:
-    row = await con.fetchrow(SELECT_TWIN, device_id, module_id)
+    row = await con.fetchrow(sql.SELECT_TWIN, device_id, module_id)
     if row is None:
         raise HTTPException(404, f"{commands.target_name(device_id, module_id)} not found")
     fields = dict(row)

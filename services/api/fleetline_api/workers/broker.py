@@ -134,15 +134,7 @@ class BrokerLink:
 
     async def _serve(self, client: mqtt.Client) -> None:
         """Take method responses until the connection ends (then raise MqttError)."""
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._receive(client), name=f"{self.identifier}.method_responses")
-                tg.create_task(mqtt.wait_disconnected(client), name=f"{self.identifier}.connection")
-        except ExceptionGroup as group:
-            first = group.exceptions[0]
-            if isinstance(first, mqtt.MqttError):
-                raise first from None
-            raise
+        await mqtt.serve(client, {f"{self.identifier}.method_responses": self._receive(client)})
 
     async def _receive(self, client: mqtt.Client) -> None:
         async for message in client.messages:

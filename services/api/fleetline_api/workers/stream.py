@@ -33,6 +33,7 @@ from prometheus_client import Counter, Gauge
 
 from fleetline import db, mqtt, streamevents
 from fleetline.settings import MqttProtocol
+from fleetline_api.queries import stream as sql
 from fleetline_api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -240,16 +241,13 @@ class StreamHub:
             attempt += 1
 
     async def _serve(self, client: mqtt.Client) -> None:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._receive(client), name="api.stream.receive")
-                tg.create_task(self._presence(client), name="api.stream.presence")
-                tg.create_task(mqtt.wait_disconnected(client), name="api.stream.connection")
-        except ExceptionGroup as group:
-            first = group.exceptions[0]
-            if isinstance(first, mqtt.MqttError):
-                raise first from None
-            raise
+        await mqtt.serve(
+            client,
+            {
+                "api.stream.receive": self._receive(client),
+                "api.stream.presence": self._presence(client),
+            },
+        )
 
     async def _receive(self, client: mqtt.Client) -> None:
         async for message in client.messages:
@@ -401,9 +399,7 @@ class StreamHub:
                 missing.append(device_id)
         if missing:
             try:
-                rows = await self._pool.fetch(
-                    "SELECT id, tags FROM devices WHERE id = ANY($1::text[])", missing, timeout=5
-                )
+                rows = await self._pool.fetch(sql.DEVICE_TAGS, missing, timeout=5)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("stream could not read device tags: %s", exc)
                 rows = []

@@ -1,0 +1,63 @@
+"""The device registry (routes/devices.py), the registered-device checks (deps.py) and the
+device filter several routes share (params.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SELECT_DEVICE = """
+SELECT d.id, d.tags, d.created_at, coalesce(a.online, false) AS online, a.last_seen,
+       a.status_changed_at, d.key_version, d.key_created_at
+FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
+"""
+SELECT_DEVICE_BY_ID = SELECT_DEVICE + "WHERE d.id = $1"
+
+
+def device_conditions(
+    tags: dict[str, str], status: str | None, cursor: str | None, *, first: int
+) -> tuple[str, list[Any]]:
+    """SQL conditions on devices ``d`` (with their activity ``a``) and their parameters,
+    numbered from ``$first``: the tags a device holds (none: any), its connection status
+    (``online``, ``offline``; None: any), and the page after ``cursor``."""
+    t, s, c = first, first + 1, first + 2
+    sql = (
+        f"(${t}::jsonb IS NULL OR d.tags @> ${t}::jsonb)"
+        f" AND (${s}::bool IS NULL OR coalesce(a.online, false) = ${s})"
+        f" AND (${c}::text IS NULL OR d.id > ${c})"
+    )
+    return sql, [tags or None, None if status is None else status == "online", cursor]
+
+
+def list_devices(conditions: str) -> str:
+    """A page of devices by id: ``conditions`` from :func:`device_conditions` (``$1`` to
+    ``$3``), ``$4`` limit + 1."""
+    return f"{SELECT_DEVICE} WHERE {conditions} ORDER BY d.id LIMIT $4"
+
+
+INSERT_DEVICE = "INSERT INTO devices (id, tags) VALUES ($1, $2)"
+# Issue a new key version, never used before by any device (a device deleted and
+# registered again must not get its old key back); None when the device does not exist.
+ISSUE_KEY = """
+UPDATE devices SET key_version = nextval('device_key_version_seq'), key_created_at = now(),
+                   updated_at = now()
+WHERE id = $1 RETURNING key_version
+"""
+STORE_FINGERPRINT = "UPDATE devices SET key_sha256 = $3 WHERE id = $1 AND key_version = $2"
+KEY_VERSION = "SELECT key_version FROM devices WHERE id = $1"
+# Merge-patch the tags ($2; null removes one), unless the device would hold more than $3:
+# then no row.
+MERGE_TAGS = """
+WITH merged AS (
+    SELECT id, jsonb_strip_nulls(tags || $2::jsonb) AS tags FROM devices WHERE id = $1
+)
+UPDATE devices d SET tags = m.tags, updated_at = now() FROM merged m
+WHERE d.id = m.id AND (SELECT count(*) FROM jsonb_object_keys(m.tags)) <= $3
+RETURNING d.tags
+"""
+DELETE_MODULES = "DELETE FROM device_modules WHERE device_id = $1 RETURNING module_id"
+DELETE_DEVICE = "DELETE FROM devices WHERE id = $1"
+
+# deps.require_device: whether the device is registered.
+DEVICE_EXISTS = "SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)"
+# deps.lock_device: writers of the device and of what belongs to it take turns.
+LOCK_DEVICE = "SELECT 1 FROM devices WHERE id = $1 FOR UPDATE"

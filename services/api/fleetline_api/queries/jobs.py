@@ -1,0 +1,58 @@
+"""Jobs over REST (routes/jobs.py): creating one with its devices' snapshot, reading,
+cancelling. The runner's statements are queries/jobs_runner.py."""
+
+from __future__ import annotations
+
+from fleetline import devicequery
+
+# The spec as text: the standard library keeps integers of any size (orjson would not).
+COLUMNS = """
+id, type, query, spec::text AS spec, batch_size, max_per_second, state, total, counts, error,
+created_at, created_by, started_at, cancelled_at, cancelled_by, finished_at
+"""
+SELECT_JOB = f"SELECT {COLUMNS} FROM jobs WHERE id = $1"
+# $1 state (NULL: any), $2 the cursor, $3 limit + 1.
+LIST_JOBS = f"""
+SELECT {COLUMNS} FROM jobs
+WHERE ($1::text IS NULL OR state = $1) AND ($2::bigint IS NULL OR id < $2)
+ORDER BY id DESC LIMIT $3
+"""
+INSERT_JOB = """
+INSERT INTO jobs (type, query, spec, batch_size, max_per_second, created_by)
+VALUES ($1, $2, $3::text::jsonb, $4, $5, $6)
+RETURNING id
+"""
+# $1 job id, $2 the cap + 1, the query's own parameters from $3.
+SNAPSHOT = "INSERT INTO job_devices (job_id, device_id) SELECT $1, d.id FROM {from_} WHERE {where}"
+
+
+def snapshot(where: str) -> str:
+    """SNAPSHOT for a compiled query's condition, at most $2 devices."""
+    statement = SNAPSHOT.format(from_=devicequery.DEVICE_FROM, where=where)
+    return f"{statement} LIMIT $2"
+
+
+SET_TOTAL = "UPDATE jobs SET total = $2 WHERE id = $1"
+# Devices per state of the jobs $1 not finished yet (a finished job stores its counts).
+LIVE_COUNTS = """
+SELECT job_id, state, count(*)::int AS n FROM job_devices
+WHERE job_id = ANY($1::bigint[]) GROUP BY job_id, state
+"""
+JOB_EXISTS = "SELECT 1 FROM jobs WHERE id = $1"
+DEVICE_COLUMNS = (
+    "device_id, state, attempts, status, reason, result, error, started_at, finished_at"
+)
+# $1 job, $2 state (NULL: any), $3 the cursor (a device id), $4 limit + 1.
+LIST_DEVICES = f"""
+SELECT {DEVICE_COLUMNS} FROM job_devices
+WHERE job_id = $1 AND ($2::text IS NULL OR state = $2)
+  AND ($3::text IS NULL OR device_id > $3)
+ORDER BY device_id LIMIT $4
+"""
+# No row when the job is not queued or running.
+CANCEL_JOB = """
+UPDATE jobs SET state = 'cancelled', cancelled_at = now(), cancelled_by = $2
+WHERE id = $1 AND state IN ('queued', 'running')
+RETURNING id
+"""
+JOB_STATE = "SELECT state FROM jobs WHERE id = $1"
