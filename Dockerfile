@@ -2,7 +2,8 @@
 # One image for every fleetline process: `fleetline migrate|ingest|api|rules`.
 #   docker build -t fleetline:0.1.0 .
 # Settings come from FLEETLINE_* environment variables (a ConfigMap and a Secret in
-# Kubernetes, see deploy/k8s/); the image carries no config files (STYLE.md section 4).
+# Kubernetes, see deploy/k8s/); the files it carries beside the code are the package's
+# data (migrations, and the broker config and plugin source for `fleetline up`).
 
 # The Python the project targets and tests (pyproject.toml: requires-python, ruff and
 # mypy targets).

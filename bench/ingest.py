@@ -825,6 +825,13 @@ class Bench:
         client.subscribe(streamevents.EVENTS_TOPIC, qos=0)
         client.publish(f"{streamevents.LISTENERS_TOPIC}/bench", b"1", qos=1,
                        retain=True).wait_for_publish(10)
+
+        def refresh() -> None:  # as an API process does, before ingest forgets it
+            while True:
+                time.sleep(streamevents.LISTENER_REFRESH_SECONDS)
+                client.publish(f"{streamevents.LISTENERS_TOPIC}/bench", b"1", qos=1, retain=True)
+
+        threading.Thread(target=refresh, daemon=True, name="bench.stream.presence").start()
         log("  a stream listener is present (--stream-listener)")
         return client
 

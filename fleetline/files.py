@@ -37,11 +37,21 @@ def _installed() -> dict[str, Path]:
     return found
 
 
+@functools.cache
+def _in_checkout() -> bool:
+    """Whether the package runs from fleetline's own source tree (not site-packages, where
+    another distribution's top-level ``migrations/`` could sit beside it)."""
+    try:
+        return 'name = "fleetline"' in (CHECKOUT / "pyproject.toml").read_text()
+    except OSError:
+        return False
+
+
 def project_path(relative: str) -> Path:
     """The file or folder ``relative`` (as in the repository: ``migrations``,
     ``deploy/mosquitto/fleetline.conf``) of this installation."""
     checkout = CHECKOUT / relative
-    if checkout.exists():
+    if _in_checkout() and checkout.exists():
         return checkout
     installed = _installed()
     if relative in installed:

@@ -13,10 +13,14 @@ The runner passes the storage settings to the SQL as session settings
 in a migration.
 
 A function whose body changes after the migration that created it lives in
-``migrations/functions/<name>.sql`` (``CREATE OR REPLACE``), its current body in one place:
-after the numbered files, the runner applies each such definition whose checksum differs
-from the one recorded in ``schema_definitions`` (so on a new database, and whenever the
-file changes). The numbered files keep the bodies they were applied with.
+``migrations/functions/<name>.sql`` (``CREATE OR REPLACE``), its current body in one place,
+with a ``-- revision: N`` line raised at every change. After the numbered files, the
+runner applies each definition whose revision is newer than the one recorded in
+``schema_definitions`` (so on a new database, and after each change); an older revision
+(an older release migrating a newer database) and a changed file with the same revision
+stop the run. The numbered files keep the bodies they were applied with; a numbered
+migration that calls such a function gets, on a new database, the body of the numbered
+migrations before it, not the file's.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ LOCK_KEY = 0x666C6565  # "flee": one advisory lock id for all fleetline migratio
 _NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 DEFINITIONS_FOLDER = "functions"
 _DEFINITION_RE = re.compile(r"^[a-z][a-z0-9_]*\.sql$")
+_REVISION_RE = re.compile(r"^-- revision: (\d+)$", re.M)
 
 
 class MigrationError(Exception):
@@ -54,6 +59,7 @@ class Definition:
     """The current definition of one function (``migrations/functions/<name>.sql``)."""
 
     name: str
+    revision: int
     sql: str
 
     @property
@@ -106,12 +112,17 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 def load_definitions(directory: Path | None = None) -> list[Definition]:
     folder = (directory or migrations_dir()) / DEFINITIONS_FOLDER
     if not folder.is_dir():
+        log.warning("no function definitions in %s: their functions keep older bodies", folder)
         return []
     found: list[Definition] = []
     for path in sorted(folder.glob("*.sql")):
         if not _DEFINITION_RE.match(path.name):
             raise MigrationError(f"{path.name}: function definitions are named <function>.sql")
-        found.append(Definition(path.stem, path.read_text()))
+        sql = path.read_text()
+        revision = _REVISION_RE.search(sql)
+        if revision is None:
+            raise MigrationError(f"{path.name}: a definition needs a '-- revision: N' line")
+        found.append(Definition(path.stem, int(revision.group(1)), sql))
     return found
 
 
@@ -224,29 +235,49 @@ async def _apply(
 
 
 async def _define(con: asyncpg.Connection[Any], definitions: list[Definition]) -> None:
-    """(Re)create each function whose definition is new or changed, in its own transaction."""
+    """(Re)create each function whose definition is new or of a newer revision, each in
+    its own transaction."""
     await con.execute(
         """
         CREATE TABLE IF NOT EXISTS schema_definitions (
             name        TEXT PRIMARY KEY,
+            revision    INTEGER NOT NULL,
             checksum    TEXT NOT NULL,
             applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
         )
         """
     )
-    rows = await con.fetch("SELECT name, checksum FROM schema_definitions")
-    recorded = {r["name"]: r["checksum"] for r in rows}
+    # A table made before revisions were recorded: its definitions count as revision 0.
+    await con.execute(
+        "ALTER TABLE schema_definitions "
+        "ADD COLUMN IF NOT EXISTS revision INTEGER NOT NULL DEFAULT 0"
+    )
+    rows = await con.fetch("SELECT name, revision, checksum FROM schema_definitions")
+    recorded = {r["name"]: (r["revision"], r["checksum"]) for r in rows}
     for d in definitions:
-        if recorded.get(d.name) == d.checksum:
+        revision, checksum = recorded.get(d.name, (-1, ""))
+        if d.revision < revision:
+            raise MigrationError(
+                f"the database holds revision {revision} of {d.name}, newer than this code's "
+                f"{d.revision}; is an older version of fleetline running against a newer schema?"
+            )
+        if d.revision == revision:
+            if d.checksum != checksum:
+                raise MigrationError(
+                    f"migrations/functions/{d.name}.sql changed without a new revision: "
+                    "raise its '-- revision:' line"
+                )
             continue
         try:
             async with con.transaction():
                 await con.execute(d.sql)
                 await con.execute(
-                    "INSERT INTO schema_definitions (name, checksum) VALUES ($1, $2) "
-                    "ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, "
+                    "INSERT INTO schema_definitions (name, revision, checksum) "
+                    "VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET "
+                    "revision = excluded.revision, checksum = excluded.checksum, "
                     "applied_at = now()",
                     d.name,
+                    d.revision,
                     d.checksum,
                 )
         except asyncpg.PostgresError as exc:

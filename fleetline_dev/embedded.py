@@ -45,6 +45,7 @@ PG_SYSTEM_USER = "fleetline-postgres"
 PROJECT_MOSQUITTO_CONF = "deploy/mosquitto/fleetline.conf"
 AUTH_PLUGIN_SOURCE = "deploy/mosquitto/auth"
 AUTH_PLUGIN_FILES = ("fleetline_auth.c", "Makefile")
+AUTH_PLUGIN_HEADERS = ("/usr/include/mosquitto_plugin.h", "/usr/include/mosquitto_broker.h")
 AUTH_PLUGIN_BUILD_PACKAGES = "mosquitto-dev libmosquitto-dev libpq-dev libssl-dev gcc make"
 _AUTH_PLUGIN_MIN_SECRET_BYTES = 32
 # sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -580,8 +581,8 @@ def cache_dir() -> Path:
 def auth_plugin_path() -> Path:
     """The broker's auth plugin (``fleetline_auth.so``), built with ``make`` from the
     source this installation carries (``deploy/mosquitto/auth``) into a folder of the
-    cache named by the source's hash, so a changed source builds anew and an unchanged
-    one is built once.
+    cache named by the hash of that source and of the broker's plugin headers, so a
+    changed source or broker builds anew and an unchanged one is built once.
 
     Concurrent callers (``fleetline up`` beside a test run) take turns on a lock; the
     build writes a temporary file that is renamed into place, so a broker never loads a
@@ -593,6 +594,10 @@ def auth_plugin_path() -> Path:
     except OSError as exc:
         raise EmbeddedError(f"cannot read the broker's auth plugin source: {exc}") from exc
     digest = hashlib.sha256(b"".join(sources[name] for name in AUTH_PLUGIN_FILES))
+    # The broker's plugin API it compiles against: a Mosquitto upgrade builds anew.
+    for header in AUTH_PLUGIN_HEADERS:
+        with contextlib.suppress(OSError):
+            digest.update(Path(header).read_bytes())
     build_dir = cache_dir() / "auth-plugin" / digest.hexdigest()[:16]
     target = build_dir / "fleetline_auth.so"
     if target.exists():

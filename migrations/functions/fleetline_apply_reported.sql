@@ -3,6 +3,7 @@
 -- with the reason. The four-argument form is the device-only form of the release before
 -- modules, kept for its ingest replicas during a rolling upgrade. (Created by 0013,
 -- last changed by 0018.)
+-- revision: 1
 CREATE OR REPLACE FUNCTION fleetline_apply_reported(
     devices_ text[], modules_ text[], patches jsonb[], received timestamptz[], max_bytes integer
 ) RETURNS TABLE (idx integer, reason text)

@@ -1,5 +1,6 @@
 -- Marks the (series, minute) pairs a statement wrote into telemetry, for the roll-ups
 -- (trigger on telemetry, plain PostgreSQL; created by 0005, last changed by 0008).
+-- revision: 1
 CREATE OR REPLACE FUNCTION fleetline_mark_rollups() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN

@@ -2,6 +2,7 @@
 -- ago, and their hours; returns how many marks it took. Replicas may run it at once:
 -- each takes marks the others have not locked. A no-op on TimescaleDB. (Created by 0005,
 -- last changed by 0020.)
+-- revision: 1
 CREATE OR REPLACE FUNCTION fleetline_roll_up(
     max_marks INTEGER, settle INTERVAL DEFAULT INTERVAL '0 seconds'
 ) RETURNS INTEGER

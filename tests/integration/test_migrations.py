@@ -117,7 +117,9 @@ async def test_a_changed_definition_is_applied_again(fresh_db: str, tmp_path: Pa
         fresh_db,
         tmp_path,
         "functions/fleetline_roll_up.sql",
-        lambda sql: sql.replace("BEGIN\n", "BEGIN\n    -- edited\n", 1),
+        lambda sql: sql.replace("BEGIN\n", "BEGIN\n    -- edited\n", 1).replace(
+            "-- revision: 1", "-- revision: 2"
+        ),
     )
     assert await apply_migrations(con, PLAIN, directory=edited) == []
     src = await con.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_roll_up'")
@@ -126,4 +128,29 @@ async def test_a_changed_definition_is_applied_again(fresh_db: str, tmp_path: Pa
     assert await con.fetchval(
         "SELECT checksum FROM schema_definitions WHERE name = 'fleetline_roll_up'"
     ) == checksums["fleetline_roll_up"]
+    await con.close()
+
+
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        # Changed but not given a new revision.
+        (lambda sql: sql.replace("BEGIN\n", "BEGIN\n    -- edited\n", 1),
+         "changed without a new revision"),
+        # An older release against a database a newer one migrated.
+        (lambda sql: sql.replace("-- revision: 1", "-- revision: 0"), "newer than this code's"),
+    ],
+    ids=["same-revision", "older-revision"],
+)
+async def test_a_definition_is_never_silently_changed_or_downgraded(
+    fresh_db: str, tmp_path: Path, edit: Callable[[str], str], refusal: str
+) -> None:
+    con, edited = await migrated_then_edited(
+        fresh_db, tmp_path, "functions/fleetline_roll_up.sql", edit
+    )
+    before = await con.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_roll_up'")
+    with pytest.raises(MigrationError, match=refusal):
+        await apply_migrations(con, PLAIN, directory=edited)
+    after = await con.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_roll_up'")
+    assert after == before
     await con.close()

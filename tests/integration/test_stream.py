@@ -223,8 +223,11 @@ async def test_ingest_publishes_stored_batches_only_while_someone_listens(
         # A listener appears: ingest answers it, then publishes what it stores.
         watcher.publish(f"fleetline/stream/listeners/{uid}", b"1", retain=True)
         async with asyncio.timeout(10):
-            while not any(t.endswith(f"/heard/{uid}") for t, _, _ in list(watcher.messages)):
+            while not (answers := [p for t, p, _ in list(watcher.messages)
+                                   if t.endswith(f"/heard/{uid}")]):
                 await asyncio.sleep(0.05)
+        answer = streamevents.read_heard(answers[0])
+        assert answer is not None and answer[0] == publisher and answer[2] == "1"
         dev.publish_all([{"values": {"v": 2}}])
         dev.publish(b"online", kind="status")
         async with asyncio.timeout(10):
@@ -281,6 +284,10 @@ async def test_events_lost_on_the_way_close_the_stream_with_1013(
             assert [e["values"]["v"] for e in await next_events(ws, 1)] == [20]
             with pytest.raises(TimeoutError):
                 await next_events(ws, 1, timeout=1)
+            # A publisher counting from 0 again started again: what it held may be lost.
+            publisher.publish("fleetline/stream/events", message(0))
+            code, reason = await close_code(ws)
+            assert code == 1013 and "missed events" in reason
         assert api.metric('fleetline_api_stream_dropped_clients_total{reason="gap"}') >= 1
     finally:
         publisher.close()

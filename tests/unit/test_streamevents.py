@@ -33,7 +33,7 @@ def test_a_batch_becomes_one_event_per_reading_and_status_change() -> None:
         ("d2", "temp", T0, 19.0, None),
     ]
     parts = streamevents.batch_parts(batch, {"d3": (True, T0)})
-    assert len(parts) == 1
+    assert len(parts) == 2  # the rows, then the status changes
     assert read(parts) == [
         {"type": "telemetry", "device_id": "d1", "ts": "2026-12-06T07:00:00.500000Z",
          "values": {"temp": 21.5, "fw": "1.2"}},
@@ -45,12 +45,26 @@ def test_a_batch_becomes_one_event_per_reading_and_status_change() -> None:
 
 def test_a_large_batch_is_split_below_the_limit_and_loses_nothing() -> None:
     batch = rows(1000)
-    parts = streamevents.batch_parts(batch, {"d1": (False, T0)}, limit=4096)
-    assert len(parts) > 8
-    assert all(len(p) <= 4096 + 64 for p in parts)  # the status list rides on the last part
+    # A whole fleet coming back at once, with the longest device ids.
+    status = {f"{i:04d}" + "d" * 124: (True, T0) for i in range(2000)}
+    limit = 4096
+    parts = streamevents.batch_parts(batch, status, limit=limit)
+    messages = [streamevents.message("ingest-1", 10**9, body) for body in parts]
+    assert len(parts) > 60
+    assert all(len(m) <= limit for m in messages), max(len(m) for m in messages)
     events = read(parts)
-    assert [e["values"] for e in events[:-1]] == [{"temp": 20.0 + i} for i in range(1000)]
-    assert events[-1]["type"] == "status"
+    assert [e["values"] for e in events[:1000]] == [{"temp": 20.0 + i} for i in range(1000)]
+    assert {e["device_id"] for e in events[1000:]} == set(status)
+    # At the shipped limit, ingest's largest batch (5000 rows) is one message.
+    assert len(streamevents.batch_parts(rows(5000), {})) == 1
+
+
+def test_the_answer_to_a_presence_round_trips_and_refuses_garbage() -> None:
+    assert streamevents.read_heard(streamevents.heard("ingest-1", 42, "ab12")) == (
+        "ingest-1", 42, "ab12")
+    for bad in (b"", b"1", b"[]", b'{"publisher": "p", "seq": true, "token": "t"}',
+                b'{"publisher": "p", "seq": 1}'):
+        assert streamevents.read_heard(bad) is None, bad
 
 
 def test_malformed_messages_are_refused_not_raised() -> None:

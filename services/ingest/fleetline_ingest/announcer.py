@@ -7,16 +7,21 @@ encodes them (fleetline/streamevents.py: the API builds the events) and publishe
 QoS 0, on ingest's
 side connection to the broker, which also tells who listens: retained messages under
 ``fleetline/stream/listeners/``, each forgotten after its time to live unless refreshed.
-A listener heard of for the first time is answered on ``fleetline/stream/heard/{id}``,
-after what was queued before it: its first client is told it is subscribed then.
+A listener heard of for the first time is answered on ``fleetline/stream/heard/{id}``
+with the number of the next message, after what was queued before it: the listener
+counts from there, and its first client is told it is subscribed then. Every loss
+(a full queue, a failed publish, the side connection down while listeners were known)
+skips a number, which subscribers see as a gap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import datetime
+from typing import cast
 
 from fleetline import mqtt, streamevents
 from fleetline.protocol import Row
@@ -28,8 +33,9 @@ MAX_QUEUED_BATCHES = 16
 PUBLISH_TIMEOUT_SECONDS = 5.0
 TOPICS = [f"{streamevents.LISTENERS_TOPIC}/+"]
 
-# A batch's rows and status changes, or the id of a listener to answer.
-_Item = tuple[list[Row], dict[str, tuple[bool, datetime]]] | str
+# A batch's rows and status changes, or a listener to answer: (listener id, its token).
+_Batch = tuple[list[Row], dict[str, tuple[bool, datetime]]]
+_Answer = tuple[str, str]
 
 
 class StreamAnnouncer:
@@ -38,7 +44,8 @@ class StreamAnnouncer:
         self.enabled = enabled
         self._listeners: dict[str, float] = {}  # listener id -> when last heard of
         self._client: mqtt.Client | None = None
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=MAX_QUEUED_BATCHES)
+        self._queue: asyncio.Queue[_Batch | _Answer] = asyncio.Queue(maxsize=MAX_QUEUED_BATCHES)
+        # The number of the next message; a number skipped tells subscribers of a loss.
         self._seq = 0
         self._dropped_since_logged = 0
 
@@ -56,12 +63,15 @@ class StreamAnnouncer:
 
     def connection(self, client: mqtt.Client | None) -> None:
         """The side connection is up (subscribed; retained presence follows) or gone."""
+        if client is None and self._listeners:
+            # Batches committed until the listeners are known again go unannounced.
+            self._seq += 1
         self._client = client
         self._listeners.clear()
         metrics.STREAM_LISTENERS.set(0)
 
     def observe(self, topic: str, payload: bytes) -> None:
-        """A listener's presence (non-empty payload) or its withdrawal (empty)."""
+        """A listener's presence (its token) or its withdrawal (empty)."""
         listener = topic.removeprefix(streamevents.LISTENERS_TOPIC + "/")
         if listener == topic or not listener or "/" in listener:
             return
@@ -73,47 +83,71 @@ class StreamAnnouncer:
             self._listeners[listener] = time.monotonic()
             if new and self.enabled:
                 log.info("stream listener %s present", listener)
-                self._put(listener)
+                token = payload[:64].decode(errors="replace")
+                try:
+                    self._queue.put_nowait((listener, token))
+                except asyncio.QueueFull:  # it waits out its timeout instead
+                    log.warning("could not answer stream listener %s: queue full", listener)
         metrics.STREAM_LISTENERS.set(len(self._listeners))
 
     def offer(self, rows: list[Row], status: dict[str, tuple[bool, datetime]]) -> None:
         """A committed batch: announced if anyone listens."""
         if (rows or status) and self.listening:
-            self._put((rows, status))
+            try:
+                self._queue.put_nowait((rows, status))
+            except asyncio.QueueFull:
+                self._dropped()
 
-    def _put(self, item: _Item) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self._dropped(1)
-
-    def _dropped(self, messages: int) -> None:
-        # A number skipped: subscribers see the gap and tell their clients.
+    def _dropped(self) -> None:
         self._seq += 1
-        metrics.STREAM_MESSAGES.labels("dropped").inc(messages)
+        metrics.STREAM_MESSAGES.labels("dropped").inc()
         if self._dropped_since_logged == 0:
             log.warning("stream events dropped: the broker link is down or behind")
-        self._dropped_since_logged += messages
+        self._dropped_since_logged += 1
+
+    async def flush(self, timeout: float) -> None:
+        """At shutdown, after the last commit: publish what is queued (bounded)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
 
     async def run(self) -> None:
         while True:
             item = await self._queue.get()
-            client = self._client
-            if client is None:
-                self._dropped(1)
-                continue
             try:
-                async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-                    if isinstance(item, str):
-                        await client.publish(f"{streamevents.HEARD_TOPIC}/{item}", b"1", qos=0)
-                        continue
-                    rows, status = item
-                    for body in streamevents.batch_parts(rows, status):
-                        payload = streamevents.message(self.publisher, self._seq, body)
-                        self._seq += 1
-                        await client.publish(streamevents.EVENTS_TOPIC, payload, qos=0)
-                        metrics.STREAM_MESSAGES.labels("published").inc()
-                self._dropped_since_logged = 0
-            except (mqtt.MqttError, TimeoutError) as exc:
-                log.warning("could not publish stream events: %s", exc)
-                self._dropped(1)
+                await self._publish(item)
+            finally:
+                self._queue.task_done()
+
+    async def _publish(self, item: _Batch | _Answer) -> None:
+        client = self._client
+        answer = isinstance(item[0], str)
+        if client is None:
+            if not answer:
+                self._dropped()
+            return
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                if answer:
+                    listener, token = cast(_Answer, item)
+                    await client.publish(
+                        f"{streamevents.HEARD_TOPIC}/{listener}",
+                        streamevents.heard(self.publisher, self._seq, token),
+                        qos=0,
+                    )
+                    return
+                rows, status = cast(_Batch, item)
+                for body in streamevents.batch_parts(rows, status):
+                    payload = streamevents.message(self.publisher, self._seq, body)
+                    self._seq += 1
+                    await client.publish(streamevents.EVENTS_TOPIC, payload, qos=0)
+                    metrics.STREAM_MESSAGES.labels("published").inc()
+            self._dropped_since_logged = 0
+        except (mqtt.MqttError, TimeoutError) as exc:
+            log.warning("could not publish stream events: %s", exc)
+            if not answer:
+                self._dropped()
+        except Exception:  # a bug here must not end ingest: the stream is told of a loss
+            log.exception("could not publish stream events")
+            if not answer:
+                self._dropped()

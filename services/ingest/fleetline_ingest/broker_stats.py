@@ -53,6 +53,7 @@ class BrokerStats:
                 # The count starts again at 0 when the broker restarts.
                 grown = value - self.dropped if value >= self.dropped else value
                 if grown > 0:
+                    metrics.BROKER_DROPS_SEEN.inc(grown)
                     log.error(
                         "the broker dropped %d messages it had accepted (a session's queue "
                         "was at max_queued_messages): if ingest's, readings were lost",

@@ -46,6 +46,8 @@ SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
 """
 # Minutes that ended at least the settle time ago (migrations/0020).
 ROLL_UP = "SELECT fleetline_roll_up($1, make_interval(secs => $2))"
+# At shutdown, how long the last committed batches may take to be announced.
+STREAM_FLUSH_SECONDS = 2.0
 # What ingest subscribed to before it took every topic under devices/, and the share
 # group it used by default then: unsubscribed from a session carried over from that
 # release.
@@ -295,13 +297,16 @@ class Ingestor:
         upkeep = [
             asyncio.create_task(self.maintenance_loop(), name="ingest.maintenance"),
             asyncio.create_task(self.rollup_loop(), name="ingest.rollup"),
+        ]
+        # Kept through shutdown until the last batches are announced.
+        stream = [
             asyncio.create_task(self.announcer.run(), name="ingest.announcer"),
             asyncio.create_task(
                 broker_stats.watch(self.settings, self.announcer), name="ingest.side_link"
             ),
         ]
         tasks = [asyncio.create_task(self.consumer.run(), name="ingest.mqtt"), flush]
-        tasks += writers + upkeep
+        tasks += writers + upkeep + stream
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -334,6 +339,7 @@ class Ingestor:
                     await self.queue.join()
         except TimeoutError:
             log.warning("shutdown timed out; unacknowledged messages stay with the broker")
+        await self.announcer.flush(STREAM_FLUSH_SECONDS)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

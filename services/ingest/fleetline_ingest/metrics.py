@@ -52,6 +52,11 @@ BROKER_DROPPED = Gauge(
     "Messages the broker dropped since it started, for lack of queue space "
     "(max_queued_messages) in any session; a rise while ingest is behind means lost readings",
 )
+BROKER_DROPS_SEEN = Counter(
+    "fleetline_ingest_broker_drops_seen_total",
+    "Messages the broker dropped for lack of queue space while this ingest process watched "
+    "(rises of its count; what it dropped before is in fleetline_broker_dropped_messages)",
+)
 BROKER_STORED = Gauge(
     "fleetline_broker_stored_messages",
     "Messages the broker holds (queued for sessions, in flight, retained)",
@@ -62,6 +67,8 @@ STREAM_MESSAGES = Counter(
     "stream clients), by outcome: published, dropped (the broker link was down or behind)",
     ["outcome"],
 )
+for _outcome in ("published", "dropped"):
+    STREAM_MESSAGES.labels(_outcome)
 STREAM_LISTENERS = Gauge(
     "fleetline_ingest_stream_listeners", "API processes with stream clients, as ingest knows them"
 )

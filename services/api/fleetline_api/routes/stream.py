@@ -4,8 +4,9 @@ Authentication: ``Authorization: Bearer <key>``, or (browsers cannot set headers
 subprotocols ``fleetline.v1`` and ``bearer.<key>``; the server answers with
 ``fleetline.v1``. The key needs ``telemetry:read``. The first message is
 ``{"type": "subscribed", ...}``: events stored from then on are sent. Close codes: 4401
-no or unknown key, 4403 scope missing, 1008 bad query parameter, 1013 too slow (or too
-many clients), 1011 the stream lost its database connection (reconnect).
+no or unknown key, 4403 scope missing, 1008 bad query parameter, 1013 too slow, too many
+clients, this process lagging behind, or events lost on the way (a gap in a publisher's
+sequence), 1011 the stream lost its broker or database connection (reconnect).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import orjson
@@ -47,6 +47,9 @@ BACKLOG_MAX_BYTES = 32 * 1024 * 1024
 ANNOUNCE_TIMEOUT_SECONDS = 5.0
 # After refused credentials, retry this rarely: an operator has to fix them.
 AUTH_RETRY_SECONDS = 30.0
+# Where a payload waiting for the dispatcher came from: alarm notifications (database),
+# ingest's events, or ingest's answer to this process's presence (broker).
+Source = Literal["alarms", "events", "heard"]
 
 CLIENTS = Gauge("fleetline_api_stream_clients", "WebSocket clients of /v1/stream")
 EVENTS = Counter("fleetline_api_stream_events_total", "Events sent to stream clients")
@@ -123,8 +126,8 @@ class StreamHub:
         self._settings = settings
         self._pool = pool
         self._subs: set[Subscription] = set()
-        # (epoch, from the broker?, payload) waiting for the dispatcher, and their size.
-        self._backlog: asyncio.Queue[tuple[int, bool, bytes]] = asyncio.Queue()
+        # (epoch, source, payload) waiting for the dispatcher, and their size.
+        self._backlog: asyncio.Queue[tuple[int, Source, bytes]] = asyncio.Queue()
         self._backlog_bytes = 0
         # device id -> (tags, or None when not registered; when read)
         self._devices: dict[str, tuple[dict[str, Any] | None, float]] = {}
@@ -133,7 +136,10 @@ class StreamHub:
         self.listener_id = f"api-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._presence_topic = f"{streamevents.LISTENERS_TOPIC}/{self.listener_id}"
         self._heard_topic = f"{streamevents.HEARD_TOPIC}/{self.listener_id}"
+        # Set once an ingest answered this presence (its token) with where to count from.
         self._heard = asyncio.Event()
+        self._token = ""
+        self._present = False  # presence published, and not withdrawn since
         self._presence_wake = asyncio.Event()
         # Each publisher's last sequence number seen in the current epoch. The epoch
         # moves on whenever messages are passed over on purpose (no clients then, or a new
@@ -169,7 +175,7 @@ class StreamHub:
             DROPPED.labels(why).inc()
             sub.close(code, reason)
 
-    def _enqueue(self, from_broker: bool, payload: bytes) -> None:
+    def _enqueue(self, source: Source, payload: bytes) -> None:
         if not self._subs:
             self._epoch += 1
             return
@@ -179,11 +185,11 @@ class StreamHub:
             self._epoch += 1  # every client that could miss this one is closed
             return
         self._backlog_bytes += len(payload)
-        self._backlog.put_nowait((self._epoch, from_broker, payload))
+        self._backlog.put_nowait((self._epoch, source, payload))
 
     def _on_notify(self, _con: object, _pid: int, _channel: str, payload: object) -> None:
         if isinstance(payload, str):
-            self._enqueue(False, payload.encode())
+            self._enqueue("alarms", payload.encode())
 
     async def run(self) -> None:
         """Listen on both sources (reconnecting with backoff) and dispatch, until cancelled."""
@@ -230,6 +236,7 @@ class StreamHub:
             except Exception:  # a bug here must not leave the stream without a broker
                 log.exception("stream's broker connection failed; reconnecting")
             finally:
+                self._present = False  # withdrawn, or cleared by the Will
                 if self._client is not None:
                     self._client = None
                     self._heard.clear()
@@ -254,9 +261,9 @@ class StreamHub:
             payload = message.payload
             raw = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
             if message.topic.value == self._heard_topic:
-                self._heard.set()
+                self._enqueue("heard", raw)  # in order with the events around it
             elif message.topic.value == streamevents.EVENTS_TOPIC:
-                self._enqueue(True, raw)
+                self._enqueue("events", raw)
 
     async def _presence(self, client: mqtt.Client) -> None:
         """While there are clients: subscribed to the events, presence retained and
@@ -264,25 +271,28 @@ class StreamHub:
         try:
             await self._keep_presence(client)
         finally:
-            if self._subs or self._heard.is_set():
+            if self._present:
                 # Shutting down: a clean disconnect sends no Will, so withdraw here.
                 with contextlib.suppress(mqtt.MqttError, TimeoutError):
                     async with asyncio.timeout(2):
                         await client.publish(self._presence_topic, b"", qos=1, retain=True)
 
     async def _keep_presence(self, client: mqtt.Client) -> None:
-        present = False
+        subscribed = False
         while True:
             # Cleared before the work: a client arriving during it wakes the next round.
             self._presence_wake.clear()
             if self._subs:
-                if not present:
+                if not subscribed:
                     self._epoch += 1  # sequence numbers count from what comes now
                     await client.subscribe(streamevents.EVENTS_TOPIC, qos=0)
-                    present = True
+                    subscribed = True
+                    self._token = secrets.token_hex(8)
+                    self._heard.clear()
+                self._present = True
                 await client.publish(
                     self._presence_topic,
-                    b"1",
+                    self._token.encode(),
                     qos=1,
                     retain=True,
                     # A presence a dead process left behind runs out on its own.
@@ -290,10 +300,11 @@ class StreamHub:
                         client, expiry_seconds=streamevents.LISTENER_TTL_SECONDS
                     ),
                 )
-            elif present:
-                present = False
+            elif subscribed:
+                subscribed = False
                 self._heard.clear()
                 await client.publish(self._presence_topic, b"", qos=1, retain=True)
+                self._present = False
                 await client.unsubscribe(streamevents.EVENTS_TOPIC)
                 if self._subs:
                     continue
@@ -328,15 +339,31 @@ class StreamHub:
 
     async def _dispatch(self) -> None:
         while True:
-            epoch, from_broker, payload = await self._backlog.get()
+            epoch, source, payload = await self._backlog.get()
             self._backlog_bytes -= len(payload)
             try:
-                await self._dispatch_one(epoch, from_broker, payload)
+                await self._dispatch_one(epoch, source, payload)
             except Exception:  # one odd message must not end the stream
                 log.exception("could not dispatch stream events")
 
-    def _events(self, epoch: int, from_broker: bool, payload: bytes) -> list[dict[str, Any]] | None:
-        if not from_broker:
+    def _count_from(self, epoch: int) -> None:
+        """Sequence numbers seen in an earlier epoch say nothing about this one."""
+        if epoch != self._seqs_epoch:
+            self._seqs_epoch = epoch
+            self._seqs.clear()
+
+    def _take_heard(self, epoch: int, payload: bytes) -> None:
+        """An ingest answered a presence: count its messages from the number it gave."""
+        read = streamevents.read_heard(payload)
+        if read is None or read[2] != self._token:
+            return  # malformed, or the answer to an earlier presence
+        publisher, seq, _token = read
+        self._count_from(epoch)
+        self._seqs.setdefault(publisher, seq - 1)
+        self._heard.set()
+
+    def _events(self, epoch: int, source: Source, payload: bytes) -> list[dict[str, Any]] | None:
+        if source == "alarms":
             try:
                 events = orjson.loads(payload)
             except orjson.JSONDecodeError:
@@ -350,19 +377,23 @@ class StreamHub:
             log.warning("ignoring a malformed message on %s", streamevents.EVENTS_TOPIC)
             return None
         publisher, seq, events = read
-        if epoch != self._seqs_epoch:
-            self._seqs_epoch = epoch
-            self._seqs.clear()
+        self._count_from(epoch)
         last = self._seqs.get(publisher)
         self._seqs[publisher] = seq
-        if last is not None and seq > last + 1:
-            log.warning("stream events from %s lost: %d messages", publisher, seq - last - 1)
+        if last is not None and seq != last + 1:
+            if seq > last + 1:
+                log.warning("stream events from %s lost: %d messages", publisher, seq - last - 1)
+            else:
+                log.warning("stream publisher %s started again; events may be lost", publisher)
             self._close_all(1013, "the stream missed events on the way; reconnect", "gap")
         return events
 
-    async def _dispatch_one(self, epoch: int, from_broker: bool, payload: bytes) -> None:
+    async def _dispatch_one(self, epoch: int, source: Source, payload: bytes) -> None:
+        if source == "heard":
+            self._take_heard(epoch, payload)
+            return
         # Read even without clients: the sequence numbers must stay current.
-        events = self._events(epoch, from_broker, payload)
+        events = self._events(epoch, source, payload)
         if not events or not self._subs:
             return
         ids = {d for e in events if isinstance(d := e.get("device_id"), str)}
