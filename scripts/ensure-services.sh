@@ -3,8 +3,9 @@
 #   ensure-services.sh run   the broker (mosquitto) and what builds its auth plugin
 #                            (deploy/mosquitto/auth); the database is embedded
 #   ensure-services.sh test  the same, Node.js (TimescaleDB test), Chromium (dashboard
-#                            test), promtool (alert rules test), and PostgreSQL on
-#                            127.0.0.1:5432 when it is installed but stopped
+#                            test), promtool (alert rules test), what builds MicroPython
+#                            (firmware tests), and PostgreSQL on 127.0.0.1:5432 when it
+#                            is installed but stopped
 # Tests start their own mosquitto processes; when no PostgreSQL answers on
 # 127.0.0.1:5432 (and FLEETLINE_TEST_PG_URL is unset) they start an embedded one.
 set -euo pipefail
@@ -42,6 +43,18 @@ if [ "$mode" = test ]; then
   [ -x /usr/bin/chromium ] || apt_install chromium
   # promtool checks the Prometheus alert rules (deploy/prometheus).
   command -v promtool >/dev/null || apt_install prometheus
+  # scripts/build-micropython.sh (tests/firmware) builds MicroPython's unix port with gcc
+  # and make (above), pkg-config and python3; without the bundle beside the repository
+  # (../shared/vendor) it downloads the release, which takes curl and xz.
+  missing=()
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  command -v python3 >/dev/null || missing+=(python3)
+  [ -f /usr/include/stdio.h ] || missing+=(libc6-dev)
+  if [ ! -f "$(dirname "$0")/../../shared/vendor/micropython-1.28.0-bundle.tar.gz" ]; then
+    command -v curl >/dev/null || missing+=(curl ca-certificates)
+    command -v xz >/dev/null || missing+=(xz-utils)
+  fi
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
   if [ -z "${FLEETLINE_TEST_PG_URL:-}" ] && command -v pg_ctlcluster >/dev/null \
      && ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
     for version in $(ls /etc/postgresql 2>/dev/null); do

@@ -46,6 +46,7 @@ SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
 """
 # Minutes that ended at least the settle time ago (migrations/0020).
 ROLL_UP = "SELECT fleetline_roll_up($1, make_interval(secs => $2))"
+ROLLUP_BACKLOG = "SELECT extract(epoch FROM now() - min(minute))::float8 FROM rollup_pending"
 # At shutdown, how long the last committed batches may take to be announced.
 STREAM_FLUSH_SECONDS = 2.0
 # What ingest subscribed to before it took every topic under devices/, and the share
@@ -279,6 +280,8 @@ class Ingestor:
                     # long as the round took, so a roll-up never takes more than half of
                     # a core from the batches being written meanwhile.
                     await asyncio.sleep(time.monotonic() - started)
+                async with self.pool.acquire() as con:
+                    metrics.ROLLUP_BACKLOG.set(await con.fetchval(ROLLUP_BACKLOG) or 0.0)
             except Exception as exc:  # replicas racing on one hour, a restart: next round
                 log.warning("rollup round failed: %s", exc)
             await asyncio.sleep(self.settings.rollup_interval_seconds)

@@ -1,0 +1,101 @@
+"""Fixtures for the firmware on real MicroPython: the unix port built from source
+(scripts/build-micropython.sh, cached after the first build) and a broker that checks
+device keys with the project's auth plugin.
+
+A failed build fails the run: nothing here is skipped.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from fleetline import devicekeys
+from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = ROOT / "scripts" / "build-micropython.sh"
+# A first build takes about 30 s on 2 cores; a cached one returns at once.
+BUILD_TIMEOUT_SECONDS = 900
+
+# This module's device-key secret and the ingest's account on the broker.
+KEY_SECRET = secrets.token_bytes(32)
+INGEST_USER = "fleetline-ingest"
+SERVICES = {INGEST_USER: secrets.token_urlsafe(16)}
+
+# Lines for the end of the run (pytest_terminal_summary): what the firmware used.
+REPORT: list[str] = []
+
+
+@dataclass(frozen=True)
+class MicroPython:
+    """The built unix port: the interpreter, the compiler, and the folder that holds
+    micropython-lib's ``umqtt/simple.py`` (a MICROPYPATH entry)."""
+
+    micropython: Path
+    mpy_cross: Path
+    umqtt_simple: Path
+
+
+@pytest.fixture(scope="session")
+def micropython() -> MicroPython:
+    try:
+        result = subprocess.run(
+            [str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_SECONDS
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"{BUILD_SCRIPT} did not run: {exc}", pytrace=False)
+    if result.returncode != 0:
+        pytest.fail(
+            f"{BUILD_SCRIPT} failed with {result.returncode}:\n{result.stderr[-4000:]}",
+            pytrace=False,
+        )
+    lines = result.stdout.strip().splitlines()
+    if len(lines) < 2:
+        pytest.fail(f"{BUILD_SCRIPT} printed {result.stdout!r}, not two folders",
+                    pytrace=False)
+    bin_dir, umqtt_dir = Path(lines[-2]), Path(lines[-1])
+    built = MicroPython(bin_dir / "micropython", bin_dir / "mpy-cross", umqtt_dir)
+    for path in (built.micropython, built.mpy_cross, built.umqtt_simple / "umqtt/simple.py"):
+        if not path.is_file():
+            pytest.fail(f"{BUILD_SCRIPT} succeeded but {path} is missing", pytrace=False)
+    return built
+
+
+@pytest.fixture(scope="module")
+def auth_broker(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalMosquitto]:
+    """Mosquitto with fleetline's auth plugin: devices log in with keys derived from
+    KEY_SECRET (key_for), ingest with its service account (service_url)."""
+    auth = BrokerAuth(database_url=database_url, key_secret=KEY_SECRET, services=SERVICES)
+    with LocalMosquitto(tmp_path_factory.mktemp("mosquitto-firmware"), auth=auth) as server:
+        yield server
+
+
+def service_url(broker: LocalMosquitto, user: str = INGEST_USER) -> str:
+    return f"mqtt://{user}:{SERVICES[user]}@127.0.0.1:{broker.port}"
+
+
+def key_for(device_id: str, version: int = 1) -> str:
+    return devicekeys.derive_key(KEY_SECRET, device_id, version)
+
+
+async def add_device(db: asyncpg.Pool[Any], device_id: str, version: int = 1) -> str:
+    """Register ``device_id`` with key version ``version``; returns its key."""
+    await db.execute("INSERT INTO devices (id, key_version) VALUES ($1, $2)", device_id, version)
+    return key_for(device_id, version)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if REPORT:
+        terminalreporter.section("firmware on the MicroPython unix port")
+        for line in REPORT:
+            terminalreporter.write_line(line)
