@@ -2,7 +2,7 @@
 
 One module for every device fleetline ships code for: the ESP32 firmware runs it under
 MicroPython, the Raspberry Pi agent and the tests under CPython. So it imports only what
-MicroPython has (binascii, hashlib, json, random, time), uses no f-strings, `typing`,
+MicroPython has (binascii, gc, hashlib, json, random, time), uses no f-strings, `typing`,
 dataclasses or `from __future__` (MicroPython has no such module), keeps every buffer
 bounded, and talks to an MQTT client with umqtt.simple's API:
 ``MQTTClient(client_id, server, port, user, password, keepalive)``, ``set_last_will``,
@@ -17,7 +17,9 @@ What a :class:`Device` does, in its one thread:
   retained ``online`` (the API sends queued messages the moment it sees that);
 - takes a reading every ``interval_s`` (``{"ts": epoch ms, "values": {...}}``); readings
   that could not be sent wait in a bounded backlog and go out as JSON arrays once
-  connected again;
+  connected again, each array built in one buffer of its size (no joined copies), fewer
+  readings at a time after a MemoryError; a MemoryError is not a broken connection: the
+  connection and the readings are kept;
 - applies the desired twin (ignoring versions below one it applied) and reports what it
   applied as a merge patch; answers direct methods; acknowledges cloud-to-device messages,
   acting once on each id however often it is delivered;
@@ -30,6 +32,7 @@ PUBACK or SUBACK and is not re-entrant.
 """
 
 import binascii
+import gc
 import hashlib
 import json
 import random
@@ -43,9 +46,10 @@ TOKEN_TTL_S = 3600
 TOKEN_RENEW_BEFORE_S = 300
 KEEPALIVE_S = 60
 # Readings kept while they cannot be sent; the oldest are dropped first. Each is kept as
-# its JSON text (~60-120 bytes), so the default costs about 10 KB of RAM at most.
+# its JSON text in bytes (~45-120), so the default costs about 10 KB of RAM at most.
 BACKLOG_READINGS = 100
-# Readings per telemetry message when a backlog is sent (ingest takes up to 1000).
+# Readings per telemetry message when a backlog is sent (ingest takes up to 1000); halved
+# after each MemoryError while the backlog is sent, back to this once it is all out.
 BATCH_READINGS = 25
 # Cloud-to-device message ids remembered with their outcome, to act once on each.
 SEEN_C2D_IDS = 32
@@ -241,7 +245,8 @@ class Device:
         self.client = None
         self.stopping = False
         self.desired_version = -1
-        self.backlog = []
+        self.backlog = []  # each reading's JSON text, as bytes
+        self._batch_readings = BATCH_READINGS
         self._inbox = []
         self._seen_ids = []
         self._seen_outcomes = {}
@@ -257,6 +262,7 @@ class Device:
         self.readings_sent = 0
         self.readings_dropped = 0
         self.messages_dropped = 0
+        self.memory_errors = 0
         self.c2d_acted = 0
         self.last_error = None
 
@@ -270,6 +276,8 @@ class Device:
                 continue
             try:
                 self.step()
+            except MemoryError as exc:  # the heap's fault, not the connection's: keep it
+                self._short_of_memory(exc)
             except Exception as exc:  # the connection broke (OSError, MQTTException...)
                 self._drop(exc)
                 continue
@@ -391,6 +399,18 @@ class Device:
             self._close(client)
         self._wait(self._backoff_s())
 
+    def _short_of_memory(self, exc: BaseException) -> None:
+        """A MemoryError: the readings stay in the backlog and the connection stays up;
+        the garbage is collected and the backlog goes out in smaller batches."""
+        self.memory_errors += 1
+        self._batch_readings = max(1, self._batch_readings // 2)
+        gc.collect()
+        try:
+            self._log("fleetline: out of memory, batches of " + str(self._batch_readings)
+                      + " readings now: " + repr(exc))
+        except MemoryError:  # even the log line did not fit: it is counted
+            pass
+
     def _close(self, client: object) -> None:
         try:
             close = getattr(client, "close", None)
@@ -444,23 +464,71 @@ class Device:
         reading = {"values": values}
         if clock_valid():  # without a clock, ingest stamps it on arrival
             reading["ts"] = epoch_ms()
-        self.backlog.append(json.dumps(reading))
+        try:
+            text = json.dumps(reading).encode()
+        except MemoryError:
+            gc.collect()  # garbage is what usually fills the heap: once more
+            try:
+                text = json.dumps(reading).encode()
+            except MemoryError as exc:
+                self.readings_dropped += 1
+                self._short_of_memory(exc)
+                return
+        self.backlog.append(text)
         self.readings_taken += 1
         excess = len(self.backlog) - self.backlog_readings
         if excess > 0:
             del self.backlog[:excess]
             self.readings_dropped += excess
+        if self.client is None:
+            # Offline, the readings stay: collected now, the garbage of connection
+            # attempts does not leave holes between them, and the heap keeps room in one
+            # piece for the batches that send them.
+            gc.collect()
 
     def _send_backlog(self) -> None:
-        """One reading as an object, several as JSON arrays of up to BATCH_READINGS; a
-        reading leaves the backlog only once the broker acknowledged it."""
+        """One reading as an object, several as JSON arrays of up to BATCH_READINGS (fewer
+        after a MemoryError); a reading leaves the backlog only once the broker
+        acknowledged it. A batch that does not fit in the heap is not a broken
+        connection: it is tried again at half its size (a single reading needs no memory
+        at all) and the next flush starts at full size again."""
         while self.backlog and self.client is not None:
-            chunk = self.backlog[:BATCH_READINGS]
-            text = chunk[0] if len(chunk) == 1 else "[" + ",".join(chunk) + "]"
-            self.client.publish(self._telemetry_topic, text.encode(), retain=False, qos=1)
+            count = min(len(self.backlog), self._batch_readings)
+            try:
+                payload = self._payload(count)
+            except MemoryError as exc:
+                self._short_of_memory(exc)
+                continue
+            self.client.publish(self._telemetry_topic, payload, retain=False, qos=1)
+            payload = None  # collectable while the next one is built
             self._last_tx = _ticks_ms()
-            del self.backlog[: len(chunk)]
-            self.readings_sent += len(chunk)
+            del self.backlog[:count]
+            self.readings_sent += count
+        if not self.backlog:
+            self._batch_readings = BATCH_READINGS
+
+    def _payload(self, count: int) -> bytes | bytearray:
+        """The first ``count`` readings of the backlog as one message: the reading itself,
+        or a JSON array written into one bytearray of its exact size, the only copy (a
+        join, a concatenation and an encode would each make one)."""
+        backlog = self.backlog
+        if count == 1:
+            return backlog[0]
+        size = count + 1  # "[", "]" and the commas between
+        for i in range(count):
+            size += len(backlog[i])
+        gc.collect()  # room for the buffer: a backlog leaves the heap fragmented
+        payload = bytearray(size)
+        payload[0] = 0x5B  # [
+        at = 1
+        for i in range(count):
+            item = backlog[i]
+            payload[at : at + len(item)] = item
+            at += len(item)
+            payload[at] = 0x2C  # , (the last one is overwritten by the ])
+            at += 1
+        payload[size - 1] = 0x5D  # ]
+        return payload
 
     # -- from the cloud --------------------------------------------------------------
 

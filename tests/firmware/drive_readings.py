@@ -101,7 +101,7 @@ def main() -> int:
         before = device.readings_taken
         take_reading()
         if device.readings_taken > before:
-            print("reading " + device.backlog[-1])  # noqa: T201 - the test reads stdout
+            print("reading " + device.backlog[-1].decode())  # noqa: T201 - the test reads stdout
 
     device.take_reading = take_and_show
     device.run()
