@@ -159,22 +159,26 @@ def heard(publisher: str, seq: int, token: str) -> bytes:
     return orjson.dumps({"publisher": publisher, "seq": seq, "token": token})
 
 
-def read_heard(payload: bytes) -> tuple[str, int, str] | None:
+def _from_publisher(payload: bytes) -> tuple[str, int, dict[str, Any]] | None:
+    """(publisher, seq, the whole document) of what ingest published; None if malformed."""
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(doc, dict):
         return None
-    publisher, seq, token = doc.get("publisher"), doc.get("seq"), doc.get("token")
-    if (
-        isinstance(publisher, str)
-        and isinstance(seq, int)
-        and not isinstance(seq, bool)
-        and isinstance(token, str)
-    ):
-        return publisher, seq, token
-    return None
+    publisher, seq = doc.get("publisher"), doc.get("seq")
+    if not isinstance(publisher, str) or not isinstance(seq, int) or isinstance(seq, bool):
+        return None
+    return publisher, seq, doc
+
+
+def read_heard(payload: bytes) -> tuple[str, int, str] | None:
+    """(publisher, seq, token) of an answer made by :func:`heard`; None if malformed."""
+    read = _from_publisher(payload)
+    if read is None or not isinstance(token := read[2].get("token"), str):
+        return None
+    return read[0], read[1], token
 
 
 def message(publisher: str, seq: int, body: bytes) -> bytes:
@@ -185,21 +189,12 @@ def message(publisher: str, seq: int, body: bytes) -> bytes:
 
 def read_message(payload: bytes) -> tuple[str, int, list[dict[str, Any]]] | None:
     """(publisher, seq, events) of a message on :data:`EVENTS_TOPIC`; None if malformed."""
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
+    read = _from_publisher(payload)
+    if read is None:
         return None
-    if not isinstance(doc, dict):
-        return None
-    publisher, seq = doc.get("publisher"), doc.get("seq")
+    publisher, seq, doc = read
     rows, status = doc.get("rows", []), doc.get("status", [])
-    if (
-        not isinstance(publisher, str)
-        or not isinstance(seq, int)
-        or isinstance(seq, bool)
-        or not isinstance(rows, list)
-        or not isinstance(status, list)
-    ):
+    if not isinstance(rows, list) or not isinstance(status, list):
         return None
     try:
         events = telemetry_events(rows)

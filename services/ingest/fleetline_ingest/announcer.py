@@ -47,7 +47,7 @@ class StreamAnnouncer:
         self._queue: asyncio.Queue[_Batch | _Answer] = asyncio.Queue(maxsize=MAX_QUEUED_BATCHES)
         # The number of the next message; a number skipped tells subscribers of a loss.
         self._seq = 0
-        self._dropped_since_logged = 0
+        self._drop_logged = False  # a warning per run of losses, not per loss
 
     @property
     def listening(self) -> bool:
@@ -101,9 +101,9 @@ class StreamAnnouncer:
     def _dropped(self) -> None:
         self._seq += 1
         metrics.STREAM_MESSAGES.labels("dropped").inc()
-        if self._dropped_since_logged == 0:
+        if not self._drop_logged:
             log.warning("stream events dropped: the broker link is down or behind")
-        self._dropped_since_logged += 1
+            self._drop_logged = True
 
     async def flush(self, timeout: float) -> None:
         """At shutdown, after the last commit: publish what is queued (bounded)."""
@@ -142,7 +142,7 @@ class StreamAnnouncer:
                     self._seq += 1
                     await client.publish(streamevents.EVENTS_TOPIC, payload, qos=0)
                     metrics.STREAM_MESSAGES.labels("published").inc()
-            self._dropped_since_logged = 0
+            self._drop_logged = False
         except (mqtt.MqttError, TimeoutError) as exc:
             log.warning("could not publish stream events: %s", exc)
             if not answer:
