@@ -2,8 +2,8 @@
 
 Starts its own PostgreSQL (fleetline_dev.embedded.LocalPostgres) and the real API service
 (`python -m fleetline_cli api`), writes N days of readings for one device with binary COPY
-(the rollup trigger marks them as ingest's writes would), rolls them up with
-fleetline_roll_up(), then times GET /v1/devices/{id}/telemetry?bucket=1h over the whole
+(the rollup trigger adds them to their minutes and hours as ingest's writes would), then
+times GET /v1/devices/{id}/telemetry?bucket=1h over the whole
 range: aligned to the hour (answered from telemetry_1h) and shifted by one second
 (answered from raw rows). Both answers are checked equal before any timing is believed.
 
@@ -69,11 +69,6 @@ async def load(url: str, days: int, every: float) -> int:
             await con.copy_records_to_table(
                 "telemetry", records=records, columns=["series_id", "ts", "value", "value_text"]
             )
-        t0 = time.perf_counter()
-        marks = 0
-        while done := await con.fetchval("SELECT fleetline_roll_up(100000)"):
-            marks += done
-        log(f"rolled up {marks} (series, minute) marks in {time.perf_counter() - t0:.2f} s")
         await con.execute("VACUUM ANALYZE")
         return n
     finally:

@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from fleetline.settings import StorageSettings
 
 pytestmark = pytest.mark.integration
 PLAIN = StorageSettings(timescale="off")
+# The body of a function defined in migrations/functions/ (its five-argument form).
+SOURCE = "SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_apply_reported' AND pronargs = 5"
 
 
 @pytest.fixture
@@ -98,7 +101,7 @@ async def test_each_redefined_function_has_its_current_body_in_one_file(fresh_db
     con = await asyncpg.connect(fresh_db)
     await apply_migrations(con, PLAIN)
     definitions = load_definitions()
-    assert {d.name for d in definitions} >= {"fleetline_roll_up", "fleetline_apply_reported"}
+    assert {d.name for d in definitions} >= {"fleetline_apply_reported"}
     recorded = await con.fetch("SELECT name, checksum FROM schema_definitions")
     assert {r["name"]: r["checksum"] for r in recorded} == {d.name: d.checksum for d in definitions}
     for d in definitions:
@@ -116,18 +119,18 @@ async def test_a_changed_definition_is_applied_again(fresh_db: str, tmp_path: Pa
     con, edited = await migrated_then_edited(
         fresh_db,
         tmp_path,
-        "functions/fleetline_roll_up.sql",
+        "functions/fleetline_apply_reported.sql",
         lambda sql: sql.replace("BEGIN\n", "BEGIN\n    -- edited\n", 1).replace(
             "-- revision: 1", "-- revision: 2"
         ),
     )
     assert await apply_migrations(con, PLAIN, directory=edited) == []
-    src = await con.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_roll_up'")
+    src = await con.fetchval(SOURCE)
     assert "-- edited" in src
     checksums = {d.name: d.checksum for d in load_definitions(edited)}
     assert await con.fetchval(
-        "SELECT checksum FROM schema_definitions WHERE name = 'fleetline_roll_up'"
-    ) == checksums["fleetline_roll_up"]
+        "SELECT checksum FROM schema_definitions WHERE name = 'fleetline_apply_reported'"
+    ) == checksums["fleetline_apply_reported"]
     await con.close()
 
 
@@ -146,11 +149,49 @@ async def test_a_definition_is_never_silently_changed_or_downgraded(
     fresh_db: str, tmp_path: Path, edit: Callable[[str], str], refusal: str
 ) -> None:
     con, edited = await migrated_then_edited(
-        fresh_db, tmp_path, "functions/fleetline_roll_up.sql", edit
+        fresh_db, tmp_path, "functions/fleetline_apply_reported.sql", edit
     )
-    before = await con.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_roll_up'")
+    before = await con.fetchval(SOURCE)
     with pytest.raises(MigrationError, match=refusal):
         await apply_migrations(con, PLAIN, directory=edited)
-    after = await con.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_roll_up'")
+    after = await con.fetchval(SOURCE)
     assert after == before
+    await con.close()
+
+
+async def test_rollups_kept_by_marks_carry_over_exactly_when_they_become_incremental(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """Migration 0022: minutes still marked (settled or not) and those already rolled up
+    both end up equal to their raw rows, and later writes add to them."""
+    before = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), before)
+    for path in before.glob("*.sql"):
+        if int(path.name[:4]) >= 22:
+            path.unlink()
+    con = await asyncpg.connect(fresh_db)
+    await apply_migrations(con, PLAIN, directory=before)
+    sid = await con.fetchval(
+        "INSERT INTO series (device_id, metric) VALUES ('d', 'v') RETURNING id")
+    hour = await con.fetchval("SELECT date_trunc('hour', now()) - interval '3 hours'")
+    rows = [(sid, hour + timedelta(seconds=7 * i), float(i % 17), None) for i in range(900)]
+    cols = ["series_id", "ts", "value", "value_text"]
+    await con.copy_records_to_table("telemetry", records=rows[:600], columns=cols)
+    assert await con.fetchval("SELECT fleetline_roll_up(100000)") > 0
+    await con.copy_records_to_table("telemetry", records=rows[600:], columns=cols)
+    # The current minute, marked and not yet rolled up.
+    await con.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, now(), 1)", sid)
+    await apply_migrations(con, PLAIN)
+    await con.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, now(), 99)", sid)
+    for view, width in (("readings_1m", "1 minute"), ("readings_1h", "1 hour")):
+        raw = await con.fetch(
+            f"""SELECT date_bin('{width}', time, TIMESTAMPTZ '2000-01-01 00:00+00') AS bucket,
+                       count(*), max(value),
+                       (array_agg(value ORDER BY time DESC))[1] AS last
+                FROM readings GROUP BY 1 ORDER BY 1""")
+        rolled = await con.fetch(
+            f"SELECT bucket, count, max, last FROM {view} ORDER BY 1")
+        assert [(r["bucket"], r["count"], r["max"], r["last"]) for r in rolled] == [
+            (r["bucket"], r["count"], r["max"], r["last"]) for r in raw], view
+    assert await con.fetchval("SELECT to_regclass('rollup_pending')") is None
     await con.close()

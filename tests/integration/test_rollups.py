@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 
 from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import wait_rows
-from tests.support import Device, IngestProcess, wait_until
+from tests.support import Device, IngestProcess
 
 pytestmark = pytest.mark.integration
 
@@ -46,11 +45,6 @@ async def assert_rollups_equal_raw(db: asyncpg.Pool[Any], prefix: str) -> int:
     return compared
 
 
-async def roll_up(db: asyncpg.Pool[Any]) -> None:
-    while await db.fetchval("SELECT fleetline_roll_up(100000)"):
-        pass
-
-
 async def test_rollups_equal_raw_including_late_text_and_duplicate_readings(
     db: asyncpg.Pool[Any], uid: str
 ) -> None:
@@ -69,100 +63,77 @@ async def test_rollups_equal_raw_including_late_text_and_duplicate_readings(
                 rows.append((sid, ts, None, "open" if i % 3 else "shut"))
             else:
                 rows.append((sid, ts, float((i * 37 + ord(device)) % 101) - 50.0, None))
-    await db.executemany(
-        "INSERT INTO telemetry (series_id, ts, value, value_text) VALUES ($1, $2, $3, $4)", rows)
-    await roll_up(db)
+    # In statements of several sizes, as batches arrive.
+    for start, size in ((0, 1), (1, 7), (8, 500), (508, len(rows) - 508)):
+        await db.executemany(
+            "INSERT INTO telemetry (series_id, ts, value, value_text) VALUES ($1, $2, $3, $4)",
+            rows[start:start + size])
     assert await assert_rollups_equal_raw(db, uid) > 0
-    # Late readings into an old, rolled-up hour, plus a re-sent one (stored once).
-    late = [(ids["a", "temp"], base + timedelta(minutes=7, seconds=s), 1000.0 + s, None)
-            for s in (1, 2, 3)]
+    # Late readings into an old hour, one earlier than its minute's last value (it must
+    # not become `last`) and two later, plus a re-sent one (stored once, counted once).
+    sid = ids["a", "temp"]
+    late = [(sid, base + timedelta(minutes=7, seconds=s), 1000.0 + s, None) for s in (1, 50, 55)]
     async with db.acquire() as con:
         await con.copy_records_to_table("telemetry", records=late,
                                         columns=["series_id", "ts", "value", "value_text"])
         await con.execute(
             "INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 5) ON CONFLICT DO "
-            "NOTHING", ids["a", "temp"], base)
-    mine = ("SELECT count(*) FROM rollup_pending p JOIN series s ON s.id = p.series_id "
-            "WHERE s.device_id LIKE $1 || '%'")
-    assert await db.fetchval(mine, uid) >= 1
-    await roll_up(db)
-    assert await db.fetchval(mine, uid) == 0
+            "NOTHING", sid, base)
     assert await assert_rollups_equal_raw(db, uid) > 0
     peak = await db.fetchval(
         "SELECT max FROM readings_1h WHERE device_id = $1 AND metric = 'temp' AND bucket = $2",
         f"{uid}-a", base)
-    assert peak == 1003.0
+    assert peak == 1055.0
 
 
 async def test_ingest_keeps_rollups_current(
     start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
     db: asyncpg.Pool[Any], uid: str,
 ) -> None:
-    ingest = start_ingest(env={"FLEETLINE_INGEST_ROLLUP_INTERVAL_SECONDS": "0.2"})
+    start_ingest()
     base = datetime.now(UTC) - timedelta(hours=3)
     dev = Device(broker.url, f"{uid}-d")
     dev.publish_all([{"ts": (base + timedelta(seconds=30 * i)).isoformat(),
                       "values": {"t": i % 13, "fw": "1.0"}} for i in range(300)])
     assert await wait_rows(db, uid, 600) == 600
-    wait_until(lambda: ingest.metric("fleetline_ingest_rollup_minutes_total") >= 150,
-               what="rollups recomputed")
-    deadline = time.monotonic() + 20
-    # (Other tests' minutes of the last few seconds may still be pending: they settle.)
-    while await db.fetchval("SELECT count(*) FROM rollup_pending p JOIN series s "
-                            "ON s.id = p.series_id WHERE s.device_id LIKE $1 || '%'", uid):
-        assert time.monotonic() < deadline, "rollups never caught up"
-        await asyncio.sleep(0.1)
+    # Committed readings are in their rollups at once: nothing waits for a later round.
     assert await assert_rollups_equal_raw(db, uid) > 0
     dev.close()
 
 
-async def test_a_roll_up_does_not_consume_the_mark_of_an_uncommitted_batch(
+async def test_concurrent_writers_into_one_minute_both_count_and_a_rollback_adds_nothing(
     db: asyncpg.Pool[Any], uid: str
 ) -> None:
-    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
-    sid = await db.fetchval(
-        "INSERT INTO series (device_id, metric) VALUES ($1, 'v') RETURNING id", f"{uid}-m")
-    await db.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 1)",
-                     sid, hour)  # the hour is marked, not rolled up yet
-    async with db.acquire() as writer:
-        tx = writer.transaction()
+    """Two transactions writing into the same minutes (two ingest writers or replicas)
+    take the rollup rows in one order: the second waits for the first, no deadlock, and
+    both are counted; a transaction that rolls back leaves the rollups as they were."""
+    minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=2)
+    sids = [await db.fetchval(
+        "INSERT INTO series (device_id, metric) VALUES ($1, $2) RETURNING id", f"{uid}-c", m)
+        for m in ("x", "y")]
+    insert = "INSERT INTO telemetry (series_id, ts, value) SELECT unnest($1::int[]), $2, $3"
+    async with db.acquire() as first, db.acquire() as second:
+        tx1, tx2 = first.transaction(), second.transaction()
+        await tx1.start()
+        await tx2.start()
+        await first.execute(insert, sids, minute + timedelta(seconds=1), 1.0)
+        # The second writes the same series in the other order, into the same minute.
+        blocked = asyncio.ensure_future(
+            second.execute(insert, sids[::-1], minute + timedelta(seconds=2), 2.0))
+        await asyncio.sleep(0.3)
+        assert not blocked.done(), "the second writer should wait for the first's rows"
+        await first.execute(insert, sids, minute + timedelta(seconds=3), 3.0)
+        await tx1.commit()
+        await asyncio.wait_for(blocked, 10)
+        await tx2.commit()
+    async with db.acquire() as con:
+        tx = con.transaction()
         await tx.start()
-        await writer.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 2)",
-                             sid, hour + timedelta(seconds=30))  # the same minute: one mark
-        # A roll-up while that batch is open must leave the hour's mark for later.
-        await db.fetchval("SELECT fleetline_roll_up(100000)")
-        await tx.commit()
-    await roll_up(db)
-    count = await db.fetchval(
-        "SELECT count FROM readings_1h WHERE device_id = $1 AND bucket = $2", f"{uid}-m", hour)
-    assert count == 2
-
-
-async def test_a_roll_up_leaves_the_minutes_still_being_written(
-    db: asyncpg.Pool[Any], uid: str
-) -> None:
-    """Ingest's roll-ups take only settled minutes, so a batch writing into the current
-    minute never waits for one (it did: a stall at every roll-up under live load)."""
-    sid = await db.fetchval(
-        "INSERT INTO series (device_id, metric) VALUES ($1, 'v') RETURNING id", f"{uid}-s")
-    now = datetime.now(UTC)
-    old = now - timedelta(hours=2)
-    await db.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 1), "
-                     "($1, $3, 2)", sid, old, now)
-    async with db.acquire() as roller:
-        tx = roller.transaction()
-        await tx.start()
-        await roller.fetchval("SELECT fleetline_roll_up(100000, interval '10 seconds')")
-        # The roll-up holds what it took until it commits; the current minute is not among
-        # it, so this write does not wait.
-        await asyncio.wait_for(db.execute(
-            "INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 3)",
-            sid, now + timedelta(milliseconds=1)), 5)
-        await tx.commit()
-    marks = [r["minute"] for r in await db.fetch(
-        "SELECT minute FROM rollup_pending WHERE series_id = $1", sid)]
-    current = now.replace(second=0, microsecond=0)
-    assert marks and all(m >= current for m in marks), marks
-    assert await db.fetchval(
-        "SELECT count FROM readings_1m WHERE device_id = $1 AND bucket = $2",
-        f"{uid}-s", old.replace(second=0, microsecond=0)) == 1
+        await con.execute(insert, sids, minute + timedelta(seconds=4), 100.0)
+        await tx.rollback()
+    for sid in sids:
+        row = await db.fetchrow(
+            "SELECT count, sum, max, last FROM telemetry_1m WHERE series_id = $1 AND bucket = $2",
+            sid, minute)
+        assert dict(row) == {"count": 3, "sum": 6.0, "max": 3.0, "last": 3.0}
+    assert await assert_rollups_equal_raw(db, f"{uid}-c") > 0

@@ -384,7 +384,7 @@ async def test_rollups_are_continuous_aggregates_equal_to_raw(
     await con.execute("CALL refresh_continuous_aggregate('telemetry_1m', NULL, NULL)")
     await con.execute("CALL refresh_continuous_aggregate('telemetry_1h', NULL, NULL)")
     await assert_rollups_match(con, device_id)
-    assert await con.fetchval("SELECT fleetline_roll_up(10)") == 0
+    assert await con.fetchval("SELECT to_regprocedure('fleetline_add_to_rollups()')") is None
     retention = {
         r["hypertable_name"]: r["config"]["drop_after"]
         for r in await con.fetch(

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,9 +43,6 @@ SELECT CASE WHEN pg_try_advisory_xact_lock(hashtext('fleetline.maintain'))
             THEN fleetline_maintain($1::text::interval, $2)
                  + fleetline_expire_rollups($3::text::interval, $4::text::interval) END
 """
-# Minutes that ended at least the settle time ago (migrations/0020).
-ROLL_UP = "SELECT fleetline_roll_up($1, make_interval(secs => $2))"
-ROLLUP_BACKLOG = "SELECT extract(epoch FROM now() - min(minute))::float8 FROM rollup_pending"
 # At shutdown, how long the last committed batches may take to be announced.
 STREAM_FLUSH_SECONDS = 2.0
 # What ingest subscribed to before it took every topic under devices/, and the share
@@ -60,11 +56,6 @@ PREVIOUS_TOPICS = (
     f"{TOPIC_ROOT}/+/{C2D_ACK}",
 )
 PREVIOUS_SHARE_GROUP = "ingest"
-
-
-async def _idle() -> None:
-    """For a loop with nothing to do here: run() takes a loop that returns for a failure."""
-    await asyncio.Event().wait()
 
 
 class Ingestor:
@@ -259,33 +250,6 @@ class Ingestor:
                 log.warning("storage maintenance failed: %s", exc)
             await asyncio.sleep(self.settings.maintenance_interval_seconds)
 
-    async def rollup_loop(self) -> None:
-        """Recompute the rollups of the minutes that received readings (plain PostgreSQL)."""
-        per_round = self.settings.rollup_marks_per_round
-        async with self.pool.acquire() as con:
-            if await con.fetchval("SELECT timescale FROM storage_config"):
-                await _idle()  # continuous aggregates refresh themselves
-        while True:
-            try:
-                while True:
-                    started = time.monotonic()
-                    async with self.pool.acquire() as con:
-                        done = await con.fetchval(
-                            ROLL_UP, per_round, self.settings.rollup_settle_seconds
-                        )
-                    metrics.ROLLUP_MINUTES.inc(done)
-                    if done < per_round:
-                        break
-                    # More is due (a minute of the whole fleet settles at once): pause as
-                    # long as the round took, so a roll-up never takes more than half of
-                    # a core from the batches being written meanwhile.
-                    await asyncio.sleep(time.monotonic() - started)
-                async with self.pool.acquire() as con:
-                    metrics.ROLLUP_BACKLOG.set(await con.fetchval(ROLLUP_BACKLOG) or 0.0)
-            except Exception as exc:  # replicas racing on one hour, a restart: next round
-                log.warning("rollup round failed: %s", exc)
-            await asyncio.sleep(self.settings.rollup_interval_seconds)
-
     async def ready(self) -> bool:
         return self.consumer.subscribed and await db.answers(self.pool)
 
@@ -299,7 +263,6 @@ class Ingestor:
         ]
         upkeep = [
             asyncio.create_task(self.maintenance_loop(), name="ingest.maintenance"),
-            asyncio.create_task(self.rollup_loop(), name="ingest.rollup"),
         ]
         # Kept through shutdown until the last batches are announced.
         stream = [

@@ -43,16 +43,6 @@ PAUSED = Gauge(
     "fleetline_ingest_paused", "1 while reading from the broker is paused (backpressure)"
 )
 CONNECTED = Gauge("fleetline_ingest_mqtt_connected", "1 while connected to the broker")
-ROLLUP_MINUTES = Counter(
-    "fleetline_ingest_rollup_minutes_total",
-    "(series, minute) pairs whose rollups were recomputed",
-)
-ROLLUP_BACKLOG = Gauge(
-    "fleetline_ingest_rollup_backlog_seconds",
-    "Age of the oldest minute still waiting for its roll-up (plain PostgreSQL; 0: none). "
-    "Minutes settle for FLEETLINE_INGEST_ROLLUP_SETTLE_SECONDS first, so about 70-80 s is "
-    "normal; a steady rise means roll-ups fall behind",
-)
 BROKER_DROPPED = Gauge(
     "fleetline_broker_dropped_messages",
     "Messages the broker dropped since it started, for lack of queue space "

@@ -39,18 +39,6 @@ class IngestSettings(ConsumerSettings):
     seen_resolution_seconds: float = Field(default=5.0, ge=0)
     # How often to create partitions ahead and drop expired ones (plain PostgreSQL).
     maintenance_interval_seconds: float = Field(default=3600.0, ge=1)
-    # How often to bring the minute and hour rollups up to date (plain PostgreSQL), and
-    # how many marked (series, minute) pairs one statement recomputes. When more are due,
-    # rounds follow each other with a pause as long as the last round took: a minute of
-    # the whole fleet is rolled up in small steps instead of one burst that stalls the
-    # batches being written (bench/ingest.py at about 150,000 readings/s: p99
-    # publish-to-queryable 1,149 -> 451 ms).
-    rollup_interval_seconds: float = Field(default=5.0, ge=0.1)
-    rollup_marks_per_round: int = Field(default=100, ge=1, le=1_000_000)
-    # A minute is rolled up once it ended this long ago: the minutes still being written
-    # are left alone, so a roll-up never holds up a batch (the API reads pending minutes
-    # from raw rows meanwhile).
-    rollup_settle_seconds: float = Field(default=10.0, ge=0, le=3600)
     # Publish each committed batch's readings and status changes on the broker for the
     # API's live /v1/stream (only while an API process has stream clients).
     stream_events: bool = True

@@ -50,41 +50,17 @@ GROUP BY 1, 2 ORDER BY 1, 2
 """
 
 
-# Rollup rows in range, except the hours still pending, plus those hours from raw rows;
-# then the same buckets and aggregates as from raw rows. As buckets_from_raw, and $7 the
-# rollup's granularity.
+# Rollup rows in range (kept current as readings are written: migrations/0022), then the
+# same buckets and aggregates as from raw rows. As buckets_from_raw.
 FROM_ROLLUPS = """
-WITH chosen AS (
-    SELECT id, metric FROM series
-    WHERE device_id = $1 AND ($2::text[] IS NULL OR metric = ANY($2))
-),
-pending AS (  -- hours holding a minute whose rollup is behind its raw rows
-    SELECT DISTINCT p.series_id, date_bin(INTERVAL '1 hour', p.minute, $6) AS hour
-    FROM rollup_pending p JOIN chosen c ON c.id = p.series_id
-    WHERE p.minute >= $3::timestamptz - INTERVAL '1 hour' AND p.minute < $4::timestamptz
-),
-parts AS (
-    SELECT r.series_id, r.bucket, r.count, r.value_count, r.sum, r.min, r.max, r.last
-    FROM {table} r JOIN chosen c ON c.id = r.series_id
-    WHERE r.bucket >= $3 AND r.bucket < $4
-      AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.series_id = r.series_id
-                      AND p.hour = date_bin(INTERVAL '1 hour', r.bucket, $6))
-    UNION ALL
-    SELECT t.series_id, date_bin($7::interval, t.ts, $6), count(*), count(t.value),
-           sum(t.value), min(t.value), max(t.value),
-           (array_agg(t.value ORDER BY t.ts DESC) FILTER (WHERE t.value IS NOT NULL))[1]
-    FROM telemetry t
-    JOIN pending p ON t.series_id = p.series_id
-                  AND t.ts >= p.hour AND t.ts < p.hour + INTERVAL '1 hour'
-    WHERE t.ts >= $3 AND t.ts < $4
-    GROUP BY 1, 2
-)
-SELECT date_bin($5::interval, x.bucket, $6) AS bucket, c.metric,
-       sum(x.count)::bigint AS count,
-       sum(x.sum) / nullif(sum(x.value_count), 0) AS avg,
-       min(x.min) AS min, max(x.max) AS max,
-       (array_agg(x.last ORDER BY x.bucket DESC) FILTER (WHERE x.last IS NOT NULL))[1] AS last
-FROM parts x JOIN chosen c ON c.id = x.series_id
+SELECT date_bin($5::interval, r.bucket, $6) AS bucket, s.metric,
+       sum(r.count)::bigint AS count,
+       sum(r.sum) / nullif(sum(r.value_count), 0) AS avg,
+       min(r.min) AS min, max(r.max) AS max,
+       (array_agg(r.last ORDER BY r.bucket DESC) FILTER (WHERE r.last IS NOT NULL))[1] AS last
+FROM series s JOIN {table} r ON r.series_id = s.id
+WHERE s.device_id = $1 AND ($2::text[] IS NULL OR s.metric = ANY($2))
+  AND r.bucket >= $3 AND r.bucket < $4
 GROUP BY 1, 2 ORDER BY 1, 2
 """
 

@@ -107,7 +107,7 @@ ROLLUPS: tuple[tuple[Source, timedelta], ...] = (
 
 def _rollup_for(
     bucket: timedelta, start: datetime, end: datetime, horizons: dict[str, timedelta]
-) -> tuple[Source, timedelta] | None:
+) -> Source | None:
     """The coarsest rollup whose buckets tile the request exactly and that still holds
     the whole range (rollups are kept for their own retention), if any."""
     now = datetime.now(UTC)
@@ -116,7 +116,7 @@ def _rollup_for(
             continue
         if start < now - horizons.get(table, timedelta(0)):
             continue
-        return table, granularity
+        return table
     return None
 
 
@@ -231,9 +231,8 @@ async def _aggregates(
     if source is None:
         rows = await pool.fetch(sql.buckets_from_raw(aggs), *args)
     else:
-        table, granularity = source
-        rows = await pool.fetch(sql.buckets_from_rollup(table), *args, granularity)
-    used: Source = source[0] if source is not None else "telemetry"
+        rows = await pool.fetch(sql.buckets_from_rollup(source), *args)
+    used: Source = source if source is not None else "telemetry"
     return Aggregates(
         bucket_seconds=width,
         source=used,
