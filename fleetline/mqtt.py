@@ -149,7 +149,18 @@ def make_client(
         keepalive=keepalive_seconds,
         timeout=10,
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)] if nodelay else (),
+        tls_context=tls_context(target),
     )
+
+
+def tls_context(target: MqttTarget) -> ssl.SSLContext | None:
+    """For an ``mqtts://`` target: TLS 1.2 or later, the server's certificate and host
+    name verified against the target's CA file (else the system's CAs)."""
+    if not target.tls:
+        return None
+    context = ssl.create_default_context(cafile=target.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def topic_name_problem(topic: str) -> str | None:

@@ -17,31 +17,49 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/fleetline"
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
+MQTT_PORT = 1883
+MQTTS_PORT = 8883
 
 MqttProtocol = Literal["auto", "5", "3.1.1"]
 
 
 class MqttTarget(BaseModel):
-    """Where the broker is, parsed from ``mqtt://user:pass@host:port``."""
+    """Where the broker is, parsed from ``mqtt://user:pass@host:port`` or, over TLS,
+    ``mqtts://...`` (the server verified against ``ca_file``, else the system's CAs)."""
 
     host: str
     port: int
     username: str | None = None
     password: SecretStr | None = None
+    tls: bool = False
+    ca_file: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL without credentials: what a log line or a device may be shown."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
-def parse_mqtt_url(url: str) -> MqttTarget:
+def parse_mqtt_url(url: str, *, ca_file: str | None = None) -> MqttTarget:
     parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "tcp"):
-        raise ValueError(f"MQTT URL must start with mqtt://, got {url!r}")
+    if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
+        raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
     if not parts.hostname:
         raise ValueError(f"MQTT URL has no host: {url!r}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"MQTT URL has an invalid port: {url!r}") from exc
+    tls = parts.scheme in ("mqtts", "ssl")
     password = SecretStr(unquote(parts.password)) if parts.password else None
     return MqttTarget(
         host=parts.hostname,
-        port=parts.port or 1883,
+        port=port or (MQTTS_PORT if tls else MQTT_PORT),
         username=unquote(parts.username) if parts.username else None,
         password=password,
+        tls=tls,
+        ca_file=ca_file if tls else None,
     )
 
 
@@ -61,6 +79,9 @@ class ServiceSettings(BaseSettings):
         default=SecretStr(DEFAULT_MQTT_URL), validation_alias=_shared("MQTT_URL")
     )
     mqtt_protocol: MqttProtocol = Field(default="auto", validation_alias=_shared("MQTT_PROTOCOL"))
+    # With an mqtts:// URL, the CA file the broker's certificate is verified against
+    # (empty: the system's CAs).
+    mqtt_ca_file: str | None = Field(default=None, validation_alias=_shared("MQTT_CA_FILE"))
     # Seconds between keepalive pings of the services' broker connections; a broker that
     # stops answering is noticed within twice this (while a consumer's reads are paused
     # for backpressure, only once a ping cannot be sent, or on resume).
@@ -90,7 +111,7 @@ class ServiceSettings(BaseSettings):
 
     @property
     def mqtt(self) -> MqttTarget:
-        return parse_mqtt_url(self.mqtt_url.get_secret_value())
+        return parse_mqtt_url(self.mqtt_url.get_secret_value(), ca_file=self.mqtt_ca_file)
 
     @property
     def dsn(self) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
@@ -285,6 +286,154 @@ def device_connection_string(
     except devicekeys.DeviceKeyError as exc:
         raise typer.BadParameter(str(exc), param_hint="--key") from None
     typer.echo(devicekeys.connection_string(host=host, port=port, device_id=device_id, key=key))
+
+
+firmware_app = typer.Typer(
+    help="The device application for ESP32 boards (firmware/README.md).", no_args_is_help=True
+)
+app.add_typer(firmware_app, name="firmware")
+
+
+@contextmanager
+def _firmware_errors() -> Iterator[None]:
+    from fleetline_cli.firmware import FirmwareError
+
+    try:
+        yield
+    except FirmwareError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@firmware_app.command("build")
+def firmware_build(
+    board: Annotated[str, typer.Option(help="The board: esp32.")] = "esp32",
+    out: Annotated[
+        Path | None, typer.Option(help="Folder to write (default: build/firmware-BOARD).")
+    ] = None,
+    mpy_cross: Annotated[
+        str | None,
+        typer.Option(envvar="FLEETLINE_MPY_CROSS", help="mpy-cross to compile with."),
+    ] = None,
+) -> None:
+    """Compile the application into a folder ready to copy to the board."""
+    from fleetline_cli import firmware
+
+    folder = out or Path("build") / f"firmware-{board}"
+    with _firmware_errors():
+        built = firmware.build(board, folder, mpy_cross=mpy_cross)
+    typer.echo(f"{built.compiler}")
+    for path in built.files:
+        typer.echo(f"  {path}  {path.stat().st_size:,} bytes")
+    typer.echo(f"{len(built.files)} files, {built.size:,} bytes in {folder}")
+
+
+@firmware_app.command("config")
+def firmware_config(
+    device_id: str,
+    wifi_ssid: Annotated[str, typer.Option(help="The Wi-Fi the board joins.")],
+    wifi_password: Annotated[
+        str, typer.Option(envvar="FLEETLINE_WIFI_PASSWORD", prompt=True, hide_input=True)
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Folder to write (default: build/config-DEVICE_ID).")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(envvar="FLEETLINE_DEVICE_KEY", help="The device's key.")
+    ] = None,
+    renew: Annotated[bool, typer.Option(help="Issue a new key over the API and use it.")] = False,
+    mqtt_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLEETLINE_API_DEVICE_MQTT_URL",
+            help="Where devices reach the broker (with --key), e.g. mqtts://broker:8883.",
+        ),
+    ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLEETLINE_DEVICE_CA_FILE",
+            help="The CA certificate that signed the broker's (`fleetline up` prints it).",
+        ),
+    ] = None,
+    plain: Annotated[
+        bool, typer.Option(help="No TLS: the key or token crosses the network in clear.")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between readings.")] = 10.0,
+) -> None:
+    """Write a board's config_local.py (and its CA file) for DEVICE_ID. fleetline never
+    returns a key twice: give the key you were shown (--key) or issue a new one (--renew)."""
+    from fleetline import devicekeys
+    from fleetline.settings import parse_mqtt_url
+    from fleetline_cli import firmware
+
+    if ca_file is None and not plain:
+        raise typer.BadParameter(
+            "give the broker's CA certificate (--ca-file) or --plain for MQTT without TLS",
+            param_hint="--ca-file",
+        )
+    if renew:
+        connection_string = _api("POST", f"/v1/devices/{device_id}/key")["connection_string"]
+    elif key:
+        if not mqtt_url:
+            raise typer.BadParameter(
+                "with --key, say where devices reach the broker", param_hint="--mqtt-url"
+            )
+        try:
+            devicekeys.fingerprint(key)
+            target = parse_mqtt_url(mqtt_url)
+        except (devicekeys.DeviceKeyError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+        connection_string = devicekeys.connection_string(
+            host=target.host, port=target.port, device_id=device_id, key=key
+        )
+    else:
+        raise typer.BadParameter("give --key (the key is shown only once) or --renew")
+    folder = out or Path("build") / f"config-{device_id}"
+    with _firmware_errors():
+        written = firmware.write_config(
+            folder,
+            connection_string=connection_string,
+            wifi_ssid=wifi_ssid,
+            wifi_password=wifi_password,
+            ca_source=None if plain else ca_file,
+            interval_s=interval,
+        )
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+@firmware_app.command("flash")
+def firmware_flash(
+    port: Annotated[str, typer.Option(help="The board's serial port, e.g. /dev/ttyUSB0.")],
+    build: Annotated[Path, typer.Option(help="A `firmware build` folder.")] = Path(
+        "build/firmware-esp32"
+    ),
+    config: Annotated[Path | None, typer.Option(help="A `firmware config` folder.")] = None,
+    mpremote: Annotated[str, typer.Option(help="mpremote to run.")] = "mpremote",
+    dry_run: Annotated[bool, typer.Option(help="Print the mpremote command only.")] = False,
+) -> None:
+    """Copy the application (and a device's config) to a board with mpremote, then
+    reset it. MicroPython itself is flashed with esptool (firmware/README.md)."""
+    import shlex
+    import shutil
+    import subprocess
+
+    from fleetline_cli import firmware
+
+    files = sorted(p for p in build.glob("*") if p.suffix in (".mpy", ".py"))
+    if not files:
+        raise typer.BadParameter(f"{build} holds no build (run `fleetline firmware build`)")
+    if config is not None:
+        files += sorted(p for p in config.glob("*") if p.is_file())
+    command = firmware.flash_command(port, files, mpremote=mpremote)
+    if dry_run:
+        typer.echo(shlex.join(command))
+        return
+    if shutil.which(mpremote) is None:
+        typer.echo(f"error: {mpremote} not found (pip install mpremote)", err=True)
+        raise typer.Exit(1)
+    raise typer.Exit(subprocess.run(command, check=False).returncode)
 
 
 @device_app.command("list")

@@ -28,9 +28,12 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Protocol, Self
+from typing import IO, TYPE_CHECKING, Any, Protocol, Self
 
 from fleetline.files import project_path
+
+if TYPE_CHECKING:
+    from fleetline_dev.certs import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -678,7 +681,7 @@ class BrokerAuth:
         return "\n".join(lines) + "\n"
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path``, readable by its owner only (mode 0600)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
@@ -708,10 +711,16 @@ class LocalMosquitto(_LocalServer):
         port: int | None = None,
         extra_config: str = "",
         auth: BrokerAuth | None = None,
+        tls: TlsFiles | None = None,
+        tls_port: int | None = None,
+        tls_bind: str = "127.0.0.1",
     ) -> None:
         super().__init__(data_dir, port=port, log_name="mosquitto.log")
         self.extra_config = extra_config
         self.auth = auth
+        self.tls = tls
+        self.tls_port = (tls_port or free_port()) if tls is not None else None
+        self.tls_bind = tls_bind
         self.conf_path = self.data_dir / "mosquitto.conf"
         self.key_secret_path = self.data_dir / "device-key-secret"
         self.services_path = self.data_dir / "mqtt-services"
@@ -719,6 +728,13 @@ class LocalMosquitto(_LocalServer):
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        """The TLS listener on loopback (its certificate names 127.0.0.1)."""
+        if self.tls_port is None:
+            raise EmbeddedError("this broker has no TLS listener")
+        return f"mqtts://127.0.0.1:{self.tls_port}"
 
     def config_text(self) -> str:
         conf = project_path(PROJECT_MOSQUITTO_CONF)
@@ -733,6 +749,18 @@ class LocalMosquitto(_LocalServer):
             "",
             "# Local broker for development and tests.",
             f"listener {self.port} 127.0.0.1",
+        ]
+        if self.tls is not None:
+            # Devices' listener: TLS 1.2 or later with the server certificate; the CA is
+            # the one devices are given (and, later, the one client certificates chain to).
+            lines += [
+                f"listener {self.tls_port} {self.tls_bind}",
+                f"cafile {self.tls.ca_cert}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+                "tls_version tlsv1.2",
+            ]
+        lines += [
             f"persistence_location {self.data_dir}/",
             f"log_dest file {self.log_path}",
         ]
@@ -767,12 +795,13 @@ class LocalMosquitto(_LocalServer):
                 "mosquitto is not installed: install the Debian package `mosquitto` "
                 "(apt-get install mosquitto; `make run` does it)"
             )
-        if not port_is_free(self.port):
-            raise EmbeddedError(f"port {self.port} on 127.0.0.1 is already in use")
+        for taken in (self.port, self.tls_port):
+            if taken is not None and not port_is_free(taken):
+                raise EmbeddedError(f"port {taken} on 127.0.0.1 is already in use")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.auth is not None:
-            _write_private(self.key_secret_path, self.auth.key_secret)
-            _write_private(self.services_path, self.auth.services_text().encode())
+            write_private(self.key_secret_path, self.auth.key_secret)
+            write_private(self.services_path, self.auth.services_text().encode())
         self.conf_path.write_text(self.config_text())
         self._spawn([binary, "-c", str(self.conf_path)])
 

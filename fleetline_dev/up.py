@@ -16,6 +16,7 @@ import os
 import secrets
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,7 +30,8 @@ from fleetline import devicekeys
 from fleetline.db import close_connection
 from fleetline.logs import setup_logging
 from fleetline.migrate import MigrationError, migrate
-from fleetline.settings import ServiceSettings, StorageSettings, parse_mqtt_url
+from fleetline.settings import MqttTarget, ServiceSettings, StorageSettings, parse_mqtt_url
+from fleetline_dev.certs import ensure_local_ca, machine_names, outward_address
 from fleetline_dev.embedded import (
     BrokerAuth,
     EmbeddedError,
@@ -46,9 +48,14 @@ log = logging.getLogger(__name__)
 SERVICES = ("ingest", "api", "rules")
 POSTGRES_PORT = 54329
 MOSQUITTO_PORT = 18830
+# The devices' listener: MQTT over TLS, on every interface so boards on the network reach it.
+MOSQUITTO_TLS_PORT = 8883
 DATABASE = "fleetline"
-API_URL = "http://127.0.0.1:8000"
+API_PORT = 8000
 INGEST_HTTP_PORT = 9101
+RULES_HTTP_PORT = 9103
+# The banner waits this long for the services to answer /readyz.
+SERVICES_READY_TIMEOUT_SECONDS = 60.0
 SERVICE_STOP_TIMEOUT_SECONDS = 20.0
 SIMULATOR_STOP_TIMEOUT_SECONDS = 10.0
 # The simulator starts once ingest is subscribed (its /readyz), so the first readings
@@ -155,6 +162,7 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                 _say(f"error: database {_redact(database_url)}: {exc}", err=True)
                 return 1
             service_urls: dict[str, str] = {}
+            devices_target = None
             if not mqtt_url:
                 # After the migrations: the broker's auth plugin reads the device registry.
                 # Devices log in with their keys, each service with its own account.
@@ -164,11 +172,27 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                     key_secret.encode(),
                     services={f"fleetline-{name}": pw for name, pw in passwords.items()},
                 )
+                # Services use the plain listener on loopback; devices the TLS one,
+                # verifying it against this data directory's own CA.
+                try:
+                    tls = ensure_local_ca(base / "tls", machine_names())
+                except (OSError, ValueError) as exc:
+                    raise EmbeddedError(f"cannot make the broker's TLS certificate: {exc}") from exc
                 broker = LocalMosquitto(
-                    base / "mosquitto", port=_pick_port(MOSQUITTO_PORT), auth=auth
+                    base / "mosquitto",
+                    port=_pick_port(MOSQUITTO_PORT),
+                    auth=auth,
+                    tls=tls,
+                    tls_port=_pick_port(MOSQUITTO_TLS_PORT),
+                    tls_bind="0.0.0.0",
                 )
                 servers.enter_context(broker)
                 mqtt_url = broker.url
+                devices_target = DevicesEndpoint(
+                    url=f"mqtts://{device_host()}:{broker.tls_port}",
+                    local_url=broker.tls_url,
+                    ca_file=str(tls.ca_cert),
+                )
                 service_urls = {
                     name: f"mqtt://fleetline-{name}:{pw}@127.0.0.1:{broker.port}"
                     for name, pw in passwords.items()
@@ -179,6 +203,7 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                     database_url,
                     mqtt_url,
                     service_urls=service_urls,
+                    devices_target=devices_target,
                     key_secret=key_secret,
                     sim_keys=sim_keys,
                     devices=devices,
@@ -198,11 +223,32 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
             signal.signal(sig, handler)
 
 
-def _child_env(database_url: str, mqtt_url: str, key_secret: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class DevicesEndpoint:
+    """Where devices reach the embedded broker: ``url`` for devices on the network (in
+    connection strings), ``local_url`` for the simulator on this machine, and the CA
+    file both verify the broker against."""
+
+    url: str
+    local_url: str
+    ca_file: str
+
+
+def device_host() -> str:
+    """The address devices on the network use for this machine (else loopback)."""
+    return outward_address() or "127.0.0.1"
+
+
+def _child_env(
+    database_url: str, mqtt_url: str, key_secret: str, devices: DevicesEndpoint | None
+) -> dict[str, str]:
     env = dict(os.environ)
     env["FLEETLINE_DATABASE_URL"] = database_url
     env["FLEETLINE_MQTT_URL"] = mqtt_url
     env["FLEETLINE_DEVICE_KEY_SECRET"] = key_secret
+    if devices is not None:
+        # Connection strings name the TLS listener.
+        env.setdefault("FLEETLINE_API_DEVICE_MQTT_URL", devices.url)
     if sys.stderr.isatty():
         env.setdefault("FLEETLINE_LOG_FORMAT", "console")
     return env
@@ -241,6 +287,30 @@ async def _wait_ingest_ready(port: int, stop: asyncio.Event) -> None:
         "ingest is not ready after %.0f s; starting the simulator anyway",
         INGEST_READY_TIMEOUT_SECONDS,
     )
+
+
+async def _wait_services_ready(
+    ports: dict[str, int], exits: dict[asyncio.Task[int], str], stop: asyncio.Event
+) -> None:
+    """Until every service answers ``/readyz`` (or one exits, or we are stopped); past
+    SERVICES_READY_TIMEOUT_SECONDS, say which are not ready and go on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SERVICES_READY_TIMEOUT_SECONDS
+    waiting = dict(ports)
+    while waiting and not stop.is_set() and not any(task.done() for task in exits):
+        for name, port in list(waiting.items()):
+            if await _http_ok(port, "/readyz"):
+                del waiting[name]
+        if not waiting:
+            return
+        if loop.time() > deadline:
+            log.warning(
+                "not ready after %.0f s: %s",
+                SERVICES_READY_TIMEOUT_SECONDS,
+                ", ".join(sorted(waiting)),
+            )
+            return
+        await asyncio.sleep(0.25)
 
 
 async def _register_simulated(
@@ -288,7 +358,7 @@ async def _register_simulated(
 
 
 async def _start_simulator(
-    mqtt_url: str,
+    target: MqttTarget,
     *,
     keys: dict[str, str],
     devices: int,
@@ -300,7 +370,7 @@ async def _start_simulator(
     if stop.is_set():
         return
     await run_fleet(
-        parse_mqtt_url(mqtt_url),
+        target,
         devices=devices,
         interval_seconds=interval_seconds,
         stop=stop,
@@ -313,6 +383,7 @@ async def _supervise(
     mqtt_url: str,
     *,
     service_urls: dict[str, str],
+    devices_target: DevicesEndpoint | None,
     key_secret: str,
     sim_keys: dict[str, str],
     devices: int,
@@ -331,8 +402,14 @@ async def _supervise(
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
 
-    env = _child_env(database_url, mqtt_url, key_secret)
+    env = _child_env(database_url, mqtt_url, key_secret, devices_target)
     ingest_port = int(env.get("FLEETLINE_INGEST_HTTP_PORT") or INGEST_HTTP_PORT)
+    api_url = f"http://127.0.0.1:{int(env.get('FLEETLINE_API_PORT') or API_PORT)}"
+    sim_target = (
+        parse_mqtt_url(devices_target.local_url, ca_file=devices_target.ca_file)
+        if devices_target is not None
+        else parse_mqtt_url(mqtt_url)
+    )
     procs: dict[str, asyncio.subprocess.Process] = {}
     exits: dict[asyncio.Task[int], str] = {}
     sim_stop = asyncio.Event()
@@ -359,16 +436,30 @@ async def _supervise(
             exits[asyncio.create_task(proc.wait(), name=f"up.wait[{name}]")] = name
             log.info("started %s (pid %d)", name, proc.pid)
 
+        # The banner once the services answer, so what it names can be used at once.
+        service_ports = {
+            "api": int(env.get("FLEETLINE_API_PORT") or API_PORT),
+            "ingest": ingest_port,
+            "rules": int(env.get("FLEETLINE_RULES_HTTP_PORT") or RULES_HTTP_PORT),
+        }
+        await _wait_services_ready(service_ports, exits, stop)
         fleet = (
             f"{devices} simulated, one reading every {interval_seconds:g} s"
             if devices > 0
             else "none simulated (--devices 0)"
         )
+        broker_lines = (
+            f"  broker    {_redact(mqtt_url)} (services)\n"
+            f"            {devices_target.url} (devices: TLS, verify with the CA file\n"
+            f"            {devices_target.ca_file})\n"
+            if devices_target is not None
+            else f"  broker    {_redact(mqtt_url)}\n"
+        )
         _say(
             "\nfleetline is up\n"
             f"  database  {_redact(database_url)}\n"
-            f"  broker    {_redact(mqtt_url)}\n"
-            f"  API       {API_URL} (docs at {API_URL}/docs)\n"
+            f"{broker_lines}"
+            f"  API       {api_url} (docs at {api_url}/docs)\n"
             f"  ingest    http://127.0.0.1:{ingest_port}/metrics\n"
             f"  devices   {fleet}\n"
             "an API key (for the API, the dashboard and the CLI):\n"
@@ -379,7 +470,7 @@ async def _supervise(
         if devices > 0:
             sim = asyncio.create_task(
                 _start_simulator(
-                    mqtt_url,
+                    sim_target,
                     keys=sim_keys,
                     devices=devices,
                     interval_seconds=interval_seconds,

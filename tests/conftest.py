@@ -24,6 +24,7 @@ import pytest
 
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
+from fleetline_dev.certs import TlsFiles, ensure_local_ca
 from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
 from tests.support import ApiProcess, IngestProcess, RulesProcess, ServiceProcess
 
@@ -106,8 +107,17 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool[Any]]:
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMosquitto]:
-    with LocalMosquitto(tmp_path_factory.mktemp("mosquitto")) as server:
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A CA and a broker certificate for 127.0.0.1, as `fleetline up` makes them."""
+    return ensure_local_ca(tmp_path_factory.mktemp("tls"), ["127.0.0.1", "localhost"])
+
+
+@pytest.fixture(scope="session")
+def broker(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
+) -> Iterator[LocalMosquitto]:
+    """The run's anonymous broker: plain MQTT on ``port``, TLS on ``tls_port``."""
+    with LocalMosquitto(tmp_path_factory.mktemp("mosquitto"), tls=tls_files) as server:
         yield server
 
 

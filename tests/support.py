@@ -42,10 +42,12 @@ class Device:
     """An MQTT publisher standing in for a device (real paho client, real broker)."""
 
     def __init__(self, url: str, device_id: str, *, persistent: bool = False,
-                 password: str | None = None) -> None:
+                 password: str | None = None, ca_file: Path | None = None) -> None:
         """``password``: log in as the device (user name = client id = device id) with its
-        key or a SAS token, as a broker with the auth plugin requires."""
-        host, port = url.removeprefix("mqtt://").split(":")
+        key or a SAS token, as a broker with the auth plugin requires. An ``mqtts://``
+        URL connects over TLS, the broker verified against ``ca_file``."""
+        tls = url.startswith("mqtts://")
+        host, port = url.removeprefix("mqtts://").removeprefix("mqtt://").split(":")
         self.device_id = device_id
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311,
@@ -66,6 +68,8 @@ class Device:
         self.client.on_disconnect = lambda *_a: self.connected.clear()
         if password is not None:
             self.client.username_pw_set(device_id, password)
+        if tls:
+            self.client.tls_set(ca_certs=str(ca_file) if ca_file else None)
         self.client.connect(host, int(port))
         self.client.loop_start()
         deadline = time.monotonic() + 10
@@ -270,6 +274,7 @@ class TcpProxy:
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._frozen = threading.Event()
 
     def up(self) -> None:
         server = socket.socket()
@@ -297,6 +302,24 @@ class TcpProxy:
                 conn.close()
             self._conns.clear()
 
+    def freeze(self) -> None:
+        """A silent link: connections stay open (and new ones are accepted), but nothing
+        gets through in either direction."""
+        self._frozen.set()
+
+    def thaw(self) -> None:
+        """The link back: what was open while frozen is closed (as a path that lost
+        packets for long resets its connections), and new connections go through."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+        self._frozen.clear()
+
     def _accept(self, server: socket.socket) -> None:
         while True:
             try:
@@ -314,11 +337,11 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._frozen.is_set():  # frozen: lost on the way
+                    dst.sendall(data)
         except OSError:
             pass
         finally:

@@ -246,6 +246,7 @@ class Device:
         self.stopping = False
         self.desired_version = -1
         self.backlog = []  # each reading's JSON text, as bytes
+        self._in_flight = 0  # the first readings of the backlog, being published now
         self._batch_readings = BATCH_READINGS
         self._inbox = []
         self._seen_ids = []
@@ -317,6 +318,13 @@ class Device:
             if not self._try_connect():
                 self._wait(self._backoff_s())
 
+    def _while_waiting(self) -> None:
+        """While the client waits on the network (a PUBACK on a slow or silent link): the
+        watchdog is fed and readings go on into the backlog."""
+        if self._feed is not None:
+            self._feed()
+        self._sample_if_due()
+
     def _wait(self, seconds: float) -> None:
         self._wait_ms(int(seconds * 1000))
 
@@ -359,6 +367,8 @@ class Device:
                 self.device_id, self.host, self.port, self.device_id, password, self.keepalive_s
             )
             client.set_callback(self._on_message)
+            # A client that bounds its waits (fleetline_umqtt) calls this while it waits.
+            client.on_wait = self._while_waiting
             client.set_last_will(self._status_topic, STATUS_OFFLINE, retain=True, qos=1)
             client.connect(True)
             self.client = client
@@ -478,8 +488,10 @@ class Device:
         self.readings_taken += 1
         excess = len(self.backlog) - self.backlog_readings
         if excess > 0:
-            del self.backlog[:excess]
-            self.readings_dropped += excess
+            # The oldest go, except those a publish is waiting to have acknowledged.
+            before = len(self.backlog)
+            del self.backlog[self._in_flight : self._in_flight + excess]
+            self.readings_dropped += before - len(self.backlog)
         if self.client is None:
             # Offline, the readings stay: collected now, the garbage of connection
             # attempts does not leave holes between them, and the heap keeps room in one
@@ -499,7 +511,11 @@ class Device:
             except MemoryError as exc:
                 self._short_of_memory(exc)
                 continue
-            self.client.publish(self._telemetry_topic, payload, retain=False, qos=1)
+            self._in_flight = count
+            try:
+                self.client.publish(self._telemetry_topic, payload, retain=False, qos=1)
+            finally:
+                self._in_flight = 0
             payload = None  # collectable while the next one is built
             self._last_tx = _ticks_ms()
             del self.backlog[:count]

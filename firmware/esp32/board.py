@@ -6,10 +6,13 @@ import sys
 import time
 
 import fleetline_device
+import fleetline_umqtt
 import machine
 import network
 
 WIFI_TIMEOUT_MS = 20000
+# A read or write on the broker connection gives up after this long (fleetline_umqtt).
+SOCKET_TIMEOUT_S = 10
 GC_EVERY_MS = 5000
 
 
@@ -23,8 +26,14 @@ def show_message(body, properties):
     log("c2d: " + json.dumps({"body": body, "properties": properties}))
 
 
+def ca_file(config):
+    """The CA certificate file the broker is verified against; empty: plain MQTT."""
+    return getattr(config, "CA_FILE", "")
+
+
 def credentials(config):
     """(device id, key, host, port) from CONNECTION_STRING or the separate settings."""
+    default_port = 8883 if ca_file(config) else 1883
     text = getattr(config, "CONNECTION_STRING", "")
     if text:
         parts = fleetline_device.parse_connection_string(text)
@@ -32,20 +41,27 @@ def credentials(config):
             parts["DeviceId"],
             parts["SharedAccessKey"],
             parts["HostName"],
-            int(parts.get("Port") or 1883),
+            int(parts.get("Port") or default_port),
         )
-    return config.DEVICE_ID, config.DEVICE_KEY, config.MQTT_HOST, getattr(config, "MQTT_PORT", 1883)
+    port = getattr(config, "MQTT_PORT", default_port)
+    return config.DEVICE_ID, config.DEVICE_KEY, config.MQTT_HOST, port
 
 
-def connect_wifi(config):
+def connect_wifi(config, wait_ms=WIFI_TIMEOUT_MS):
+    """Join the Wi-Fi, waiting up to ``wait_ms`` (boot.py); with 0, only start joining and
+    say whether it is up: the device core then waits between attempts, taking readings
+    and feeding the watchdog, instead of blocking here."""
     wlan = network.WLAN(network.STA_IF)
     wlan.active(True)
     if wlan.isconnected():
         return wlan
-    wlan.connect(config.WIFI_SSID, config.WIFI_PASSWORD)
+    try:
+        wlan.connect(config.WIFI_SSID, config.WIFI_PASSWORD)
+    except OSError as exc:  # already joining
+        log("wifi: " + repr(exc))
     start = time.ticks_ms()
     while not wlan.isconnected():
-        if time.ticks_diff(time.ticks_ms(), start) > WIFI_TIMEOUT_MS:
+        if time.ticks_diff(time.ticks_ms(), start) >= wait_ms:
             raise OSError("Wi-Fi: no connection to " + config.WIFI_SSID)
         time.sleep_ms(200)
     log("wifi: " + wlan.ifconfig()[0])
@@ -61,12 +77,21 @@ def sync_clock(config):
 
 
 def mqtt_client_factory(mqtt_class, config):
-    """umqtt.simple's MQTTClient, made only once the Wi-Fi is up again (the core calls
-    this before every connection attempt)."""
+    """umqtt.simple's MQTTClient with bounded waits and, with CA_FILE, TLS verified
+    against that CA (fleetline_umqtt), made only once the Wi-Fi is up again (the core
+    calls this before every connection attempt)."""
+    tls = None
+    path = ca_file(config)
+    if path:
+        with open(path, "rb") as f:
+            tls = fleetline_umqtt.tls_context(f.read())
+    client_class = fleetline_umqtt.client_class(
+        mqtt_class, getattr(config, "SOCKET_TIMEOUT_S", SOCKET_TIMEOUT_S), tls
+    )
 
     def make(client_id, server, port, user, password, keepalive):
-        connect_wifi(config)
-        return mqtt_class(client_id, server, port, user, password, keepalive)
+        connect_wifi(config, wait_ms=0)
+        return client_class(client_id, server, port, user, password, keepalive)
 
     return make
 

@@ -11,7 +11,16 @@ CONNECTION_STRING = ""
 DEVICE_ID = "esp32-01"
 DEVICE_KEY = "base64 key from fleetline device create"
 MQTT_HOST = "broker.example.org"
-MQTT_PORT = 1883
+MQTT_PORT = 8883
+
+# TLS: the CA certificate that signed the broker's (PEM or DER), copied to the board
+# (`fleetline up` prints where its CA file is). The broker's certificate must name
+# MQTT_HOST. Empty: plain MQTT on port 1883, the key or token in clear: only on a network
+# you trust.
+CA_FILE = "ca.crt"
+# A read or write on the broker connection gives up after this many seconds (a silent
+# link): the device reconnects, taking readings into its backlog meanwhile.
+SOCKET_TIMEOUT_S = 10
 
 # "token": log in with a SAS token signed on the board (needs the clock, set over NTP);
 # "key": with the key itself.
@@ -27,6 +36,6 @@ ADC_PIN = None  # e.g. 34: its raw reading (read_u16, 0-65535) as the metric "ad
 RELAY_PIN = None  # e.g. 2: method `switch` {"on": true} and desired relay_on drive it
 RELAY_ACTIVE_HIGH = True
 
-# The hardware watchdog resets the board when the loop stalls this long (a blocking
-# socket call on a half-open connection, which umqtt.simple cannot time out). 0: off.
+# The hardware watchdog resets the board when the loop stalls this long (the loop feeds
+# it, also while it waits on the network). 0: off.
 WATCHDOG_S = 120

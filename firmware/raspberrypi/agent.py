@@ -58,9 +58,10 @@ class Settings:
     """``FLEETLINE_AGENT_*`` variables:
 
     - ``CONNECTION_STRING`` (what `fleetline device create` prints), or ``DEVICE_ID``,
-      ``DEVICE_KEY``, ``MQTT_HOST``, ``MQTT_PORT`` (1883);
+      ``DEVICE_KEY``, ``MQTT_HOST``, ``MQTT_PORT`` (8883 with TLS, else 1883);
     - ``AUTH`` (``token`` or ``key``), ``TOKEN_TTL_S`` (3600), ``INTERVAL_S`` (10);
-    - ``TLS`` (false) and ``CA_FILE`` (the system's CAs when empty);
+    - ``TLS`` (true: the broker verified against ``CA_FILE``, the system's CAs when
+      empty; false: plain MQTT, the key or token in clear);
     - ``RELAY_PIN`` (17; empty: no relay), ``RELAY_ACTIVE_HIGH`` (true), ``BUTTON_PIN``
       (27; empty: no button), ``CPU_TEMP_FILE`` (the kernel's thermal zone 0).
     """
@@ -78,20 +79,21 @@ class Settings:
             self.device_id = parts["DeviceId"]
             self.key = parts["SharedAccessKey"]
             self.host = parts["HostName"]
-            port = parts.get("Port") or "1883"
+            port = parts.get("Port") or ""
         else:
             self.device_id = get("DEVICE_ID")
             self.key = get("DEVICE_KEY")
             self.host = get("MQTT_HOST")
-            port = get("MQTT_PORT", "1883")
+            port = get("MQTT_PORT")
             missing = [n for n in ("DEVICE_ID", "DEVICE_KEY", "MQTT_HOST") if not get(n)]
             if missing:
                 raise AgentConfigError(
                     "set FLEETLINE_AGENT_CONNECTION_STRING, or "
                     + ", ".join("FLEETLINE_AGENT_" + n for n in missing)
                 )
+        self.tls = _flag(get("TLS", "true"))
         try:
-            self.port = int(port)
+            self.port = int(port or (8883 if self.tls else 1883))
             self.interval_s = float(get("INTERVAL_S", "10"))
             self.token_ttl_s = int(get("TOKEN_TTL_S", str(fleetline_device.TOKEN_TTL_S)))
         except ValueError as exc:
@@ -99,7 +101,6 @@ class Settings:
         self.auth = get("AUTH", "token")
         if self.auth not in ("token", "key"):
             raise AgentConfigError("FLEETLINE_AGENT_AUTH is token or key")
-        self.tls = _flag(get("TLS", "false"))
         self.ca_file = get("CA_FILE") or None
         self.relay_pin = _pin(get("RELAY_PIN", "17"))
         self.relay_active_high = _flag(get("RELAY_ACTIVE_HIGH", "true"))

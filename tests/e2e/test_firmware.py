@@ -41,6 +41,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fleetline import devicekeys
+from fleetline_dev.certs import TlsFiles
 from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
 from tests.integration.test_api import client
 from tests.support import DEVICE_KEY_SECRET, ApiProcess, IngestProcess, TcpProxy, wait_until
@@ -548,7 +549,7 @@ async def test_the_broker_accepts_the_devices_token_and_renewal_and_refuses_a_wr
 async def test_pi_agent_drives_its_relay_and_reads_its_button_via_gpiozero(
     api: ApiProcess, make_key: Callable[..., Any], broker: LocalMosquitto,
     start_ingest: Callable[..., IngestProcess], db: asyncpg.Pool[Any], uid: str,
-    tmp_path: Path,
+    tmp_path: Path, tls_files: TlsFiles,
 ) -> None:
     from gpiozero.pins.mock import MockFactory
 
@@ -561,9 +562,11 @@ async def test_pi_agent_drives_its_relay_and_reads_its_button_via_gpiozero(
     c, key = await _register(api, make_key, device_id)
     cpu_temp = tmp_path / "temp"
     cpu_temp.write_text("48500\n")  # as /sys/class/thermal/thermal_zone0/temp reads
+    # Over TLS (the agent's default), the broker verified against the CA.
     settings = agent_module.Settings({
         "FLEETLINE_AGENT_CONNECTION_STRING": devicekeys.connection_string(
-            host="127.0.0.1", port=broker.port, device_id=device_id, key=key),
+            host="127.0.0.1", port=broker.tls_port or 0, device_id=device_id, key=key),
+        "FLEETLINE_AGENT_CA_FILE": str(tls_files.ca_cert),
         "FLEETLINE_AGENT_INTERVAL_S": "0.5",
         "FLEETLINE_AGENT_RELAY_PIN": "17",
         "FLEETLINE_AGENT_BUTTON_PIN": "27",

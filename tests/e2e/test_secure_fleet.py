@@ -1,6 +1,7 @@
-"""The system as `fleetline up` runs it: the broker checks device keys and service
-accounts, a device registered over REST publishes with the key it was shown, and a
-renewed key locks the old one out."""
+"""The system as `fleetline up` runs it: devices on the broker's TLS listener (verified
+against the local CA), services on the plain loopback one; the broker checks device keys
+and service accounts, a device registered over REST publishes over TLS with the
+connection string it was shown, and a renewed key locks the old one out."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
+from fleetline_dev.certs import TlsFiles
 from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
 from tests.conftest import wait_rows
 from tests.support import DEVICE_KEY_SECRET, ApiProcess, Device, IngestProcess, wait_until
@@ -23,10 +25,11 @@ SERVICES = {"fleetline-ingest": "ingest-pw", "fleetline-api": "api-pw"}
 
 @pytest.fixture(scope="module")
 def secure_broker(
-    tmp_path_factory: pytest.TempPathFactory, database_url: str
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, tls_files: TlsFiles
 ) -> Iterator[LocalMosquitto]:
     auth = BrokerAuth(database_url, DEVICE_KEY_SECRET.encode(), services=SERVICES)
-    with LocalMosquitto(tmp_path_factory.mktemp("secure-mosquitto"), auth=auth) as broker:
+    with LocalMosquitto(tmp_path_factory.mktemp("secure-mosquitto"), auth=auth,
+                        tls=tls_files) as broker:
         yield broker
 
 
@@ -35,15 +38,16 @@ def service_url(broker: LocalMosquitto, name: str) -> str:
 
 
 async def test_a_registered_device_publishes_with_its_key_until_it_is_renewed(
-    secure_broker: LocalMosquitto, make_key: Callable[..., Any], db: asyncpg.Pool[Any],
-    database_url: str, artifacts: Path, uid: str,
+    secure_broker: LocalMosquitto, tls_files: TlsFiles, make_key: Callable[..., Any],
+    db: asyncpg.Pool[Any], database_url: str, artifacts: Path, uid: str,
 ) -> None:
     ingest = IngestProcess(database_url=database_url,
                            mqtt_url=service_url(secure_broker, "fleetline-ingest"),
                            log_dir=artifacts, name=f"{uid}-secure")
     api = ApiProcess(database_url=database_url,
                      mqtt_url=service_url(secure_broker, "fleetline-api"),
-                     log_dir=artifacts, name=f"{uid}-secure")
+                     log_dir=artifacts, name=f"{uid}-secure",
+                     env={"FLEETLINE_API_DEVICE_MQTT_URL": secure_broker.tls_url})
     ingest.start()
     api.start()  # /readyz includes the broker: the service account logged in
     try:
@@ -52,12 +56,19 @@ async def test_a_registered_device_publishes_with_its_key_until_it_is_renewed(
         device_id = f"{uid}-dev"
         created = http.post("/v1/devices", json={"id": device_id}).json()
         key = created["credentials"]["key"]
+        # The connection string names the devices' TLS listener.
+        text = created["credentials"]["connection_string"]
+        parts = dict(p.split("=", 1) for p in text.split(";"))
+        assert (parts["HostName"], int(parts["Port"])) == ("127.0.0.1", secure_broker.tls_port)
+        assert parts["SharedAccessKey"] == key
+        tls_url = f"mqtts://{parts['HostName']}:{parts['Port']}"
+        ca = tls_files.ca_cert
 
-        # The raw key and a token from the API both log in; readings are stored.
-        dev = Device(secure_broker.url, device_id, password=key)
+        # The raw key and a token from the API both log in over TLS; readings are stored.
+        dev = Device(tls_url, device_id, password=key, ca_file=ca)
         dev.publish_all([{"values": {"temp": 1.0}}])
         token = http.post(f"/v1/devices/{device_id}/token", json={"ttl_s": 60}).json()["token"]
-        dev2 = Device(secure_broker.url, device_id, password=token)  # takes over the session
+        dev2 = Device(tls_url, device_id, password=token, ca_file=ca)  # takes over the session
         wait_until(lambda: not dev.connected.is_set(), what="the first session to be replaced")
         dev2.publish_all([{"values": {"temp": 2.0}}])
         assert await wait_rows(db, device_id, 2) == 2
@@ -66,17 +77,17 @@ async def test_a_registered_device_publishes_with_its_key_until_it_is_renewed(
         dev2.client.publish(f"devices/{uid}-other/telemetry", b'{"values": {"temp": 9}}', qos=1)
         # Anonymous and wrong-key logins are refused.
         with pytest.raises(AssertionError, match="could not connect"):
-            Device(secure_broker.url, f"{uid}-anon")
+            Device(tls_url, f"{uid}-anon", ca_file=ca)
         with pytest.raises(AssertionError, match="could not connect"):
-            Device(secure_broker.url, device_id, password=key[:-4] + "AAA=")
+            Device(tls_url, device_id, password=key[:-4] + "AAA=", ca_file=ca)
 
         # Renewing the key disconnects the device; the old key and token are refused.
         new_key = http.post(f"/v1/devices/{device_id}/key").json()["key"]
         wait_until(lambda: not dev2.connected.is_set(), timeout=10,
                    what="the broker to disconnect the device with the old key")
         with pytest.raises(AssertionError, match="could not connect"):
-            Device(secure_broker.url, device_id, password=key)
-        dev3 = Device(secure_broker.url, device_id, password=new_key)
+            Device(tls_url, device_id, password=key, ca_file=ca)
+        dev3 = Device(tls_url, device_id, password=new_key, ca_file=ca)
         dev3.publish_all([{"values": {"temp": 3.0}}])
         assert await wait_rows(db, device_id, 3) == 3
         time.sleep(0.5)

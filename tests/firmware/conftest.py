@@ -19,16 +19,18 @@ import pytest
 
 from fleetline import devicekeys
 from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
+from tests.support import DEVICE_KEY_SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-micropython.sh"
 # A first build takes about 30 s on 2 cores; a cached one returns at once.
 BUILD_TIMEOUT_SECONDS = 900
 
-# This module's device-key secret and the ingest's account on the broker.
-KEY_SECRET = secrets.token_bytes(32)
+# The run's device-key secret (the API's, tests.support) and the services' accounts.
+KEY_SECRET = DEVICE_KEY_SECRET.encode()
 INGEST_USER = "fleetline-ingest"
-SERVICES = {INGEST_USER: secrets.token_urlsafe(16)}
+API_USER = "fleetline-api"
+SERVICES = {INGEST_USER: secrets.token_urlsafe(16), API_USER: secrets.token_urlsafe(16)}
 
 # Lines for the end of the run (pytest_terminal_summary): what the firmware used.
 REPORT: list[str] = []

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_SOURCES = ["pyproject.toml", "README.md", "fleetline", "fleetline_cli", "fleetline_dev",
-                   "services", "migrations", "deploy/mosquitto"]
+                   "services", "migrations", "deploy/mosquitto", "firmware/common",
+                   "firmware/esp32"]
 IGNORED = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so", "node_modules")
 
 CHECK = """
@@ -32,6 +33,7 @@ for module in (fleetline, fleetline_dev):
     assert Path(module.__file__).is_relative_to(site), module.__file__
 print("migrations", migrations_dir(), len(load_migrations()))
 print("conf", project_path("deploy/mosquitto/fleetline.conf"))
+print("firmware", project_path("firmware/esp32/board.py"))
 plugin = auth_plugin_path()
 assert not plugin.is_relative_to(checkout), plugin
 print("plugin", plugin)
@@ -74,5 +76,6 @@ def test_an_installed_package_finds_its_files_and_builds_outside_the_source_tree
     assert Path(found["migrations"].split()[0]) == shared / "migrations"
     assert int(found["migrations"].split()[1]) == len(list((ROOT / "migrations").glob("*.sql")))
     assert Path(found["conf"]) == shared / "deploy" / "mosquitto" / "fleetline.conf"
+    assert Path(found["firmware"]) == shared / "firmware" / "esp32" / "board.py"
     assert Path(found["plugin"]).is_relative_to(tmp_path / "cache")
     assert int(found["broker"]) > 0

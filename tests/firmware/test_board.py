@@ -1,0 +1,349 @@
+"""The ESP32 application itself on real MicroPython: the files that go on the board.
+
+`fleetline firmware build` compiles the application (the device core, the TLS-capable
+umqtt.simple wrapper and the ESP32 board layer as ``.mpy``; ``boot.py`` and ``main.py`` as
+source) with the unix port's own mpy-cross. The unix port (``-X heapsize=110K``, what an
+ESP32 app has free) then runs ``boot.py`` and ``main.py`` as a board does at power-on,
+with a ``config_local.py`` written by the same code as `fleetline firmware config`, over
+TLS to the real broker with the auth plugin, verifying it against the CA. Only what the
+unix port has no hardware for is faked (``tests/firmware/fakes``: ``machine``, ``network``,
+``ntptime``). A real ingest and API serve the device: readings are stored, a desired
+twin change is applied and reported, a cloud-to-device message completed, and the
+``reboot`` method ends the run through ``machine.reset``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from fleetline import apikeys
+from fleetline_cli import firmware
+from fleetline_dev.certs import TlsFiles
+from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
+from tests.conftest import migrated_database
+from tests.firmware.conftest import (
+    API_USER,
+    KEY_SECRET,
+    REPORT,
+    SERVICES,
+    MicroPython,
+    service_url,
+)
+from tests.firmware.test_unix_port import micropython_env
+from tests.support import ApiProcess, IngestProcess, TcpProxy, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fleetline(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The `fleetline` command line, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "fleetline_cli", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+pytestmark = pytest.mark.integration
+
+FAKES = Path(__file__).with_name("fakes")
+HEAP_KIB = 110
+RUN_TIMEOUT_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def board_build(micropython: MicroPython, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`fleetline firmware build --board esp32`, and umqtt.simple as `mip install` puts it
+    on a board (a board's MicroPython firmware usually has it frozen in)."""
+    out = tmp_path_factory.mktemp("esp32-build") / "esp32"
+    done = fleetline("firmware", "build", "--board", "esp32", "--out", str(out),
+                     "--mpy-cross", str(micropython.mpy_cross))
+    assert done.returncode == 0, done.stderr
+    assert "mpy-cross emitting mpy v6" in done.stdout
+    assert {p.name for p in out.iterdir()} == {
+        "fleetline_device.mpy", "fleetline_umqtt.mpy", "board.mpy", "boot.py", "main.py"}
+    (out / "umqtt").mkdir()
+    done = subprocess.run(
+        [str(micropython.mpy_cross), "-o", str(out / "umqtt" / "simple.mpy"),
+         str(micropython.umqtt_simple / "umqtt" / "simple.py")],
+        capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@dataclass
+class Backend:
+    """The board's own backend: a database no other test's services serve (every API
+    process sends the cloud-to-device messages of its database, through its broker), the
+    auth broker with a TLS listener on it, ingest and the API."""
+
+    broker: LocalMosquitto
+    ingest: IngestProcess
+    api: ApiProcess
+    db: asyncpg.Pool[Any]
+    key: str
+
+
+@pytest.fixture(scope="module")
+async def backend(
+    admin_url: str, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Backend]:
+    logs = tmp_path_factory.mktemp("board-services")
+    async with migrated_database(admin_url, "fleetline_board") as url:
+        auth = BrokerAuth(database_url=url, key_secret=KEY_SECRET, services=SERVICES)
+        with LocalMosquitto(tmp_path_factory.mktemp("board-mosquitto"), auth=auth,
+                            tls=tls_files) as broker:
+            ingest = IngestProcess(database_url=url, mqtt_url=service_url(broker),
+                                   log_dir=logs, name="board")
+            api = ApiProcess(database_url=url, mqtt_url=service_url(broker, API_USER),
+                             log_dir=logs, name="board",
+                             env={"FLEETLINE_API_DEVICE_MQTT_URL": broker.tls_url})
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+            ingest.start()
+            api.start()
+            try:
+                async with pool.acquire() as con:
+                    key = (await apikeys.create_key(con, name="board", scopes=["admin"])).token
+                yield Backend(broker, ingest, api, pool, key)
+            finally:
+                api.stop()
+                ingest.stop()
+                await pool.close()
+
+
+class Board:
+    """One board: its filesystem (the build, its config and CA file), powered on by
+    running ``boot.py`` then ``main.py``; the fakes' files say what happened."""
+
+    def __init__(self, mp: MicroPython, build: Path, folder: Path, config: str,
+                 tls: TlsFiles) -> None:
+        self.folder = folder
+        self.fakes = folder / "fakes"
+        self.fakes.mkdir(parents=True)
+        (folder / firmware.CONFIG_NAME).write_text(config)
+        shutil.copyfile(tls.ca_cert, folder / firmware.CA_NAME)
+        self.log_path = folder / "console.log"
+        env = micropython_env(FAKES, folder, build)
+        env["FLEETLINE_FAKES"] = str(self.fakes)
+        self.proc = subprocess.Popen(
+            [str(mp.micropython), "-X", f"heapsize={HEAP_KIB}K", "-c", "import boot\nimport main"],
+            cwd=folder, env=env, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
+
+    def console(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self) -> list[str]:
+        try:
+            return (self.fakes / "events").read_text().split()
+        except OSError:
+            return []
+
+    def longest_unfed_ms(self) -> int:
+        return int((self.fakes / "wdt_longest_ms").read_text())
+
+    def wait_exit(self) -> int:
+        try:
+            return self.proc.wait(RUN_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"the board did not stop:\n{self.console()[-3000:]}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _client(api: ApiProcess, key: str) -> httpx.Client:
+    return httpx.Client(base_url=api.url, timeout=30, headers={"Authorization": f"Bearer {key}"})
+
+
+async def _readings(db: asyncpg.Pool[Any], device_id: str, metric: str) -> list[Any]:
+    return await db.fetch(
+        "SELECT time, value FROM readings WHERE device_id = $1 AND metric = $2 ORDER BY time",
+        device_id, metric)
+
+
+async def test_the_esp32_application_runs_over_tls_against_the_real_services(
+    micropython: MicroPython, board_build: Path, backend: Backend, tls_files: TlsFiles,
+    tmp_path: Path, uid: str,
+) -> None:
+    c = _client(backend.api, backend.key)
+    db = backend.db
+    device_id = f"{uid}-esp32"
+    created = c.post("/v1/devices", json={"id": device_id})
+    assert created.status_code == 201, created.text
+    connection_string = created.json()["credentials"]["connection_string"]
+    assert f"Port={backend.broker.tls_port};" in connection_string  # the TLS listener
+    config = firmware.config_text(
+        connection_string=connection_string, wifi_ssid="test", wifi_password="-",
+        ca_file=firmware.CA_NAME, interval_s=0.5,
+        extra={"ADC_PIN": 34, "WATCHDOG_S": 20, "SOCKET_TIMEOUT_S": 3})
+    board = Board(micropython, board_build, tmp_path / "board", config, tls_files)
+    (board.fakes / "adc").write_text("12345")
+    try:
+        wait_until(lambda: c.get(f"/v1/devices/{device_id}/latest").json()
+                   .get("metrics", {}).get("adc"), timeout=30,
+                   what=f"the board's readings\n{board.console()[-2000:]}")
+        assert c.get(f"/v1/devices/{device_id}").json()["online"]
+
+        # The desired twin: applied and reported.
+        patched = c.patch(f"/v1/devices/{device_id}/twin", json={"interval_s": 1})
+        assert patched.status_code == 200, patched.text
+        twin = wait_until(
+            lambda: (t := c.get(f"/v1/devices/{device_id}/twin").json())["delta"] == {}
+            and t["reported"].get("interval_s") == 1 and t, timeout=30,
+            what="the desired interval reported")
+        assert twin["reported"]["platform"] == "esp32"
+
+        # A cloud-to-device message, completed by the board.
+        posted = c.post(f"/v1/devices/{device_id}/messages", json={"body": {"say": "hello"}})
+        assert posted.status_code == 201, posted.text
+        message_id = posted.json()["id"]
+        message_url = f"/v1/devices/{device_id}/messages/{message_id}"
+        wait_until(lambda: c.get(message_url).json()["state"] == "completed", timeout=30,
+                   what=f"the message completed: {c.get(message_url).text}\n{board.console()}")
+        assert '"say": "hello"' in board.console()
+
+        # A few more readings at the new interval, then reboot: answered, then
+        # machine.reset ends the run.
+        count = "SELECT count(*) FROM readings WHERE device_id = $1 AND metric = 'adc'"
+        seen = await db.fetchval(count, device_id)
+        deadline = time.monotonic() + 30
+        while await db.fetchval(count, device_id) < seen + 4:
+            assert time.monotonic() < deadline, board.console()[-2000:]
+            time.sleep(0.2)
+        answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
+        assert answer.status_code == 200 and answer.json()["status"] == 200, answer.text
+        assert board.wait_exit() == 0, board.console()[-3000:]
+        assert board.events() == ["reset"]
+    finally:
+        board.kill()
+    console = board.console()
+    assert "Traceback" not in console and "MemoryError" not in console, console[-3000:]
+    adc = await _readings(db, device_id, "adc")
+    assert adc and {r["value"] for r in adc} == {12345.0}
+    free = [r["value"] for r in await _readings(db, device_id, "mem_free")]
+    REPORT.append(
+        f"esp32 application over TLS, {HEAP_KIB} KiB heap: {len(adc)} readings, the least "
+        f"free heap a reading reported {min(free):,.0f} bytes (in use: "
+        f"{HEAP_KIB * 1024 - min(free):,.0f})"
+    )
+
+
+async def test_wifi_drop_and_silent_link_keep_sampling_and_lose_nothing(
+    micropython: MicroPython, board_build: Path, backend: Backend, tls_files: TlsFiles,
+    tmp_path: Path, uid: str,
+) -> None:
+    """The Wi-Fi goes (the link cut with it), then a silent link (the connection open,
+    nothing through): the board notices within its socket timeout, keeps taking readings
+    into its backlog, feeds the watchdog, reconnects and sends every reading once."""
+    c = _client(backend.api, backend.key)
+    db = backend.db
+    device_id = f"{uid}-esp32"
+    created = c.post("/v1/devices", json={"id": device_id})
+    assert created.status_code == 201, created.text
+    key = created.json()["credentials"]["key"]
+    proxy = TcpProxy(("127.0.0.1", backend.broker.tls_port or 0))
+    proxy.up()
+    interval_s, timeout_s = 0.5, 2
+    config = firmware.config_text(
+        connection_string=f"HostName=127.0.0.1;Port={proxy.port};DeviceId={device_id};"
+                          f"SharedAccessKey={key}",
+        wifi_ssid="test", wifi_password="-", ca_file=firmware.CA_NAME, interval_s=interval_s,
+        extra={"WATCHDOG_S": 10, "SOCKET_TIMEOUT_S": timeout_s})
+    board = Board(micropython, board_build, tmp_path / "board", config, tls_files)
+
+    def online() -> bool:
+        return bool(c.get(f"/v1/devices/{device_id}").json()["online"])
+
+    try:
+        wait_until(online, timeout=30, what=f"the board online\n{board.console()[-2000:]}")
+        # The Wi-Fi drops, and the link with it.
+        (board.fakes / "wifi_down").write_text("")
+        proxy.down()
+        wait_until(lambda: not online(), timeout=30, what="the board seen offline")
+        time.sleep(3)
+        (board.fakes / "wifi_down").unlink()
+        proxy.up()
+        wait_until(online, timeout=30, what="the board back online")
+        time.sleep(2)
+        # A silent link: nothing gets through, nothing is closed.
+        proxy.freeze()
+        wait_until(lambda: "connection lost" in board.console().split("connected as")[-1],
+                   timeout=4 * timeout_s + 5, what="the silent link noticed")
+        time.sleep(3)
+        proxy.thaw()
+        reconnects = board.console().count("connected as")
+        wait_until(lambda: board.console().count("connected as") > reconnects, timeout=30,
+                   what="the board reconnected after the silent link")
+        time.sleep(2)
+        answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
+        assert answer.status_code == 200, answer.text
+        assert board.wait_exit() == 0, board.console()[-3000:]
+    finally:
+        board.kill()
+        proxy.down()
+    console = board.console()
+    assert "Traceback" not in console, console[-3000:]
+    # Sampling never stopped for long: the readings' own times have no hole wider than a
+    # connection attempt's timeout plus two intervals, outage and silent link included.
+    uptimes = await _readings(db, device_id, "uptime_s")
+    times = [r["time"] for r in uptimes]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert max(gaps) <= timedelta(seconds=timeout_s + 2 * interval_s), (max(gaps), console[-3000:])
+    assert board.longest_unfed_ms() < 10_000
+    free = [r["value"] for r in await _readings(db, device_id, "mem_free")]
+    REPORT.append(
+        f"esp32 application, Wi-Fi drop and silent link: {len(times)} readings stored, the "
+        f"widest hole between their times {max(gaps).total_seconds():.2f} s, the watchdog "
+        f"unfed at most {board.longest_unfed_ms()} ms, the least free heap a reading "
+        f"reported {min(free):,.0f} bytes"
+    )
+
+
+def test_firmware_config_and_flash_commands(
+    board_build: Path, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    """`fleetline firmware config` writes what the board reads (checked by running it in
+    the test above, here its refusals and file modes); `flash` copies build and config
+    with mpremote. No board is attached here: flash runs with --dry-run, which prints
+    the mpremote command it would run."""
+    key = "A" * 43 + "="
+    out = tmp_path / "cfg"
+    base = ["firmware", "config", "dev-1", "--wifi-ssid", "home", "--out", str(out)]
+    env = {"FLEETLINE_WIFI_PASSWORD": "pw"}
+    refused = fleetline(*base, "--key", key, "--mqtt-url", "mqtts://b.example:8883", env=env)
+    assert refused.returncode == 2 and "--ca-file" in refused.stderr
+    no_url = fleetline(*base, "--key", key, "--ca-file", str(tls_files.ca_cert), env=env)
+    assert no_url.returncode == 2 and "--mqtt-url" in no_url.stderr
+    done = fleetline(*base, "--key", key, "--mqtt-url", "mqtts://b.example:8883",
+                     "--ca-file", str(tls_files.ca_cert), "--interval", "5", env=env)
+    assert done.returncode == 0, done.stderr
+    config = (out / firmware.CONFIG_NAME).read_text()
+    assert "CONNECTION_STRING = 'HostName=b.example;Port=8883;DeviceId=dev-1;" in config
+    assert "CA_FILE = 'ca.crt'" in config and "INTERVAL_S = 5.0" in config
+    assert (out / firmware.CONFIG_NAME).stat().st_mode & 0o077 == 0  # it holds the key
+    assert (out / firmware.CA_NAME).read_bytes() == tls_files.ca_cert.read_bytes()
+
+    flash = fleetline("firmware", "flash", "--port", "/dev/ttyUSB0", "--build",
+                      str(board_build), "--config", str(out), "--dry-run")
+    assert flash.returncode == 0, flash.stderr
+    words = flash.stdout.split()
+    assert words[:3] == ["mpremote", "connect", "/dev/ttyUSB0"] and words[-1] == "reset"
+    copied = {w.lstrip(":") for w in words if w.startswith(":")}
+    assert copied == {"board.mpy", "boot.py", "ca.crt", "config_local.py", "fleetline_device.mpy",
+                      "fleetline_umqtt.mpy", "main.py"}
+    missing = fleetline("firmware", "flash", "--port", "/dev/ttyUSB0", "--build",
+                        str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "firmware build" in missing.stderr
