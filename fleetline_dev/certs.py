@@ -62,7 +62,7 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -114,7 +114,7 @@ def make_ca(
         .sign(key, hashes.SHA256())
     )
     folder.mkdir(parents=True, exist_ok=True)
-    write_private(folder / "ca.key", _key_pem(key))
+    write_private(folder / "ca.key", key_pem(key))
     (folder / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert, key
 
@@ -186,6 +186,6 @@ def ensure_local_ca(folder: Path, hosts: list[str] | None = None) -> TlsFiles:
         files.server_cert.unlink(missing_ok=True)
     if not (_server_cert_fits(files.server_cert, hosts) and files.server_key.exists()):
         cert, key = issue(*loaded, hosts[0], hosts=hosts)
-        write_private(files.server_key, _key_pem(key))
+        write_private(files.server_key, key_pem(key))
         files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return files

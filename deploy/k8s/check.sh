@@ -5,7 +5,8 @@
 #  2. Both overlays render with `kubectl kustomize`.
 #  3. The rendered manifests validate against the Kubernetes 1.30 schemas, unknown fields
 #     rejected, when kubernetes-validate is installed (KUBERNETES_VALIDATE=path/to/it).
-#  4. The Grafana dashboard is valid JSON.
+#  4. The prod overlay renders with the optional cert-manager component.
+#  5. The Grafana dashboard is valid JSON.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -29,6 +30,22 @@ for overlay in dev prod; do
         echo "skip: kubernetes-validate not installed; schema validation of overlays/$overlay not run"
     fi
 done
+
+# The optional cert-manager component, on the prod overlay.
+scratch="$(mktemp -d deploy/k8s/.check-XXXXXX)"
+trap 'rm -rf "$scratch"' EXIT
+cat >"$scratch/kustomization.yaml" <<'YAML'
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - ../overlays/prod
+components:
+  - ../components/cert-manager
+YAML
+rendered="$(kubectl kustomize "$scratch")"
+grep -q '^kind: Certificate$' <<<"$rendered"
+grep -q 'secretName: fleetline-mosquitto-tls' <<<"$rendered"
+echo "ok: overlays/prod with components/cert-manager renders ($(grep -c '^kind:' <<<"$rendered") resources)"
 
 python3 -m json.tool deploy/grafana/dashboards/fleetline.json >/dev/null
 echo "ok: deploy/grafana/dashboards/fleetline.json parses"

@@ -21,16 +21,18 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from fleetline import apikeys
 from fleetline_cli import firmware
+from fleetline_dev import certs
 from fleetline_dev.certs import TlsFiles
 from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
 from tests.conftest import migrated_database
@@ -347,3 +349,48 @@ def test_firmware_config_and_flash_commands(
     missing = fleetline("firmware", "flash", "--port", "/dev/ttyUSB0", "--build",
                         str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "firmware build" in missing.stderr
+
+
+TLS_PROBE = """
+import sys
+from umqtt.simple import MQTTClient
+import fleetline_umqtt
+ca = open(sys.argv[1], "rb").read()
+client = fleetline_umqtt.client_class(MQTTClient, 3, fleetline_umqtt.tls_context(ca))
+try:
+    client("probe", sys.argv[2], int(sys.argv[3])).connect()
+    print("accepted")
+except Exception as exc:
+    print("refused", repr(exc))
+"""
+
+
+@pytest.mark.parametrize("case", ["valid", "expired", "other-ca", "other-host"])
+def test_the_board_refuses_a_broker_it_cannot_verify(
+    micropython: MicroPython, board_build: Path, tls_files: TlsFiles, tmp_path: Path,
+    case: str,
+) -> None:
+    """The broker presents a certificate that is expired, signed by another CA, or made
+    for another name: the board's TLS refuses it before sending its credentials. The
+    same probe accepts a valid one (the control)."""
+    ca_cert, ca_key = certs.make_ca(tmp_path / "ca")
+    trusted = tmp_path / "ca" / "ca.crt"
+    if case == "other-ca":
+        trusted = tls_files.ca_cert
+    start = None
+    if case == "expired":
+        start = datetime.now(UTC) - timedelta(days=3)
+    hosts = ["broker.example.org"] if case == "other-host" else ["127.0.0.1"]
+    cert, key = certs.issue(ca_cert, ca_key, hosts[0], hosts=hosts, days=1, not_before=start)
+    (tmp_path / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    certs.write_private(tmp_path / "server.key", certs.key_pem(key))
+    files = TlsFiles(tmp_path / "ca" / "ca.crt", tmp_path / "server.crt", tmp_path / "server.key")
+    (tmp_path / "probe.py").write_text(TLS_PROBE)
+    with LocalMosquitto(tmp_path / "mq", tls=files) as broker:
+        done = subprocess.run(
+            [str(micropython.micropython), "-X", f"heapsize={HEAP_KIB}K", "probe.py",
+             str(trusted), "127.0.0.1", str(broker.tls_port)],
+            cwd=tmp_path, env=micropython_env(board_build), capture_output=True, text=True,
+            timeout=60)
+    expected = "accepted" if case == "valid" else "refused"
+    assert done.stdout.startswith(expected), done.stdout + done.stderr

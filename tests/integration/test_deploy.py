@@ -1,0 +1,55 @@
+"""The Kubernetes manifests as `kubectl apply -k` reads them: deploy/k8s/check.sh renders
+both overlays (and prod with the cert-manager component) with kubectl's kustomize, checks
+the broker-config copy, and parses the Grafana dashboard; here also what devices are
+offered: TLS on a LoadBalancer, plain MQTT only inside the cluster."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.fail("kubectl is not installed (it renders deploy/k8s); install kubectl",
+                    pytrace=False)
+    return found
+
+
+def test_check_script_passes() -> None:
+    kubectl()
+    done = subprocess.run(["bash", str(ROOT / "deploy/k8s/check.sh")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok: overlays/prod with components/cert-manager renders" in done.stdout
+
+
+def test_devices_get_tls_on_a_load_balancer_and_plain_mqtt_stays_inside() -> None:
+    import yaml
+
+    rendered = subprocess.run([kubectl(), "kustomize", str(ROOT / "deploy/k8s/overlays/prod")],
+                              capture_output=True, text=True, timeout=120, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    services = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
+    devices = services["prod-fleetline-mosquitto-devices"]
+    assert devices["type"] == "LoadBalancer"
+    assert [p["port"] for p in devices["ports"]] == [8883]
+    inside = services["prod-fleetline-mosquitto"]
+    assert inside["type"] == "ClusterIP" and [p["port"] for p in inside["ports"]] == [1883]
+    for name, spec in services.items():
+        if spec.get("type") in ("LoadBalancer", "NodePort"):
+            assert all(p["port"] != 1883 for p in spec["ports"]), name
+    [broker] = [d for d in docs if d["kind"] == "StatefulSet"
+                and d["metadata"]["name"] == "prod-fleetline-mosquitto"]
+    volumes = {v["name"]: v for v in broker["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "fleetline-mosquitto-tls"
+    conf = (ROOT / "deploy/k8s/base/mosquitto/mosquitto.conf").read_text()
+    assert "listener 8883" in conf and "certfile /mosquitto/tls/tls.crt" in conf
