@@ -101,8 +101,8 @@ class Client:
         wait_for(lambda: mid in self.subacks, what=f"SUBACK for {filters}")
         return self.subacks[mid]
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(10)
         assert info.is_published(), f"no PUBACK for {topic}"
 
@@ -208,20 +208,29 @@ async def test_expired_token_is_refused(db: asyncpg.Pool[Any], auth_broker: Loca
     assert_refused(client, auth_broker, uid, "expired token")
 
 
+def moved_expiry(token: str) -> str:
+    sig, _, expiry = token.partition("&se=")
+    return f"{sig}&se={int(expiry) + 1}"
+
+
 async def test_wrong_key_or_signature_is_refused(db: asyncpg.Pool[Any],
                                                  auth_broker: LocalMosquitto, uid: str) -> None:
+    # One device per case: five failures of one client id from one address throttle it.
+    cases = [
+        (lambda d: key_for(d, 1), "bad key"),  # the previous key
+        (lambda d: devicekeys.derive_key(b"x" * 32, d, 2), "bad key"),  # another deployment's
+        (lambda d: key_for(d, 2)[:-2], "bad key"),
+        (lambda d: "", "bad key"),
+        (lambda d: token_for(d, 1), "bad token signature"),  # signed with the previous key
+        (lambda d: moved_expiry(token_for(d, 2)), "bad token signature"),  # expiry moved
+        (lambda d: token_for(d, 2).split("&se=")[0], "bad token"),
+    ]
+    for n, (password, reason) in enumerate(cases):
+        device_id = f"{uid}-{n}"
+        await add_device(db, device_id, version=2)
+        client = await run(Client, auth_broker, device_id, device_id, password(device_id))
+        assert_refused(client, auth_broker, device_id, reason)
     await add_device(db, uid, version=2)
-    for password, reason in [
-        (key_for(uid, 1), "bad key"),  # the previous key
-        (devicekeys.derive_key(b"x" * 32, uid, 2), "bad key"),  # another deployment's
-        (key_for(uid, 2)[:-2], "bad key"),
-        ("", "bad key"),
-        (token_for(uid, 1), "bad token signature"),  # signed with the previous key
-        (token_for(uid, 2).replace("&se=", "&se=1"), "bad token signature"),  # expiry moved
-        (token_for(uid, 2).split("&se=")[0], "bad token"),
-    ]:
-        client = await run(Client, auth_broker, uid, uid, password)
-        assert_refused(client, auth_broker, uid, reason)
     # Leading zeros in se= sign the same number, as int() reads it in devicekeys.
     padded = token_for(uid, 2).replace("&se=", "&se=00")
     assert devicekeys.verify_password(key_for(uid, 2), uid, padded)
@@ -448,6 +457,98 @@ async def test_device_subscribes_only_to_its_own_topics(
     assert [p for _, p in device.messages] == [b"mine"]
     for client in (device, neighbour, backend):
         client.close()
+
+
+async def test_device_may_not_write_the_services_topics_or_retain_readings(
+    db: asyncpg.Pool[Any], auth_broker: LocalMosquitto, uid: str
+) -> None:
+    """The desired twin, method requests and cloud-to-device messages are the services'
+    to write, and only a device's status is retained: a device that tries (a bug, or a
+    stolen key planting a retained command for itself) is denied, and the broker logs
+    it."""
+    await add_device(db, uid)
+    watcher = await run(service, auth_broker, f"watch-{uid}")
+    await run(watcher.subscribe, f"devices/{uid}/#")
+    device = await run(Client, auth_broker, uid, uid, key_for(uid))
+    denied = [(f"devices/{uid}/twin/desired", True), (f"devices/{uid}/twin/desired", False),
+              (f"devices/{uid}/methods/r1/req", True), (f"devices/{uid}/methods/r2/req", False),
+              (f"devices/{uid}/c2d", False), (f"devices/{uid}/modules/m/twin/desired", False),
+              (f"devices/{uid}/modules/m/methods/r3/req", False),
+              (f"devices/{uid}/telemetry", True), (f"devices/{uid}/twin/reported", True)]
+    for n, (topic, retain) in enumerate(denied):
+        await run(device.publish, topic, f"denied-{n}".encode(), retain=retain)
+    allowed = [(f"devices/{uid}/status", True), (f"devices/{uid}/methods/r4/res", False),
+               (f"devices/{uid}/c2d/ack", False), (f"devices/{uid}/twin/reported", False),
+               (f"devices/{uid}/modules/m/twin/reported", False),
+               (f"devices/{uid}/telemetry", False)]
+    for n, (topic, retain) in enumerate(allowed):
+        await run(device.publish, topic, f"allowed-{n}".encode(), retain=retain)
+    await run(wait_for, lambda: watcher.received(f"allowed-{len(allowed) - 1}".encode()),
+              what="the last allowed message")
+    got = [p.decode() for _, p in watcher.messages]
+    assert got == [f"allowed-{n}" for n in range(len(allowed))], got
+    # Logged (10 lines a second at most; the rest are counted in the minute's summary).
+    assert log_has(auth_broker, f"denied publish of device '{uid}' to "
+                                f"'devices/{uid}/twin/desired': a topic only the services write")
+    # The services still write them (retained desired twins are how devices get them).
+    await run(watcher.publish, f"devices/{uid}/twin/desired", b"{}", retain=True)
+    await run(device.publish, f"devices/{uid}/status", b"", retain=True)  # clear it
+    await run(watcher.publish, f"devices/{uid}/twin/desired", b"", retain=True)
+    for client in (device, watcher):
+        client.close()
+
+
+async def test_a_token_valid_too_long_is_refused(
+    db: asyncpg.Pool[Any], auth_broker: LocalMosquitto, uid: str
+) -> None:
+    """A SAS token may be valid 366 days at most (the longest the API signs): a token for
+    year 9999 from a leaked key would otherwise never end."""
+    await add_device(db, uid)
+    key = key_for(uid)
+    expiry = int(time.time()) + devicekeys.MAX_TOKEN_TTL_SECONDS + 3600
+    far = f"sig={devicekeys.sign(key, uid, expiry)}&se={expiry}"
+    client = await run(Client, auth_broker, uid, uid, far)
+    assert_refused(client, auth_broker, uid, "token valid longer than the maximum")
+    year_9999 = f"sig={devicekeys.sign(key, uid, 253402300799)}&se=253402300799"
+    client = await run(Client, auth_broker, uid, uid, year_9999)
+    assert_refused(client, auth_broker, uid, "token valid longer than the maximum")
+    near = devicekeys.sas_token(key, uid, ttl_seconds=365 * 86400)[0]
+    client = await run(Client, auth_broker, uid, uid, near)
+    assert client.ok, client.connack
+    client.close()
+
+
+async def test_failed_logins_are_throttled_with_backoff(
+    db: asyncpg.Pool[Any], auth_broker: LocalMosquitto, uid: str
+) -> None:
+    """Five wrong passwords for one client id from one address, then even the right key
+    is refused unchecked until the backoff (1 s, doubling) has passed; another device
+    from the same address is not held up; a login once it has passed clears the count."""
+    await add_device(db, uid)
+    await add_device(db, f"{uid}-other")
+    for n in range(5):
+        client = await run(Client, auth_broker, uid, uid, f"wrong-{n}")
+        assert_refused(client, auth_broker, uid, "bad key")
+    client = await run(Client, auth_broker, uid, uid, "wrong-5")
+    assert client.refused
+    assert log_has(auth_broker, f"6 failed logins of pair:127.0.0.1/{uid}: its next attempt "
+                                "waits 1000 ms")
+    started = time.monotonic()
+    throttled = await run(Client, auth_broker, uid, uid, key_for(uid))
+    assert throttled.refused  # the right key, within the backoff: not even checked
+    other = await run(Client, auth_broker, f"{uid}-other", f"{uid}-other", key_for(f"{uid}-other"))
+    assert other.ok, other.connack
+    other.close()
+    await asyncio.sleep(max(0.0, 1.1 - (time.monotonic() - started)))
+    client = await run(Client, auth_broker, uid, uid, key_for(uid))
+    assert client.ok, client.connack
+    client.close()
+    # The count was cleared by that login: one failure now is not throttled.
+    client = await run(Client, auth_broker, uid, uid, "wrong-again")
+    assert_refused(client, auth_broker, uid, "bad key")
+    client = await run(Client, auth_broker, uid, uid, key_for(uid))
+    assert client.ok, client.connack
+    client.close()
 
 
 async def test_service_account_has_full_access(db: asyncpg.Pool[Any],

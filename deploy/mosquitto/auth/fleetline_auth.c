@@ -66,6 +66,25 @@
 #define PRUNE_INTERVAL_MS 10000
 #define REVALIDATE_BATCH 5000 /* connected devices checked per tick after a reconnection */
 #define LOG_FIELD_MAX 160
+/* A SAS token may be valid this long at most (plugin_opt_max_token_seconds): the API
+ * signs tokens for up to 366 days. */
+#define DEFAULT_MAX_TOKEN_SECONDS (366LL * 24 * 3600)
+/* Failed logins: free attempts per client id from one address, per client id from any,
+ * and per address whatever the client id; then each further attempt waits a backoff
+ * doubling from 1 s to 5 min (refused unchecked meanwhile). An entry is forgotten 10
+ * minutes after its last failure; a successful login clears its client id's. The wider
+ * keys allow more: devices behind one NAT share an address, and a device's id is no
+ * secret, so a stranger's failures must not lock it out for long. */
+#define FAILURES_FREE_PER_PAIR 5
+#define FAILURES_FREE_PER_ID 20
+#define FAILURES_FREE_PER_ADDRESS 100
+#define THROTTLE_MIN_MS 1000
+#define THROTTLE_MAX_MS 300000
+#define FAILURES_FORGET_MS 600000
+#define FAILURES_MAX_TRACKED 100000
+#define SUMMARY_INTERVAL_MS 60000
+/* Denied device publishes logged per second at most (the rest are counted). */
+#define DENIED_LOG_PER_SECOND 10
 
 #define VERSION_UNKNOWN_DEVICE (-1)
 
@@ -106,6 +125,16 @@ struct plugin {
 	struct services services;
 	int64_t cache_ms;
 	int64_t stale_ms;
+	int64_t max_token_s;
+
+	/* Failed logins by "id:<client id>" and "ip:<address>": version = failures,
+	 * fetched_ms = the last one. */
+	struct cache failures;
+	uint64_t refused_total, throttled_total, denied_total;
+	uint64_t refused_reported, throttled_reported, denied_reported;
+	int64_t next_summary_ms;
+	int64_t denied_log_second;
+	int denied_logged;
 
 	PGconn *conn;
 	bool connecting; /* conn is an attempt in progress (PQconnectPoll) */
@@ -967,6 +996,10 @@ static const char *check_device_password(const struct plugin *p, const char *id,
 		reason = "expired token";
 		goto out;
 	}
+	if(expiry - (long long)time(NULL) > p->max_token_s){
+		reason = "token valid longer than the maximum (plugin_opt_max_token_seconds)";
+		goto out;
+	}
 	snprintf(msg, sizeof(msg), "%s\n%lld", id, expiry);
 	if(!hmac_sha256(key, KEY_BYTES, msg, mac)){
 		reason = "internal error (HMAC)";
@@ -991,47 +1024,122 @@ static int refuse(struct mosquitto *client, const char *username, const char *re
 	return MOSQ_ERR_AUTH;
 }
 
+/* The failure-tracking key of a client id ("id:...") or an address ("ip:..."). */
+static void failure_key(char *out, size_t outlen, const char *kind, const char *value)
+{
+	snprintf(out, outlen, "%s:%s", kind, value ? value : "");
+}
+
+static int64_t throttle_ms(int failures, int free_failures)
+{
+	int64_t ms = THROTTLE_MIN_MS;
+	if(failures <= free_failures) return 0;
+	for(int i = free_failures + 1; i < failures && ms < THROTTLE_MAX_MS; i++) ms *= 2;
+	return ms < THROTTLE_MAX_MS ? ms : THROTTLE_MAX_MS;
+}
+
+/* Milliseconds until the key may try again (0: now). */
+static int64_t throttled_for(struct plugin *p, const char *key, int free_failures, int64_t now)
+{
+	const struct cache_entry *e = cache_find(&p->failures, key);
+	int64_t until;
+	if(e == NULL) return 0;
+	until = e->fetched_ms + throttle_ms(e->version, free_failures);
+	return until > now ? until - now : 0;
+}
+
+static void record_failure(struct plugin *p, const char *key, int free_failures, int64_t now)
+{
+	struct cache_entry *e = cache_find(&p->failures, key);
+	char shown[LOG_FIELD_MAX];
+	int failures = e ? e->version + 1 : 1;
+	if(e == NULL && p->failures.count >= FAILURES_MAX_TRACKED) return;
+	e = cache_put(&p->failures, key, failures, now);
+	if(e != NULL && failures > free_failures){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": %d failed logins of %s: its next attempt waits %" PRId64 " ms",
+				failures, printable(key, shown, sizeof(shown)), throttle_ms(failures, free_failures));
+	}
+}
+
+/* NULL when the login is valid (a device's key version in *version); else the reason.
+ * *counts: whether it is a failure to throttle (not when the database could not be
+ * asked). */
+static const char *check_login(struct plugin *p, struct mosquitto *client, const char *username,
+		const char *password, bool *counts, int *version)
+{
+	const struct service *svc;
+	const char *client_id;
+	char shown[LOG_FIELD_MAX];
+
+	*counts = true;
+	*version = 0;
+	if(username == NULL) return "anonymous login";
+	svc = find_service(p, username);
+	if(svc != NULL){
+		unsigned char digest[SHA256_DIGEST_LENGTH];
+		if(password == NULL) return "service without password";
+		SHA256((const unsigned char *)password, strlen(password), digest);
+		return CRYPTO_memcmp(digest, svc->sha256, sizeof(digest)) == 0
+			? NULL : "bad service password";
+	}
+	client_id = mosquitto_client_id(client);
+	if(client_id == NULL || strcmp(client_id, username) != 0){
+		return "client id mismatch (must equal the device id)";
+	}
+	if(!valid_device_id(username)) return "unknown device";
+	if(password == NULL) return "bad key (no password)";
+	if(lookup_version(p, username, version, printable(username, shown, sizeof(shown)))
+			!= LOOKUP_OK){
+		*counts = false;
+		return "database unavailable";
+	}
+	if(*version == VERSION_UNKNOWN_DEVICE) return "unknown device";
+	if(*version <= 0) return "no key issued";
+	return check_device_password(p, username, *version, password);
+}
+
 static int on_basic_auth(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_basic_auth *ed = event_data;
 	struct plugin *p = userdata;
-	const char *username = ed->username, *password = ed->password, *client_id, *reason;
-	const struct service *svc;
-	char shown[LOG_FIELD_MAX];
+	const char *username = ed->username, *reason;
+	const char *address = mosquitto_client_address(ed->client);
+	const char *client_id = mosquitto_client_id(ed->client);
+	char pair_key[DEVICE_ID_MAX + 128], id_key[DEVICE_ID_MAX + 64], ip_key[128];
+	char pair[DEVICE_ID_MAX + 96];
+	int64_t now = now_ms();
+	bool counts;
 	int version = 0;
 
 	(void)event;
-	if(username == NULL) return refuse(ed->client, NULL, "anonymous login");
-
-	svc = find_service(p, username);
-	if(svc != NULL){
-		unsigned char digest[SHA256_DIGEST_LENGTH];
-		bool ok;
-		if(password == NULL) return refuse(ed->client, username, "service without password");
-		SHA256((const unsigned char *)password, strlen(password), digest);
-		ok = CRYPTO_memcmp(digest, svc->sha256, sizeof(digest)) == 0;
-		return ok ? MOSQ_ERR_SUCCESS : refuse(ed->client, username, "bad service password");
+	snprintf(pair, sizeof(pair), "%s/%s", address ? address : "", client_id ? client_id : "");
+	failure_key(pair_key, sizeof(pair_key), "pair", pair);
+	failure_key(id_key, sizeof(id_key), "id", client_id);
+	failure_key(ip_key, sizeof(ip_key), "ip", address);
+	/* Throttled: refused before any check (no database round trip, no HMAC). */
+	if(throttled_for(p, pair_key, FAILURES_FREE_PER_PAIR, now)
+			|| throttled_for(p, id_key, FAILURES_FREE_PER_ID, now)
+			|| throttled_for(p, ip_key, FAILURES_FREE_PER_ADDRESS, now)){
+		p->throttled_total++;
+		return MOSQ_ERR_AUTH;
 	}
-
-	client_id = mosquitto_client_id(ed->client);
-	if(client_id == NULL || strcmp(client_id, username) != 0){
-		return refuse(ed->client, username, "client id mismatch (must equal the device id)");
+	reason = check_login(p, ed->client, username, ed->password, &counts, &version);
+	if(reason != NULL){
+		if(counts){
+			p->refused_total++;
+			record_failure(p, pair_key, FAILURES_FREE_PER_PAIR, now);
+			record_failure(p, id_key, FAILURES_FREE_PER_ID, now);
+			record_failure(p, ip_key, FAILURES_FREE_PER_ADDRESS, now);
+		}
+		return refuse(ed->client, username, reason);
 	}
-	if(!valid_device_id(username)) return refuse(ed->client, username, "unknown device");
-	if(password == NULL) return refuse(ed->client, username, "bad key (no password)");
-
-	if(lookup_version(p, username, &version, printable(username, shown, sizeof(shown)))
-			!= LOOKUP_OK){
-		return refuse(ed->client, username, "database unavailable");
-	}
-	if(version == VERSION_UNKNOWN_DEVICE) return refuse(ed->client, username, "unknown device");
-	if(version <= 0) return refuse(ed->client, username, "no key issued");
-
-	reason = check_device_password(p, username, version, password);
-	if(reason != NULL) return refuse(ed->client, username, reason);
+	cache_del(&p->failures, pair_key);
+	cache_del(&p->failures, id_key);
+	if(find_service(p, username) != NULL) return MOSQ_ERR_SUCCESS;
 	kick_forget(p, username);
 	if(p->track_sessions){
-		struct cache_entry *session = cache_put(&p->sessions, username, version, now_ms());
+		struct cache_entry *session = cache_put(&p->sessions, username, version, now);
 		if(session) session->client = ed->client;
 	}
 	return MOSQ_ERR_SUCCESS;
@@ -1040,11 +1148,61 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 /* ------------------------------------------------------------------------------------ */
 /* ACL                                                                                  */
 
-static bool under_own_prefix(const char *topic, const char *id)
+/* The rest of the topic after "devices/{id}/", or NULL when it is not under it. */
+static const char *own_rest(const char *topic, const char *id)
 {
 	size_t plen = sizeof(DEVICE_PREFIX) - 1, idlen = strlen(id);
-	return topic != NULL && !strncmp(topic, DEVICE_PREFIX, plen)
-		&& !strncmp(topic + plen, id, idlen) && topic[plen + idlen] == '/';
+	if(topic == NULL || strncmp(topic, DEVICE_PREFIX, plen) || strncmp(topic + plen, id, idlen)
+			|| topic[plen + idlen] != '/'){
+		return NULL;
+	}
+	return topic + plen + idlen + 1;
+}
+
+static bool ends_with(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), m = strlen(suffix);
+	return n >= m && !strcmp(s + n - m, suffix);
+}
+
+/* Topics only the services write (the cloud's side of the contract): the desired twin,
+ * method requests and cloud-to-device messages, of the device or one of its modules. */
+static bool service_topic(const char *rest)
+{
+	if(!strncmp(rest, "modules/", 8)){
+		const char *slash = strchr(rest + 8, '/');
+		if(slash == NULL) return false;
+		rest = slash + 1;
+	}
+	return !strcmp(rest, "twin/desired") || !strcmp(rest, "c2d")
+		|| (!strncmp(rest, "methods/", 8) && ends_with(rest, "/req"));
+}
+
+/* Why a device may not publish this under its own topics (NULL: it may). Only its
+ * status is retained: a retained reading or patch would be handed again to every new
+ * subscriber. */
+static const char *publish_denied(const char *rest, bool retain)
+{
+	if(service_topic(rest)) return "a topic only the services write";
+	if(retain && strcmp(rest, "status") != 0) return "retained (only status may be)";
+	return NULL;
+}
+
+static void log_denied_publish(struct plugin *p, const char *username, const char *topic,
+		const char *why)
+{
+	char shown_id[LOG_FIELD_MAX], shown_topic[LOG_FIELD_MAX];
+	int64_t second = now_ms() / 1000;
+	p->denied_total++;
+	if(second != p->denied_log_second){
+		p->denied_log_second = second;
+		p->denied_logged = 0;
+	}
+	if(p->denied_logged++ >= DENIED_LOG_PER_SECOND) return; /* counted in the summary */
+	mosquitto_log_printf(MOSQ_LOG_NOTICE,
+			PLUGIN_NAME ": denied publish of device '%s' to '%s': %s",
+			printable(username, shown_id, sizeof(shown_id)),
+			printable(topic, shown_topic, sizeof(shown_topic)), why);
 }
 
 static int on_acl_check(int event, void *event_data, void *userdata)
@@ -1053,6 +1211,7 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	struct plugin *p = userdata;
 	const char *username = mosquitto_client_username(ed->client);
 	const char *client_id = mosquitto_client_id(ed->client);
+	const char *rest, *why;
 	char shown_id[LOG_FIELD_MAX], shown_topic[LOG_FIELD_MAX];
 
 	(void)event;
@@ -1060,14 +1219,22 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	if(find_service(p, username) != NULL) return MOSQ_ERR_SUCCESS;
 	/* Unsubscribing only ever removes access. */
 	if(ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS;
-	if(client_id != NULL && !strcmp(client_id, username) && under_own_prefix(ed->topic, username)){
-		return MOSQ_ERR_SUCCESS;
+	rest = (client_id != NULL && !strcmp(client_id, username))
+		? own_rest(ed->topic, username) : NULL;
+	if(rest != NULL){
+		if(ed->access != MOSQ_ACL_WRITE) return MOSQ_ERR_SUCCESS;
+		why = publish_denied(rest, ed->retain);
+		if(why == NULL) return MOSQ_ERR_SUCCESS;
+		log_denied_publish(p, username, ed->topic, why);
+		return MOSQ_ERR_ACL_DENIED;
 	}
 	if(ed->access == MOSQ_ACL_SUBSCRIBE){
 		mosquitto_log_printf(MOSQ_LOG_NOTICE,
 				PLUGIN_NAME ": denied subscription of device '%s' to '%s'",
 				printable(username, shown_id, sizeof(shown_id)),
 				printable(ed->topic, shown_topic, sizeof(shown_topic)));
+	}else if(ed->access == MOSQ_ACL_WRITE){
+		log_denied_publish(p, username, ed->topic, "not under its own devices/<id>/");
 	}
 	return MOSQ_ERR_ACL_DENIED;
 }
@@ -1081,6 +1248,31 @@ static bool drop_expired(const struct cache_entry *e, void *arg)
 	int64_t age = now_ms() - e->fetched_ms;
 	/* Only a known key version is worth keeping for stale-if-error. */
 	return e->version > 0 ? age >= p->stale_ms : age >= p->cache_ms;
+}
+
+static bool drop_old_failure(const struct cache_entry *e, void *arg)
+{
+	return *(const int64_t *)arg - e->fetched_ms >= FAILURES_FORGET_MS;
+}
+
+/* Refused and throttled logins and denied publishes since the last report, once a
+ * minute when any happened (the totals since the broker started beside them). */
+static void report_counts(struct plugin *p)
+{
+	if(p->refused_total == p->refused_reported && p->throttled_total == p->throttled_reported
+			&& p->denied_total == p->denied_reported){
+		return;
+	}
+	mosquitto_log_printf(MOSQ_LOG_NOTICE,
+			PLUGIN_NAME ": in the last minute %" PRIu64 " refused logins, %" PRIu64
+			" throttled, %" PRIu64 " denied device publishes (since start: %" PRIu64 ", %" PRIu64
+			", %" PRIu64 "; %zu client ids or addresses with recent failures)",
+			p->refused_total - p->refused_reported, p->throttled_total - p->throttled_reported,
+			p->denied_total - p->denied_reported, p->refused_total, p->throttled_total,
+			p->denied_total, p->failures.count);
+	p->refused_reported = p->refused_total;
+	p->throttled_reported = p->throttled_total;
+	p->denied_reported = p->denied_total;
 }
 
 /* A connection ends (also a refused login, or one replaced by a newer connection with
@@ -1118,6 +1310,11 @@ static int on_tick(int event, void *event_data, void *userdata)
 	if(now >= p->next_prune_ms){
 		p->next_prune_ms = now + PRUNE_INTERVAL_MS;
 		cache_sweep(&p->cache, drop_expired, p);
+		cache_sweep(&p->failures, drop_old_failure, &now);
+	}
+	if(now >= p->next_summary_ms){
+		p->next_summary_ms = now + SUMMARY_INTERVAL_MS;
+		report_counts(p);
 	}
 	return MOSQ_ERR_SUCCESS;
 }
@@ -1158,6 +1355,7 @@ static void plugin_free(struct plugin *p)
 	db_drop(p);
 	cache_free(&p->cache);
 	cache_free(&p->sessions);
+	cache_free(&p->failures);
 	recheck_free(p);
 	for(size_t i = 0; i < p->nkicks; i++) mosquitto_free(p->kicks[i]);
 	mosquitto_free(p->kicks);
@@ -1195,6 +1393,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	const char *services_file = option(options, option_count, "services_file");
 	const char *cache_seconds = option(options, option_count, "cache_seconds");
 	const char *stale_seconds = option(options, option_count, "stale_seconds");
+	const char *max_token_seconds = option(options, option_count, "max_token_seconds");
 	char err[512], msg[640];
 	int64_t seconds;
 	int rc;
@@ -1203,6 +1402,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	p->pid = identifier;
 	p->cache_ms = DEFAULT_CACHE_SECONDS * 1000;
 	p->stale_ms = DEFAULT_STALE_SECONDS * 1000;
+	p->max_token_s = DEFAULT_MAX_TOKEN_SECONDS;
 	p->backoff_ms = BACKOFF_MIN_MS;
 
 	if(database == NULL || !*database){
@@ -1226,10 +1426,16 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		}
 		p->stale_ms = seconds * 1000;
 	}
+	if(max_token_seconds){
+		if(!parse_seconds(max_token_seconds, &seconds) || seconds < 1){
+			return init_fail(p, "plugin_opt_max_token_seconds must be a number of seconds");
+		}
+		p->max_token_s = seconds;
+	}
 	p->conninfo = mosquitto_strdup(database);
 	p->services_path = mosquitto_strdup(services_file);
 	if(p->conninfo == NULL || p->services_path == NULL || !cache_init(&p->cache)
-			|| !cache_init(&p->sessions)){
+			|| !cache_init(&p->sessions) || !cache_init(&p->failures)){
 		return init_fail(p, "out of memory");
 	}
 
@@ -1280,8 +1486,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE,
 			PLUGIN_NAME ": ready; %zu service account(s), key versions cached %" PRId64 " s "
-			"(stale-if-error %" PRId64 " s)", p->services.count, p->cache_ms / 1000,
-			p->stale_ms / 1000);
+			"(stale-if-error %" PRId64 " s), tokens valid %" PRId64 " s at most",
+			p->services.count, p->cache_ms / 1000, p->stale_ms / 1000, p->max_token_s);
 	*userdata = p;
 	return MOSQ_ERR_SUCCESS;
 }
