@@ -132,6 +132,7 @@ async def main() -> None:
                 **os.environ,
                 "FLEETLINE_DATABASE_URL": url,
                 "FLEETLINE_API_PORT": str(port),
+                "FLEETLINE_API_METRICS_PORT": str(free_port()),
                 "FLEETLINE_API_HOST": "127.0.0.1",
                 "FLEETLINE_LOG_LEVEL": "WARNING",
                 # Required by the API; device keys play no part in these queries.

@@ -52,6 +52,7 @@ MOSQUITTO_PORT = 18830
 MOSQUITTO_TLS_PORT = 8883
 DATABASE = "fleetline"
 API_PORT = 8000
+API_METRICS_PORT = 9102
 INGEST_HTTP_PORT = 9101
 RULES_HTTP_PORT = 9103
 # The banner waits this long for the services to answer /readyz.
@@ -249,6 +250,7 @@ def _child_env(
     if devices is not None:
         # Connection strings name the TLS listener.
         env.setdefault("FLEETLINE_API_DEVICE_MQTT_URL", devices.url)
+    env.setdefault("FLEETLINE_API_METRICS_PORT", str(_pick_port(API_METRICS_PORT)))
     if sys.stderr.isatty():
         env.setdefault("FLEETLINE_LOG_FORMAT", "console")
     return env
@@ -460,7 +462,8 @@ async def _supervise(
             f"  database  {_redact(database_url)}\n"
             f"{broker_lines}"
             f"  API       {api_url} (docs at {api_url}/docs)\n"
-            f"  ingest    http://127.0.0.1:{ingest_port}/metrics\n"
+            f"  metrics   http://127.0.0.1:{ingest_port}/metrics (ingest), "
+            f"http://127.0.0.1:{env['FLEETLINE_API_METRICS_PORT']}/metrics (api)\n"
             f"  devices   {fleet}\n"
             "an API key (for the API, the dashboard and the CLI):\n"
             f"  FLEETLINE_DATABASE_URL={_redact(database_url)} "

@@ -115,6 +115,7 @@ class ServiceProcess:
     def __init__(self, *, database_url: str, mqtt_url: str, log_dir: Path, name: str,
                  env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.metrics_port = self.port  # the API serves /metrics on a port of its own
         self.log_path = log_dir / f"{self.service}-{name}.log"
         self.env = {
             **os.environ,
@@ -147,9 +148,10 @@ class ServiceProcess:
                        what=f"{self.service} ready (log: {self.log_path})")
         return self
 
-    def _get(self, path: str) -> tuple[int, str]:
+    def _get(self, path: str, port: int | None = None) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{port or self.port}{path}"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, ""
@@ -165,12 +167,12 @@ class ServiceProcess:
 
     def metric_names(self) -> set[str]:
         """The names of the metrics the service exports."""
-        status, text = self._get("/metrics")
+        status, text = self._get("/metrics", self.metrics_port)
         assert status == 200, f"{self.service} /metrics did not answer"
         return set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", text, re.M))
 
     def metric(self, name: str) -> float:
-        status, text = self._get("/metrics")
+        status, text = self._get("/metrics", self.metrics_port)
         assert status == 200, f"{self.service} /metrics did not answer"
         total = 0.0
         for match in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M):
@@ -224,7 +226,10 @@ class ApiProcess(ServiceProcess):
     port_variable = "FLEETLINE_API_PORT"
 
     def service_env(self, name: str) -> dict[str, str]:
-        return {"FLEETLINE_API_HOST": "127.0.0.1", "FLEETLINE_DEVICE_KEY_SECRET": DEVICE_KEY_SECRET}
+        self.metrics_port = free_port()
+        return {"FLEETLINE_API_HOST": "127.0.0.1", "FLEETLINE_DEVICE_KEY_SECRET": DEVICE_KEY_SECRET,
+                "FLEETLINE_API_METRICS_HOST": "127.0.0.1",
+                "FLEETLINE_API_METRICS_PORT": str(self.metrics_port)}
 
 
 class RulesProcess(ServiceProcess):

@@ -4,6 +4,7 @@ no 5xx, and every response's status, media type and body match the schema
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -43,10 +44,15 @@ async def test_openapi_holds_under_schemathesis(
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     if "No issues found" in result.stdout:
         return
-    # The one warning accepted: the telemetry query answers many schema-valid inputs with
-    # 400 (`from` after `to`, too many buckets: rules OpenAPI cannot state).
-    warnings = result.stdout.split("WARNINGS", 1)[1].split("SUMMARY", 1)[0]
-    listed = [line.strip() for line in warnings.splitlines() if line.strip().startswith("- ")]
-    assert "Schema validation mismatch" in warnings and listed == [
-        "- GET /v1/devices/{device_id}/telemetry"
-    ], result.stdout[-8000:]
+    # Warnings are about schemathesis's own test data, not failed checks, and vary from
+    # run to run with what the fuzzer happened to reach (measured: the same seed and
+    # build gave different lists). Accepted: operations that mostly got 400 for
+    # schema-valid input (the telemetry query's `from` after `to` or too many buckets,
+    # which OpenAPI cannot state; a module twin patch for a module not registered) and
+    # operations that mostly got 404 for ids the fuzzer invented. Any other kind fails.
+    section = result.stdout.split("WARNINGS", 1)[1].split("\n", 1)[1]
+    warnings = re.split(r"^=+ ", section, maxsplit=1, flags=re.M)[0]
+    # Each warning opens with "<kind>: <n> operation(s) ...".
+    kinds = set(re.findall(r"^([A-Z][A-Za-z ]+): \d+ operations?\b", warnings, flags=re.M))
+    assert kinds and kinds <= {"Schema validation mismatch", "Missing test data"}, (
+        result.stdout[-8000:])

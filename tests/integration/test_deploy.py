@@ -47,6 +47,8 @@ def test_devices_get_tls_on_a_load_balancer_and_plain_mqtt_stays_inside() -> Non
     for name, spec in services.items():
         if spec.get("type") in ("LoadBalancer", "NodePort"):
             assert all(p["port"] != 1883 for p in spec["ports"]), name
+    # The api's Service carries its HTTP port only: /metrics (9102) stays in the pod.
+    assert [p["port"] for p in services["prod-fleetline-api"]["ports"]] == [8000]
     [broker] = [d for d in docs if d["kind"] == "StatefulSet"
                 and d["metadata"]["name"] == "prod-fleetline-mosquitto"]
     volumes = {v["name"]: v for v in broker["spec"]["template"]["spec"]["volumes"]}

@@ -14,8 +14,10 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from fleetline import __version__, db
+from fleetline.service import serve_probes
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
+from fleetline_api.limits import RequestLimits
 from fleetline_api.queries import telemetry as sql
 from fleetline_api.routes import (
     alarms,
@@ -81,6 +83,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         # Started last and stopped first: on shutdown its running devices may still
         # finish over the broker link.
         job_task = asyncio.create_task(runner.run(), name="api.jobs")
+
+        async def ready() -> bool:
+            return broker.connected and await db.answers(pool)
+
+        probes = None
+        if settings.metrics_port:
+            probes = await serve_probes(settings.metrics_host, settings.metrics_port, ready=ready)
         try:
             yield {
                 "settings": settings,
@@ -91,6 +100,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 "rollup_horizons": horizons,
             }
         finally:
+            if probes is not None:
+                probes.close()
             runner.stop()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(job_task, timeout=30)
@@ -109,7 +120,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
         generate_unique_id_function=_operation_id,
     )
     problems.install(app)
+    # Around every route, before the API key is checked (fleetline_api/limits.py).
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.max_body_bytes,
+        max_header_bytes=settings.max_header_bytes,
+    )
     app.include_router(health.router)
+    if not settings.metrics_port:
+        app.include_router(health.metrics_router)
     app.include_router(devices.router)
     app.include_router(stream.router)
     app.include_router(dead_letters.router)

@@ -7,6 +7,7 @@ import uvicorn
 from fleetline.logs import setup_logging
 from fleetline.settings import load
 from fleetline_api.app import create_app
+from fleetline_api.server import ProblemH11Protocol
 from fleetline_api.settings import ApiSettings
 
 
@@ -19,4 +20,6 @@ def main() -> None:
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=10,
+        http=ProblemH11Protocol,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )

@@ -23,6 +23,14 @@ class ApiSettings(ServiceSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
+    # Checked before anything else, the API key included: a larger body gets 413, larger
+    # headers (names and values, all together) 431.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    # /metrics (Prometheus), with /healthz and /readyz, on a listener of its own that
+    # the public Service does not expose; 0: /metrics on the API's own port, for anyone.
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(default=9102, ge=0, le=65535)
     pool_size: int = Field(default=10, ge=1, le=200)
     # /v1/stream: events buffered per client before it is dropped as too slow, and how
     # many clients one API process serves.

@@ -10,6 +10,9 @@ from fleetline_api.deps import PoolDep
 from fleetline_api.problems import Problem
 
 router = APIRouter(tags=["health"])
+# On the API's own port only with FLEETLINE_API_METRICS_PORT=0; else on the metrics
+# listener (fleetline/service.py serve_probes, started by app.py).
+metrics_router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
@@ -28,6 +31,6 @@ async def readyz(pool: PoolDep, request: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/metrics", include_in_schema=False)
+@metrics_router.get("/metrics", include_in_schema=False)
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
