@@ -16,7 +16,8 @@ What a :class:`Device` does, in its one thread:
 - subscribes to ``c2d``, ``twin/desired`` and ``methods/+/req`` *before* publishing a
   retained ``online`` (the API sends queued messages the moment it sees that);
 - takes a reading every ``interval_s`` (``{"ts": epoch ms, "values": {...}}``); readings
-  that could not be sent wait in a bounded backlog and go out as JSON arrays once
+  that could not be sent wait in a bounded backlog (also in a file with
+  ``backlog_file``, so a reset keeps them) and go out as JSON arrays once
   connected again, each array built in one buffer of its size (no joined copies), fewer
   readings at a time after a MemoryError; a MemoryError is not a broken connection: the
   connection and the readings are kept;
@@ -214,6 +215,7 @@ class Device:
         feed: object = None,
         reported: dict | None = None,
         log: object = None,
+        backlog_file: str | None = None,
     ) -> None:
         if auth not in ("token", "key"):
             raise ValueError("auth is 'token' or 'key'")
@@ -266,6 +268,14 @@ class Device:
         self.memory_errors = 0
         self.c2d_acted = 0
         self.last_error = None
+        self.backlog_write_errors = 0
+        self._dropped_reported = 0
+        self._desired_errors = False
+        # Readings taken offline, also in flash: a reset keeps them (see _save_backlog).
+        self._backlog_file = backlog_file
+        self._file_lines = 0
+        if backlog_file:
+            self._load_backlog()
 
     # -- the loop ------------------------------------------------------------------
 
@@ -389,6 +399,10 @@ class Device:
         self.last_error = None
         self.connects += 1
         self._log("fleetline: connected as " + self.device_id)
+        if self.readings_dropped != self._dropped_reported:
+            # Readings lost to a full backlog (oldest first), so far: in the twin.
+            self.report({"backlog_dropped": self.readings_dropped})
+            self._dropped_reported = self.readings_dropped
         return True
 
     def _backoff_s(self) -> float:
@@ -407,6 +421,8 @@ class Device:
         self._attempt = 1
         if client is not None:
             self._close(client)
+        if self.backlog:
+            self._save_backlog()  # what was not yet acknowledged, before waiting
         self._wait(self._backoff_s())
 
     def _short_of_memory(self, exc: BaseException) -> None:
@@ -493,6 +509,7 @@ class Device:
             del self.backlog[self._in_flight : self._in_flight + excess]
             self.readings_dropped += before - len(self.backlog)
         if self.client is None:
+            self._append_backlog(text)
             # Offline, the readings stay: collected now, the garbage of connection
             # attempts does not leave holes between them, and the heap keeps room in one
             # piece for the batches that send them.
@@ -522,6 +539,75 @@ class Device:
             self.readings_sent += count
         if not self.backlog:
             self._batch_readings = BATCH_READINGS
+            if self._file_lines:
+                self._clear_backlog_file()
+
+    # -- the backlog in flash ----------------------------------------------------------
+    #
+    # While offline each reading is appended to ``backlog_file`` (one JSON object a line)
+    # as it is taken, and when a connection breaks the readings not yet acknowledged are
+    # written there; after a reset the device starts with them. The file is rewritten
+    # from memory once it holds twice the backlog's bound (the oldest are dropped then,
+    # as in memory), and removed once everything is out, so a device that stays online
+    # writes nothing to flash. A reading sent but not acknowledged before a reset is sent
+    # again: ingest stores it once (same ts). Flash errors are counted, never fatal.
+
+    def _load_backlog(self) -> None:
+        lines = []
+        try:
+            with open(self._backlog_file, "rb") as f:
+                for line in f:
+                    line = line.strip()
+                    # A line cut short by a reset mid-write is left out.
+                    if line.startswith(b"{") and line.endswith(b"}"):
+                        lines.append(line)
+        except OSError:
+            return  # no file: nothing was left
+        excess = len(lines) - self.backlog_readings
+        if excess > 0:
+            del lines[:excess]
+            self.readings_dropped += excess
+        self.backlog = lines
+        self._file_lines = len(lines)
+        self._log("fleetline: " + str(len(lines)) + " readings from before the reset")
+
+    def _append_backlog(self, text: bytes) -> None:
+        if not self._backlog_file:
+            return
+        if self._file_lines >= 2 * self.backlog_readings:
+            self._save_backlog()
+            return
+        try:
+            with open(self._backlog_file, "ab") as f:
+                f.write(text + b"\n")
+            self._file_lines += 1
+        except OSError as exc:
+            self._backlog_error(exc)
+
+    def _save_backlog(self) -> None:
+        if not self._backlog_file:
+            return
+        try:
+            with open(self._backlog_file, "wb") as f:
+                for text in self.backlog:
+                    f.write(text)
+                    f.write(b"\n")
+            self._file_lines = len(self.backlog)
+        except OSError as exc:
+            self._backlog_error(exc)
+
+    def _clear_backlog_file(self) -> None:
+        try:
+            import os
+
+            os.remove(self._backlog_file)
+        except OSError:
+            pass
+        self._file_lines = 0
+
+    def _backlog_error(self, exc: BaseException) -> None:
+        self.backlog_write_errors += 1
+        self._log("fleetline: the backlog file cannot be written: " + repr(exc))
 
     def _payload(self, count: int) -> bytes | bytearray:
         """The first ``count`` readings of the backlog as one message: the reading itself,
@@ -622,14 +708,22 @@ class Device:
         if version <= self.desired_version:
             return
         patch = {}
+        errors = {}
         for name, apply in self._desired.items():
             try:
                 patch[name] = apply(desired.get(name))
-            except Exception as exc:
-                self._log("fleetline: desired " + name + " not applied: " + repr(exc))
+            except Exception as exc:  # refused: the reported value stays what it was
+                errors[name] = str(exc)[:120] or repr(exc)[:120]
         for name in desired:
             if name not in self._desired:
-                self._log("fleetline: desired " + name + " is unknown here")
+                errors[name] = "unknown here"
+        for name in errors:
+            self._log("fleetline: desired " + name + " not applied: " + errors[name])
+        # Why a desired value was refused, beside the values: the operator sees it in the
+        # twin (null, removing it, once a document is applied whole).
+        if errors or self._desired_errors:
+            patch["desired_errors"] = errors or None
+        self._desired_errors = bool(errors)
         patch["desired_version"] = version
         self.desired_version = version
         self.report(patch)
@@ -640,7 +734,10 @@ class Device:
         elif _is_number(value) and MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:
             self.interval_s = value
         else:
-            self._log("fleetline: interval_s out of range: " + repr(value))
+            raise ValueError(
+                "interval_s must be a number from " + str(MIN_INTERVAL_S) + " to "
+                + str(MAX_INTERVAL_S) + ", not " + repr(value)[:40]
+            )
         self._next_reading = _ticks_add(_ticks_ms(), int(self.interval_s * 1000))
         return self.interval_s
 
@@ -701,6 +798,8 @@ def add_switch(
     def desired(value: object) -> bool:
         if isinstance(value, bool):
             set_on(value)
+        elif value is not None:
+            raise ValueError(prop + " must be true or false, not " + repr(value)[:40])
         return is_on()
 
     device._methods[method] = switch

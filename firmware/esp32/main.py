@@ -28,6 +28,8 @@ def main():
         feed=board.Feeder(wdt).feed,
         reported={"fw": fleetline_device.VERSION, "model": board.model(), "platform": "esp32"},
         log=board.log,
+        # Readings taken offline, kept in flash across a reset ("" to keep them in RAM only).
+        backlog_file=getattr(config, "BACKLOG_FILE", "backlog.jsonl"),
     )
     relay_pin = getattr(config, "RELAY_PIN", None)
     if relay_pin is not None:

@@ -342,7 +342,9 @@ def test_the_core_runs_under_micropython() -> None:
 
     assert sections["offline readings"] == [["close"]]  # no DISCONNECT: the Will fires
     assert out["backlog_offline"] == 5  # 8 taken offline, the 3 oldest dropped
-    *reconnect, batch = sections["reconnect"]
+    *reconnect, dropped, batch = sections["reconnect"]
+    # The readings lost to the full backlog, reported once connected again.
+    assert dropped == ["publish", base + "twin/reported", '{"backlog_dropped": 3}', False, 1]
     # The same session again, with a token made anew (its expiry may be a second later).
     assert [c[:5] + c[6:] for c in reconnect[:1]] == [c[:5] + c[6:] for c in new_calls]
     assert devicekeys.verify_password(device_key, device_id, reconnect[0][5])

@@ -23,6 +23,7 @@ from tests.support import DEVICE_KEY_SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-micropython.sh"
+CORE = ROOT / "firmware" / "common" / "fleetline_device.py"
 # A first build takes about 30 s on 2 cores; a cached one returns at once.
 BUILD_TIMEOUT_SECONDS = 900
 
@@ -101,3 +102,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("firmware on the MicroPython unix port")
         for line in REPORT:
             terminalreporter.write_line(line)
+
+
+def compiled(mp: MicroPython, folder: Path) -> Path:
+    """The core and umqtt.simple as ``.mpy`` files in ``folder``."""
+    (folder / "umqtt").mkdir(parents=True, exist_ok=True)
+    for source, target in ((CORE, folder / "fleetline_device.mpy"),
+                           (mp.umqtt_simple / "umqtt" / "simple.py",
+                            folder / "umqtt" / "simple.mpy")):
+        done = subprocess.run([str(mp.mpy_cross), "-o", str(target), str(source)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    return folder

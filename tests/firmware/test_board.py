@@ -14,6 +14,8 @@ twin change is applied and reported, a cloud-to-device message completed, and th
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +29,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import paho.mqtt.client as paho
 import pytest
 from cryptography.hazmat.primitives import serialization
 
@@ -134,11 +137,16 @@ class Board:
         (folder / firmware.CONFIG_NAME).write_text(config)
         shutil.copyfile(tls.ca_cert, folder / firmware.CA_NAME)
         self.log_path = folder / "console.log"
-        env = micropython_env(FAKES, folder, build)
-        env["FLEETLINE_FAKES"] = str(self.fakes)
-        self.proc = subprocess.Popen(
-            [str(mp.micropython), "-X", f"heapsize={HEAP_KIB}K", "-c", "import boot\nimport main"],
-            cwd=folder, env=env, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
+        self.env = micropython_env(FAKES, folder, build)
+        self.env["FLEETLINE_FAKES"] = str(self.fakes)
+        self.command = [str(mp.micropython), "-X", f"heapsize={HEAP_KIB}K", "-c",
+                        "import boot\nimport main"]
+        self.power_on()
+
+    def power_on(self) -> None:
+        """boot.py, then main.py, on the board's filesystem as it is (a reset keeps it)."""
+        self.proc = subprocess.Popen(self.command, cwd=self.folder, env=self.env,
+                                     stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT)
 
     def console(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -394,3 +402,118 @@ def test_the_board_refuses_a_broker_it_cannot_verify(
             timeout=60)
     expected = "accepted" if case == "valid" else "refused"
     assert done.stdout.startswith(expected), done.stdout + done.stderr
+
+
+async def test_readings_taken_offline_survive_a_reset_and_are_sent_once(
+    micropython: MicroPython, board_build: Path, backend: Backend, tls_files: TlsFiles,
+    tmp_path: Path, uid: str,
+) -> None:
+    """The broker is unreachable from the start: readings go to the backlog and, one by
+    one, to its file in flash. The board is reset (killed) and powered on with the broker
+    back: it starts with those readings and sends them, each stored once, with what it
+    takes afterwards."""
+    c = _client(backend.api, backend.key)
+    device_id = f"{uid}-esp32"
+    created = c.post("/v1/devices", json={"id": device_id})
+    assert created.status_code == 201, created.text
+    key = created.json()["credentials"]["key"]
+    proxy = TcpProxy(("127.0.0.1", backend.broker.tls_port or 0))  # down until powered on again
+    config = firmware.config_text(
+        connection_string=f"HostName=127.0.0.1;Port={proxy.port};DeviceId={device_id};"
+                          f"SharedAccessKey={key}",
+        wifi_ssid="test", wifi_password="-", ca_file=firmware.CA_NAME, interval_s=0.2,
+        extra={"SOCKET_TIMEOUT_S": 2})
+    board = Board(micropython, board_build, tmp_path / "board", config, tls_files)
+    backlog = tmp_path / "board" / "backlog.jsonl"
+    try:
+        wait_until(lambda: backlog.exists() and backlog.read_bytes().count(b"\n") >= 15,
+                   timeout=30, what=f"readings in flash\n{board.console()[-2000:]}")
+        board.kill()  # a reset: RAM is gone, the file stays
+        kept = [json.loads(line) for line in backlog.read_bytes().splitlines()
+                if line.startswith(b"{") and line.endswith(b"}")]
+        assert len(kept) >= 15
+        proxy.up()
+        board.power_on()
+        assert "readings from before the reset" in await asyncio.to_thread(
+            wait_until, lambda: "connected as" in board.console() and board.console(),
+            timeout=30, what="the board connected after the reset")
+        # Every reading kept in flash is stored, at its own time.
+        wanted = {r["ts"] for r in kept}
+
+        async def stored() -> set[int]:
+            rows = await backend.db.fetch(
+                "SELECT (extract(epoch FROM time) * 1000)::bigint AS ms FROM readings "
+                "WHERE device_id = $1 AND metric = 'uptime_s'", device_id)
+            return {r["ms"] for r in rows}
+
+        deadline = time.monotonic() + 30
+        while not wanted <= (got := await stored()):
+            assert time.monotonic() < deadline, (len(wanted - got), board.console()[-2000:])
+            await asyncio.sleep(0.2)
+        wait_until(lambda: not backlog.exists(), what="the backlog file removed once sent")
+        answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
+        assert answer.status_code == 200, answer.text
+        assert board.wait_exit() == 0, board.console()[-3000:]
+    finally:
+        board.kill()
+        proxy.down()
+    counts = await backend.db.fetchval(
+        "SELECT count(*) = count(DISTINCT time) FROM readings WHERE device_id = $1 "
+        "AND metric = 'uptime_s'", device_id)
+    assert counts  # each reading once
+    REPORT.append(f"esp32 application: {len(kept)} readings kept in flash across a reset, "
+                  "all stored once after it")
+
+
+async def test_a_malformed_desired_twin_is_refused_with_a_reason_in_the_twin(
+    micropython: MicroPython, board_build: Path, backend: Backend, tls_files: TlsFiles,
+    tmp_path: Path, uid: str,
+) -> None:
+    """A desired value the board cannot apply, and one it does not know, are reported
+    back with the reason (`desired_errors`); garbage published on its c2d topic is
+    dropped with a log line; the board goes on (no crash, no reconnect)."""
+    c = _client(backend.api, backend.key)
+    device_id = f"{uid}-esp32"
+    created = c.post("/v1/devices", json={"id": device_id})
+    assert created.status_code == 201, created.text
+    config = firmware.config_text(
+        connection_string=created.json()["credentials"]["connection_string"],
+        wifi_ssid="test", wifi_password="-", ca_file=firmware.CA_NAME, interval_s=0.5)
+    board = Board(micropython, board_build, tmp_path / "board", config, tls_files)
+    try:
+        wait_until(lambda: c.get(f"/v1/devices/{device_id}").json()["online"], timeout=30,
+                   what=f"the board online\n{board.console()[-2000:]}")
+        patched = c.patch(f"/v1/devices/{device_id}/twin",
+                          json={"interval_s": "fast", "colour": "red"})
+        assert patched.status_code == 200, patched.text
+        twin = wait_until(
+            lambda: (t := c.get(f"/v1/devices/{device_id}/twin").json())["reported"]
+            .get("desired_errors") and t, timeout=30, what="the refusal reported")
+        errors = twin["reported"]["desired_errors"]
+        assert "interval_s must be a number" in errors["interval_s"], errors
+        assert errors["colour"] == "unknown here"
+        # Garbage where the API would put a cloud-to-device message.
+        garbage = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{uid}-svc")
+        garbage.username_pw_set(API_USER, SERVICES[API_USER])
+        garbage.connect("127.0.0.1", backend.broker.port)
+        garbage.loop_start()
+        for payload in (b"\xff\xfe not json", b"[1, 2]", b'{"body": "no id"}'):
+            garbage.publish(f"devices/{device_id}/c2d", payload, qos=1).wait_for_publish(10)
+        garbage.loop_stop()
+        garbage.disconnect()
+        # Fixed: applied whole, the errors cleared.
+        patched = c.patch(f"/v1/devices/{device_id}/twin",
+                          json={"interval_s": 1, "colour": None})
+        assert patched.status_code == 200, patched.text
+        wait_until(lambda: (r := c.get(f"/v1/devices/{device_id}/twin").json()["reported"])
+                   .get("interval_s") == 1 and "desired_errors" not in r, timeout=30,
+                   what="the corrected twin applied")
+        answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
+        assert answer.status_code == 200, answer.text
+        assert board.wait_exit() == 0, board.console()[-3000:]
+    finally:
+        board.kill()
+    console = board.console()
+    assert console.count("connected as") == 1, console  # no reconnect for any of it
+    assert "is not a JSON object" in console and "without an id" in console
+    assert "Traceback" not in console

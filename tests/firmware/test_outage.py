@@ -31,32 +31,19 @@ import asyncpg
 import pytest
 
 from fleetline_dev.embedded import LocalMosquitto
-from tests.firmware.conftest import REPORT, MicroPython, add_device, service_url
+from tests.firmware.conftest import REPORT, MicroPython, add_device, compiled, service_url
 from tests.firmware.test_unix_port import micropython_env, stored_ms
 from tests.support import IngestProcess, TcpProxy
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE = ROOT / "firmware" / "common" / "fleetline_device.py"
 DRIVER = Path(__file__).with_name("drive_outage.py")
 HEAP_KIB = 110  # what an ESP32 app has free
 LIVE, BACKLOG, AFTER = 3, 100, 3  # readings before, during and after the outage
 INTERVAL_S = 0.05
 RUN_TIMEOUT_SECONDS = 120  # the driver gives up by itself after 90 s
 STEP_TIMEOUT_SECONDS = 30
-
-
-def compiled(mp: MicroPython, folder: Path) -> Path:
-    """The core and umqtt.simple as ``.mpy`` files in ``folder``."""
-    (folder / "umqtt").mkdir(parents=True, exist_ok=True)
-    for source, target in ((CORE, folder / "fleetline_device.mpy"),
-                           (mp.umqtt_simple / "umqtt" / "simple.py",
-                            folder / "umqtt" / "simple.mpy")):
-        done = subprocess.run([str(mp.mpy_cross), "-o", str(target), str(source)],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-    return folder
 
 
 class Outage:
