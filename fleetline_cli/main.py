@@ -289,7 +289,8 @@ def device_connection_string(
 
 
 firmware_app = typer.Typer(
-    help="The device application for ESP32 boards (firmware/README.md).", no_args_is_help=True
+    help="The device application for MicroPython boards (firmware/README.md).",
+    no_args_is_help=True,
 )
 app.add_typer(firmware_app, name="firmware")
 
@@ -307,7 +308,7 @@ def _firmware_errors() -> Iterator[None]:
 
 @firmware_app.command("build")
 def firmware_build(
-    board: Annotated[str, typer.Option(help="The board: esp32.")] = "esp32",
+    board: Annotated[str, typer.Option(help="The board: esp32, esp8266 or pyboard.")] = "esp32",
     out: Annotated[
         Path | None, typer.Option(help="Folder to write (default: build/firmware-BOARD).")
     ] = None,

@@ -269,9 +269,12 @@ def test_the_core_runs_under_micropython() -> None:
                  for k, m in vectors],
         "tokens": tokens, "connection_string": conn, "device_id": device_id, "key": device_key,
     }
-    board_files = sorted((FIRMWARE / "esp32").glob("*.py"))
-    assert {p.name for p in board_files} >= {"boot.py", "main.py", "board.py",
-                                              "config.example.py"}
+    # Every MicroPython file of the firmware: the shared ones and each board's layer.
+    board_files = sorted([*(FIRMWARE / "common").glob("*.py"), *FIRMWARE.glob("*/board.py")])
+    assert {str(p.relative_to(FIRMWARE)) for p in board_files} >= {
+        "common/boot.py", "common/main.py", "common/fleetline_board.py",
+        "common/fleetline_umqtt.py", "common/config.example.py", "esp32/board.py",
+        "esp8266/board.py", "pyboard/board.py"}
     args = [node, str(MICROPYTHON_DIR / "run.mjs"),
             "--lib", str(FIRMWARE / "common" / "fleetline_device.py")]
     for path in board_files:

@@ -1,7 +1,7 @@
 """Run by the MicroPython unix port, not by CPython (tests/firmware/test_unix_port.py).
 
 The device core (firmware/common/fleetline_device.py) with micropython-lib's
-umqtt.simple as its client, as firmware/esp32/main.py wires them, takes ``readings``
+umqtt.simple as its client, as firmware/common/main.py wires them, takes ``readings``
 readings ``interval_s`` apart, sends each, says offline and disconnects. Prints the
 core's log, one ``reading {...}`` line per reading taken (its JSON as it is published)
 and, last, one ``result {...}`` line: the device's counters and the heap.

@@ -65,24 +65,28 @@ HEAP_KIB = 110
 RUN_TIMEOUT_SECONDS = 120
 
 
-@pytest.fixture(scope="module")
-def board_build(micropython: MicroPython, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`fleetline firmware build --board esp32`, and umqtt.simple as `mip install` puts it
+def build(mp: MicroPython, out: Path, board: str) -> Path:
+    """`fleetline firmware build --board BOARD`, and umqtt.simple as `mip install` puts it
     on a board (a board's MicroPython firmware usually has it frozen in)."""
-    out = tmp_path_factory.mktemp("esp32-build") / "esp32"
-    done = fleetline("firmware", "build", "--board", "esp32", "--out", str(out),
-                     "--mpy-cross", str(micropython.mpy_cross))
+    done = fleetline("firmware", "build", "--board", board, "--out", str(out),
+                     "--mpy-cross", str(mp.mpy_cross))
     assert done.returncode == 0, done.stderr
     assert "mpy-cross emitting mpy v6" in done.stdout
     assert {p.name for p in out.iterdir()} == {
-        "fleetline_device.mpy", "fleetline_umqtt.mpy", "board.mpy", "boot.py", "main.py"}
+        "fleetline_device.mpy", "fleetline_umqtt.mpy", "fleetline_board.mpy", "board.mpy",
+        "boot.py", "main.py"}
     (out / "umqtt").mkdir()
     done = subprocess.run(
-        [str(micropython.mpy_cross), "-o", str(out / "umqtt" / "simple.mpy"),
-         str(micropython.umqtt_simple / "umqtt" / "simple.py")],
+        [str(mp.mpy_cross), "-o", str(out / "umqtt" / "simple.mpy"),
+         str(mp.umqtt_simple / "umqtt" / "simple.py")],
         capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def board_build(micropython: MicroPython, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(micropython, tmp_path_factory.mktemp("esp32-build") / "esp32", "esp32")
 
 
 @dataclass
@@ -130,16 +134,24 @@ class Board:
     running ``boot.py`` then ``main.py``; the fakes' files say what happened."""
 
     def __init__(self, mp: MicroPython, build: Path, folder: Path, config: str,
-                 tls: TlsFiles) -> None:
+                 tls: TlsFiles, heap_kib: int = HEAP_KIB) -> None:
         self.folder = folder
         self.fakes = folder / "fakes"
-        self.fakes.mkdir(parents=True)
+        self.fakes.mkdir(parents=True, exist_ok=True)
         (folder / firmware.CONFIG_NAME).write_text(config)
         shutil.copyfile(tls.ca_cert, folder / firmware.CA_NAME)
         self.log_path = folder / "console.log"
-        self.env = micropython_env(FAKES, folder, build)
+        # The fakes compiled, as the modules they stand for are built into a board's
+        # firmware (compiling them at import would take heap a board does not spend).
+        fakes_mpy = folder / "fakes-mpy"
+        fakes_mpy.mkdir(parents=True, exist_ok=True)
+        for fake in FAKES.glob("*.py"):
+            done = subprocess.run([str(mp.mpy_cross), "-o", str(fakes_mpy / f"{fake.stem}.mpy"),
+                                   str(fake)], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+        self.env = micropython_env(fakes_mpy, folder, build)
         self.env["FLEETLINE_FAKES"] = str(self.fakes)
-        self.command = [str(mp.micropython), "-X", f"heapsize={HEAP_KIB}K", "-c",
+        self.command = [str(mp.micropython), "-X", f"heapsize={heap_kib}K", "-c",
                         "import boot\nimport main"]
         self.power_on()
 
@@ -353,6 +365,7 @@ def test_firmware_config_and_flash_commands(
     assert words[:3] == ["mpremote", "connect", "/dev/ttyUSB0"] and words[-1] == "reset"
     copied = {w.lstrip(":") for w in words if w.startswith(":")}
     assert copied == {"board.mpy", "boot.py", "ca.crt", "config_local.py", "fleetline_device.mpy",
+                      "fleetline_board.mpy",
                       "fleetline_umqtt.mpy", "main.py"}
     missing = fleetline("firmware", "flash", "--port", "/dev/ttyUSB0", "--build",
                         str(tmp_path / "nothing"))
@@ -517,3 +530,63 @@ async def test_a_malformed_desired_twin_is_refused_with_a_reason_in_the_twin(
     assert console.count("connected as") == 1, console  # no reconnect for any of it
     assert "is not a JSON object" in console and "without an id" in console
     assert "Traceback" not in console
+
+
+ESP8266_METRICS = {"adc": 1024.0, "temperature": 21.5, "humidity": 40.0}
+
+
+@pytest.mark.parametrize(
+    ("board", "heap_kib", "tls", "metrics"),
+    [
+        ("esp8266", 80, True, ESP8266_METRICS),
+        ("esp8266", 72, False, ESP8266_METRICS),
+        ("pyboard", 100, True, {"adc": 3000.0, "mcu_temp": 36.6}),
+    ],
+    ids=["esp8266-tls", "esp8266-plain", "pyboard-tls"],
+)
+async def test_the_other_board_layers_run_the_same_application(
+    micropython: MicroPython, backend: Backend, tls_files: TlsFiles, tmp_path: Path,
+    uid: str, board: str, heap_kib: int, tls: bool, metrics: dict[str, float],
+) -> None:
+    """`fleetline firmware build --board esp8266|pyboard`: the same core and main.py with
+    the board's own layer (Wi-Fi or the Pyboard's Ethernet, its ADC, a DHT22, the STM32's
+    temperature), over TLS, in the board's heap."""
+    out = build(micropython, tmp_path / "build", board)
+    c = _client(backend.api, backend.key)
+    device_id = f"{uid}-{board}"
+    created = c.post("/v1/devices", json={"id": device_id})
+    assert created.status_code == 201, created.text
+    connection_string = created.json()["credentials"]["connection_string"]
+    if not tls:  # the broker's plain listener
+        connection_string = connection_string.replace(
+            f"Port={backend.broker.tls_port};", f"Port={backend.broker.port};")
+    config = firmware.config_text(
+        connection_string=connection_string, wifi_ssid="test", wifi_password="-",
+        ca_file=firmware.CA_NAME if tls else None, interval_s=0.5,
+        extra={"ADC_PIN": 0 if board == "esp8266" else "X19", "WATCHDOG_S": 20,
+               **({"DHT_PIN": 4} if board == "esp8266" else {})})
+    fakes = tmp_path / "board" / "fakes"
+    fakes.mkdir(parents=True)
+    (fakes / "adc").write_text("3000")
+    (fakes / "dht").write_text("21.5 40.0")
+    running = Board(micropython, out, tmp_path / "board", config, tls_files, heap_kib=heap_kib)
+    try:
+        latest = wait_until(
+            lambda: (m := c.get(f"/v1/devices/{device_id}/latest").json().get("metrics", {}))
+            and set(metrics) <= set(m) and m, timeout=30,
+            what=f"the {board}'s readings\n{running.console()[-2000:]}")
+        assert {name: latest[name]["value"] for name in metrics} == metrics
+        twin = wait_until(lambda: (t := c.get(f"/v1/devices/{device_id}/twin").json())
+                          ["reported"].get("platform") and t, what="the reported platform")
+        assert twin["reported"]["platform"] == board
+        answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
+        assert answer.status_code == 200, answer.text
+        assert running.wait_exit() == 0, running.console()[-3000:]
+    finally:
+        running.kill()
+    console = running.console()
+    assert "Traceback" not in console and "MemoryError" not in console, console[-3000:]
+    free = [r["value"] for r in await _readings(backend.db, device_id, "mem_free")]
+    REPORT.append(f"{board} application {'over TLS' if tls else 'without TLS'} in a "
+                  f"{heap_kib} KiB heap: the least free heap a reading reported "
+                  f"{min(free):,.0f} bytes")

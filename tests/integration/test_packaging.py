@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_SOURCES = ["pyproject.toml", "README.md", "fleetline", "fleetline_cli", "fleetline_dev",
                    "services", "migrations", "deploy/mosquitto", "firmware/common",
-                   "firmware/esp32"]
+                   "firmware/esp32", "firmware/esp8266", "firmware/pyboard"]
 IGNORED = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so", "node_modules")
 
 CHECK = """

@@ -71,3 +71,6 @@ class ADC:
                 return int(f.read())
         except OSError:
             return 0
+
+    def read(self):  # the ESP8266's A0: 0-1024
+        return min(1024, self.read_u16())

@@ -1,5 +1,6 @@
-# A fake of MicroPython's `network` (tests/firmware/test_board.py): the Wi-Fi is up
-# unless the file `wifi_down` exists in the folder FLEETLINE_FAKES names.
+# A fake of MicroPython's `network` (tests/firmware/test_board.py): the Wi-Fi (and the
+# Pyboard's Ethernet) is up unless the file `wifi_down` exists in the folder
+# FLEETLINE_FAKES names.
 import os
 
 STA_IF = 0
@@ -34,3 +35,16 @@ class WLAN:
         if _down():
             raise OSError("not connected")
         return -50
+
+
+class WIZNET5K:
+    """The Pyboard's Ethernet module: up unless `wifi_down` exists (one switch for both)."""
+
+    def __init__(self, spi, cs, rst):
+        self.spi = spi
+
+    def isconnected(self):
+        return not _down()
+
+    def ifconfig(self):
+        return ("127.0.0.1", "255.0.0.0", "127.0.0.1", "127.0.0.1")

@@ -1,6 +1,7 @@
-# fleetline reference firmware for ESP32 boards (MicroPython): telemetry, twin, direct
-# methods and cloud-to-device messages over MQTT (firmware/README.md). The protocol lives
-# in fleetline_device.py; this file wires the board to it.
+# fleetline reference firmware for MicroPython boards (ESP32, ESP8266, Pyboard): telemetry,
+# twin, direct methods and cloud-to-device messages over MQTT (firmware/README.md). The
+# protocol lives in fleetline_device.py, the board's hardware in board.py (the board
+# layer `fleetline firmware build --board` puts there); this file wires the two.
 import board
 import config_local as config
 import fleetline_device
@@ -26,7 +27,11 @@ def main():
         reboot=machine.reset,
         sync_clock=lambda: board.sync_clock(config),
         feed=board.Feeder(wdt).feed,
-        reported={"fw": fleetline_device.VERSION, "model": board.model(), "platform": "esp32"},
+        reported={
+            "fw": fleetline_device.VERSION,
+            "model": board.model(),
+            "platform": board.PLATFORM,
+        },
         log=board.log,
         # Readings taken offline, kept in flash across a reset ("" to keep them in RAM only).
         backlog_file=getattr(config, "BACKLOG_FILE", "backlog.jsonl"),
@@ -38,4 +43,12 @@ def main():
     device.run()
 
 
-main()
+try:
+    main()
+except Exception as exc:  # noqa: BLE001 - whatever stopped it, the board must come back
+    # Not a tight loop: the console says why, and the board starts again after a pause.
+    board.log("main: " + repr(exc) + "; resetting in 10 s")
+    import time
+
+    time.sleep(10)
+    machine.reset()

@@ -1,0 +1,169 @@
+# What every MicroPython board layer shares (esp32/, esp8266/ and pyboard/board.py build on
+# it): the console log, the settings, the MQTT client with TLS and bounded waits, the
+# Wi-Fi join, the clock, a relay and the watchdog. MicroPython only.
+import gc
+import json
+import time
+
+import fleetline_device
+import fleetline_umqtt
+import machine
+
+WIFI_TIMEOUT_MS = 20000
+# A read or write on the broker connection gives up after this long (fleetline_umqtt).
+SOCKET_TIMEOUT_S = 10
+GC_EVERY_MS = 5000
+
+
+def log(text):
+    print(text)  # noqa: T201 - the serial console is the board's log
+
+
+def show_message(body, properties):
+    """A cloud-to-device message, as the reference firmware takes it: printed, then
+    completed. Return False (or raise) to reject one."""
+    log("c2d: " + json.dumps({"body": body, "properties": properties}))
+
+
+def ca_file(config):
+    """The CA certificate file the broker is verified against; empty: plain MQTT."""
+    return getattr(config, "CA_FILE", "")
+
+
+def credentials(config):
+    """(device id, key, host, port) from CONNECTION_STRING or the separate settings."""
+    default_port = 8883 if ca_file(config) else 1883
+    text = getattr(config, "CONNECTION_STRING", "")
+    if text:
+        parts = fleetline_device.parse_connection_string(text)
+        return (
+            parts["DeviceId"],
+            parts["SharedAccessKey"],
+            parts["HostName"],
+            int(parts.get("Port") or default_port),
+        )
+    port = getattr(config, "MQTT_PORT", default_port)
+    return config.DEVICE_ID, config.DEVICE_KEY, config.MQTT_HOST, port
+
+
+def connect_wlan(config, wait_ms=WIFI_TIMEOUT_MS):
+    """Join the Wi-Fi, waiting up to ``wait_ms`` (boot.py); with 0, only start joining and
+    say whether it is up: the device core then waits between attempts, taking readings
+    and feeding the watchdog, instead of blocking here."""
+    import network
+
+    wlan = network.WLAN(network.STA_IF)
+    wlan.active(True)
+    if wlan.isconnected():
+        return wlan
+    try:
+        wlan.connect(config.WIFI_SSID, config.WIFI_PASSWORD)
+    except OSError as exc:  # already joining
+        log("wifi: " + repr(exc))
+    start = time.ticks_ms()
+    while not wlan.isconnected():
+        if time.ticks_diff(time.ticks_ms(), start) >= wait_ms:
+            raise OSError("Wi-Fi: no connection to " + config.WIFI_SSID)
+        time.sleep_ms(200)
+    log("wifi: " + wlan.ifconfig()[0])
+    return wlan
+
+
+def sync_clock(config):
+    import ntptime
+
+    ntptime.host = getattr(config, "NTP_HOST", "pool.ntp.org")
+    ntptime.settime()  # UTC; raises OSError when the server does not answer
+    log("clock: " + str(fleetline_device.epoch_s()))
+
+
+def mqtt_client_factory(mqtt_class, config, join_network):
+    """umqtt.simple's MQTTClient with bounded waits and, with CA_FILE, TLS verified
+    against that CA (fleetline_umqtt), made only once ``join_network(config, wait_ms=0)``
+    says the network is up (the core calls this before every connection attempt)."""
+    timeout_s = getattr(config, "SOCKET_TIMEOUT_S", SOCKET_TIMEOUT_S)
+    path = ca_file(config)
+    made = []  # the client class, once made: its TLS context is made at the first attempt
+
+    def make(client_id, server, port, user, password, keepalive):
+        join_network(config, wait_ms=0)
+        if not made:
+            # Here, not at start: a failure (no CA file, no memory) is a failed attempt,
+            # retried with backoff, not a firmware that stops.
+            tls = None
+            if path:
+                with open(path, "rb") as f:
+                    tls = fleetline_umqtt.tls_context(f.read())
+            made.append(fleetline_umqtt.client_class(mqtt_class, timeout_s, tls))
+        return made[0](client_id, server, port, user, password, keepalive)
+
+    return make
+
+
+def model(default):
+    import sys
+
+    return sys.implementation._machine if hasattr(sys.implementation, "_machine") else default
+
+
+def dht_reader(config):
+    """A DHT22 (or DHT11) on DHT_PIN, when configured: a function returning (temperature
+    in degrees Celsius, relative humidity in %), or None."""
+    pin = getattr(config, "DHT_PIN", None)
+    if pin is None:
+        return None
+    import dht
+
+    kind = dht.DHT11 if getattr(config, "DHT_MODEL", "DHT22") == "DHT11" else dht.DHT22
+    sensor = kind(machine.Pin(pin))
+
+    def read():
+        try:
+            sensor.measure()  # at most once every 2 s; OSError on a bad read
+        except OSError as exc:
+            log("dht: " + repr(exc))
+            return None
+        return sensor.temperature(), sensor.humidity()
+
+    return read
+
+
+class Relay:
+    def __init__(self, pin, active_high=True):
+        self.active_high = active_high
+        self.pin = machine.Pin(pin, machine.Pin.OUT, value=0 if active_high else 1)
+
+    def set(self, on):
+        self.pin.value(1 if on == self.active_high else 0)
+
+    def is_on(self):
+        return bool(self.pin.value()) == self.active_high
+
+
+class Feeder:
+    """Called on every loop: feeds the watchdog, collects garbage now and then."""
+
+    def __init__(self, wdt):
+        self.wdt = wdt
+        self.last_gc = time.ticks_ms()
+
+    def feed(self):
+        if self.wdt is not None:
+            self.wdt.feed()
+        if time.ticks_diff(time.ticks_ms(), self.last_gc) > GC_EVERY_MS:
+            gc.collect()
+            self.last_gc = time.ticks_ms()
+
+
+class Uptime:
+    """Milliseconds since start, through ticks wrapping around."""
+
+    def __init__(self):
+        self.ms = 0
+        self.last = time.ticks_ms()
+
+    def seconds(self):
+        now = time.ticks_ms()
+        self.ms += time.ticks_diff(now, self.last)
+        self.last = now
+        return self.ms // 1000
