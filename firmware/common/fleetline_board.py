@@ -100,6 +100,11 @@ def mqtt_client_factory(mqtt_class, config, join_network):
     return make
 
 
+def wifi_client_factory(mqtt_class, config):
+    """mqtt_client_factory for a board on Wi-Fi (the ESP32s, the ESP8266)."""
+    return mqtt_client_factory(mqtt_class, config, connect_wlan)
+
+
 def model(default):
     import sys
 

@@ -6,16 +6,10 @@ import fleetline_board
 import machine
 import network
 from fleetline_board import Feeder, Relay, credentials, log, show_message, sync_clock  # noqa: F401
+from fleetline_board import connect_wlan as connect_network  # noqa: F401
+from fleetline_board import wifi_client_factory as mqtt_client_factory  # noqa: F401
 
 PLATFORM = "esp32"
-
-
-def connect_network(config, wait_ms=fleetline_board.WIFI_TIMEOUT_MS):
-    return fleetline_board.connect_wlan(config, wait_ms)
-
-
-def mqtt_client_factory(mqtt_class, config):
-    return fleetline_board.mqtt_client_factory(mqtt_class, config, connect_network)
 
 
 def model():

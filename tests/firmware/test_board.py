@@ -190,6 +190,14 @@ def _client(api: ApiProcess, key: str) -> httpx.Client:
     return httpx.Client(base_url=api.url, timeout=30, headers={"Authorization": f"Bearer {key}"})
 
 
+def _register(c: httpx.Client, device_id: str) -> dict[str, Any]:
+    """Register a device over REST; its credentials (key, connection string)."""
+    created = c.post("/v1/devices", json={"id": device_id})
+    assert created.status_code == 201, created.text
+    credentials: dict[str, Any] = created.json()["credentials"]
+    return credentials
+
+
 async def _readings(db: asyncpg.Pool[Any], device_id: str, metric: str) -> list[Any]:
     return await db.fetch(
         "SELECT time, value FROM readings WHERE device_id = $1 AND metric = $2 ORDER BY time",
@@ -203,9 +211,7 @@ async def test_the_esp32_application_runs_over_tls_against_the_real_services(
     c = _client(backend.api, backend.key)
     db = backend.db
     device_id = f"{uid}-esp32"
-    created = c.post("/v1/devices", json={"id": device_id})
-    assert created.status_code == 201, created.text
-    connection_string = created.json()["credentials"]["connection_string"]
+    connection_string = _register(c, device_id)["connection_string"]
     assert f"Port={backend.broker.tls_port};" in connection_string  # the TLS listener
     config = firmware.config_text(
         connection_string=connection_string, wifi_ssid="test", wifi_password="-",
@@ -273,9 +279,7 @@ async def test_wifi_drop_and_silent_link_keep_sampling_and_lose_nothing(
     c = _client(backend.api, backend.key)
     db = backend.db
     device_id = f"{uid}-esp32"
-    created = c.post("/v1/devices", json={"id": device_id})
-    assert created.status_code == 201, created.text
-    key = created.json()["credentials"]["key"]
+    key = _register(c, device_id)["key"]
     proxy = TcpProxy(("127.0.0.1", backend.broker.tls_port or 0))
     proxy.up()
     interval_s, timeout_s = 0.5, 2
@@ -427,9 +431,7 @@ async def test_readings_taken_offline_survive_a_reset_and_are_sent_once(
     takes afterwards."""
     c = _client(backend.api, backend.key)
     device_id = f"{uid}-esp32"
-    created = c.post("/v1/devices", json={"id": device_id})
-    assert created.status_code == 201, created.text
-    key = created.json()["credentials"]["key"]
+    key = _register(c, device_id)["key"]
     proxy = TcpProxy(("127.0.0.1", backend.broker.tls_port or 0))  # down until powered on again
     config = firmware.config_text(
         connection_string=f"HostName=127.0.0.1;Port={proxy.port};DeviceId={device_id};"
@@ -487,10 +489,8 @@ async def test_a_malformed_desired_twin_is_refused_with_a_reason_in_the_twin(
     dropped with a log line; the board goes on (no crash, no reconnect)."""
     c = _client(backend.api, backend.key)
     device_id = f"{uid}-esp32"
-    created = c.post("/v1/devices", json={"id": device_id})
-    assert created.status_code == 201, created.text
     config = firmware.config_text(
-        connection_string=created.json()["credentials"]["connection_string"],
+        connection_string=_register(c, device_id)["connection_string"],
         wifi_ssid="test", wifi_password="-", ca_file=firmware.CA_NAME, interval_s=0.5)
     board = Board(micropython, board_build, tmp_path / "board", config, tls_files)
     try:
@@ -554,9 +554,7 @@ async def test_the_other_board_layers_run_the_same_application(
     out = build(micropython, tmp_path / "build", board)
     c = _client(backend.api, backend.key)
     device_id = f"{uid}-{board}"
-    created = c.post("/v1/devices", json={"id": device_id})
-    assert created.status_code == 201, created.text
-    connection_string = created.json()["credentials"]["connection_string"]
+    connection_string = _register(c, device_id)["connection_string"]
     if not tls:  # the broker's plain listener
         connection_string = connection_string.replace(
             f"Port={backend.broker.tls_port};", f"Port={backend.broker.port};")
