@@ -25,6 +25,9 @@ import time
 KEY_BYTES = 32
 DEFAULT_TOKEN_TTL_SECONDS = 3600
 MAX_TOKEN_TTL_SECONDS = 366 * 24 * 3600
+# A token may run this much past MAX_TOKEN_TTL_SECONDS when checked: the clocks of the
+# signer and the checker (the broker's auth plugin allows the same).
+TOKEN_CLOCK_SLACK_SECONDS = 300
 MIN_SECRET_BYTES = 32
 
 
@@ -88,8 +91,9 @@ def verify_password(key: str, device_id: str, password: str, *, now: float | Non
     sig, sep, expiry = password[4:].partition("&se=")
     if not sep or not expiry.isdigit():
         return False
-    if int(expiry) <= (time.time() if now is None else now):
-        return False
+    current = time.time() if now is None else now
+    if not current < int(expiry) <= current + MAX_TOKEN_TTL_SECONDS + TOKEN_CLOCK_SLACK_SECONDS:
+        return False  # expired, or valid longer than any token fleetline signs
     return hmac.compare_digest(sig.encode(), sign(key, device_id, int(expiry)).encode())
 
 

@@ -34,12 +34,6 @@ class MqttTarget(BaseModel):
     tls: bool = False
     ca_file: str | None = None
 
-    @property
-    def url(self) -> str:
-        """The URL without credentials: what a log line or a device may be shown."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
-
 
 def parse_mqtt_url(url: str, *, ca_file: str | None = None) -> MqttTarget:
     parts = urlsplit(url)

@@ -385,6 +385,10 @@ def firmware_config(
             target = parse_mqtt_url(mqtt_url)
         except (devicekeys.DeviceKeyError, ValueError) as exc:
             raise typer.BadParameter(str(exc)) from None
+        if target.tls == plain:  # mqtts:// with --plain, or mqtt:// with a CA
+            raise typer.BadParameter(
+                "mqtts:// goes with --ca-file, mqtt:// with --plain", param_hint="--mqtt-url"
+            )
         connection_string = devicekeys.connection_string(
             host=target.host, port=target.port, device_id=device_id, key=key
         )

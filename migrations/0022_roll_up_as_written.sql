@@ -17,16 +17,19 @@
 
 DO $$
 BEGIN
-    -- The marks and the functions that wrote and consumed them go, on both backends
-    -- (TimescaleDB had the table, always empty, and the roll-up as a no-op).
+    -- The functions that wrote and consumed the marks are no longer defined by
+    -- migrations/functions/. For one release the previous release's processes keep
+    -- working during a rolling upgrade: rollup_pending stays (empty: its API reads no
+    -- pending hours) and fleetline_roll_up becomes a no-op (its ingest calls it).
     IF to_regclass('schema_definitions') IS NOT NULL THEN
         DELETE FROM schema_definitions
         WHERE name IN ('fleetline_roll_up', 'fleetline_mark_rollups');
     END IF;
+    CREATE OR REPLACE FUNCTION fleetline_roll_up(
+        max_marks INTEGER, settle INTERVAL DEFAULT INTERVAL '0 seconds'
+    ) RETURNS INTEGER LANGUAGE sql AS $f$ SELECT 0 $f$;
     IF current_setting('fleetline.timescale') = 'on' THEN
-        DROP FUNCTION fleetline_roll_up(INTEGER, INTERVAL);
         DROP FUNCTION IF EXISTS fleetline_mark_rollups();
-        DROP TABLE rollup_pending;
         RETURN;
     END IF;
 
@@ -62,23 +65,26 @@ BEGIN
     -- The time of each bucket's last value, from the raw rows still kept (a bucket whose
     -- raw rows expired keeps NULL: ingest refuses readings that old, so no new reading
     -- competes with its last value).
+    -- One pass over the raw rows (all within the raw retention), grouped, not a lookup
+    -- per rollup row.
     ALTER TABLE telemetry_1m ADD COLUMN last_ts TIMESTAMPTZ;
     ALTER TABLE telemetry_1h ADD COLUMN last_ts TIMESTAMPTZ;
-    UPDATE telemetry_1m r SET last_ts = (
-        SELECT max(d.ts) FROM telemetry d
-        WHERE d.series_id = r.series_id AND d.value IS NOT NULL
-          AND d.ts >= r.bucket AND d.ts < r.bucket + INTERVAL '1 minute')
-    WHERE r.last IS NOT NULL;
-    UPDATE telemetry_1h r SET last_ts = (
-        SELECT max(m.last_ts) FROM telemetry_1m m
-        WHERE m.series_id = r.series_id
-          AND m.bucket >= r.bucket AND m.bucket < r.bucket + INTERVAL '1 hour')
-    WHERE r.last IS NOT NULL;
+    UPDATE telemetry_1m r SET last_ts = x.last_ts
+    FROM (SELECT series_id,
+                 date_bin(INTERVAL '1 minute', ts, TIMESTAMPTZ '2000-01-01 00:00+00') AS bucket,
+                 max(ts) AS last_ts
+          FROM telemetry WHERE value IS NOT NULL GROUP BY 1, 2) x
+    WHERE r.series_id = x.series_id AND r.bucket = x.bucket AND r.last IS NOT NULL;
+    UPDATE telemetry_1h r SET last_ts = x.last_ts
+    FROM (SELECT series_id,
+                 date_bin(INTERVAL '1 hour', bucket, TIMESTAMPTZ '2000-01-01 00:00+00') AS bucket,
+                 max(last_ts) AS last_ts
+          FROM telemetry_1m WHERE last_ts IS NOT NULL GROUP BY 1, 2) x
+    WHERE r.series_id = x.series_id AND r.bucket = x.bucket AND r.last IS NOT NULL;
 
     DROP TRIGGER telemetry_rollup_marks ON telemetry;
     DROP FUNCTION fleetline_mark_rollups();
-    DROP FUNCTION fleetline_roll_up(INTEGER, INTERVAL);
-    DROP TABLE rollup_pending;
+    TRUNCATE rollup_pending;
 
     CREATE FUNCTION fleetline_add_to_rollups() RETURNS trigger
     LANGUAGE plpgsql AS $f$

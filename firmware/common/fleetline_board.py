@@ -56,10 +56,12 @@ def connect_wlan(config, wait_ms=WIFI_TIMEOUT_MS):
     wlan.active(True)
     if wlan.isconnected():
         return wlan
-    try:
-        wlan.connect(config.WIFI_SSID, config.WIFI_PASSWORD)
-    except OSError as exc:  # already joining
-        log("wifi: " + repr(exc))
+    # A join in progress is left to finish (connecting again would restart it).
+    if wlan.status() != getattr(network, "STAT_CONNECTING", -1):
+        try:
+            wlan.connect(config.WIFI_SSID, config.WIFI_PASSWORD)
+        except OSError as exc:
+            log("wifi: " + repr(exc))
     start = time.ticks_ms()
     while not wlan.isconnected():
         if time.ticks_diff(time.ticks_ms(), start) >= wait_ms:

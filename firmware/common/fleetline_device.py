@@ -269,8 +269,8 @@ class Device:
         self.c2d_acted = 0
         self.last_error = None
         self.backlog_write_errors = 0
-        self._dropped_reported = 0
-        self._desired_errors = False
+        self._dropped_reported = (0, 0)
+        self._desired_errors = []  # the names last reported in desired_errors
         # Readings taken offline, also in flash: a reset keeps them (see _save_backlog).
         self._backlog_file = backlog_file
         self._file_lines = 0
@@ -399,10 +399,12 @@ class Device:
         self.last_error = None
         self.connects += 1
         self._log("fleetline: connected as " + self.device_id)
-        if self.readings_dropped != self._dropped_reported:
-            # Readings lost to a full backlog (oldest first), so far: in the twin.
-            self.report({"backlog_dropped": self.readings_dropped})
-            self._dropped_reported = self.readings_dropped
+        if (self.readings_dropped, self.backlog_write_errors) != self._dropped_reported:
+            # Readings lost to a full backlog (oldest first), and failed writes of its
+            # file, so far: in the twin.
+            self.report({"backlog_dropped": self.readings_dropped,
+                         "backlog_write_errors": self.backlog_write_errors})
+            self._dropped_reported = (self.readings_dropped, self.backlog_write_errors)
         return True
 
     def _backoff_s(self) -> float:
@@ -556,6 +558,9 @@ class Device:
         lines = []
         try:
             with open(self._backlog_file, "rb") as f:
+                # Only this device's: a board configured anew for another id drops them.
+                if f.readline().strip() != self._backlog_header():
+                    raise OSError("another device's backlog")
                 for line in f:
                     line = line.strip()
                     # A line cut short by a reset mid-write is left out.
@@ -571,10 +576,14 @@ class Device:
         self._file_lines = len(lines)
         self._log("fleetline: " + str(len(lines)) + " readings from before the reset")
 
+    def _backlog_header(self) -> bytes:
+        return ("#" + self.device_id).encode()
+
     def _append_backlog(self, text: bytes) -> None:
-        if not self._backlog_file:
+        if not self._backlog_file or b'"ts"' not in text:
+            # A reading without its own time would be stamped at its late arrival.
             return
-        if self._file_lines >= 2 * self.backlog_readings:
+        if self._file_lines == 0 or self._file_lines >= 2 * self.backlog_readings:
             self._save_backlog()
             return
         try:
@@ -585,14 +594,22 @@ class Device:
             self._backlog_error(exc)
 
     def _save_backlog(self) -> None:
+        """The backlog written anew: into a temporary file, then renamed over the old
+        one, so a reset while writing leaves the previous file whole."""
         if not self._backlog_file:
             return
+        temporary = self._backlog_file + ".tmp"
         try:
-            with open(self._backlog_file, "wb") as f:
+            import os
+
+            with open(temporary, "wb") as f:
+                f.write(self._backlog_header() + b"\n")
                 for text in self.backlog:
-                    f.write(text)
-                    f.write(b"\n")
-            self._file_lines = len(self.backlog)
+                    if b'"ts"' in text:
+                        f.write(text)
+                        f.write(b"\n")
+            os.rename(temporary, self._backlog_file)
+            self._file_lines = len(self.backlog) or 1
         except OSError as exc:
             self._backlog_error(exc)
 
@@ -720,10 +737,17 @@ class Device:
         for name in errors:
             self._log("fleetline: desired " + name + " not applied: " + errors[name])
         # Why a desired value was refused, beside the values: the operator sees it in the
-        # twin (null, removing it, once a document is applied whole).
-        if errors or self._desired_errors:
-            patch["desired_errors"] = errors or None
-        self._desired_errors = bool(errors)
+        # twin. The reported twin merges patches, so a name no longer in error is sent as
+        # null, and the whole member once a document is applied whole.
+        if errors:
+            report = dict(errors)
+            for name in self._desired_errors:
+                if name not in errors:
+                    report[name] = None
+            patch["desired_errors"] = report
+        elif self._desired_errors:
+            patch["desired_errors"] = None
+        self._desired_errors = list(errors)
         patch["desired_version"] = version
         self.desired_version = version
         self.report(patch)

@@ -75,6 +75,7 @@ class _TimedSocket:
             n = self.stream.write(view[sent:])
             if n:
                 sent += n
+                started = time.ticks_ms()  # progress: the timeout counts from here
             else:
                 self._wait(started, select.POLLOUT)
         return sent
@@ -92,6 +93,7 @@ class _TimedSocket:
                 raise OSError(errno.ECONNRESET)
             else:
                 data += chunk
+                started = time.ticks_ms()  # progress: the timeout counts from here
         return data
 
     def setblocking(self, flag: bool) -> None:

@@ -523,7 +523,8 @@ async def test_failed_logins_are_throttled_with_backoff(
 ) -> None:
     """Five wrong passwords for one client id from one address, then even the right key
     is refused unchecked until the backoff (1 s, doubling) has passed; another device
-    from the same address is not held up; a login once it has passed clears the count."""
+    from the same address is not held up, nor a service account whose client id a
+    stranger failed with; a login once it has passed clears the count."""
     await add_device(db, uid)
     await add_device(db, f"{uid}-other")
     for n in range(5):
@@ -539,6 +540,13 @@ async def test_failed_logins_are_throttled_with_backoff(
     other = await run(Client, auth_broker, f"{uid}-other", f"{uid}-other", key_for(f"{uid}-other"))
     assert other.ok, other.connack
     other.close()
+    # A stranger fails ten times with a service's client id: the service still logs in.
+    for n in range(10):
+        stranger = await run(Client, auth_broker, f"svc-{uid}", f"svc-{uid}", f"wrong-{n}")
+        assert stranger.refused
+    svc = await run(service, auth_broker, f"svc-{uid}")
+    assert svc.ok, svc.connack
+    svc.close()
     await asyncio.sleep(max(0.0, 1.1 - (time.monotonic() - started)))
     client = await run(Client, auth_broker, uid, uid, key_for(uid))
     assert client.ok, client.connack

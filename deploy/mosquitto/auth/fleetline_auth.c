@@ -67,17 +67,18 @@
 #define REVALIDATE_BATCH 5000 /* connected devices checked per tick after a reconnection */
 #define LOG_FIELD_MAX 160
 /* A SAS token may be valid this long at most (plugin_opt_max_token_seconds): the API
- * signs tokens for up to 366 days. */
+ * signs tokens for up to 366 days. TOKEN_CLOCK_SLACK_SECONDS more are allowed for the
+ * clocks of the signer and the broker (fleetline/devicekeys.py checks the same). */
 #define DEFAULT_MAX_TOKEN_SECONDS (366LL * 24 * 3600)
-/* Failed logins: free attempts per client id from one address, per client id from any,
- * and per address whatever the client id; then each further attempt waits a backoff
- * doubling from 1 s to 5 min (refused unchecked meanwhile). An entry is forgotten 10
- * minutes after its last failure; a successful login clears its client id's. The wider
- * keys allow more: devices behind one NAT share an address, and a device's id is no
- * secret, so a stranger's failures must not lock it out for long. */
+#define TOKEN_CLOCK_SLACK_SECONDS 300
+/* Failed device logins, per client id and source address: 5 free, then each further
+ * attempt of that pair waits a backoff doubling from 1 s to 5 min (refused unchecked
+ * meanwhile). An entry is forgotten 10 minutes after its last failure, or at the pair's
+ * next good login. Only the pair is throttled: a device's id is no secret and devices
+ * behind one NAT share an address, so neither alone may lock anyone out; and service
+ * accounts, checked first, are never throttled (a stranger must not be able to lock
+ * ingest out by using its client id). */
 #define FAILURES_FREE_PER_PAIR 5
-#define FAILURES_FREE_PER_ID 20
-#define FAILURES_FREE_PER_ADDRESS 100
 #define THROTTLE_MIN_MS 1000
 #define THROTTLE_MAX_MS 300000
 #define FAILURES_FORGET_MS 600000
@@ -127,7 +128,7 @@ struct plugin {
 	int64_t stale_ms;
 	int64_t max_token_s;
 
-	/* Failed logins by "id:<client id>" and "ip:<address>": version = failures,
+	/* Failed device logins by "pair:<address>/<client id>": version = failures,
 	 * fetched_ms = the last one. */
 	struct cache failures;
 	uint64_t refused_total, throttled_total, denied_total;
@@ -233,17 +234,22 @@ static const char *option(struct mosquitto_opt *opts, int count, const char *key
 	return NULL;
 }
 
-static bool parse_seconds(const char *text, int64_t *out)
+static bool parse_seconds_max(const char *text, int64_t *out, long long max)
 {
 	char *end;
 	long long v;
 	errno = 0;
 	v = strtoll(text, &end, 10);
-	if(errno || end == text || *end != '\0' || v < 0 || v > 86400 * 365){
+	if(errno || end == text || *end != '\0' || v < 0 || v > max){
 		return false;
 	}
 	*out = (int64_t)v;
 	return true;
+}
+
+static bool parse_seconds(const char *text, int64_t *out)
+{
+	return parse_seconds_max(text, out, 86400LL * 365);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -996,7 +1002,7 @@ static const char *check_device_password(const struct plugin *p, const char *id,
 		reason = "expired token";
 		goto out;
 	}
-	if(expiry - (long long)time(NULL) > p->max_token_s){
+	if(expiry - (long long)time(NULL) > p->max_token_s + TOKEN_CLOCK_SLACK_SECONDS){
 		reason = "token valid longer than the maximum (plugin_opt_max_token_seconds)";
 		goto out;
 	}
@@ -1024,7 +1030,9 @@ static int refuse(struct mosquitto *client, const char *username, const char *re
 	return MOSQ_ERR_AUTH;
 }
 
-/* The failure-tracking key of a client id ("id:...") or an address ("ip:..."). */
+static bool drop_old_failure(const struct cache_entry *e, void *arg);
+
+/* The failure-tracking key of a client id and address ("pair:<address>/<client id>"). */
 static void failure_key(char *out, size_t outlen, const char *kind, const char *value)
 {
 	snprintf(out, outlen, "%s:%s", kind, value ? value : "");
@@ -1053,7 +1061,11 @@ static void record_failure(struct plugin *p, const char *key, int free_failures,
 	struct cache_entry *e = cache_find(&p->failures, key);
 	char shown[LOG_FIELD_MAX];
 	int failures = e ? e->version + 1 : 1;
-	if(e == NULL && p->failures.count >= FAILURES_MAX_TRACKED) return;
+	if(e != NULL && now - e->fetched_ms >= FAILURES_FORGET_MS) failures = 1; /* forgotten */
+	if(e == NULL && p->failures.count >= FAILURES_MAX_TRACKED){
+		cache_sweep(&p->failures, drop_old_failure, &now); /* room from the forgotten */
+		if(p->failures.count >= FAILURES_MAX_TRACKED) return;
+	}
 	e = cache_put(&p->failures, key, failures, now);
 	if(e != NULL && failures > free_failures){
 		mosquitto_log_printf(MOSQ_LOG_WARNING,
@@ -1106,21 +1118,20 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	const char *username = ed->username, *reason;
 	const char *address = mosquitto_client_address(ed->client);
 	const char *client_id = mosquitto_client_id(ed->client);
-	char pair_key[DEVICE_ID_MAX + 128], id_key[DEVICE_ID_MAX + 64], ip_key[128];
-	char pair[DEVICE_ID_MAX + 96];
+	char pair_key[DEVICE_ID_MAX + 128], pair[DEVICE_ID_MAX + 96];
 	int64_t now = now_ms();
-	bool counts;
+	bool counts, device;
 	int version = 0;
 
 	(void)event;
+	/* A device's login: the user name is its client id (anything else is refused
+	 * without a key check). Service accounts are not throttled. */
+	device = username != NULL && find_service(p, username) == NULL && client_id != NULL
+		&& !strcmp(client_id, username);
 	snprintf(pair, sizeof(pair), "%s/%s", address ? address : "", client_id ? client_id : "");
 	failure_key(pair_key, sizeof(pair_key), "pair", pair);
-	failure_key(id_key, sizeof(id_key), "id", client_id);
-	failure_key(ip_key, sizeof(ip_key), "ip", address);
 	/* Throttled: refused before any check (no database round trip, no HMAC). */
-	if(throttled_for(p, pair_key, FAILURES_FREE_PER_PAIR, now)
-			|| throttled_for(p, id_key, FAILURES_FREE_PER_ID, now)
-			|| throttled_for(p, ip_key, FAILURES_FREE_PER_ADDRESS, now)){
+	if(device && throttled_for(p, pair_key, FAILURES_FREE_PER_PAIR, now)){
 		p->throttled_total++;
 		return MOSQ_ERR_AUTH;
 	}
@@ -1128,14 +1139,11 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	if(reason != NULL){
 		if(counts){
 			p->refused_total++;
-			record_failure(p, pair_key, FAILURES_FREE_PER_PAIR, now);
-			record_failure(p, id_key, FAILURES_FREE_PER_ID, now);
-			record_failure(p, ip_key, FAILURES_FREE_PER_ADDRESS, now);
+			if(device) record_failure(p, pair_key, FAILURES_FREE_PER_PAIR, now);
 		}
 		return refuse(ed->client, username, reason);
 	}
-	cache_del(&p->failures, pair_key);
-	cache_del(&p->failures, id_key);
+	if(device) cache_del(&p->failures, pair_key);
 	if(find_service(p, username) != NULL) return MOSQ_ERR_SUCCESS;
 	kick_forget(p, username);
 	if(p->track_sessions){
@@ -1427,7 +1435,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		p->stale_ms = seconds * 1000;
 	}
 	if(max_token_seconds){
-		if(!parse_seconds(max_token_seconds, &seconds) || seconds < 1){
+		if(!parse_seconds_max(max_token_seconds, &seconds, 86400LL * 3660) || seconds < 1){
 			return init_fail(p, "plugin_opt_max_token_seconds must be a number of seconds");
 		}
 		p->max_token_s = seconds;

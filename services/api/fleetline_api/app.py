@@ -88,9 +88,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
             return broker.connected and await db.answers(pool)
 
         probes = None
-        if settings.metrics_port:
-            probes = await serve_probes(settings.metrics_host, settings.metrics_port, ready=ready)
         try:
+            if settings.metrics_port:
+                probes = await serve_probes(
+                    settings.metrics_host, settings.metrics_port, ready=ready
+                )
             yield {
                 "settings": settings,
                 "pool": pool,
@@ -102,6 +104,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         finally:
             if probes is not None:
                 probes.close()
+                await probes.wait_closed()
             runner.stop()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(job_task, timeout=30)

@@ -2,8 +2,8 @@
 the headers' and the body's size, and headers that every response carries.
 
 Headers over ``FLEETLINE_API_MAX_HEADER_BYTES`` (names and values, all together) are
-refused with 431 problem+json. (The server itself, fleetline_api/server.py, bounds a
-header block that arrives slowly by the same number.)
+refused with 431 problem+json. (The server itself, fleetline_api/server.py, cuts off a
+header block still arriving at four times that size, with 400.)
 
 A body larger than ``FLEETLINE_API_MAX_BODY_BYTES`` is refused with 413 problem+json:
 at once from its ``Content-Length``, or, for a body sent without one (chunked), once that

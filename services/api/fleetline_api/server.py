@@ -1,7 +1,7 @@
 """The API's HTTP server: uvicorn, with its protocol-level errors as problem+json.
 
-A request uvicorn cannot parse (malformed, or headers over
-``FLEETLINE_API_MAX_HEADER_BYTES`` in all) never reaches the application: uvicorn answers
+A request uvicorn cannot parse (malformed, or a header block still incomplete past four
+times ``FLEETLINE_API_MAX_HEADER_BYTES``) never reaches the application: uvicorn answers
 it with its own ``400 text/plain``. :class:`ProblemH11Protocol` answers it as every other
 error, RFC 9457 problem+json. uvicorn is pinned exactly in pyproject.toml: this overrides
 ``H11Protocol.send_400_response``.

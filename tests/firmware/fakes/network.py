@@ -4,6 +4,8 @@
 import os
 
 STA_IF = 0
+STAT_CONNECTING = 1001
+STAT_GOT_IP = 1010
 FOLDER = os.getenv("FLEETLINE_FAKES") or "."
 
 
@@ -32,7 +34,9 @@ class WLAN:
         return ("127.0.0.1", "255.0.0.0", "127.0.0.1", "127.0.0.1")
 
     def status(self, what=None):
-        if _down():
+        if what is None:  # the link's state
+            return STAT_CONNECTING if _down() else STAT_GOT_IP
+        if _down():  # status("rssi") needs a link
             raise OSError("not connected")
         return -50
 
