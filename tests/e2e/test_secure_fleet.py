@@ -98,3 +98,39 @@ async def test_a_registered_device_publishes_with_its_key_until_it_is_renewed(
     finally:
         api.stop()
         ingest.stop()
+
+
+def test_garbage_on_the_devices_listener_is_dropped_and_the_broker_serves_on(
+    secure_broker: LocalMosquitto, tls_files: TlsFiles,
+) -> None:
+    """Plain MQTT, random bytes, a truncated TLS ClientHello and a TLS session that sends
+    garbage, at the TLS listener: each connection is dropped, and a TLS client logs in
+    (is refused for its wrong key: the broker answered) right after."""
+    import os
+    import socket
+    import ssl
+
+    port = secure_broker.tls_port or 0
+    connect = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04junk"
+    hello = bytes.fromhex("16030100a5010000a10303") + os.urandom(20)
+    for payload in (connect, os.urandom(4096), hello):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(payload)
+            try:
+                answer = sock.recv(4096)
+            except (ConnectionResetError, TimeoutError):
+                answer = b""
+            # Whatever comes back is a TLS alert at most, never an MQTT CONNACK.
+            assert not answer.startswith(b"\x20"), answer[:16]
+    context = ssl.create_default_context(cafile=str(tls_files.ca_cert))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(os.urandom(2048))
+            try:
+                tls.recv(16)
+            except (ssl.SSLError, ConnectionResetError, TimeoutError):
+                pass
+    with pytest.raises(AssertionError, match="could not connect"):
+        Device(secure_broker.tls_url, "nobody", password="x", ca_file=tls_files.ca_cert)
+    assert secure_broker.running
+    assert "Segmentation" not in secure_broker.log_path.read_text(errors="replace")

@@ -216,9 +216,12 @@ async def test_the_esp32_application_runs_over_tls_against_the_real_services(
     config = firmware.config_text(
         connection_string=connection_string, wifi_ssid="test", wifi_password="-",
         ca_file=firmware.CA_NAME, interval_s=0.5,
-        extra={"ADC_PIN": 34, "WATCHDOG_S": 20, "SOCKET_TIMEOUT_S": 3})
+        extra={"ADC_PIN": 34, "DHT_PIN": 4, "WATCHDOG_S": 20, "SOCKET_TIMEOUT_S": 3})
+    fakes = tmp_path / "board" / "fakes"
+    fakes.mkdir(parents=True)
+    (fakes / "adc").write_text("12345")
+    (fakes / "dht").write_text("22.5 55.0")  # a DHT22 on pin 4
     board = Board(micropython, board_build, tmp_path / "board", config, tls_files)
-    (board.fakes / "adc").write_text("12345")
     try:
         wait_until(lambda: c.get(f"/v1/devices/{device_id}/latest").json()
                    .get("metrics", {}).get("adc"), timeout=30,
@@ -261,11 +264,13 @@ async def test_the_esp32_application_runs_over_tls_against_the_real_services(
     assert "Traceback" not in console and "MemoryError" not in console, console[-3000:]
     adc = await _readings(db, device_id, "adc")
     assert adc and {r["value"] for r in adc} == {12345.0}
+    assert {r["value"] for r in await _readings(db, device_id, "temperature")} == {22.5}
+    assert {r["value"] for r in await _readings(db, device_id, "humidity")} == {55.0}
     free = [r["value"] for r in await _readings(db, device_id, "mem_free")]
     REPORT.append(
         f"esp32 application over TLS, {HEAP_KIB} KiB heap: {len(adc)} readings, the least "
-        f"free heap a reading reported {min(free):,.0f} bytes (in use: "
-        f"{HEAP_KIB * 1024 - min(free):,.0f})"
+        f"free heap a reading reported {min(free):,.0f} bytes (uncollected garbage counts "
+        "as used: the collector runs when an allocation needs it)"
     )
 
 
