@@ -190,6 +190,13 @@ def _client(api: ApiProcess, key: str) -> httpx.Client:
     return httpx.Client(base_url=api.url, timeout=30, headers={"Authorization": f"Bearer {key}"})
 
 
+def _reboot(c: httpx.Client, device_id: str, board: Board) -> None:
+    """The `reboot` method over the API: answered, then machine.reset() ends the run."""
+    answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
+    assert answer.status_code == 200, answer.text
+    assert board.wait_exit() == 0, board.console()[-3000:]
+
+
 def _register(c: httpx.Client, device_id: str) -> dict[str, Any]:
     """Register a device over REST; its credentials (key, connection string)."""
     created = c.post("/v1/devices", json={"id": device_id})
@@ -253,7 +260,7 @@ async def test_the_esp32_application_runs_over_tls_against_the_real_services(
         deadline = time.monotonic() + 30
         while await db.fetchval(count, device_id) < seen + 4:
             assert time.monotonic() < deadline, board.console()[-2000:]
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
         assert answer.status_code == 200 and answer.json()["status"] == 200, answer.text
         assert board.wait_exit() == 0, board.console()[-3000:]
@@ -319,9 +326,7 @@ async def test_wifi_drop_and_silent_link_keep_sampling_and_lose_nothing(
         wait_until(lambda: board.console().count("connected as") > reconnects, timeout=30,
                    what="the board reconnected after the silent link")
         time.sleep(2)
-        answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
-        assert answer.status_code == 200, answer.text
-        assert board.wait_exit() == 0, board.console()[-3000:]
+        _reboot(c, device_id, board)
     finally:
         board.kill()
         proxy.down()
@@ -476,9 +481,7 @@ async def test_readings_taken_offline_survive_a_reset_and_are_sent_once(
             assert time.monotonic() < deadline, (len(wanted - got), board.console()[-2000:])
             await asyncio.sleep(0.2)
         wait_until(lambda: not backlog.exists(), what="the backlog file removed once sent")
-        answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
-        assert answer.status_code == 200, answer.text
-        assert board.wait_exit() == 0, board.console()[-3000:]
+        _reboot(c, device_id, board)
     finally:
         board.kill()
         proxy.down()
@@ -532,9 +535,7 @@ async def test_a_malformed_desired_twin_is_refused_with_a_reason_in_the_twin(
         wait_until(lambda: (r := c.get(f"/v1/devices/{device_id}/twin").json()["reported"])
                    .get("interval_s") == 1 and "desired_errors" not in r, timeout=30,
                    what="the corrected twin applied")
-        answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
-        assert answer.status_code == 200, answer.text
-        assert board.wait_exit() == 0, board.console()[-3000:]
+        _reboot(c, device_id, board)
     finally:
         board.kill()
     console = board.console()
@@ -588,9 +589,7 @@ async def test_the_other_board_layers_run_the_same_application(
         twin = wait_until(lambda: (t := c.get(f"/v1/devices/{device_id}/twin").json())
                           ["reported"].get("platform") and t, what="the reported platform")
         assert twin["reported"]["platform"] == board
-        answer = c.post(f"/v1/devices/{device_id}/methods/reboot", json={"timeout_s": 15})
-        assert answer.status_code == 200, answer.text
-        assert running.wait_exit() == 0, running.console()[-3000:]
+        _reboot(c, device_id, running)
     finally:
         running.kill()
     console = running.console()
