@@ -133,6 +133,7 @@ async def main() -> None:
                 "FLEETLINE_DATABASE_URL": url,
                 "FLEETLINE_API_PORT": str(port),
                 "FLEETLINE_API_METRICS_PORT": str(free_port()),
+                "FLEETLINE_API_RATE_PER_KEY": "0",  # the bench is the one client
                 "FLEETLINE_API_HOST": "127.0.0.1",
                 "FLEETLINE_LOG_LEVEL": "WARNING",
                 # Required by the API; device keys play no part in these queries.

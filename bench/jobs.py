@@ -725,6 +725,7 @@ def main() -> None:
                     "FLEETLINE_API_HOST": "127.0.0.1",
                     "FLEETLINE_API_PORT": str(api_port),
                     "FLEETLINE_API_METRICS_PORT": str(free_port()),
+                    "FLEETLINE_API_RATE_PER_KEY": "0",  # the bench is the one client
                     "FLEETLINE_DEVICE_KEY_SECRET": secrets.token_hex(32),
                     **dict(kv.split("=", 1) for kv in args.api_env),
                 },

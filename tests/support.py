@@ -229,7 +229,10 @@ class ApiProcess(ServiceProcess):
         self.metrics_port = free_port()
         return {"FLEETLINE_API_HOST": "127.0.0.1", "FLEETLINE_DEVICE_KEY_SECRET": DEVICE_KEY_SECRET,
                 "FLEETLINE_API_METRICS_HOST": "127.0.0.1",
-                "FLEETLINE_API_METRICS_PORT": str(self.metrics_port)}
+                "FLEETLINE_API_METRICS_PORT": str(self.metrics_port),
+                # Tests poll and fuzz with one key far above a client's rate: the limit
+                # per key is tested on its own (tests/integration/test_api_limits.py).
+                "FLEETLINE_API_RATE_PER_KEY": "0"}
 
 
 class RulesProcess(ServiceProcess):

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,43 @@ def test_every_response_says_nosniff_and_metrics_are_off_the_public_port(
         assert c.get("/metrics").status_code == 404
     metrics = httpx.get(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=10)
     assert metrics.status_code == 200 and "fleetline_api" in metrics.text
+
+
+@pytest.fixture(scope="module")
+def limited_api(database_url: str, broker: Any, artifacts: Path) -> Iterator[ApiProcess]:
+    """The API with the product's default rate per key (the shared test API has none)."""
+    proc = ApiProcess(database_url=database_url, mqtt_url=broker.url, log_dir=artifacts,
+                      name=f"limited-{os.getpid()}",
+                      env={"FLEETLINE_API_RATE_PER_KEY": "50",
+                           "FLEETLINE_API_RATE_BURST_PER_KEY": "200"})
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+async def test_a_key_over_its_rate_gets_429_with_retry_after_and_others_do_not(
+    limited_api: ApiProcess, make_key: Callable[..., Any],
+) -> None:
+    busy, quiet = await make_key("devices:read"), await make_key("devices:read")
+
+    def hammer() -> tuple[list[httpx.Response], httpx.Response]:
+        with httpx.Client(base_url=limited_api.url, timeout=10) as c:
+            answers = [c.get("/v1/devices", params={"limit": 1},
+                             headers={"Authorization": f"Bearer {busy}"}) for _ in range(400)]
+            other = c.get("/v1/devices", params={"limit": 1},
+                          headers={"Authorization": f"Bearer {quiet}"})
+        return answers, other
+
+    answers, other = await asyncio.to_thread(hammer)
+    codes = [a.status_code for a in answers]
+    assert set(codes) == {200, 429}, set(codes)
+    assert codes.count(200) >= 200  # the burst, then about 50 a second
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    wait = int(refused.headers["retry-after"])
+    assert 1 <= wait <= 2 and refused.json()["status"] == 429
+    assert other.status_code == 200  # another key is not held up
+    await asyncio.sleep(wait)
+    again = httpx.get(f"{limited_api.url}/v1/devices", params={"limit": 1}, timeout=10,
+                      headers={"Authorization": f"Bearer {busy}"})
+    assert again.status_code == 200

@@ -19,6 +19,7 @@ from fleetline.settings import StorageSettings
 from fleetline_api import problems
 from fleetline_api.limits import RequestLimits
 from fleetline_api.queries import telemetry as sql
+from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.routes import (
     alarms,
     dashboard,
@@ -49,6 +50,7 @@ class State(TypedDict):
     broker: BrokerLink
     stream: StreamHub
     jobs: JobRunner
+    rate_limits: KeyRateLimiter
     # How far back each rollup reaches (its retention): older ranges read raw rows.
     rollup_horizons: dict[str, timedelta]
 
@@ -99,6 +101,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 "broker": broker,
                 "stream": hub,
                 "jobs": runner,
+                "rate_limits": KeyRateLimiter(settings.rate_per_key, settings.rate_burst_per_key),
                 "rollup_horizons": horizons,
             }
         finally:

@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fleetline import apikeys, db
 from fleetline.apikeys import KeyInfo, Scope
 from fleetline_api.queries import devices as sql
+from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.settings import ApiSettings
 from fleetline_api.workers.broker import BrokerLink
 
@@ -60,10 +61,21 @@ def require(*scopes: Scope) -> Callable[..., Awaitable[KeyInfo]]:
     """A dependency that lets through keys holding one of ``scopes`` (or ``admin``)."""
 
     async def check(
+        request: Request,
         pool: PoolDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> KeyInfo:
-        return await authorize(pool, credentials.credentials if credentials else None, *scopes)
+        key = await authorize(pool, credentials.credentials if credentials else None, *scopes)
+        limiter: KeyRateLimiter = request.state.rate_limits
+        wait = limiter.take(key.id)
+        if wait is not None:
+            raise HTTPException(
+                429,
+                f"this key made more than its {limiter.rate:g} requests a second "
+                f"(bursts of {limiter.burst:g}); try again in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
+        return key
 
     return check
 

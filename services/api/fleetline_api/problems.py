@@ -68,6 +68,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "No or an invalid API key"},
     403: {"model": Problem, "description": "The key lacks the scope"},
     422: {"model": Problem, "description": "A parameter or the body is invalid"},
+    429: {"model": Problem, "description": "Too many requests with this key (Retry-After)"},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "Not found"}}
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "It exists"}}

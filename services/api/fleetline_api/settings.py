@@ -27,6 +27,10 @@ class ApiSettings(ServiceSettings):
     # headers (names and values, all together) 431.
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    # Requests a second per API key in this process, and the burst a key may make at
+    # once (fleetline_api/ratelimit.py); more get 429 with Retry-After. 0: no limit.
+    rate_per_key: float = Field(default=50.0, ge=0, le=100_000)
+    rate_burst_per_key: int = Field(default=200, ge=1, le=1_000_000)
     # /metrics (Prometheus), with /healthz and /readyz, on a listener of its own that
     # the public Service does not expose; 0: /metrics on the API's own port, for anyone.
     metrics_host: str = "0.0.0.0"

@@ -1,0 +1,35 @@
+"""Request rates per API key: a token bucket for each key, in each API process.
+
+A key may make ``FLEETLINE_API_RATE_PER_KEY`` requests a second, with bursts up to
+``FLEETLINE_API_RATE_BURST_PER_KEY``; beyond, a request is refused with 429 and a
+``Retry-After`` (whole seconds) saying when the next one will be let through. The
+buckets live in the process: with several API replicas behind a load balancer a key may
+make that rate at each (the limit bounds what one script can make one process do).
+Buckets exist only for keys that authenticated, so their number is bounded by the keys
+that exist.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+
+class KeyRateLimiter:
+    def __init__(self, rate_per_second: float, burst: int) -> None:
+        self.rate = rate_per_second
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
+
+    def take(self, key_id: str, now: float | None = None) -> int | None:
+        """None when the request may go; else the seconds to wait (at least 1)."""
+        if self.rate <= 0:
+            return None
+        now = time.monotonic() if now is None else now
+        tokens, at = self._buckets.get(key_id, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key_id] = (tokens, now)
+            return max(1, math.ceil((1.0 - tokens) / self.rate))
+        self._buckets[key_id] = (tokens - 1.0, now)
+        return None
