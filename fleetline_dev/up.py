@@ -251,6 +251,15 @@ def _child_env(
         # Connection strings name the TLS listener.
         env.setdefault("FLEETLINE_API_DEVICE_MQTT_URL", devices.url)
     env.setdefault("FLEETLINE_API_METRICS_PORT", str(_pick_port(API_METRICS_PORT)))
+    # The services listen on loopback, as the banner says (devices reach the broker's
+    # TLS listener, which is on every interface); set these to serve beyond it.
+    for name in (
+        "FLEETLINE_API_HOST",
+        "FLEETLINE_API_METRICS_HOST",
+        "FLEETLINE_INGEST_HTTP_HOST",
+        "FLEETLINE_RULES_HTTP_HOST",
+    ):
+        env.setdefault(name, "127.0.0.1")
     if sys.stderr.isatty():
         env.setdefault("FLEETLINE_LOG_FORMAT", "console")
     return env
