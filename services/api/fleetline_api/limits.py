@@ -16,28 +16,18 @@ Every HTTP response gets ``X-Content-Type-Options: nosniff``.
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Any
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fleetline_api.problems import MEDIA_TYPE
+from fleetline_api.problems import MEDIA_TYPE, problem_body
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 
 async def send_problem(send: Send, status: int, detail: str, path: str) -> None:
     """A problem+json response, written straight to the ASGI server."""
-    body = orjson.dumps(
-        {
-            "type": "about:blank",
-            "title": HTTPStatus(status).phrase,
-            "status": status,
-            "detail": detail,
-            "instance": path,
-        }
-    )
+    body = problem_body(status, detail, path)
     await send(
         {
             "type": "http.response.start",

@@ -35,6 +35,13 @@ class Problem(BaseModel):
     position: int | None = None
 
 
+def problem_body(status: int, detail: str | None, instance: str | None = None) -> bytes:
+    """The JSON of a problem, for answers written below FastAPI (fleetline_api/limits.py,
+    fleetline_api/server.py)."""
+    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, instance=instance)
+    return body.model_dump_json(exclude_none=True).encode()
+
+
 def problem_response(
     request: Request,
     status: int,

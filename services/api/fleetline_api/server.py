@@ -10,22 +10,14 @@ error, RFC 9457 problem+json. uvicorn is pinned exactly in pyproject.toml: this 
 from __future__ import annotations
 
 import h11
-import orjson
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from fleetline_api.problems import MEDIA_TYPE
+from fleetline_api.problems import MEDIA_TYPE, problem_body
 
 
 class ProblemH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
-        body = orjson.dumps(
-            {
-                "type": "about:blank",
-                "title": "Bad Request",
-                "status": 400,
-                "detail": f"{msg.rstrip('.')}: malformed, or headers too large",
-            }
-        )
+        body = problem_body(400, f"{msg.rstrip('.')}: malformed, or headers too large")
         headers = [
             (b"content-type", MEDIA_TYPE.encode()),
             (b"content-length", str(len(body)).encode()),
