@@ -104,13 +104,22 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(line)
 
 
+def mpy(mp: MicroPython, source: Path, target: Path) -> Path:
+    """``source`` compiled by the build's mpy-cross into ``target`` (its folder made)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([str(mp.mpy_cross), "-o", str(target), str(source)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return target
+
+
+def umqtt_compiled(mp: MicroPython, folder: Path) -> None:
+    """umqtt.simple in ``folder`` as ``mip install`` puts it on a board."""
+    mpy(mp, mp.umqtt_simple / "umqtt" / "simple.py", folder / "umqtt" / "simple.mpy")
+
+
 def compiled(mp: MicroPython, folder: Path) -> Path:
     """The core and umqtt.simple as ``.mpy`` files in ``folder``."""
-    (folder / "umqtt").mkdir(parents=True, exist_ok=True)
-    for source, target in ((CORE, folder / "fleetline_device.mpy"),
-                           (mp.umqtt_simple / "umqtt" / "simple.py",
-                            folder / "umqtt" / "simple.mpy")):
-        done = subprocess.run([str(mp.mpy_cross), "-o", str(target), str(source)],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
+    mpy(mp, CORE, folder / "fleetline_device.mpy")
+    umqtt_compiled(mp, folder)
     return folder

@@ -45,7 +45,9 @@ from tests.firmware.conftest import (
     REPORT,
     SERVICES,
     MicroPython,
+    mpy,
     service_url,
+    umqtt_compiled,
 )
 from tests.firmware.test_unix_port import micropython_env
 from tests.support import ApiProcess, IngestProcess, TcpProxy, wait_until
@@ -75,12 +77,7 @@ def build(mp: MicroPython, out: Path, board: str) -> Path:
     assert {p.name for p in out.iterdir()} == {
         "fleetline_device.mpy", "fleetline_umqtt.mpy", "fleetline_board.mpy", "board.mpy",
         "boot.py", "main.py"}
-    (out / "umqtt").mkdir()
-    done = subprocess.run(
-        [str(mp.mpy_cross), "-o", str(out / "umqtt" / "simple.mpy"),
-         str(mp.umqtt_simple / "umqtt" / "simple.py")],
-        capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    umqtt_compiled(mp, out)
     return out
 
 
@@ -144,11 +141,8 @@ class Board:
         # The fakes compiled, as the modules they stand for are built into a board's
         # firmware (compiling them at import would take heap a board does not spend).
         fakes_mpy = folder / "fakes-mpy"
-        fakes_mpy.mkdir(parents=True, exist_ok=True)
         for fake in FAKES.glob("*.py"):
-            done = subprocess.run([str(mp.mpy_cross), "-o", str(fakes_mpy / f"{fake.stem}.mpy"),
-                                   str(fake)], capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr
+            mpy(mp, fake, fakes_mpy / f"{fake.stem}.mpy")
         self.env = micropython_env(fakes_mpy, folder, build)
         self.env["FLEETLINE_FAKES"] = str(self.fakes)
         self.command = [str(mp.micropython), "-X", f"heapsize={heap_kib}K", "-c",
