@@ -8,7 +8,6 @@ it) and ``boot.py`` / ``main.py`` as source, which the board runs by name.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleetline.files import project_path
+from fleetline_dev.embedded import write_private
 
 # Every board runs these, compiled, and its own layer as board.mpy; boot.py and main.py
 # stay source (the board runs them by name).
@@ -172,9 +172,7 @@ def write_config(
         interval_s=interval_s,
     )
     target = out / CONFIG_NAME
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    write_private(target, text.encode())
     written.append(target)
     return written
 
