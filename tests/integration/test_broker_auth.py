@@ -14,6 +14,7 @@ import asyncio
 import os
 import secrets
 import signal
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,12 +47,16 @@ V311, V5 = mqtt.MQTTv311, mqtt.MQTTv5
 
 class Client:
     """A paho client that connects once (no automatic reconnection) and records what it
-    gets: the CONNACK, SUBACK codes, messages and disconnections."""
+    gets: the CONNACK, SUBACK codes, messages and disconnections. With ``tls`` it connects
+    to the broker's TLS listener."""
 
     def __init__(self, broker: LocalMosquitto, client_id: str, username: str | None = None,
-                 password: str | None = None, *, protocol: int = V311) -> None:
+                 password: str | None = None, *, protocol: int = V311,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=protocol)
+        if tls is not None:
+            self.client.tls_set_context(tls)
         if username is not None:
             self.client.username_pw_set(username, password)
         self.connack: ReasonCode | None = None
@@ -65,7 +70,12 @@ class Client:
         self.client.on_message = lambda _c, _u, msg: self.messages.append(
             (msg.topic, msg.payload))
         self.client.on_subscribe = self._on_subscribe
-        self.client.connect("127.0.0.1", broker.port)
+        try:
+            self.client.connect("127.0.0.1", broker.port if tls is None else broker.tls_port)
+        except OSError as exc:  # a handshake the broker refused (a bad certificate)
+            self.handshake_error: OSError | None = exc
+            return
+        self.handshake_error = None
         self.client.loop_start()
         if not self.answered.wait(10):
             self.close()
@@ -612,7 +622,7 @@ async def test_cached_devices_log_in_while_the_database_is_down(
     proxy.down()
     again = await run(Client, broker, known, known, token_for(known))
     assert again.ok, again.connack
-    assert log_has(broker, f"using the key version of '{known}' cached")
+    assert log_has(broker, f"using the credentials of '{known}' cached")
     again.close()
     stranger = await run(Client, broker, unseen, unseen, key_for(unseen))
     assert_refused(stranger, broker, unseen, "database unavailable")

@@ -9,15 +9,26 @@
  * fleetline/devicekeys.py, which is the reference.
  * A device may read, write and subscribe only under "devices/{its id}/".
  *
+ * Devices registered with X.509 identities (devices.auth, migration 0023) log in with a
+ * client certificate on a TLS listener instead: "x509_self_signed", its SHA-256
+ * thumbprint is the device's primary or secondary one; "x509_ca", its common name is the
+ * device id and it is signed by a verified CA of x509_cas. The plugin asks every client on
+ * a TLS listener for a certificate (optional unless the listener requires one) and
+ * accepts one that chains to nothing the listener trusts: the trust decision is this
+ * plugin's, at CONNECT, from the registry. A certificate that is expired, not yet valid
+ * or malformed still fails the handshake. A disabled device is refused.
+ *
  * Service accounts (ingest, api, rules, test harnesses) are listed in a file of
  * "username:<hex sha256 of the password>" lines; they may use any client id and have
  * full access.
  *
- * key_version is cached for plugin_opt_cache_seconds; when the database cannot be
+ * A device's credentials are cached for plugin_opt_cache_seconds; when the database cannot be
  * reached, a cached value up to plugin_opt_stale_seconds old is used. The plugin LISTENs
- * on "fleetline_device_credentials" (migration 0009): a notification drops the device's
- * cache entry and, at the next tick, disconnects the device if it is connected with a
- * key version the registry no longer has (mosquitto_kick_client_by_clientid). Connected
+ * on "fleetline_device_credentials" (migrations 0009, 0023): a notification drops the
+ * device's cache entry and, at the next tick, disconnects the device if it is connected
+ * under a credentials_version the registry no longer has
+ * (mosquitto_kick_client_by_clientid). On "fleetline_x509_cas" it reloads the verified
+ * CAs and disconnects the devices that logged in through one no longer there. Connected
  * devices are tracked by login and MOSQ_EVT_DISCONNECT: 2.0.11 must not be asked to kick
  * an offline session.
  *
@@ -41,7 +52,11 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/pem.h>
 #include <openssl/sha.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
 
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
@@ -55,6 +70,7 @@
 #define DEVICE_ID_MAX 128
 #define DEVICE_PREFIX "devices/"
 #define NOTIFY_CHANNEL "fleetline_device_credentials"
+#define CAS_CHANNEL "fleetline_x509_cas"
 #define DEFAULT_CACHE_SECONDS 5
 #define DEFAULT_STALE_SECONDS 600
 #define CONNECT_TIMEOUT_MS 3000
@@ -87,15 +103,28 @@
 /* Denied device publishes logged per second at most (the rest are counted). */
 #define DENIED_LOG_PER_SECOND 10
 
-#define VERSION_UNKNOWN_DEVICE (-1)
+/* How a device logs in (devices.auth). */
+enum auth_kind { AUTH_KEY = 'k', AUTH_SELF_SIGNED = 's', AUTH_CA = 'c' };
 
-/* ------------------------------------------------------------------------------------ */
-/* State                                                                                */
+/* What the plugin knows of a registered device. */
+struct device_row {
+	bool known; /* false: the registry has no such device */
+	bool enabled;
+	char auth; /* enum auth_kind */
+	int key_version;
+	int credentials; /* credentials_version */
+	int nthumbs;
+	unsigned char thumbs[2][SHA256_DIGEST_LENGTH];
+};
 
 struct cache_entry {
 	struct cache_entry *next;
 	int64_t fetched_ms;
-	int version; /* VERSION_UNKNOWN_DEVICE when the registry has no such device */
+	/* failures: their count; sessions: the credentials_version the device logged in
+	 * under */
+	int version;
+	struct device_row row; /* the device cache only */
+	uint64_t ca_tag; /* sessions only: the CA its certificate was signed by (0: none) */
 	const struct mosquitto *client; /* sessions only: the connection */
 	bool current; /* sessions only, while checking: the registry has this version */
 	char id[];
@@ -115,6 +144,13 @@ struct service {
 struct services {
 	struct service *items;
 	size_t count;
+};
+
+/* A verified CA (x509_cas): tag = the first 8 bytes of its SHA-256 thumbprint. */
+struct ca {
+	X509 *cert;
+	uint64_t tag;
+	char name[DEVICE_ID_MAX + 1];
 };
 
 struct plugin {
@@ -145,8 +181,12 @@ struct plugin {
 	int64_t backoff_ms;
 	bool reconnected;
 
-	struct cache cache; /* device id -> key_version, as last read */
-	/* Connected devices: id -> the connection and the key version it logged in with.
+	struct cache cache; /* device id -> its credentials, as last read */
+	struct ca *cas; /* the verified CAs, as last read */
+	size_t ncas;
+	bool cas_stale; /* to read again (a notification, or a new connection) */
+	int ssl_index; /* the SSL ex_data index whose new_func asks for certificates (-1) */
+	/* Connected devices: id -> the connection and the credentials it logged in with.
 	 * Only these are ever kicked: kicking the offline session of a persistent client
 	 * corrupts Mosquitto 2.0.11's session list. */
 	struct cache sessions;
@@ -253,7 +293,7 @@ static bool parse_seconds(const char *text, int64_t *out)
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* key_version cache: a chained hash table keyed by device id                           */
+/* Caches: chained hash tables keyed by device id                                      */
 
 static uint64_t hash_id(const char *s)
 {
@@ -317,6 +357,8 @@ static struct cache_entry *cache_put(struct cache *c, const char *id, int versio
 	}
 	e->version = version;
 	e->fetched_ms = now;
+	memset(&e->row, 0, sizeof(e->row));
+	e->ca_tag = 0;
 	e->client = NULL;
 	e->current = false;
 	return e;
@@ -693,18 +735,22 @@ static bool db_advance_connect(struct plugin *p, int64_t wait_until)
 		p->connect_status = PQconnectPoll(p->conn);
 	}
 	p->connecting = false;
-	res = db_exec(p, "LISTEN " NOTIFY_CHANNEL, 0, NULL, err, sizeof(err));
-	if(res == NULL){
-		db_connect_failed(p, err);
-		return false;
+	for(int i = 0; i < 2; i++){
+		res = db_exec(p, i == 0 ? "LISTEN " NOTIFY_CHANNEL : "LISTEN " CAS_CHANNEL, 0, NULL,
+				err, sizeof(err));
+		if(res == NULL){
+			db_connect_failed(p, err);
+			return false;
+		}
+		PQclear(res);
 	}
-	PQclear(res);
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, PLUGIN_NAME ": connected to the database");
 	p->backoff_ms = BACKOFF_MIN_MS;
 	p->next_connect_ms = 0;
 	/* Notifications sent while there was no connection are lost: the next ticks check
-	 * the connected devices against the registry, and no cached key version is fresh. */
+	 * the connected devices against the registry, and no cached credentials are fresh. */
 	p->reconnected = true;
+	p->cas_stale = true;
 	for(size_t i = 0; i < p->cache.nbuckets; i++){
 		for(struct cache_entry *e = p->cache.buckets[i]; e; e = e->next){
 			if(e->fetched_ms > now_ms() - p->cache_ms) e->fetched_ms = now_ms() - p->cache_ms;
@@ -715,7 +761,7 @@ static bool db_advance_connect(struct plugin *p, int64_t wait_until)
 
 /* Whether there is a working, LISTENing connection, starting or advancing a connection
  * attempt when there is none. Connecting never blocks the broker for long: the server
- * is waited for max_wait_ms at most (0 from the tick; a login in need of a key version
+ * is waited for max_wait_ms at most (0 from the tick; a login in need of credentials
  * waits a little), and an attempt that takes longer goes on at the next ticks until its
  * deadline (CONNECT_TIMEOUT_MS). */
 static bool db_ready(struct plugin *p, int64_t max_wait_ms)
@@ -748,12 +794,14 @@ static void db_drain(struct plugin *p)
 		if(!strcmp(n->relname, NOTIFY_CHANNEL) && n->extra && n->extra[0]){
 			cache_del(&p->cache, n->extra);
 			kick_queue(p, n->extra);
+		}else if(!strcmp(n->relname, CAS_CHANNEL)){
+			p->cas_stale = true;
 		}
 		PQfreemem(n);
 	}
 }
 
-/* SELECT id, key_version for the given ids (one round trip). NULL on error. */
+/* SELECT id, credentials_version for the given ids (one round trip). NULL on error. */
 static PGresult *db_versions(struct plugin *p, char *const *ids, size_t n, char *err,
 		size_t errlen)
 {
@@ -782,14 +830,14 @@ static PGresult *db_versions(struct plugin *p, char *const *ids, size_t n, char 
 	*w++ = '}';
 	*w = '\0';
 	params[0] = literal;
-	res = db_exec(p, "SELECT id, key_version FROM devices WHERE id = ANY($1::text[])", 1,
-			params, err, errlen);
+	res = db_exec(p, "SELECT id, credentials_version FROM devices WHERE id = ANY($1::text[])",
+			1, params, err, errlen);
 	mosquitto_free(literal);
 	return res;
 }
 
-/* Disconnects those of the given devices that are connected with a key version which
- * is no longer the registry's (or which are no longer registered). false when the
+/* Disconnects those of the given devices that are connected under a credentials_version
+ * which is no longer the registry's (or which are no longer registered). false when the
  * registry could not be read; then, if kick_on_error, they are all disconnected. */
 static bool check_sessions(struct plugin *p, char *const *ids, size_t n, bool kick_on_error)
 {
@@ -817,7 +865,7 @@ static bool check_sessions(struct plugin *p, char *const *ids, size_t n, bool ki
 		}
 		if(res == NULL){
 			mosquitto_log_printf(MOSQ_LOG_WARNING,
-					PLUGIN_NAME ": cannot read the key versions of connected devices: %s", err);
+					PLUGIN_NAME ": cannot read the credentials of connected devices: %s", err);
 			ok = false;
 		}
 	}
@@ -894,10 +942,46 @@ static void recheck_step(struct plugin *p)
 	}
 }
 
-/* The device's key_version (VERSION_UNKNOWN_DEVICE if absent): from the cache while
- * fresh, else from the database, else from a stale cache entry. */
-static enum lookup_result lookup_version(struct plugin *p, const char *id, int *version,
-		const char *shown_id)
+/* Hex of 32 bytes into out; false when it is not that. */
+static bool unhex32(const char *hex, unsigned char out[SHA256_DIGEST_LENGTH])
+{
+	if(strlen(hex) != 2 * SHA256_DIGEST_LENGTH) return false;
+	for(int i = 0; i < SHA256_DIGEST_LENGTH; i++){
+		int hi = hexval(hex[2 * i]), lo = hexval(hex[2 * i + 1]);
+		if(hi < 0 || lo < 0) return false;
+		out[i] = (unsigned char)(hi * 16 + lo);
+	}
+	return true;
+}
+
+/* A row of DEVICE_QUERY. */
+static void parse_device_row(PGresult *res, struct device_row *row)
+{
+	memset(row, 0, sizeof(*row));
+	if(PQntuples(res) == 0) return;
+	row->known = true;
+	row->key_version = atoi(PQgetvalue(res, 0, 0));
+	row->credentials = atoi(PQgetvalue(res, 0, 1));
+	row->enabled = !strcmp(PQgetvalue(res, 0, 2), "t");
+	row->auth = !strcmp(PQgetvalue(res, 0, 3), "x509_self_signed") ? AUTH_SELF_SIGNED
+		: !strcmp(PQgetvalue(res, 0, 3), "x509_ca") ? AUTH_CA : AUTH_KEY;
+	for(int col = 4; col < 6; col++){
+		if(!PQgetisnull(res, 0, col)
+				&& unhex32(PQgetvalue(res, 0, col), row->thumbs[row->nthumbs])){
+			row->nthumbs++;
+		}
+	}
+}
+
+#define DEVICE_QUERY \
+	"SELECT key_version, credentials_version, enabled, auth, " \
+	"encode(primary_thumbprint, 'hex'), encode(secondary_thumbprint, 'hex') " \
+	"FROM devices WHERE id = $1"
+
+/* The device's credentials (row->known false if absent): from the cache while fresh
+ * (*cached set), else from the database, else from a stale cache entry. */
+static enum lookup_result lookup_device(struct plugin *p, const char *id,
+		struct device_row *row, const char *shown_id, bool *cached)
 {
 	struct cache_entry *e;
 	int64_t now = now_ms();
@@ -908,35 +992,245 @@ static enum lookup_result lookup_version(struct plugin *p, const char *id, int *
 
 	db_drain(p);
 	e = cache_find(&p->cache, id);
-	if(e && now - e->fetched_ms < p->cache_ms){
-		*version = e->version;
+	*cached = e && now - e->fetched_ms < p->cache_ms;
+	if(*cached){
+		*row = e->row;
 		return LOOKUP_OK;
 	}
 	/* Two attempts: a connection broken since its last use fails on the first. */
 	for(int attempt = 0; attempt < 2 && res == NULL; attempt++){
 		if(!db_ready(p, LOGIN_CONNECT_WAIT_MS)) break;
 		tried = true;
-		res = db_exec(p, "SELECT key_version FROM devices WHERE id = $1", 1, params, err,
-				sizeof(err));
+		res = db_exec(p, DEVICE_QUERY, 1, params, err, sizeof(err));
 	}
 	if(res != NULL){
-		*version = PQntuples(res) > 0 ? atoi(PQgetvalue(res, 0, 0)) : VERSION_UNKNOWN_DEVICE;
+		parse_device_row(res, row);
 		PQclear(res);
-		cache_put(&p->cache, id, *version, now);
+		e = cache_put(&p->cache, id, 0, now);
+		if(e) e->row = *row;
 		return LOOKUP_OK;
 	}
 	e = cache_find(&p->cache, id);
-	if(e && e->version > 0 && now - e->fetched_ms < p->stale_ms){
+	if(e && e->row.known && now - e->fetched_ms < p->stale_ms){
 		mosquitto_log_printf(MOSQ_LOG_WARNING,
-				PLUGIN_NAME ": database unavailable (%s); using the key version of '%s' cached "
+				PLUGIN_NAME ": database unavailable (%s); using the credentials of '%s' cached "
 				"%" PRId64 " s ago", err, shown_id, (now - e->fetched_ms) / 1000);
-		*version = e->version;
+		*row = e->row;
 		return LOOKUP_OK;
 	}
 	if(tried){ /* else the connection attempt logged its failure */
-		mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": key version query failed: %s", err);
+		mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": credentials query failed: %s", err);
 	}
 	return LOOKUP_DB_ERROR;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Verified CAs                                                                         */
+
+static void cas_free(struct ca *cas, size_t n)
+{
+	for(size_t i = 0; i < n; i++) X509_free(cas[i].cert);
+	mosquitto_free(cas);
+}
+
+static X509 *parse_pem(const char *pem)
+{
+	BIO *bio = BIO_new_mem_buf(pem, -1);
+	X509 *cert = bio ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+	BIO_free(bio);
+	return cert;
+}
+
+static uint64_t cert_tag(X509 *cert)
+{
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned int n = 0;
+	uint64_t tag = 0;
+	if(!X509_digest(cert, EVP_sha256(), md, &n) || n < 8) return 1;
+	for(int i = 0; i < 8; i++) tag = (tag << 8) | md[i];
+	return tag ? tag : 1;
+}
+
+/* Disconnects the devices that logged in through a CA no longer verified. */
+static void kick_orphans_of_cas(struct plugin *p)
+{
+	char **gone = NULL, shown[LOG_FIELD_MAX];
+	size_t n = 0;
+	if(p->sessions.count == 0) return;
+	gone = mosquitto_malloc(p->sessions.count * sizeof(*gone));
+	if(gone == NULL) return;
+	for(size_t i = 0; i < p->sessions.nbuckets; i++){
+		for(struct cache_entry *e = p->sessions.buckets[i]; e; e = e->next){
+			bool found = e->ca_tag == 0;
+			for(size_t k = 0; k < p->ncas && !found; k++) found = p->cas[k].tag == e->ca_tag;
+			if(!found && (gone[n] = mosquitto_strdup(e->id)) != NULL) n++;
+		}
+	}
+	/* Kicking calls on_disconnect, which removes session entries: not while walking. */
+	for(size_t i = 0; i < n; i++){
+		if(mosquitto_kick_client_by_clientid(gone[i], false) == MOSQ_ERR_SUCCESS){
+			mosquitto_log_printf(MOSQ_LOG_NOTICE,
+					PLUGIN_NAME ": disconnected device '%s': the CA of its certificate was removed",
+					printable(gone[i], shown, sizeof(shown)));
+		}
+		mosquitto_free(gone[i]);
+	}
+	mosquitto_free(gone);
+}
+
+/* Reads the verified CAs (when stale and the database answers). */
+static void load_cas(struct plugin *p)
+{
+	char err[512];
+	PGresult *res;
+	struct ca *cas;
+	size_t n = 0;
+
+	if(!p->cas_stale || !db_ready(p, 0)) return;
+	res = db_exec(p, "SELECT name, certificate FROM x509_cas WHERE verified_at IS NOT NULL "
+			"ORDER BY name", 0, NULL, err, sizeof(err));
+	if(res == NULL){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": cannot read the CAs: %s", err);
+		return;
+	}
+	cas = mosquitto_calloc((size_t)PQntuples(res) + 1, sizeof(*cas));
+	if(cas == NULL){
+		PQclear(res);
+		return;
+	}
+	for(int row = 0; row < PQntuples(res); row++){
+		X509 *cert = parse_pem(PQgetvalue(res, row, 1));
+		if(cert == NULL){
+			mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": CA '%s' is not a PEM certificate",
+					PQgetvalue(res, row, 0));
+			continue;
+		}
+		cas[n].cert = cert;
+		cas[n].tag = cert_tag(cert);
+		snprintf(cas[n].name, sizeof(cas[n].name), "%s", PQgetvalue(res, row, 0));
+		n++;
+	}
+	PQclear(res);
+	cas_free(p->cas, p->ncas);
+	p->cas = cas;
+	p->ncas = n;
+	p->cas_stale = false;
+	kick_orphans_of_cas(p);
+}
+
+/* The verified CA that signed cert (NULL: none). */
+static const struct ca *signing_ca(const struct plugin *p, X509 *cert)
+{
+	for(size_t i = 0; i < p->ncas; i++){
+		X509 *ca = p->cas[i].cert;
+		EVP_PKEY *key = X509_get0_pubkey(ca);
+		if(X509_NAME_cmp(X509_get_issuer_name(cert), X509_get_subject_name(ca)) == 0
+				&& key != NULL && X509_verify(cert, key) == 1
+				&& X509_cmp_current_time(X509_get0_notBefore(ca)) < 0
+				&& X509_cmp_current_time(X509_get0_notAfter(ca)) > 0){
+			return &p->cas[i];
+		}
+	}
+	return NULL;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Client certificates on TLS listeners                                                 */
+
+/* The TLS layer's check of a client certificate: everything but trust. A certificate
+ * that chains to nothing the listener knows passes here; the login decides (thumbprint,
+ * or a verified CA) from the registry. Expired, not yet valid and malformed certificates
+ * fail the handshake, with the reason logged. */
+static int verify_client_certificate(int ok, X509_STORE_CTX *ctx)
+{
+	int err = X509_STORE_CTX_get_error(ctx);
+	X509 *cert;
+	char subject[LOG_FIELD_MAX] = "?", shown[LOG_FIELD_MAX];
+
+	if(ok) return 1;
+	switch(err){
+	case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
+	case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
+	case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
+	case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
+	case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
+	case X509_V_ERR_CERT_UNTRUSTED:
+		return 1;
+	default:
+		break;
+	}
+	cert = X509_STORE_CTX_get_current_cert(ctx);
+	if(cert) X509_NAME_oneline(X509_get_subject_name(cert), subject, sizeof(subject));
+	mosquitto_log_printf(MOSQ_LOG_NOTICE,
+			PLUGIN_NAME ": refused a client certificate (subject %s): %s",
+			printable(subject, shown, sizeof(shown)), X509_verify_cert_error_string(err));
+	return 0;
+}
+
+/* Called by OpenSSL for every new SSL object of the broker: server-side connections
+ * ask for a client certificate (optional unless the listener requires one) and check it
+ * with verify_client_certificate. */
+static void on_ssl_new(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+		void *argp)
+{
+	SSL *ssl = parent;
+	SSL_CTX *ctx = ssl ? SSL_get_SSL_CTX(ssl) : NULL;
+	int mode;
+	(void)ptr;
+	(void)ad;
+	(void)idx;
+	(void)argl;
+	(void)argp;
+	if(ctx == NULL || !SSL_is_server(ssl)) return;
+	mode = SSL_CTX_get_verify_mode(ctx);
+	SSL_set_verify(ssl, (mode & SSL_VERIFY_PEER) ? mode : SSL_VERIFY_PEER,
+			verify_client_certificate);
+}
+
+/* The common name of cert into out ("" when it has none). */
+static void common_name(X509 *cert, char *out, size_t outlen)
+{
+	out[0] = '\0';
+	if(X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, out,
+			(int)outlen) < 0){
+		out[0] = '\0';
+	}
+}
+
+static bool thumbprint(X509 *cert, unsigned char out[SHA256_DIGEST_LENGTH])
+{
+	unsigned int n = 0;
+	return X509_digest(cert, EVP_sha256(), out, &n) && n == SHA256_DIGEST_LENGTH;
+}
+
+/* NULL when cert is the device's (*ca_tag: the CA that signed it, for x509_ca); else
+ * the reason. */
+static const char *check_device_certificate(struct plugin *p, const char *id,
+		const struct device_row *row, X509 *cert, uint64_t *ca_tag)
+{
+	unsigned char digest[SHA256_DIGEST_LENGTH];
+	char cn[DEVICE_ID_MAX + 2];
+	const struct ca *ca;
+
+	if(cert == NULL) return "no client certificate (the device authenticates with one)";
+	if(X509_cmp_current_time(X509_get0_notBefore(cert)) >= 0
+			|| X509_cmp_current_time(X509_get0_notAfter(cert)) <= 0){
+		return "certificate outside its validity period";
+	}
+	if(row->auth == AUTH_SELF_SIGNED){
+		if(!thumbprint(cert, digest)) return "internal error (digest)";
+		for(int i = 0; i < row->nthumbs; i++){
+			if(CRYPTO_memcmp(digest, row->thumbs[i], sizeof(digest)) == 0) return NULL;
+		}
+		return "certificate thumbprint not registered for the device";
+	}
+	common_name(cert, cn, sizeof(cn));
+	if(strcmp(cn, id) != 0) return "certificate common name is not the device id";
+	load_cas(p);
+	ca = signing_ca(p, cert);
+	if(ca == NULL) return "certificate not signed by a verified CA";
+	*ca_tag = ca->tag;
+	return NULL;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -1074,18 +1368,47 @@ static void record_failure(struct plugin *p, const char *key, int free_failures,
 	}
 }
 
-/* NULL when the login is valid (a device's key version in *version); else the reason.
- * *counts: whether it is a failure to throttle (not when the database could not be
- * asked). */
+/* What a device logged in under. */
+struct login {
+	int credentials; /* its credentials_version */
+	uint64_t ca_tag; /* the CA that signed its certificate (0: none) */
+};
+
+/* The device's credentials check: its key or token, or its client certificate. */
+static const char *check_device(struct plugin *p, struct mosquitto *client, const char *id,
+		const char *password, const struct device_row *row, struct login *login)
+{
+	X509 *cert;
+	const char *reason;
+
+	if(!row->known) return "unknown device";
+	if(!row->enabled) return "device disabled";
+	login->credentials = row->credentials;
+	if(row->auth == AUTH_KEY){
+		if(password == NULL) return "bad key (no password)";
+		if(row->key_version <= 0) return "no key issued";
+		return check_device_password(p, id, row->key_version, password);
+	}
+	cert = mosquitto_client_certificate(client);
+	reason = check_device_certificate(p, id, row, cert, &login->ca_tag);
+	X509_free(cert);
+	return reason;
+}
+
+/* NULL when the login is valid (a device's in *login); else the reason. *counts: whether
+ * it is a failure to throttle (not when the database could not be asked). */
 static const char *check_login(struct plugin *p, struct mosquitto *client, const char *username,
-		const char *password, bool *counts, int *version)
+		const char *password, bool *counts, struct login *login)
 {
 	const struct service *svc;
 	const char *client_id;
 	char shown[LOG_FIELD_MAX];
+	struct device_row row;
+	bool cached;
+	const char *reason;
 
 	*counts = true;
-	*version = 0;
+	memset(login, 0, sizeof(*login));
 	if(username == NULL) return "anonymous login";
 	svc = find_service(p, username);
 	if(svc != NULL){
@@ -1100,15 +1423,21 @@ static const char *check_login(struct plugin *p, struct mosquitto *client, const
 		return "client id mismatch (must equal the device id)";
 	}
 	if(!valid_device_id(username)) return "unknown device";
-	if(password == NULL) return "bad key (no password)";
-	if(lookup_version(p, username, version, printable(username, shown, sizeof(shown)))
-			!= LOOKUP_OK){
+	printable(username, shown, sizeof(shown));
+	if(lookup_device(p, username, &row, shown, &cached) != LOOKUP_OK){
 		*counts = false;
 		return "database unavailable";
 	}
-	if(*version == VERSION_UNKNOWN_DEVICE) return "unknown device";
-	if(*version <= 0) return "no key issued";
-	return check_device_password(p, username, *version, password);
+	reason = check_device(p, client, username, password, &row, login);
+	/* Refused on cached credentials: they may have just changed (a new key or
+	 * certificate whose notification is on its way), so ask the registry once. */
+	if(reason != NULL && cached){
+		cache_del(&p->cache, username);
+		if(lookup_device(p, username, &row, shown, &cached) == LOOKUP_OK){
+			reason = check_device(p, client, username, password, &row, login);
+		}
+	}
+	return reason;
 }
 
 static int on_basic_auth(int event, void *event_data, void *userdata)
@@ -1121,7 +1450,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	char pair_key[DEVICE_ID_MAX + 128], pair[DEVICE_ID_MAX + 96];
 	int64_t now = now_ms();
 	bool counts, device;
-	int version = 0;
+	struct login login;
 
 	(void)event;
 	/* A device's login: the user name is its client id (anything else is refused
@@ -1135,7 +1464,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 		p->throttled_total++;
 		return MOSQ_ERR_AUTH;
 	}
-	reason = check_login(p, ed->client, username, ed->password, &counts, &version);
+	reason = check_login(p, ed->client, username, ed->password, &counts, &login);
 	if(reason != NULL){
 		if(counts){
 			p->refused_total++;
@@ -1147,8 +1476,11 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	if(find_service(p, username) != NULL) return MOSQ_ERR_SUCCESS;
 	kick_forget(p, username);
 	if(p->track_sessions){
-		struct cache_entry *session = cache_put(&p->sessions, username, version, now);
-		if(session) session->client = ed->client;
+		struct cache_entry *session = cache_put(&p->sessions, username, login.credentials, now);
+		if(session){
+			session->client = ed->client;
+			session->ca_tag = login.ca_tag;
+		}
 	}
 	return MOSQ_ERR_SUCCESS;
 }
@@ -1254,8 +1586,8 @@ static bool drop_expired(const struct cache_entry *e, void *arg)
 {
 	const struct plugin *p = arg;
 	int64_t age = now_ms() - e->fetched_ms;
-	/* Only a known key version is worth keeping for stale-if-error. */
-	return e->version > 0 ? age >= p->stale_ms : age >= p->cache_ms;
+	/* Only a known device is worth keeping for stale-if-error. */
+	return e->row.known ? age >= p->stale_ms : age >= p->cache_ms;
 }
 
 static bool drop_old_failure(const struct cache_entry *e, void *arg)
@@ -1312,6 +1644,7 @@ static int on_tick(int event, void *event_data, void *userdata)
 		if(db_ready(p, 0)){
 			db_drain(p);
 			if(p->reconnected || p->recheck) recheck_step(p);
+			load_cas(p);
 		}
 	}
 	if(p->nkicks) kick_run(p);
@@ -1364,6 +1697,7 @@ static void plugin_free(struct plugin *p)
 	cache_free(&p->cache);
 	cache_free(&p->sessions);
 	cache_free(&p->failures);
+	cas_free(p->cas, p->ncas);
 	recheck_free(p);
 	for(size_t i = 0; i < p->nkicks; i++) mosquitto_free(p->kicks[i]);
 	mosquitto_free(p->kicks);
@@ -1412,6 +1746,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	p->stale_ms = DEFAULT_STALE_SECONDS * 1000;
 	p->max_token_s = DEFAULT_MAX_TOKEN_SECONDS;
 	p->backoff_ms = BACKOFF_MIN_MS;
+	p->ssl_index = -1;
+	p->cas_stale = true;
 
 	if(database == NULL || !*database){
 		return init_fail(p, "plugin_opt_database is required (a libpq conninfo or URL)");
@@ -1487,13 +1823,20 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	p->disconnect_registered = mosquitto_callback_register(identifier, MOSQ_EVT_DISCONNECT,
 			on_disconnect, NULL, p) == MOSQ_ERR_SUCCESS;
 	p->track_sessions = p->tick_registered && p->disconnect_registered;
+	/* Client certificates: every server-side TLS connection made from now on asks for
+	 * one (on_ssl_new). */
+	p->ssl_index = SSL_get_ex_new_index(0, NULL, on_ssl_new, NULL, NULL);
+	if(p->ssl_index < 0){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": cannot hook TLS connections: devices cannot log in with certificates");
+	}
 	if(!p->track_sessions){
 		mosquitto_log_printf(MOSQ_LOG_WARNING,
 				PLUGIN_NAME ": no tick or disconnect event: devices whose key changes stay "
 				"connected until they reconnect");
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE,
-			PLUGIN_NAME ": ready; %zu service account(s), key versions cached %" PRId64 " s "
+			PLUGIN_NAME ": ready; %zu service account(s), credentials cached %" PRId64 " s "
 			"(stale-if-error %" PRId64 " s), tokens valid %" PRId64 " s at most",
 			p->services.count, p->cache_ms / 1000, p->stale_ms / 1000, p->max_token_s);
 	*userdata = p;
@@ -1515,6 +1858,7 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	if(p->disconnect_registered){
 		mosquitto_callback_unregister(p->pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
 	}
+	if(p->ssl_index >= 0) CRYPTO_free_ex_index(CRYPTO_EX_INDEX_SSL, p->ssl_index);
 	plugin_free(p);
 	return MOSQ_ERR_SUCCESS;
 }

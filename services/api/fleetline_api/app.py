@@ -22,6 +22,7 @@ from fleetline_api.queries import telemetry as sql
 from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.routes import (
     alarms,
+    cas,
     dashboard,
     dead_letters,
     devices,
@@ -136,6 +137,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     if not settings.metrics_port:
         app.include_router(health.metrics_router)
     app.include_router(devices.router)
+    app.include_router(cas.router)
     app.include_router(stream.router)
     app.include_router(dead_letters.router)
     app.include_router(dashboard.router)

@@ -7,7 +7,10 @@ from typing import Any
 
 SELECT_DEVICE = """
 SELECT d.id, d.tags, d.created_at, coalesce(a.online, false) AS online, a.last_seen,
-       a.status_changed_at, d.key_version, d.key_created_at
+       a.status_changed_at, d.key_version, d.key_created_at, d.enabled,
+       jsonb_build_object('type', d.auth,
+                          'primary_thumbprint', encode(d.primary_thumbprint, 'hex'),
+                          'secondary_thumbprint', encode(d.secondary_thumbprint, 'hex')) AS auth
 FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
 """
 SELECT_DEVICE_BY_ID = SELECT_DEVICE + "WHERE d.id = $1"
@@ -34,7 +37,16 @@ def list_devices(conditions: str) -> str:
     return f"{SELECT_DEVICE} WHERE {conditions} ORDER BY d.id LIMIT $4"
 
 
-INSERT_DEVICE = "INSERT INTO devices (id, tags) VALUES ($1, $2)"
+INSERT_DEVICE = """
+INSERT INTO devices (id, tags, enabled, auth, primary_thumbprint, secondary_thumbprint)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+SET_AUTH = """
+UPDATE devices SET auth = $2, primary_thumbprint = $3, secondary_thumbprint = $4,
+                   updated_at = now()
+WHERE id = $1
+"""
+SET_ENABLED = "UPDATE devices SET enabled = $2, updated_at = now() WHERE id = $1"
 # Issue a new key version, never used before by any device (a device deleted and
 # registered again must not get its old key back); None when the device does not exist.
 ISSUE_KEY = """

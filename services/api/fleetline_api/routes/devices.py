@@ -1,9 +1,13 @@
 """The device registry.
 
-Credentials: creating a device issues its key, returned once with a connection string;
-``POST /v1/devices/{id}/key`` issues a new one (the old key and its tokens stop working,
-and the broker disconnects the device); ``POST /v1/devices/{id}/token`` signs a
-short-lived SAS token with the current key, without revealing the key.
+Credentials: creating a device that logs in with a key issues its key, returned once
+with a connection string; ``POST /v1/devices/{id}/key`` issues a new one (the old key and
+its tokens stop working, and the broker disconnects the device);
+``POST /v1/devices/{id}/token`` signs a short-lived SAS token with the current key,
+without revealing the key. A device may instead log in with an X.509 client certificate
+(``auth``): one whose thumbprint is registered, or one signed by a verified CA
+(routes/cas.py). ``PUT /v1/devices/{id}/auth`` changes how it logs in (rotating
+thumbprints), and ``PATCH`` with ``enabled: false`` disables it; either disconnects it.
 
 Deleting a device removes it from the registry and from the API: its telemetry routes
 answer 404, and the broker refuses (and disconnects) it. Its readings stay in storage
@@ -20,7 +24,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
-from fleetline import db, devicekeys
+from fleetline import certificates, db, devicekeys
 from fleetline_api import commands
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep, lock_device
 from fleetline_api.params import StatusFilter, TagFilter, device_filter
@@ -28,6 +32,7 @@ from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.queries import devices as sql
 from fleetline_api.schemas.common import (
     MAX_TAGS,
+    DeviceAuth,
     DeviceCreate,
     DeviceCreated,
     DeviceCredentials,
@@ -36,6 +41,7 @@ from fleetline_api.schemas.common import (
     DevicePublic,
     DeviceToken,
     DeviceUpdate,
+    SelfSignedAuth,
     TokenRequest,
 )
 from fleetline_api.settings import ApiSettings
@@ -91,28 +97,77 @@ async def _issue_key(
 async def create_device(
     body: DeviceCreate, pool: PoolDep, settings: SettingsDep, _key: DevicesWrite
 ) -> DeviceCreated:
-    """Register a device and issue its key. The key is in this response only."""
+    """Register a device. One that logs in with a key gets it in this response only;
+    an X.509 device logs in with its certificate."""
     async with pool.acquire() as con, con.transaction():
-        await con.execute(sql.INSERT_DEVICE, body.id, body.tags)
-        credentials = await _issue_key(con, settings, body.id)
+        await con.execute(
+            sql.INSERT_DEVICE,
+            body.id,
+            body.tags,
+            body.enabled,
+            body.auth.type,
+            *_thumbprints(body.auth),
+        )
+        credentials = None
+        if body.auth.type == "key":
+            credentials = await _issue_key(con, settings, body.id)
         device = await _get(con, body.id)
     return DeviceCreated(**device.model_dump(), credentials=credentials)
 
 
-@router.post("/{device_id}/key", response_model=DeviceCredentials, responses=NOT_FOUND)
+def _thumbprints(auth: DeviceAuth) -> tuple[bytes | None, bytes | None]:
+    if not isinstance(auth, SelfSignedAuth):
+        return None, None
+    secondary = auth.secondary_thumbprint
+    return (
+        certificates.parse_thumbprint(auth.primary_thumbprint),
+        None if secondary is None else certificates.parse_thumbprint(secondary),
+    )
+
+
+@router.put("/{device_id}/auth", response_model=DevicePublic, responses=NOT_FOUND)
+async def set_auth(
+    device_id: DeviceId, body: DeviceAuth, pool: PoolDep, _key: DevicesWrite
+) -> DevicePublic:
+    """Change how the device logs in, or rotate its thumbprints. A connected device is
+    disconnected and must log in the new way. Switching to ``key``: issue one with
+    ``POST /key`` unless the device has one already."""
+    status = await pool.execute(sql.SET_AUTH, device_id, body.type, *_thumbprints(body))
+    if status == "UPDATE 0":
+        raise HTTPException(404, f"device {device_id} not found")
+    return await _get(pool, device_id)
+
+
+async def _require_key_auth(con: Any, device_id: str) -> None:
+    device = await _get(con, device_id)
+    if device.auth.type != "key":
+        raise HTTPException(
+            409, f"device {device_id} logs in with a certificate ({device.auth.type}), not a key"
+        )
+
+
+@router.post(
+    "/{device_id}/key",
+    response_model=DeviceCredentials,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "An X.509 device"}},
+)
 async def regenerate_key(
     device_id: DeviceId, pool: PoolDep, settings: SettingsDep, _key: DevicesWrite
 ) -> DeviceCredentials:
     """Issue a new key, shown in this response only. The previous key and every token
     signed with it stop working; the broker disconnects the device."""
     async with pool.acquire() as con, con.transaction():
+        await _require_key_auth(con, device_id)
         return await _issue_key(con, settings, device_id)
 
 
 @router.post(
     "/{device_id}/token",
     response_model=DeviceToken,
-    responses={**NOT_FOUND, 409: {"model": Problem, "description": "No key issued yet"}},
+    responses={
+        **NOT_FOUND,
+        409: {"model": Problem, "description": "No key issued yet, or an X.509 device"},
+    },
 )
 async def create_token(
     device_id: DeviceId,
@@ -123,6 +178,7 @@ async def create_token(
 ) -> DeviceToken:
     """A SAS token for the device's MQTT login, valid for ``ttl_s`` seconds (default 1 h):
     ``sig=<base64 hmac-sha256(key, "{device_id}\\n{expiry}")>&se=<expiry>``."""
+    await _require_key_auth(pool, device_id)
     version = await pool.fetchval(sql.KEY_VERSION, device_id)
     if version is None:
         raise HTTPException(404, f"device {device_id} not found")
@@ -155,12 +211,18 @@ async def get_device(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> D
 async def update_device(
     device_id: DeviceId, body: DeviceUpdate, pool: PoolDep, _key: DevicesWrite
 ) -> DevicePublic:
-    """Merge-patch the tags: given keys are set, keys given as null are removed."""
-    tags = await pool.fetchval(sql.MERGE_TAGS, device_id, body.tags, MAX_TAGS)
-    if tags is None:
-        await _get(pool, device_id)  # 404 when it does not exist
-        raise HTTPException(400, f"a device holds at most {MAX_TAGS} tags")
-    return await _get(pool, device_id)
+    """Merge-patch the tags (given keys are set, keys given as null are removed), and
+    enable or disable the device: a disabled device is refused by the broker and
+    disconnected within seconds."""
+    async with pool.acquire() as con, con.transaction():
+        await lock_device(con, device_id)
+        if body.tags is not None:
+            tags = await con.fetchval(sql.MERGE_TAGS, device_id, body.tags, MAX_TAGS)
+            if tags is None:
+                raise HTTPException(400, f"a device holds at most {MAX_TAGS} tags")
+        if body.enabled is not None:
+            await con.execute(sql.SET_ENABLED, device_id, body.enabled)
+        return await _get(con, device_id)
 
 
 @router.delete("/{device_id}", status_code=204, responses=NOT_FOUND)

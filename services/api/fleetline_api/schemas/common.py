@@ -43,6 +43,45 @@ Tags = dict[TagName, TagValue]
 _NAMED_KEYS_ONLY: JsonDict = {"additionalProperties": False}
 
 
+# SHA-256 of a certificate's DER: 64 hex digits, colons allowed.
+Thumbprint = Annotated[str, StringConstraints(pattern=r"^(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$")]
+AuthType = Literal["key", "x509_self_signed", "x509_ca"]
+
+
+class KeyAuth(BaseModel):
+    """The device logs in with its key or a SAS token signed with it."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["key"]
+
+
+class SelfSignedAuth(BaseModel):
+    """The device logs in with a client certificate whose thumbprint is one of these
+    (a secondary for rotation)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["x509_self_signed"]
+    primary_thumbprint: Thumbprint
+    secondary_thumbprint: Thumbprint | None = None
+
+
+class CaAuth(BaseModel):
+    """The device logs in with a client certificate whose common name is its id, signed
+    by a verified CA (``/v1/cas``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["x509_ca"]
+
+
+DeviceAuth = Annotated[KeyAuth | SelfSignedAuth | CaAuth, Field(discriminator="type")]
+
+
+class DeviceAuthPublic(BaseModel):
+    type: AuthType
+    primary_thumbprint: str | None = Field(description="Lower-case hex")
+    secondary_thumbprint: str | None
+
+
 class DeviceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,16 +89,26 @@ class DeviceCreate(BaseModel):
     tags: Tags = Field(
         default_factory=dict, max_length=MAX_TAGS, json_schema_extra=_NAMED_KEYS_ONLY
     )
+    auth: DeviceAuth = Field(
+        default_factory=lambda: KeyAuth(type="key"), description="Default: a key"
+    )
+    enabled: StrictBool = True
 
 
 class DeviceUpdate(BaseModel):
-    """A JSON merge patch of the tags: a null value removes that tag."""
+    """A JSON merge patch of the tags (a null value removes that tag), and whether the
+    device may connect (a disabled device is refused and disconnected)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tags: dict[TagName, TagValue | None] = Field(
-        max_length=MAX_TAGS, json_schema_extra=_NAMED_KEYS_ONLY
-    )
+    tags: (
+        Annotated[
+            dict[TagName, TagValue | None],
+            Field(max_length=MAX_TAGS, json_schema_extra=_NAMED_KEYS_ONLY),
+        ]
+        | None
+    ) = None
+    enabled: StrictBool | None = None
 
 
 class DevicePublic(BaseModel):
@@ -71,6 +120,8 @@ class DevicePublic(BaseModel):
     created_at: datetime
     key_version: int = Field(description="0: no key issued yet (the device cannot connect)")
     key_created_at: datetime | None
+    enabled: bool
+    auth: DeviceAuthPublic
 
 
 class DeviceCredentials(BaseModel):
@@ -85,7 +136,9 @@ class DeviceCredentials(BaseModel):
 
 
 class DeviceCreated(DevicePublic):
-    credentials: DeviceCredentials
+    credentials: DeviceCredentials | None = Field(
+        description="The key of a device that logs in with one (null for X.509 devices)"
+    )
 
 
 class TokenRequest(BaseModel):

@@ -1,0 +1,46 @@
+"""X.509 CA certificates (routes/cas.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from fleetline.certificates import MAX_PEM_CHARS
+from fleetline_api.schemas.common import DeviceId
+
+Pem = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PEM_CHARS)]
+
+
+class CaCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: DeviceId
+    certificate: Pem = Field(description="The CA certificate, PEM")
+
+
+class CaProof(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    certificate: Pem = Field(
+        description="PEM of a certificate signed with the CA's key whose common name is "
+        "the verification code"
+    )
+
+
+class CaPublic(BaseModel):
+    name: str
+    subject: str
+    thumbprint: str = Field(description="SHA-256 of the certificate's DER, lower-case hex")
+    not_after: datetime
+    verified: bool = Field(description="Devices' certificates it signed are trusted")
+    verification_code: str | None = Field(
+        description="Sign a certificate with this common name to verify (null once verified)"
+    )
+    verified_at: datetime | None
+    created_at: datetime
+
+
+class CaList(BaseModel):
+    items: list[CaPublic]

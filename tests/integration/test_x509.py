@@ -1,0 +1,248 @@
+"""X.509 device identities on the real broker over TLS, registered through the API.
+
+Certificates and CAs are made in the test. A self-signed device logs in with a
+certificate whose thumbprint is registered (primary or secondary); a CA-signed device
+with one whose common name is its id, signed by a CA verified by proof of possession.
+Every refusal is checked at the broker (no CONNACK, or Not authorized) and in the reason
+it logged; removing a thumbprint or a CA, or disabling the device, disconnects it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fleetline import certificates
+from fleetline_dev.certs import TlsFiles, cert_pem, issue, key_pem, make_ca, self_signed
+from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
+from tests.integration.test_api import assert_problem, client
+from tests.integration.test_broker_auth import Client, log_has, wait_for
+from tests.support import DEVICE_KEY_SECRET, ApiProcess
+
+pytestmark = pytest.mark.integration
+
+Identity = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+
+
+@pytest.fixture(scope="module")
+def x509_broker(
+    database_url: str, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalMosquitto]:
+    auth = BrokerAuth(database_url=database_url, key_secret=DEVICE_KEY_SECRET.encode(),
+                      cache_seconds=1)
+    with LocalMosquitto(tmp_path_factory.mktemp("mosquitto-x509"), auth=auth,
+                        tls=tls_files) as server:
+        yield server
+
+
+@pytest.fixture
+async def rest(api: ApiProcess, make_key: Callable[..., Any]) -> AsyncIterator[httpx.Client]:
+    with client(api, await make_key("devices:write", "devices:read")) as c:
+        yield c
+
+
+@pytest.fixture
+def tls_for(tls_files: TlsFiles, tmp_path: Path) -> Callable[..., ssl.SSLContext]:
+    """A client TLS context that verifies the broker, presenting ``identity`` if given."""
+
+    def make(identity: Identity | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(tls_files.ca_cert))
+        if identity is not None:
+            cert, key = identity
+            name = f"{len(list(tmp_path.iterdir()))}"
+            (tmp_path / f"{name}.crt").write_bytes(cert_pem(cert))
+            (tmp_path / f"{name}.key").write_bytes(key_pem(key))
+            context.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+        return context
+
+    return make
+
+
+def connect(broker: LocalMosquitto, device_id: str, tls: ssl.SSLContext,
+            password: str | None = None) -> Client:
+    return Client(broker, device_id, device_id, password, tls=tls)
+
+
+def assert_refused_for(client: Client, broker: LocalMosquitto, device_id: str,
+                       reason: str) -> None:
+    assert not client.ok, f"{device_id} was let in"
+    assert log_has(broker, f"refused login of username '{device_id}'"), "no refusal logged"
+    lines = [line for line in broker.log_path.read_text(errors="replace").splitlines()
+             if f"refused login of username '{device_id}'" in line]
+    assert reason in lines[-1], lines[-1]
+
+
+def thumb(cert: x509.Certificate) -> str:
+    return certificates.thumbprint(cert).hex()
+
+
+def create_device(rest: httpx.Client, device_id: str, **auth: Any) -> dict[str, Any]:
+    response = rest.post("/v1/devices", json={"id": device_id, "auth": auth or {"type": "key"}})
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def verified_ca(rest: httpx.Client, name: str, folder: Path) -> Identity:
+    ca, ca_key = make_ca(folder, name=f"{name} devices")
+    created = rest.post("/v1/cas", json={"name": name, "certificate": cert_pem(ca).decode()})
+    assert created.status_code == 201, created.text
+    code = created.json()["verification_code"]
+    proof, _ = issue(ca, ca_key, code, client=True)
+    verified = rest.post(f"/v1/cas/{name}/verify", json={"certificate": cert_pem(proof).decode()})
+    assert verified.status_code == 200, verified.text
+    assert verified.json()["verified"] and verified.json()["verification_code"] is None
+    return ca, ca_key
+
+
+def test_self_signed_device_logs_in_by_thumbprint_and_rotates(
+    rest: httpx.Client, x509_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    uid: str,
+) -> None:
+    primary, secondary, stranger = (self_signed(uid) for _ in range(3))
+    body = create_device(rest, uid, type="x509_self_signed", primary_thumbprint=thumb(primary[0]))
+    assert body["credentials"] is None
+    assert body["auth"] == {"type": "x509_self_signed", "primary_thumbprint": thumb(primary[0]),
+                            "secondary_thumbprint": None}
+    device = connect(x509_broker, uid, tls_for(primary))
+    assert device.ok, device.connack
+    device.subscribe(f"devices/{uid}/c2d")
+    device.publish(f"devices/{uid}/telemetry", b'{"t": 1}')
+
+    # Same common name, another key: not its certificate. No certificate: refused.
+    assert_refused_for(connect(x509_broker, uid, tls_for(stranger)), x509_broker, uid,
+                       "certificate thumbprint not registered")
+    assert_refused_for(connect(x509_broker, uid, tls_for(), "a password"), x509_broker, uid,
+                       "no client certificate")
+
+    # Rotation: the secondary is added (the primary stays connected), then the primary is
+    # removed: its session goes within seconds and it is refused from then on.
+    colons = ":".join(f"{b:02X}" for b in certificates.thumbprint(secondary[0]))
+    response = rest.put(f"/v1/devices/{uid}/auth", json={
+        "type": "x509_self_signed", "primary_thumbprint": thumb(primary[0]),
+        "secondary_thumbprint": colons})
+    assert response.status_code == 200, response.text
+    assert response.json()["auth"]["secondary_thumbprint"] == thumb(secondary[0])
+    rotated = connect(x509_broker, f"{uid}", tls_for(secondary))
+    assert rotated.ok, rotated.connack
+    rotated.close()
+    device = connect(x509_broker, uid, tls_for(primary))
+    assert device.ok
+    rest.put(f"/v1/devices/{uid}/auth", json={
+        "type": "x509_self_signed", "primary_thumbprint": thumb(secondary[0])})
+    assert device.disconnected.wait(10), "the removed thumbprint's session stayed"
+    assert_refused_for(connect(x509_broker, uid, tls_for(primary)), x509_broker, uid,
+                       "certificate thumbprint not registered")
+    again = connect(x509_broker, uid, tls_for(secondary))
+    assert again.ok
+    again.close()
+    # A key device's credentials are not for it.
+    assert_problem(rest.post(f"/v1/devices/{uid}/token"), 409)
+    assert_problem(rest.post(f"/v1/devices/{uid}/key"), 409)
+
+
+def test_ca_signed_device_needs_a_verified_ca_and_its_own_name(
+    rest: httpx.Client, x509_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    uid: str, tmp_path: Path,
+) -> None:
+    ca, ca_key = make_ca(tmp_path / "ca", name=f"{uid} devices")
+    created = rest.post("/v1/cas", json={"name": uid, "certificate": cert_pem(ca).decode()})
+    assert created.status_code == 201, created.text
+    code = created.json()["verification_code"]
+    assert created.json()["verified"] is False and len(code) == 32
+    assert_problem(rest.post("/v1/cas", json={"name": f"{uid}-2",
+                                              "certificate": cert_pem(ca).decode()}), 409)
+    create_device(rest, uid, type="x509_ca")
+    device_cert = issue(ca, ca_key, uid, client=True)
+
+    # Not trusted before it is verified.
+    assert_refused_for(connect(x509_broker, uid, tls_for(device_cert)), x509_broker, uid,
+                       "certificate not signed by a verified CA")
+    # A proof with another name, or signed by another key, verifies nothing.
+    impostor, impostor_key = make_ca(tmp_path / "impostor", name=f"{uid} devices")
+    for proof, why in [
+        (issue(ca, ca_key, "not-the-code", client=True)[0], "common name"),
+        (issue(ca, impostor_key, code, client=True)[0], "not signed by the CA"),
+    ]:
+        refused = rest.post(f"/v1/cas/{uid}/verify", json={"certificate": cert_pem(proof).decode()})
+        assert_problem(refused, 400)
+        assert why in refused.json()["detail"]
+    proof, _ = issue(ca, ca_key, code, client=True)
+    verified = rest.post(f"/v1/cas/{uid}/verify", json={"certificate": cert_pem(proof).decode()})
+    assert verified.status_code == 200 and verified.json()["verified"], verified.text
+
+    device = wait_for(lambda: (c := connect(x509_broker, uid, tls_for(device_cert))).ok and c,
+                      what="the CA-signed device's login")
+    # Signed by the CA for another device id; a forgery that names the CA as issuer.
+    assert_refused_for(connect(x509_broker, uid, tls_for(issue(ca, ca_key, f"{uid}-x",
+                                                               client=True))),
+                       x509_broker, uid, "certificate common name is not the device id")
+    forged = issue(impostor, impostor_key, uid, client=True)
+    assert forged[0].issuer == ca.subject
+    assert_refused_for(connect(x509_broker, uid, tls_for(forged)), x509_broker, uid,
+                       "certificate not signed by a verified CA")
+
+    assert rest.delete(f"/v1/cas/{uid}").status_code == 204
+    assert device.disconnected.wait(10), "the deleted CA's device stayed connected"
+    assert log_has(x509_broker, "the CA of its certificate was removed")
+    assert_refused_for(connect(x509_broker, uid, tls_for(device_cert)), x509_broker, uid,
+                       "certificate not signed by a verified CA")
+
+
+def test_disabled_device_is_disconnected_and_refused(
+    rest: httpx.Client, x509_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    uid: str,
+) -> None:
+    # A key device over TLS: the broker asks for a certificate, the device has none.
+    key = create_device(rest, uid)["credentials"]["key"]
+    device = connect(x509_broker, uid, tls_for(), key)
+    assert device.ok, device.connack
+    response = rest.patch(f"/v1/devices/{uid}", json={"enabled": False})
+    assert response.status_code == 200 and response.json()["enabled"] is False, response.text
+    assert device.disconnected.wait(10), "the disabled device stayed connected"
+    assert_refused_for(connect(x509_broker, uid, tls_for(), key), x509_broker, uid,
+                       "device disabled")
+    assert rest.patch(f"/v1/devices/{uid}", json={"enabled": True}).status_code == 200
+    again = wait_for(lambda: (c := connect(x509_broker, uid, tls_for(), key)).ok and c,
+                     what="the enabled device's login")
+    again.close()
+
+
+def test_expired_or_not_yet_valid_certificate_fails_the_handshake(
+    rest: httpx.Client, x509_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    uid: str, tmp_path: Path,
+) -> None:
+    ca, ca_key = verified_ca(rest, uid, tmp_path)
+    create_device(rest, uid, type="x509_ca")
+    now = dt.datetime.now(dt.UTC)
+    for start, why in [(now - dt.timedelta(days=3), "certificate has expired"),
+                       (now + dt.timedelta(days=1), "certificate is not yet valid")]:
+        cert = issue(ca, ca_key, uid, client=True, days=1, not_before=start)
+        refused = connect(x509_broker, uid, tls_for(cert))
+        assert not refused.ok
+        assert log_has(x509_broker, why), why
+
+
+def test_rest_refuses_bad_certificates_and_thumbprints(rest: httpx.Client, uid: str,
+                                                       tmp_path: Path) -> None:
+    leaf, _ = self_signed(uid)
+    assert "not a CA certificate" in assert_problem(
+        rest.post("/v1/cas", json={"name": uid, "certificate": cert_pem(leaf).decode()}), 400
+    )["detail"]
+    assert_problem(rest.post("/v1/cas", json={"name": uid, "certificate": "garbage"}), 400)
+    assert_problem(rest.post(f"/v1/cas/{uid}-none/verify",
+                             json={"certificate": cert_pem(leaf).decode()}), 404)
+    for auth in [{"type": "x509_self_signed"},
+                 {"type": "x509_self_signed", "primary_thumbprint": "ab" * 31},
+                 {"type": "key", "primary_thumbprint": thumb(leaf)},
+                 {"type": "x509_ca", "secondary_thumbprint": thumb(leaf)}, {"type": "pgp"}]:
+        assert_problem(rest.post("/v1/devices", json={"id": uid, "auth": auth}), 422)
+    assert_problem(rest.put(f"/v1/devices/{uid}-none/auth", json={"type": "x509_ca"}), 404)
