@@ -231,8 +231,7 @@ def test_expired_or_not_yet_valid_certificate_fails_the_handshake(
         assert log_has(x509_broker, why), why
 
 
-def test_rest_refuses_bad_certificates_and_thumbprints(rest: httpx.Client, uid: str,
-                                                       tmp_path: Path) -> None:
+def test_rest_refuses_bad_certificates_and_thumbprints(rest: httpx.Client, uid: str) -> None:
     leaf, _ = self_signed(uid)
     assert "not a CA certificate" in assert_problem(
         rest.post("/v1/cas", json={"name": uid, "certificate": cert_pem(leaf).decode()}), 400
