@@ -50,6 +50,22 @@ def derive_key(secret: bytes, device_id: str, version: int) -> str:
     return base64.b64encode(digest.digest()).decode()
 
 
+def enrollment_key(secret: bytes, enrollment_id: str, version: int) -> str:
+    """An enrollment's symmetric key (base64) for ``version``: HMAC-SHA256(secret,
+    "enrollment\\n{id}\\n{version}"), a derivation no device key shares."""
+    message = f"enrollment\n{enrollment_id}\n{version}".encode()
+    return base64.b64encode(
+        hmac.new(check_secret(secret), message, hashlib.sha256).digest()
+    ).decode()
+
+
+def registration_key(group_key: str, registration_id: str) -> str:
+    """The key a device of an enrollment group proves: HMAC-SHA256(group key bytes,
+    registration id), base64, as Azure's Device Provisioning Service derives it."""
+    mac = hmac.new(_key_bytes(group_key), registration_id.encode(), hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
 def fingerprint(key: str) -> bytes:
     """What the registry keeps of a key: SHA-256 of its bytes."""
     return hashlib.sha256(_key_bytes(key)).digest()

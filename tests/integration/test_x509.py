@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +22,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetline import certificates
 from fleetline_dev.certs import TlsFiles, cert_pem, issue, key_pem, make_ca, self_signed
-from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
+from fleetline_dev.embedded import LocalMosquitto
 from tests.integration.test_api import assert_problem, client
 from tests.integration.test_broker_auth import Client, log_has, wait_for
-from tests.support import DEVICE_KEY_SECRET, ApiProcess
+from tests.support import ApiProcess
 
 pytestmark = pytest.mark.integration
 
 Identity = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
-@pytest.fixture(scope="module")
-def x509_broker(
-    database_url: str, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalMosquitto]:
-    auth = BrokerAuth(database_url=database_url, key_secret=DEVICE_KEY_SECRET.encode(),
-                      cache_seconds=1)
-    with LocalMosquitto(tmp_path_factory.mktemp("mosquitto-x509"), auth=auth,
-                        tls=tls_files) as server:
-        yield server
-
-
 @pytest.fixture
-async def rest(api: ApiProcess, make_key: Callable[..., Any]) -> AsyncIterator[httpx.Client]:
-    with client(api, await make_key("devices:write", "devices:read")) as c:
+async def rest(secure_api: ApiProcess, make_key: Callable[..., Any]
+               ) -> AsyncIterator[httpx.Client]:
+    with client(secure_api, await make_key("devices:write", "devices:read")) as c:
         yield c
 
 
@@ -104,7 +94,7 @@ def verified_ca(rest: httpx.Client, name: str, folder: Path) -> Identity:
 
 
 def test_self_signed_device_logs_in_by_thumbprint_and_rotates(
-    rest: httpx.Client, x509_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    rest: httpx.Client, secure_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
     uid: str,
 ) -> None:
     primary, secondary, stranger = (self_signed(uid) for _ in range(3))
@@ -112,15 +102,15 @@ def test_self_signed_device_logs_in_by_thumbprint_and_rotates(
     assert body["credentials"] is None
     assert body["auth"] == {"type": "x509_self_signed", "primary_thumbprint": thumb(primary[0]),
                             "secondary_thumbprint": None}
-    device = connect(x509_broker, uid, tls_for(primary))
+    device = connect(secure_broker, uid, tls_for(primary))
     assert device.ok, device.connack
     device.subscribe(f"devices/{uid}/c2d")
     device.publish(f"devices/{uid}/telemetry", b'{"t": 1}')
 
     # Same common name, another key: not its certificate. No certificate: refused.
-    assert_refused_for(connect(x509_broker, uid, tls_for(stranger)), x509_broker, uid,
+    assert_refused_for(connect(secure_broker, uid, tls_for(stranger)), secure_broker, uid,
                        "certificate thumbprint not registered")
-    assert_refused_for(connect(x509_broker, uid, tls_for(), "a password"), x509_broker, uid,
+    assert_refused_for(connect(secure_broker, uid, tls_for(), "a password"), secure_broker, uid,
                        "no client certificate")
 
     # Rotation: the secondary is added (the primary stays connected), then the primary is
@@ -131,17 +121,17 @@ def test_self_signed_device_logs_in_by_thumbprint_and_rotates(
         "secondary_thumbprint": colons})
     assert response.status_code == 200, response.text
     assert response.json()["auth"]["secondary_thumbprint"] == thumb(secondary[0])
-    rotated = connect(x509_broker, f"{uid}", tls_for(secondary))
+    rotated = connect(secure_broker, f"{uid}", tls_for(secondary))
     assert rotated.ok, rotated.connack
     rotated.close()
-    device = connect(x509_broker, uid, tls_for(primary))
+    device = connect(secure_broker, uid, tls_for(primary))
     assert device.ok
     rest.put(f"/v1/devices/{uid}/auth", json={
         "type": "x509_self_signed", "primary_thumbprint": thumb(secondary[0])})
     assert device.disconnected.wait(10), "the removed thumbprint's session stayed"
-    assert_refused_for(connect(x509_broker, uid, tls_for(primary)), x509_broker, uid,
+    assert_refused_for(connect(secure_broker, uid, tls_for(primary)), secure_broker, uid,
                        "certificate thumbprint not registered")
-    again = connect(x509_broker, uid, tls_for(secondary))
+    again = connect(secure_broker, uid, tls_for(secondary))
     assert again.ok
     again.close()
     # A key device's credentials are not for it.
@@ -150,7 +140,7 @@ def test_self_signed_device_logs_in_by_thumbprint_and_rotates(
 
 
 def test_ca_signed_device_needs_a_verified_ca_and_its_own_name(
-    rest: httpx.Client, x509_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    rest: httpx.Client, secure_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
     uid: str, tmp_path: Path,
 ) -> None:
     ca, ca_key = make_ca(tmp_path / "ca", name=f"{uid} devices")
@@ -164,7 +154,7 @@ def test_ca_signed_device_needs_a_verified_ca_and_its_own_name(
     device_cert = issue(ca, ca_key, uid, client=True)
 
     # Not trusted before it is verified.
-    assert_refused_for(connect(x509_broker, uid, tls_for(device_cert)), x509_broker, uid,
+    assert_refused_for(connect(secure_broker, uid, tls_for(device_cert)), secure_broker, uid,
                        "certificate not signed by a verified CA")
     # A proof with another name, or signed by another key, verifies nothing.
     impostor, impostor_key = make_ca(tmp_path / "impostor", name=f"{uid} devices")
@@ -179,45 +169,45 @@ def test_ca_signed_device_needs_a_verified_ca_and_its_own_name(
     verified = rest.post(f"/v1/cas/{uid}/verify", json={"certificate": cert_pem(proof).decode()})
     assert verified.status_code == 200 and verified.json()["verified"], verified.text
 
-    device = wait_for(lambda: (c := connect(x509_broker, uid, tls_for(device_cert))).ok and c,
+    device = wait_for(lambda: (c := connect(secure_broker, uid, tls_for(device_cert))).ok and c,
                       what="the CA-signed device's login")
     # Signed by the CA for another device id; a forgery that names the CA as issuer.
-    assert_refused_for(connect(x509_broker, uid, tls_for(issue(ca, ca_key, f"{uid}-x",
+    assert_refused_for(connect(secure_broker, uid, tls_for(issue(ca, ca_key, f"{uid}-x",
                                                                client=True))),
-                       x509_broker, uid, "certificate common name is not the device id")
+                       secure_broker, uid, "certificate common name is not the device id")
     forged = issue(impostor, impostor_key, uid, client=True)
     assert forged[0].issuer == ca.subject
-    assert_refused_for(connect(x509_broker, uid, tls_for(forged)), x509_broker, uid,
+    assert_refused_for(connect(secure_broker, uid, tls_for(forged)), secure_broker, uid,
                        "certificate not signed by a verified CA")
 
     assert rest.delete(f"/v1/cas/{uid}").status_code == 204
     assert device.disconnected.wait(10), "the deleted CA's device stayed connected"
-    assert log_has(x509_broker, "the CA of its certificate was removed")
-    assert_refused_for(connect(x509_broker, uid, tls_for(device_cert)), x509_broker, uid,
+    assert log_has(secure_broker, "the CA of its certificate was removed")
+    assert_refused_for(connect(secure_broker, uid, tls_for(device_cert)), secure_broker, uid,
                        "certificate not signed by a verified CA")
 
 
 def test_disabled_device_is_disconnected_and_refused(
-    rest: httpx.Client, x509_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    rest: httpx.Client, secure_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
     uid: str,
 ) -> None:
     # A key device over TLS: the broker asks for a certificate, the device has none.
     key = create_device(rest, uid)["credentials"]["key"]
-    device = connect(x509_broker, uid, tls_for(), key)
+    device = connect(secure_broker, uid, tls_for(), key)
     assert device.ok, device.connack
     response = rest.patch(f"/v1/devices/{uid}", json={"enabled": False})
     assert response.status_code == 200 and response.json()["enabled"] is False, response.text
     assert device.disconnected.wait(10), "the disabled device stayed connected"
-    assert_refused_for(connect(x509_broker, uid, tls_for(), key), x509_broker, uid,
+    assert_refused_for(connect(secure_broker, uid, tls_for(), key), secure_broker, uid,
                        "device disabled")
     assert rest.patch(f"/v1/devices/{uid}", json={"enabled": True}).status_code == 200
-    again = wait_for(lambda: (c := connect(x509_broker, uid, tls_for(), key)).ok and c,
+    again = wait_for(lambda: (c := connect(secure_broker, uid, tls_for(), key)).ok and c,
                      what="the enabled device's login")
     again.close()
 
 
 def test_expired_or_not_yet_valid_certificate_fails_the_handshake(
-    rest: httpx.Client, x509_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    rest: httpx.Client, secure_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
     uid: str, tmp_path: Path,
 ) -> None:
     ca, ca_key = verified_ca(rest, uid, tmp_path)
@@ -226,9 +216,9 @@ def test_expired_or_not_yet_valid_certificate_fails_the_handshake(
     for start, why in [(now - dt.timedelta(days=3), "certificate has expired"),
                        (now + dt.timedelta(days=1), "certificate is not yet valid")]:
         cert = issue(ca, ca_key, uid, client=True, days=1, not_before=start)
-        refused = connect(x509_broker, uid, tls_for(cert))
+        refused = connect(secure_broker, uid, tls_for(cert))
         assert not refused.ok
-        assert log_has(x509_broker, why), why
+        assert log_has(secure_broker, why), why
 
 
 def test_rest_refuses_bad_certificates_and_thumbprints(rest: httpx.Client, uid: str) -> None:

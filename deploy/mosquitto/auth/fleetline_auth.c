@@ -71,6 +71,9 @@
 #define DEVICE_PREFIX "devices/"
 #define NOTIFY_CHANNEL "fleetline_device_credentials"
 #define CAS_CHANNEL "fleetline_x509_cas"
+/* Provisioning logins: this + the enrollment id (a device id holds no '$' or '/'). */
+#define PROVISION_PREFIX "$provision/"
+#define PROVISIONING_TOPIC "provisioning/"
 #define DEFAULT_CACHE_SECONDS 5
 #define DEFAULT_STALE_SECONDS 600
 #define CONNECT_TIMEOUT_MS 3000
@@ -1118,18 +1121,21 @@ static void load_cas(struct plugin *p)
 	kick_orphans_of_cas(p);
 }
 
+/* Whether ca (valid now) signed cert. */
+static bool signed_by(X509 *cert, X509 *ca)
+{
+	EVP_PKEY *key = X509_get0_pubkey(ca);
+	return X509_NAME_cmp(X509_get_issuer_name(cert), X509_get_subject_name(ca)) == 0
+		&& key != NULL && X509_verify(cert, key) == 1
+		&& X509_cmp_current_time(X509_get0_notBefore(ca)) < 0
+		&& X509_cmp_current_time(X509_get0_notAfter(ca)) > 0;
+}
+
 /* The verified CA that signed cert (NULL: none). */
 static const struct ca *signing_ca(const struct plugin *p, X509 *cert)
 {
 	for(size_t i = 0; i < p->ncas; i++){
-		X509 *ca = p->cas[i].cert;
-		EVP_PKEY *key = X509_get0_pubkey(ca);
-		if(X509_NAME_cmp(X509_get_issuer_name(cert), X509_get_subject_name(ca)) == 0
-				&& key != NULL && X509_verify(cert, key) == 1
-				&& X509_cmp_current_time(X509_get0_notBefore(ca)) < 0
-				&& X509_cmp_current_time(X509_get0_notAfter(ca)) > 0){
-			return &p->cas[i];
-		}
+		if(signed_by(cert, p->cas[i].cert)) return &p->cas[i];
 	}
 	return NULL;
 }
@@ -1249,20 +1255,21 @@ static bool equal_ct(const char *a, size_t alen, const char *b, size_t blen)
 	return alen == blen && CRYPTO_memcmp(a, b, alen) == 0;
 }
 
-/* NULL when the password is valid for the device's key; else the reason. */
-static const char *check_device_password(const struct plugin *p, const char *id, int version,
-		const char *password)
+/* NULL when the password is key (base64 of it) or a live SAS token that key signed for
+ * id; else the reason. The key is wiped. */
+static const char *check_password_with_key(const struct plugin *p, unsigned char key[KEY_BYTES],
+		const char *id, const char *password)
 {
-	unsigned char key[KEY_BYTES], mac[KEY_BYTES];
+	unsigned char mac[KEY_BYTES];
 	char msg[DEVICE_ID_MAX + 32], b64[B64_KEY_LEN + 1];
 	const char *sig, *sep, *digits;
 	long long expiry = 0;
 	size_t ndigits = 0;
 	const char *reason = NULL;
 
-	snprintf(msg, sizeof(msg), "%s\n%d", id, version);
-	if(!hmac_sha256(p->secret, p->secret_len, msg, key)){
-		return "internal error (HMAC)";
+	if(password == NULL){
+		reason = "bad key (no password)";
+		goto out;
 	}
 	if(strncmp(password, "sig=", 4) != 0){
 		EVP_EncodeBlock((unsigned char *)b64, key, KEY_BYTES);
@@ -1308,9 +1315,20 @@ static const char *check_device_password(const struct plugin *p, const char *id,
 	EVP_EncodeBlock((unsigned char *)b64, mac, KEY_BYTES);
 	reason = equal_ct(sig, (size_t)(sep - sig), b64, B64_KEY_LEN) ? NULL : "bad token signature";
 out:
-	OPENSSL_cleanse(key, sizeof(key));
+	OPENSSL_cleanse(key, KEY_BYTES);
 	OPENSSL_cleanse(b64, sizeof(b64));
 	return reason;
+}
+
+/* NULL when the password is valid for the device's key; else the reason. */
+static const char *check_device_password(const struct plugin *p, const char *id, int version,
+		const char *password)
+{
+	unsigned char key[KEY_BYTES];
+	char msg[DEVICE_ID_MAX + 32];
+	snprintf(msg, sizeof(msg), "%s\n%d", id, version);
+	if(!hmac_sha256(p->secret, p->secret_len, msg, key)) return "internal error (HMAC)";
+	return check_password_with_key(p, key, id, password);
 }
 
 static int refuse(struct mosquitto *client, const char *username, const char *reason)
@@ -1395,6 +1413,113 @@ static const char *check_device(struct plugin *p, struct mosquitto *client, cons
 	return reason;
 }
 
+#define ENROLLMENT_QUERY \
+	"SELECT e.kind, e.attestation, e.key_version, e.enabled, encode(e.thumbprint, 'hex'), " \
+	"c.certificate, $2 ~ ('^(?:' || e.registration_pattern || ')$') " \
+	"FROM enrollments e LEFT JOIN x509_cas c " \
+	"ON c.name = e.ca_name AND c.verified_at IS NOT NULL WHERE e.id = $1"
+
+/* The enrollment credential of a device that provisions itself: a key (a group's:
+ * HMAC-SHA256(enrollment key, registration id); an individual one's: the enrollment
+ * key) or SAS token, or a client certificate (a group's: signed by its verified CA, the
+ * registration id as common name; an individual one's: the registered thumbprint). */
+static const char *check_enrollment(struct plugin *p, PGresult *res, const char *enrollment,
+		const char *registration, const char *password, X509 *cert)
+{
+	bool group = !strcmp(PQgetvalue(res, 0, 0), "group");
+	unsigned char key[KEY_BYTES], digest[SHA256_DIGEST_LENGTH], want[SHA256_DIGEST_LENGTH];
+	char msg[DEVICE_ID_MAX + 48], cn[DEVICE_ID_MAX + 2];
+
+	if(strcmp(PQgetvalue(res, 0, 3), "t") != 0) return "enrollment disabled";
+	if(!group && strcmp(registration, enrollment) != 0){
+		return "an individual enrollment registers only its own id";
+	}
+	if(strcmp(PQgetvalue(res, 0, 6), "t") != 0){
+		return "registration id outside the enrollment's pattern";
+	}
+	if(!strcmp(PQgetvalue(res, 0, 1), "symmetric_key")){
+		snprintf(msg, sizeof(msg), "enrollment\n%s\n%s", enrollment, PQgetvalue(res, 0, 2));
+		if(!hmac_sha256(p->secret, p->secret_len, msg, key)) return "internal error (HMAC)";
+		if(group){
+			unsigned char derived[KEY_BYTES];
+			unsigned int outlen = 0;
+			bool ok = HMAC(EVP_sha256(), key, KEY_BYTES, (const unsigned char *)registration,
+					strlen(registration), derived, &outlen) != NULL && outlen == KEY_BYTES;
+			memcpy(key, derived, KEY_BYTES);
+			OPENSSL_cleanse(derived, sizeof(derived));
+			if(!ok){
+				OPENSSL_cleanse(key, sizeof(key));
+				return "internal error (HMAC)";
+			}
+		}
+		return check_password_with_key(p, key, registration, password);
+	}
+	if(cert == NULL) return "no client certificate (the enrollment attests with X.509)";
+	if(X509_cmp_current_time(X509_get0_notBefore(cert)) >= 0
+			|| X509_cmp_current_time(X509_get0_notAfter(cert)) <= 0){
+		return "certificate outside its validity period";
+	}
+	if(!group){
+		if(PQgetisnull(res, 0, 4) || !unhex32(PQgetvalue(res, 0, 4), want)
+				|| !thumbprint(cert, digest)
+				|| CRYPTO_memcmp(digest, want, sizeof(digest)) != 0){
+			return "certificate thumbprint not the enrollment's";
+		}
+		return NULL;
+	}
+	common_name(cert, cn, sizeof(cn));
+	if(strcmp(cn, registration) != 0) return "certificate common name is not the registration id";
+	if(PQgetisnull(res, 0, 5)) return "the enrollment's CA is not verified";
+	{
+		X509 *ca = parse_pem(PQgetvalue(res, 0, 5));
+		bool ok = ca != NULL && signed_by(cert, ca);
+		X509_free(ca);
+		if(!ok) return "certificate not signed by the enrollment's CA";
+	}
+	return NULL;
+}
+
+/* A provisioning login: user name PROVISION_PREFIX + enrollment id, client id = the
+ * registration id. */
+static const char *check_provisioning(struct plugin *p, struct mosquitto *client,
+		const char *enrollment, const char *password, bool *counts)
+{
+	const char *registration = mosquitto_client_id(client);
+	const char *params[2] = {enrollment, registration};
+	char err[512] = "no database connection";
+	PGresult *res = NULL;
+	const char *reason;
+	X509 *cert;
+
+	if(registration == NULL || !valid_device_id(registration)){
+		return "the client id must be the registration id";
+	}
+	if(!valid_device_id(enrollment)) return "unknown enrollment";
+	for(int attempt = 0; attempt < 2 && res == NULL; attempt++){
+		if(!db_ready(p, LOGIN_CONNECT_WAIT_MS)) break;
+		res = db_exec(p, ENROLLMENT_QUERY, 2, params, err, sizeof(err));
+	}
+	if(res == NULL){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": enrollment query failed: %s", err);
+		*counts = false;
+		return "database unavailable";
+	}
+	if(PQntuples(res) == 0){
+		PQclear(res);
+		return "unknown enrollment";
+	}
+	cert = mosquitto_client_certificate(client);
+	reason = check_enrollment(p, res, enrollment, registration, password, cert);
+	X509_free(cert);
+	PQclear(res);
+	return reason;
+}
+
+static bool provisioning_login(const char *username)
+{
+	return username != NULL && !strncmp(username, PROVISION_PREFIX, sizeof(PROVISION_PREFIX) - 1);
+}
+
 /* NULL when the login is valid (a device's in *login); else the reason. *counts: whether
  * it is a failure to throttle (not when the database could not be asked). */
 static const char *check_login(struct plugin *p, struct mosquitto *client, const char *username,
@@ -1417,6 +1542,10 @@ static const char *check_login(struct plugin *p, struct mosquitto *client, const
 		SHA256((const unsigned char *)password, strlen(password), digest);
 		return CRYPTO_memcmp(digest, svc->sha256, sizeof(digest)) == 0
 			? NULL : "bad service password";
+	}
+	if(provisioning_login(username)){
+		return check_provisioning(p, client, username + sizeof(PROVISION_PREFIX) - 1, password,
+				counts);
 	}
 	client_id = mosquitto_client_id(client);
 	if(client_id == NULL || strcmp(client_id, username) != 0){
@@ -1456,7 +1585,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	/* A device's login: the user name is its client id (anything else is refused
 	 * without a key check). Service accounts are not throttled. */
 	device = username != NULL && find_service(p, username) == NULL && client_id != NULL
-		&& !strcmp(client_id, username);
+		&& (!strcmp(client_id, username) || provisioning_login(username));
 	snprintf(pair, sizeof(pair), "%s/%s", address ? address : "", client_id ? client_id : "");
 	failure_key(pair_key, sizeof(pair_key), "pair", pair);
 	/* Throttled: refused before any check (no database round trip, no HMAC). */
@@ -1473,7 +1602,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 		return refuse(ed->client, username, reason);
 	}
 	if(device) cache_del(&p->failures, pair_key);
-	if(find_service(p, username) != NULL) return MOSQ_ERR_SUCCESS;
+	if(find_service(p, username) != NULL || provisioning_login(username)) return MOSQ_ERR_SUCCESS;
 	kick_forget(p, username);
 	if(p->track_sessions){
 		struct cache_entry *session = cache_put(&p->sessions, username, login.credentials, now);
@@ -1545,6 +1674,30 @@ static void log_denied_publish(struct plugin *p, const char *username, const cha
 			printable(topic, shown_topic, sizeof(shown_topic)), why);
 }
 
+/* A provisioning client may write provisioning/{enrollment}/{its registration id}/register
+ * and .../status, and read .../res; nothing else (NULL: allowed). */
+static const char *provisioning_denied(const char *enrollment, const char *registration,
+		const struct mosquitto_evt_acl_check *ed)
+{
+	size_t plen = sizeof(PROVISIONING_TOPIC) - 1, elen = strlen(enrollment);
+	const char *rest = ed->topic, *verb;
+	size_t rlen;
+	if(registration == NULL || rest == NULL || strncmp(rest, PROVISIONING_TOPIC, plen)
+			|| strncmp(rest + plen, enrollment, elen) || rest[plen + elen] != '/'){
+		return "not its own provisioning topics";
+	}
+	rest += plen + elen + 1;
+	rlen = strlen(registration);
+	if(strncmp(rest, registration, rlen) || rest[rlen] != '/') return "not its own provisioning topics";
+	verb = rest + rlen + 1;
+	if(ed->access == MOSQ_ACL_WRITE){
+		if(ed->retain) return "retained";
+		return !strcmp(verb, "register") || !strcmp(verb, "status") ? NULL
+			: "provisioning clients write only register and status";
+	}
+	return !strcmp(verb, "res") ? NULL : "provisioning clients read only res";
+}
+
 static int on_acl_check(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_acl_check *ed = event_data;
@@ -1559,6 +1712,12 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	if(find_service(p, username) != NULL) return MOSQ_ERR_SUCCESS;
 	/* Unsubscribing only ever removes access. */
 	if(ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS;
+	if(provisioning_login(username)){
+		why = provisioning_denied(username + sizeof(PROVISION_PREFIX) - 1, client_id, ed);
+		if(why == NULL) return MOSQ_ERR_SUCCESS;
+		log_denied_publish(p, username, ed->topic, why);
+		return MOSQ_ERR_ACL_DENIED;
+	}
 	rest = (client_id != NULL && !strcmp(client_id, username))
 		? own_rest(ed->topic, username) : NULL;
 	if(rest != NULL){

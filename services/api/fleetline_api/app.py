@@ -18,6 +18,7 @@ from fleetline.service import serve_probes
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
 from fleetline_api.limits import RequestLimits
+from fleetline_api.provisioning import Provisioner
 from fleetline_api.queries import telemetry as sql
 from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.routes import (
@@ -26,12 +27,14 @@ from fleetline_api.routes import (
     dashboard,
     dead_letters,
     devices,
+    enrollments,
     health,
     jobs,
     message_routes,
     messages,
     methods,
     modules,
+    provision,
     query,
     rules,
     stream,
@@ -49,6 +52,7 @@ class State(TypedDict):
     settings: ApiSettings
     pool: asyncpg.Pool[Any]
     broker: BrokerLink
+    provisioner: Provisioner
     stream: StreamHub
     jobs: JobRunner
     rate_limits: KeyRateLimiter
@@ -76,6 +80,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
             )
         }
         broker = BrokerLink(settings)
+        provisioner = Provisioner(settings, pool, broker)
+        broker.provisioner = provisioner
         hub = StreamHub(settings, pool)
         runner = JobRunner(settings, broker)
         tasks = [
@@ -100,6 +106,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 "settings": settings,
                 "pool": pool,
                 "broker": broker,
+                "provisioner": provisioner,
                 "stream": hub,
                 "jobs": runner,
                 "rate_limits": KeyRateLimiter(settings.rate_per_key, settings.rate_burst_per_key),
@@ -138,6 +145,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.include_router(health.metrics_router)
     app.include_router(devices.router)
     app.include_router(cas.router)
+    app.include_router(enrollments.router)
+    app.include_router(provision.router)
     app.include_router(stream.router)
     app.include_router(dead_letters.router)
     app.include_router(dashboard.router)

@@ -31,6 +31,10 @@ class ApiSettings(ServiceSettings):
     # once (fleetline_api/ratelimit.py); more get 429 with Retry-After. 0: no limit.
     rate_per_key: float = Field(default=50.0, ge=0, le=100_000)
     rate_burst_per_key: int = Field(default=200, ge=1, le=1_000_000)
+    # Registrations per enrollment (REST and MQTT together, per API process): a
+    # second's rate and a burst. Beyond, a device is told when to try again.
+    provision_rate: float = Field(default=20.0, ge=0, le=100_000)
+    provision_burst: int = Field(default=200, ge=1, le=1_000_000)
     # /metrics (Prometheus), with /healthz and /readyz, on a listener of its own that
     # the public Service does not expose; 0: /metrics on the API's own port, for anyone.
     metrics_host: str = "0.0.0.0"

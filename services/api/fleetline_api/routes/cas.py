@@ -95,10 +95,20 @@ async def verify_ca(name: DeviceId, body: CaProof, pool: PoolDep, _key: DevicesW
         return CaPublic(**dict(row))
 
 
-@router.delete("/{name}", status_code=204, responses=NOT_FOUND)
+@router.delete(
+    "/{name}",
+    status_code=204,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "An enrollment's CA"}},
+)
 async def delete_ca(name: DeviceId, pool: PoolDep, _key: DevicesWrite) -> Response:
     """Stop trusting the CA: devices that logged in with a certificate it signed are
     disconnected within seconds."""
-    if await pool.execute(sql.DELETE_CA, name) == "DELETE 0":
+    try:
+        deleted = await pool.execute(sql.DELETE_CA, name)
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise HTTPException(
+            409, f"CA {name} is the CA of an enrollment: delete the enrollment first"
+        ) from exc
+    if deleted == "DELETE 0":
         raise HTTPException(404, f"CA {name} not found")
     return Response(status_code=204)

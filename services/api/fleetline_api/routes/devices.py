@@ -24,8 +24,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
-from fleetline import certificates, db, devicekeys
-from fleetline_api import commands
+from fleetline import certificates, devicekeys
+from fleetline_api import commands, registry
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep, lock_device
 from fleetline_api.params import StatusFilter, TagFilter, device_filter
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
@@ -44,7 +44,6 @@ from fleetline_api.schemas.common import (
     SelfSignedAuth,
     TokenRequest,
 )
-from fleetline_api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=RESPONSES)
@@ -69,25 +68,6 @@ async def list_devices(
     return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
 
-async def _issue_key(
-    con: db.Connection, settings: ApiSettings, device_id: str
-) -> DeviceCredentials:
-    version = await con.fetchval(sql.ISSUE_KEY, device_id)
-    if version is None:
-        raise HTTPException(404, f"device {device_id} not found")
-    key = devicekeys.derive_key(settings.key_secret, device_id, version)
-    await con.execute(sql.STORE_FINGERPRINT, device_id, version, devicekeys.fingerprint(key))
-    broker = settings.device_mqtt
-    return DeviceCredentials(
-        device_id=device_id,
-        key=key,
-        key_version=version,
-        connection_string=devicekeys.connection_string(
-            host=broker.host, port=broker.port, device_id=device_id, key=key
-        ),
-    )
-
-
 @router.post(
     "",
     status_code=201,
@@ -110,7 +90,7 @@ async def create_device(
         )
         credentials = None
         if body.auth.type == "key":
-            credentials = await _issue_key(con, settings, body.id)
+            credentials = await registry.issue_key(con, settings, body.id)
         device = await _get(con, body.id)
     return DeviceCreated(**device.model_dump(), credentials=credentials)
 
@@ -158,7 +138,7 @@ async def regenerate_key(
     signed with it stop working; the broker disconnects the device."""
     async with pool.acquire() as con, con.transaction():
         await _require_key_auth(con, device_id)
-        return await _issue_key(con, settings, device_id)
+        return await registry.issue_key(con, settings, device_id)
 
 
 @router.post(

@@ -40,7 +40,7 @@ Tags = dict[TagName, TagValue]
 
 
 # A tag name outside the pattern is refused: say so in the schema too.
-_NAMED_KEYS_ONLY: JsonDict = {"additionalProperties": False}
+NAMED_KEYS_ONLY: JsonDict = {"additionalProperties": False}
 
 
 # SHA-256 of a certificate's DER: 64 hex digits, colons allowed.
@@ -86,9 +86,7 @@ class DeviceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: DeviceId
-    tags: Tags = Field(
-        default_factory=dict, max_length=MAX_TAGS, json_schema_extra=_NAMED_KEYS_ONLY
-    )
+    tags: Tags = Field(default_factory=dict, max_length=MAX_TAGS, json_schema_extra=NAMED_KEYS_ONLY)
     auth: DeviceAuth = Field(
         default_factory=lambda: KeyAuth(type="key"), description="Default: a key"
     )
@@ -104,7 +102,7 @@ class DeviceUpdate(BaseModel):
     tags: (
         Annotated[
             dict[TagName, TagValue | None],
-            Field(max_length=MAX_TAGS, json_schema_extra=_NAMED_KEYS_ONLY),
+            Field(max_length=MAX_TAGS, json_schema_extra=NAMED_KEYS_ONLY),
         ]
         | None
     ) = None

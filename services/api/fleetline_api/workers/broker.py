@@ -10,6 +10,12 @@ response and the replica waiting for that request id takes it; the others ignore
 Request ids are random (uuid4), so no replica or device can guess another's. A call
 waits for its answer across reconnects until its own timeout: the device may answer
 after the link is back.
+
+Provisioning: the API takes devices' registration requests
+(``provisioning/{enrollment}/{registration id}/register`` and ``.../status``) through a
+shared subscription, so one replica handles each, and answers on ``.../res``
+(provisioning.py does the work). Requests wait in a bounded queue; when it is full (a
+flood) a request is dropped, counted and logged, and the device asks again.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from prometheus_client import Gauge
+import orjson
+from prometheus_client import Counter, Gauge
 
 from fleetline import mqtt
 from fleetline.protocol import MODULES, TOPIC_ROOT, topic_for
@@ -40,6 +47,25 @@ METHOD_RESPONSES = (f"{TOPIC_ROOT}/+/methods/+/res", f"{TOPIC_ROOT}/+/{MODULES}/
 PENDING_CALLS = Gauge(
     "fleetline_api_method_calls_pending", "Direct method calls waiting for their answer"
 )
+PROVISIONING = "provisioning"
+PROVISIONING_REQUESTS = (
+    f"$share/fleetline-api/{PROVISIONING}/+/+/register",
+    f"$share/fleetline-api/{PROVISIONING}/+/+/status",
+)
+PROVISIONING_QUEUE = 1000
+PROVISIONING_WORKERS = 4
+MAX_PROVISIONING_PAYLOAD = 1024
+PROVISIONING_HANDLED = Counter(
+    "fleetline_api_provisioning_requests",
+    "Provisioning requests over MQTT by outcome (assigned, failed, throttled, dropped)",
+    ["outcome"],
+)
+
+
+class ProvisioningHandler(Protocol):
+    async def register(self, enrollment_id: str, registration_id: str) -> Any: ...
+
+    async def status(self, enrollment_id: str, registration_id: str, operation_id: str) -> Any: ...
 
 
 class MethodCallError(Exception):
@@ -82,6 +108,9 @@ class BrokerLink:
         self.identifier = f"fleetline-api-{socket.gethostname()}-{os.getpid()}"
         self._max_pending = max_pending_calls
         self._pending: dict[str, _Pending] = {}
+        self.provisioner: ProvisioningHandler | None = None
+        self._provisioning: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(PROVISIONING_QUEUE)
+        self._dropped_logged = 0.0
 
     @property
     def connected(self) -> bool:
@@ -124,17 +153,21 @@ class BrokerLink:
             await asyncio.sleep(mqtt.backoff_seconds(attempt))
             attempt += 1
 
-    @staticmethod
-    async def _subscribe(client: mqtt.Client) -> None:
-        result = await client.subscribe([(topic, 1) for topic in METHOD_RESPONSES])
+    async def _subscribe(self, client: mqtt.Client) -> None:
+        topics = METHOD_RESPONSES + (PROVISIONING_REQUESTS if self.provisioner else ())
+        result = await client.subscribe([(topic, 1) for topic in topics])
         # Granted QoS per topic: ints (MQTT 3.1.1) or reason codes (MQTT 5); 0x80+ is a refusal.
         codes: list[Any] = list(result) if isinstance(result, list | tuple) else [result]
         if any(int(getattr(code, "value", code)) >= 0x80 for code in codes):
-            raise mqtt.MqttError(f"subscription to {METHOD_RESPONSES} refused: {codes}")
+            raise mqtt.MqttError(f"subscription to {topics} refused: {codes}")
 
     async def _serve(self, client: mqtt.Client) -> None:
-        """Take method responses until the connection ends (then raise MqttError)."""
-        await mqtt.serve(client, {f"{self.identifier}.method_responses": self._receive(client)})
+        """Take method responses and provisioning requests until the connection ends
+        (then raise MqttError)."""
+        jobs = {f"{self.identifier}.method_responses": self._receive(client)}
+        for n in range(PROVISIONING_WORKERS if self.provisioner else 0):
+            jobs[f"{self.identifier}.provisioning.{n}"] = self._provision(client)
+        await mqtt.serve(client, jobs)
 
     async def _receive(self, client: mqtt.Client) -> None:
         async for message in client.messages:
@@ -146,7 +179,11 @@ class BrokerLink:
                 log.exception("could not hand over a method response")
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
-        """Complete the call this response answers; ignore anything else."""
+        """Complete the call this response answers, queue a provisioning request; ignore
+        anything else."""
+        if topic.startswith(f"{PROVISIONING}/"):
+            self._queue_provisioning(topic, payload)
+            return
         parts = topic.split("/")
         if len(parts) == 7 and parts[2] == MODULES:  # devices/{id}/modules/{m}/methods/...
             module_id = parts[3]
@@ -172,6 +209,63 @@ class BrokerLink:
             )
             return
         pending.answer.set_result(payload)
+
+    def _queue_provisioning(self, topic: str, payload: bytes) -> None:
+        try:
+            self._provisioning.put_nowait((topic, payload))
+        except asyncio.QueueFull:
+            PROVISIONING_HANDLED.labels("dropped").inc()
+            now = asyncio.get_running_loop().time()
+            if now - self._dropped_logged >= 10:
+                self._dropped_logged = now
+                log.warning(
+                    "provisioning requests dropped: %d wait already (devices ask again)",
+                    PROVISIONING_QUEUE,
+                )
+
+    async def _provision(self, client: mqtt.Client) -> None:
+        """Answer queued provisioning requests, one at a time."""
+        while True:
+            topic, payload = await self._provisioning.get()
+            try:
+                await self._answer_provisioning(client, topic, payload)
+            except mqtt.MqttError:
+                raise
+            except Exception:  # one request must not end the worker
+                log.exception("provisioning request failed", extra={"topic": topic})
+
+    async def _answer_provisioning(self, client: mqtt.Client, topic: str, payload: bytes) -> None:
+        assert self.provisioner is not None
+        _, enrollment_id, registration_id, verb = topic.split("/")
+        request: Any = {}
+        if len(payload) > MAX_PROVISIONING_PAYLOAD:
+            request = None
+        elif payload.strip():
+            try:
+                request = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                request = None
+        if not isinstance(request, dict):
+            answer: dict[str, Any] = {
+                "status": "failed",
+                "error": f"the request is a JSON object of {MAX_PROVISIONING_PAYLOAD} bytes "
+                "at most",
+            }
+        elif verb == "register":
+            answer = (await self.provisioner.register(enrollment_id, registration_id)).as_json()
+        else:
+            operation = request.get("operation_id")
+            answer = (
+                (await self.provisioner.status(enrollment_id, registration_id, operation)).as_json()
+                if isinstance(operation, str)
+                else {"status": "failed", "error": "status needs the operation_id"}
+            )
+        PROVISIONING_HANDLED.labels(answer["status"]).inc()
+        if isinstance(request, dict) and "rid" in request:
+            answer["rid"] = request["rid"]
+        await client.publish(
+            f"{PROVISIONING}/{enrollment_id}/{registration_id}/res", orjson.dumps(answer), qos=1
+        )
 
     async def call(
         self,

@@ -1,0 +1,126 @@
+"""Enrollments and registrations (routes/enrollments.py, routes/provision.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+
+from fleetline_api.schemas.common import MAX_TAGS, NAMED_KEYS_ONLY, DeviceId, Tags, Thumbprint
+
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Desired = Annotated[dict[str, Any], Field(description="Initial desired twin properties")]
+
+
+class EnrollmentCreate(BaseModel):
+    """``group``: any registration id the pattern allows; ``individual``: one device
+    whose registration id is the enrollment's id. ``symmetric_key`` attestation issues the
+    enrollment key (in this response only); ``x509`` needs ``ca`` (a verified CA, for a
+    group) or ``thumbprint`` (the device's certificate, for an individual enrollment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: DeviceId
+    kind: Literal["group", "individual"]
+    attestation: Literal["symmetric_key", "x509"]
+    ca: DeviceId | None = Field(default=None, description="x509 groups: the CA's name")
+    thumbprint: Thumbprint | None = Field(
+        default=None, description="x509 individual enrollments: the certificate's SHA-256"
+    )
+    registration_pattern: Pattern = Field(
+        default=".*",
+        description="PostgreSQL regular expression the whole registration id must match",
+    )
+    initial_tags: Tags = Field(
+        default_factory=dict, max_length=MAX_TAGS, json_schema_extra=NAMED_KEYS_ONLY
+    )
+    initial_desired: Desired = Field(default_factory=dict)
+    reprovision: Literal["keep", "reset"] = Field(
+        default="keep",
+        description="A device that provisions again keeps its tags and desired twin, or "
+        "gets the initial ones back",
+    )
+    enabled: StrictBool = True
+
+
+class EnrollmentUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    registration_pattern: Pattern | None = None
+    initial_tags: (
+        Annotated[Tags, Field(max_length=MAX_TAGS, json_schema_extra=NAMED_KEYS_ONLY)] | None
+    ) = None
+    initial_desired: Desired | None = None
+    reprovision: Literal["keep", "reset"] | None = None
+    enabled: StrictBool | None = Field(
+        default=None, description="A disabled enrollment refuses registrations"
+    )
+
+
+class EnrollmentPublic(BaseModel):
+    id: str
+    kind: str
+    attestation: str
+    ca_name: str | None
+    thumbprint: str | None
+    registration_pattern: str
+    initial_tags: dict[str, Any]
+    initial_desired: dict[str, Any]
+    reprovision: str
+    enabled: bool
+    key_version: int
+    registrations: int = Field(description="Devices it provisioned")
+    created_at: datetime
+    updated_at: datetime
+
+
+class EnrollmentCreated(EnrollmentPublic):
+    key: str | None = Field(
+        description="symmetric_key: the enrollment key, shown this once. A group's device "
+        "proves base64(HMAC-SHA256(key, registration id)); an individual one the key"
+    )
+
+
+class EnrollmentList(BaseModel):
+    items: list[EnrollmentPublic]
+
+
+class RegistrationPublic(BaseModel):
+    registration_id: str
+    device_id: str | None
+    status: str
+    error: str | None
+    attempts: int
+    operation_id: UUID
+    created_at: datetime
+    updated_at: datetime
+
+
+class RegistrationPage(BaseModel):
+    items: list[RegistrationPublic]
+    next_cursor: str | None
+
+
+class ProvisionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enrollment_id: DeviceId
+    registration_id: DeviceId
+
+
+class ProvisionAnswer(BaseModel):
+    status: Literal["assigned", "failed", "throttled"]
+    enrollment_id: str
+    registration_id: str
+    operation_id: str | None = None
+    device_id: str | None = None
+    auth: dict[str, Any] = Field(
+        default_factory=dict,
+        description='{"type": "key", "key": ..., "key_version": ...} or {"type": "x509_ca"} '
+        'or {"type": "x509_self_signed"}',
+    )
+    mqtt_url: str | None = None
+    error: str | None = None
+    retry_after_s: int | None = None
