@@ -71,6 +71,11 @@
 #define DEVICE_PREFIX "devices/"
 #define NOTIFY_CHANNEL "fleetline_device_credentials"
 #define CAS_CHANNEL "fleetline_x509_cas"
+#define LIMITS_CHANNEL "fleetline_device_limits"
+/* Refusals are added to device_limit_refusals this often, and logged once a minute per
+ * device at most. */
+#define REFUSALS_FLUSH_MS 5000
+#define REFUSALS_LOG_MS 60000
 /* Provisioning logins: this + the enrollment id (a device id holds no '$' or '/'). */
 #define PROVISION_PREFIX "$provision/"
 #define PROVISIONING_TOPIC "provisioning/"
@@ -109,6 +114,20 @@
 /* How a device logs in (devices.auth). */
 enum auth_kind { AUTH_KEY = 'k', AUTH_SELF_SIGNED = 's', AUTH_CA = 'c' };
 
+/* A device's limits (device_limits, migration 0025); rate 0: none. */
+struct limits {
+	double messages_per_s, burst_messages, bytes_per_s, burst_bytes;
+};
+
+/* A device's token buckets, kept across its connections (a reconnection must not
+ * refill them), and the publishes refused since they were last written down. */
+struct bucket {
+	double messages, bytes;
+	int64_t at_ms;
+	uint64_t refused_messages, refused_bytes;
+	int64_t logged_ms; /* when its refusals were last logged */
+};
+
 /* What the plugin knows of a registered device. */
 struct device_row {
 	bool known; /* false: the registry has no such device */
@@ -118,6 +137,7 @@ struct device_row {
 	int credentials; /* credentials_version */
 	int nthumbs;
 	unsigned char thumbs[2][SHA256_DIGEST_LENGTH];
+	struct limits limits;
 };
 
 struct cache_entry {
@@ -128,6 +148,9 @@ struct cache_entry {
 	int version;
 	struct device_row row; /* the device cache only */
 	uint64_t ca_tag; /* sessions only: the CA its certificate was signed by (0: none) */
+	struct limits limits; /* sessions only */
+	uint64_t limits_generation; /* sessions only: p->limits_generation when read */
+	struct bucket bucket; /* the buckets cache only */
 	const struct mosquitto *client; /* sessions only: the connection */
 	bool current; /* sessions only, while checking: the registry has this version */
 	char id[];
@@ -188,6 +211,10 @@ struct plugin {
 	struct ca *cas; /* the verified CAs, as last read */
 	size_t ncas;
 	bool cas_stale; /* to read again (a notification, or a new connection) */
+	struct cache buckets; /* device id -> its token buckets */
+	uint64_t limits_generation; /* one more per limits notification */
+	int64_t next_refusals_flush_ms;
+	uint64_t limited_total, limited_reported;
 	int ssl_index; /* the SSL ex_data index whose new_func asks for certificates (-1) */
 	/* Connected devices: id -> the connection and the credentials it logged in with.
 	 * Only these are ever kicked: kicking the offline session of a persistent client
@@ -361,6 +388,9 @@ static struct cache_entry *cache_put(struct cache *c, const char *id, int versio
 	e->version = version;
 	e->fetched_ms = now;
 	memset(&e->row, 0, sizeof(e->row));
+	memset(&e->limits, 0, sizeof(e->limits));
+	memset(&e->bucket, 0, sizeof(e->bucket));
+	e->limits_generation = 0;
 	e->ca_tag = 0;
 	e->client = NULL;
 	e->current = false;
@@ -398,6 +428,13 @@ static void cache_sweep(struct cache *c, bool (*drop)(const struct cache_entry *
 			}
 		}
 	}
+}
+
+static bool drop_all(const struct cache_entry *e, void *arg)
+{
+	(void)e;
+	(void)arg;
+	return true;
 }
 
 static void cache_free(struct cache *c)
@@ -738,9 +775,11 @@ static bool db_advance_connect(struct plugin *p, int64_t wait_until)
 		p->connect_status = PQconnectPoll(p->conn);
 	}
 	p->connecting = false;
-	for(int i = 0; i < 2; i++){
-		res = db_exec(p, i == 0 ? "LISTEN " NOTIFY_CHANNEL : "LISTEN " CAS_CHANNEL, 0, NULL,
-				err, sizeof(err));
+	static const char *const listens[] = {
+		"LISTEN " NOTIFY_CHANNEL, "LISTEN " CAS_CHANNEL, "LISTEN " LIMITS_CHANNEL,
+	};
+	for(size_t i = 0; i < sizeof(listens) / sizeof(*listens); i++){
+		res = db_exec(p, listens[i], 0, NULL, err, sizeof(err));
 		if(res == NULL){
 			db_connect_failed(p, err);
 			return false;
@@ -754,6 +793,7 @@ static bool db_advance_connect(struct plugin *p, int64_t wait_until)
 	 * the connected devices against the registry, and no cached credentials are fresh. */
 	p->reconnected = true;
 	p->cas_stale = true;
+	p->limits_generation++;
 	for(size_t i = 0; i < p->cache.nbuckets; i++){
 		for(struct cache_entry *e = p->cache.buckets[i]; e; e = e->next){
 			if(e->fetched_ms > now_ms() - p->cache_ms) e->fetched_ms = now_ms() - p->cache_ms;
@@ -799,27 +839,23 @@ static void db_drain(struct plugin *p)
 			kick_queue(p, n->extra);
 		}else if(!strcmp(n->relname, CAS_CHANNEL)){
 			p->cas_stale = true;
+		}else if(!strcmp(n->relname, LIMITS_CHANNEL)){
+			p->limits_generation++;
+			cache_sweep(&p->cache, drop_all, NULL); /* cached limits are stale too */
 		}
 		PQfreemem(n);
 	}
 }
 
-/* SELECT id, credentials_version for the given ids (one round trip). NULL on error. */
-static PGresult *db_versions(struct plugin *p, char *const *ids, size_t n, char *err,
-		size_t errlen)
+/* A text[] literal of ids: {"id1","id2"}, with " and \ escaped (NULL: no memory). */
+static char *text_array(char *const *ids, size_t n)
 {
 	char *literal, *w;
 	size_t size = 3;
-	const char *params[1];
-	PGresult *res;
 
 	for(size_t i = 0; i < n; i++) size += 2 * strlen(ids[i]) + 3;
-	/* a text[] literal: {"id1","id2"}, with " and \ escaped */
 	literal = w = mosquitto_malloc(size);
-	if(literal == NULL){
-		snprintf(err, errlen, "out of memory");
-		return NULL;
-	}
+	if(literal == NULL) return NULL;
 	*w++ = '{';
 	for(size_t i = 0; i < n; i++){
 		if(i > 0) *w++ = ',';
@@ -832,6 +868,21 @@ static PGresult *db_versions(struct plugin *p, char *const *ids, size_t n, char 
 	}
 	*w++ = '}';
 	*w = '\0';
+	return literal;
+}
+
+/* SELECT id, credentials_version for the given ids (one round trip). NULL on error. */
+static PGresult *db_versions(struct plugin *p, char *const *ids, size_t n, char *err,
+		size_t errlen)
+{
+	const char *params[1];
+	char *literal = text_array(ids, n);
+	PGresult *res;
+
+	if(literal == NULL){
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
 	params[0] = literal;
 	res = db_exec(p, "SELECT id, credentials_version FROM devices WHERE id = ANY($1::text[])",
 			1, params, err, errlen);
@@ -974,12 +1025,20 @@ static void parse_device_row(PGresult *res, struct device_row *row)
 			row->nthumbs++;
 		}
 	}
+	if(!PQgetisnull(res, 0, 6)){
+		row->limits.messages_per_s = atof(PQgetvalue(res, 0, 6));
+		row->limits.burst_messages = atof(PQgetvalue(res, 0, 7));
+		row->limits.bytes_per_s = atof(PQgetvalue(res, 0, 8));
+		row->limits.burst_bytes = atof(PQgetvalue(res, 0, 9));
+	}
 }
 
 #define DEVICE_QUERY \
-	"SELECT key_version, credentials_version, enabled, auth, " \
-	"encode(primary_thumbprint, 'hex'), encode(secondary_thumbprint, 'hex') " \
-	"FROM devices WHERE id = $1"
+	"SELECT d.key_version, d.credentials_version, d.enabled, d.auth, " \
+	"encode(d.primary_thumbprint, 'hex'), encode(d.secondary_thumbprint, 'hex'), " \
+	"l.messages_per_second, l.burst_messages, l.bytes_per_second, l.burst_bytes " \
+	"FROM devices d LEFT JOIN LATERAL fleetline_limits_of(d.id, d.tags) l ON true " \
+	"WHERE d.id = $1"
 
 /* The device's credentials (row->known false if absent): from the cache while fresh
  * (*cached set), else from the database, else from a stale cache entry. */
@@ -1390,6 +1449,7 @@ static void record_failure(struct plugin *p, const char *key, int free_failures,
 struct login {
 	int credentials; /* its credentials_version */
 	uint64_t ca_tag; /* the CA that signed its certificate (0: none) */
+	struct limits limits;
 };
 
 /* The device's credentials check: its key or token, or its client certificate. */
@@ -1402,6 +1462,7 @@ static const char *check_device(struct plugin *p, struct mosquitto *client, cons
 	if(!row->known) return "unknown device";
 	if(!row->enabled) return "device disabled";
 	login->credentials = row->credentials;
+	login->limits = row->limits;
 	if(row->auth == AUTH_KEY){
 		if(password == NULL) return "bad key (no password)";
 		if(row->key_version <= 0) return "no key issued";
@@ -1609,6 +1670,8 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 		if(session){
 			session->client = ed->client;
 			session->ca_tag = login.ca_tag;
+			session->limits = login.limits;
+			session->limits_generation = p->limits_generation;
 		}
 	}
 	return MOSQ_ERR_SUCCESS;
@@ -1674,6 +1737,141 @@ static void log_denied_publish(struct plugin *p, const char *username, const cha
 			printable(topic, shown_topic, sizeof(shown_topic)), why);
 }
 
+/* The limits of a connected device, read again after a limits notification. */
+static const struct limits *session_limits(struct plugin *p, const char *id)
+{
+	struct cache_entry *session = cache_find(&p->sessions, id);
+	if(session == NULL) return NULL;
+	if(session->limits_generation != p->limits_generation){
+		struct device_row row;
+		bool cached;
+		char shown[LOG_FIELD_MAX];
+		if(lookup_device(p, id, &row, printable(id, shown, sizeof(shown)), &cached) == LOOKUP_OK
+				&& row.known){
+			session = cache_find(&p->sessions, id); /* lookups never touch sessions */
+			if(session == NULL) return NULL;
+			session->limits = row.limits;
+			session->limits_generation = p->limits_generation;
+		}
+	}
+	return &session->limits;
+}
+
+/* Takes one message of payloadlen bytes from the device's buckets. Over its limits:
+ * an MQTT 5 device gets the publish refused (PUBACK "not authorized": the 2.0 plugin API
+ * cannot answer 0x97, quota exceeded); an MQTT 3.1.1 device, which cannot be told in a
+ * PUBACK, is disconnected before the PUBACK, so the message stays its own to send again.
+ * Either way the refusal is counted for the device and logged. */
+static int take_quota(struct plugin *p, struct mosquitto *client, const char *id,
+		uint32_t payloadlen)
+{
+	const struct limits *l = session_limits(p, id);
+	struct cache_entry *e;
+	struct bucket *b;
+	int64_t now = now_ms();
+	double elapsed;
+	char shown[LOG_FIELD_MAX];
+
+	if(l == NULL || l->messages_per_s <= 0) return MOSQ_ERR_SUCCESS;
+	e = cache_find(&p->buckets, id);
+	if(e == NULL){
+		e = cache_put(&p->buckets, id, 0, now);
+		if(e == NULL) return MOSQ_ERR_SUCCESS; /* no memory: not limited */
+		e->bucket.messages = l->burst_messages;
+		e->bucket.bytes = l->burst_bytes;
+		e->bucket.at_ms = now;
+	}
+	b = &e->bucket;
+	elapsed = (double)(now - b->at_ms) / 1000.0;
+	b->messages += elapsed * l->messages_per_s;
+	if(b->messages > l->burst_messages) b->messages = l->burst_messages;
+	b->bytes += elapsed * l->bytes_per_s;
+	if(b->bytes > l->burst_bytes) b->bytes = l->burst_bytes;
+	b->at_ms = now;
+	e->fetched_ms = now;
+	if(b->messages >= 1.0 && b->bytes >= (double)payloadlen){
+		b->messages -= 1.0;
+		b->bytes -= (double)payloadlen;
+		return MOSQ_ERR_SUCCESS;
+	}
+	b->refused_messages++;
+	b->refused_bytes += payloadlen;
+	p->limited_total++;
+	if(now - b->logged_ms >= REFUSALS_LOG_MS || b->logged_ms == 0){
+		b->logged_ms = now;
+		mosquitto_log_printf(MOSQ_LOG_NOTICE,
+				PLUGIN_NAME ": device '%s' is over its limits (%g messages/s, burst %g; %g bytes/s, "
+				"burst %g): its publishes are refused and counted",
+				printable(id, shown, sizeof(shown)), l->messages_per_s, l->burst_messages,
+				l->bytes_per_s, l->burst_bytes);
+	}
+	return mosquitto_client_protocol_version(client) == 5 ? MOSQ_ERR_ACL_DENIED
+		: MOSQ_ERR_ADMINISTRATIVE_ACTION;
+}
+
+/* Adds the refusals counted since the last time to device_limit_refusals. */
+static void flush_refusals(struct plugin *p)
+{
+	char **ids, *id_array = NULL, *numbers[2] = {NULL, NULL}, err[512];
+	size_t n = 0;
+	PGresult *res;
+
+	if(!db_ready(p, 0)) return;
+	ids = mosquitto_malloc((p->buckets.count + 1) * sizeof(*ids));
+	numbers[0] = mosquitto_malloc(p->buckets.count * 21 + 3);
+	numbers[1] = mosquitto_malloc(p->buckets.count * 21 + 3);
+	if(ids == NULL || numbers[0] == NULL || numbers[1] == NULL) goto out;
+	strcpy(numbers[0], "{");
+	strcpy(numbers[1], "{");
+	for(size_t i = 0; i < p->buckets.nbuckets; i++){
+		for(struct cache_entry *e = p->buckets.buckets[i]; e; e = e->next){
+			if(e->bucket.refused_messages == 0) continue;
+			ids[n] = e->id;
+			sprintf(numbers[0] + strlen(numbers[0]), "%s%" PRIu64, n ? "," : "",
+					e->bucket.refused_messages);
+			sprintf(numbers[1] + strlen(numbers[1]), "%s%" PRIu64, n ? "," : "",
+					e->bucket.refused_bytes);
+			n++;
+		}
+	}
+	if(n == 0) goto out;
+	strcat(numbers[0], "}");
+	strcat(numbers[1], "}");
+	id_array = text_array(ids, n);
+	if(id_array == NULL) goto out;
+	{
+		const char *params[3] = {id_array, numbers[0], numbers[1]};
+		res = db_exec(p,
+				"INSERT INTO device_limit_refusals AS r (device_id, messages, bytes) "
+				"SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) "
+				"ON CONFLICT (device_id) DO UPDATE SET messages = r.messages + EXCLUDED.messages, "
+				"bytes = r.bytes + EXCLUDED.bytes, last_refused_at = now()",
+				3, params, err, sizeof(err));
+	}
+	if(res == NULL){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": cannot record refused publishes (kept for the next attempt): %s", err);
+		goto out;
+	}
+	PQclear(res);
+	for(size_t i = 0; i < p->buckets.nbuckets; i++){
+		for(struct cache_entry *e = p->buckets.buckets[i]; e; e = e->next){
+			e->bucket.refused_messages = e->bucket.refused_bytes = 0;
+		}
+	}
+out:
+	mosquitto_free(id_array);
+	mosquitto_free(numbers[0]);
+	mosquitto_free(numbers[1]);
+	mosquitto_free(ids);
+}
+
+/* A bucket idle long enough to be full again, with nothing left to write down. */
+static bool drop_idle_bucket(const struct cache_entry *e, void *arg)
+{
+	return e->bucket.refused_messages == 0 && *(const int64_t *)arg - e->fetched_ms >= 600000;
+}
+
 /* A provisioning client may write provisioning/{enrollment}/{its registration id}/register
  * and .../status, and read .../res; nothing else (NULL: allowed). */
 static const char *provisioning_denied(const char *enrollment, const char *registration,
@@ -1723,7 +1921,7 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	if(rest != NULL){
 		if(ed->access != MOSQ_ACL_WRITE) return MOSQ_ERR_SUCCESS;
 		why = publish_denied(rest, ed->retain);
-		if(why == NULL) return MOSQ_ERR_SUCCESS;
+		if(why == NULL) return take_quota(p, ed->client, username, ed->payloadlen);
 		log_denied_publish(p, username, ed->topic, why);
 		return MOSQ_ERR_ACL_DENIED;
 	}
@@ -1759,16 +1957,19 @@ static bool drop_old_failure(const struct cache_entry *e, void *arg)
 static void report_counts(struct plugin *p)
 {
 	if(p->refused_total == p->refused_reported && p->throttled_total == p->throttled_reported
-			&& p->denied_total == p->denied_reported){
+			&& p->denied_total == p->denied_reported && p->limited_total == p->limited_reported){
 		return;
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE,
 			PLUGIN_NAME ": in the last minute %" PRIu64 " refused logins, %" PRIu64
-			" throttled, %" PRIu64 " denied device publishes (since start: %" PRIu64 ", %" PRIu64
-			", %" PRIu64 "; %zu client ids or addresses with recent failures)",
+			" throttled, %" PRIu64 " denied device publishes, %" PRIu64 " over devices' limits "
+			"(since start: %" PRIu64 ", %" PRIu64 ", %" PRIu64 ", %" PRIu64 "; %zu client ids or "
+			"addresses with recent failures)",
 			p->refused_total - p->refused_reported, p->throttled_total - p->throttled_reported,
-			p->denied_total - p->denied_reported, p->refused_total, p->throttled_total,
-			p->denied_total, p->failures.count);
+			p->denied_total - p->denied_reported, p->limited_total - p->limited_reported,
+			p->refused_total, p->throttled_total, p->denied_total, p->limited_total,
+			p->failures.count);
+	p->limited_reported = p->limited_total;
 	p->refused_reported = p->refused_total;
 	p->throttled_reported = p->throttled_total;
 	p->denied_reported = p->denied_total;
@@ -1807,10 +2008,15 @@ static int on_tick(int event, void *event_data, void *userdata)
 		}
 	}
 	if(p->nkicks) kick_run(p);
+	if(now >= p->next_refusals_flush_ms){
+		p->next_refusals_flush_ms = now + REFUSALS_FLUSH_MS;
+		flush_refusals(p);
+	}
 	if(now >= p->next_prune_ms){
 		p->next_prune_ms = now + PRUNE_INTERVAL_MS;
 		cache_sweep(&p->cache, drop_expired, p);
 		cache_sweep(&p->failures, drop_old_failure, &now);
+		cache_sweep(&p->buckets, drop_idle_bucket, &now);
 	}
 	if(now >= p->next_summary_ms){
 		p->next_summary_ms = now + SUMMARY_INTERVAL_MS;
@@ -1856,6 +2062,7 @@ static void plugin_free(struct plugin *p)
 	cache_free(&p->cache);
 	cache_free(&p->sessions);
 	cache_free(&p->failures);
+	cache_free(&p->buckets);
 	cas_free(p->cas, p->ncas);
 	recheck_free(p);
 	for(size_t i = 0; i < p->nkicks; i++) mosquitto_free(p->kicks[i]);
@@ -1938,7 +2145,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	p->conninfo = mosquitto_strdup(database);
 	p->services_path = mosquitto_strdup(services_file);
 	if(p->conninfo == NULL || p->services_path == NULL || !cache_init(&p->cache)
-			|| !cache_init(&p->sessions) || !cache_init(&p->failures)){
+			|| !cache_init(&p->sessions) || !cache_init(&p->failures)
+			|| !cache_init(&p->buckets)){
 		return init_fail(p, "out of memory");
 	}
 
@@ -2018,6 +2226,7 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 		mosquitto_callback_unregister(p->pid, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
 	}
 	if(p->ssl_index >= 0) CRYPTO_free_ex_index(CRYPTO_EX_INDEX_SSL, p->ssl_index);
+	flush_refusals(p); /* what was counted since the last tick */
 	plugin_free(p);
 	return MOSQ_ERR_SUCCESS;
 }

@@ -30,6 +30,7 @@ from fleetline_api.routes import (
     enrollments,
     health,
     jobs,
+    limits,
     message_routes,
     messages,
     methods,
@@ -147,6 +148,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(cas.router)
     app.include_router(enrollments.router)
     app.include_router(provision.router)
+    app.include_router(limits.router)
+    app.include_router(limits.device_router)
     app.include_router(stream.router)
     app.include_router(dead_letters.router)
     app.include_router(dashboard.router)

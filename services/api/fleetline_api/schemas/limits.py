@@ -1,0 +1,46 @@
+"""Per-device limits (routes/limits.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages_per_second: float = Field(ge=0.001, le=1_000_000)
+    burst_messages: int = Field(
+        ge=1,
+        le=100_000_000,
+        description="Messages a device may send at once (a backlog after an outage)",
+    )
+    bytes_per_second: float = Field(ge=1, le=1e12)
+    burst_bytes: int = Field(
+        ge=1_048_576, le=1 << 40, description="At least the largest packet (1 MiB)"
+    )
+
+
+class LimitsPublic(Limits):
+    selector: str = Field(description="default, device:<id> or tag:<name>=<value>")
+    updated_at: datetime
+
+
+class LimitsList(BaseModel):
+    items: list[LimitsPublic]
+
+
+class Refusals(BaseModel):
+    messages: int
+    bytes: int
+    first_refused_at: datetime
+    last_refused_at: datetime
+
+
+class DeviceLimits(BaseModel):
+    device_id: str
+    limits: LimitsPublic | None = Field(description="What applies to the device")
+    refused: Refusals | None = Field(
+        description="Publishes the broker refused for being over the limits (null: none)"
+    )
