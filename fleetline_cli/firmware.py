@@ -23,6 +23,7 @@ COMMON_MODULES = (
     "common/fleetline_device.py",
     "common/fleetline_umqtt.py",
     "common/fleetline_board.py",
+    "common/fleetline_provision.py",
 )
 BOARDS = ("esp32", "esp8266", "pyboard")
 SOURCE_FILES = ("common/boot.py", "common/main.py")
@@ -127,7 +128,9 @@ def config_text(
     interval_s: float = 10,
     extra: dict[str, object] | None = None,
 ) -> str:
-    """A board's ``config_local.py`` (the settings of firmware/common/config.example.py)."""
+    """A board's ``config_local.py`` (the settings of firmware/common/config.example.py).
+    Without a connection string, ``extra`` says how the board provisions itself
+    (ENROLLMENT, GROUP_KEY, PROVISIONING_HOST, PROVISIONING_PORT)."""
     lines = [
         "# Written by `fleetline firmware config`: this device's settings (it holds its key).",
         f"WIFI_SSID = {_py_string(wifi_ssid)}",
@@ -152,6 +155,7 @@ def write_config(
     wifi_password: str,
     ca_source: Path | None,
     interval_s: float,
+    extra: dict[str, object] | None = None,
 ) -> list[Path]:
     """``config_local.py`` (owner-only: it holds the key) and the CA file in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +174,7 @@ def write_config(
         wifi_password=wifi_password,
         ca_file=ca_name,
         interval_s=interval_s,
+        extra=extra,
     )
     target = out / CONFIG_NAME
     write_private(target, text.encode())

@@ -14,6 +14,9 @@ import typer
 
 from fleetline import apikeys
 from fleetline.logs import setup_logging
+from fleetline_cli.common import JsonOption, api_errors, print_table
+from fleetline_cli.common import api as rest
+from fleetline_cli.enrollments import ca_app, enrollment_app
 
 T = TypeVar("T")
 
@@ -128,7 +131,7 @@ def apikey_list(
     if as_json:
         typer.echo(json.dumps(docs))
         return
-    _print_table(
+    print_table(
         ["id", "state", "scopes", "name", "last used"],
         [
             [
@@ -162,49 +165,8 @@ device_app = typer.Typer(
 telemetry_app = typer.Typer(help="Telemetry, over the REST API.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
 app.add_typer(telemetry_app, name="telemetry")
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
-# Without a terminal (a pipe, a file) tables are not cut to 80 columns.
-PIPE_WIDTH = 240
-
-
-def _print_table(columns: list[str], rows: list[list[Any]]) -> None:
-    """A table for people (``--json`` is the form for scripts)."""
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    def cell(value: Any) -> Text:
-        # Data is never read as markup; (text, style) pairs are styled.
-        if isinstance(value, tuple):
-            return Text(*value)
-        return Text("-" if value is None else str(value))
-
-    table = Table(*columns, box=None, header_style="bold", pad_edge=False)
-    for row in rows:
-        table.add_row(*(cell(v) for v in row))
-    Console(width=None if sys.stdout.isatty() else PIPE_WIDTH).print(table)
-
-
-@contextmanager
-def _api_errors() -> Iterator[None]:
-    """An API problem or an unreachable API: one line on stderr, exit code 1."""
-    from fleetline_cli.client import ApiError
-
-    try:
-        yield
-    except ApiError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-
-
-def _api(method: str, path: str, **kwargs: Any) -> Any:
-    from fleetline_cli.client import ApiClient
-
-    with _api_errors():
-        return ApiClient().request(method, path, **kwargs)
+app.add_typer(enrollment_app, name="enrollment")
+app.add_typer(ca_app, name="ca")
 
 
 def _tags(tag: list[str]) -> dict[str, str]:
@@ -230,21 +192,51 @@ def _show_credentials(creds: dict[str, Any]) -> None:
 def device_create(
     device_id: Annotated[str, typer.Argument(help="[A-Za-z0-9_.:-]{1,128}")],
     tag: Annotated[list[str], typer.Option("--tag", "-t", help="name=value, repeatable")] = [],  # noqa: B006
+    cert: Annotated[
+        list[Path],
+        typer.Option(help="X.509 self-signed: its certificate (PEM); twice for a secondary."),
+    ] = [],  # noqa: B006
+    thumbprint: Annotated[
+        list[str], typer.Option(help="X.509 self-signed: its SHA-256 thumbprint, instead.")
+    ] = [],  # noqa: B006
+    ca_signed: Annotated[
+        bool, typer.Option(help="X.509: a certificate for its id signed by a verified CA.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Register a device and print its key and connection string (shown this once)."""
-    device = _api("POST", "/v1/devices", json={"id": device_id, "tags": _tags(tag)})
+    """Register a device and print its key and connection string (shown this once), or
+    register its X.509 identity (--cert, --thumbprint, --ca-signed)."""
+    from fleetline import certificates
+
+    try:
+        prints = [
+            *thumbprint,
+            *(certificates.thumbprint(certificates.load_pem(p.read_text())).hex() for p in cert),
+        ]
+    except (OSError, certificates.CertificateError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cert") from None
+    if len(prints) > 2 or (prints and ca_signed):
+        raise typer.BadParameter("two certificates at most, and not with --ca-signed")
+    auth: dict[str, Any] = {"type": "x509_ca" if ca_signed else "key"}
+    if prints:
+        auth = {"type": "x509_self_signed", "primary_thumbprint": prints[0]}
+        if len(prints) == 2:
+            auth["secondary_thumbprint"] = prints[1]
+    device = rest("POST", "/v1/devices", json={"id": device_id, "tags": _tags(tag), "auth": auth})
     if as_json:
         typer.echo(json.dumps(device))
-    else:
-        _show_device(device)
+        return
+    _show_device(device)
+    if device["credentials"]:
         _show_credentials(device["credentials"])
+    else:
+        typer.echo(f"logs in with its certificate ({device['auth']['type']})")
 
 
 @device_app.command("renew-key")
 def device_renew_key(device_id: str, as_json: JsonOption = False) -> None:
     """Issue a new key (shown once); the old key and its tokens stop working."""
-    creds = _api("POST", f"/v1/devices/{device_id}/key")
+    creds = rest("POST", f"/v1/devices/{device_id}/key")
     if as_json:
         typer.echo(json.dumps(creds))
     else:
@@ -258,7 +250,7 @@ def device_token(
     as_json: JsonOption = False,
 ) -> None:
     """A SAS token for the device's MQTT password (sig=...&se=...), signed by the API."""
-    token = _api("POST", f"/v1/devices/{device_id}/token", json={"ttl_s": ttl})
+    token = rest("POST", f"/v1/devices/{device_id}/token", json={"ttl_s": ttl})
     typer.echo(json.dumps(token) if as_json else token["token"])
 
 
@@ -277,7 +269,7 @@ def device_connection_string(
     from fleetline import devicekeys
 
     if renew:
-        typer.echo(_api("POST", f"/v1/devices/{device_id}/key")["connection_string"])
+        typer.echo(rest("POST", f"/v1/devices/{device_id}/key")["connection_string"])
         return
     if not key:
         raise typer.BadParameter("give --key (the key is shown only once) or --renew")
@@ -331,7 +323,10 @@ def firmware_build(
 
 @firmware_app.command("config")
 def firmware_config(
-    device_id: str,
+    device_id: Annotated[
+        str | None, typer.Argument(help="The device (omit with --enrollment).")
+    ] = None,
+    *,
     wifi_ssid: Annotated[str, typer.Option(help="The Wi-Fi the board joins.")],
     wifi_password: Annotated[
         str, typer.Option(envvar="FLEETLINE_WIFI_PASSWORD", prompt=True, hide_input=True)
@@ -361,9 +356,22 @@ def firmware_config(
         bool, typer.Option(help="No TLS: the key or token crosses the network in clear.")
     ] = False,
     interval: Annotated[float, typer.Option(help="Seconds between readings.")] = 10.0,
+    enrollment: Annotated[
+        str | None,
+        typer.Option(help="Provision on first boot through this enrollment (no DEVICE_ID)."),
+    ] = None,
+    group_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLEETLINE_GROUP_KEY",
+            help="With --enrollment: the symmetric-key group's key (the board derives its own).",
+        ),
+    ] = None,
 ) -> None:
     """Write a board's config_local.py (and its CA file) for DEVICE_ID. fleetline never
-    returns a key twice: give the key you were shown (--key) or issue a new one (--renew)."""
+    returns a key twice: give the key you were shown (--key) or issue a new one (--renew).
+    With --enrollment (and --group-key, --mqtt-url) the board registers itself on first
+    boot instead, its registration id made from its chip's unique id."""
     from fleetline import devicekeys
     from fleetline.settings import parse_mqtt_url
     from fleetline_cli import firmware
@@ -373,8 +381,39 @@ def firmware_config(
             "give the broker's CA certificate (--ca-file) or --plain for MQTT without TLS",
             param_hint="--ca-file",
         )
+    if enrollment is not None:
+        if device_id is not None or not group_key or not mqtt_url:
+            raise typer.BadParameter(
+                "--enrollment goes with --group-key and --mqtt-url, without DEVICE_ID"
+            )
+        try:
+            devicekeys.fingerprint(group_key)
+            target = parse_mqtt_url(mqtt_url)
+        except (devicekeys.DeviceKeyError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+        folder = out or Path("build") / f"config-enrollment-{enrollment}"
+        with _firmware_errors():
+            written = firmware.write_config(
+                folder,
+                connection_string="",
+                wifi_ssid=wifi_ssid,
+                wifi_password=wifi_password,
+                ca_source=None if plain else ca_file,
+                interval_s=interval,
+                extra={
+                    "ENROLLMENT": enrollment,
+                    "GROUP_KEY": group_key,
+                    "PROVISIONING_HOST": target.host,
+                    "PROVISIONING_PORT": target.port,
+                },
+            )
+        for path in written:
+            typer.echo(f"wrote {path}")
+        return
+    if device_id is None:
+        raise typer.BadParameter("give DEVICE_ID, or --enrollment")
     if renew:
-        connection_string = _api("POST", f"/v1/devices/{device_id}/key")["connection_string"]
+        connection_string = rest("POST", f"/v1/devices/{device_id}/key")["connection_string"]
     elif key:
         if not mqtt_url:
             raise typer.BadParameter(
@@ -453,12 +492,12 @@ def device_list(
     params: dict[str, Any] = {"tag": [f"{k}={v}" for k, v in _tags(tag).items()], "limit": 1000}
     if status:
         params["status"] = status
-    with _api_errors():
+    with api_errors():
         devices = list(ApiClient().pages("/v1/devices", params))
     if as_json:
         typer.echo(json.dumps(devices))
     else:
-        _print_table(
+        print_table(
             ["device", "status", "last seen", "key", "tags"],
             [
                 [
@@ -481,12 +520,12 @@ def device_query(
     """Devices a query matches (all pages), with their twin versions."""
     from fleetline_cli.client import ApiClient
 
-    with _api_errors():
+    with api_errors():
         devices = list(ApiClient().pages("/v1/query", {"q": query, "limit": 1000}))
     if as_json:
         typer.echo(json.dumps(devices))
         return
-    _print_table(
+    print_table(
         ["device", "status", "desired", "reported", "tags"],
         [
             [
@@ -504,8 +543,8 @@ def device_query(
 @device_app.command("show")
 def device_show(device_id: str, as_json: JsonOption = False) -> None:
     """One device and the latest value of each of its metrics."""
-    device = _api("GET", f"/v1/devices/{device_id}")
-    latest = _api("GET", f"/v1/devices/{device_id}/latest")
+    device = rest("GET", f"/v1/devices/{device_id}")
+    latest = rest("GET", f"/v1/devices/{device_id}/latest")
     if as_json:
         typer.echo(json.dumps({**device, "latest": latest["metrics"]}))
         return
@@ -518,7 +557,7 @@ def device_show(device_id: str, as_json: JsonOption = False) -> None:
 @device_app.command("delete")
 def device_delete(device_id: str) -> None:
     """Remove a device from the registry (its readings stay until the retention)."""
-    _api("DELETE", f"/v1/devices/{device_id}")
+    rest("DELETE", f"/v1/devices/{device_id}")
     typer.echo(f"deleted {device_id}")
 
 
@@ -537,19 +576,19 @@ def telemetry_query(
     for name, value in (("from", start), ("to", end), ("bucket", bucket)):
         if value:
             params[name] = value
-    result = _api("GET", f"/v1/devices/{device_id}/telemetry", params=params)
+    result = rest("GET", f"/v1/devices/{device_id}/telemetry", params=params)
     if as_json:
         typer.echo(json.dumps(result["items"]))
         return
     items = result["items"]
     if bucket:
         stats = ("avg", "min", "max", "count", "last")
-        _print_table(
+        print_table(
             ["bucket", "metric", *stats],
             [[i["bucket"], i["metric"], *(i.get(k) for k in stats)] for i in items],
         )
     else:
-        _print_table(
+        print_table(
             ["ts", "metric", "value"],
             [
                 [i["ts"], i["metric"], i["value"] if i["value"] is not None else i["value_text"]]

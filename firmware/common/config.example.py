@@ -13,6 +13,20 @@ DEVICE_KEY = "base64 key from fleetline device create"
 MQTT_HOST = "broker.example.org"
 MQTT_PORT = 8883
 
+# Or let the board register itself on first boot (no key above): the enrollment, the
+# group's key (the board derives its own from it and its registration id), and where the
+# broker is. The answer is kept in PROVISIONED_FILE; delete it to register again.
+ENROLLMENT = ""
+GROUP_KEY = ""
+PROVISIONING_HOST = "broker.example.org"
+PROVISIONING_PORT = 8883
+# Default: "esp32-" and the chip's unique id in hex.
+REGISTRATION_ID = ""
+# An X.509 identity instead of a key: the client certificate and its private key (PEM or
+# DER) on the board.
+CERT_FILE = ""
+KEY_FILE = ""
+
 # TLS: the CA certificate that signed the broker's (PEM or DER), copied to the board
 # (`fleetline up` prints where its CA file is). The broker's certificate must name
 # MQTT_HOST. Empty: plain MQTT on port 1883, the key or token in clear: only on a network

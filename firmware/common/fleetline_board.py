@@ -1,6 +1,7 @@
 # What every MicroPython board layer shares (esp32/, esp8266/ and pyboard/board.py build on
 # it): the console log, the settings, the MQTT client with TLS and bounded waits, the
 # Wi-Fi join, the clock, a relay and the watchdog. MicroPython only.
+import binascii
 import gc
 import json
 import time
@@ -30,9 +31,42 @@ def ca_file(config):
     return getattr(config, "CA_FILE", "")
 
 
-def credentials(config):
-    """(device id, key, host, port) from CONNECTION_STRING or the separate settings."""
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def credentials(config, make_client=None, feed=None, platform="mcu"):
+    """(device id, key, host, port, auth) from CONNECTION_STRING, the separate settings,
+    or, with ENROLLMENT, what self-provisioning gave (asked on first boot, then kept in
+    flash: fleetline_provision; the registration id is REGISTRATION_ID, else
+    ``<platform>-<the chip's unique id in hex>``). ``auth``: "token" or "key" (AUTH), or
+    "x509" when the device has a certificate (CERT_FILE)."""
     default_port = 8883 if ca_file(config) else 1883
+    auth = "x509" if getattr(config, "CERT_FILE", "") else getattr(config, "AUTH", "token")
+    enrollment = getattr(config, "ENROLLMENT", "")
+    if enrollment:
+        import fleetline_provision
+
+        registration_id = getattr(config, "REGISTRATION_ID", "") or (
+            platform + "-" + binascii.hexlify(machine.unique_id()).decode()
+        )
+        info = fleetline_provision.Provisioning(
+            enrollment,
+            registration_id,
+            getattr(config, "PROVISIONING_HOST", "") or config.MQTT_HOST,
+            getattr(config, "PROVISIONING_PORT", default_port),
+            make_client,
+            group_key=getattr(config, "GROUP_KEY", ""),
+            individual_key=getattr(config, "ENROLLMENT_KEY", ""),
+            auth="key" if auth == "key" else "token",
+            sync_clock=lambda: sync_clock(config),
+            feed=feed,
+            log=log,
+        ).run(getattr(config, "PROVISIONED_FILE", fleetline_provision.PROVISIONED_FILE))
+        if info["auth"] != "key":
+            auth = "x509"
+        return info["device_id"], info["key"], info["host"], info["port"], auth
     text = getattr(config, "CONNECTION_STRING", "")
     if text:
         parts = fleetline_device.parse_connection_string(text)
@@ -41,9 +75,10 @@ def credentials(config):
             parts["SharedAccessKey"],
             parts["HostName"],
             int(parts.get("Port") or default_port),
+            auth,
         )
     port = getattr(config, "MQTT_PORT", default_port)
-    return config.DEVICE_ID, config.DEVICE_KEY, config.MQTT_HOST, port
+    return config.DEVICE_ID, getattr(config, "DEVICE_KEY", ""), config.MQTT_HOST, port, auth
 
 
 def connect_wlan(config, wait_ms=WIFI_TIMEOUT_MS):
@@ -94,8 +129,12 @@ def mqtt_client_factory(mqtt_class, config, join_network):
             # retried with backoff, not a firmware that stops.
             tls = None
             if path:
-                with open(path, "rb") as f:
-                    tls = fleetline_umqtt.tls_context(f.read())
+                cert = getattr(config, "CERT_FILE", "")
+                tls = fleetline_umqtt.tls_context(
+                    _read(path),
+                    _read(cert) if cert else b"",
+                    _read(config.KEY_FILE) if cert else b"",
+                )
             made.append(fleetline_umqtt.client_class(mqtt_class, timeout_s, tls))
         return made[0](client_id, server, port, user, password, keepalive)
 

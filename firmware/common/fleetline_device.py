@@ -217,8 +217,8 @@ class Device:
         log: object = None,
         backlog_file: str | None = None,
     ) -> None:
-        if auth not in ("token", "key"):
-            raise ValueError("auth is 'token' or 'key'")
+        if auth not in ("token", "key", "x509"):
+            raise ValueError("auth is 'token', 'key' or 'x509'")
         self.device_id = device_id
         self.key = key
         self.host = host
@@ -357,6 +357,10 @@ class Device:
         return min(TOKEN_RENEW_BEFORE_S, self.token_ttl_s // 4)
 
     def _password(self) -> str:
+        if self.auth == "x509":
+            # The client certificate in the TLS context is the credential; umqtt.simple
+            # sends a password with every user name.
+            return ""
         if self.auth == "key":
             return self.key
         if not clock_valid() and self._sync_clock is not None:

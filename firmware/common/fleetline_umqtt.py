@@ -26,20 +26,23 @@ WAIT_SLICE_MS = 200
 
 
 def der(certificate: bytes) -> bytes:
-    """A certificate in DER, from PEM or DER: not every port's mbedtls parses PEM (the
-    unix port's does not)."""
+    """A certificate (or key) in DER, from PEM or DER: not every port's mbedtls parses
+    PEM (the unix port's does not)."""
     if not certificate.startswith(b"-----BEGIN"):
         return certificate
     body = certificate.split(b"-----")[2]  # between BEGIN CERTIFICATE and END
     return binascii.a2b_base64(body.replace(b"\r", b"").replace(b"\n", b""))
 
 
-def tls_context(ca: bytes) -> object:
+def tls_context(ca: bytes, cert: bytes = b"", key: bytes = b"") -> object:
     """TLS client context: the server is verified against the CA certificate ``ca``
-    (PEM or DER)."""
+    (PEM or DER); with ``cert`` and ``key`` (PEM or DER) the device presents its client
+    certificate (an X.509 identity)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=der(ca))
+    if cert:
+        context.load_cert_chain(der(cert), der(key))
     return context
 
 

@@ -10,23 +10,26 @@ from umqtt.simple import MQTTClient
 
 
 def main():
-    device_id, key, host, port = board.credentials(config)
     watchdog_s = getattr(config, "WATCHDOG_S", 0)
     wdt = machine.WDT(timeout=watchdog_s * 1000) if watchdog_s else None
+    feed = board.Feeder(wdt).feed
+    make_client = board.mqtt_client_factory(MQTTClient, config)
+    # With ENROLLMENT, the first boot provisions the device (then kept in flash).
+    device_id, key, host, port, auth = board.credentials(config, make_client, feed, board.PLATFORM)
     device = fleetline_device.Device(
         device_id,
         key,
         host,
         port,
-        mqtt_client=board.mqtt_client_factory(MQTTClient, config),
+        mqtt_client=make_client,
         read_sensors=board.Sensors(config).read,
         interval_s=getattr(config, "INTERVAL_S", 10),
-        auth=getattr(config, "AUTH", "token"),
+        auth=auth,
         token_ttl_s=getattr(config, "TOKEN_TTL_S", fleetline_device.TOKEN_TTL_S),
         on_c2d=board.show_message,
         reboot=machine.reset,
         sync_clock=lambda: board.sync_clock(config),
-        feed=board.Feeder(wdt).feed,
+        feed=feed,
         reported={
             "fw": fleetline_device.VERSION,
             "model": board.model(),

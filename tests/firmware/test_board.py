@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -75,8 +76,8 @@ def build(mp: MicroPython, out: Path, board: str) -> Path:
     assert done.returncode == 0, done.stderr
     assert "mpy-cross emitting mpy v6" in done.stdout
     assert {p.name for p in out.iterdir()} == {
-        "fleetline_device.mpy", "fleetline_umqtt.mpy", "fleetline_board.mpy", "board.mpy",
-        "boot.py", "main.py"}
+        "fleetline_device.mpy", "fleetline_umqtt.mpy", "fleetline_board.mpy",
+        "fleetline_provision.mpy", "board.mpy", "boot.py", "main.py"}
     umqtt_compiled(mp, out)
     return out
 
@@ -275,6 +276,96 @@ async def test_the_esp32_application_runs_over_tls_against_the_real_services(
     )
 
 
+async def test_the_esp32_application_provisions_itself_then_runs(
+    micropython: MicroPython, board_build: Path, backend: Backend, tls_files: TlsFiles,
+    tmp_path: Path, uid: str,
+) -> None:
+    """First boot: the board registers itself through a symmetric-key group (its
+    registration id from its chip id), keeps the answer in flash, connects with the key it
+    was given and publishes. The next boot uses what it kept, without registering."""
+    c = _client(backend.api, backend.key)
+    created = c.post("/v1/enrollments", json={
+        "id": uid, "kind": "group", "attestation": "symmetric_key",
+        "registration_pattern": "esp32-[0-9a-f]{12}", "initial_tags": {"fleet": uid},
+        "initial_desired": {"interval_s": 1}})
+    assert created.status_code == 201, created.text
+    chip = secrets.token_hex(6)
+    device_id = f"esp32-{chip}"
+    config = firmware.config_text(
+        connection_string="", wifi_ssid="test", wifi_password="-", ca_file=firmware.CA_NAME,
+        interval_s=0.5,
+        extra={"ENROLLMENT": uid, "GROUP_KEY": created.json()["key"],
+               "PROVISIONING_HOST": "127.0.0.1",
+               "PROVISIONING_PORT": backend.broker.tls_port, "WATCHDOG_S": 20})
+    fakes = tmp_path / "board" / "fakes"
+    fakes.mkdir(parents=True)
+    (fakes / "unique_id").write_text(chip)
+    board = Board(micropython, board_build, tmp_path / "board", config, tls_files)
+    try:
+        wait_until(lambda: c.get(f"/v1/devices/{device_id}/latest").json()
+                   .get("metrics", {}).get("mem_free"), timeout=30,
+                   what=f"the provisioned board's readings\n{board.console()[-2000:]}")
+        shown = c.get(f"/v1/devices/{device_id}").json()
+        assert shown["tags"] == {"fleet": uid} and shown["online"]
+        # Its initial desired twin reached it: reported back.
+        wait_until(lambda: c.get(f"/v1/devices/{device_id}/twin").json()["reported"]
+                   .get("interval_s") == 1, timeout=30, what="the initial desired twin applied")
+        kept = json.loads((tmp_path / "board" / "provisioned.json").read_text())
+        assert kept["device_id"] == device_id and kept["port"] == backend.broker.tls_port
+        _reboot(c, device_id, board)
+        board.power_on()  # the next boot: what it kept, no registration
+        wait_until(lambda: board.console().count("connected as " + device_id) == 2
+                   and c.get(f"/v1/devices/{device_id}").json()["online"],
+                   timeout=30, what=f"the second boot connected\n{board.console()[-2000:]}")
+        _reboot(c, device_id, board)
+    finally:
+        board.kill()
+    console = board.console()
+    assert "Traceback" not in console, console[-3000:]
+    assert console.count("provisioning: registering") == 1, console
+    registrations = c.get(f"/v1/enrollments/{uid}/registrations").json()["items"]
+    assert [(r["registration_id"], r["attempts"]) for r in registrations] == [(device_id, 1)]
+
+
+async def test_the_esp32_application_provisions_itself_with_a_certificate(
+    micropython: MicroPython, board_build: Path, backend: Backend, tls_files: TlsFiles,
+    tmp_path: Path, uid: str,
+) -> None:
+    """An X.509 group: the board's certificate (signed by the group's verified CA, its
+    registration id as common name) is its credential, to provision and then to log in."""
+    c = _client(backend.api, backend.key)
+    ca, ca_key = certs.make_ca(tmp_path / "ca", name=f"{uid} devices")
+    added = c.post("/v1/cas", json={"name": uid, "certificate": certs.cert_pem(ca).decode()})
+    assert added.status_code == 201, added.text
+    proof, _ = certs.issue(ca, ca_key, added.json()["verification_code"], client=True)
+    assert c.post(f"/v1/cas/{uid}/verify",
+                  json={"certificate": certs.cert_pem(proof).decode()}).status_code == 200
+    assert c.post("/v1/enrollments", json={"id": uid, "kind": "group", "attestation": "x509",
+                                           "ca": uid}).status_code == 201
+    device_id = f"{uid}-cam"
+    cert, key = certs.issue(ca, ca_key, device_id, client=True)
+    folder = tmp_path / "board"
+    folder.mkdir()
+    (folder / "device.crt").write_bytes(certs.cert_pem(cert))
+    (folder / "device.key").write_bytes(certs.key_pem(key))
+    config = firmware.config_text(
+        connection_string="", wifi_ssid="test", wifi_password="-", ca_file=firmware.CA_NAME,
+        interval_s=0.5,
+        extra={"ENROLLMENT": uid, "REGISTRATION_ID": device_id, "CERT_FILE": "device.crt",
+               "KEY_FILE": "device.key", "PROVISIONING_HOST": "127.0.0.1",
+               "PROVISIONING_PORT": backend.broker.tls_port})
+    board = Board(micropython, board_build, folder, config, tls_files)
+    try:
+        wait_until(lambda: c.get(f"/v1/devices/{device_id}/latest").json()
+                   .get("metrics", {}).get("mem_free"), timeout=30,
+                   what=f"the X.509 board's readings\n{board.console()[-2000:]}")
+        assert c.get(f"/v1/devices/{device_id}").json()["auth"]["type"] == "x509_ca"
+        _reboot(c, device_id, board)
+    finally:
+        board.kill()
+    assert "Traceback" not in board.console(), board.console()[-3000:]
+
+
 async def test_wifi_drop_and_silent_link_keep_sampling_and_lose_nothing(
     micropython: MicroPython, board_build: Path, backend: Backend, tls_files: TlsFiles,
     tmp_path: Path, uid: str,
@@ -365,6 +456,19 @@ def test_firmware_config_and_flash_commands(
     assert "CA_FILE = 'ca.crt'" in config and "INTERVAL_S = 5.0" in config
     assert (out / firmware.CONFIG_NAME).stat().st_mode & 0o077 == 0  # it holds the key
     assert (out / firmware.CA_NAME).read_bytes() == tls_files.ca_cert.read_bytes()
+    # Self-provisioning instead: the enrollment, its group key, the broker; no device id.
+    enrolled = tmp_path / "enrolled"
+    provisioning = ["firmware", "config", "--enrollment", "fleet", "--wifi-ssid", "home",
+                    "--out", str(enrolled), "--ca-file", str(tls_files.ca_cert)]
+    without_key = fleetline(*provisioning, "--mqtt-url", "mqtts://b.example:8883", env=env)
+    assert without_key.returncode == 2 and "--group-key" in without_key.stderr
+    done = fleetline(*provisioning, "--group-key", key, "--mqtt-url", "mqtts://b.example:8883",
+                     env=env)
+    assert done.returncode == 0, done.stderr
+    config = (enrolled / firmware.CONFIG_NAME).read_text()
+    assert "ENROLLMENT = 'fleet'" in config and f"GROUP_KEY = '{key}'" in config
+    assert "PROVISIONING_HOST = 'b.example'" in config and "PROVISIONING_PORT = 8883" in config
+    assert (enrolled / firmware.CONFIG_NAME).stat().st_mode & 0o077 == 0
 
     flash = fleetline("firmware", "flash", "--port", "/dev/ttyUSB0", "--build",
                       str(board_build), "--config", str(out), "--dry-run")
@@ -373,7 +477,7 @@ def test_firmware_config_and_flash_commands(
     assert words[:3] == ["mpremote", "connect", "/dev/ttyUSB0"] and words[-1] == "reset"
     copied = {w.lstrip(":") for w in words if w.startswith(":")}
     assert copied == {"board.mpy", "boot.py", "ca.crt", "config_local.py", "fleetline_device.mpy",
-                      "fleetline_board.mpy",
+                      "fleetline_board.mpy", "fleetline_provision.mpy",
                       "fleetline_umqtt.mpy", "main.py"}
     missing = fleetline("firmware", "flash", "--port", "/dev/ttyUSB0", "--build",
                         str(tmp_path / "nothing"))

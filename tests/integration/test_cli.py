@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from fleetline import devicekeys
+from fleetline import certificates, devicekeys
+from fleetline_dev.certs import cert_pem, issue, make_ca, self_signed
 from fleetline_dev.embedded import LocalMosquitto
 from tests.support import DEVICE_KEY_SECRET, ApiProcess, Device, IngestProcess
 
@@ -121,3 +123,41 @@ async def test_monitor_prints_live_events(
     assert all(e["type"] == "telemetry" and "temp" in e["values"] for e in events)
     denied = fleetline("monitor", env={"FLEETLINE_API_URL": api.url, "FLEETLINE_API_KEY": "flk_x"})
     assert denied.returncode == 1 and "4401" in denied.stderr
+
+
+async def test_enrollment_ca_and_x509_device_verbs(
+    api: ApiProcess, make_key: Callable[..., Any], uid: str, tmp_path: Path
+) -> None:
+    env = {"FLEETLINE_API_URL": api.url, "FLEETLINE_API_KEY": await make_key("admin")}
+    made = fleetline("enrollment", "create", uid, "--pattern", f"{uid}-[0-9]+", "--tag",
+                     "fleet=a", "--desired", '{"interval_s": 5}', env=env)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.split("enrollment key (shown once): ")[1].split()[0]
+    assert len(devicekeys.registration_key(key, f"{uid}-1")) == 44
+    listed = fleetline("enrollment", "list", "--json", env=env)
+    assert uid in [e["id"] for e in json.loads(listed.stdout)]
+    assert "disabled" in fleetline("enrollment", "disable", uid, env=env).stdout
+    empty = fleetline("enrollment", "registrations", uid, "--json", env=env)
+    assert empty.returncode == 0 and json.loads(empty.stdout) == []
+    bad = fleetline("enrollment", "create", f"{uid}-x", "--desired", "{", env=env)
+    assert bad.returncode == 2 and "--desired" in bad.stderr
+
+    ca, ca_key = make_ca(tmp_path / "ca", name=f"{uid} CA")
+    (tmp_path / "ca.pem").write_bytes(cert_pem(ca))
+    added = fleetline("ca", "add", uid, str(tmp_path / "ca.pem"), "--json", env=env)
+    assert added.returncode == 0, added.stderr
+    proof, _ = issue(ca, ca_key, json.loads(added.stdout)["verification_code"], client=True)
+    (tmp_path / "proof.pem").write_bytes(cert_pem(proof))
+    verified = fleetline("ca", "verify", uid, str(tmp_path / "proof.pem"), env=env)
+    assert verified.returncode == 0 and "verified" in verified.stdout, verified.stderr
+
+    cert, _ = self_signed(f"{uid}-cam")
+    (tmp_path / "cam.pem").write_bytes(cert_pem(cert))
+    device = fleetline("device", "create", f"{uid}-cam", "--cert", str(tmp_path / "cam.pem"),
+                       "--json", env=env)
+    assert device.returncode == 0, device.stderr
+    assert json.loads(device.stdout)["auth"]["primary_thumbprint"] == (
+        certificates.thumbprint(cert).hex())
+    signed = fleetline("device", "create", f"{uid}-ca", "--ca-signed", env=env)
+    assert "logs in with its certificate (x509_ca)" in signed.stdout
+    assert fleetline("ca", "delete", uid, env=env).returncode == 0
