@@ -43,6 +43,7 @@ from fleetline_api.routes import (
     twins,
 )
 from fleetline_api.settings import ApiSettings
+from fleetline_api.workers import refusals
 from fleetline_api.workers.broker import BrokerLink
 from fleetline_api.workers.c2d import C2dDispatcher
 from fleetline_api.workers.jobs import JobRunner
@@ -89,6 +90,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             asyncio.create_task(broker.run(), name="api.broker"),
             asyncio.create_task(hub.run(), name="api.stream"),
             asyncio.create_task(C2dDispatcher(settings, pool, broker).run(), name="api.c2d"),
+            asyncio.create_task(refusals.run(pool), name="api.refusals"),
         ]
         # Started last and stopped first: on shutdown its running devices may still
         # finish over the broker link.
