@@ -4,16 +4,22 @@ account: for the tests of X.509 identities and provisioning."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleetline_dev.certs import TlsFiles
+from fleetline_dev.certs import TlsFiles, cert_pem, key_pem
 from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
 from tests.support import DEVICE_KEY_SECRET, ApiProcess
 
 API_PASSWORD = secrets.token_urlsafe(16)
+Identity = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +48,29 @@ def secure_api(database_url: str, secure_broker: LocalMosquitto, artifacts: Path
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+async def rest(secure_api: ApiProcess, make_key: Callable[..., Any]
+               ) -> AsyncIterator[httpx.Client]:
+    """A REST client of the secure API with a devices:read and devices:write key."""
+    with httpx.Client(base_url=secure_api.url, timeout=10, headers={
+            "Authorization": f"Bearer {await make_key('devices:write', 'devices:read')}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def tls_for(tls_files: TlsFiles, tmp_path: Path) -> Callable[..., ssl.SSLContext]:
+    """A client TLS context that verifies the broker, presenting ``identity`` if given."""
+
+    def make(identity: Identity | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(tls_files.ca_cert))
+        if identity is not None:
+            cert, key = identity
+            name = f"identity-{len(list(tmp_path.glob('identity-*')))}"
+            (tmp_path / f"{name}.crt").write_bytes(cert_pem(cert))
+            (tmp_path / f"{name}.key").write_bytes(key_pem(key))
+            context.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+        return context
+
+    return make

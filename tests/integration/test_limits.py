@@ -12,7 +12,6 @@ from __future__ import annotations
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -21,7 +20,7 @@ import pytest
 
 from fleetline_dev.certs import TlsFiles
 from fleetline_dev.embedded import LocalMosquitto
-from tests.integration.test_api import assert_problem, client
+from tests.integration.test_api import assert_problem
 from tests.integration.test_broker_auth import log_has, wait_for
 from tests.support import ApiProcess
 
@@ -29,13 +28,6 @@ pytestmark = pytest.mark.integration
 NOT_AUTHORIZED = 135
 TIGHT = {"messages_per_second": 1, "burst_messages": 5, "bytes_per_second": 1_000_000,
          "burst_bytes": 1_048_576}
-
-
-@pytest.fixture
-async def rest(secure_api: ApiProcess, make_key: Callable[..., Any]
-               ) -> AsyncIterator[httpx.Client]:
-    with client(secure_api, await make_key("devices:write", "devices:read")) as c:
-        yield c
 
 
 class Publisher:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,34 +19,14 @@ import httpx
 import pytest
 
 from fleetline import devicekeys
-from fleetline_dev.certs import TlsFiles, cert_pem, issue, key_pem
+from fleetline_dev.certs import issue
 from fleetline_dev.embedded import LocalMosquitto
-from tests.integration.test_api import assert_problem, client
+from tests.integration.test_api import assert_problem
 from tests.integration.test_broker_auth import Client, log_has, wait_for
-from tests.integration.test_x509 import Identity, assert_refused_for, verified_ca
+from tests.integration.test_x509 import assert_refused_for, verified_ca
 from tests.support import ApiProcess
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def rest(secure_api: ApiProcess, make_key: Callable[..., Any]
-               ) -> AsyncIterator[httpx.Client]:
-    with client(secure_api, await make_key("devices:write", "devices:read")) as c:
-        yield c
-
-
-@pytest.fixture
-def tls(tls_files: TlsFiles, tmp_path: Path) -> Callable[..., ssl.SSLContext]:
-    def make(identity: Identity | None = None) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(tls_files.ca_cert))
-        if identity is not None:
-            (tmp_path / "id.crt").write_bytes(cert_pem(identity[0]))
-            (tmp_path / "id.key").write_bytes(key_pem(identity[1]))
-            context.load_cert_chain(tmp_path / "id.crt", tmp_path / "id.key")
-        return context
-
-    return make
 
 
 def enroll(rest: httpx.Client, enrollment_id: str, **fields: Any) -> dict[str, Any]:
@@ -77,7 +57,7 @@ def group_token(group_key: str, registration: str, ttl: int = 300) -> str:
 
 
 def test_symmetric_group_over_mqtt(
-    rest: httpx.Client, secure_broker: LocalMosquitto, tls: Callable[..., ssl.SSLContext],
+    rest: httpx.Client, secure_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
     uid: str,
 ) -> None:
     group = enroll(rest, uid, kind="group", attestation="symmetric_key",
@@ -86,7 +66,7 @@ def test_symmetric_group_over_mqtt(
     group_key = group["key"]
     registration = f"{uid}-1"
     started = time.monotonic()
-    c, answer = provision_over_mqtt(secure_broker, uid, registration, tls(),
+    c, answer = provision_over_mqtt(secure_broker, uid, registration, tls_for(),
                                     group_token(group_key, registration))
     assert answer is not None and answer["status"] == "assigned", answer
     assert answer["rid"] == 7 and answer["device_id"] == registration
@@ -98,7 +78,7 @@ def test_symmetric_group_over_mqtt(
     assert log_has(secure_broker, f"to '{denied}': not its own provisioning topics")
     c.close()
 
-    device = Client(secure_broker, registration, registration, key, tls=tls())
+    device = Client(secure_broker, registration, registration, key, tls=tls_for())
     assert device.ok, device.connack
     device.publish(f"devices/{registration}/telemetry", b'{"values": {"t": 1}}')
     device.close()
@@ -108,7 +88,7 @@ def test_symmetric_group_over_mqtt(
     assert rest.get(f"/v1/devices/{registration}/twin").json()["desired"] == {"interval_s": 5}
 
     # Idempotent: the same device and key come back; the operation can be polled.
-    c, again = provision_over_mqtt(secure_broker, uid, registration, tls(), key_of(group_key,
+    c, again = provision_over_mqtt(secure_broker, uid, registration, tls_for(), key_of(group_key,
                                                                                registration))
     assert again is not None and again["device_id"] == registration
     assert again["auth"]["key"] == key and again["operation_id"] != answer["operation_id"]
@@ -125,15 +105,15 @@ def test_symmetric_group_over_mqtt(
     # Refused at login: another group's key, an id outside the pattern, a disabled group.
     other = f"{uid}-2"
     wrong = devicekeys.enrollment_key(b"x" * 32, uid, 1)
-    assert_refused_for(provision_over_mqtt(secure_broker, uid, other, tls(),
+    assert_refused_for(provision_over_mqtt(secure_broker, uid, other, tls_for(),
                                            group_token(wrong, other))[0],
                        secure_broker, f"$provision/{uid}", "bad token signature")
     outside = f"{uid}-x"
-    assert_refused_for(provision_over_mqtt(secure_broker, uid, outside, tls(),
+    assert_refused_for(provision_over_mqtt(secure_broker, uid, outside, tls_for(),
                                            group_token(group_key, outside))[0],
                        secure_broker, f"$provision/{uid}", "outside the enrollment's pattern")
     assert rest.patch(f"/v1/enrollments/{uid}", json={"enabled": False}).status_code == 200
-    assert_refused_for(provision_over_mqtt(secure_broker, uid, other, tls(),
+    assert_refused_for(provision_over_mqtt(secure_broker, uid, other, tls_for(),
                                            group_token(group_key, other))[0],
                        secure_broker, f"$provision/{uid}", "enrollment disabled")
 
@@ -143,26 +123,26 @@ def key_of(group_key: str, registration: str) -> str:
 
 
 def test_x509_group_over_mqtt(
-    rest: httpx.Client, secure_broker: LocalMosquitto, tls: Callable[..., ssl.SSLContext],
+    rest: httpx.Client, secure_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
     uid: str, tmp_path: Path,
 ) -> None:
     ca, ca_key = verified_ca(rest, uid, tmp_path)
     enroll(rest, uid, kind="group", attestation="x509", ca=uid)
     registration = f"{uid}-cam"
     identity = issue(ca, ca_key, registration, client=True)
-    c, answer = provision_over_mqtt(secure_broker, uid, registration, tls(identity))
+    c, answer = provision_over_mqtt(secure_broker, uid, registration, tls_for(identity))
     assert answer is not None and answer["status"] == "assigned", answer
     assert answer["auth"] == {"type": "x509_ca"}
     c.close()
-    device = Client(secure_broker, registration, registration, None, tls=tls(identity))
+    device = Client(secure_broker, registration, registration, None, tls=tls_for(identity))
     assert device.ok, device.connack
     device.close()
     # Another name than the registration id; no certificate.
     stranger = issue(ca, ca_key, f"{uid}-other", client=True)
-    assert_refused_for(provision_over_mqtt(secure_broker, uid, registration, tls(stranger))[0],
+    assert_refused_for(provision_over_mqtt(secure_broker, uid, registration, tls_for(stranger))[0],
                        secure_broker, f"$provision/{uid}",
                        "certificate common name is not the registration id")
-    assert_refused_for(provision_over_mqtt(secure_broker, uid, registration, tls(), "k")[0],
+    assert_refused_for(provision_over_mqtt(secure_broker, uid, registration, tls_for(), "k")[0],
                        secure_broker, f"$provision/{uid}", "no client certificate")
     # The CA of an enrollment stays while the enrollment does.
     assert_problem(rest.delete(f"/v1/cas/{uid}"), 409)
@@ -177,7 +157,7 @@ def provision_rest(api: ApiProcess, enrollment: str, registration: str,
 
 def test_provisioning_over_rest(
     rest: httpx.Client, secure_api: ApiProcess, secure_broker: LocalMosquitto,
-    tls: Callable[..., ssl.SSLContext], uid: str,
+    tls_for: Callable[..., ssl.SSLContext], uid: str,
 ) -> None:
     group_key = enroll(rest, uid, kind="group", attestation="symmetric_key",
                        registration_pattern=f"{uid}-[a-z]+", reprovision="reset",
@@ -187,7 +167,7 @@ def test_provisioning_over_rest(
     assert answer.status_code == 200, answer.text
     assert answer.json()["auth"]["type"] == "key"
     device = Client(secure_broker, registration, registration, answer.json()["auth"]["key"],
-                    tls=tls())
+                    tls=tls_for())
     assert device.ok, device.connack
     device.close()
     # Reset on reprovisioning: its tags go back to the enrollment's.

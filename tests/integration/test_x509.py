@@ -11,50 +11,22 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetline import certificates
-from fleetline_dev.certs import TlsFiles, cert_pem, issue, key_pem, make_ca, self_signed
+from fleetline_dev.certs import cert_pem, issue, make_ca, self_signed
 from fleetline_dev.embedded import LocalMosquitto
-from tests.integration.test_api import assert_problem, client
+from tests.integration.conftest import Identity
+from tests.integration.test_api import assert_problem
 from tests.integration.test_broker_auth import Client, log_has, wait_for
-from tests.support import ApiProcess
 
 pytestmark = pytest.mark.integration
-
-Identity = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
-
-
-@pytest.fixture
-async def rest(secure_api: ApiProcess, make_key: Callable[..., Any]
-               ) -> AsyncIterator[httpx.Client]:
-    with client(secure_api, await make_key("devices:write", "devices:read")) as c:
-        yield c
-
-
-@pytest.fixture
-def tls_for(tls_files: TlsFiles, tmp_path: Path) -> Callable[..., ssl.SSLContext]:
-    """A client TLS context that verifies the broker, presenting ``identity`` if given."""
-
-    def make(identity: Identity | None = None) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(tls_files.ca_cert))
-        if identity is not None:
-            cert, key = identity
-            name = f"{len(list(tmp_path.iterdir()))}"
-            (tmp_path / f"{name}.crt").write_bytes(cert_pem(cert))
-            (tmp_path / f"{name}.key").write_bytes(key_pem(key))
-            context.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
-        return context
-
-    return make
-
 
 def connect(broker: LocalMosquitto, device_id: str, tls: ssl.SSLContext,
             password: str | None = None) -> Client:
