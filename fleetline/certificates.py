@@ -37,7 +37,14 @@ def load_pem(text: str) -> x509.Certificate:
         raise CertificateError("not a PEM certificate") from exc
     if len(certs) != 1:
         raise CertificateError("give exactly one certificate")
-    return certs[0]
+    cert = certs[0]
+    try:  # what is parsed only when read: a malformed one fails here, not later
+        cert.extensions  # noqa: B018
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+    except ValueError as exc:  # also x509.DuplicateExtension
+        raise CertificateError(f"malformed certificate: {exc}") from exc
+    return cert
 
 
 def thumbprint(cert: x509.Certificate) -> bytes:

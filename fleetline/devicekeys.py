@@ -105,7 +105,8 @@ def verify_password(key: str, device_id: str, password: str, *, now: float | Non
     if not password.startswith("sig="):
         return hmac.compare_digest(password.encode(), key.encode())
     sig, sep, expiry = password[4:].partition("&se=")
-    if not sep or not expiry.isdigit():
+    # ASCII digits only: isdigit() alone also takes "²", which int() refuses.
+    if not sep or not (expiry.isascii() and expiry.isdecimal()) or len(expiry) > 18:
         return False
     current = time.time() if now is None else now
     if not current < int(expiry) <= current + MAX_TOKEN_TTL_SECONDS + TOKEN_CLOCK_SLACK_SECONDS:

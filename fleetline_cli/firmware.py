@@ -130,7 +130,7 @@ def config_text(
 ) -> str:
     """A board's ``config_local.py`` (the settings of firmware/common/config.example.py).
     Without a connection string, ``extra`` says how the board provisions itself
-    (ENROLLMENT, GROUP_KEY, PROVISIONING_HOST, PROVISIONING_PORT)."""
+    (ENROLLMENT, REGISTRATION_ID, REGISTRATION_KEY, PROVISIONING_HOST, PROVISIONING_PORT)."""
     lines = [
         "# Written by `fleetline firmware config`: this device's settings (it holds its key).",
         f"WIFI_SSID = {_py_string(wifi_ssid)}",

@@ -199,13 +199,14 @@ def device_create(
     thumbprint: Annotated[
         list[str], typer.Option(help="X.509 self-signed: its SHA-256 thumbprint, instead.")
     ] = [],  # noqa: B006
-    ca_signed: Annotated[
-        bool, typer.Option(help="X.509: a certificate for its id signed by a verified CA.")
-    ] = False,
+    ca: Annotated[
+        str | None,
+        typer.Option(help="X.509: a certificate for its id signed by this verified CA."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Register a device and print its key and connection string (shown this once), or
-    register its X.509 identity (--cert, --thumbprint, --ca-signed)."""
+    register its X.509 identity (--cert, --thumbprint, --ca)."""
     from fleetline import certificates
 
     try:
@@ -215,9 +216,9 @@ def device_create(
         ]
     except (OSError, certificates.CertificateError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--cert") from None
-    if len(prints) > 2 or (prints and ca_signed):
-        raise typer.BadParameter("two certificates at most, and not with --ca-signed")
-    auth: dict[str, Any] = {"type": "x509_ca" if ca_signed else "key"}
+    if len(prints) > 2 or (prints and ca):
+        raise typer.BadParameter("two certificates at most, and not with --ca")
+    auth: dict[str, Any] = {"type": "x509_ca", "ca": ca} if ca else {"type": "key"}
     if prints:
         auth = {"type": "x509_self_signed", "primary_thumbprint": prints[0]}
         if len(prints) == 2:
@@ -364,14 +365,18 @@ def firmware_config(
         str | None,
         typer.Option(
             envvar="FLEETLINE_GROUP_KEY",
-            help="With --enrollment: the symmetric-key group's key (the board derives its own).",
+            help="With --enrollment: the group's key (only the board's own key is written).",
         ),
+    ] = None,
+    registration_id: Annotated[
+        str | None, typer.Option(help="With --enrollment: the id the board registers as.")
     ] = None,
 ) -> None:
     """Write a board's config_local.py (and its CA file) for DEVICE_ID. fleetline never
     returns a key twice: give the key you were shown (--key) or issue a new one (--renew).
-    With --enrollment (and --group-key, --mqtt-url) the board registers itself on first
-    boot instead, its registration id made from its chip's unique id."""
+    With --enrollment (and --registration-id, --group-key, --mqtt-url) the board
+    registers itself on first boot instead, with its own key derived from the group's
+    (the group key is not written)."""
     from fleetline import devicekeys
     from fleetline.settings import parse_mqtt_url
     from fleetline_cli import firmware
@@ -382,16 +387,17 @@ def firmware_config(
             param_hint="--ca-file",
         )
     if enrollment is not None:
-        if device_id is not None or not group_key or not mqtt_url:
+        if device_id is not None or not (group_key and registration_id and mqtt_url):
             raise typer.BadParameter(
-                "--enrollment goes with --group-key and --mqtt-url, without DEVICE_ID"
+                "--enrollment goes with --registration-id, --group-key and --mqtt-url, "
+                "without DEVICE_ID"
             )
         try:
-            devicekeys.fingerprint(group_key)
+            registration_key = devicekeys.registration_key(group_key, registration_id)
             target = parse_mqtt_url(mqtt_url)
         except (devicekeys.DeviceKeyError, ValueError) as exc:
             raise typer.BadParameter(str(exc)) from None
-        folder = out or Path("build") / f"config-enrollment-{enrollment}"
+        folder = out or Path("build") / f"config-{registration_id}"
         with _firmware_errors():
             written = firmware.write_config(
                 folder,
@@ -402,7 +408,8 @@ def firmware_config(
                 interval_s=interval,
                 extra={
                     "ENROLLMENT": enrollment,
-                    "GROUP_KEY": group_key,
+                    "REGISTRATION_ID": registration_id,
+                    "REGISTRATION_KEY": registration_key,
                     "PROVISIONING_HOST": target.host,
                     "PROVISIONING_PORT": target.port,
                 },

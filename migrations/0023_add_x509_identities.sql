@@ -5,7 +5,8 @@
 --   x509_self_signed  a client certificate whose SHA-256 thumbprint (of its DER) is the
 --                     device's primary or secondary one (two, for rotation);
 --   x509_ca           a client certificate whose common name is the device id, signed by
---                     one of the verified CAs in x509_cas.
+--                     its CA (ca_name), one of the verified CAs in x509_cas: a CA vouches
+--                     only for the devices registered with it.
 -- The broker's auth plugin reads these at CONNECT. A disabled device is refused.
 ALTER TABLE devices
     ADD COLUMN enabled              BOOLEAN NOT NULL DEFAULT true,
@@ -13,20 +14,23 @@ ALTER TABLE devices
         CHECK (auth IN ('key', 'x509_self_signed', 'x509_ca')),
     ADD COLUMN primary_thumbprint   BYTEA CHECK (length(primary_thumbprint) = 32),
     ADD COLUMN secondary_thumbprint BYTEA CHECK (length(secondary_thumbprint) = 32),
-    -- Counts every change of how the device may log in (key, auth, thumbprints, enabled):
+    ADD COLUMN ca_name              TEXT,
+    -- Counts every change of how the device may log in (key, auth, thumbprints, CA,
+    -- enabled):
     -- the plugin disconnects a device connected under an older count.
     ADD COLUMN credentials_version  INTEGER NOT NULL DEFAULT 0,
     ADD CONSTRAINT devices_self_signed_has_thumbprint CHECK (
         auth <> 'x509_self_signed' OR primary_thumbprint IS NOT NULL
-        OR secondary_thumbprint IS NOT NULL);
+        OR secondary_thumbprint IS NOT NULL),
+    ADD CONSTRAINT devices_ca_signed_has_ca CHECK (auth <> 'x509_ca' OR ca_name IS NOT NULL);
 
 CREATE FUNCTION fleetline_count_credentials() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF (NEW.key_version, NEW.enabled, NEW.auth, NEW.primary_thumbprint,
-        NEW.secondary_thumbprint)
+        NEW.secondary_thumbprint, NEW.ca_name)
        IS DISTINCT FROM (OLD.key_version, OLD.enabled, OLD.auth, OLD.primary_thumbprint,
-                         OLD.secondary_thumbprint) THEN
+                         OLD.secondary_thumbprint, OLD.ca_name) THEN
         NEW.credentials_version := OLD.credentials_version + 1;
     END IF;
     RETURN NEW;

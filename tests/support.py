@@ -232,7 +232,10 @@ class ApiProcess(ServiceProcess):
                 "FLEETLINE_API_METRICS_PORT": str(self.metrics_port),
                 # Tests poll and fuzz with one key far above a client's rate: the limit
                 # per key is tested on its own (tests/integration/test_api_limits.py).
-                "FLEETLINE_API_RATE_PER_KEY": "0"}
+                "FLEETLINE_API_RATE_PER_KEY": "0",
+                # ...and so is the limit on failed provisioning attempts per address
+                # (tests/integration/test_provisioning.py).
+                "FLEETLINE_API_PROVISION_FAILURES_BURST": "0"}
 
 
 class RulesProcess(ServiceProcess):

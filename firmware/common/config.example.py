@@ -13,15 +13,15 @@ DEVICE_KEY = "base64 key from fleetline device create"
 MQTT_HOST = "broker.example.org"
 MQTT_PORT = 8883
 
-# Or let the board register itself on first boot (no key above): the enrollment, the
-# group's key (the board derives its own from it and its registration id), and where the
-# broker is. The answer is kept in PROVISIONED_FILE; delete it to register again.
+# Or let the board register itself on first boot (no key above): the enrollment, its
+# registration id and its own registration key (`fleetline firmware config --enrollment`
+# derives it from the group key, which never goes on a board), and where the broker is.
+# The answer is kept in PROVISIONED_FILE; delete it to register again.
 ENROLLMENT = ""
-GROUP_KEY = ""
+REGISTRATION_ID = ""
+REGISTRATION_KEY = ""
 PROVISIONING_HOST = "broker.example.org"
 PROVISIONING_PORT = 8883
-# Default: "esp32-" and the chip's unique id in hex.
-REGISTRATION_ID = ""
 # An X.509 identity instead of a key: the client certificate and its private key (PEM or
 # DER) on the board.
 CERT_FILE = ""

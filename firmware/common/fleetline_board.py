@@ -1,7 +1,6 @@
 # What every MicroPython board layer shares (esp32/, esp8266/ and pyboard/board.py build on
 # it): the console log, the settings, the MQTT client with TLS and bounded waits, the
 # Wi-Fi join, the clock, a relay and the watchdog. MicroPython only.
-import binascii
 import gc
 import json
 import time
@@ -36,29 +35,25 @@ def _read(path):
         return f.read()
 
 
-def credentials(config, make_client=None, feed=None, platform="mcu"):
+def credentials(config, make_client=None, feed=None):
     """(device id, key, host, port, auth) from CONNECTION_STRING, the separate settings,
     or, with ENROLLMENT, what self-provisioning gave (asked on first boot, then kept in
-    flash: fleetline_provision; the registration id is REGISTRATION_ID, else
-    ``<platform>-<the chip's unique id in hex>``). ``auth``: "token" or "key" (AUTH), or
-    "x509" when the device has a certificate (CERT_FILE)."""
+    flash: fleetline_provision, as REGISTRATION_ID with REGISTRATION_KEY or a certificate).
+    ``auth``: "token" or "key" (AUTH), or "x509" when the device has a certificate
+    (CERT_FILE)."""
     default_port = 8883 if ca_file(config) else 1883
     auth = "x509" if getattr(config, "CERT_FILE", "") else getattr(config, "AUTH", "token")
     enrollment = getattr(config, "ENROLLMENT", "")
     if enrollment:
         import fleetline_provision
 
-        registration_id = getattr(config, "REGISTRATION_ID", "") or (
-            platform + "-" + binascii.hexlify(machine.unique_id()).decode()
-        )
         info = fleetline_provision.Provisioning(
             enrollment,
-            registration_id,
+            config.REGISTRATION_ID,
             getattr(config, "PROVISIONING_HOST", "") or config.MQTT_HOST,
             getattr(config, "PROVISIONING_PORT", default_port),
             make_client,
-            group_key=getattr(config, "GROUP_KEY", ""),
-            individual_key=getattr(config, "ENROLLMENT_KEY", ""),
+            key=getattr(config, "REGISTRATION_KEY", ""),
             auth="key" if auth == "key" else "token",
             sync_clock=lambda: sync_clock(config),
             feed=feed,

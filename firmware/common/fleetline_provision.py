@@ -1,10 +1,11 @@
 """Self-provisioning on first boot (docs/provisioning.md): the device registers itself
 through an enrollment and keeps what it was given in flash.
 
-Over MQTT, on the same TLS listener as its later connection: client id = the
-registration id, user name ``$provision/<enrollment>``, and either
-- a SAS token signed with its registration key (a symmetric-key group's device derives
-  it from the group key: base64(HMAC-SHA256(group key, registration id))), or
+Over MQTT, on the same TLS listener as its later connection: client id = user name =
+``$provision/<enrollment>/<registration id>`` (never a device's client id), and either
+- a SAS token signed with its registration key (a symmetric-key group's device holds its
+  own, base64(HMAC-SHA256(group key, registration id)), derived when it was configured:
+  the group key never goes on a device), or
 - its client certificate (an X.509 enrollment; no password).
 It subscribes to ``provisioning/<enrollment>/<registration id>/res``, publishes
 ``.../register`` and waits for the answer: ``assigned`` (its device id, its key if it
@@ -16,7 +17,6 @@ the next boots use it without asking. Delete the file to provision again.
 MicroPython and CPython alike (tested on the unix port).
 """
 
-import binascii
 import json
 import os
 
@@ -34,14 +34,6 @@ class ProvisioningError(Exception):
     def __init__(self, message: str, retry_after_s: float = 0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-
-
-def registration_key(group_key: str, registration_id: str) -> str:
-    """A symmetric-key group's device key: base64(HMAC-SHA256(group key, registration id))."""
-    mac = fleetline_device.hmac_sha256(
-        binascii.a2b_base64(group_key.encode()), registration_id.encode()
-    )
-    return fleetline_device.b64encode(mac)
 
 
 def parse_mqtt_url(url: str) -> tuple:
@@ -72,8 +64,9 @@ def save(path: str, info: dict) -> None:
 
 class Provisioning:
     """One device's registration. ``mqtt_client`` makes a client as the device core's
-    factory does; ``group_key`` is the enrollment key of a symmetric-key group (empty for
-    an X.509 enrollment: the client's TLS context carries the certificate)."""
+    factory does; ``key`` is its registration key (a group's device's own, or an
+    individual enrollment's key), empty for an X.509 enrollment: the client's TLS context
+    carries the certificate."""
 
     def __init__(
         self,
@@ -83,8 +76,7 @@ class Provisioning:
         port: int,
         mqtt_client,
         *,
-        group_key: str = "",
-        individual_key: str = "",
+        key: str = "",
         auth: str = "token",
         sync_clock=None,
         feed=None,
@@ -96,9 +88,7 @@ class Provisioning:
         self.host = host
         self.port = port
         self._mqtt_client = mqtt_client
-        self.key = individual_key or (
-            registration_key(group_key, registration_id) if group_key else ""
-        )
+        self.key = key
         self.auth = auth
         self._sync_clock = sync_clock
         self._feed = feed
@@ -130,10 +120,8 @@ class Provisioning:
     def register(self) -> dict:
         """Register once: what the device was assigned (device_id, key, host, port,
         auth), or ProvisioningError."""
-        client = self._mqtt_client(
-            self.registration_id, self.host, self.port, "$provision/" + self.enrollment,
-            self._password(), 60,
-        )
+        login = "$provision/" + self.enrollment + "/" + self.registration_id
+        client = self._mqtt_client(login, self.host, self.port, login, self._password(), 60)
         client.set_callback(self._on_message)
         client.on_wait = self._wait
         self._answer = None

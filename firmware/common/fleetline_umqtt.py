@@ -25,13 +25,19 @@ import time
 WAIT_SLICE_MS = 200
 
 
-def der(certificate: bytes) -> bytes:
-    """A certificate (or key) in DER, from PEM or DER: not every port's mbedtls parses
-    PEM (the unix port's does not)."""
-    if not certificate.startswith(b"-----BEGIN"):
-        return certificate
-    body = certificate.split(b"-----")[2]  # between BEGIN CERTIFICATE and END
-    return binascii.a2b_base64(body.replace(b"\r", b"").replace(b"\n", b""))
+def der(pem: bytes) -> bytes:
+    """A certificate or private key in DER, from PEM or DER: not every port's mbedtls
+    parses PEM (the unix port's does not). The block taken is the first CERTIFICATE or
+    ...PRIVATE KEY one (`openssl ecparam -genkey` writes EC PARAMETERS first)."""
+    if b"-----BEGIN" not in pem:
+        return pem
+    parts = pem.split(b"-----")  # text, "BEGIN X", body, "END X", text, ...
+    for i in range(1, len(parts) - 1, 4):
+        label = parts[i]
+        if label.endswith(b"CERTIFICATE") or label.endswith(b"PRIVATE KEY"):
+            body = parts[i + 1]
+            return binascii.a2b_base64(body.replace(b"\r", b"").replace(b"\n", b""))
+    raise ValueError("no certificate or private key in the PEM")
 
 
 def tls_context(ca: bytes, cert: bytes = b"", key: bytes = b"") -> object:

@@ -15,7 +15,7 @@ def main():
     feed = board.Feeder(wdt).feed
     make_client = board.mqtt_client_factory(MQTTClient, config)
     # With ENROLLMENT, the first boot provisions the device (then kept in flash).
-    device_id, key, host, port, auth = board.credentials(config, make_client, feed, board.PLATFORM)
+    device_id, key, host, port, auth = board.credentials(config, make_client, feed)
     device = fleetline_device.Device(
         device_id,
         key,

@@ -34,7 +34,7 @@ import paho.mqtt.client as paho
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fleetline import apikeys
+from fleetline import apikeys, devicekeys
 from fleetline_cli import firmware
 from fleetline_dev import certs
 from fleetline_dev.certs import TlsFiles
@@ -280,26 +280,25 @@ async def test_the_esp32_application_provisions_itself_then_runs(
     micropython: MicroPython, board_build: Path, backend: Backend, tls_files: TlsFiles,
     tmp_path: Path, uid: str,
 ) -> None:
-    """First boot: the board registers itself through a symmetric-key group (its
-    registration id from its chip id), keeps the answer in flash, connects with the key it
-    was given and publishes. The next boot uses what it kept, without registering."""
+    """First boot: the board registers itself through a symmetric-key group (with its
+    own registration key, as `fleetline firmware config --enrollment` writes it), keeps
+    the answer in flash, connects with the key it was given and publishes. The next boot
+    uses what it kept, without registering."""
     c = _client(backend.api, backend.key)
     created = c.post("/v1/enrollments", json={
         "id": uid, "kind": "group", "attestation": "symmetric_key",
         "registration_pattern": "esp32-[0-9a-f]{12}", "initial_tags": {"fleet": uid},
         "initial_desired": {"interval_s": 1}})
     assert created.status_code == 201, created.text
-    chip = secrets.token_hex(6)
-    device_id = f"esp32-{chip}"
+    device_id = f"esp32-{secrets.token_hex(6)}"
     config = firmware.config_text(
         connection_string="", wifi_ssid="test", wifi_password="-", ca_file=firmware.CA_NAME,
         interval_s=0.5,
-        extra={"ENROLLMENT": uid, "GROUP_KEY": created.json()["key"],
+        extra={"ENROLLMENT": uid, "REGISTRATION_ID": device_id,
+               "REGISTRATION_KEY": devicekeys.registration_key(created.json()["key"], device_id),
                "PROVISIONING_HOST": "127.0.0.1",
                "PROVISIONING_PORT": backend.broker.tls_port, "WATCHDOG_S": 20})
-    fakes = tmp_path / "board" / "fakes"
-    fakes.mkdir(parents=True)
-    (fakes / "unique_id").write_text(chip)
+    assert created.json()["key"] not in config  # the group key stays off the board
     board = Board(micropython, board_build, tmp_path / "board", config, tls_files)
     try:
         wait_until(lambda: c.get(f"/v1/devices/{device_id}/latest").json()
@@ -459,14 +458,17 @@ def test_firmware_config_and_flash_commands(
     # Self-provisioning instead: the enrollment, its group key, the broker; no device id.
     enrolled = tmp_path / "enrolled"
     provisioning = ["firmware", "config", "--enrollment", "fleet", "--wifi-ssid", "home",
-                    "--out", str(enrolled), "--ca-file", str(tls_files.ca_cert)]
+                    "--out", str(enrolled), "--ca-file", str(tls_files.ca_cert),
+                    "--registration-id", "esp32-1"]
     without_key = fleetline(*provisioning, "--mqtt-url", "mqtts://b.example:8883", env=env)
     assert without_key.returncode == 2 and "--group-key" in without_key.stderr
     done = fleetline(*provisioning, "--group-key", key, "--mqtt-url", "mqtts://b.example:8883",
                      env=env)
     assert done.returncode == 0, done.stderr
     config = (enrolled / firmware.CONFIG_NAME).read_text()
-    assert "ENROLLMENT = 'fleet'" in config and f"GROUP_KEY = '{key}'" in config
+    assert "ENROLLMENT = 'fleet'" in config and "REGISTRATION_ID = 'esp32-1'" in config
+    assert f"REGISTRATION_KEY = '{devicekeys.registration_key(key, 'esp32-1')}'" in config
+    assert key not in config
     assert "PROVISIONING_HOST = 'b.example'" in config and "PROVISIONING_PORT = 8883" in config
     assert (enrolled / firmware.CONFIG_NAME).stat().st_mode & 0o077 == 0
 

@@ -37,13 +37,14 @@ def secure_broker(
 def secure_api(database_url: str, secure_broker: LocalMosquitto, artifacts: Path
                ) -> Iterator[ApiProcess]:
     """The API on the secure broker; provisioning allows 5 registrations per enrollment
-    at once, then one a second."""
+    at once, then one a second, and 20 failed attempts per address."""
     proc = ApiProcess(
         database_url=database_url,
         mqtt_url=f"mqtt://api:{API_PASSWORD}@127.0.0.1:{secure_broker.port}",
         log_dir=artifacts, name="secure",
         env={"FLEETLINE_API_DEVICE_MQTT_URL": secure_broker.tls_url,
-             "FLEETLINE_API_PROVISION_RATE": "1", "FLEETLINE_API_PROVISION_BURST": "5"},
+             "FLEETLINE_API_PROVISION_RATE": "1", "FLEETLINE_API_PROVISION_BURST": "5",
+             "FLEETLINE_API_PROVISION_FAILURES_BURST": "20"},
     )
     proc.start()
     yield proc

@@ -158,6 +158,7 @@ async def test_enrollment_ca_and_x509_device_verbs(
     assert device.returncode == 0, device.stderr
     assert json.loads(device.stdout)["auth"]["primary_thumbprint"] == (
         certificates.thumbprint(cert).hex())
-    signed = fleetline("device", "create", f"{uid}-ca", "--ca-signed", env=env)
+    signed = fleetline("device", "create", f"{uid}-ca", "--ca", uid, env=env)
     assert "logs in with its certificate (x509_ca)" in signed.stdout
+    assert fleetline("device", "delete", f"{uid}-ca", env=env).returncode == 0
     assert fleetline("ca", "delete", uid, env=env).returncode == 0

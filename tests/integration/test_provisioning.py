@@ -40,7 +40,8 @@ def provision_over_mqtt(broker: LocalMosquitto, enrollment: str, registration: s
                         context: ssl.SSLContext, password: str | None = None
                         ) -> tuple[Client, dict[str, Any] | None]:
     """Log in to provision and register; the client and the answer (None: refused)."""
-    c = Client(broker, registration, f"$provision/{enrollment}", password, tls=context)
+    login = f"$provision/{enrollment}/{registration}"
+    c = Client(broker, login, login, password, tls=context)
     if not c.ok:
         return c, None
     base = f"provisioning/{enrollment}/{registration}"
@@ -107,15 +108,39 @@ def test_symmetric_group_over_mqtt(
     wrong = devicekeys.enrollment_key(b"x" * 32, uid, 1)
     assert_refused_for(provision_over_mqtt(secure_broker, uid, other, tls_for(),
                                            group_token(wrong, other))[0],
-                       secure_broker, f"$provision/{uid}", "bad token signature")
+                       secure_broker, f"$provision/{uid}/{other}", "bad token signature")
     outside = f"{uid}-x"
     assert_refused_for(provision_over_mqtt(secure_broker, uid, outside, tls_for(),
                                            group_token(group_key, outside))[0],
-                       secure_broker, f"$provision/{uid}", "outside the enrollment's pattern")
+                       secure_broker, f"$provision/{uid}/{outside}",
+                       "outside the enrollment's pattern")
     assert rest.patch(f"/v1/enrollments/{uid}", json={"enabled": False}).status_code == 200
     assert_refused_for(provision_over_mqtt(secure_broker, uid, other, tls_for(),
                                            group_token(group_key, other))[0],
-                       secure_broker, f"$provision/{uid}", "enrollment disabled")
+                       secure_broker, f"$provision/{uid}/{other}", "enrollment disabled")
+
+
+def test_a_provisioning_login_never_takes_over_a_device_session(
+    rest: httpx.Client, secure_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    uid: str,
+) -> None:
+    """Its client id is "$provision/<enrollment>/<id>", never the device's own: logging in
+    to provision a connected device's id leaves that device connected."""
+    group_key = enroll(rest, uid, kind="group", attestation="symmetric_key")["key"]
+    registration = f"{uid}-1"
+    c, answer = provision_over_mqtt(secure_broker, uid, registration, tls_for(),
+                                    group_token(group_key, registration))
+    assert answer is not None and answer["status"] == "assigned"
+    c.close()
+    device = Client(secure_broker, registration, registration, answer["auth"]["key"],
+                    tls=tls_for())
+    assert device.ok
+    again, _ = provision_over_mqtt(secure_broker, uid, registration, tls_for(),
+                                   group_token(group_key, registration))
+    again.close()
+    time.sleep(0.5)
+    assert not device.disconnected.is_set(), "the device's session was taken over"
+    device.close()
 
 
 def key_of(group_key: str, registration: str) -> str:
@@ -140,10 +165,10 @@ def test_x509_group_over_mqtt(
     # Another name than the registration id; no certificate.
     stranger = issue(ca, ca_key, f"{uid}-other", client=True)
     assert_refused_for(provision_over_mqtt(secure_broker, uid, registration, tls_for(stranger))[0],
-                       secure_broker, f"$provision/{uid}",
+                       secure_broker, f"$provision/{uid}/{registration}",
                        "certificate common name is not the registration id")
     assert_refused_for(provision_over_mqtt(secure_broker, uid, registration, tls_for(), "k")[0],
-                       secure_broker, f"$provision/{uid}", "no client certificate")
+                       secure_broker, f"$provision/{uid}/{registration}", "no client certificate")
     # The CA of an enrollment stays while the enrollment does.
     assert_problem(rest.delete(f"/v1/cas/{uid}"), 409)
 
@@ -236,3 +261,19 @@ def test_enrollment_validation(rest: httpx.Client, uid: str) -> None:
     assert renewed.status_code == 200 and renewed.json()["key"], renewed.text
     assert rest.delete(f"/v1/enrollments/{uid}").status_code == 204
     assert_problem(rest.get(f"/v1/enrollments/{uid}"), 404)
+
+
+def test_failed_rest_attempts_from_one_address_are_throttled(
+    secure_api: ApiProcess, uid: str
+) -> None:
+    """A guesser is told to wait after the allowed failures (20 in this test API; 10 by
+    default), without its guesses being checked; one failure a second comes back. Last in
+    this file: it spends the address's failures."""
+    codes = [provision_rest(secure_api, uid, f"{uid}-{n}", "sig=x&se=1").status_code
+             for n in range(40)]
+    assert 401 in codes and codes[-1] == 429, codes
+    refused = provision_rest(secure_api, uid, uid, "sig=x&se=1")
+    assert_problem(refused, 429, "failed provisioning attempts")
+    assert int(refused.headers["Retry-After"]) >= 1
+    time.sleep(1.1)
+    assert provision_rest(secure_api, uid, uid, "sig=x&se=1").status_code == 401

@@ -73,7 +73,7 @@ def test_self_signed_device_logs_in_by_thumbprint_and_rotates(
     body = create_device(rest, uid, type="x509_self_signed", primary_thumbprint=thumb(primary[0]))
     assert body["credentials"] is None
     assert body["auth"] == {"type": "x509_self_signed", "primary_thumbprint": thumb(primary[0]),
-                            "secondary_thumbprint": None}
+                            "secondary_thumbprint": None, "ca": None}
     device = connect(secure_broker, uid, tls_for(primary))
     assert device.ok, device.connack
     device.subscribe(f"devices/{uid}/c2d")
@@ -122,12 +122,12 @@ def test_ca_signed_device_needs_a_verified_ca_and_its_own_name(
     assert created.json()["verified"] is False and len(code) == 32
     assert_problem(rest.post("/v1/cas", json={"name": f"{uid}-2",
                                               "certificate": cert_pem(ca).decode()}), 409)
-    create_device(rest, uid, type="x509_ca")
+    create_device(rest, uid, type="x509_ca", ca=uid)
     device_cert = issue(ca, ca_key, uid, client=True)
 
     # Not trusted before it is verified.
     assert_refused_for(connect(secure_broker, uid, tls_for(device_cert)), secure_broker, uid,
-                       "certificate not signed by a verified CA")
+                       "the device's CA is not (or no longer) verified")
     # A proof with another name, or signed by another key, verifies nothing.
     impostor, impostor_key = make_ca(tmp_path / "impostor", name=f"{uid} devices")
     for proof, why in [
@@ -150,13 +150,18 @@ def test_ca_signed_device_needs_a_verified_ca_and_its_own_name(
     forged = issue(impostor, impostor_key, uid, client=True)
     assert forged[0].issuer == ca.subject
     assert_refused_for(connect(secure_broker, uid, tls_for(forged)), secure_broker, uid,
-                       "certificate not signed by a verified CA")
+                       "certificate not signed by the device's CA")
+    # Another verified CA vouches only for its own devices, not this one.
+    other, other_key = verified_ca(rest, f"{uid}-b", tmp_path / "b")
+    assert_refused_for(connect(secure_broker, uid, tls_for(issue(other, other_key, uid,
+                                                                 client=True))),
+                       secure_broker, uid, "certificate not signed by the device's CA")
 
     assert rest.delete(f"/v1/cas/{uid}").status_code == 204
     assert device.disconnected.wait(10), "the deleted CA's device stayed connected"
     assert log_has(secure_broker, "the CA of its certificate was removed")
     assert_refused_for(connect(secure_broker, uid, tls_for(device_cert)), secure_broker, uid,
-                       "certificate not signed by a verified CA")
+                       "the device's CA is not (or no longer) verified")
 
 
 def test_disabled_device_is_disconnected_and_refused(
@@ -178,12 +183,31 @@ def test_disabled_device_is_disconnected_and_refused(
     again.close()
 
 
+def test_a_key_retired_by_a_certificate_does_not_come_back(
+    rest: httpx.Client, secure_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
+    uid: str,
+) -> None:
+    old_key = create_device(rest, uid)["credentials"]["key"]
+    cert = self_signed(uid)
+    rest.put(f"/v1/devices/{uid}/auth", json={"type": "x509_self_signed",
+                                               "primary_thumbprint": thumb(cert[0])})
+    back = rest.put(f"/v1/devices/{uid}/auth", json={"type": "key"})
+    assert back.status_code == 200 and back.json()["key_version"] == 0, back.text
+    assert_refused_for(connect(secure_broker, uid, tls_for(), old_key), secure_broker, uid,
+                       "no key issued")
+    new_key = rest.post(f"/v1/devices/{uid}/key").json()["key"]
+    assert new_key != old_key
+    device = wait_for(lambda: (c := connect(secure_broker, uid, tls_for(), new_key)).ok and c,
+                      what="the new key's login")
+    device.close()
+
+
 def test_expired_or_not_yet_valid_certificate_fails_the_handshake(
     rest: httpx.Client, secure_broker: LocalMosquitto, tls_for: Callable[..., ssl.SSLContext],
     uid: str, tmp_path: Path,
 ) -> None:
     ca, ca_key = verified_ca(rest, uid, tmp_path)
-    create_device(rest, uid, type="x509_ca")
+    create_device(rest, uid, type="x509_ca", ca=uid)
     now = dt.datetime.now(dt.UTC)
     for start, why in [(now - dt.timedelta(days=3), "certificate has expired"),
                        (now + dt.timedelta(days=1), "certificate is not yet valid")]:
@@ -204,6 +228,10 @@ def test_rest_refuses_bad_certificates_and_thumbprints(rest: httpx.Client, uid: 
     for auth in [{"type": "x509_self_signed"},
                  {"type": "x509_self_signed", "primary_thumbprint": "ab" * 31},
                  {"type": "key", "primary_thumbprint": thumb(leaf)},
-                 {"type": "x509_ca", "secondary_thumbprint": thumb(leaf)}, {"type": "pgp"}]:
+                 {"type": "x509_ca", "ca": uid, "secondary_thumbprint": thumb(leaf)},
+                 {"type": "x509_ca"}, {"type": "pgp"}]:
         assert_problem(rest.post("/v1/devices", json={"id": uid, "auth": auth}), 422)
-    assert_problem(rest.put(f"/v1/devices/{uid}-none/auth", json={"type": "x509_ca"}), 404)
+    assert_problem(rest.put(f"/v1/devices/{uid}-none/auth", json={"type": "key"}), 404)
+    assert "not registered" in assert_problem(
+        rest.post("/v1/devices", json={"id": uid, "auth": {"type": "x509_ca", "ca": f"{uid}-no"}}),
+        400)["detail"]

@@ -76,7 +76,7 @@
  * device at most. */
 #define REFUSALS_FLUSH_MS 5000
 #define REFUSALS_LOG_MS 60000
-/* Provisioning logins: this + the enrollment id (a device id holds no '$' or '/'). */
+/* Provisioning logins: this + "{enrollment id}/{registration id}". */
 #define PROVISION_PREFIX "$provision/"
 #define PROVISIONING_TOPIC "provisioning/"
 #define DEFAULT_CACHE_SECONDS 5
@@ -137,6 +137,7 @@ struct device_row {
 	int credentials; /* credentials_version */
 	int nthumbs;
 	unsigned char thumbs[2][SHA256_DIGEST_LENGTH];
+	char ca[DEVICE_ID_MAX + 1]; /* x509_ca: the CA that signs its certificate */
 	struct limits limits;
 };
 
@@ -149,7 +150,6 @@ struct cache_entry {
 	struct device_row row; /* the device cache only */
 	uint64_t ca_tag; /* sessions only: the CA its certificate was signed by (0: none) */
 	struct limits limits; /* sessions only */
-	uint64_t limits_generation; /* sessions only: p->limits_generation when read */
 	struct bucket bucket; /* the buckets cache only */
 	const struct mosquitto *client; /* sessions only: the connection */
 	bool current; /* sessions only, while checking: the registry has this version */
@@ -212,7 +212,9 @@ struct plugin {
 	size_t ncas;
 	bool cas_stale; /* to read again (a notification, or a new connection) */
 	struct cache buckets; /* device id -> its token buckets */
-	uint64_t limits_generation; /* one more per limits notification */
+	bool limits_stale; /* the connected devices' limits are to be read again */
+	char **limits_ids; /* ...these, a batch per tick */
+	size_t nlimits_ids, donelimits_ids;
 	int64_t next_refusals_flush_ms;
 	uint64_t limited_total, limited_reported;
 	int ssl_index; /* the SSL ex_data index whose new_func asks for certificates (-1) */
@@ -390,7 +392,6 @@ static struct cache_entry *cache_put(struct cache *c, const char *id, int versio
 	memset(&e->row, 0, sizeof(e->row));
 	memset(&e->limits, 0, sizeof(e->limits));
 	memset(&e->bucket, 0, sizeof(e->bucket));
-	e->limits_generation = 0;
 	e->ca_tag = 0;
 	e->client = NULL;
 	e->current = false;
@@ -428,13 +429,6 @@ static void cache_sweep(struct cache *c, bool (*drop)(const struct cache_entry *
 			}
 		}
 	}
-}
-
-static bool drop_all(const struct cache_entry *e, void *arg)
-{
-	(void)e;
-	(void)arg;
-	return true;
 }
 
 static void cache_free(struct cache *c)
@@ -793,7 +787,7 @@ static bool db_advance_connect(struct plugin *p, int64_t wait_until)
 	 * the connected devices against the registry, and no cached credentials are fresh. */
 	p->reconnected = true;
 	p->cas_stale = true;
-	p->limits_generation++;
+	p->limits_stale = true;
 	for(size_t i = 0; i < p->cache.nbuckets; i++){
 		for(struct cache_entry *e = p->cache.buckets[i]; e; e = e->next){
 			if(e->fetched_ms > now_ms() - p->cache_ms) e->fetched_ms = now_ms() - p->cache_ms;
@@ -840,8 +834,14 @@ static void db_drain(struct plugin *p)
 		}else if(!strcmp(n->relname, CAS_CHANNEL)){
 			p->cas_stale = true;
 		}else if(!strcmp(n->relname, LIMITS_CHANNEL)){
-			p->limits_generation++;
-			cache_sweep(&p->cache, drop_all, NULL); /* cached limits are stale too */
+			p->limits_stale = true;
+			/* Cached credentials carry limits: read again at the next login (kept for
+			 * stale-if-error). */
+			for(size_t i = 0; i < p->cache.nbuckets; i++){
+				for(struct cache_entry *e = p->cache.buckets[i]; e; e = e->next){
+					if(e->fetched_ms > now_ms() - p->cache_ms) e->fetched_ms = now_ms() - p->cache_ms;
+				}
+			}
 		}
 		PQfreemem(n);
 	}
@@ -1025,6 +1025,7 @@ static void parse_device_row(PGresult *res, struct device_row *row)
 			row->nthumbs++;
 		}
 	}
+	snprintf(row->ca, sizeof(row->ca), "%s", PQgetvalue(res, 0, 10));
 	if(!PQgetisnull(res, 0, 6)){
 		row->limits.messages_per_s = atof(PQgetvalue(res, 0, 6));
 		row->limits.burst_messages = atof(PQgetvalue(res, 0, 7));
@@ -1036,7 +1037,8 @@ static void parse_device_row(PGresult *res, struct device_row *row)
 #define DEVICE_QUERY \
 	"SELECT d.key_version, d.credentials_version, d.enabled, d.auth, " \
 	"encode(d.primary_thumbprint, 'hex'), encode(d.secondary_thumbprint, 'hex'), " \
-	"l.messages_per_second, l.burst_messages, l.bytes_per_second, l.burst_bytes " \
+	"l.messages_per_second, l.burst_messages, l.bytes_per_second, l.burst_bytes, " \
+	"coalesce(d.ca_name, '') " \
 	"FROM devices d LEFT JOIN LATERAL fleetline_limits_of(d.id, d.tags) l ON true " \
 	"WHERE d.id = $1"
 
@@ -1190,11 +1192,11 @@ static bool signed_by(X509 *cert, X509 *ca)
 		&& X509_cmp_current_time(X509_get0_notAfter(ca)) > 0;
 }
 
-/* The verified CA that signed cert (NULL: none). */
-static const struct ca *signing_ca(const struct plugin *p, X509 *cert)
+/* The verified CA of that name (NULL: none). */
+static const struct ca *verified_ca(const struct plugin *p, const char *name)
 {
 	for(size_t i = 0; i < p->ncas; i++){
-		if(signed_by(cert, p->cas[i].cert)) return &p->cas[i];
+		if(!strcmp(p->cas[i].name, name)) return &p->cas[i];
 	}
 	return NULL;
 }
@@ -1232,9 +1234,9 @@ static int verify_client_certificate(int ok, X509_STORE_CTX *ctx)
 	return 0;
 }
 
-/* Called by OpenSSL for every new SSL object of the broker: server-side connections
- * ask for a client certificate (optional unless the listener requires one) and check it
- * with verify_client_certificate. */
+/* Called by OpenSSL for every new SSL object of the broker: the server side of a
+ * listener that does not require certificates asks for one (optional) and checks it with
+ * verify_client_certificate. */
 static void on_ssl_new(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
 		void *argp)
 {
@@ -1247,19 +1249,33 @@ static void on_ssl_new(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, lon
 	(void)argl;
 	(void)argp;
 	if(ctx == NULL || !SSL_is_server(ssl)) return;
+	/* A listener that requires certificates keeps its own trust (its cafile/capath):
+	 * with use_identity_as_username Mosquitto takes the certificate's name without asking
+	 * the plugin, so only that listener's CA may vouch for it. */
 	mode = SSL_CTX_get_verify_mode(ctx);
-	SSL_set_verify(ssl, (mode & SSL_VERIFY_PEER) ? mode : SSL_VERIFY_PEER,
-			verify_client_certificate);
+	if(mode != SSL_VERIFY_NONE) return;
+	SSL_set_verify(ssl, SSL_VERIFY_PEER, verify_client_certificate);
 }
 
 /* The common name of cert into out ("" when it has none). */
+/* The (first) common name of cert into out; "" when it has none, or one that does not
+ * fit or holds a NUL (which would cut it short). */
 static void common_name(X509 *cert, char *out, size_t outlen)
 {
+	X509_NAME *name = X509_get_subject_name(cert);
+	int at = X509_NAME_get_index_by_NID(name, NID_commonName, -1);
+	const ASN1_STRING *data;
+	int len;
+
 	out[0] = '\0';
-	if(X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, out,
-			(int)outlen) < 0){
-		out[0] = '\0';
+	if(at < 0) return;
+	data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, at));
+	len = data ? ASN1_STRING_length(data) : -1;
+	if(len <= 0 || (size_t)len >= outlen || memchr(ASN1_STRING_get0_data(data), 0, (size_t)len)){
+		return;
 	}
+	memcpy(out, ASN1_STRING_get0_data(data), (size_t)len);
+	out[len] = '\0';
 }
 
 static bool thumbprint(X509 *cert, unsigned char out[SHA256_DIGEST_LENGTH])
@@ -1292,8 +1308,9 @@ static const char *check_device_certificate(struct plugin *p, const char *id,
 	common_name(cert, cn, sizeof(cn));
 	if(strcmp(cn, id) != 0) return "certificate common name is not the device id";
 	load_cas(p);
-	ca = signing_ca(p, cert);
-	if(ca == NULL) return "certificate not signed by a verified CA";
+	ca = verified_ca(p, row->ca);
+	if(ca == NULL) return "the device's CA is not (or no longer) verified";
+	if(!signed_by(cert, ca->cert)) return "certificate not signed by the device's CA";
 	*ca_tag = ca->tag;
 	return NULL;
 }
@@ -1540,22 +1557,35 @@ static const char *check_enrollment(struct plugin *p, PGresult *res, const char 
 	return NULL;
 }
 
-/* A provisioning login: user name PROVISION_PREFIX + enrollment id, client id = the
- * registration id. */
+/* A provisioning login: user name = client id = PROVISION_PREFIX "{enrollment id}/
+ * {registration id}". Never a device's client id (those hold no '$' or '/'), so it can
+ * neither take over a device's session nor be taken for one. */
 static const char *check_provisioning(struct plugin *p, struct mosquitto *client,
-		const char *enrollment, const char *password, bool *counts)
+		const char *username, const char *password, bool *counts)
 {
-	const char *registration = mosquitto_client_id(client);
-	const char *params[2] = {enrollment, registration};
+	const char *client_id = mosquitto_client_id(client);
+	const char *identity = username + sizeof(PROVISION_PREFIX) - 1;
+	const char *slash = strchr(identity, '/');
+	char enrollment[DEVICE_ID_MAX + 1];
+	const char *registration, *params[2];
 	char err[512] = "no database connection";
 	PGresult *res = NULL;
 	const char *reason;
 	X509 *cert;
 
-	if(registration == NULL || !valid_device_id(registration)){
-		return "the client id must be the registration id";
+	if(client_id == NULL || strcmp(client_id, username) != 0){
+		return "client id mismatch (must equal the user name)";
 	}
+	if(slash == NULL || (size_t)(slash - identity) > DEVICE_ID_MAX){
+		return "user name is not $provision/<enrollment>/<registration id>";
+	}
+	memcpy(enrollment, identity, (size_t)(slash - identity));
+	enrollment[slash - identity] = '\0';
+	registration = slash + 1;
 	if(!valid_device_id(enrollment)) return "unknown enrollment";
+	if(!valid_device_id(registration)) return "invalid registration id";
+	params[0] = enrollment;
+	params[1] = registration;
 	for(int attempt = 0; attempt < 2 && res == NULL; attempt++){
 		if(!db_ready(p, LOGIN_CONNECT_WAIT_MS)) break;
 		res = db_exec(p, ENROLLMENT_QUERY, 2, params, err, sizeof(err));
@@ -1604,10 +1634,7 @@ static const char *check_login(struct plugin *p, struct mosquitto *client, const
 		return CRYPTO_memcmp(digest, svc->sha256, sizeof(digest)) == 0
 			? NULL : "bad service password";
 	}
-	if(provisioning_login(username)){
-		return check_provisioning(p, client, username + sizeof(PROVISION_PREFIX) - 1, password,
-				counts);
-	}
+	if(provisioning_login(username)) return check_provisioning(p, client, username, password, counts);
 	client_id = mosquitto_client_id(client);
 	if(client_id == NULL || strcmp(client_id, username) != 0){
 		return "client id mismatch (must equal the device id)";
@@ -1671,7 +1698,6 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 			session->client = ed->client;
 			session->ca_tag = login.ca_tag;
 			session->limits = login.limits;
-			session->limits_generation = p->limits_generation;
 		}
 	}
 	return MOSQ_ERR_SUCCESS;
@@ -1737,24 +1763,69 @@ static void log_denied_publish(struct plugin *p, const char *username, const cha
 			printable(topic, shown_topic, sizeof(shown_topic)), why);
 }
 
-/* The limits of a connected device, read again after a limits notification. */
-static const struct limits *session_limits(struct plugin *p, const char *id)
+static void limits_ids_free(struct plugin *p)
 {
-	struct cache_entry *session = cache_find(&p->sessions, id);
-	if(session == NULL) return NULL;
-	if(session->limits_generation != p->limits_generation){
-		struct device_row row;
-		bool cached;
-		char shown[LOG_FIELD_MAX];
-		if(lookup_device(p, id, &row, printable(id, shown, sizeof(shown)), &cached) == LOOKUP_OK
-				&& row.known){
-			session = cache_find(&p->sessions, id); /* lookups never touch sessions */
-			if(session == NULL) return NULL;
-			session->limits = row.limits;
-			session->limits_generation = p->limits_generation;
+	for(size_t i = 0; i < p->nlimits_ids; i++) mosquitto_free(p->limits_ids[i]);
+	mosquitto_free(p->limits_ids);
+	p->limits_ids = NULL;
+	p->nlimits_ids = p->donelimits_ids = 0;
+}
+
+/* After a limits notification (or a reconnection), a batch per tick: the connected
+ * devices' limits read again. On an error they keep the limits they have, and the whole
+ * round starts again at a later tick. */
+static void refresh_limits_step(struct plugin *p)
+{
+	char *literal, err[512];
+	const char *params[1];
+	size_t batch;
+	PGresult *res;
+
+	if(p->limits_stale){
+		p->limits_stale = false;
+		limits_ids_free(p);
+		p->limits_ids = mosquitto_malloc((p->sessions.count + 1) * sizeof(*p->limits_ids));
+		if(p->limits_ids == NULL) return;
+		for(size_t i = 0; i < p->sessions.nbuckets; i++){
+			for(struct cache_entry *e = p->sessions.buckets[i]; e; e = e->next){
+				if((p->limits_ids[p->nlimits_ids] = mosquitto_strdup(e->id)) != NULL) p->nlimits_ids++;
+			}
 		}
 	}
-	return &session->limits;
+	if(p->donelimits_ids >= p->nlimits_ids){
+		if(p->limits_ids) limits_ids_free(p);
+		return;
+	}
+	batch = p->nlimits_ids - p->donelimits_ids;
+	if(batch > REVALIDATE_BATCH) batch = REVALIDATE_BATCH;
+	literal = text_array(p->limits_ids + p->donelimits_ids, batch);
+	if(literal == NULL) return;
+	params[0] = literal;
+	res = db_exec(p,
+			"SELECT d.id, l.messages_per_second, l.burst_messages, l.bytes_per_second, "
+			"l.burst_bytes FROM devices d LEFT JOIN LATERAL fleetline_limits_of(d.id, d.tags) l "
+			"ON true WHERE d.id = ANY($1::text[])", 1, params, err, sizeof(err));
+	mosquitto_free(literal);
+	if(res == NULL){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": cannot read the limits of connected devices (kept): %s", err);
+		limits_ids_free(p);
+		p->limits_stale = true;
+		return;
+	}
+	for(int row = 0; row < PQntuples(res); row++){
+		struct cache_entry *e = cache_find(&p->sessions, PQgetvalue(res, row, 0));
+		if(e == NULL) continue;
+		memset(&e->limits, 0, sizeof(e->limits));
+		if(!PQgetisnull(res, row, 1)){
+			e->limits.messages_per_s = atof(PQgetvalue(res, row, 1));
+			e->limits.burst_messages = atof(PQgetvalue(res, row, 2));
+			e->limits.bytes_per_s = atof(PQgetvalue(res, row, 3));
+			e->limits.burst_bytes = atof(PQgetvalue(res, row, 4));
+		}
+	}
+	PQclear(res);
+	p->donelimits_ids += batch;
 }
 
 /* Takes one message of payloadlen bytes from the device's buckets. Over its limits:
@@ -1765,7 +1836,8 @@ static const struct limits *session_limits(struct plugin *p, const char *id)
 static int take_quota(struct plugin *p, struct mosquitto *client, const char *id,
 		uint32_t payloadlen)
 {
-	const struct limits *l = session_limits(p, id);
+	const struct cache_entry *session = cache_find(&p->sessions, id);
+	const struct limits *l = session ? &session->limits : NULL;
 	struct cache_entry *e;
 	struct bucket *b;
 	int64_t now = now_ms();
@@ -1813,30 +1885,32 @@ static int take_quota(struct plugin *p, struct mosquitto *client, const char *id
 static void flush_refusals(struct plugin *p)
 {
 	char **ids, *id_array = NULL, *numbers[2] = {NULL, NULL}, err[512];
-	size_t n = 0;
+	size_t n = 0, at[2] = {1, 1}, size = p->buckets.count * 22 + 3;
 	PGresult *res;
 
 	if(!db_ready(p, 0)) return;
 	ids = mosquitto_malloc((p->buckets.count + 1) * sizeof(*ids));
-	numbers[0] = mosquitto_malloc(p->buckets.count * 21 + 3);
-	numbers[1] = mosquitto_malloc(p->buckets.count * 21 + 3);
+	numbers[0] = mosquitto_malloc(size);
+	numbers[1] = mosquitto_malloc(size);
 	if(ids == NULL || numbers[0] == NULL || numbers[1] == NULL) goto out;
-	strcpy(numbers[0], "{");
-	strcpy(numbers[1], "{");
+	/* {n1,n2,...}: each number at most 20 digits and a comma */
+	numbers[0][0] = numbers[1][0] = '{';
 	for(size_t i = 0; i < p->buckets.nbuckets; i++){
 		for(struct cache_entry *e = p->buckets.buckets[i]; e; e = e->next){
 			if(e->bucket.refused_messages == 0) continue;
 			ids[n] = e->id;
-			sprintf(numbers[0] + strlen(numbers[0]), "%s%" PRIu64, n ? "," : "",
-					e->bucket.refused_messages);
-			sprintf(numbers[1] + strlen(numbers[1]), "%s%" PRIu64, n ? "," : "",
-					e->bucket.refused_bytes);
+			at[0] += (size_t)snprintf(numbers[0] + at[0], size - at[0], "%s%" PRIu64,
+					n ? "," : "", e->bucket.refused_messages);
+			at[1] += (size_t)snprintf(numbers[1] + at[1], size - at[1], "%s%" PRIu64,
+					n ? "," : "", e->bucket.refused_bytes);
 			n++;
 		}
 	}
 	if(n == 0) goto out;
-	strcat(numbers[0], "}");
-	strcat(numbers[1], "}");
+	for(int k = 0; k < 2; k++){
+		numbers[k][at[k]] = '}';
+		numbers[k][at[k] + 1] = '\0';
+	}
 	id_array = text_array(ids, n);
 	if(id_array == NULL) goto out;
 	{
@@ -1872,22 +1946,19 @@ static bool drop_idle_bucket(const struct cache_entry *e, void *arg)
 	return e->bucket.refused_messages == 0 && *(const int64_t *)arg - e->fetched_ms >= 600000;
 }
 
-/* A provisioning client may write provisioning/{enrollment}/{its registration id}/register
- * and .../status, and read .../res; nothing else (NULL: allowed). */
-static const char *provisioning_denied(const char *enrollment, const char *registration,
+/* A provisioning client ("$provision/{enrollment}/{registration id}") may write
+ * provisioning/{enrollment}/{registration id}/register and .../status, and read .../res;
+ * nothing else (NULL: allowed). */
+static const char *provisioning_denied(const char *identity,
 		const struct mosquitto_evt_acl_check *ed)
 {
-	size_t plen = sizeof(PROVISIONING_TOPIC) - 1, elen = strlen(enrollment);
-	const char *rest = ed->topic, *verb;
-	size_t rlen;
-	if(registration == NULL || rest == NULL || strncmp(rest, PROVISIONING_TOPIC, plen)
-			|| strncmp(rest + plen, enrollment, elen) || rest[plen + elen] != '/'){
+	size_t plen = sizeof(PROVISIONING_TOPIC) - 1, ilen = strlen(identity);
+	const char *topic = ed->topic, *verb;
+	if(topic == NULL || strncmp(topic, PROVISIONING_TOPIC, plen)
+			|| strncmp(topic + plen, identity, ilen) || topic[plen + ilen] != '/'){
 		return "not its own provisioning topics";
 	}
-	rest += plen + elen + 1;
-	rlen = strlen(registration);
-	if(strncmp(rest, registration, rlen) || rest[rlen] != '/') return "not its own provisioning topics";
-	verb = rest + rlen + 1;
+	verb = topic + plen + ilen + 1;
 	if(ed->access == MOSQ_ACL_WRITE){
 		if(ed->retain) return "retained";
 		return !strcmp(verb, "register") || !strcmp(verb, "status") ? NULL
@@ -1911,7 +1982,7 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	/* Unsubscribing only ever removes access. */
 	if(ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS;
 	if(provisioning_login(username)){
-		why = provisioning_denied(username + sizeof(PROVISION_PREFIX) - 1, client_id, ed);
+		why = provisioning_denied(username + sizeof(PROVISION_PREFIX) - 1, ed);
 		if(why == NULL) return MOSQ_ERR_SUCCESS;
 		log_denied_publish(p, username, ed->topic, why);
 		return MOSQ_ERR_ACL_DENIED;
@@ -2005,6 +2076,7 @@ static int on_tick(int event, void *event_data, void *userdata)
 			db_drain(p);
 			if(p->reconnected || p->recheck) recheck_step(p);
 			load_cas(p);
+			if(p->limits_stale || p->limits_ids) refresh_limits_step(p);
 		}
 	}
 	if(p->nkicks) kick_run(p);
@@ -2063,6 +2135,7 @@ static void plugin_free(struct plugin *p)
 	cache_free(&p->sessions);
 	cache_free(&p->failures);
 	cache_free(&p->buckets);
+	limits_ids_free(p);
 	cas_free(p->cas, p->ncas);
 	recheck_free(p);
 	for(size_t i = 0; i < p->nkicks; i++) mosquitto_free(p->kicks[i]);

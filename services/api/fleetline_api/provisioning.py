@@ -65,6 +65,10 @@ class Provisioner:
         self.pool = pool
         self.broker = broker
         self.limiter = KeyRateLimiter(settings.provision_rate, settings.provision_burst)
+        # Failed REST attempts per client address, then one a second (a guesser costs a
+        # query and an HMAC each).
+        burst = settings.provision_failures_burst
+        self.failures = KeyRateLimiter(1.0 if burst else 0.0, max(burst, 1))
 
     def mqtt_url(self) -> str:
         target = self.settings.device_mqtt
@@ -107,10 +111,11 @@ class Provisioner:
         async with self.pool.acquire() as con, con.transaction():
             enrollment = await con.fetchrow(sql.LOCK_ENROLLMENT, enrollment_id, registration_id)
             error = _refusal(enrollment, enrollment_id, registration_id)
-            device = None
+            created = False
             if error is None:
+                created = await self._create(con, enrollment, registration_id)
                 device = await con.fetchrow(sql.LOCK_DEVICE, registration_id)
-                if device is not None and device["enrollment_id"] != enrollment_id:
+                if device is None or device["enrollment_id"] != enrollment_id:
                     error = f"device {registration_id} is registered outside this enrollment"
             if error is not None:
                 if enrollment is not None:
@@ -129,8 +134,10 @@ class Provisioner:
                     extra={"enrollment_id": enrollment_id, "registration_id": registration_id},
                 )
                 return Outcome(FAILED, enrollment_id, registration_id, operation_id, error=error)
-            assert enrollment is not None
-            reset_desired = await self._create_or_keep(con, enrollment, registration_id, device)
+            if created:
+                desired = dict(enrollment["initial_desired"]) or None
+            else:
+                desired = await self._keep_or_reset(con, enrollment, registration_id)
             await con.execute(
                 sql.RECORD,
                 enrollment_id,
@@ -140,36 +147,39 @@ class Provisioner:
                 ASSIGNED,
                 None,
             )
-        if reset_desired is not None:
-            await self._publish_desired(registration_id, reset_desired)
+        if desired is not None:
+            await self._publish_desired(registration_id, desired)
         log.info(
             "device provisioned",
             extra={
                 "enrollment_id": enrollment_id,
                 "registration_id": registration_id,
-                "new": device is None,
+                "new": created,
             },
         )
         return await self._answer(enrollment_id, registration_id, operation_id)
 
-    async def _create_or_keep(
-        self, con: Any, enrollment: asyncpg.Record, device_id: str, device: Any
+    async def _create(self, con: Any, enrollment: Any, device_id: str) -> bool:
+        """Create the device unless it exists (whoever made it): whether it was made."""
+        auth, thumbprint, ca = _auth_of(enrollment)
+        made = await con.fetchval(
+            sql.INSERT_DEVICE,
+            device_id,
+            enrollment["initial_tags"],
+            auth,
+            thumbprint,
+            ca,
+            enrollment["id"],
+        )
+        if made is not None and auth == "key":
+            await registry.issue_key(con, self.settings, device_id)
+        return made is not None
+
+    async def _keep_or_reset(
+        self, con: Any, enrollment: Any, device_id: str
     ) -> dict[str, Any] | None:
-        """Create the device, or keep or reset it; the desired patch to apply (None:
-        none)."""
-        if device is None:
-            auth, thumbprint = _auth_of(enrollment)
-            await con.execute(
-                sql.INSERT_DEVICE,
-                device_id,
-                enrollment["initial_tags"],
-                auth,
-                thumbprint,
-                enrollment["id"],
-            )
-            if auth == "key":
-                await registry.issue_key(con, self.settings, device_id)
-            return dict(enrollment["initial_desired"]) or None
+        """A device this enrollment made before: kept, or its tags and desired twin reset;
+        the desired patch to apply (None: none)."""
         if enrollment["reprovision"] != "reset":
             return None
         await con.execute(sql.RESET_TAGS, device_id, enrollment["initial_tags"])
@@ -229,10 +239,10 @@ def _refusal(enrollment: Any, enrollment_id: str, registration_id: str) -> str |
     return None
 
 
-def _auth_of(enrollment: Any) -> tuple[str, bytes | None]:
-    """How a device it creates logs in, and its thumbprint."""
+def _auth_of(enrollment: Any) -> tuple[str, bytes | None, str | None]:
+    """How a device it creates logs in: its auth, thumbprint and CA."""
     if enrollment["attestation"] == "symmetric_key":
-        return "key", None
+        return "key", None, None
     if enrollment["kind"] == "group":
-        return "x509_ca", None
-    return "x509_self_signed", enrollment["thumbprint"]
+        return "x509_ca", None, enrollment["ca_name"]
+    return "x509_self_signed", enrollment["thumbprint"], None

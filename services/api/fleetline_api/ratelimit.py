@@ -33,3 +33,13 @@ class KeyRateLimiter:
             return max(1, math.ceil((1.0 - tokens) / self.rate))
         self._buckets[key_id] = (tokens - 1.0, now)
         return None
+
+    def wait(self, key_id: str, now: float | None = None) -> int | None:
+        """What :meth:`take` would answer, taking nothing: for limits counted on
+        failures only (checked before the work, taken after a failure)."""
+        if self.rate <= 0 or key_id not in self._buckets:
+            return None
+        now = time.monotonic() if now is None else now
+        tokens, at = self._buckets[key_id]
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        return None if tokens >= 1.0 else max(1, math.ceil((1.0 - tokens) / self.rate))

@@ -35,6 +35,9 @@ class ApiSettings(ServiceSettings):
     # second's rate and a burst. Beyond, a device is told when to try again.
     provision_rate: float = Field(default=20.0, ge=0, le=100_000)
     provision_burst: int = Field(default=200, ge=1, le=1_000_000)
+    # Failed POST /v1/provision attempts per client address: this many, then one a
+    # second (0: no limit).
+    provision_failures_burst: int = Field(default=10, ge=0, le=1_000_000)
     # /metrics (Prometheus), with /healthz and /readyz, on a listener of its own that
     # the public Service does not expose; 0: /metrics on the API's own port, for anyone.
     metrics_host: str = "0.0.0.0"

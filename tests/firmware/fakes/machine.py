@@ -75,11 +75,3 @@ class ADC:
     def read(self):  # the ESP8266's A0: 0-1024
         return min(1024, self.read_u16())
 
-
-def unique_id():
-    """The chip's id: FLEETLINE_FAKES/unique_id (hex) when the test sets one."""
-    try:
-        with open(FOLDER + "/unique_id") as f:
-            return bytes.fromhex(f.read().strip())
-    except OSError:
-        return b"\xde\xad\xbe\xef\x00\x01"

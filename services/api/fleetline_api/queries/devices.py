@@ -10,7 +10,8 @@ SELECT d.id, d.tags, d.created_at, coalesce(a.online, false) AS online, a.last_s
        a.status_changed_at, d.key_version, d.key_created_at, d.enabled,
        jsonb_build_object('type', d.auth,
                           'primary_thumbprint', encode(d.primary_thumbprint, 'hex'),
-                          'secondary_thumbprint', encode(d.secondary_thumbprint, 'hex')) AS auth
+                          'secondary_thumbprint', encode(d.secondary_thumbprint, 'hex'),
+                          'ca', d.ca_name) AS auth
 FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
 """
 SELECT_DEVICE_BY_ID = SELECT_DEVICE + "WHERE d.id = $1"
@@ -38,14 +39,20 @@ def list_devices(conditions: str) -> str:
 
 
 INSERT_DEVICE = """
-INSERT INTO devices (id, tags, enabled, auth, primary_thumbprint, secondary_thumbprint)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO devices (id, tags, enabled, auth, primary_thumbprint, secondary_thumbprint,
+                     ca_name)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
+# Leaving "key" retires the key (version 0): coming back needs a new one, never the old.
 SET_AUTH = """
 UPDATE devices SET auth = $2, primary_thumbprint = $3, secondary_thumbprint = $4,
+                   ca_name = $5,
+                   key_version = CASE WHEN $2 = 'key' THEN key_version ELSE 0 END,
+                   key_sha256 = CASE WHEN $2 = 'key' THEN key_sha256 END,
                    updated_at = now()
 WHERE id = $1
 """
+CA_EXISTS = "SELECT EXISTS (SELECT 1 FROM x509_cas WHERE name = $1)"
 SET_ENABLED = "UPDATE devices SET enabled = $2, updated_at = now() WHERE id = $1"
 # Issue a new key version, never used before by any device (a device deleted and
 # registered again must not get its old key back); None when the device does not exist.

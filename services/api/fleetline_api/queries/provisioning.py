@@ -12,9 +12,13 @@ ENROLLMENT_FOR = _ENROLLMENT
 # other).
 LOCK_ENROLLMENT = _ENROLLMENT + " FOR SHARE"
 LOCK_DEVICE = "SELECT enrollment_id FROM devices WHERE id = $1 FOR UPDATE"
+# ON CONFLICT: a registration of the same id racing this one made it first (then
+# LOCK_DEVICE tells whose it is).
 INSERT_DEVICE = """
-INSERT INTO devices (id, tags, auth, primary_thumbprint, enrollment_id)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO devices (id, tags, auth, primary_thumbprint, ca_name, enrollment_id)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (id) DO NOTHING
+RETURNING id
 """
 RESET_TAGS = "UPDATE devices SET tags = $2, updated_at = now() WHERE id = $1"
 DESIRED_OF = "SELECT desired FROM twin_desired WHERE device_id = $1 AND module_id = ''"
@@ -49,7 +53,9 @@ created_at, updated_at,
 (SELECT count(*) FROM registrations r WHERE r.enrollment_id = e.id
    AND r.status = 'assigned') AS registrations
 """
-CHECK_PATTERN = "SELECT '' ~ ('^(?:' || $1 || ')$')"
+# The pattern on its own and wrapped must both compile: "x)|(?:.*" compiles only wrapped,
+# where it would match any id.
+CHECK_PATTERN = "SELECT '' ~ $1, '' ~ ('^(?:' || $1 || ')$')"
 INSERT_ENROLLMENT = f"""
 INSERT INTO enrollments AS e (id, kind, attestation, key_version, ca_name, thumbprint,
                               registration_pattern, initial_tags, initial_desired,

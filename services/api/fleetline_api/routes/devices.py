@@ -32,6 +32,7 @@ from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.queries import devices as sql
 from fleetline_api.schemas.common import (
     MAX_TAGS,
+    CaAuth,
     DeviceAuth,
     DeviceCreate,
     DeviceCreated,
@@ -79,6 +80,7 @@ async def create_device(
 ) -> DeviceCreated:
     """Register a device. One that logs in with a key gets it in this response only;
     an X.509 device logs in with its certificate."""
+    await _check_ca(pool, body.auth)
     async with pool.acquire() as con, con.transaction():
         await con.execute(
             sql.INSERT_DEVICE,
@@ -86,7 +88,7 @@ async def create_device(
             body.tags,
             body.enabled,
             body.auth.type,
-            *_thumbprints(body.auth),
+            *_credentials(body.auth),
         )
         credentials = None
         if body.auth.type == "key":
@@ -95,13 +97,22 @@ async def create_device(
     return DeviceCreated(**device.model_dump(), credentials=credentials)
 
 
-def _thumbprints(auth: DeviceAuth) -> tuple[bytes | None, bytes | None]:
+async def _check_ca(pool: Any, auth: DeviceAuth) -> None:
+    if isinstance(auth, CaAuth) and not await pool.fetchval(sql.CA_EXISTS, auth.ca):
+        raise HTTPException(400, f"CA {auth.ca} is not registered (POST /v1/cas)")
+
+
+def _credentials(auth: DeviceAuth) -> tuple[bytes | None, bytes | None, str | None]:
+    """Its thumbprints (primary, secondary) and CA."""
+    if isinstance(auth, CaAuth):
+        return None, None, auth.ca
     if not isinstance(auth, SelfSignedAuth):
-        return None, None
+        return None, None, None
     secondary = auth.secondary_thumbprint
     return (
         certificates.parse_thumbprint(auth.primary_thumbprint),
         None if secondary is None else certificates.parse_thumbprint(secondary),
+        None,
     )
 
 
@@ -110,9 +121,10 @@ async def set_auth(
     device_id: DeviceId, body: DeviceAuth, pool: PoolDep, _key: DevicesWrite
 ) -> DevicePublic:
     """Change how the device logs in, or rotate its thumbprints. A connected device is
-    disconnected and must log in the new way. Switching to ``key``: issue one with
-    ``POST /key`` unless the device has one already."""
-    status = await pool.execute(sql.SET_AUTH, device_id, body.type, *_thumbprints(body))
+    disconnected and must log in the new way. Leaving ``key`` retires the key: coming
+    back to ``key`` needs a new one (``POST /key``)."""
+    await _check_ca(pool, body)
+    status = await pool.execute(sql.SET_AUTH, device_id, body.type, *_credentials(body))
     if status == "UPDATE 0":
         raise HTTPException(404, f"device {device_id} not found")
     return await _get(pool, device_id)

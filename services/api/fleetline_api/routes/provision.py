@@ -7,7 +7,8 @@ HMAC-SHA256(enrollment key, registration id); an individual one: the enrollment 
 X.509 enrollments provision over MQTT, where the broker sees the client certificate.
 Every refusal is problem+json: 401 for credentials (the same answer whatever was wrong,
 the reason is logged), 403 for a registration the enrollment refuses, 429 over the
-enrollment's rate.
+enrollment's rate or after ``FLEETLINE_API_PROVISION_FAILURES_BURST`` (10) failed attempts
+from one address (then one a second).
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ from fleetline_api.schemas.enrollments import ProvisionAnswer, ProvisionRequest
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/provision", tags=["provisioning"], responses=RESPONSES)
 SCHEME = "SharedAccessSignature "
+
+
+async def _refused(provisioner: Provisioner, body: ProvisionRequest, token: str) -> str | None:
+    """Why the token does not prove the enrollment's credential (None: it does)."""
+    if not token.startswith("sig="):
+        return "no SharedAccessSignature token"  # before any query: no work for nothing
+    enrollment = await provisioner.enrollment(body.enrollment_id, body.registration_id)
+    if enrollment is None:
+        return "unknown enrollment"
+    if enrollment["attestation"] != "symmetric_key":
+        return "an X.509 enrollment provisions over MQTT"
+    key = provisioner.registration_key(enrollment, body.registration_id)
+    if not devicekeys.verify_password(key, body.registration_id, token):
+        return "bad or expired token"
+    return None
 
 
 @router.post(
@@ -46,28 +62,24 @@ async def provision(
     token = (
         authorization[len(SCHEME) :] if authorization and authorization.startswith(SCHEME) else ""
     )
-    enrollment = await provisioner.enrollment(body.enrollment_id, body.registration_id)
-    reason = None
-    if not token.startswith("sig="):
-        reason = "no SharedAccessSignature token"
-    elif enrollment is None:
-        reason = "unknown enrollment"
-    elif enrollment["attestation"] != "symmetric_key":
-        reason = "an X.509 enrollment provisions over MQTT"
-    elif not devicekeys.verify_password(
-        provisioner.registration_key(enrollment, body.registration_id),
-        body.registration_id,
-        token,
-    ):
-        reason = "bad or expired token"
+    address = request.client.host if request.client else ""
+    wait = provisioner.failures.wait(address)
+    if wait is not None:
+        raise HTTPException(
+            429,
+            "too many failed provisioning attempts from this address",
+            headers={"Retry-After": str(wait)},
+        )
+    reason = await _refused(provisioner, body, token)
     if reason is not None:
+        provisioner.failures.take(address)
         log.warning(
             "provisioning refused: %s",
             reason,
             extra={
                 "enrollment_id": body.enrollment_id,
                 "registration_id": body.registration_id,
-                "client": request.client.host if request.client else None,
+                "client": address,
             },
         )
         raise HTTPException(

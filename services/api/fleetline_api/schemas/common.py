@@ -67,10 +67,11 @@ class SelfSignedAuth(BaseModel):
 
 class CaAuth(BaseModel):
     """The device logs in with a client certificate whose common name is its id, signed
-    by a verified CA (``/v1/cas``)."""
+    by its CA (``ca``, verified: ``/v1/cas``)."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["x509_ca"]
+    ca: DeviceId = Field(description="The CA that signs its certificate")
 
 
 DeviceAuth = Annotated[KeyAuth | SelfSignedAuth | CaAuth, Field(discriminator="type")]
@@ -80,6 +81,7 @@ class DeviceAuthPublic(BaseModel):
     type: AuthType
     primary_thumbprint: str | None = Field(description="Lower-case hex")
     secondary_thumbprint: str | None
+    ca: str | None = Field(description="x509_ca: the CA that signs its certificate")
 
 
 class DeviceCreate(BaseModel):
