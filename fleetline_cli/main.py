@@ -261,12 +261,19 @@ def device_connection_string(
     key: Annotated[
         str | None, typer.Option(envvar="FLEETLINE_DEVICE_KEY", help="The device's key.")
     ] = None,
-    host: Annotated[str, typer.Option(help="Broker host devices connect to.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Broker port devices connect to.")] = 1883,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Broker host devices connect to (default: the API's device endpoint)."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Broker port devices connect to (default: the API's device endpoint)."),
+    ] = None,
     renew: Annotated[bool, typer.Option(help="Issue a new key and use it.")] = False,
 ) -> None:
     """A device's connection string. fleetline never returns a key twice, so give the key
-    you were shown (--key), or issue a new one (--renew)."""
+    you were shown (--key), or issue a new one (--renew). The broker is the one the API
+    names for devices (its TLS endpoint), unless --host and --port say otherwise."""
     from fleetline import devicekeys
 
     if renew:
@@ -278,6 +285,10 @@ def device_connection_string(
         devicekeys.fingerprint(key)  # well-formed
     except devicekeys.DeviceKeyError as exc:
         raise typer.BadParameter(str(exc), param_hint="--key") from None
+    if host is None or port is None:
+        endpoint = rest("GET", "/v1/endpoints")
+        host = host or endpoint["device_mqtt_host"]
+        port = port or endpoint["device_mqtt_port"]
     typer.echo(devicekeys.connection_string(host=host, port=port, device_id=device_id, key=key))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from fleetline import certificates, devicekeys
@@ -83,6 +84,14 @@ async def test_device_credentials_verbs(
                      env=env)
     assert conn.stdout.strip() == (
         f"HostName=127.0.0.1;Port=8883;DeviceId={uid}-k;SharedAccessKey={key}")
+    # By default the broker the API names for devices (its connection strings' too).
+    endpoint = httpx.get(f"{api.url}/v1/endpoints", timeout=10,
+                         headers={"Authorization": f"Bearer {env['FLEETLINE_API_KEY']}"}).json()
+    default = fleetline("device", "connection-string", f"{uid}-k", "--key", key, env=env)
+    assert default.stdout.strip() == (
+        f"HostName={endpoint['device_mqtt_host']};Port={endpoint['device_mqtt_port']};"
+        f"DeviceId={uid}-k;SharedAccessKey={key}")
+    assert f"Port={endpoint['device_mqtt_port']};" in made.stdout
     no_key = fleetline("device", "connection-string", f"{uid}-k", env=env)
     assert no_key.returncode == 2 and "--renew" in no_key.stderr
     renewed = fleetline("device", "connection-string", f"{uid}-k", "--renew", env=env)

@@ -27,6 +27,7 @@ from fleetline_api.routes import (
     dashboard,
     dead_letters,
     devices,
+    endpoints,
     enrollments,
     health,
     jobs,
@@ -148,6 +149,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.include_router(health.metrics_router)
     app.include_router(devices.router)
     app.include_router(cas.router)
+    app.include_router(endpoints.router)
     app.include_router(enrollments.router)
     app.include_router(provision.router)
     app.include_router(limits.router)

@@ -33,7 +33,7 @@ from fleetline import devicekeys
 from fleetline_api import commands, registry
 from fleetline_api.queries import provisioning as sql
 from fleetline_api.ratelimit import KeyRateLimiter
-from fleetline_api.settings import ApiSettings
+from fleetline_api.settings import ApiSettings, device_mqtt_url
 from fleetline_api.workers.broker import BrokerLink
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ class Provisioner:
         self.failures = KeyRateLimiter(1.0 if burst else 0.0, max(burst, 1))
 
     def mqtt_url(self) -> str:
-        target = self.settings.device_mqtt
-        return f"{'mqtts' if target.tls else 'mqtt'}://{target.host}:{target.port}"
+        return device_mqtt_url(self.settings)
 
     def enrollment_key(self, enrollment: asyncpg.Record) -> str:
         return devicekeys.enrollment_key(

@@ -93,3 +93,9 @@ class ApiSettings(ServiceSettings):
     @property
     def device_mqtt(self) -> MqttTarget:
         return parse_mqtt_url(self.device_mqtt_url) if self.device_mqtt_url else self.mqtt
+
+
+def device_mqtt_url(settings: ApiSettings) -> str:
+    """Where devices reach the broker, as a URL without credentials."""
+    target = settings.device_mqtt
+    return f"{'mqtts' if target.tls else 'mqtt'}://{target.host}:{target.port}"
