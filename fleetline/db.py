@@ -86,7 +86,7 @@ async def answers(pool: asyncpg.Pool[Any], *, timeout: float = READY_TIMEOUT_SEC
 
 async def close_connection(con: asyncpg.Connection[Any]) -> None:
     """Close politely, but do not wait on a server that never closes its end (seen with
-    TimescaleDB's WebAssembly build behind pglite-socket)."""
+    servers reached through some TCP relays)."""
     try:
         await con.close(timeout=POOL_CLOSE_TIMEOUT_SECONDS)
     except (TimeoutError, OSError, asyncpg.InterfaceError):

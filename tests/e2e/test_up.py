@@ -84,9 +84,13 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
         assert ca_file == tmp_path / "data" / "tls" / "ca.crt" and ca_file.is_file()
         tls_port = int(device_url.rsplit(":", 1)[1])
         database_url = up.field(r"database\s+(postgresql://\S+)")
+        # The production storage: TimescaleDB, built into the embedded PostgreSQL (by
+        # `make test` beforehand, else here on first run) and preloaded.
+        assert up.field(r"storage\s+(TimescaleDB \S+)") == "TimescaleDB 2.28.3"
         con = await asyncpg.connect(database_url)
         try:
             key = (await apikeys.create_key(con, name="t", scopes=["admin"])).token
+            assert await con.fetchval("SELECT timescale FROM storage_config") is True
         finally:
             await con.close()
         c = httpx.Client(base_url=api_url, timeout=10, headers={"Authorization": f"Bearer {key}"})

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -72,10 +75,48 @@ async def test_an_edited_applied_migration_stops_the_run(fresh_db: str, tmp_path
     await con.close()
 
 
-async def test_timescale_on_without_the_extension_is_refused(fresh_db: str) -> None:
+def migrate_cli(database: str, timescale: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetline_cli", "migrate"], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "FLEETLINE_DATABASE_URL": database,
+                          "FLEETLINE_STORAGE_TIMESCALE": timescale,
+                          "FLEETLINE_LOG_FORMAT": "console"})
+
+
+async def installed_not_preloaded(database: str) -> None:
+    """The test server (scripts/ensure-services.sh test) has TimescaleDB's files
+    installed and does not preload it, as a first install often is."""
+    con = await asyncpg.connect(database)
+    try:
+        available = await con.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')")
+        preload = await con.fetchval("SELECT current_setting('shared_preload_libraries')")
+    finally:
+        await con.close()
+    assert available, "TimescaleDB is not installed in the test server: run `make test`"
+    assert "timescaledb" not in preload
+
+
+async def test_timescale_installed_but_not_preloaded(fresh_db: str) -> None:
+    """`on` fails in one line that says what to add; `auto` warns once, naming the fix,
+    and migrates onto plain PostgreSQL. Neither tries CREATE EXTENSION, which would fail
+    and close the connection."""
+    await installed_not_preloaded(fresh_db)
+    refused = migrate_cli(fresh_db, "on")
+    assert refused.returncode == 1, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: FLEETLINE_STORAGE_TIMESCALE=on, but the timescaledb extension is installed but "
+        "not preloaded: add shared_preload_libraries = 'timescaledb' to postgresql.conf and "
+        "restart PostgreSQL"], refused.stderr
+    assert "Traceback" not in refused.stderr
+    done = migrate_cli(fresh_db, "auto")
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert output.count("shared_preload_libraries = 'timescaledb'") == 1, output
+    assert "Traceback" not in output
     con = await asyncpg.connect(fresh_db)
-    with pytest.raises(MigrationError, match="no timescaledb extension"):
-        await apply_migrations(con, StorageSettings(timescale="on"))
+    assert await con.fetchval("SELECT timescale FROM storage_config") is False
     await con.close()
 
 

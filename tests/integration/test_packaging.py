@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_SOURCES = ["pyproject.toml", "README.md", "fleetline", "fleetline_cli", "fleetline_dev",
                    "services", "migrations", "deploy/mosquitto", "firmware/common",
-                   "firmware/esp32", "firmware/esp8266", "firmware/pyboard"]
+                   "firmware/esp32", "firmware/esp8266", "firmware/pyboard",
+                   "scripts/build-timescaledb.sh"]
 IGNORED = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so", "node_modules")
 
 CHECK = """
@@ -34,6 +35,7 @@ for module in (fleetline, fleetline_dev):
 print("migrations", migrations_dir(), len(load_migrations()))
 print("conf", project_path("deploy/mosquitto/fleetline.conf"))
 print("firmware", project_path("firmware/esp32/board.py"))
+print("timescaledb", project_path("scripts/build-timescaledb.sh"))
 plugin = auth_plugin_path()
 assert not plugin.is_relative_to(checkout), plugin
 print("plugin", plugin)
@@ -77,5 +79,6 @@ def test_an_installed_package_finds_its_files_and_builds_outside_the_source_tree
     assert int(found["migrations"].split()[1]) == len(list((ROOT / "migrations").glob("*.sql")))
     assert Path(found["conf"]) == shared / "deploy" / "mosquitto" / "fleetline.conf"
     assert Path(found["firmware"]) == shared / "firmware" / "esp32" / "board.py"
+    assert Path(found["timescaledb"]) == shared / "scripts" / "build-timescaledb.sh"
     assert Path(found["plugin"]).is_relative_to(tmp_path / "cache")
     assert int(found["broker"]) > 0

@@ -1,8 +1,6 @@
-"""The TimescaleDB branch of the migrations, on a real TimescaleDB (conftest.py).
-
-Rows are written with small INSERT statements: the server crashes on COPY and on large
-statements (FACTS.md says ~2000 rows; what counts is the size of one protocol message,
-see MAX_STATEMENT_BYTES), so every batch here stays far below that.
+"""The TimescaleDB branch of the migrations, on a real TimescaleDB (conftest.py): the
+SQL driven directly, statement by statement. Ingest itself writing into this server
+through the broker is tests/integration/test_timescaledb.py.
 """
 
 from __future__ import annotations
@@ -15,24 +13,20 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetline.migrate import Migration, apply_migrations, load_migrations, timescale_available
+from fleetline.migrate import Migration, apply_migrations, load_migrations, timescale_problem
 from fleetline.settings import StorageSettings
 from fleetline_ingest.writer import MOVE_STAGED, RESOLVE_SERIES, UPSERT_ACTIVITY
 
 pytestmark = pytest.mark.timescale
 
-# Far below the ~2000 rows that crash the server.
+# Rows per INSERT and bytes per statement: batches of a realistic size.
 MAX_ROWS_PER_STATEMENT = 500
-# pglite-socket 0.0.19 hands every TCP read to PGlite as if it were whole messages, so a
-# message longer than one read (64 KiB) crashes the server ("RuntimeError: unreachable");
-# fixed in pglite-socket 0.0.21 (electric-sql/pglite#873). The ~2000 rows in FACTS.md
-# are ~33-byte rows. Stay well below one read.
 MAX_STATEMENT_BYTES = 48 * 1024
 
-# Ingest fills its staging table with binary COPY, which crashes this server; here the
-# same rows arrive as arrays in one INSERT. The rest is ingest's own SQL
-# (fleetline_ingest.writer): resolve series ids, then move the staged rows with
-# INSERT ... SELECT ... ON CONFLICT DO NOTHING, so a re-sent reading is stored once.
+# Ingest fills its staging table with binary COPY; here the same rows arrive as arrays in
+# one INSERT. The rest is ingest's own SQL (fleetline_ingest.writer): resolve series ids,
+# then move the staged rows with INSERT ... SELECT ... ON CONFLICT DO NOTHING, so a
+# re-sent reading is stored once.
 STAGE_ROWS = """
 INSERT INTO telemetry_staging (series_id, ts, value, value_text)
 SELECT * FROM unnest($1::integer[], $2::timestamptz[], $3::float8[], $4::text[])
@@ -127,7 +121,7 @@ async def test_timescaledb_extension_is_installed(con: asyncpg.Connection[Any]) 
     )
     assert version is not None
     # FLEETLINE_STORAGE_TIMESCALE=auto would pick TimescaleDB on this server too.
-    assert await timescale_available(con)
+    assert await timescale_problem(con) is None
 
 
 async def test_telemetry_is_a_hypertable_chunked_by_the_partition_interval(

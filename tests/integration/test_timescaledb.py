@@ -1,0 +1,151 @@
+"""Storage on a real TimescaleDB server: the embedded PostgreSQL with TimescaleDB built
+into it and preloaded (scripts/build-timescaledb.sh), ingest writing into it through the
+real broker.
+
+What TimescaleDB adds is proven here on the server itself: the runner picks it on its
+own (``auto``), ``telemetry`` is a hypertable chunked by the partition interval with its
+compression and retention policies, chunks compress, a late reading into a compressed
+chunk is stored exactly once (and a re-sent one not twice), the rollups equal the raw
+aggregates, and retention drops whole chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from fleetline.settings import StorageSettings
+from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
+from tests.conftest import migrated_database
+from tests.support import Device, IngestProcess, reading
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def tsdb(timescale_server: LocalPostgres) -> AsyncIterator[str]:
+    """A database of its own on the TimescaleDB server, migrated as `fleetline migrate`
+    does by default (FLEETLINE_STORAGE_TIMESCALE=auto)."""
+    storage = StorageSettings(timescale="auto", raw_retention="10 days",
+                              compress_after="2 days")
+    async with migrated_database(timescale_server.url, "fleetline_tsdb", storage) as url:
+        yield url
+
+
+@pytest.fixture
+async def pool(tsdb: str) -> AsyncIterator[asyncpg.Pool[Any]]:
+    p = await asyncpg.create_pool(tsdb, min_size=1, max_size=2)
+    assert p is not None
+    yield p
+    await p.close()
+
+
+async def stored(pool: asyncpg.Pool[Any], device_id: str) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM readings WHERE device_id = $1",
+                                   device_id))
+
+
+async def test_auto_picks_timescaledb_with_its_policies(pool: asyncpg.Pool[Any]) -> None:
+    assert await pool.fetchval("SELECT timescale FROM storage_config") is True
+    hypertable = await pool.fetchrow(
+        "SELECT h.compression_enabled, d.time_interval FROM timescaledb_information.hypertables h"
+        " JOIN timescaledb_information.dimensions d USING (hypertable_name)"
+        " WHERE h.hypertable_name = 'telemetry'")
+    assert hypertable is not None and hypertable["compression_enabled"]
+    assert hypertable["time_interval"] == timedelta(days=1)
+    jobs = {r["proc_name"]: json.loads(r["config"]) for r in await pool.fetch(
+        "SELECT proc_name, config FROM timescaledb_information.jobs"
+        " WHERE hypertable_name = 'telemetry'")}
+    assert jobs["policy_compression"]["compress_after"] == "2 days"
+    assert jobs["policy_retention"]["drop_after"] == "10 days"
+
+
+async def test_ingest_writes_into_the_hypertable_and_rollups_equal_raw(
+    pool: asyncpg.Pool[Any], tsdb: str, broker: LocalMosquitto,
+    start_ingest: Callable[..., IngestProcess], uid: str,
+) -> None:
+    start_ingest(database=tsdb)
+    dev = Device(broker.url, f"{uid}-d")
+    now_ms = int(time.time() * 1000)
+    batch = [reading(now_ms - 10_000 * i, t=float(i), label=f"v{i}") for i in range(200)]
+    dev.publish_all([batch, batch[:50]])  # the second is re-sent: stored once
+    await wait_until_async(lambda: stored(pool, dev.device_id), 400)
+    assert await stored(pool, dev.device_id) == 400
+    chunks = await pool.fetchval("SELECT count(*) FROM show_chunks('telemetry')")
+    assert chunks >= 1
+    raw = await pool.fetch(
+        "SELECT date_trunc('minute', time) AS minute, count(*), avg(value), min(value),"
+        " max(value) FROM readings WHERE device_id = $1 AND metric = 't' GROUP BY 1 ORDER BY 1",
+        dev.device_id)
+    rolled = await pool.fetch(
+        "SELECT bucket AS minute, count, avg, min, max FROM readings_1m"
+        " WHERE device_id = $1 AND metric = 't' ORDER BY 1", dev.device_id)
+    assert [tuple(r) for r in rolled] == [tuple(r) for r in raw]
+    dev.close()
+
+
+async def test_late_readings_into_a_compressed_chunk_are_stored_once(
+    pool: asyncpg.Pool[Any], tsdb: str, broker: LocalMosquitto,
+    start_ingest: Callable[..., IngestProcess], uid: str,
+) -> None:
+    start_ingest(database=tsdb)
+    dev = Device(broker.url, f"{uid}-d")
+    three_days_ago = int((datetime.now(UTC) - timedelta(days=3)).timestamp() * 1000)
+    old = [reading(three_days_ago + 60_000 * i, t=float(i)) for i in range(100)]
+    dev.publish_all([old])
+    await wait_until_async(lambda: stored(pool, dev.device_id), 100)
+    compressed = await pool.fetch(
+        "SELECT compress_chunk(c, if_not_compressed => true)"
+        " FROM show_chunks('telemetry', older_than => now() - interval '2 days') c")
+    assert compressed, "no chunk old enough to compress"
+    assert await pool.fetchval(
+        "SELECT count(*) FROM timescaledb_information.chunks"
+        " WHERE hypertable_name = 'telemetry' AND is_compressed") >= 1
+    # Late: the same readings again (a device re-sending its backlog) and new ones, into
+    # the compressed chunk.
+    late = [reading(three_days_ago + 60_000 * i + 30_000, t=1000.0 + i) for i in range(20)]
+    dev.publish_all([old[:30], late])
+    await wait_until_async(lambda: stored(pool, dev.device_id), 120)
+    time.sleep(0.5)  # anything more would have landed by now
+    assert await stored(pool, dev.device_id) == 120
+    values = await pool.fetch(
+        "SELECT time, count(*) FROM readings WHERE device_id = $1 GROUP BY 1 HAVING count(*) > 1",
+        dev.device_id)
+    assert values == []
+    dev.close()
+
+
+async def test_retention_drops_whole_chunks(
+    pool: asyncpg.Pool[Any], tsdb: str, broker: LocalMosquitto,
+    start_ingest: Callable[..., IngestProcess], uid: str,
+) -> None:
+    start_ingest(database=tsdb)
+    dev = Device(broker.url, f"{uid}-d")
+    now = datetime.now(UTC)
+    old_ms = int((now - timedelta(days=12)).timestamp() * 1000)
+    new_ms = int((now - timedelta(hours=1)).timestamp() * 1000)
+    dev.publish_all([[reading(old_ms + i * 1000, t=1.0) for i in range(10)],
+                     [reading(new_ms + i * 1000, t=2.0) for i in range(10)]])
+    await wait_until_async(lambda: stored(pool, dev.device_id), 20)
+    before = await pool.fetchval("SELECT count(*) FROM show_chunks('telemetry')")
+    job = await pool.fetchval("SELECT job_id FROM timescaledb_information.jobs"
+                              " WHERE proc_name = 'policy_retention'")
+    await pool.execute(f"CALL run_job({int(job)})")
+    assert await pool.fetchval("SELECT count(*) FROM show_chunks('telemetry')") == before - 1
+    assert await stored(pool, dev.device_id) == 10
+    dev.close()
+
+
+async def wait_until_async(count: Callable[[], Any], expected: int, timeout: float = 30) -> None:
+    """Until ``await count()`` reaches ``expected``."""
+    deadline = time.monotonic() + timeout
+    while (n := await count()) < expected:
+        assert time.monotonic() < deadline, f"{n} of {expected} stored"
+        await asyncio.sleep(0.1)
