@@ -140,11 +140,11 @@ async def timescale_problem(con: asyncpg.Connection[Any]) -> str | None:
     )
     if not installed:
         return "the server has no timescaledb extension"
-    # Loaded: created in this database already, or its library's settings are registered
-    # (a library in shared_preload_libraries registers them at start).
+    # Loaded: its library's settings are registered (shared_preload_libraries loads it
+    # at start). Created in the database is not enough: a server restarted without the
+    # preload still has the row, and every use of the extension fails.
     loaded = await con.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
-        " OR EXISTS (SELECT 1 FROM pg_settings WHERE name LIKE 'timescaledb.%')"
+        "SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name LIKE 'timescaledb.%')"
     )
     if not loaded:
         return f"the timescaledb extension is installed but not preloaded: {PRELOAD_FIX}"

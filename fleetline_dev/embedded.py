@@ -23,6 +23,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -396,28 +397,40 @@ def ensure_timescaledb(progress: Callable[[str], None] | None = None) -> None:
         script = project_path(TIMESCALEDB_BUILD_SCRIPT)
     except ProjectFileError as exc:
         raise EmbeddedError(str(exc)) from exc
-    with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(
-            ["bash", str(script), str(pg_config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+    lines: list[str] = []
+    proc = subprocess.Popen(
+        ["bash", str(script), str(pg_config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    prefix = f"{script.name}: "
+
+    def read() -> None:
         assert proc.stderr is not None
-        try:
-            for raw in proc.stderr:
-                line = raw.decode(errors="replace").rstrip()
-                errors.write(raw)
-                if progress is not None and line:
-                    progress(line)
-            code = proc.wait(TIMESCALEDB_BUILD_TIMEOUT_SECONDS)
-        except BaseException:
-            _kill_tree(proc)
-            raise
-        if code != 0:
-            errors.seek(0)
-            lines = errors.read().decode(errors="replace").strip().splitlines()
-            raise EmbeddedError(lines[-1] if lines else f"{script.name} failed with {code}")
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            # The script's own lines; a failed step's log tail goes into the error only.
+            if progress is not None and line.startswith(prefix):
+                progress(line.removeprefix(prefix))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(TIMESCALEDB_BUILD_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        raise EmbeddedError(
+            f"{script.name} did not finish within {TIMESCALEDB_BUILD_TIMEOUT_SECONDS} s"
+        ) from None
+    except BaseException:
+        _kill_tree(proc)
+        raise
+    reader.join(5)
+    if code != 0:
+        said = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+        raise EmbeddedError(said[-1] if said else f"{script.name} failed with code {code}")
 
 
 class LocalPostgres(_LocalServer):

@@ -47,6 +47,8 @@ from fleetline_dev.simulator import device_ids, run_fleet
 log = logging.getLogger(__name__)
 
 SERVICES = ("ingest", "api", "rules")
+# In the data folder once its database was started with TimescaleDB preloaded.
+TIMESCALEDB_MARKER = "timescaledb"
 POSTGRES_PORT = 54329
 MOSQUITTO_PORT = 18830
 # The devices' listener: MQTT over TLS, on every interface so boards on the network reach it.
@@ -122,16 +124,25 @@ def _trap_signals() -> None:
         signal.signal(sig, _interrupt)
 
 
-def _timescaledb_ready() -> bool:
+def _timescaledb_ready(data_dir: Path) -> bool:
     """TimescaleDB built into the embedded PostgreSQL (the first run builds it, showing
-    its progress); False, said in one line, when it cannot be: then plain PostgreSQL."""
-    if os.environ.get("FLEETLINE_STORAGE_TIMESCALE", "auto") == "off":
+    its progress); False, said in one line, when it cannot be: then plain PostgreSQL. A
+    data folder that already stores on TimescaleDB cannot go on without it: EmbeddedError.
+    """
+    marker = data_dir / TIMESCALEDB_MARKER
+    if os.environ.get("FLEETLINE_STORAGE_TIMESCALE", "auto") == "off" and not marker.exists():
         return False
     try:
         ensure_timescaledb(lambda line: _say(f"  {line}"))
     except EmbeddedError as exc:
+        if marker.exists():
+            raise EmbeddedError(
+                f"this data folder stores on TimescaleDB, which cannot be built: {exc}"
+            ) from exc
         _say(f"TimescaleDB unavailable ({exc}); storing on plain PostgreSQL")
         return False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     return True
 
 
@@ -165,7 +176,7 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                 pg = LocalPostgres(
                     base / "postgres",
                     port=_pick_port(POSTGRES_PORT),
-                    timescaledb=_timescaledb_ready(),
+                    timescaledb=_timescaledb_ready(base),
                 )
                 servers.enter_context(pg)
                 database_url = pg.url_for(DATABASE)

@@ -7,7 +7,7 @@
 #
 # The build is cached per PostgreSQL in
 # ${FLEETLINE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fleetline}/timescaledb-2.28.3-<key>
-# (about 3 minutes on 2 cores the first time, then an install of a few seconds). The
+# (a minute or two on 2 cores the first time, then nothing or an install). The
 # source is ../shared/vendor/timescaledb-2.28.3.tar.gz beside the repository when it
 # exists, otherwise the upstream release tarball. Nothing is copied into the repository.
 # Needs cmake, gcc, make and the server's headers (Debian: postgresql-server-dev-15;
@@ -29,10 +29,11 @@ CACHE_ROOT=${FLEETLINE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fleetline}
 KEY=$( { "$PG_CONFIG" --version; echo "$PG_CONFIG"; } | sha1sum | cut -c1-12)
 DEST="$CACHE_ROOT/timescaledb-$VERSION-$KEY"
 
-for tool in cmake gcc make; do
-  command -v "$tool" >/dev/null \
-    || die "needs $tool (Debian: scripts/ensure-services.sh test, or apt-get install $tool)"
-done
+installed() {
+  [ -f "$("$PG_CONFIG" --sharedir)/extension/timescaledb--$VERSION.sql" ] \
+    && [ -f "$("$PG_CONFIG" --pkglibdir)/timescaledb-$VERSION.so" ]
+}
+if installed; then "$PG_CONFIG" --pkglibdir; exit 0; fi
 mkdir -p "$CACHE_ROOT"
 if command -v flock >/dev/null; then  # one build at a time; the others wait for it
   exec 9>"$DEST.lock"
@@ -40,6 +41,10 @@ if command -v flock >/dev/null; then  # one build at a time; the others wait for
 fi
 
 if [ ! -f "$DEST/.built" ]; then
+  for tool in cmake gcc make; do
+    command -v "$tool" >/dev/null \
+      || die "needs $tool (Debian: scripts/ensure-services.sh test, or apt-get install $tool)"
+  done
   rm -rf "$DEST"
   mkdir -p "$DEST"
   if [ -f "$VENDORED" ]; then
@@ -61,9 +66,7 @@ if [ ! -f "$DEST/.built" ]; then
     || { tail -20 "$DEST/make.log" >&2; die "build failed (log: $DEST/make.log)"; }
   touch "$DEST/.built"
 fi
-if [ ! -f "$("$PG_CONFIG" --sharedir)/extension/timescaledb--$VERSION.sql" ] \
-    || [ ! -f "$("$PG_CONFIG" --pkglibdir)/timescaledb-$VERSION.so" ]; then
-  make -C "$DEST/build" install >"$DEST/install.log" 2>&1 \
-    || { tail -20 "$DEST/install.log" >&2; die "install failed (log: $DEST/install.log)"; }
-fi
+# Into the server's folders: as root when they are not this user's (INSTALL_AS=sudo).
+${INSTALL_AS:-} make -C "$DEST/build" install >"$DEST/install.log" 2>&1 \
+  || { tail -20 "$DEST/install.log" >&2; die "install failed (log: $DEST/install.log)"; }
 "$PG_CONFIG" --pkglibdir

@@ -66,11 +66,15 @@ if [ "$mode" = test ]; then
   for pg_config in /usr/lib/postgresql/*/bin/pg_config; do
     [ -x "$pg_config" ] || continue
     version=$("$pg_config" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
+    [ -f "$("$pg_config" --sharedir)/extension/timescaledb--2.28.3.sql" ] && continue
     missing=()
     command -v cmake >/dev/null || missing+=(cmake)
     [ -f "$("$pg_config" --includedir-server)/postgres.h" ] || missing+=("postgresql-server-dev-$version")
     [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
-    as_root "$(dirname "$0")/build-timescaledb.sh" "$pg_config" >/dev/null
+    # Built as this user; only the install into the server's folders needs root.
+    install_as=
+    [ -w "$("$pg_config" --pkglibdir)" ] || [ "$(id -u)" = 0 ] || install_as=sudo
+    INSTALL_AS=$install_as "$(dirname "$0")/build-timescaledb.sh" "$pg_config" >/dev/null
   done
   # ...and into the embedded PostgreSQL `fleetline up` and the storage tests run, which
   # preload it (the wheel carries its headers).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fleetline_api.ratelimit import KeyRateLimiter
 
 
@@ -22,3 +24,19 @@ def test_a_slow_rate_asks_for_a_longer_wait_and_zero_means_no_limit() -> None:
     assert slow.take("a", now=0.0) == 10
     off = KeyRateLimiter(rate_per_second=0, burst=1)
     assert all(off.take("a", now=0.0) is None for _ in range(100))
+
+
+def test_a_limiter_keyed_by_addresses_holds_a_bounded_number_of_buckets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fleetline_api import ratelimit
+
+    monkeypatch.setattr(ratelimit, "MAX_BUCKETS", 100)
+    limiter = KeyRateLimiter(1.0, 2)
+    for n in range(1000):
+        limiter.take(f"10.0.{n // 256}.{n % 256}", now=0.0)
+    assert len(limiter._buckets) <= 100  # noqa: SLF001
+    # A guesser still spending its bucket keeps it: only full (or the oldest) ones go.
+    assert limiter.take("10.9.9.9", now=0.0) is None
+    assert limiter.take("10.9.9.9", now=0.0) is None
+    assert limiter.take("10.9.9.9", now=0.0) == 1

@@ -12,10 +12,11 @@
  * Devices registered with X.509 identities (devices.auth, migration 0023) log in with a
  * client certificate on a TLS listener instead: "x509_self_signed", its SHA-256
  * thumbprint is the device's primary or secondary one; "x509_ca", its common name is the
- * device id and it is signed by a verified CA of x509_cas. The plugin asks every client on
- * a TLS listener for a certificate (optional unless the listener requires one) and
+ * device id and it is signed by the device's CA, verified in x509_cas. On a TLS listener
+ * that does not require certificates the plugin asks every client for one (optional) and
  * accepts one that chains to nothing the listener trusts: the trust decision is this
- * plugin's, at CONNECT, from the registry. A certificate that is expired, not yet valid
+ * plugin's, at CONNECT, from the registry (a listener that requires certificates keeps
+ * its own verification). A certificate that is expired, not yet valid
  * or malformed still fails the handshake. A disabled device is refused.
  *
  * Service accounts (ingest, api, rules, test harnesses) are listed in a file of
@@ -213,6 +214,7 @@ struct plugin {
 	bool cas_stale; /* to read again (a notification, or a new connection) */
 	struct cache buckets; /* device id -> its token buckets */
 	bool limits_stale; /* the connected devices' limits are to be read again */
+	int64_t next_limits_ms; /* after a failed round: not before this */
 	char **limits_ids; /* ...these, a batch per tick */
 	size_t nlimits_ids, donelimits_ids;
 	int64_t next_refusals_flush_ms;
@@ -1664,7 +1666,8 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	const char *username = ed->username, *reason;
 	const char *address = mosquitto_client_address(ed->client);
 	const char *client_id = mosquitto_client_id(ed->client);
-	char pair_key[DEVICE_ID_MAX + 128], pair[DEVICE_ID_MAX + 96];
+	/* an address, a client id (a provisioning one: "$provision/<128>/<128>") */
+	char pair_key[2 * DEVICE_ID_MAX + 192], pair[2 * DEVICE_ID_MAX + 160];
 	int64_t now = now_ms();
 	bool counts, device;
 	struct login login;
@@ -1772,8 +1775,8 @@ static void limits_ids_free(struct plugin *p)
 }
 
 /* After a limits notification (or a reconnection), a batch per tick: the connected
- * devices' limits read again. On an error they keep the limits they have, and the whole
- * round starts again at a later tick. */
+ * devices' limits read again. A notification during a round starts another once it ends.
+ * On an error they keep the limits they have, and a new round starts 10 s later. */
 static void refresh_limits_step(struct plugin *p)
 {
 	char *literal, err[512];
@@ -1781,11 +1784,14 @@ static void refresh_limits_step(struct plugin *p)
 	size_t batch;
 	PGresult *res;
 
-	if(p->limits_stale){
+	if(p->limits_ids == NULL){ /* a new round; a notification during one waits for its end */
+		if(!p->limits_stale || now_ms() < p->next_limits_ms) return;
 		p->limits_stale = false;
-		limits_ids_free(p);
 		p->limits_ids = mosquitto_malloc((p->sessions.count + 1) * sizeof(*p->limits_ids));
-		if(p->limits_ids == NULL) return;
+		if(p->limits_ids == NULL){
+			p->limits_stale = true;
+			return;
+		}
 		for(size_t i = 0; i < p->sessions.nbuckets; i++){
 			for(struct cache_entry *e = p->sessions.buckets[i]; e; e = e->next){
 				if((p->limits_ids[p->nlimits_ids] = mosquitto_strdup(e->id)) != NULL) p->nlimits_ids++;
@@ -1793,7 +1799,7 @@ static void refresh_limits_step(struct plugin *p)
 		}
 	}
 	if(p->donelimits_ids >= p->nlimits_ids){
-		if(p->limits_ids) limits_ids_free(p);
+		limits_ids_free(p);
 		return;
 	}
 	batch = p->nlimits_ids - p->donelimits_ids;
@@ -1808,9 +1814,11 @@ static void refresh_limits_step(struct plugin *p)
 	mosquitto_free(literal);
 	if(res == NULL){
 		mosquitto_log_printf(MOSQ_LOG_WARNING,
-				PLUGIN_NAME ": cannot read the limits of connected devices (kept): %s", err);
+				PLUGIN_NAME ": cannot read the limits of connected devices (kept; again in %d s): %s",
+				BACKOFF_MAX_MS / 1000, err);
 		limits_ids_free(p);
 		p->limits_stale = true;
+		p->next_limits_ms = now_ms() + BACKOFF_MAX_MS;
 		return;
 	}
 	for(int row = 0; row < PQntuples(res); row++){

@@ -24,4 +24,6 @@ def main() -> None:
         # A header block still arriving past 4x the limit is cut off (400); one that
         # arrived whole is measured by RequestLimits (431 over the limit).
         h11_max_incomplete_event_size=4 * settings.max_header_bytes,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )

@@ -6,13 +6,16 @@ A key may make ``FLEETLINE_API_RATE_PER_KEY`` requests a second, with bursts up 
 buckets live in the process: with several API replicas behind a load balancer a key may
 make that rate at each (the limit bounds what one script can make one process do).
 Buckets exist only for keys that authenticated, so their number is bounded by the keys
-that exist.
+that exist; a limiter keyed by something else (client addresses) holds at most
+``MAX_BUCKETS``, dropping full ones (they hold nothing a new bucket would not).
 """
 
 from __future__ import annotations
 
 import math
 import time
+
+MAX_BUCKETS = 100_000
 
 
 class KeyRateLimiter:
@@ -26,6 +29,8 @@ class KeyRateLimiter:
         if self.rate <= 0:
             return None
         now = time.monotonic() if now is None else now
+        if key_id not in self._buckets and len(self._buckets) >= MAX_BUCKETS:
+            self._prune(now)
         tokens, at = self._buckets.get(key_id, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         if tokens < 1.0:
@@ -33,6 +38,17 @@ class KeyRateLimiter:
             return max(1, math.ceil((1.0 - tokens) / self.rate))
         self._buckets[key_id] = (tokens - 1.0, now)
         return None
+
+    def _prune(self, now: float) -> None:
+        """Forget the buckets that have filled up again (or, if none has, the oldest half)."""
+        full = [
+            k for k, (t, at) in self._buckets.items() if t + (now - at) * self.rate >= self.burst
+        ]
+        if not full:
+            full = sorted(self._buckets, key=lambda k: self._buckets[k][1])
+            full = full[: len(full) // 2]
+        for key in full:
+            del self._buckets[key]
 
     def wait(self, key_id: str, now: float | None = None) -> int | None:
         """What :meth:`take` would answer, taking nothing: for limits counted on

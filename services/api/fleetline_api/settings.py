@@ -38,6 +38,10 @@ class ApiSettings(ServiceSettings):
     # Failed POST /v1/provision attempts per client address: this many, then one a
     # second (0: no limit).
     provision_failures_burst: int = Field(default=10, ge=0, le=1_000_000)
+    # Proxies whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips:
+    # addresses or "*"): behind an Ingress, its address, so limits per client address
+    # see the client and not the proxy.
+    forwarded_allow_ips: str = "127.0.0.1"
     # /metrics (Prometheus), with /healthz and /readyz, on a listener of its own that
     # the public Service does not expose; 0: /metrics on the API's own port, for anyone.
     metrics_host: str = "0.0.0.0"
