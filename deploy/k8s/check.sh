@@ -4,7 +4,8 @@
 #     (kustomize cannot read files outside base/, so base/ keeps a copy).
 #  2. Both overlays render with `kubectl kustomize`.
 #  3. The rendered manifests validate against the Kubernetes 1.30 schemas, unknown fields
-#     rejected, when kubernetes-validate is installed (KUBERNETES_VALIDATE=path/to/it).
+#     rejected (kubernetes-validate: the dev extra installs it; KUBERNETES_VALIDATE names
+#     it when it is not on PATH). Without it the check fails.
 #  4. The prod overlay renders with the optional cert-manager component.
 #  5. The Grafana dashboard is valid JSON.
 set -euo pipefail
@@ -20,15 +21,16 @@ fi
 echo "ok: mosquitto fleetline.conf copy matches"
 
 validate="${KUBERNETES_VALIDATE:-$(command -v kubernetes-validate || true)}"
+if [[ -z "$validate" ]]; then
+    echo "kubernetes-validate is not installed: pip install kubernetes-validate (the dev extra)," >&2
+    echo "  or name it with KUBERNETES_VALIDATE=path/to/kubernetes-validate" >&2
+    exit 1
+fi
 for overlay in dev prod; do
     rendered="$(kubectl kustomize "deploy/k8s/overlays/$overlay")"
     echo "ok: overlays/$overlay renders ($(grep -c '^kind:' <<<"$rendered") resources)"
-    if [[ -n "$validate" ]]; then
-        "$validate" --strict -k 1.30.0 --quiet - <<<"$rendered"
-        echo "ok: overlays/$overlay validates (kubernetes-validate --strict -k 1.30.0)"
-    else
-        echo "skip: kubernetes-validate not installed; schema validation of overlays/$overlay not run"
-    fi
+    "$validate" --strict -k 1.30.0 --quiet - <<<"$rendered"
+    echo "ok: overlays/$overlay validates (kubernetes-validate --strict -k 1.30.0)"
 done
 
 # The optional cert-manager component, on the prod overlay.

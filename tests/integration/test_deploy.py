@@ -5,8 +5,10 @@ offered: TLS on a LoadBalancer, plain MQTT only inside the cluster."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,14 @@ def kubectl() -> str:
 
 def test_check_script_passes() -> None:
     kubectl()
+    validate = Path(sys.executable).parent / "kubernetes-validate"
     done = subprocess.run(["bash", str(ROOT / "deploy/k8s/check.sh")], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300,
+                          env={**os.environ, "KUBERNETES_VALIDATE": str(validate)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok: overlays/prod with components/cert-manager renders" in done.stdout
+    # Strictly validated, not skipped: unknown fields and wrong types fail the check.
+    assert "ok: overlays/prod validates (kubernetes-validate --strict" in done.stdout
 
 
 def test_devices_get_tls_on_a_load_balancer_and_plain_mqtt_stays_inside() -> None:
@@ -55,3 +61,16 @@ def test_devices_get_tls_on_a_load_balancer_and_plain_mqtt_stays_inside() -> Non
     assert volumes["tls"]["secret"]["secretName"] == "fleetline-mosquitto-tls"
     conf = (ROOT / "deploy/k8s/base/mosquitto/mosquitto.conf").read_text()
     assert "listener 8883" in conf and "certfile /mosquitto/tls/tls.crt" in conf
+
+
+def test_strict_validation_refuses_an_unknown_field() -> None:
+    """What check.sh's validation step means: a typo in a manifest fails it."""
+    validate = Path(sys.executable).parent / "kubernetes-validate"
+    rendered = subprocess.run([kubectl(), "kustomize", str(ROOT / "deploy/k8s/overlays/prod")],
+                              capture_output=True, text=True, timeout=120, check=True).stdout
+    broken = rendered.replace("  replicas:", "  replicaz:", 1)
+    assert broken != rendered
+    for manifests, code in ((rendered, 0), (broken, 1)):
+        done = subprocess.run([str(validate), "--strict", "-k", "1.30.0", "--quiet", "-"],
+                              input=manifests, capture_output=True, text=True, timeout=120)
+        assert (done.returncode != 0) == bool(code), done.stdout + done.stderr
