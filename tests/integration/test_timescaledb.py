@@ -6,7 +6,7 @@ What TimescaleDB adds is proven here on the server itself: the runner picks it o
 own (``auto``), ``telemetry`` is a hypertable chunked by the partition interval with its
 compression and retention policies, chunks compress, a late reading into a compressed
 chunk is stored exactly once (and a re-sent one not twice), the rollups equal the raw
-aggregates, and retention drops whole chunks.
+aggregates (and the API's buckets read from them), and retention drops whole chunks.
 """
 
 from __future__ import annotations
@@ -16,15 +16,18 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
+from fleetline import apikeys
 from fleetline.settings import StorageSettings
 from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
 from tests.conftest import migrated_database
-from tests.support import Device, IngestProcess, reading
+from tests.support import ApiProcess, Device, IngestProcess, reading
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +152,41 @@ async def wait_until_async(count: Callable[[], Any], expected: int, timeout: flo
     while (n := await count()) < expected:
         assert time.monotonic() < deadline, f"{n} of {expected} stored"
         await asyncio.sleep(0.1)
+
+
+async def test_the_apis_buckets_come_from_the_aggregates_equal_to_raw(
+    pool: asyncpg.Pool[Any], tsdb: str, broker: LocalMosquitto,
+    start_ingest: Callable[..., IngestProcess], artifacts: Path, uid: str,
+) -> None:
+    start_ingest(database=tsdb)
+    dev = Device(broker.url, f"{uid}-d")
+    start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
+    start_ms = int(start.timestamp() * 1000)
+    dev.publish_all([[reading(start_ms + 7_000 * i, t=float(i % 17)) for i in range(240)]])
+    await wait_until_async(lambda: stored(pool, dev.device_id), 240)
+    await pool.execute("INSERT INTO devices (id) VALUES ($1)", dev.device_id)
+    async with pool.acquire() as con:
+        key = (await apikeys.create_key(con, name="t", scopes=["admin"])).token
+    api = ApiProcess(database_url=tsdb, mqtt_url=broker.url, log_dir=artifacts,
+                     name=f"{uid}-tsdb").start()
+    try:
+        answer = httpx.get(
+            f"{api.url}/v1/devices/{dev.device_id}/telemetry", timeout=10,
+            headers={"Authorization": f"Bearer {key}"},
+            params={"metric": "t", "bucket": "5m", "agg": "avg,min,max,count",
+                    "from": start.isoformat(), "to": (start + timedelta(minutes=30)).isoformat()},
+        ).json()
+    finally:
+        api.stop()
+    assert answer.get("source") == "telemetry_1m", answer
+    raw = await pool.fetch(
+        "SELECT date_bin('5 minutes', time, TIMESTAMPTZ '2000-01-01') AS bucket, avg(value),"
+        " min(value), max(value), count(*) FROM readings WHERE device_id = $1 AND metric = 't'"
+        " AND time >= $2 AND time < $3 GROUP BY 1 ORDER BY 1",
+        dev.device_id, start, start + timedelta(minutes=30))
+    assert len(answer["items"]) == len(raw) >= 6
+    for item, row in zip(answer["items"], raw, strict=True):
+        assert datetime.fromisoformat(item["bucket"]) == row["bucket"]
+        assert (item["min"], item["max"], item["count"]) == (row["min"], row["max"], row["count"])
+        assert abs(item["avg"] - row["avg"]) < 1e-9
+    dev.close()
