@@ -34,6 +34,7 @@ from typing import Any
 
 import asyncpg
 import paho.mqtt.client as mqtt
+from measure import log
 
 from fleetline import devicekeys
 from fleetline.migrate import migrate
@@ -45,10 +46,6 @@ INGEST_PASSWORD = secrets.token_urlsafe(16)
 RESULTS = Path(__file__).with_name("results")
 FLOOD = "flood-0"
 FLOOD_VALUES = 50  # values per flood reading: rows for ingest to write
-
-
-def log(text: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {text}", flush=True)
 
 
 async def register(url: str, calm: int) -> dict[str, str]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from measure import log
 
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
@@ -73,10 +74,6 @@ FLEET_RAW = """
 SELECT date_bin('1 day', time, TIMESTAMPTZ '2000-01-01') AS day, avg(value)
 FROM readings WHERE metric = 'temperature' AND time >= $1 AND time < $2 GROUP BY 1 ORDER BY 1
 """
-
-
-def log(text: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {text}", flush=True)
 
 
 async def timed(con: asyncpg.Connection[Any], sql: str, *args: Any, repeat: int) -> float:
@@ -157,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.devices, args.days, args.every, args.repeat = 50, 3, 600, 3
-    ensure_timescaledb(lambda line: log(line))
+    ensure_timescaledb(log)
     with tempfile.TemporaryDirectory(prefix="flb-storage-") as tmp_name:
         with LocalPostgres(Path(tmp_name) / "pg", timescaledb=True) as pg:
             results = {

@@ -180,6 +180,14 @@ struct ca {
 	char name[DEVICE_ID_MAX + 1];
 };
 
+/* A round over the connected devices, a batch per tick: their ids when it started, and
+ * how many are done. */
+struct id_round {
+	char **ids; /* NULL: no round */
+	size_t n;
+	size_t done;
+};
+
 struct plugin {
 	mosquitto_plugin_id_t *pid;
 	char *conninfo;
@@ -215,8 +223,7 @@ struct plugin {
 	struct cache buckets; /* device id -> its token buckets */
 	bool limits_stale; /* the connected devices' limits are to be read again */
 	int64_t next_limits_ms; /* after a failed round: not before this */
-	char **limits_ids; /* ...these, a batch per tick */
-	size_t nlimits_ids, donelimits_ids;
+	struct id_round limits_round; /* ...theirs, a batch per tick */
 	int64_t next_refusals_flush_ms;
 	uint64_t limited_total, limited_reported;
 	int ssl_index; /* the SSL ex_data index whose new_func asks for certificates (-1) */
@@ -228,9 +235,7 @@ struct plugin {
 	char **kicks;
 	size_t nkicks;
 	size_t capkicks;
-	char **recheck; /* after a reconnection: connected devices still to check */
-	size_t nrecheck;
-	size_t donerecheck;
+	struct id_round recheck; /* after a reconnection: connected devices to check */
 	int64_t next_drain_ms;
 	int64_t next_prune_ms;
 	bool tick_registered;
@@ -960,12 +965,34 @@ static void kick_run(struct plugin *p)
 	p->nkicks = 0;
 }
 
-static void recheck_free(struct plugin *p)
+static void round_free(struct id_round *r)
 {
-	for(size_t i = 0; i < p->nrecheck; i++) mosquitto_free(p->recheck[i]);
-	mosquitto_free(p->recheck);
-	p->recheck = NULL;
-	p->nrecheck = p->donerecheck = 0;
+	for(size_t i = 0; i < r->n; i++) mosquitto_free(r->ids[i]);
+	mosquitto_free(r->ids);
+	r->ids = NULL;
+	r->n = r->done = 0;
+}
+
+/* A new round over the devices connected now (false: no memory). */
+static bool round_start(struct id_round *r, const struct cache *sessions)
+{
+	round_free(r);
+	r->ids = mosquitto_malloc((sessions->count + 1) * sizeof(*r->ids));
+	if(r->ids == NULL) return false;
+	for(size_t i = 0; i < sessions->nbuckets; i++){
+		for(struct cache_entry *e = sessions->buckets[i]; e; e = e->next){
+			if((r->ids[r->n] = mosquitto_strdup(e->id)) != NULL) r->n++;
+		}
+	}
+	return true;
+}
+
+/* The next batch's size (its ids from r->ids + r->done); 0 ends the round. */
+static size_t round_batch(struct id_round *r)
+{
+	size_t left = r->n - r->done;
+	if(left == 0) round_free(r);
+	return left > REVALIDATE_BATCH ? REVALIDATE_BATCH : left;
 }
 
 /* After a reconnection, a batch per tick: the connected devices whose key changed while
@@ -975,26 +1002,15 @@ static void recheck_step(struct plugin *p)
 	size_t batch;
 	if(p->reconnected){
 		p->reconnected = false;
-		recheck_free(p);
-		p->recheck = mosquitto_malloc((p->sessions.count + 1) * sizeof(*p->recheck));
-		if(p->recheck == NULL) return;
-		for(size_t i = 0; i < p->sessions.nbuckets; i++){
-			for(struct cache_entry *e = p->sessions.buckets[i]; e; e = e->next){
-				if((p->recheck[p->nrecheck] = mosquitto_strdup(e->id)) != NULL) p->nrecheck++;
-			}
-		}
+		if(!round_start(&p->recheck, &p->sessions)) return;
 	}
-	if(p->donerecheck >= p->nrecheck){
-		if(p->recheck) recheck_free(p);
-		return;
-	}
-	batch = p->nrecheck - p->donerecheck;
-	if(batch > REVALIDATE_BATCH) batch = REVALIDATE_BATCH;
+	batch = round_batch(&p->recheck);
+	if(batch == 0) return;
 	/* On an error the connection is gone: its next reconnection starts over. */
-	if(check_sessions(p, p->recheck + p->donerecheck, batch, false)){
-		p->donerecheck += batch;
+	if(check_sessions(p, p->recheck.ids + p->recheck.done, batch, false)){
+		p->recheck.done += batch;
 	}else{
-		recheck_free(p);
+		round_free(&p->recheck);
 	}
 }
 
@@ -1008,6 +1024,18 @@ static bool unhex32(const char *hex, unsigned char out[SHA256_DIGEST_LENGTH])
 		out[i] = (unsigned char)(hi * 16 + lo);
 	}
 	return true;
+}
+
+/* messages_per_second, burst_messages, bytes_per_second, burst_bytes from column col of
+ * a row (NULL: no limits). */
+static void read_limits(PGresult *res, int row, int col, struct limits *out)
+{
+	memset(out, 0, sizeof(*out));
+	if(PQgetisnull(res, row, col)) return;
+	out->messages_per_s = atof(PQgetvalue(res, row, col));
+	out->burst_messages = atof(PQgetvalue(res, row, col + 1));
+	out->bytes_per_s = atof(PQgetvalue(res, row, col + 2));
+	out->burst_bytes = atof(PQgetvalue(res, row, col + 3));
 }
 
 /* A row of DEVICE_QUERY. */
@@ -1028,12 +1056,7 @@ static void parse_device_row(PGresult *res, struct device_row *row)
 		}
 	}
 	snprintf(row->ca, sizeof(row->ca), "%s", PQgetvalue(res, 0, 10));
-	if(!PQgetisnull(res, 0, 6)){
-		row->limits.messages_per_s = atof(PQgetvalue(res, 0, 6));
-		row->limits.burst_messages = atof(PQgetvalue(res, 0, 7));
-		row->limits.bytes_per_s = atof(PQgetvalue(res, 0, 8));
-		row->limits.burst_bytes = atof(PQgetvalue(res, 0, 9));
-	}
+	read_limits(res, 0, 6, &row->limits);
 }
 
 #define DEVICE_QUERY \
@@ -1184,14 +1207,19 @@ static void load_cas(struct plugin *p)
 	kick_orphans_of_cas(p);
 }
 
+/* Whether cert is within its validity period now. */
+static bool valid_now(X509 *cert)
+{
+	return X509_cmp_current_time(X509_get0_notBefore(cert)) < 0
+		&& X509_cmp_current_time(X509_get0_notAfter(cert)) > 0;
+}
+
 /* Whether ca (valid now) signed cert. */
 static bool signed_by(X509 *cert, X509 *ca)
 {
 	EVP_PKEY *key = X509_get0_pubkey(ca);
 	return X509_NAME_cmp(X509_get_issuer_name(cert), X509_get_subject_name(ca)) == 0
-		&& key != NULL && X509_verify(cert, key) == 1
-		&& X509_cmp_current_time(X509_get0_notBefore(ca)) < 0
-		&& X509_cmp_current_time(X509_get0_notAfter(ca)) > 0;
+		&& key != NULL && X509_verify(cert, key) == 1 && valid_now(ca);
 }
 
 /* The verified CA of that name (NULL: none). */
@@ -1296,10 +1324,7 @@ static const char *check_device_certificate(struct plugin *p, const char *id,
 	const struct ca *ca;
 
 	if(cert == NULL) return "no client certificate (the device authenticates with one)";
-	if(X509_cmp_current_time(X509_get0_notBefore(cert)) >= 0
-			|| X509_cmp_current_time(X509_get0_notAfter(cert)) <= 0){
-		return "certificate outside its validity period";
-	}
+	if(!valid_now(cert)) return "certificate outside its validity period";
 	if(row->auth == AUTH_SELF_SIGNED){
 		if(!thumbprint(cert, digest)) return "internal error (digest)";
 		for(int i = 0; i < row->nthumbs; i++){
@@ -1535,10 +1560,7 @@ static const char *check_enrollment(struct plugin *p, PGresult *res, const char 
 		return check_password_with_key(p, key, registration, password);
 	}
 	if(cert == NULL) return "no client certificate (the enrollment attests with X.509)";
-	if(X509_cmp_current_time(X509_get0_notBefore(cert)) >= 0
-			|| X509_cmp_current_time(X509_get0_notAfter(cert)) <= 0){
-		return "certificate outside its validity period";
-	}
+	if(!valid_now(cert)) return "certificate outside its validity period";
 	if(!group){
 		if(PQgetisnull(res, 0, 4) || !unhex32(PQgetvalue(res, 0, 4), want)
 				|| !thumbprint(cert, digest)
@@ -1766,14 +1788,6 @@ static void log_denied_publish(struct plugin *p, const char *username, const cha
 			printable(topic, shown_topic, sizeof(shown_topic)), why);
 }
 
-static void limits_ids_free(struct plugin *p)
-{
-	for(size_t i = 0; i < p->nlimits_ids; i++) mosquitto_free(p->limits_ids[i]);
-	mosquitto_free(p->limits_ids);
-	p->limits_ids = NULL;
-	p->nlimits_ids = p->donelimits_ids = 0;
-}
-
 /* After a limits notification (or a reconnection), a batch per tick: the connected
  * devices' limits read again. A notification during a round starts another once it ends.
  * On an error they keep the limits they have, and a new round starts 10 s later. */
@@ -1784,27 +1798,14 @@ static void refresh_limits_step(struct plugin *p)
 	size_t batch;
 	PGresult *res;
 
-	if(p->limits_ids == NULL){ /* a new round; a notification during one waits for its end */
+	if(p->limits_round.ids == NULL){ /* a notification during a round waits for its end */
 		if(!p->limits_stale || now_ms() < p->next_limits_ms) return;
+		if(!round_start(&p->limits_round, &p->sessions)) return; /* still stale */
 		p->limits_stale = false;
-		p->limits_ids = mosquitto_malloc((p->sessions.count + 1) * sizeof(*p->limits_ids));
-		if(p->limits_ids == NULL){
-			p->limits_stale = true;
-			return;
-		}
-		for(size_t i = 0; i < p->sessions.nbuckets; i++){
-			for(struct cache_entry *e = p->sessions.buckets[i]; e; e = e->next){
-				if((p->limits_ids[p->nlimits_ids] = mosquitto_strdup(e->id)) != NULL) p->nlimits_ids++;
-			}
-		}
 	}
-	if(p->donelimits_ids >= p->nlimits_ids){
-		limits_ids_free(p);
-		return;
-	}
-	batch = p->nlimits_ids - p->donelimits_ids;
-	if(batch > REVALIDATE_BATCH) batch = REVALIDATE_BATCH;
-	literal = text_array(p->limits_ids + p->donelimits_ids, batch);
+	batch = round_batch(&p->limits_round);
+	if(batch == 0) return;
+	literal = text_array(p->limits_round.ids + p->limits_round.done, batch);
 	if(literal == NULL) return;
 	params[0] = literal;
 	res = db_exec(p,
@@ -1816,7 +1817,7 @@ static void refresh_limits_step(struct plugin *p)
 		mosquitto_log_printf(MOSQ_LOG_WARNING,
 				PLUGIN_NAME ": cannot read the limits of connected devices (kept; again in %d s): %s",
 				BACKOFF_MAX_MS / 1000, err);
-		limits_ids_free(p);
+		round_free(&p->limits_round);
 		p->limits_stale = true;
 		p->next_limits_ms = now_ms() + BACKOFF_MAX_MS;
 		return;
@@ -1824,16 +1825,10 @@ static void refresh_limits_step(struct plugin *p)
 	for(int row = 0; row < PQntuples(res); row++){
 		struct cache_entry *e = cache_find(&p->sessions, PQgetvalue(res, row, 0));
 		if(e == NULL) continue;
-		memset(&e->limits, 0, sizeof(e->limits));
-		if(!PQgetisnull(res, row, 1)){
-			e->limits.messages_per_s = atof(PQgetvalue(res, row, 1));
-			e->limits.burst_messages = atof(PQgetvalue(res, row, 2));
-			e->limits.bytes_per_s = atof(PQgetvalue(res, row, 3));
-			e->limits.burst_bytes = atof(PQgetvalue(res, row, 4));
-		}
+		read_limits(res, row, 1, &e->limits);
 	}
 	PQclear(res);
-	p->donelimits_ids += batch;
+	p->limits_round.done += batch;
 }
 
 /* Takes one message of payloadlen bytes from the device's buckets. Over its limits:
@@ -2082,9 +2077,9 @@ static int on_tick(int event, void *event_data, void *userdata)
 		/* keeps LISTENing: reconnects (honouring the backoff) without waiting */
 		if(db_ready(p, 0)){
 			db_drain(p);
-			if(p->reconnected || p->recheck) recheck_step(p);
+			if(p->reconnected || p->recheck.ids) recheck_step(p);
 			load_cas(p);
-			if(p->limits_stale || p->limits_ids) refresh_limits_step(p);
+			if(p->limits_stale || p->limits_round.ids) refresh_limits_step(p);
 		}
 	}
 	if(p->nkicks) kick_run(p);
@@ -2143,9 +2138,9 @@ static void plugin_free(struct plugin *p)
 	cache_free(&p->sessions);
 	cache_free(&p->failures);
 	cache_free(&p->buckets);
-	limits_ids_free(p);
+	round_free(&p->limits_round);
 	cas_free(p->cas, p->ncas);
-	recheck_free(p);
+	round_free(&p->recheck);
 	for(size_t i = 0; i < p->nkicks; i++) mosquitto_free(p->kicks[i]);
 	mosquitto_free(p->kicks);
 	services_free(&p->services);

@@ -24,6 +24,15 @@ class KeyRateLimiter:
         self.burst = float(burst)
         self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
 
+    def _tokens(self, key_id: str, now: float) -> float:
+        """The key's tokens at ``now``: a new key has a full bucket."""
+        tokens, at = self._buckets.get(key_id, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def _seconds_to_one(self, tokens: float) -> int | None:
+        """None with a token to take; else the whole seconds until there is one."""
+        return None if tokens >= 1.0 else max(1, math.ceil((1.0 - tokens) / self.rate))
+
     def take(self, key_id: str, now: float | None = None) -> int | None:
         """None when the request may go; else the seconds to wait (at least 1)."""
         if self.rate <= 0:
@@ -31,19 +40,14 @@ class KeyRateLimiter:
         now = time.monotonic() if now is None else now
         if key_id not in self._buckets and len(self._buckets) >= MAX_BUCKETS:
             self._prune(now)
-        tokens, at = self._buckets.get(key_id, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        if tokens < 1.0:
-            self._buckets[key_id] = (tokens, now)
-            return max(1, math.ceil((1.0 - tokens) / self.rate))
-        self._buckets[key_id] = (tokens - 1.0, now)
-        return None
+        tokens = self._tokens(key_id, now)
+        wait = self._seconds_to_one(tokens)
+        self._buckets[key_id] = (tokens if wait is not None else tokens - 1.0, now)
+        return wait
 
     def _prune(self, now: float) -> None:
         """Forget the buckets that have filled up again (or, if none has, the oldest half)."""
-        full = [
-            k for k, (t, at) in self._buckets.items() if t + (now - at) * self.rate >= self.burst
-        ]
+        full = [k for k in self._buckets if self._tokens(k, now) >= self.burst]
         if not full:
             full = sorted(self._buckets, key=lambda k: self._buckets[k][1])
             full = full[: len(full) // 2]
@@ -56,6 +60,4 @@ class KeyRateLimiter:
         if self.rate <= 0 or key_id not in self._buckets:
             return None
         now = time.monotonic() if now is None else now
-        tokens, at = self._buckets[key_id]
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        return None if tokens >= 1.0 else max(1, math.ceil((1.0 - tokens) / self.rate))
+        return self._seconds_to_one(self._tokens(key_id, now))
