@@ -5,6 +5,11 @@ The PostgreSQL server comes from FLEETLINE_TEST_PG_URL (default: the local serve
 database and drops it at the end. The broker is a Mosquitto process with the project's
 configuration on a free port, started here, so every run has its own topic space. A
 missing server fails the run; nothing is skipped.
+
+Tests that touch storage (modules or tests marked ``storage``) run twice: on plain
+PostgreSQL (partitioned tables, trigger-kept rollups) and on a real TimescaleDB server
+(hypertable, continuous aggregates), through the ``backend`` fixture every database
+fixture builds on. The run's summary counts the storage tests passed on each.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import os
 import secrets
 import shutil
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,43 @@ from tests.support import ApiProcess, IngestProcess, RulesProcess, ServiceProces
 
 LOCAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 ARTIFACTS = Path(os.environ.get("FLEETLINE_TEST_ARTIFACTS", "test-artifacts"))
+# The storage backends a ``storage`` test runs on; None is plain PostgreSQL, the value an
+# unmarked test's ``backend`` also has, so both share one session database.
+BACKENDS: tuple[str | None, ...] = (None, "timescaledb")
+BACKEND_IDS = ("postgres", "timescaledb")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a test's databases live and how they are migrated."""
+
+    name: str  # "postgres" | "timescaledb"
+    admin_url: str
+    storage: StorageSettings
+
+    @property
+    def timescale(self) -> bool:
+        return self.name == "timescaledb"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A ``storage`` test that reaches a database runs once per backend."""
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("storage"):
+        metafunc.parametrize("backend", BACKENDS, ids=BACKEND_IDS, indirect=True,
+                             scope="session")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    counts: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("passed", []):
+        if "storage" in report.keywords:
+            for name in BACKEND_IDS:
+                if f"[{name}" in report.nodeid or f"-{name}]" in report.nodeid:
+                    counts[name] += 1
+    if counts:
+        terminalreporter.write_line(
+            f"storage tests passed: {counts['postgres']} on PostgreSQL, "
+            f"{counts['timescaledb']} on TimescaleDB")
 
 
 def _with_database(url: str, database: str) -> str:
@@ -74,17 +118,28 @@ def timescale_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local
 
 
 @pytest.fixture(scope="session")
-async def database_url(admin_url: str) -> AsyncIterator[str]:
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Plain PostgreSQL (the server of ``admin_url``), or for the second run of a
+    ``storage`` test the TimescaleDB server (``timescale_server``, started on first use)."""
+    if getattr(request, "param", None) == "timescaledb":
+        server: LocalPostgres = request.getfixturevalue("timescale_server")
+        return Backend("timescaledb", server.url, StorageSettings(timescale="on"))
+    return Backend("postgres", request.getfixturevalue("admin_url"),
+                   StorageSettings(timescale="off"))
+
+
+@pytest.fixture(scope="session")
+async def database_url(backend: Backend) -> AsyncIterator[str]:
     try:
-        admin = await asyncpg.connect(admin_url, timeout=10)
+        admin = await asyncpg.connect(backend.admin_url, timeout=10)
     except (OSError, asyncpg.PostgresError) as exc:
         pytest.fail(
-            f"PostgreSQL is not reachable at {admin_url} ({exc}). Run the tests with "
+            f"PostgreSQL is not reachable at {backend.admin_url} ({exc}). Run the tests with "
             "`make test`, or set FLEETLINE_TEST_PG_URL.",
             pytrace=False,
         )
     await admin.close()
-    async with migrated_database(admin_url, "fleetline_test") as url:
+    async with migrated_database(backend.admin_url, "fleetline_test", backend.storage) as url:
         yield url
 
 

@@ -16,7 +16,7 @@ from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import wait_rows
 from tests.support import ApiProcess, Device, IngestProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.storage]
 PROBLEM = "application/problem+json"
 
 

@@ -16,7 +16,7 @@ from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import count_rows, wait_rows
 from tests.support import Device, IngestProcess, reading, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.storage]
 
 NOW_MS = int(time.time() * 1000)
 

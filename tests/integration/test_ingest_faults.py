@@ -17,12 +17,11 @@ import asyncpg
 import pytest
 
 from fleetline.migrate import migrate
-from fleetline.settings import StorageSettings
 from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
-from tests.conftest import count_rows, wait_rows
+from tests.conftest import Backend, count_rows, wait_rows
 from tests.support import Device, IngestProcess, reading, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.storage]
 
 BASE_MS = int(time.time() * 1000) - 3_600_000
 
@@ -102,17 +101,18 @@ async def test_kill_9_ingest_with_50k_messages_in_flight(
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[LocalPostgres]:
-    with LocalPostgres(tmp_path / "pg") as server:
+def own_postgres(tmp_path: Path, backend: Backend) -> Iterator[LocalPostgres]:
+    """A server of the test's backend, its own to kill."""
+    with LocalPostgres(tmp_path / "pg", timescaledb=backend.timescale) as server:
         yield server
 
 
 async def test_database_crash_and_restart_under_load(
     start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
-    own_postgres: LocalPostgres, uid: str,
+    own_postgres: LocalPostgres, backend: Backend, uid: str,
 ) -> None:
     url = own_postgres.url_for("fleetline")
-    await migrate(url, StorageSettings(timescale="off"))
+    await migrate(url, backend.storage)
     pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
     assert pool is not None
     devices, per_device = 10, 2000

@@ -24,7 +24,7 @@ from tests.conftest import count_rows, wait_rows
 from tests.integration.test_ingest_faults import Publisher, assert_exactly_once
 from tests.support import IngestProcess, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.storage]
 
 
 @pytest.mark.parametrize("share_group", ["", "ingest"], ids=["default", "shared"])

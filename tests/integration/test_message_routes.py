@@ -17,7 +17,7 @@ from fleetline.rules_engine import ROUTES_CHANNEL
 from tests.integration.test_api import assert_problem, client
 from tests.support import ApiProcess, full_notify_queue
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.storage]
 
 
 def webhook_route(name: str, **extra: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from fleetline.migrate import (
     migrations_dir,
 )
 from fleetline.settings import StorageSettings
+from tests.conftest import Backend
 
 pytestmark = pytest.mark.integration
 PLAIN = StorageSettings(timescale="off")
@@ -32,32 +33,37 @@ SOURCE = "SELECT prosrc FROM pg_proc WHERE proname = 'fleetline_apply_reported' 
 
 
 @pytest.fixture
-async def fresh_db(admin_url: str) -> AsyncIterator[str]:
+async def fresh_db(backend: Backend) -> AsyncIterator[str]:
+    """An empty database on the test's backend (plain PostgreSQL unless marked storage)."""
     name = f"fleetline_mig_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(admin_url)
+    admin = await asyncpg.connect(backend.admin_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
-    yield admin_url.rpartition("/")[0] + "/" + name
+    yield backend.admin_url.rpartition("/")[0] + "/" + name
     await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     await admin.close()
 
 
-async def test_concurrent_runners_apply_each_migration_once(fresh_db: str) -> None:
+@pytest.mark.storage
+async def test_concurrent_runners_apply_each_migration_once(
+    fresh_db: str, backend: Backend
+) -> None:
     cons = [await asyncpg.connect(fresh_db) for _ in range(3)]
-    applied = await asyncio.gather(*(apply_migrations(c, PLAIN) for c in cons))
+    applied = await asyncio.gather(*(apply_migrations(c, backend.storage) for c in cons))
     assert sorted(len(a) for a in applied) == [0, 0, len(load_migrations())]
     versions = await cons[0].fetch("SELECT version FROM schema_migrations ORDER BY 1")
     assert [r["version"] for r in versions] == [m.version for m in load_migrations()]
-    assert await cons[0].fetchval("SELECT timescale FROM storage_config") is False
+    assert await cons[0].fetchval("SELECT timescale FROM storage_config") is backend.timescale
     for c in cons:
         await c.close()
 
 
 async def migrated_then_edited(
-    database: str, tmp_path: Path, relative: str, edit: Callable[[str], str]
+    database: str, tmp_path: Path, relative: str, edit: Callable[[str], str],
+    storage: StorageSettings = PLAIN,
 ) -> tuple[asyncpg.Connection[Any], Path]:
     """The database migrated, and a copy of the migrations with ``relative`` edited."""
     con = await asyncpg.connect(database)
-    await apply_migrations(con, PLAIN)
+    await apply_migrations(con, storage)
     edited = tmp_path / "migrations"
     shutil.copytree(migrations_dir(), edited)
     path = edited / relative
@@ -138,9 +144,12 @@ def _bodies(sql: str) -> set[str]:
     return {body.strip() for body in sql.split("$$")[1::2]}
 
 
-async def test_each_redefined_function_has_its_current_body_in_one_file(fresh_db: str) -> None:
+@pytest.mark.storage
+async def test_each_redefined_function_has_its_current_body_in_one_file(
+    fresh_db: str, backend: Backend
+) -> None:
     con = await asyncpg.connect(fresh_db)
-    await apply_migrations(con, PLAIN)
+    await apply_migrations(con, backend.storage)
     definitions = load_definitions()
     assert {d.name for d in definitions} >= {"fleetline_apply_reported"}
     recorded = await con.fetch("SELECT name, checksum FROM schema_definitions")
@@ -156,7 +165,10 @@ async def test_each_redefined_function_has_its_current_body_in_one_file(fresh_db
     await con.close()
 
 
-async def test_a_changed_definition_is_applied_again(fresh_db: str, tmp_path: Path) -> None:
+@pytest.mark.storage
+async def test_a_changed_definition_is_applied_again(
+    fresh_db: str, tmp_path: Path, backend: Backend
+) -> None:
     con, edited = await migrated_then_edited(
         fresh_db,
         tmp_path,
@@ -164,8 +176,9 @@ async def test_a_changed_definition_is_applied_again(fresh_db: str, tmp_path: Pa
         lambda sql: sql.replace("BEGIN\n", "BEGIN\n    -- edited\n", 1).replace(
             "-- revision: 1", "-- revision: 2"
         ),
+        backend.storage,
     )
-    assert await apply_migrations(con, PLAIN, directory=edited) == []
+    assert await apply_migrations(con, backend.storage, directory=edited) == []
     src = await con.fetchval(SOURCE)
     assert "-- edited" in src
     checksums = {d.name: d.checksum for d in load_definitions(edited)}

@@ -14,7 +14,7 @@ from fleetline import devicequery
 from tests.integration.test_api import assert_problem, client
 from tests.support import ApiProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.storage]
 
 # id suffix: (tags, desired, reported, online); twins are set directly in their tables.
 FLEET: dict[str, tuple[dict[str, Any], Any, Any, bool | None]] = {

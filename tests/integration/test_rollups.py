@@ -1,4 +1,6 @@
-"""Rollups (plain PostgreSQL): readings_1m and readings_1h equal the raw aggregates."""
+"""Rollups: readings_1m and readings_1h equal the raw aggregates, on plain PostgreSQL
+(tables kept as readings are written) and on TimescaleDB (continuous aggregates, once
+their refresh has run for readings written into minutes already materialized)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 
 from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import wait_rows
-from tests.support import Device, IngestProcess
+from tests.support import Device, IngestProcess, settle_rollups
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +35,7 @@ WHERE device_id LIKE $1 || '%' ORDER BY 1, 2, 3
 
 async def assert_rollups_equal_raw(db: asyncpg.Pool[Any], prefix: str) -> int:
     compared = 0
+    await settle_rollups(db)
     for view, width in (("readings_1m", "1 minute"), ("readings_1h", "1 hour")):
         raw = [dict(r) for r in await db.fetch(RAW, prefix, width)]
         rolled = [dict(r) for r in await db.fetch(ROLLED.format(view=view), prefix)]
@@ -45,6 +48,7 @@ async def assert_rollups_equal_raw(db: asyncpg.Pool[Any], prefix: str) -> int:
     return compared
 
 
+@pytest.mark.storage
 async def test_rollups_equal_raw_including_late_text_and_duplicate_readings(
     db: asyncpg.Pool[Any], uid: str
 ) -> None:
@@ -86,6 +90,7 @@ async def test_rollups_equal_raw_including_late_text_and_duplicate_readings(
     assert peak == 1055.0
 
 
+@pytest.mark.storage
 async def test_ingest_keeps_rollups_current(
     start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
     db: asyncpg.Pool[Any], uid: str,
@@ -96,7 +101,8 @@ async def test_ingest_keeps_rollups_current(
     dev.publish_all([{"ts": (base + timedelta(seconds=30 * i)).isoformat(),
                       "values": {"t": i % 13, "fw": "1.0"}} for i in range(300)])
     assert await wait_rows(db, uid, 600) == 600
-    # Committed readings are in their rollups at once: nothing waits for a later round.
+    # Committed readings are in their rollups at once on plain PostgreSQL, after the
+    # refresh on TimescaleDB (settle_rollups).
     assert await assert_rollups_equal_raw(db, uid) > 0
     dev.close()
 
@@ -106,7 +112,8 @@ async def test_concurrent_writers_into_one_minute_both_count_and_a_rollback_adds
 ) -> None:
     """Two transactions writing into the same minutes (two ingest writers or replicas)
     take the rollup rows in one order: the second waits for the first, no deadlock, and
-    both are counted; a transaction that rolls back leaves the rollups as they were."""
+    both are counted; a transaction that rolls back leaves the rollups as they were.
+    Plain PostgreSQL only: TimescaleDB's writers share no rollup rows."""
     minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=2)
     sids = [await db.fetchval(
         "INSERT INTO series (device_id, metric) VALUES ($1, $2) RETURNING id", f"{uid}-c", m)

@@ -654,6 +654,7 @@ def _all_delivered(api: httpx.Client, alarm_id: int, n: int) -> list[dict[str, A
 
 
 @pytest.mark.usefixtures("rules_service")
+@pytest.mark.storage
 async def test_backtest_returns_what_live_evaluation_raised_on_the_same_readings(
     admin: httpx.Client,
     broker: LocalMosquitto,

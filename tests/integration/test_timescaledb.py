@@ -27,7 +27,7 @@ from fleetline import apikeys
 from fleetline.settings import StorageSettings
 from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
 from tests.conftest import migrated_database
-from tests.support import ApiProcess, Device, IngestProcess, reading
+from tests.support import ApiProcess, Device, IngestProcess, reading, settle_rollups
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,32 @@ async def test_auto_picks_timescaledb_with_its_policies(pool: asyncpg.Pool[Any])
         " WHERE hypertable_name = 'telemetry'")}
     assert jobs["policy_compression"]["compress_after"] == "2 days"
     assert jobs["policy_retention"]["drop_after"] == "10 days"
+    refresh = {r["hypertable_name"]: r["schedule_interval"] for r in await pool.fetch(
+        "SELECT hypertable_name, schedule_interval FROM timescaledb_information.jobs"
+        " WHERE proc_name = 'policy_refresh_continuous_aggregate'")}
+    assert refresh == {"telemetry_1m": timedelta(seconds=10), "telemetry_1h": timedelta(minutes=1)}
+
+
+async def test_a_late_reading_into_a_materialized_minute_shows_within_the_refresh(
+    pool: asyncpg.Pool[Any], uid: str,
+) -> None:
+    """Real-time aggregation covers what is newer than the last refresh; a reading written
+    into a minute already materialized shows at the next refresh, which the scheduler
+    runs every 10 seconds (migration 0026)."""
+    sid = await pool.fetchval(
+        "INSERT INTO series (device_id, metric) VALUES ($1, 't') RETURNING id", uid)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=3)
+    await pool.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 1)",
+                       sid, minute)
+    await settle_rollups(pool)
+    await pool.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 5)",
+                       sid, minute + timedelta(seconds=30))
+    count = "SELECT count FROM readings_1m WHERE device_id = $1 AND bucket = $2"
+    assert await pool.fetchval(count, uid, minute) == 1, "materialized before the late one"
+    deadline = time.monotonic() + 25
+    while await pool.fetchval(count, uid, minute) != 2:
+        assert time.monotonic() < deadline, "the late reading never reached its minute"
+        await asyncio.sleep(0.5)
 
 
 async def test_ingest_writes_into_the_hypertable_and_rollups_equal_raw(
