@@ -7,7 +7,7 @@
 #     rejected (kubernetes-validate: the dev extra installs it; KUBERNETES_VALIDATE names
 #     it when it is not on PATH). Without it the check fails.
 #  4. The prod overlay renders with the optional cert-manager component.
-#  5. The Grafana dashboard is valid JSON.
+#  5. The Grafana dashboards are what fleetline_dev/grafana renders (needs the dev extra).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -49,5 +49,6 @@ grep -q '^kind: Certificate$' <<<"$rendered"
 grep -q 'secretName: fleetline-mosquitto-tls' <<<"$rendered"
 echo "ok: overlays/prod with components/cert-manager renders ($(grep -c '^kind:' <<<"$rendered") resources)"
 
-python3 -m json.tool deploy/grafana/dashboards/fleetline.json >/dev/null
-echo "ok: deploy/grafana/dashboards/fleetline.json parses"
+python="${PYTHON:-$(command -v python3)}"
+[[ -x .venv/bin/python ]] && python="${PYTHON:-.venv/bin/python}"
+"$python" -m fleetline_dev.grafana --check deploy/grafana/dashboards

@@ -1,7 +1,7 @@
 """The Kubernetes manifests as `kubectl apply -k` reads them: deploy/k8s/check.sh renders
 both overlays (and prod with the cert-manager component) with kubectl's kustomize, checks
-the broker-config copy, and parses the Grafana dashboard; here also what devices are
-offered: TLS on a LoadBalancer, plain MQTT only inside the cluster."""
+the broker-config copy and that the Grafana dashboards are what their code renders; here
+also what devices are offered: TLS on a LoadBalancer, plain MQTT only inside the cluster."""
 
 from __future__ import annotations
 
