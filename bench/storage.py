@@ -8,9 +8,13 @@ and fills each with the same readings (``--devices`` devices, one metric, a read
 for ingest). Then it measures, on both:
 - the size of the raw readings (TimescaleDB: before and after compressing every chunk
   older than a day);
-- the API's queries: one device's 30 days in hourly buckets from the hourly rollup and
-  from raw rows; the whole fleet's 30 days in daily buckets from the hourly rollup and
-  from raw rows (medians of ``--repeat`` runs, warm cache).
+- the API's queries: one device's 30 days in hourly buckets from the hourly rollup (the
+  API's own query) and from raw rows; the whole fleet's 30 days in daily buckets from the
+  hourly rollup and from raw rows (medians of ``--repeat`` runs, warm cache);
+- Grafana's: the 30-day graphs of the shipped dashboards (fleetline_dev/grafana), one
+  device's metric and a metric across the fleet, expanded as Grafana expands them,
+  against the raw-readings query of the dashboard shipped before them (every device's
+  average per interval).
 
     .venv/bin/python bench/storage.py                  # 1,000 devices, 30 days, every 10 min
     .venv/bin/python bench/storage.py --quick
@@ -24,7 +28,7 @@ import json
 import statistics
 import tempfile
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,10 @@ from measure import log
 
 from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
+from fleetline_api.queries.telemetry import buckets_from_rollup
 from fleetline_dev.embedded import LocalPostgres, ensure_timescaledb
+from fleetline_dev.grafana import device, fleet
+from fleetline_dev.grafana.expand import expand
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -55,10 +62,10 @@ FROM series s,
                      $2::interval) t
 ON CONFLICT DO NOTHING
 """
-ONE_DEVICE_ROLLUP = """
-SELECT bucket, avg FROM readings_1h WHERE device_id = 'dev-00001' AND metric = 'temperature'
-  AND bucket >= $1 AND bucket < $2 ORDER BY bucket
-"""
+# The API's: GET /v1/devices/{id}/telemetry?bucket=1h.
+ONE_DEVICE_ROLLUP = buckets_from_rollup("telemetry_1h")
+ONE_DEVICE_ARGS = ("dev-00001", ["temperature"])
+ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
 ONE_DEVICE_RAW = """
 SELECT date_bin('1 hour', time, TIMESTAMPTZ '2000-01-01') AS bucket, avg(value)
 FROM readings WHERE device_id = 'dev-00001' AND metric = 'temperature'
@@ -74,6 +81,39 @@ FLEET_RAW = """
 SELECT date_bin('1 day', time, TIMESTAMPTZ '2000-01-01') AS day, avg(value)
 FROM readings WHERE metric = 'temperature' AND time >= $1 AND time < $2 GROUP BY 1 ORDER BY 1
 """
+
+
+# The graph of the Grafana dashboard shipped before the rollups: every selected device's
+# average from raw readings (the device variable on All).
+OLD_DASHBOARD_GRAPH = """
+SELECT $__timeGroupAlias(time, $__interval), device_id AS metric, avg(value) AS value
+FROM readings
+WHERE $__timeFilter(time) AND metric = ${metric:sqlstring}
+  AND device_id IN (${device:sqlstring}) AND value IS NOT NULL
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+
+def panel_sql(build: Any, title: str) -> str:
+    """The SQL of the panel titled ``title`` in a dashboard of fleetline_dev.grafana."""
+    dashboard = json.loads(json.dumps(build().build(), default=lambda o: o.to_json()))
+    return next(p["targets"][0]["rawSql"] for p in dashboard["panels"] if p["title"] == title)
+
+
+async def grafana_timings(con: asyncpg.Connection[Any], start: datetime, end: datetime,
+                          devices: int, repeat: int) -> dict[str, float]:
+    """The 30-day graphs as Grafana runs them ($__interval 1h, as for about 700 points)."""
+    everyone = [f"dev-{d:05d}" for d in range(devices)]
+    variables = {"metric": ["temperature"], "device": ["dev-00001"]}
+    queries = {
+        "grafana_old_all_devices_raw_ms": expand(
+            OLD_DASHBOARD_GRAPH, start, end, "1h", variables | {"device": everyone}),
+        "grafana_fleet_metric_ms": expand(
+            panel_sql(fleet.build, "$metric across the fleet"), start, end, "1h", variables),
+        "grafana_device_metric_ms": expand(
+            panel_sql(device.build, "$metric"), start, end, "1h", variables),
+    }
+    return {name: await timed(con, sql, repeat=repeat) for name, sql in queries.items()}
 
 
 async def timed(con: asyncpg.Connection[Any], sql: str, *args: Any, repeat: int) -> float:
@@ -94,6 +134,13 @@ async def fill(url: str, args: argparse.Namespace, timescale: bool) -> dict[str,
     con = await asyncpg.connect(url, command_timeout=3600)
     try:
         await con.fetchval(FILL, args.devices)
+        if timescale:
+            # The refresh is timed below as one statement; the policies (every 10 s and
+            # 1 min, migration 0026) would run it meanwhile, and two refreshes of one
+            # window do not run at once.
+            await con.execute(
+                "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs"
+                " WHERE proc_name = 'policy_refresh_continuous_aggregate'")
         end = await con.fetchval("SELECT date_trunc('day', now())")
         start = end - timedelta(days=args.days)
         every = timedelta(seconds=args.every)
@@ -130,14 +177,15 @@ async def fill(url: str, args: argparse.Namespace, timescale: bool) -> dict[str,
             "rollup_refresh_s": refresh_s,
             "rows_per_s_with_rollups": rows / (fill_s + refresh_s),
             "bytes_before": int(before), "bytes_after": int(after),
-            "one_device_30d_hourly_rollup_ms": await timed(con, ONE_DEVICE_ROLLUP, start, end,
-                                                           repeat=args.repeat),
+            "one_device_30d_hourly_rollup_ms": await timed(
+                con, ONE_DEVICE_ROLLUP, *ONE_DEVICE_ARGS, start, end, timedelta(hours=1),
+                ORIGIN, repeat=args.repeat),
             "one_device_30d_hourly_raw_ms": await timed(con, ONE_DEVICE_RAW, start, end,
                                                         repeat=args.repeat),
             "fleet_30d_daily_rollup_ms": await timed(con, FLEET_ROLLUP, start, end,
                                                      repeat=args.repeat),
             "fleet_30d_daily_raw_ms": await timed(con, FLEET_RAW, start, end, repeat=args.repeat),
-        }
+        } | await grafana_timings(con, start, end, args.devices, args.repeat)
     finally:
         await con.close()
     log(f"{'TimescaleDB' if timescale else 'plain'}: {json.dumps(result, default=str)}")
@@ -180,6 +228,13 @@ def main() -> None:
               f"{ts[name + '_raw_ms']:,.1f} ms from raw (compressed); plain "
               f"{plain[name + '_rollup_ms']:,.1f} ms from the rollup, "
               f"{plain[name + '_raw_ms']:,.1f} ms from raw")
+    print(f"  Grafana, {args.days} days ($__interval 1h): the dashboard shipped before, every "
+          f"device's average from raw readings: TimescaleDB "
+          f"{ts['grafana_old_all_devices_raw_ms']:,.0f} ms, plain "
+          f"{plain['grafana_old_all_devices_raw_ms']:,.0f} ms; now, a metric across the fleet "
+          f"{ts['grafana_fleet_metric_ms']:,.1f} / {plain['grafana_fleet_metric_ms']:,.1f} ms "
+          f"and one device's metric {ts['grafana_device_metric_ms']:,.1f} / "
+          f"{plain['grafana_device_metric_ms']:,.1f} ms (TimescaleDB / plain)")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"storage-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -376,4 +377,12 @@ async def settle_rollups(db: asyncpg.Pool[Any] | asyncpg.Connection[Any]) -> Non
         " WHERE proc_name = 'policy_refresh_continuous_aggregate'"
         " ORDER BY hypertable_name = 'telemetry_1h'")
     for job in jobs:
-        await db.execute(f"CALL run_job({int(job['job_id'])})")
+        for attempt in range(50):
+            try:
+                await db.execute(f"CALL run_job({int(job['job_id'])})")
+                break
+            except asyncpg.LockNotAvailableError:
+                # The scheduler is running this refresh now; ours runs after it.
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.1)

@@ -50,7 +50,8 @@ FROM device_status WHERE device_id = ${device:sqlstring}""",
             timeseries_panel(
                 "$metric",
                 queries.metric_stats(
-                    "device_id = ${device:sqlstring} AND metric = ${metric:sqlstring}", raw=True
+                    "device_id = ${device:sqlstring} AND metric = ${metric:sqlstring}",
+                    one_device=True,
                 ),
                 Units.COUNT,
                 description="Average, lowest and highest value per interval.",

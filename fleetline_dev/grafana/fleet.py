@@ -63,8 +63,7 @@ SELECT coalesce(sum(readings), 0)::bigint AS "readings" FROM ({queries.READINGS_
         .with_panel(
             stat_panel(
                 "Dead letters",
-                """
-SELECT count(*) AS "dead letters" FROM dead_letters WHERE $__timeFilter(received_at)""",
+                queries.DEAD_LETTERS_COUNT,
                 Units.COUNT,
             )
         )
@@ -72,7 +71,7 @@ SELECT count(*) AS "dead letters" FROM dead_letters WHERE $__timeFilter(received
         .with_panel(
             timeseries_panel(
                 "$metric across the fleet",
-                queries.metric_stats("metric = ${metric:sqlstring}", raw=False),
+                queries.metric_stats("metric = ${metric:sqlstring}", one_device=False),
                 Units.COUNT,
                 description="Average, lowest and highest value of every device per interval.",
             )

@@ -40,8 +40,7 @@ FROM device_status""",
         .with_panel(
             stat_panel(
                 "Dead letters",
-                """
-SELECT count(*) AS "dead letters" FROM dead_letters WHERE $__timeFilter(received_at)""",
+                queries.DEAD_LETTERS_COUNT,
                 Units.COUNT,
                 width=8,
             )

@@ -23,6 +23,10 @@ FROM {view} WHERE $__timeFilter(bucket) GROUP BY 1""",
 # A dead letter's reason without its numbers and details, to group by.
 REASON = "regexp_replace(split_part(reason, ':', 1), '[0-9]+', 'N', 'g')"
 
+DEAD_LETTERS_COUNT = """
+SELECT count(*) AS "dead letters" FROM dead_letters WHERE $__timeFilter(received_at)
+"""
+
 DEAD_LETTERS_OVER_TIME = f"""
 SELECT $__timeGroupAlias(received_at, $__interval), {REASON} AS metric, count(*) AS value
 FROM dead_letters WHERE $__timeFilter(received_at)
@@ -45,16 +49,20 @@ ORDER BY received_at DESC LIMIT 100
 """
 
 
-def metric_stats(where: str, *, raw: bool) -> str:
+def metric_stats(where: str, *, one_device: bool) -> str:
     """avg, min and max of the numeric readings matching ``where`` (on device_id and
-    metric) per interval: raw readings for up to a day when ``raw`` (one device),
-    minute rollups up to a week, hourly ones beyond."""
+    metric) per interval. For one device: raw readings up to a day, minute rollups up to
+    a week, hourly ones beyond, the rollups filtered by the device's series ids (found
+    first in device_metrics: docs/grafana.md). For the fleet: minute rollups up to two
+    days, hourly ones beyond."""
+    series = f"series_id = ANY(ARRAY(SELECT series_id FROM device_metrics WHERE {where}))"
     rolled = f"""SELECT $__timeGroupAlias(bucket, $__interval),
        sum(sum) / nullif(sum(value_count), 0) AS "avg", min(min) AS "min", max(max) AS "max"
-FROM {{view}} WHERE $__timeFilter(bucket) AND {where} AND value_count > 0 GROUP BY 1"""
-    raw_sql = f"""SELECT $__timeGroupAlias(time, $__interval),
+FROM {{view}} WHERE $__timeFilter(bucket) AND {series if one_device else where}
+  AND value_count > 0 GROUP BY 1"""
+    if not one_device:
+        return by_range(rolled, minute_until=2 * DAY)
+    raw = f"""SELECT $__timeGroupAlias(time, $__interval),
        avg(value) AS "avg", min(value) AS "min", max(value) AS "max"
 FROM readings WHERE $__timeFilter(time) AND {where} AND value IS NOT NULL GROUP BY 1"""
-    if raw:
-        return by_range(rolled, raw=raw_sql, raw_until=DAY, minute_until=7 * DAY)
-    return by_range(rolled, minute_until=2 * DAY)
+    return by_range(rolled, raw=raw, raw_until=DAY, minute_until=7 * DAY)

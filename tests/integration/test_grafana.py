@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import Dashboard as SdkDashboard
 
 from fleetline_dev.grafana import DASHBOARDS, render, write
+from fleetline_dev.grafana.expand import expand, go_number, rfc3339, seconds
 from tests.conftest import Backend, migrated_database
 from tests.support import settle_rollups
 
@@ -56,56 +56,6 @@ def targets(dashboard: dict[str, Any], name: str) -> Iterator[Target]:
         for target in panel.get("targets", []):
             yield Target(name, panel["title"], target["rawSql"], target["format"],
                          panel.get("repeat"))
-
-
-# Grafana's interval text, in seconds.
-UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def seconds(text: str) -> float:
-    number, unit = re.fullmatch(r"(\d+)(ms|s|m|h|d)", text.strip("'")).groups()  # type: ignore[union-attr]
-    return int(number) * UNITS[unit]
-
-
-def go_number(value: float) -> str:
-    """A float as Go's %v prints it (60 -> 60, 0.5 -> 0.5)."""
-    return str(int(value)) if value == int(value) else repr(value)
-
-
-def rfc3339(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def expand(sql: str, start: datetime, end: datetime, interval: str,
-           variables: dict[str, list[str]]) -> str:
-    """The SQL Grafana sends for this range, interval and variable values."""
-    def sqlstring(values: list[str]) -> str:
-        return ",".join("'" + v.replace("'", "''") + "'" for v in values)
-
-    sql = re.sub(r"\$\{(\w+):sqlstring\}", lambda m: sqlstring(variables[m[1]]), sql)
-    sql = re.sub(r"\$(?!__)(\w+)", lambda m: ",".join(variables[m[1]]), sql)
-    sql = sql.replace("$__interval_ms", str(int(seconds(interval) * 1000)))
-    sql = sql.replace("$__interval", interval)
-    sql = sql.replace("$__unixEpochFrom()", str(int(start.timestamp())))
-    sql = sql.replace("$__unixEpochTo()", str(int(end.timestamp())))
-
-    def macro(m: re.Match[str]) -> str:
-        name, args = m[1], [a.strip() for a in m[2].split(",")]
-        if name == "__timeFilter":
-            return f"{args[0]} BETWEEN '{rfc3339(start)}' AND '{rfc3339(end)}'"
-        if name == "__timeFrom":
-            return f"'{rfc3339(start)}'"
-        if name == "__timeTo":
-            return f"'{rfc3339(end)}'"
-        if name in ("__timeGroup", "__timeGroupAlias"):
-            width = go_number(seconds(args[1]))
-            group = f"floor(extract(epoch from {args[0]})/{width})*{width}"
-            return group + (' AS "time"' if name == "__timeGroupAlias" else "")
-        raise AssertionError(f"a macro the dashboards should not use: ${name}")
-
-    expanded = re.sub(r"\$(\w+)\(([^)]*)\)", macro, sql)
-    assert "$" not in expanded, expanded
-    return expanded
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +176,7 @@ async def test_every_panel_returns_rows_of_its_shape_as_the_read_only_role(
         for target in targets(dashboard, name):
             for label, width, interval in RANGES:
                 sql = expand(target.sql, NOW - width, NOW, interval, values)
+                assert "$" not in sql, sql
                 try:
                     rows = await run_as_reader(grafana_db, sql)
                 except asyncpg.PostgresError as exc:
