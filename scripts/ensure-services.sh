@@ -48,6 +48,8 @@ if [ "$mode" = test ]; then
   [ -x /usr/bin/chromium ] || apt_install chromium
   # promtool checks the Prometheus alert rules (deploy/prometheus).
   command -v promtool >/dev/null || apt_install prometheus
+  # shellcheck lints deploy/k8s/make-secrets.sh (deploy/k8s/check.sh).
+  command -v shellcheck >/dev/null || apt_install shellcheck
   # scripts/build-micropython.sh (tests/firmware) builds MicroPython's unix port with gcc
   # and make (above), pkg-config and python3; without the bundle beside the repository
   # (../shared/vendor) it downloads the release, which takes curl and xz.
