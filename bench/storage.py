@@ -39,7 +39,7 @@ from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
 from fleetline_api.queries.telemetry import buckets_from_rollup
 from fleetline_dev.embedded import LocalPostgres, ensure_timescaledb
-from fleetline_dev.grafana import device, fleet
+from fleetline_dev.grafana import device, fleet, panel_sql
 from fleetline_dev.grafana.expand import expand
 
 RESULTS = Path(__file__).with_name("results")
@@ -92,12 +92,6 @@ WHERE $__timeFilter(time) AND metric = ${metric:sqlstring}
   AND device_id IN (${device:sqlstring}) AND value IS NOT NULL
 GROUP BY 1, 2 ORDER BY 1, 2
 """
-
-
-def panel_sql(build: Any, title: str) -> str:
-    """The SQL of the panel titled ``title`` in a dashboard of fleetline_dev.grafana."""
-    dashboard = json.loads(json.dumps(build().build(), default=lambda o: o.to_json()))
-    return next(p["targets"][0]["rawSql"] for p in dashboard["panels"] if p["title"] == title)
 
 
 async def grafana_timings(con: asyncpg.Connection[Any], start: datetime, end: datetime,

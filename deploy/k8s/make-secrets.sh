@@ -15,7 +15,7 @@
 #              certificate (default mqtt.example.org, a placeholder)
 #   --ca-dir DIR        where the devices' CA is kept: ca.crt and ca.key are made there
 #              unless they exist, and sign the broker's certificate
-#              (default ./fleetline-ca-NAMESPACE)
+#              (default ~/.config/fleetline/ca-NAMESPACE, outside any repository)
 #   --no-tls            leave fleetline-mosquitto-tls to cert-manager (components/cert-manager)
 #
 # An existing Secret is never changed: the script says which it kept and which it
@@ -61,7 +61,7 @@ else
         *) die "give the overlay's name prefix after the namespace (prod- or dev-)" ;;
     esac
 fi
-ca_dir=${ca_dir:-./fleetline-ca-$ns}
+ca_dir=${ca_dir:-${XDG_CONFIG_HOME:-$HOME/.config}/fleetline/ca-$ns}
 
 command -v openssl >/dev/null || die "openssl is needed (random values, the broker's certificate)"
 if command -v sha256sum >/dev/null; then
@@ -83,7 +83,12 @@ quiet() {
 "$kubectl" get namespace "$ns" -o name >/dev/null \
     || die "no namespace $ns: apply the overlay's namespace.yaml first (README.md)"
 
-exists() { [[ -n $("$kubectl" -n "$ns" get secret "$1" --ignore-not-found -o name) ]]; }
+exists() {
+    local found
+    found=$("$kubectl" -n "$ns" get secret "$1" --ignore-not-found -o name) \
+        || die "cannot read Secret $1 in $ns (kubectl failed): nothing was changed for it"
+    [[ -n $found ]]
+}
 # The decoded value of one key of an existing Secret.
 secret_value() { "$kubectl" -n "$ns" get secret "$1" -o "jsonpath={.data.${2//./\\.}}" | base64 -d; }
 
@@ -187,13 +192,8 @@ else
 fi
 
 # --- Create what is missing --------------------------------------------------------------
-if ! has fleetline; then
-    put database-url "$database_url"
-    create fleetline --from-file=FLEETLINE_DATABASE_URL="$work/database-url"
-else
-    kept+=(fleetline)
-fi
-
+# The database's Secret first: it is where the others' database passwords come from,
+# so a run stopped after it can be run again.
 if [[ $in_cluster == no ]]; then
     :
 elif ! has fleetline-timescaledb; then
@@ -206,6 +206,13 @@ elif ! has fleetline-timescaledb; then
         --from-file=FLEETLINE_BROKER_DB_PASSWORD="$work/broker-db-password"
 else
     kept+=(fleetline-timescaledb)
+fi
+
+if ! has fleetline; then
+    put database-url "$database_url"
+    create fleetline --from-file=FLEETLINE_DATABASE_URL="$work/database-url"
+else
+    kept+=(fleetline)
 fi
 
 if ! has fleetline-mqtt; then

@@ -34,6 +34,12 @@ def render(build: Callable[[], Dashboard]) -> str:
     return json.dumps(build().build(), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
 
 
+def panel_sql(build: Callable[[], Dashboard], title: str) -> str:
+    """The SQL of the panel titled ``title`` in a dashboard, as its file holds it."""
+    panels = json.loads(render(build))["panels"]
+    return next(str(p["targets"][0]["rawSql"]) for p in panels if p["title"] == title)
+
+
 def write(directory: Path, *, check: bool = False) -> list[str]:
     """Write every dashboard into ``directory``; with ``check``, write nothing and return
     the files that differ from the code."""

@@ -61,18 +61,18 @@ def by_range(
     """One query that reads what the time range needs: raw readings up to ``raw_until``
     seconds wide (if given), readings_1m up to ``minute_until``, readings_1h beyond.
 
-    ``rolled`` is a SELECT over ``{view}``, run on either rollup. Each branch carries a
-    condition on the range alone, which PostgreSQL folds before running the query, so
-    only one branch reads anything; the branches must return the same columns.
+    ``rolled`` is a SELECT over ``{view}``, run on either rollup; ``{width}`` in it is the
+    rollup's bucket in seconds. Each branch carries a condition on the range alone,
+    which PostgreSQL folds before running the query, so only one branch reads anything;
+    the branches must return the same columns.
     """
+
+    def on(view: str, width: int) -> str:
+        return rolled.replace("{view}", view).replace("{width}", str(width))
+
     lower = raw_until if raw is not None else 0
-    branches = [(f"{RANGE} > {minute_until}", rolled.replace("{view}", "readings_1h"))]
-    branches.append(
-        (
-            f"{RANGE} > {lower} AND {RANGE} <= {minute_until}",
-            rolled.replace("{view}", "readings_1m"),
-        )
-    )
+    branches = [(f"{RANGE} > {minute_until}", on("readings_1h", HOUR))]
+    branches.append((f"{RANGE} > {lower} AND {RANGE} <= {minute_until}", on("readings_1m", 60)))
     if raw is not None:
         branches.append((f"{RANGE} <= {raw_until}", raw))
     parts = [_guarded(select, condition) for condition, select in branches]
@@ -80,11 +80,9 @@ def by_range(
 
 
 def _guarded(select: str, condition: str) -> str:
-    """``select`` with ``condition`` added to its WHERE clause (the first one)."""
-    head, where, tail = select.strip().partition("WHERE ")
-    if not where:
-        raise ValueError(f"a branch of by_range needs a WHERE clause: {select!r}")
-    return f"({head}WHERE {condition}\n  AND {tail})"
+    """``select`` read only when ``condition`` holds: PostgreSQL plans a constant false
+    condition as a one-time filter that never runs the subquery under it."""
+    return f"SELECT * FROM (\n{select.strip()}\n) b WHERE {condition}"
 
 
 def timeseries_panel(

@@ -67,7 +67,9 @@ SELECT coalesce(sum(readings), 0)::bigint AS "readings" FROM ({queries.READINGS_
                 Units.COUNT,
             )
         )
-        .with_panel(timeseries_panel("Readings stored", queries.READINGS_STORED, Units.COUNT))
+        .with_panel(
+            timeseries_panel("Readings stored per second", queries.READINGS_PER_SECOND, Units.COUNT)
+        )
         .with_panel(
             timeseries_panel(
                 "$metric across the fleet",

@@ -55,7 +55,9 @@ SELECT count(*) AS "devices" FROM limit_refusals WHERE $__timeFilter(last_refuse
                 description="Refused by the broker in the time range.",
             )
         )
-        .with_panel(timeseries_panel("Readings stored", queries.READINGS_STORED, Units.COUNT))
+        .with_panel(
+            timeseries_panel("Readings stored per second", queries.READINGS_PER_SECOND, Units.COUNT)
+        )
         .with_panel(timeseries_panel("Devices reporting", queries.DEVICES_REPORTING, Units.COUNT))
         .with_panel(
             timeseries_panel("Dead letters by reason", queries.DEAD_LETTERS_OVER_TIME, Units.COUNT)

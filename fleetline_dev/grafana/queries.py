@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from fleetline_dev.grafana.common import DAY, by_range
 
-# Readings stored per interval, over the whole fleet: from the rollups only (the raw
-# readings of a fleet are too many to count on every refresh).
-READINGS_STORED = by_range(
-    """SELECT $__timeGroupAlias(bucket, $__interval), sum(count)::bigint AS "readings"
+# Readings stored per second, over the whole fleet: from the rollups only (the raw
+# readings of a fleet are too many to count on every refresh). A rate, not a count per
+# interval, so the graph keeps its scale where it moves from minute to hourly rollups:
+# an interval narrower than a rollup's bucket holds one bucket.
+READINGS_PER_SECOND = by_range(
+    """SELECT $__timeGroupAlias(bucket, $__interval),
+       sum(count) / greatest($__interval_ms / 1000.0, {width}) AS "readings/s"
 FROM {view} WHERE $__timeFilter(bucket) GROUP BY 1""",
+    minute_until=2 * DAY,
+)
+
+# Readings stored in the time range, from the rollups.
+READINGS_STORED = by_range(
+    """SELECT sum(count)::bigint AS "readings" FROM {view} WHERE $__timeFilter(bucket)""",
     minute_until=2 * DAY,
 )
 

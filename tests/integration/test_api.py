@@ -14,7 +14,7 @@ import pytest
 from fleetline import apikeys
 from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import wait_rows
-from tests.support import ApiProcess, Device, IngestProcess
+from tests.support import ApiProcess, Device, IngestProcess, settle_rollups
 
 pytestmark = [pytest.mark.integration, pytest.mark.storage]
 PROBLEM = "application/problem+json"
@@ -259,6 +259,8 @@ async def test_aligned_buckets_come_from_rollups_and_equal_raw(
     rows = [(sid, base + timedelta(seconds=50 * i), float((i * 7) % 23)) for i in range(400)]
     await db.executemany("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, $3)",
                          rows)
+    # Hours old: on TimescaleDB, into minutes a refresh may already have materialized.
+    await settle_rollups(db)
     c = client(api, await make_key("telemetry:read"))
     url = f"/v1/devices/{device_id}/telemetry"
     end = base + timedelta(hours=6)

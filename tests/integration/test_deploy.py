@@ -619,12 +619,24 @@ async def test_the_init_script_prepares_what_the_migrations_and_readers_need(
         assert await con.fetchval(
             "SELECT datdba::regrole::text FROM pg_database WHERE datname = 'fleetline'"
         ) == "fleetline"
+        # A reading, so the views Grafana reads (continuous aggregates owned by
+        # fleetline, not a superuser) have a row to show.
+        sid = await con.fetchval(
+            "INSERT INTO series (device_id, metric) VALUES ('d1', 't') RETURNING id")
+        await con.execute("INSERT INTO telemetry (series_id, ts, value)"
+                          " VALUES ($1, now() - interval '2 hours', 1.5)", sid)
+        await con.execute("INSERT INTO series_latest (series_id, ts, value)"
+                          " VALUES ($1, now() - interval '2 hours', 1.5)", sid)
     finally:
         await con.close()
     grafana = await asyncpg.connect(url("fleetline_grafana"))
     try:
         assert await grafana.fetchval("SHOW statement_timeout") == "30s"
         assert await grafana.fetchval("SELECT count(*) FROM device_status") == 0
+        for view in ("readings", "readings_1m", "readings_1h", "device_metrics"):
+            assert await grafana.fetchval(f"SELECT count(*) FROM {view}") == 1, view
+        for view in ("alarms", "dead_letters", "limit_refusals"):
+            assert await grafana.fetchval(f"SELECT count(*) FROM {view}") == 0, view
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await grafana.fetchval("SELECT count(*) FROM devices")
     finally:
@@ -695,7 +707,7 @@ class Cluster:
         fake.write_text(FAKE_KUBECTL.format(python=sys.executable))
         fake.chmod(0o755)
         self.env = {**os.environ, "KUBECTL": str(fake), "FAKE_KUBE_STORE": str(self.store),
-                    "FAKE_KUBE_NAMESPACES": namespaces}
+                    "FAKE_KUBE_NAMESPACES": namespaces, "XDG_CONFIG_HOME": str(tmp / "config")}
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["bash", str(K8S / "make-secrets.sh"), *args], env=self.env,
@@ -770,7 +782,9 @@ def test_make_secrets_creates_every_secret_once_and_consistently(tmp_path: Path)
     assert not [v for v in secret if v in first.stdout + first.stderr]
     # The broker's certificate, signed by the CA kept beside.
     tls = made["fleetline-mosquitto-tls"]
-    ca = tmp_path / "fleetline-ca-fleetline"
+    # Kept outside the working directory (a repository, as the README runs it).
+    ca = tmp_path / "config" / "fleetline" / "ca-fleetline"
+    assert not list(tmp_path.glob("fleetline-ca-*"))
     assert tls["ca.crt"] == (ca / "ca.crt").read_text() and (ca / "ca.key").exists()
     cert = tmp_path / "tls.crt"
     cert.write_text(tls["tls.crt"])

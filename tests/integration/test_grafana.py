@@ -27,6 +27,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import Dashboard as SdkDashboard
 
 from fleetline_dev.grafana import DASHBOARDS, render, write
+from fleetline_dev.grafana.common import DAY, by_range
 from fleetline_dev.grafana.expand import expand, go_number, rfc3339, seconds
 from tests.conftest import Backend, migrated_database
 from tests.support import settle_rollups
@@ -217,6 +218,30 @@ async def test_rollup_branches_give_what_the_raw_readings_give(
             assert got["time"] == want["time"]
             assert math.isclose(got["avg"], want["avg"])
             assert (got["min"], got["max"]) == (want["min"], want["max"])
+
+
+@pytest.mark.parametrize(("width", "expected"), [
+    (timedelta(hours=1), ("readings", "readings_1m")),
+    (timedelta(days=1), ("readings", "readings_1m")),
+    (timedelta(days=1, seconds=1), ("readings_1m", "readings_1m")),
+    (timedelta(days=2), ("readings_1m", "readings_1m")),
+    (timedelta(days=2, seconds=1), ("readings_1m", "readings_1h")),
+    (timedelta(days=7), ("readings_1m", "readings_1h")),
+    (timedelta(days=7, seconds=1), ("readings_1h", "readings_1h")),
+    (timedelta(days=30), ("readings_1h", "readings_1h")),
+])
+async def test_the_width_of_the_range_picks_one_source(
+    grafana_db: asyncpg.Pool[Any], width: timedelta, expected: tuple[str, str],
+) -> None:
+    """One device's graphs (raw up to a day, minutes up to a week) and the fleet's (minutes
+    up to two days): each range reads from one source only."""
+    rolled = "SELECT '{view}'::text AS source FROM {view} WHERE $__timeFilter(bucket)"
+    raw = "SELECT 'readings'::text AS source FROM readings WHERE $__timeFilter(time)"
+    device_like = by_range(rolled, raw=raw, raw_until=DAY, minute_until=7 * DAY)
+    fleet_like = by_range(rolled, minute_until=2 * DAY)
+    for sql, want in zip((device_like, fleet_like), expected, strict=True):
+        expanded = expand(sql, NOW - width, NOW, "1m", {})
+        assert {r["source"] for r in await run_as_reader(grafana_db, expanded)} == {want}
 
 
 def test_the_files_are_what_the_code_renders_and_read_back_through_the_sdk() -> None:

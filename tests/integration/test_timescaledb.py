@@ -29,7 +29,7 @@ from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
 from tests.conftest import migrated_database
 from tests.support import ApiProcess, Device, IngestProcess, reading, settle_rollups
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timescale]
 
 
 @pytest.fixture
@@ -86,10 +86,12 @@ async def test_a_late_reading_into_a_materialized_minute_shows_within_the_refres
     await pool.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 1)",
                        sid, minute)
     await settle_rollups(pool)
-    await pool.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 5)",
-                       sid, minute + timedelta(seconds=30))
     count = "SELECT count FROM readings_1m WHERE device_id = $1 AND bucket = $2"
-    assert await pool.fetchval(count, uid, minute) == 1, "materialized before the late one"
+    async with pool.acquire() as con, con.transaction():
+        # Read before the commit, so no scheduled refresh can have taken the late one.
+        await con.execute("INSERT INTO telemetry (series_id, ts, value) VALUES ($1, $2, 5)",
+                          sid, minute + timedelta(seconds=30))
+        assert await con.fetchval(count, uid, minute) == 1, "materialized before the late one"
     deadline = time.monotonic() + 25
     while await pool.fetchval(count, uid, minute) != 2:
         assert time.monotonic() < deadline, "the late reading never reached its minute"

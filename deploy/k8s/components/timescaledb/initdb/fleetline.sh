@@ -5,8 +5,9 @@
 # (../../README.md, "Secrets").
 #
 #   fleetline          the services' login: owns the database fleetline, where
-#                      `fleetline migrate` creates everything; CREATEROLE because the
-#                      migrations create the role fleetline_reader when it is missing.
+#                      `fleetline migrate` creates everything. No CREATEROLE: the role
+#                      the migrations grant the dashboards' views, fleetline_reader, is
+#                      made here.
 #   fleetline_grafana  Grafana's login: reads only what fleetline_reader may read (the
 #                      views the migrations grant it), with a statement timeout so a wide
 #                      time range cannot load the database ingest writes to.
@@ -17,11 +18,13 @@
 # fleetline) find it; TimescaleDB is preloaded by the image's postgresql.conf.
 set -euo pipefail
 
-psql -v ON_ERROR_STOP=1 --no-psqlrc --username "$POSTGRES_USER" --dbname postgres \
-    -v fleetline_password="$FLEETLINE_DB_PASSWORD" \
-    -v grafana_password="$FLEETLINE_GRAFANA_DB_PASSWORD" \
-    -v broker_password="$FLEETLINE_BROKER_DB_PASSWORD" <<'SQL'
-CREATE ROLE fleetline LOGIN CREATEROLE PASSWORD :'fleetline_password';
+# The passwords are read from the environment by psql itself (\getenv), never put on a
+# command line, where any process in the pod could read them.
+psql -v ON_ERROR_STOP=1 --no-psqlrc --username "$POSTGRES_USER" --dbname postgres <<'SQL'
+\getenv fleetline_password FLEETLINE_DB_PASSWORD
+\getenv grafana_password FLEETLINE_GRAFANA_DB_PASSWORD
+\getenv broker_password FLEETLINE_BROKER_DB_PASSWORD
+CREATE ROLE fleetline LOGIN PASSWORD :'fleetline_password';
 CREATE DATABASE fleetline OWNER fleetline;
 
 SELECT 'CREATE ROLE fleetline_reader NOLOGIN'
