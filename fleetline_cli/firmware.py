@@ -8,6 +8,8 @@ it) and ``boot.py`` / ``main.py`` as source, which the board runs by name.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -188,3 +190,32 @@ def flash_command(port: str, files: list[Path], *, mpremote: str = "mpremote") -
     for path in files:
         command += ["fs", "cp", str(path), f":{path.name}", "+"]
     return [*command, "reset"]
+
+
+def sign_release(image: Path, *, version: str, target: str, kind: str, key_file: Path,
+                 out: Path | None = None) -> Path:
+    """``image``'s manifest signed with the release key, written beside it as
+    ``IMAGE.release.json``: {"manifest": its canonical JSON, "signature": r || s in hex},
+    what the device checks (firmware/common/fleetline_release.py)."""
+    from fleetline import releases
+
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with image.open("rb") as source:
+            while chunk := source.read(1 << 16):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise FirmwareError(f"cannot read {image}: {exc.strerror}") from None
+    try:
+        manifest = releases.Manifest(version=version, target=target,
+                                     kind=kind,  # type: ignore[arg-type]
+                                     size=size, sha256=digest.hexdigest())
+        signature = releases.sign(releases.load_key(key_file), manifest)
+    except releases.ReleaseError as exc:
+        raise FirmwareError(str(exc)) from None
+    target_path = out or image.with_name(image.name + ".release.json")
+    target_path.write_text(json.dumps({"manifest": manifest.to_bytes().decode(),
+                                       "signature": signature.hex()}, indent=2) + "\n")
+    return target_path

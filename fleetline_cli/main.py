@@ -338,6 +338,52 @@ def firmware_build(
     typer.echo(f"{len(built.files)} files, {built.size:,} bytes in {folder}")
 
 
+@firmware_app.command("keygen")
+def firmware_keygen(
+    out: Annotated[Path, typer.Option(help="Where to write the private key (PEM, owner-only).")],
+) -> None:
+    """Make a release key: it signs the manifest of every firmware release, and the boards
+    carry its public half (RELEASE_KEY in config_local.py) to check them."""
+    from fleetline import releases
+
+    key = releases.generate_key()
+    with _firmware_errors():
+        try:
+            releases.write_key(out, key)
+        except releases.ReleaseError as exc:
+            from fleetline_cli.firmware import FirmwareError
+
+            raise FirmwareError(str(exc)) from None
+    typer.echo(f"wrote {out}: keep it secret and backed up, it signs every release")
+    typer.echo(f'RELEASE_KEY = "{releases.public_point(key).hex()}"  # in each board\'s '
+               "config_local.py")
+
+
+@firmware_app.command("sign")
+def firmware_sign(
+    image: Annotated[Path, typer.Argument(help="The image or bundle file to release.")],
+    *,
+    version: Annotated[str, typer.Option(help="The release's version, e.g. 2.1.0.")],
+    target: Annotated[str, typer.Option(help="The board or model it is for, e.g. esp32.")],
+    kind: Annotated[
+        str, typer.Option(help="bundle (application files) or image (a whole firmware).")
+    ] = "bundle",
+    key: Annotated[
+        Path, typer.Option(envvar="FLEETLINE_RELEASE_KEY_FILE", help="The release key (PEM).")
+    ] = Path("release-key.pem"),
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write (default: IMAGE.release.json).")
+    ] = None,
+) -> None:
+    """Sign IMAGE's manifest (version, target, kind, size, SHA-256) with the release key."""
+    from fleetline_cli import firmware
+
+    with _firmware_errors():
+        written = firmware.sign_release(image, version=version, target=target, kind=kind,
+                                        key_file=key, out=out)
+    typer.echo(f"wrote {written}")
+
+
 @firmware_app.command("config")
 def firmware_config(
     device_id: Annotated[
