@@ -52,7 +52,8 @@ class Manifest:
             if not NAME.fullmatch(getattr(self, field)):
                 raise ReleaseError(
                     f"{field} must be 1-64 letters, digits or . _ + - (starting with a "
-                    "letter or digit)")
+                    "letter or digit)"
+                )
         if self.kind not in KINDS:
             raise ReleaseError(f"kind must be one of {', '.join(KINDS)}")
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
@@ -70,8 +71,7 @@ class Manifest:
             doc: Any = json.loads(data)
         except ValueError as exc:
             raise ReleaseError(f"a manifest is JSON: {exc}") from None
-        if not isinstance(doc, dict) or set(doc) != {"version", "target", "kind", "size",
-                                                      "sha256"}:
+        if not isinstance(doc, dict) or set(doc) != {"version", "target", "kind", "size", "sha256"}:
             raise ReleaseError("a manifest has exactly version, target, kind, size, sha256")
         manifest = cls(**doc)
         if manifest.to_bytes() != data:
@@ -85,8 +85,9 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
 
 def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     """The private key as PEM, readable by its owner only; never over an existing file."""
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -112,8 +113,9 @@ def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
 def public_point(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> bytes:
     """x || y of the key's public point: what a device's config carries (in hex)."""
     public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
-    point = public.public_bytes(serialization.Encoding.X962,
-                                serialization.PublicFormat.UncompressedPoint)
+    point = public.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
     return point[1:]
 
 
@@ -132,8 +134,9 @@ def verify(point: bytes, manifest: bytes, signature: bytes) -> bool:
         public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + point)
     except ValueError:
         return False
-    der = encode_dss_signature(int.from_bytes(signature[:32], "big"),
-                               int.from_bytes(signature[32:], "big"))
+    der = encode_dss_signature(
+        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    )
     try:
         public.verify(der, manifest, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:

@@ -192,8 +192,9 @@ def flash_command(port: str, files: list[Path], *, mpremote: str = "mpremote") -
     return [*command, "reset"]
 
 
-def sign_release(image: Path, *, version: str, target: str, kind: str, key_file: Path,
-                 out: Path | None = None) -> Path:
+def sign_release(
+    image: Path, *, version: str, target: str, kind: str, key_file: Path, out: Path | None = None
+) -> Path:
     """``image``'s manifest signed with the release key, written beside it as
     ``IMAGE.release.json``: {"manifest": its canonical JSON, "signature": r || s in hex},
     what the device checks (firmware/common/fleetline_release.py)."""
@@ -209,13 +210,21 @@ def sign_release(image: Path, *, version: str, target: str, kind: str, key_file:
     except OSError as exc:
         raise FirmwareError(f"cannot read {image}: {exc.strerror}") from None
     try:
-        manifest = releases.Manifest(version=version, target=target,
-                                     kind=kind,  # type: ignore[arg-type]
-                                     size=size, sha256=digest.hexdigest())
+        manifest = releases.Manifest(
+            version=version,
+            target=target,
+            kind=kind,  # type: ignore[arg-type]
+            size=size,
+            sha256=digest.hexdigest(),
+        )
         signature = releases.sign(releases.load_key(key_file), manifest)
     except releases.ReleaseError as exc:
         raise FirmwareError(str(exc)) from None
     target_path = out or image.with_name(image.name + ".release.json")
-    target_path.write_text(json.dumps({"manifest": manifest.to_bytes().decode(),
-                                       "signature": signature.hex()}, indent=2) + "\n")
+    target_path.write_text(
+        json.dumps(
+            {"manifest": manifest.to_bytes().decode(), "signature": signature.hex()}, indent=2
+        )
+        + "\n"
+    )
     return target_path

@@ -355,8 +355,9 @@ def firmware_keygen(
 
             raise FirmwareError(str(exc)) from None
     typer.echo(f"wrote {out}: keep it secret and backed up, it signs every release")
-    typer.echo(f'RELEASE_KEY = "{releases.public_point(key).hex()}"  # in each board\'s '
-               "config_local.py")
+    typer.echo(
+        f'RELEASE_KEY = "{releases.public_point(key).hex()}"  # in each board\'s config_local.py'
+    )
 
 
 @firmware_app.command("sign")
@@ -379,8 +380,9 @@ def firmware_sign(
     from fleetline_cli import firmware
 
     with _firmware_errors():
-        written = firmware.sign_release(image, version=version, target=target, kind=kind,
-                                        key_file=key, out=out)
+        written = firmware.sign_release(
+            image, version=version, target=target, kind=kind, key_file=key, out=out
+        )
     typer.echo(f"wrote {written}")
 
 

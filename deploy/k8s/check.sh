@@ -73,6 +73,7 @@ count '^            name: prod-fleetline-api$' 1 "$rendered"
 count '^            name: prod-fleetline-grafana$' 1 "$rendered"
 count 'secretName: fleetline-(api|grafana)-tls$' 2 "$rendered"
 count 'name: FLEETLINE_API_FORWARDED_ALLOW_IPS' 1 "$rendered"
+count 'kubernetes.io/metadata.name: ingress-nginx' 1 "$rendered"
 "$validate" --strict -k 1.30.0 --quiet - <<<"$rendered"
 echo "ok: overlays/prod with components/ingress renders and validates ($(grep -c '^kind:' <<<"$rendered") resources)"
 
