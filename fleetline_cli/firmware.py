@@ -13,11 +13,16 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fleetline.files import project_path
 from fleetline_dev.embedded import write_private
+
+if TYPE_CHECKING:
+    from fleetline_cli.client import ApiClient
 
 # Every board runs these, compiled, and its own layer as board.mpy; boot.py and main.py
 # stay source (the board runs them by name).
@@ -228,3 +233,66 @@ def sign_release(
         + "\n"
     )
     return target_path
+
+
+# Bytes per part of an upload: each is one request, within the API's body limit (1 MiB).
+UPLOAD_PART_BYTES = 512 * 1024
+# Tries per part when the connection drops; each resumes where the API says it got to.
+UPLOAD_TRIES = 5
+
+
+def upload_release(
+    client: ApiClient,
+    image: Path,
+    *,
+    version: str,
+    target: str,
+    kind: str,
+    notes: str,
+    progress: Callable[[int, int], None],
+) -> dict[str, Any]:
+    """Declare a release and upload ``image`` in parts, resuming where the API says it
+    got to after a dropped connection; the API signs the release when the last part's
+    bytes hash as declared. ``progress(sent, size)`` after each part."""
+    from fleetline_cli.client import ApiError
+
+    try:
+        data = image.read_bytes()
+    except OSError as exc:
+        raise FirmwareError(f"cannot read {image}: {exc.strerror}") from None
+    release: dict[str, Any] = client.request(
+        "POST",
+        "/v1/firmware",
+        json={
+            "version": version,
+            "target": target,
+            "kind": kind,
+            "notes": notes,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+    )
+    path = f"/v1/firmware/{release['id']}"
+    tries = 0
+    while release["status"] != "released":
+        start = release["received"]
+        end = min(start + UPLOAD_PART_BYTES, len(data)) - 1
+        try:
+            release = client.request(
+                "PUT",
+                f"{path}/content",
+                content=data[start : end + 1],
+                headers={
+                    "Content-Range": f"bytes {start}-{end}/{len(data)}",
+                    "Content-Type": "application/octet-stream",
+                },
+            )
+        except ApiError:
+            tries += 1
+            if tries >= UPLOAD_TRIES:
+                raise
+            release = client.request("GET", path)  # where to go on from
+            continue
+        tries = 0
+        progress(release["received"], len(data))
+    return release

@@ -386,6 +386,42 @@ def firmware_sign(
     typer.echo(f"wrote {written}")
 
 
+@firmware_app.command("upload")
+def firmware_upload(
+    image: Annotated[Path, typer.Argument(help="The image or bundle file to release.")],
+    *,
+    version: Annotated[str, typer.Option(help="The release's version, e.g. 2.1.0.")],
+    target: Annotated[str, typer.Option(help="The board or model it is for, e.g. esp32.")],
+    kind: Annotated[
+        str, typer.Option(help="bundle (application files) or image (a whole firmware).")
+    ] = "bundle",
+    notes: Annotated[str, typer.Option(help="What changed, for people.")] = "",
+) -> None:
+    """Upload IMAGE as a release to the API (FLEETLINE_API_URL), which signs its manifest
+    with its release key; the upload resumes by itself after a dropped connection."""
+    from fleetline_cli import firmware
+    from fleetline_cli.client import ApiClient
+    from fleetline_cli.common import api_errors
+
+    def progress(sent: int, size: int) -> None:
+        typer.echo(f"  {sent:,} of {size:,} bytes ({100 * sent // size}%)", err=True)
+
+    with _firmware_errors(), api_errors():
+        release = firmware.upload_release(
+            ApiClient(),
+            image,
+            version=version,
+            target=target,
+            kind=kind,
+            notes=notes,
+            progress=progress,
+        )
+    typer.echo(
+        f"released {release['target']} {release['version']} as firmware "
+        f"{release['id']} ({release['size']:,} bytes, sha256 {release['sha256']})"
+    )
+
+
 @firmware_app.command("config")
 def firmware_config(
     device_id: Annotated[

@@ -26,7 +26,7 @@ import asyncpg
 import typer
 from pydantic import ValidationError
 
-from fleetline import devicekeys
+from fleetline import devicekeys, releases
 from fleetline.db import close_connection
 from fleetline.logs import setup_logging
 from fleetline.migrate import MigrationError, migrate
@@ -85,6 +85,19 @@ def device_key_secret(base: Path) -> str:
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32))
     return path.read_text().strip()
+
+
+def release_key_file(base: Path) -> str:
+    """FLEETLINE_API_RELEASE_KEY_FILE, else this data directory's own release key (made on
+    first run), so that firmware releases can be made and keep their signer."""
+    configured = os.environ.get("FLEETLINE_API_RELEASE_KEY_FILE")
+    if configured:
+        return configured
+    path = base / "release-key.pem"
+    if not path.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        releases.write_key(path, releases.generate_key())
+    return str(path)
 
 
 def _pick_port(preferred: int) -> int:
@@ -167,6 +180,12 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
         devicekeys.check_secret(key_secret.encode())
     except (OSError, devicekeys.DeviceKeyError) as exc:
         _say(f"error: device-key secret: {exc}", err=True)
+        return 1
+    try:
+        # The api's (the child processes take this environment).
+        os.environ["FLEETLINE_API_RELEASE_KEY_FILE"] = release_key_file(base)
+    except releases.ReleaseError as exc:
+        _say(f"error: release key: {exc}", err=True)
         return 1
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     _trap_signals()

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -223,6 +224,20 @@ class IngestProcess(ServiceProcess):
         }
 
 
+_RELEASE_KEY: list[Path] = []
+
+
+def release_key_file() -> Path:
+    """The run's firmware release key (PEM), made once: every API process signs with it."""
+    if not _RELEASE_KEY:
+        from fleetline import releases
+
+        path = Path(tempfile.mkdtemp(prefix="fleetline-release-")) / "release-key.pem"
+        releases.write_key(path, releases.generate_key())
+        _RELEASE_KEY.append(path)
+    return _RELEASE_KEY[0]
+
+
 class ApiProcess(ServiceProcess):
     service = "api"
     port_variable = "FLEETLINE_API_PORT"
@@ -237,7 +252,8 @@ class ApiProcess(ServiceProcess):
                 "FLEETLINE_API_RATE_PER_KEY": "0",
                 # ...and so is the limit on failed provisioning attempts per address
                 # (tests/integration/test_provisioning.py).
-                "FLEETLINE_API_PROVISION_FAILURES_BURST": "0"}
+                "FLEETLINE_API_PROVISION_FAILURES_BURST": "0",
+                "FLEETLINE_API_RELEASE_KEY_FILE": str(release_key_file())}
 
 
 class RulesProcess(ServiceProcess):

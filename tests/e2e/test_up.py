@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
-from fleetline import apikeys
+from fleetline import apikeys, releases
 from fleetline_dev.embedded import free_port
 from tests.support import Device, wait_until
 
@@ -94,6 +94,11 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
         finally:
             await con.close()
         c = httpx.Client(base_url=api_url, timeout=10, headers={"Authorization": f"Bearer {key}"})
+        # Its own release key, made on first run, signs firmware releases.
+        release_key = tmp_path / "data" / "release-key.pem"
+        assert release_key.stat().st_mode & 0o077 == 0
+        assert c.get("/v1/release-key").json()["public_key"] == releases.public_point(
+            releases.load_key(release_key)).hex()
         # The simulated fleet publishes over TLS.
         wait_until(lambda: c.get("/v1/devices/sim-0000/latest").json().get("metrics"),
                    timeout=60, what="the simulated devices' readings")
@@ -113,8 +118,10 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
     finally:
         assert up.stop() == 0, up.output()
     ca = ca_file.read_bytes()
+    signer = release_key.read_bytes()
     again = Up(tmp_path / "data", ports)
     try:
         assert Path(again.field(r"CA file\s+(\S+)\)")).read_bytes() == ca
+        assert release_key.read_bytes() == signer
     finally:
         assert again.stop() == 0, again.output()

@@ -10,10 +10,11 @@ from datetime import timedelta
 from typing import Any, TypedDict
 
 import asyncpg
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from fleetline import __version__, db
+from fleetline import __version__, db, releases
 from fleetline.service import serve_probes
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
@@ -29,6 +30,7 @@ from fleetline_api.routes import (
     devices,
     endpoints,
     enrollments,
+    firmware,
     health,
     jobs,
     limits,
@@ -61,6 +63,8 @@ class State(TypedDict):
     rate_limits: KeyRateLimiter
     # How far back each rollup reaches (its retention): older ranges read raw rows.
     rollup_horizons: dict[str, timedelta]
+    # Signs firmware releases' manifests (None: no release can be made).
+    release_key: ec.EllipticCurvePrivateKey | None
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -115,6 +119,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 "jobs": runner,
                 "rate_limits": KeyRateLimiter(settings.rate_per_key, settings.rate_burst_per_key),
                 "rollup_horizons": horizons,
+                "release_key": (
+                    releases.load_key(settings.release_key_file)
+                    if settings.release_key_file
+                    else None
+                ),
             }
         finally:
             if probes is not None:
@@ -149,6 +158,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.include_router(health.metrics_router)
     app.include_router(devices.router)
     app.include_router(cas.router)
+    app.include_router(firmware.router)
+    app.include_router(firmware.key_router)
     app.include_router(endpoints.router)
     app.include_router(enrollments.router)
     app.include_router(provision.router)

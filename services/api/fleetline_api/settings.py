@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from fleetline import devicekeys
+from fleetline import devicekeys, releases
 from fleetline.settings import MqttTarget, ServiceSettings, parse_mqtt_url
 
 
@@ -47,6 +49,12 @@ class ApiSettings(ServiceSettings):
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=9102, ge=0, le=65535)
     pool_size: int = Field(default=10, ge=1, le=200)
+    # Firmware releases (docs/ota.md): the release key (PEM, P-256: `fleetline firmware
+    # keygen`) that signs every manifest, without which no release can be made; the
+    # largest image; the largest part of an upload (each part is one request, within
+    # max_body_bytes).
+    release_key_file: Path | None = None
+    firmware_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     # /v1/stream: events buffered per client before it is dropped as too slow, and how
     # many clients one API process serves.
     stream_queue_size: int = Field(default=1000, ge=10, le=100_000)
@@ -76,6 +84,18 @@ class ApiSettings(ServiceSettings):
     c2d_max_deliveries: int = Field(default=10, ge=1, le=1000)
     c2d_sweep_s: float = Field(default=1.0, ge=0.05, le=60)
     c2d_retention_s: int = Field(default=7 * 86_400, ge=60, le=366 * 86_400)
+
+    @field_validator("release_key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("release_key_file")
+    @classmethod
+    def _release_key_loads(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            releases.load_key(path)  # ReleaseError is a ValueError: one line, named
+        return path
 
     @field_validator("device_key_secret")
     @classmethod
