@@ -18,7 +18,13 @@ import asyncpg
 from fleetline import db
 
 Scope = Literal[
-    "devices:read", "devices:write", "telemetry:read", "commands:write", "rules:write", "admin"
+    "devices:read",
+    "devices:write",
+    "telemetry:read",
+    "commands:write",
+    "rules:write",
+    "firmware:write",
+    "admin",
 ]
 SCOPES: tuple[str, ...] = get_args(Scope)
 PREFIX = "flk_"

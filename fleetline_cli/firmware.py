@@ -235,10 +235,24 @@ def sign_release(
     return target_path
 
 
-# Bytes per part of an upload: each is one request, within the API's body limit (1 MiB).
+# Bytes per part of an upload: each is one request, within the API's body limit
+# (FLEETLINE_API_MAX_BODY_BYTES, 1 MiB by default).
 UPLOAD_PART_BYTES = 512 * 1024
 # Tries per part when the connection drops; each resumes where the API says it got to.
 UPLOAD_TRIES = 5
+
+
+def _file_sha256(image: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with image.open("rb") as source:
+            while chunk := source.read(1 << 16):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise FirmwareError(f"cannot read {image}: {exc.strerror}") from None
+    return size, digest.hexdigest()
 
 
 def upload_release(
@@ -250,49 +264,73 @@ def upload_release(
     kind: str,
     notes: str,
     progress: Callable[[int, int], None],
+    part_bytes: int = UPLOAD_PART_BYTES,
 ) -> dict[str, Any]:
-    """Declare a release and upload ``image`` in parts, resuming where the API says it
-    got to after a dropped connection; the API signs the release when the last part's
-    bytes hash as declared. ``progress(sent, size)`` after each part."""
+    """Declare a release and upload ``image`` in parts read one at a time, resuming
+    where the API says it got to after a dropped connection, and, run again after an
+    interruption, going on with the same upload (same target, version and SHA-256); the
+    API signs the release when the last part's bytes hash as declared.
+    ``progress(sent, size)`` after each part."""
     from fleetline_cli.client import ApiError
 
+    size, sha256 = _file_sha256(image)
     try:
-        data = image.read_bytes()
-    except OSError as exc:
-        raise FirmwareError(f"cannot read {image}: {exc.strerror}") from None
-    release: dict[str, Any] = client.request(
-        "POST",
-        "/v1/firmware",
-        json={
-            "version": version,
-            "target": target,
-            "kind": kind,
-            "notes": notes,
-            "size": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        },
-    )
+        release: dict[str, Any] = client.request(
+            "POST",
+            "/v1/firmware",
+            json={
+                "version": version,
+                "target": target,
+                "kind": kind,
+                "notes": notes,
+                "size": size,
+                "sha256": sha256,
+            },
+        )
+    except ApiError as exc:
+        release = _unfinished(client, target, version, sha256, exc)
     path = f"/v1/firmware/{release['id']}"
     tries = 0
-    while release["status"] != "released":
-        start = release["received"]
-        end = min(start + UPLOAD_PART_BYTES, len(data)) - 1
-        try:
-            release = client.request(
-                "PUT",
-                f"{path}/content",
-                content=data[start : end + 1],
-                headers={
-                    "Content-Range": f"bytes {start}-{end}/{len(data)}",
-                    "Content-Type": "application/octet-stream",
-                },
-            )
-        except ApiError:
-            tries += 1
-            if tries >= UPLOAD_TRIES:
-                raise
-            release = client.request("GET", path)  # where to go on from
-            continue
-        tries = 0
-        progress(release["received"], len(data))
+    with image.open("rb") as source:
+        while release["status"] != "released":
+            start = release["received"]
+            source.seek(start)
+            part = source.read(part_bytes)
+            end = start + len(part) - 1
+            try:
+                release = client.request(
+                    "PUT",
+                    f"{path}/content",
+                    content=part,
+                    headers={
+                        "Content-Range": f"bytes {start}-{end}/{size}",
+                        "Content-Type": "application/octet-stream",
+                    },
+                )
+                tries = 0
+            except ApiError:
+                tries += 1
+                if tries >= UPLOAD_TRIES:
+                    raise
+                try:
+                    release = client.request("GET", path)  # where to go on from
+                except ApiError:
+                    continue  # the next try asks again
+                continue
+            progress(release["received"], size)
     return release
+
+
+def _unfinished(
+    client: ApiClient, target: str, version: str, sha256: str, refused: Exception
+) -> dict[str, Any]:
+    """The upload of this same release still going (a run interrupted before), or the
+    POST's refusal again."""
+    for release in client.request("GET", "/v1/firmware", params={"target": target})["items"]:
+        if (release["version"], release["sha256"], release["status"]) == (
+            version,
+            sha256,
+            "uploading",
+        ):
+            return dict(release)
+    raise refused

@@ -370,7 +370,8 @@ def firmware_sign(
         str, typer.Option(help="bundle (application files) or image (a whole firmware).")
     ] = "bundle",
     key: Annotated[
-        Path, typer.Option(envvar="FLEETLINE_RELEASE_KEY_FILE", help="The release key (PEM).")
+        Path,
+        typer.Option(envvar="FLEETLINE_API_RELEASE_KEY_FILE", help="The release key (PEM)."),
     ] = Path("release-key.pem"),
     out: Annotated[
         Path | None, typer.Option(help="Where to write (default: IMAGE.release.json).")
@@ -396,9 +397,14 @@ def firmware_upload(
         str, typer.Option(help="bundle (application files) or image (a whole firmware).")
     ] = "bundle",
     notes: Annotated[str, typer.Option(help="What changed, for people.")] = "",
+    part_size: Annotated[
+        int,
+        typer.Option(min=1024, help="Bytes per request, within the API's body limit."),
+    ] = 512 * 1024,
 ) -> None:
     """Upload IMAGE as a release to the API (FLEETLINE_API_URL), which signs its manifest
-    with its release key; the upload resumes by itself after a dropped connection."""
+    with its release key. The upload resumes by itself after a dropped connection, and
+    run again after an interruption goes on with the same upload."""
     from fleetline_cli import firmware
     from fleetline_cli.client import ApiClient
     from fleetline_cli.common import api_errors
@@ -415,6 +421,7 @@ def firmware_upload(
             kind=kind,
             notes=notes,
             progress=progress,
+            part_bytes=part_size,
         )
     typer.echo(
         f"released {release['target']} {release['version']} as firmware "

@@ -1,5 +1,14 @@
 -- Firmware releases and the blobs that hold their images (docs/ota.md).
 --
+-- Making a release is its own scope, firmware:write: the API signs what is uploaded with
+-- the release key, and every board of the target accepts it.
+ALTER TABLE api_keys DROP CONSTRAINT api_keys_scopes_check;
+ALTER TABLE api_keys ADD CONSTRAINT api_keys_scopes_check CHECK (
+    cardinality(scopes) > 0
+    AND scopes <@ ARRAY['devices:read', 'devices:write', 'telemetry:read', 'commands:write',
+                        'rules:write', 'firmware:write', 'admin']::text[]);
+
+--
 -- A blob is uploaded in parts, each a request of its own (PUT with Content-Range), in
 -- order, so an upload of any size fits the API's body limit and an interrupted one
 -- resumes at `received`. It says up front how large it is and what its SHA-256 must be;

@@ -10,7 +10,7 @@
 # coordinates (a = -3), u1*G + u2*Q in one pass (Shamir's trick). MicroPython's
 # three-argument pow returns 0 for a negative exponent, so inverses are by Fermat
 # (pow(a, m - 2, m), m prime). Verification time and heap are measured under the unix
-# port with an ESP32 application's heap (tests/firmware/test_ecdsa.py).
+# port with an ESP32 application's heap (tests/firmware/test_release.py).
 
 P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
 N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551

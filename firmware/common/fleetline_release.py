@@ -27,9 +27,21 @@ def _unhex(text, what):
         raise Refused(what + " is not hex") from None
 
 
-def check_manifest(manifest, signature, release_key, target):
+def _version_key(version):
+    # Dotted parts, numbers compared as numbers (2.10 after 2.9), words after numbers.
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in version.split(".")]
+
+
+def newer(version, than):
+    """Whether release ``version`` comes after ``than`` (the running one)."""
+    return _version_key(version) > _version_key(than)
+
+
+def check_manifest(manifest, signature, release_key, target, running=None):
     """The manifest (bytes) as a dict, if ``signature`` (hex) is the release key's
-    (``release_key``: hex x || y) and it is for ``target``; else Refused."""
+    (``release_key``: hex x || y), it is for ``target`` and (given the ``running``
+    version) newer than what runs: an old release, signed as it was, is refused, so no
+    one can put a version with known faults back on the board. Else Refused."""
     try:
         key = fleetline_ecdsa.public_key(_unhex(release_key, "the release key"))
     except ValueError:
@@ -47,6 +59,15 @@ def check_manifest(manifest, signature, release_key, target):
         raise Refused("the release is for " + str(doc["target"]) + ", this board is " + target)
     if not isinstance(doc["size"], int) or doc["size"] < 1:
         raise Refused("the manifest's size is not a positive number")
+    if doc["kind"] not in ("bundle", "image"):
+        raise Refused("the manifest's kind is neither bundle nor image")
+    if not isinstance(doc["sha256"], str) or len(doc["sha256"]) != 64:
+        raise Refused("the manifest's sha256 is not 64 hex digits")
+    if not isinstance(doc["version"], str):
+        raise Refused("the manifest's version is not text")
+    if running is not None and not newer(doc["version"], running):
+        raise Refused("the release " + doc["version"] + " is not newer than the running "
+                      + running)
     return doc
 
 

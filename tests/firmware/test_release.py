@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMON = ROOT / "firmware" / "common"
 sys.path.insert(0, str(COMMON))
 import fleetline_ecdsa  # noqa: E402
+import fleetline_release  # noqa: E402
 
 from fleetline import releases  # noqa: E402
 
@@ -112,7 +113,7 @@ config = json.loads(open(CONFIG).read())
 signed = json.loads(open(config["release"]).read())
 try:
     manifest = release.check_manifest(signed["manifest"].encode(), signed["signature"],
-                                      config["key"], config["target"])
+                                      config["key"], config["target"], config["running"])
     check = release.ImageCheck(manifest)
     with open(config["image"], "rb") as f:
         while True:
@@ -149,14 +150,15 @@ def test_a_release_signed_by_the_cli_is_checked_by_the_device_and_tampering_refu
     assert releases.Manifest.from_bytes(release["manifest"].encode()).size == 10242
 
     def on_device(name: str, *, image_bytes: bytes | None = None, manifest: str | None = None,
-                  target: str = "esp32", key: str = public) -> dict[str, str]:
+                  target: str = "esp32", key: str = public, running: str = "1.9.12"
+                  ) -> dict[str, str]:
         folder = tmp_path / name
         folder.mkdir()
         (folder / "app.bin").write_bytes(image_bytes or image.read_bytes())
         (folder / "release.json").write_text(json.dumps(
             {**release, "manifest": manifest or release["manifest"]}))
         (folder / "config.json").write_text(json.dumps(
-            {"key": key, "target": target, "image": str(folder / "app.bin"),
+            {"key": key, "target": target, "image": str(folder / "app.bin"), "running": running,
              "release": str(folder / "release.json")}))
         probe = folder / "apply.py"
         probe.write_text(APPLY.replace("CONFIG", repr(str(folder / "config.json"))))
@@ -178,6 +180,11 @@ def test_a_release_signed_by_the_cli_is_checked_by_the_device_and_tampering_refu
     other = releases.public_point(releases.generate_key()).hex()
     assert on_device("other key", key=other) == {
         "refused": "the manifest's signature is not the release key's"}
+    # The same release again, or an older one signed as it was: no downgrade.
+    assert on_device("running it", running="2.0.0") == {
+        "refused": "the release 2.0.0 is not newer than the running 2.0.0"}
+    assert on_device("running newer", running="2.0.10") == {
+        "refused": "the release 2.0.0 is not newer than the running 2.0.10"}
     assert on_device("bad key", key="00" * 64) == {
         "refused": "the release key in the config is not a P-256 public key"}
 
@@ -199,3 +206,9 @@ def test_a_manifest_names_only_what_a_device_can_check(
         releases.Manifest(**{**good, field: value})  # type: ignore[arg-type]
     with pytest.raises(releases.ReleaseError, match="canonical"):
         releases.Manifest.from_bytes(json.dumps(good).encode())
+
+
+def test_versions_order_as_people_read_them() -> None:
+    for older, newer in (("1.9", "1.10"), ("1.0", "1.0.1"), ("2.0.9", "2.1")):
+        assert fleetline_release.newer(newer, older) and not fleetline_release.newer(older, newer)
+    assert not fleetline_release.newer("1.0.0", "1.0.0")

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fleetline.db import Connection, Queryable
 
-CONTENT_RANGE = re.compile(r"bytes (\d{1,15})-(\d{1,15})/(\d{1,15})")
-RANGE = re.compile(r"bytes=(\d{0,15})-(\d{0,15})")
-# Bytes read from the database per query when a blob is hashed or served.
+CONTENT_RANGE = re.compile(r"bytes (\d{1,15})-(\d{1,15})/(\d{1,15})", re.ASCII)
+RANGE = re.compile(r"bytes=(\d{0,15})-(\d{0,15})", re.ASCII)
+# Parts read from the database per query when a blob is hashed or served (each at most
+# the API's body limit, 1 MiB by default).
 READ_BATCH = 4
 
 
@@ -65,13 +66,14 @@ def part_range(header: str | None, size: int, length: int) -> int:
 
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """[start, end] of a single Range header (None: the whole blob); BlobError 416 when
-    it is not within the blob."""
-    if header is None:
+    """[start, end] of a Range header of one byte range (None: the whole blob, also for
+    a header in another unit or of several ranges, which a server may ignore); BlobError
+    416 when the range is not within the blob."""
+    if header is None or not header.strip().startswith("bytes=") or "," in header:
         return None
     found = RANGE.fullmatch(header.strip())
     if not found or found.groups() == ("", ""):
-        raise BlobError(416, "only one range, bytes=START-END, bytes=START- or bytes=-N")
+        raise BlobError(416, "a range reads bytes=START-END, bytes=START- or bytes=-N")
     first, last = found.groups()
     if first == "":
         start, end = max(size - int(last), 0), size - 1
@@ -138,28 +140,33 @@ async def _sha256(con: Connection, blob_id: int) -> str:
 
 async def _parts(con: Queryable, blob_id: int, start: int, end: int | None) -> AsyncIterator[bytes]:
     """The blob's bytes from ``start`` to ``end`` (inclusive; None: the last), a few
-    parts per query, so memory holds only those."""
+    parts per query (each by the primary key), so memory holds only those."""
     at = start
-    while end is None or at <= end:
-        rows = await con.fetch(
-            "SELECT start, data FROM blob_parts WHERE blob_id = $1"
-            " AND start + length(data) > $2 ORDER BY start LIMIT $3",
-            blob_id,
-            at,
-            READ_BATCH,
-        )
-        if not rows:
-            return
+    # The part that holds ``start``; then the parts after it, which follow contiguously.
+    rows = await con.fetch(
+        "SELECT start, data FROM blob_parts WHERE blob_id = $1 AND start <= $2"
+        " ORDER BY start DESC LIMIT 1",
+        blob_id,
+        at,
+    )
+    while rows:
         for row in rows:
             data: bytes = row["data"]
             lo = at - row["start"]
             hi = len(data) if end is None else min(len(data), end - row["start"] + 1)
             if lo >= hi or lo < 0:
-                return  # parts are contiguous from 0: nothing else can follow
+                return  # past the end asked, or a gap (parts are contiguous: none)
             yield data[lo:hi]
             at = row["start"] + hi
             if end is not None and at > end:
                 return
+        rows = await con.fetch(
+            "SELECT start, data FROM blob_parts WHERE blob_id = $1 AND start >= $2"
+            " ORDER BY start LIMIT $3",
+            blob_id,
+            at,
+            READ_BATCH,
+        )
 
 
 async def read(pool: Queryable, blob_id: int, start: int, end: int) -> AsyncIterator[bytes]:

@@ -86,6 +86,8 @@ TelemetryRead = Annotated[KeyInfo, Depends(require("telemetry:read"))]
 CommandsWrite = Annotated[KeyInfo, Depends(require("commands:write"))]
 RulesRead = Annotated[KeyInfo, Depends(require("rules:write", "telemetry:read"))]
 RulesWrite = Annotated[KeyInfo, Depends(require("rules:write"))]
+FirmwareRead = Annotated[KeyInfo, Depends(require("firmware:write", "devices:read"))]
+FirmwareWrite = Annotated[KeyInfo, Depends(require("firmware:write"))]
 
 
 def actor(key: KeyInfo) -> str:

@@ -51,8 +51,7 @@ class ApiSettings(ServiceSettings):
     pool_size: int = Field(default=10, ge=1, le=200)
     # Firmware releases (docs/ota.md): the release key (PEM, P-256: `fleetline firmware
     # keygen`) that signs every manifest, without which no release can be made; the
-    # largest image; the largest part of an upload (each part is one request, within
-    # max_body_bytes).
+    # largest image (uploaded in parts, each one request within max_body_bytes).
     release_key_file: Path | None = None
     firmware_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     # /v1/stream: events buffered per client before it is dropped as too slow, and how

@@ -18,7 +18,9 @@ SELECT {COLUMNS} FROM firmware f JOIN blobs b ON b.id = f.blob_id
 WHERE ($1::text IS NULL OR f.target = $1) ORDER BY f.id DESC LIMIT $2
 """
 
-BLOB_OF = "SELECT blob_id FROM firmware WHERE id = $1"
+GET_CONTENT = f"""
+SELECT {COLUMNS}, f.blob_id FROM firmware f JOIN blobs b ON b.id = f.blob_id WHERE f.id = $1
+"""
 
 RELEASE = """
 UPDATE firmware SET manifest = $2, signature = $3, released_at = now() WHERE id = $1

@@ -22,15 +22,15 @@ from fastapi.responses import StreamingResponse
 
 from fleetline import releases
 from fleetline_api import blobs
-from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep
+from fleetline_api.deps import FirmwareRead, FirmwareWrite, PoolDep, SettingsDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.queries import firmware as sql
-from fleetline_api.schemas.common import DeviceId
 from fleetline_api.schemas.firmware import (
     FirmwareCreate,
     FirmwareList,
     FirmwarePublic,
     ReleaseKey,
+    ReleaseName,
 )
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ async def _get(db: Queryable, firmware_id: int) -> FirmwarePublic:
 
 
 @key_router.get("", response_model=ReleaseKey, responses=CONFLICT)
-async def get_release_key(request: Request, _key: DevicesRead) -> ReleaseKey:
+async def get_release_key(request: Request, _key: FirmwareRead) -> ReleaseKey:
     """The release key's public half, for the boards' configuration."""
     return ReleaseKey(public_key=releases.public_point(_release_key(request)).hex())
 
@@ -80,7 +80,7 @@ async def create_firmware(
     request: Request,
     pool: PoolDep,
     settings: SettingsDep,
-    _key: DevicesWrite,
+    _key: FirmwareWrite,
 ) -> FirmwarePublic:
     """Declare a release; upload its image next (``PUT .../content``)."""
     _release_key(request)
@@ -123,7 +123,7 @@ async def upload_part(
     firmware_id: FirmwareId,
     request: Request,
     pool: PoolDep,
-    _key: DevicesWrite,
+    _key: FirmwareWrite,
     content_range: Annotated[
         str | None,
         Header(
@@ -178,8 +178,10 @@ async def upload_part(
 @router.get("", response_model=FirmwareList)
 async def list_firmware(
     pool: PoolDep,
-    _key: DevicesRead,
-    target: Annotated[DeviceId | None, Query(description="Only releases for this target")] = None,
+    _key: FirmwareRead,
+    target: Annotated[
+        ReleaseName | None, Query(description="Only releases for this target")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> FirmwareList:
     """Releases, newest first, uploading ones included."""
@@ -188,7 +190,9 @@ async def list_firmware(
 
 
 @router.get("/{firmware_id}", response_model=FirmwarePublic, responses=NOT_FOUND)
-async def get_firmware(firmware_id: FirmwareId, pool: PoolDep, _key: DevicesRead) -> FirmwarePublic:
+async def get_firmware(
+    firmware_id: FirmwareId, pool: PoolDep, _key: FirmwareRead
+) -> FirmwarePublic:
     return await _get(pool, firmware_id)
 
 
@@ -206,20 +210,22 @@ async def get_firmware(firmware_id: FirmwareId, pool: PoolDep, _key: DevicesRead
 async def get_content(
     firmware_id: FirmwareId,
     pool: PoolDep,
-    _key: DevicesRead,
+    _key: FirmwareRead,
     range_header: Annotated[
         str | None, Header(alias="range", description="bytes=START-END, START- or -N")
     ] = None,
 ) -> Response:
     """The released image, whole or one range of it."""
-    firmware = await _get(pool, firmware_id)
+    row = await pool.fetchrow(sql.GET_CONTENT, firmware_id)
+    if row is None:
+        raise HTTPException(404, f"firmware {firmware_id} not found")
+    firmware, blob_id = FirmwarePublic(**dict(row)), int(row["blob_id"])
     if firmware.status != "released":
         raise HTTPException(
             409,
             f"firmware {firmware_id} is still uploading "
             f"({firmware.received:,} of {firmware.size:,} bytes)",
         )
-    blob_id = await pool.fetchval(sql.BLOB_OF, firmware_id)
     try:
         span = blobs.byte_range(range_header, firmware.size)
     except blobs.BlobError as exc:
@@ -248,7 +254,7 @@ async def get_content(
 
 
 @router.delete("/{firmware_id}", status_code=204, responses=NOT_FOUND)
-async def delete_firmware(firmware_id: FirmwareId, pool: PoolDep, _key: DevicesWrite) -> Response:
+async def delete_firmware(firmware_id: FirmwareId, pool: PoolDep, _key: FirmwareWrite) -> Response:
     """Delete a release and its image."""
     async with pool.acquire() as con, con.transaction():
         blob_id = await con.fetchval(sql.DELETE_FIRMWARE, firmware_id)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AllowInfNan,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -141,10 +142,26 @@ class DeviceCreated(DevicePublic):
     )
 
 
+def whole_number(value: Any) -> Any:
+    """JSON Schema's integer: a number with no fraction (60.0 is one); not a string or a
+    boolean, which pydantic's lax mode would take."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
+# An integer field that takes 60 and 60.0 but not "60" or true.
+WHOLE_NUMBER = BeforeValidator(whole_number)
+
+
 class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ttl_s: int = Field(default=3600, ge=1, le=366 * 24 * 3600)
+    ttl_s: Annotated[int, WHOLE_NUMBER] = Field(default=3600, ge=1, le=366 * 24 * 3600)
 
 
 class DeviceToken(BaseModel):

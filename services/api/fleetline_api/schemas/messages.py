@@ -12,10 +12,10 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from fleetline.protocol import json_problem
-from fleetline_api.schemas.common import TagName, TagText
+from fleetline_api.schemas.common import WHOLE_NUMBER, TagName, TagText
 
 MessageState = Literal["queued", "sent", "completed", "rejected", "expired", "cancelled"]
 PENDING_STATES = ("queued", "sent")
@@ -66,19 +66,7 @@ def encode_body(body: Any) -> str:
     return text
 
 
-def _whole_number(value: Any) -> Any:
-    """JSON Schema's integer: a number with no fraction (60.0 is one); not a string or a
-    boolean, which pydantic's lax mode would take."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("must be a whole number")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError("must be a whole number")
-        return int(value)
-    return value
-
-
-TtlSeconds = Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS), BeforeValidator(_whole_number)]
+TtlSeconds = Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS), WHOLE_NUMBER]
 
 
 class MessageCreate(BaseModel):
