@@ -197,14 +197,7 @@ def flash_command(port: str, files: list[Path], *, mpremote: str = "mpremote") -
     return [*command, "reset"]
 
 
-def sign_release(
-    image: Path, *, version: str, target: str, kind: str, key_file: Path, out: Path | None = None
-) -> Path:
-    """``image``'s manifest signed with the release key, written beside it as
-    ``IMAGE.release.json``: {"manifest": its canonical JSON, "signature": r || s in hex},
-    what the device checks (firmware/common/fleetline_release.py)."""
-    from fleetline import releases
-
+def _file_sha256(image: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     try:
@@ -214,13 +207,25 @@ def sign_release(
                 size += len(chunk)
     except OSError as exc:
         raise FirmwareError(f"cannot read {image}: {exc.strerror}") from None
+    return size, digest.hexdigest()
+
+
+def sign_release(
+    image: Path, *, version: str, target: str, kind: str, key_file: Path, out: Path | None = None
+) -> Path:
+    """``image``'s manifest signed with the release key, written beside it as
+    ``IMAGE.release.json``: {"manifest": its canonical JSON, "signature": r || s in hex},
+    what the device checks (firmware/common/fleetline_release.py)."""
+    from fleetline import releases
+
+    size, sha256 = _file_sha256(image)
     try:
         manifest = releases.Manifest(
             version=version,
             target=target,
             kind=kind,  # type: ignore[arg-type]
             size=size,
-            sha256=digest.hexdigest(),
+            sha256=sha256,
         )
         signature = releases.sign(releases.load_key(key_file), manifest)
     except releases.ReleaseError as exc:
@@ -240,19 +245,6 @@ def sign_release(
 UPLOAD_PART_BYTES = 512 * 1024
 # Tries per part when the connection drops; each resumes where the API says it got to.
 UPLOAD_TRIES = 5
-
-
-def _file_sha256(image: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with image.open("rb") as source:
-            while chunk := source.read(1 << 16):
-                digest.update(chunk)
-                size += len(chunk)
-    except OSError as exc:
-        raise FirmwareError(f"cannot read {image}: {exc.strerror}") from None
-    return size, digest.hexdigest()
 
 
 def upload_release(

@@ -360,15 +360,22 @@ def firmware_keygen(
     )
 
 
+# What `firmware sign` and `firmware upload` take.
+ReleaseImage = Annotated[Path, typer.Argument(help="The image or bundle file to release.")]
+ReleaseVersion = Annotated[str, typer.Option(help="The release's version, e.g. 2.1.0.")]
+ReleaseTarget = Annotated[str, typer.Option(help="The board or model it is for, e.g. esp32.")]
+ReleaseKind = Annotated[
+    str, typer.Option(help="bundle (application files) or image (a whole firmware).")
+]
+
+
 @firmware_app.command("sign")
 def firmware_sign(
-    image: Annotated[Path, typer.Argument(help="The image or bundle file to release.")],
+    image: ReleaseImage,
     *,
-    version: Annotated[str, typer.Option(help="The release's version, e.g. 2.1.0.")],
-    target: Annotated[str, typer.Option(help="The board or model it is for, e.g. esp32.")],
-    kind: Annotated[
-        str, typer.Option(help="bundle (application files) or image (a whole firmware).")
-    ] = "bundle",
+    version: ReleaseVersion,
+    target: ReleaseTarget,
+    kind: ReleaseKind = "bundle",
     key: Annotated[
         Path,
         typer.Option(envvar="FLEETLINE_API_RELEASE_KEY_FILE", help="The release key (PEM)."),
@@ -389,13 +396,11 @@ def firmware_sign(
 
 @firmware_app.command("upload")
 def firmware_upload(
-    image: Annotated[Path, typer.Argument(help="The image or bundle file to release.")],
+    image: ReleaseImage,
     *,
-    version: Annotated[str, typer.Option(help="The release's version, e.g. 2.1.0.")],
-    target: Annotated[str, typer.Option(help="The board or model it is for, e.g. esp32.")],
-    kind: Annotated[
-        str, typer.Option(help="bundle (application files) or image (a whole firmware).")
-    ] = "bundle",
+    version: ReleaseVersion,
+    target: ReleaseTarget,
+    kind: ReleaseKind = "bundle",
     notes: Annotated[str, typer.Option(help="What changed, for people.")] = "",
     part_size: Annotated[
         int,
