@@ -113,7 +113,7 @@ create() {
 # only: macOS still ships bash 3.2).
 present=" "
 for name in fleetline fleetline-mqtt fleetline-device-key fleetline-mosquitto-auth \
-    fleetline-grafana fleetline-mosquitto-tls fleetline-timescaledb; do
+    fleetline-grafana fleetline-mosquitto-tls fleetline-timescaledb fleetline-release-key; do
     if exists "$name"; then present+="$name "; fi
 done
 has() { [[ $present == *" $1 "* ]]; }
@@ -255,6 +255,16 @@ if ! has fleetline-device-key; then
     create fleetline-device-key --from-file=device-key-secret="$work/device-key"
 else
     kept+=(fleetline-device-key)
+fi
+
+if ! has fleetline-release-key; then
+    # ECDSA P-256, PKCS#8 PEM: the key that signs firmware releases (docs/ota.md). Boards
+    # carry its public half: keep a copy outside the cluster (README.md, "Secrets").
+    quiet openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
+        -out "$work/release-key.pem"
+    create fleetline-release-key --from-file=release-key.pem="$work/release-key.pem"
+else
+    kept+=(fleetline-release-key)
 fi
 
 if ! has fleetline-grafana; then

@@ -780,6 +780,13 @@ def test_make_secrets_creates_every_secret_once_and_consistently(tmp_path: Path)
               *(u.split(":")[2].split("@")[0] for u in made["fleetline-mqtt"].values())]
     assert len(secret) == 10 and all(len(v) >= 32 for v in secret)
     assert not [v for v in secret if v in first.stdout + first.stderr]
+    # The firmware release key: a P-256 key the api loads, never printed.
+    from fleetline import releases
+
+    release_pem = made["fleetline-release-key"]["release-key.pem"]
+    (tmp_path / "release.pem").write_text(release_pem)
+    releases.load_key(tmp_path / "release.pem")
+    assert release_pem.splitlines()[1] not in first.stdout + first.stderr
     # The broker's certificate, signed by the CA kept beside.
     tls = made["fleetline-mosquitto-tls"]
     # Kept outside the working directory (a repository, as the README runs it).
