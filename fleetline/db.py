@@ -136,6 +136,12 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
         return True
+    # asyncpg's own state error when a connection that broke mid-operation (the server
+    # killed) is reset on its way back to the pool: the pool drops that connection, and
+    # the next try takes a new one. Measured: a PostgreSQL kill -9 under load stopped
+    # ingest with "cannot switch to state 15; another operation (2) is in progress".
+    if isinstance(exc, asyncpg.InternalClientError):
+        return True
     if isinstance(exc, asyncpg.PostgresError):
         return str(getattr(exc, "sqlstate", "")).startswith(TRANSIENT_CLASSES)
     return False
