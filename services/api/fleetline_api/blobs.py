@@ -92,24 +92,19 @@ async def create(con: Connection, size: int, sha256: str) -> int:
     )
 
 
-async def get(con: Queryable, blob_id: int) -> Blob | None:
-    row = await con.fetchrow(
-        "SELECT id, size, sha256, received, complete FROM blobs WHERE id = $1", blob_id
-    )
-    return None if row is None else Blob(**dict(row))
-
-
-async def append(con: Connection, blob_id: int, start: int, data: bytes) -> Blob:
-    """Add a part in the caller's transaction (the blob's row is locked); when it is the
-    last, the blob is complete if its bytes hash as declared. BlobError 409 for a part
-    out of order or a complete blob, 422 for a hash that does not match (the parts are
-    dropped: the caller commits that and the upload starts over)."""
+async def append(con: Connection, blob_id: int, content_range: str | None, data: bytes) -> Blob:
+    """Add the part ``data``, placed by its Content-Range, in the caller's transaction
+    (the blob's row is locked); when it is the last, the blob is complete if its bytes
+    hash as declared. BlobError 400 for a Content-Range that does not fit the blob, 409
+    for a part out of order or a complete blob, 422 for a hash that does not match (the
+    parts are dropped: the caller commits that and the upload starts over)."""
     row = await con.fetchrow(
         "SELECT id, size, sha256, received, complete FROM blobs WHERE id = $1 FOR UPDATE", blob_id
     )
     if row is None:
         raise BlobError(404, "no such upload")
     blob = Blob(**dict(row))
+    start = part_range(content_range, blob.size, len(data))
     if blob.complete:
         raise BlobError(409, "the upload is complete", blob.received)
     if start != blob.received:
@@ -133,12 +128,14 @@ async def append(con: Connection, blob_id: int, start: int, data: bytes) -> Blob
 
 async def _sha256(con: Connection, blob_id: int) -> str:
     digest = hashlib.sha256()
-    async for chunk in _parts(con, blob_id, 0, None):
+    async for chunk in read(con, blob_id, 0):
         digest.update(chunk)
     return digest.hexdigest()
 
 
-async def _parts(con: Queryable, blob_id: int, start: int, end: int | None) -> AsyncIterator[bytes]:
+async def read(
+    con: Queryable, blob_id: int, start: int, end: int | None = None
+) -> AsyncIterator[bytes]:
     """The blob's bytes from ``start`` to ``end`` (inclusive; None: the last), a few
     parts per query (each by the primary key), so memory holds only those."""
     at = start
@@ -167,12 +164,6 @@ async def _parts(con: Queryable, blob_id: int, start: int, end: int | None) -> A
             at,
             READ_BATCH,
         )
-
-
-async def read(pool: Queryable, blob_id: int, start: int, end: int) -> AsyncIterator[bytes]:
-    """Bytes ``start`` to ``end`` (inclusive) of a complete blob."""
-    async for chunk in _parts(pool, blob_id, start, end):
-        yield chunk
 
 
 async def delete(con: Connection, blob_id: int) -> None:

@@ -22,6 +22,9 @@ GET_CONTENT = f"""
 SELECT {COLUMNS}, f.blob_id FROM firmware f JOIN blobs b ON b.id = f.blob_id WHERE f.id = $1
 """
 
+# The release being uploaded, locked while a part is added.
+LOCK_FIRMWARE = "SELECT blob_id, version, target, kind FROM firmware WHERE id = $1 FOR UPDATE"
+
 RELEASE = """
 UPDATE firmware SET manifest = $2, signature = $3, released_at = now() WHERE id = $1
 """

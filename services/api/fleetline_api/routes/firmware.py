@@ -12,7 +12,6 @@ image, with ``Range`` for downloads that resume.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import asyncpg
@@ -140,27 +139,22 @@ async def upload_part(
     failed: blobs.BlobError | None = None
     async with pool.acquire() as con:
         async with con.transaction():
-            row = await con.fetchrow(
-                "SELECT blob_id, manifest FROM firmware WHERE id = $1 FOR UPDATE", firmware_id
-            )
+            row = await con.fetchrow(sql.LOCK_FIRMWARE, firmware_id)
             if row is None:
                 raise HTTPException(404, f"firmware {firmware_id} not found")
-            blob = await blobs.get(con, row["blob_id"])
-            assert blob is not None  # firmware.blob_id references it
             try:
-                start = blobs.part_range(content_range, blob.size, len(data))
-                key = _release_key(request)
-                blob = await blobs.append(con, blob.id, start, data)
+                blob = await blobs.append(con, row["blob_id"], content_range, data)
             except blobs.BlobError as exc:
                 if exc.status != 422:
                     raise HTTPException(exc.status, exc.detail) from exc
                 failed = exc  # the reset of its parts is committed, then refused
+            # Refused without a release key (the part rolls back with the transaction).
+            key = _release_key(request)
             if failed is None and blob.complete:
-                firmware = await _get(con, firmware_id)
                 manifest = releases.Manifest(
-                    version=firmware.version,
-                    target=firmware.target,
-                    kind=firmware.kind,  # type: ignore[arg-type]  # CHECK constraint
+                    version=row["version"],
+                    target=row["target"],
+                    kind=row["kind"],
                     size=blob.size,
                     sha256=blob.sha256,
                 )
@@ -241,12 +235,8 @@ async def get_content(
     if span is not None:
         headers["Content-Range"] = f"bytes {start}-{end}/{firmware.size}"
 
-    async def body() -> AsyncIterator[bytes]:
-        async for chunk in blobs.read(pool, blob_id, start, end):
-            yield chunk
-
     return StreamingResponse(
-        body(),
+        blobs.read(pool, blob_id, start, end),
         status_code=206 if span else 200,
         headers=headers,
         media_type="application/octet-stream",
