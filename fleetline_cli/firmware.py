@@ -8,6 +8,7 @@ it) and ``boot.py`` / ``main.py`` as source, which the board runs by name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -304,10 +305,9 @@ def upload_release(
                 tries += 1
                 if tries >= UPLOAD_TRIES:
                     raise
-                try:
-                    release = client.request("GET", path)  # where to go on from
-                except ApiError:
-                    continue  # the next try asks again
+                # Where to go on from; if that fails too, the next try asks again.
+                with contextlib.suppress(ApiError):
+                    release = client.request("GET", path)
                 continue
             progress(release["received"], size)
     return release
