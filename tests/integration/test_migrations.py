@@ -24,7 +24,7 @@ from fleetline.migrate import (
     migrations_dir,
 )
 from fleetline.settings import StorageSettings
-from tests.conftest import Backend
+from tests.conftest import Backend, _with_database
 
 pytestmark = pytest.mark.integration
 PLAIN = StorageSettings(timescale="off")
@@ -38,7 +38,7 @@ async def fresh_db(backend: Backend) -> AsyncIterator[str]:
     name = f"fleetline_mig_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(backend.admin_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
-    yield backend.admin_url.rpartition("/")[0] + "/" + name
+    yield _with_database(backend.admin_url, name)
     await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     await admin.close()
 
