@@ -207,12 +207,19 @@ def split_module_kind(kind: str) -> tuple[str, str] | None:
 METHODS = "methods"
 METHOD_REQUEST = "req"
 METHOD_RESPONSE = "res"
+# A device asks the API for a transfer URL (firmware download, file upload) and gets it
+# on the response topic (services/api/fleetline_api/transfers.py).
+TRANSFER_REQUEST = "transfers/req"
+TRANSFER_RESPONSE = "transfers/res"
 
 
 def is_not_ingested(kind: str) -> bool:
     """Whether a kind on a device's topics (or a module's) is one ingest leaves alone:
-    what the cloud sends the device (``twin/desired``, ``c2d``, ``methods/{r}/req``) and
-    the device's method answers (``methods/{r}/res``, which the API receives)."""
+    what the cloud sends the device (``twin/desired``, ``c2d``, ``methods/{r}/req``,
+    ``transfers/res``) and what the API receives (method answers ``methods/{r}/res``,
+    ``transfers/req``; a device's own, not a module's)."""
+    if kind in (TRANSFER_REQUEST, TRANSFER_RESPONSE):
+        return True
     module = split_module_kind(kind)
     if module is not None:
         kind = module[1]

@@ -241,6 +241,8 @@ def release_key_file() -> Path:
 class ApiProcess(ServiceProcess):
     service = "api"
     port_variable = "FLEETLINE_API_PORT"
+    # The devices' HTTPS listener, when FLEETLINE_API_DEVICE_PORT is set.
+    device_url = ""
 
     def service_env(self, name: str) -> dict[str, str]:
         self.metrics_port = free_port()

@@ -120,7 +120,7 @@ async def test_jobs_over_100_devices_end_with_one_outcome_per_device(
         done = wait_job(c, job["id"])
         assert done["progress"] == {
             "total": FLEET + 10, "pending": 0, "running": 0, "succeeded": FLEET,
-            "failed": 10, "cancelled": 0, "percent": 100.0,
+            "failed": 10, "rolled_back": 0, "cancelled": 0, "percent": 100.0,
         }
         failed = {r["device_id"]: r for r in outcomes(c, job["id"], state="failed")}
         assert sorted(failed) == sorted(silent + failing + away)

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetline_dev.certs import TlsFiles, cert_pem, key_pem
-from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
+from fleetline_dev.embedded import BrokerAuth, LocalMosquitto, free_port
 from tests.support import DEVICE_KEY_SECRET, ApiProcess
 
 API_PASSWORD = secrets.token_urlsafe(16)
@@ -34,18 +34,24 @@ def secure_broker(
 
 
 @pytest.fixture(scope="session")
-def secure_api(database_url: str, secure_broker: LocalMosquitto, artifacts: Path
-               ) -> Iterator[ApiProcess]:
-    """The API on the secure broker; provisioning allows 5 registrations per enrollment
-    at once, then one a second, and 20 failed attempts per address."""
+def secure_api(database_url: str, secure_broker: LocalMosquitto, artifacts: Path,
+               tls_files: TlsFiles) -> Iterator[ApiProcess]:
+    """The API on the secure broker, with the devices' HTTPS listener (``device_url``);
+    provisioning allows 5 registrations per enrollment at once, then one a second, and 20
+    failed attempts per address."""
+    device_port = free_port()
     proc = ApiProcess(
         database_url=database_url,
         mqtt_url=f"mqtt://api:{API_PASSWORD}@127.0.0.1:{secure_broker.port}",
         log_dir=artifacts, name="secure",
         env={"FLEETLINE_API_DEVICE_MQTT_URL": secure_broker.tls_url,
              "FLEETLINE_API_PROVISION_RATE": "1", "FLEETLINE_API_PROVISION_BURST": "5",
-             "FLEETLINE_API_PROVISION_FAILURES_BURST": "20"},
+             "FLEETLINE_API_PROVISION_FAILURES_BURST": "20",
+             "FLEETLINE_API_DEVICE_PORT": str(device_port),
+             "FLEETLINE_API_DEVICE_TLS_CERT_FILE": str(tls_files.server_cert),
+             "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls_files.server_key)},
     )
+    proc.device_url = f"https://127.0.0.1:{device_port}"
     proc.start()
     yield proc
     proc.stop()

@@ -484,6 +484,7 @@ async def test_device_may_not_write_the_services_topics_or_retain_readings(
               (f"devices/{uid}/methods/r1/req", True), (f"devices/{uid}/methods/r2/req", False),
               (f"devices/{uid}/c2d", False), (f"devices/{uid}/modules/m/twin/desired", False),
               (f"devices/{uid}/modules/m/methods/r3/req", False),
+              (f"devices/{uid}/transfers/res", False),
               (f"devices/{uid}/telemetry", True), (f"devices/{uid}/twin/reported", True)]
     for n, (topic, retain) in enumerate(denied):
         await run(device.publish, topic, f"denied-{n}".encode(), retain=retain)

@@ -228,6 +228,7 @@ async def test_a_method_job_calls_every_matched_device_and_records_each_outcome(
             "running": 0,
             "succeeded": 3,
             "failed": 2,
+            "rolled_back": 0,
             "cancelled": 0,
             "percent": 100.0,
         }

@@ -1749,9 +1749,11 @@ static bool ends_with(const char *s, const char *suffix)
 }
 
 /* Topics only the services write (the cloud's side of the contract): the desired twin,
- * method requests and cloud-to-device messages, of the device or one of its modules. */
+ * method requests and cloud-to-device messages, of the device or one of its modules, and
+ * the answers to the device's transfer requests. */
 static bool service_topic(const char *rest)
 {
+	if(!strcmp(rest, "transfers/res")) return true;
 	if(!strncmp(rest, "modules/", 8)){
 		const char *slash = strchr(rest + 8, '/');
 		if(slash == NULL) return false;

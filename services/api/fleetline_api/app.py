@@ -18,6 +18,7 @@ from fleetline import __version__, db, releases
 from fleetline.service import serve_probes
 from fleetline.settings import StorageSettings
 from fleetline_api import problems
+from fleetline_api.devicelistener import DevicePathsOnly
 from fleetline_api.limits import RequestLimits
 from fleetline_api.provisioning import Provisioner
 from fleetline_api.queries import telemetry as sql
@@ -43,9 +44,11 @@ from fleetline_api.routes import (
     rules,
     stream,
     telemetry,
+    transfers,
     twins,
 )
 from fleetline_api.settings import ApiSettings
+from fleetline_api.transfers import TransferDesk
 from fleetline_api.workers import refusals
 from fleetline_api.workers.broker import BrokerLink
 from fleetline_api.workers.c2d import C2dDispatcher
@@ -58,6 +61,7 @@ class State(TypedDict):
     pool: asyncpg.Pool[Any]
     broker: BrokerLink
     provisioner: Provisioner
+    transfers: TransferDesk
     stream: StreamHub
     jobs: JobRunner
     rate_limits: KeyRateLimiter
@@ -89,6 +93,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         broker = BrokerLink(settings)
         provisioner = Provisioner(settings, pool, broker)
         broker.provisioner = provisioner
+        desk = TransferDesk(settings, pool)
+        broker.transfers = desk
         hub = StreamHub(settings, pool)
         runner = JobRunner(settings, broker)
         tasks = [
@@ -115,6 +121,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 "pool": pool,
                 "broker": broker,
                 "provisioner": provisioner,
+                "transfers": desk,
                 "stream": hub,
                 "jobs": runner,
                 "rate_limits": KeyRateLimiter(settings.rate_per_key, settings.rate_burst_per_key),
@@ -147,6 +154,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         generate_unique_id_function=_operation_id,
     )
     problems.install(app)
+    if settings.device_port:
+        app.add_middleware(DevicePathsOnly, port=settings.device_port)
     # Around every route, before the API key is checked (fleetline_api/limits.py).
     app.add_middleware(
         RequestLimits,
@@ -163,6 +172,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(endpoints.router)
     app.include_router(enrollments.router)
     app.include_router(provision.router)
+    app.include_router(transfers.router)
     app.include_router(limits.router)
     app.include_router(limits.device_router)
     app.include_router(stream.router)

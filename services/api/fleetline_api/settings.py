@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from fleetline import devicekeys, releases
@@ -54,6 +54,17 @@ class ApiSettings(ServiceSettings):
     # largest image (uploaded in parts, each one request within max_body_bytes).
     release_key_file: Path | None = None
     firmware_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # Devices' HTTPS (docs/ota.md): a listener of its own, TLS with this certificate and
+    # key, serving only what devices use (transfers, provisioning, health); 0: none (a
+    # TLS-terminating proxy in front of the API's port serves devices instead).
+    device_port: int = Field(default=0, ge=0, le=65535)
+    device_tls_cert_file: Path | None = None
+    device_tls_key_file: Path | None = None
+    # The base of the URLs devices are given for downloads and uploads (default: https
+    # on the device listener, at the host devices reach the broker at).
+    device_http_url: str | None = None
+    # How long such a URL may be used; a device asks again for a fresh one to resume.
+    transfer_url_ttl_s: int = Field(default=900, ge=10, le=86_400)
     # /v1/stream: events buffered per client before it is dropped as too slow, and how
     # many clients one API process serves.
     stream_queue_size: int = Field(default=1000, ge=10, le=100_000)
@@ -84,10 +95,32 @@ class ApiSettings(ServiceSettings):
     c2d_sweep_s: float = Field(default=1.0, ge=0.05, le=60)
     c2d_retention_s: int = Field(default=7 * 86_400, ge=60, le=366 * 86_400)
 
-    @field_validator("release_key_file", mode="before")
+    @field_validator(
+        "release_key_file",
+        "device_tls_cert_file",
+        "device_tls_key_file",
+        "device_http_url",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("device_http_url")
+    @classmethod
+    def _check_http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("FLEETLINE_API_DEVICE_HTTP_URL is an https:// (or http://) URL")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _device_listener(self) -> ApiSettings:
+        if self.device_port and not (self.device_tls_cert_file and self.device_tls_key_file):
+            raise ValueError(
+                "FLEETLINE_API_DEVICE_PORT needs FLEETLINE_API_DEVICE_TLS_CERT_FILE and "
+                "FLEETLINE_API_DEVICE_TLS_KEY_FILE: the devices' listener speaks only TLS"
+            )
+        return self
 
     @field_validator("release_key_file")
     @classmethod
@@ -116,6 +149,16 @@ class ApiSettings(ServiceSettings):
     @property
     def device_mqtt(self) -> MqttTarget:
         return parse_mqtt_url(self.device_mqtt_url) if self.device_mqtt_url else self.mqtt
+
+
+def device_http_url(settings: ApiSettings) -> str:
+    """The base URL devices download from and upload to."""
+    if settings.device_http_url:
+        return settings.device_http_url
+    host = settings.device_mqtt.host
+    if settings.device_port:
+        return f"https://{host}:{settings.device_port}"
+    return f"http://{host}:{settings.port}"
 
 
 def device_mqtt_url(settings: ApiSettings) -> str:

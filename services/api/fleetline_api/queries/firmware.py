@@ -30,3 +30,10 @@ UPDATE firmware SET manifest = $2, signature = $3, released_at = now() WHERE id 
 """
 
 DELETE_FIRMWARE = "DELETE FROM firmware WHERE id = $1 RETURNING blob_id"
+# A rollout of the release that has not finished (rollouts lock the release FOR SHARE
+# while they are created: queries/jobs.py).
+UNFINISHED_ROLLOUT = """
+SELECT id FROM jobs
+WHERE type = 'rollout' AND finished_at IS NULL AND (spec ->> 'firmware_id')::bigint = $1
+LIMIT 1
+"""

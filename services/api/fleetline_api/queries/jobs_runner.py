@@ -3,13 +3,18 @@ outcomes, handing them back, finishing jobs, and the sweep's expiry and retentio
 
 from __future__ import annotations
 
-# $1: whether this process may start twin devices now.
-PICK_JOB = """
+# The first wave of job $1 with a device left to start or finish: only its devices start.
+OPEN_WAVE = """
+(SELECT min(o.wave) FROM job_devices o WHERE o.job_id = {job} AND o.state IN ('pending', 'running'))
+"""
+# $1: whether this process may start twin devices now (a rollout's notification is one).
+PICK_JOB = f"""
 SELECT j.id, j.type, j.spec::text AS spec, j.batch_size, j.max_per_second, j.state
 FROM jobs j
 WHERE j.state IN ('queued', 'running') AND j.next_batch_at <= now()
-  AND ($1::boolean OR j.type <> 'twin')
-  AND EXISTS (SELECT 1 FROM job_devices p WHERE p.job_id = j.id AND p.state = 'pending')
+  AND ($1::boolean OR j.type NOT IN ('twin', 'rollout'))
+  AND EXISTS (SELECT 1 FROM job_devices p WHERE p.job_id = j.id AND p.state = 'pending'
+              AND p.wave = {OPEN_WAVE.format(job="j.id")})
   AND (SELECT count(*) FROM job_devices r WHERE r.job_id = j.id AND r.state = 'running')
       < j.batch_size
 ORDER BY j.next_batch_at, j.id
@@ -17,16 +22,20 @@ LIMIT 1
 FOR UPDATE OF j SKIP LOCKED
 """
 COUNT_RUNNING = "SELECT count(*) FROM job_devices WHERE job_id = $1 AND state = 'running'"
-# Up to $2 pending devices of job $1 start: running, leased for $3 seconds by runner $4.
-CLAIM = """
+# Up to $2 pending devices of job $1's open wave start: running, leased for $3 seconds by
+# runner $4.
+CLAIM = f"""
 UPDATE job_devices jd
 SET state = 'running', attempts = jd.attempts + 1, started_at = now(), finished_at = NULL,
     lease_until = now() + make_interval(secs => $3), claimed_by = $4
 FROM (SELECT device_id FROM job_devices
-      WHERE job_id = $1 AND state = 'pending' ORDER BY device_id LIMIT $2) p
+      WHERE job_id = $1 AND state = 'pending' AND wave = {OPEN_WAVE.format(job="$1")}
+      ORDER BY device_id LIMIT $2) p
 WHERE jd.job_id = $1 AND jd.device_id = p.device_id
 RETURNING jd.device_id, jd.attempts
 """
+# A rollout outside its time window: not picked again before $2.
+WAIT_UNTIL = "UPDATE jobs SET next_batch_at = $2 WHERE id = $1"
 # $2 devices just started: the next start of this job waits $2 / max_per_second.
 ADVANCE = """
 UPDATE jobs SET state = 'running', started_at = coalesce(started_at, now()),
@@ -44,6 +53,14 @@ RECORD = """
 UPDATE job_devices
 SET state = $4, status = $5, reason = $6, result = $7::text::jsonb, error = $8,
     finished_at = now(), lease_until = NULL
+WHERE job_id = $1 AND device_id = $2 AND state = 'running' AND attempts = $3
+"""
+# A rollout device notified by the start that holds it ($3: its attempt): from now on its
+# reports drive it (workers/jobs/rollouts.py), not a lease.
+NOTIFIED = """
+UPDATE job_devices
+SET phase = 'notified', phase_at = now(), progress = NULL, status = $4, reason = $5,
+    result = $6::text::jsonb, error = $7, lease_until = NULL
 WHERE job_id = $1 AND device_id = $2 AND state = 'running' AND attempts = $3
 """
 # Back to pending (cancelled, if the job was cancelled meanwhile) without an outcome;
@@ -97,15 +114,18 @@ FROM jobs j
 WHERE j.finished_at IS NULL AND j.state = 'cancelled' AND jd.job_id = j.id
   AND jd.state = 'pending'
 """
-# A job with no device pending or running is finished; $1: that job only (NULL: all).
+# A job with no device pending or running is finished (a paused one too: nothing is left
+# to resume; a rollout failed at its threshold once its updating devices are done); $1:
+# that job only (NULL: all).
 FINISH = """
 UPDATE jobs j
-SET state = CASE WHEN j.state IN ('queued', 'running') THEN 'completed' ELSE j.state END,
+SET state = CASE WHEN j.state IN ('queued', 'running', 'paused') THEN 'completed'
+                 ELSE j.state END,
     finished_at = now(),
     counts = (SELECT coalesce(jsonb_object_agg(s.state, s.n), '{}'::jsonb)
               FROM (SELECT state, count(*) AS n FROM job_devices
                     WHERE job_id = j.id GROUP BY state) s)
-WHERE j.finished_at IS NULL AND j.state IN ('queued', 'running', 'cancelled')
+WHERE j.finished_at IS NULL AND j.state IN ('queued', 'running', 'paused', 'cancelled', 'failed')
   AND ($1::bigint IS NULL OR j.id = $1)
   AND NOT EXISTS (SELECT 1 FROM job_devices x
                   WHERE x.job_id = j.id AND x.state IN ('pending', 'running'))

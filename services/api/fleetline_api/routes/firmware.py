@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
 
 from fleetline import releases
-from fleetline_api import blobs
+from fleetline_api import blobs, downloads
 from fleetline_api.deps import FirmwareRead, FirmwareWrite, PoolDep, SettingsDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.queries import firmware as sql
@@ -220,35 +219,31 @@ async def get_content(
             f"firmware {firmware_id} is still uploading "
             f"({firmware.received:,} of {firmware.size:,} bytes)",
         )
-    try:
-        span = blobs.byte_range(range_header, firmware.size)
-    except blobs.BlobError as exc:
-        raise HTTPException(
-            exc.status, exc.detail, headers={"Content-Range": f"bytes */{firmware.size}"}
-        ) from exc
-    start, end = span or (0, firmware.size - 1)
-    headers = {
-        "Accept-Ranges": "bytes",
-        "Content-Length": str(end - start + 1),
-        "ETag": f'"{firmware.sha256}"',
-    }
-    if span is not None:
-        headers["Content-Range"] = f"bytes {start}-{end}/{firmware.size}"
-
-    return StreamingResponse(
-        blobs.read(pool, blob_id, start, end),
-        status_code=206 if span else 200,
-        headers=headers,
-        media_type="application/octet-stream",
-    )
+    return downloads.serve_image(pool, blob_id, firmware.size, firmware.sha256, range_header)
 
 
-@router.delete("/{firmware_id}", status_code=204, responses=NOT_FOUND)
+@router.delete(
+    "/{firmware_id}",
+    status_code=204,
+    responses={
+        **NOT_FOUND,
+        409: {
+            "model": Problem,
+            "description": "A rollout that has not finished puts it on devices",
+        },
+    },
+)
 async def delete_firmware(firmware_id: FirmwareId, pool: PoolDep, _key: FirmwareWrite) -> Response:
-    """Delete a release and its image."""
+    """Delete a release and its image (not while a rollout of it runs)."""
     async with pool.acquire() as con, con.transaction():
         blob_id = await con.fetchval(sql.DELETE_FIRMWARE, firmware_id)
         if blob_id is None:
             raise HTTPException(404, f"firmware {firmware_id} not found")
+        rollout = await con.fetchval(sql.UNFINISHED_ROLLOUT, firmware_id)
+        if rollout is not None:
+            raise HTTPException(
+                409,
+                f"rollout {rollout} of firmware {firmware_id} has not finished: cancel it first",
+            )
         await blobs.delete(con, blob_id)
     return Response(status_code=204)

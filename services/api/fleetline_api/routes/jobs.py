@@ -1,4 +1,5 @@
-"""Jobs: a direct method or a desired-properties patch for every device a query matches.
+"""Jobs: a direct method, a desired-properties patch or a firmware rollout for every device
+a query matches.
 
 ``POST /v1/jobs`` compiles the device query (a 400 with ``position`` when it does not
 compile), evaluates it once and snapshots the matching device ids into ``job_devices``
@@ -9,14 +10,20 @@ device's outcome.
 
 Scopes: creating and cancelling a job needs ``commands:write``; a twin job changes the
 desired properties of every device it targets, which ``PATCH /v1/devices/{id}/twin``
-allows only with ``devices:write``, so it needs that scope as well. Reading jobs needs
-``devices:read`` (or ``commands:write``, so whoever starts jobs can follow them).
+allows only with ``devices:write``, so it needs that scope as well; a rollout puts a
+release on devices, so it needs ``firmware:write`` as well. Pausing, resuming and
+cancelling need ``commands:write``. Reading jobs needs ``devices:read`` (or
+``commands:write``, so whoever starts jobs can follow them).
+
+A rollout (docs/ota.md) is a job whose devices are notified of a release and then move
+through the phases they report (workers/jobs/rollouts.py); its first wave is a canary.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Annotated, Any
 
 import orjson
@@ -30,6 +37,7 @@ from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.queries import jobs as sql
 from fleetline_api.schemas.jobs import (
     DEVICE_STATES,
+    FINAL_STATES,
     DeviceState,
     JobCreate,
     JobDevicePage,
@@ -40,9 +48,11 @@ from fleetline_api.schemas.jobs import (
     JobState,
     MethodJobCreate,
     MethodSpec,
+    RolloutJobCreate,
     TwinJobCreate,
 )
 from fleetline_api.schemas.methods import params_problem
+from fleetline_api.schemas.rollouts import PHASES, RolloutOptions, RolloutPublic, RolloutSpec
 from fleetline_api.workers import jobs
 
 log = logging.getLogger(__name__)
@@ -56,17 +66,27 @@ JOB_LINKS = (
     "GetJob:jobs-get_job:job_id",
     "JobDevices:jobs-list_job_devices:job_id",
     "CancelJob:jobs-cancel_job:job_id",
+    "PauseJob:jobs-pause_job:job_id",
+    "ResumeJob:jobs-resume_job:job_id",
 )
 
 
 def _progress(total: int, counts: dict[str, int]) -> JobProgress:
     by_state = {state: int(counts.get(state, 0)) for state in DEVICE_STATES}
-    done = by_state["succeeded"] + by_state["failed"] + by_state["cancelled"]
+    done = sum(by_state[state] for state in FINAL_STATES)
     percent = round(100.0 * done / total, 1) if total else 100.0
     return JobProgress(total=total, percent=percent, **by_state)
 
 
-def _public(row: Any, live: dict[str, int] | None) -> JobPublic:
+def _rollout(spec: dict[str, Any], phases: dict[str, int]) -> RolloutPublic:
+    stored = RolloutSpec.model_validate(spec)
+    return RolloutPublic(
+        **stored.model_dump(include=set(RolloutPublic.model_fields)),
+        phases={phase: phases.get(phase, 0) for phase in PHASES},
+    )
+
+
+def _public(row: Any, live: dict[str, int] | None, phases: dict[str, int]) -> JobPublic:
     spec: dict[str, Any] = json.loads(row["spec"])
     counts = row["counts"] if row["counts"] is not None else (live or {})
     return JobPublic(
@@ -75,6 +95,7 @@ def _public(row: Any, live: dict[str, int] | None) -> JobPublic:
         query=row["query"],
         method=MethodSpec.model_validate(spec) if row["type"] == "method" else None,
         patch=spec.get("patch") if row["type"] == "twin" else None,
+        rollout=_rollout(spec, phases) if row["type"] == "rollout" else None,
         batch_size=row["batch_size"],
         max_per_second=row["max_per_second"],
         state=row["state"],
@@ -84,6 +105,8 @@ def _public(row: Any, live: dict[str, int] | None) -> JobPublic:
         started_at=row["started_at"],
         cancelled_at=row["cancelled_at"],
         cancelled_by=row["cancelled_by"],
+        paused_at=row["paused_at"],
+        paused_by=row["paused_by"],
         finished_at=row["finished_at"],
         error=row["error"],
     )
@@ -93,10 +116,15 @@ async def _publics(con: db.Queryable, rows: list[Any]) -> list[JobPublic]:
     """The jobs with their progress: stored counts once finished, counted live before."""
     live_ids = [r["id"] for r in rows if r["counts"] is None]
     live: dict[int, dict[str, int]] = {}
+    phases: dict[int, dict[str, int]] = {}
     if live_ids:
         for c in await con.fetch(sql.LIVE_COUNTS, live_ids):
             live.setdefault(c["job_id"], {})[c["state"]] = c["n"]
-    return [_public(r, live.get(r["id"])) for r in rows]
+        rollouts = [r["id"] for r in rows if r["counts"] is None and r["type"] == "rollout"]
+        if rollouts:
+            for c in await con.fetch(sql.PHASE_COUNTS, rollouts):
+                phases.setdefault(c["job_id"], {})[c["phase"]] = c["n"]
+    return [_public(r, live.get(r["id"]), phases.get(r["id"], {})) for r in rows]
 
 
 async def _get(con: db.Queryable, job_id: int) -> JobPublic:
@@ -106,8 +134,13 @@ async def _get(con: db.Queryable, job_id: int) -> JobPublic:
     return (await _publics(con, [row]))[0]
 
 
-def _spec(body: MethodJobCreate | TwinJobCreate, key: KeyInfo) -> str:
-    """The job's spec as JSON text (the standard library keeps integers of any size)."""
+def _spec(body: MethodJobCreate | TwinJobCreate | RolloutJobCreate, key: KeyInfo) -> str:
+    """The job's spec as JSON text (the standard library keeps integers of any size); a
+    rollout's is completed with its release once the job has its devices (_rollout_spec)."""
+    if isinstance(body, RolloutJobCreate):
+        if "admin" not in key.scopes and "firmware:write" not in key.scopes:
+            raise HTTPException(403, "a rollout needs the firmware:write scope as well")
+        return "{}"
     if isinstance(body, MethodJobCreate):
         # What the direct method route refuses (400), and jsonb could not store.
         problem = params_problem(body.method.params)
@@ -134,18 +167,21 @@ def _spec(body: MethodJobCreate | TwinJobCreate, key: KeyInfo) -> str:
         400: {
             "model": Problem,
             "description": "The query does not compile (`position` points at the offending "
-            "text), matches too many devices, the patch is not a valid twin patch, or the "
-            "params hold a NUL character",
+            "text), matches too many devices, the patch is not a valid twin patch, the "
+            "params hold a NUL character, or a rollout's window starts when it ends",
         },
+        404: {"model": Problem, "description": "A rollout's firmware does not exist"},
+        409: {"model": Problem, "description": "A rollout's firmware is still being uploaded"},
         413: {"model": Problem, "description": "The patch is too large"},
     },
 )
 async def create_job(
     body: JobCreate, request: Request, pool: PoolDep, settings: SettingsDep, key: CommandsWrite
 ) -> JobPublic:
-    """Run a method (`type: method`) or a desired-properties patch (`type: twin`) on every
-    device the query matches now. The devices are fixed when the job is created; the job
-    runs in the background: follow it with `GET /v1/jobs/{id}`."""
+    """Run a method (`type: method`), a desired-properties patch (`type: twin`) or a
+    firmware rollout (`type: rollout`) on every device the query matches now. The devices
+    are fixed when the job is created; the job runs in the background: follow it with
+    `GET /v1/jobs/{id}`."""
     spec = _spec(body, key)
     compiled = devicequery.compile_query(body.query, first_param=3)
     cap = settings.jobs_max_devices
@@ -167,6 +203,8 @@ async def create_job(
                 400, f"the query matches more than {cap} devices, the most one job may target"
             )
         await con.execute(sql.SET_TOTAL, job_id, total)
+        if isinstance(body, RolloutJobCreate):
+            await _rollout_spec(con, job_id, body, total)
         if total == 0:
             await jobs.finish(con, job_id)
     jobs.JOBS.labels("created").inc()
@@ -183,6 +221,35 @@ async def create_job(
     )
     request.state.jobs.wake()
     return await _get(pool, job_id)
+
+
+async def _rollout_spec(
+    con: db.Connection, job_id: int, body: RolloutJobCreate, total: int
+) -> None:
+    """Store a rollout's release (404 unknown, 409 still uploading) and its canary as a
+    count in its spec; set its devices' waves."""
+    if body.window is not None and body.window.start == body.window.end:
+        raise HTTPException(400, "the window's start and end are the same time")
+    release = await con.fetchrow(sql.RELEASED_FIRMWARE, body.firmware_id)
+    if release is None:
+        if await con.fetchval(sql.FIRMWARE_EXISTS, body.firmware_id) is None:
+            raise HTTPException(404, f"firmware {body.firmware_id} not found")
+        raise HTTPException(409, f"firmware {body.firmware_id} is still being uploaded")
+    canary = body.canary
+    if body.canary_percent is not None:
+        canary = max(1, math.ceil(total * body.canary_percent / 100))
+    options = body.model_dump(include=set(RolloutOptions.model_fields))
+    options.update(canary=canary, canary_percent=None)
+    spec = RolloutSpec(
+        **options,
+        version=release["version"],
+        kind=release["kind"],
+        size=release["size"],
+        manifest=release["manifest"],
+        signature=release["signature"],
+    )
+    await con.execute(sql.SET_WAVES, job_id, canary, body.wave_size or max(total, 1))
+    await con.execute(sql.SET_SPEC, job_id, spec.model_dump_json())
 
 
 @router.get(
@@ -239,15 +306,13 @@ async def list_job_devices(
     },
 )
 async def cancel_job(job_id: JobId, pool: PoolDep, key: CommandsWrite) -> JobPublic:
-    """Cancel a job: its pending devices are cancelled, the ones running finish."""
+    """Cancel a job: its pending devices are cancelled, the ones running finish (a rollout's
+    devices already notified go on with their update)."""
     async with pool.acquire() as con:
         async with con.transaction():
             cancelled = await con.fetchval(sql.CANCEL_JOB, job_id, actor(key))
             if cancelled is None:
-                state = await con.fetchval(sql.JOB_STATE, job_id)
-                if state is None:
-                    raise HTTPException(404, f"job {job_id} not found")
-                raise HTTPException(409, f"job {job_id} is {state} already")
+                await _not_in(con, job_id, " already")
             dropped = await jobs.cancel_pending(con, job_id)
         await jobs.finish(con, job_id)
         log.info(
@@ -255,3 +320,47 @@ async def cancel_job(job_id: JobId, pool: PoolDep, key: CommandsWrite) -> JobPub
             extra={"job_id": job_id, "devices_cancelled": dropped, "key_id": key.id},
         )
         return await _get(con, job_id)
+
+
+@router.post(
+    "/{job_id}/pause",
+    response_model=JobPublic,
+    responses={
+        **NOT_FOUND,
+        409: {"model": Problem, "description": "The job is not queued or running"},
+    },
+)
+async def pause_job(job_id: JobId, pool: PoolDep, key: CommandsWrite) -> JobPublic:
+    """Pause a job: no more of its devices start until it is resumed; those running go
+    on (a rollout's devices already notified finish their update)."""
+    async with pool.acquire() as con:
+        if await con.fetchval(sql.PAUSE_JOB, job_id, actor(key)) is None:
+            await _not_in(con, job_id, ": only a queued or running job pauses")
+        log.info("job paused", extra={"job_id": job_id, "key_id": key.id})
+        return await _get(con, job_id)
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobPublic,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job is not paused"}},
+)
+async def resume_job(
+    job_id: JobId, request: Request, pool: PoolDep, key: CommandsWrite
+) -> JobPublic:
+    """Resume a paused job. A rollout's failure threshold then counts the devices that
+    finish from now on."""
+    async with pool.acquire() as con:
+        if await con.fetchval(sql.RESUME_JOB, job_id) is None:
+            await _not_in(con, job_id, ": only a paused job resumes")
+        log.info("job resumed", extra={"job_id": job_id, "key_id": key.id})
+        request.state.jobs.wake()
+        return await _get(con, job_id)
+
+
+async def _not_in(con: db.Connection, job_id: int, why: str) -> None:
+    """404 for a job that does not exist, else 409 saying its state, then ``why``."""
+    state = await con.fetchval(sql.JOB_STATE, job_id)
+    if state is None:
+        raise HTTPException(404, f"job {job_id} not found")
+    raise HTTPException(409, f"job {job_id} is {state}{why}")

@@ -1,5 +1,6 @@
-"""Bodies of ``/v1/jobs``: a method or a desired-properties patch for every device a
-device query matches, its progress and each device's outcome."""
+"""Bodies of ``/v1/jobs``: a method, a desired-properties patch or a firmware rollout
+(schemas/rollouts.py) for every device a device query matches, its progress and each
+device's outcome."""
 
 from __future__ import annotations
 
@@ -13,12 +14,21 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from fleetline import devicequery
 from fleetline_api.schemas.methods import MethodCall, MethodName
 from fleetline_api.schemas.query import QUERY_DESCRIPTION
+from fleetline_api.schemas.rollouts import RolloutOptions, RolloutPublic
 from fleetline_api.schemas.twins import DESIRED_PATCH_SCHEMA, TwinDocument
 
-JobType = Literal["method", "twin"]
-JobState = Literal["queued", "running", "completed", "cancelled", "failed"]
-DeviceState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
-DEVICE_STATES: tuple[DeviceState, ...] = ("pending", "running", "succeeded", "failed", "cancelled")
+JobType = Literal["method", "twin", "rollout"]
+JobState = Literal["queued", "running", "paused", "completed", "cancelled", "failed"]
+DeviceState = Literal["pending", "running", "succeeded", "failed", "rolled_back", "cancelled"]
+DEVICE_STATES: tuple[DeviceState, ...] = (
+    "pending",
+    "running",
+    "succeeded",
+    "failed",
+    "rolled_back",
+    "cancelled",
+)
+FINAL_STATES = frozenset(DEVICE_STATES) - {"pending", "running"}
 MAX_BATCH_SIZE = 1000
 MAX_PER_SECOND = 10_000
 
@@ -86,7 +96,15 @@ class TwinJobCreate(_JobCreate):
         return _plain_json(value)
 
 
-JobCreate = Annotated[MethodJobCreate | TwinJobCreate, Field(discriminator="type")]
+class RolloutJobCreate(_JobCreate, RolloutOptions):
+    """A firmware rollout: ``batch_size`` devices at most updating at once."""
+
+    type: Literal["rollout"]
+
+
+JobCreate = Annotated[
+    MethodJobCreate | TwinJobCreate | RolloutJobCreate, Field(discriminator="type")
+]
 
 
 class JobProgress(BaseModel):
@@ -95,6 +113,7 @@ class JobProgress(BaseModel):
     running: int
     succeeded: int
     failed: int
+    rolled_back: int = Field(description="A rollout's devices that went back to their version")
     cancelled: int
     percent: float = Field(description="Devices finished (in any way) of the total, 0-100")
 
@@ -105,11 +124,13 @@ class JobPublic(BaseModel):
     query: str
     method: MethodSpec | None = Field(description="A method job's call")
     patch: TwinDocument | None = Field(description="A twin job's patch of desired properties")
+    rollout: RolloutPublic | None = Field(description="A rollout's release and options")
     batch_size: int
     max_per_second: float | None
     state: JobState = Field(
-        description="queued (nothing started yet), running, completed (no device left), "
-        "cancelled, or failed (the job itself could not run: see error)"
+        description="queued (nothing started yet), running, paused (no device is started; "
+        "those running go on), completed (no device left), cancelled, or failed (the job "
+        "could not run, or a rollout aborted at its failure threshold: see error)"
     )
     progress: JobProgress
     created_at: datetime
@@ -117,6 +138,8 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     cancelled_at: datetime | None
     cancelled_by: str | None
+    paused_at: datetime | None = Field(description="When it was paused, if it is")
+    paused_by: str | None = Field(description="Who paused it (or `failure threshold`)")
     finished_at: datetime | None = Field(description="When no device was left pending or running")
     error: str | None
 
@@ -140,7 +163,8 @@ class JobDevicePublic(BaseModel):
     reason: str | None = Field(
         description="The outcome in a word: answered, applied, offline, timeout, malformed, "
         "not_found, unavailable, unpublished, too_large, abandoned, interrupted (the API "
-        "stopped after sending), error, cancelled"
+        "stopped after sending), error, cancelled; a rollout device: notified, then its "
+        "own reason for failing or rolling back, or timeout"
     )
     result: Any = Field(
         description='A method: {"request_id", "payload"} (the device\'s answer); a twin '
@@ -149,6 +173,18 @@ class JobDevicePublic(BaseModel):
     error: str | None
     started_at: datetime | None
     finished_at: datetime | None
+    wave: int = Field(description="Waves start in order (0 for a method or twin job)")
+    phase: str | None = Field(
+        description="A rollout device once notified: notified, downloading, verifying, "
+        "applying, rebooting, then its final state"
+    )
+    phase_at: datetime | None = Field(description="Since when it is in that phase")
+    progress: int | None = Field(description="Downloading: percent of the image received")
+    refused_reports: int = Field(
+        description="A rollout device's reports that could not be taken (an unknown state, "
+        "a step back, success on another version)"
+    )
+    refused_report: str | None = Field(description="Why the last one was refused")
 
 
 class JobDevicePage(BaseModel):

@@ -11,11 +11,12 @@ Request ids are random (uuid4), so no replica or device can guess another's. A c
 waits for its answer across reconnects until its own timeout: the device may answer
 after the link is back.
 
-Provisioning: the API takes devices' registration requests
-(``provisioning/{enrollment}/{registration id}/register`` and ``.../status``) through a
-shared subscription, so one replica handles each, and answers on ``.../res``
-(provisioning.py does the work). Requests wait in a bounded queue; when it is full (a
-flood) a request is dropped, counted and logged, and the device asks again.
+Requests of devices: the API takes devices' registration requests
+(``provisioning/{enrollment}/{registration id}/register`` and ``.../status``) and their
+transfer requests (``devices/{id}/transfers/req``) through shared subscriptions, so one
+replica handles each, and answers on ``.../res`` (provisioning.py and transfers.py do the
+work). Requests wait in one bounded queue; when it is full (a flood) a request is
+dropped, counted and logged, and the device asks again.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from fleetline import mqtt
-from fleetline.protocol import MODULES, TOPIC_ROOT, topic_for
+from fleetline.protocol import MODULES, TOPIC_ROOT, TRANSFER_REQUEST, TRANSFER_RESPONSE, topic_for
 from fleetline.settings import MqttProtocol
 from fleetline_api.settings import ApiSettings
 
@@ -52,13 +53,20 @@ PROVISIONING_REQUESTS = (
     f"$share/fleetline-api/{PROVISIONING}/+/+/register",
     f"$share/fleetline-api/{PROVISIONING}/+/+/status",
 )
-PROVISIONING_QUEUE = 1000
-PROVISIONING_WORKERS = 4
-MAX_PROVISIONING_PAYLOAD = 1024
+TRANSFER_REQUESTS = (f"$share/fleetline-api/{TOPIC_ROOT}/+/{TRANSFER_REQUEST}",)
+# Requests of devices (provisioning, transfers) waiting for a worker, and the workers.
+REQUEST_QUEUE = 1000
+REQUEST_WORKERS = 4
+MAX_REQUEST_PAYLOAD = 1024
 PROVISIONING_HANDLED = Counter(
     "fleetline_api_provisioning_requests",
     "Provisioning requests over MQTT by outcome (assigned, failed, throttled, dropped)",
     ["outcome"],
+)
+TRANSFERS_HANDLED = Counter(
+    "fleetline_api_transfer_requests",
+    "Transfer requests of devices by HTTP-like status of the answer (dropped: not taken)",
+    ["status"],
 )
 
 
@@ -66,6 +74,23 @@ class ProvisioningHandler(Protocol):
     async def register(self, enrollment_id: str, registration_id: str) -> Any: ...
 
     async def status(self, enrollment_id: str, registration_id: str, operation_id: str) -> Any: ...
+
+
+class TransferHandler(Protocol):
+    async def answer(self, device_id: str, request: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def _json_object(payload: bytes) -> dict[str, Any] | None:
+    """A request's JSON object (empty: {}), or None when it is not one that small."""
+    if len(payload) > MAX_REQUEST_PAYLOAD:
+        return None
+    if not payload.strip():
+        return {}
+    try:
+        request = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return request if isinstance(request, dict) else None
 
 
 class MethodCallError(Exception):
@@ -109,7 +134,8 @@ class BrokerLink:
         self._max_pending = max_pending_calls
         self._pending: dict[str, _Pending] = {}
         self.provisioner: ProvisioningHandler | None = None
-        self._provisioning: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(PROVISIONING_QUEUE)
+        self.transfers: TransferHandler | None = None
+        self._requests: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(REQUEST_QUEUE)
         self._dropped_logged = 0.0
 
     @property
@@ -154,7 +180,11 @@ class BrokerLink:
             attempt += 1
 
     async def _subscribe(self, client: mqtt.Client) -> None:
-        topics = METHOD_RESPONSES + (PROVISIONING_REQUESTS if self.provisioner else ())
+        topics = (
+            METHOD_RESPONSES
+            + (PROVISIONING_REQUESTS if self.provisioner else ())
+            + (TRANSFER_REQUESTS if self.transfers else ())
+        )
         result = await client.subscribe([(topic, 1) for topic in topics])
         # Granted QoS per topic: ints (MQTT 3.1.1) or reason codes (MQTT 5); 0x80+ is a refusal.
         codes: list[Any] = list(result) if isinstance(result, list | tuple) else [result]
@@ -162,11 +192,11 @@ class BrokerLink:
             raise mqtt.MqttError(f"subscription to {topics} refused: {codes}")
 
     async def _serve(self, client: mqtt.Client) -> None:
-        """Take method responses and provisioning requests until the connection ends
-        (then raise MqttError)."""
+        """Take method responses and devices' requests until the connection ends (then
+        raise MqttError)."""
         jobs = {f"{self.identifier}.method_responses": self._receive(client)}
-        for n in range(PROVISIONING_WORKERS if self.provisioner else 0):
-            jobs[f"{self.identifier}.provisioning.{n}"] = self._provision(client)
+        for n in range(REQUEST_WORKERS if self.provisioner or self.transfers else 0):
+            jobs[f"{self.identifier}.requests.{n}"] = self._work(client)
         await mqtt.serve(client, jobs)
 
     async def _receive(self, client: mqtt.Client) -> None:
@@ -179,12 +209,12 @@ class BrokerLink:
                 log.exception("could not hand over a method response")
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
-        """Complete the call this response answers, queue a provisioning request; ignore
+        """Complete the call this response answers, queue a device's request; ignore
         anything else."""
-        if topic.startswith(f"{PROVISIONING}/"):
-            self._queue_provisioning(topic, payload)
-            return
         parts = topic.split("/")
+        if parts[0] == PROVISIONING or topic.endswith(f"/{TRANSFER_REQUEST}"):
+            self._queue_request(topic, payload)
+            return
         if len(parts) == 7 and parts[2] == MODULES:  # devices/{id}/modules/{m}/methods/...
             module_id = parts[3]
             del parts[2:4]
@@ -210,46 +240,60 @@ class BrokerLink:
             return
         pending.answer.set_result(payload)
 
-    def _queue_provisioning(self, topic: str, payload: bytes) -> None:
+    def _queue_request(self, topic: str, payload: bytes) -> None:
         try:
-            self._provisioning.put_nowait((topic, payload))
+            self._requests.put_nowait((topic, payload))
         except asyncio.QueueFull:
-            PROVISIONING_HANDLED.labels("dropped").inc()
+            if topic.startswith(f"{PROVISIONING}/"):
+                PROVISIONING_HANDLED.labels("dropped").inc()
+            else:
+                TRANSFERS_HANDLED.labels("dropped").inc()
             now = asyncio.get_running_loop().time()
             if now - self._dropped_logged >= 10:
                 self._dropped_logged = now
                 log.warning(
-                    "provisioning requests dropped: %d wait already (devices ask again)",
-                    PROVISIONING_QUEUE,
+                    "device requests dropped: %d wait already (devices ask again)",
+                    REQUEST_QUEUE,
                 )
 
-    async def _provision(self, client: mqtt.Client) -> None:
-        """Answer queued provisioning requests, one at a time."""
+    async def _work(self, client: mqtt.Client) -> None:
+        """Answer queued requests of devices, one at a time."""
         while True:
-            topic, payload = await self._provisioning.get()
+            topic, payload = await self._requests.get()
             try:
-                await self._answer_provisioning(client, topic, payload)
+                if topic.startswith(f"{PROVISIONING}/"):
+                    await self._answer_provisioning(client, topic, payload)
+                else:
+                    await self._answer_transfer(client, topic, payload)
             except mqtt.MqttError:
                 raise
             except Exception:  # one request must not end the worker
-                log.exception("provisioning request failed", extra={"topic": topic})
+                log.exception("device request failed", extra={"topic": topic})
+
+    async def _answer_transfer(self, client: mqtt.Client, topic: str, payload: bytes) -> None:
+        assert self.transfers is not None
+        device_id = topic.split("/")[1]
+        request = _json_object(payload)
+        if request is None:
+            answer: dict[str, Any] = {
+                "status": 400,
+                "error": f"the request is a JSON object of {MAX_REQUEST_PAYLOAD} bytes at most",
+            }
+        else:
+            answer = await self.transfers.answer(device_id, request)
+            if isinstance(request.get("id"), str | int):
+                answer["id"] = request["id"]
+        TRANSFERS_HANDLED.labels(str(answer["status"])).inc()
+        await client.publish(topic_for(device_id, TRANSFER_RESPONSE), orjson.dumps(answer), qos=1)
 
     async def _answer_provisioning(self, client: mqtt.Client, topic: str, payload: bytes) -> None:
         assert self.provisioner is not None
         _, enrollment_id, registration_id, verb = topic.split("/")
-        request: Any = {}
-        if len(payload) > MAX_PROVISIONING_PAYLOAD:
-            request = None
-        elif payload.strip():
-            try:
-                request = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                request = None
-        if not isinstance(request, dict):
+        request = _json_object(payload)
+        if request is None:
             answer: dict[str, Any] = {
                 "status": "failed",
-                "error": f"the request is a JSON object of {MAX_PROVISIONING_PAYLOAD} bytes "
-                "at most",
+                "error": f"the request is a JSON object of {MAX_REQUEST_PAYLOAD} bytes at most",
             }
         elif verb == "register":
             answer = (await self.provisioner.register(enrollment_id, registration_id)).as_json()

@@ -25,19 +25,22 @@ for _event in ("created", "started", "completed", "cancelled", "failed"):
     JOBS.labels(_event)
 JOB_DEVICES = Counter(
     "fleetline_api_job_devices_total",
-    "Job devices this process finished (succeeded, failed) or handed back (released)",
+    "Job devices this process finished (succeeded, failed, rolled_back), handed back "
+    "(released) or, a rollout's, notified",
     ["type", "state"],
 )
-for _type in ("method", "twin"):
+for _type in ("method", "twin", "rollout"):
     for _state in ("succeeded", "failed", "released"):
         JOB_DEVICES.labels(_type, _state)
+JOB_DEVICES.labels("rollout", "notified")
+JOB_DEVICES.labels("rollout", "rolled_back")
 
 DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    state: str  # succeeded | failed
+    state: str  # succeeded | failed, or notified (a rollout device, still running)
     status: int | None
     reason: str
     result: Any = None
@@ -49,7 +52,11 @@ async def write_outcome(
 ) -> str:
     """Record the outcome of the device's start ``attempt``; the status is ``UPDATE 0``
     when that start no longer holds the device."""
-    status: str = await pool.execute(
+    if outcome.state == "notified":
+        args: tuple[Any, ...] = (outcome.status, outcome.reason, outcome.result, outcome.error)
+        status: str = await pool.execute(sql.NOTIFIED, job_id, device_id, attempt, *args)
+        return status
+    status = await pool.execute(
         sql.RECORD,
         job_id,
         device_id,

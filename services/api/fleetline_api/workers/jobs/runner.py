@@ -12,6 +12,7 @@ import math
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -22,8 +23,10 @@ from fleetline import db, mqtt
 from fleetline_api import commands
 from fleetline_api.queries import jobs_runner as sql
 from fleetline_api.schemas.jobs import MethodSpec, TwinSpec
+from fleetline_api.schemas.rollouts import RolloutSpec, notification
 from fleetline_api.settings import ApiSettings
 from fleetline_api.workers.broker import BrokerLink
+from fleetline_api.workers.jobs import rollouts
 from fleetline_api.workers.jobs.handback import Interrupted, hand_back, let_finish
 from fleetline_api.workers.jobs.outcomes import (
     DB_ERRORS,
@@ -51,6 +54,9 @@ PAUSE_SECONDS = 2.0
 # A twin patch: the database round trips and the publish (commands.PUBLISH_TIMEOUT_SECONDS).
 TWIN_WORK_SECONDS = 15.0
 RECORD_ATTEMPTS = 3
+# Jobs whose devices each hold a connection while they are started: a twin patch, and
+# a rollout's notification (a twin patch too).
+PATCHING = ("twin", "rollout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +64,7 @@ class _Job:
     id: int
     type: str
     spec: dict[str, Any]
+    rollout: RolloutSpec | None = None
 
 
 class _LeaseLostError(Exception):
@@ -77,15 +84,22 @@ def _parse(row: Any) -> _Job:
     is checked by the models it was made with, and kept as parsed by the standard
     library, which keeps integers of any size."""
     spec = json.loads(row["spec"])
-    models: dict[str, type[BaseModel]] = {"method": MethodSpec, "twin": TwinSpec}
+    models: dict[str, type[BaseModel]] = {
+        "method": MethodSpec,
+        "twin": TwinSpec,
+        "rollout": RolloutSpec,
+    }
     model = models.get(row["type"])
     if model is None:
         raise ValueError(f"unknown job type {row['type']!r}")
     try:
-        model.model_validate(spec)
+        parsed = model.model_validate(spec)
     except ValidationError as exc:
         raise ValueError(f"a {row['type']} job's spec cannot be run: {exc}") from None
-    return _Job(row["id"], row["type"], spec)
+    rollout = parsed if isinstance(parsed, RolloutSpec) else None
+    if rollout is not None:
+        spec = {"patch": notification(row["id"], rollout)}
+    return _Job(row["id"], row["type"], spec, rollout)
 
 
 def _stored_result(answer: commands.MethodAnswer) -> tuple[str, str | None]:
@@ -226,6 +240,7 @@ class JobRunner:
                 )
             await con.execute(sql.CANCEL_LEFTOVERS)
             await finish(con)
+            await rollouts.sweep(con)
 
     async def _expire_jobs(self) -> None:
         status = await self._pool.execute(
@@ -258,8 +273,15 @@ class JobRunner:
                 await con.execute(sql.FAIL_JOB, row["id"], f"the job cannot run: {exc}")
                 JOBS.labels("failed").inc()
                 return True
+            window = job.rollout.window if job.rollout is not None else None
+            now = datetime.now(UTC)
+            if window is not None and not rollouts.in_window(now, window):
+                opens = rollouts.window_opens(now, window)
+                await con.execute(sql.WAIT_UNTIL, job.id, opens)
+                log.info("rollout waits for its window", extra={"job_id": job.id, "opens": opens})
+                return True
             room = row["batch_size"] - await con.fetchval(sql.COUNT_RUNNING, job.id)
-            count = min(free, room, twin_free if job.type == "twin" else free)
+            count = min(free, room, twin_free if job.type in PATCHING else free)
             rate = row["max_per_second"]
             if rate is not None:
                 # Spread the starts over the poll interval rather than bursting a batch.
@@ -285,7 +307,7 @@ class JobRunner:
             name=f"api.jobs[{job.id}].{device_id}",
         )
         self._running[task] = (job.id, device_id, attempt)
-        if job.type == "twin":
+        if job.type in PATCHING:
             self._twins.add(task)
         IN_FLIGHT.set(len(self._running))
         task.add_done_callback(self._done)
@@ -341,6 +363,7 @@ class JobRunner:
                     error = f"device answered with status {answer.status}"
                     return Outcome("failed", answer.status, "answered", result, error)
                 return Outcome("succeeded", answer.status, "answered", result, note)
+            notifying = job.type == "rollout"
             applied = await commands.apply_desired(
                 self._pool,
                 self._broker,
@@ -352,6 +375,8 @@ class JobRunner:
             )
             result = json.dumps({"version": applied.version, "published": applied.published})
             if applied.published:
+                if notifying:
+                    return Outcome("notified", 200, "notified", result)
                 return Outcome("succeeded", 200, "applied", result)
             return Outcome(
                 "failed",
