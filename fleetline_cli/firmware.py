@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleetline import releases
 from fleetline.files import project_path
 from fleetline_dev.embedded import write_private
 
@@ -32,6 +33,13 @@ COMMON_MODULES = (
     "common/fleetline_umqtt.py",
     "common/fleetline_board.py",
     "common/fleetline_provision.py",
+    # Firmware updates (docs/ota.md): the loader's part (boot.py runs it), the updater,
+    # its HTTPS client and the release's check.
+    "common/fleetline_boot.py",
+    "common/fleetline_ota.py",
+    "common/fleetline_https.py",
+    "common/fleetline_release.py",
+    "common/fleetline_ecdsa.py",
 )
 BOARDS = ("esp32", "esp8266", "pyboard")
 SOURCE_FILES = ("common/boot.py", "common/main.py")
@@ -39,6 +47,22 @@ SOURCE_FILES = ("common/boot.py", "common/main.py")
 MPY_VERSION = "6"
 CONFIG_NAME = "config_local.py"
 CA_NAME = "ca.crt"
+# `build --version` writes the application's version here (main.py reports it as `fw`).
+VERSION_MODULE = "fleetline_version"
+# A bundle (fleetline_ota.MAGIC): per file, its name's length (1 byte), the name, its size
+# (4 bytes, big-endian) and its bytes. The loader's files and the board's settings are
+# never in one (fleetline_boot.KEPT).
+BUNDLE_MAGIC = b"FLB1"
+BUNDLE_KEPT = (
+    "boot.py",
+    "fleetline_boot.mpy",
+    CONFIG_NAME,
+    CA_NAME,
+    "ota.json",
+    "provisioned.json",
+    "backlog.jsonl",
+)
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
 class FirmwareError(Exception):
@@ -88,13 +112,18 @@ def compiler_version(mpy_cross: str) -> str:
     return line[0]
 
 
-def build(board: str, out: Path, *, mpy_cross: str | None = None) -> Build:
-    """Compile ``board``'s application into ``out`` (emptied first)."""
+def build(
+    board: str, out: Path, *, mpy_cross: str | None = None, version: str | None = None
+) -> Build:
+    """Compile ``board``'s application into ``out`` (emptied first); ``version``: the
+    application's version, which it reports (default: the device core's)."""
     if board not in BOARDS:
         raise FirmwareError(f"unknown board {board!r}; known: {', '.join(BOARDS)}")
+    if version is not None and not releases.NAME.fullmatch(version):
+        raise FirmwareError(f"a version is 1-64 letters, digits and ._+-, not {version!r}")
     modules = (*COMMON_MODULES, f"{board}/board.py")
     compiler = find_mpy_cross(mpy_cross)
-    version = compiler_version(compiler)
+    emits = compiler_version(compiler)
     source = project_path("firmware")
     if out.exists():
         if not out.is_dir():
@@ -105,22 +134,57 @@ def build(board: str, out: Path, *, mpy_cross: str | None = None) -> Build:
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for module in modules:
-        target = out / Path(module).with_suffix(".mpy").name
-        done = subprocess.run(
-            [compiler, "-o", str(target), str(source / module)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise FirmwareError(f"mpy-cross failed on {module}: {done.stderr.strip()}")
-        files.append(target)
+        files.append(_compile(compiler, source / module, out))
+    if version is not None:
+        stamp = out / f"{VERSION_MODULE}.py"
+        stamp.write_text(f"VERSION = {version!r}\n")
+        try:
+            files.append(_compile(compiler, stamp, out))
+        finally:
+            stamp.unlink()
     for name in SOURCE_FILES:
         target = out / Path(name).name
         shutil.copyfile(source / name, target)
         files.append(target)
-    return Build(board, out, files, version)
+    return Build(board, out, files, emits)
+
+
+def _compile(compiler: str, module: Path, out: Path) -> Path:
+    """``module`` compiled into ``out`` as NAME.mpy."""
+    target = out / module.with_suffix(".mpy").name
+    done = subprocess.run(
+        [compiler, "-o", str(target), str(module)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise FirmwareError(f"mpy-cross failed on {module.name}: {done.stderr.strip()}")
+    return target
+
+
+def bundle(folder: Path, out: Path) -> list[Path]:
+    """Pack a build's files (modules, and any other file put in the folder, such as
+    assets) into a bundle at ``out``, but not the loader or the board's settings; the
+    files packed. Sub-folders are not packed (umqtt is part of the board's MicroPython)."""
+    if not folder.is_dir():
+        raise FirmwareError(f"{folder} is not a build folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in BUNDLE_KEPT)
+    for path in files:
+        if not BUNDLE_NAME.fullmatch(path.name):
+            raise FirmwareError(
+                f"{path.name!r}: a board takes files named with letters, digits and _-. only"
+            )
+    if not any(p.name == "main.py" for p in files):
+        raise FirmwareError(f"{folder} holds no main.py: not a `fleetline firmware build`")
+    with out.open("wb") as f:
+        f.write(BUNDLE_MAGIC)
+        for path in files:
+            name = path.name.encode()
+            data = path.read_bytes()
+            f.write(bytes([len(name)]) + name + len(data).to_bytes(4, "big") + data)
+    return files
 
 
 def _py_string(value: str) -> str:
@@ -217,8 +281,6 @@ def sign_release(
     """``image``'s manifest signed with the release key, written beside it as
     ``IMAGE.release.json``: {"manifest": its canonical JSON, "signature": r || s in hex},
     what the device checks (firmware/common/fleetline_release.py)."""
-    from fleetline import releases
-
     size, sha256 = _file_sha256(image)
     try:
         manifest = releases.Manifest(

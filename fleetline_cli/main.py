@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -325,17 +326,36 @@ def firmware_build(
         str | None,
         typer.Option(envvar="FLEETLINE_MPY_CROSS", help="mpy-cross to compile with."),
     ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option(help="The application's version, which it reports (its release's)."),
+    ] = None,
 ) -> None:
     """Compile the application into a folder ready to copy to the board."""
     from fleetline_cli import firmware
 
     folder = out or Path("build") / f"firmware-{board}"
     with _firmware_errors():
-        built = firmware.build(board, folder, mpy_cross=mpy_cross)
+        built = firmware.build(board, folder, mpy_cross=mpy_cross, version=version)
     typer.echo(f"{built.compiler}")
     for path in built.files:
         typer.echo(f"  {path}  {path.stat().st_size:,} bytes")
     typer.echo(f"{len(built.files)} files, {built.size:,} bytes in {folder}")
+
+
+@firmware_app.command("bundle")
+def firmware_bundle(
+    build: Annotated[Path, typer.Argument(help="A `firmware build` folder.")],
+    out: Annotated[Path, typer.Option(help="The bundle file to write.")],
+) -> None:
+    """Pack a build's application files into a bundle to release (`firmware upload`):
+    boards on an earlier version update themselves to it through a rollout. The
+    loader (boot.py, fleetline_boot) and the board's settings are not in it."""
+    from fleetline_cli import firmware
+
+    with _firmware_errors():
+        files = firmware.bundle(build, out)
+    typer.echo(f"wrote {out}: {len(files)} files, {out.stat().st_size:,} bytes")
 
 
 @firmware_app.command("keygen")
@@ -483,6 +503,18 @@ def firmware_config(
     registration_id: Annotated[
         str | None, typer.Option(help="With --enrollment: the id the board registers as.")
     ] = None,
+    release_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLEETLINE_RELEASE_KEY",
+            help="The release key's public point (hex: `firmware keygen` printed it, GET "
+            "/v1/release-key gives it): the board then takes firmware updates.",
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="With --release-key: the releases' target (default: the board's)."),
+    ] = None,
 ) -> None:
     """Write a board's config_local.py (and its CA file) for DEVICE_ID. fleetline never
     returns a key twice: give the key you were shown (--key) or issue a new one (--renew).
@@ -498,6 +530,16 @@ def firmware_config(
             "give the broker's CA certificate (--ca-file) or --plain for MQTT without TLS",
             param_hint="--ca-file",
         )
+    updates: dict[str, object] = {}
+    if release_key is not None:
+        if not re.fullmatch(r"[0-9a-fA-F]{128}", release_key):
+            raise typer.BadParameter(
+                "the release key's public point is 128 hex digits (x || y)",
+                param_hint="--release-key",
+            )
+        updates["RELEASE_KEY"] = release_key.lower()
+        if target is not None:
+            updates["TARGET"] = target
     if enrollment is not None:
         if device_id is not None or not (group_key and registration_id and mqtt_url):
             raise typer.BadParameter(
@@ -506,7 +548,7 @@ def firmware_config(
             )
         try:
             registration_key = devicekeys.registration_key(group_key, registration_id)
-            target = parse_mqtt_url(mqtt_url)
+            broker = parse_mqtt_url(mqtt_url)
         except (devicekeys.DeviceKeyError, ValueError) as exc:
             raise typer.BadParameter(str(exc)) from None
         folder = out or Path("build") / f"config-{registration_id}"
@@ -522,8 +564,9 @@ def firmware_config(
                     "ENROLLMENT": enrollment,
                     "REGISTRATION_ID": registration_id,
                     "REGISTRATION_KEY": registration_key,
-                    "PROVISIONING_HOST": target.host,
-                    "PROVISIONING_PORT": target.port,
+                    "PROVISIONING_HOST": broker.host,
+                    "PROVISIONING_PORT": broker.port,
+                    **updates,
                 },
             )
         for path in written:
@@ -540,15 +583,15 @@ def firmware_config(
             )
         try:
             devicekeys.fingerprint(key)
-            target = parse_mqtt_url(mqtt_url)
+            broker = parse_mqtt_url(mqtt_url)
         except (devicekeys.DeviceKeyError, ValueError) as exc:
             raise typer.BadParameter(str(exc)) from None
-        if target.tls == plain:  # mqtts:// with --plain, or mqtt:// with a CA
+        if broker.tls == plain:  # mqtts:// with --plain, or mqtt:// with a CA
             raise typer.BadParameter(
                 "mqtts:// goes with --ca-file, mqtt:// with --plain", param_hint="--mqtt-url"
             )
         connection_string = devicekeys.connection_string(
-            host=target.host, port=target.port, device_id=device_id, key=key
+            host=broker.host, port=broker.port, device_id=device_id, key=key
         )
     else:
         raise typer.BadParameter("give --key (the key is shown only once) or --renew")
@@ -561,6 +604,7 @@ def firmware_config(
             wifi_password=wifi_password,
             ca_source=None if plain else ca_file,
             interval_s=interval,
+            extra=updates,
         )
     for path in written:
         typer.echo(f"wrote {path}")

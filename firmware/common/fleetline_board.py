@@ -35,6 +35,24 @@ def _read(path):
         return f.read()
 
 
+def updater(device, config, version, platform):
+    """Firmware updates (fleetline_ota) when the config holds the release key; the
+    downloads' https URLs are verified against the same CA as the broker."""
+    release_key = getattr(config, "RELEASE_KEY", "")
+    if not release_key:
+        return None
+    import fleetline_ota
+
+    try:
+        import esp32  # noqa: PLC0415 - image updates need the OTA partitions
+    except ImportError:
+        esp32 = None
+    path = ca_file(config)
+    tls = fleetline_umqtt.tls_context(_read(path)) if path else None
+    return fleetline_ota.Updater(device, version, getattr(config, "TARGET", platform),
+                                 release_key, tls=tls, partitions=esp32)
+
+
 def credentials(config, make_client=None, feed=None):
     """(device id, key, host, port, auth) from CONNECTION_STRING, the separate settings,
     or, with ENROLLMENT, what self-provisioning gave (asked on first boot, then kept in

@@ -71,6 +71,9 @@ LOOP_SLEEP_MS = 50
 # A clock before this (2024-01-01) has not been set: no ts, no token.
 CLOCK_VALID_AFTER_S = 1704067200
 
+# What a desired-property handler returns to report nothing itself (it reports on its own).
+NOT_REPORTED = object()
+
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 
@@ -184,7 +187,7 @@ class Device:
     of None is left out. ``methods``: name → ``fn(params)`` returning the payload, or
     ``(status, payload)``; raising ValueError answers 400, anything else 500.
     ``desired``: property name → ``fn(value)`` applying a desired value (None when the
-    desired document lacks it) and returning the value to report.
+    desired document lacks it) and returning the value to report (NOT_REPORTED: none).
     ``on_c2d(body, properties)``: acts on a message; returning False or raising rejects it.
     ``reboot()``: called after ``reboot`` was answered (machine.reset on a board); without
     it the method answers 501. ``sync_clock()``: sets the clock when it is not (NTP).
@@ -245,6 +248,8 @@ class Device:
         self._status_topic = (self._base + "status").encode()
         self._telemetry_topic = (self._base + "telemetry").encode()
         self.client = None
+        # Firmware updates (fleetline_ota.Updater sets itself here).
+        self.updater = None
         self.stopping = False
         self.desired_version = -1
         self.backlog = []  # each reading's JSON text, as bytes
@@ -306,6 +311,8 @@ class Device:
             if client.check_msg() is None:
                 break
         self._handle_inbox()
+        if self.updater is not None:
+            self.updater.step()
         self._sample_if_due()
         if self._pending_report:
             self._publish(self._base + "twin/reported", json.dumps(self._pending_report))
@@ -386,7 +393,10 @@ class Device:
             client.set_last_will(self._status_topic, STATUS_OFFLINE, retain=True, qos=1)
             client.connect(True)
             self.client = client
-            for kind in ("c2d", "twin/desired", "methods/+/req"):
+            kinds = ["c2d", "twin/desired", "methods/+/req"]
+            if self.updater is not None:
+                kinds.append("transfers/res")
+            for kind in kinds:
                 client.subscribe((self._base + kind).encode(), qos=1)
             # Only now: the API sends queued messages when it sees this.
             client.publish(self._status_topic, STATUS_ONLINE, retain=True, qos=1)
@@ -409,7 +419,17 @@ class Device:
             self.report({"backlog_dropped": self.readings_dropped,
                          "backlog_write_errors": self.backlog_write_errors})
             self._dropped_reported = (self.readings_dropped, self.backlog_write_errors)
+        if self.updater is not None:
+            self.updater.connected()
         return True
+
+    def http_authorization(self) -> str | None:
+        """How the device proves itself over HTTPS (transfers): a SAS token naming it,
+        or None for a device that logs in with a certificate."""
+        if self.auth == "x509" or not clock_valid():
+            return None
+        token = sas_token(self.key, self.device_id, epoch_s() + TOKEN_TTL_S)
+        return "SharedAccessSignature sr=" + self.device_id + "&" + token
 
     def _backoff_s(self) -> float:
         if self.last_error is not None and _refused(self.last_error):
@@ -675,6 +695,8 @@ class Device:
                 self._take_desired(msg)
             elif kind.startswith("methods/") and kind.endswith("/req"):
                 self._answer_method(kind[len("methods/") : -len("/req")], msg)
+            elif kind == "transfers/res" and self.updater is not None:
+                self.updater.on_transfer(msg)
 
     def _parse(self, msg: bytes | None, what: str) -> dict | None:
         if msg is None:
@@ -732,9 +754,12 @@ class Device:
         errors = {}
         for name, apply in self._desired.items():
             try:
-                patch[name] = apply(desired.get(name))
+                value = apply(desired.get(name))
             except Exception as exc:  # refused: the reported value stays what it was
                 errors[name] = str(exc)[:120] or repr(exc)[:120]
+                continue
+            if value is not NOT_REPORTED:
+                patch[name] = value
         for name in desired:
             if name not in self._desired:
                 errors[name] = "unknown here"

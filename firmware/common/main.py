@@ -1,15 +1,23 @@
 # fleetline reference firmware for MicroPython boards (ESP32, ESP8266, Pyboard): telemetry,
-# twin, direct methods and cloud-to-device messages over MQTT (firmware/README.md). The
-# protocol lives in fleetline_device.py, the board's hardware in board.py (the board
-# layer `fleetline firmware build --board` puts there); this file wires the two.
-import board
-import config_local as config
-import fleetline_device
+# twin, direct methods, cloud-to-device messages and firmware updates over MQTT
+# (firmware/README.md). The protocol lives in fleetline_device.py, the board's hardware in
+# board.py (the board layer `fleetline firmware build --board` puts there); this file
+# wires the two. Everything, the imports too, runs under the guard at the end: a module
+# that fails to load (a broken update) resets the board, and the loader counts the boot.
 import machine
-from umqtt.simple import MQTTClient
 
 
 def main():
+    import board
+    import config_local as config
+    import fleetline_device
+    from umqtt.simple import MQTTClient
+
+    try:
+        from fleetline_version import VERSION  # `fleetline firmware build --version`
+    except ImportError:
+        VERSION = fleetline_device.VERSION
+
     watchdog_s = getattr(config, "WATCHDOG_S", 0)
     wdt = machine.WDT(timeout=watchdog_s * 1000) if watchdog_s else None
     feed = board.Feeder(wdt).feed
@@ -31,7 +39,7 @@ def main():
         sync_clock=lambda: board.sync_clock(config),
         feed=feed,
         reported={
-            "fw": fleetline_device.VERSION,
+            "fw": VERSION,
             "model": board.model(),
             "platform": board.PLATFORM,
         },
@@ -39,6 +47,8 @@ def main():
         # Readings taken offline, kept in flash across a reset ("" to keep them in RAM only).
         backlog_file=getattr(config, "BACKLOG_FILE", "backlog.jsonl"),
     )
+    # Firmware updates, with RELEASE_KEY in the config (docs/ota.md).
+    board.updater(device, config, VERSION, board.PLATFORM)
     relay_pin = getattr(config, "RELAY_PIN", None)
     if relay_pin is not None:
         relay = board.Relay(relay_pin, getattr(config, "RELAY_ACTIVE_HIGH", True))
@@ -46,12 +56,22 @@ def main():
     device.run()
 
 
+def crash_reset_s():
+    try:
+        import config_local as config
+
+        return getattr(config, "CRASH_RESET_S", 10)
+    except Exception:  # noqa: BLE001 - no settings: the default
+        return 10
+
+
 try:
     main()
 except Exception as exc:  # noqa: BLE001 - whatever stopped it, the board must come back
     # Not a tight loop: the console says why, and the board starts again after a pause.
-    board.log("main: " + repr(exc) + "; resetting in 10 s")
+    delay = crash_reset_s()
+    print("main: " + repr(exc) + "; resetting in " + str(delay) + " s")  # noqa: T201
     import time
 
-    time.sleep(10)
+    time.sleep(delay)
     machine.reset()

@@ -5,7 +5,7 @@ import gc
 import fleetline_board
 import machine
 import network
-from fleetline_board import Feeder, Relay, credentials, log, show_message, sync_clock  # noqa: F401
+from fleetline_board import Feeder, Relay, credentials, log, show_message, sync_clock, updater  # noqa: F401
 from fleetline_board import connect_wlan as connect_network  # noqa: F401
 from fleetline_board import wifi_client_factory as mqtt_client_factory  # noqa: F401
 

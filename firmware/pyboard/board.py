@@ -7,7 +7,7 @@ import time
 import fleetline_board
 import network
 import pyb
-from fleetline_board import Feeder, Relay, credentials, log, show_message, sync_clock  # noqa: F401
+from fleetline_board import Feeder, Relay, credentials, log, show_message, sync_clock, updater  # noqa: F401
 
 PLATFORM = "pyboard"
 NETWORK_TIMEOUT_MS = 20000

@@ -15,6 +15,7 @@ twin change is applied and reported, a cloud-to-device message completed, and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -64,6 +65,11 @@ def fleetline(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 pytestmark = pytest.mark.integration
 
 FAKES = Path(__file__).with_name("fakes")
+# What `fleetline firmware build` writes.
+APPLICATION = {
+    "fleetline_device.mpy", "fleetline_umqtt.mpy", "fleetline_board.mpy",
+    "fleetline_provision.mpy", "fleetline_boot.mpy", "fleetline_ota.mpy", "fleetline_https.mpy",
+    "fleetline_release.mpy", "fleetline_ecdsa.mpy", "board.mpy", "boot.py", "main.py"}
 HEAP_KIB = 110
 RUN_TIMEOUT_SECONDS = 120
 
@@ -75,9 +81,7 @@ def build(mp: MicroPython, out: Path, board: str) -> Path:
                      "--mpy-cross", str(mp.mpy_cross))
     assert done.returncode == 0, done.stderr
     assert "mpy-cross emitting mpy v6" in done.stdout
-    assert {p.name for p in out.iterdir()} == {
-        "fleetline_device.mpy", "fleetline_umqtt.mpy", "fleetline_board.mpy",
-        "fleetline_provision.mpy", "board.mpy", "boot.py", "main.py"}
+    assert {p.name for p in out.iterdir()} == APPLICATION
     umqtt_compiled(mp, out)
     return out
 
@@ -104,22 +108,33 @@ class Backend:
 async def backend(
     admin_url: str, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Backend]:
-    logs = tmp_path_factory.mktemp("board-services")
-    async with migrated_database(admin_url, "fleetline_board") as url:
+    async with serve_boards(admin_url, tls_files, tmp_path_factory, "board") as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def serve_boards(
+    admin_url: str, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory, name: str,
+    api_env: dict[str, str] | None = None,
+) -> AsyncIterator[Backend]:
+    """The boards' own backend, ``api_env`` added to the API's settings."""
+    logs = tmp_path_factory.mktemp(f"{name}-services")
+    async with migrated_database(admin_url, f"fleetline_{name}") as url:
         auth = BrokerAuth(database_url=url, key_secret=KEY_SECRET, services=SERVICES)
-        with LocalMosquitto(tmp_path_factory.mktemp("board-mosquitto"), auth=auth,
+        with LocalMosquitto(tmp_path_factory.mktemp(f"{name}-mosquitto"), auth=auth,
                             tls=tls_files) as broker:
             ingest = IngestProcess(database_url=url, mqtt_url=service_url(broker),
-                                   log_dir=logs, name="board")
+                                   log_dir=logs, name=name)
             api = ApiProcess(database_url=url, mqtt_url=service_url(broker, API_USER),
-                             log_dir=logs, name="board",
-                             env={"FLEETLINE_API_DEVICE_MQTT_URL": broker.tls_url})
+                             log_dir=logs, name=name,
+                             env={"FLEETLINE_API_DEVICE_MQTT_URL": broker.tls_url,
+                                  **(api_env or {})})
             pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
             ingest.start()
             api.start()
             try:
                 async with pool.acquire() as con:
-                    key = (await apikeys.create_key(con, name="board", scopes=["admin"])).token
+                    key = (await apikeys.create_key(con, name=name, scopes=["admin"])).token
                 yield Backend(broker, ingest, api, pool, key)
             finally:
                 api.stop()
@@ -478,9 +493,7 @@ def test_firmware_config_and_flash_commands(
     words = flash.stdout.split()
     assert words[:3] == ["mpremote", "connect", "/dev/ttyUSB0"] and words[-1] == "reset"
     copied = {w.lstrip(":") for w in words if w.startswith(":")}
-    assert copied == {"board.mpy", "boot.py", "ca.crt", "config_local.py", "fleetline_device.mpy",
-                      "fleetline_board.mpy", "fleetline_provision.mpy",
-                      "fleetline_umqtt.mpy", "main.py"}
+    assert copied == {*APPLICATION, "ca.crt", "config_local.py"}
     missing = fleetline("firmware", "flash", "--port", "/dev/ttyUSB0", "--build",
                         str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "firmware build" in missing.stderr

@@ -1,0 +1,118 @@
+"""A small HTTP/1.1 client for the device's downloads and uploads (docs/ota.md).
+
+One request per connection (``Connection: close``), over TLS verified with the same CA
+context as the broker connection (fleetline_umqtt.tls_context) for an ``https://`` URL.
+The response's body is read by the caller, a slice at a time (``readinto``), so a download of
+any size holds only one slice in memory; every socket wait gives up after ``timeout_s``.
+MicroPython and CPython alike (tested on the unix port).
+"""
+
+import socket
+
+# A status line or header longer than this is not one this client reads.
+MAX_LINE = 1024
+MAX_HEADERS = 32
+
+
+class HttpError(Exception):
+    pass
+
+
+def split_url(url):
+    """(tls, host, port, path) of an http(s) URL."""
+    if url.startswith("https://"):
+        tls, rest = True, url[8:]
+    elif url.startswith("http://"):
+        tls, rest = False, url[7:]
+    else:
+        raise HttpError("not an http(s) URL")
+    slash = rest.find("/")
+    hostport, path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+    host, _, port = hostport.partition(":")
+    return tls, host, int(port) if port else (443 if tls else 80), path
+
+
+class Response:
+    """A response whose headers were read; the body follows with :meth:`readinto`."""
+
+    def __init__(self, sock, stream, status, headers):
+        self._sock = sock
+        self._stream = stream
+        self.status = status
+        self.headers = headers
+        length = headers.get("content-length")
+        self.left = int(length) if length is not None else -1
+
+    def readinto(self, buf):
+        """Up to ``len(buf)`` bytes of the body into ``buf``; how many (0 at its end)."""
+        if self.left == 0:
+            return 0
+        view = memoryview(buf)
+        if 0 < self.left < len(buf):
+            view = view[:self.left]
+        n = self._stream.readinto(view) or 0
+        if not n and self.left > 0:
+            raise HttpError("the connection closed before the body ended")
+        if self.left > 0:
+            self.left -= n
+        return n
+
+    def close(self):
+        _close(self._stream)
+        _close(self._sock)
+
+
+def _close(thing):
+    try:
+        thing.close()
+    except Exception:
+        pass
+
+
+def _line(sock):
+    line = sock.readline()
+    if not line or len(line) > MAX_LINE or not line.endswith(b"\n"):
+        raise HttpError("no HTTP response, or a line too long")
+    return line.rstrip(b"\r\n")
+
+
+def request(method, url, headers=None, body=None, tls=None, timeout_s=15):
+    """Send the request and read the status and headers; the caller reads the body and
+    closes the :class:`Response`. ``body``: bytes sent whole, or None."""
+    secure, host, port, path = split_url(url)
+    if secure and tls is None:
+        raise HttpError("an https URL needs the TLS context")
+    addr = socket.getaddrinfo(host, port)[0][-1]
+    sock = socket.socket()
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect(addr)
+        if secure:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        # MicroPython's sockets are streams; CPython's (the Raspberry Pi agent) make one.
+        stream = sock if hasattr(sock, "readline") else sock.makefile("rwb")
+        lines = [method + " " + path + " HTTP/1.1", "Host: " + host, "Connection: close"]
+        for name in headers or {}:
+            lines.append(name + ": " + headers[name])
+        if body is not None:
+            lines.append("Content-Length: " + str(len(body)))
+        stream.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        if body:
+            stream.write(body)
+        if hasattr(stream, "flush"):
+            stream.flush()
+        status_line = _line(stream).split(b" ", 2)
+        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
+            raise HttpError("not an HTTP response")
+        status = int(status_line[1])
+        found = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = _line(stream)
+            if not line:
+                return Response(sock, stream, status, found)
+            name, _, value = line.partition(b":")
+            found[name.strip().lower().decode()] = value.strip().decode()
+        raise HttpError("too many headers")
+    except Exception:
+        _close(sock)
+        raise
