@@ -17,6 +17,8 @@ messages when it sees that status), then reports ``{"fw", "model"}`` on
 - The desired document is reported back with ``desired_version``; ``interval_s`` (seconds
   between readings) is applied.
 - Methods ``ping`` and ``reboot`` answer 200; any other 404.
+- Firmware rollouts: the device side of an update (simulated_updates.py), when the fleet
+  is given an UpdatePolicy.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import orjson
 from pydantic import SecretStr
 
-from fleetline import mqtt
+from fleetline import devicekeys, mqtt
+from fleetline.db import close_connection
 from fleetline.mqtt import backoff_seconds, make_client, wait_disconnected
 from fleetline.protocol import (
     C2D,
@@ -44,11 +48,13 @@ from fleetline.protocol import (
     STATUS_ONLINE,
     TELEMETRY,
     TOPIC_ROOT,
+    TRANSFER_RESPONSE,
     TWIN_DESIRED,
     TWIN_REPORTED,
     topic_for,
 )
 from fleetline.settings import MqttTarget
+from fleetline_dev.simulated_updates import DeviceUpdates, FleetUpdates, UpdatePolicy
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +112,16 @@ class _SeenIds:
 
 
 async def _serve_cloud(
-    client: mqtt.Client, device_id: str, seen: _SeenIds, stats: _Stats, state: _State
+    client: mqtt.Client,
+    device_id: str,
+    seen: _SeenIds,
+    stats: _Stats,
+    state: _State,
+    updates: DeviceUpdates | None,
 ) -> None:
     """Take what the cloud sends until the connection ends: cloud-to-device messages
-    (acknowledged), the desired twin (applied and reported back) and direct methods
-    (answered)."""
+    (acknowledged), the desired twin (applied and reported back; a rollout's `firmware`
+    to the updates), direct methods (answered) and answers to transfer requests."""
     own = f"{TOPIC_ROOT}/{device_id}/"
     try:
         async for message in client.messages:
@@ -121,7 +132,12 @@ async def _serve_cloud(
                 if kind == C2D:
                     await _take_c2d(client, device_id, orjson.loads(raw), seen, stats)
                 elif kind == TWIN_DESIRED and raw:
-                    await _apply_desired(client, device_id, orjson.loads(raw), state)
+                    doc = orjson.loads(raw)
+                    await _apply_desired(client, device_id, doc, state)
+                    if updates is not None:
+                        updates.take_desired(client, doc["desired"].get("firmware"))
+                elif kind == TRANSFER_RESPONSE and updates is not None:
+                    updates.take_answer(raw)
                 elif kind.startswith("methods/") and kind.endswith("/req"):
                     await _answer_method(client, device_id, kind, orjson.loads(raw), stats)
             except mqtt.MqttError:
@@ -155,10 +171,12 @@ async def _take_c2d(
 
 async def _apply_desired(client: mqtt.Client, device_id: str, doc: Any, state: _State) -> None:
     """Apply ``interval_s`` (seconds between readings, 0.1 to 3600) and report the
-    desired properties back, with the version they came in."""
+    desired properties back, with the version they came in (a rollout's `firmware` is
+    reported by the update, not echoed)."""
     desired = doc["desired"]
     if type(desired) is not dict:
         raise TypeError("desired is not an object")
+    desired = {k: v for k, v in desired.items() if k != "firmware"}
     interval = desired.get("interval_s")
     if isinstance(interval, int | float) and not isinstance(interval, bool):
         if MIN_INTERVAL_S <= interval <= MAX_INTERVAL_S:
@@ -199,7 +217,7 @@ class _Sensors:
         self.temperature = rng.gauss(21.0, 1.0)
         self.humidity = rng.uniform(35.0, 55.0)
 
-    def read(self) -> Reading:
+    def read(self, fw: str) -> Reading:
         rng = self.rng
         # Random walk pulled back towards 21 C / 45 %.
         self.temperature += rng.gauss(0, 0.15) - 0.05 * (self.temperature - 21.0)
@@ -212,7 +230,7 @@ class _Sensors:
                 "temperature": round(self.temperature, 2),
                 "humidity": round(self.humidity, 1),
                 "door_open": rng.random() < 0.03,
-                "fw": FIRMWARE_VERSION,
+                "fw": fw,
             },
         }
 
@@ -270,8 +288,14 @@ async def _device(
     stop: asyncio.Event,
     stats: _Stats,
     key: str | None,
+    fleet_updates: FleetUpdates | None = None,
 ) -> None:
     status_topic = topic_for(device_id, STATUS)
+    updates = (
+        DeviceUpdates(fleet_updates, device_id, key, FIRMWARE_VERSION, MODEL)
+        if fleet_updates is not None
+        else None
+    )
     if key is not None:
         # Log in as a device does: user name = client id = device id, password = its key.
         target = target.model_copy(update={"username": device_id, "password": SecretStr(key)})
@@ -286,6 +310,10 @@ async def _device(
     )
     rng = random.Random(device_id)
     sensors = _Sensors(rng)
+
+    def fw() -> str:
+        return updates.version if updates is not None else FIRMWARE_VERSION
+
     state = _State(interval_seconds)
     backlog: list[Reading] = []
     seen = _SeenIds()
@@ -311,21 +339,22 @@ async def _device(
                             (topic_for(device_id, C2D), 1),
                             (topic_for(device_id, TWIN_DESIRED), 1),
                             (topic_for(device_id, "methods/+/req"), 1),
+                            (topic_for(device_id, TRANSFER_RESPONSE), 1),
                         ]
                     )
                     receiver = asyncio.create_task(
-                        _serve_cloud(client, device_id, seen, stats, state),
+                        _serve_cloud(client, device_id, seen, stats, state, updates),
                         name=f"simulator.device[{device_id}].cloud",
                     )
                     await client.publish(status_topic, STATUS_ONLINE, qos=1, retain=True)
                     await client.publish(
                         topic_for(device_id, TWIN_REPORTED),
-                        orjson.dumps({"fw": FIRMWARE_VERSION, "model": MODEL}),
+                        orjson.dumps({"fw": fw(), "model": MODEL}),
                         qos=1,
                     )
                     next_tick = loop.time()
                     while not stop.is_set():
-                        backlog.append(sensors.read())
+                        backlog.append(sensors.read(fw()))
                         del backlog[:-MAX_BACKLOG_READINGS]
                         if hold == 0 and rng.random() < BATCH_PROBABILITY:
                             hold = rng.randint(*BATCH_READINGS) - 1
@@ -366,6 +395,8 @@ async def _device(
                 extra={"device_id": device_id},
             )
             await _sleep_or_stop(stop, delay)
+    if updates is not None:
+        updates.stop()
 
 
 async def _report(stats: _Stats, devices: int) -> None:
@@ -382,6 +413,48 @@ async def _report(stats: _Stats, devices: int) -> None:
         )
 
 
+async def register_fleet(database_url: str, ids: list[str], key_secret: bytes) -> dict[str, str]:
+    """Put the simulated fleet in the device registry, issuing a key to each device that
+    has none, so devices may connect and the API serves their telemetry. Returns each
+    device's current key, for the simulator to log in with."""
+    if not ids:
+        return {}
+    con = await asyncpg.connect(database_url)
+    try:
+        async with con.transaction():
+            await con.execute(
+                "INSERT INTO devices (id, tags) SELECT d, $2::text::jsonb "
+                "FROM unnest($1::text[]) d ON CONFLICT (id) DO NOTHING",
+                ids,
+                '{"source": "simulator"}',
+            )
+            await con.execute(
+                """
+                UPDATE devices SET key_version = nextval('device_key_version_seq'),
+                                   key_created_at = now()
+                WHERE id = ANY($1::text[]) AND key_version = 0
+                """,
+                ids,
+            )
+            rows = await con.fetch(
+                "SELECT id, key_version FROM devices WHERE id = ANY($1::text[])", ids
+            )
+            keys = {
+                r["id"]: devicekeys.derive_key(key_secret, r["id"], r["key_version"]) for r in rows
+            }
+            await con.execute(
+                """
+                UPDATE devices d SET key_sha256 = u.f
+                FROM unnest($1::text[], $2::bytea[]) u(id, f) WHERE d.id = u.id
+                """,
+                list(keys),
+                [devicekeys.fingerprint(k) for k in keys.values()],
+            )
+        return keys
+    finally:
+        await close_connection(con)
+
+
 def device_ids(devices: int, prefix: str = "sim-") -> list[str]:
     """The ids the simulated fleet uses: sim-0000, sim-0001, ..."""
     width = max(4, len(str(devices - 1)))
@@ -396,11 +469,13 @@ async def run_fleet(
     prefix: str = "sim-",
     stop: asyncio.Event | None = None,
     keys: Mapping[str, str] | None = None,
+    updates: UpdatePolicy | None = None,
 ) -> None:
     """Run ``devices`` simulated devices until ``stop`` is set (or the task is cancelled).
 
     A device listed in ``keys`` logs in with its key, as the broker's auth plugin
-    requires; the others with ``target``'s credentials.
+    requires; the others with ``target``'s credentials. With ``updates``, the devices
+    take firmware rollouts (simulated_updates.py).
 
     On stop every device publishes a retained ``offline`` and disconnects cleanly.
     """
@@ -420,8 +495,27 @@ async def run_fleet(
         target.host,
         target.port,
     )
+    fleet_updates = FleetUpdates(updates) if updates is not None else None
+    try:
+        await _run(ids, target, interval_seconds, stagger, stop, stats, keys, fleet_updates)
+    finally:
+        if fleet_updates is not None:
+            await fleet_updates.aclose()
+    log.info("simulator stopped: %d readings sent", stats.readings)
+
+
+async def _run(
+    ids: list[str],
+    target: MqttTarget,
+    interval_seconds: float,
+    stagger: float,
+    stop: asyncio.Event,
+    stats: _Stats,
+    keys: Mapping[str, str] | None,
+    fleet_updates: FleetUpdates | None,
+) -> None:
     async with asyncio.TaskGroup() as tg:
-        reporter = tg.create_task(_report(stats, devices), name="simulator.report")
+        reporter = tg.create_task(_report(stats, len(ids)), name="simulator.report")
         device_tasks = [
             tg.create_task(
                 _device(
@@ -432,6 +526,7 @@ async def run_fleet(
                     stop=stop,
                     stats=stats,
                     key=(keys or {}).get(device_id),
+                    fleet_updates=fleet_updates,
                 ),
                 name=f"simulator.device[{device_id}]",
             )
@@ -439,4 +534,3 @@ async def run_fleet(
         ]
         await asyncio.gather(*device_tasks)
         reporter.cancel()
-    log.info("simulator stopped: %d readings sent", stats.readings)

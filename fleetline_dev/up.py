@@ -27,7 +27,6 @@ import typer
 from pydantic import ValidationError
 
 from fleetline import devicekeys, releases
-from fleetline.db import close_connection
 from fleetline.logs import setup_logging
 from fleetline.migrate import MigrationError, migrate
 from fleetline.settings import MqttTarget, ServiceSettings, StorageSettings, parse_mqtt_url
@@ -42,7 +41,7 @@ from fleetline_dev.embedded import (
     free_port,
     port_is_free,
 )
-from fleetline_dev.simulator import device_ids, run_fleet
+from fleetline_dev.simulator import device_ids, register_fleet, run_fleet
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +201,7 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
             try:
                 asyncio.run(migrate(database_url, StorageSettings(), create_database=True))
                 sim_keys = asyncio.run(
-                    _register_simulated(database_url, device_ids(devices), key_secret.encode())
+                    register_fleet(database_url, device_ids(devices), key_secret.encode())
                 )
             except MigrationError as exc:
                 _say(f"error: migrations failed: {exc}", err=True)
@@ -370,50 +369,6 @@ async def _wait_services_ready(
             )
             return
         await asyncio.sleep(0.25)
-
-
-async def _register_simulated(
-    database_url: str, ids: list[str], key_secret: bytes
-) -> dict[str, str]:
-    """Put the simulated fleet in the device registry, issuing a key to each device that
-    has none, so devices may connect and the API serves their telemetry. Returns each
-    device's current key, for the simulator to log in with."""
-    if not ids:
-        return {}
-    con = await asyncpg.connect(database_url)
-    try:
-        async with con.transaction():
-            await con.execute(
-                "INSERT INTO devices (id, tags) SELECT d, $2::text::jsonb "
-                "FROM unnest($1::text[]) d ON CONFLICT (id) DO NOTHING",
-                ids,
-                '{"source": "simulator"}',
-            )
-            await con.execute(
-                """
-                UPDATE devices SET key_version = nextval('device_key_version_seq'),
-                                   key_created_at = now()
-                WHERE id = ANY($1::text[]) AND key_version = 0
-                """,
-                ids,
-            )
-            rows = await con.fetch(
-                "SELECT id, key_version FROM devices WHERE id = ANY($1::text[])", ids
-            )
-            keys = {
-                r["id"]: devicekeys.derive_key(key_secret, r["id"], r["key_version"]) for r in rows
-            }
-            await con.execute(
-                """
-                UPDATE devices d SET key_sha256 = u.f
-                FROM unnest($1::text[], $2::bytea[]) u(id, f) WHERE d.id = u.id
-                """,
-                list(keys),
-                [devicekeys.fingerprint(k) for k in keys.values()],
-            )
-        return keys
-    finally:
-        await close_connection(con)
 
 
 async def _storage_label(database_url: str) -> str:

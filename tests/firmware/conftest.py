@@ -7,7 +7,6 @@ A failed build fails the run: nothing here is skipped.
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ import pytest
 
 from fleetline import devicekeys
 from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
-from tests.support import DEVICE_KEY_SECRET
+from tests.stack import API_USER, KEY_SECRET, SERVICES, service_url
+
+__all__ = ["API_USER", "KEY_SECRET", "SERVICES", "service_url"]
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-micropython.sh"
@@ -27,11 +28,6 @@ CORE = ROOT / "firmware" / "common" / "fleetline_device.py"
 # A first build takes about 30 s on 2 cores; a cached one returns at once.
 BUILD_TIMEOUT_SECONDS = 900
 
-# The run's device-key secret (the API's, tests.support) and the services' accounts.
-KEY_SECRET = DEVICE_KEY_SECRET.encode()
-INGEST_USER = "fleetline-ingest"
-API_USER = "fleetline-api"
-SERVICES = {INGEST_USER: secrets.token_urlsafe(16), API_USER: secrets.token_urlsafe(16)}
 
 # Lines for the end of the run (pytest_terminal_summary): what the firmware used.
 REPORT: list[str] = []
@@ -81,10 +77,6 @@ def auth_broker(
     auth = BrokerAuth(database_url=database_url, key_secret=KEY_SECRET, services=SERVICES)
     with LocalMosquitto(tmp_path_factory.mktemp("mosquitto-firmware"), auth=auth) as server:
         yield server
-
-
-def service_url(broker: LocalMosquitto, user: str = INGEST_USER) -> str:
-    return f"mqtt://{user}:{SERVICES[user]}@127.0.0.1:{broker.port}"
 
 
 def key_for(device_id: str, version: int = 1) -> str:

@@ -15,7 +15,6 @@ twin change is applied and reported, a cloud-to-device message completed, and th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -24,7 +23,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,24 +33,22 @@ import paho.mqtt.client as paho
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fleetline import apikeys, devicekeys
+from fleetline import devicekeys
 from fleetline_cli import firmware
 from fleetline_dev import certs
 from fleetline_dev.certs import TlsFiles
-from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
-from tests.conftest import migrated_database
+from fleetline_dev.embedded import LocalMosquitto
 from tests.firmware.conftest import (
     API_USER,
-    KEY_SECRET,
     REPORT,
     SERVICES,
     MicroPython,
     mpy,
-    service_url,
     umqtt_compiled,
 )
 from tests.firmware.test_unix_port import micropython_env
-from tests.support import ApiProcess, IngestProcess, TcpProxy, wait_until
+from tests.stack import Backend, serve_stack
+from tests.support import ApiProcess, TcpProxy, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,55 +87,12 @@ def board_build(micropython: MicroPython, tmp_path_factory: pytest.TempPathFacto
     return build(micropython, tmp_path_factory.mktemp("esp32-build") / "esp32", "esp32")
 
 
-@dataclass
-class Backend:
-    """The board's own backend: a database no other test's services serve (every API
-    process sends the cloud-to-device messages of its database, through its broker), the
-    auth broker with a TLS listener on it, ingest and the API."""
-
-    broker: LocalMosquitto
-    ingest: IngestProcess
-    api: ApiProcess
-    db: asyncpg.Pool[Any]
-    key: str
-
-
 @pytest.fixture(scope="module")
 async def backend(
     admin_url: str, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Backend]:
-    async with serve_boards(admin_url, tls_files, tmp_path_factory, "board") as served:
+    async with serve_stack(admin_url, tls_files, tmp_path_factory, "board") as served:
         yield served
-
-
-@contextlib.asynccontextmanager
-async def serve_boards(
-    admin_url: str, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory, name: str,
-    api_env: dict[str, str] | None = None,
-) -> AsyncIterator[Backend]:
-    """The boards' own backend, ``api_env`` added to the API's settings."""
-    logs = tmp_path_factory.mktemp(f"{name}-services")
-    async with migrated_database(admin_url, f"fleetline_{name}") as url:
-        auth = BrokerAuth(database_url=url, key_secret=KEY_SECRET, services=SERVICES)
-        with LocalMosquitto(tmp_path_factory.mktemp(f"{name}-mosquitto"), auth=auth,
-                            tls=tls_files) as broker:
-            ingest = IngestProcess(database_url=url, mqtt_url=service_url(broker),
-                                   log_dir=logs, name=name)
-            api = ApiProcess(database_url=url, mqtt_url=service_url(broker, API_USER),
-                             log_dir=logs, name=name,
-                             env={"FLEETLINE_API_DEVICE_MQTT_URL": broker.tls_url,
-                                  **(api_env or {})})
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
-            ingest.start()
-            api.start()
-            try:
-                async with pool.acquire() as con:
-                    key = (await apikeys.create_key(con, name=name, scopes=["admin"])).token
-                yield Backend(broker, ingest, api, pool, key)
-            finally:
-                api.stop()
-                ingest.stop()
-                await pool.close()
 
 
 class Board:

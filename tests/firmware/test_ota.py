@@ -35,15 +35,8 @@ from fleetline_cli import firmware
 from fleetline_dev.certs import TlsFiles
 from fleetline_dev.embedded import free_port
 from tests.firmware.conftest import API_USER, SERVICES, MicroPython, mpy
-from tests.firmware.test_board import (
-    Backend,
-    Board,
-    _client,
-    _register,
-    build,
-    fleetline,
-    serve_boards,
-)
+from tests.firmware.test_board import Board, _client, _register, build, fleetline
+from tests.stack import Backend, serve_stack
 from tests.support import release_key_file, wait_until
 
 pytestmark = pytest.mark.integration
@@ -59,7 +52,7 @@ async def ota_backend(
     env = {"FLEETLINE_API_DEVICE_PORT": str(free_port()),
            "FLEETLINE_API_DEVICE_TLS_CERT_FILE": str(tls_files.server_cert),
            "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls_files.server_key)}
-    async with serve_boards(admin_url, tls_files, tmp_path_factory, "ota", env) as served:
+    async with serve_stack(admin_url, tls_files, tmp_path_factory, "ota", env) as served:
         yield served
 
 

@@ -23,13 +23,14 @@ REQUEST = "transfers/req"
 RESPONSE = "transfers/res"
 TRANSFERS_PATH = "/v1/transfers"
 
-# The release, if a rollout of it is updating the device now.
+# The release, if a rollout of it is updating the device now (from its claim on: the
+# device may ask as soon as the notification is out, before it is recorded).
 DOWNLOADABLE = """
 SELECT b.size, b.sha256 FROM firmware f JOIN blobs b ON b.id = f.blob_id
 WHERE f.id = $2 AND f.manifest IS NOT NULL AND EXISTS (
     SELECT 1 FROM job_devices jd JOIN jobs j ON j.id = jd.job_id
-    WHERE jd.device_id = $1 AND jd.state = 'running' AND jd.phase IS NOT NULL
-      AND j.type = 'rollout' AND (j.spec ->> 'firmware_id')::bigint = f.id)
+    WHERE jd.device_id = $1 AND jd.state = 'running' AND j.type = 'rollout'
+      AND (j.spec ->> 'firmware_id')::bigint = f.id)
 """
 
 
