@@ -19,6 +19,7 @@ from fleetline.logs import setup_logging
 from fleetline_cli.common import JsonOption, api_errors, print_table
 from fleetline_cli.common import api as rest
 from fleetline_cli.enrollments import ca_app, enrollment_app
+from fleetline_cli.rollouts import rollout_app
 
 T = TypeVar("T")
 
@@ -173,6 +174,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(telemetry_app, name="telemetry")
 app.add_typer(enrollment_app, name="enrollment")
 app.add_typer(ca_app, name="ca")
+app.add_typer(rollout_app, name="rollout")
 
 
 def _tags(tag: list[str]) -> dict[str, str]:

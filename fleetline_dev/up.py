@@ -41,6 +41,7 @@ from fleetline_dev.embedded import (
     free_port,
     port_is_free,
 )
+from fleetline_dev.simulated_updates import UpdatePolicy
 from fleetline_dev.simulator import device_ids, register_fleet, run_fleet
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ MOSQUITTO_TLS_PORT = 8883
 DATABASE = "fleetline"
 API_PORT = 8000
 API_METRICS_PORT = 9102
+# The API's devices' HTTPS listener (firmware downloads), beside the broker's TLS one.
+API_DEVICE_PORT = 8443
 INGEST_HTTP_PORT = 9101
 RULES_HTTP_PORT = 9103
 # The banner waits this long for the services to answer /readyz.
@@ -240,6 +243,9 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                     url=f"mqtts://{device_host()}:{broker.tls_port}",
                     local_url=broker.tls_url,
                     ca_file=str(tls.ca_cert),
+                    https_port=_pick_port(API_DEVICE_PORT),
+                    cert_file=str(tls.server_cert),
+                    key_file=str(tls.server_key),
                 )
                 service_urls = {
                     name: f"mqtt://fleetline-{name}:{pw}@127.0.0.1:{broker.port}"
@@ -275,11 +281,15 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
 class DevicesEndpoint:
     """Where devices reach the embedded broker: ``url`` for devices on the network (in
     connection strings), ``local_url`` for the simulator on this machine, and the CA
-    file both verify the broker against."""
+    file both verify the broker against; the API's devices' HTTPS listener (firmware
+    downloads) on ``https_port``, with the broker's certificate."""
 
     url: str
     local_url: str
     ca_file: str
+    https_port: int
+    cert_file: str
+    key_file: str
 
 
 def device_host() -> str:
@@ -297,6 +307,9 @@ def _child_env(
     if devices is not None:
         # Connection strings name the TLS listener.
         env.setdefault("FLEETLINE_API_DEVICE_MQTT_URL", devices.url)
+        env.setdefault("FLEETLINE_API_DEVICE_PORT", str(devices.https_port))
+        env.setdefault("FLEETLINE_API_DEVICE_TLS_CERT_FILE", devices.cert_file)
+        env.setdefault("FLEETLINE_API_DEVICE_TLS_KEY_FILE", devices.key_file)
     env.setdefault("FLEETLINE_API_METRICS_PORT", str(_pick_port(API_METRICS_PORT)))
     # The services listen on loopback, as the banner says (devices reach the broker's
     # TLS listener, which is on every interface); set these to serve beyond it.
@@ -394,6 +407,7 @@ async def _start_simulator(
     interval_seconds: float,
     ingest_port: int,
     stop: asyncio.Event,
+    updates: UpdatePolicy | None,
 ) -> None:
     await _wait_ingest_ready(ingest_port, stop)
     if stop.is_set():
@@ -404,6 +418,18 @@ async def _start_simulator(
         interval_seconds=interval_seconds,
         stop=stop,
         keys=keys,
+        updates=updates,
+    )
+
+
+def _updates(devices_target: DevicesEndpoint | None) -> UpdatePolicy | None:
+    """The simulated fleet takes rollouts of releases signed by this run's release key,
+    downloading from the API's devices' listener."""
+    if devices_target is None:
+        return None
+    key = releases.load_key(Path(os.environ["FLEETLINE_API_RELEASE_KEY_FILE"]))
+    return UpdatePolicy(
+        release_key=releases.public_point(key), ca_file=Path(devices_target.ca_file)
     )
 
 
@@ -481,6 +507,8 @@ async def _supervise(
             f"  broker    {_redact(mqtt_url)} (services)\n"
             f"            {devices_target.url} (devices: TLS, verify with the CA file\n"
             f"            {devices_target.ca_file})\n"
+            f"  downloads https://{device_host()}:{devices_target.https_port} (devices: "
+            "firmware updates)\n"
             if devices_target is not None
             else f"  broker    {_redact(mqtt_url)}\n"
         )
@@ -508,6 +536,7 @@ async def _supervise(
                     interval_seconds=interval_seconds,
                     ingest_port=ingest_port,
                     stop=sim_stop,
+                    updates=_updates(devices_target),
                 ),
                 name="up.simulator",
             )

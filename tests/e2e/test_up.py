@@ -20,6 +20,8 @@ import pytest
 
 from fleetline import apikeys, releases
 from fleetline_dev.embedded import free_port
+from fleetline_dev.simulator import MODEL
+from tests.integration.test_firmware import declare, put_part
 from tests.support import Device, wait_until
 
 pytestmark = pytest.mark.integration
@@ -115,6 +117,16 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
         # Without TLS the devices' port answers nothing an MQTT client can use.
         with pytest.raises(AssertionError, match="could not connect"):
             Device(f"mqtt://127.0.0.1:{tls_port}", f"{uid}-plain", password=created["key"])
+        # The simulated fleet takes a rollout, downloading from the devices' HTTPS listener.
+        assert up.field(r"downloads\s+(https://\S+) \(devices").startswith("https://")
+        image = b"sim-th1 application 2.0.0" * 100
+        fw = release(c, image, "2.0.0", MODEL)
+        job = c.post("/v1/jobs", json={"type": "rollout", "query": "tags.source = 'simulator'",
+                                       "firmware_id": fw, "canary": 1}).json()
+        done = wait_until(lambda: (j := c.get(f"/v1/jobs/{job['id']}").json())["finished_at"]
+                          and j, timeout=60, what="the rollout over the simulated fleet")
+        assert (done["state"], done["progress"]["succeeded"]) == ("completed", 3), done
+        assert c.get("/v1/devices/sim-0001/twin").json()["reported"]["fw"] == "2.0.0"
     finally:
         assert up.stop() == 0, up.output()
     ca = ca_file.read_bytes()
@@ -125,3 +137,10 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
         assert release_key.read_bytes() == signer
     finally:
         assert again.stop() == 0, again.output()
+
+
+def release(c: httpx.Client, image: bytes, version: str, target: str) -> int:
+    made = declare(c, image, version, target, kind="bundle")
+    assert made.status_code == 201, made.text
+    assert put_part(c, made.json()["id"], image, 0, len(image) - 1).status_code == 200
+    return int(made.json()["id"])

@@ -7,6 +7,10 @@ window, and what a rollout refuses."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,6 +22,7 @@ import pytest
 
 from fleetline_dev.embedded import LocalMosquitto
 from tests.integration.test_api import assert_problem, client
+from tests.integration.test_cli import fleetline
 from tests.integration.test_firmware import declare, put_part
 from tests.integration.test_jobs import (  # noqa: F401 - _only_our_jobs: autouse
     JobDevice,
@@ -267,3 +272,41 @@ async def test_invalid_rollouts_get_4xx_problems(
                 {"on_failure": "explode"}, {"timeouts": {"notified": 0}},
                 {"timeouts": {"sleeping": 5}}, {"canary_percent": 0}):
         assert_problem(admin.post("/v1/jobs", json=rollout(query, fw["id"], **bad)), 422)
+
+
+async def test_the_command_line_creates_follows_and_lists_rollouts(
+    api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any], uid: str,
+    fleet: Callable[[list[str]], dict[str, JobDevice]],
+) -> None:
+    ids = await register(db, [f"{uid}-{i}" for i in range(2)], {"run": uid}, online=True)
+    devs = fleet(ids)
+    key = await make_key("admin")
+    env = {"FLEETLINE_API_URL": api.url, "FLEETLINE_API_KEY": key}
+    fw = release(client(api, key), "4.0.0", f"board-{uid}")
+    made = fleetline("rollout", "create", str(fw["id"]), "--query", f"tags.run = '{uid}'",
+                     "--canary", "2", "--threshold", "50", "--json", env=env)
+    assert made.returncode == 0, made.stderr
+    jid = json.loads(made.stdout)["id"]
+    watching = subprocess.Popen(
+        [sys.executable, "-m", "fleetline_cli", "rollout", "show", str(jid), "--watch"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for d in ids:
+        notified(devs[d], jid)
+        report(devs[d], jid, "succeeded", running="4.0.0")
+    out, err = watching.communicate(timeout=60)
+    assert watching.returncode == 0, err
+    assert f"rollout {jid}: completed, 100% of 2 (2 succeeded)" in out
+    assert f"firmware {fw['id']} (image 4.0.0)" in out and "canary 2" in out
+    assert "2/2" in err  # the progress bar, on the terminal's stream
+    listed = fleetline("rollout", "list", env=env).stdout.splitlines()
+    assert listed[0].split()[:3] == ["id", "firmware", "state"]
+    assert any(line.split()[:4] == [str(jid), str(fw["id"]), "(4.0.0)", "completed"]
+               for line in listed)
+    rows = fleetline("rollout", "devices", str(jid), env=env).stdout.splitlines()
+    assert rows[0].split() == ["device", "wave", "state", "phase", "progress", "error"]
+    assert sorted(r.split()[0] for r in rows[1:]) == sorted(ids)
+    late = fleetline("rollout", "pause", str(jid), env=env)
+    assert late.returncode == 1 and "is completed" in late.stderr
+    bad = fleetline("rollout", "create", str(fw["id"]), "--query", "id = 'x'", "--window",
+                    "0100", env=env)
+    assert bad.returncode == 2 and "HH:MM-HH:MM" in bad.stderr

@@ -65,7 +65,7 @@ async def serve(app: Any, main: uvicorn.Server, settings: ApiSettings, **options
     device = _DeviceServer(
         uvicorn.Config(
             app,
-            host=settings.host,
+            host=settings.device_host,
             port=settings.device_port,
             ssl_certfile=settings.device_tls_cert_file,
             ssl_keyfile=settings.device_tls_key_file,

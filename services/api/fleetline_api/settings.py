@@ -57,6 +57,7 @@ class ApiSettings(ServiceSettings):
     # Devices' HTTPS (docs/ota.md): a listener of its own, TLS with this certificate and
     # key, serving only what devices use (transfers, provisioning, health); 0: none (a
     # TLS-terminating proxy in front of the API's port serves devices instead).
+    device_host: str = "0.0.0.0"
     device_port: int = Field(default=0, ge=0, le=65535)
     device_tls_cert_file: Path | None = None
     device_tls_key_file: Path | None = None
