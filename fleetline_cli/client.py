@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -67,6 +68,15 @@ async def stream_events(
         attempt += 1
 
 
+def _problem(resp: httpx.Response) -> ApiError:
+    try:
+        problem = resp.json()
+        text = f"{problem.get('status')} {problem.get('title')}: {problem.get('detail', '')}"
+    except ValueError:
+        text = f"{resp.status_code} {resp.reason_phrase}"
+    return ApiError(text)
+
+
 class ApiClient:
     def __init__(self, url: str | None = None, key: str | None = None) -> None:
         key = _key(key)
@@ -83,12 +93,23 @@ class ApiClient:
             raise ApiError(f"cannot reach the API at {self._http.base_url}: {exc}") from None
         if resp.is_success:
             return resp.json() if resp.content else None
+        raise _problem(resp)
+
+    def download(self, path: str, target: Path) -> int:
+        """The body of ``GET path`` streamed into ``target``; its size."""
         try:
-            problem = resp.json()
-            text = f"{problem.get('status')} {problem.get('title')}: {problem.get('detail', '')}"
-        except ValueError:
-            text = f"{resp.status_code} {resp.reason_phrase}"
-        raise ApiError(text)
+            with self._http.stream("GET", path) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise _problem(resp)
+                size = 0
+                with target.open("wb") as out:
+                    for chunk in resp.iter_bytes():
+                        out.write(chunk)
+                        size += len(chunk)
+                return size
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach the API at {self._http.base_url}: {exc}") from None
 
     def pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Every item of a cursor-paged listing."""

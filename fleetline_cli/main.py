@@ -19,6 +19,7 @@ from fleetline.logs import setup_logging
 from fleetline_cli.common import JsonOption, api_errors, print_table
 from fleetline_cli.common import api as rest
 from fleetline_cli.enrollments import ca_app, enrollment_app
+from fleetline_cli.files import file_app
 from fleetline_cli.rollouts import rollout_app
 
 T = TypeVar("T")
@@ -175,6 +176,7 @@ app.add_typer(telemetry_app, name="telemetry")
 app.add_typer(enrollment_app, name="enrollment")
 app.add_typer(ca_app, name="ca")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(file_app, name="file")
 
 
 def _tags(tag: list[str]) -> dict[str, str]:

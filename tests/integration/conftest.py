@@ -49,7 +49,8 @@ def secure_api(database_url: str, secure_broker: LocalMosquitto, artifacts: Path
              "FLEETLINE_API_PROVISION_FAILURES_BURST": "20",
              "FLEETLINE_API_DEVICE_PORT": str(device_port),
              "FLEETLINE_API_DEVICE_TLS_CERT_FILE": str(tls_files.server_cert),
-             "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls_files.server_key)},
+             "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls_files.server_key),
+             "FLEETLINE_API_UPLOAD_SWEEP_S": "0.5"},
     )
     proc.device_url = f"https://127.0.0.1:{device_port}"
     proc.start()

@@ -31,6 +31,7 @@ from fleetline_api.routes import (
     devices,
     endpoints,
     enrollments,
+    files,
     firmware,
     health,
     jobs,
@@ -102,6 +103,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             asyncio.create_task(hub.run(), name="api.stream"),
             asyncio.create_task(C2dDispatcher(settings, pool, broker).run(), name="api.c2d"),
             asyncio.create_task(refusals.run(pool), name="api.refusals"),
+            asyncio.create_task(desk.run(), name="api.uploads"),
         ]
         # Started last and stopped first: on shutdown its running devices may still
         # finish over the broker link.
@@ -186,6 +188,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(twins.router)
     app.include_router(methods.router)
     app.include_router(modules.router)
+    app.include_router(files.router)
     app.include_router(jobs.router)
     app.include_router(messages.router)
     app.include_router(query.router)

@@ -66,6 +66,13 @@ class ApiSettings(ServiceSettings):
     device_http_url: str | None = None
     # How long such a URL may be used; a device asks again for a fresh one to resume.
     transfer_url_ttl_s: int = Field(default=900, ge=10, le=86_400)
+    # Files uploaded by devices (docs/uploads.md): the largest file, the bytes a device
+    # may keep in all (its unfinished uploads count), how long an unfinished upload
+    # waits before it is deleted, and how often they are looked for.
+    upload_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1, le=1024 * 1024 * 1024)
+    upload_quota_bytes: int = Field(default=64 * 1024 * 1024, ge=1, le=1024**4)
+    upload_ttl_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    upload_sweep_s: float = Field(default=60.0, ge=0.1, le=3600)
     # /v1/stream: events buffered per client before it is dropped as too slow, and how
     # many clients one API process serves.
     stream_queue_size: int = Field(default=1000, ge=10, le=100_000)

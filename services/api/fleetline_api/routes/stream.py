@@ -53,8 +53,8 @@ async def stream(
     tag: TagFilter = [],  # noqa: B006
     metric: Annotated[list[MetricName], Query(max_length=256)] = [],  # noqa: B006
     events: Annotated[
-        str, Query(pattern=r"^(telemetry|status|alarm)(,(telemetry|status|alarm))*$")
-    ] = "telemetry,status,alarm",
+        str, Query(pattern=r"^(telemetry|status|alarm|file)(,(telemetry|status|alarm|file))*$")
+    ] = "telemetry,status,alarm,file",
 ) -> None:
     state: Any = websocket.state
     hub: StreamHub = state.stream

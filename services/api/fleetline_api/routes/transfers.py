@@ -1,21 +1,30 @@
-"""``/v1/transfers/{grant}``: what a device downloads with the short-lived URL it asked
-for over MQTT (transfers.py). No API key: the URL is signed for one device
-(grants.py), which proves itself as well (deviceauth.py). 403 for a URL past its expiry,
-not signed here, or signed for another device; 401 when the device's credentials are
-missing or wrong.
+"""``/v1/transfers/{grant}``: what a device downloads (GET) or uploads (PUT) with the
+short-lived URL it asked for over MQTT (transfers.py). No API key: the URL is signed for
+one device and one firmware or file (grants.py), and the device proves itself as well
+(deviceauth.py). 403 for a URL past its expiry, not signed here, or signed for another
+device; 401 when the device's credentials are missing or wrong.
+
+An upload goes in parts, each a PUT with ``Content-Range: bytes START-END/SIZE`` starting
+where the upload stands (409 says where otherwise), so an interrupted one resumes. The
+last part checks the SHA-256 (422 and the upload starts over when it differs), completes
+the file and announces it on the live stream (``{"type": "file", ...}``). A part that
+goes past the declared size is 413.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Path, Request
 from fastapi.responses import Response
 
-from fleetline_api import deviceauth, downloads, grants
+from fleetline import streamevents
+from fleetline_api import blobs, deviceauth, downloads, grants
 from fleetline_api.deps import PoolDep, SettingsDep
 from fleetline_api.problems import RESPONSES, Problem
+from fleetline_api.queries import files as files_sql
 from fleetline_api.queries import firmware as sql
+from fleetline_api.schemas.files import DeviceFile
 from fleetline_api.transfers import TRANSFERS_PATH, TransferDesk
 
 router = APIRouter(prefix=TRANSFERS_PATH, tags=["transfers"], responses=RESPONSES)
@@ -67,3 +76,79 @@ async def download(
     return downloads.serve_image(
         pool, int(row["blob_id"]), row["size"], row["sha256"], range_header
     )
+
+
+def _oversize(content_range: str | None, size: int) -> None:
+    """413 for a part that goes past the upload's declared size."""
+    found = blobs.CONTENT_RANGE.fullmatch(content_range or "")
+    if found and (int(found.group(2)) >= size or int(found.group(3)) > size):
+        raise HTTPException(413, f"the upload is {size:,} bytes: this part goes past it")
+
+
+@router.put(
+    "/{token}",
+    response_model=DeviceFile,
+    responses={
+        400: {"model": Problem, "description": "No or a wrong Content-Range"},
+        401: {"model": Problem, "description": "The device's credentials are missing or wrong"},
+        403: {"model": Problem, "description": "Expired, not signed here, or another device's"},
+        404: {"model": Problem, "description": "The upload was deleted (expired) meanwhile"},
+        409: {"model": Problem, "description": "Not where the upload stands, or complete"},
+        413: {"model": Problem, "description": "Past the declared size"},
+        422: {"model": Problem, "description": "The SHA-256 is not the declared one"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
+async def upload(
+    token: Token,
+    request: Request,
+    pool: PoolDep,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(max_length=1024)] = None,
+    content_range: Annotated[
+        str | None, Header(description="bytes START-END/SIZE; START is the upload's received")
+    ] = None,
+) -> DeviceFile:
+    """One part of a file the device uploads, in order; the last completes it."""
+    grant = _grant(request, token, "upload")
+    await deviceauth.check(
+        pool, settings.key_secret, grant.device_id, deviceauth.claim(authorization)
+    )
+    data = await request.body()
+    if not data:
+        raise HTTPException(400, "a part holds at least one byte")
+    failed: blobs.BlobError | None = None
+    async with pool.acquire() as con:
+        async with con.transaction():
+            row = await con.fetchrow(files_sql.LOCK, grant.object_id)
+            if row is None or row["device_id"] != grant.device_id:
+                raise HTTPException(404, f"upload {grant.object_id} is no longer there")
+            _oversize(content_range, row["size"])
+            try:
+                blob = await blobs.append(con, row["blob_id"], content_range, data)
+            except blobs.BlobError as exc:
+                if exc.status != 422:
+                    raise HTTPException(exc.status, exc.detail) from exc
+                failed = exc  # the reset of its parts is committed, then refused
+            if failed is None and blob.complete:
+                await con.fetchval(files_sql.COMPLETE, grant.object_id)
+            done: Any = await con.fetchrow(files_sql.GET, grant.device_id, grant.object_id)
+            landed = DeviceFile(**{k: v for k, v in dict(done).items() if k != "blob_id"})
+            if failed is None and blob.complete:
+                event = {
+                    "type": "file",
+                    "device_id": grant.device_id,
+                    "ts": landed.completed_at,
+                    "file": landed.model_dump(mode="json"),
+                }
+                await streamevents.announce(con, [event])
+        if failed is not None:
+            raise HTTPException(failed.status, failed.detail)
+    return landed

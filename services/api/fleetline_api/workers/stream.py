@@ -67,7 +67,7 @@ class StreamFilter:
     devices: frozenset[str] = frozenset()
     tags: dict[str, str] = field(default_factory=dict)
     metrics: frozenset[str] = frozenset()
-    types: frozenset[str] = frozenset({"telemetry", "status", "alarm"})
+    types: frozenset[str] = frozenset({"telemetry", "status", "alarm", "file"})
 
     def select(self, event: dict[str, Any], tags: dict[str, Any]) -> dict[str, Any] | None:
         """The event as this client sees it (its metrics only), or None."""

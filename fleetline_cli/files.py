@@ -1,0 +1,69 @@
+"""``fleetline file``: files uploaded by devices (docs/uploads.md), over the REST API
+(FLEETLINE_API_URL, FLEETLINE_API_KEY)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fleetline_cli.common import JsonOption, api, api_errors, print_table
+
+file_app = typer.Typer(help="Files devices uploaded (docs/uploads.md).", no_args_is_help=True)
+
+
+@file_app.command("list")
+def file_list(
+    device_id: str,
+    state: Annotated[str | None, typer.Option(help="uploading or complete")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The device's files, newest first (unfinished uploads too)."""
+    from fleetline_cli.client import ApiClient
+
+    params: dict[str, Any] = {"limit": 1000, **({"state": state} if state else {})}
+    with api_errors():
+        files = list(ApiClient().pages(f"/v1/devices/{device_id}/files", params))
+    if as_json:
+        typer.echo(json.dumps(files))
+        return
+    print_table(
+        ["id", "name", "state", "size", "type", "sha256", "uploaded"],
+        [
+            [
+                f["id"],
+                f["name"],
+                f["state"] if f["state"] == "complete" else f"{f['received']:,} bytes so far",
+                f"{f['size']:,}",
+                f["content_type"],
+                f["sha256"][:16],
+                f["completed_at"] or f["created_at"],
+            ]
+            for f in files
+        ],
+    )
+
+
+@file_app.command("download")
+def file_download(
+    device_id: str,
+    file_id: int,
+    out: Annotated[Path | None, typer.Option(help="Where to write (default: its name).")] = None,
+) -> None:
+    """Write a file the device uploaded."""
+    from fleetline_cli.client import ApiClient
+
+    meta = api("GET", f"/v1/devices/{device_id}/files/{file_id}")
+    target = out or Path(meta["name"])
+    with api_errors():
+        size = ApiClient().download(f"/v1/devices/{device_id}/files/{file_id}/content", target)
+    typer.echo(f"wrote {target}: {size:,} bytes")
+
+
+@file_app.command("delete")
+def file_delete(device_id: str, file_id: int) -> None:
+    """Delete a file (or an unfinished upload)."""
+    api("DELETE", f"/v1/devices/{device_id}/files/{file_id}")
+    typer.echo(f"deleted file {file_id} of {device_id}")
