@@ -38,6 +38,8 @@ COMMON_MODULES = (
     "common/fleetline_boot.py",
     "common/fleetline_ota.py",
     "common/fleetline_https.py",
+    "common/fleetline_upload.py",
+    "common/fleetline_transfers.py",
     "common/fleetline_release.py",
     "common/fleetline_ecdsa.py",
 )

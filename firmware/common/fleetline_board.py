@@ -30,27 +30,9 @@ def ca_file(config):
     return getattr(config, "CA_FILE", "")
 
 
-def _read(path):
+def read_file(path):
     with open(path, "rb") as f:
         return f.read()
-
-
-def updater(device, config, version, platform):
-    """Firmware updates (fleetline_ota) when the config holds the release key; the
-    downloads' https URLs are verified against the same CA as the broker."""
-    release_key = getattr(config, "RELEASE_KEY", "")
-    if not release_key:
-        return None
-    import fleetline_ota
-
-    try:
-        import esp32  # noqa: PLC0415 - image updates need the OTA partitions
-    except ImportError:
-        esp32 = None
-    path = ca_file(config)
-    tls = fleetline_umqtt.tls_context(_read(path)) if path else None
-    return fleetline_ota.Updater(device, version, getattr(config, "TARGET", platform),
-                                 release_key, tls=tls, partitions=esp32)
 
 
 def credentials(config, make_client=None, feed=None):
@@ -144,9 +126,9 @@ def mqtt_client_factory(mqtt_class, config, join_network):
             if path:
                 cert = getattr(config, "CERT_FILE", "")
                 tls = fleetline_umqtt.tls_context(
-                    _read(path),
-                    _read(cert) if cert else b"",
-                    _read(config.KEY_FILE) if cert else b"",
+                    read_file(path),
+                    read_file(cert) if cert else b"",
+                    read_file(config.KEY_FILE) if cert else b"",
                 )
             made.append(fleetline_umqtt.client_class(mqtt_class, timeout_s, tls))
         return made[0](client_id, server, port, user, password, keepalive)

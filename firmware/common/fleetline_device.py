@@ -248,8 +248,10 @@ class Device:
         self._status_topic = (self._base + "status").encode()
         self._telemetry_topic = (self._base + "telemetry").encode()
         self.client = None
-        # Firmware updates (fleetline_ota.Updater sets itself here).
-        self.updater = None
+        # What runs beside the protocol over transfer URLs (fleetline_ota.Updater,
+        # fleetline_upload.Uploader): each has connected(), step() and on_transfer(msg),
+        # and ignores transfer answers to requests not its own.
+        self.extensions = []
         self.stopping = False
         self.desired_version = -1
         self.backlog = []  # each reading's JSON text, as bytes
@@ -311,8 +313,8 @@ class Device:
             if client.check_msg() is None:
                 break
         self._handle_inbox()
-        if self.updater is not None:
-            self.updater.step()
+        for extension in self.extensions:
+            extension.step()
         self._sample_if_due()
         if self._pending_report:
             self._publish(self._base + "twin/reported", json.dumps(self._pending_report))
@@ -394,7 +396,7 @@ class Device:
             client.connect(True)
             self.client = client
             kinds = ["c2d", "twin/desired", "methods/+/req"]
-            if self.updater is not None:
+            if self.extensions:
                 kinds.append("transfers/res")
             for kind in kinds:
                 client.subscribe((self._base + kind).encode(), qos=1)
@@ -419,8 +421,8 @@ class Device:
             self.report({"backlog_dropped": self.readings_dropped,
                          "backlog_write_errors": self.backlog_write_errors})
             self._dropped_reported = (self.readings_dropped, self.backlog_write_errors)
-        if self.updater is not None:
-            self.updater.connected()
+        for extension in self.extensions:
+            extension.connected()
         return True
 
     def http_authorization(self) -> str | None:
@@ -695,8 +697,9 @@ class Device:
                 self._take_desired(msg)
             elif kind.startswith("methods/") and kind.endswith("/req"):
                 self._answer_method(kind[len("methods/") : -len("/req")], msg)
-            elif kind == "transfers/res" and self.updater is not None:
-                self.updater.on_transfer(msg)
+            elif kind == "transfers/res":
+                for extension in self.extensions:
+                    extension.on_transfer(msg)
 
     def _parse(self, msg: bytes | None, what: str) -> dict | None:
         if msg is None:

@@ -12,6 +12,17 @@ import socket
 # A status line or header longer than this is not one this client reads.
 MAX_LINE = 1024
 MAX_HEADERS = 32
+# The slice transfers read into and send from (the updates and the uploads share it: each
+# uses it within one pass of the device's loop), made once: a fragmented heap may have
+# no room for a new one later.
+SLICE_BYTES = 2048
+_slice = []
+
+
+def slice_buffer():
+    if not _slice:
+        _slice.append(bytearray(SLICE_BYTES))
+    return _slice[0]
 
 
 class HttpError(Exception):

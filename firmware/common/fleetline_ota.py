@@ -50,8 +50,7 @@ def _load():
         fleetline_https, fleetline_release = https, release
 
 STAGING_FILE = "ota.bin"
-# Bytes read per socket read, and reads per pass of the device's loop.
-SLICE_BYTES = 2048
+# Reads (of fleetline_https.SLICE_BYTES) per pass of the device's loop.
 READS_PER_STEP = 4
 PROGRESS_EVERY = 10  # percent
 # An URL that expires sooner than this is asked for again before it is used.
@@ -103,7 +102,7 @@ class Updater:
         self._block = None
         self._fill = 0
         self._announce = False
-        device.updater = self
+        device.extensions.append(self)
         device._desired["firmware"] = self.desired
 
     # -- what the device reports ---------------------------------------------------
@@ -234,7 +233,7 @@ class Updater:
     def _buffers(self):
         if self._buf is None:
             gc.collect()
-            self._buf = bytearray(SLICE_BYTES)
+            self._buf = fleetline_https.slice_buffer()
         if self._block is None and self.state.get("kind") == "image":
             self._block = bytearray(IMAGE_BLOCK)
 
@@ -389,7 +388,7 @@ class Updater:
                 view = memoryview(self._buf)
                 with open(self._path(fleetline_boot.NEXT_DIR + "/" + name), "wb") as out:
                     while size > 0:
-                        n = f.readinto(view[:min(SLICE_BYTES, size)])
+                        n = f.readinto(view[:min(len(view), size)])
                         if not n:
                             raise fleetline_release.Refused("the bundle is cut short")
                         out.write(view[:n])

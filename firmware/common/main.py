@@ -47,8 +47,11 @@ def main():
         # Readings taken offline, kept in flash across a reset ("" to keep them in RAM only).
         backlog_file=getattr(config, "BACKLOG_FILE", "backlog.jsonl"),
     )
-    # Firmware updates, with RELEASE_KEY in the config (docs/ota.md).
-    board.updater(device, config, VERSION, board.PLATFORM)
+    # Firmware updates (with RELEASE_KEY in the config) and file uploads (docs/ota.md).
+    if getattr(config, "TRANSFERS", board.TRANSFERS):
+        import fleetline_transfers
+
+        fleetline_transfers.start(device, config, VERSION, board.PLATFORM)
     relay_pin = getattr(config, "RELAY_PIN", None)
     if relay_pin is not None:
         relay = board.Relay(relay_pin, getattr(config, "RELAY_ACTIVE_HIGH", True))

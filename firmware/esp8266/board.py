@@ -5,11 +5,14 @@ import gc
 import fleetline_board
 import machine
 import network
-from fleetline_board import Feeder, Relay, credentials, log, show_message, sync_clock, updater  # noqa: F401
+from fleetline_board import Feeder, Relay, credentials, log, show_message, sync_clock  # noqa: F401
 from fleetline_board import connect_wlan as connect_network  # noqa: F401
 from fleetline_board import wifi_client_factory as mqtt_client_factory  # noqa: F401
 
 PLATFORM = "esp8266"
+# Firmware updates and file uploads (fleetline_transfers): not on its 40 KiB heap
+# unless the config says TRANSFERS = True.
+TRANSFERS = False
 
 
 def model():

@@ -7,9 +7,11 @@ import time
 import fleetline_board
 import network
 import pyb
-from fleetline_board import Feeder, Relay, credentials, log, show_message, sync_clock, updater  # noqa: F401
+from fleetline_board import Feeder, Relay, credentials, log, show_message, sync_clock  # noqa: F401
 
 PLATFORM = "pyboard"
+# Firmware updates and file uploads (fleetline_transfers): they fit its heap.
+TRANSFERS = True
 NETWORK_TIMEOUT_MS = 20000
 _nic = []
 

@@ -65,6 +65,7 @@ FAKES = Path(__file__).with_name("fakes")
 APPLICATION = {
     "fleetline_device.mpy", "fleetline_umqtt.mpy", "fleetline_board.mpy",
     "fleetline_provision.mpy", "fleetline_boot.mpy", "fleetline_ota.mpy", "fleetline_https.mpy",
+    "fleetline_upload.mpy", "fleetline_transfers.mpy",
     "fleetline_release.mpy", "fleetline_ecdsa.mpy", "board.mpy", "boot.py", "main.py"}
 HEAP_KIB = 110
 RUN_TIMEOUT_SECONDS = 120

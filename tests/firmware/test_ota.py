@@ -231,6 +231,24 @@ async def test_the_application_updates_itself_and_rolls_a_broken_version_back(
         assert (row["state"], row["error"]) == (
             "failed", "the manifest's signature is not the release key's"), row
         assert watcher.of(done["id"]) == ["failed"]
+
+        # The device uploads a file of its files/ folder, asked by the method `upload`.
+        (folder / "files").mkdir()
+        diag = os.urandom(20 * 1024)
+        (folder / "files" / "diag.bin").write_bytes(diag)
+        answer = c.post(f"/v1/devices/{device_id}/methods/upload",
+                        json={"params": {"name": "diag.bin"}, "timeout_s": 15})
+        assert answer.json()["status"] == 202, answer.text
+        files = wait_until(
+            lambda: [f for f in c.get(f"/v1/devices/{device_id}/files").json()["items"]
+                     if f["state"] == "complete"], timeout=60,
+            what=f"the upload\n{board.console()[-2000:]}")
+        assert [f["name"] for f in files] == ["diag.bin"]
+        got = c.get(f"/v1/devices/{device_id}/files/{files[0]['id']}/content")
+        assert got.content == diag
+        refused = c.post(f"/v1/devices/{device_id}/methods/upload",
+                         json={"params": {"name": "../config_local.py"}, "timeout_s": 15})
+        assert refused.json()["status"] == 400, refused.text
     finally:
         power.off()
         watcher.close()
