@@ -1,5 +1,6 @@
 """The web dashboard in a real browser (Debian's Chromium driven by Playwright), against
-the API and ingest as processes, with readings published by a device over MQTT."""
+the API and ingest as processes, with readings published by a device over MQTT, and a
+firmware rollout created over REST."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from playwright.async_api import ConsoleMessage, Page, async_playwright, expect
 
 from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import wait_rows
+from tests.integration.test_api import client
+from tests.integration.test_rollouts import release
 from tests.support import ApiProcess, Device, IngestProcess
 
 pytestmark = pytest.mark.integration
@@ -152,3 +155,122 @@ async def test_dashboard_shows_fleet_history_live_readings_and_dead_letters(
         finally:
             await browser.close()
             dev.close()
+
+
+async def test_dashboard_follows_a_rollout_and_pauses_resumes_and_cancels_it(
+    api: ApiProcess, make_key: Callable[..., Any], uid: str, artifacts: Path,
+) -> None:
+    c = client(api, await make_key("devices:write", "firmware:write", "commands:write"))
+    ids = [f"{uid}-{i}" for i in range(3)]
+    for device_id in ids:
+        made = c.post("/v1/devices", json={"id": device_id, "tags": {"run": uid}})
+        assert made.status_code == 201, made.text
+    fw = release(c, "2.0.0", f"board-{uid}")
+    created = c.post("/v1/jobs", json={"type": "rollout", "query": f"tags.run = '{uid}'",
+                                       "firmware_id": fw["id"], "canary": 1})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    # The canary (wave 0) is notified at once; none of these devices is connected, so it
+    # stays notified, and the other two wait for it in wave 1.
+    waves = {r["device_id"]: r["wave"]
+             for r in c.get(f"/v1/jobs/{job_id}/devices").json()["items"]}
+    assert sorted(waves.values()) == [0, 1, 1]
+    [canary] = [d for d, wave in waves.items() if wave == 0]
+    by_wave = sorted(ids, key=lambda d: (waves[d], d))
+    token = await make_key("devices:read", "commands:write")
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            problems = record_problems(page)
+
+            # A link to the rollouts goes there once signed in.
+            await page.goto(f"{api.url}/dashboard/#/rollouts")
+            await page.get_by_test_id("api-key").fill(token)
+            await page.get_by_test_id("login-submit").click()
+            nav = page.get_by_role("navigation", name="Main")
+            await expect(nav.get_by_role("link", name="Rollouts")).to_have_attribute(
+                "aria-current", "page")
+
+            # The list: its version, state and progress (the canary updating, two pending).
+            row = page.locator(f'[data-testid="rollout-row"][data-job-id="{job_id}"]')
+            await expect(row.get_by_test_id("rollout-version")).to_have_text("2.0.0")
+            await expect(row.get_by_test_id("rollout-state")).to_have_text("running")
+            progress = row.get_by_test_id("rollout-progress")
+            await expect(progress).to_have_attribute("data-total", "3")
+            await expect(progress).to_have_attribute("data-running", "1")
+            await expect(progress).to_have_attribute("data-pending", "2")
+            await expect(progress.get_by_test_id("progress-done")).to_have_text(
+                "0 of 3 done (0 %)")
+            await expect(progress).to_contain_text("0 succeeded")
+            await expect(progress).to_contain_text("0 rolled back")
+            await page.screenshot(path=artifacts / "dashboard-rollouts.png")
+
+            # The rollout: its options, the canary notified, its devices by wave then id.
+            await row.get_by_role("link", name=f"#{job_id}").click()
+            await expect(page.get_by_test_id("rollout-title")).to_have_text(
+                f"Rollout #{job_id}: firmware 2.0.0")
+            state = page.get_by_test_id("rollout-state")
+            await expect(state).to_have_text("running")
+            options = page.get_by_test_id("rollout-options")
+            await expect(options.locator('[data-option="canary"] dd')).to_have_text(
+                "1 device first")
+            await expect(options.locator('[data-option="wave_size"] dd')).to_have_text(
+                "all the rest at once")
+            await expect(options.locator('[data-option="failure_threshold"] dd')).to_have_text(
+                "more than 10 % failed or rolled back, then pause")
+            await expect(page.get_by_test_id("rollout-phases").locator(
+                '[data-phase="notified"] dd')).to_have_text("1")
+            devices = page.get_by_test_id("rollout-device-row")
+            await expect(devices.locator("th")).to_have_text(by_wave)
+            first = devices.first
+            await expect(first).to_have_attribute("data-device-id", canary)
+            await expect(first.get_by_test_id("rollout-device-state")).to_have_text("running")
+            await expect(first.get_by_test_id("rollout-device-wave")).to_have_text("0")
+            await expect(first.get_by_test_id("rollout-device-phase")).to_have_text("notified")
+            await expect(first.get_by_test_id("rollout-device-download")).to_have_text("—")
+            await expect(devices.nth(2).get_by_test_id("rollout-device-state")).to_have_text(
+                "pending")
+            # The Device column sorts by id.
+            await page.get_by_role("button", name="Device", exact=True).click()
+            await expect(devices.locator("th")).to_have_text(sorted(ids))
+            await expect(page.locator('th[data-sort="device_id"]')).to_have_attribute(
+                "aria-sort", "ascending")
+
+            # Pause: paused by this key, only Resume and Cancel allowed; then resume.
+            pause = page.get_by_test_id("rollout-pause")
+            resume = page.get_by_test_id("rollout-resume")
+            cancel = page.get_by_test_id("rollout-cancel")
+            await expect(resume).to_be_disabled()
+            await pause.click()
+            await expect(state).to_have_text("paused")
+            await expect(page.get_by_test_id("rollout-paused")).to_contain_text("by test (key ")
+            await expect(pause).to_be_disabled()
+            await expect(resume).to_be_enabled()
+            await expect(cancel).to_be_enabled()
+            assert c.get(f"/v1/jobs/{job_id}").json()["state"] == "paused"
+            await page.screenshot(path=artifacts / "dashboard-rollout.png", full_page=True)
+            await resume.click()
+            await expect(state).to_have_text("running")
+            await expect(page.get_by_test_id("rollout-paused")).to_be_hidden()
+            await expect(pause).to_be_enabled()
+            await expect(resume).to_be_disabled()
+
+            # Cancel, once confirmed: the two pending devices are cancelled.
+            page.once("dialog", lambda dialog: dialog.accept())
+            await cancel.click()
+            await expect(state).to_have_text("cancelled")
+            for button in (pause, resume, cancel):
+                await expect(button).to_be_disabled()
+            await expect(page.get_by_test_id("rollout-progress")).to_have_attribute(
+                "data-cancelled", "2")
+            await expect(page.get_by_test_id("rollout-device-state")).to_have_text(
+                ["running" if d == canary else "cancelled" for d in sorted(ids)])
+            await expect(page.get_by_test_id("rollout-error")).to_be_hidden()
+            assert problems == []
+        finally:
+            await browser.close()
+            # Whatever happened, no device of this rollout is left to start.
+            c.post(f"/v1/jobs/{job_id}/cancel")
+            c.close()

@@ -52,10 +52,23 @@ export function apiUrl(path, params = {}) {
 
 /** GET a JSON resource; throws ApiError (with the problem's detail) or a network error. */
 export async function getJson(path, params = {}, { key = getKey(), signal } = {}) {
+  return request("GET", apiUrl(path, params), { key, signal });
+}
+
+/** POST to an API path (a JSON body, if any); the JSON answer, or ApiError as getJson. */
+export async function postJson(path, body, { signal } = {}) {
+  return request("POST", apiUrl(path), { key: getKey(), signal, body });
+}
+
+async function request(method, url, { key, signal, body }) {
+  const headers = { Authorization: `Bearer ${key}`, Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
   try {
-    response = await fetch(apiUrl(path, params), {
-      headers: { Authorization: `Bearer ${key}`, Accept: "application/json" },
+    response = await fetch(url, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
       signal,
       cache: "no-store",
     });

@@ -5,6 +5,8 @@
 //   #/fleet?tag=k=v&status= devices with status, last seen and latest values
 //   #/device/<id>?range=1h  one chart per metric, live
 //   #/dead-letters?device_id=
+//   #/rollouts              firmware rollouts with their progress
+//   #/rollouts/<id>?state=  one rollout: options, actions, its devices
 
 import { clearKey, getKey, setUnauthorizedHandler } from "./api.js";
 import { refreshRelativeTimes } from "./dom.js";
@@ -13,6 +15,8 @@ import * as device from "./device.js";
 import * as fleet from "./fleet.js";
 import * as login from "./login.js";
 import * as notFound from "./notfound.js";
+import * as rollout from "./rollout.js";
+import * as rollouts from "./rollouts.js";
 import * as stream from "./stream.js";
 
 const main = document.getElementById("main");
@@ -28,6 +32,11 @@ function parseRoute() {
   if (parts[0] === "login") return { name: "login", params };
   if (parts[0] === "fleet" || parts.length === 0) return { name: "fleet", params };
   if (parts[0] === "dead-letters") return { name: "dead-letters", params };
+  if (parts[0] === "rollouts" && parts.length === 1) return { name: "rollouts", params };
+  if (parts[0] === "rollouts" && parts.length === 2 && /^[1-9][0-9]*$/.test(parts[1])) {
+    // A rollout is under Rollouts in the navigation.
+    return { name: "rollout", nav: "rollouts", id: parts[1], params };
+  }
   if (parts[0] === "device" && parts.length === 2) {
     try {
       return { name: "device", id: decodeURIComponent(parts[1]), params };
@@ -48,7 +57,7 @@ function render() {
   document.getElementById("logout").hidden = !loggedIn;
   document.getElementById("live-status").hidden = !loggedIn;
   for (const link of document.querySelectorAll("[data-nav]")) {
-    if (link.dataset.nav === route.name) link.setAttribute("aria-current", "page");
+    if (link.dataset.nav === (route.nav || route.name)) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
   if (route.name !== "login" && !loggedIn) {
@@ -73,6 +82,12 @@ function render() {
   } else if (route.name === "dead-letters") {
     cleanup = deadLetters.mount(main, route.params);
     document.title = "Dead letters · fleetline";
+  } else if (route.name === "rollouts") {
+    cleanup = rollouts.mount(main);
+    document.title = "Rollouts · fleetline";
+  } else if (route.name === "rollout") {
+    cleanup = rollout.mount(main, route.id, route.params);
+    document.title = `Rollout #${route.id} · fleetline`;
   } else {
     cleanup = notFound.mount(main);
     document.title = "Not found · fleetline";
