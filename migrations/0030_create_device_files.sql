@@ -34,3 +34,23 @@ END
 $$;
 CREATE TRIGGER device_files_blob AFTER DELETE ON device_files
 FOR EACH ROW EXECUTE FUNCTION fleetline_drop_file_blob();
+
+-- Message routes of files: a route whose source is 'files' forwards each file that
+-- lands of the devices its query selects (its metadata, not its bytes). The rules
+-- service reads the files completed after its mark, in (completed_at, id) order and a
+-- few seconds after they completed (the transaction completing one is then committed),
+-- and enqueues their deliveries in the transaction that moves the mark: no file is
+-- skipped or routed twice.
+ALTER TABLE message_routes
+    ADD COLUMN source TEXT NOT NULL DEFAULT 'readings' CHECK (source IN ('readings', 'files')),
+    ADD CONSTRAINT message_routes_files_forward_whole CHECK (source = 'readings' OR metric IS NULL);
+
+-- One row, the rules service's (its one writer).
+CREATE TABLE route_file_marks (
+    one           BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    completed_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    file_id       BIGINT NOT NULL DEFAULT 0
+);
+INSERT INTO route_file_marks DEFAULT VALUES;
+
+CREATE INDEX device_files_completed ON device_files (completed_at, id) WHERE state = 'complete';

@@ -24,11 +24,12 @@ from websockets.asyncio.client import connect
 
 from fleetline_api import grants
 from fleetline_dev.certs import TlsFiles
+from fleetline_dev.embedded import LocalMosquitto
 from tests.integration.test_api import assert_problem, client
 from tests.integration.test_cli import fleetline
-from tests.integration.test_stream import next_events, subscribed, ws_url
+from tests.integration.test_stream import Service, next_events, subscribed, ws_url
 from tests.integration.test_transfers import Requester, requesters  # noqa: F401 - a fixture
-from tests.support import DEVICE_KEY_SECRET, ApiProcess
+from tests.support import DEVICE_KEY_SECRET, ApiProcess, RulesProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +51,7 @@ def put(https: httpx.Client, dev: Requester, url: str, data: bytes, start: int, 
 async def test_a_device_uploads_a_file_in_parts_resumes_it_and_it_is_served(
     secure_api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any],
     requesters: Callable[[str, str], Requester], tls_files: TlsFiles, uid: str,  # noqa: F811
+    start_rules: Callable[..., RulesProcess], broker: LocalMosquitto,
 ) -> None:
     c = client(secure_api, await make_key("admin"))
     keys = {}
@@ -57,6 +59,16 @@ async def test_a_device_uploads_a_file_in_parts_resumes_it_and_it_is_served(
         made = c.post("/v1/devices", json={"id": f"{uid}-{name}"})
         assert made.status_code == 201, made.text
         keys[name] = made.json()["credentials"]["key"]
+    # A route of the files device a uploads, to an MQTT topic (the rules service's).
+    start_rules()
+    watcher = Service(broker, f"watch-{uid}", f"routed/{uid}")
+    route = c.post("/v1/routes", json={
+        "name": f"{uid} files", "source": "files", "query": f"id = '{uid}-a'",
+        "destination": {"type": "mqtt", "topic": f"routed/{uid}"}})
+    assert route.status_code == 201, route.text
+    assert_problem(c.post("/v1/routes", json={
+        "name": f"{uid} bad", "source": "files", "metric": "temp",
+        "destination": {"type": "mqtt", "topic": f"routed/{uid}"}}), 400, "whole")
     a = requesters(f"{uid}-a", keys["a"])
     b = requesters(f"{uid}-b", keys["b"])
     data = os.urandom(300 * 1024)
@@ -98,6 +110,16 @@ async def test_a_device_uploads_a_file_in_parts_resumes_it_and_it_is_served(
             [event] = await next_events(ws, 1)
         assert event["type"] == "file" and event["device_id"] == a.device_id
         assert event["file"]["id"] == file_id and event["file"]["state"] == "complete"
+        # ...and through the route of files.
+        [routed] = wait_until(
+            lambda: [json.loads(p) for t, p, _ in watcher.messages if t == f"routed/{uid}"],
+            timeout=30, what="the file through its route")
+        assert (routed["type"], routed["device_id"], routed["route"]) == (
+            "file", a.device_id, f"{uid} files")
+        assert routed["file"] == {"id": file_id, "name": "crash.log", "size": len(data),
+                                  "sha256": hashlib.sha256(data).hexdigest(),
+                                  "content_type": "text/plain"}
+        watcher.close()
 
         # Over REST: listed, read whole and by range, with its content type.
         files = c.get(f"/v1/devices/{a.device_id}/files").json()["items"]

@@ -74,6 +74,8 @@ ACTIVITY_POLL_SECONDS = 1.0
 RELOAD_DEBOUNCE_SECONDS = 0.05
 # Finished route deliveries past their retention are deleted this often.
 ROUTE_CLEANUP_INTERVAL_SECONDS = 60.0
+# How often files that landed are looked for (routes of files).
+FILES_POLL_SECONDS = 1.0
 # When PostgreSQL's NOTIFY queue is full (a LISTEN session stopped reading), writes go
 # without notifications for this long (as ingest's): the stream misses those alarm
 # events, and the delivery workers find the queued work by polling.
@@ -550,6 +552,17 @@ class RulesService:
                     if deleted:
                         log.info("old route deliveries deleted", extra={"rows": deleted})
 
+    async def files_loop(self) -> None:
+        """Files that landed, through the routes of files, every FILES_POLL_SECONDS."""
+        while True:
+            try:
+                async with self.background.acquire() as con:
+                    while await routing.route_files(con, self.router) == routing.FILES_PER_PASS:
+                        pass
+            except Exception as exc:  # the mark stays: the same files next time
+                log.warning("routing files failed: %s", exc)
+            await asyncio.sleep(FILES_POLL_SECONDS)
+
     async def ready(self) -> bool:
         return self.loaded and self.consumer.subscribed and await db.answers(self.pool)
 
@@ -562,6 +575,7 @@ class RulesService:
             asyncio.create_task(self.reload_loop(), name="rules.reload"),
             asyncio.create_task(self.listen_loop(), name="rules.listen"),
             asyncio.create_task(self.routes_loop(), name="rules.routes"),
+            asyncio.create_task(self.files_loop(), name="rules.files"),
             asyncio.create_task(self.deliverer.run(), name="rules.actions"),
         ]
         try:

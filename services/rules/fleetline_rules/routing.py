@@ -21,6 +21,12 @@
   reading key) drops it while its row is kept (``route_log_retention_seconds``).
 - **Delivery** is :class:`RouteQueue` on the shared delivery worker (actions.py): at
   least once, retried with backoff, the outcome logged in the row.
+- **Files.** A route whose source is ``files`` forwards the files its devices upload
+  (their metadata: name, size, SHA-256, content type), not readings. :func:`route_files`
+  reads the files completed after the service's mark (``route_file_marks``), in
+  (completed_at, id) order and FILES_LAG_SECONDS after they completed, so the
+  transactions completing them have committed; it queues their deliveries in the
+  transaction that moves the mark, so none is skipped or queued twice.
 """
 
 from __future__ import annotations
@@ -65,9 +71,24 @@ CLEANUP_CHUNK_ROWS = 10_000
 CLEANUP_MAX_CHUNKS = 100
 
 LOAD_ROUTES = """
-SELECT id, name, query, metric, condition, destination ->> 'type' AS kind
+SELECT id, name, source, query, metric, condition, destination ->> 'type' AS kind
 FROM message_routes WHERE enabled ORDER BY id
 """
+# Files completed after the mark and at least $1 seconds ago, at most $2.
+FILES_AFTER_MARK = """
+SELECT f.id, f.device_id, f.name, f.content_type, b.size, b.sha256, f.completed_at
+FROM route_file_marks m
+JOIN device_files f ON f.state = 'complete'
+    AND (f.completed_at, f.id) > (m.completed_at, m.file_id)
+    AND f.completed_at < now() - make_interval(secs => $1)
+JOIN blobs b ON b.id = f.blob_id
+ORDER BY f.completed_at, f.id
+LIMIT $2
+"""
+LOCK_FILE_MARK = "SELECT 1 FROM route_file_marks FOR UPDATE"
+MOVE_FILE_MARK = "UPDATE route_file_marks SET completed_at = $1, file_id = $2"
+FILES_LAG_SECONDS = 3.0
+FILES_PER_PASS = 1000
 # Per device, the positions (in the statement) of the routes whose query it meets:
 # mostly an empty array, so a page costs little to decode however many routes there are.
 MEMBERS = """
@@ -103,7 +124,8 @@ WITH picked AS (
     FROM picked WHERE d.id = picked.id
     RETURNING d.id, d.route_id, d.device_id, d.ts, d.metrics, d.attempts
 )
-SELECT c.id, c.route_id, c.device_id, c.ts, c.metrics, c.attempts, r.name, r.destination
+SELECT c.id, c.route_id, c.device_id, c.ts, c.metrics, c.attempts, r.name, r.destination,
+       r.source
 FROM claimed c JOIN message_routes r ON r.id = c.route_id
 """
 CLEANUP = """
@@ -133,6 +155,7 @@ class Route:
     kind: str
     metric: str | None = None
     condition: Condition | None = None
+    source: str = "readings"
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Route:
@@ -151,6 +174,7 @@ class Route:
             kind=str(row["kind"]),
             metric=row["metric"],
             condition=condition,
+            source=str(row["source"]),
         )
 
     def forward(self, values: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -196,10 +220,34 @@ class Router:
             ts, values = event["ts"], event["values"]
             for route_id in route_ids:
                 route = snapshot.routes[route_id]
+                if route.source != "readings":
+                    continue
                 forwarded = route.forward(values)
                 if forwarded is not None:
                     key = reading_key(device_id, ts, list(forwarded))
                     out.append((route_id, device_id, ts, key, forwarded))
+
+    def match_files(self, files: list[Any]) -> list[Delivery]:
+        """The deliveries of files that landed: one per file and route of files that
+        takes its device."""
+        snapshot = self.snapshot
+        out: list[Delivery] = []
+        for f in files:
+            for route_id in snapshot.members.get(f["device_id"], ()):
+                if snapshot.routes[route_id].source != "files":
+                    continue
+                forwarded = {
+                    "file": {
+                        "id": f["id"],
+                        "name": f["name"],
+                        "size": f["size"],
+                        "sha256": f["sha256"],
+                        "content_type": f["content_type"],
+                    }
+                }
+                key = hashlib.blake2b(f"file\n{f['id']}".encode(), digest_size=16).digest()
+                out.append((route_id, f["device_id"], f["completed_at"], key, forwarded))
+        return out
 
     async def refresh(self, con: Connection) -> None:
         """Routes from the database, and the devices each takes."""
@@ -323,6 +371,19 @@ async def enqueue(con: Connection, deliveries: list[Delivery], *, notify: bool =
     return queued
 
 
+async def route_files(con: Connection, router: Router) -> int:
+    """Queue the deliveries of the files that landed since the mark, and move it (one
+    transaction); how many files were read."""
+    async with con.transaction():
+        await con.execute(LOCK_FILE_MARK)
+        files = await con.fetch(FILES_AFTER_MARK, FILES_LAG_SECONDS, FILES_PER_PASS)
+        if not files:
+            return 0
+        await enqueue(con, router.match_files(files))
+        await con.execute(MOVE_FILE_MARK, files[-1]["completed_at"], files[-1]["id"])
+    return len(files)
+
+
 async def notify_queued(con: Connection) -> None:
     """Wake the delivery workers when the caller's transaction commits."""
     await con.execute("SELECT pg_notify($1, '')", DELIVERIES_CHANNEL)
@@ -345,15 +406,17 @@ async def clean_up(pool: asyncpg.Pool[Any], retention_seconds: float) -> int:
 
 
 def message(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
-    """What a route sends for one delivery."""
-    return {
+    """What a route sends for one delivery: a reading's values, or a file that landed."""
+    sent = {
         "delivery_id": f"route-{row['id']}",
         "route_id": row["route_id"],
         "route": row["name"],
         "device_id": row["device_id"],
         "ts": row["ts"],
-        "values": row["metrics"],
     }
+    if row["source"] == "files":
+        return {**sent, "type": "file", "file": row["metrics"]["file"]}
+    return {**sent, "values": row["metrics"]}
 
 
 class RouteQueue(Queue):

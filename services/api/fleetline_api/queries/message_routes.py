@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 COLUMNS = """
-id, name, enabled, query, metric, condition, destination, version, created_at, updated_at
+id, name, enabled, source, query, metric, condition, destination, version, created_at,
+updated_at
 """
 # $1 the cursor, $2 limit + 1.
 LIST_ROUTES = (
@@ -15,15 +16,15 @@ SELECT_ROUTE = f"SELECT {COLUMNS} FROM message_routes WHERE id = $1"
 LOCK_ROUTES = "LOCK TABLE message_routes IN SHARE ROW EXCLUSIVE MODE"
 COUNT_ROUTES = "SELECT count(*) FROM message_routes"
 INSERT_ROUTE = f"""
-INSERT INTO message_routes (name, enabled, query, metric, condition, destination)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO message_routes (name, enabled, query, metric, condition, destination, source)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 RETURNING {COLUMNS}
 """
 # The stored destination (its secret), the row locked for the UPDATE that follows.
 LOCK_DESTINATION = "SELECT destination FROM message_routes WHERE id = $1 FOR UPDATE"
 UPDATE_ROUTE = f"""
 UPDATE message_routes SET name = $2, enabled = $3, query = $4, metric = $5, condition = $6,
-       destination = $7, version = version + 1, updated_at = now()
+       destination = $7, source = $8, version = version + 1, updated_at = now()
 WHERE id = $1
 RETURNING {COLUMNS}
 """

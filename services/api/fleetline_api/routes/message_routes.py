@@ -61,6 +61,7 @@ def public(row: Any) -> RoutePublic:
         id=row["id"],
         name=row["name"],
         enabled=row["enabled"],
+        source=row["source"],
         query=row["query"],
         metric=row["metric"],
         condition=row["condition"],
@@ -99,6 +100,8 @@ def _columns(body: RouteIn, stored: dict[str, Any] | None) -> list[Any]:
         raise devicequery.QueryError(f"query: {exc.message}", exc.position) from None
     if body.condition is not None and body.metric is None:
         raise HTTPException(400, "a condition needs a metric: name it in 'metric'")
+    if body.source == "files" and body.metric is not None:
+        raise HTTPException(400, "a route of files forwards each file whole: no metric")
     if isinstance(body.condition, RouteOutside) and body.condition.low > body.condition.high:
         raise HTTPException(400, "'outside' needs low <= high")
     destination = body.destination.model_dump(mode="json", exclude_none=True)
@@ -110,7 +113,7 @@ def _columns(body: RouteIn, stored: dict[str, Any] | None) -> list[Any]:
             raise HTTPException(400, "destination.secret is masked but no secret is stored")
         destination["secret"] = old["secret"]
     condition = body.condition.model_dump(mode="json") if body.condition is not None else None
-    return [body.name, body.enabled, body.query, body.metric, condition, destination]
+    return [body.name, body.enabled, body.query, body.metric, condition, destination, body.source]
 
 
 async def _change(pool: asyncpg.Pool[Any], write: Callable[[Any], Awaitable[Any]]) -> Any:

@@ -74,6 +74,11 @@ Destination = Annotated[WebhookDestination | MqttDestination, Field(discriminato
 class RouteIn(_Body):
     name: Name
     enabled: bool = True
+    source: Literal["readings", "files"] = Field(
+        default="readings",
+        description="readings: each reading the devices send; files: each file they upload "
+        "(its name, size, SHA-256 and content type, once complete), with no metric",
+    )
     query: str = Field(
         default="", max_length=devicequery.MAX_QUERY_LENGTH, description=QUERY_DESCRIPTION
     )
@@ -90,6 +95,7 @@ class RoutePublic(BaseModel):
     id: int
     name: str
     enabled: bool
+    source: str
     query: str
     metric: str | None
     condition: dict[str, Any] | None
