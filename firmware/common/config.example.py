@@ -53,3 +53,16 @@ RELAY_ACTIVE_HIGH = True
 # The hardware watchdog resets the board when the loop stalls this long (the loop feeds
 # it, also while it waits on the network). 0: off.
 WATCHDOG_S = 120
+
+# Firmware updates (docs/ota.md): the release key's public half, hex
+# (`fleetline firmware keygen` printed it; GET /v1/release-key gives it). Empty: the board
+# takes no updates. TARGET: the releases it takes (default: the board's, e.g. "esp32").
+RELEASE_KEY = ""
+# TARGET = "esp32"
+# Firmware updates and file uploads (the method `upload`, files of files/) at all; the
+# board layer's default (off on the ESP8266, whose heap they do not fit).
+# TRANSFERS = True
+# After an error that stops the application (a module of a broken update that does not
+# load), the board resets after this many seconds; each such boot counts towards the
+# rollback of an update on trial.
+CRASH_RESET_S = 10
