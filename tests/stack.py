@@ -14,7 +14,7 @@ import pytest
 
 from fleetline import apikeys
 from fleetline_dev.certs import TlsFiles
-from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
+from fleetline_dev.embedded import BrokerAuth, LocalMosquitto, free_port
 from tests.conftest import migrated_database
 from tests.support import DEVICE_KEY_SECRET, ApiProcess, IngestProcess
 
@@ -72,3 +72,10 @@ async def serve_stack(
                 api.stop()
                 ingest.stop()
                 await pool.close()
+
+
+def device_listener(tls_files: TlsFiles) -> dict[str, str]:
+    """The API's settings for its devices' HTTPS listener, on a free port."""
+    return {"FLEETLINE_API_DEVICE_PORT": str(free_port()),
+            "FLEETLINE_API_DEVICE_TLS_CERT_FILE": str(tls_files.server_cert),
+            "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls_files.server_key)}

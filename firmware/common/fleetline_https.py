@@ -7,7 +7,11 @@ any size holds only one slice in memory; every socket wait gives up after ``time
 MicroPython and CPython alike (tested on the unix port).
 """
 
+import json
+import random
 import socket
+
+import fleetline_device
 
 # A status line or header longer than this is not one this client reads.
 MAX_LINE = 1024
@@ -27,6 +31,68 @@ def slice_buffer():
 
 class HttpError(Exception):
     pass
+
+
+# A transfer request unanswered this long is asked again; failed attempts wait from
+# RETRY_MIN_MS, doubling, up to RETRY_MAX_MS; after MAX_ERRORS the transfer gives up.
+ANSWER_TIMEOUT_MS = 15000
+RETRY_MIN_MS = 2000
+RETRY_MAX_MS = 60000
+MAX_ERRORS = 30
+
+
+class Asking:
+    """A transfer's requests for a URL over MQTT (``transfers/req``, the answers on
+    ``transfers/res`` matched by id) and the backoff between its failed attempts: what
+    the updates and the uploads share."""
+
+    def __init__(self):
+        self.id = None
+        self.at = 0
+        self.retry_at = None
+        self.errors = 0
+
+    def ask(self, device, request):
+        """Publish ``request`` with a new id, unless one is waiting for its answer."""
+        now = fleetline_device._ticks_ms()
+        if self.id is not None and fleetline_device._ticks_diff(now, self.at) < ANSWER_TIMEOUT_MS:
+            return
+        self.id = hex(random.getrandbits(30))[2:] + hex(random.getrandbits(30))[2:]
+        self.at = now
+        request["id"] = self.id
+        device._publish(device._base + "transfers/req", json.dumps(request))
+
+    def answer(self, msg):
+        """The answer to the request waiting (a dict), or None for anything else."""
+        try:
+            answer = json.loads(msg) if msg is not None else None
+        except ValueError:
+            return None
+        if not isinstance(answer, dict) or self.id is None or answer.get("id") != self.id:
+            return None
+        self.id = None
+        return answer
+
+    def forget(self):
+        """A new connection: answers to earlier requests may never come."""
+        self.id = None
+
+    def due(self):
+        now = fleetline_device._ticks_ms()
+        return self.retry_at is None or fleetline_device._ticks_diff(now, self.retry_at) >= 0
+
+    def failed(self):
+        """A failed attempt: how many seconds until the next, or None after MAX_ERRORS."""
+        self.errors += 1
+        if self.errors >= MAX_ERRORS:
+            return None
+        delay = min(RETRY_MAX_MS, RETRY_MIN_MS * (2 ** min(self.errors - 1, 6)))
+        self.retry_at = fleetline_device._ticks_add(fleetline_device._ticks_ms(), delay)
+        return delay // 1000
+
+    def succeeded(self):
+        self.errors = 0
+        self.retry_at = None
 
 
 def split_url(url):

@@ -30,24 +30,22 @@ rebooting, succeeded, failed or rolled_back. The update's own state is kept in
 import gc
 import json
 import os
-import random
 
 import fleetline_boot
 import fleetline_device
+import fleetline_https
 
-# Loaded when an update starts (fleetline_release brings the P-256 arithmetic): a board
-# that is not updating keeps that heap.
-fleetline_https = None
+# Loaded when an update starts (it brings the P-256 arithmetic): a board that is not
+# updating keeps that heap.
 fleetline_release = None
 
 
 def _load():
-    global fleetline_https, fleetline_release
+    global fleetline_release
     if fleetline_release is None:
-        import fleetline_https as https
         import fleetline_release as release
 
-        fleetline_https, fleetline_release = https, release
+        fleetline_release = release
 
 STAGING_FILE = "ota.bin"
 # Reads (of fleetline_https.SLICE_BYTES) per pass of the device's loop.
@@ -55,11 +53,6 @@ READS_PER_STEP = 4
 PROGRESS_EVERY = 10  # percent
 # An URL that expires sooner than this is asked for again before it is used.
 URL_MARGIN_S = 30
-ANSWER_TIMEOUT_MS = 15000
-RETRY_MIN_MS = 2000
-RETRY_MAX_MS = 60000
-# Failed attempts (requests, connections, reads) before the update fails.
-MAX_ERRORS = 30
 HTTP_TIMEOUT_S = 15
 # The bundle's format: MAGIC, then per file: name length (1 byte), name, size (4 bytes,
 # big-endian), the bytes.
@@ -87,10 +80,7 @@ class Updater:
         self.state = fleetline_boot.load(root) or {}
         self._url = None
         self._expires = 0
-        self._asked = None
-        self._asked_at = 0
-        self._retry_at = None
-        self._errors = 0
+        self._asking = fleetline_https.Asking()
         self._response = None
         self._out = None
         self._check = None
@@ -152,19 +142,13 @@ class Updater:
     def connected(self):
         """After each connection: the update's state goes out again (next step)."""
         self._url = None
-        self._asked = None
+        self._asking.forget()
         self._announce = self.state.get("rollout") is not None
 
     def on_transfer(self, msg):
-        if msg is None:
-            return
-        try:
-            answer = json.loads(msg)
-        except ValueError:
-            return
-        if not isinstance(answer, dict) or answer.get("id") != self._asked:
-            return  # an answer to a request given up already
-        self._asked = None
+        answer = self._asking.answer(msg)
+        if answer is None:
+            return  # not ours, or to a request given up already
         if answer.get("status") == 200 and isinstance(answer.get("url"), str):
             self._url = answer["url"]
             self._expires = answer.get("expires_at") or 0
@@ -185,7 +169,7 @@ class Updater:
         if self._announce:
             self._announce = False
             self._report()
-        if phase == "downloading" and self._due():
+        if phase == "downloading" and self._asking.due():
             _load()
             try:
                 self._buffers()
@@ -221,7 +205,7 @@ class Updater:
         self._set({"rollout": rollout, "id": told.get("id"), "phase": "downloading",
                    "version": manifest["version"], "kind": manifest["kind"],
                    "size": manifest["size"], "sha256": manifest["sha256"]})
-        self._errors = 0
+        self._asking.succeeded()
         self._received = 0
         self._reported = -1
         self._log("updating to " + manifest["version"])
@@ -236,10 +220,6 @@ class Updater:
             self._buf = fleetline_https.slice_buffer()
         if self._block is None and self.state.get("kind") == "image":
             self._block = bytearray(IMAGE_BLOCK)
-
-    def _due(self):
-        return self._retry_at is None or fleetline_device._ticks_diff(
-            fleetline_device._ticks_ms(), self._retry_at) >= 0
 
     def _download(self):
         if self._response is None and self._staged_bytes() >= self.state["size"]:
@@ -272,14 +252,7 @@ class Updater:
             self._report()
 
     def _ask(self):
-        now = fleetline_device._ticks_ms()
-        if self._asked is not None and fleetline_device._ticks_diff(
-                now, self._asked_at) < ANSWER_TIMEOUT_MS:
-            return
-        self._asked = hex(random.getrandbits(30))[2:] + hex(random.getrandbits(30))[2:]
-        self._asked_at = now
-        request = {"id": self._asked, "op": "download", "firmware": self.state.get("id")}
-        self.device._publish(self.device._base + "transfers/req", json.dumps(request))
+        self._asking.ask(self.device, {"op": "download", "firmware": self.state.get("id")})
 
     def _open(self):
         self._received = self._staged_bytes()
@@ -462,14 +435,13 @@ class Updater:
         self._log("update failed: " + reason)
 
     def _error(self, what):
-        """A failed attempt: again after a backoff, or the update fails after MAX_ERRORS."""
-        self._errors += 1
-        if self._errors >= MAX_ERRORS:
+        """A failed attempt: again after a backoff, or the update fails after
+        fleetline_https.MAX_ERRORS."""
+        delay = self._asking.failed()
+        if delay is None:
             self._fail(what)
             return
-        delay = min(RETRY_MAX_MS, RETRY_MIN_MS * (2 ** min(self._errors - 1, 6)))
-        self._retry_at = fleetline_device._ticks_add(fleetline_device._ticks_ms(), delay)
-        self._log(what + "; again in " + str(delay // 1000) + " s")
+        self._log(what + "; again in " + str(delay) + " s")
 
     def _remove(self, name):
         try:

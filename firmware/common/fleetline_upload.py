@@ -18,19 +18,12 @@ MicroPython and CPython alike.
 import binascii
 import gc
 import hashlib
-import json
 import os
-import random
 
-import fleetline_device
 import fleetline_https
 
 FOLDER = "files/"
 MAX_QUEUED = 8
-ANSWER_TIMEOUT_MS = 15000
-RETRY_MIN_MS = 2000
-RETRY_MAX_MS = 60000
-MAX_ERRORS = 20
 HTTP_TIMEOUT_S = 15
 
 
@@ -46,10 +39,7 @@ class Uploader:
         self._current = None  # {"name", "type", "size", "sha256"}
         self._url = None
         self._received = 0
-        self._asked = None
-        self._asked_at = 0
-        self._retry_at = None
-        self._errors = 0
+        self._asking = fleetline_https.Asking()
         # Parts of fleetline_https.SLICE_BYTES, read into the buffer the updates share.
         self._buf = fleetline_https.slice_buffer()
         device.extensions.append(self)
@@ -69,17 +59,13 @@ class Uploader:
     # -- hooks of the device -----------------------------------------------------
 
     def connected(self):
-        self._asked = None
+        self._asking.forget()
         self._url = None  # asked again: the answer says where the upload stands
 
     def on_transfer(self, msg):
-        try:
-            answer = json.loads(msg) if msg is not None else None
-        except ValueError:
+        answer = self._asking.answer(msg)
+        if answer is None:
             return
-        if not isinstance(answer, dict) or answer.get("id") != self._asked:
-            return
-        self._asked = None
         if answer.get("status") == 200 and isinstance(answer.get("url"), str):
             self._url = answer["url"]
             self._received = answer.get("received") or 0
@@ -100,9 +86,8 @@ class Uploader:
             except OSError as exc:
                 self._log("cannot read files/" + name + ": " + repr(exc))
                 return
-            self._errors = 0
-        if self._retry_at is not None and fleetline_device._ticks_diff(
-                fleetline_device._ticks_ms(), self._retry_at) < 0:
+            self._asking.succeeded()
+        if not self._asking.due():
             return
         if self._url is None:
             self._ask()
@@ -131,16 +116,9 @@ class Uploader:
                 "sha256": binascii.hexlify(digest.digest()).decode()}
 
     def _ask(self):
-        now = fleetline_device._ticks_ms()
-        if self._asked is not None and fleetline_device._ticks_diff(
-                now, self._asked_at) < ANSWER_TIMEOUT_MS:
-            return
-        self._asked = hex(random.getrandbits(30))[2:] + hex(random.getrandbits(30))[2:]
-        self._asked_at = now
         c = self._current
-        request = {"id": self._asked, "op": "upload", "name": c["name"], "size": c["size"],
-                   "sha256": c["sha256"], "content_type": c["type"]}
-        self.device._publish(self.device._base + "transfers/req", json.dumps(request))
+        self._asking.ask(self.device, {"op": "upload", "name": c["name"], "size": c["size"],
+                                       "sha256": c["sha256"], "content_type": c["type"]})
 
     def _put(self):
         c = self._current
@@ -164,7 +142,7 @@ class Uploader:
         response.close()
         if status == 200:
             self._received = end + 1
-            self._errors = 0
+            self._asking.succeeded()
             if self._received >= c["size"]:
                 self._log("uploaded files/" + c["name"])
                 self.done.append(c["name"])
@@ -175,20 +153,18 @@ class Uploader:
         self._error("the upload answered " + str(status))
 
     def _error(self, what):
-        self._errors += 1
-        if self._errors >= MAX_ERRORS:
+        delay = self._asking.failed()
+        if delay is None:
             self._give_up(what)
             return
-        delay = min(RETRY_MAX_MS, RETRY_MIN_MS * (2 ** min(self._errors - 1, 6)))
-        self._retry_at = fleetline_device._ticks_add(fleetline_device._ticks_ms(), delay)
-        self._log(what + "; again in " + str(delay // 1000) + " s")
+        self._log(what + "; again in " + str(delay) + " s")
 
     def _give_up(self, why):
         if self._current is not None:
             self._log("files/" + self._current["name"] + " not uploaded: " + why)
         self._current = None
         self._url = None
-        self._retry_at = None
+        self._asking.succeeded()
 
     def _log(self, text):
         self.device._log("fleetline upload: " + text)

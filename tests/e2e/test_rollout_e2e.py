@@ -18,11 +18,10 @@ import pytest
 from fleetline import releases
 from fleetline.settings import parse_mqtt_url
 from fleetline_dev.certs import TlsFiles
-from fleetline_dev.embedded import free_port
 from fleetline_dev.simulated_updates import UpdatePolicy
 from fleetline_dev.simulator import MODEL, device_ids, register_fleet, run_fleet
 from tests.integration.test_rollouts import release
-from tests.stack import KEY_SECRET, Backend, serve_stack
+from tests.stack import KEY_SECRET, Backend, device_listener, serve_stack
 from tests.support import release_key_file
 
 pytestmark = pytest.mark.integration
@@ -36,9 +35,7 @@ THRESHOLD = 5.0
 async def stack(
     admin_url: str, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Backend]:
-    env = {"FLEETLINE_API_DEVICE_PORT": str(free_port()),
-           "FLEETLINE_API_DEVICE_TLS_CERT_FILE": str(tls_files.server_cert),
-           "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls_files.server_key)}
+    env = device_listener(tls_files)
     async with serve_stack(admin_url, tls_files, tmp_path_factory, "rollout", env) as served:
         yield served
 

@@ -33,10 +33,9 @@ import pytest
 from fleetline import releases
 from fleetline_cli import firmware
 from fleetline_dev.certs import TlsFiles
-from fleetline_dev.embedded import free_port
 from tests.firmware.conftest import API_USER, SERVICES, MicroPython, mpy
 from tests.firmware.test_board import Board, _client, _register, build, fleetline
-from tests.stack import Backend, serve_stack
+from tests.stack import Backend, device_listener, serve_stack
 from tests.support import release_key_file, wait_until
 
 pytestmark = pytest.mark.integration
@@ -49,9 +48,7 @@ TIMEOUTS = {"notified": 120, "downloading": 120, "verifying": 60, "applying": 60
 async def ota_backend(
     admin_url: str, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Backend]:
-    env = {"FLEETLINE_API_DEVICE_PORT": str(free_port()),
-           "FLEETLINE_API_DEVICE_TLS_CERT_FILE": str(tls_files.server_cert),
-           "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls_files.server_key)}
+    env = device_listener(tls_files)
     async with serve_stack(admin_url, tls_files, tmp_path_factory, "ota", env) as served:
         yield served
 

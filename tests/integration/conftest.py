@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetline_dev.certs import TlsFiles, cert_pem, key_pem
-from fleetline_dev.embedded import BrokerAuth, LocalMosquitto, free_port
+from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
+from tests.stack import device_listener
 from tests.support import DEVICE_KEY_SECRET, ApiProcess
 
 API_PASSWORD = secrets.token_urlsafe(16)
@@ -39,7 +40,7 @@ def secure_api(database_url: str, secure_broker: LocalMosquitto, artifacts: Path
     """The API on the secure broker, with the devices' HTTPS listener (``device_url``);
     provisioning allows 5 registrations per enrollment at once, then one a second, and 20
     failed attempts per address."""
-    device_port = free_port()
+    listener = device_listener(tls_files)
     proc = ApiProcess(
         database_url=database_url,
         mqtt_url=f"mqtt://api:{API_PASSWORD}@127.0.0.1:{secure_broker.port}",
@@ -47,12 +48,9 @@ def secure_api(database_url: str, secure_broker: LocalMosquitto, artifacts: Path
         env={"FLEETLINE_API_DEVICE_MQTT_URL": secure_broker.tls_url,
              "FLEETLINE_API_PROVISION_RATE": "1", "FLEETLINE_API_PROVISION_BURST": "5",
              "FLEETLINE_API_PROVISION_FAILURES_BURST": "20",
-             "FLEETLINE_API_DEVICE_PORT": str(device_port),
-             "FLEETLINE_API_DEVICE_TLS_CERT_FILE": str(tls_files.server_cert),
-             "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls_files.server_key),
-             "FLEETLINE_API_UPLOAD_SWEEP_S": "0.5"},
+             "FLEETLINE_API_UPLOAD_SWEEP_S": "0.5", **listener},
     )
-    proc.device_url = f"https://127.0.0.1:{device_port}"
+    proc.device_url = f"https://127.0.0.1:{listener['FLEETLINE_API_DEVICE_PORT']}"
     proc.start()
     yield proc
     proc.stop()

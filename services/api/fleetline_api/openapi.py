@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+# A request body of raw bytes (a part of an upload), which the route reads itself.
+BINARY_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
 
 def links(path: str, *names: str) -> dict[str, Any]:
     """OpenAPI links from a response to the operations that take the id it holds: each

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Resp
 from fleetline import releases
 from fleetline_api import blobs, downloads
 from fleetline_api.deps import FirmwareRead, FirmwareWrite, PoolDep, SettingsDep
+from fleetline_api.openapi import BINARY_BODY
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.queries import firmware as sql
 from fleetline_api.schemas.firmware import (
@@ -108,14 +109,7 @@ async def create_firmware(
         400: {"model": Problem, "description": "No or a wrong Content-Range"},
         422: {"model": Problem, "description": "The bytes' SHA-256 is not the declared one"},
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
-        }
-    },
+    openapi_extra=BINARY_BODY,
 )
 async def upload_part(
     firmware_id: FirmwareId,

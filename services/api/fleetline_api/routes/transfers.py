@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from fleetline import streamevents
 from fleetline_api import blobs, deviceauth, downloads, grants
 from fleetline_api.deps import PoolDep, SettingsDep
+from fleetline_api.openapi import BINARY_BODY
 from fleetline_api.problems import RESPONSES, Problem
 from fleetline_api.queries import files as files_sql
 from fleetline_api.queries import firmware as sql
@@ -97,14 +98,7 @@ def _oversize(content_range: str | None, size: int) -> None:
         413: {"model": Problem, "description": "Past the declared size"},
         422: {"model": Problem, "description": "The SHA-256 is not the declared one"},
     },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
-        }
-    },
+    openapi_extra=BINARY_BODY,
 )
 async def upload(
     token: Token,
