@@ -28,20 +28,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import platform
 import secrets
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -55,12 +47,25 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 import orjson  # noqa: E402
-from measure import log, machine_busy, pct, tree_cpu  # noqa: E402
+from measure import CpuWindow, log, pct  # noqa: E402
+from stack import (  # noqa: E402
+    PROBE_INTERVAL_SECONDS,
+    JobsBench,
+    Prober,
+    Stack,
+    add_api_env,
+    admin_key,
+    api_service,
+    environment,
+    ingest_service,
+    serve_fleet,
+    service_env,
+    workdir,
+)
 
-from fleetline import apikeys  # noqa: E402
 from fleetline.migrate import migrate  # noqa: E402
 from fleetline.settings import StorageSettings, parse_mqtt_url  # noqa: E402
-from fleetline_dev.embedded import LocalMosquitto, LocalPostgres, free_port  # noqa: E402
+from fleetline_dev.embedded import LocalMosquitto, LocalPostgres  # noqa: E402
 from fleetline_dev.simulator import device_ids, run_fleet  # noqa: E402
 
 ONLINE_PREFIX = "bench-on-"
@@ -72,106 +77,29 @@ METHOD_TIMEOUT_S = 10
 # The simulated devices send one reading when they connect and the next after this long:
 # no telemetry load during the measurements.
 FLEET_INTERVAL_SECONDS = 3600.0
-PROBE_INTERVAL_SECONDS = 0.1
 JOB_POLL_SECONDS = 0.05
-RUN_TIMEOUT_SECONDS = 600.0
+ONLINE_TIMEOUT_SECONDS = 60.0
 SETTLE_SECONDS = 1.0
-STOP_TIMEOUT_SECONDS = 30.0
-PAGE = 1000
-
-
-# -- CPU used by others on the machine ------------------------------------------------
-
-
-class CpuWindow:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-        self.machine0 = machine_busy()
-        self.ours0 = tree_cpu(os.getpid())
-
-    def other_cores(self) -> float:
-        """Cores used meanwhile by processes outside this benchmark."""
-        wall = time.monotonic() - self.t0
-        other = (machine_busy() - self.machine0) - (tree_cpu(os.getpid()) - self.ours0)
-        return max(0.0, other) / wall if wall > 0 else 0.0
 
 
 # -- services -------------------------------------------------------------------------
 
 
-class Service:
-    """`python -m fleetline_cli <name>` as a child process, ready when /readyz answers 200."""
-
-    def __init__(self, name: str, env: dict[str, str], port: int, workdir: Path) -> None:
-        self.name = name
-        self.env = env
-        self.port = port
-        self.log = workdir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fleetline_cli", self.name],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        deadline = time.monotonic() + 60
-        while self.get("/readyz") != 200:
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not get ready; log {self.log}")
-            time.sleep(0.05)
-
-    def get(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def serve_devices(count: int, mqtt_url: str) -> None:
     """The child process of the online devices: the simulator until SIGTERM."""
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run_fleet(
+    serve_fleet(
+        lambda stop: run_fleet(
             parse_mqtt_url(mqtt_url),
             devices=count,
             interval_seconds=FLEET_INTERVAL_SECONDS,
             prefix=ONLINE_PREFIX,
             stop=stop,
         )
+    )
 
-    asyncio.run(run())
 
-
-async def setup_db(url: str, online: list[str], offline: list[str]) -> str:
-    """Register the devices (COPY into the registry, as the other benches do) and make an
-    admin API key."""
+async def setup_db(url: str, online: list[str], offline: list[str]) -> None:
+    """Register the devices (COPY into the registry, as the other benches do)."""
     con = await asyncpg.connect(url)
     try:
         records = [(d, json.dumps({"run": "bench", "group": "online"})) for d in online] + [
@@ -179,59 +107,11 @@ async def setup_db(url: str, online: list[str], offline: list[str]) -> str:
         ]
         await con.copy_records_to_table("devices", records=records, columns=["id", "tags"])
         await con.execute("ANALYZE devices")
-        token: str = (await apikeys.create_key(con, name="bench", scopes=["admin"])).token
-        return token
-    finally:
-        await con.close()
-
-
-async def count_online(url: str) -> int:
-    con = await asyncpg.connect(url)
-    try:
-        n: int = await con.fetchval(
-            "SELECT count(*) FROM device_status WHERE online AND device_id LIKE $1",
-            ONLINE_PREFIX + "%",
-        )
-        return n
     finally:
         await con.close()
 
 
 # -- measuring ------------------------------------------------------------------------
-
-
-class Prober:
-    """GET /v1/devices/{id} every PROBE_INTERVAL_SECONDS from its own thread and client:
-    what another user of the API sees while a run goes on."""
-
-    def __init__(self, client: httpx.Client, device_id: str) -> None:
-        self.client = client
-        self.path = f"/v1/devices/{device_id}"
-        self.ms: list[float] = []
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-prober", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t = time.perf_counter()
-            try:
-                ok = self.client.get(self.path).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                self.ms.append((time.perf_counter() - t) * 1000)
-            else:
-                self.errors += 1
-            self._stop.wait(PROBE_INTERVAL_SECONDS)
-
-    def __enter__(self) -> Prober:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 @dataclass
@@ -262,36 +142,15 @@ class Result:
         return self.devices / self.last_s if self.last_s > 0 else float("nan")
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace, api_url: str, key: str, db_url: str) -> None:
-        self.args = args
-        self.db_url = db_url
-        headers = {"Authorization": f"Bearer {key}"}
+class Bench(JobsBench):
+    def __init__(
+        self, args: argparse.Namespace, *, api_url: str, key: str, db_url: str, stack: Stack
+    ) -> None:
         limits = httpx.Limits(max_connections=max(16, args.threads * 2))
-        self.client = httpx.Client(base_url=api_url, headers=headers, timeout=60, limits=limits)
-        self.probe_client = httpx.Client(base_url=api_url, headers=headers, timeout=60)
-        self.problems: list[str] = []
+        super().__init__(args, api_url=api_url, key=key, db_url=db_url, stack=stack, limits=limits)
+        self.probe_client = self.api_client()
         self.online = device_ids(args.online, ONLINE_PREFIX)
-
-    def problem(self, text: str) -> None:
-        log(f"PROBLEM: {text}")
-        self.problems.append(text)
-
-    def matches(self, query: str) -> list[dict[str, Any]]:
-        """Every device the query matches, a page at a time, as a client lists them."""
-        items: list[dict[str, Any]] = []
-        cursor: str | None = None
-        while True:
-            body: dict[str, Any] = {"query": query, "limit": PAGE}
-            if cursor:
-                body["cursor"] = cursor
-            r = self.client.post("/v1/query", json=body)
-            r.raise_for_status()
-            page = r.json()
-            items += page["items"]
-            cursor = page["next_cursor"]
-            if not cursor:
-                return items
+        self.probe_path = f"/v1/devices/{self.online[0]}"
 
     # -- the four ways --
 
@@ -346,7 +205,7 @@ class Bench:
                     errors.append(error)
 
         cpu = CpuWindow()
-        with Prober(self.probe_client, self.online[0]) as probe:
+        with Prober(self.probe_client, self.probe_path) as probe:
             t0 = time.time()
             ids = [m["device_id"] for m in self.matches(query)]
             if threads <= 1:
@@ -386,23 +245,11 @@ class Bench:
             }
         job_get_ms: list[float] = []
         cpu = CpuWindow()
-        with Prober(self.probe_client, self.online[0]) as probe:
-            t0 = time.time()
-            r = self.client.post("/v1/jobs", json=body)
-            create_ms = (time.time() - t0) * 1000
-            if r.status_code != 201:
-                raise RuntimeError(f"POST /v1/jobs: {r.status_code} {r.text}")
-            job = r.json()
-            deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-            while not job["finished_at"]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"job {job['id']} did not finish: {job['progress']}")
-                time.sleep(JOB_POLL_SECONDS)
-                t = time.perf_counter()
-                r = self.client.get(f"/v1/jobs/{job['id']}")
-                job_get_ms.append((time.perf_counter() - t) * 1000)
-                r.raise_for_status()
-                job = r.json()
+        with Prober(self.probe_client, self.probe_path) as probe:
+            job, t0, create_ms = self.create_job(body)
+            job = self.wait_job(
+                job["id"], job=job, poll_seconds=JOB_POLL_SECONDS, get_ms=job_get_ms
+            )
         rows = self.job_devices(job["id"])
         bad = [row for row in rows if not self.job_outcome_ok(kind, row, tag)]
         if job["state"] != "completed" or job["progress"]["total"] != expected:
@@ -432,21 +279,6 @@ class Bench:
             create_ms=create_ms,
             other_cores=cpu.other_cores(),
         )
-
-    def job_devices(self, job_id: int) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        cursor: str | None = None
-        while True:
-            params: dict[str, Any] = {"limit": PAGE}
-            if cursor:
-                params["cursor"] = cursor
-            r = self.client.get(f"/v1/jobs/{job_id}/devices", params=params)
-            r.raise_for_status()
-            page = r.json()
-            rows += page["items"]
-            cursor = page["next_cursor"]
-            if not cursor:
-                return rows
 
     def job_outcome_ok(self, kind: str, row: dict[str, Any], tag: str) -> bool:
         if row["state"] != "succeeded" or row["status"] != 200 or not row["finished_at"]:
@@ -486,11 +318,8 @@ class Bench:
                 body["patch"] = {"warm": True}
             else:
                 body["method"] = {"name": "ping", "timeout_s": METHOD_TIMEOUT_S}
-            job = self.client.post("/v1/jobs", json=body).json()
-            deadline = time.monotonic() + 30
-            while not job["finished_at"] and time.monotonic() < deadline:
-                time.sleep(0.1)
-                job = self.client.get(f"/v1/jobs/{job['id']}").json()
+            job, _, _ = self.create_job(body)
+            job = self.wait_job(job["id"], job=job, poll_seconds=0.1, timeout_seconds=30)
             if job["progress"]["succeeded"] != 1:
                 raise RuntimeError(f"warm-up {kind} job: {job['state']} {job['progress']}")
         r = self.client.post(f"/v1/devices/{device}/methods/ping", json={"timeout_s": 10})
@@ -503,7 +332,7 @@ class Bench:
         r.raise_for_status()
 
     def idle_probe(self, seconds: float) -> list[float]:
-        with Prober(self.probe_client, self.online[0]) as probe:
+        with Prober(self.probe_client, self.probe_path) as probe:
             time.sleep(seconds)
         return probe.ms
 
@@ -606,29 +435,6 @@ def report(args: argparse.Namespace, measured: dict[str, Any], env: dict[str, An
     return "\n".join(lines)
 
 
-def environment(pg: LocalPostgres, url: str) -> dict[str, Any]:
-    async def version() -> str:
-        con = await asyncpg.connect(url)
-        try:
-            v: str = await con.fetchval("SHOW server_version")
-            return v
-        finally:
-            await con.close()
-
-    mosquitto = "Mosquitto"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, timeout=5)
-        mosquitto = (out.stdout or out.stderr).splitlines()[0].strip()
-    return {
-        "postgres": asyncio.run(version()),
-        "mosquitto": mosquitto,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "loadavg_start": tuple(round(x, 2) for x in os.getloadavg()),
-        "pg_pid": pg.pid,
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, help="registered devices (default 2000; quick 500)")
@@ -639,13 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=8, help="the client's thread pool (default 8; 0 skips)"
     )
-    p.add_argument(
-        "--api-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra environment for the API, e.g. FLEETLINE_API_JOBS_POOL_SIZE=16",
-    )
+    add_api_env(p)
     p.add_argument(
         "--broker-conf",
         action="append",
@@ -671,8 +471,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--online must be between 1 and --devices")
     if not DEFAULT_BATCH_SIZE < a.batch_size <= 1000:
         p.error(f"--batch-size must be above the default {DEFAULT_BATCH_SIZE}, at most 1000")
-    if [kv for kv in a.api_env if "=" not in kv]:
-        p.error("--api-env takes KEY=VALUE")
     return a
 
 
@@ -681,128 +479,38 @@ def main() -> None:
     if args.serve_devices:
         serve_devices(args.serve_devices, args.mqtt_url)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="flbench-jobs-"))
-    os.chmod(tmp, 0o755)
     started = time.time()
-    log(f"temporary directory {tmp}")
-    services: list[Service] = []
-    fleet: subprocess.Popen[bytes] | None = None
-    try:
-        with (
-            LocalPostgres(tmp / "pg") as pg,
-            LocalMosquitto(tmp / "mq", extra_config="\n".join(args.broker_conf)) as broker,
-        ):
-            url = pg.url_for("bench")
-            asyncio.run(migrate(url, StorageSettings(timescale="off")))
-            online = device_ids(args.online, ONLINE_PREFIX)
-            offline = device_ids(args.devices - args.online, OFFLINE_PREFIX)
-            key = asyncio.run(setup_db(url, online, offline))
-            env = environment(pg, url)
-            common = {
-                **os.environ,
-                "FLEETLINE_DATABASE_URL": url,
-                "FLEETLINE_MQTT_URL": broker.url,
-                "FLEETLINE_LOG_LEVEL": "WARNING",
-                "FLEETLINE_LOG_FORMAT": "json",
-                "FLEETLINE_STORAGE_TIMESCALE": "off",
-            }
-            ingest_port, api_port = free_port(), free_port()
-            ingest = Service(
-                "ingest",
-                {
-                    **common,
-                    "FLEETLINE_INGEST_HTTP_HOST": "127.0.0.1",
-                    "FLEETLINE_INGEST_HTTP_PORT": str(ingest_port),
-                    "FLEETLINE_INGEST_CLIENT_ID": "bench-jobs-ingest",
-                },
-                ingest_port,
-                tmp,
-            )
-            api = Service(
-                "api",
-                {
-                    **common,
-                    "FLEETLINE_API_HOST": "127.0.0.1",
-                    "FLEETLINE_API_PORT": str(api_port),
-                    "FLEETLINE_API_METRICS_PORT": str(free_port()),
-                    "FLEETLINE_API_RATE_PER_KEY": "0",  # the bench is the one client
-                    "FLEETLINE_DEVICE_KEY_SECRET": secrets.token_hex(32),
-                    **dict(kv.split("=", 1) for kv in args.api_env),
-                },
-                api_port,
-                tmp,
-            )
-            services = [ingest, api]
-            for svc in services:
-                svc.start()
-            log(f"{args.devices:,} devices registered; ingest and api ready")
-            with (tmp / "devices.log").open("ab") as devices_log:
-                fleet = subprocess.Popen(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--serve-devices",
-                        str(args.online),
-                        "--mqtt-url",
-                        broker.url,
-                    ],
-                    stdout=devices_log,
-                    stderr=subprocess.STDOUT,
-                    cwd=ROOT,
-                )
-            deadline = time.monotonic() + 60
-            while (n := asyncio.run(count_online(url))) < args.online:
-                if fleet.poll() is not None:
-                    raise RuntimeError(f"the simulated devices exited; log {tmp / 'devices.log'}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"only {n} of {args.online} devices came online")
-                time.sleep(0.5)
-            log(f"{args.online:,} devices online (ingest recorded their status)")
-            bench = Bench(args, f"http://127.0.0.1:{api_port}", key, url)
-            measured = bench.run()
-            for svc in services:
-                svc.check_alive()
-    finally:
-        if fleet is not None and fleet.poll() is None:
-            fleet.send_signal(signal.SIGTERM)
-            try:
-                fleet.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                fleet.kill()
-                fleet.wait(10)
-        for svc in reversed(services):
-            svc.stop()
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-    env["loadavg_end"] = tuple(round(x, 2) for x in os.getloadavg())
-    text = report(args, measured, env)
-    print()
-    print(text)
-    out_dir = BENCH_DIR / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"jobs-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "args": vars(args),
-                "environment": env,
-                "idle_get_ms": measured["idle_get_ms"],
-                "results": [asdict(r) | {"rate": r.rate} for r in measured["results"]],
-                "problems": bench.problems,
-                "report": text,
-                "total_seconds": time.time() - started,
-            },
-            indent=1,
-            default=str,
+    with (
+        workdir("flbench-jobs-", keep=args.keep) as tmp,
+        Stack(tmp) as stack,
+        LocalPostgres(tmp / "pg") as pg,
+        LocalMosquitto(tmp / "mq", extra_config="\n".join(args.broker_conf)) as broker,
+    ):
+        url = pg.url_for("bench")
+        asyncio.run(migrate(url, StorageSettings(timescale="off")))
+        online = device_ids(args.online, ONLINE_PREFIX)
+        offline = device_ids(args.devices - args.online, OFFLINE_PREFIX)
+        asyncio.run(setup_db(url, online, offline))
+        key = admin_key(url)
+        env = environment(pg, url)
+        common = {**service_env(url), "FLEETLINE_MQTT_URL": broker.url}
+        ingest = ingest_service(tmp, common, client_id="bench-jobs-ingest")
+        api = api_service(tmp, common, key_secret=secrets.token_hex(32), settings=args.api_env)
+        stack.start(ingest, api)
+        log(f"{args.devices:,} devices registered; ingest and api ready")
+        stack.start_fleet(__file__, "--serve-devices", str(args.online), "--mqtt-url", broker.url)
+        stack.wait_online(
+            url, prefix=ONLINE_PREFIX, devices=args.online, timeout_seconds=ONLINE_TIMEOUT_SECONDS
         )
-    )
-    print(f"\ntotal {time.time() - started:.0f} s; results: {out.relative_to(ROOT)}")
-    if bench.problems:
-        print(f"\n{len(bench.problems)} PROBLEM(S): not every device ended as expected:")
-        for problem in bench.problems:
-            print(f"  {problem}")
-        sys.exit(1)
+        bench = Bench(args, api_url=api.url, key=key, db_url=url, stack=stack)
+        measured = bench.run()
+        stack.check_alive()
+    env["loadavg_end"] = tuple(round(x, 2) for x in os.getloadavg())
+    figures = {
+        "idle_get_ms": measured["idle_get_ms"],
+        "results": [asdict(r) | {"rate": r.rate} for r in measured["results"]],
+    }
+    bench.finish("jobs", report(args, measured, env), figures, env=env, started=started)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import psutil  # type: ignore[import-untyped]
@@ -62,3 +63,18 @@ def machine_busy() -> float:
     idle = t.idle + sum(getattr(t, f, 0.0) for f in ("iowait", "guest", "guest_nice"))
     busy: float = sum(t) - idle
     return busy
+
+
+class CpuWindow:
+    """From its creation on: how much CPU the rest of the machine used."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.machine0 = machine_busy()
+        self.ours0 = tree_cpu(os.getpid())
+
+    def other_cores(self) -> float:
+        """Cores used meanwhile by processes outside this benchmark."""
+        wall = time.monotonic() - self.t0
+        other = (machine_busy() - self.machine0) - (tree_cpu(os.getpid()) - self.ours0)
+        return max(0.0, other) / wall if wall > 0 else 0.0

@@ -32,13 +32,10 @@ import json
 import os
 import random
 import secrets
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -48,13 +45,26 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT))
 
-import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 import psutil  # type: ignore[import-untyped]  # noqa: E402
-from jobs import CpuWindow, Service, environment  # noqa: E402
-from measure import log, pct, proc_cpu, tree_cpu  # noqa: E402
+from measure import CpuWindow, log, pct, proc_cpu, tree_cpu  # noqa: E402
+from stack import (  # noqa: E402
+    PROBE_INTERVAL_SECONDS,
+    JobsBench,
+    Prober,
+    Stack,
+    add_api_env,
+    admin_key,
+    api_service,
+    environment,
+    ingest_service,
+    query_value,
+    serve_fleet,
+    service_env,
+    workdir,
+)
 
-from fleetline import apikeys, releases  # noqa: E402
+from fleetline import releases  # noqa: E402
 from fleetline.migrate import migrate  # noqa: E402
 from fleetline.settings import StorageSettings, parse_mqtt_url  # noqa: E402
 from fleetline_dev.certs import ensure_local_ca  # noqa: E402
@@ -68,37 +78,27 @@ INGEST_USER = "fleetline-ingest"
 API_USER = "fleetline-api"
 FIRST_VERSION = "2.0"  # releases 2.0.1, 2.0.2, ...: each newer than the last (and 1.0.3)
 PART_BYTES = 512 * 1024  # upload parts, within the API's 1 MiB body limit (docs/ota.md)
-PROBE_INTERVAL_SECONDS = 0.1
 RSS_INTERVAL_SECONDS = 0.2
 DEVICES_PATH = "/v1/devices?limit=100"
-WAIT_SECONDS = 0.05
 ONLINE_TIMEOUT_SECONDS = 120.0
-RUN_TIMEOUT_SECONDS = 600.0
 SETTLE_SECONDS = 2.0
-STOP_TIMEOUT_SECONDS = 30.0
-PAGE = 1000
 MIB = 1024 * 1024
 
 
 # -- the simulated fleet (a child process) --------------------------------------------
 
 
-def serve_fleet(spec_file: Path) -> None:
+def serve_devices(spec_file: Path) -> None:
     """The child process of the devices: the simulator, taking rollouts, until SIGTERM."""
     spec = json.loads(spec_file.read_text())
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        policy = UpdatePolicy(
-            release_key=bytes.fromhex(spec["release_key"]),
-            ca_file=Path(spec["ca_file"]),
-            fail_share=spec["fail_share"],
-            reboot_seconds=spec["reboot_seconds"],
-        )
-        await run_fleet(
+    policy = UpdatePolicy(
+        release_key=bytes.fromhex(spec["release_key"]),
+        ca_file=Path(spec["ca_file"]),
+        fail_share=spec["fail_share"],
+        reboot_seconds=spec["reboot_seconds"],
+    )
+    serve_fleet(
+        lambda stop: run_fleet(
             parse_mqtt_url(spec["mqtt_url"]),
             devices=len(spec["keys"]),
             interval_seconds=spec["interval_seconds"],
@@ -107,86 +107,20 @@ def serve_fleet(spec_file: Path) -> None:
             keys=spec["keys"],
             updates=policy,
         )
-
-    asyncio.run(run())
-
-
-async def count_online(url: str) -> int:
-    con = await asyncpg.connect(url)
-    try:
-        n: int = await con.fetchval(
-            "SELECT count(*) FROM device_status WHERE online AND device_id LIKE $1", PREFIX + "%"
-        )
-        return n
-    finally:
-        await con.close()
+    )
 
 
-async def count_running(url: str, version: str) -> int:
+def count_running(url: str, version: str) -> int:
     """Devices whose reported twin says they run ``version`` (ingest wrote it)."""
-    con = await asyncpg.connect(url)
-    try:
-        n: int = await con.fetchval(
-            "SELECT count(*) FROM twin_reported WHERE reported ->> 'fw' = $1 AND device_id LIKE $2",
-            version,
-            PREFIX + "%",
-        )
-        return n
-    finally:
-        await con.close()
-
-
-async def admin_key(url: str) -> str:
-    con = await asyncpg.connect(url)
-    try:
-        token: str = (await apikeys.create_key(con, name="bench", scopes=["admin"])).token
-        return token
-    finally:
-        await con.close()
+    return int(query_value(
+        url,
+        "SELECT count(*) FROM twin_reported WHERE reported ->> 'fw' = $1 AND device_id LIKE $2",
+        version,
+        PREFIX + "%",
+    ))
 
 
 # -- measuring ------------------------------------------------------------------------
-
-
-class Prober:
-    """GET ``path`` every PROBE_INTERVAL_SECONDS from its own thread and client: what
-    another user of the API sees meanwhile. With ``keep``, the last answer is kept (the
-    job's progress, which the benchmark follows instead of polling on its own)."""
-
-    def __init__(self, client: httpx.Client, path: str, *, keep: bool = False) -> None:
-        self.client = client
-        self.path = path
-        self.keep = keep
-        self.ms: list[float] = []
-        self.errors = 0
-        self.last: dict[str, Any] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-prober", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t = time.perf_counter()
-            try:
-                r = self.client.get(self.path)
-            except httpx.HTTPError:
-                self.errors += 1
-            else:
-                if r.status_code == 200:
-                    self.ms.append((time.perf_counter() - t) * 1000)
-                    if self.keep:
-                        self.last = r.json()
-                else:
-                    self.errors += 1
-            self._stop.wait(PROBE_INTERVAL_SECONDS)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-        self.client.close()
 
 
 def vm_hwm(pid: int) -> int:
@@ -223,16 +157,12 @@ class Watch:
     """The probes, the processes' CPU time and the API's memory over one window."""
 
     def __init__(
-        self, what: str, *, api_url: str, headers: dict[str, str], api_pid: int,
+        self, what: str, *, client: Callable[[], httpx.Client], api_pid: int,
         pids: dict[str, int | None],
     ) -> None:
         self.what = what
         self.pids = pids
         self.api = psutil.Process(api_pid)
-
-        def client() -> httpx.Client:
-            return httpx.Client(base_url=api_url, headers=headers, timeout=60)
-
         self.devices = Prober(client(), DEVICES_PATH)
         self.job = Prober(client(), "", keep=True)
         self.rss_peak = 0
@@ -273,8 +203,9 @@ class Watch:
         self.hwm_end = vm_hwm(self.api.pid)
         self._stop.set()
         self._sampler.join(10)
-        self.devices.stop()
-        self.job.stop()
+        for probe in (self.devices, self.job):
+            probe.stop()
+            probe.client.close()
 
     def result(self) -> Window:
         return Window(
@@ -320,74 +251,26 @@ def at(stamp: str | None) -> float:
     return datetime.fromisoformat(stamp).timestamp() if stamp else float("nan")
 
 
-class Bench:
+class Bench(JobsBench):
     def __init__(
-        self, args: argparse.Namespace, *, api_url: str, key: str, db_url: str,
-        api_pid: int, pids: dict[str, int | None], services: list[Service],
+        self, args: argparse.Namespace, *, api_url: str, key: str, db_url: str, stack: Stack,
+        api_pid: int, pids: dict[str, int | None],
     ) -> None:
-        self.args = args
-        self.api_url = api_url
-        self.db_url = db_url
+        super().__init__(args, api_url=api_url, key=key, db_url=db_url, stack=stack)
         self.api_pid = api_pid
         self.pids = pids
-        self.services = services
-        self.headers = {"Authorization": f"Bearer {key}"}
-        self.client = httpx.Client(base_url=api_url, headers=self.headers, timeout=60)
-        self.problems: list[str] = []
-
-    def problem(self, text: str) -> None:
-        log(f"PROBLEM: {text}")
-        self.problems.append(text)
 
     def watch(self, what: str) -> Watch:
-        return Watch(what, api_url=self.api_url, headers=self.headers, api_pid=self.api_pid,
-                     pids=self.pids)
-
-    def wait_job(self, job_id: int, probe: Prober | None = None) -> dict[str, Any]:
-        """The job once it is no longer queued or running: from the probe's answers when
-        it probes this job (no extra load), else by polling."""
-        deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-        while True:
-            job = probe.last if probe is not None else None
-            if probe is None:
-                r = self.client.get(f"/v1/jobs/{job_id}")
-                r.raise_for_status()
-                job = r.json()
-            if job is not None and job["id"] == job_id:
-                if job["finished_at"] or job["state"] not in ("queued", "running"):
-                    return job
-            if time.monotonic() > deadline:
-                shown = job["progress"] if job is not None else "no answer"
-                raise RuntimeError(f"job {job_id} did not finish: {shown}")
-            for svc in self.services:
-                svc.check_alive()
-            time.sleep(WAIT_SECONDS if probe is not None else 0.25)
-
-    def job_devices(self, job_id: int) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        cursor: str | None = None
-        while True:
-            params: dict[str, Any] = {"limit": PAGE}
-            if cursor:
-                params["cursor"] = cursor
-            r = self.client.get(f"/v1/jobs/{job_id}/devices", params=params)
-            r.raise_for_status()
-            page = r.json()
-            rows += page["items"]
-            cursor = page["next_cursor"]
-            if not cursor:
-                return rows
+        return Watch(what, client=self.api_client, api_pid=self.api_pid, pids=self.pids)
 
     def warm_up(self) -> int:
         """A ping job over the whole fleet: connections, caches, the job runner. Its job
         (finished, as many devices as a rollout) is what the idle windows' job probe reads."""
-        r = self.client.post("/v1/jobs", json={
+        job, _, _ = self.create_job({
             "type": "method", "query": QUERY, "batch_size": self.args.batch_size,
             "method": {"name": "ping", "timeout_s": 10},
         })
-        if r.status_code != 201:
-            raise RuntimeError(f"POST /v1/jobs (warm-up): {r.status_code} {r.text}")
-        job = self.wait_job(int(r.json()["id"]))
+        job = self.wait_job(int(job["id"]), job=job)
         if job["progress"]["succeeded"] != self.args.devices:
             raise RuntimeError(f"warm-up ping job: {job['state']} {job['progress']}")
         for _ in range(20):
@@ -439,20 +322,16 @@ class Bench:
             body["max_per_second"] = args.max_per_second
         # The window opens just before the POST; its job probe starts right after it.
         with self.watch("rollout") as watch:
-            t0 = time.time()
-            r = self.client.post("/v1/jobs", json=body)
-            create_ms = (time.time() - t0) * 1000
-            if r.status_code != 201:
-                raise RuntimeError(f"POST /v1/jobs: {r.status_code} {r.text}")
-            job_id = int(r.json()["id"])
+            job, t0, create_ms = self.create_job(body)
+            job_id = int(job["id"])
             watch.probe_job(job_id)
-            job = self.wait_job(job_id, watch.job)
+            job = self.wait_job(job_id, probe=watch.job)
         if job["state"] == "paused":
             # At its failure threshold: its pending devices must not stay in a rollout
             # while the next run's rollout takes them.
             self.client.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
         rows = self.job_devices(job_id)
-        running_new = asyncio.run(count_running(self.db_url, version))
+        running_new = count_running(self.db_url, version)
         res = self.outcome(run, version, job, rows, t0=t0, create_ms=create_ms)
         res.running_new = running_new
         if running_new != res.succeeded:
@@ -679,8 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between a device's readings (default 3600: one at connect)")
     p.add_argument("--idle-seconds", type=float, help="the baseline window (default 20; quick 5)")
     p.add_argument("--repeat", type=int, help="rollouts, median reported (default 3; quick 1)")
-    p.add_argument("--api-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for the API, e.g. FLEETLINE_API_JOBS_POOL_SIZE=16")
+    add_api_env(p)
     p.add_argument("--quick", action="store_true", help="smoke run, about 30 s")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--serve-fleet", type=Path, help=argparse.SUPPRESS)
@@ -699,154 +577,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--fail-share must be in [0, 1)")
     if a.image_kb < 1:
         p.error("--image-kb must be at least 1")
-    if [kv for kv in a.api_env if "=" not in kv]:
-        p.error("--api-env takes KEY=VALUE")
     return a
 
 
 def main() -> None:
     args = parse_args()
     if args.serve_fleet:
-        serve_fleet(args.serve_fleet)
+        serve_devices(args.serve_fleet)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="flbench-rollout-"))
-    os.chmod(tmp, 0o755)
     started = time.time()
-    log(f"temporary directory {tmp}")
-    services: list[Service] = []
-    fleet: subprocess.Popen[bytes] | None = None
-    bench: Bench | None = None
-    measured: dict[str, Any] = {}
-    env: dict[str, Any] = {}
     key_secret = secrets.token_hex(32)
     accounts = {INGEST_USER: secrets.token_urlsafe(16), API_USER: secrets.token_urlsafe(16)}
-    try:
-        with LocalPostgres(tmp / "pg") as pg:
-            url = pg.url_for("bench")
-            asyncio.run(migrate(url, StorageSettings(timescale="off")))
-            tls = ensure_local_ca(tmp / "tls", ["127.0.0.1", "localhost"])
-            release_key = tmp / "release-key.pem"
-            releases.write_key(release_key, releases.generate_key())
-            auth = BrokerAuth(database_url=url, key_secret=key_secret.encode(),
-                              services=accounts)
-            with LocalMosquitto(tmp / "mq", auth=auth, tls=tls) as broker:
-                ids = device_ids(args.devices, PREFIX)
-                keys = asyncio.run(register_fleet(url, ids, key_secret.encode()))
-                key = asyncio.run(admin_key(url))
-                env = environment(pg, url)
+    with (
+        workdir("flbench-rollout-", keep=args.keep) as tmp,
+        Stack(tmp) as stack,
+        LocalPostgres(tmp / "pg") as pg,
+    ):
+        url = pg.url_for("bench")
+        asyncio.run(migrate(url, StorageSettings(timescale="off")))
+        tls = ensure_local_ca(tmp / "tls", ["127.0.0.1", "localhost"])
+        release_key = tmp / "release-key.pem"
+        releases.write_key(release_key, releases.generate_key())
+        auth = BrokerAuth(database_url=url, key_secret=key_secret.encode(), services=accounts)
+        with LocalMosquitto(tmp / "mq", auth=auth, tls=tls) as broker:
+            ids = device_ids(args.devices, PREFIX)
+            keys = asyncio.run(register_fleet(url, ids, key_secret.encode()))
+            key = admin_key(url)
+            env = environment(pg, url)
 
-                def mqtt_url(user: str) -> str:
-                    return f"mqtt://{user}:{accounts[user]}@127.0.0.1:{broker.port}"
+            def mqtt_url(user: str) -> str:
+                return f"mqtt://{user}:{accounts[user]}@127.0.0.1:{broker.port}"
 
-                common = {
-                    **os.environ,
-                    "FLEETLINE_DATABASE_URL": url,
-                    "FLEETLINE_LOG_LEVEL": "WARNING",
-                    "FLEETLINE_LOG_FORMAT": "json",
-                    "FLEETLINE_STORAGE_TIMESCALE": "off",
-                }
-                ingest_port, api_port = free_port(), free_port()
-                ingest = Service("ingest", {
-                    **common,
-                    "FLEETLINE_MQTT_URL": mqtt_url(INGEST_USER),
-                    "FLEETLINE_INGEST_HTTP_HOST": "127.0.0.1",
-                    "FLEETLINE_INGEST_HTTP_PORT": str(ingest_port),
-                    "FLEETLINE_INGEST_CLIENT_ID": "bench-rollout-ingest",
-                }, ingest_port, tmp)
-                api = Service("api", {
-                    **common,
-                    "FLEETLINE_MQTT_URL": mqtt_url(API_USER),
-                    "FLEETLINE_API_HOST": "127.0.0.1",
-                    "FLEETLINE_API_PORT": str(api_port),
-                    "FLEETLINE_API_METRICS_PORT": str(free_port()),
-                    "FLEETLINE_API_RATE_PER_KEY": "0",  # the bench is the one client
-                    "FLEETLINE_DEVICE_KEY_SECRET": key_secret,
-                    "FLEETLINE_API_RELEASE_KEY_FILE": str(release_key),
-                    "FLEETLINE_API_DEVICE_MQTT_URL": broker.tls_url,
-                    "FLEETLINE_API_DEVICE_PORT": str(free_port()),
-                    "FLEETLINE_API_DEVICE_TLS_CERT_FILE": str(tls.server_cert),
-                    "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls.server_key),
-                    **dict(kv.split("=", 1) for kv in args.api_env),
-                }, api_port, tmp)
-                services = [ingest, api]
-                for svc in services:
-                    svc.start()
-                log(f"{args.devices:,} devices registered with their keys; ingest and api ready")
-                spec = tmp / "fleet.json"
-                spec.write_text(json.dumps({
-                    "mqtt_url": broker.url,
-                    "keys": keys,
-                    "release_key": releases.public_point(releases.load_key(release_key)).hex(),
-                    "ca_file": str(tls.ca_cert),
-                    "fail_share": args.fail_share,
-                    "reboot_seconds": args.reboot_seconds,
-                    "interval_seconds": args.telemetry_interval,
-                }))
-                spec.chmod(0o600)
-                with (tmp / "devices.log").open("ab") as devices_log:
-                    fleet = subprocess.Popen(
-                        [sys.executable, __file__, "--serve-fleet", str(spec)],
-                        stdout=devices_log, stderr=subprocess.STDOUT, cwd=ROOT,
-                    )
-                deadline = time.monotonic() + ONLINE_TIMEOUT_SECONDS
-                while (n := asyncio.run(count_online(url))) < args.devices:
-                    if fleet.poll() is not None:
-                        raise RuntimeError(f"the simulated devices exited; log {tmp}/devices.log")
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"only {n} of {args.devices} devices came online")
-                    time.sleep(0.5)
-                log(f"{args.devices:,} devices online (ingest recorded their status)")
-                assert ingest.proc is not None and api.proc is not None
-                pids: dict[str, int | None] = {"api": api.proc.pid, "ingest": ingest.proc.pid,
-                        "postgres": pg.pid, "mosquitto": broker.pid,
-                        "devices": fleet.pid, "bench": os.getpid()}
-                bench = Bench(args, api_url=f"http://127.0.0.1:{api_port}", key=key,
-                              db_url=url, api_pid=api.proc.pid, pids=pids, services=services)
-                measured = bench.run()
-                for svc in services:
-                    svc.check_alive()
-                # Stopped while the database and the broker still run.
-                if fleet.poll() is None:
-                    fleet.send_signal(signal.SIGTERM)
-                    fleet.wait(STOP_TIMEOUT_SECONDS)
-                for svc in reversed(services):
-                    svc.stop()
-    finally:
-        if fleet is not None and fleet.poll() is None:
-            fleet.send_signal(signal.SIGTERM)
-            try:
-                fleet.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                fleet.kill()
-                fleet.wait(10)
-        for svc in reversed(services):
-            svc.stop()
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-    assert bench is not None
+            common = service_env(url)
+            ingest = ingest_service(tmp, {**common, "FLEETLINE_MQTT_URL": mqtt_url(INGEST_USER)},
+                                    client_id="bench-rollout-ingest")
+            api = api_service(tmp, {
+                **common,
+                "FLEETLINE_MQTT_URL": mqtt_url(API_USER),
+                "FLEETLINE_API_RELEASE_KEY_FILE": str(release_key),
+                "FLEETLINE_API_DEVICE_MQTT_URL": broker.tls_url,
+                "FLEETLINE_API_DEVICE_PORT": str(free_port()),
+                "FLEETLINE_API_DEVICE_TLS_CERT_FILE": str(tls.server_cert),
+                "FLEETLINE_API_DEVICE_TLS_KEY_FILE": str(tls.server_key),
+            }, key_secret=key_secret, settings=args.api_env)
+            stack.start(ingest, api)
+            log(f"{args.devices:,} devices registered with their keys; ingest and api ready")
+            spec = tmp / "fleet.json"
+            spec.write_text(json.dumps({
+                "mqtt_url": broker.url,
+                "keys": keys,
+                "release_key": releases.public_point(releases.load_key(release_key)).hex(),
+                "ca_file": str(tls.ca_cert),
+                "fail_share": args.fail_share,
+                "reboot_seconds": args.reboot_seconds,
+                "interval_seconds": args.telemetry_interval,
+            }))
+            spec.chmod(0o600)
+            fleet = stack.start_fleet(__file__, "--serve-fleet", str(spec))
+            stack.wait_online(url, prefix=PREFIX, devices=args.devices,
+                              timeout_seconds=ONLINE_TIMEOUT_SECONDS)
+            assert ingest.proc is not None and api.proc is not None
+            pids: dict[str, int | None] = {"api": api.proc.pid, "ingest": ingest.proc.pid,
+                    "postgres": pg.pid, "mosquitto": broker.pid,
+                    "devices": fleet.pid, "bench": os.getpid()}
+            bench = Bench(args, api_url=api.url, key=key, db_url=url, stack=stack,
+                          api_pid=api.proc.pid, pids=pids)
+            measured = bench.run()
+            stack.check_alive()
+            stack.stop()  # while the database and the broker still run
     env["loadavg_end"] = tuple(round(x, 2) for x in os.getloadavg())
-    text = report(args, measured, env)
-    print()
-    print(text)
-    out_dir = BENCH_DIR / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"rollout-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": env,
+    figures = {
         "rollouts": [asdict(r) | {"rate": r.rate} for r in measured["rollouts"]],
         "windows": [asdict(w) | {"api_cores": w.api_cores} for w in measured["windows"]],
-        "problems": bench.problems,
-        "report": text,
-        "total_seconds": time.time() - started,
-    }, indent=1, default=str))
-    print(f"\ntotal {time.time() - started:.0f} s; results: {out.relative_to(ROOT)}")
-    if bench.problems:
-        print(f"\n{len(bench.problems)} PROBLEM(S): not every device ended as expected:")
-        for problem in bench.problems:
-            print(f"  {problem}")
-        sys.exit(1)
+    }
+    bench.finish("rollout", report(args, measured, env), figures, env=env, started=started)
 
 
 if __name__ == "__main__":
