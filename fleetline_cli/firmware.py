@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from fleetline import releases
@@ -53,18 +55,8 @@ CA_NAME = "ca.crt"
 VERSION_MODULE = "fleetline_version"
 # A bundle (fleetline_ota.MAGIC): per file, its name's length (1 byte), the name, its size
 # (4 bytes, big-endian) and its bytes. The loader's files and the board's settings are
-# never in one (fleetline_boot.KEPT).
+# never in one: the board's own rule decides (firmware/common/fleetline_boot.py).
 BUNDLE_MAGIC = b"FLB1"
-BUNDLE_KEPT = (
-    "boot.py",
-    "fleetline_boot.mpy",
-    CONFIG_NAME,
-    CA_NAME,
-    "ota.json",
-    "provisioned.json",
-    "backlog.jsonl",
-)
-BUNDLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
 class FirmwareError(Exception):
@@ -172,14 +164,23 @@ def bundle(folder: Path, out: Path) -> list[Path]:
     files packed. Sub-folders are not packed (umqtt is part of the board's MicroPython)."""
     if not folder.is_dir():
         raise FirmwareError(f"{folder} is not a build folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in BUNDLE_KEPT)
+    loader = _loader()
+    kept = {name.lower() for name in loader.KEPT}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower() not in kept)
     for path in files:
-        if not BUNDLE_NAME.fullmatch(path.name):
+        if not loader.replaceable(path.name):
             raise FirmwareError(
-                f"{path.name!r}: a board takes files named with letters, digits and _-. only"
+                f"{path.name!r}: a board takes no such file in a bundle (names of letters, "
+                "digits and _-., no keys or certificates)"
             )
-    if not any(p.name == "main.py" for p in files):
+    names = {p.name for p in files}
+    if "main.py" not in names:
         raise FirmwareError(f"{folder} holds no main.py: not a `fleetline firmware build`")
+    if f"{VERSION_MODULE}.mpy" not in names:
+        raise FirmwareError(
+            f"{folder} was built without --version: the board would report the version of "
+            "its core, not the release's"
+        )
     with out.open("wb") as f:
         f.write(BUNDLE_MAGIC)
         for path in files:
@@ -187,6 +188,17 @@ def bundle(folder: Path, out: Path) -> list[Path]:
             data = path.read_bytes()
             f.write(bytes([len(name)]) + name + len(data).to_bytes(4, "big") + data)
     return files
+
+
+def _loader() -> ModuleType:
+    """The board's loader module (plain Python), for its rule of what a bundle may hold."""
+    path = project_path("firmware") / "common" / "fleetline_boot.py"
+    spec = importlib.util.spec_from_file_location("fleetline_boot", path)
+    if spec is None or spec.loader is None:
+        raise FirmwareError(f"cannot read {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _py_string(value: str) -> str:

@@ -168,10 +168,12 @@ def rollout_list(
 @rollout_app.command("show")
 def rollout_show(rollout_id: RolloutId, watch: Watch = False, as_json: JsonOption = False) -> None:
     """A rollout's options and progress."""
-    job = _watch(rollout_id) if watch else api("GET", f"/v1/jobs/{rollout_id}")
+    job = api("GET", f"/v1/jobs/{rollout_id}")
     if job["type"] != "rollout":
         typer.echo(f"error: job {rollout_id} is a {job['type']} job, not a rollout", err=True)
         raise typer.Exit(1)
+    if watch:
+        job = _watch(rollout_id)
     if as_json:
         typer.echo(json.dumps(job))
     else:

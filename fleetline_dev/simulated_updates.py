@@ -134,6 +134,9 @@ class DeviceUpdates:
         policy = self.fleet.policy
         try:
             manifest = self._check(told)
+            if manifest["version"] == self.version:  # already there: nothing to do
+                await self._report(client, rollout, "succeeded")
+                return
             await self._report(client, rollout, "downloading", progress=0)
             url = await self._ask(client, told.get("id"))
             await self._download(client, rollout, url, manifest)
@@ -177,7 +180,7 @@ class DeviceUpdates:
         manifest: dict[str, Any] = json.loads(text)
         if manifest.get("target") != self.model:
             raise Refused(f"the release is for {manifest.get('target')}, this is {self.model}")
-        if _version_key(str(manifest["version"])) <= _version_key(self.version):
+        if _version_key(str(manifest["version"])) < _version_key(self.version):
             raise Refused(f"the release {manifest['version']} is not newer than {self.version}")
         return manifest
 

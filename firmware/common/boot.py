@@ -3,21 +3,38 @@
 # back), before any module of the application is imported; then join the network (the
 # board layer's: Wi-Fi, or Ethernet on a Pyboard) and set the clock (SAS tokens and
 # reading timestamps need it). Failures here are not fatal: main.py tries again.
-import fleetline_boot
+import os
 
-try:
-    import esp32
-except ImportError:  # not an ESP32: no OTA partitions
-    esp32 = None
-try:
-    fleetline_boot.start(partitions=esp32)
-except Exception as exc:  # the application must still start
-    print("boot: update step failed: " + repr(exc))  # noqa: T201 - the console is the log
-# Its heap back for the application (fleetline_ota imports it again when it updates).
+
+def _updating():
+    for name in ("ota.json", "ota.json.tmp"):  # fleetline_boot.STATE_FILE and its save
+        try:
+            os.stat(name)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+# The loader only when an update left its state: otherwise its heap stays the
+# application's (an ESP8266's is small).
+if _updating():
+    import fleetline_boot
+
+    try:
+        import esp32
+    except ImportError:  # not an ESP32: no OTA partitions
+        esp32 = None
+    try:
+        fleetline_boot.start(partitions=esp32)
+    except Exception as exc:  # the application must still start
+        print("boot: update step failed: " + repr(exc))  # noqa: T201 - the console is the log
+    import sys
+
+    del sys.modules["fleetline_boot"], fleetline_boot, esp32, sys
+del _updating
 import gc  # noqa: E402
-import sys  # noqa: E402
 
-del sys.modules["fleetline_boot"], fleetline_boot, esp32
 gc.collect()
 
 try:

@@ -22,25 +22,37 @@ STATE_FILE = "ota.json"
 NEXT_DIR = "next"
 PREV_DIR = "prev"
 MAX_TRIAL_BOOTS = 3
-# Never replaced by a bundle: the loader, the board's settings and credentials.
+# Never replaced by a bundle (compared without case: FAT ignores it): the loader, the
+# board's settings, credentials and state, and the folders the updates and uploads use.
 KEPT = ("boot.py", "fleetline_boot.py", "fleetline_boot.mpy", "config_local.py", "ca.crt",
-        STATE_FILE, "provisioned.json", "backlog.jsonl")
+        STATE_FILE, STATE_FILE + ".tmp", "provisioned.json", "backlog.jsonl", NEXT_DIR,
+        PREV_DIR, "files", "lib", "ota.bin")
+# Nor certificates and keys, whatever their names.
+KEPT_SUFFIXES = (".pem", ".der", ".key", ".crt")
 
 
 def replaceable(name):
     """Whether a bundle may hold a file of this name (a plain file of the application)."""
-    if not name or len(name) > 64 or name in KEPT or name.startswith("."):
+    lower = name.lower()
+    if not name or len(name) > 64 or lower in KEPT or name.startswith("."):
+        return False
+    if any(lower.endswith(suffix) for suffix in KEPT_SUFFIXES):
         return False
     return all(c.isalpha() or c.isdigit() or c in "_-." for c in name)
 
 
 def load(root=""):
-    try:
-        with open(root + STATE_FILE) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
+    """The update's state; the temporary file's when a reset came between the two steps
+    of a save (FAT removes the old file before it renames the new one)."""
+    for name in (STATE_FILE, STATE_FILE + ".tmp"):
+        try:
+            with open(root + name) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict):
+            return state
+    return None
 
 
 def save(state, root=""):
@@ -106,7 +118,15 @@ def start(root="", partitions=None, log=print):
     phase = state.get("phase")
     if phase == "staged":
         if state.get("kind") == "bundle":
-            _swap(state, root)
+            try:
+                _swap(state, root)
+            except Exception as exc:  # half swapped: the previous version back, whole
+                _restore(state, root)
+                state["phase"] = "rolled_back"
+                state["reason"] = "the swap failed: " + repr(exc)[:120]
+                save(state, root)
+                log("boot: " + state["reason"])
+                return
         state["phase"] = "trial"
         state["boots"] = 0
         save(state, root)

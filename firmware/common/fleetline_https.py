@@ -53,14 +53,20 @@ class Asking:
         self.errors = 0
 
     def ask(self, device, request):
-        """Publish ``request`` with a new id, unless one is waiting for its answer."""
+        """Publish ``request`` with a new id, unless one is waiting for its answer; a
+        request left unanswered counts as a failed attempt. False once the attempts are
+        used up (the caller gives up)."""
         now = fleetline_device._ticks_ms()
-        if self.id is not None and fleetline_device._ticks_diff(now, self.at) < ANSWER_TIMEOUT_MS:
-            return
+        if self.id is not None:
+            if fleetline_device._ticks_diff(now, self.at) < ANSWER_TIMEOUT_MS:
+                return True
+            self.id = None  # unanswered: asked again after the backoff
+            return self.failed() is not None
         self.id = hex(random.getrandbits(30))[2:] + hex(random.getrandbits(30))[2:]
         self.at = now
         request["id"] = self.id
         device._publish(device._base + "transfers/req", json.dumps(request))
+        return True
 
     def answer(self, msg):
         """The answer to the request waiting (a dict), or None for anything else."""

@@ -30,6 +30,7 @@ rebooting, succeeded, failed or rolled_back. The update's own state is kept in
 import gc
 import json
 import os
+import sys
 
 import fleetline_boot
 import fleetline_device
@@ -46,6 +47,15 @@ def _load():
         import fleetline_release as release
 
         fleetline_release = release
+
+
+def _unload():
+    """The check's modules out of the heap once an update has ended."""
+    global fleetline_release
+    fleetline_release = None
+    for name in ("fleetline_release", "fleetline_ecdsa"):
+        sys.modules.pop(name, None)
+    gc.collect()
 
 STAGING_FILE = "ota.bin"
 # Reads (of fleetline_https.SLICE_BYTES) per pass of the device's loop.
@@ -169,14 +179,16 @@ class Updater:
         if self._announce:
             self._announce = False
             self._report()
-        if phase == "downloading" and self._asking.due():
+        if phase == "staged":  # staged, but the reset did not happen (a lost connection)
+            self.device._reboot_requested = True
+        elif phase == "downloading" and self._asking.due():
             _load()
             try:
                 self._buffers()
                 self._download()
             except fleetline_release.Refused as exc:
                 self._fail(str(exc))
-            except (OSError, MemoryError, fleetline_https.HttpError) as exc:
+            except Exception as exc:  # noqa: BLE001 - never a reason to drop the connection
                 self._close()
                 gc.collect()
                 self._error("download: " + repr(exc))
@@ -189,18 +201,28 @@ class Updater:
         self._remove(STAGING_FILE)
         try:
             manifest = fleetline_release.check_manifest(
-                told["manifest"].encode(), told["signature"], self.release_key, self.target,
-                running=self.version)
+                told["manifest"].encode(), told["signature"], self.release_key, self.target)
+            if manifest["version"] == self.version:  # already there: nothing to do
+                self._set({"rollout": rollout, "phase": "succeeded",
+                           "version": manifest["version"]})
+                _unload()
+                return
+            if not fleetline_release.newer(manifest["version"], self.version):
+                raise fleetline_release.Refused("the release " + manifest["version"]
+                                                + " is not newer than the running "
+                                                + self.version)
             if manifest["kind"] == "image" and self.partitions is None:
                 raise fleetline_release.Refused("this board takes no firmware image")
         except fleetline_release.Refused as exc:
             self._set({"rollout": rollout, "phase": "failed", "reason": str(exc),
                        "version": told.get("version")})
             self._log("release refused: " + str(exc))
+            _unload()
             return
         except (KeyError, AttributeError, TypeError, ValueError):
             self._set({"rollout": rollout, "phase": "failed",
                        "reason": "the notification is malformed"})
+            _unload()
             return
         self._set({"rollout": rollout, "id": told.get("id"), "phase": "downloading",
                    "version": manifest["version"], "kind": manifest["kind"],
@@ -249,10 +271,13 @@ class Updater:
         progress = self._progress()
         if progress // PROGRESS_EVERY != self._reported // PROGRESS_EVERY:
             self._reported = progress
+            if self._out is not None:
+                self._out.flush()  # the file system keeps what arrived across a power cut
             self._report()
 
     def _ask(self):
-        self._asking.ask(self.device, {"op": "download", "firmware": self.state.get("id")})
+        if not self._asking.ask(self.device, {"op": "download", "firmware": self.state.get("id")}):
+            self._fail("no answer to the download requests")
 
     def _open(self):
         self._received = self._staged_bytes()
@@ -261,7 +286,7 @@ class Updater:
             headers["Range"] = "bytes=" + str(self._received) + "-"
             self._log("resuming the download at " + str(self._received) + " bytes")
         token = self.device.http_authorization()
-        if token:
+        if token and self._url.startswith("https://"):  # never in clear: it logs in too
             headers["Authorization"] = token
         response = fleetline_https.request("GET", self._url, headers, tls=self.tls,
                                            timeout_s=HTTP_TIMEOUT_S)
@@ -336,9 +361,9 @@ class Updater:
             self._unpack()
         self.state["phase"] = "staged"
         self._set(self.state)
-        self._report()
+        self.device._reboot_requested = True  # even if the report below does not go out
         self._log("staged " + self.state["version"] + "; rebooting")
-        self.device._reboot_requested = True
+        self._report()
 
     def _unpack(self):
         """The bundle's files into next/ (emptied first), and prev/ emptied for the files
@@ -422,6 +447,7 @@ class Updater:
         self._set(self.state)
         self._report()
         self._log("running " + self.version + " for good")
+        _unload()
 
     # -- failures ----------------------------------------------------------------
 
@@ -433,6 +459,7 @@ class Updater:
         self._set(self.state)
         self._report()
         self._log("update failed: " + reason)
+        _unload()
 
     def _error(self, what):
         """A failed attempt: again after a backoff, or the update fails after

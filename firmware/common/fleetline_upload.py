@@ -7,11 +7,15 @@ a time and a part per pass of the device's loop, the :class:`Uploader`:
    for a URL signed for this device and file; the answer says where the upload stands
    (``received``: 0, or more when an upload of the same file was cut);
 2. PUTs the bytes in parts (a slice each) with ``Content-Range`` over HTTPS
-   (fleetline_https), proving itself with a SAS token. A dropped connection, an expired
-   URL (403) or a part out of place (409) makes it ask again, and it goes on from where
-   the API says the upload stands; other failures wait a backoff. The last part
-   completes the file (the API checks the hash).
-Only files of ``files/`` go: the device's key, certificate and settings never do.
+   (fleetline_https), proving itself with a SAS token (never over plain http). A dropped
+   connection, an expired URL (403) or a part out of place (409) makes it ask again,
+   after a backoff, and it goes on from where the API says the upload stands; after
+   fleetline_https.MAX_ERRORS failed attempts (unanswered requests count) it gives up.
+   The last part completes the file: the API checks the hash, and a file that changed
+   since it was hashed (422) is given up.
+Only files of ``files/`` go: the device's key, certificate and settings never do. The
+queue is in RAM: a reset forgets the files not yet uploaded (the API keeps an unfinished
+upload, which a new request for the same file resumes).
 MicroPython and CPython alike.
 """
 
@@ -46,8 +50,10 @@ class Uploader:
 
     def upload(self, name, content_type="application/octet-stream"):
         """Queue ``files/<name>``; ValueError when it is not there or the queue is full."""
-        if "/" in name or name.startswith(".") or not name:
+        if "/" in name or name.startswith(".") or not name or len(name) > 128:
             raise ValueError("a file of the files/ folder, by its name")
+        if not content_type or len(content_type) > 128:
+            raise ValueError("content_type is a media type of 128 characters at most")
         try:
             os.stat(self.folder + name)
         except OSError:
@@ -83,18 +89,22 @@ class Uploader:
             name, content_type = self.queue.pop(0)
             try:
                 self._current = self._describe(name, content_type)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - the next file goes on
                 self._log("cannot read files/" + name + ": " + repr(exc))
                 return
             self._asking.succeeded()
         if not self._asking.due():
             return
         if self._url is None:
-            self._ask()
+            c = self._current
+            request = {"op": "upload", "name": c["name"], "size": c["size"],
+                       "sha256": c["sha256"], "content_type": c["type"]}
+            if not self._asking.ask(self.device, request):
+                self._give_up("no answer to the upload requests")
             return
         try:
             self._put()
-        except (OSError, MemoryError, fleetline_https.HttpError) as exc:
+        except Exception as exc:  # noqa: BLE001 - never a reason to drop the connection
             self._url = None
             gc.collect()
             self._error("upload: " + repr(exc))
@@ -115,41 +125,40 @@ class Uploader:
         return {"name": name, "type": content_type, "size": size,
                 "sha256": binascii.hexlify(digest.digest()).decode()}
 
-    def _ask(self):
-        c = self._current
-        self._asking.ask(self.device, {"op": "upload", "name": c["name"], "size": c["size"],
-                                       "sha256": c["sha256"], "content_type": c["type"]})
-
     def _put(self):
         c = self._current
         start = self._received
+        view = memoryview(self._buf)
         with open(self.folder + c["name"], "rb") as f:
             f.seek(start)
-            n = f.readinto(self._buf)
+            n = f.readinto(view[:min(len(view), c["size"] - start)])
         if not n:
-            self._give_up("the file changed while it was uploaded")
+            self._give_up("the file shrank while it was uploaded")
             return
         end = start + n - 1
         headers = {"Content-Range": "bytes " + str(start) + "-" + str(end) + "/" + str(c["size"]),
                    "Content-Type": "application/octet-stream"}
         token = self.device.http_authorization()
-        if token:
+        if token and self._url.startswith("https://"):  # never in clear: it logs in too
             headers["Authorization"] = token
-        body = memoryview(self._buf)[:n]  # sent from the buffer: no copy
+        body = view[:n]  # sent from the buffer: no copy
         response = fleetline_https.request("PUT", self._url, headers, body, tls=self.tls,
                                            timeout_s=HTTP_TIMEOUT_S)
         status = response.status
         response.close()
         if status == 200:
             self._received = end + 1
-            self._asking.succeeded()
             if self._received >= c["size"]:
+                self._asking.succeeded()
                 self._log("uploaded files/" + c["name"])
                 self.done.append(c["name"])
                 self._current = None
                 self._url = None
             return
-        self._url = None  # 403 expired, 409 elsewhere, 422 hash: ask where it stands
+        self._url = None  # 403 expired, 409 elsewhere: ask where it stands
+        if status == 422:  # the bytes changed since they were hashed
+            self._give_up("the file changed while it was uploaded")
+            return
         self._error("the upload answered " + str(status))
 
     def _error(self, what):

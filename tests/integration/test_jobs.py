@@ -47,6 +47,8 @@ class JobDevice:
         c.on_subscribe = lambda *_a: subscribed.set()
 
         def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            if not msg.payload:  # a retained document cleared (the device was deleted)
+                return
             body = orjson.loads(msg.payload)
             if msg.topic.endswith("/twin/desired"):
                 with self._lock:

@@ -310,3 +310,34 @@ async def test_the_command_line_creates_follows_and_lists_rollouts(
     bad = fleetline("rollout", "create", str(fw["id"]), "--query", "id = 'x'", "--window",
                     "0100", env=env)
     assert bad.returncode == 2 and "HH:MM-HH:MM" in bad.stderr
+
+
+async def test_failures_the_runner_records_stop_a_rollout_before_its_next_wave(
+    api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any], uid: str,
+    fleet: Callable[[list[str]], dict[str, JobDevice]],
+) -> None:
+    ids = await register(db, [f"{uid}-{i}" for i in range(3)], {"run": uid}, online=True)
+    devs = fleet(ids)
+    c = client(api, await make_key("admin"))
+    fw = release(c, "6.0.0", f"board-{uid}")
+    # Outside its window at first, so its canary can be deleted before it is notified.
+    now = datetime.now(UTC)
+    window = {"start": (now + timedelta(hours=2)).strftime("%H:%M"),
+              "end": (now + timedelta(hours=3)).strftime("%H:%M")}
+    jid = c.post("/v1/jobs", json=rollout(
+        f"tags.run = '{uid}'", fw["id"], canary=1, failure_threshold_percent=0,
+        window=window)).json()["id"]
+    # Another rollout over the same devices is refused while this one has not finished.
+    assert_problem(c.post("/v1/jobs", json=rollout(f"tags.run = '{uid}'", fw["id"])), 409,
+                   f"3 of the devices are in rollout {jid}")
+    [canary] = [r["device_id"] for r in outcomes(c, jid) if r["wave"] == 0]
+    assert c.delete(f"/v1/devices/{canary}").status_code == 204
+    await db.execute("UPDATE jobs SET spec = spec - 'window', next_batch_at = now() "
+                     "WHERE id = $1", jid)
+    paused = wait_job(c, jid, until=lambda j: j["state"] == "paused")
+    assert paused["paused_by"] == "failure threshold" and "1 of 1 devices" in paused["error"]
+    row = device_row(c, jid, canary)
+    assert (row["state"], row["reason"]) == ("failed", "not_found")
+    assert paused["progress"]["pending"] == 2
+    assert not any(devs[d].documents() for d in ids if d != canary)
+    assert c.post(f"/v1/jobs/{jid}/cancel").json()["state"] == "cancelled"

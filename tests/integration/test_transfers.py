@@ -137,6 +137,9 @@ async def test_a_device_downloads_its_release_over_https_with_a_url_signed_for_i
     assert a.ask(b"\xff not json")["status"] == 400
     assert a.ask(b"x" * 2000)["status"] == 400
     c.post(f"/v1/jobs/{job.json()['id']}/cancel")
+    # The access log shows transfer requests without their grant.
+    logged = secure_api.log_path.read_text()
+    assert "/v1/transfers/<grant>" in logged and url.rpartition("/")[2] not in logged
 
 
 async def wait_until_notified(db: asyncpg.Pool[Any], job_id: int, device_id: str) -> None:

@@ -33,11 +33,14 @@ class DevicePathsOnly:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         server = scope.get("server")
         if (
-            scope["type"] == "http"
+            scope["type"] in ("http", "websocket")
             and server is not None
             and server[1] == self.port
             and not scope["path"].startswith(DEVICE_PATHS)
         ):
+            if scope["type"] == "websocket":  # refused before it is accepted: 403
+                await send({"type": "websocket.close", "code": 1008})
+                return
             await send_problem(send, 404, "not served on the devices' listener", scope["path"])
             return
         await self.app(scope, receive, send)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import uvicorn
@@ -13,11 +14,26 @@ from fleetline_api import devicelistener
 from fleetline_api.app import create_app
 from fleetline_api.server import ProblemH11Protocol
 from fleetline_api.settings import ApiSettings
+from fleetline_api.transfers import TRANSFERS_PATH
+
+
+class _HideGrants(logging.Filter):
+    """The access log's requests of transfer URLs without their grant: for a device
+    logging in with a certificate the URL is its credential while it lasts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) > 2 and isinstance(args[2], str):
+            path = args[2]
+            if path.startswith(TRANSFERS_PATH + "/"):
+                record.args = (*args[:2], TRANSFERS_PATH + "/<grant>", *args[3:])
+        return True
 
 
 def main() -> None:
     settings = load(ApiSettings)
     setup_logging("api", level=settings.log_level, fmt=settings.log_format)
+    logging.getLogger("uvicorn.access").addFilter(_HideGrants())
     options: dict[str, Any] = {
         "log_config": None,
         "timeout_graceful_shutdown": 10,

@@ -414,9 +414,10 @@ def message(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
         "device_id": row["device_id"],
         "ts": row["ts"],
     }
-    if row["source"] == "files":
-        return {**sent, "type": "file", "file": row["metrics"]["file"]}
-    return {**sent, "values": row["metrics"]}
+    forwarded = row["metrics"]
+    if row["source"] == "files" and isinstance(forwarded.get("file"), dict):
+        return {**sent, "type": "file", "file": forwarded["file"]}
+    return {**sent, "values": forwarded}
 
 
 class RouteQueue(Queue):

@@ -30,8 +30,11 @@ SELECT {COLUMNS}, f.blob_id FROM device_files f JOIN blobs b ON b.id = f.blob_id
 WHERE f.id = $1
 FOR UPDATE OF f
 """
+# When the last part's hash has been checked, just before the commit (not the start of
+# the transaction, which may have waited for the row): routes of files read files in
+# this order a few seconds later (fleetline_rules/routing.py).
 COMPLETE = """
-UPDATE device_files SET state = 'complete', completed_at = now(), expires_at = NULL
+UPDATE device_files SET state = 'complete', completed_at = clock_timestamp(), expires_at = NULL
 WHERE id = $1
 RETURNING completed_at
 """

@@ -52,6 +52,17 @@ FOR SHARE OF f
 """
 FIRMWARE_EXISTS = "SELECT 1 FROM firmware WHERE id = $1"
 SET_SPEC = "UPDATE jobs SET spec = $2::text::jsonb WHERE id = $1"
+# Devices of the new rollout $1 that another rollout not finished has yet to start or
+# finish (one device cannot take two releases at once), and the first such rollout.
+BUSY_IN_ROLLOUT = """
+SELECT count(DISTINCT o.device_id)::int AS devices, min(o.job_id) AS rollout
+FROM job_devices n
+JOIN job_devices o ON o.device_id = n.device_id AND o.job_id <> n.job_id
+    AND o.state IN ('pending', 'running')
+JOIN jobs j ON j.id = o.job_id AND j.type = 'rollout'
+WHERE n.job_id = $1
+HAVING count(*) > 0
+"""
 # Updating devices of the rollouts $1 per phase.
 PHASE_COUNTS = """
 SELECT job_id, phase, count(*)::int AS n FROM job_devices

@@ -62,6 +62,7 @@ UPDATE job_devices
 SET phase = 'notified', phase_at = now(), progress = NULL, status = $4, reason = $5,
     result = $6::text::jsonb, error = $7, lease_until = NULL
 WHERE job_id = $1 AND device_id = $2 AND state = 'running' AND attempts = $3
+  AND phase IS NULL
 """
 # Back to pending (cancelled, if the job was cancelled meanwhile) without an outcome;
 # $4: take the start back (nothing was sent) or not.
@@ -115,11 +116,12 @@ WHERE j.finished_at IS NULL AND j.state = 'cancelled' AND jd.job_id = j.id
   AND jd.state = 'pending'
 """
 # A job with no device pending or running is finished (a paused one too: nothing is left
-# to resume; a rollout failed at its threshold once its updating devices are done); $1:
-# that job only (NULL: all).
+# to resume; a rollout stopped at its threshold ends failed once its updating devices
+# are done); $1: that job only (NULL: all).
 FINISH = """
 UPDATE jobs j
-SET state = CASE WHEN j.state IN ('queued', 'running', 'paused') THEN 'completed'
+SET state = CASE WHEN j.state = 'paused' AND j.paused_by = 'failure threshold' THEN 'failed'
+                 WHEN j.state IN ('queued', 'running', 'paused') THEN 'completed'
                  ELSE j.state END,
     finished_at = now(),
     counts = (SELECT coalesce(jsonb_object_agg(s.state, s.n), '{}'::jsonb)

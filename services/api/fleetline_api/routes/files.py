@@ -23,10 +23,6 @@ router = APIRouter(prefix="/v1/devices", tags=["files"], responses=RESPONSES)
 FileId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
-def _public(row: Any) -> DeviceFile:
-    return DeviceFile(**{k: v for k, v in dict(row).items() if k != "blob_id"})
-
-
 async def _file(pool: Any, device_id: str, file_id: int) -> Any:
     async with pool.acquire() as con:
         row = await con.fetchrow(sql.GET, device_id, file_id)
@@ -49,7 +45,7 @@ async def list_files(
     async with pool.acquire() as con:
         await require_device(con, device_id)
         rows = await con.fetch(sql.LIST, device_id, state, cursor, limit + 1)
-    items = [_public(r) for r in rows[:limit]]
+    items = [DeviceFile.from_row(r) for r in rows[:limit]]
     return DeviceFilePage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
 
 
@@ -58,7 +54,7 @@ async def get_file(
     device_id: DeviceId, file_id: FileId, pool: PoolDep, _key: DevicesRead
 ) -> DeviceFile:
     """One file: its name, size, SHA-256, content type and state."""
-    return _public(await _file(pool, device_id, file_id))
+    return DeviceFile.from_row(await _file(pool, device_id, file_id))
 
 
 @router.get(

@@ -171,7 +171,11 @@ def _spec(body: MethodJobCreate | TwinJobCreate | RolloutJobCreate, key: KeyInfo
             "params hold a NUL character, or a rollout's window starts when it ends",
         },
         404: {"model": Problem, "description": "A rollout's firmware does not exist"},
-        409: {"model": Problem, "description": "A rollout's firmware is still being uploaded"},
+        409: {
+            "model": Problem,
+            "description": "A rollout's firmware is still being uploaded, or some of its "
+            "devices are in another rollout not finished",
+        },
         413: {"model": Problem, "description": "The patch is too large"},
     },
 )
@@ -235,6 +239,13 @@ async def _rollout_spec(
         if await con.fetchval(sql.FIRMWARE_EXISTS, body.firmware_id) is None:
             raise HTTPException(404, f"firmware {body.firmware_id} not found")
         raise HTTPException(409, f"firmware {body.firmware_id} is still being uploaded")
+    busy = await con.fetchrow(sql.BUSY_IN_ROLLOUT, job_id)
+    if busy is not None:
+        raise HTTPException(
+            409,
+            f"{busy['devices']} of the devices are in rollout {busy['rollout']}, which has not "
+            "finished: wait for it, or cancel it",
+        )
     canary = body.canary
     if body.canary_percent is not None:
         canary = max(1, math.ceil(total * body.canary_percent / 100))

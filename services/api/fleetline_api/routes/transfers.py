@@ -134,7 +134,7 @@ async def upload(
             if failed is None and blob.complete:
                 await con.fetchval(files_sql.COMPLETE, grant.object_id)
             done: Any = await con.fetchrow(files_sql.GET, grant.device_id, grant.object_id)
-            landed = DeviceFile(**{k: v for k, v in dict(done).items() if k != "blob_id"})
+            landed = DeviceFile.from_row(done)
             if failed is None and blob.complete:
                 event = {
                     "type": "file",

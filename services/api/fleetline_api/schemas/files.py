@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +22,10 @@ class DeviceFile(BaseModel):
     expires_at: datetime | None = Field(
         description="An unfinished upload is deleted then (none once complete)"
     )
+
+    @classmethod
+    def from_row(cls, row: Any) -> DeviceFile:
+        return cls(**{k: v for k, v in dict(row).items() if k != "blob_id"})
 
 
 class DeviceFilePage(BaseModel):

@@ -14,9 +14,12 @@ version) is counted and kept with the device, and changes nothing. Rows are lock
 
 Then the failure threshold: once at least the canary's count of devices has finished
 since the rollout was last resumed, more failed or rolled-back devices than its
-percentage pauses the rollout or aborts it. Waves and the time window are the runner's
-claims: a device of a later wave starts only when every device before it has finished
-(queries/jobs_runner.py), and outside its window a rollout is not picked.
+percentage pauses the rollout or aborts it. It is checked where a device's end is
+recorded by a report, and by the runner before it starts any device of the rollout
+(failures the runner records itself count: a device deleted, a patch refused). Waves
+and the time window are the runner's claims: a device of a later wave starts only when
+every device before it has finished (queries/jobs_runner.py), and outside its window a
+rollout is not picked.
 """
 
 from __future__ import annotations
@@ -173,21 +176,23 @@ async def sweep(con: db.Connection) -> None:
         # In the same transaction: no runner starts the next wave of a rollout whose
         # last devices just took it past its threshold.
         for job_id in sorted(finished):
-            await _check_threshold(con, job_id)
+            await check_threshold(con, job_id)
     if finished:
         await finish(con)
 
 
-async def _check_threshold(con: db.Connection, job_id: int) -> None:
+async def check_threshold(con: db.Connection, job_id: int) -> bool:
+    """Pause or abort the rollout (in the caller's transaction) if it is past its failure
+    threshold; whether it was."""
     row = await con.fetchrow(sql.LOCK_RUNNING_ROLLOUT, job_id)
     if row is None:
-        return
+        return False
     counts: Any = await con.fetchrow(sql.FINISHED, job_id)
     failed = counts["failed"] - row["failed_before_resume"]
     done = counts["finished"] - row["finished_before_resume"]
     threshold = row["threshold"]
     if done < max(1, row["canary"]) or failed * 100 <= threshold * done:
-        return
+        return False
     why = (
         f"failure threshold reached: {failed} of {done} devices failed or rolled back "
         f"({100 * failed / done:.1f}% > {threshold:g}%)"
@@ -201,3 +206,4 @@ async def _check_threshold(con: db.Connection, job_id: int) -> None:
         "rollout stopped at its failure threshold",
         extra={"job_id": job_id, "action": row["on_failure"], "failed": failed, "finished": done},
     )
+    return True

@@ -273,6 +273,11 @@ class JobRunner:
                 await con.execute(sql.FAIL_JOB, row["id"], f"the job cannot run: {exc}")
                 JOBS.labels("failed").inc()
                 return True
+            # Failures the runner itself recorded (a device deleted, a patch refused, a
+            # lease abandoned) count too: checked here, under the job's lock, before a
+            # device of the next wave can start.
+            if job.rollout is not None and await rollouts.check_threshold(con, job.id):
+                return True
             window = job.rollout.window if job.rollout is not None else None
             now = datetime.now(UTC)
             if window is not None and not rollouts.in_window(now, window):
