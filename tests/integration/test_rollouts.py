@@ -24,11 +24,15 @@ from fleetline_dev.embedded import LocalMosquitto
 from tests.integration.test_api import assert_problem, client
 from tests.integration.test_cli import fleetline
 from tests.integration.test_firmware import declare, put_part
-from tests.integration.test_jobs import (  # noqa: F401 - _only_our_jobs: autouse
+from tests.integration.test_jobs import (  # noqa: F401 - fixtures, _only_our_jobs autouse
     JobDevice,
     _only_our_jobs,
+    admin_token,
     outcomes,
+    private,
+    private_db,
     register,
+    start_private_api,
     wait_job,
 )
 from tests.support import ApiProcess, IngestProcess, wait_until
@@ -341,3 +345,38 @@ async def test_failures_the_runner_records_stop_a_rollout_before_its_next_wave(
     assert paused["progress"]["pending"] == 2
     assert not any(devs[d].documents() for d in ids if d != canary)
     assert c.post(f"/v1/jobs/{jid}/cancel").json()["state"] == "cancelled"
+
+
+async def test_a_rollout_survives_kill_9_of_the_api_and_of_ingest(
+    start_private_api: Callable[..., ApiProcess],  # noqa: F811
+    start_ingest: Callable[..., IngestProcess],
+    private: asyncpg.Pool[Any],  # noqa: F811
+    private_db: str,  # noqa: F811
+    fleet: Callable[[list[str]], dict[str, JobDevice]],
+    uid: str,
+) -> None:
+    ids = await register(private, [f"{uid}-{i}" for i in range(4)], {"run": uid}, online=True)
+    devs = fleet(ids)
+    token = await admin_token(private)
+    ingest = start_ingest(database=private_db, name=f"{uid}-ingest")
+    first = start_private_api("first")
+    c = client(first, token)
+    fw = release(c, "7.0.0", f"board-{uid}")
+    jid = c.post("/v1/jobs", json=rollout(f"tags.run = '{uid}'", fw["id"], canary=4,
+                                          batch_size=4)).json()["id"]
+    for d in ids:
+        notified(devs[d], jid)
+        report(devs[d], jid, "downloading", progress=50)
+    wait_until(lambda: all(r["phase"] == "downloading" for r in outcomes(c, jid)),
+               timeout=30, what="every device downloading")
+    # Both die; the devices report meanwhile (the broker keeps ingest's session).
+    first.kill()
+    ingest.kill()
+    for d in ids:
+        report(devs[d], jid, "succeeded", running="7.0.0")
+    start_ingest(database=private_db, name=f"{uid}-ingest")  # its session, kept
+    second = start_private_api("second")
+    done = wait_job(client(second, token), jid)
+    assert done["state"] == "completed" and done["progress"]["succeeded"] == 4, done
+    rows = outcomes(client(second, token), jid)
+    assert all((r["state"], r["attempts"]) == ("succeeded", 1) for r in rows), rows
