@@ -11,8 +11,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -20,7 +21,9 @@ import httpx
 import orjson
 import pytest
 
+from fleetline import apikeys
 from fleetline_dev.embedded import LocalMosquitto
+from tests.conftest import migrated_database
 from tests.integration.test_api import assert_problem, client
 from tests.integration.test_cli import fleetline
 from tests.integration.test_firmware import declare, put_part
@@ -96,10 +99,48 @@ def wait_phase(c: httpx.Client, job_id: int, device_id: str, phase: str,
     return found
 
 
-@pytest.fixture
-def ingest(start_ingest: Callable[..., IngestProcess]) -> IngestProcess:
+# The module's own database, API and ingest (on the shared broker): every API process
+# runs the rollouts of its database, and another one (the secure broker's, which these
+# devices do not use) would notify them where they are not.
+@pytest.fixture(scope="module")
+async def rollouts_db(admin_url: str) -> AsyncIterator[str]:
+    async with migrated_database(admin_url, "fleetline_rollouts") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def db(rollouts_db: str) -> AsyncIterator[asyncpg.Pool[Any]]:
+    pool = await asyncpg.create_pool(rollouts_db, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="module")
+def api(rollouts_db: str, broker: LocalMosquitto, artifacts: Path) -> Iterator[ApiProcess]:
+    proc = ApiProcess(database_url=rollouts_db, mqtt_url=broker.url, log_dir=artifacts,
+                      name="rollouts")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def ingest(rollouts_db: str, broker: LocalMosquitto, artifacts: Path) -> Iterator[IngestProcess]:
     """Ingest stores what the devices report."""
-    return start_ingest()
+    proc = IngestProcess(database_url=rollouts_db, mqtt_url=broker.url, log_dir=artifacts,
+                         name="rollouts")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def make_key(db: asyncpg.Pool[Any]) -> Callable[..., Any]:
+    async def make(*scopes: str) -> str:
+        async with db.acquire() as con:
+            return (await apikeys.create_key(con, name="test", scopes=list(scopes))).token
+
+    return make
 
 
 @pytest.fixture
