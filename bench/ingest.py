@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,15 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(ROOT))
 
 import publish as pub  # noqa: E402
-from measure import log, machine_busy, pct, proc_cpu, tree_cpu, tree_rss  # noqa: E402
+from measure import (  # noqa: E402
+    log,
+    machine_busy,
+    pct,
+    proc_cpu,
+    stop_process,
+    tree_cpu,
+    tree_rss,
+)
 
 from fleetline import streamevents  # noqa: E402
 from fleetline.migrate import migrate  # noqa: E402
@@ -233,13 +240,7 @@ class Consumer:
         proc = self.proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, STOP_TIMEOUT_SECONDS)
         self.proc = None
         return proc.returncode
 

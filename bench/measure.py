@@ -1,9 +1,11 @@
-"""What the benchmarks share: log lines, percentiles and CPU accounting."""
+"""What the benchmarks share: log lines, percentiles, CPU accounting, stopping a child."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 import time
 
 import psutil  # type: ignore[import-untyped]
@@ -78,3 +80,15 @@ class CpuWindow:
         wall = time.monotonic() - self.t0
         other = (machine_busy() - self.machine0) - (tree_cpu(os.getpid()) - self.ours0)
         return max(0.0, other) / wall if wall > 0 else 0.0
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

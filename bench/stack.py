@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg
 import httpx
-from measure import log
+from measure import log, stop_process
 
 from fleetline import apikeys
 from fleetline_dev.embedded import LocalPostgres, free_port
@@ -100,18 +100,6 @@ def environment(pg: LocalPostgres, url: str) -> dict[str, Any]:
 # -- processes --------------------------------------------------------------------------
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, and SIGKILL if it has not exited within STOP_TIMEOUT_SECONDS."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(STOP_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 class Service:
     """`python -m fleetline_cli <name>` as a child process, ready when /readyz answers 200."""
 
@@ -155,7 +143,7 @@ class Service:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc)
+            stop_process(self.proc, STOP_TIMEOUT_SECONDS)
 
 
 def service_env(database_url: str) -> dict[str, str]:
@@ -280,7 +268,7 @@ class Stack:
 
     def stop(self) -> None:
         if self.fleet is not None:
-            stop_process(self.fleet)
+            stop_process(self.fleet, STOP_TIMEOUT_SECONDS)
         for svc in reversed(self.services):
             svc.stop()
 

@@ -50,3 +50,13 @@ def api(method: str, path: str, **kwargs: Any) -> Any:
 
     with api_errors():
         return ApiClient().request(method, path, **kwargs)
+
+
+def api_items(path: str, **params: Any) -> list[dict[str, Any]]:
+    """Every item of a paged listing, 1,000 a page (parameters that are None are left
+    out); an error as ``api`` gives it."""
+    from fleetline_cli.client import ApiClient
+
+    query = {"limit": 1000, **{k: v for k, v in params.items() if v is not None}}
+    with api_errors():
+        return list(ApiClient().pages(path, query))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from fleetline_cli.common import JsonOption, api, api_errors, print_table
+from fleetline_cli.common import JsonOption, api, api_errors, api_items, print_table
 
 file_app = typer.Typer(help="Files devices uploaded (docs/uploads.md).", no_args_is_help=True)
 
@@ -21,11 +21,7 @@ def file_list(
     as_json: JsonOption = False,
 ) -> None:
     """The device's files, newest first (unfinished uploads too)."""
-    from fleetline_cli.client import ApiClient
-
-    params: dict[str, Any] = {"limit": 1000, **({"state": state} if state else {})}
-    with api_errors():
-        files = list(ApiClient().pages(f"/v1/devices/{device_id}/files", params))
+    files = api_items(f"/v1/devices/{device_id}/files", state=state)
     if as_json:
         typer.echo(json.dumps(files))
         return

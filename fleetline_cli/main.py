@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from fleetline import apikeys
 from fleetline.logs import setup_logging
-from fleetline_cli.common import JsonOption, api_errors, print_table
+from fleetline_cli.common import JsonOption, api_errors, api_items, print_table
 from fleetline_cli.common import api as rest
 from fleetline_cli.enrollments import ca_app, enrollment_app
 from fleetline_cli.files import file_app
@@ -436,7 +436,6 @@ def firmware_upload(
     run again after an interruption goes on with the same upload."""
     from fleetline_cli import firmware
     from fleetline_cli.client import ApiClient
-    from fleetline_cli.common import api_errors
 
     def progress(sent: int, size: int) -> None:
         typer.echo(f"  {sent:,} of {size:,} bytes ({100 * sent // size}%)", err=True)
@@ -654,13 +653,8 @@ def device_list(
     as_json: JsonOption = False,
 ) -> None:
     """List devices (all pages), filtered by tags and status."""
-    from fleetline_cli.client import ApiClient
-
-    params: dict[str, Any] = {"tag": [f"{k}={v}" for k, v in _tags(tag).items()], "limit": 1000}
-    if status:
-        params["status"] = status
-    with api_errors():
-        devices = list(ApiClient().pages("/v1/devices", params))
+    tags = [f"{k}={v}" for k, v in _tags(tag).items()]
+    devices = api_items("/v1/devices", tag=tags, status=status or None)
     if as_json:
         typer.echo(json.dumps(devices))
     else:
@@ -685,10 +679,7 @@ def device_query(
     as_json: JsonOption = False,
 ) -> None:
     """Devices a query matches (all pages), with their twin versions."""
-    from fleetline_cli.client import ApiClient
-
-    with api_errors():
-        devices = list(ApiClient().pages("/v1/query", {"q": query, "limit": 1000}))
+    devices = api_items("/v1/query", q=query)
     if as_json:
         typer.echo(json.dumps(devices))
         return

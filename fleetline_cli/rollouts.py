@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fleetline_cli.common import JsonOption, api, api_errors, print_table
+from fleetline_cli.common import JsonOption, api, api_items, print_table
 
 rollout_app = typer.Typer(
     help="Firmware rollouts: a release put on the devices a query matches, in waves (docs/ota.md).",
@@ -141,11 +141,7 @@ def rollout_list(
     as_json: JsonOption = False,
 ) -> None:
     """Rollouts, newest first."""
-    from fleetline_cli.client import ApiClient
-
-    params: dict[str, Any] = {"limit": 1000, **({"state": state} if state else {})}
-    with api_errors():
-        jobs = [j for j in ApiClient().pages("/v1/jobs", params) if j["type"] == "rollout"]
+    jobs = [j for j in api_items("/v1/jobs", state=state) if j["type"] == "rollout"]
     if as_json:
         typer.echo(json.dumps(jobs))
         return
@@ -189,11 +185,7 @@ def rollout_devices(
     as_json: JsonOption = False,
 ) -> None:
     """Each device's part: its wave, phase, download progress, and why it failed."""
-    from fleetline_cli.client import ApiClient
-
-    params: dict[str, Any] = {"limit": 1000, **({"state": state} if state else {})}
-    with api_errors():
-        rows = list(ApiClient().pages(f"/v1/jobs/{rollout_id}/devices", params))
+    rows = api_items(f"/v1/jobs/{rollout_id}/devices", state=state)
     if as_json:
         typer.echo(json.dumps(rows))
         return

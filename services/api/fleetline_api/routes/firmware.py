@@ -126,24 +126,16 @@ async def upload_part(
 ) -> FirmwarePublic:
     """One part of the image, in order. The last one checks the SHA-256 and releases it,
     its manifest signed with the release key."""
-    data = await request.body()
-    if not data:
-        raise HTTPException(400, "a part holds at least one byte")
-    failed: blobs.BlobError | None = None
+    data = await downloads.part_body(request)
     async with pool.acquire() as con:
         async with con.transaction():
             row = await con.fetchrow(sql.LOCK_FIRMWARE, firmware_id)
             if row is None:
                 raise HTTPException(404, f"firmware {firmware_id} not found")
-            try:
-                blob = await blobs.append(con, row["blob_id"], content_range, data)
-            except blobs.BlobError as exc:
-                if exc.status != 422:
-                    raise HTTPException(exc.status, exc.detail) from exc
-                failed = exc  # the reset of its parts is committed, then refused
+            blob, refused = await downloads.append_part(con, row["blob_id"], content_range, data)
             # Refused without a release key (the part rolls back with the transaction).
             key = _release_key(request)
-            if failed is None and blob.complete:
+            if blob is not None and blob.complete:
                 manifest = releases.Manifest(
                     version=row["version"],
                     target=row["target"],
@@ -157,8 +149,8 @@ async def upload_part(
                     manifest.to_bytes().decode(),
                     releases.sign(key, manifest).hex(),
                 )
-        if failed is not None:
-            raise HTTPException(failed.status, failed.detail)
+        if refused is not None:  # the reset of its parts is committed, then refused
+            raise refused
         return await _get(con, firmware_id)
 
 

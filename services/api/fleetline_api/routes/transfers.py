@@ -13,9 +13,10 @@ goes past the declared size is 413.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Path, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request
 from fastapi.responses import Response
 
 from fleetline import streamevents
@@ -33,15 +34,34 @@ router = APIRouter(prefix=TRANSFERS_PATH, tags=["transfers"], responses=RESPONSE
 Token = Annotated[str, Path(max_length=grants.MAX_TOKEN_CHARS, description="The grant")]
 
 
-def _grant(request: Request, token: str, kind: str) -> grants.Grant:
-    desk: TransferDesk = request.state.transfers
-    try:
-        grant = desk.verify(token)
-    except grants.GrantError as exc:
-        raise HTTPException(403, str(exc)) from None
-    if grant.kind != kind:
-        raise HTTPException(403, f"this URL is for a {grant.kind} transfer, not a {kind} one")
-    return grant
+def _granted(kind: str) -> Callable[..., Awaitable[grants.Grant]]:
+    """A dependency: the URL's grant, for a ``kind`` transfer, and the device it was
+    signed for proving itself (403, 401)."""
+
+    async def check(
+        token: Token,
+        request: Request,
+        pool: PoolDep,
+        settings: SettingsDep,
+        authorization: Annotated[str | None, Header(max_length=1024)] = None,
+    ) -> grants.Grant:
+        desk: TransferDesk = request.state.transfers
+        try:
+            grant = desk.verify(token)
+        except grants.GrantError as exc:
+            raise HTTPException(403, str(exc)) from None
+        if grant.kind != kind:
+            raise HTTPException(403, f"this URL is for a {grant.kind} transfer, not a {kind} one")
+        await deviceauth.check(
+            pool, settings.key_secret, grant.device_id, deviceauth.claim(authorization)
+        )
+        return grant
+
+    return check
+
+
+FirmwareGrant = Annotated[grants.Grant, Depends(_granted("firmware"))]
+UploadGrant = Annotated[grants.Grant, Depends(_granted("upload"))]
 
 
 @router.get(
@@ -57,20 +77,13 @@ def _grant(request: Request, token: str, kind: str) -> grants.Grant:
     response_class=Response,
 )
 async def download(
-    token: Token,
-    request: Request,
+    grant: FirmwareGrant,
     pool: PoolDep,
-    settings: SettingsDep,
-    authorization: Annotated[str | None, Header(max_length=1024)] = None,
     range_header: Annotated[
         str | None, Header(alias="range", description="bytes=START-END, START- or -N")
     ] = None,
 ) -> Response:
     """A firmware image, whole or one range of it (a download resumes with Range)."""
-    grant = _grant(request, token, "firmware")
-    await deviceauth.check(
-        pool, settings.key_secret, grant.device_id, deviceauth.claim(authorization)
-    )
     row = await pool.fetchrow(sql.GET_CONTENT, grant.object_id)
     if row is None or row["manifest"] is None:
         raise HTTPException(404, f"firmware {grant.object_id} is no longer there")
@@ -101,41 +114,28 @@ def _oversize(content_range: str | None, size: int) -> None:
     openapi_extra=BINARY_BODY,
 )
 async def upload(
-    token: Token,
+    grant: UploadGrant,
     request: Request,
     pool: PoolDep,
-    settings: SettingsDep,
-    authorization: Annotated[str | None, Header(max_length=1024)] = None,
     content_range: Annotated[
         str | None, Header(description="bytes START-END/SIZE; START is the upload's received")
     ] = None,
 ) -> DeviceFile:
     """One part of a file the device uploads, in order; the last completes it."""
-    grant = _grant(request, token, "upload")
-    await deviceauth.check(
-        pool, settings.key_secret, grant.device_id, deviceauth.claim(authorization)
-    )
-    data = await request.body()
-    if not data:
-        raise HTTPException(400, "a part holds at least one byte")
-    failed: blobs.BlobError | None = None
+    data = await downloads.part_body(request)
     async with pool.acquire() as con:
         async with con.transaction():
             row = await con.fetchrow(files_sql.LOCK, grant.object_id)
             if row is None or row["device_id"] != grant.device_id:
                 raise HTTPException(404, f"upload {grant.object_id} is no longer there")
             _oversize(content_range, row["size"])
-            try:
-                blob = await blobs.append(con, row["blob_id"], content_range, data)
-            except blobs.BlobError as exc:
-                if exc.status != 422:
-                    raise HTTPException(exc.status, exc.detail) from exc
-                failed = exc  # the reset of its parts is committed, then refused
-            if failed is None and blob.complete:
+            blob, refused = await downloads.append_part(con, row["blob_id"], content_range, data)
+            complete = blob is not None and blob.complete
+            if complete:
                 await con.fetchval(files_sql.COMPLETE, grant.object_id)
             done: Any = await con.fetchrow(files_sql.GET, grant.device_id, grant.object_id)
             landed = DeviceFile.from_row(done)
-            if failed is None and blob.complete:
+            if complete:
                 event = {
                     "type": "file",
                     "device_id": grant.device_id,
@@ -143,6 +143,6 @@ async def upload(
                     "file": landed.model_dump(mode="json"),
                 }
                 await streamevents.announce(con, [event])
-        if failed is not None:
-            raise HTTPException(failed.status, failed.detail)
+        if refused is not None:  # the reset of its parts is committed, then refused
+            raise refused
     return landed

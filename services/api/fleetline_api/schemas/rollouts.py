@@ -137,17 +137,16 @@ class RolloutPublic(BaseModel):
     )
 
 
-def notification(job_id: int, spec: RolloutSpec | dict[str, Any]) -> dict[str, Any]:
+def notification(job_id: int, spec: RolloutSpec) -> dict[str, Any]:
     """The desired-properties patch that tells a device of the rollout's release."""
-    s = spec if isinstance(spec, dict) else spec.model_dump()
     return {
         "firmware": {
             "rollout": job_id,
-            "id": s["firmware_id"],
-            "version": s["version"],
-            "kind": s["kind"],
-            "size": s["size"],
-            "manifest": s["manifest"],
-            "signature": s["signature"],
+            "id": spec.firmware_id,
+            "version": spec.version,
+            "kind": spec.kind,
+            "size": spec.size,
+            "manifest": spec.manifest,
+            "signature": spec.signature,
         }
     }
