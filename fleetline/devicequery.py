@@ -6,6 +6,8 @@ A query is a condition over each device's id, tags, twin and status::
     id IN ('pump-1', 'pump-2') OR (desired.mode != 'eco' AND reported.temp >= 30.5)
 
 - Properties: ``id`` (alias ``deviceId``), ``status`` (``'online'`` or ``'offline'``),
+  ``parent`` (the gateway a device is behind; ``= null``: none), ``gateway`` (``true``
+  for a gateway),
   ``tags.<name>`` (the rest of the path is one tag name, which may hold dots),
   ``desired.<a.b.c>`` and ``reported.<a.b.c>`` (members of the twin's documents). A path
   segment that is not ``[A-Za-z0-9_:-]+`` is written in double quotes: ``reported."a b"``.
@@ -56,7 +58,13 @@ DEVICE_FROM = (
 # The JSON document each root names (a device without a twin row has none: every
 # comparison on it is with a missing property).
 _DOCUMENTS = {"tags": "d.tags", "desired": "td.desired", "reported": "tr.reported"}
-_SCALARS = {"id": "id", "deviceid": "id", "status": "status"}
+_SCALARS = {
+    "id": "id",
+    "deviceid": "id",
+    "status": "status",
+    "parent": "parent",
+    "gateway": "gateway",
+}
 _KEYWORDS = {"and", "or", "not", "in", "true", "false", "null"}
 _COMPARISONS = {"=", "!=", "<>", "<", "<=", ">", ">="}
 _STATUSES = {"online": True, "offline": False}
@@ -228,7 +236,8 @@ class _Compiler:
         token = self.take()
         if token.kind != "path":
             raise QueryError(
-                "expected a property (id, status, tags.…, desired.…, reported.…), "
+                "expected a property (id, status, parent, gateway, tags.…, desired.…, "
+                "reported.…), "
                 f"found {token.describe()}",
                 token.position,
             )
@@ -307,6 +316,14 @@ class _Compiler:
         for value in values:
             if value.kind == "null":
                 raise QueryError("null cannot be in an IN list: use = null", value.position)
+        if subject == "gateway":
+            flags = self.param([self.flag(v) for v in values], "bool[]")
+            return f"((d.gateway IS NOT NULL) = ANY({flags}))"
+        if subject == "parent":
+            for value in values:
+                self.check_id(value)
+            names = [v.python for v in values]
+            return f"coalesce(d.parent_id = ANY({self.param(names, 'text[]')}), false)"
         if subject not in ("id", "status"):
             texts = [_json_text(v) for v in values]
             return f"coalesce({subject} = ANY({self.param(texts, 'text[]')}::jsonb[]), false)"
@@ -326,10 +343,21 @@ class _Compiler:
                 raise QueryError("status takes = or != ('online' or 'offline')", position)
             online = self.status(value)
             return self.status_sql(online if op == "=" else not online)
-        if subject == "id":
+        if subject == "gateway":
+            if op not in ("=", "!="):
+                raise QueryError("gateway takes = or != (true or false)", position)
+            is_gateway = self.flag(value)
+            return "(d.gateway IS NOT NULL)" if is_gateway == (op == "=") else "(d.gateway IS NULL)"
+        if subject == "parent" and value.kind == "null":
+            if op not in ("=", "!="):
+                raise QueryError(f"null can only be compared with = or !=, not {op}", position)
+            return "(d.parent_id IS NULL)" if op == "=" else "(d.parent_id IS NOT NULL)"
+        if subject in ("id", "parent"):
             self.check_id(value)
+            column = "d.id" if subject == "id" else "d.parent_id"
             collate = "" if op in ("=", "!=") else ' COLLATE "C"'
-            return f"(d.id{collate} {op} {self.param(value.python, 'text')})"
+            # A device without a parent matches no comparison but = null.
+            return f"coalesce({column}{collate} {op} {self.param(value.python, 'text')}, false)"
         document = subject
         if value.kind == "null":
             if op == "=":
@@ -396,6 +424,12 @@ class _Compiler:
     def check_id(value: _Value) -> None:
         if value.kind != "text":
             raise QueryError("a device id is text: write it as 'id'", value.position)
+
+    @staticmethod
+    def flag(value: _Value) -> bool:
+        if value.kind != "bool":
+            raise QueryError("gateway is true or false", value.position)
+        return bool(value.python)
 
 
 def _segments(token: _Token) -> list[str]:

@@ -35,6 +35,9 @@ DEVICE_ID_RE = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.:-]{1,128}\Z")
 MODULES = "modules"
 MODULE_ID_RE = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.:-]{1,64}\Z")
 METRIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+# A stored series: a device's metric, or a module's (devices/{id}/modules/{m}/telemetry)
+# as "{module_id}/{metric}".
+SERIES_NAME_PATTERN = r"^(?:[A-Za-z0-9_.:-]{1,64}/)?[A-Za-z0-9_.-]{1,64}$"
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Larger magnitudes are refused: sums over a rollup bucket must stay finite.
@@ -193,6 +196,11 @@ def topic_for(device_id: str, kind: str, module_id: str = "") -> str:
     if module_id:
         return f"{TOPIC_ROOT}/{device_id}/{MODULES}/{module_id}/{kind}"
     return f"{TOPIC_ROOT}/{device_id}/{kind}"
+
+
+def series_name(module_id: str, metric: str) -> str:
+    """The series a module's metric is stored as (:data:`SERIES_NAME_PATTERN`)."""
+    return f"{module_id}/{metric}"
 
 
 def split_module_kind(kind: str) -> tuple[str, str] | None:

@@ -111,6 +111,9 @@
 #define SUMMARY_INTERVAL_MS 60000
 /* Denied device publishes logged per second at most (the rest are counted). */
 #define DENIED_LOG_PER_SECOND 10
+#define CHILD_KEY_MAX (2 * DEVICE_ID_MAX + 2) /* "{gateway}/{child}" */
+#define REFUSED_CHILDREN_MAX 100000 /* refusals of unknown children remembered */
+#define GATEWAY_REFUSALS_MAX 10000 /* (gateway, child) refusals waiting to be recorded */
 
 /* How a device logs in (devices.auth). */
 enum auth_kind { AUTH_KEY = 'k', AUTH_SELF_SIGNED = 's', AUTH_CA = 'c' };
@@ -154,6 +157,9 @@ struct cache_entry {
 	struct bucket bucket; /* the buckets cache only */
 	const struct mosquitto *client; /* sessions only: the connection */
 	bool current; /* sessions only, while checking: the registry has this version */
+	/* Owned, freed with the entry: children: the parent; refused children: the reason;
+	 * gateway refusals: the reason, a NUL, the topic. */
+	char *text;
 	char id[];
 };
 
@@ -226,6 +232,17 @@ struct plugin {
 	struct id_round limits_round; /* ...theirs, a batch per tick */
 	int64_t next_refusals_flush_ms;
 	uint64_t limited_total, limited_reported;
+	/* Gateways (docs/gateways.md). A child's parent, read while the database connection
+	 * lasts (version = connection_epoch; each change is notified): "{child}" -> parent. */
+	struct cache children;
+	int connection_epoch; /* counts database connections */
+	/* An unknown id or a device without a parent a gateway may not use, for cache_ms:
+	 * "{gateway}/{child}" -> the reason. */
+	struct cache refused_children;
+	/* Refusals to add to gateway_refusals: "{gateway}/{child}" -> count (the bucket's
+	 * refused_messages), the latest reason and topic. */
+	struct cache gateway_refusals;
+	uint64_t gateway_refused_total, gateway_refused_reported, gateway_unrecorded;
 	int ssl_index; /* the SSL ex_data index whose new_func asks for certificates (-1) */
 	/* Connected devices: id -> the connection and the credentials it logged in with.
 	 * Only these are ever kicked: kicking the offline session of a persistent client
@@ -389,6 +406,7 @@ static struct cache_entry *cache_put(struct cache *c, const char *id, int versio
 		e = mosquitto_malloc(sizeof(*e) + len + 1);
 		if(e == NULL) return NULL; /* not cached: the next login asks the database again */
 		memcpy(e->id, id, len + 1);
+		e->text = NULL;
 		k = hash_id(id) % c->nbuckets;
 		e->next = c->buckets[k];
 		c->buckets[k] = e;
@@ -402,6 +420,8 @@ static struct cache_entry *cache_put(struct cache *c, const char *id, int versio
 	e->ca_tag = 0;
 	e->client = NULL;
 	e->current = false;
+	mosquitto_free(e->text);
+	e->text = NULL;
 	return e;
 }
 
@@ -412,6 +432,7 @@ static void cache_del(struct cache *c, const char *id)
 		if(!strcmp((*link)->id, id)){
 			struct cache_entry *e = *link;
 			*link = e->next;
+			mosquitto_free(e->text);
 			mosquitto_free(e);
 			c->count--;
 			return;
@@ -429,6 +450,7 @@ static void cache_sweep(struct cache *c, bool (*drop)(const struct cache_entry *
 			struct cache_entry *e = *link;
 			if(drop(e, arg)){
 				*link = e->next;
+				mosquitto_free(e->text);
 				mosquitto_free(e);
 				c->count--;
 			}else{
@@ -438,6 +460,13 @@ static void cache_sweep(struct cache *c, bool (*drop)(const struct cache_entry *
 	}
 }
 
+static bool drop_any(const struct cache_entry *e, void *arg)
+{
+	(void)e;
+	(void)arg;
+	return true;
+}
+
 static void cache_free(struct cache *c)
 {
 	if(c->buckets == NULL) return;
@@ -445,6 +474,7 @@ static void cache_free(struct cache *c)
 		struct cache_entry *e = c->buckets[i], *next;
 		for(; e; e = next){
 			next = e->next;
+			mosquitto_free(e->text);
 			mosquitto_free(e);
 		}
 	}
@@ -793,6 +823,7 @@ static bool db_advance_connect(struct plugin *p, int64_t wait_until)
 	/* Notifications sent while there was no connection are lost: the next ticks check
 	 * the connected devices against the registry, and no cached credentials are fresh. */
 	p->reconnected = true;
+	p->connection_epoch++; /* the children's parents are read again */
 	p->cas_stale = true;
 	p->limits_stale = true;
 	for(size_t i = 0; i < p->cache.nbuckets; i++){
@@ -823,6 +854,8 @@ static bool db_ready(struct plugin *p, int64_t max_wait_ms)
 
 /* Reads pending notifications: each names a device whose key changed or which was
  * deleted. Its cache entry goes now; its connection at the next tick. */
+static void forget_child(struct plugin *p, const char *id);
+
 static void db_drain(struct plugin *p)
 {
 	PGnotify *n;
@@ -837,6 +870,7 @@ static void db_drain(struct plugin *p)
 	while((n = PQnotifies(p->conn)) != NULL){
 		if(!strcmp(n->relname, NOTIFY_CHANNEL) && n->extra && n->extra[0]){
 			cache_del(&p->cache, n->extra);
+			forget_child(p, n->extra);
 			kick_queue(p, n->extra);
 		}else if(!strcmp(n->relname, CAS_CHANNEL)){
 			p->cas_stale = true;
@@ -1972,6 +2006,258 @@ static const char *provisioning_denied(const char *identity,
 	return !strcmp(verb, "res") ? NULL : "provisioning clients read only res";
 }
 
+/* ------------------------------------------------------------------------------------ */
+/* Gateways: a device on its children's topics (docs/gateways.md)                       */
+
+/* "devices/{id}/{rest}" -> rest, with {id} copied into id (NULL: not of that shape, or
+ * an id longer than any device's). */
+static const char *device_topic(const char *topic, char id[DEVICE_ID_MAX + 1])
+{
+	size_t plen = sizeof(DEVICE_PREFIX) - 1, n;
+	const char *slash;
+	if(topic == NULL || strncmp(topic, DEVICE_PREFIX, plen)) return NULL;
+	slash = strchr(topic + plen, '/');
+	if(slash == NULL) return NULL;
+	n = (size_t)(slash - topic) - plen;
+	if(n == 0 || n > DEVICE_ID_MAX) return NULL;
+	memcpy(id, topic + plen, n);
+	id[n] = '\0';
+	return slash + 1;
+}
+
+static bool drop_refused_of(const struct cache_entry *e, void *arg)
+{
+	const char *slash = strchr(e->id, '/');
+	return slash != NULL && !strcmp(slash + 1, (const char *)arg);
+}
+
+/* A notification for the device (its parent changed, or its credentials, or it was
+ * deleted): whatever was known of it as a child is asked again at its next use. */
+static void forget_child(struct plugin *p, const char *id)
+{
+	cache_del(&p->children, id);
+	if(p->refused_children.count) cache_sweep(&p->refused_children, drop_refused_of, (void *)id);
+}
+
+static const char *child_of(const char *child, const char *parent, const char *gateway,
+		char *why, size_t whylen)
+{
+	if(!strcmp(parent, gateway)) return NULL;
+	snprintf(why, whylen, "'%s' is a child of '%s'", child, parent);
+	return why;
+}
+
+#define GATEWAY_CHILD_QUERY "SELECT parent, refusal FROM fleetline_gateway_child($1, $2)"
+
+/* Why the gateway may not use the child's topics (NULL: it may). The registry is asked
+ * (and may make an unknown id the gateway's child, by its policy) unless the child's
+ * parent was read during this database connection, or the gateway was refused the id
+ * in the last cache_ms. A lookup costs the gateway one message of its limits when
+ * `charge` is set (subscriptions: publishes are charged before). *db_error: the
+ * registry could not be asked, which is not the gateway's doing. */
+static const char *child_denied(struct plugin *p, struct mosquitto *charge, const char *gateway,
+		const char *child, char *why, size_t whylen, bool *db_error)
+{
+	struct cache_entry *e, *r;
+	char key[CHILD_KEY_MAX], err[512] = "no database connection";
+	const char *params[2] = {gateway, child};
+	int64_t now = now_ms();
+	PGresult *res = NULL;
+
+	*db_error = false;
+	if(!valid_device_id(child)){
+		snprintf(why, whylen, "'%s' is not a device id", child);
+		return why;
+	}
+	db_drain(p); /* a parent changed a moment ago counts now */
+	e = cache_find(&p->children, child);
+	if(e && e->version == p->connection_epoch && now - e->fetched_ms < p->stale_ms){
+		return child_of(child, e->text, gateway, why, whylen);
+	}
+	snprintf(key, sizeof(key), "%s/%s", gateway, child);
+	r = cache_find(&p->refused_children, key);
+	if(r && now - r->fetched_ms < p->cache_ms){
+		snprintf(why, whylen, "%s", r->text);
+		return why;
+	}
+	if(charge != NULL && take_quota(p, charge, gateway, 0) != MOSQ_ERR_SUCCESS){
+		snprintf(why, whylen, "over its limits");
+		return why;
+	}
+	if(db_ready(p, 0)) res = db_exec(p, GATEWAY_CHILD_QUERY, 2, params, err, sizeof(err));
+	if(res == NULL || PQntuples(res) != 1){
+		if(res) PQclear(res);
+		if(e && now - e->fetched_ms < p->stale_ms){ /* stale-if-error */
+			return child_of(child, e->text, gateway, why, whylen);
+		}
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": cannot ask the registry for the parent of a gateway's child: %s", err);
+		*db_error = true;
+		snprintf(why, whylen, "database unavailable");
+		return why;
+	}
+	if(!PQgetisnull(res, 0, 0)){ /* a child, of this gateway or another */
+		const char *parent = PQgetvalue(res, 0, 0), *verdict;
+		e = cache_put(&p->children, child, p->connection_epoch, now);
+		if(e != NULL && (e->text = mosquitto_strdup(parent)) == NULL) cache_del(&p->children, child);
+		verdict = child_of(child, parent, gateway, why, whylen);
+		PQclear(res);
+		return verdict;
+	}
+	snprintf(why, whylen, "%s", PQgetisnull(res, 0, 1) ? "refused" : PQgetvalue(res, 0, 1));
+	PQclear(res);
+	if(p->refused_children.count < REFUSED_CHILDREN_MAX){
+		r = cache_put(&p->refused_children, key, 0, now);
+		if(r != NULL && (r->text = mosquitto_strdup(why)) == NULL) cache_del(&p->refused_children, key);
+	}
+	return why;
+}
+
+/* The longest prefix of s, at most max bytes, that ends on a UTF-8 character boundary. */
+static size_t utf8_prefix(const char *s, size_t max)
+{
+	size_t n = strlen(s);
+	if(n <= max) return n;
+	while(max > 0 && ((unsigned char)s[max] & 0xC0) == 0x80) max--;
+	return max;
+}
+
+/* Counts a refusal of the gateway for the child, with the latest reason and topic, for
+ * the next flush (at most GATEWAY_REFUSALS_MAX pairs wait; the rest are only counted). */
+static void record_gateway_refusal(struct plugin *p, const char *gateway, const char *child,
+		const char *topic, const char *why)
+{
+	char key[CHILD_KEY_MAX], *text;
+	struct cache_entry *e;
+	size_t rlen = strlen(why), tlen = utf8_prefix(topic, 512);
+
+	p->gateway_refused_total++;
+	snprintf(key, sizeof(key), "%s/%s", gateway, child);
+	e = cache_find(&p->gateway_refusals, key);
+	if(e == NULL){
+		if(p->gateway_refusals.count >= GATEWAY_REFUSALS_MAX
+				|| (e = cache_put(&p->gateway_refusals, key, 0, now_ms())) == NULL){
+			p->gateway_unrecorded++;
+			return;
+		}
+	}
+	text = mosquitto_malloc(rlen + tlen + 2);
+	if(text != NULL){
+		memcpy(text, why, rlen + 1);
+		memcpy(text + rlen + 1, topic, tlen);
+		text[rlen + 1 + tlen] = '\0';
+		mosquitto_free(e->text);
+		e->text = text;
+	}
+	if(e->text == NULL){
+		cache_del(&p->gateway_refusals, key);
+		p->gateway_unrecorded++;
+		return;
+	}
+	e->bucket.refused_messages++;
+}
+
+/* Adds the gateways' refusals counted since the last time to gateway_refusals. */
+static void flush_gateway_refusals(struct plugin *p)
+{
+	size_t n = p->gateway_refusals.count, k = 0, size = n * 22 + 3, at = 1;
+	char **cols[4] = {NULL, NULL, NULL, NULL}, *literals[4] = {NULL, NULL, NULL, NULL};
+	char *counts = NULL, err[512];
+	PGresult *res = NULL;
+
+	if(n == 0 || !db_ready(p, 0)) return;
+	for(int c = 0; c < 4; c++){
+		cols[c] = mosquitto_calloc(n, sizeof(char *));
+		if(cols[c] == NULL) goto out;
+	}
+	counts = mosquitto_malloc(size);
+	if(counts == NULL) goto out;
+	counts[0] = '{';
+	for(size_t i = 0; i < p->gateway_refusals.nbuckets; i++){
+		for(struct cache_entry *e = p->gateway_refusals.buckets[i]; e; e = e->next){
+			char *pair = mosquitto_strdup(e->id), *slash = pair ? strchr(pair, '/') : NULL;
+			if(slash == NULL){
+				mosquitto_free(pair);
+				goto out;
+			}
+			*slash = '\0';
+			cols[0][k] = pair; /* the gateway; the child follows it in the same block */
+			cols[1][k] = slash + 1;
+			cols[2][k] = e->text;
+			cols[3][k] = e->text + strlen(e->text) + 1;
+			at += (size_t)snprintf(counts + at, size - at, "%s%" PRIu64, k ? "," : "",
+					e->bucket.refused_messages);
+			k++;
+		}
+	}
+	counts[at] = '}';
+	counts[at + 1] = '\0';
+	for(int c = 0; c < 4; c++){
+		literals[c] = text_array(cols[c], k);
+		if(literals[c] == NULL) goto out;
+	}
+	{
+		const char *params[5] = {literals[0], literals[1], literals[2], literals[3], counts};
+		res = db_exec(p,
+				"INSERT INTO gateway_refusals AS r (gateway_id, child_id, reason, topic, count) "
+				"SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) "
+				"ON CONFLICT (gateway_id, child_id) DO UPDATE SET reason = EXCLUDED.reason, "
+				"topic = EXCLUDED.topic, count = r.count + EXCLUDED.count, last_refused_at = now()",
+				5, params, err, sizeof(err));
+	}
+	if(res == NULL){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": cannot record refusals of gateways (kept for the next attempt): %s", err);
+		goto out;
+	}
+	PQclear(res);
+	cache_sweep(&p->gateway_refusals, drop_any, NULL);
+out:
+	for(size_t i = 0; cols[0] && i < k; i++) mosquitto_free(cols[0][i]);
+	for(int c = 0; c < 4; c++){
+		mosquitto_free(cols[c]);
+		mosquitto_free(literals[c]);
+	}
+	mosquitto_free(counts);
+}
+
+/* A device on the topics of another device, as a gateway for its child: allowed when
+ * the registry says the child's parent is this device, with the rules of a device's own
+ * topics. Refused publishes and subscriptions are recorded with the reason; deliveries
+ * refused (a child moved away) are not. */
+static int child_topic_acl(struct plugin *p, const struct mosquitto_evt_acl_check *ed,
+		const char *gateway, const char *child, const char *rest)
+{
+	char why_text[2 * DEVICE_ID_MAX + 96], shown_id[LOG_FIELD_MAX], shown_topic[LOG_FIELD_MAX];
+	const char *why;
+	bool db_error;
+
+	if(ed->access == MOSQ_ACL_WRITE){
+		int rc;
+		why = publish_denied(rest, ed->retain);
+		if(why != NULL){
+			log_denied_publish(p, gateway, ed->topic, why);
+			return MOSQ_ERR_ACL_DENIED;
+		}
+		rc = take_quota(p, ed->client, gateway, ed->payloadlen);
+		if(rc != MOSQ_ERR_SUCCESS) return rc;
+	}
+	why = child_denied(p, ed->access == MOSQ_ACL_SUBSCRIBE ? ed->client : NULL, gateway, child,
+			why_text, sizeof(why_text), &db_error);
+	if(why == NULL) return MOSQ_ERR_SUCCESS;
+	if(ed->access == MOSQ_ACL_READ) return MOSQ_ERR_ACL_DENIED;
+	if(!db_error) record_gateway_refusal(p, gateway, child, ed->topic, why);
+	if(ed->access == MOSQ_ACL_SUBSCRIBE){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE,
+				PLUGIN_NAME ": denied subscription of device '%s' to '%s': %s",
+				printable(gateway, shown_id, sizeof(shown_id)),
+				printable(ed->topic, shown_topic, sizeof(shown_topic)), why);
+	}else{
+		log_denied_publish(p, gateway, ed->topic, why);
+	}
+	return MOSQ_ERR_ACL_DENIED;
+}
+
 static int on_acl_check(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_acl_check *ed = event_data;
@@ -1979,7 +2265,7 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	const char *username = mosquitto_client_username(ed->client);
 	const char *client_id = mosquitto_client_id(ed->client);
 	const char *rest, *why;
-	char shown_id[LOG_FIELD_MAX], shown_topic[LOG_FIELD_MAX];
+	char shown_id[LOG_FIELD_MAX], shown_topic[LOG_FIELD_MAX], child[DEVICE_ID_MAX + 1];
 
 	(void)event;
 	if(username == NULL) return MOSQ_ERR_ACL_DENIED;
@@ -1992,8 +2278,12 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 		log_denied_publish(p, username, ed->topic, why);
 		return MOSQ_ERR_ACL_DENIED;
 	}
-	rest = (client_id != NULL && !strcmp(client_id, username))
-		? own_rest(ed->topic, username) : NULL;
+	if(client_id == NULL || strcmp(client_id, username) != 0){
+		rest = NULL;
+	}else if((rest = own_rest(ed->topic, username)) == NULL
+			&& (rest = device_topic(ed->topic, child)) != NULL){
+		return child_topic_acl(p, ed, username, child, rest);
+	}
 	if(rest != NULL){
 		if(ed->access != MOSQ_ACL_WRITE) return MOSQ_ERR_SUCCESS;
 		why = publish_denied(rest, ed->retain);
@@ -2028,10 +2318,30 @@ static bool drop_old_failure(const struct cache_entry *e, void *arg)
 	return *(const int64_t *)arg - e->fetched_ms >= FAILURES_FORGET_MS;
 }
 
+static bool drop_old_child(const struct cache_entry *e, void *arg)
+{
+	const struct plugin *p = arg;
+	return now_ms() - e->fetched_ms >= p->stale_ms;
+}
+
+static bool drop_old_refused_child(const struct cache_entry *e, void *arg)
+{
+	const struct plugin *p = arg;
+	return now_ms() - e->fetched_ms >= p->cache_ms;
+}
+
 /* Refused and throttled logins and denied publishes since the last report, once a
  * minute when any happened (the totals since the broker started beside them). */
 static void report_counts(struct plugin *p)
 {
+	if(p->gateway_refused_total != p->gateway_refused_reported){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE,
+				PLUGIN_NAME ": in the last minute %" PRIu64 " refusals of gateways for devices not "
+				"their children (since start: %" PRIu64 "; %" PRIu64 " not recorded)",
+				p->gateway_refused_total - p->gateway_refused_reported, p->gateway_refused_total,
+				p->gateway_unrecorded);
+		p->gateway_refused_reported = p->gateway_refused_total;
+	}
 	if(p->refused_total == p->refused_reported && p->throttled_total == p->throttled_reported
 			&& p->denied_total == p->denied_reported && p->limited_total == p->limited_reported){
 		return;
@@ -2088,12 +2398,15 @@ static int on_tick(int event, void *event_data, void *userdata)
 	if(now >= p->next_refusals_flush_ms){
 		p->next_refusals_flush_ms = now + REFUSALS_FLUSH_MS;
 		flush_refusals(p);
+		flush_gateway_refusals(p);
 	}
 	if(now >= p->next_prune_ms){
 		p->next_prune_ms = now + PRUNE_INTERVAL_MS;
 		cache_sweep(&p->cache, drop_expired, p);
 		cache_sweep(&p->failures, drop_old_failure, &now);
 		cache_sweep(&p->buckets, drop_idle_bucket, &now);
+		cache_sweep(&p->children, drop_old_child, p);
+		cache_sweep(&p->refused_children, drop_old_refused_child, p);
 	}
 	if(now >= p->next_summary_ms){
 		p->next_summary_ms = now + SUMMARY_INTERVAL_MS;
@@ -2140,6 +2453,9 @@ static void plugin_free(struct plugin *p)
 	cache_free(&p->sessions);
 	cache_free(&p->failures);
 	cache_free(&p->buckets);
+	cache_free(&p->children);
+	cache_free(&p->refused_children);
+	cache_free(&p->gateway_refusals);
 	round_free(&p->limits_round);
 	cas_free(p->cas, p->ncas);
 	round_free(&p->recheck);
@@ -2224,7 +2540,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	p->services_path = mosquitto_strdup(services_file);
 	if(p->conninfo == NULL || p->services_path == NULL || !cache_init(&p->cache)
 			|| !cache_init(&p->sessions) || !cache_init(&p->failures)
-			|| !cache_init(&p->buckets)){
+			|| !cache_init(&p->buckets) || !cache_init(&p->children)
+			|| !cache_init(&p->refused_children) || !cache_init(&p->gateway_refusals)){
 		return init_fail(p, "out of memory");
 	}
 

@@ -1,7 +1,11 @@
-"""Device credentials the registry issues: shared by the device routes and provisioning."""
+"""Device credentials the registry issues, and the id patterns it keeps: shared by the
+device routes (gateways' child id patterns) and provisioning (registration patterns)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
 from fastapi import HTTPException
 
 from fleetline import db, devicekeys
@@ -33,3 +37,17 @@ async def issue_key(con: db.Connection, settings: ApiSettings, device_id: str) -
     issued = credentials(settings, device_id, version)
     await con.execute(sql.STORE_FINGERPRINT, device_id, version, devicekeys.fingerprint(issued.key))
     return issued
+
+
+# The pattern on its own and wrapped must both compile: "x)|(?:.*" compiles only wrapped,
+# where it would match any id.
+CHECK_PATTERN = "SELECT '' ~ $1, '' ~ ('^(?:' || $1 || ')$')"
+
+
+async def check_pattern(pool: Any, pattern: str, field: str) -> None:
+    """400 unless ``pattern`` is a PostgreSQL regular expression an id can be matched
+    against as a whole."""
+    try:
+        await pool.fetchval(CHECK_PATTERN, pattern)
+    except asyncpg.DataError as exc:  # an invalid regular expression, among others
+        raise HTTPException(400, f"{field} cannot be used: {exc}") from exc

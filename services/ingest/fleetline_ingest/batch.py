@@ -15,7 +15,8 @@ T = TypeVar("T")
 DEVICE_ID_RULE = "device id is not [A-Za-z0-9_.:-]{1,128}, or is '.' or '..'"
 UNKNOWN_KIND = (
     "unknown topic kind {!r}: a device publishes on devices/{{id}}/ telemetry, status, "
-    "twin/reported, c2d/ack and methods/{{request_id}}/res"
+    "twin/reported, c2d/ack and methods/{{request_id}}/res, and a module on "
+    "devices/{{id}}/modules/{{module_id}}/ telemetry and twin/reported"
 )
 # Dead-letter reasons longer than this are cut (a payload can hold 1000 bad readings).
 MAX_REASON_CHARS = 2000
@@ -87,16 +88,7 @@ def collect(
         batch.dead.append((received_at, topic, None, DEVICE_ID_RULE, payload))
         return
     if kind == protocol.TELEMETRY:
-        batch.telemetry_messages += 1
-        try:
-            errors = protocol.parse_telemetry(device_id, payload, received_at, limits, batch.rows)
-        except PayloadError as exc:
-            errors = [str(exc)]
-        except Exception as exc:  # a parser bug must cost one message, not the service
-            errors = [f"unexpected error while parsing: {exc!r}"]
-        if errors:
-            batch.dead.append((received_at, topic, device_id, _reason(errors), payload))
-        batch.seen[device_id] = received_at
+        _collect_telemetry(batch, device_id, topic, payload, received_at, limits)
     elif kind == protocol.STATUS:
         batch.status_messages += 1
         state = payload.strip().lower()
@@ -118,11 +110,42 @@ def collect(
             batch.c2d_acks.append((device_id, *ack, received_at, topic, payload))
     elif (module := protocol.split_module_kind(kind)) and module[1] == protocol.TWIN_REPORTED:
         _collect_twin_patch(batch, device_id, module[0], topic, payload, received_at)
+    elif module and module[1] == protocol.TELEMETRY:
+        _collect_telemetry(batch, device_id, topic, payload, received_at, limits, module[0])
     elif protocol.is_not_ingested(kind):
         batch.other_messages += 1
     else:
         batch.unknown_messages += 1
         batch.dead.append((received_at, topic, device_id, UNKNOWN_KIND.format(kind), payload))
+
+
+def _collect_telemetry(
+    batch: Batch,
+    device_id: str,
+    topic: str,
+    payload: bytes,
+    received_at: datetime,
+    limits: Limits,
+    module_id: str = "",
+) -> None:
+    """A device's readings, or a module's: stored as the device's series named
+    ``{module_id}/{metric}``."""
+    batch.telemetry_messages += 1
+    rows = batch.rows
+    start = len(rows)
+    try:
+        errors = protocol.parse_telemetry(device_id, payload, received_at, limits, rows)
+    except PayloadError as exc:
+        errors = [str(exc)]
+    except Exception as exc:  # a parser bug must cost one message, not the service
+        errors = [f"unexpected error while parsing: {exc!r}"]
+    if module_id:
+        for i in range(start, len(rows)):
+            device, metric, ts, value, text = rows[i]
+            rows[i] = (device, protocol.series_name(module_id, metric), ts, value, text)
+    if errors:
+        batch.dead.append((received_at, topic, device_id, _reason(errors), payload))
+    batch.seen[device_id] = received_at
 
 
 def _parsed(
@@ -173,6 +196,9 @@ def _idempotent(topic: str, payload: bytes) -> bool:
     if parts is None:
         return False
     kind = parts[1]
+    module = protocol.split_module_kind(kind)
+    if module is not None:
+        kind = module[1]
     return kind == protocol.C2D_ACK or (
         kind == protocol.TELEMETRY and protocol.readings_carry_ts(payload)
     )

@@ -63,6 +63,12 @@ ON CONFLICT (device_id) DO UPDATE SET
                    AND (a.status_changed_at IS NULL
                         OR excluded.status_changed_at >= a.status_changed_at)
                   THEN excluded.online ELSE a.online END,
+    -- Set only by its gateway going offline (migrations/0031): the device's own status
+    -- clears it.
+    offline_reason = CASE WHEN excluded.status_changed_at IS NOT NULL
+                           AND (a.status_changed_at IS NULL
+                                OR excluded.status_changed_at >= a.status_changed_at)
+                          THEN NULL ELSE a.offline_reason END,
     status_changed_at = greatest(a.status_changed_at, excluded.status_changed_at)
 """
 UPSERT_LATEST = """

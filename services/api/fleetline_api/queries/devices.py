@@ -11,7 +11,8 @@ SELECT d.id, d.tags, d.created_at, coalesce(a.online, false) AS online, a.last_s
        jsonb_build_object('type', d.auth,
                           'primary_thumbprint', encode(d.primary_thumbprint, 'hex'),
                           'secondary_thumbprint', encode(d.secondary_thumbprint, 'hex'),
-                          'ca', d.ca_name) AS auth
+                          'ca', d.ca_name) AS auth,
+       d.gateway, d.parent_id AS parent, a.offline_reason
 FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id
 """
 SELECT_DEVICE_BY_ID = SELECT_DEVICE + "WHERE d.id = $1"
@@ -34,14 +35,34 @@ def device_conditions(
 
 def list_devices(conditions: str) -> str:
     """A page of devices by id: ``conditions`` from :func:`device_conditions` (``$1`` to
-    ``$3``), ``$4`` limit + 1."""
-    return f"{SELECT_DEVICE} WHERE {conditions} ORDER BY d.id LIMIT $4"
+    ``$3``), ``$4`` limit + 1, ``$5`` their gateway (None: any)."""
+    return (
+        f"{SELECT_DEVICE} WHERE {conditions} AND ($5::text IS NULL OR d.parent_id = $5) "
+        "ORDER BY d.id LIMIT $4"
+    )
 
 
 INSERT_DEVICE = """
 INSERT INTO devices (id, tags, enabled, auth, primary_thumbprint, secondary_thumbprint,
-                     ca_name)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ca_name, gateway, parent_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+"""
+# A gateway (locked while a child is put behind it); None: no such gateway.
+LOCK_GATEWAY = "SELECT gateway IS NOT NULL FROM devices WHERE id = $1 FOR SHARE"
+# The device's (locked by the caller) place among gateways: whether it is one, its
+# parent, whether it has children.
+FAMILY = """
+SELECT gateway IS NOT NULL AS is_gateway, parent_id,
+       EXISTS (SELECT 1 FROM devices c WHERE c.parent_id = $1) AS has_children
+FROM devices WHERE id = $1
+"""
+SET_GATEWAY = "UPDATE devices SET gateway = $2, updated_at = now() WHERE id = $1"
+SET_PARENT = "UPDATE devices SET parent_id = $2, updated_at = now() WHERE id = $1"
+# What the broker refused a gateway, by child (the plugin adds to it).
+GATEWAY_REFUSALS = """
+SELECT child_id, reason, topic, count, first_refused_at, last_refused_at
+FROM gateway_refusals WHERE gateway_id = $1
+ORDER BY last_refused_at DESC, child_id LIMIT $2
 """
 # Leaving "key" retires the key (version 0): coming back needs a new one, never the old.
 SET_AUTH = """

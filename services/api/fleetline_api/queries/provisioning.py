@@ -53,9 +53,6 @@ created_at, updated_at,
 (SELECT count(*) FROM registrations r WHERE r.enrollment_id = e.id
    AND r.status = 'assigned') AS registrations
 """
-# The pattern on its own and wrapped must both compile: "x)|(?:.*" compiles only wrapped,
-# where it would match any id.
-CHECK_PATTERN = "SELECT '' ~ $1, '' ~ ('^(?:' || $1 || ')$')"
 INSERT_ENROLLMENT = f"""
 INSERT INTO enrollments AS e (id, kind, attestation, key_version, ca_name, thumbprint,
                               registration_pattern, initial_tags, initial_desired,

@@ -42,6 +42,8 @@ from fleetline_api.schemas.common import (
     DevicePublic,
     DeviceToken,
     DeviceUpdate,
+    GatewayPolicy,
+    GatewayRefusal,
     SelfSignedAuth,
     TokenRequest,
 )
@@ -58,13 +60,15 @@ async def list_devices(
     status: StatusFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
+    parent: Annotated[DeviceId | None, Query(description="Only this gateway's children")] = None,
 ) -> DevicePage:
-    """Devices ordered by id, filtered by tags (string values) and connection status."""
+    """Devices ordered by id, filtered by tags (string values), connection status and
+    gateway."""
     where = device_filter(tag, status, cursor, first=1)
     if where is None:
         return DevicePage(items=[], next_cursor=None)
     conditions, params = where
-    rows = await pool.fetch(sql.list_devices(conditions), *params, limit + 1)
+    rows = await pool.fetch(sql.list_devices(conditions), *params, limit + 1, parent)
     items = [DevicePublic(**dict(r)) for r in rows[:limit]]
     return DevicePage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
@@ -78,10 +82,17 @@ async def list_devices(
 async def create_device(
     body: DeviceCreate, pool: PoolDep, settings: SettingsDep, _key: DevicesWrite
 ) -> DeviceCreated:
-    """Register a device. One that logs in with a key gets it in this response only;
-    an X.509 device logs in with its certificate."""
+    """Register a device. One that logs in with a key gets it in this response only
+    (unless ``issue_key`` is false); an X.509 device logs in with its certificate. A
+    gateway has a policy for its children (``gateway``); a child names its gateway
+    (``parent``)."""
     await _check_ca(pool, body.auth)
+    await _check_gateway(pool, body.gateway)
+    if body.gateway is not None and body.parent is not None:
+        raise HTTPException(400, "a gateway cannot be behind another gateway (parent)")
     async with pool.acquire() as con, con.transaction():
+        if body.parent is not None:
+            await _lock_parent(con, body.parent, body.id)
         await con.execute(
             sql.INSERT_DEVICE,
             body.id,
@@ -89,12 +100,35 @@ async def create_device(
             body.enabled,
             body.auth.type,
             *_credentials(body.auth),
+            _policy(body.gateway),
+            body.parent,
         )
         credentials = None
-        if body.auth.type == "key":
+        if body.auth.type == "key" and body.issue_key:
             credentials = await registry.issue_key(con, settings, body.id)
         device = await _get(con, body.id)
     return DeviceCreated(**device.model_dump(), credentials=credentials)
+
+
+async def _check_gateway(pool: Any, policy: GatewayPolicy | None) -> None:
+    if policy is not None:
+        await registry.check_pattern(pool, policy.child_id_pattern, "child_id_pattern")
+
+
+def _policy(policy: GatewayPolicy | None) -> dict[str, Any] | None:
+    return None if policy is None else policy.model_dump()
+
+
+async def _lock_parent(con: Any, parent: str, device_id: str) -> None:
+    """The gateway ``device_id`` goes behind, locked until the transaction ends (it
+    cannot stop being a gateway meanwhile)."""
+    if parent == device_id:
+        raise HTTPException(400, "a device cannot be its own parent")
+    is_gateway = await con.fetchval(sql.LOCK_GATEWAY, parent)
+    if is_gateway is None:
+        raise HTTPException(400, f"parent {parent} is not registered")
+    if not is_gateway:
+        raise HTTPException(409, f"parent {parent} is not a gateway (PATCH its gateway first)")
 
 
 async def _check_ca(pool: Any, auth: DeviceAuth) -> None:
@@ -203,9 +237,12 @@ async def get_device(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> D
 async def update_device(
     device_id: DeviceId, body: DeviceUpdate, pool: PoolDep, _key: DevicesWrite
 ) -> DevicePublic:
-    """Merge-patch the tags (given keys are set, keys given as null are removed), and
-    enable or disable the device: a disabled device is refused by the broker and
-    disconnected within seconds."""
+    """Merge-patch the tags (given keys are set, keys given as null are removed),
+    enable or disable the device (a disabled device is refused by the broker and
+    disconnected within seconds), make it a gateway or change its policy (``gateway``;
+    null: no longer one, once it has no children), move it behind another gateway
+    (``parent``; null: behind none), which the broker applies at once."""
+    await _check_gateway(pool, body.gateway)
     async with pool.acquire() as con, con.transaction():
         await lock_device(con, device_id)
         if body.tags is not None:
@@ -214,7 +251,45 @@ async def update_device(
                 raise HTTPException(400, f"a device holds at most {MAX_TAGS} tags")
         if body.enabled is not None:
             await con.execute(sql.SET_ENABLED, device_id, body.enabled)
+        if body.model_fields_set & {"gateway", "parent"}:
+            await _set_family(con, device_id, body)
         return await _get(con, device_id)
+
+
+async def _set_family(con: Any, device_id: str, body: DeviceUpdate) -> None:
+    """``gateway`` and ``parent`` as given (the device locked): one level only, and a
+    gateway keeps being one while it has children."""
+    family = await con.fetchrow(sql.FAMILY, device_id)
+    given = body.model_fields_set
+    gateway = body.gateway is not None if "gateway" in given else family["is_gateway"]
+    parent = body.parent if "parent" in given else family["parent_id"]
+    if gateway and parent is not None:
+        raise HTTPException(400, "a gateway cannot be behind another gateway (parent)")
+    if not gateway and family["has_children"]:
+        raise HTTPException(
+            409, f"device {device_id} has children: move them to another gateway first"
+        )
+    if "gateway" in given:
+        await con.execute(sql.SET_GATEWAY, device_id, _policy(body.gateway))
+    if "parent" in given:
+        if parent is not None:
+            await _lock_parent(con, parent, device_id)
+        await con.execute(sql.SET_PARENT, device_id, parent)
+
+
+@router.get("/{device_id}/refusals", response_model=list[GatewayRefusal], responses=NOT_FOUND)
+async def gateway_refusals(
+    device_id: DeviceId,
+    pool: PoolDep,
+    _key: DevicesRead,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[GatewayRefusal]:
+    """What the broker refused this gateway, by child, latest first: publishing or
+    subscribing for a device that is not its child (docs/gateways.md). Counts are added
+    every few seconds."""
+    await _get(pool, device_id)
+    rows = await pool.fetch(sql.GATEWAY_REFUSALS, device_id, limit)
+    return [GatewayRefusal(**dict(r)) for r in rows]
 
 
 @router.delete("/{device_id}", status_code=204, responses=NOT_FOUND)

@@ -14,6 +14,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from fleetline import certificates, devicekeys, protocol
+from fleetline_api import registry
 from fleetline_api.deps import DevicesRead, DevicesWrite, PoolDep, SettingsDep
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.queries import provisioning as sql
@@ -33,12 +34,8 @@ router = APIRouter(prefix="/v1/enrollments", tags=["enrollments"], responses=RES
 
 
 async def _check_pattern(pool: Any, pattern: str | None) -> None:
-    if pattern is None:
-        return
-    try:
-        await pool.fetchval(sql.CHECK_PATTERN, pattern)
-    except asyncpg.DataError as exc:  # an invalid regular expression, among others
-        raise HTTPException(400, f"registration_pattern cannot be used: {exc}") from exc
+    if pattern is not None:
+        await registry.check_pattern(pool, pattern, "registration_pattern")
 
 
 def _check_desired(desired: dict[str, Any] | None) -> None:

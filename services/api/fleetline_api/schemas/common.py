@@ -18,11 +18,14 @@ from pydantic import (
 )
 from pydantic.config import JsonDict
 
+from fleetline import protocol
+
 # Ids are path segments (topics, REST paths): any of these characters, but not "." or "..".
 _PATH_SEGMENT = r"^(?:[A-Za-z0-9_.:-]*[A-Za-z0-9_:-][A-Za-z0-9_.:-]*|\.{3,})$"
 DeviceId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=_PATH_SEGMENT)]
 ModuleId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=_PATH_SEGMENT)]
-MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+# A series: a device's metric, or a module's as "{module_id}/{metric}".
+MetricName = Annotated[str, StringConstraints(pattern=protocol.SERIES_NAME_PATTERN)]
 # An RFC 3339 time with its offset (`Z` or `+01:00`).
 Rfc3339 = Annotated[
     str,
@@ -85,6 +88,43 @@ class DeviceAuthPublic(BaseModel):
     ca: str | None = Field(description="x509_ca: the CA that signs its certificate")
 
 
+# A PostgreSQL regular expression that a whole id must match.
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class GatewayPolicy(BaseModel):
+    """A gateway's policy for a child id it publishes for that the registry does not
+    know yet (docs/gateways.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    create_children: StrictBool = Field(
+        default=False,
+        description="Register it as the gateway's child on its first message (else refuse it)",
+    )
+    child_id_pattern: Pattern = Field(
+        default=".*",
+        description="PostgreSQL regular expression the whole id of a child it creates must match",
+    )
+    child_tags: Tags = Field(
+        default_factory=dict,
+        max_length=MAX_TAGS,
+        json_schema_extra=NAMED_KEYS_ONLY,
+        description="The tags a child it creates starts with",
+    )
+
+
+GATEWAY_FIELD = Field(
+    default=None,
+    description="A gateway's policy for its children; null: not a gateway",
+)
+PARENT_FIELD = Field(
+    default=None,
+    description="The gateway this device is behind (its messages travel through the "
+    "gateway's connection); null: none",
+)
+
+
 class DeviceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,6 +134,13 @@ class DeviceCreate(BaseModel):
         default_factory=lambda: KeyAuth(type="key"), description="Default: a key"
     )
     enabled: StrictBool = True
+    issue_key: StrictBool = Field(
+        default=True,
+        description="A key device: issue its key now. False for a child that only speaks "
+        "through its gateway (POST /key issues one later)",
+    )
+    gateway: GatewayPolicy | None = GATEWAY_FIELD
+    parent: DeviceId | None = PARENT_FIELD
 
 
 class DeviceUpdate(BaseModel):
@@ -110,6 +157,13 @@ class DeviceUpdate(BaseModel):
         | None
     ) = None
     enabled: StrictBool | None = None
+    gateway: GatewayPolicy | None = Field(
+        default=None, description="Make it a gateway, or change its policy; null: no longer one"
+    )
+    parent: DeviceId | None = Field(
+        default=None,
+        description="Move it behind this gateway (at once); null: behind none",
+    )
 
 
 class DevicePublic(BaseModel):
@@ -123,6 +177,22 @@ class DevicePublic(BaseModel):
     key_created_at: datetime | None
     enabled: bool
     auth: DeviceAuthPublic
+    gateway: GatewayPolicy | None = Field(description="null: not a gateway")
+    parent: str | None = Field(description="The gateway it is behind")
+    offline_reason: str | None = Field(
+        description="Why it is offline when it did not say so itself (its gateway went offline)"
+    )
+
+
+class GatewayRefusal(BaseModel):
+    """What the broker refused a gateway for one child: the latest reason and topic."""
+
+    child_id: str
+    reason: str
+    topic: str
+    count: int = Field(description="Publishes and subscriptions refused")
+    first_refused_at: datetime
+    last_refused_at: datetime
 
 
 class DeviceCredentials(BaseModel):

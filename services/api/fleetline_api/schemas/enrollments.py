@@ -6,11 +6,17 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from fleetline_api.schemas.common import MAX_TAGS, NAMED_KEYS_ONLY, DeviceId, Tags, Thumbprint
+from fleetline_api.schemas.common import (
+    MAX_TAGS,
+    NAMED_KEYS_ONLY,
+    DeviceId,
+    Pattern,
+    Tags,
+    Thumbprint,
+)
 
-Pattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Desired = Annotated[dict[str, Any], Field(description="Initial desired twin properties")]
 
 
