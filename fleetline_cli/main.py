@@ -191,6 +191,53 @@ def _show_device(device: dict[str, Any]) -> None:
     state = "online " if device["online"] else "offline"
     tags = " ".join(f"{k}={v}" for k, v in sorted(device["tags"].items()))
     typer.echo(f"{device['id']:32} {state} last seen {device['last_seen'] or '-':32} {tags}")
+    if device.get("offline_reason") and not device["online"]:
+        typer.echo(f"offline: {device['offline_reason']}")
+    if device.get("parent"):
+        typer.echo(f"behind gateway {device['parent']}")
+    policy = device.get("gateway")
+    if policy:
+        creates = (
+            f"creates children matching {policy['child_id_pattern']!r}"
+            if policy["create_children"]
+            else "creates no children"
+        )
+        child_tags = " ".join(f"{k}={v}" for k, v in sorted(policy["child_tags"].items()))
+        typer.echo(f"gateway: {creates}" + (f", tagged {child_tags}" if child_tags else ""))
+
+
+GatewayOption = Annotated[
+    bool, typer.Option("--gateway", help="A gateway: it publishes for its children.")
+]
+CreateChildrenOption = Annotated[
+    bool,
+    typer.Option(
+        "--create-children",
+        help="A gateway: register a child it publishes for on its first message.",
+    ),
+]
+ChildPatternOption = Annotated[
+    str | None,
+    typer.Option(
+        "--child-pattern", help="A gateway: the ids of children it creates (a regular expression)."
+    ),
+]
+ChildTagOption = Annotated[
+    list[str],
+    typer.Option("--child-tag", help="A gateway: a tag of children it creates, name=value."),
+]
+
+
+def _gateway_policy(
+    gateway: bool, create_children: bool, child_pattern: str | None, child_tag: list[str]
+) -> dict[str, Any] | None:
+    """The gateway policy the options give; None when they give none."""
+    if not (gateway or create_children or child_pattern or child_tag):
+        return None
+    policy: dict[str, Any] = {"create_children": create_children, "child_tags": _tags(child_tag)}
+    if child_pattern is not None:
+        policy["child_id_pattern"] = child_pattern
+    return policy
 
 
 def _show_credentials(creds: dict[str, Any]) -> None:
@@ -213,10 +260,21 @@ def device_create(
         str | None,
         typer.Option(help="X.509: a certificate for its id signed by this verified CA."),
     ] = None,
+    gateway: GatewayOption = False,
+    create_children: CreateChildrenOption = False,
+    child_pattern: ChildPatternOption = None,
+    child_tag: ChildTagOption = [],  # noqa: B006
+    parent: Annotated[
+        str | None, typer.Option(help="The gateway it is behind (its messages go through it).")
+    ] = None,
+    key: Annotated[
+        bool, typer.Option(help="Issue its key now (--no-key: a child that only has a gateway).")
+    ] = True,
     as_json: JsonOption = False,
 ) -> None:
     """Register a device and print its key and connection string (shown this once), or
-    register its X.509 identity (--cert, --thumbprint, --ca)."""
+    register its X.509 identity (--cert, --thumbprint, --ca). A gateway (--gateway) says
+    which children it may create; a child names its gateway (--parent)."""
     from fleetline import certificates
 
     try:
@@ -233,15 +291,91 @@ def device_create(
         auth = {"type": "x509_self_signed", "primary_thumbprint": prints[0]}
         if len(prints) == 2:
             auth["secondary_thumbprint"] = prints[1]
-    device = rest("POST", "/v1/devices", json={"id": device_id, "tags": _tags(tag), "auth": auth})
+    body = {
+        "id": device_id,
+        "tags": _tags(tag),
+        "auth": auth,
+        "gateway": _gateway_policy(gateway, create_children, child_pattern, child_tag),
+        "parent": parent,
+        "issue_key": key,
+    }
+    device = rest("POST", "/v1/devices", json=body)
     if as_json:
         typer.echo(json.dumps(device))
         return
     _show_device(device)
     if device["credentials"]:
         _show_credentials(device["credentials"])
+    elif device["auth"]["type"] == "key":
+        typer.echo("no key issued: `fleetline device renew-key` issues one")
     else:
         typer.echo(f"logs in with its certificate ({device['auth']['type']})")
+
+
+@device_app.command("update")
+def device_update(
+    device_id: str,
+    tag: Annotated[
+        list[str], typer.Option("--tag", "-t", help="name=value to set, name= to remove")
+    ] = [],  # noqa: B006
+    enable: Annotated[
+        bool | None, typer.Option("--enable/--disable", help="Whether it may connect.")
+    ] = None,
+    parent: Annotated[
+        str | None, typer.Option(help="Move it behind this gateway (at once).")
+    ] = None,
+    no_parent: Annotated[
+        bool, typer.Option("--no-parent", help="Take it from behind its gateway.")
+    ] = False,
+    gateway: GatewayOption = False,
+    create_children: CreateChildrenOption = False,
+    child_pattern: ChildPatternOption = None,
+    child_tag: ChildTagOption = [],  # noqa: B006
+    not_gateway: Annotated[
+        bool, typer.Option("--not-gateway", help="No longer a gateway (once it has no children).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a device's tags, whether it may connect, its gateway (--parent, --no-parent),
+    or its policy as a gateway (--gateway with the child options, replacing the policy;
+    --not-gateway)."""
+    if parent is not None and no_parent:
+        raise typer.BadParameter("--parent or --no-parent, not both")
+    policy = _gateway_policy(gateway, create_children, child_pattern, child_tag)
+    if policy is not None and not_gateway:
+        raise typer.BadParameter("--not-gateway takes no gateway options")
+    body: dict[str, Any] = {}
+    if tag:
+        body["tags"] = {k: (v or None) for k, v in _tags(tag).items()}
+    if enable is not None:
+        body["enabled"] = enable
+    if parent is not None or no_parent:
+        body["parent"] = parent
+    if policy is not None or not_gateway:
+        body["gateway"] = policy
+    if not body:
+        raise typer.BadParameter(
+            "nothing to change: give --tag, --enable/--disable, "
+            "--parent, --no-parent, --gateway or --not-gateway"
+        )
+    device = rest("PATCH", f"/v1/devices/{device_id}", json=body)
+    if as_json:
+        typer.echo(json.dumps(device))
+    else:
+        _show_device(device)
+
+
+@device_app.command("refusals")
+def device_refusals(device_id: str, as_json: JsonOption = False) -> None:
+    """What the broker refused a gateway, by child: its reason, topic and count."""
+    rows = rest("GET", f"/v1/devices/{device_id}/refusals", params={"limit": 1000})
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    print_table(
+        ["child", "reason", "topic", "count", "last refused"],
+        [[r["child_id"], r["reason"], r["topic"], r["count"], r["last_refused_at"]] for r in rows],
+    )
 
 
 @device_app.command("renew-key")
@@ -650,22 +784,24 @@ def firmware_flash(
 def device_list(
     tag: Annotated[list[str], typer.Option("--tag", "-t", help="name=value, repeatable")] = [],  # noqa: B006
     status: Annotated[str | None, typer.Option(help="online or offline")] = None,
+    parent: Annotated[str | None, typer.Option(help="Only this gateway's children.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List devices (all pages), filtered by tags and status."""
+    """List devices (all pages), filtered by tags, status and gateway."""
     tags = [f"{k}={v}" for k, v in _tags(tag).items()]
-    devices = api_items("/v1/devices", tag=tags, status=status or None)
+    devices = api_items("/v1/devices", tag=tags, status=status or None, parent=parent)
     if as_json:
         typer.echo(json.dumps(devices))
     else:
         print_table(
-            ["device", "status", "last seen", "key", "tags"],
+            ["device", "status", "last seen", "key", "gateway", "tags"],
             [
                 [
                     d["id"],
                     ("online", "green") if d["online"] else ("offline", "dim"),
                     d["last_seen"],
                     f"v{d['key_version']}" if d.get("key_version") else ("none", "yellow"),
+                    "gateway" if d.get("gateway") else d.get("parent") or "",
                     " ".join(f"{k}={v}" for k, v in sorted(d["tags"].items())),
                 ]
                 for d in devices

@@ -4,6 +4,7 @@ own key, publishing and subscribing on its children's topics."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from paho.mqtt.properties import Properties
 
 from fleetline_dev.certs import TlsFiles
 from tests.integration.test_api import assert_problem
+from tests.integration.test_cli import fleetline
 from tests.integration.test_jobs import method_job, wait_job
 from tests.stack import Backend, serve_stack
 from tests.support import wait_until
@@ -345,3 +347,32 @@ async def test_the_registry_keeps_gateways_one_level_deep(rest: httpx.Client, ui
     assert rest.patch(f"/v1/devices/{child}", json={"parent": gw}).json()["parent"] == gw
     assert rest.delete(f"/v1/devices/{gw}").status_code == 204
     assert device(rest, child)["parent"] is None
+
+
+async def test_the_command_line_makes_gateways_moves_children_and_lists_refusals(
+    stack: Backend, rest: httpx.Client, uid: str
+) -> None:
+    env = {"FLEETLINE_API_URL": stack.api.url, "FLEETLINE_API_KEY": stack.key}
+    gw, other, child = f"{uid}-gw", f"{uid}-gw2", f"{uid}-c"
+
+    def run(*args: str) -> str:
+        done = fleetline(*args, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    made = run("device", "create", gw, "--gateway", "--create-children", "--child-pattern",
+               f"{uid}-c.*", "--child-tag", "kind=ble")
+    assert f"gateway: creates children matching '{uid}-c.*', tagged kind=ble" in made
+    assert "key (version" in made
+    run("device", "create", other, "--gateway")
+    made = run("device", "create", child, "--parent", gw, "--no-key")
+    assert f"behind gateway {gw}" in made and "no key issued" in made
+    listed = run("device", "list", "--parent", gw)
+    assert child in listed and other not in listed
+    assert f"behind gateway {other}" in run("device", "update", child, "--parent", other)
+    assert device(rest, child)["parent"] == other
+    run("device", "update", child, "--no-parent")
+    assert "gateway:" not in run("device", "update", gw, "--not-gateway")
+    refused = fleetline("device", "update", child, "--parent", gw, env=env)
+    assert refused.returncode != 0 and "is not a gateway" in refused.stderr
+    assert json.loads(run("device", "refusals", other, "--json")) == []  # nothing refused
