@@ -649,6 +649,13 @@ async def test_the_init_script_prepares_what_the_migrations_and_readers_need(
     broker = await asyncpg.connect(url("fleetline_broker"))
     try:
         assert await broker.fetchval("SELECT count(*) FROM devices") == 0
+        # A gateway's children: asked through the registry's function, refusals added.
+        asked = await broker.fetchrow("SELECT * FROM fleetline_gateway_child('gw', 'c')")
+        assert tuple(asked) == (None, "'c' is not a child of 'gw'")
+        await broker.execute(
+            "INSERT INTO gateway_refusals AS r (gateway_id, child_id, reason, topic, count) "
+            "VALUES ('gw', 'c', 'r', 't', 1) ON CONFLICT (gateway_id, child_id) "
+            "DO UPDATE SET count = r.count + 1")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await broker.fetchval("SELECT count(*) FROM api_keys")
     finally:
