@@ -16,11 +16,13 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.properties import Properties
+from websockets.asyncio.client import connect
 
 from fleetline_dev.certs import TlsFiles
 from tests.integration.test_api import assert_problem
 from tests.integration.test_cli import fleetline
 from tests.integration.test_jobs import method_job, wait_job
+from tests.integration.test_stream import next_events, subscribed, ws_url
 from tests.stack import Backend, serve_stack
 from tests.support import wait_until
 
@@ -286,8 +288,13 @@ async def test_children_go_offline_with_their_gateway_and_move_to_another_at_onc
     try:
         assert gw1.publish(f"devices/{child}/status", b"online", retain=True) == GRANTED
         wait_until(lambda: device(rest, child)["online"], what="the child online")
-        gw1.cut()  # no goodbye: the broker publishes the gateway's Will
-        wait_until(lambda: not device(rest, child)["online"], what="the child offline")
+        headers = {"Authorization": f"Bearer {stack.key}"}
+        async with connect(ws_url(stack.api, device=child), additional_headers=headers) as ws:
+            await subscribed(ws)
+            gw1.cut()  # no goodbye: the broker publishes the gateway's Will
+            [event] = await next_events(ws, 1)  # the live stream tells it too
+        assert (event["type"], event["device_id"], event["online"]) == ("status", child, False)
+        assert device(rest, child)["online"] is False
         assert device(rest, child)["offline_reason"] == f"gateway '{one}' offline"
         assert device(rest, one)["offline_reason"] is None
         gw1 = Gateway(stack, one, key_one)

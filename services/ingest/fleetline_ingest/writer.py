@@ -78,6 +78,15 @@ ON CONFLICT (series_id) DO UPDATE
 SET ts = excluded.ts, value = excluded.value, value_text = excluded.value_text
 WHERE excluded.ts > l.ts
 """
+# The children a batch's gateways took offline with them (migrations/0031's trigger), for
+# the live stream: $1 devices that went offline, $2 when.
+CHILDREN_OFFLINE = """
+SELECT a.device_id, a.status_changed_at
+FROM unnest($1::text[], $2::timestamptz[]) AS g(id, at)
+JOIN devices d ON d.parent_id = g.id
+JOIN device_activity a ON a.device_id = d.id
+WHERE NOT a.online AND a.offline_reason IS NOT NULL AND a.status_changed_at = g.at
+"""
 # Reported twin patches, applied one by one in array order (migrations/0018).
 APPLY_REPORTED = """
 SELECT idx, reason
@@ -222,17 +231,19 @@ class BatchWriter:
                 await con.copy_records_to_table(
                     "ingest_dead_letter", records=dead, columns=DEAD_LETTER_COLUMNS
                 )
+            status = batch.status
             if activity[0]:
                 if time.monotonic() < self._notify_paused_until:
                     # The c2d trigger on device_activity notifies too: quiet it as well.
                     await con.execute(db.QUIET_NOTIFY_SQL)
                 await con.execute(UPSERT_ACTIVITY, *activity)
+                status = await self._with_children(con, status)
             if still_current is not None and not still_current():
                 raise BatchSupersededError
         # Only now: a batch that is retried must write its devices' last-seen again.
         self._activity_committed(activity[0], activity[1])
         if self._announcer is not None:
-            self._announcer.offer(rows, batch.status)
+            self._announcer.offer(rows, status)
         if batch.twin:
             metrics.TWIN_PATCHES.inc(len(batch.twin) - len(refused))
             metrics.DEAD_LETTERS.inc(len(refused))
@@ -240,6 +251,18 @@ class BatchWriter:
             metrics.C2D_ACKS.inc(len(batch.c2d_acks) - len(unknown))
             metrics.DEAD_LETTERS.inc(len(unknown))
         return inserted
+
+    async def _with_children(
+        self, con: Connection, status: dict[str, tuple[bool, datetime]]
+    ) -> dict[str, tuple[bool, datetime]]:
+        """The batch's status changes, with those of the children its gateways took
+        offline with them, when the live stream has listeners (gateways going offline
+        are rare: other batches skip the query)."""
+        gone = [(d, at) for d, (online, at) in status.items() if not online]
+        if not gone or self._announcer is None or not self._announcer.listening:
+            return status
+        rows = await con.fetch(CHILDREN_OFFLINE, [d for d, _ in gone], [at for _, at in gone])
+        return {**status, **{r["device_id"]: (False, r["status_changed_at"]) for r in rows}}
 
     async def _apply_twin_patches(
         self, con: Connection, patches: list[TwinPatch]
