@@ -251,3 +251,47 @@ async def test_deleting_a_device_clears_its_modules_retained_documents(
         assert not [m for t in topics for m in inbox.on(t) if m.payload]
     finally:
         late.close()
+
+
+async def test_a_modules_readings_are_series_of_its_device_named_after_it(
+    api: ApiProcess, make_key: Callable[..., Any], start_ingest: Callable[..., IngestProcess],
+    broker: LocalMosquitto, db: asyncpg.Pool[Any], uid: str,
+) -> None:
+    """devices/{id}/modules/{m}/telemetry: stored as the device's series "{m}/{metric}",
+    read over REST like any other; a bad reading is dead-lettered with the reason, and a
+    module's unknown topic kind too."""
+    start_ingest()
+    c = await _registered(api, make_key, uid)
+    c.headers["Authorization"] = f"Bearer {await make_key('telemetry:read', 'devices:read')}"
+    dev = Device(broker.url, uid)
+    ts = int(time.time() * 1000)
+    dev.publish_all([{"ts": ts, "values": {"temperature": 4.5, "door": True}}],
+                    kind="modules/fridge/telemetry")
+    dev.publish_all([{"ts": ts, "values": {"temperature": 21.0}}])
+    dev.publish_all([{"ts": ts, "values": {"bad name": 1}}, b"{not json"],
+                    kind="modules/fridge/telemetry")
+    dev.publish_all([b"{}"], kind="modules/fridge/colour")
+    wait_until(lambda: len(c.get(f"/v1/devices/{uid}/latest").json()["metrics"]) == 3,
+               what="the module's series")
+    latest = c.get(f"/v1/devices/{uid}/latest").json()["metrics"]
+    assert {m: p["value"] for m, p in latest.items()} == {
+        "temperature": 21.0, "fridge/temperature": 4.5, "fridge/door": 1.0}
+    points = c.get(f"/v1/devices/{uid}/telemetry", params={"metric": "fridge/temperature"})
+    assert [p["value"] for p in points.json()["items"]] == [4.5]
+    rows = await wait_for_rows(db, uid, 3)
+    reasons = {r["topic"].removeprefix(f"devices/{uid}/"): r["reason"] for r in rows
+               if r["reason"].startswith("unknown topic")}
+    assert "unknown topic kind 'modules/fridge/colour'" in reasons["modules/fridge/colour"]
+    bad = sorted(r["reason"] for r in rows if r["topic"].endswith("/fridge/telemetry"))
+    assert bad[0].startswith("not JSON") and "metric name 'bad name' is not" in bad[1], bad
+    dev.close()
+
+
+async def wait_for_rows(db: asyncpg.Pool[Any], device_id: str, count: int) -> list[Any]:
+    deadline = time.monotonic() + 20
+    while True:
+        rows = await db.fetch(
+            "SELECT topic, reason FROM dead_letters WHERE device_id = $1", device_id)
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.1)

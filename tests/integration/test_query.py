@@ -55,6 +55,10 @@ async def fleet(db: asyncpg.Pool[Any], uid: str) -> str:
                     "VALUES ($1, now(), $2)",
                     device_id, online,
                 )
+        # a1 is a gateway, a2 and b1 its children.
+        await con.execute("UPDATE devices SET gateway = '{}' WHERE id = $1", f"{uid}-a1")
+        await con.execute("UPDATE devices SET parent_id = $1 WHERE id = ANY($2::text[])",
+                          f"{uid}-a1", [f"{uid}-a2", f"{uid}-b1"])
     return uid
 
 
@@ -97,6 +101,17 @@ CASES = [
     ("(desired.mode = 'eco' OR tags.site = 'B') AND status = 'online'", {"a1", "b1"}),
     ("NOT (desired.mode = 'eco' OR reported.temp > 10)", {"b1", "c1"}),
     ("desired.\"mode\" in ('boost')", {"a2"}),
+    ("parent = '{uid}-a1'", {"a2", "b1"}),
+    ("parent = null", {"a1", "b2", "c1"}),
+    ("parent != null", {"a2", "b1"}),
+    ("parent != '{uid}-a1'", set()),  # as a missing property: no parent matches nothing
+    ("NOT parent = '{uid}-a1'", {"a1", "b2", "c1"}),
+    ("parent IN ('{uid}-a1', '{uid}-zz') AND status = 'online'", {"b1"}),
+    ("parent NOT IN ('{uid}-a1')", {"a1", "b2", "c1"}),
+    ("gateway = true", {"a1"}),
+    ("gateway != true", {"a2", "b1", "b2", "c1"}),
+    ("gateway IN (false)", {"a2", "b1", "b2", "c1"}),
+    ("gateway = true OR parent = '{uid}-a1'", {"a1", "a2", "b1"}),
 ]
 
 

@@ -51,6 +51,12 @@ def test_an_empty_query_matches_everything(text: str) -> None:
         ("id = reported.fw", 0, "only tags, desired and reported properties compare"),
         ("reported.fw = status", 14, "only tags, desired and reported properties compare"),
         ("reported.fw = colour.x", 14, "unknown property 'colour'"),
+        ("gateway = 'yes'", 10, "gateway is true or false"),
+        ("gateway > true", 8, "gateway takes = or !="),
+        ("gateway IN (1)", 12, "gateway is true or false"),
+        ("parent = 5", 9, "a device id is text"),
+        ("parent < null", 7, "null can only be compared with = or !="),
+        ("parent.x = 'a'", 0, "parent has no members"),
     ],
 )
 def test_errors_say_what_and_where(text: str, position: int, message: str) -> None:
