@@ -77,7 +77,9 @@ async def list_devices(
     "",
     status_code=201,
     response_model=DeviceCreated,
-    responses={409: {"description": "A device with this id exists"}},
+    responses={
+        409: {"description": "A device with this id exists, or its parent is not a gateway"}
+    },
 )
 async def create_device(
     body: DeviceCreate, pool: PoolDep, settings: SettingsDep, _key: DevicesWrite
@@ -233,7 +235,18 @@ async def get_device(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> D
     return await _get(pool, device_id)
 
 
-@router.patch("/{device_id}", response_model=DevicePublic, responses=NOT_FOUND)
+@router.patch(
+    "/{device_id}",
+    response_model=DevicePublic,
+    responses={
+        **NOT_FOUND,
+        409: {
+            "model": Problem,
+            "description": "The parent is not a gateway, or a gateway with children would "
+            "stop being one",
+        },
+    },
+)
 async def update_device(
     device_id: DeviceId, body: DeviceUpdate, pool: PoolDep, _key: DevicesWrite
 ) -> DevicePublic:
