@@ -3,7 +3,8 @@
 //
 //   #/login                 the API key
 //   #/fleet?tag=k=v&status= devices with status, last seen and latest values
-//   #/device/<id>?range=1h  one chart per metric, live
+//   #/device/<id>?range=1h  one chart per metric, live; a child's gateway, a gateway's
+//                           policy, children and refusals
 //   #/dead-letters?device_id=
 //   #/rollouts              firmware rollouts with their progress
 //   #/rollouts/<id>?state=  one rollout: options, actions, its devices

@@ -2,20 +2,29 @@
 // the last value of its text metrics. Short ranges read raw points, long ones buckets
 // (avg, min, max) that the API serves from its rollups. Live readings from the stream
 // are merged into the charts; history is (re)loaded once the stream confirms its
-// subscription, so no reading falls between the two.
+// subscription, so no reading falls between the two. A module's readings are series
+// named "module/metric", charted like the device's own.
+//
+// Gateways (docs/gateways.md): a device behind a gateway links to it, and says why it is
+// offline when its gateway took it offline (read again when the stream says it went
+// offline); a gateway shows its policy for new children, its children (paged) and what
+// the broker refused it.
 
 import { ApiError, describe, getJson, mapLimit } from "./api.js";
 import { MetricChart, colorFor } from "./chart.js";
 import {
+  deviceHref,
   el,
   fillTags,
   formatValue,
   setAbsoluteTime,
+  setOfflineReason,
   setRelativeTime,
   setStatusBadge,
   setText,
   showError,
   template,
+  templateElement,
 } from "./dom.js";
 import * as stream from "./stream.js";
 
@@ -34,6 +43,12 @@ const FUTURE_S = 600;
 // How long to wait for the stream's subscription before loading history without it.
 const SUBSCRIBE_WAIT_MS = 2000;
 const TICK_MS = 10_000;
+// The device (status, family) is read again this often, as the fleet list is.
+const REFRESH_MS = 15_000;
+// A gateway's children per page, as the fleet list pages devices.
+const CHILDREN_PAGE = 50;
+// The latest refusals shown (the API's default).
+const REFUSALS_LIMIT = 100;
 
 function seconds(iso) {
   return Date.parse(iso) / 1000;
@@ -87,6 +102,8 @@ export function mount(root, deviceId, params) {
   let pending = [];
   let closed = false;
   let lastSeen = null;
+  let device = null; // GET /v1/devices/{id}, once read
+  let deviceController = null;
 
   function chartFor(metric) {
     let chart = charts.get(metric);
@@ -130,10 +147,22 @@ export function mount(root, deviceId, params) {
     setRelativeTime($("#device-seen"), iso);
   }
 
+  function showStatus(online, reason) {
+    setStatusBadge($("#device-status"), online);
+    setOfflineReason($("#device-offline-reason"), online, reason);
+  }
+
   function apply(message) {
     if (message.device_id !== deviceId) return;
     if (message.type === "status") {
-      setStatusBadge($("#device-status"), message.online);
+      // The event does not say why: offline, its gateway may have taken it offline with
+      // it (offline_reason), so read the device again; online, it has no such reason.
+      if (deviceController) deviceController.abort();
+      showStatus(message.online, null);
+      if (device) Object.assign(device, { online: message.online, offline_reason: null });
+      if (!message.online && device && device.parent) loadDevice();
+      // A gateway going offline takes its children with it.
+      if (device && device.gateway) gateway.load();
       return;
     }
     if (message.type !== "telemetry") return;
@@ -151,17 +180,159 @@ export function mount(root, deviceId, params) {
   }
 
   async function loadDevice() {
+    if (deviceController) deviceController.abort();
+    deviceController = new AbortController();
     try {
-      const device = await getJson(path);
-      setStatusBadge($("#device-status"), device.online);
+      device = await getJson(path, {}, { signal: deviceController.signal });
+      if (closed) return;
+      showStatus(device.online, device.offline_reason);
       noteSeen(device.last_seen);
       if (!lastSeen) setRelativeTime($("#device-seen"), null);
       fillTags($("#device-tags"), device.tags);
+      showFamily();
     } catch (err) {
+      if (err.name === "AbortError") return;
       // Without devices:read the charts still work; say what is missing.
       if (!(err instanceof ApiError && err.status === 404)) showError(error, describe(err));
     }
   }
+
+  function showFamily() {
+    const section = $("section");
+    section.dataset.gateway = String(Boolean(device.gateway));
+    $("#device-gateway-marker").hidden = !device.gateway;
+    const link = $("#device-parent-link");
+    $("#device-parent").hidden = !device.parent;
+    if (device.parent) {
+      section.dataset.parent = device.parent;
+      link.setAttribute("href", deviceHref(device.parent));
+      setText(link, device.parent);
+    } else {
+      delete section.dataset.parent;
+    }
+    $("#gateway").hidden = !device.gateway;
+    if (device.gateway) {
+      showPolicy(device.gateway);
+      gateway.load();
+    }
+  }
+
+  function showPolicy(policy) {
+    const tags = el("ul", { class: "chips tags" });
+    fillTags(tags, policy.child_tags);
+    const rows = [
+      [
+        "create_children",
+        "Creates children",
+        [
+          policy.create_children
+            ? "yes: a device id it publishes for that is not registered yet becomes its child on the first message"
+            : "no: it may only publish for the devices registered behind it",
+        ],
+      ],
+      [
+        "child_id_pattern",
+        "Child id pattern",
+        [
+          el("code", {}, policy.child_id_pattern),
+          el(
+            "span",
+            { class: "muted" },
+            policy.create_children ? " (the whole id)" : " (unused: it creates no children)",
+          ),
+        ],
+      ],
+      ["child_tags", "Child tags", [Object.keys(policy.child_tags || {}).length ? tags : "none"]],
+    ];
+    $("#gateway-policy").replaceChildren(
+      ...rows.map(([name, label, value]) =>
+        el("div", { "data-option": name }, el("dt", {}, label), el("dd", {}, ...value)),
+      ),
+    );
+  }
+
+  // A gateway's children (GET /v1/devices?parent=ID, paged by cursor like the fleet
+  // list) and its refusals (GET /v1/devices/{id}/refusals).
+  const gateway = (() => {
+    const cursors = [null];
+    let pageIndex = 0;
+    let nextCursor = null;
+    let controller = null;
+    const gatewayError = $("#gateway-error");
+
+    function childRow(child) {
+      const row = templateElement("child-row");
+      row.dataset.deviceId = child.id;
+      const link = row.querySelector(".device-link");
+      link.setAttribute("href", deviceHref(child.id));
+      setText(link, child.id);
+      setStatusBadge(row.querySelector(".badge"), child.online);
+      setOfflineReason(row.querySelector(".offline-reason"), child.online, child.offline_reason);
+      setRelativeTime(row.querySelector(".seen"), child.last_seen);
+      return row;
+    }
+
+    function refusalRow(refusal) {
+      const row = templateElement("refusal-row");
+      row.dataset.childId = refusal.child_id;
+      setText(row.querySelector(".child"), refusal.child_id);
+      setText(row.querySelector(".reason"), refusal.reason);
+      setText(row.querySelector(".topic"), refusal.topic);
+      setText(row.querySelector(".count"), refusal.count);
+      setAbsoluteTime(row.querySelector(".last"), refusal.last_refused_at);
+      const first = row.querySelector(".first");
+      first.hidden = refusal.first_refused_at === refusal.last_refused_at;
+      setAbsoluteTime(first.querySelector("time"), refusal.first_refused_at);
+      return row;
+    }
+
+    async function load() {
+      if (controller) controller.abort();
+      controller = new AbortController();
+      const { signal } = controller;
+      try {
+        const [page, refusals] = await Promise.all([
+          getJson("/v1/devices", { parent: deviceId, limit: CHILDREN_PAGE, cursor: cursors[pageIndex] }, { signal }),
+          getJson(`${path}/refusals`, { limit: REFUSALS_LIMIT }, { signal }),
+        ]);
+        if (closed) return;
+        $("#gateway-children tbody").replaceChildren(...page.items.map(childRow));
+        nextCursor = page.next_cursor;
+        $("#children-empty").hidden = page.items.length > 0;
+        $("#children-prev").disabled = pageIndex === 0;
+        $("#children-next").disabled = !nextCursor;
+        setText($("#children-page"), `Page ${pageIndex + 1}`);
+        $("#gateway-refusals tbody").replaceChildren(...refusals.map(refusalRow));
+        $("#refusals-empty").hidden = refusals.length > 0;
+        const more = $("#refusals-more");
+        more.hidden = refusals.length < REFUSALS_LIMIT;
+        setText(more, `The latest ${REFUSALS_LIMIT} device ids refused are shown.`);
+        $("#gateway").dataset.loaded = "true";
+        showError(gatewayError, "");
+      } catch (err) {
+        if (err.name !== "AbortError") showError(gatewayError, describe(err));
+      }
+    }
+
+    $("#children-next").addEventListener("click", () => {
+      if (!nextCursor) return;
+      cursors[pageIndex + 1] = nextCursor;
+      pageIndex += 1;
+      load();
+    });
+    $("#children-prev").addEventListener("click", () => {
+      if (pageIndex === 0) return;
+      pageIndex -= 1;
+      load();
+    });
+
+    return {
+      load,
+      stop() {
+        if (controller) controller.abort();
+      },
+    };
+  })();
 
   async function rawPoints(metric, from, to, gen) {
     const points = [];
@@ -255,6 +426,9 @@ export function mount(root, deviceId, params) {
     },
   );
   loadDevice();
+  const refresher = setInterval(() => {
+    if (!document.hidden) loadDevice();
+  }, REFRESH_MS);
 
   // Slide the window with the clock.
   const ticker = setInterval(() => {
@@ -273,6 +447,9 @@ export function mount(root, deviceId, params) {
     generation++;
     clearTimeout(fallback);
     clearInterval(ticker);
+    clearInterval(refresher);
+    if (deviceController) deviceController.abort();
+    gateway.stop();
     resizer.disconnect();
     for (const chart of charts.values()) chart.destroy();
   };

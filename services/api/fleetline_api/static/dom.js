@@ -138,6 +138,26 @@ export function setStatusBadge(node, online) {
   setText(node, online === true ? "online" : "offline");
 }
 
+/**
+ * Why a device is offline when it did not say so itself ("gateway 'gw-1' offline"),
+ * shown beside its status badge; hidden while it is online or has no such reason.
+ */
+export function setOfflineReason(node, online, reason) {
+  const text = online === true ? "" : reason || "";
+  setText(node, text);
+  node.hidden = !text;
+}
+
+/** The dashboard's address of a device's page. */
+export function deviceHref(deviceId) {
+  return `#/device/${encodeURIComponent(deviceId)}`;
+}
+
+/** A link to a device's page, its id as the text. */
+export function deviceLink(deviceId, attrs = {}) {
+  return el("a", { href: deviceHref(deviceId), ...attrs }, deviceId);
+}
+
 /** Tags as a list of "name=value" chips. */
 export function fillTags(list, tags) {
   list.replaceChildren(

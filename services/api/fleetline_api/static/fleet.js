@@ -1,12 +1,16 @@
 // The fleet table: GET /v1/devices (filters in the address, cursor paging), the latest
 // values of each visible device (GET /v1/devices/{id}/latest), refreshed every 15 s and
 // kept current in between by the stream (telemetry and status of the visible devices).
+// A gateway is marked as one; a device behind a gateway links to it (docs/gateways.md).
 
 import { ApiError, describe, getJson, mapLimit } from "./api.js";
 import {
+  deviceHref,
+  deviceLink,
   el,
   fillTags,
   formatValue,
+  setOfflineReason,
   setRelativeTime,
   setStatusBadge,
   setText,
@@ -19,6 +23,8 @@ import * as stream from "./stream.js";
 const PAGE_SIZE = 50;
 const REFRESH_MS = 15_000;
 const SHOWN_VALUES = 6;
+// Children a gateway took offline with it arrive as one burst of status events.
+const RELOAD_DELAY_MS = 300;
 const TAG_PATTERN = /^[A-Za-z0-9_.:-]{1,64}=.{0,256}$/;
 
 export function mount(root, params) {
@@ -77,15 +83,30 @@ export function mount(root, params) {
       const row = templateElement("fleet-row");
       row.dataset.deviceId = device.id;
       const link = row.querySelector(".device-link");
-      link.setAttribute("href", `#/device/${encodeURIComponent(device.id)}`);
+      link.setAttribute("href", deviceHref(device.id));
       setText(link, device.id);
       entry = { row, device, values: new Map(), lastSeen: null };
     }
     entry.device = device;
-    setStatusBadge(entry.row.querySelector(".badge"), device.online);
+    setStatus(entry, device.online, device.offline_reason);
     setSeen(entry, device.last_seen);
     fillTags(entry.row.querySelector(".tags"), device.tags);
+    entry.row.querySelector(".marker").hidden = !device.gateway;
+    entry.row.dataset.gateway = String(Boolean(device.gateway));
+    const parent = entry.row.querySelector(".parent");
+    if (device.parent) {
+      parent.dataset.parent = device.parent;
+      parent.replaceChildren(deviceLink(device.parent, { "data-testid": "device-parent-link" }));
+    } else {
+      delete parent.dataset.parent;
+      parent.replaceChildren();
+    }
     return entry;
+  }
+
+  function setStatus(entry, online, reason) {
+    setStatusBadge(entry.row.querySelector(".badge"), online);
+    setOfflineReason(entry.row.querySelector(".offline-reason"), online, reason);
   }
 
   function setSeen(entry, iso) {
@@ -166,11 +187,22 @@ export function mount(root, params) {
       if (changed.size) renderValues(entry, changed);
     } else if (message.type === "status") {
       entry.device.online = message.online;
-      setStatusBadge(entry.row.querySelector(".badge"), message.online);
+      entry.device.offline_reason = null;
+      setStatus(entry, message.online, null);
+      // The event does not say why: a device behind a gateway may have gone offline with
+      // it (offline_reason), so read the page again (once for all of them).
+      if (!message.online && entry.device.parent) reloadSoon();
     }
   }
 
+  let reloadTimer = null;
+  function reloadSoon() {
+    clearTimeout(reloadTimer);
+    reloadTimer = setTimeout(load, RELOAD_DELAY_MS);
+  }
+
   async function load() {
+    clearTimeout(reloadTimer);
     if (controller) controller.abort();
     controller = new AbortController();
     const { signal } = controller;
@@ -219,6 +251,7 @@ export function mount(root, params) {
 
   return () => {
     clearInterval(timer);
+    clearTimeout(reloadTimer);
     if (controller) controller.abort();
   };
 }
