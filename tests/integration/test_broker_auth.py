@@ -637,6 +637,33 @@ async def test_cached_devices_log_in_while_the_database_is_down(
     stranger.close()
 
 
+async def test_a_gateways_known_children_work_while_the_database_is_down(
+    db: asyncpg.Pool[Any], proxied_broker: tuple[LocalMosquitto, TcpProxy], uid: str
+) -> None:
+    """A child whose parent the plugin read keeps working through its gateway while the
+    registry is away; a publish for a child it cannot ask about is not acknowledged (the
+    gateway is disconnected and keeps it), never acknowledged and dropped."""
+    broker, proxy = proxied_broker
+    gateway, child, unknown = f"{uid}-gw", f"{uid}-c1", f"{uid}-c2"
+    await db.execute("INSERT INTO devices (id, key_version, gateway) "
+                     "VALUES ($1, 1, '{\"create_children\": true}')", gateway)
+    await db.execute("INSERT INTO devices (id, parent_id) VALUES ($1, $2)", child, gateway)
+    listener = await run(service, broker, f"listen-{uid}")
+    listener.subscribe(f"devices/{child}/telemetry", f"devices/{unknown}/telemetry")
+    gw = await run(Client, broker, gateway, gateway, key_for(gateway))
+    assert gw.ok
+    await run(gw.publish, f"devices/{child}/telemetry", b"before")
+    proxy.down()
+    await run(gw.publish, f"devices/{child}/telemetry", b"during")
+    await run(wait_for, lambda: listener.received(b"during"), what="the known child's reading")
+    info = gw.client.publish(f"devices/{unknown}/telemetry", b"unasked", qos=1)
+    await run(wait_for, gw.disconnected.is_set, what="the gateway disconnected")
+    assert not info.is_published() and not listener.received(b"unasked")
+    proxy.up()
+    for client in (gw, listener):
+        client.close()
+
+
 async def test_key_change_while_the_database_was_down_disconnects_after_reconnection(
     db: asyncpg.Pool[Any], proxied_broker: tuple[LocalMosquitto, TcpProxy], uid: str
 ) -> None:

@@ -2087,6 +2087,7 @@ static const char *child_denied(struct plugin *p, struct mosquitto *charge, cons
 	if(db_ready(p, 0)) res = db_exec(p, GATEWAY_CHILD_QUERY, 2, params, err, sizeof(err));
 	if(res == NULL || PQntuples(res) != 1){
 		if(res) PQclear(res);
+		e = cache_find(&p->children, child); /* looked up again: nothing is kept across a query */
 		if(e && now - e->fetched_ms < p->stale_ms){ /* stale-if-error */
 			return child_of(child, e->text, gateway, why, whylen);
 		}
@@ -2224,7 +2225,9 @@ out:
 /* A device on the topics of another device, as a gateway for its child: allowed when
  * the registry says the child's parent is this device, with the rules of a device's own
  * topics. Refused publishes and subscriptions are recorded with the reason; deliveries
- * refused (a child moved away) are not. */
+ * refused (a child moved away) are not. A publish the registry could not decide on
+ * disconnects the gateway before its PUBACK: the message stays the gateway's to send
+ * again (a refusal would be acknowledged, and the reading lost). */
 static int child_topic_acl(struct plugin *p, const struct mosquitto_evt_acl_check *ed,
 		const char *gateway, const char *child, const char *rest)
 {
@@ -2246,6 +2249,7 @@ static int child_topic_acl(struct plugin *p, const struct mosquitto_evt_acl_chec
 			why_text, sizeof(why_text), &db_error);
 	if(why == NULL) return MOSQ_ERR_SUCCESS;
 	if(ed->access == MOSQ_ACL_READ) return MOSQ_ERR_ACL_DENIED;
+	if(db_error && ed->access == MOSQ_ACL_WRITE) return MOSQ_ERR_ADMINISTRATIVE_ACTION;
 	if(!db_error) record_gateway_refusal(p, gateway, child, ed->topic, why);
 	if(ed->access == MOSQ_ACL_SUBSCRIBE){
 		mosquitto_log_printf(MOSQ_LOG_NOTICE,
