@@ -898,12 +898,26 @@ def up(
     data_dir: Annotated[
         str, typer.Option(help="Where the embedded database and broker keep their data.")
     ] = ".fleetline",
+    gateways: Annotated[
+        int, typer.Option(min=0, help="Simulated gateways, each publishing for its children.")
+    ] = 0,
+    children_per_gateway: Annotated[
+        int, typer.Option(min=0, help="Children behind each simulated gateway.")
+    ] = 10,
 ) -> None:
     """Run the whole system: database and broker (embedded unless FLEETLINE_DATABASE_URL /
     FLEETLINE_MQTT_URL are set), migrations, the three services and a simulated fleet."""
     from fleetline_dev.up import run_up
 
-    raise typer.Exit(run_up(devices=devices, interval_seconds=interval, data_dir=data_dir))
+    raise typer.Exit(
+        run_up(
+            devices=devices,
+            interval_seconds=interval,
+            data_dir=data_dir,
+            gateways=gateways,
+            children_per_gateway=children_per_gateway,
+        )
+    )
 
 
 @app.command()

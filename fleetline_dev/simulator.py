@@ -428,31 +428,35 @@ async def register_fleet(database_url: str, ids: list[str], key_secret: bytes) -
                 ids,
                 '{"source": "simulator"}',
             )
-            await con.execute(
-                """
-                UPDATE devices SET key_version = nextval('device_key_version_seq'),
-                                   key_created_at = now()
-                WHERE id = ANY($1::text[]) AND key_version = 0
-                """,
-                ids,
-            )
-            rows = await con.fetch(
-                "SELECT id, key_version FROM devices WHERE id = ANY($1::text[])", ids
-            )
-            keys = {
-                r["id"]: devicekeys.derive_key(key_secret, r["id"], r["key_version"]) for r in rows
-            }
-            await con.execute(
-                """
-                UPDATE devices d SET key_sha256 = u.f
-                FROM unnest($1::text[], $2::bytea[]) u(id, f) WHERE d.id = u.id
-                """,
-                list(keys),
-                [devicekeys.fingerprint(k) for k in keys.values()],
-            )
-        return keys
+            return await issue_keys(con, ids, key_secret)
     finally:
         await close_connection(con)
+
+
+async def issue_keys(
+    con: asyncpg.Connection[Any], ids: list[str], key_secret: bytes
+) -> dict[str, str]:
+    """Issue a key to each of the registered devices ``ids`` that has none (in the
+    caller's transaction); each one's current key."""
+    await con.execute(
+        """
+        UPDATE devices SET key_version = nextval('device_key_version_seq'),
+                           key_created_at = now()
+        WHERE id = ANY($1::text[]) AND key_version = 0
+        """,
+        ids,
+    )
+    rows = await con.fetch("SELECT id, key_version FROM devices WHERE id = ANY($1::text[])", ids)
+    keys = {r["id"]: devicekeys.derive_key(key_secret, r["id"], r["key_version"]) for r in rows}
+    await con.execute(
+        """
+        UPDATE devices d SET key_sha256 = u.f
+        FROM unnest($1::text[], $2::bytea[]) u(id, f) WHERE d.id = u.id
+        """,
+        list(keys),
+        [devicekeys.fingerprint(k) for k in keys.values()],
+    )
+    return keys
 
 
 def device_ids(devices: int, prefix: str = "sim-") -> list[str]:

@@ -2,7 +2,8 @@
 
 Database and broker are embedded (:mod:`fleetline_dev.embedded`) unless
 FLEETLINE_DATABASE_URL / FLEETLINE_MQTT_URL say where they are. Then the migrations run,
-the three services start as child processes, and a simulated fleet publishes telemetry.
+the three services start as child processes, and a simulated fleet publishes telemetry
+(devices of their own, and gateways publishing for their children when asked).
 Ctrl-C (or SIGTERM) stops everything in reverse order: the simulator, the services (they
 flush on SIGTERM), then the broker and the database.
 """
@@ -41,6 +42,7 @@ from fleetline_dev.embedded import (
     free_port,
     port_is_free,
 )
+from fleetline_dev.simulated_gateways import gateway_ids, register_gateways, run_gateways
 from fleetline_dev.simulated_updates import UpdatePolicy
 from fleetline_dev.simulator import device_ids, register_fleet, run_fleet
 
@@ -161,7 +163,14 @@ def _timescaledb_ready(data_dir: Path) -> bool:
     return True
 
 
-def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
+def run_up(
+    *,
+    devices: int,
+    interval_seconds: float,
+    data_dir: str,
+    gateways: int = 0,
+    children_per_gateway: int = 10,
+) -> int:
     try:
         settings = ServiceSettings()
     except ValidationError as exc:
@@ -205,6 +214,14 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                 asyncio.run(migrate(database_url, StorageSettings(), create_database=True))
                 sim_keys = asyncio.run(
                     register_fleet(database_url, device_ids(devices), key_secret.encode())
+                )
+                sim_keys |= asyncio.run(
+                    register_gateways(
+                        database_url,
+                        gateway_ids(gateways) if gateways > 0 else [],
+                        key_secret.encode(),
+                        children=children_per_gateway,
+                    )
                 )
             except MigrationError as exc:
                 _say(f"error: migrations failed: {exc}", err=True)
@@ -261,6 +278,8 @@ def run_up(*, devices: int, interval_seconds: float, data_dir: str) -> int:
                     key_secret=key_secret,
                     sim_keys=sim_keys,
                     devices=devices,
+                    gateways=gateways,
+                    children_per_gateway=children_per_gateway,
                     interval_seconds=interval_seconds,
                 )
             )
@@ -404,6 +423,8 @@ async def _start_simulator(
     *,
     keys: dict[str, str],
     devices: int,
+    gateways: int,
+    children_per_gateway: int,
     interval_seconds: float,
     ingest_port: int,
     stop: asyncio.Event,
@@ -412,14 +433,29 @@ async def _start_simulator(
     await _wait_ingest_ready(ingest_port, stop)
     if stop.is_set():
         return
-    await run_fleet(
-        target,
-        devices=devices,
-        interval_seconds=interval_seconds,
-        stop=stop,
-        keys=keys,
-        updates=updates,
-    )
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(
+            run_fleet(
+                target,
+                devices=devices,
+                interval_seconds=interval_seconds,
+                stop=stop,
+                keys=keys,
+                updates=updates,
+            ),
+            name="up.simulator.devices",
+        )
+        tg.create_task(
+            run_gateways(
+                target,
+                gateways=gateways,
+                children=children_per_gateway,
+                interval_seconds=interval_seconds,
+                stop=stop,
+                keys=keys,
+            ),
+            name="up.simulator.gateways",
+        )
 
 
 def _updates(devices_target: DevicesEndpoint | None) -> UpdatePolicy | None:
@@ -442,6 +478,8 @@ async def _supervise(
     key_secret: str,
     sim_keys: dict[str, str],
     devices: int,
+    gateways: int,
+    children_per_gateway: int,
     interval_seconds: float,
 ) -> int:
     loop = asyncio.get_running_loop()
@@ -503,6 +541,12 @@ async def _supervise(
             if devices > 0
             else "none simulated (--devices 0)"
         )
+        if gateways > 0:
+            fleet += (
+                f"; {gateways} simulated gateway{'s' if gateways > 1 else ''} "
+                f"({', '.join(gateway_ids(gateways)[:3])}{', ...' if gateways > 3 else ''}) "
+                f"with {children_per_gateway} children each"
+            )
         broker_lines = (
             f"  broker    {_redact(mqtt_url)} (services)\n"
             f"            {devices_target.url} (devices: TLS, verify with the CA file\n"
@@ -527,12 +571,14 @@ async def _supervise(
             ".venv/bin/fleetline apikey create --scope admin\n"
             "Ctrl-C to stop.\n"
         )
-        if devices > 0:
+        if devices > 0 or gateways > 0:
             sim = asyncio.create_task(
                 _start_simulator(
                     sim_target,
                     keys=sim_keys,
                     devices=devices,
+                    gateways=gateways,
+                    children_per_gateway=children_per_gateway,
                     interval_seconds=interval_seconds,
                     ingest_port=ingest_port,
                     stop=sim_stop,
