@@ -40,7 +40,7 @@ async def test_device_verbs_and_telemetry_query(
     listed = fleetline("device", "list", "--tag", f"site={uid}", "--json", env=env)
     assert [d["id"] for d in json.loads(listed.stdout)] == [f"{uid}-c"]
     table = fleetline("device", "list", "--tag", f"site={uid}", env=env).stdout.splitlines()
-    assert table[0].split() == ["device", "status", "last", "seen", "key", "tags"]
+    assert table[0].split() == ["device", "status", "last", "seen", "key", "gateway", "tags"]
     assert table[1].split()[:3] == [f"{uid}-c", "offline", "-"] and f"site={uid}" in table[1]
     shown = fleetline("device", "show", f"{uid}-c", env=env)
     assert shown.returncode == 0 and shown.stdout.startswith(f"{uid}-c")
