@@ -45,6 +45,8 @@ COMMON_MODULES = (
     "common/fleetline_release.py",
     "common/fleetline_ecdsa.py",
 )
+# What only some boards run: the BLE gateway (docs/gateways.md) needs the ESP32's radio.
+BOARD_MODULES = {"esp32": ("common/fleetline_gateway.py", "common/fleetline_bthome.py")}
 BOARDS = ("esp32", "esp8266", "pyboard")
 SOURCE_FILES = ("common/boot.py", "common/main.py")
 # .mpy files of bytecode version 6 load on MicroPython 1.23 or later; the firmware says so.
@@ -115,7 +117,7 @@ def build(
         raise FirmwareError(f"unknown board {board!r}; known: {', '.join(BOARDS)}")
     if version is not None and not releases.NAME.fullmatch(version):
         raise FirmwareError(f"a version is 1-64 letters, digits and ._+-, not {version!r}")
-    modules = (*COMMON_MODULES, f"{board}/board.py")
+    modules = (*COMMON_MODULES, *BOARD_MODULES.get(board, ()), f"{board}/board.py")
     compiler = find_mpy_cross(mpy_cross)
     emits = compiler_version(compiler)
     source = project_path("firmware")

@@ -66,3 +66,13 @@ RELEASE_KEY = ""
 # load), the board resets after this many seconds; each such boot counts towards the
 # rollback of an update on trial.
 CRASH_RESET_S = 10
+
+# A BLE gateway (firmware/README.md, "Gateway"): the BTHome v2 sensors the board hears
+# become its children (register it with `fleetline device create ID --gateway
+# --create-children --child-pattern 'ble-[0-9a-f]{12}'`). Needs aioble on the board
+# (`mpremote mip install aioble-central`).
+GATEWAY = False
+# GATEWAY_MAX_CHILDREN = 32
+# GATEWAY_OFFLINE_AFTER_S = 60
+# GATEWAY_QUEUE_READINGS = 100
+# GATEWAY_CHILD_INTERVAL_S = 10

@@ -249,9 +249,13 @@ class Device:
         self._telemetry_topic = (self._base + "telemetry").encode()
         self.client = None
         # What runs beside the protocol over transfer URLs (fleetline_ota.Updater,
-        # fleetline_upload.Uploader): each has connected(), step() and on_transfer(msg),
-        # and ignores transfer answers to requests not its own.
+        # fleetline_upload.Uploader) or for other devices (fleetline_gateway.Gateway):
+        # each has connected(), step() and on_transfer(msg), and ignores transfer answers
+        # to requests not its own.
         self.extensions = []
+        # fn(topic, msg) for messages on topics not the device's own (a gateway's, for
+        # its children: docs/gateways.md); None: they are ignored.
+        self.on_message = None
         self.stopping = False
         self.desired_version = -1
         self.backlog = []  # each reading's JSON text, as bytes
@@ -264,6 +268,7 @@ class Device:
         self._reboot_requested = False
         self._token_expiry = 0
         self._attempt = 0
+        self._pause_ms = 0  # a wait the loop owes after a failed token renewal
         self._next_reading = _ticks_ms()
         self._last_tx = _ticks_ms()
         # What happened, for a `status` screen and the tests.
@@ -289,18 +294,34 @@ class Device:
     def run(self) -> None:
         """Until :meth:`stop`: stay connected, take readings, serve the cloud."""
         while not self.stopping:
-            if self.client is None and not self._try_connect():
-                self._wait(self._backoff_s())
-                continue
-            try:
-                self.step()
-            except MemoryError as exc:  # the heap's fault, not the connection's: keep it
-                self._short_of_memory(exc)
-            except Exception as exc:  # the connection broke (OSError, MQTTException...)
-                self._drop(exc)
-                continue
-            self._wait_ms(LOOP_SLEEP_MS)
+            self._wait_ms(self.run_once())
         self._goodbye()
+
+    def run_once(self) -> int:
+        """One pass of :meth:`run`: connect when not connected, then :meth:`step`.
+        Returns the milliseconds to wait before the next pass (the backoff after a
+        failure), during which :meth:`tick` is due: for an application that runs its own
+        loop (fleetline_gateway's asyncio one) instead of :meth:`run`."""
+        if self.client is None and not self._try_connect():
+            return int(self._backoff_s() * 1000)
+        try:
+            self.step()
+        except MemoryError as exc:  # the heap's fault, not the connection's: keep it
+            self._short_of_memory(exc)
+        except Exception as exc:  # the connection broke (OSError, MQTTException...)
+            self._drop(exc)
+            return int(self._backoff_s() * 1000)
+        if self._pause_ms:
+            pause, self._pause_ms = self._pause_ms, 0
+            return pause
+        return LOOP_SLEEP_MS
+
+    def tick(self) -> None:
+        """What is due while the loop waits: the watchdog fed and, offline, readings."""
+        if self._feed is not None:
+            self._feed()
+        if self.client is None:
+            self._sample_if_due()
 
     def stop(self) -> None:
         """Ask :meth:`run` to say ``offline``, disconnect and return (from any thread)."""
@@ -335,7 +356,7 @@ class Device:
             self.client = None
             client.disconnect()
             if not self._try_connect():
-                self._wait(self._backoff_s())
+                self._pause_ms = int(self._backoff_s() * 1000)
 
     def _while_waiting(self) -> None:
         """While the client waits on the network (a PUBACK on a slow or silent link): the
@@ -351,10 +372,7 @@ class Device:
         """Sleep, still taking readings (into the backlog while offline)."""
         start = _ticks_ms()
         while not self.stopping:
-            if self._feed is not None:
-                self._feed()
-            if self.client is None:
-                self._sample_if_due()
+            self.tick()
             left = ms - _ticks_diff(_ticks_ms(), start)
             if left <= 0:
                 return
@@ -451,7 +469,6 @@ class Device:
             self._close(client)
         if self.backlog:
             self._save_backlog()  # what was not yet acknowledged, before waiting
-        self._wait(self._backoff_s())
 
     def _short_of_memory(self, exc: BaseException) -> None:
         """A MemoryError: the readings stay in the backlog and the connection stays up;
@@ -488,7 +505,17 @@ class Device:
             self._close(client)
 
     def _publish(self, topic: str, text: str) -> None:
-        self.client.publish(topic.encode(), text.encode(), retain=False, qos=1)
+        self.publish(topic, text)
+
+    def publish(self, topic: object, payload: object, retain: bool = False) -> None:
+        """Publish with QoS 1 on any topic the device may use (a gateway on its
+        children's), str or bytes; only while connected. A broken connection raises, as
+        in :meth:`step`."""
+        if isinstance(topic, str):
+            topic = topic.encode()
+        if isinstance(payload, str):
+            payload = payload.encode()
+        self.client.publish(topic, payload, retain=retain, qos=1)
         self._last_tx = _ticks_ms()
 
     # -- telemetry -----------------------------------------------------------------
@@ -689,6 +716,8 @@ class Device:
             topic, msg = self._inbox.pop(0)
             topic = topic.decode() if isinstance(topic, (bytes, bytearray)) else topic
             if not topic.startswith(self._base):
+                if self.on_message is not None:
+                    self.on_message(topic, msg)
                 continue
             kind = topic[len(self._base) :]
             if kind == "c2d":

@@ -2,8 +2,10 @@
 # twin, direct methods, cloud-to-device messages and firmware updates over MQTT
 # (firmware/README.md). The protocol lives in fleetline_device.py, the board's hardware in
 # board.py (the board layer `fleetline firmware build --board` puts there); this file
-# wires the two. Everything, the imports too, runs under the guard at the end: a module
-# that fails to load (a broken update) resets the board, and the loader counts the boot.
+# wires the two; with GATEWAY = True in the config the board is also a BLE gateway
+# (fleetline_gateway.py: the sensors it hears are its children). Everything, the imports
+# too, runs under the guard at the end: a module that fails to load (a broken update)
+# resets the board, and the loader counts the boot.
 import machine
 
 
@@ -24,13 +26,20 @@ def main():
     make_client = board.mqtt_client_factory(MQTTClient, config)
     # With ENROLLMENT, the first boot provisions the device (then kept in flash).
     device_id, key, host, port, auth = board.credentials(config, make_client, feed)
+    read_sensors = board.Sensors(config).read
+    gateway = None
+    if getattr(config, "GATEWAY", False):
+        import fleetline_gateway
+
+        gateway = fleetline_gateway.from_config(config, log=board.log)
+        read_sensors = gateway.sensors(read_sensors)  # the board's and the gateway's
     device = fleetline_device.Device(
         device_id,
         key,
         host,
         port,
         mqtt_client=make_client,
-        read_sensors=board.Sensors(config).read,
+        read_sensors=read_sensors,
         interval_s=getattr(config, "INTERVAL_S", 10),
         auth=auth,
         token_ttl_s=getattr(config, "TOKEN_TTL_S", fleetline_device.TOKEN_TTL_S),
@@ -56,7 +65,10 @@ def main():
     if relay_pin is not None:
         relay = board.Relay(relay_pin, getattr(config, "RELAY_ACTIVE_HIGH", True))
         fleetline_device.add_switch(device, relay.set, relay.is_on)
-    device.run()
+    if gateway is not None:
+        gateway.run(device)  # the device's loop and the BLE scans, in one asyncio loop
+    else:
+        device.run()
 
 
 def crash_reset_s():

@@ -67,6 +67,8 @@ APPLICATION = {
     "fleetline_provision.mpy", "fleetline_boot.mpy", "fleetline_ota.mpy", "fleetline_https.mpy",
     "fleetline_upload.mpy", "fleetline_transfers.mpy",
     "fleetline_release.mpy", "fleetline_ecdsa.mpy", "board.mpy", "boot.py", "main.py"}
+# The ESP32's build also holds the BLE gateway.
+BOARD_APPLICATION = {"esp32": {"fleetline_gateway.mpy", "fleetline_bthome.mpy"}}
 HEAP_KIB = 110
 RUN_TIMEOUT_SECONDS = 120
 
@@ -78,7 +80,7 @@ def build(mp: MicroPython, out: Path, board: str) -> Path:
                      "--mpy-cross", str(mp.mpy_cross))
     assert done.returncode == 0, done.stderr
     assert "mpy-cross emitting mpy v6" in done.stdout
-    assert {p.name for p in out.iterdir()} == APPLICATION
+    assert {p.name for p in out.iterdir()} == APPLICATION | BOARD_APPLICATION.get(board, set())
     umqtt_compiled(mp, out)
     return out
 
@@ -447,7 +449,7 @@ def test_firmware_config_and_flash_commands(
     words = flash.stdout.split()
     assert words[:3] == ["mpremote", "connect", "/dev/ttyUSB0"] and words[-1] == "reset"
     copied = {w.lstrip(":") for w in words if w.startswith(":")}
-    assert copied == {*APPLICATION, "ca.crt", "config_local.py"}
+    assert copied == {*APPLICATION, *BOARD_APPLICATION["esp32"], "ca.crt", "config_local.py"}
     missing = fleetline("firmware", "flash", "--port", "/dev/ttyUSB0", "--build",
                         str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "firmware build" in missing.stderr
