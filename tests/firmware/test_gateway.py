@@ -736,7 +736,7 @@ def test_32_children_and_a_full_queue_stay_within_their_bounds(
     proxy = TcpProxy(("127.0.0.1", broker.port))
     proxy.up()
     settings = gateway_settings(
-        f"{uid}-gw", proxy.port, offline_after_s=60, scan_ms=5000, child_interval_s=5
+        f"{uid}-gw", proxy.port, offline_after_s=60, scan_ms=5000, child_interval_s=1
     )
     settings["sample_ms"] = 200
     gw = Gateway(micropython, tmp_path / "gw", settings, heap_kib=CROWD_HEAP_KIB)
