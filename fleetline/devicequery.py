@@ -392,8 +392,8 @@ class _Compiler:
             if root in _SCALARS:
                 raise QueryError(f"{segments[0]} has no members", subject.position)
             raise QueryError(
-                f"unknown property {segments[0]!r}: use id, status, tags.<name>, "
-                "desired.<path> or reported.<path>",
+                f"unknown property {segments[0]!r}: use id, status, parent, gateway, "
+                "tags.<name>, desired.<path> or reported.<path>",
                 subject.position,
             )
         path = segments[1:]

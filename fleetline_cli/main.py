@@ -203,7 +203,9 @@ def _show_device(device: dict[str, Any]) -> None:
             else "creates no children"
         )
         child_tags = " ".join(f"{k}={v}" for k, v in sorted(policy["child_tags"].items()))
-        typer.echo(f"gateway: {creates}" + (f", tagged {child_tags}" if child_tags else ""))
+        tagged = f", tagged {child_tags}" if child_tags else ""
+        most = f", {policy['max_children']} at most" if policy["create_children"] else ""
+        typer.echo(f"gateway: {creates}{tagged}{most}")
 
 
 GatewayOption = Annotated[
@@ -226,17 +228,28 @@ ChildTagOption = Annotated[
     list[str],
     typer.Option("--child-tag", help="A gateway: a tag of children it creates, name=value."),
 ]
+MaxChildrenOption = Annotated[
+    int | None,
+    typer.Option("--max-children", help="A gateway: it creates no child once it has this many."),
+]
 
 
 def _gateway_policy(
-    gateway: bool, create_children: bool, child_pattern: str | None, child_tag: list[str]
+    gateway: bool,
+    create_children: bool,
+    child_pattern: str | None,
+    child_tag: list[str],
+    max_children: int | None,
 ) -> dict[str, Any] | None:
-    """The gateway policy the options give; None when they give none."""
-    if not (gateway or create_children or child_pattern or child_tag):
+    """The gateway policy the options give (the whole policy: what they leave out takes
+    its default); None when they give none."""
+    if not (gateway or create_children or child_pattern or child_tag or max_children):
         return None
     policy: dict[str, Any] = {"create_children": create_children, "child_tags": _tags(child_tag)}
     if child_pattern is not None:
         policy["child_id_pattern"] = child_pattern
+    if max_children is not None:
+        policy["max_children"] = max_children
     return policy
 
 
@@ -264,6 +277,7 @@ def device_create(
     create_children: CreateChildrenOption = False,
     child_pattern: ChildPatternOption = None,
     child_tag: ChildTagOption = [],  # noqa: B006
+    max_children: MaxChildrenOption = None,
     parent: Annotated[
         str | None, typer.Option(help="The gateway it is behind (its messages go through it).")
     ] = None,
@@ -295,7 +309,9 @@ def device_create(
         "id": device_id,
         "tags": _tags(tag),
         "auth": auth,
-        "gateway": _gateway_policy(gateway, create_children, child_pattern, child_tag),
+        "gateway": _gateway_policy(
+            gateway, create_children, child_pattern, child_tag, max_children
+        ),
         "parent": parent,
         "issue_key": key,
     }
@@ -331,17 +347,18 @@ def device_update(
     create_children: CreateChildrenOption = False,
     child_pattern: ChildPatternOption = None,
     child_tag: ChildTagOption = [],  # noqa: B006
+    max_children: MaxChildrenOption = None,
     not_gateway: Annotated[
         bool, typer.Option("--not-gateway", help="No longer a gateway (once it has no children).")
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Change a device's tags, whether it may connect, its gateway (--parent, --no-parent),
-    or its policy as a gateway (--gateway with the child options, replacing the policy;
-    --not-gateway)."""
+    or its policy as a gateway (--gateway with the child options: the whole policy is
+    replaced, what they leave out takes its default; --not-gateway)."""
     if parent is not None and no_parent:
         raise typer.BadParameter("--parent or --no-parent, not both")
-    policy = _gateway_policy(gateway, create_children, child_pattern, child_tag)
+    policy = _gateway_policy(gateway, create_children, child_pattern, child_tag, max_children)
     if policy is not None and not_gateway:
         raise typer.BadParameter("--not-gateway takes no gateway options")
     body: dict[str, Any] = {}

@@ -125,6 +125,7 @@ async def register_gateways(
                 "create_children": True,
                 "child_id_pattern": child_id_pattern(g),
                 "child_tags": TAGS,
+                "max_children": max(children, 1000),
             }
         ).decode()
         for g in ids

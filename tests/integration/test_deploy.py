@@ -637,6 +637,9 @@ async def test_the_init_script_prepares_what_the_migrations_and_readers_need(
             assert await grafana.fetchval(f"SELECT count(*) FROM {view}") == 1, view
         for view in ("alarms", "dead_letters", "limit_refusals"):
             assert await grafana.fetchval(f"SELECT count(*) FROM {view}") == 0, view
+        # No other role may create devices through the function that runs as its owner.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await grafana.fetchval("SELECT fleetline_gateway_child('gw', 'c', true)")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await grafana.fetchval("SELECT count(*) FROM devices")
     finally:
@@ -650,7 +653,7 @@ async def test_the_init_script_prepares_what_the_migrations_and_readers_need(
     try:
         assert await broker.fetchval("SELECT count(*) FROM devices") == 0
         # A gateway's children: asked through the registry's function, refusals added.
-        asked = await broker.fetchrow("SELECT * FROM fleetline_gateway_child('gw', 'c')")
+        asked = await broker.fetchrow("SELECT * FROM fleetline_gateway_child('gw', 'c', true)")
         assert tuple(asked) == (None, "'c' is not a child of 'gw'")
         await broker.execute(
             "INSERT INTO gateway_refusals AS r (gateway_id, child_id, reason, topic, count) "

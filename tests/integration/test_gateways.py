@@ -136,7 +136,7 @@ def make_gateway(rest: httpx.Client, gateway_id: str, **policy: Any) -> str:
     created = rest.post("/v1/devices", json={"id": gateway_id, "gateway": policy})
     assert created.status_code == 201, created.text
     assert created.json()["gateway"] == {"create_children": False, "child_id_pattern": ".*",
-                                         "child_tags": {}, **policy}
+                                         "child_tags": {}, "max_children": 1000, **policy}
     return str(created.json()["credentials"]["key"])
 
 
@@ -262,7 +262,7 @@ async def test_a_gateway_is_refused_devices_that_are_not_its_children_with_the_r
         assert got[solo]["count"] == 2 and got[solo]["topic"] == f"devices/{solo}/c2d"
         assert got[theirs]["reason"] == f"'{theirs}' is a child of '{gw_b}'"
         assert got[outside]["reason"] == f"'{outside}' is outside the child id pattern of '{gw_a}'"
-        assert got["+"]["reason"] == "'+' is not a device id"
+        assert got["+"]["reason"] == "'+' is not a valid device id"
         assert refusals(strict)[f"{uid}-c1"]["reason"] == f"'{uid}-c1' is not a child of '{strict}'"
         assert refusals(gw_b) == {}
         # Nothing refused was stored or created; the one allowed reading was.
@@ -282,7 +282,7 @@ async def test_children_go_offline_with_their_gateway_and_move_to_another_at_onc
     stack: Backend, rest: httpx.Client, uid: str
 ) -> None:
     one, two, child = f"{uid}-gw1", f"{uid}-gw2", f"{uid}-c"
-    key_one = make_gateway(rest, one, create_children=True)
+    key_one = make_gateway(rest, one, create_children=True, child_id_pattern=f"{uid}-c")
     key_two = make_gateway(rest, two)
     gw1, gw2 = Gateway(stack, one, key_one), Gateway(stack, two, key_two)
     try:
@@ -342,14 +342,20 @@ async def test_the_registry_keeps_gateways_one_level_deep(rest: httpx.Client, ui
         (rest.patch(f"/v1/devices/{child}", json={"parent": child}), 400, "its own parent"),
         (rest.patch(f"/v1/devices/{child}", json={"gateway": {}}), 400, "cannot be behind"),
         (rest.post("/v1/query", json={"query": "gateway = 'yes'"}), 400, "true or false"),
+        # A gateway whose key leaks must not claim any id nobody registered yet.
+        (rest.patch(f"/v1/devices/{gw}", json={"gateway": {"create_children": True}}), 422,
+         "create_children needs a child_id_pattern"),
+        (rest.patch(f"/v1/devices/{gw}", json={"gateway": {"max_children": 0}}), 422,
+         "greater than or equal to 1"),
     ]
     for response, status, detail in cases:
-        assert_problem(response, status, detail)
+        body = assert_problem(response, status)
+        assert detail in orjson.dumps(body).decode(), body
     assert rest.get(f"/v1/devices/{f'{uid}-x'}").status_code == 404
     # Moved out, the gateway may stop being one; deleting a gateway frees its children.
     assert rest.patch(f"/v1/devices/{child}", json={"parent": None}).json()["parent"] is None
     assert rest.patch(f"/v1/devices/{gw}", json={"gateway": None}).json()["gateway"] is None
-    assert rest.patch(f"/v1/devices/{gw}", json={"gateway": {"create_children": True}}
+    assert rest.patch(f"/v1/devices/{gw}", json={"gateway": {"max_children": 5}}
                       ).status_code == 200
     assert rest.patch(f"/v1/devices/{child}", json={"parent": gw}).json()["parent"] == gw
     assert rest.delete(f"/v1/devices/{gw}").status_code == 204
@@ -383,3 +389,49 @@ async def test_the_command_line_makes_gateways_moves_children_and_lists_refusals
     refused = fleetline("device", "update", child, "--parent", gw, env=env)
     assert refused.returncode != 0 and "is not a gateway" in refused.stderr
     assert json.loads(run("device", "refusals", other, "--json")) == []  # nothing refused
+
+
+async def test_disabled_deleted_and_surplus_children_and_devices_that_are_no_gateway(
+    stack: Backend, rest: httpx.Client, uid: str
+) -> None:
+    gw_id, plain_id = f"{uid}-gw", f"{uid}-plain"
+    k1, k2, k3 = (f"{uid}-k{i}" for i in (1, 2, 3))
+    key = make_gateway(rest, gw_id, create_children=True, child_id_pattern=f"{uid}-k[0-9]+",
+                       max_children=2)
+    plain = rest.post("/v1/devices", json={"id": plain_id})
+    gw = Gateway(stack, gw_id, key)
+    other = Gateway(stack, plain_id, plain.json()["credentials"]["key"])
+    now = int(time.time() * 1000)
+    try:
+        gw.serve(k1)
+        # A disabled child is refused through its gateway as it would be on its own.
+        assert rest.patch(f"/v1/devices/{k1}", json={"enabled": False}).status_code == 200
+        assert gw.publish(f"devices/{k1}/telemetry", reading(now, t=1)) == NOT_AUTHORIZED
+        assert rest.patch(f"/v1/devices/{k1}", json={"enabled": True}).status_code == 200
+        assert gw.publish(f"devices/{k1}/telemetry", reading(now, t=2)) == GRANTED
+        # Two children at most; a third id inside the pattern is refused.
+        gw.serve(k2)
+        assert gw.publish(f"devices/{k3}/telemetry", reading(now, t=3)) == NOT_AUTHORIZED
+        # Deleting a child it subscribes for: the API clears the child's retained twin, a
+        # message on the gateway's subscription whose delivery the broker checks; a
+        # delivery never creates a child again (it did within 2 s when it could).
+        assert rest.delete(f"/v1/devices/{k2}").status_code == 204
+        time.sleep(2)
+        assert rest.get(f"/v1/devices/{k2}").status_code == 404
+        assert gw.received(f"devices/{k2}/twin/desired") == []  # not its child any more
+        # A device that is not a gateway is refused another's topics at once, as before
+        # gateways (the registry is not asked, nothing recorded).
+        assert other.publish(f"devices/{k1}/telemetry", reading(now, t=4)) == NOT_AUTHORIZED
+
+        def refusals(gateway: str) -> dict[str, str]:
+            return {r["child_id"]: r["reason"]
+                    for r in rest.get(f"/v1/devices/{gateway}/refusals").json()}
+
+        wait_until(lambda: len(refusals(gw_id)) == 2, timeout=30, what="the refusals")
+        assert refusals(gw_id) == {k1: f"'{k1}' is disabled",
+                                   k3: f"'{gw_id}' has 2 children, its most"}
+        assert refusals(plain_id) == {}
+        wait_until(lambda: [v for _, v in points(rest, k1, "t")] == [2.0], what="k1's reading")
+    finally:
+        gw.close()
+        other.close()

@@ -73,6 +73,7 @@
 #define NOTIFY_CHANNEL "fleetline_device_credentials"
 #define CAS_CHANNEL "fleetline_x509_cas"
 #define LIMITS_CHANNEL "fleetline_device_limits"
+#define PARENT_CHANNEL "fleetline_device_parent"
 /* Refusals are added to device_limit_refusals this often, and logged once a minute per
  * device at most. */
 #define REFUSALS_FLUSH_MS 5000
@@ -143,6 +144,7 @@ struct device_row {
 	unsigned char thumbs[2][SHA256_DIGEST_LENGTH];
 	char ca[DEVICE_ID_MAX + 1]; /* x509_ca: the CA that signs its certificate */
 	struct limits limits;
+	bool gateway; /* it may use its children's topics (sessions keep it too) */
 };
 
 struct cache_entry {
@@ -236,9 +238,10 @@ struct plugin {
 	 * lasts (version = connection_epoch; each change is notified): "{child}" -> parent. */
 	struct cache children;
 	int connection_epoch; /* counts database connections */
-	/* An unknown id or a device without a parent a gateway may not use, for cache_ms:
-	 * "{gateway}/{child}" -> the reason. */
+	/* An id a gateway was refused (unknown, no parent, disabled), for cache_ms: "{child}"
+	 * -> the gateway, a NUL, the reason (the last gateway refused it). */
 	struct cache refused_children;
+	char sqlstate[6]; /* of the last query that failed with an error result ("": none) */
 	/* Refusals to add to gateway_refusals: "{gateway}/{child}" -> count (the bucket's
 	 * refused_messages), the latest reason and topic. */
 	struct cache gateway_refusals;
@@ -688,6 +691,7 @@ static PGresult *db_exec(struct plugin *p, const char *sql, int nparams,
 	int64_t deadline = now_ms() + QUERY_TIMEOUT_MS;
 	ExecStatusType status;
 
+	p->sqlstate[0] = '\0';
 	if(!PQsendQueryParams(c, sql, nparams, NULL, params, NULL, NULL, 0)){
 		copy_pq_error(PQerrorMessage(c), err, errlen);
 		db_drop(p);
@@ -724,7 +728,9 @@ static PGresult *db_exec(struct plugin *p, const char *sql, int nparams,
 	}
 	status = PQresultStatus(result);
 	if(status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK){
+		const char *state = PQresultErrorField(result, PG_DIAG_SQLSTATE);
 		copy_pq_error(PQresultErrorMessage(result), err, errlen);
+		snprintf(p->sqlstate, sizeof(p->sqlstate), "%s", state ? state : "");
 		PQclear(result);
 		if(PQstatus(c) != CONNECTION_OK) db_drop(p);
 		return NULL;
@@ -808,6 +814,7 @@ static bool db_advance_connect(struct plugin *p, int64_t wait_until)
 	p->connecting = false;
 	static const char *const listens[] = {
 		"LISTEN " NOTIFY_CHANNEL, "LISTEN " CAS_CHANNEL, "LISTEN " LIMITS_CHANNEL,
+		"LISTEN " PARENT_CHANNEL,
 	};
 	for(size_t i = 0; i < sizeof(listens) / sizeof(*listens); i++){
 		res = db_exec(p, listens[i], 0, NULL, err, sizeof(err));
@@ -872,6 +879,8 @@ static void db_drain(struct plugin *p)
 			cache_del(&p->cache, n->extra);
 			forget_child(p, n->extra);
 			kick_queue(p, n->extra);
+		}else if(!strcmp(n->relname, PARENT_CHANNEL) && n->extra && n->extra[0]){
+			forget_child(p, n->extra); /* moved: nothing to disconnect */
 		}else if(!strcmp(n->relname, CAS_CHANNEL)){
 			p->cas_stale = true;
 		}else if(!strcmp(n->relname, LIMITS_CHANNEL)){
@@ -1090,6 +1099,7 @@ static void parse_device_row(PGresult *res, struct device_row *row)
 		}
 	}
 	snprintf(row->ca, sizeof(row->ca), "%s", PQgetvalue(res, 0, 10));
+	row->gateway = !strcmp(PQgetvalue(res, 0, 11), "t");
 	read_limits(res, 0, 6, &row->limits);
 }
 
@@ -1097,7 +1107,7 @@ static void parse_device_row(PGresult *res, struct device_row *row)
 	"SELECT d.key_version, d.credentials_version, d.enabled, d.auth, " \
 	"encode(d.primary_thumbprint, 'hex'), encode(d.secondary_thumbprint, 'hex'), " \
 	"l.messages_per_second, l.burst_messages, l.bytes_per_second, l.burst_bytes, " \
-	"coalesce(d.ca_name, '') " \
+	"coalesce(d.ca_name, ''), d.gateway IS NOT NULL " \
 	"FROM devices d LEFT JOIN LATERAL fleetline_limits_of(d.id, d.tags) l ON true " \
 	"WHERE d.id = $1"
 
@@ -1525,6 +1535,7 @@ static void record_failure(struct plugin *p, const char *key, int free_failures,
 
 /* What a device logged in under. */
 struct login {
+	bool gateway;
 	int credentials; /* its credentials_version */
 	uint64_t ca_tag; /* the CA that signed its certificate (0: none) */
 	struct limits limits;
@@ -1541,6 +1552,7 @@ static const char *check_device(struct plugin *p, struct mosquitto *client, cons
 	if(!row->enabled) return "device disabled";
 	login->credentials = row->credentials;
 	login->limits = row->limits;
+	login->gateway = row->gateway;
 	if(row->auth == AUTH_KEY){
 		if(password == NULL) return "bad key (no password)";
 		if(row->key_version <= 0) return "no key issued";
@@ -1726,7 +1738,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	char pair_key[2 * DEVICE_ID_MAX + 192], pair[2 * DEVICE_ID_MAX + 160];
 	int64_t now = now_ms();
 	bool counts, device;
-	struct login login;
+	struct login login = {.gateway = false};
 
 	(void)event;
 	/* A device's login: the user name is its client id (anything else is refused
@@ -1757,6 +1769,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 			session->client = ed->client;
 			session->ca_tag = login.ca_tag;
 			session->limits = login.limits;
+			session->row.gateway = login.gateway;
 		}
 	}
 	return MOSQ_ERR_SUCCESS;
@@ -2025,18 +2038,41 @@ static const char *device_topic(const char *topic, char id[DEVICE_ID_MAX + 1])
 	return slash + 1;
 }
 
-static bool drop_refused_of(const struct cache_entry *e, void *arg)
-{
-	const char *slash = strchr(e->id, '/');
-	return slash != NULL && !strcmp(slash + 1, (const char *)arg);
-}
-
 /* A notification for the device (its parent changed, or its credentials, or it was
  * deleted): whatever was known of it as a child is asked again at its next use. */
 static void forget_child(struct plugin *p, const char *id)
 {
 	cache_del(&p->children, id);
-	if(p->refused_children.count) cache_sweep(&p->refused_children, drop_refused_of, (void *)id);
+	cache_del(&p->refused_children, id);
+}
+
+/* Remembers for cache_ms that the gateway was refused the child, and why. */
+static void remember_refusal(struct plugin *p, const char *gateway, const char *child,
+		const char *why, int64_t now)
+{
+	size_t glen = strlen(gateway), wlen = strlen(why);
+	struct cache_entry *r;
+	if(cache_find(&p->refused_children, child) == NULL
+			&& p->refused_children.count >= REFUSED_CHILDREN_MAX){
+		return;
+	}
+	r = cache_put(&p->refused_children, child, 0, now);
+	if(r == NULL) return;
+	r->text = mosquitto_malloc(glen + wlen + 2);
+	if(r->text == NULL){
+		cache_del(&p->refused_children, child);
+		return;
+	}
+	memcpy(r->text, gateway, glen + 1);
+	memcpy(r->text + glen + 1, why, wlen + 1);
+}
+
+/* Whether a query's error is one that passes: a lock not had in time, a deadlock, a
+ * conflict, a cancelled statement (others, like a missing function or grant, recur). */
+static bool transient_sqlstate(const char *state)
+{
+	return !strcmp(state, "55P03") || !strcmp(state, "40P01") || !strcmp(state, "40001")
+		|| !strcmp(state, "57014");
 }
 
 static const char *child_of(const char *child, const char *parent, const char *gateway,
@@ -2047,26 +2083,28 @@ static const char *child_of(const char *child, const char *parent, const char *g
 	return why;
 }
 
-#define GATEWAY_CHILD_QUERY "SELECT parent, refusal FROM fleetline_gateway_child($1, $2)"
+#define GATEWAY_CHILD_QUERY \
+	"SELECT parent, refusal FROM fleetline_gateway_child($1, $2, $3::boolean)"
 
 /* Why the gateway may not use the child's topics (NULL: it may). The registry is asked
- * (and may make an unknown id the gateway's child, by its policy) unless the child's
- * parent was read during this database connection, or the gateway was refused the id
- * in the last cache_ms. A lookup costs the gateway one message of its limits when
- * `charge` is set (subscriptions: publishes are charged before). *db_error: the
- * registry could not be asked, which is not the gateway's doing. */
-static const char *child_denied(struct plugin *p, struct mosquitto *charge, const char *gateway,
-		const char *child, char *why, size_t whylen, bool *db_error)
+ * (and may make an unknown id the gateway's child, by its policy, when may_create: a
+ * publish or subscription, never a delivery) unless the child's parent was read during
+ * this database connection, or the gateway was refused the id in the last cache_ms. A
+ * lookup costs the gateway one message of its limits when `charge` is set
+ * (subscriptions: publishes are charged before). *db_error: the registry could not be
+ * asked, which is not the gateway's doing. */
+static const char *child_denied(struct plugin *p, struct mosquitto *charge, bool may_create,
+		const char *gateway, const char *child, char *why, size_t whylen, bool *db_error)
 {
 	struct cache_entry *e, *r;
-	char key[CHILD_KEY_MAX], err[512] = "no database connection";
-	const char *params[2] = {gateway, child};
+	char err[512] = "no database connection";
+	const char *params[3] = {gateway, child, may_create ? "t" : "f"};
 	int64_t now = now_ms();
 	PGresult *res = NULL;
 
 	*db_error = false;
-	if(!valid_device_id(child)){
-		snprintf(why, whylen, "'%s' is not a device id", child);
+	if(!valid_device_id(child) || !strcmp(child, ".") || !strcmp(child, "..")){
+		snprintf(why, whylen, "'%s' is not a valid device id", child);
 		return why;
 	}
 	db_drain(p); /* a parent changed a moment ago counts now */
@@ -2074,17 +2112,27 @@ static const char *child_denied(struct plugin *p, struct mosquitto *charge, cons
 	if(e && e->version == p->connection_epoch && now - e->fetched_ms < p->stale_ms){
 		return child_of(child, e->text, gateway, why, whylen);
 	}
-	snprintf(key, sizeof(key), "%s/%s", gateway, child);
-	r = cache_find(&p->refused_children, key);
-	if(r && now - r->fetched_ms < p->cache_ms){
-		snprintf(why, whylen, "%s", r->text);
+	r = cache_find(&p->refused_children, child);
+	if(r && now - r->fetched_ms < p->cache_ms && !strcmp(r->text, gateway)){
+		snprintf(why, whylen, "%s", r->text + strlen(r->text) + 1);
 		return why;
 	}
 	if(charge != NULL && take_quota(p, charge, gateway, 0) != MOSQ_ERR_SUCCESS){
 		snprintf(why, whylen, "over its limits");
 		return why;
 	}
-	if(db_ready(p, 0)) res = db_exec(p, GATEWAY_CHILD_QUERY, 2, params, err, sizeof(err));
+	if(db_ready(p, 0)) res = db_exec(p, GATEWAY_CHILD_QUERY, 3, params, err, sizeof(err));
+	if(res == NULL && p->conn != NULL && !p->connecting && p->sqlstate[0]
+			&& !transient_sqlstate(p->sqlstate)){
+		/* The registry answered with an error that will recur (a migration not applied,
+		 * a grant missing): refused, not waited for. */
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				PLUGIN_NAME ": the registry cannot say whether a gateway may use a child's "
+				"topics (refused): %s", err);
+		snprintf(why, whylen, "the registry failed to answer (SQLSTATE %s)", p->sqlstate);
+		remember_refusal(p, gateway, child, why, now);
+		return why;
+	}
 	if(res == NULL || PQntuples(res) != 1){
 		if(res) PQclear(res);
 		e = cache_find(&p->children, child); /* looked up again: nothing is kept across a query */
@@ -2097,7 +2145,10 @@ static const char *child_denied(struct plugin *p, struct mosquitto *charge, cons
 		snprintf(why, whylen, "database unavailable");
 		return why;
 	}
-	if(!PQgetisnull(res, 0, 0)){ /* a child, of this gateway or another */
+	if(!PQgetisnull(res, 0, 0)
+			&& (PQgetisnull(res, 0, 1) || strcmp(PQgetvalue(res, 0, 0), gateway) != 0)){
+		/* A child, of this gateway (allowed) or of another (refused): kept while the
+		 * connection lasts, each change notified. */
 		const char *parent = PQgetvalue(res, 0, 0), *verdict;
 		e = cache_put(&p->children, child, p->connection_epoch, now);
 		if(e != NULL && (e->text = mosquitto_strdup(parent)) == NULL) cache_del(&p->children, child);
@@ -2105,12 +2156,10 @@ static const char *child_denied(struct plugin *p, struct mosquitto *charge, cons
 		PQclear(res);
 		return verdict;
 	}
+	/* Unknown and not created, without a parent, or disabled. */
 	snprintf(why, whylen, "%s", PQgetisnull(res, 0, 1) ? "refused" : PQgetvalue(res, 0, 1));
 	PQclear(res);
-	if(p->refused_children.count < REFUSED_CHILDREN_MAX){
-		r = cache_put(&p->refused_children, key, 0, now);
-		if(r != NULL && (r->text = mosquitto_strdup(why)) == NULL) cache_del(&p->refused_children, key);
-	}
+	remember_refusal(p, gateway, child, why, now);
 	return why;
 }
 
@@ -2232,6 +2281,7 @@ static int child_topic_acl(struct plugin *p, const struct mosquitto_evt_acl_chec
 		const char *gateway, const char *child, const char *rest)
 {
 	char why_text[2 * DEVICE_ID_MAX + 96], shown_id[LOG_FIELD_MAX], shown_topic[LOG_FIELD_MAX];
+	char shown_why[2 * DEVICE_ID_MAX + 96];
 	const char *why;
 	bool db_error;
 
@@ -2245,21 +2295,32 @@ static int child_topic_acl(struct plugin *p, const struct mosquitto_evt_acl_chec
 		rc = take_quota(p, ed->client, gateway, ed->payloadlen);
 		if(rc != MOSQ_ERR_SUCCESS) return rc;
 	}
-	why = child_denied(p, ed->access == MOSQ_ACL_SUBSCRIBE ? ed->client : NULL, gateway, child,
-			why_text, sizeof(why_text), &db_error);
+	why = child_denied(p, ed->access == MOSQ_ACL_SUBSCRIBE ? ed->client : NULL,
+			ed->access != MOSQ_ACL_READ, gateway, child, why_text, sizeof(why_text), &db_error);
 	if(why == NULL) return MOSQ_ERR_SUCCESS;
 	if(ed->access == MOSQ_ACL_READ) return MOSQ_ERR_ACL_DENIED;
 	if(db_error && ed->access == MOSQ_ACL_WRITE) return MOSQ_ERR_ADMINISTRATIVE_ACTION;
 	if(!db_error) record_gateway_refusal(p, gateway, child, ed->topic, why);
+	printable(why, shown_why, sizeof(shown_why)); /* it may hold the topic's text */
 	if(ed->access == MOSQ_ACL_SUBSCRIBE){
 		mosquitto_log_printf(MOSQ_LOG_NOTICE,
 				PLUGIN_NAME ": denied subscription of device '%s' to '%s': %s",
 				printable(gateway, shown_id, sizeof(shown_id)),
-				printable(ed->topic, shown_topic, sizeof(shown_topic)), why);
+				printable(ed->topic, shown_topic, sizeof(shown_topic)), shown_why);
 	}else{
-		log_denied_publish(p, gateway, ed->topic, why);
+		log_denied_publish(p, gateway, ed->topic, shown_why);
 	}
 	return MOSQ_ERR_ACL_DENIED;
+}
+
+/* Whether the device logged in as a gateway (without session tracking: it may be, the
+ * registry decides). */
+static bool may_be_gateway(struct plugin *p, const char *id)
+{
+	const struct cache_entry *session;
+	if(!p->track_sessions) return true;
+	session = cache_find(&p->sessions, id);
+	return session != NULL && session->row.gateway;
 }
 
 static int on_acl_check(int event, void *event_data, void *userdata)
@@ -2284,7 +2345,7 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	}
 	if(client_id == NULL || strcmp(client_id, username) != 0){
 		rest = NULL;
-	}else if((rest = own_rest(ed->topic, username)) == NULL
+	}else if((rest = own_rest(ed->topic, username)) == NULL && may_be_gateway(p, username)
 			&& (rest = device_topic(ed->topic, child)) != NULL){
 		return child_topic_acl(p, ed, username, child, rest);
 	}

@@ -48,7 +48,7 @@ INSERT INTO devices (id, tags, enabled, auth, primary_thumbprint, secondary_thum
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 """
 # A gateway (locked while a child is put behind it); None: no such gateway.
-LOCK_GATEWAY = "SELECT gateway IS NOT NULL FROM devices WHERE id = $1 FOR SHARE"
+LOCK_GATEWAY = "SELECT gateway IS NOT NULL FROM devices WHERE id = $1 FOR KEY SHARE"
 # The device's (locked by the caller) place among gateways: whether it is one, its
 # parent, whether it has children.
 FAMILY = """

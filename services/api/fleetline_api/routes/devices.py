@@ -22,6 +22,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import asyncpg
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from fleetline import certificates, devicekeys
@@ -256,17 +257,22 @@ async def update_device(
     null: no longer one, once it has no children), move it behind another gateway
     (``parent``; null: behind none), which the broker applies at once."""
     await _check_gateway(pool, body.gateway)
-    async with pool.acquire() as con, con.transaction():
-        await lock_device(con, device_id)
-        if body.tags is not None:
-            tags = await con.fetchval(sql.MERGE_TAGS, device_id, body.tags, MAX_TAGS)
-            if tags is None:
-                raise HTTPException(400, f"a device holds at most {MAX_TAGS} tags")
-        if body.enabled is not None:
-            await con.execute(sql.SET_ENABLED, device_id, body.enabled)
-        if body.model_fields_set & {"gateway", "parent"}:
-            await _set_family(con, device_id, body)
-        return await _get(con, device_id)
+    try:
+        async with pool.acquire() as con, con.transaction():
+            await lock_device(con, device_id)
+            if body.tags is not None:
+                tags = await con.fetchval(sql.MERGE_TAGS, device_id, body.tags, MAX_TAGS)
+                if tags is None:
+                    raise HTTPException(400, f"a device holds at most {MAX_TAGS} tags")
+            if body.enabled is not None:
+                await con.execute(sql.SET_ENABLED, device_id, body.enabled)
+            if body.model_fields_set & {"gateway", "parent"}:
+                await _set_family(con, device_id, body)
+            return await _get(con, device_id)
+    except asyncpg.DeadlockDetectedError:  # two devices moved behind each other at once
+        raise HTTPException(
+            409, "a concurrent change to these devices' gateways: try again"
+        ) from None
 
 
 async def _set_family(con: Any, device_id: str, body: DeviceUpdate) -> None:

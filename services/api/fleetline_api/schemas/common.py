@@ -15,6 +15,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StringConstraints,
+    model_validator,
 )
 from pydantic.config import JsonDict
 
@@ -92,7 +93,7 @@ class DeviceAuthPublic(BaseModel):
 Pattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
-class GatewayPolicy(BaseModel):
+class GatewayPolicyPublic(BaseModel):
     """A gateway's policy for a child id it publishes for that the registry does not
     know yet (docs/gateways.md)."""
 
@@ -104,7 +105,8 @@ class GatewayPolicy(BaseModel):
     )
     child_id_pattern: Pattern = Field(
         default=".*",
-        description="PostgreSQL regular expression the whole id of a child it creates must match",
+        description="PostgreSQL regular expression the whole id of a child it creates must "
+        "match; required with create_children",
     )
     child_tags: Tags = Field(
         default_factory=dict,
@@ -112,6 +114,24 @@ class GatewayPolicy(BaseModel):
         json_schema_extra=NAMED_KEYS_ONLY,
         description="The tags a child it creates starts with",
     )
+    max_children: StrictInt = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="It creates no child once it has this many",
+    )
+
+
+class GatewayPolicy(GatewayPolicyPublic):
+    """A gateway's policy for a child id it publishes for that the registry does not
+    know yet (docs/gateways.md): creating children needs the pattern of their ids."""
+
+    @model_validator(mode="after")
+    def _pattern_with_creation(self) -> GatewayPolicy:
+        # A gateway whose key leaks must not be able to claim any id nobody registered yet.
+        if self.create_children and "child_id_pattern" not in self.model_fields_set:
+            raise ValueError("create_children needs a child_id_pattern for the ids it may create")
+        return self
 
 
 GATEWAY_FIELD = Field(
@@ -177,7 +197,7 @@ class DevicePublic(BaseModel):
     key_created_at: datetime | None
     enabled: bool
     auth: DeviceAuthPublic
-    gateway: GatewayPolicy | None = Field(description="null: not a gateway")
+    gateway: GatewayPolicyPublic | None = Field(description="null: not a gateway")
     parent: str | None = Field(description="The gateway it is behind")
     offline_reason: str | None = Field(
         description="Why it is offline when it did not say so itself (its gateway went offline)"

@@ -11,7 +11,8 @@ from fleetline import devicequery
 
 QUERY_DESCRIPTION = (
     "A device query, as `tags.site = 'A' AND reported.fw < '1.2'`: `id`, `status`, "
-    "`tags.<name>`, `desired.<path>`, `reported.<path>` compared with `= != < <= > >= IN`, "
+    "`parent`, `gateway`, `tags.<name>`, `desired.<path>`, `reported.<path>` compared with "
+    "`= != < <= > >= IN`, "
     "joined with `AND`, `OR`, `NOT` and parentheses. Empty: every device"
 )
 
