@@ -41,7 +41,7 @@ from pydantic import SecretStr
 
 from fleetline import mqtt
 from fleetline.db import close_connection
-from fleetline.mqtt import backoff_seconds, make_client
+from fleetline.mqtt import make_client
 from fleetline.protocol import (
     C2D,
     STATUS,
@@ -64,6 +64,7 @@ from fleetline_dev.simulator import (
     Reading,
     _answer_method,
     _apply_desired,
+    _reconnect_later,
     _SeenIds,
     _Sensors,
     _sleep_or_stop,
@@ -408,17 +409,8 @@ async def _gateway(
                 finally:
                     stats.connected -= 1
         except (mqtt.MqttError, OSError) as exc:
-            delay = backoff_seconds(attempt)
             attempt += 1
-            log.debug(
-                "gateway %s %s (%s); reconnecting in %.1f s",
-                gateway_id,
-                "disconnected" if connected else "cannot connect",
-                exc,
-                delay,
-                extra={"device_id": gateway_id},
-            )
-            await _sleep_or_stop(stop, delay)
+            await _reconnect_later(stop, "gateway", gateway_id, connected, exc, attempt)
 
 
 async def _report(stats: _Stats, gateways: int, children: int) -> None:

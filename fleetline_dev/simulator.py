@@ -235,6 +235,24 @@ class _Sensors:
         }
 
 
+async def _reconnect_later(
+    stop: asyncio.Event, what: str, ident: str, connected: bool, exc: BaseException, attempt: int
+) -> None:
+    """Log a lost (or refused) connection, then wait the backoff of ``attempt`` (from 1)
+    or until ``stop``."""
+    delay = backoff_seconds(attempt - 1)
+    log.debug(
+        "%s %s %s (%s); reconnecting in %.1f s",
+        what,
+        ident,
+        "disconnected" if connected else "cannot connect",
+        exc,
+        delay,
+        extra={"device_id": ident},
+    )
+    await _sleep_or_stop(stop, delay)
+
+
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep; True as soon as ``stop`` is set."""
     with contextlib.suppress(TimeoutError):
@@ -384,17 +402,8 @@ async def _device(
                         with contextlib.suppress(asyncio.CancelledError):
                             await receiver
         except (mqtt.MqttError, OSError) as exc:
-            delay = backoff_seconds(attempt)
             attempt += 1
-            log.debug(
-                "device %s %s (%s); reconnecting in %.1f s",
-                device_id,
-                "disconnected" if connected else "cannot connect",
-                exc,
-                delay,
-                extra={"device_id": device_id},
-            )
-            await _sleep_or_stop(stop, delay)
+            await _reconnect_later(stop, "device", device_id, connected, exc, attempt)
     if updates is not None:
         updates.stop()
 
