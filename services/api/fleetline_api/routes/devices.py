@@ -114,8 +114,14 @@ async def create_device(
 
 
 async def _check_gateway(pool: Any, policy: GatewayPolicy | None) -> None:
-    if policy is not None:
-        await registry.check_pattern(pool, policy.child_id_pattern, "child_id_pattern")
+    if policy is None:
+        return
+    # A gateway whose key leaks must not be able to claim any id nobody registered yet.
+    if policy.create_children and "child_id_pattern" not in policy.model_fields_set:
+        raise HTTPException(
+            400, "create_children needs a child_id_pattern for the ids it may create"
+        )
+    await registry.check_pattern(pool, policy.child_id_pattern, "child_id_pattern")
 
 
 def _policy(policy: GatewayPolicy | None) -> dict[str, Any] | None:

@@ -15,7 +15,6 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StringConstraints,
-    model_validator,
 )
 from pydantic.config import JsonDict
 
@@ -89,11 +88,27 @@ class DeviceAuthPublic(BaseModel):
     ca: str | None = Field(description="x509_ca: the CA that signs its certificate")
 
 
+def whole_number(value: Any) -> Any:
+    """JSON Schema's integer: a number with no fraction (60.0 is one); not a string or a
+    boolean, which pydantic's lax mode would take."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
+# An integer field that takes 60 and 60.0 but not "60" or true.
+WHOLE_NUMBER = BeforeValidator(whole_number)
+
+
 # A PostgreSQL regular expression that a whole id must match.
 Pattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
-class GatewayPolicyPublic(BaseModel):
+class GatewayPolicy(BaseModel):
     """A gateway's policy for a child id it publishes for that the registry does not
     know yet (docs/gateways.md)."""
 
@@ -114,24 +129,12 @@ class GatewayPolicyPublic(BaseModel):
         json_schema_extra=NAMED_KEYS_ONLY,
         description="The tags a child it creates starts with",
     )
-    max_children: StrictInt = Field(
+    max_children: Annotated[int, WHOLE_NUMBER] = Field(
         default=1000,
         ge=1,
         le=100_000,
         description="It creates no child once it has this many",
     )
-
-
-class GatewayPolicy(GatewayPolicyPublic):
-    """A gateway's policy for a child id it publishes for that the registry does not
-    know yet (docs/gateways.md): creating children needs the pattern of their ids."""
-
-    @model_validator(mode="after")
-    def _pattern_with_creation(self) -> GatewayPolicy:
-        # A gateway whose key leaks must not be able to claim any id nobody registered yet.
-        if self.create_children and "child_id_pattern" not in self.model_fields_set:
-            raise ValueError("create_children needs a child_id_pattern for the ids it may create")
-        return self
 
 
 GATEWAY_FIELD = Field(
@@ -197,7 +200,7 @@ class DevicePublic(BaseModel):
     key_created_at: datetime | None
     enabled: bool
     auth: DeviceAuthPublic
-    gateway: GatewayPolicyPublic | None = Field(description="null: not a gateway")
+    gateway: GatewayPolicy | None = Field(description="null: not a gateway")
     parent: str | None = Field(description="The gateway it is behind")
     offline_reason: str | None = Field(
         description="Why it is offline when it did not say so itself (its gateway went offline)"
@@ -230,22 +233,6 @@ class DeviceCreated(DevicePublic):
     credentials: DeviceCredentials | None = Field(
         description="The key of a device that logs in with one (null for X.509 devices)"
     )
-
-
-def whole_number(value: Any) -> Any:
-    """JSON Schema's integer: a number with no fraction (60.0 is one); not a string or a
-    boolean, which pydantic's lax mode would take."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("must be a whole number")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError("must be a whole number")
-        return int(value)
-    return value
-
-
-# An integer field that takes 60 and 60.0 but not "60" or true.
-WHOLE_NUMBER = BeforeValidator(whole_number)
 
 
 class TokenRequest(BaseModel):
