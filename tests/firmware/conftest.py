@@ -19,6 +19,7 @@ import pytest
 from fleetline import devicekeys
 from fleetline_dev.embedded import BrokerAuth, LocalMosquitto
 from tests.stack import API_USER, KEY_SECRET, SERVICES, service_url
+from tests.support import SUMMARY_PROPERTY
 
 __all__ = ["API_USER", "KEY_SECRET", "SERVICES", "service_url"]
 
@@ -89,11 +90,17 @@ async def add_device(db: asyncpg.Pool[Any], device_id: str, version: int = 1) ->
     return key_for(device_id, version)
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport() -> Any:
+    """REPORT's lines go with the report of the test that wrote them, to the end of the
+    run (tests/conftest.py prints them, from pytest-xdist's workers too)."""
+    outcome = yield
     if REPORT:
-        terminalreporter.section("firmware on the MicroPython unix port")
-        for line in REPORT:
-            terminalreporter.write_line(line)
+        report = outcome.get_result()
+        report.user_properties.extend(
+            (SUMMARY_PROPERTY, ("firmware on the MicroPython unix port", line))
+            for line in REPORT)
+        REPORT.clear()
 
 
 def mpy(mp: MicroPython, source: Path, target: Path) -> Path:

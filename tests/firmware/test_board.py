@@ -366,16 +366,16 @@ async def test_wifi_drop_and_silent_link_keep_sampling_and_lose_nothing(
         (board.fakes / "wifi_down").write_text("")
         proxy.down()
         wait_until(lambda: not online(), timeout=30, what="the board seen offline")
-        time.sleep(3)
+        time.sleep(2)  # four readings into the backlog
         (board.fakes / "wifi_down").unlink()
         proxy.up()
         wait_until(online, timeout=30, what="the board back online")
-        time.sleep(2)
+        time.sleep(1)
         # A silent link: nothing gets through, nothing is closed.
         proxy.freeze()
         wait_until(lambda: "connection lost" in board.console().split("connected as")[-1],
                    timeout=4 * timeout_s + 5, what="the silent link noticed")
-        time.sleep(3)
+        time.sleep(2)
         proxy.thaw()
         reconnects = board.console().count("connected as")
         wait_until(lambda: board.console().count("connected as") > reconnects, timeout=30,

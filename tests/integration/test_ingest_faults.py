@@ -31,6 +31,9 @@ class Publisher:
 
     def __init__(self, url: str, prefix: str, devices: int, per_device: int) -> None:
         self.devices = [Device(url, f"{prefix}-d{k}", persistent=True) for k in range(devices)]
+        for dev in self.devices:
+            # Back within a tenth of a second of a broker restart (paho waits 1 s at first).
+            dev.client.reconnect_delay_set(min_delay=0.1, max_delay=1)
         self.per_device = per_device
         self.errors: list[BaseException] = []
         self.threads: list[threading.Thread] = []

@@ -175,7 +175,7 @@ def wait_job(
         job: dict[str, Any] = resp.json()
         return job if done(job) else None
 
-    found: dict[str, Any] = wait_until(check, timeout=timeout, interval=0.2, what=f"job {job_id}")
+    found: dict[str, Any] = wait_until(check, timeout=timeout, interval=0.1, what=f"job {job_id}")
     return found
 
 
@@ -543,7 +543,7 @@ async def wait_states(
         if check(now):
             return now
         assert time.monotonic() < deadline, f"job {job_id} stayed at {now}"
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 async def test_a_job_survives_kill_9_and_sigterm_of_its_api_process(
@@ -553,15 +553,15 @@ async def test_a_job_survives_kill_9_and_sigterm_of_its_api_process(
     uid: str,
 ) -> None:
     ids = await register(private, [f"{uid}-{i:02}" for i in range(20)], {"run": uid}, online=True)
-    # Each answer takes 1 s: two devices are running nearly all the time.
-    devs = [job_devices(d, delay=1.0) for d in ids]
+    # Each answer takes 0.5 s: two devices are running nearly all the time.
+    devs = [job_devices(d, delay=0.5) for d in ids]
     token = await admin_token(private)
-    # Leases: the method's 4 s timeout (answers take 1 s: room for a loaded machine),
+    # Leases: the method's 3 s timeout (answers take 0.5 s: room for a loaded machine),
     # 5 s of work, 1 s of grace.
     env = {"FLEETLINE_API_JOBS_LEASE_GRACE_SECONDS": "1"}
     first = start_private_api("first", **env)
-    # At most 4 devices a second, 2 at a time: about 10 s for the job.
-    body = method_job(f"tags.run = '{uid}'", "one", timeout_s=4, batch_size=2, max_per_second=4)
+    # At most 4 devices a second, 2 at a time: about 5 s for the job.
+    body = method_job(f"tags.run = '{uid}'", "one", timeout_s=3, batch_size=2, max_per_second=4)
     job = client(first, token).post("/v1/jobs", json=body).json()
     await wait_states(private, job["id"], lambda s: s.get("succeeded", 0) >= 5)
     first.kill()
@@ -586,8 +586,10 @@ async def test_a_job_survives_kill_9_and_sigterm_of_its_api_process(
     assert sum(r["attempts"] == 2 for r in rows) == left["running"]
 
     # SIGTERM: the process stops claiming, lets running devices finish (they answer in
-    # 1 s) and hands back any it cut short; nothing is left running for a lease.
-    job = c.post("/v1/jobs", json={**body, "method": {**body["method"], "name": "two"}}).json()
+    # 0.5 s) and hands back any it cut short; nothing is left running for a lease.
+    # (Twice the pace: 4 devices at once, 8 a second.)
+    job = c.post("/v1/jobs", json={**body, "method": {**body["method"], "name": "two"},
+                                   "batch_size": 4, "max_per_second": 8}).json()
     await wait_states(private, job["id"], lambda s: s.get("succeeded", 0) >= 5)
     # uvicorn re-raises the signal once its graceful shutdown is done.
     assert second.terminate() in (0, -15)

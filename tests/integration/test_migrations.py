@@ -228,6 +228,8 @@ async def test_rollups_kept_by_marks_carry_over_exactly_when_they_become_increme
     sid = await con.fetchval(
         "INSERT INTO series (device_id, metric) VALUES ('d', 'v') RETURNING id")
     hour = await con.fetchval("SELECT date_trunc('hour', now()) - interval '3 hours'")
+    # Before 03:00 UTC that hour is yesterday's, whose partition a new database lacks.
+    await con.execute("SELECT fleetline_ensure_partition($1)", hour)
     rows = [(sid, hour + timedelta(seconds=7 * i), float(i % 17), None) for i in range(900)]
     cols = ["series_id", "ts", "value", "value_text"]
     await con.copy_records_to_table("telemetry", records=rows[:600], columns=cols)

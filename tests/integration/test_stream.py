@@ -99,8 +99,11 @@ async def test_stream_sends_stored_readings_and_status_filtered_by_device_and_me
 
 
 async def test_stream_authentication_and_bad_parameters(
-    api: ApiProcess, make_key: Callable[..., Any]
+    api: ApiProcess, make_key: Callable[..., Any], start_ingest: Callable[..., IngestProcess],
 ) -> None:
+    # Ingest answers the API's presence, as it does wherever the API runs: a client is
+    # subscribed once it has, not after the API's wait for an answer (5 s) ran out.
+    start_ingest()
     async with connect(ws_url(api)) as ws:
         assert (await close_code(ws))[0] == 4401
     async with connect(ws_url(api), additional_headers={"Authorization": "Bearer flk_x"}) as ws:
@@ -252,8 +255,12 @@ async def test_ingest_publishes_stored_batches_only_while_someone_listens(
 
 async def test_events_lost_on_the_way_close_the_stream_with_1013(
     api: ApiProcess, make_key: Callable[..., Any], broker: LocalMosquitto,
-    db: asyncpg.Pool[Any], uid: str,
+    db: asyncpg.Pool[Any], start_ingest: Callable[..., IngestProcess], uid: str,
 ) -> None:
+    # Ingest answers the API's presence (with the numbers of its own messages, not the
+    # stand-in publisher's below): each client is subscribed without waiting out the
+    # API's wait for an answer (5 s).
+    start_ingest()
     device_id = f"{uid}-gap"
     await db.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
     token = await make_key("telemetry:read")

@@ -36,7 +36,7 @@ Reading = tuple[str, str, datetime, bool | float | str]
 
 
 def stored(value: bool | float | str) -> tuple[float | None, str | None]:
-    """(value, value_text) as PROTOCOL.md stores a reading: booleans as 0/1, strings as text."""
+    """(value, value_text) as ingest stores a reading: booleans as 0/1, strings as text."""
     if isinstance(value, str):
         return None, value
     return float(value), None
@@ -202,7 +202,7 @@ async def test_partition_functions_are_noops(
     assert chunks == 0
 
 
-# --- the SQL surface (PROTOCOL.md) ----------------------------------------------------
+# --- the SQL surface (docs/protocol.md) -----------------------------------------------
 
 
 async def test_readings_view_returns_what_was_written_once(

@@ -10,6 +10,8 @@ from pydantic_settings import SettingsConfigDict
 from fleetline import devicekeys, releases
 from fleetline.settings import MqttTarget, ServiceSettings, parse_mqtt_url
 
+BOOTSTRAP_TOKEN_MIN_LENGTH = 32
+
 
 class ApiSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLEETLINE_API_", extra="ignore")
@@ -22,6 +24,11 @@ class ApiSettings(ServiceSettings):
     # Where devices reach the broker, for their connection strings (default: the
     # services' FLEETLINE_MQTT_URL host and port).
     device_mqtt_url: str | None = None
+
+    # The first API key without a database shell (fleetline_api/routes/apikeys.py): a
+    # bearer token of at least 32 characters (from a Secret) that POST /v1/apikeys
+    # accepts only while no active admin key exists. Unset (the default): no such path.
+    bootstrap_token: SecretStr | None = None
 
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -77,13 +84,16 @@ class ApiSettings(ServiceSettings):
     # many clients one API process serves.
     stream_queue_size: int = Field(default=1000, ge=10, le=100_000)
     stream_max_clients: int = Field(default=1000, ge=1, le=100_000)
-    # /v1/jobs (fleetline_api/workers/jobs/): how often the runner looks for work; devices one
-    # API process runs at once over all jobs; how long past a device's own timeout its
-    # claim lasts before another runner takes it over (the process is presumed dead);
-    # starts per device before it counts as failed ("abandoned"); devices one job may
-    # target; days a finished job is kept (0: for ever); the runner's own database
-    # connections (so that a large job cannot take the REST routes' pool).
+    # /v1/jobs (fleetline_api/workers/jobs/): how often the runner looks for work; how
+    # often it sweeps (leases that ran out, finished jobs, the reports and phase timeouts
+    # of rollout devices); devices one API process runs at once over all jobs; how long
+    # past a device's own timeout its claim lasts before another runner takes it over
+    # (the process is presumed dead); starts per device before it counts as failed
+    # ("abandoned"); devices one job may target; days a finished job is kept (0: for
+    # ever); the runner's own database connections (so that a large job cannot take the
+    # REST routes' pool).
     jobs_poll_interval_seconds: float = Field(default=0.5, ge=0.05, le=60)
+    jobs_sweep_interval_seconds: float = Field(default=1.0, ge=0.05, le=60)
     jobs_max_in_flight: int = Field(default=1000, ge=1, le=10_000)
     jobs_pool_size: int = Field(default=8, ge=1, le=100)
     jobs_lease_grace_seconds: float = Field(default=30, ge=1, le=3600)
@@ -113,6 +123,21 @@ class ApiSettings(ServiceSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("bootstrap_token", mode="before")
+    @classmethod
+    def _no_empty_token(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("bootstrap_token")
+    @classmethod
+    def _check_bootstrap_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < BOOTSTRAP_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"FLEETLINE_API_BOOTSTRAP_TOKEN needs at least {BOOTSTRAP_TOKEN_MIN_LENGTH} "
+                "characters (e.g. `openssl rand -hex 32`)"
+            )
+        return value
 
     @field_validator("device_http_url")
     @classmethod

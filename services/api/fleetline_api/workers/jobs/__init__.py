@@ -32,8 +32,9 @@ its request was sent, so a planned restart never sends a method twice; anything 
 cut short goes back to pending.
 
 A job is finished (``completed``, or ``cancelled`` once its running devices are done)
-by whoever records its last outcome, or by the sweep each runner makes every second,
-which also takes back expired leases and deletes finished jobs past their retention.
+by whoever records its last outcome, or by the sweep each runner makes every
+``jobs_sweep_interval_seconds`` (a second), which also takes back expired leases and
+follows rollout devices (rollouts.py); finished jobs past their retention are deleted.
 
 The package: ``runner.py`` claims and runs the devices (:class:`JobRunner`),
 ``outcomes.py`` records outcomes and finishes jobs (with the metrics they count),

@@ -2,15 +2,16 @@
 
 A rollout device is claimed and notified as a twin job's device is patched (runner.py):
 its desired ``firmware`` names the release. From then on its own reports drive it, not
-a lease: the sweep (every runner, every second) reads the reported ``firmware`` of the
-devices being updated whose twin changed or whose phase ran past its timeout, and moves
-each through its phases (:func:`advance`): ``{"rollout": <job id>, "state":
-"downloading", "progress": 40}``, then verifying, applying, rebooting, and at last
-``succeeded`` (with ``"running": <the release's version>``), ``failed`` or
-``rolled_back`` (each with a ``reason``). A report of another rollout is not this one's;
-a report that cannot be taken (an unknown state, a step back, success on another
-version) is counted and kept with the device, and changes nothing. Rows are locked with
-``SKIP LOCKED``, so replicas sweeping at once take each report once.
+a lease: the sweep (every runner, every ``jobs_sweep_interval_seconds``, a second)
+reads the reported ``firmware`` of the devices being updated whose twin changed or whose
+phase ran past its timeout, and moves each through its phases (:func:`advance`):
+``{"rollout": <job id>, "state": "downloading", "progress": 40}``, then verifying,
+applying, rebooting, and at last ``succeeded`` (with ``"running": <the release's
+version>``), ``failed`` or ``rolled_back`` (each with a ``reason``). A report of another
+rollout is not this one's; a report that cannot be taken (an unknown state, a step back,
+success on another version) is counted and kept with the device, and changes nothing.
+Rows are locked with ``SKIP LOCKED``, so replicas sweeping at once take each report
+once.
 
 Then the failure threshold: once at least the canary's count of devices has finished
 since the rollout was last resumed, more failed or rolled-back devices than its

@@ -44,7 +44,6 @@ IN_FLIGHT = Gauge("fleetline_api_job_devices_in_flight", "Job devices this proce
 
 # A device's answer larger than this (as JSON) is not kept in the job's results.
 MAX_RESULT_BYTES = 16 * 1024
-MAINTAIN_INTERVAL_SECONDS = 1.0
 RETENTION_INTERVAL_SECONDS = 300.0
 RETENTION_BATCH = 100
 PROGRESS_LOG_SECONDS = 5.0
@@ -186,7 +185,7 @@ class JobRunner:
                 try:
                     if loop.time() >= next_sweep:
                         await self._sweep()
-                        next_sweep = loop.time() + MAINTAIN_INTERVAL_SECONDS
+                        next_sweep = loop.time() + self._settings.jobs_sweep_interval_seconds
                     if self._settings.jobs_retention_days and loop.time() >= next_retention:
                         await self._expire_jobs()
                         next_retention = loop.time() + RETENTION_INTERVAL_SECONDS
@@ -207,7 +206,13 @@ class JobRunner:
                     log.exception("job runner failed; again in %.1f s", delay)
                     await self._pause(delay)
                     continue
-                await self._pause(self._settings.jobs_poll_interval_seconds)
+                # Until the next poll, or the next sweep when that comes first.
+                await self._pause(
+                    min(
+                        self._settings.jobs_poll_interval_seconds,
+                        max(0.0, next_sweep - loop.time()),
+                    )
+                )
         finally:
             await self._shutdown()
 
