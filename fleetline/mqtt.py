@@ -41,7 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fleetline.protocol import STATUS, TELEMETRY, TOPIC_ROOT
+from fleetline.protocol import MODULES, STATUS, TELEMETRY, TOPIC_ROOT
 from fleetline.settings import ConsumerSettings, MqttProtocol, MqttTarget
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,17 @@ def consumer_client(settings: ConsumerSettings, protocol: MqttProtocol) -> aiomq
 
 
 def device_message_topics(*, every_kind: bool = False) -> list[str]:
-    """Every device's telemetry and status; with ``every_kind`` (ingest), everything
-    under ``devices/``, so that no device message goes unseen: what ingest does not
-    handle it dead-letters, or leaves to the service it belongs to."""
+    """Every device's telemetry (its own and its modules') and status; with
+    ``every_kind`` (ingest), everything under ``devices/``, so that no device message
+    goes unseen: what ingest does not handle it dead-letters, or leaves to the service it
+    belongs to."""
     if every_kind:
         return [f"{TOPIC_ROOT}/#"]
-    return [f"{TOPIC_ROOT}/+/{TELEMETRY}", f"{TOPIC_ROOT}/+/{STATUS}"]
+    return [
+        f"{TOPIC_ROOT}/+/{TELEMETRY}",
+        f"{TOPIC_ROOT}/+/{MODULES}/+/{TELEMETRY}",
+        f"{TOPIC_ROOT}/+/{STATUS}",
+    ]
 
 
 def shared(client: aiomqtt.Client, share_group: str, topics: list[str]) -> list[str]:

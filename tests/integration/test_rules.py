@@ -122,6 +122,17 @@ async def alarms_of(db: asyncpg.Pool[Any], rule_id: int) -> list[asyncpg.Record]
     return list(await db.fetch("SELECT * FROM rule_alarms WHERE rule_id = $1 ORDER BY id", rule_id))
 
 
+async def rules_loaded(rules: RulesProcess, db: asyncpg.Pool[Any]) -> None:
+    """Until the rules service has loaded every enabled rule: it reloads on the NOTIFY of
+    a rule created over REST (and every second here)."""
+
+    async def loaded() -> bool:
+        enabled = await db.fetchval("SELECT count(*) FROM rules WHERE enabled")
+        return rules.metric("fleetline_rules_loaded") == enabled
+
+    await eventually(loaded, what="the rules service to load the new rules")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -238,7 +249,7 @@ async def test_rules_crud_over_rest_with_masked_secrets_and_validation(
     }
     assert_problem(writer.put(f"/v1/rules/{rule['id']}", json=masked_without_secret), 400, "masked")
 
-    # The offline rule of PROTOCOL.md, and invalid bodies (422 problem+json).
+    # The offline rule of docs/protocol.md, and invalid bodies (422 problem+json).
     offline = writer.post(
         "/v1/rules",
         json={
@@ -276,8 +287,8 @@ async def test_rules_crud_over_rest_with_masked_secrets_and_validation(
 # -- live evaluation -------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("rules_service")
 async def test_alarm_raises_after_for_s_does_not_flap_and_clears_after_the_delay(
+    rules_service: RulesProcess,
     admin: httpx.Client,
     api: ApiProcess,
     make_key: Callable[..., Any],
@@ -288,7 +299,7 @@ async def test_alarm_raises_after_for_s_does_not_flap_and_clears_after_the_delay
     device_id = f"{uid}-fridge"
     await db.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
     rule = admin.post("/v1/rules", json=threshold_rule(f"{uid} hot", [device_id])).json()
-    await asyncio.sleep(0.5)  # the service reloads on the NOTIFY
+    await rules_loaded(rules_service, db)  # it reloads on the NOTIFY
     token = await make_key("telemetry:read")
     dev = Device(broker.url, device_id)
     async with connect(
@@ -348,8 +359,8 @@ async def test_alarm_raises_after_for_s_does_not_flap_and_clears_after_the_delay
     dev.close()
 
 
-@pytest.mark.usefixtures("rules_service")
 async def test_ack_and_clear_over_rest_with_who_and_when(
+    rules_service: RulesProcess,
     admin: httpx.Client,
     api: ApiProcess,
     make_key: Callable[..., Any],
@@ -363,7 +374,7 @@ async def test_ack_and_clear_over_rest_with_who_and_when(
         json=threshold_rule(f"{uid} boil", [device_id])
         | {"raise": {"op": ">", "value": 30, "for_s": 0}},
     ).json()
-    await asyncio.sleep(0.5)
+    await rules_loaded(rules_service, db)
     dev = Device(broker.url, device_id)
     dev.publish_all([{"ts": now_ms(), "values": {"temp": 45}}])
     (alarm,) = await eventually(lambda: alarms_of(db, rule["id"]), what="raise")
@@ -413,13 +424,41 @@ async def test_ack_and_clear_over_rest_with_who_and_when(
     dev.close()
 
 
+async def test_a_rule_on_a_module_series_raises_on_the_module_readings_only(
+    rules_service: RulesProcess,
+    admin: httpx.Client,
+    broker: LocalMosquitto,
+    db: asyncpg.Pool[Any],
+    uid: str,
+) -> None:
+    """A module's readings (devices/{id}/modules/{m}/telemetry) are the device's series
+    "{m}/{metric}" for rules as for storage: a rule on "env/temp" is not raised by the
+    device's own "temp"."""
+    device_id = f"{uid}-station"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device_id)
+    rule = admin.post(
+        "/v1/rules",
+        json=threshold_rule(f"{uid} module", [device_id])
+        | {"metric": "env/temp", "raise": {"op": ">", "value": 30, "for_s": 0}},
+    ).json()
+    await rules_loaded(rules_service, db)
+    dev = Device(broker.url, device_id)
+    dev.publish_all([{"ts": now_ms(), "values": {"temp": 45}}])
+    dev.publish_all([{"ts": now_ms(), "values": {"temp": 20}}], kind="modules/env/telemetry")
+    dev.publish_all([{"ts": now_ms(), "values": {"temp": 41}}], kind="modules/env/telemetry")
+    (alarm,) = await eventually(lambda: alarms_of(db, rule["id"]), what="raise")
+    fields = ("device_id", "metric", "value", "peak", "count")
+    assert tuple(alarm[f] for f in fields) == (device_id, "env/temp", 41, 41, 1), dict(alarm)
+    dev.close()
+
+
 async def _two(rows: Any) -> list[asyncpg.Record] | None:
     found = await rows
     return found if len(found) == 2 else None
 
 
-@pytest.mark.usefixtures("rules_service")
 async def test_offline_alarm_after_the_timeout_and_at_once_on_the_last_will(
+    rules_service: RulesProcess,
     admin: httpx.Client,
     broker: LocalMosquitto,
     db: asyncpg.Pool[Any],
@@ -448,7 +487,7 @@ async def test_offline_alarm_after_the_timeout_and_at_once_on_the_last_will(
             "message": "{device_id} went away",
         },
     ).json()
-    await asyncio.sleep(0.5)
+    await rules_loaded(rules_service, db)
     q, d, g = Device(broker.url, quiet), Device(broker.url, dropped), Device(broker.url, ghost)
     q.publish_all([{"values": {"temp": 20}}])
     d.publish_all([{"values": {"temp": 20}}])
@@ -529,7 +568,7 @@ async def test_webhook_pushsafer_and_command_actions_are_delivered_signed_and_lo
             ],
         },
     ).json()
-    await asyncio.sleep(0.5)
+    await rules_loaded(rules_service, db)
     dev = Device(broker.url, device_id)
     dev.publish_all([{"ts": now_ms(), "values": {"level": 95}}])
     (alarm,) = await eventually(lambda: alarms_of(db, rule["id"]), what="raise")
@@ -584,9 +623,12 @@ async def test_webhook_pushsafer_and_command_actions_are_delivered_signed_and_lo
     dev.close()
 
 
-@pytest.mark.usefixtures("rules_service")
 async def test_commands_are_rate_limited_per_target_and_failures_end_up_logged(
-    admin: httpx.Client, broker: LocalMosquitto, db: asyncpg.Pool[Any], uid: str
+    rules_service: RulesProcess,
+    admin: httpx.Client,
+    broker: LocalMosquitto,
+    db: asyncpg.Pool[Any],
+    uid: str,
 ) -> None:
     devices, relay = [f"{uid}-p{i}" for i in range(2)], f"{uid}-relay"
     arrivals: list[float] = []
@@ -610,7 +652,7 @@ async def test_commands_are_rate_limited_per_target_and_failures_end_up_logged(
             ],
         },
     ).json()
-    await asyncio.sleep(0.5)
+    await rules_loaded(rules_service, db)
     pubs = [Device(broker.url, d) for d in devices]
     for dev in pubs:
         dev.publish_all([{"ts": now_ms(), "values": {"bar": 7}}])
@@ -653,9 +695,9 @@ def _all_delivered(api: httpx.Client, alarm_id: int, n: int) -> list[dict[str, A
 # -- backtest --------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("rules_service")
 @pytest.mark.storage
 async def test_backtest_returns_what_live_evaluation_raised_on_the_same_readings(
+    rules_service: RulesProcess,
     admin: httpx.Client,
     broker: LocalMosquitto,
     db: asyncpg.Pool[Any],
@@ -672,7 +714,7 @@ async def test_backtest_returns_what_live_evaluation_raised_on_the_same_readings
             "clear": {"op": "<", "value": 28, "for_s": 1.2},
         },
     ).json()
-    await asyncio.sleep(0.5)
+    await rules_loaded(rules_service, db)
     start = datetime.now(UTC) - timedelta(seconds=1)
     pubs = [Device(broker.url, d) for d in devices]
     # Readings 0.8 s apart, each stamped with the time it is due (not when the publish

@@ -58,7 +58,9 @@ from fleetline.protocol import (
     Row,
     device_ids,
     parse_telemetry,
+    series_name,
     split_device_topic,
+    split_module_kind,
 )
 from fleetline.rules_engine import ROUTES_CHANNEL, RULES_CHANNEL, Phase
 from fleetline_rules import metrics, routing, store
@@ -227,13 +229,17 @@ class RulesService:
         device_id, kind = parts
         if not device_ids.valid(device_id):
             return []
-        if kind == TELEMETRY:
+        module = split_module_kind(kind)
+        if kind == TELEMETRY or (module is not None and module[1] == TELEMETRY):
             metrics.MESSAGES.labels("telemetry").inc()
             rows: list[Row] = []
             try:
                 parse_telemetry(device_id, msg.payload, msg.received_at, self.limits, rows)
             except PayloadError:
                 return []  # ingest dead-letters it
+            if module is not None:
+                # A module's readings are the device's series "{module}/{metric}".
+                rows = [(d, series_name(module[0], m), ts, v, t) for d, m, ts, v, t in rows]
             if len(rows) > 1:
                 rows.sort(key=lambda r: r[2])  # a device's backlog, in time order
             before = self.evaluator.evaluated
