@@ -1,7 +1,8 @@
 """API keys: how they look, how they are made and checked, and what they may do.
 
-Shared by the api service (checking) and the command line (creating the first admin
-key). A key reads ``flk_<id>_<secret>``; the database keeps ``sha256(secret)`` only.
+Shared by the api service (checking; ``/v1/apikeys`` creates, lists and revokes) and the
+command line (creating the first admin key with database access). A key reads
+``flk_<id>_<secret>``; the database keeps ``sha256(secret)`` only.
 """
 
 from __future__ import annotations
@@ -76,6 +77,37 @@ async def create_key(con: db.Connection, *, name: str, scopes: list[str]) -> New
     return NewKey(id=key_id, token=f"{PREFIX}{key_id}_{secret}")
 
 
+_COLUMNS = "id, name, scopes, created_at, last_used_at, revoked_at"
+# Taken by the creation of a first key (create_first_key): two such requests take turns.
+_BOOTSTRAP_LOCK = "SELECT pg_advisory_xact_lock(hashtext('fleetline.apikeys.bootstrap'))"
+
+
+async def get_key(con: db.Connection, key_id: str) -> asyncpg.Record | None:
+    """The key's row without its secret (revoked keys too)."""
+    return await con.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+
+
+async def admin_exists(con: db.Connection) -> bool:
+    """Whether some key that is not revoked holds the ``admin`` scope."""
+    return bool(
+        await con.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM api_keys "
+            "WHERE revoked_at IS NULL AND 'admin' = ANY(scopes))"
+        )
+    )
+
+
+async def create_first_key(con: db.Connection, *, name: str, scopes: list[str]) -> NewKey | None:
+    """A key made without an admin key (the API's bootstrap token), only while no active
+    admin key exists: None once one does. Concurrent calls take turns (an advisory lock
+    held by the transaction), so two of them cannot both see "none yet"."""
+    async with con.transaction():
+        await con.execute(_BOOTSTRAP_LOCK)
+        if await admin_exists(con):
+            return None
+        return await create_key(con, name=name, scopes=scopes)
+
+
 async def verify(con: db.Connection, token: str) -> KeyInfo | None:
     """The key's identity and scopes, or None for an unknown, revoked or wrong token."""
     parts = split_token(token)
@@ -104,9 +136,4 @@ async def revoke(con: db.Connection, key_id: str) -> bool:
 
 
 async def list_keys(con: db.Connection) -> list[asyncpg.Record]:
-    return list(
-        await con.fetch(
-            "SELECT id, name, scopes, created_at, last_used_at, revoked_at FROM api_keys "
-            "ORDER BY created_at"
-        )
-    )
+    return list(await con.fetch(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, id"))

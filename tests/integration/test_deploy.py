@@ -736,13 +736,15 @@ class Cluster:
 
 def expected_secrets() -> set[str]:
     """Every Secret the rendered manifests refer to (the Ingress's TLS Secrets are the
-    component's, made by hand or cert-manager)."""
+    component's, made by hand or cert-manager; optional ones, as the api's bootstrap
+    token, are made by hand for a while)."""
     names: set[str] = set()
     for w in workloads(render("prod")).values():
         for c in containers(w):
             names |= {e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e}
             names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
-                      if "secretKeyRef" in e.get("valueFrom", {})}
+                      if "secretKeyRef" in e.get("valueFrom", {})
+                      and not e["valueFrom"]["secretKeyRef"].get("optional")}
         for v in pod_spec(w).get("volumes", []):
             if "secret" in v:
                 names.add(v["secret"]["secretName"])

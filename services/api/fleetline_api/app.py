@@ -13,18 +13,21 @@ import asyncpg
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 
 from fleetline import __version__, db, releases
 from fleetline.service import serve_probes
 from fleetline.settings import StorageSettings
-from fleetline_api import problems
+from fleetline_api import asyncapi, problems
 from fleetline_api.devicelistener import DevicePathsOnly
 from fleetline_api.limits import RequestLimits
+from fleetline_api.metrics import RequestMetrics
 from fleetline_api.provisioning import Provisioner
 from fleetline_api.queries import telemetry as sql
 from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.routes import (
     alarms,
+    apikeys,
     cas,
     dashboard,
     dead_letters,
@@ -56,6 +59,9 @@ from fleetline_api.workers.c2d import C2dDispatcher
 from fleetline_api.workers.jobs import JobRunner
 from fleetline_api.workers.stream import StreamHub
 
+# Where Swagger UI's and ReDoc's assets are served.
+DOCS_ASSETS = "/docs/assets"
+
 
 class State(TypedDict):
     settings: ApiSettings
@@ -70,6 +76,120 @@ class State(TypedDict):
     rollup_horizons: dict[str, timedelta]
     # Signs firmware releases' manifests (None: no release can be made).
     release_key: ec.EllipticCurvePrivateKey | None
+
+
+DESCRIPTION = f"""\
+REST API of fleetline, an IoT fleet backend: the device registry and its credentials,
+telemetry, twins, direct methods, cloud-to-device messages, jobs, firmware rollouts,
+rules and alarms.
+
+- **Authentication**: `Authorization: Bearer <API key>` (`flk_<id>_<secret>`). Each
+  route needs a scope (`devices:read`, `devices:write`, `telemetry:read`,
+  `commands:write`, `rules:write`, `firmware:write`), which `admin` includes. Admin keys
+  make keys with `POST /v1/apikeys`; the first one with the bootstrap token
+  (`FLEETLINE_API_BOOTSTRAP_TOKEN`) or `fleetline apikey create`.
+- **Errors** are RFC 9457 `application/problem+json`: `title`, `status`, `detail`; 422
+  adds `errors`, a bad device query its `position`. Every key is rate limited (429 with
+  `Retry-After`); request bodies and headers are size-limited (413, 431) before the key
+  is checked.
+- **Paging**: lists answer `{{"items": [...], "next_cursor": ...}}`; pass `next_cursor` as
+  `cursor` for the next page.
+- **Live stream**: `/v1/stream` is a WebSocket, which OpenAPI cannot describe: its query
+  parameters, messages and close codes are in the AsyncAPI document at
+  [{asyncapi.PATH}]({asyncapi.PATH}).
+"""
+
+# The tags in the order the docs show them, each with what its operations are about.
+TAGS: list[dict[str, Any]] = [
+    {
+        "name": "devices",
+        "description": "The device registry: devices, their tags, how they "
+        "log in (keys, SAS tokens, X.509), gateways and their children.",
+    },
+    {
+        "name": "twins",
+        "description": "Device twins: desired and reported properties, "
+        "versions (`If-Match`), the desired patch published to the device retained.",
+    },
+    {
+        "name": "methods",
+        "description": "Direct methods: call a method on an online device and wait for its answer.",
+    },
+    {
+        "name": "messages",
+        "description": "Cloud-to-device messages: a queue per device, "
+        "delivered when it is online, acknowledged, expired or cancelled.",
+    },
+    {"name": "modules", "description": "A device's modules, each with its own twin and methods."},
+    {
+        "name": "telemetry",
+        "description": "Stored readings: raw points, buckets with "
+        "aggregates, the latest value of each metric, a fleet's latest values.",
+    },
+    {"name": "query", "description": "Devices a query over their tags, twins and status matches."},
+    {
+        "name": "jobs",
+        "description": "A method or a twin patch run on every device a query "
+        "matches, at a set pace, with each device's outcome.",
+    },
+    {
+        "name": "rules",
+        "description": "Rules evaluated on the live readings: thresholds, "
+        "ranges, no-data; their actions; backtests on stored readings.",
+    },
+    {
+        "name": "alarms",
+        "description": "Alarms raised by rules: acknowledge, clear, their "
+        "history and notifications.",
+    },
+    {
+        "name": "routes",
+        "description": "Message routes: readings forwarded to a webhook or "
+        "an MQTT topic, with their deliveries.",
+    },
+    {
+        "name": "firmware",
+        "description": "Signed firmware releases and their images, and "
+        "rollouts of them to devices.",
+    },
+    {"name": "files", "description": "Files uploaded by devices."},
+    {
+        "name": "transfers",
+        "description": "The URLs devices download firmware and upload "
+        "files with (a signed grant in the URL, no API key).",
+    },
+    {
+        "name": "enrollments",
+        "description": "Enrollments: devices that register themselves "
+        "with a shared credential, and their registrations.",
+    },
+    {
+        "name": "provisioning",
+        "description": "A device registering itself with an enrollment's SAS token.",
+    },
+    {
+        "name": "certificate authorities",
+        "description": "X.509 CAs that sign device certificates, and their proof of possession.",
+    },
+    {
+        "name": "limits",
+        "description": "Per-device message and byte rates the broker "
+        "enforces, and each device's refused publishes.",
+    },
+    {"name": "dead-letters", "description": "Messages ingest could not store, with the reason."},
+    {
+        "name": "stream",
+        "description": "The live WebSocket `/v1/stream` (not an OpenAPI operation): its "
+        "parameters, messages and close codes are in "
+        f"[its AsyncAPI document]({asyncapi.PATH}).",
+    },
+    {
+        "name": "apikeys",
+        "description": "API keys: made, listed and revoked by admin keys; "
+        "the first one with the bootstrap token. A key's token is shown once.",
+    },
+    {"name": "health", "description": "Liveness and readiness probes."},
+]
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -148,12 +268,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
                     await task
             await db.close_pool(pool)
 
-    app = FastAPI(
+    # Swagger UI (/docs) and ReDoc (/redoc) with their scripts, styles and icon served by
+    # the API from the fastapi-offline package (no CDN: they work without internet).
+    app = FastAPIOffline(
         title="fleetline",
         version=__version__,
-        description="REST API of fleetline. Errors are RFC 9457 problem+json.",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        static_url=DOCS_ASSETS,
     )
     problems.install(app)
     if settings.device_port:
@@ -164,10 +288,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
     )
+    # Outermost: every request counted and timed, those refused by the limits too.
+    app.add_middleware(RequestMetrics)
     app.include_router(health.router)
     if not settings.metrics_port:
         app.include_router(health.metrics_router)
     app.include_router(devices.router)
+    app.include_router(apikeys.router)
     app.include_router(cas.router)
     app.include_router(firmware.router)
     app.include_router(firmware.key_router)

@@ -38,6 +38,8 @@ async def get_settings(request: Request) -> ApiSettings:
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 _bearer = HTTPBearer(auto_error=False, description="An API key: flk_<id>_<secret>")
+# The bearer credentials of a request, if any (for routes that check them themselves).
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
@@ -60,24 +62,26 @@ async def authorize(pool: Pool, token: str | None, *scopes: Scope) -> KeyInfo:
 def require(*scopes: Scope) -> Callable[..., Awaitable[KeyInfo]]:
     """A dependency that lets through keys holding one of ``scopes`` (or ``admin``)."""
 
-    async def check(
-        request: Request,
-        pool: PoolDep,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> KeyInfo:
+    async def check(request: Request, pool: PoolDep, credentials: Bearer) -> KeyInfo:
         key = await authorize(pool, credentials.credentials if credentials else None, *scopes)
-        limiter: KeyRateLimiter = request.state.rate_limits
-        wait = limiter.take(key.id)
-        if wait is not None:
-            raise HTTPException(
-                429,
-                f"this key made more than its {limiter.rate:g} requests a second "
-                f"(bursts of {limiter.burst:g}); try again in {wait} s",
-                headers={"Retry-After": str(wait)},
-            )
+        take_rate(request, key.id)
         return key
 
     return check
+
+
+def take_rate(request: Request, bucket: str) -> None:
+    """One request of ``bucket`` (a key's id) from the rate limit per key; 429 with
+    Retry-After when it has none left."""
+    limiter: KeyRateLimiter = request.state.rate_limits
+    wait = limiter.take(bucket)
+    if wait is not None:
+        raise HTTPException(
+            429,
+            f"this key made more than its {limiter.rate:g} requests a second "
+            f"(bursts of {limiter.burst:g}); try again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
 
 
 DevicesRead = Annotated[KeyInfo, Depends(require("devices:read"))]
@@ -88,6 +92,7 @@ RulesRead = Annotated[KeyInfo, Depends(require("rules:write", "telemetry:read"))
 RulesWrite = Annotated[KeyInfo, Depends(require("rules:write"))]
 FirmwareRead = Annotated[KeyInfo, Depends(require("firmware:write", "devices:read"))]
 FirmwareWrite = Annotated[KeyInfo, Depends(require("firmware:write"))]
+Admin = Annotated[KeyInfo, Depends(require("admin"))]
 
 
 def actor(key: KeyInfo) -> str:

@@ -11,11 +11,12 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from fleetline import devicequery
+from fleetline_api.openapi import restore_examples
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,20 @@ MEDIA_TYPE = "application/problem+json"
 class Problem(BaseModel):
     """RFC 9457 problem details; validation errors add ``errors``, device query errors
     the ``position`` (0-based) of the offending text."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "about:blank",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": "device fridge-1 not found",
+                    "instance": "/v1/devices/fridge-1",
+                }
+            ]
+        }
+    )
 
     type: str = "about:blank"
     title: str
@@ -113,7 +128,7 @@ def install(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _problem_media_types(generate())
+            app.openapi_schema = restore_examples(_problem_media_types(generate()))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -44,6 +44,7 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
 
 @router.get(
     "",
+    summary="List alarms",
     response_model=AlarmPage,
     responses={
         200: {
@@ -90,7 +91,7 @@ async def _get(con: db.Queryable, alarm_id: int) -> AlarmPublic:
     return AlarmPublic(**dict(row))
 
 
-@router.get("/{alarm_id}", response_model=AlarmPublic, responses=NOT_FOUND)
+@router.get("/{alarm_id}", summary="Get an alarm", response_model=AlarmPublic, responses=NOT_FOUND)
 async def get_alarm(alarm_id: AlarmId, pool: PoolDep, _key: RulesRead) -> AlarmPublic:
     """One alarm."""
     return await _get(pool, alarm_id)
@@ -124,20 +125,35 @@ async def _move(
     return await db.notifying(pool, work, what=f"alarm {alarm_id} {event}")
 
 
-@router.post("/{alarm_id}/ack", response_model=AlarmPublic, responses={**NOT_FOUND, **CONFLICT})
+@router.post(
+    "/{alarm_id}/ack",
+    summary="Acknowledge an alarm",
+    response_model=AlarmPublic,
+    responses={**NOT_FOUND, **CONFLICT},
+)
 async def acknowledge_alarm(alarm_id: AlarmId, pool: PoolDep, key: RulesWrite) -> AlarmPublic:
     """Acknowledge an active alarm (409 if it is acknowledged or cleared already). It
     stays open, and clears when its rule's clear condition holds."""
     return await _move(pool, alarm_id, sql.ACK, "acknowledged", actor(key), "active")
 
 
-@router.post("/{alarm_id}/clear", response_model=AlarmPublic, responses={**NOT_FOUND, **CONFLICT})
+@router.post(
+    "/{alarm_id}/clear",
+    summary="Clear an alarm",
+    response_model=AlarmPublic,
+    responses={**NOT_FOUND, **CONFLICT},
+)
 async def clear_alarm(alarm_id: AlarmId, pool: PoolDep, key: RulesWrite) -> AlarmPublic:
     """Clear an active or acknowledged alarm by hand (409 if it is cleared already)."""
     return await _move(pool, alarm_id, sql.CLEAR, "cleared", actor(key), "active or acknowledged")
 
 
-@router.get("/{alarm_id}/history", response_model=list[AlarmEvent], responses=NOT_FOUND)
+@router.get(
+    "/{alarm_id}/history",
+    summary="An alarm's history",
+    response_model=list[AlarmEvent],
+    responses=NOT_FOUND,
+)
 async def alarm_history(alarm_id: AlarmId, pool: PoolDep, _key: RulesRead) -> list[AlarmEvent]:
     """Every move of the alarm, oldest first: raised, acknowledged, cleared, with who."""
     async with pool.acquire() as con:
@@ -146,7 +162,12 @@ async def alarm_history(alarm_id: AlarmId, pool: PoolDep, _key: RulesRead) -> li
     return [AlarmEvent(**dict(r)) for r in rows]
 
 
-@router.get("/{alarm_id}/deliveries", response_model=list[Delivery], responses=NOT_FOUND)
+@router.get(
+    "/{alarm_id}/deliveries",
+    summary="An alarm's notifications",
+    response_model=list[Delivery],
+    responses=NOT_FOUND,
+)
 async def alarm_deliveries(alarm_id: AlarmId, pool: PoolDep, _key: RulesRead) -> list[Delivery]:
     """The actions the alarm's moves ran: status, attempts, last error, next retry
     (the delivery log; secrets masked)."""

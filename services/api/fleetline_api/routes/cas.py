@@ -34,6 +34,7 @@ def _load(pem: str) -> Certificate:
 
 @router.post(
     "",
+    summary="Add an X.509 CA",
     status_code=201,
     response_model=CaPublic,
     responses={409: {"model": Problem, "description": "The name or certificate is registered"}},
@@ -61,13 +62,13 @@ async def create_ca(body: CaCreate, pool: PoolDep, _key: DevicesWrite) -> CaPubl
     return CaPublic(**dict(row))
 
 
-@router.get("", response_model=CaList)
+@router.get("", summary="List X.509 CAs", response_model=CaList)
 async def list_cas(pool: PoolDep, _key: DevicesRead) -> CaList:
     """Every registered CA, verified or not."""
     return CaList(items=[CaPublic(**dict(r)) for r in await pool.fetch(sql.LIST_CAS)])
 
 
-@router.get("/{name}", response_model=CaPublic, responses=NOT_FOUND)
+@router.get("/{name}", summary="Get an X.509 CA", response_model=CaPublic, responses=NOT_FOUND)
 async def get_ca(name: DeviceId, pool: PoolDep, _key: DevicesRead) -> CaPublic:
     row = await pool.fetchrow(sql.GET_CA, name)
     if row is None:
@@ -75,7 +76,12 @@ async def get_ca(name: DeviceId, pool: PoolDep, _key: DevicesRead) -> CaPublic:
     return CaPublic(**dict(row))
 
 
-@router.post("/{name}/verify", response_model=CaPublic, responses=NOT_FOUND)
+@router.post(
+    "/{name}/verify",
+    summary="Verify a CA (proof of possession)",
+    response_model=CaPublic,
+    responses=NOT_FOUND,
+)
 async def verify_ca(name: DeviceId, body: CaProof, pool: PoolDep, _key: DevicesWrite) -> CaPublic:
     """Prove possession of the CA's key: a certificate it signed whose common name is
     the verification code. The CA is trusted from now on."""
@@ -97,6 +103,7 @@ async def verify_ca(name: DeviceId, body: CaProof, pool: PoolDep, _key: DevicesW
 
 @router.delete(
     "/{name}",
+    summary="Delete an X.509 CA",
     status_code=204,
     responses={**NOT_FOUND, 409: {"model": Problem, "description": "An enrollment's CA"}},
 )

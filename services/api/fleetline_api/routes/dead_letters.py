@@ -17,7 +17,9 @@ router = APIRouter(prefix="/v1/dead-letters", tags=["dead-letters"], responses=R
 PAYLOAD_PREVIEW_BYTES = 4096
 
 
-@router.get("", response_model=DeadLetterPage)
+@router.get(
+    "", summary="List dead letters (messages ingest could not store)", response_model=DeadLetterPage
+)
 async def list_dead_letters(
     pool: PoolDep,
     _key: TelemetryRead,

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=RESPONSES)
 
 
-@router.get("", response_model=DevicePage)
+@router.get("", summary="List devices", response_model=DevicePage)
 async def list_devices(
     pool: PoolDep,
     _key: DevicesRead,
@@ -76,6 +76,7 @@ async def list_devices(
 
 @router.post(
     "",
+    summary="Register a device (its key shown once)",
     status_code=201,
     response_model=DeviceCreated,
     responses={
@@ -159,7 +160,12 @@ def _credentials(auth: DeviceAuth) -> tuple[bytes | None, bytes | None, str | No
     )
 
 
-@router.put("/{device_id}/auth", response_model=DevicePublic, responses=NOT_FOUND)
+@router.put(
+    "/{device_id}/auth",
+    summary="Change how a device logs in",
+    response_model=DevicePublic,
+    responses=NOT_FOUND,
+)
 async def set_auth(
     device_id: DeviceId, body: DeviceAuth, pool: PoolDep, _key: DevicesWrite
 ) -> DevicePublic:
@@ -183,6 +189,7 @@ async def _require_key_auth(con: Any, device_id: str) -> None:
 
 @router.post(
     "/{device_id}/key",
+    summary="Issue a new device key",
     response_model=DeviceCredentials,
     responses={**NOT_FOUND, 409: {"model": Problem, "description": "An X.509 device"}},
 )
@@ -198,6 +205,7 @@ async def regenerate_key(
 
 @router.post(
     "/{device_id}/token",
+    summary="Make a SAS token for a device",
     response_model=DeviceToken,
     responses={
         **NOT_FOUND,
@@ -236,7 +244,9 @@ async def _get(pool: Any, device_id: str) -> DevicePublic:
     return DevicePublic(**dict(row))
 
 
-@router.get("/{device_id}", response_model=DevicePublic, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}", summary="Get a device", response_model=DevicePublic, responses=NOT_FOUND
+)
 async def get_device(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> DevicePublic:
     """One device with its connection status."""
     return await _get(pool, device_id)
@@ -244,6 +254,7 @@ async def get_device(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> D
 
 @router.patch(
     "/{device_id}",
+    summary="Update a device's tags, state or gateway",
     response_model=DevicePublic,
     responses={
         **NOT_FOUND,
@@ -302,7 +313,12 @@ async def _set_family(con: Any, device_id: str, body: DeviceUpdate) -> None:
         await con.execute(sql.SET_PARENT, device_id, parent)
 
 
-@router.get("/{device_id}/refusals", response_model=list[GatewayRefusal], responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/refusals",
+    summary="A gateway's refused children",
+    response_model=list[GatewayRefusal],
+    responses=NOT_FOUND,
+)
 async def gateway_refusals(
     device_id: DeviceId,
     pool: PoolDep,
@@ -317,7 +333,7 @@ async def gateway_refusals(
     return [GatewayRefusal(**dict(r)) for r in rows]
 
 
-@router.delete("/{device_id}", status_code=204, responses=NOT_FOUND)
+@router.delete("/{device_id}", summary="Delete a device", status_code=204, responses=NOT_FOUND)
 async def delete_device(
     device_id: DeviceId, pool: PoolDep, request: Request, _key: DevicesWrite
 ) -> Response:

@@ -20,7 +20,7 @@ class Endpoints(BaseModel):
     device_mqtt_tls: bool
 
 
-@router.get("", response_model=Endpoints)
+@router.get("", summary="Where devices reach the broker", response_model=Endpoints)
 async def endpoints(settings: SettingsDep, _key: DevicesRead) -> Endpoints:
     """The broker endpoint devices connect to."""
     target = settings.device_mqtt

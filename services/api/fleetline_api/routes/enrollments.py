@@ -56,6 +56,7 @@ def _enrollment_key(settings: ApiSettings, row: Any) -> str | None:
 
 @router.post(
     "",
+    summary="Create an enrollment",
     status_code=201,
     response_model=EnrollmentCreated,
     responses={409: {"model": Problem, "description": "The id is taken"}},
@@ -98,7 +99,7 @@ async def create_enrollment(
     return EnrollmentCreated(**dict(row), key=_enrollment_key(settings, row))
 
 
-@router.get("", response_model=EnrollmentList)
+@router.get("", summary="List enrollments", response_model=EnrollmentList)
 async def list_enrollments(pool: PoolDep, _key: DevicesRead) -> EnrollmentList:
     return EnrollmentList(
         items=[EnrollmentPublic(**dict(r)) for r in await pool.fetch(sql.LIST_ENROLLMENTS)]
@@ -111,14 +112,24 @@ def _found(row: Any, enrollment_id: str) -> EnrollmentPublic:
     return EnrollmentPublic(**dict(row))
 
 
-@router.get("/{enrollment_id}", response_model=EnrollmentPublic, responses=NOT_FOUND)
+@router.get(
+    "/{enrollment_id}",
+    summary="Get an enrollment",
+    response_model=EnrollmentPublic,
+    responses=NOT_FOUND,
+)
 async def get_enrollment(
     enrollment_id: DeviceId, pool: PoolDep, _key: DevicesRead
 ) -> EnrollmentPublic:
     return _found(await pool.fetchrow(sql.GET_ENROLLMENT, enrollment_id), enrollment_id)
 
 
-@router.patch("/{enrollment_id}", response_model=EnrollmentPublic, responses=NOT_FOUND)
+@router.patch(
+    "/{enrollment_id}",
+    summary="Update an enrollment",
+    response_model=EnrollmentPublic,
+    responses=NOT_FOUND,
+)
 async def update_enrollment(
     enrollment_id: DeviceId, body: EnrollmentUpdate, pool: PoolDep, _key: DevicesWrite
 ) -> EnrollmentPublic:
@@ -140,6 +151,7 @@ async def update_enrollment(
 
 @router.post(
     "/{enrollment_id}/key",
+    summary="Renew an enrollment's key",
     response_model=EnrollmentCreated,
     responses={**NOT_FOUND, 409: {"model": Problem, "description": "An x509 enrollment"}},
 )
@@ -154,7 +166,9 @@ async def renew_enrollment_key(
     return EnrollmentCreated(**dict(row), key=_enrollment_key(settings, row))
 
 
-@router.delete("/{enrollment_id}", status_code=204, responses=NOT_FOUND)
+@router.delete(
+    "/{enrollment_id}", summary="Delete an enrollment", status_code=204, responses=NOT_FOUND
+)
 async def delete_enrollment(enrollment_id: DeviceId, pool: PoolDep, _key: DevicesWrite) -> Response:
     """Delete the enrollment and its registrations; the devices it made stay."""
     if await pool.execute(sql.DELETE_ENROLLMENT, enrollment_id) == "DELETE 0":
@@ -162,7 +176,12 @@ async def delete_enrollment(enrollment_id: DeviceId, pool: PoolDep, _key: Device
     return Response(status_code=204)
 
 
-@router.get("/{enrollment_id}/registrations", response_model=RegistrationPage, responses=NOT_FOUND)
+@router.get(
+    "/{enrollment_id}/registrations",
+    summary="List an enrollment's registrations",
+    response_model=RegistrationPage,
+    responses=NOT_FOUND,
+)
 async def list_registrations(
     enrollment_id: DeviceId,
     pool: PoolDep,

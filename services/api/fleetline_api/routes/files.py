@@ -32,7 +32,12 @@ async def _file(pool: Any, device_id: str, file_id: int) -> Any:
     return row
 
 
-@router.get("/{device_id}/files", response_model=DeviceFilePage, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/files",
+    summary="List a device's uploaded files",
+    response_model=DeviceFilePage,
+    responses=NOT_FOUND,
+)
 async def list_files(
     device_id: DeviceId,
     pool: PoolDep,
@@ -49,7 +54,12 @@ async def list_files(
     return DeviceFilePage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
 
 
-@router.get("/{device_id}/files/{file_id}", response_model=DeviceFile, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/files/{file_id}",
+    summary="Get an uploaded file's details",
+    response_model=DeviceFile,
+    responses=NOT_FOUND,
+)
 async def get_file(
     device_id: DeviceId, file_id: FileId, pool: PoolDep, _key: DevicesRead
 ) -> DeviceFile:
@@ -59,6 +69,7 @@ async def get_file(
 
 @router.get(
     "/{device_id}/files/{file_id}/content",
+    summary="Download an uploaded file",
     responses={
         **NOT_FOUND,
         **CONFLICT,
@@ -89,7 +100,12 @@ async def get_content(
     return response
 
 
-@router.delete("/{device_id}/files/{file_id}", status_code=204, responses=NOT_FOUND)
+@router.delete(
+    "/{device_id}/files/{file_id}",
+    summary="Delete an uploaded file",
+    status_code=204,
+    responses=NOT_FOUND,
+)
 async def delete_file(
     device_id: DeviceId, file_id: FileId, pool: PoolDep, key: DevicesWrite
 ) -> Response:

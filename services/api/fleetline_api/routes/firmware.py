@@ -62,7 +62,12 @@ async def _get(db: Queryable, firmware_id: int) -> FirmwarePublic:
     return FirmwarePublic(**dict(row))
 
 
-@key_router.get("", response_model=ReleaseKey, responses=CONFLICT)
+@key_router.get(
+    "",
+    summary="The public key releases are signed with",
+    response_model=ReleaseKey,
+    responses=CONFLICT,
+)
 async def get_release_key(request: Request, _key: FirmwareRead) -> ReleaseKey:
     """The release key's public half, for the boards' configuration."""
     return ReleaseKey(public_key=releases.public_point(_release_key(request)).hex())
@@ -70,6 +75,7 @@ async def get_release_key(request: Request, _key: FirmwareRead) -> ReleaseKey:
 
 @router.post(
     "",
+    summary="Create a firmware release",
     status_code=201,
     response_model=FirmwarePublic,
     responses=CONFLICT,
@@ -102,6 +108,7 @@ async def create_firmware(
 
 @router.put(
     "/{firmware_id}/content",
+    summary="Upload a part of a release's image",
     response_model=FirmwarePublic,
     responses={
         **NOT_FOUND,
@@ -154,7 +161,7 @@ async def upload_part(
         return await _get(con, firmware_id)
 
 
-@router.get("", response_model=FirmwareList)
+@router.get("", summary="List firmware releases", response_model=FirmwareList)
 async def list_firmware(
     pool: PoolDep,
     _key: FirmwareRead,
@@ -168,7 +175,12 @@ async def list_firmware(
     return FirmwareList(items=[FirmwarePublic(**dict(r)) for r in rows])
 
 
-@router.get("/{firmware_id}", response_model=FirmwarePublic, responses=NOT_FOUND)
+@router.get(
+    "/{firmware_id}",
+    summary="Get a firmware release",
+    response_model=FirmwarePublic,
+    responses=NOT_FOUND,
+)
 async def get_firmware(
     firmware_id: FirmwareId, pool: PoolDep, _key: FirmwareRead
 ) -> FirmwarePublic:
@@ -177,6 +189,7 @@ async def get_firmware(
 
 @router.get(
     "/{firmware_id}/content",
+    summary="Download a release's image",
     responses={
         **NOT_FOUND,
         **CONFLICT,
@@ -210,6 +223,7 @@ async def get_content(
 
 @router.delete(
     "/{firmware_id}",
+    summary="Delete a firmware release",
     status_code=204,
     responses={
         **NOT_FOUND,

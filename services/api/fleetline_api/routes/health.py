@@ -15,13 +15,17 @@ router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"model": Problem, "description": "Not ready"}})
+@router.get(
+    "/readyz",
+    summary="Readiness: database and broker reachable",
+    responses={503: {"model": Problem, "description": "Not ready"}},
+)
 async def readyz(pool: PoolDep, request: Request) -> dict[str, str]:
     """The database answers (within 2 s) and the broker connection is up."""
     if not await db.answers(pool):

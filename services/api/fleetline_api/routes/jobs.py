@@ -160,6 +160,7 @@ def _spec(body: MethodJobCreate | TwinJobCreate | RolloutJobCreate, key: KeyInfo
 
 @router.post(
     "",
+    summary="Create a job over the devices a query matches",
     status_code=201,
     response_model=JobPublic,
     responses={
@@ -265,6 +266,7 @@ async def _rollout_spec(
 
 @router.get(
     "",
+    summary="List jobs",
     response_model=JobPage,
     responses={200: {"description": "A page of jobs", "links": links("/items/0/id", *JOB_LINKS)}},
 )
@@ -282,14 +284,21 @@ async def list_jobs(
     return JobPage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
+@router.get(
+    "/{job_id}", summary="Get a job and its progress", response_model=JobPublic, responses=NOT_FOUND
+)
 async def get_job(job_id: JobId, pool: PoolDep, _key: JobsRead) -> JobPublic:
     """One job and its progress: devices per state, total, percent finished."""
     async with pool.acquire() as con:
         return await _get(con, job_id)
 
 
-@router.get("/{job_id}/devices", response_model=JobDevicePage, responses=NOT_FOUND)
+@router.get(
+    "/{job_id}/devices",
+    summary="A job's devices and their outcomes",
+    response_model=JobDevicePage,
+    responses=NOT_FOUND,
+)
 async def list_job_devices(
     job_id: JobId,
     pool: PoolDep,
@@ -310,6 +319,7 @@ async def list_job_devices(
 
 @router.post(
     "/{job_id}/cancel",
+    summary="Cancel a job",
     response_model=JobPublic,
     responses={
         **NOT_FOUND,
@@ -335,6 +345,7 @@ async def cancel_job(job_id: JobId, pool: PoolDep, key: CommandsWrite) -> JobPub
 
 @router.post(
     "/{job_id}/pause",
+    summary="Pause a job",
     response_model=JobPublic,
     responses={
         **NOT_FOUND,
@@ -353,6 +364,7 @@ async def pause_job(job_id: JobId, pool: PoolDep, key: CommandsWrite) -> JobPubl
 
 @router.post(
     "/{job_id}/resume",
+    summary="Resume a paused job",
     response_model=JobPublic,
     responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job is not paused"}},
 )

@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1/limits", tags=["limits"], responses=RESPONSES)
 device_router = APIRouter(prefix="/v1/devices", tags=["limits"], responses=RESPONSES)
 
 
-@router.get("", response_model=LimitsList)
+@router.get("", summary="List device limits", response_model=LimitsList)
 async def list_limits(pool: PoolDep, _key: DevicesRead) -> LimitsList:
     """The default, then the overrides of devices, then those of tags."""
     return LimitsList(items=[LimitsPublic(**dict(r)) for r in await pool.fetch(sql.LIST_LIMITS)])
@@ -56,13 +56,13 @@ async def _put(
     return LimitsPublic(**dict(row))
 
 
-@router.put("/default", response_model=LimitsPublic)
+@router.put("/default", summary="Set the default device limits", response_model=LimitsPublic)
 async def put_default(body: Limits, pool: PoolDep, _key: DevicesWrite) -> LimitsPublic:
     """The limits of every device without an override."""
     return await _put(pool, body, "default")
 
 
-@router.put("/devices/{device_id}", response_model=LimitsPublic)
+@router.put("/devices/{device_id}", summary="Set a device's limits", response_model=LimitsPublic)
 async def put_device_limits(
     device_id: DeviceId, body: Limits, pool: PoolDep, _key: DevicesWrite
 ) -> LimitsPublic:
@@ -70,7 +70,11 @@ async def put_device_limits(
     return await _put(pool, body, f"device:{device_id}", device=device_id)
 
 
-@router.put("/tags/{name}/{value}", response_model=LimitsPublic)
+@router.put(
+    "/tags/{name}/{value}",
+    summary="Set the limits of devices with a tag",
+    response_model=LimitsPublic,
+)
 async def put_tag_limits(
     name: TagName, value: TagText, body: Limits, pool: PoolDep, _key: DevicesWrite
 ) -> LimitsPublic:
@@ -84,19 +88,31 @@ async def _delete(pool: PoolDep, selector: str) -> Response:
     return Response(status_code=204)
 
 
-@router.delete("/devices/{device_id}", status_code=204, responses=NOT_FOUND)
+@router.delete(
+    "/devices/{device_id}", summary="Remove a device's limits", status_code=204, responses=NOT_FOUND
+)
 async def delete_device_limits(device_id: DeviceId, pool: PoolDep, _key: DevicesWrite) -> Response:
     return await _delete(pool, f"device:{device_id}")
 
 
-@router.delete("/tags/{name}/{value}", status_code=204, responses=NOT_FOUND)
+@router.delete(
+    "/tags/{name}/{value}",
+    summary="Remove the limits of a tag",
+    status_code=204,
+    responses=NOT_FOUND,
+)
 async def delete_tag_limits(
     name: TagName, value: TagText, pool: PoolDep, _key: DevicesWrite
 ) -> Response:
     return await _delete(pool, f"tag:{name}={value}")
 
 
-@device_router.get("/{device_id}/limits", response_model=DeviceLimits, responses=NOT_FOUND)
+@device_router.get(
+    "/{device_id}/limits",
+    summary="A device's limits and refused publishes",
+    response_model=DeviceLimits,
+    responses=NOT_FOUND,
+)
 async def device_limits(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> DeviceLimits:
     """The limits that apply to the device, and its publishes refused over them."""
     await require_device(pool, device_id)

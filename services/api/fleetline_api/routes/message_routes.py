@@ -128,7 +128,7 @@ async def _change(pool: asyncpg.Pool[Any], write: Callable[[Any], Awaitable[Any]
     return await db.notifying(pool, work, what="route change")
 
 
-@router.get("", response_model=RoutePage)
+@router.get("", summary="List message routes", response_model=RoutePage)
 async def list_routes(
     pool: PoolDep,
     _key: RulesRead,
@@ -143,6 +143,7 @@ async def list_routes(
 
 @router.post(
     "",
+    summary="Create a message route",
     status_code=201,
     response_model=RoutePublic,
     responses={
@@ -174,7 +175,9 @@ async def create_route(body: RouteIn, pool: PoolDep, _key: RulesWrite) -> RouteP
     return public(await _change(pool, write))
 
 
-@router.get("/{route_id}", response_model=RoutePublic, responses=NOT_FOUND)
+@router.get(
+    "/{route_id}", summary="Get a message route", response_model=RoutePublic, responses=NOT_FOUND
+)
 async def get_route(route_id: RouteId, pool: PoolDep, _key: RulesRead) -> RoutePublic:
     """One route (secret masked)."""
     row = await pool.fetchrow(sql.SELECT_ROUTE, route_id)
@@ -183,7 +186,12 @@ async def get_route(route_id: RouteId, pool: PoolDep, _key: RulesRead) -> RouteP
     return public(row)
 
 
-@router.put("/{route_id}", response_model=RoutePublic, responses=NOT_FOUND)
+@router.put(
+    "/{route_id}",
+    summary="Replace a message route",
+    response_model=RoutePublic,
+    responses=NOT_FOUND,
+)
 async def replace_route(
     route_id: RouteId, body: RouteIn, pool: PoolDep, _key: RulesWrite
 ) -> RoutePublic:
@@ -200,7 +208,9 @@ async def replace_route(
     return public(await _change(pool, write))
 
 
-@router.delete("/{route_id}", status_code=204, responses=NOT_FOUND)
+@router.delete(
+    "/{route_id}", summary="Delete a message route", status_code=204, responses=NOT_FOUND
+)
 async def delete_route(route_id: RouteId, pool: PoolDep, _key: RulesWrite) -> Response:
     """Delete a route; its deliveries still waiting are dropped (the finished ones age
     out of the log)."""
@@ -216,7 +226,12 @@ async def delete_route(route_id: RouteId, pool: PoolDep, _key: RulesWrite) -> Re
     return Response(status_code=204)
 
 
-@router.get("/{route_id}/deliveries", response_model=RouteDeliveryPage, responses=NOT_FOUND)
+@router.get(
+    "/{route_id}/deliveries",
+    summary="A message route's deliveries",
+    response_model=RouteDeliveryPage,
+    responses=NOT_FOUND,
+)
 async def route_deliveries(
     route_id: RouteId,
     pool: PoolDep,

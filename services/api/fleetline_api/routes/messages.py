@@ -150,6 +150,7 @@ def _queue_full(request: Request, device_id: str, depth: int) -> JSONResponse:
 
 @router.post(
     "/{device_id}/messages",
+    summary="Queue a cloud-to-device message",
     status_code=201,
     response_model=MessagePublic,
     responses={
@@ -212,7 +213,12 @@ async def send_message(
     return created
 
 
-@router.get("/{device_id}/messages", response_model=MessagePage, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/messages",
+    summary="List a device's cloud-to-device messages",
+    response_model=MessagePage,
+    responses=NOT_FOUND,
+)
 async def list_messages(
     device_id: DeviceId,
     pool: PoolDep,
@@ -232,7 +238,12 @@ async def list_messages(
     )
 
 
-@router.get("/{device_id}/messages/{message_id}", response_model=MessagePublic, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/messages/{message_id}",
+    summary="Get a cloud-to-device message",
+    response_model=MessagePublic,
+    responses=NOT_FOUND,
+)
 async def get_message(
     device_id: DeviceId, message_id: MessageId, pool: PoolDep, _key: DevicesRead
 ) -> MessagePublic:
@@ -243,6 +254,7 @@ async def get_message(
 
 @router.post(
     "/{device_id}/messages/{message_id}/cancel",
+    summary="Cancel a cloud-to-device message",
     response_model=MessagePublic,
     responses={
         **NOT_FOUND,

@@ -66,7 +66,12 @@ async def _invoke(
 MethodPath = Annotated[MethodName, Path(description="The method's name, as the device knows it")]
 
 
-@router.post("/{device_id}/methods/{name}", response_model=MethodResult, responses=METHOD_RESPONSES)
+@router.post(
+    "/{device_id}/methods/{name}",
+    summary="Call a direct method on a device",
+    response_model=MethodResult,
+    responses=METHOD_RESPONSES,
+)
 async def invoke_method(
     device_id: DeviceId,
     name: MethodPath,
@@ -82,6 +87,7 @@ async def invoke_method(
 
 @router.post(
     "/{device_id}/modules/{module_id}/methods/{name}",
+    summary="Call a direct method on a module",
     response_model=MethodResult,
     responses=METHOD_RESPONSES,
 )

@@ -25,7 +25,12 @@ router = APIRouter(prefix="/v1/devices", tags=["modules"], responses=RESPONSES)
 MAX_MODULES = 100
 
 
-@router.get("/{device_id}/modules", response_model=ModuleList, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/modules",
+    summary="List a device's modules",
+    response_model=ModuleList,
+    responses=NOT_FOUND,
+)
 async def list_modules(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) -> ModuleList:
     """The device's modules."""
     async with pool.acquire() as con:
@@ -36,6 +41,7 @@ async def list_modules(device_id: DeviceId, pool: PoolDep, _key: DevicesRead) ->
 
 @router.put(
     "/{device_id}/modules/{module_id}",
+    summary="Add or replace a module",
     response_model=ModulePublic,
     status_code=201,
     responses={
@@ -67,7 +73,12 @@ async def put_module(
     return ModulePublic(**dict(created))
 
 
-@router.get("/{device_id}/modules/{module_id}", response_model=ModulePublic, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/modules/{module_id}",
+    summary="Get a module",
+    response_model=ModulePublic,
+    responses=NOT_FOUND,
+)
 async def get_module(
     device_id: DeviceId, module_id: ModuleId, pool: PoolDep, _key: DevicesRead
 ) -> ModulePublic:
@@ -77,7 +88,12 @@ async def get_module(
     return ModulePublic(**dict(row))
 
 
-@router.delete("/{device_id}/modules/{module_id}", status_code=204, responses=NOT_FOUND)
+@router.delete(
+    "/{device_id}/modules/{module_id}",
+    summary="Delete a module",
+    status_code=204,
+    responses=NOT_FOUND,
+)
 async def delete_module(
     device_id: DeviceId, module_id: ModuleId, pool: PoolDep, request: Request, _key: DevicesWrite
 ) -> Response:

@@ -45,6 +45,7 @@ async def _refused(provisioner: Provisioner, body: ProvisionRequest, token: str)
 
 @router.post(
     "",
+    summary="Register a device with an enrollment (SAS token)",
     response_model=ProvisionAnswer,
     responses={
         403: {"model": Problem, "description": "The enrollment refuses this registration"},

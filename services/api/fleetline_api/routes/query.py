@@ -35,14 +35,14 @@ async def _run(pool: PoolDep, request: QueryRequest) -> QueryPage:
     return QueryPage(items=items, next_cursor=items[-1].device_id if more else None)
 
 
-@router.post("", response_model=QueryPage)
+@router.post("", summary="Query devices (body)", response_model=QueryPage)
 async def query_devices(pool: PoolDep, _key: DevicesRead, body: QueryRequest) -> QueryPage:
     """The devices the query matches (a 400 problem with `position` when it does not
     compile)."""
     return await _run(pool, body)
 
 
-@router.get("", response_model=QueryPage)
+@router.get("", summary="Query devices (URL)", response_model=QueryPage)
 async def query_devices_get(
     pool: PoolDep,
     _key: DevicesRead,

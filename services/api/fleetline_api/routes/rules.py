@@ -175,7 +175,7 @@ async def clear_open_alarms(
     )
 
 
-@router.get("", response_model=RulePage, response_model_by_alias=True)
+@router.get("", summary="List rules", response_model=RulePage, response_model_by_alias=True)
 async def list_rules(
     pool: PoolDep,
     _key: RulesRead,
@@ -190,6 +190,7 @@ async def list_rules(
 
 @router.post(
     "",
+    summary="Create a rule",
     status_code=201,
     response_model=RulePublic,
     response_model_by_alias=True,
@@ -220,7 +221,11 @@ async def create_rule(body: RuleIn, pool: PoolDep, _key: RulesWrite) -> RulePubl
 
 
 @router.get(
-    "/{rule_id}", response_model=RulePublic, response_model_by_alias=True, responses=NOT_FOUND
+    "/{rule_id}",
+    response_model=RulePublic,
+    response_model_by_alias=True,
+    responses=NOT_FOUND,
+    summary="Get a rule",
 )
 async def get_rule(rule_id: RuleId, pool: PoolDep, _key: RulesRead) -> RulePublic:
     """One rule (secrets masked)."""
@@ -231,7 +236,11 @@ async def get_rule(rule_id: RuleId, pool: PoolDep, _key: RulesRead) -> RulePubli
 
 
 @router.put(
-    "/{rule_id}", response_model=RulePublic, response_model_by_alias=True, responses=NOT_FOUND
+    "/{rule_id}",
+    response_model=RulePublic,
+    response_model_by_alias=True,
+    responses=NOT_FOUND,
+    summary="Replace a rule",
 )
 async def replace_rule(rule_id: RuleId, body: RuleIn, pool: PoolDep, key: RulesWrite) -> RulePublic:
     """Replace a rule. Its timers restart; open alarms stay open and clear by the new
@@ -253,7 +262,7 @@ async def replace_rule(rule_id: RuleId, body: RuleIn, pool: PoolDep, key: RulesW
     return public(await db.notifying(pool, work, what=f"rule {rule_id} change"))
 
 
-@router.delete("/{rule_id}", status_code=204, responses=NOT_FOUND)
+@router.delete("/{rule_id}", summary="Delete a rule", status_code=204, responses=NOT_FOUND)
 async def delete_rule(rule_id: RuleId, pool: PoolDep, key: RulesWrite) -> Response:
     """Delete a rule; its open alarms are cleared (and kept in the history)."""
 
@@ -279,6 +288,7 @@ def _time(name: str, text: str | None) -> datetime | None:
 
 @router.post(
     "/{rule_id}/backtest",
+    summary="Backtest a rule on stored readings",
     response_model=Backtest,
     response_model_by_alias=True,
     responses=NOT_FOUND,

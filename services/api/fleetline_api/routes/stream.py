@@ -7,6 +7,8 @@ subprotocols ``fleetline.v1`` and ``bearer.<key>``; the server answers with
 no or unknown key, 4403 scope missing, 1008 bad query parameter, 1013 too slow, too many
 clients, this process lagging behind, or events lost on the way (a gap in a publisher's
 sequence), 1011 the stream lost its broker or database connection (reconnect).
+``GET /v1/stream/asyncapi.json`` describes all of it as an AsyncAPI 3.0 document
+(fleetline_api/asyncapi.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import asyncio
 import contextlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 
+from fleetline_api import asyncapi
 from fleetline_api.deps import authorize
 from fleetline_api.params import TagFilter, parse_tags
 from fleetline_api.schemas.common import DeviceId, MetricName
@@ -119,3 +122,16 @@ async def stream(
             await _close(websocket, *sub.closed.result())
         elif any(t.done() and t.exception() for t in tasks if t in done):
             await _close(websocket, 1013, "client too slow: a send timed out")
+
+
+@router.get(
+    asyncapi.PATH,
+    summary="The stream's AsyncAPI document",
+    response_description="An AsyncAPI 3.0 document (JSON)",
+)
+async def stream_asyncapi(request: Request) -> dict[str, Any]:
+    """How ``/v1/stream`` (a WebSocket, not in this OpenAPI document) works, as an
+    AsyncAPI 3.0 document: its query parameters, authentication, each message the server
+    sends (``subscribed``, ``telemetry``, ``status``, ``alarm``, ``file``) with its
+    schema, and the close codes. Needs no key, as this document does not."""
+    return asyncapi.document(request.url.netloc, secure=request.url.scheme == "https")

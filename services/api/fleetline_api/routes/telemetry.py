@@ -135,7 +135,12 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise HTTPException(400, "'cursor' is not one this API returned") from None
 
 
-@router.get("/{device_id}/latest", response_model=Latest, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/latest",
+    summary="A device's latest value of each metric",
+    response_model=Latest,
+    responses=NOT_FOUND,
+)
 async def latest(device_id: DeviceId, pool: PoolDep, _key: TelemetryRead) -> Latest:
     """The last stored value of each of the device's metrics, with its time."""
     await require_device(pool, device_id)
@@ -149,7 +154,12 @@ async def latest(device_id: DeviceId, pool: PoolDep, _key: TelemetryRead) -> Lat
     )
 
 
-@router.get("/{device_id}/telemetry", response_model=PointPage | Aggregates, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/telemetry",
+    summary="A device's readings, raw or in buckets",
+    response_model=PointPage | Aggregates,
+    responses=NOT_FOUND,
+)
 async def telemetry(
     request: Request,
     device_id: DeviceId,
@@ -240,7 +250,9 @@ async def _aggregates(
     )
 
 
-@fleet_router.get("", response_model=FleetLatest)
+@fleet_router.get(
+    "", summary="One metric's latest value on every device", response_model=FleetLatest
+)
 async def fleet_latest(
     pool: PoolDep,
     _key: TelemetryRead,

@@ -66,6 +66,7 @@ UploadGrant = Annotated[grants.Grant, Depends(_granted("upload"))]
 
 @router.get(
     "/{token}",
+    summary="Download with a transfer URL (devices)",
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The image"},
         206: {"content": {"application/octet-stream": {}}, "description": "The range asked"},
@@ -101,6 +102,7 @@ def _oversize(content_range: str | None, size: int) -> None:
 
 @router.put(
     "/{token}",
+    summary="Upload a part with a transfer URL (devices)",
     response_model=DeviceFile,
     responses={
         400: {"model": Problem, "description": "No or a wrong Content-Range"},

@@ -84,7 +84,12 @@ async def _twin(con: db.Queryable, device_id: str, module_id: str = "") -> TwinP
     return TwinPublic(**fields, delta=delta(fields["desired"], fields["reported"]))
 
 
-@router.get("/{device_id}/twin", response_model=TwinPublic, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/twin",
+    summary="Get a device's twin",
+    response_model=TwinPublic,
+    responses=NOT_FOUND,
+)
 async def get_twin(
     device_id: DeviceId, pool: PoolDep, _key: DevicesRead, response: Response
 ) -> TwinPublic:
@@ -96,7 +101,12 @@ async def get_twin(
     return twin
 
 
-@router.get("/{device_id}/modules/{module_id}/twin", response_model=TwinPublic, responses=NOT_FOUND)
+@router.get(
+    "/{device_id}/modules/{module_id}/twin",
+    summary="Get a module's twin",
+    response_model=TwinPublic,
+    responses=NOT_FOUND,
+)
 async def get_module_twin(
     device_id: DeviceId, module_id: ModuleId, pool: PoolDep, _key: DevicesRead, response: Response
 ) -> TwinPublic:
@@ -132,10 +142,20 @@ PATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The database did not answer, or the API is not connected to the broker",
     },
 }
+# (A member set to null is removed: FastAPI's document cannot show a null here.)
+PATCH_EXAMPLES: dict[str, Any] = {
+    "set": {
+        "summary": "Set a property and merge into an object",
+        "value": {"interval_s": 30, "display": {"brightness": 70}},
+    }
+}
 PATCH_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {t: {"schema": DESIRED_PATCH_SCHEMA} for t in ACCEPTED_MEDIA_TYPES},
+        "content": {
+            t: {"schema": DESIRED_PATCH_SCHEMA, "examples": PATCH_EXAMPLES}
+            for t in ACCEPTED_MEDIA_TYPES
+        },
     }
 }
 IfMatch = Annotated[
@@ -179,6 +199,7 @@ async def _patch(
 
 @router.patch(
     "/{device_id}/twin",
+    summary="Patch a device's desired properties",
     response_model=TwinPublic,
     responses=PATCH_RESPONSES,
     openapi_extra=PATCH_BODY,
@@ -199,6 +220,7 @@ async def patch_desired(
 
 @router.patch(
     "/{device_id}/modules/{module_id}/twin",
+    summary="Patch a module's desired properties",
     response_model=TwinPublic,
     responses=PATCH_RESPONSES,
     openapi_extra=PATCH_BODY,

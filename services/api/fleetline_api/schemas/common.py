@@ -55,7 +55,7 @@ AuthType = Literal["key", "x509_self_signed", "x509_ca"]
 class KeyAuth(BaseModel):
     """The device logs in with its key or a SAS token signed with it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"type": "key"}]})
     type: Literal["key"]
 
 
@@ -63,7 +63,18 @@ class SelfSignedAuth(BaseModel):
     """The device logs in with a client certificate whose thumbprint is one of these
     (a secondary for rotation)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "x509_self_signed",
+                    "primary_thumbprint": "3f" * 32,
+                    "secondary_thumbprint": None,
+                }
+            ]
+        },
+    )
     type: Literal["x509_self_signed"]
     primary_thumbprint: Thumbprint
     secondary_thumbprint: Thumbprint | None = None
@@ -73,7 +84,9 @@ class CaAuth(BaseModel):
     """The device logs in with a client certificate whose common name is its id, signed
     by its CA (``ca``, verified: ``/v1/cas``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"type": "x509_ca", "ca": "factory-ca"}]}
+    )
     type: Literal["x509_ca"]
     ca: DeviceId = Field(description="The CA that signs its certificate")
 
@@ -112,7 +125,19 @@ class GatewayPolicy(BaseModel):
     """A gateway's policy for a child id it publishes for that the registry does not
     know yet (docs/gateways.md)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "create_children": True,
+                    "child_id_pattern": "gw-7-.*",
+                    "child_tags": {"site": "B"},
+                    "max_children": 50,
+                }
+            ]
+        },
+    )
 
     create_children: StrictBool = Field(
         default=False,
@@ -149,7 +174,31 @@ PARENT_FIELD = Field(
 
 
 class DeviceCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"id": "fridge-1", "tags": {"site": "A", "floor": 2}},
+                {
+                    "id": "gw-7",
+                    "tags": {"site": "B"},
+                    "gateway": {
+                        "create_children": True,
+                        "child_id_pattern": "gw-7-.*",
+                        "max_children": 50,
+                    },
+                },
+                {
+                    "id": "pump-3",
+                    "auth": {
+                        "type": "x509_self_signed",
+                        "primary_thumbprint": "3f" * 32,
+                    },
+                    "issue_key": False,
+                },
+            ]
+        },
+    )
 
     id: DeviceId
     tags: Tags = Field(default_factory=dict, max_length=MAX_TAGS, json_schema_extra=NAMED_KEYS_ONLY)
@@ -170,7 +219,10 @@ class DeviceUpdate(BaseModel):
     """A JSON merge patch of the tags (a null value removes that tag), and whether the
     device may connect (a disabled device is refused and disconnected)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"tags": {"site": "B", "floor": None}, "enabled": True}]},
+    )
 
     tags: (
         Annotated[
@@ -190,6 +242,32 @@ class DeviceUpdate(BaseModel):
 
 
 class DevicePublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "fridge-1",
+                    "tags": {"site": "A", "floor": 2},
+                    "online": True,
+                    "last_seen": "2026-11-25T14:25:45.049Z",
+                    "status_changed_at": "2026-11-25T14:25:45.049Z",
+                    "created_at": "2026-11-25T14:25:45.049Z",
+                    "key_version": 1,
+                    "key_created_at": "2026-11-25T14:25:45.049Z",
+                    "enabled": True,
+                    "auth": {
+                        "type": "key",
+                        "primary_thumbprint": None,
+                        "secondary_thumbprint": None,
+                        "ca": None,
+                    },
+                    "gateway": None,
+                    "parent": None,
+                    "offline_reason": None,
+                }
+            ]
+        }
+    )
     id: str
     tags: dict[str, Any]
     online: bool
@@ -230,13 +308,46 @@ class DeviceCredentials(BaseModel):
 
 
 class DeviceCreated(DevicePublic):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "fridge-1",
+                    "tags": {"site": "A", "floor": 2},
+                    "online": False,
+                    "last_seen": None,
+                    "status_changed_at": None,
+                    "created_at": "2026-11-25T14:25:45.049Z",
+                    "key_version": 1,
+                    "key_created_at": "2026-11-25T14:25:45.049Z",
+                    "enabled": True,
+                    "auth": {
+                        "type": "key",
+                        "primary_thumbprint": None,
+                        "secondary_thumbprint": None,
+                        "ca": None,
+                    },
+                    "gateway": None,
+                    "parent": None,
+                    "offline_reason": None,
+                    "credentials": {
+                        "device_id": "fridge-1",
+                        "key": "q" * 43 + "=",
+                        "key_version": 1,
+                        "connection_string": "HostName=mqtt.example.org;Port=8883;"
+                        "DeviceId=fridge-1;SharedAccessKey=" + "q" * 43 + "=",
+                    },
+                }
+            ]
+        }
+    )
     credentials: DeviceCredentials | None = Field(
         description="The key of a device that logs in with one (null for X.509 devices)"
     )
 
 
 class TokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ttl_s": 3600}]})
 
     ttl_s: Annotated[int, WHOLE_NUMBER] = Field(default=3600, ge=1, le=366 * 24 * 3600)
 
@@ -248,6 +359,37 @@ class DeviceToken(BaseModel):
 
 
 class DevicePage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "id": "fridge-1",
+                            "tags": {"site": "A", "floor": 2},
+                            "online": True,
+                            "last_seen": "2026-11-25T14:25:45.049Z",
+                            "status_changed_at": "2026-11-25T14:25:45.049Z",
+                            "created_at": "2026-11-25T14:25:45.049Z",
+                            "key_version": 1,
+                            "key_created_at": "2026-11-25T14:25:45.049Z",
+                            "enabled": True,
+                            "auth": {
+                                "type": "key",
+                                "primary_thumbprint": None,
+                                "secondary_thumbprint": None,
+                                "ca": None,
+                            },
+                            "gateway": None,
+                            "parent": None,
+                            "offline_reason": None,
+                        }
+                    ],
+                    "next_cursor": "ZnJpZGdlLTE",
+                }
+            ]
+        }
+    )
     items: list[DevicePublic]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
@@ -259,6 +401,27 @@ class MetricValue(BaseModel):
 
 
 class Latest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "device_id": "fridge-1",
+                    "metrics": {
+                        "temperature": {
+                            "ts": "2026-11-25T14:25:45.049Z",
+                            "value": 4.5,
+                            "value_text": None,
+                        },
+                        "door": {
+                            "ts": "2026-11-25T14:25:45.049Z",
+                            "value": None,
+                            "value_text": "closed",
+                        },
+                    },
+                }
+            ]
+        }
+    )
     device_id: str
     metrics: dict[str, MetricValue]
 
@@ -271,6 +434,23 @@ class Point(BaseModel):
 
 
 class PointPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "ts": "2026-11-25T14:25:45.049Z",
+                            "metric": "temperature",
+                            "value": 4.5,
+                            "value_text": None,
+                        }
+                    ],
+                    "next_cursor": None,
+                }
+            ]
+        }
+    )
     items: list[Point]
     next_cursor: str | None
 

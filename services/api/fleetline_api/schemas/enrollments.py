@@ -26,7 +26,21 @@ class EnrollmentCreate(BaseModel):
     enrollment key (in this response only); ``x509`` needs ``ca`` (a verified CA, for a
     group) or ``thumbprint`` (the device's certificate, for an individual enrollment)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "factory-line-1",
+                    "kind": "group",
+                    "attestation": "symmetric_key",
+                    "registration_pattern": "sensor-[0-9]+",
+                    "initial_tags": {"site": "A"},
+                    "initial_desired": {"interval_s": 60},
+                }
+            ]
+        },
+    )
 
     id: DeviceId
     kind: Literal["group", "individual"]
@@ -52,7 +66,15 @@ class EnrollmentCreate(BaseModel):
 
 
 class EnrollmentUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"enabled": False},
+                {"initial_tags": {"site": "B"}, "reprovision": "reset"},
+            ]
+        },
+    )
 
     registration_pattern: Pattern | None = None
     initial_tags: (
@@ -110,7 +132,12 @@ class RegistrationPage(BaseModel):
 
 
 class ProvisionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"enrollment_id": "factory-line-1", "registration_id": "sensor-0042"}]
+        },
+    )
 
     enrollment_id: DeviceId
     registration_id: DeviceId

@@ -16,7 +16,21 @@ ReleaseName = Annotated[
 
 
 class FirmwareCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "version": "2.1.0",
+                    "target": "esp32",
+                    "kind": "image",
+                    "notes": "fixes the sensor's drift",
+                    "size": 1048576,
+                    "sha256": "9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f",
+                }
+            ]
+        },
+    )
 
     version: ReleaseName = Field(
         description="The release's version, e.g. 2.1.0", examples=["2.1.0"]

@@ -37,6 +37,12 @@ class MethodSpec(MethodCall):
     """The method each device is called with, as ``POST /v1/devices/{id}/methods/{name}``
     takes it."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "reboot", "params": {"delay_s": 10}, "timeout_s": 30}]
+        }
+    )
+
     name: MethodName = Field(description="The method's name, as the devices know it")
 
 
@@ -69,6 +75,19 @@ class _JobCreate(BaseModel):
 
 
 class MethodJobCreate(_JobCreate):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "method",
+                    "query": "tags.site = 'A'",
+                    "method": {"name": "reboot", "params": {"delay_s": 10}, "timeout_s": 30},
+                    "batch_size": 10,
+                    "max_per_second": 5,
+                }
+            ]
+        }
+    )
     type: Literal["method"]
     method: MethodSpec
 
@@ -84,6 +103,18 @@ def _plain_json(patch: dict[str, Any]) -> dict[str, Any]:
 
 
 class TwinJobCreate(_JobCreate):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "twin",
+                    "query": "tags.site = 'A'",
+                    "patch": {"interval_s": 30},
+                    "batch_size": 50,
+                }
+            ]
+        }
+    )
     type: Literal["twin"]
     patch: Annotated[dict[str, Any], WithJsonSchema(DESIRED_PATCH_SCHEMA)] = Field(
         description="Merged into each device's desired properties, as "
@@ -98,6 +129,23 @@ class TwinJobCreate(_JobCreate):
 
 class RolloutJobCreate(_JobCreate, RolloutOptions):
     """A firmware rollout: ``batch_size`` devices at most updating at once."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "rollout",
+                    "firmware_id": 1,
+                    "query": "tags.model = 'esp32'",
+                    "canary": 2,
+                    "wave_size": 50,
+                    "failure_threshold_percent": 10,
+                    "on_failure": "pause",
+                    "window": {"start": "01:00", "end": "05:00"},
+                }
+            ]
+        }
+    )
 
     type: Literal["rollout"]
 
@@ -119,6 +167,42 @@ class JobProgress(BaseModel):
 
 
 class JobPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 12,
+                    "type": "method",
+                    "query": "tags.site = 'A'",
+                    "method": {"name": "reboot", "params": {"delay_s": 10}, "timeout_s": 30},
+                    "patch": None,
+                    "rollout": None,
+                    "batch_size": 10,
+                    "max_per_second": 5.0,
+                    "state": "running",
+                    "progress": {
+                        "total": 40,
+                        "pending": 22,
+                        "running": 10,
+                        "succeeded": 7,
+                        "failed": 1,
+                        "rolled_back": 0,
+                        "cancelled": 0,
+                        "percent": 20.0,
+                    },
+                    "created_at": "2026-11-25T14:25:45.049Z",
+                    "created_by": "ops dashboard (key k3x9q2mz7d1a)",
+                    "started_at": "2026-11-25T14:25:45.049Z",
+                    "cancelled_at": None,
+                    "cancelled_by": None,
+                    "paused_at": None,
+                    "paused_by": None,
+                    "finished_at": None,
+                    "error": None,
+                }
+            ]
+        }
+    )
     id: int
     type: JobType
     query: str
@@ -145,6 +229,51 @@ class JobPublic(BaseModel):
 
 
 class JobPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "id": 12,
+                            "type": "method",
+                            "query": "tags.site = 'A'",
+                            "method": {
+                                "name": "reboot",
+                                "params": {"delay_s": 10},
+                                "timeout_s": 30,
+                            },
+                            "patch": None,
+                            "rollout": None,
+                            "batch_size": 10,
+                            "max_per_second": 5.0,
+                            "state": "running",
+                            "progress": {
+                                "total": 40,
+                                "pending": 22,
+                                "running": 10,
+                                "succeeded": 7,
+                                "failed": 1,
+                                "rolled_back": 0,
+                                "cancelled": 0,
+                                "percent": 20.0,
+                            },
+                            "created_at": "2026-11-25T14:25:45.049Z",
+                            "created_by": "ops dashboard (key k3x9q2mz7d1a)",
+                            "started_at": "2026-11-25T14:25:45.049Z",
+                            "cancelled_at": None,
+                            "cancelled_by": None,
+                            "paused_at": None,
+                            "paused_by": None,
+                            "finished_at": None,
+                            "error": None,
+                        }
+                    ],
+                    "next_cursor": None,
+                }
+            ]
+        }
+    )
     items: list[JobPublic] = Field(description="Newest first")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 

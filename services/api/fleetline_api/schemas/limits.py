@@ -8,7 +8,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Limits(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "messages_per_second": 20,
+                    "burst_messages": 1000,
+                    "bytes_per_second": 65536,
+                    "burst_bytes": 4194304,
+                }
+            ]
+        },
+    )
 
     messages_per_second: float = Field(ge=0.001, le=1_000_000)
     burst_messages: int = Field(
@@ -23,6 +35,20 @@ class Limits(BaseModel):
 
 
 class LimitsPublic(Limits):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "selector": "tag:site=A",
+                    "messages_per_second": 20,
+                    "burst_messages": 1000,
+                    "bytes_per_second": 65536,
+                    "burst_bytes": 4194304,
+                    "updated_at": "2026-11-25T14:25:45.049Z",
+                }
+            ]
+        }
+    )
     selector: str = Field(description="default, device:<id> or tag:<name>=<value>")
     updated_at: datetime
 

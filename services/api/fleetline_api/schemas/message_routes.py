@@ -72,6 +72,19 @@ Destination = Annotated[WebhookDestination | MqttDestination, Field(discriminato
 
 
 class RouteIn(_Body):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "temperatures to the plant's broker",
+                    "source": "readings",
+                    "query": "tags.site = 'A'",
+                    "metric": "temperature",
+                    "destination": {"type": "mqtt", "topic": "plant/a/temperature"},
+                }
+            ]
+        }
+    )
     name: Name
     enabled: bool = True
     source: Literal["readings", "files"] = Field(

@@ -70,7 +70,18 @@ TtlSeconds = Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS), WHOLE_NUMBER]
 
 
 class MessageCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "body": {"display": "service due"},
+                    "properties": {"priority": "high"},
+                    "ttl_s": 600,
+                }
+            ]
+        },
+    )
 
     body: Any = Field(
         description=f"Any JSON value, passed to the device as is; at most {MAX_BODY_BYTES} "
@@ -96,6 +107,31 @@ class MessageEvent(BaseModel):
 
 
 class MessagePublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "5b0c2f8e-9a41-4c1e-8f07-3d2a6b9e1c55",
+                    "device_id": "fridge-1",
+                    "state": "completed",
+                    "body": {"display": "service due"},
+                    "properties": {"priority": "high"},
+                    "created_at": "2026-11-25T14:25:45.049Z",
+                    "created_by": "ops dashboard (key k3x9q2mz7d1a)",
+                    "expires_at": "2026-11-25T14:35:45.049Z",
+                    "sent_at": "2026-11-25T14:25:45.049Z",
+                    "last_sent_at": "2026-11-25T14:25:45.049Z",
+                    "deliveries": 1,
+                    "finished_at": "2026-11-25T14:31:02.310Z",
+                    "history": [
+                        {"at": "2026-11-25T14:25:45.049Z", "event": "queued", "detail": None},
+                        {"at": "2026-11-25T14:25:45.049Z", "event": "sent", "detail": None},
+                        {"at": "2026-11-25T14:31:02.310Z", "event": "completed", "detail": None},
+                    ],
+                }
+            ]
+        }
+    )
     id: uuid.UUID = Field(description="The id the device receives and acknowledges")
     device_id: str
     state: MessageState

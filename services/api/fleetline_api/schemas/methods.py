@@ -44,7 +44,10 @@ def params_problem(params: dict[str, Any]) -> str | None:
 
 
 class MethodCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"params": {"seconds": 5}, "timeout_s": 30}]},
+    )
 
     params: dict[str, Any] = Field(
         default_factory=dict,
@@ -76,6 +79,13 @@ class DeviceAnswer(BaseModel):
 
 
 class MethodResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"request_id": "8c1f0c3e2b7d4a51", "status": 200, "payload": {"rebooting_in_s": 5}}
+            ]
+        }
+    )
     request_id: str = Field(description="The id in the request and response topics")
     status: int = Field(description="The status the device answered with (its own code)")
     payload: Any = Field(description="The device's answer, as it sent it")

@@ -18,7 +18,14 @@ QUERY_DESCRIPTION = (
 
 
 class QueryRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"query": "tags.site = 'A' AND reported.firmware != '2.1.0'", "limit": 100}
+            ]
+        },
+    )
 
     query: str = Field(
         default="", max_length=devicequery.MAX_QUERY_LENGTH, description=QUERY_DESCRIPTION

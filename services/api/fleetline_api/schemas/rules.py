@@ -147,6 +147,22 @@ class _RuleCommon(_Body):
 
 
 class ThresholdRule(_RuleCommon):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "fridge too warm",
+                    "kind": "threshold",
+                    "metric": "temperature",
+                    "match": {"tags": {"site": "A"}},
+                    "raise": {"op": ">", "value": 8, "for_s": 300},
+                    "clear": {"op": "<", "value": 6},
+                    "severity": "major",
+                    "message": "{device_id}: {value} °C",
+                }
+            ]
+        }
+    )
     kind: Literal["threshold"] = "threshold"
     metric: MetricName
     raise_: Condition = Field(alias="raise")
@@ -158,6 +174,19 @@ class ThresholdRule(_RuleCommon):
 
 class NoDataRule(_RuleCommon):
     """Offline detection: no reading for ``timeout_s``, or an ``offline`` status."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "silent for 10 minutes",
+                    "kind": "no_data",
+                    "timeout_s": 600,
+                    "severity": "warning",
+                }
+            ]
+        }
+    )
 
     kind: Literal["no_data"]
     timeout_s: Annotated[float, Field(gt=0, le=MAX_SECONDS)]
@@ -179,7 +208,37 @@ RuleIn = Annotated[
 
 
 class RulePublic(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 7,
+                    "name": "fridge too warm",
+                    "kind": "threshold",
+                    "match": {"devices": [], "tags": {"site": "A"}},
+                    "metric": "temperature",
+                    "raise": {"op": ">", "value": 8, "for_s": 300},
+                    "clear": {"op": "<", "value": 6, "for_s": 0},
+                    "timeout_s": None,
+                    "severity": "major",
+                    "message": "{device_id}: {value} °C",
+                    "actions": [
+                        {
+                            "type": "webhook",
+                            "url": "https://hooks.example.org/alarms",
+                            "secret": "********",
+                            "on": ["raised"],
+                        }
+                    ],
+                    "enabled": True,
+                    "version": 2,
+                    "created_at": "2026-11-25T14:25:45.049Z",
+                    "updated_at": "2026-11-25T14:31:02.310Z",
+                }
+            ]
+        },
+    )
 
     id: int
     name: str
@@ -199,11 +258,71 @@ class RulePublic(BaseModel):
 
 
 class RulePage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "id": 7,
+                            "name": "fridge too warm",
+                            "kind": "threshold",
+                            "match": {"devices": [], "tags": {"site": "A"}},
+                            "metric": "temperature",
+                            "raise": {"op": ">", "value": 8, "for_s": 300},
+                            "clear": {"op": "<", "value": 6, "for_s": 0},
+                            "timeout_s": None,
+                            "severity": "major",
+                            "message": "{device_id}: {value} °C",
+                            "actions": [
+                                {
+                                    "type": "webhook",
+                                    "url": "https://hooks.example.org/alarms",
+                                    "secret": "********",
+                                    "on": ["raised"],
+                                }
+                            ],
+                            "enabled": True,
+                            "version": 2,
+                            "created_at": "2026-11-25T14:25:45.049Z",
+                            "updated_at": "2026-11-25T14:31:02.310Z",
+                        }
+                    ],
+                    "next_cursor": None,
+                }
+            ]
+        }
+    )
     items: list[RulePublic]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
 
 class AlarmPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 41,
+                    "rule_id": 7,
+                    "rule_name": "fridge too warm",
+                    "device_id": "fridge-1",
+                    "metric": "temperature",
+                    "severity": "major",
+                    "state": "acknowledged",
+                    "raised_at": "2026-11-25T14:25:45.049Z",
+                    "acknowledged_at": "2026-11-25T14:31:02.310Z",
+                    "acknowledged_by": "ops dashboard (key k3x9q2mz7d1a)",
+                    "cleared_at": None,
+                    "cleared_by": None,
+                    "value": 9.1,
+                    "peak": 9.8,
+                    "count": 14,
+                    "message": "fridge-1: 9.1 °C",
+                    "updated_at": "2026-11-25T14:31:02.310Z",
+                }
+            ]
+        }
+    )
     id: int
     rule_id: int
     rule_name: str
@@ -224,6 +343,36 @@ class AlarmPublic(BaseModel):
 
 
 class AlarmPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "id": 41,
+                            "rule_id": 7,
+                            "rule_name": "fridge too warm",
+                            "device_id": "fridge-1",
+                            "metric": "temperature",
+                            "severity": "major",
+                            "state": "acknowledged",
+                            "raised_at": "2026-11-25T14:25:45.049Z",
+                            "acknowledged_at": "2026-11-25T14:31:02.310Z",
+                            "acknowledged_by": "ops dashboard (key k3x9q2mz7d1a)",
+                            "cleared_at": None,
+                            "cleared_by": None,
+                            "value": 9.1,
+                            "peak": 9.8,
+                            "count": 14,
+                            "message": "fridge-1: 9.1 °C",
+                            "updated_at": "2026-11-25T14:31:02.310Z",
+                        }
+                    ],
+                    "next_cursor": None,
+                }
+            ]
+        }
+    )
     items: list[AlarmPublic]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
