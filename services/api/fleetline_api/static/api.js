@@ -20,12 +20,14 @@ export function clearKey() {
 }
 
 export class ApiError extends Error {
-  constructor(status, title, detail) {
+  /** `errors`: a validation problem's list of {loc, msg, type} (422), else []. */
+  constructor(status, title, detail, errors = []) {
     super(detail ? `${status} ${title}: ${detail}` : `${status} ${title}`);
     this.name = "ApiError";
     this.status = status;
     this.title = title;
     this.detail = detail;
+    this.errors = errors;
   }
 }
 
@@ -56,13 +58,34 @@ export async function getJson(path, params = {}, { key = getKey(), signal } = {}
 }
 
 /** POST to an API path (a JSON body, if any); the JSON answer, or ApiError as getJson. */
-export async function postJson(path, body, { signal } = {}) {
-  return request("POST", apiUrl(path), { key: getKey(), signal, body });
+export async function postJson(path, body, { signal, params } = {}) {
+  return request("POST", apiUrl(path, params), { key: getKey(), signal, body });
 }
 
-async function request(method, url, { key, signal, body }) {
+/** PUT a JSON body; the JSON answer, or ApiError. */
+export async function putJson(path, body, { signal } = {}) {
+  return request("PUT", apiUrl(path), { key: getKey(), signal, body });
+}
+
+/** GET a JSON resource with its ETag: {data, etag}. */
+export async function getTagged(path, params = {}, { signal } = {}) {
+  return request("GET", apiUrl(path, params), { key: getKey(), signal, tagged: true });
+}
+
+/**
+ * PATCH with a JSON merge patch (RFC 7396), with If-Match when `ifMatch` is given (a 412
+ * when the resource changed since): {data, etag}.
+ */
+export async function mergePatch(path, patch, { ifMatch, signal } = {}) {
+  const headers = { "Content-Type": "application/merge-patch+json" };
+  if (ifMatch) headers["If-Match"] = ifMatch;
+  return request("PATCH", apiUrl(path), { key: getKey(), signal, body: patch, headers, tagged: true });
+}
+
+async function request(method, url, { key, signal, body, headers: extra = {}, tagged = false }) {
   const headers = { Authorization: `Bearer ${key}`, Accept: "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
+  Object.assign(headers, extra);
   let response;
   try {
     response = await fetch(url, {
@@ -76,7 +99,10 @@ async function request(method, url, { key, signal, body }) {
     if (err.name === "AbortError") throw err;
     throw new ApiError(0, "Network error", `the API did not answer (${err.message})`);
   }
-  if (response.ok) return response.json();
+  if (response.ok) {
+    const data = response.status === 204 ? null : await response.json();
+    return tagged ? { data, etag: response.headers.get("ETag") } : data;
+  }
   const error = await problem(response);
   if (error.status === 401) onUnauthorized(error);
   throw error;
@@ -85,14 +111,16 @@ async function request(method, url, { key, signal, body }) {
 async function problem(response) {
   let title = response.statusText || "Error";
   let detail = "";
+  let errors = [];
   try {
     const body = await response.json();
     if (typeof body.title === "string") title = body.title;
     if (typeof body.detail === "string") detail = body.detail;
+    if (Array.isArray(body.errors)) errors = body.errors;
   } catch {
     // Not JSON (a proxy's error page): the status says enough.
   }
-  return new ApiError(response.status, title, detail);
+  return new ApiError(response.status, title, detail, errors);
 }
 
 /** A message for the user: the problem's status, title and detail. */

@@ -8,16 +8,24 @@
 //   #/dead-letters?device_id=
 //   #/rollouts              firmware rollouts with their progress
 //   #/rollouts/<id>?state=  one rollout: options, actions, its devices
+//   #/alarms?state=&severity=&device_id=
+//   #/rules                 rules; #/rules/new, #/rules/<id>: edit, backtest
+//   #/jobs                  jobs with their progress; #/jobs/<id>: its devices, cancel
 
 import { clearKey, getKey, setUnauthorizedHandler } from "./api.js";
 import { refreshRelativeTimes } from "./dom.js";
+import * as alarms from "./alarms.js";
 import * as deadLetters from "./deadletters.js";
 import * as device from "./device.js";
 import * as fleet from "./fleet.js";
+import * as job from "./job.js";
+import * as jobs from "./jobs.js";
 import * as login from "./login.js";
 import * as notFound from "./notfound.js";
 import * as rollout from "./rollout.js";
 import * as rollouts from "./rollouts.js";
+import * as rule from "./rule.js";
+import * as rules from "./rules.js";
 import * as stream from "./stream.js";
 
 const main = document.getElementById("main");
@@ -37,6 +45,15 @@ function parseRoute() {
   if (parts[0] === "rollouts" && parts.length === 2 && /^[1-9][0-9]*$/.test(parts[1])) {
     // A rollout is under Rollouts in the navigation.
     return { name: "rollout", nav: "rollouts", id: parts[1], params };
+  }
+  if (parts[0] === "alarms" && parts.length === 1) return { name: "alarms", params };
+  if (parts[0] === "rules" && parts.length === 1) return { name: "rules", params };
+  if (parts[0] === "rules" && parts.length === 2 && (parts[1] === "new" || /^[1-9][0-9]*$/.test(parts[1]))) {
+    return { name: "rule", nav: "rules", id: parts[1] === "new" ? null : parts[1], params };
+  }
+  if (parts[0] === "jobs" && parts.length === 1) return { name: "jobs", params };
+  if (parts[0] === "jobs" && parts.length === 2 && /^[1-9][0-9]*$/.test(parts[1])) {
+    return { name: "job", nav: "jobs", id: parts[1], params };
   }
   if (parts[0] === "device" && parts.length === 2) {
     try {
@@ -89,6 +106,21 @@ function render() {
   } else if (route.name === "rollout") {
     cleanup = rollout.mount(main, route.id, route.params);
     document.title = `Rollout #${route.id} · fleetline`;
+  } else if (route.name === "alarms") {
+    cleanup = alarms.mount(main, route.params);
+    document.title = "Alarms · fleetline";
+  } else if (route.name === "rules") {
+    cleanup = rules.mount(main);
+    document.title = "Rules · fleetline";
+  } else if (route.name === "rule") {
+    cleanup = rule.mount(main, route.id);
+    document.title = `${route.id ? `Rule ${route.id}` : "New rule"} · fleetline`;
+  } else if (route.name === "jobs") {
+    cleanup = jobs.mount(main, route.params);
+    document.title = "Jobs · fleetline";
+  } else if (route.name === "job") {
+    cleanup = job.mount(main, route.id, route.params);
+    document.title = `Job #${route.id} · fleetline`;
   } else {
     cleanup = notFound.mount(main);
     document.title = "Not found · fleetline";

@@ -2,7 +2,11 @@
 // raw points, or buckets (avg with a min–max band). Live readings are merged in: raw
 // points in time order without duplicates (a reading is identified by its ts), buckets
 // updated in place. The figure carries what it shows as data- attributes
-// (data-points, data-last-value, data-last-ts) for tests and tools.
+// (data-points, data-last-value, data-last-ts, data-kind, data-y-ticks) for tests and tools.
+//
+// A metric whose values are all 0 or 1 is taken for a boolean (devices may send true and
+// false, stored as 1 and 0; the API keeps no type): its axis is 0/1 only, drawn as
+// steps. Units: the API says nothing of them, so none is shown.
 
 import { formatValue, setAbsoluteTime, setText, templateElement } from "./dom.js";
 
@@ -45,6 +49,35 @@ export class MetricChart {
     this.data = bucket ? [[], [], [], []] : [[], []];
     this.counts = [];
     this.plot = null;
+    this.boolean = false;
+    this.figure.dataset.kind = "number";
+  }
+
+  /** Whether every value shown is 0 or 1 (and there is one). */
+  looksBoolean() {
+    const columns = this.bucket ? [this.data[2], this.data[3]] : [this.data[1]];
+    let any = false;
+    for (const column of columns) {
+      for (const v of column) {
+        if (v === null || v === undefined) continue;
+        if (v !== 0 && v !== 1) return false;
+        any = true;
+      }
+    }
+    return any;
+  }
+
+  /** Draw as a boolean (0/1 axis, steps) or as a number; the plot is rebuilt on a change. */
+  setBoolean(flag) {
+    if (flag === this.boolean) return;
+    this.boolean = flag;
+    this.figure.dataset.kind = flag ? "boolean" : "number";
+    if (this.plot) {
+      this.plot.destroy();
+      this.plot = null;
+      this.plotNode.replaceChildren();
+      this.attach();
+    }
   }
 
   /** Create the uPlot instance (once the figure is in the document, to know its width). */
@@ -52,9 +85,10 @@ export class MetricChart {
     const width = Math.max(300, this.plotNode.clientWidth);
     const series = [{}];
     let bands;
+    const steps = this.boolean && typeof uPlot.paths.stepped === "function" ? uPlot.paths.stepped({ align: 1 }) : undefined;
     if (this.bucket) {
       series.push(
-        { label: "avg", stroke: this.color, width: 1.5, value: (_u, v) => formatValue(v) },
+        { label: "avg", stroke: this.color, width: 1.5, paths: steps, value: (_u, v) => formatValue(v) },
         { label: "min", stroke: translucent(this.color, 0.5), width: 1, dash: [4, 3], value: (_u, v) => formatValue(v) },
         { label: "max", stroke: translucent(this.color, 0.5), width: 1, dash: [4, 3], value: (_u, v) => formatValue(v) },
       );
@@ -64,6 +98,7 @@ export class MetricChart {
         label: this.metric,
         stroke: this.color,
         width: 1.5,
+        paths: steps,
         points: { show: (u) => u.data[0].length <= 120, size: 5 },
         value: (_u, v) => formatValue(v),
       });
@@ -74,8 +109,22 @@ export class MetricChart {
         height: HEIGHT,
         series,
         bands,
-        scales: { x: { time: true, range: () => this.window() } },
-        axes: [{}, { size: 56, values: (_u, ticks) => ticks.map((v) => formatValue(v)) }],
+        scales: {
+          x: { time: true, range: () => this.window() },
+          ...(this.boolean ? { y: { range: [-0.1, 1.1] } } : {}),
+        },
+        axes: [
+          {},
+          {
+            size: 56,
+            splits: this.boolean ? () => [0, 1] : undefined,
+            // The ticks drawn, also as data-y-ticks (the axis is drawn on a canvas).
+            values: (_u, ticks) => {
+              this.figure.dataset.yTicks = ticks.join(",");
+              return ticks.map((v) => formatValue(v));
+            },
+          },
+        ],
         cursor: { drag: { x: false, y: false } },
         legend: { live: true },
       },
@@ -91,6 +140,7 @@ export class MetricChart {
     this.counts = [];
     const newest = points[points.length - 1];
     if (newest) this.noteReading(newest.t, newest.value);
+    this.setBoolean(this.looksBoolean());
     this.redraw();
   }
 
@@ -103,6 +153,7 @@ export class MetricChart {
       buckets.map((b) => b.max),
     ];
     this.counts = buckets.map((b) => b.count || 0);
+    this.setBoolean(this.looksBoolean());
     this.redraw();
   }
 
@@ -146,6 +197,7 @@ export class MetricChart {
       }
     }
     this.trim();
+    if (this.boolean !== this.looksBoolean()) this.setBoolean(!this.boolean);
     this.redraw();
   }
 

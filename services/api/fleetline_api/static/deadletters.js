@@ -32,7 +32,7 @@ export function mount(root, params) {
     const tr = templateElement("dead-letter-row");
     tr.dataset.id = String(item.id);
     if (item.device_id) tr.dataset.deviceId = item.device_id;
-    setAbsoluteTime(tr.querySelector(".received"), item.received_at);
+    setAbsoluteTime(tr.querySelector(".received"), item.received_at, { date: true });
     const device = tr.querySelector(".device");
     if (item.device_id) {
       const link = document.createElement("a");

@@ -3,7 +3,11 @@
 // (avg, min, max) that the API serves from its rollups. Live readings from the stream
 // are merged into the charts; history is (re)loaded once the stream confirms its
 // subscription, so no reading falls between the two. A module's readings are series
-// named "module/metric", charted like the device's own.
+// named "module/metric", charted like the device's own. Without a range in the address,
+// the range is chosen from the newest reading (rangeFor), so old data is on screen.
+//
+// Below the charts, its twin, methods, cloud-to-device messages and alarms
+// (devicecontrol.js); the stream's alarm events of this device refresh the alarms.
 //
 // Gateways (docs/gateways.md): a device behind a gateway links to it, and says why it is
 // offline when its gateway took it offline (read again when the stream says it went
@@ -12,6 +16,7 @@
 
 import { ApiError, describe, getJson, mapLimit } from "./api.js";
 import { MetricChart, colorFor } from "./chart.js";
+import * as controls from "./devicecontrol.js";
 import {
   deviceHref,
   el,
@@ -28,14 +33,40 @@ import {
 } from "./dom.js";
 import * as stream from "./stream.js";
 
+// Raw points up to 1 h; then buckets, whole minutes, hours or days, so the API reads
+// them from its rollups (1 min rollups kept 90 days, 1 h ones 730 days by default).
 export const RANGES = [
   { id: "15m", label: "15 min", seconds: 15 * 60, bucket: null },
   { id: "1h", label: "1 h", seconds: 3600, bucket: null },
   { id: "6h", label: "6 h", seconds: 6 * 3600, bucket: 60 },
   { id: "24h", label: "24 h", seconds: 24 * 3600, bucket: 300 },
   { id: "7d", label: "7 d", seconds: 7 * 86400, bucket: 3600 },
+  { id: "30d", label: "30 d", seconds: 30 * 86400, bucket: 6 * 3600 },
+  { id: "90d", label: "90 d", seconds: 90 * 86400, bucket: 86400 },
+  { id: "1y", label: "1 y", seconds: 365 * 86400, bucket: 86400 },
+  { id: "2y", label: "2 y", seconds: 730 * 86400, bucket: 86400 },
 ];
 const DEFAULT_RANGE = "1h";
+
+/** "5 min", "1 h", "6 h", "1 d": a bucket width. */
+function widthText(bucket) {
+  if (bucket >= 86400) return `${bucket / 86400} d`;
+  if (bucket >= 3600) return `${bucket / 3600} h`;
+  return `${bucket / 60} min`;
+}
+
+/**
+ * The range to show when the address names none, from the newest reading: the default
+ * while the device reports, else the shortest range that holds its newest reading with
+ * as much time again before it (a device silent for 3 h shows 6 h, for 2 days 7 d).
+ */
+export function rangeFor(newestSeconds, nowSeconds = Date.now() / 1000) {
+  const fallback = RANGES.find((r) => r.id === DEFAULT_RANGE);
+  if (!newestSeconds) return fallback;
+  const age = Math.max(0, nowSeconds - newestSeconds);
+  const wanted = Math.max(fallback.seconds, 2 * age);
+  return RANGES.find((r) => r.seconds >= wanted) || RANGES[RANGES.length - 1];
+}
 const RAW_PAGE = 10_000;
 const RAW_MAX_PAGES = 10;
 // Readings may carry a ts a little ahead of this clock (ingest accepts up to 10 min).
@@ -57,7 +88,10 @@ function seconds(iso) {
 export function mount(root, deviceId, params) {
   root.append(template("device"));
   const $ = (selector) => root.querySelector(selector);
-  const range = RANGES.find((r) => r.id === params.get("range")) || RANGES.find((r) => r.id === DEFAULT_RANGE);
+  // No range in the address: one is chosen for the data present once /latest is read.
+  const chosen = RANGES.find((r) => r.id === params.get("range"));
+  let range = chosen || RANGES.find((r) => r.id === DEFAULT_RANGE);
+  let rangePicked = Boolean(chosen);
   const error = $("#device-error");
   const chartsNode = $("#charts");
   const path = `/v1/devices/${encodeURIComponent(deviceId)}`;
@@ -65,13 +99,18 @@ export function mount(root, deviceId, params) {
   setText($("#device-title"), deviceId);
   $("section").dataset.deviceId = deviceId;
   $(".crumbs").append(" ", el("span", { "aria-current": "page" }, deviceId));
-  setText(
-    $("#device-mode"),
-    range.bucket
-      ? `Last ${range.label}: average per ${range.bucket >= 3600 ? `${range.bucket / 3600} h` : `${range.bucket / 60} min`}, with the min–max band.`
-      : `Last ${range.label}: every reading.`,
-  );
-
+  function showMode(why = "") {
+    setText(
+      $("#device-mode"),
+      (range.bucket
+        ? `Last ${range.label}: average per ${widthText(range.bucket)}, with the min–max band.`
+        : `Last ${range.label}: every reading.`) + (why ? ` ${why}` : ""),
+    );
+    $("#device-mode").dataset.range = range.id;
+    for (const input of root.querySelectorAll('#range-picker input[name="range"]')) {
+      input.checked = input.value === range.id;
+    }
+  }
   // The range picker: radio buttons, the choice kept in the address.
   const picker = $("#range-picker");
   for (const r of RANGES) {
@@ -88,6 +127,7 @@ export function mount(root, deviceId, params) {
     });
     picker.append(el("span", { class: "range" }, input, el("label", { for: `range-${r.id}` }, r.label)));
   }
+  showMode();
 
   // The x range shown: the last `range` up to now, sliding.
   const window = () => {
@@ -154,6 +194,10 @@ export function mount(root, deviceId, params) {
 
   function apply(message) {
     if (message.device_id !== deviceId) return;
+    if (message.type === "alarm") {
+      panels.onAlarm();
+      return;
+    }
     if (message.type === "status") {
       // The event does not say why: offline, its gateway may have taken it offline with
       // it (offline_reason), so read the device again; online, it has no such reason.
@@ -365,6 +409,20 @@ export function mount(root, deviceId, params) {
     try {
       const latest = await getJson(`${path}/latest`);
       if (gen !== generation) return;
+      if (!rangePicked) {
+        rangePicked = true;
+        const newest = Math.max(
+          0,
+          ...Object.values(latest.metrics)
+            .filter((m) => m.value !== null)
+            .map((m) => seconds(m.ts)),
+        );
+        const picked = rangeFor(newest);
+        if (picked !== range) {
+          range = picked;
+          showMode(`Chosen for the data present: the newest reading is from ${new Date(newest * 1000).toLocaleString()}.`);
+        }
+      }
       // Bucket edges lie on multiples of the width since 2000-01-01 (itself a whole
       // hour since the epoch): an aligned range lets the API read its rollups.
       const nowS = Date.now() / 1000;
@@ -408,6 +466,9 @@ export function mount(root, deviceId, params) {
     }
   }
 
+  // Twin, methods, messages and alarms.
+  const panels = controls.mount($("#device-panels"), deviceId);
+
   // Stream first; history once it is subscribed (or after a short wait without it).
   let subscribedOnce = false;
   const fallback = setTimeout(() => {
@@ -450,6 +511,7 @@ export function mount(root, deviceId, params) {
     clearInterval(refresher);
     if (deviceController) deviceController.abort();
     gateway.stop();
+    panels.stop();
     resizer.disconnect();
     for (const chart of charts.values()) chart.destroy();
   };

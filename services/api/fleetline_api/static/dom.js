@@ -111,7 +111,15 @@ export function setRelativeTime(node, iso) {
   setText(node, formatAgo(d));
 }
 
-export function setAbsoluteTime(node, iso) {
+/** Local date and time, always with the date. */
+export function formatDateTime(date) {
+  if (!date) return "—";
+  const d = date instanceof Date ? date : new Date(date);
+  return Number.isNaN(d.getTime()) ? "—" : dateTimeFormat.format(d);
+}
+
+/** Fill a <time> element with a local time (`date`: always with the date). */
+export function setAbsoluteTime(node, iso, { date = false } = {}) {
   if (!iso) {
     setText(node, "");
     node.removeAttribute("datetime");
@@ -120,7 +128,37 @@ export function setAbsoluteTime(node, iso) {
   const d = new Date(iso);
   node.setAttribute("datetime", d.toISOString());
   node.setAttribute("title", dateTimeFormat.format(d));
-  setText(node, formatTime(d));
+  setText(node, date ? formatDateTime(d) : formatTime(d));
+}
+
+/** A <time> element showing a local date and time ("—" without one). */
+export function timeElement(iso, options = { date: true }) {
+  const node = document.createElement("time");
+  if (iso) setAbsoluteTime(node, iso, options);
+  else setText(node, "—");
+  return node;
+}
+
+/** JSON as indented text (for <pre>, through textContent). */
+export function formatJson(value) {
+  return JSON.stringify(value, null, 2);
+}
+
+/**
+ * Parse a JSON text field: {value} or {error} (a message naming the field). An empty
+ * text gives `empty`.
+ */
+export function parseJsonField(text, label, { empty = undefined, object = false } = {}) {
+  if (!text.trim()) return { value: empty };
+  try {
+    const value = JSON.parse(text);
+    if (object && (value === null || typeof value !== "object" || Array.isArray(value))) {
+      return { error: `${label} must be a JSON object ({…}).` };
+    }
+    return { value };
+  } catch (err) {
+    return { error: `${label} is not valid JSON: ${err.message}` };
+  }
 }
 
 export function refreshRelativeTimes(root = document) {

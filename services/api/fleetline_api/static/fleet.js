@@ -2,8 +2,14 @@
 // values of each visible device (GET /v1/devices/{id}/latest), refreshed every 15 s and
 // kept current in between by the stream (telemetry and status of the visible devices).
 // A gateway is marked as one; a device behind a gateway links to it (docs/gateways.md).
+//
+// Above it, the fleet's counts (total, online, offline) under the tag filters, counted
+// by paging GET /v1/devices (the API has no count). A search by id prefix reads its
+// page of ids from POST /v1/query (`id >= 'p' AND id < 'p~'`, with the filters; ids are
+// [A-Za-z0-9_.:-], all below '~') and each device from GET /v1/devices/{id}. The column
+// headers sort the page shown.
 
-import { ApiError, describe, getJson, mapLimit } from "./api.js";
+import { ApiError, describe, getJson, mapLimit, postJson } from "./api.js";
 import {
   deviceHref,
   deviceLink,
@@ -26,6 +32,35 @@ const SHOWN_VALUES = 6;
 // Children a gateway took offline with it arrive as one burst of status events.
 const RELOAD_DELAY_MS = 300;
 const TAG_PATTERN = /^[A-Za-z0-9_.:-]{1,64}=.{0,256}$/;
+const ID_PREFIX = /^[A-Za-z0-9_.:-]{1,127}$/;
+// Counting reads at most this many pages of COUNT_PAGE devices ("10000+" beyond).
+const COUNT_PAGE = 1000;
+const COUNT_PAGES = 10;
+
+/** A device query's text literal. */
+function literal(text) {
+  return `'${String(text).replace(/'/g, "''")}'`;
+}
+
+/** The device query of an id prefix, tag filters and a status. */
+export function searchQuery(prefix, tags, status) {
+  const parts = [`id >= ${literal(prefix)}`, `id < ${literal(`${prefix}~`)}`];
+  for (const tag of tags) {
+    const [name, ...rest] = tag.split("=");
+    const path = /^[A-Za-z0-9_:-]+$/.test(name) ? name : `"${name.replace(/"/g, '""')}"`;
+    parts.push(`tags.${path} = ${literal(rest.join("="))}`);
+  }
+  if (status) parts.push(`status = ${literal(status)}`);
+  return parts.join(" AND ");
+}
+
+// Sort keys of the table; ties fall back to the id.
+const COMPARE = {
+  id: () => 0,
+  status: (a, b) => Number(b.device.online) - Number(a.device.online),
+  parent: (a, b) => (a.device.parent || "").localeCompare(b.device.parent || ""),
+  seen: (a, b) => Date.parse(b.lastSeen || 0) - Date.parse(a.lastSeen || 0),
+};
 
 export function mount(root, params) {
   root.append(template("fleet"));
@@ -34,7 +69,11 @@ export function mount(root, params) {
   const error = $("#fleet-error");
   const tags = params.getAll("tag");
   const status = params.get("status") || "";
+  const search = ID_PREFIX.test(params.get("q") || "") ? params.get("q") : "";
   $("#filter-status").value = status;
+  $("#search-id").value = search;
+  $("#search-clear").hidden = !search;
+  let sort = { key: "id", dir: 1 };
 
   // Paging: the cursors of the pages seen so far (the first page has none).
   const cursors = [null];
@@ -46,8 +85,9 @@ export function mount(root, params) {
   let controller = null;
   let latestDenied = "";
 
-  function setFilters(nextTags, nextStatus) {
+  function setFilters(nextTags, nextStatus, nextSearch = search) {
     const query = new URLSearchParams();
+    if (nextSearch) query.set("q", nextSearch);
     for (const tag of nextTags) query.append("tag", tag);
     if (nextStatus) query.set("status", nextStatus);
     const text = query.toString();
@@ -75,6 +115,75 @@ export function mount(root, params) {
     setFilters(tags.includes(tag) ? tags : [...tags, tag], status);
   });
   $("#filter-status").addEventListener("change", (event) => setFilters(tags, event.target.value));
+  $("#fleet-search").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const prefix = $("#search-id").value.trim();
+    if (prefix && !ID_PREFIX.test(prefix)) {
+      showError(error, `"${prefix}" cannot begin a device id: ids are letters, digits and _ . : -`);
+      $("#search-id").focus();
+      return;
+    }
+    setFilters(tags, status, prefix);
+  });
+  $("#search-clear").addEventListener("click", () => setFilters(tags, status, ""));
+
+  // Sorting the page shown
+  function renderSort() {
+    for (const th of root.querySelectorAll("#fleet-table th[data-sort]")) {
+      if (th.dataset.sort === sort.key) th.setAttribute("aria-sort", sort.dir > 0 ? "ascending" : "descending");
+      else th.removeAttribute("aria-sort");
+    }
+    const byId = (a, b) => (a.device.id < b.device.id ? -1 : a.device.id > b.device.id ? 1 : 0);
+    const sorted = [...rows.values()].sort(
+      (a, b) => COMPARE[sort.key](a, b) * sort.dir || byId(a, b) * (sort.key === "id" ? sort.dir : 1),
+    );
+    tbody.replaceChildren(...sorted.map((entry) => entry.row));
+  }
+  for (const th of root.querySelectorAll("#fleet-table th[data-sort]")) {
+    th.querySelector("button").addEventListener("click", () => {
+      const key = th.dataset.sort;
+      sort = { key, dir: sort.key === key ? -sort.dir : 1 };
+      renderSort();
+    });
+  }
+
+  // Counts
+  let countController = null;
+  async function countPages(extra, signal) {
+    let n = 0;
+    let cursor = null;
+    for (let page = 0; page < COUNT_PAGES; page++) {
+      const body = await getJson("/v1/devices", { tag: tags, limit: COUNT_PAGE, cursor, ...extra }, { signal });
+      n += body.items.length;
+      cursor = body.next_cursor;
+      if (!cursor) return { n, more: false };
+    }
+    return { n, more: true };
+  }
+  async function loadCounts() {
+    if (countController) countController.abort();
+    countController = new AbortController();
+    const { signal } = countController;
+    try {
+      const [total, online] = await Promise.all([countPages({}, signal), countPages({ status: "online" }, signal)]);
+      const show = (name, text) => {
+        const node = root.querySelector(`[data-count="${name}"] dd`);
+        setText(node, text);
+      };
+      show("total", total.more ? `${total.n}+` : total.n);
+      show("online", online.more ? `${online.n}+` : online.n);
+      show("offline", total.more || online.more ? "—" : total.n - online.n);
+      const counts = $("#fleet-counts");
+      counts.dataset.total = String(total.n);
+      counts.dataset.online = String(online.n);
+      counts.setAttribute(
+        "aria-label",
+        tags.length ? `Devices with the tags ${tags.join(", ")}` : "All devices",
+      );
+    } catch (err) {
+      if (err.name !== "AbortError") showError(error, `Counts: ${describe(err)}`);
+    }
+  }
 
   // Rows
   function rowFor(device) {
@@ -201,23 +310,46 @@ export function mount(root, params) {
     reloadTimer = setTimeout(load, RELOAD_DELAY_MS);
   }
 
+  /** A page of the devices whose id starts with `search`, as GET /v1/devices pages. */
+  async function searchPage(signal) {
+    const found = await postJson(
+      "/v1/query",
+      { query: searchQuery(search, tags, status), limit: PAGE_SIZE, cursor: cursors[pageIndex] },
+      { signal },
+    );
+    const devices = await mapLimit(found.items, 6, async (match) => {
+      try {
+        return await getJson(`/v1/devices/${encodeURIComponent(match.device_id)}`, {}, { signal });
+      } catch (err) {
+        if (err instanceof ApiError && err.status === 404) return null; // deleted meanwhile
+        throw err;
+      }
+    });
+    return { items: devices.filter(Boolean), next_cursor: found.next_cursor };
+  }
+
   async function load() {
     clearTimeout(reloadTimer);
     if (controller) controller.abort();
     controller = new AbortController();
     const { signal } = controller;
     try {
-      const page = await getJson(
-        "/v1/devices",
-        { tag: tags, status: status || null, limit: PAGE_SIZE, cursor: cursors[pageIndex] },
-        { signal },
-      );
+      loadCounts();
+      const page = search
+        ? await searchPage(signal)
+        : await getJson(
+            "/v1/devices",
+            { tag: tags, status: status || null, limit: PAGE_SIZE, cursor: cursors[pageIndex] },
+            { signal },
+          );
       const next = new Map();
       for (const device of page.items) next.set(device.id, rowFor(device));
       rows = next;
-      tbody.replaceChildren(...[...next.values()].map((entry) => entry.row));
+      renderSort();
       nextCursor = page.next_cursor;
       $("#fleet-empty").hidden = page.items.length > 0;
+      setText($("#fleet-empty"), search ? `No device id starts with "${search}".` : "No device matches.");
+      $("#fleet-table").dataset.loaded = "true";
       $("#fleet-prev").disabled = pageIndex === 0;
       $("#fleet-next").disabled = !nextCursor;
       setText($("#fleet-page"), `Page ${pageIndex + 1}`);
@@ -253,5 +385,6 @@ export function mount(root, params) {
     clearInterval(timer);
     clearTimeout(reloadTimer);
     if (controller) controller.abort();
+    if (countController) countController.abort();
   };
 }

@@ -1,0 +1,146 @@
+// Jobs: GET /v1/jobs (newest first, cursor paging, filtered by state), each with what it
+// does over which devices and its progress. A method or twin job opens on its own page
+// (job.js), a firmware rollout on its rollout page. Refreshed every few seconds while a
+// job shown is under way, every 15 s otherwise.
+
+import { describe, getJson } from "./api.js";
+import { el, setAbsoluteTime, setText, showError, template, templateElement } from "./dom.js";
+import { ACTIVE_REFRESH_MS, fillProgress, isFinished, progressElement, setStateBadge } from "./rollouts.js";
+
+const PAGE_SIZE = 50;
+const REFRESH_MS = 15_000;
+const STATES = ["queued", "running", "paused", "completed", "cancelled", "failed"];
+
+/** A JSON value on one line, shortened. */
+function brief(value, max = 80) {
+  const text = JSON.stringify(value);
+  return text.length > max ? `${text.slice(0, max)}…` : text;
+}
+
+/** What a job does, as text. */
+export function jobWhat(job) {
+  if (job.type === "method") return `${job.method.name}(${brief(job.method.params)}), timeout ${job.method.timeout_s} s`;
+  if (job.type === "twin") return `desired ← ${brief(job.patch)}`;
+  if (job.type === "rollout") return `firmware ${job.rollout.version} (${job.rollout.kind})`;
+  return job.type;
+}
+
+/**
+ * A job's progress (fillProgress, which speaks of rollouts): a method or twin job's
+ * devices are "running", and none is ever rolled back.
+ */
+export function fillJobProgress(node, job) {
+  fillProgress(node, job.progress);
+  if (job.type === "rollout") return;
+  const rolledBack = node.querySelector('.legend [data-state="rolled_back"]');
+  if (rolledBack) rolledBack.hidden = job.progress.rolled_back === 0;
+  const running = node.querySelector('.legend [data-state="running"]');
+  if (running && running.lastChild) running.lastChild.textContent = " running";
+  const bar = node.querySelector(".bar");
+  bar.setAttribute("aria-valuetext", bar.getAttribute("aria-valuetext").replace(/ updating\b/, " running"));
+}
+
+/** The dashboard's page of a job: rollouts have their own. */
+export function jobHref(job) {
+  return job.type === "rollout" ? `#/rollouts/${job.id}` : `#/jobs/${job.id}`;
+}
+
+export function mount(root, params) {
+  root.append(template("jobs"));
+  const $ = (selector) => root.querySelector(selector);
+  const tbody = $("#jobs-table tbody");
+  const error = $("#jobs-error");
+  const state = STATES.includes(params.get("state")) ? params.get("state") : "";
+  $("#jobs-state").value = state;
+  $("#jobs-state").addEventListener("change", (event) => {
+    location.hash = event.target.value ? `#/jobs?${new URLSearchParams({ state: event.target.value })}` : "#/jobs";
+  });
+  $("#jobs-filters").addEventListener("submit", (event) => event.preventDefault());
+
+  const cursors = [null];
+  let pageIndex = 0;
+  let nextCursor = null;
+  let controller = null;
+  let timer = null;
+  let closed = false;
+
+  function row(job) {
+    const tr = templateElement("job-row");
+    tr.dataset.jobId = String(job.id);
+    tr.dataset.type = job.type;
+    tr.dataset.state = job.state;
+    const link = tr.querySelector(".job-link");
+    link.setAttribute("href", jobHref(job));
+    setText(link, `#${job.id}`);
+    setText(tr.querySelector(".type"), job.type);
+    tr.querySelector(".what").append(
+      el("span", {}, jobWhat(job)),
+      el("br"),
+      el("code", { class: "muted query" }, job.query || "(every device)"),
+    );
+    setStateBadge(tr.querySelector(".state"), job.state);
+    const progress = progressElement();
+    fillJobProgress(progress, job);
+    progress.dataset.testid = "job-progress";
+    tr.querySelector(".progress-cell").append(progress);
+    setAbsoluteTime(tr.querySelector(".created"), job.created_at, { date: true });
+    return tr;
+  }
+
+  function schedule(delay) {
+    clearTimeout(timer);
+    if (closed) return;
+    timer = setTimeout(() => {
+      if (document.hidden) schedule(delay);
+      else load();
+    }, delay);
+  }
+
+  async function load() {
+    if (controller) controller.abort();
+    controller = new AbortController();
+    let active = false;
+    try {
+      const page = await getJson(
+        "/v1/jobs",
+        { state: state || null, limit: PAGE_SIZE, cursor: cursors[pageIndex] },
+        { signal: controller.signal },
+      );
+      if (closed) return;
+      tbody.replaceChildren(...page.items.map(row));
+      active = page.items.some((job) => !isFinished(job));
+      nextCursor = page.next_cursor;
+      $("#jobs-empty").hidden = page.items.length > 0;
+      $("#jobs-prev").disabled = pageIndex === 0;
+      $("#jobs-next").disabled = !nextCursor;
+      setText($("#jobs-page"), `Page ${pageIndex + 1}`);
+      setText($("#jobs-updated"), `Updated ${new Date().toLocaleTimeString()}`);
+      $("#jobs-table").dataset.loaded = "true";
+      showError(error, "");
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      showError(error, describe(err));
+    }
+    schedule(active ? ACTIVE_REFRESH_MS : REFRESH_MS);
+  }
+
+  $("#jobs-next").addEventListener("click", () => {
+    if (!nextCursor) return;
+    cursors[pageIndex + 1] = nextCursor;
+    pageIndex += 1;
+    load();
+  });
+  $("#jobs-prev").addEventListener("click", () => {
+    if (pageIndex === 0) return;
+    pageIndex -= 1;
+    load();
+  });
+  $("#jobs-refresh").addEventListener("click", () => load());
+  load();
+
+  return () => {
+    closed = true;
+    clearTimeout(timer);
+    if (controller) controller.abort();
+  };
+}

@@ -1,0 +1,95 @@
+// Rules: GET /v1/rules (by id, cursor paging), each with what it matches, its condition,
+// severity and whether it is enabled; a rule's page edits it (rule.js).
+
+import { describe, getJson } from "./api.js";
+import { el, formatValue, setAbsoluteTime, setText, showError, template } from "./dom.js";
+
+const PAGE_SIZE = 100;
+
+/** A condition as text: "> 30 for 10 s", "outside 5…25". */
+export function conditionText(cond) {
+  if (!cond) return "";
+  const what = cond.op === "outside" ? `outside ${formatValue(cond.low)}…${formatValue(cond.high)}` : `${cond.op} ${formatValue(cond.value)}`;
+  return cond.for_s ? `${what} for ${formatValue(cond.for_s)} s` : what;
+}
+
+/** What a rule watches, as text. */
+export function ruleConditionText(rule) {
+  if (rule.kind === "no_data") return `no reading for ${formatValue(rule.timeout_s)} s`;
+  const clear = rule.clear ? `; clears ${conditionText(rule.clear)}` : "";
+  return `${rule.metric} ${conditionText(rule.raise)}${clear}`;
+}
+
+/** Which devices a rule matches, as text. */
+export function matchText(match) {
+  const parts = [];
+  if (match.devices && match.devices.length) parts.push(match.devices.join(", "));
+  const tags = Object.entries(match.tags || {}).map(([k, v]) => `${k}=${v}`);
+  if (tags.length) parts.push(`tags ${tags.join(", ")}`);
+  return parts.length ? parts.join(" or ") : "every device";
+}
+
+export function mount(root) {
+  root.append(template("rules"));
+  const $ = (selector) => root.querySelector(selector);
+  const error = $("#rules-error");
+  const cursors = [null];
+  let pageIndex = 0;
+  let nextCursor = null;
+  let controller = null;
+
+  function row(rule) {
+    const link = el("a", { href: `#/rules/${rule.id}`, "data-testid": "rule-link" }, rule.name);
+    const severity = el("span", { class: "badge severity", "data-severity": rule.severity }, rule.severity);
+    const changed = el("time");
+    setAbsoluteTime(changed, rule.updated_at, { date: true });
+    return el(
+      "tr",
+      { "data-testid": "rule-row", "data-rule-id": rule.id, "data-enabled": String(rule.enabled) },
+      el("td", { class: "num" }, rule.id),
+      el("th", { scope: "row" }, link),
+      el("td", {}, matchText(rule.match)),
+      el("td", { "data-testid": "rule-condition" }, el("code", {}, ruleConditionText(rule))),
+      el("td", {}, severity),
+      el("td", { "data-testid": "rule-enabled" }, rule.enabled ? "yes" : "no"),
+      el("td", {}, changed),
+    );
+  }
+
+  async function load() {
+    if (controller) controller.abort();
+    controller = new AbortController();
+    try {
+      const page = await getJson("/v1/rules", { limit: PAGE_SIZE, cursor: cursors[pageIndex] }, { signal: controller.signal });
+      $("#rules-table tbody").replaceChildren(...page.items.map(row));
+      nextCursor = page.next_cursor;
+      $("#rules-empty").hidden = page.items.length > 0;
+      $("#rules-prev").disabled = pageIndex === 0;
+      $("#rules-next").disabled = !nextCursor;
+      setText($("#rules-page"), `Page ${pageIndex + 1}`);
+      setText($("#rules-updated"), `Updated ${new Date().toLocaleTimeString()}`);
+      $("#rules-table").dataset.loaded = "true";
+      showError(error, "");
+    } catch (err) {
+      if (err.name !== "AbortError") showError(error, describe(err));
+    }
+  }
+
+  $("#rules-next").addEventListener("click", () => {
+    if (!nextCursor) return;
+    cursors[pageIndex + 1] = nextCursor;
+    pageIndex += 1;
+    load();
+  });
+  $("#rules-prev").addEventListener("click", () => {
+    if (pageIndex === 0) return;
+    pageIndex -= 1;
+    load();
+  });
+  $("#rules-refresh").addEventListener("click", () => load());
+  load();
+
+  return () => {
+    if (controller) controller.abort();
+  };
+}
