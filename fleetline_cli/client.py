@@ -12,11 +12,18 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 
+from fleetline_cli import localenv
+
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 
 
 class ApiError(Exception):
-    """The API answered with a problem (RFC 9457), or could not be reached."""
+    """The API answered with a problem (RFC 9457), or could not be reached (``status``
+    None). Its text is one line that says what to do."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # Close codes after which reconnecting cannot help (fleetline_api/routes/stream.py).
@@ -27,12 +34,15 @@ RECONNECT_MAX_SECONDS = 30.0
 def _key(key: str | None) -> str:
     key = key or os.environ.get("FLEETLINE_API_KEY")
     if not key:
-        raise ApiError("set FLEETLINE_API_KEY (create one: fleetline apikey create)")
+        raise ApiError(
+            "no API key: set FLEETLINE_API_KEY (make one with "
+            "`fleetline apikey create --scope admin`)"
+        )
     return key
 
 
 def _base_url(url: str | None) -> str:
-    return url or os.environ.get("FLEETLINE_API_URL", DEFAULT_API_URL)
+    return url or os.environ.get("FLEETLINE_API_URL") or DEFAULT_API_URL
 
 
 async def stream_events(
@@ -60,21 +70,45 @@ async def stream_events(
             code = exc.rcvd.code if exc.rcvd else None
             reason = exc.rcvd.reason if exc.rcvd else "connection lost"
             if code in FATAL_CLOSE_CODES:
-                raise ApiError(f"stream closed ({code}): {reason}") from None
+                hint = " (check FLEETLINE_API_KEY)" if code == 4401 else ""
+                raise ApiError(f"stream closed ({code}): {reason}{hint}") from None
         except (OSError, InvalidStatus, InvalidURI) as exc:
             if isinstance(exc, InvalidURI) or attempt >= 5:
-                raise ApiError(f"cannot open the stream at {ws_url}: {exc}") from None
+                raise ApiError(
+                    f"cannot open the stream at {ws_url} ({exc}): is the API running? "
+                    + localenv.hint("FLEETLINE_API_URL")
+                ) from None
         await asyncio.sleep(min(RECONNECT_MAX_SECONDS, 0.5 * 2**attempt))
         attempt += 1
 
 
+def unreachable(url: object, exc: Exception) -> ApiError:
+    return ApiError(
+        f"cannot reach the API at {url} ({exc or type(exc).__name__}): is it running? "
+        + localenv.hint("FLEETLINE_API_URL")
+    )
+
+
 def _problem(resp: httpx.Response) -> ApiError:
+    """The problem's status, title and detail on one line, with a hint where one helps."""
     try:
         problem = resp.json()
-        text = f"{problem.get('status')} {problem.get('title')}: {problem.get('detail', '')}"
+        if not isinstance(problem, dict):
+            raise ValueError("not a problem")
+        text = f"{problem.get('status', resp.status_code)} {problem.get('title', '')}"
+        detail = problem.get("detail")
+        errors = problem.get("errors") or []
+        if errors and isinstance(errors[0], dict) and errors[0].get("msg"):
+            detail = f"{detail or 'invalid'} ({errors[0]['msg']})"
+        if detail:
+            text += f": {detail}"
     except ValueError:
         text = f"{resp.status_code} {resp.reason_phrase}"
-    return ApiError(text)
+    if resp.status_code == 401:
+        text += " (check FLEETLINE_API_KEY; `fleetline apikey create` makes a key)"
+    elif resp.status_code == 403:
+        text += " (use a key with that scope: `fleetline apikey create --scope ...`)"
+    return ApiError(" ".join(text.split()), status=resp.status_code)
 
 
 class ApiClient:
@@ -90,7 +124,7 @@ class ApiClient:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise ApiError(f"cannot reach the API at {self._http.base_url}: {exc}") from None
+            raise unreachable(self._http.base_url, exc) from None
         if resp.is_success:
             return resp.json() if resp.content else None
         raise _problem(resp)
@@ -109,7 +143,7 @@ class ApiClient:
                         size += len(chunk)
                 return size
         except httpx.HTTPError as exc:
-            raise ApiError(f"cannot reach the API at {self._http.base_url}: {exc}") from None
+            raise unreachable(self._http.base_url, exc) from None
 
     def pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Every item of a cursor-paged listing."""

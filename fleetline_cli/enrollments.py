@@ -3,13 +3,20 @@ the REST API (FLEETLINE_API_URL, FLEETLINE_API_KEY)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from fleetline_cli.common import JsonOption, api, print_table
+from fleetline_cli.common import (
+    JsonOption,
+    Output,
+    OutputOption,
+    api,
+    json_argument,
+    print_table,
+    printed,
+)
 
 enrollment_app = typer.Typer(
     help="Enrollments: who may register itself (docs/provisioning.md).", no_args_is_help=True
@@ -17,10 +24,6 @@ enrollment_app = typer.Typer(
 ca_app = typer.Typer(
     help="X.509 CAs whose device certificates the broker trusts.", no_args_is_help=True
 )
-
-
-def _echo_json(value: Any) -> None:
-    typer.echo(json.dumps(value))
 
 
 def _show_enrollment(e: dict[str, Any]) -> None:
@@ -54,6 +57,7 @@ def enrollment_create(
     reset: Annotated[
         bool, typer.Option(help="A device that registers again gets the initial tags and twin.")
     ] = False,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """Create an enrollment. A symmetric-key one prints its key (shown this once)."""
@@ -71,19 +75,16 @@ def enrollment_create(
     if thumbprint:
         body["thumbprint"] = thumbprint
     if desired is not None:
-        try:
-            body["initial_desired"] = json.loads(desired)
-        except ValueError as exc:
-            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--desired") from None
+        body["initial_desired"] = json_argument(desired, "--desired")
     created = api("POST", "/v1/enrollments", json=body)
-    _echo_json(created) if as_json else _show_enrollment(created)
+    if not printed(created, output, as_json):
+        _show_enrollment(created)
 
 
 @enrollment_app.command("list")
-def enrollment_list(as_json: JsonOption = False) -> None:
+def enrollment_list(output: OutputOption = Output.table, as_json: JsonOption = False) -> None:
     items = api("GET", "/v1/enrollments")["items"]
-    if as_json:
-        _echo_json(items)
+    if printed(items, output, as_json):
         return
     print_table(
         ["id", "kind", "attestation", "enabled", "pattern", "devices"],
@@ -102,21 +103,24 @@ def enrollment_list(as_json: JsonOption = False) -> None:
 
 
 @enrollment_app.command("show")
-def enrollment_show(enrollment_id: str, as_json: JsonOption = False) -> None:
+def enrollment_show(
+    enrollment_id: str, output: OutputOption = Output.table, as_json: JsonOption = False
+) -> None:
     e = api("GET", f"/v1/enrollments/{enrollment_id}")
-    _echo_json(e) if as_json else _show_enrollment(e)
+    if not printed(e, output, as_json):
+        _show_enrollment(e)
 
 
 @enrollment_app.command("registrations")
 def enrollment_registrations(
     enrollment_id: str,
     limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """The devices that registered through the enrollment, with each one's last outcome."""
     page = api("GET", f"/v1/enrollments/{enrollment_id}/registrations", params={"limit": limit})
-    if as_json:
-        _echo_json(page["items"])
+    if printed(page["items"], output, as_json):
         return
     print_table(
         ["registration id", "device", "status", "attempts", "last", "error"],
@@ -134,25 +138,29 @@ def enrollment_registrations(
     )
 
 
-def _set_enabled(enrollment_id: str, enabled: bool) -> None:
-    _show_enrollment(api("PATCH", f"/v1/enrollments/{enrollment_id}", json={"enabled": enabled}))
+def _set_enabled(enrollment_id: str, enabled: bool, output: Output) -> None:
+    e = api("PATCH", f"/v1/enrollments/{enrollment_id}", json={"enabled": enabled})
+    if not printed(e, output):
+        _show_enrollment(e)
 
 
 @enrollment_app.command("disable")
-def enrollment_disable(enrollment_id: str) -> None:
+def enrollment_disable(enrollment_id: str, output: OutputOption = Output.table) -> None:
     """Refuse new registrations (its devices keep working)."""
-    _set_enabled(enrollment_id, False)
+    _set_enabled(enrollment_id, False, output)
 
 
 @enrollment_app.command("enable")
-def enrollment_enable(enrollment_id: str) -> None:
-    _set_enabled(enrollment_id, True)
+def enrollment_enable(enrollment_id: str, output: OutputOption = Output.table) -> None:
+    _set_enabled(enrollment_id, True, output)
 
 
 @enrollment_app.command("renew-key")
-def enrollment_renew_key(enrollment_id: str) -> None:
+def enrollment_renew_key(enrollment_id: str, output: OutputOption = Output.table) -> None:
     """A new enrollment key (shown once); the old one stops working for new registrations."""
-    _show_enrollment(api("POST", f"/v1/enrollments/{enrollment_id}/key"))
+    e = api("POST", f"/v1/enrollments/{enrollment_id}/key")
+    if not printed(e, output):
+        _show_enrollment(e)
 
 
 @enrollment_app.command("delete")
@@ -175,25 +183,29 @@ def _pem(path: Path) -> str:
 
 
 @ca_app.command("add")
-def ca_add(name: str, certificate: Path, as_json: JsonOption = False) -> None:
+def ca_add(
+    name: str, certificate: Path, output: OutputOption = Output.table, as_json: JsonOption = False
+) -> None:
     """Register a CA certificate (PEM). Then sign a certificate whose common name is the
     verification code printed here with the CA's key, and give it to `fleetline ca verify`."""
     ca = api("POST", "/v1/cas", json={"name": name, "certificate": _pem(certificate)})
-    _echo_json(ca) if as_json else _show_ca(ca)
+    if not printed(ca, output, as_json):
+        _show_ca(ca)
 
 
 @ca_app.command("verify")
-def ca_verify(name: str, proof: Path) -> None:
+def ca_verify(name: str, proof: Path, output: OutputOption = Output.table) -> None:
     """Prove possession of the CA's key: the certificate it signed for the verification
     code (PEM). Devices' certificates it signs are trusted from then on."""
-    _show_ca(api("POST", f"/v1/cas/{name}/verify", json={"certificate": _pem(proof)}))
+    ca = api("POST", f"/v1/cas/{name}/verify", json={"certificate": _pem(proof)})
+    if not printed(ca, output):
+        _show_ca(ca)
 
 
 @ca_app.command("list")
-def ca_list(as_json: JsonOption = False) -> None:
+def ca_list(output: OutputOption = Output.table, as_json: JsonOption = False) -> None:
     items = api("GET", "/v1/cas")["items"]
-    if as_json:
-        _echo_json(items)
+    if printed(items, output, as_json):
         return
     print_table(
         ["name", "subject", "verified", "not after", "thumbprint"],

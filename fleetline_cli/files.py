@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fleetline_cli.common import JsonOption, api, api_errors, api_items, print_table
+from fleetline_cli.common import (
+    JsonOption,
+    Output,
+    OutputOption,
+    api,
+    api_errors,
+    api_items,
+    print_table,
+    printed,
+)
 
 file_app = typer.Typer(help="Files devices uploaded (docs/uploads.md).", no_args_is_help=True)
 
@@ -18,12 +26,12 @@ file_app = typer.Typer(help="Files devices uploaded (docs/uploads.md).", no_args
 def file_list(
     device_id: str,
     state: Annotated[str | None, typer.Option(help="uploading or complete")] = None,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """The device's files, newest first (unfinished uploads too)."""
     files = api_items(f"/v1/devices/{device_id}/files", state=state)
-    if as_json:
-        typer.echo(json.dumps(files))
+    if printed(files, output, as_json):
         return
     print_table(
         ["id", "name", "state", "size", "type", "sha256", "uploaded"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -16,11 +17,23 @@ from pydantic import ValidationError
 
 from fleetline import apikeys
 from fleetline.logs import setup_logging
-from fleetline_cli.common import JsonOption, api_errors, api_items, print_table
+from fleetline_cli.cloud import c2d_app, method_app, twin_app
+from fleetline_cli.common import (
+    JsonOption,
+    Output,
+    OutputOption,
+    api_errors,
+    api_items,
+    fail,
+    print_table,
+    printed,
+)
 from fleetline_cli.common import api as rest
 from fleetline_cli.enrollments import ca_app, enrollment_app
 from fleetline_cli.files import file_app
+from fleetline_cli.jobs import job_app
 from fleetline_cli.rollouts import rollout_app
+from fleetline_cli.rules import alarm_app, dead_letters_app, route_app, rule_app
 
 T = TypeVar("T")
 
@@ -29,6 +42,23 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+# Commands that read no .fleetline/env: `up` writes it (a stale one must not become its
+# configuration).
+NO_LOCAL_ENV = ("up",)
+
+
+@app.callback()
+def _start(ctx: typer.Context) -> None:
+    # The deployment `fleetline up` runs, found from here (fleetline_cli/localenv.py):
+    # the environment's variables win over the file's.
+    from fleetline_cli import localenv
+
+    if ctx.invoked_subcommand in NO_LOCAL_ENV:
+        return
+    try:
+        localenv.load()
+    except localenv.LocalEnvError as exc:
+        fail(str(exc))
 
 
 @app.command()
@@ -75,8 +105,9 @@ def migrate(
     try:
         applied = asyncio.run(run_migrate(settings.dsn, settings, create_database=create_database))
     except MigrationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(exc))
+    except (OSError, asyncpg.PostgresError) as exc:
+        fail(_database_unreachable(settings.dsn, exc))
     typer.echo(f"{applied} migration(s) applied")
 
 
@@ -86,22 +117,44 @@ apikey_app = typer.Typer(
 app.add_typer(apikey_app, name="apikey")
 
 
+def _redacted(dsn: str) -> str:
+    """A database URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _database_unreachable(dsn: str, exc: Exception) -> str:
+    from fleetline_cli import localenv
+
+    where = localenv.hint("FLEETLINE_DATABASE_URL")
+    if localenv.origin("FLEETLINE_DATABASE_URL") is None:
+        where += " (a running `fleetline up` writes it to .fleetline/env, which is read here)"
+    return f"cannot reach the database at {_redacted(dsn)} ({exc}): {where}"
+
+
 def _with_database(work: Callable[[asyncpg.Connection[Any]], Awaitable[T]]) -> T:
     from fleetline.db import close_connection
     from fleetline.settings import ServiceSettings
 
-    settings = ServiceSettings()
+    try:
+        settings = ServiceSettings()
+    except ValidationError as exc:
+        fail(f"invalid settings: {' '.join(str(exc).split())}")
 
     async def run() -> T:
         try:
             con = await asyncpg.connect(settings.dsn, timeout=10)
         except (OSError, asyncpg.PostgresError) as exc:
-            raise typer.BadParameter(f"cannot reach the database: {exc}") from None
+            fail(_database_unreachable(settings.dsn, exc))
         try:
             return await work(con)
         except asyncpg.UndefinedTableError:
-            typer.echo("error: the schema is missing; run `fleetline migrate` first", err=True)
-            raise typer.Exit(1) from None
+            fail("the schema is missing; run `fleetline migrate` first")
         finally:
             await close_connection(con)
 
@@ -114,13 +167,17 @@ def apikey_create(
         list[str], typer.Option("--scope", "-s", help=f"Repeatable: {', '.join(apikeys.SCOPES)}.")
     ],
     name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
+    output: OutputOption = Output.table,
 ) -> None:
-    """Create an API key and print it. It is shown this once: store it now."""
+    """Create an API key and print it (-o json/yaml: with its id, name and scopes). It is
+    shown this once: store it now."""
     try:
         key = _with_database(lambda con: apikeys.create_key(con, name=name, scopes=scope))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    typer.echo(key.token)
+    made = {"id": key.id, "name": name, "scopes": sorted(set(scope)), "token": key.token}
+    if not printed(made, output):
+        typer.echo(key.token)
     typer.echo(
         f"created key {key.id} ({', '.join(sorted(set(scope)))}); it is not shown again", err=True
     )
@@ -128,7 +185,8 @@ def apikey_create(
 
 @apikey_app.command("list")
 def apikey_list(
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")] = False,
+    output: OutputOption = Output.table,
+    as_json: JsonOption = False,
 ) -> None:
     """List API keys (never their secrets)."""
     rows = _with_database(apikeys.list_keys)
@@ -136,8 +194,7 @@ def apikey_list(
         {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in dict(r).items()}
         for r in rows
     ]
-    if as_json:
-        typer.echo(json.dumps(docs))
+    if printed(docs, output, as_json):
         return
     print_table(
         ["id", "state", "scopes", "name", "last used"],
@@ -162,8 +219,7 @@ def apikey_revoke(
     parts = apikeys.split_token(key)
     key_id = parts[0] if parts else key
     if not _with_database(lambda con: apikeys.revoke(con, key_id)):
-        typer.echo(f"error: no active key {key_id}", err=True)
-        raise typer.Exit(1)
+        fail(f"no active key {key_id} (`fleetline apikey list` shows them)")
     typer.echo(f"revoked {key_id}")
 
 
@@ -177,6 +233,14 @@ app.add_typer(enrollment_app, name="enrollment")
 app.add_typer(ca_app, name="ca")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(file_app, name="file")
+app.add_typer(twin_app, name="twin")
+app.add_typer(method_app, name="method")
+app.add_typer(c2d_app, name="c2d")
+app.add_typer(job_app, name="job")
+app.add_typer(rule_app, name="rule")
+app.add_typer(alarm_app, name="alarm")
+app.add_typer(route_app, name="route")
+app.add_typer(dead_letters_app, name="dead-letters")
 
 
 def _tags(tag: list[str]) -> dict[str, str]:
@@ -284,6 +348,7 @@ def device_create(
     key: Annotated[
         bool, typer.Option(help="Issue its key now (--no-key: a child that only has a gateway).")
     ] = True,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """Register a device and print its key and connection string (shown this once), or
@@ -316,8 +381,7 @@ def device_create(
         "issue_key": key,
     }
     device = rest("POST", "/v1/devices", json=body)
-    if as_json:
-        typer.echo(json.dumps(device))
+    if printed(device, output, as_json):
         return
     _show_device(device)
     if device["credentials"]:
@@ -351,6 +415,7 @@ def device_update(
     not_gateway: Annotated[
         bool, typer.Option("--not-gateway", help="No longer a gateway (once it has no children).")
     ] = False,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """Change a device's tags, whether it may connect, its gateway (--parent, --no-parent),
@@ -376,18 +441,17 @@ def device_update(
             "--parent, --no-parent, --gateway or --not-gateway"
         )
     device = rest("PATCH", f"/v1/devices/{device_id}", json=body)
-    if as_json:
-        typer.echo(json.dumps(device))
-    else:
+    if not printed(device, output, as_json):
         _show_device(device)
 
 
 @device_app.command("refusals")
-def device_refusals(device_id: str, as_json: JsonOption = False) -> None:
+def device_refusals(
+    device_id: str, output: OutputOption = Output.table, as_json: JsonOption = False
+) -> None:
     """What the broker refused a gateway, by child: its reason, topic and count."""
     rows = rest("GET", f"/v1/devices/{device_id}/refusals", params={"limit": 1000})
-    if as_json:
-        typer.echo(json.dumps(rows))
+    if printed(rows, output, as_json):
         return
     print_table(
         ["child", "reason", "topic", "count", "last refused"],
@@ -396,12 +460,12 @@ def device_refusals(device_id: str, as_json: JsonOption = False) -> None:
 
 
 @device_app.command("renew-key")
-def device_renew_key(device_id: str, as_json: JsonOption = False) -> None:
+def device_renew_key(
+    device_id: str, output: OutputOption = Output.table, as_json: JsonOption = False
+) -> None:
     """Issue a new key (shown once); the old key and its tokens stop working."""
     creds = rest("POST", f"/v1/devices/{device_id}/key")
-    if as_json:
-        typer.echo(json.dumps(creds))
-    else:
+    if not printed(creds, output, as_json):
         _show_credentials(creds)
 
 
@@ -409,11 +473,23 @@ def device_renew_key(device_id: str, as_json: JsonOption = False) -> None:
 def device_token(
     device_id: str,
     ttl: Annotated[int, typer.Option(help="Seconds the token is valid.")] = 3600,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """A SAS token for the device's MQTT password (sig=...&se=...), signed by the API."""
     token = rest("POST", f"/v1/devices/{device_id}/token", json={"ttl_s": ttl})
-    typer.echo(json.dumps(token) if as_json else token["token"])
+    if not printed(token, output, as_json):
+        typer.echo(token["token"])
+
+
+DeviceMqttUrl = Annotated[
+    str | None,
+    typer.Option(
+        envvar="FLEETLINE_DEVICE_MQTT_URL",
+        help="Where devices reach the broker, mqtts://host:port (a running `fleetline up` "
+        "writes it to .fleetline/env).",
+    ),
+]
 
 
 @device_app.command("connection-string")
@@ -424,18 +500,21 @@ def device_connection_string(
     ] = None,
     host: Annotated[
         str | None,
-        typer.Option(help="Broker host devices connect to (default: the API's device endpoint)."),
+        typer.Option(help="Broker host devices connect to (default: the device endpoint)."),
     ] = None,
     port: Annotated[
         int | None,
-        typer.Option(help="Broker port devices connect to (default: the API's device endpoint)."),
+        typer.Option(help="Broker port devices connect to (default: the device endpoint)."),
     ] = None,
+    mqtt_url: DeviceMqttUrl = None,
     renew: Annotated[bool, typer.Option(help="Issue a new key and use it.")] = False,
 ) -> None:
     """A device's connection string. fleetline never returns a key twice, so give the key
-    you were shown (--key), or issue a new one (--renew). The broker is the one the API
-    names for devices (its TLS endpoint), unless --host and --port say otherwise."""
+    you were shown (--key), or issue a new one (--renew). The broker is the configured
+    device endpoint (--mqtt-url, FLEETLINE_DEVICE_MQTT_URL), else the one the API names
+    for devices, unless --host and --port say otherwise."""
     from fleetline import devicekeys
+    from fleetline.settings import parse_mqtt_url
 
     if renew:
         typer.echo(rest("POST", f"/v1/devices/{device_id}/key")["connection_string"])
@@ -446,10 +525,17 @@ def device_connection_string(
         devicekeys.fingerprint(key)  # well-formed
     except devicekeys.DeviceKeyError as exc:
         raise typer.BadParameter(str(exc), param_hint="--key") from None
+    if (host is None or port is None) and mqtt_url:
+        try:
+            endpoint = parse_mqtt_url(mqtt_url)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--mqtt-url") from None
+        host = host or endpoint.host
+        port = port or endpoint.port
     if host is None or port is None:
-        endpoint = rest("GET", "/v1/endpoints")
-        host = host or endpoint["device_mqtt_host"]
-        port = port or endpoint["device_mqtt_port"]
+        named = rest("GET", "/v1/endpoints")
+        host = host or named["device_mqtt_host"]
+        port = port or named["device_mqtt_port"]
     typer.echo(devicekeys.connection_string(host=host, port=port, device_id=device_id, key=key))
 
 
@@ -467,8 +553,7 @@ def _firmware_errors() -> Iterator[None]:
     try:
         yield
     except FirmwareError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(exc))
 
 
 @firmware_app.command("build")
@@ -628,7 +713,7 @@ def firmware_config(
     mqtt_url: Annotated[
         str | None,
         typer.Option(
-            envvar="FLEETLINE_API_DEVICE_MQTT_URL",
+            envvar=["FLEETLINE_DEVICE_MQTT_URL", "FLEETLINE_API_DEVICE_MQTT_URL"],
             help="Where devices reach the broker (with --key), e.g. mqtts://broker:8883.",
         ),
     ] = None,
@@ -792,8 +877,7 @@ def firmware_flash(
         typer.echo(shlex.join(command))
         return
     if shutil.which(mpremote) is None:
-        typer.echo(f"error: {mpremote} not found (pip install mpremote)", err=True)
-        raise typer.Exit(1)
+        fail(f"{mpremote} not found (pip install mpremote)")
     raise typer.Exit(subprocess.run(command, check=False).returncode)
 
 
@@ -802,14 +886,13 @@ def device_list(
     tag: Annotated[list[str], typer.Option("--tag", "-t", help="name=value, repeatable")] = [],  # noqa: B006
     status: Annotated[str | None, typer.Option(help="online or offline")] = None,
     parent: Annotated[str | None, typer.Option(help="Only this gateway's children.")] = None,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """List devices (all pages), filtered by tags, status and gateway."""
     tags = [f"{k}={v}" for k, v in _tags(tag).items()]
     devices = api_items("/v1/devices", tag=tags, status=status or None, parent=parent)
-    if as_json:
-        typer.echo(json.dumps(devices))
-    else:
+    if not printed(devices, output, as_json):
         print_table(
             ["device", "status", "last seen", "key", "gateway", "tags"],
             [
@@ -829,12 +912,12 @@ def device_list(
 @device_app.command("query")
 def device_query(
     query: Annotated[str, typer.Argument(help="e.g. \"tags.site = 'A' AND reported.fw < '1.2'\"")],
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """Devices a query matches (all pages), with their twin versions."""
     devices = api_items("/v1/query", q=query)
-    if as_json:
-        typer.echo(json.dumps(devices))
+    if printed(devices, output, as_json):
         return
     print_table(
         ["device", "status", "desired", "reported", "tags"],
@@ -852,12 +935,13 @@ def device_query(
 
 
 @device_app.command("show")
-def device_show(device_id: str, as_json: JsonOption = False) -> None:
+def device_show(
+    device_id: str, output: OutputOption = Output.table, as_json: JsonOption = False
+) -> None:
     """One device and the latest value of each of its metrics."""
     device = rest("GET", f"/v1/devices/{device_id}")
     latest = rest("GET", f"/v1/devices/{device_id}/latest")
-    if as_json:
-        typer.echo(json.dumps({**device, "latest": latest["metrics"]}))
+    if printed({**device, "latest": latest["metrics"]}, output, as_json):
         return
     _show_device(device)
     for metric, point in sorted(latest["metrics"].items()):
@@ -880,6 +964,7 @@ def telemetry_query(
     end: Annotated[str | None, typer.Option("--to", help="RFC 3339, with offset")] = None,
     bucket: Annotated[str | None, typer.Option(help="e.g. 5m, 1h: aggregates")] = None,
     limit: Annotated[int, typer.Option(help="Raw points at most")] = 1000,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """Raw points of a device, or time-bucketed aggregates with --bucket."""
@@ -888,8 +973,7 @@ def telemetry_query(
         if value:
             params[name] = value
     result = rest("GET", f"/v1/devices/{device_id}/telemetry", params=params)
-    if as_json:
-        typer.echo(json.dumps(result["items"]))
+    if printed(result["items"], output, as_json):
         return
     items = result["items"]
     if bucket:
@@ -938,6 +1022,76 @@ def up(
 
 
 @app.command()
+def simulate(
+    devices: Annotated[int, typer.Option(min=1, help="Simulated devices to run.")] = 10,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between a device's readings.")
+    ] = 2.0,
+    prefix: Annotated[
+        str,
+        typer.Option(
+            help="Their ids: PREFIX0000, PREFIX0001... (not `fleetline up`'s sim-: those "
+            "would be issued new keys, locking out its own simulated devices)."
+        ),
+    ] = "simulated-",
+    mqtt_url: DeviceMqttUrl = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLEETLINE_DEVICE_CA_FILE",
+            help="The CA certificate the broker's is verified against (mqtts://; default: "
+            "the system's CAs).",
+        ),
+    ] = None,
+    duration: Annotated[
+        float, typer.Option(min=0, help="Stop after this many seconds (0: at Ctrl-C).")
+    ] = 0,
+) -> None:
+    """Simulated devices against a deployment (FLEETLINE_API_URL), until Ctrl-C.
+
+    They are registered over the API (a key with devices:write), each with its own key
+    (devices of the prefix registered already get a new one), connect to the broker the
+    API names for devices (FLEETLINE_DEVICE_MQTT_URL instead) and publish readings,
+    answer methods, take twin changes and cloud-to-device messages."""
+    from fleetline_cli import simulate as sim
+    from fleetline_cli.client import ApiClient
+    from fleetline_dev.simulator import device_ids
+
+    if ca_file is not None and not ca_file.is_file():
+        raise typer.BadParameter(f"{ca_file} is not a file", param_hint="--ca-file")
+    ids = device_ids(devices, prefix)
+    with api_errors():
+        client = ApiClient()
+        try:
+            target = sim.broker(client, mqtt_url, ca_file)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--mqtt-url") from None
+        keys = sim.register(client, ids)
+    scheme = "mqtts" if target.tls else "mqtt"
+    typer.echo(
+        f"simulating {devices} devices ({ids[0]}...{ids[-1]}) on {scheme}://{target.host}:"
+        f"{target.port}, a reading every {interval:g} s; Ctrl-C stops",
+        err=True,
+    )
+    setup_logging("simulate", fmt="console")
+    # paho logs every socket error of every device; the simulator logs its own.
+    logging.getLogger("mqtt").setLevel(logging.CRITICAL)
+    try:
+        asyncio.run(
+            sim.run(
+                target,
+                keys,
+                devices=devices,
+                interval_seconds=interval,
+                prefix=prefix,
+                duration_seconds=duration,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
 def monitor(
     device: Annotated[list[str], typer.Option("--device", "-d", help="Repeatable")] = [],  # noqa: B006
     tag: Annotated[list[str], typer.Option("--tag", "-t", help="name=value, repeatable")] = [],  # noqa: B006
@@ -946,10 +1100,24 @@ def monitor(
         str, typer.Option(help="Comma list of telemetry, status, alarm")
     ] = "telemetry,status,alarm",
     count: Annotated[int, typer.Option(help="Stop after this many events (0: never).")] = 0,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
-    """Live events (stored telemetry, status changes, alarms) from /v1/stream, until Ctrl-C."""
+    """Live events (stored telemetry, status changes, alarms) from /v1/stream, until Ctrl-C.
+
+    -o json prints one JSON object a line; -o yaml one YAML document per event."""
     from fleetline_cli.client import ApiError, stream_events
+    from fleetline_cli.common import to_yaml
+
+    if as_json:
+        output = Output.json
+
+    def line(event: dict[str, Any]) -> str:
+        if output is Output.json:
+            return json.dumps(event)
+        if output is Output.yaml:
+            return "---\n" + to_yaml(event).rstrip("\n")
+        return _event_line(event)
 
     params = {
         "device": device,
@@ -962,10 +1130,10 @@ def monitor(
         seen = 0
         async for event in stream_events(params):
             if event.get("type") == "subscribed":
-                if not as_json:
+                if output is Output.table:
                     typer.echo("listening for events (Ctrl-C stops)", err=True)
                 continue
-            typer.echo(json.dumps(event) if as_json else _event_line(event))
+            typer.echo(line(event))
             seen += 1
             if count and seen >= count:
                 return
@@ -973,8 +1141,7 @@ def monitor(
     try:
         asyncio.run(run())
     except ApiError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(exc))
     except KeyboardInterrupt:
         pass
 

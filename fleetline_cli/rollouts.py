@@ -3,22 +3,26 @@ the REST API (FLEETLINE_API_URL, FLEETLINE_API_KEY)."""
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Annotated, Any
 
 import typer
 
-from fleetline_cli.common import JsonOption, api, api_items, print_table
+from fleetline_cli.common import (
+    JsonOption,
+    Output,
+    OutputOption,
+    api,
+    api_items,
+    fail,
+    print_table,
+    printed,
+)
+from fleetline_cli.jobs import OUTCOMES, watch
 
 rollout_app = typer.Typer(
     help="Firmware rollouts: a release put on the devices a query matches, in waves (docs/ota.md).",
     no_args_is_help=True,
 )
-FINISHED = ("completed", "cancelled", "failed")
-WATCH_SECONDS = 1.0
-# A rollout's devices by final state, as its progress counts them.
-OUTCOMES = ("succeeded", "failed", "rolled_back", "cancelled")
 
 RolloutId = Annotated[int, typer.Argument(help="The rollout's job id.")]
 Watch = Annotated[
@@ -54,31 +58,16 @@ def _show(job: dict[str, Any]) -> None:
 
 def _watch(rollout_id: int) -> dict[str, Any]:
     """A progress bar until the rollout finishes or pauses; the rollout then."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    # On stderr: the summary (or --json) stays alone on stdout.
-    with Progress(
-        TextColumn("rollout {task.fields[rid]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        console=Console(stderr=True),
-    ) as bar:
-        task = bar.add_task("rollout", total=None, rid=rollout_id, detail="")
-        while True:
-            job: dict[str, Any] = api("GET", f"/v1/jobs/{rollout_id}")
-            p = job["progress"]
-            done = sum(p[k] for k in OUTCOMES)
-            phases = job["rollout"]["phases"]
-            updating = ", ".join(f"{v} {k}" for k, v in phases.items() if v)
-            detail = f"{p['succeeded']} ok, {p['failed'] + p['rolled_back']} failed" + (
-                f"; {updating}" if updating else ""
-            )
-            bar.update(task, total=p["total"], completed=done, detail=detail)
-            if job["state"] in FINISHED or job["state"] == "paused":
-                return job
-            time.sleep(WATCH_SECONDS)
+    def detail(job: dict[str, Any]) -> str:
+        p = job["progress"]
+        phases = job["rollout"]["phases"]
+        updating = ", ".join(f"{v} {k}" for k, v in phases.items() if v)
+        return f"{p['succeeded']} ok, {p['failed'] + p['rolled_back']} failed" + (
+            f"; {updating}" if updating else ""
+        )
+
+    return watch(rollout_id, f"rollout {rollout_id}", detail)
 
 
 def _window(text: str | None) -> dict[str, str] | None:
@@ -110,6 +99,7 @@ def rollout_create(
         str | None, typer.Option(help="Notify devices only in HH:MM-HH:MM (UTC).")
     ] = None,
     watch: Watch = False,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """Put a release on the devices QUERY matches: a canary first, then waves."""
@@ -129,21 +119,19 @@ def rollout_create(
     job = api("POST", "/v1/jobs", json=body)
     if watch:
         job = _watch(job["id"])
-    if as_json:
-        typer.echo(json.dumps(job))
-    else:
+    if not printed(job, output, as_json):
         _show(job)
 
 
 @rollout_app.command("list")
 def rollout_list(
     state: Annotated[str | None, typer.Option(help="queued, running, paused, completed...")] = None,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """Rollouts, newest first."""
     jobs = [j for j in api_items("/v1/jobs", state=state) if j["type"] == "rollout"]
-    if as_json:
-        typer.echo(json.dumps(jobs))
+    if printed(jobs, output, as_json):
         return
     print_table(
         ["id", "firmware", "state", "done", *OUTCOMES[:3], "created"],
@@ -162,17 +150,19 @@ def rollout_list(
 
 
 @rollout_app.command("show")
-def rollout_show(rollout_id: RolloutId, watch: Watch = False, as_json: JsonOption = False) -> None:
+def rollout_show(
+    rollout_id: RolloutId,
+    watch: Watch = False,
+    output: OutputOption = Output.table,
+    as_json: JsonOption = False,
+) -> None:
     """A rollout's options and progress."""
     job = api("GET", f"/v1/jobs/{rollout_id}")
     if job["type"] != "rollout":
-        typer.echo(f"error: job {rollout_id} is a {job['type']} job, not a rollout", err=True)
-        raise typer.Exit(1)
+        fail(f"job {rollout_id} is a {job['type']} job, not a rollout (`fleetline job show`)")
     if watch:
         job = _watch(rollout_id)
-    if as_json:
-        typer.echo(json.dumps(job))
-    else:
+    if not printed(job, output, as_json):
         _show(job)
 
 
@@ -182,12 +172,12 @@ def rollout_devices(
     state: Annotated[
         str | None, typer.Option(help="pending, running, succeeded, failed, rolled_back...")
     ] = None,
+    output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """Each device's part: its wave, phase, download progress, and why it failed."""
     rows = api_items(f"/v1/jobs/{rollout_id}/devices", state=state)
-    if as_json:
-        typer.echo(json.dumps(rows))
+    if printed(rows, output, as_json):
         return
     print_table(
         ["device", "wave", "state", "phase", "progress", "error"],
@@ -205,23 +195,25 @@ def rollout_devices(
     )
 
 
-def _act(rollout_id: int, verb: str) -> None:
-    typer.echo(_summary(api("POST", f"/v1/jobs/{rollout_id}/{verb}")))
+def _act(rollout_id: int, verb: str, output: Output) -> None:
+    job = api("POST", f"/v1/jobs/{rollout_id}/{verb}")
+    if not printed(job, output):
+        typer.echo(_summary(job))
 
 
 @rollout_app.command("pause")
-def rollout_pause(rollout_id: RolloutId) -> None:
+def rollout_pause(rollout_id: RolloutId, output: OutputOption = Output.table) -> None:
     """Start no more devices (those updating go on)."""
-    _act(rollout_id, "pause")
+    _act(rollout_id, "pause", output)
 
 
 @rollout_app.command("resume")
-def rollout_resume(rollout_id: RolloutId) -> None:
+def rollout_resume(rollout_id: RolloutId, output: OutputOption = Output.table) -> None:
     """Go on; the failure threshold counts from now."""
-    _act(rollout_id, "resume")
+    _act(rollout_id, "resume", output)
 
 
 @rollout_app.command("cancel")
-def rollout_cancel(rollout_id: RolloutId) -> None:
+def rollout_cancel(rollout_id: RolloutId, output: OutputOption = Output.table) -> None:
     """Cancel the devices not started (those updating go on)."""
-    _act(rollout_id, "cancel")
+    _act(rollout_id, "cancel", output)
