@@ -38,7 +38,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     FLEETLINE_LOG_FORMAT=json
 WORKDIR /app
 USER 10001:10001
-# api 8000; ingest probes/metrics 9101; rules probes/metrics 9103.
-EXPOSE 8000 9101 9103
+# api 8000 (its probes/metrics 9102); ingest probes/metrics 9101; rules probes/metrics 9103.
+EXPOSE 8000 9101 9102 9103
 ENTRYPOINT ["fleetline"]
 CMD ["--help"]

@@ -1,4 +1,4 @@
-"""Device credentials: keys, SAS tokens and connection strings (PROTOCOL.md, Identities).
+"""Device credentials: keys, SAS tokens and connection strings (docs/protocol.md, section 1).
 
 A device's symmetric key is derived, never stored: ``key = HMAC-SHA256(secret,
 "{device_id}\\n{version}")``, where ``secret`` is the deployment's device-key secret

@@ -1,4 +1,4 @@
-"""The device-facing contract (PROTOCOL.md): topics, names, and telemetry payload parsing.
+"""The device-facing contract (docs/protocol.md): topics, names, and telemetry payload parsing.
 
 ``parse_telemetry`` is ingest's hot path: it runs once per MQTT message, so it avoids
 regexes for names already seen and allocates one tuple per stored value.

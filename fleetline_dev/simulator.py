@@ -1,4 +1,4 @@
-"""A simulated device fleet speaking the device contract of PROTOCOL.md (demo load).
+"""A simulated device fleet speaking the device contract of docs/protocol.md (demo load).
 
 Each device is its own MQTT connection (client id = device id, QoS 1): a retained
 ``offline`` Last Will and a retained ``online`` birth message on ``devices/{id}/status``,

@@ -41,6 +41,7 @@ from fleetline_dev.embedded import (
     find_mosquitto,
     free_port,
     port_is_free,
+    psql_command,
 )
 from fleetline_dev.simulated_gateways import gateway_ids, register_gateways, run_gateways
 from fleetline_dev.simulated_updates import UpdatePolicy
@@ -104,8 +105,58 @@ def release_key_file(base: Path) -> str:
     return str(path)
 
 
+# Taken by this run already (a port picked free stays free until its server binds it).
+_PICKED: set[int] = set()
+
+
 def _pick_port(preferred: int) -> int:
-    return preferred if port_is_free(preferred) else free_port()
+    """``preferred`` when it is free, else a free port (each port picked once a run)."""
+    port = preferred
+    while port in _PICKED or not port_is_free(port):
+        port = free_port()
+    _PICKED.add(port)
+    return port
+
+
+# The services' own ports: the variable that sets each and its default. Set and taken is
+# an error (said before anything starts); unset, the default or else a free port.
+SERVICE_PORTS = {
+    "FLEETLINE_API_PORT": API_PORT,
+    "FLEETLINE_API_METRICS_PORT": API_METRICS_PORT,
+    "FLEETLINE_INGEST_HTTP_PORT": INGEST_HTTP_PORT,
+    "FLEETLINE_RULES_HTTP_PORT": RULES_HTTP_PORT,
+}
+
+
+class PortError(Exception):
+    """A port the environment asks for is in use or not a port."""
+
+
+def plan_service_ports(
+    environ: dict[str, str], defaults: dict[str, int] = SERVICE_PORTS
+) -> dict[str, int]:
+    """Each service port by its variable: as the environment sets it (which must be free),
+    else its default when free, else a free one."""
+    ports: dict[str, int] = {}
+    for name, default in defaults.items():
+        configured = environ.get(name, "").strip()
+        if not configured:
+            ports[name] = _pick_port(default)
+            continue
+        try:
+            port = int(configured)
+        except ValueError:
+            raise PortError(f"{name}={configured!r} is not a port number") from None
+        if not 0 < port < 65536:
+            raise PortError(f"{name}={port} is not a port number (1-65535)")
+        if port in _PICKED or not port_is_free(port):
+            raise PortError(
+                f"port {port} ({name}) is in use: stop what listens there, or set {name} "
+                "to another port (unset, fleetline up picks a free one)"
+            )
+        _PICKED.add(port)
+        ports[name] = port
+    return ports
 
 
 def _redact(url: str) -> str:
@@ -187,6 +238,13 @@ def run_up(
         return 1
     base = Path(data_dir).resolve()
     try:
+        # Before anything starts: a port asked for and taken is one line, not a traceback
+        # of a service after the banner.
+        ports = plan_service_ports(dict(os.environ))
+    except PortError as exc:
+        _say(f"error: {exc}", err=True)
+        return 1
+    try:
         key_secret = device_key_secret(base)
         devicekeys.check_secret(key_secret.encode())
     except (OSError, devicekeys.DeviceKeyError) as exc:
@@ -200,9 +258,11 @@ def run_up(
         return 1
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     _trap_signals()
+    pg_started = False
     try:
         with contextlib.ExitStack() as servers:
             if not database_url:
+                pg_started = True
                 pg = LocalPostgres(
                     base / "postgres",
                     port=_pick_port(POSTGRES_PORT),
@@ -273,6 +333,9 @@ def run_up(
                 _supervise(
                     database_url,
                     mqtt_url,
+                    base=base,
+                    ports=ports,
+                    embedded_database=pg_started,
                     service_urls=service_urls,
                     devices_target=devices_target,
                     key_secret=key_secret,
@@ -317,9 +380,14 @@ def device_host() -> str:
 
 
 def _child_env(
-    database_url: str, mqtt_url: str, key_secret: str, devices: DevicesEndpoint | None
+    database_url: str,
+    mqtt_url: str,
+    key_secret: str,
+    devices: DevicesEndpoint | None,
+    ports: dict[str, int],
 ) -> dict[str, str]:
     env = dict(os.environ)
+    env.update({name: str(port) for name, port in ports.items()})
     env["FLEETLINE_DATABASE_URL"] = database_url
     env["FLEETLINE_MQTT_URL"] = mqtt_url
     env["FLEETLINE_DEVICE_KEY_SECRET"] = key_secret
@@ -329,7 +397,6 @@ def _child_env(
         env.setdefault("FLEETLINE_API_DEVICE_PORT", str(devices.https_port))
         env.setdefault("FLEETLINE_API_DEVICE_TLS_CERT_FILE", devices.cert_file)
         env.setdefault("FLEETLINE_API_DEVICE_TLS_KEY_FILE", devices.key_file)
-    env.setdefault("FLEETLINE_API_METRICS_PORT", str(_pick_port(API_METRICS_PORT)))
     # The services listen on loopback, as the banner says (devices reach the broker's
     # TLS listener, which is on every interface); set these to serve beyond it.
     for name in (
@@ -381,9 +448,9 @@ async def _wait_ingest_ready(port: int, stop: asyncio.Event) -> None:
 
 async def _wait_services_ready(
     ports: dict[str, int], exits: dict[asyncio.Task[int], str], stop: asyncio.Event
-) -> None:
-    """Until every service answers ``/readyz`` (or one exits, or we are stopped); past
-    SERVICES_READY_TIMEOUT_SECONDS, say which are not ready and go on."""
+) -> list[str]:
+    """Until every service answers ``/readyz``, one exits, we are stopped or
+    SERVICES_READY_TIMEOUT_SECONDS pass: the services not ready then (none: all are)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SERVICES_READY_TIMEOUT_SECONDS
     waiting = dict(ports)
@@ -391,16 +458,69 @@ async def _wait_services_ready(
         for name, port in list(waiting.items()):
             if await _http_ok(port, "/readyz"):
                 del waiting[name]
-        if not waiting:
-            return
-        if loop.time() > deadline:
-            log.warning(
-                "not ready after %.0f s: %s",
-                SERVICES_READY_TIMEOUT_SECONDS,
-                ", ".join(sorted(waiting)),
-            )
-            return
-        await asyncio.sleep(0.25)
+        if not waiting or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    return sorted(waiting)
+
+
+def _cli_command() -> str:
+    """How to run this installation's ``fleetline``: relative to the current folder when
+    it is inside it (``.venv/bin/fleetline``)."""
+    exe = Path(sys.executable).parent / "fleetline"
+    if not exe.exists():
+        return "fleetline"
+    with contextlib.suppress(ValueError):
+        return str(exe.relative_to(Path.cwd()))
+    return str(exe)
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> None:
+    """The deployment's addresses for the command line (``fleetline_cli/localenv.py``
+    reads them): one ``NAME=value`` a line, readable by its owner only (a database URL
+    may hold a password)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("# Written by `fleetline up` while it runs; removed when it stops.\n")
+        out.writelines(f"{name}={value}\n" for name, value in values.items())
+    os.replace(staging, path)
+
+
+def _banner(
+    *,
+    database_url: str,
+    storage: str,
+    broker_lines: str,
+    api_url: str,
+    ports: dict[str, int],
+    fleet: str,
+    env_file: Path,
+    embedded_database: bool,
+) -> str:
+    """What ``up`` prints once every service is ready: where each part is, and how to make
+    the first API key (the command line finds this deployment through ``env_file``)."""
+    default_env = Path.cwd() / ".fleetline" / "env"
+    prefix = "" if env_file == default_env else f"FLEETLINE_ENV_FILE={env_file} "
+    psql = f"{psql_command()} {_redact(database_url)}" if embedded_database else None
+    return (
+        "\nfleetline is up\n"
+        f"  API       {api_url}\n"
+        f"  dashboard {api_url}/dashboard/\n"
+        f"  API docs  {api_url}/docs (Swagger UI), {api_url}/redoc\n"
+        f"  database  {_redact(database_url)}\n"
+        + (f"  psql      {psql}\n" if psql else "")
+        + f"  storage   {storage}\n"
+        f"{broker_lines}"
+        f"  metrics   http://127.0.0.1:{ports['FLEETLINE_INGEST_HTTP_PORT']}/metrics (ingest), "
+        f"http://127.0.0.1:{ports['FLEETLINE_API_METRICS_PORT']}/metrics (api),\n"
+        f"            http://127.0.0.1:{ports['FLEETLINE_RULES_HTTP_PORT']}/metrics (rules)\n"
+        f"  devices   {fleet}\n"
+        "make an API key (for the API, the dashboard and the command line):\n"
+        f"  {prefix}{_cli_command()} apikey create --scope admin\n"
+        "Ctrl-C to stop.\n"
+    )
 
 
 async def _storage_label(database_url: str) -> str:
@@ -473,6 +593,9 @@ async def _supervise(
     database_url: str,
     mqtt_url: str,
     *,
+    base: Path,
+    ports: dict[str, int],
+    embedded_database: bool,
     service_urls: dict[str, str],
     devices_target: DevicesEndpoint | None,
     key_secret: str,
@@ -495,9 +618,10 @@ async def _supervise(
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
 
-    env = _child_env(database_url, mqtt_url, key_secret, devices_target)
-    ingest_port = int(env.get("FLEETLINE_INGEST_HTTP_PORT") or INGEST_HTTP_PORT)
-    api_url = f"http://127.0.0.1:{int(env.get('FLEETLINE_API_PORT') or API_PORT)}"
+    env = _child_env(database_url, mqtt_url, key_secret, devices_target, ports)
+    ingest_port = ports["FLEETLINE_INGEST_HTTP_PORT"]
+    api_url = f"http://127.0.0.1:{ports['FLEETLINE_API_PORT']}"
+    env_file = base / "env"
     sim_target = (
         parse_mqtt_url(devices_target.local_url, ca_file=devices_target.ca_file)
         if devices_target is not None
@@ -531,11 +655,29 @@ async def _supervise(
 
         # The banner once the services answer, so what it names can be used at once.
         service_ports = {
-            "api": int(env.get("FLEETLINE_API_PORT") or API_PORT),
+            "api": ports["FLEETLINE_API_PORT"],
             "ingest": ingest_port,
-            "rules": int(env.get("FLEETLINE_RULES_HTTP_PORT") or RULES_HTTP_PORT),
+            "rules": ports["FLEETLINE_RULES_HTTP_PORT"],
         }
-        await _wait_services_ready(service_ports, exits, stop)
+        not_ready = await _wait_services_ready(service_ports, exits, stop)
+        if stop.is_set():
+            return 0
+        exited = [name for waited, name in exits.items() if waited.done()]
+        if exited or not_ready:
+            for waited, name in exits.items():
+                if waited.done():
+                    _say(
+                        f"error: service {name} exited while starting "
+                        f"({_describe_exit(waited.result())}; its log is above)",
+                        err=True,
+                    )
+            if not exited:
+                _say(
+                    f"error: not ready after {SERVICES_READY_TIMEOUT_SECONDS:.0f} s: "
+                    f"{', '.join(not_ready)} (their logs are above); stopping",
+                    err=True,
+                )
+            return 1
         fleet = (
             f"{devices} simulated, one reading every {interval_seconds:g} s"
             if devices > 0
@@ -557,19 +699,22 @@ async def _supervise(
             else f"  broker    {_redact(mqtt_url)}\n"
         )
         storage = await _storage_label(database_url)
+        local = {"FLEETLINE_DATABASE_URL": database_url, "FLEETLINE_API_URL": api_url}
+        if devices_target is not None:
+            local["FLEETLINE_DEVICE_MQTT_URL"] = devices_target.url
+            local["FLEETLINE_DEVICE_CA_FILE"] = devices_target.ca_file
+        write_env_file(env_file, local)
         _say(
-            "\nfleetline is up\n"
-            f"  database  {_redact(database_url)}\n"
-            f"  storage   {storage}\n"
-            f"{broker_lines}"
-            f"  API       {api_url} (docs at {api_url}/docs)\n"
-            f"  metrics   http://127.0.0.1:{ingest_port}/metrics (ingest), "
-            f"http://127.0.0.1:{env['FLEETLINE_API_METRICS_PORT']}/metrics (api)\n"
-            f"  devices   {fleet}\n"
-            "an API key (for the API, the dashboard and the CLI):\n"
-            f"  FLEETLINE_DATABASE_URL={_redact(database_url)} "
-            ".venv/bin/fleetline apikey create --scope admin\n"
-            "Ctrl-C to stop.\n"
+            _banner(
+                database_url=database_url,
+                storage=storage,
+                broker_lines=broker_lines,
+                api_url=api_url,
+                ports=ports,
+                fleet=fleet,
+                env_file=env_file,
+                embedded_database=embedded_database,
+            )
         )
         if devices > 0 or gateways > 0:
             sim = asyncio.create_task(
@@ -608,6 +753,8 @@ async def _supervise(
         if code == 0:
             _say("stopping...")
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            env_file.unlink()
         await _stop_simulator(sim, sim_stop)
         await _stop_services(procs, hurry)
     return code

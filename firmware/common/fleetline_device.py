@@ -1,4 +1,4 @@
-"""fleetline's device side: PROTOCOL.md and the README's device contract, portable.
+"""fleetline's device side: the device contract of docs/protocol.md, portable.
 
 One module for every device fleetline ships code for: the ESP32 firmware runs it under
 MicroPython, the Raspberry Pi agent and the tests under CPython. So it imports only what
@@ -78,7 +78,7 @@ STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 
 # MicroPython ports whose epoch is 2000-01-01 (ESP32 before 1.22, for one) count from
-# there; PROTOCOL.md's ts and a token's expiry count from 1970.
+# there; the contract's ts and a token's expiry count from 1970.
 _EPOCH_OFFSET_S = 946684800 if time.gmtime(0)[0] == 2000 else 0
 
 

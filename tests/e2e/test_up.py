@@ -2,13 +2,18 @@
 broker with its TLS listener for devices and a CA of its own, the three services and a
 simulated fleet that publishes over TLS. A device registered over REST is told the TLS
 endpoint and publishes there, verifying the broker with the CA file the banner names; a
-second run keeps the CA, so devices keep trusting the broker."""
+second run keeps the CA, so devices keep trusting the broker. The first API key is made
+with the command the banner prints, and the command line finds the deployment by itself
+(``<data dir>/env``, gone once ``up`` stops). A port asked for and taken stops ``up`` in
+one line before anything starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,13 +23,15 @@ import asyncpg
 import httpx
 import pytest
 
-from fleetline import apikeys, releases
+from fleetline import releases
 from fleetline_dev.embedded import free_port
 from fleetline_dev.simulator import MODEL
+from tests.e2e.readme import run_examples
 from tests.integration.test_firmware import declare, put_part
 from tests.support import Device, wait_until
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 START_TIMEOUT_SECONDS = 120
 
@@ -75,11 +82,13 @@ class Up:
             raise
 
 
-async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: str) -> None:
+async def test_up_serves_devices_over_tls_and_the_readme_examples_work(
+    tmp_path: Path, uid: str
+) -> None:
     ports = {"api": free_port(), "ingest": free_port(), "rules": free_port()}
     up = Up(tmp_path / "data", ports)
     try:
-        api_url = up.field(r"API\s+(http://\S+) ")
+        api_url = up.field(r"API\s+(http://\S+)\n")
         assert api_url == f"http://127.0.0.1:{ports['api']}"
         device_url = up.field(r"(mqtts://\S+) \(devices")
         ca_file = Path(up.field(r"CA file\s+(\S+)\)"))
@@ -91,10 +100,23 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
         assert up.field(r"storage\s+(TimescaleDB \S+)") == "TimescaleDB 2.28.3"
         con = await asyncpg.connect(database_url)
         try:
-            key = (await apikeys.create_key(con, name="t", scopes=["admin"])).token
             assert await con.fetchval("SELECT timescale FROM storage_config") is True
         finally:
             await con.close()
+        assert up.field(r"dashboard\s+(http://\S+)") == f"{api_url}/dashboard/"
+        assert up.field(r"psql\s+\S+ (postgresql://\S+)") == database_url
+        # The first key, made with the banner's own command (from the project's folder: the
+        # command line finds the deployment through the file the banner names).
+        command = up.field(r"make an API key.*:\n\s+(.+)")
+        env_file = tmp_path / "data" / "env"
+        assert command.startswith(f"FLEETLINE_ENV_FILE={env_file} ")
+        assert env_file.stat().st_mode & 0o077 == 0
+        outside = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLINE_")}
+        made = subprocess.run(["bash", "-c", command], cwd=ROOT, env=outside,
+                              capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        key = made.stdout.split()[0]
+        assert key.startswith("flk_"), made.stdout
         c = httpx.Client(base_url=api_url, timeout=10, headers={"Authorization": f"Bearer {key}"})
         # Its own release key, made on first run, signs firmware releases.
         release_key = tmp_path / "data" / "release-key.pem"
@@ -104,6 +126,13 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
         # The simulated fleet publishes over TLS.
         wait_until(lambda: c.get("/v1/devices/sim-0000/latest").json().get("metrics"),
                    timeout=60, what="the simulated devices' readings")
+        # ...read through the command line, which needs only the key and the env file.
+        read = subprocess.run(
+            [str(ROOT / ".venv/bin/fleetline"), "telemetry", "query", "sim-0000", "--json"],
+            env={**outside, "FLEETLINE_ENV_FILE": str(env_file), "FLEETLINE_API_KEY": key},
+            capture_output=True, text=True, timeout=60)
+        assert read.returncode == 0, read.stderr
+        assert {p["metric"] for p in json.loads(read.stdout)} >= {"temperature"}, read.stdout
         # A registered device is pointed at the TLS listener and publishes there.
         created = c.post("/v1/devices", json={"id": f"{uid}-d"}).json()["credentials"]
         parts = dict(p.split("=", 1) for p in created["connection_string"].split(";"))
@@ -114,9 +143,11 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
         wait_until(lambda: c.get(f"/v1/devices/{uid}-d/latest").json().get("metrics"),
                    what="the device's reading")
         dev.close()
-        # Without TLS the devices' port answers nothing an MQTT client can use.
+        # Without TLS the devices' port answers nothing an MQTT client can use (a broker
+        # speaking MQTT there would answer the CONNECT within milliseconds, not seconds).
         with pytest.raises(AssertionError, match="could not connect"):
-            Device(f"mqtt://127.0.0.1:{tls_port}", f"{uid}-plain", password=created["key"])
+            Device(f"mqtt://127.0.0.1:{tls_port}", f"{uid}-plain", password=created["key"],
+                   connect_timeout=2)
         # The simulated fleet takes a rollout, downloading from the devices' HTTPS listener.
         assert up.field(r"downloads\s+(https://\S+) \(devices").startswith("https://")
         image = b"sim-th1 application 2.0.0" * 100
@@ -127,8 +158,13 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
                           and j, timeout=60, what="the rollout over the simulated fleet")
         assert (done["state"], done["progress"]["succeeded"]) == ("completed", 3), done
         assert c.get("/v1/devices/sim-0001/twin").json()["reported"]["fw"] == "2.0.0"
+        # The README's examples, as a reader runs them after `make run`.
+        printed = run_examples(api_url=api_url, env_file=env_file, key=key)
+        assert '"status":200' in printed.replace(" ", ""), printed  # sim-0001 answered ping
+        assert c.get("/v1/devices/meter-7").json()["parent"] is None
     finally:
         assert up.stop() == 0, up.output()
+    assert not env_file.exists()
     ca = ca_file.read_bytes()
     signer = release_key.read_bytes()
     again = Up(tmp_path / "data", ports)
@@ -137,6 +173,28 @@ async def test_up_serves_devices_over_tls_with_its_own_ca(tmp_path: Path, uid: s
         assert release_key.read_bytes() == signer
     finally:
         assert again.stop() == 0, again.output()
+
+
+def test_a_port_asked_for_and_taken_is_one_line_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "FLEETLINE_INGEST_HTTP_PORT": str(port)}
+        for name in ("FLEETLINE_DATABASE_URL", "FLEETLINE_MQTT_URL"):
+            env.pop(name, None)
+        done = subprocess.run(
+            [sys.executable, "-m", "fleetline_cli", "up", "--data-dir", str(tmp_path / "d")],
+            env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: port {port} (FLEETLINE_INGEST_HTTP_PORT) is in use: stop what listens there, "
+        "or set FLEETLINE_INGEST_HTTP_PORT to another port (unset, fleetline up picks a free "
+        "one)"], done.stderr
+    assert "is up" not in done.stdout
+    assert not (tmp_path / "d" / "postgres").exists()
 
 
 def release(c: httpx.Client, image: bytes, version: str, target: str) -> int:

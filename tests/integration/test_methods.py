@@ -167,7 +167,7 @@ async def test_round_trip_with_params_and_payload(
     assert re.fullmatch(r"[0-9a-f]{32}", result["request_id"])
     assert result["status"] == 200
     assert result["payload"] == {"method": "switch.set_v2", **params}
-    # The request as PROTOCOL.md has it (and as the rules service sends its commands).
+    # The request as docs/protocol.md has it (and as the rules service sends its commands).
     assert dev.requests == [(result["request_id"], {"method": "switch.set_v2", "params": params})]
 
     # The device's own status comes back as it gave it; the HTTP call itself succeeded.

@@ -1,7 +1,7 @@
 /*
  * fleetline_auth: per-device credentials and topic ACLs for Mosquitto 2.0 (plugin API 5).
  *
- * Devices (PROTOCOL.md, Identities): client id = username = device id; the password is the
+ * Devices (docs/protocol.md, section 1): client id = username = device id; the password is the
  * device key (base64 of 32 bytes) or a SAS token
  *     sig=<base64 hmac-sha256(key_bytes, "{device_id}\n{expiry}")>&se=<expiry epoch s>
  * where key = HMAC-SHA256(secret, "{device_id}\n{key_version}") and key_version comes

@@ -1,4 +1,4 @@
-"""Modules of a device (PROTOCOL.md: ``{device_id}/{module_id}``).
+"""Modules of a device (docs/protocol.md, section 8: ``{device_id}/{module_id}``).
 
 A module is a named part of a device's software (a sensor driver, an app on a gateway)
 with its own twin and direct methods. It speaks over its device's connection and

@@ -1,7 +1,7 @@
 """Request and response bodies of cloud-to-device messages (``/v1/devices/{id}/messages``).
 
 What the device receives on ``devices/{id}/c2d`` is ``{"id": ..., "body": ...,
-"properties": {...}}`` (PROTOCOL.md); it answers on ``devices/{id}/c2d/ack`` with
+"properties": {...}}`` (docs/protocol.md, section 7); it answers on ``devices/{id}/c2d/ack`` with
 ``{"id": ..., "outcome": "complete" | "reject"}``.
 """
 

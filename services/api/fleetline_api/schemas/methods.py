@@ -1,7 +1,7 @@
 """Request and response bodies of direct methods (``POST /v1/devices/{id}/methods/{name}``).
 
 The request the device receives on ``devices/{id}/methods/{request_id}/req`` is
-``{"method": name, "params": {...}}`` (PROTOCOL.md), as the rules service sends its
+``{"method": name, "params": {...}}`` (docs/protocol.md, section 6), as the rules service sends its
 commands; the device answers on ``.../res`` with ``{"status": 200, "payload": ...}``.
 """
 

@@ -1,8 +1,8 @@
-"""Request and response bodies of /v1/rules and /v1/alarms (PROTOCOL.md "Rules and alarms").
+"""Request and response bodies of /v1/rules and /v1/alarms (docs/protocol.md, section 15).
 
 A rule is a threshold rule (``metric``, ``raise``, optional ``clear``) or a ``no_data``
 rule (``{"kind": "no_data", "timeout_s": 120}``); ``kind`` may be left out of a
-threshold rule, as PROTOCOL.md shows it. Conditions are one of two shapes: a comparison
+threshold rule, as docs/protocol.md shows it. Conditions are one of two shapes: a comparison
 with a ``value``, or ``outside`` with ``low``/``high``, so the OpenAPI document says which
 fields each needs. Secrets (webhook ``secret``, Pushsafer ``key``) are write-only: every
 response shows them as ``********``; sending that mask back in a PUT keeps the stored one.
