@@ -49,6 +49,12 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Whether ``given`` is ``expected``, in constant time (both hashed first: not even
+    the length of ``expected`` shows)."""
+    return hmac.compare_digest(_digest(given), _digest(expected))
+
+
 def split_token(token: str) -> tuple[str, str] | None:
     """(id, secret) of a well-formed token; None otherwise."""
     if not token.startswith(PREFIX):
@@ -97,15 +103,41 @@ async def admin_exists(con: db.Connection) -> bool:
     )
 
 
-async def create_first_key(con: db.Connection, *, name: str, scopes: list[str]) -> NewKey | None:
-    """A key made without an admin key (the API's bootstrap token), only while no active
-    admin key exists: None once one does. Concurrent calls take turns (an advisory lock
-    held by the transaction), so two of them cannot both see "none yet"."""
+async def create_first_key(con: db.Connection, *, name: str) -> NewKey | None:
+    """The first admin key, made without one (the API's bootstrap token), only while no
+    active admin key exists: None once one does. Only an admin key: a way in that made
+    other keys would stay open for as long as none was made. Concurrent calls take turns
+    (an advisory lock held by the transaction), so two of them cannot both see "none
+    yet"."""
     async with con.transaction():
         await con.execute(_BOOTSTRAP_LOCK)
         if await admin_exists(con):
             return None
-        return await create_key(con, name=name, scopes=scopes)
+        return await create_key(con, name=name, scopes=["admin"])
+
+
+async def revoke_keeping_an_admin(con: db.Connection, key_id: str) -> bool | None:
+    """Revoke ``key_id`` unless it is the last active admin key (None then: no one could
+    make or revoke keys any more); False if there is no such active key. Under the
+    bootstrap lock: two admins revoking each other at once leave one of them."""
+    async with con.transaction():
+        await con.execute(_BOOTSTRAP_LOCK)
+        row = await con.fetchrow(
+            "SELECT 'admin' = ANY(scopes) AS admin FROM api_keys "
+            "WHERE id = $1 AND revoked_at IS NULL",
+            key_id,
+        )
+        if row is None:
+            return False
+        if row["admin"]:
+            others = await con.fetchval(
+                "SELECT count(*) FROM api_keys WHERE revoked_at IS NULL "
+                "AND 'admin' = ANY(scopes) AND id <> $1",
+                key_id,
+            )
+            if not others:
+                return None
+        return await revoke(con, key_id)
 
 
 async def verify(con: db.Connection, token: str) -> KeyInfo | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from typing import Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -173,3 +173,12 @@ def load(cls: type[SettingsT]) -> SettingsT:
             lines.append(f"  {name}: {error['msg']}")
         sys.stderr.write(f"error: invalid settings ({cls.__name__}):\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password shown as ``***`` (for messages and banners)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -138,6 +138,8 @@ def read_document(source: str, what: str) -> Any:
         text = sys.stdin.read() if source == "-" else Path(source).read_text()
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {source}: {exc.strerror}", param_hint=what) from None
+    except UnicodeDecodeError:
+        raise typer.BadParameter(f"{source} is not UTF-8 text", param_hint=what) from None
     return parse_document(text, what)
 
 

@@ -7,12 +7,18 @@ FLEETLINE_DEVICE_MQTT_URL and FLEETLINE_DEVICE_CA_FILE. At start the command lin
 the ``.fleetline/env`` of the current directory or of the nearest parent that has one
 (FLEETLINE_ENV_FILE names another file; set to nothing, no file is read) and sets each
 variable the environment does not set already: the environment wins.
+
+Only those four names are taken from the file, and only from a file of the user's own
+that no one else may write: a file planted in a shared or cloned folder could otherwise
+point the command line, with its API key or database password, at a server of someone
+else's (or set a proxy). A file found and refused is said on stderr once.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -20,6 +26,15 @@ ENV_FILE_VARIABLE = "FLEETLINE_ENV_FILE"
 DATA_DIR = ".fleetline"
 FILE_NAME = "env"
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What `fleetline up` writes, and all that is taken from the file.
+NAMES = frozenset(
+    {
+        "FLEETLINE_DATABASE_URL",
+        "FLEETLINE_API_URL",
+        "FLEETLINE_DEVICE_MQTT_URL",
+        "FLEETLINE_DEVICE_CA_FILE",
+    }
+)
 
 
 # The variables the last load set, and the file each came from (for error messages).
@@ -80,6 +95,17 @@ def env_file(environ: MutableMapping[str, str], start: Path | None = None) -> Pa
     return find(start)
 
 
+def untrusted(path: Path) -> str | None:
+    """Why the file at ``path`` is not to be read (another user's, or writable by others),
+    or None."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        return "it belongs to another user"
+    if info.st_mode & 0o022:
+        return "others may write it (chmod go-w)"
+    return None
+
+
 def load(environ: MutableMapping[str, str] | None = None, start: Path | None = None) -> Path | None:
     """Set the variables of the deployment's env file that ``environ`` (the process's
     environment) does not set; the file read, if any."""
@@ -90,6 +116,7 @@ def load(environ: MutableMapping[str, str] | None = None, start: Path | None = N
         return None
     try:
         text = path.read_text()
+        refusal = untrusted(path)
     except OSError as exc:
         if ENV_FILE_VARIABLE in target:
             raise LocalEnvError(
@@ -97,8 +124,11 @@ def load(environ: MutableMapping[str, str] | None = None, start: Path | None = N
                 "unset it, or set it to nothing to read no file"
             ) from None
         return None  # it went between finding and reading: `up` stopped
+    if refusal:
+        print(f"warning: {path} not read: {refusal}", file=sys.stderr)  # noqa: T201
+        return None
     for name, value in parse(text).items():
-        if name not in target:
+        if name in NAMES and name not in target:
             target[name] = value
             _ORIGINS[name] = path
     return path

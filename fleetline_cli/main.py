@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from fleetline import apikeys
 from fleetline.logs import setup_logging
+from fleetline.settings import redact_url
 from fleetline_cli.cloud import c2d_app, method_app, twin_app
 from fleetline_cli.common import (
     JsonOption,
@@ -43,8 +44,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 # Commands that read no .fleetline/env: `up` writes it (a stale one must not become its
-# configuration).
-NO_LOCAL_ENV = ("up",)
+# configuration), and the services take their configuration from their environment only
+# (a file in the folder a container starts in must not redirect its database).
+NO_LOCAL_ENV = ("up", "ingest", "api", "rules")
 
 
 @app.callback()
@@ -117,24 +119,13 @@ apikey_app = typer.Typer(
 app.add_typer(apikey_app, name="apikey")
 
 
-def _redacted(dsn: str) -> str:
-    """A database URL without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _database_unreachable(dsn: str, exc: Exception) -> str:
     from fleetline_cli import localenv
 
     where = localenv.hint("FLEETLINE_DATABASE_URL")
     if localenv.origin("FLEETLINE_DATABASE_URL") is None:
         where += " (a running `fleetline up` writes it to .fleetline/env, which is read here)"
-    return f"cannot reach the database at {_redacted(dsn)} ({exc}): {where}"
+    return f"cannot reach the database at {redact_url(dsn)} ({exc}): {where}"
 
 
 def _with_database(work: Callable[[asyncpg.Connection[Any]], Awaitable[T]]) -> T:
@@ -1050,7 +1041,8 @@ def simulate(
     """Simulated devices against a deployment (FLEETLINE_API_URL), until Ctrl-C.
 
     They are registered over the API (a key with devices:write), each with its own key
-    (devices of the prefix registered already get a new one), connect to the broker the
+    (simulated devices of the prefix registered already get a new one; any other device of
+    the prefix stops it, keeping its key), connect to the broker the
     API names for devices (FLEETLINE_DEVICE_MQTT_URL instead) and publish readings,
     answer methods, take twin changes and cloud-to-device messages."""
     from fleetline_cli import simulate as sim
@@ -1059,6 +1051,8 @@ def simulate(
 
     if ca_file is not None and not ca_file.is_file():
         raise typer.BadParameter(f"{ca_file} is not a file", param_hint="--ca-file")
+    if not prefix:
+        raise typer.BadParameter("must not be empty", param_hint="--prefix")
     ids = device_ids(devices, prefix)
     with api_errors():
         client = ApiClient()

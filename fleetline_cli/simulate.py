@@ -22,9 +22,14 @@ from fleetline_dev.simulator import run_fleet
 TAGS = {"source": "simulator"}
 
 
+class NotSimulatedError(ApiError):
+    """A device of the prefix exists and is not one of the simulator's."""
+
+
 def register(client: ApiClient, ids: list[str]) -> dict[str, str]:
     """Register each device (tagged source=simulator), or issue a new key to one that
-    exists; each device's key."""
+    exists and carries that tag (a real device of the same prefix is left alone: a new
+    key would lock it out); each device's key."""
     keys: dict[str, str] = {}
     for device_id in ids:
         try:
@@ -33,6 +38,12 @@ def register(client: ApiClient, ids: list[str]) -> dict[str, str]:
         except ApiError as exc:
             if exc.status != 409:
                 raise
+            tags = client.request("GET", f"/v1/devices/{device_id}")["tags"]
+            if any(tags.get(name) != value for name, value in TAGS.items()):
+                raise NotSimulatedError(
+                    f"device {device_id} exists and is not a simulated one (no tag "
+                    "source=simulator): choose another --prefix"
+                ) from None
             credentials = client.request("POST", f"/v1/devices/{device_id}/key")
         keys[device_id] = credentials["key"]
     return keys

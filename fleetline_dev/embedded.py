@@ -9,6 +9,7 @@ and the next ``start()`` recovers on the same port, so URLs stay valid.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import ctypes
 import fcntl
@@ -17,6 +18,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -84,11 +86,33 @@ def _stop_leftovers() -> None:
                 server.stop()
 
 
+# "LOW-HIGH": free ports are picked in this range instead of by the kernel. Processes
+# picking ports at once (the test suite's workers) are given ranges that do not overlap:
+# the kernel hands each of them any free port, and both could pick the same one before
+# either binds it.
+FREE_PORTS_VARIABLE = "FLEETLINE_FREE_PORTS"
+# Ports this process handed out from its range lately: not handed out again while the
+# server they were picked for may not have bound them yet.
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=1000)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    span = os.environ.get(FREE_PORTS_VARIABLE, "").strip()
+    if not span:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    try:
+        low, high = (int(part) for part in span.split("-"))
+    except ValueError:
+        raise EmbeddedError(f"{FREE_PORTS_VARIABLE}={span!r}: expected LOW-HIGH") from None
+    for _ in range(1000):
+        port = random.randint(low, high)
+        if port not in _HANDED_OUT and port_is_free(port):
+            _HANDED_OUT.append(port)
+            return port
+    raise EmbeddedError(f"no free port in {FREE_PORTS_VARIABLE}={span}")
 
 
 def port_is_free(port: int) -> bool:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import typer
@@ -30,7 +29,13 @@ from pydantic import ValidationError
 from fleetline import devicekeys, releases
 from fleetline.logs import setup_logging
 from fleetline.migrate import MigrationError, migrate
-from fleetline.settings import MqttTarget, ServiceSettings, StorageSettings, parse_mqtt_url
+from fleetline.settings import (
+    MqttTarget,
+    ServiceSettings,
+    StorageSettings,
+    parse_mqtt_url,
+    redact_url,
+)
 from fleetline_dev.certs import ensure_local_ca, machine_names, outward_address
 from fleetline_dev.embedded import (
     BrokerAuth,
@@ -126,6 +131,10 @@ SERVICE_PORTS = {
     "FLEETLINE_INGEST_HTTP_PORT": INGEST_HTTP_PORT,
     "FLEETLINE_RULES_HTTP_PORT": RULES_HTTP_PORT,
 }
+# ...and the API's devices' HTTPS listener, beside the embedded broker's TLS one.
+DEVICE_PORTS = {"FLEETLINE_API_DEVICE_PORT": API_DEVICE_PORT}
+# Set to 0, these mean "on the API's own port" (FLEETLINE_API_METRICS_PORT: /metrics).
+ZERO_ALLOWED = {"FLEETLINE_API_METRICS_PORT"}
 
 
 class PortError(Exception):
@@ -147,6 +156,9 @@ def plan_service_ports(
             port = int(configured)
         except ValueError:
             raise PortError(f"{name}={configured!r} is not a port number") from None
+        if port == 0 and name in ZERO_ALLOWED:
+            ports[name] = 0
+            continue
         if not 0 < port < 65536:
             raise PortError(f"{name}={port} is not a port number (1-65535)")
         if port in _PICKED or not port_is_free(port):
@@ -157,14 +169,6 @@ def plan_service_ports(
         _PICKED.add(port)
         ports[name] = port
     return ports
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # Ctrl-C, kill, and the terminal going away (closing its window sends SIGHUP): each
@@ -237,10 +241,13 @@ def run_up(
         _say(f"error: {MOSQUITTO_MISSING}", err=True)
         return 1
     base = Path(data_dir).resolve()
+    _PICKED.clear()
     try:
         # Before anything starts: a port asked for and taken is one line, not a traceback
         # of a service after the banner.
         ports = plan_service_ports(dict(os.environ))
+        if not mqtt_url:
+            ports |= plan_service_ports(dict(os.environ), DEVICE_PORTS)
     except PortError as exc:
         _say(f"error: {exc}", err=True)
         return 1
@@ -287,7 +294,7 @@ def run_up(
                 _say(f"error: migrations failed: {exc}", err=True)
                 return 1
             except (OSError, asyncpg.PostgresError) as exc:
-                _say(f"error: database {_redact(database_url)}: {exc}", err=True)
+                _say(f"error: database {redact_url(database_url)}: {exc}", err=True)
                 return 1
             service_urls: dict[str, str] = {}
             devices_target = None
@@ -320,7 +327,7 @@ def run_up(
                     url=f"mqtts://{device_host()}:{broker.tls_port}",
                     local_url=broker.tls_url,
                     ca_file=str(tls.ca_cert),
-                    https_port=_pick_port(API_DEVICE_PORT),
+                    https_port=ports.pop("FLEETLINE_API_DEVICE_PORT"),
                     cert_file=str(tls.server_cert),
                     key_file=str(tls.server_key),
                 )
@@ -482,6 +489,7 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
     fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # one left by a run that died keeps its mode otherwise
     with os.fdopen(fd, "w") as out:
         out.write("# Written by `fleetline up` while it runs; removed when it stops.\n")
         out.writelines(f"{name}={value}\n" for name, value in values.items())
@@ -503,18 +511,22 @@ def _banner(
     the first API key (the command line finds this deployment through ``env_file``)."""
     default_env = Path.cwd() / ".fleetline" / "env"
     prefix = "" if env_file == default_env else f"FLEETLINE_ENV_FILE={env_file} "
-    psql = f"{psql_command()} {_redact(database_url)}" if embedded_database else None
+    psql = f"{psql_command()} {redact_url(database_url)}" if embedded_database else None
+    api_metrics_port = ports["FLEETLINE_API_METRICS_PORT"]
+    api_metrics = (
+        f"http://127.0.0.1:{api_metrics_port}/metrics" if api_metrics_port else f"{api_url}/metrics"
+    )
     return (
         "\nfleetline is up\n"
         f"  API       {api_url}\n"
         f"  dashboard {api_url}/dashboard/\n"
         f"  API docs  {api_url}/docs (Swagger UI), {api_url}/redoc\n"
-        f"  database  {_redact(database_url)}\n"
+        f"  database  {redact_url(database_url)}\n"
         + (f"  psql      {psql}\n" if psql else "")
         + f"  storage   {storage}\n"
         f"{broker_lines}"
         f"  metrics   http://127.0.0.1:{ports['FLEETLINE_INGEST_HTTP_PORT']}/metrics (ingest), "
-        f"http://127.0.0.1:{ports['FLEETLINE_API_METRICS_PORT']}/metrics (api),\n"
+        f"{api_metrics} (api),\n"
         f"            http://127.0.0.1:{ports['FLEETLINE_RULES_HTTP_PORT']}/metrics (rules)\n"
         f"  devices   {fleet}\n"
         "make an API key (for the API, the dashboard and the command line):\n"
@@ -622,6 +634,7 @@ async def _supervise(
     ingest_port = ports["FLEETLINE_INGEST_HTTP_PORT"]
     api_url = f"http://127.0.0.1:{ports['FLEETLINE_API_PORT']}"
     env_file = base / "env"
+    wrote_env = False
     sim_target = (
         parse_mqtt_url(devices_target.local_url, ca_file=devices_target.ca_file)
         if devices_target is not None
@@ -690,13 +703,13 @@ async def _supervise(
                 f"with {children_per_gateway} children each"
             )
         broker_lines = (
-            f"  broker    {_redact(mqtt_url)} (services)\n"
+            f"  broker    {redact_url(mqtt_url)} (services)\n"
             f"            {devices_target.url} (devices: TLS, verify with the CA file\n"
             f"            {devices_target.ca_file})\n"
             f"  downloads https://{device_host()}:{devices_target.https_port} (devices: "
             "firmware updates)\n"
             if devices_target is not None
-            else f"  broker    {_redact(mqtt_url)}\n"
+            else f"  broker    {redact_url(mqtt_url)}\n"
         )
         storage = await _storage_label(database_url)
         local = {"FLEETLINE_DATABASE_URL": database_url, "FLEETLINE_API_URL": api_url}
@@ -704,6 +717,7 @@ async def _supervise(
             local["FLEETLINE_DEVICE_MQTT_URL"] = devices_target.url
             local["FLEETLINE_DEVICE_CA_FILE"] = devices_target.ca_file
         write_env_file(env_file, local)
+        wrote_env = True
         _say(
             _banner(
                 database_url=database_url,
@@ -753,8 +767,9 @@ async def _supervise(
         if code == 0:
             _say("stopping...")
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            env_file.unlink()
+        if wrote_env:  # not another run's, on the same data directory
+            with contextlib.suppress(FileNotFoundError):
+                env_file.unlink()
         await _stop_simulator(sim, sim_stop)
         await _stop_services(procs, hurry)
     return code

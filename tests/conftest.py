@@ -43,6 +43,15 @@ from tests.support import (
 
 LOCAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 ARTIFACTS = Path(os.environ.get("FLEETLINE_TEST_ARTIFACTS", "test-artifacts"))
+# pytest-xdist's workers (gw0, gw1, ...): each keeps its servers' logs in a folder of its
+# own (their names repeat) and picks free ports in a range of its own, below the
+# kernel's ephemeral ports, so that two workers never pick the same port at once.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if WORKER.startswith("gw"):
+    ARTIFACTS = ARTIFACTS / WORKER
+    _span = 22000 // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    _low = 10000 + int(WORKER[2:]) * _span
+    os.environ["FLEETLINE_FREE_PORTS"] = f"{_low}-{_low + _span - 1}"
 # The command line of a test reads no `.fleetline/env` of a `fleetline up` running in
 # the checkout (fleetline_cli/localenv.py): tests name their own deployments.
 os.environ["FLEETLINE_ENV_FILE"] = ""

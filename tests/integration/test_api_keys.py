@@ -1,7 +1,7 @@
 """API keys over REST (/v1/apikeys), against the API as a process: admin keys make scoped
-keys whose token is shown once, list them without secrets and revoke them; the bootstrap
-token makes keys only while no active admin key exists, once under a race, and is
-accepted nowhere else."""
+keys whose token is shown once, list them without secrets and revoke them (never the last
+admin key); the bootstrap token makes the first admin key only, only while no active admin
+key exists, once under a race, and is accepted nowhere else."""
 
 from __future__ import annotations
 
@@ -114,9 +114,11 @@ async def _bootstrap(proc: ApiProcess, url: str, bootstrap: str) -> None:
         assert_problem(wrong.post("/v1/apikeys", json=admin), 401)
         assert_problem(boot.get("/v1/apikeys"), 401)
         assert_problem(boot.get("/v1/devices"), 401)
-        # Before any admin key, it may make other keys too.
-        reader = boot.post("/v1/apikeys", json={"name": "reader", "scopes": ["telemetry:read"]})
-        assert reader.status_code == 201, reader.text
+        # An admin key only: other keys are made with that one.
+        reader = {"name": "reader", "scopes": ["telemetry:read"]}
+        assert_problem(boot.post("/v1/apikeys", json=reader), 403, 'scopes ["admin"]')
+        wider = {**admin, "scopes": ["admin", "devices:read"]}
+        assert_problem(boot.post("/v1/apikeys", json=wider), 403, "only the first admin key")
 
     # Racing for the first admin key: exactly one wins.
     async with httpx.AsyncClient(base_url=proc.url, timeout=10,
@@ -129,6 +131,7 @@ async def _bootstrap(proc: ApiProcess, url: str, bootstrap: str) -> None:
         assert_problem(refused, 403, "only while no active admin key exists")
 
     with client(proc, first["token"]) as first_admin, client(proc, bootstrap) as boot:
+        assert first_admin.post("/v1/apikeys", json=reader).status_code == 201
         second = first_admin.post("/v1/apikeys", json={"name": "second", "scopes": ["admin"]})
         assert second.status_code == 201
         with client(proc, second.json()["token"]) as second_admin:
@@ -137,7 +140,25 @@ async def _bootstrap(proc: ApiProcess, url: str, bootstrap: str) -> None:
             assert_problem(boot.post("/v1/apikeys", json=admin), 403)
             assert_problem(first_admin.get("/v1/apikeys"), 401)
             listed = second_admin.get("/v1/apikeys").json()["items"]
-            assert [k["name"] for k in listed] == ["reader", "first admin", "second"]
+            assert [k["name"] for k in listed] == ["first admin", "reader", "second"]
+            # Two admins revoking each other at once leave one of them: REST never
+            # revokes the last active admin key (then no one could make or revoke keys).
+            third = second_admin.post("/v1/apikeys", json={"name": "third", "scopes": ["admin"]})
+            pair = [second.json(), third.json()]
+        for _ in range(3):
+            async with httpx.AsyncClient(base_url=proc.url, timeout=10) as racer:
+                answers = await asyncio.gather(*(
+                    racer.delete(f"/v1/apikeys/{other['id']}",
+                                 headers={"Authorization": f"Bearer {me['token']}"})
+                    for me, other in (pair, pair[::-1])))
+            codes = [a.status_code for a in answers]
+            assert sorted(codes) in ([204, 401], [204, 409]), [a.text for a in answers]
+            survivor = pair[0] if codes[0] == 204 else pair[1]
+            with client(proc, survivor["token"]) as alive:
+                active = alive.get("/v1/apikeys", params={"state": "active"}).json()["items"]
+                assert [k["id"] for k in active if "admin" in k["scopes"]] == [survivor["id"]]
+                made = alive.post("/v1/apikeys", json={"name": "next", "scopes": ["admin"]})
+            pair = [survivor, made.json()]
         # Every admin key revoked (here in the database): the token works again.
         con = await asyncpg.connect(url)
         try:

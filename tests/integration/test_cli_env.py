@@ -51,6 +51,20 @@ def test_the_env_file_format() -> None:
     assert localenv.load(environ) is None and environ == {"A": "mine", "FLEETLINE_ENV_FILE": ""}
 
 
+def test_only_the_deployments_names_and_only_from_a_file_no_one_else_may_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_env(tmp_path, FLEETLINE_API_URL="http://127.0.0.1:1",
+                     HTTPS_PROXY="http://elsewhere:3128", FLEETLINE_API_KEY="flk_planted")
+    environ = {"FLEETLINE_ENV_FILE": str(path)}
+    assert localenv.load(environ) == path
+    assert environ == {"FLEETLINE_ENV_FILE": str(path), "FLEETLINE_API_URL": "http://127.0.0.1:1"}
+    path.chmod(0o666)
+    environ = {"FLEETLINE_ENV_FILE": str(path)}
+    assert localenv.load(environ) is None and environ == {"FLEETLINE_ENV_FILE": str(path)}
+    assert f"warning: {path} not read: others may write it" in capsys.readouterr().err
+
+
 def test_apikey_create_then_the_api_through_the_env_file_of_a_parent(
     api: ApiProcess, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,33 +35,37 @@ async def until(check: Callable[[], Awaitable[Any]], *, what: str, timeout: floa
     return value
 
 
-async def readings_of(db: asyncpg.Pool[Any], prefix: str) -> dict[str, int] | None:
+async def readings_of(secure_db: asyncpg.Pool[Any], prefix: str) -> dict[str, int] | None:
     """Readings stored per device of the prefix, once each of 3 devices has 3."""
-    counts = dict(await db.fetch(
+    counts = dict(await secure_db.fetch(
         "SELECT device_id, count(*) FROM readings WHERE device_id LIKE $1 || '%' "
         "GROUP BY device_id", prefix))
     return counts if len(counts) == 3 and min(counts.values()) >= 3 else None
 
 
-async def all_offline(db: asyncpg.Pool[Any], prefix: str) -> bool:
-    return bool(await db.fetchval(
+async def all_offline(secure_db: asyncpg.Pool[Any], prefix: str) -> bool:
+    return bool(await secure_db.fetchval(
         "SELECT count(*) = 3 FROM device_activity WHERE device_id LIKE $1 || '%' AND NOT online",
         prefix))
 
 
 async def test_simulate_registers_its_fleet_and_its_readings_are_stored(
     secure_broker: LocalMosquitto, secure_api: ApiProcess, tls_files: TlsFiles,
-    start_ingest: Callable[..., IngestProcess], make_key: Callable[..., Any],
-    db: asyncpg.Pool[Any], uid: str,
+    start_ingest: Callable[..., IngestProcess], secure_key: Callable[..., Any],
+    secure_db: asyncpg.Pool[Any], secure_database_url: str, uid: str,
 ) -> None:
-    # Ingest on the secure broker, with the service account the fixture made.
-    start_ingest(mqtt_url=f"mqtt://api:{API_PASSWORD}@127.0.0.1:{secure_broker.port}")
-    key = await make_key("devices:write", "devices:read")
+    # Ingest on the secure broker and its database, with the service account the
+    # fixture made.
+    start_ingest(mqtt_url=f"mqtt://api:{API_PASSWORD}@127.0.0.1:{secure_broker.port}",
+                 database=secure_database_url)
+    key = await secure_key("devices:write", "devices:read")
     prefix = f"{uid}-"
-    # A device of the prefix registered already: the simulator issues it a new key.
+    # A simulated device of the prefix registered already (an earlier run's): the
+    # simulator issues it a new key.
     with httpx.Client(base_url=secure_api.url, timeout=10,
                       headers={"Authorization": f"Bearer {key}"}) as rest:
-        before = rest.post("/v1/devices", json={"id": f"{prefix}0000", "tags": {"mine": "1"}})
+        earlier = {"source": "simulator", "run": "earlier"}
+        before = rest.post("/v1/devices", json={"id": f"{prefix}0000", "tags": earlier})
         assert before.status_code == 201, before.text
         env = {**os.environ, "FLEETLINE_API_URL": secure_api.url, "FLEETLINE_API_KEY": key,
                "FLEETLINE_DEVICE_CA_FILE": str(tls_files.ca_cert), "FLEETLINE_ENV_FILE": ""}
@@ -71,7 +75,8 @@ async def test_simulate_registers_its_fleet_and_its_readings_are_stored(
              "0.2", "--prefix", prefix],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            per_device = await until(lambda: readings_of(db, prefix), what="3 readings of each")
+            per_device = await until(lambda: readings_of(secure_db, prefix),
+                                     what="3 readings of each")
             proc.send_signal(signal.SIGINT)  # Ctrl-C
             _out, err = await asyncio.to_thread(proc.communicate, timeout=30)
         finally:
@@ -81,14 +86,26 @@ async def test_simulate_registers_its_fleet_and_its_readings_are_stored(
                 f"mqtts://127.0.0.1:{secure_broker.tls_port}") in err
         assert sorted(per_device) == [f"{prefix}000{i}" for i in range(3)], per_device
         # Each device said offline before it went (ingest keeps its status).
-        await until(lambda: all_offline(db, prefix), what="the devices to say offline")
-        metrics = {r["metric"] for r in await db.fetch(
+        await until(lambda: all_offline(secure_db, prefix), what="the devices to say offline")
+        metrics = {r["metric"] for r in await secure_db.fetch(
             "SELECT DISTINCT metric FROM readings WHERE device_id = $1", f"{prefix}0001")}
         assert {"temperature", "humidity"} <= metrics
         renewed = rest.get(f"/v1/devices/{prefix}0000").json()
         assert renewed["key_version"] > before.json()["key_version"]
-        assert renewed["tags"] == {"mine": "1"}
+        assert renewed["tags"] == earlier
         assert rest.get(f"/v1/devices/{prefix}0001").json()["tags"] == {"source": "simulator"}
+        # A device of the prefix that is not a simulated one keeps its key: the run stops
+        # before any device starts.
+        real = rest.post("/v1/devices", json={"id": f"{uid}-real-0000"}).json()
+        refused = CliRunner().invoke(
+            app, ["simulate", "--devices", "1", "--prefix", f"{uid}-real-"],
+            env={"FLEETLINE_API_URL": secure_api.url, "FLEETLINE_API_KEY": key,
+                 "FLEETLINE_ENV_FILE": ""})
+        assert refused.exit_code == 1
+        assert refused.stderr == (f"error: device {uid}-real-0000 exists and is not a simulated "
+                                  "one (no tag source=simulator): choose another --prefix\n")
+        assert rest.get(f"/v1/devices/{uid}-real-0000").json()["key_version"] == real[
+            "key_version"]
     # An API that is not there is a one-line error, before any device starts.
     refused = CliRunner().invoke(app, ["simulate", "--devices", "1", "--prefix", f"{uid}-x-"],
                                  env={"FLEETLINE_API_URL": "http://127.0.0.1:9",

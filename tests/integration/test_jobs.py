@@ -740,6 +740,38 @@ async def test_a_start_that_lost_its_lease_while_waiting_sends_nothing(
     assert "job device not sent: its lease ran out before" in api.log_tail(40)
 
 
+async def test_a_job_too_slow_for_an_interval_stops_no_other_job(
+    start_private_api: Callable[..., ApiProcess],
+    private: asyncpg.Pool[Any],
+    job_devices: Callable[..., JobDevice],
+    uid: str,
+) -> None:
+    """A rate so small that the wait it asks for overflows (1e-310 devices a second:
+    accepted before the rate had a minimum) made the runner fail at every poll, and no
+    job ran at all."""
+    ids = await register(private, [f"{uid}-{i}" for i in range(3)], {"run": uid}, online=True)
+    for device_id in ids:
+        job_devices(device_id)
+    c = client(start_private_api("api"), await admin_token(private))
+    refused = c.post("/v1/jobs", json=method_job(f"id = '{ids[0]}'", "ping",
+                                                 max_per_second=1e-310))
+    assert_problem(refused, 422, "max_per_second")
+    # Such a job, as it was stored then.
+    spec = orjson.dumps({"name": "ping", "params": {}, "timeout_s": 5}).decode()
+    slow = await private.fetchval(
+        "INSERT INTO jobs (type, query, spec, batch_size, max_per_second, total) "
+        "VALUES ('method', $1, $2::jsonb, 1, 1e-310, 2) RETURNING id",
+        f"id IN ('{ids[0]}', '{ids[1]}')", spec)
+    await private.executemany("INSERT INTO job_devices (job_id, device_id) VALUES ($1, $2)",
+                              [(slow, ids[0]), (slow, ids[1])])
+    other = c.post("/v1/jobs", json=method_job(f"id = '{ids[2]}'", "ping")).json()
+    done = wait_job(c, other["id"], timeout=20)
+    assert done["state"] == "completed" and done["progress"]["succeeded"] == 1, done
+    # The slow one started a device, and the next waits its turn (at the slowest pace a
+    # job may take), not an error.
+    await wait_states(private, slow, lambda s: s == {"succeeded": 1, "pending": 1})
+
+
 async def test_a_process_claims_no_more_twin_devices_than_it_runs_at_once(
     start_private_api: Callable[..., ApiProcess],
     private: asyncpg.Pool[Any],

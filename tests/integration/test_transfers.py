@@ -73,10 +73,10 @@ def requesters(secure_broker: LocalMosquitto, tls_files: TlsFiles
 
 
 async def test_a_device_downloads_its_release_over_https_with_a_url_signed_for_it(
-    secure_api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any],
+    secure_api: ApiProcess, secure_key: Callable[..., Any], secure_db: asyncpg.Pool[Any],
     requesters: Callable[[str, str], Requester], tls_files: TlsFiles, uid: str,
 ) -> None:
-    c = client(secure_api, await make_key("admin"))
+    c = client(secure_api, await secure_key("admin"))
     keys = {}
     for name in ("a", "b"):
         made = c.post("/v1/devices", json={"id": f"{uid}-{name}", "tags": {"run": uid}})
@@ -93,7 +93,7 @@ async def test_a_device_downloads_its_release_over_https_with_a_url_signed_for_i
     job = c.post("/v1/jobs", json={"type": "rollout", "query": f"id = '{a.device_id}'",
                                    "firmware_id": fid})
     assert job.status_code == 201, job.text
-    await wait_until_notified(db, job.json()["id"], a.device_id)
+    await wait_until_notified(secure_db, job.json()["id"], a.device_id)
 
     answer = a.ask({"id": "r1", "op": "download", "firmware": fid})
     assert answer["status"] == 200 and answer["id"] == "r1", answer
@@ -142,9 +142,9 @@ async def test_a_device_downloads_its_release_over_https_with_a_url_signed_for_i
     assert "/v1/transfers/<grant>" in logged and url.rpartition("/")[2] not in logged
 
 
-async def wait_until_notified(db: asyncpg.Pool[Any], job_id: int, device_id: str) -> None:
+async def wait_until_notified(secure_db: asyncpg.Pool[Any], job_id: int, device_id: str) -> None:
     for _ in range(300):
-        phase = await db.fetchval(
+        phase = await secure_db.fetchval(
             "SELECT phase FROM job_devices WHERE job_id = $1 AND device_id = $2", job_id, device_id)
         if phase is not None:
             return

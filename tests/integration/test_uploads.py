@@ -49,18 +49,19 @@ def put(https: httpx.Client, dev: Requester, url: str, data: bytes, start: int, 
 
 
 async def test_a_device_uploads_a_file_in_parts_resumes_it_and_it_is_served(
-    secure_api: ApiProcess, make_key: Callable[..., Any], db: asyncpg.Pool[Any],
+    secure_api: ApiProcess, secure_key: Callable[..., Any], secure_db: asyncpg.Pool[Any],
     requesters: Callable[[str, str], Requester], tls_files: TlsFiles, uid: str,  # noqa: F811
-    start_rules: Callable[..., RulesProcess], broker: LocalMosquitto,
+    start_rules: Callable[..., RulesProcess], broker: LocalMosquitto, secure_database_url: str,
 ) -> None:
-    c = client(secure_api, await make_key("admin"))
+    c = client(secure_api, await secure_key("admin"))
     keys = {}
     for name in ("a", "b"):
         made = c.post("/v1/devices", json={"id": f"{uid}-{name}"})
         assert made.status_code == 201, made.text
         keys[name] = made.json()["credentials"]["key"]
-    # A route of the files device a uploads, to an MQTT topic (the rules service's).
-    start_rules()
+    # A route of the files device a uploads, to an MQTT topic (the rules service's, on
+    # the session's broker).
+    start_rules(database=secure_database_url)
     watcher = Service(broker, f"watch-{uid}", f"routed/{uid}")
     route = c.post("/v1/routes", json={
         "name": f"{uid} files", "source": "files", "query": f"id = '{uid}-a'",
@@ -73,7 +74,7 @@ async def test_a_device_uploads_a_file_in_parts_resumes_it_and_it_is_served(
     b = requesters(f"{uid}-b", keys["b"])
     data = os.urandom(300 * 1024)
     verify = ssl.create_default_context(cafile=tls_files.ca_cert)
-    headers = {"Authorization": f"Bearer {await make_key('telemetry:read')}"}
+    headers = {"Authorization": f"Bearer {await secure_key('telemetry:read')}"}
     async with connect(ws_url(secure_api, device=a.device_id, events="file"),
                        additional_headers=headers) as ws:
         await subscribed(ws)
@@ -147,21 +148,22 @@ async def test_a_device_uploads_a_file_in_parts_resumes_it_and_it_is_served(
                            "starts over")
 
         # An unfinished upload past its expiry is swept, its bytes with it.
-        blob_ids = [r["blob_id"] for r in await db.fetch(
+        blob_ids = [r["blob_id"] for r in await secure_db.fetch(
             "SELECT blob_id FROM device_files WHERE device_id = $1", a.device_id)]
         assert len(blob_ids) == 5
-        await db.execute("UPDATE device_files SET expires_at = now() - interval '1 s' "
+        await secure_db.execute("UPDATE device_files SET expires_at = now() - interval '1 s' "
                          "WHERE device_id = $1 AND state = 'uploading'", a.device_id)
         for _ in range(100):
-            left = await db.fetchval("SELECT count(*) FROM device_files WHERE device_id = $1 "
-                                     "AND state = 'uploading'", a.device_id)
+            left = await secure_db.fetchval(
+                "SELECT count(*) FROM device_files WHERE device_id = $1 "
+                "AND state = 'uploading'", a.device_id)
             if left == 0:
                 break
             await asyncio.sleep(0.1)
         assert left == 0
 
         # The command line lists, downloads and deletes.
-        env = {"FLEETLINE_API_URL": secure_api.url, "FLEETLINE_API_KEY": await make_key("admin")}
+        env = {"FLEETLINE_API_URL": secure_api.url, "FLEETLINE_API_KEY": await secure_key("admin")}
         listed = fleetline("file", "list", a.device_id, "--json", env=env)
         assert [f["name"] for f in json.loads(listed.stdout)] == ["crash.log"], listed.stderr
         out = f"/tmp/{uid}-crash.log"
@@ -172,4 +174,5 @@ async def test_a_device_uploads_a_file_in_parts_resumes_it_and_it_is_served(
         os.remove(out)
         assert fleetline("file", "delete", a.device_id, str(file_id), env=env).returncode == 0
         assert c.get(f"/v1/devices/{a.device_id}/files").json()["items"] == []
-        assert await db.fetchval("SELECT count(*) FROM blobs WHERE id = ANY($1)", blob_ids) == 0
+        assert await secure_db.fetchval(
+            "SELECT count(*) FROM blobs WHERE id = ANY($1)", blob_ids) == 0

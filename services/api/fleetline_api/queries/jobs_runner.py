@@ -36,11 +36,14 @@ RETURNING jd.device_id, jd.attempts
 """
 # A rollout outside its time window: not picked again before $2.
 WAIT_UNTIL = "UPDATE jobs SET next_batch_at = $2 WHERE id = $1"
-# $2 devices just started: the next start of this job waits $2 / max_per_second.
+# $2 devices just started: the next start of this job waits $2 / max_per_second, the
+# rate taken as 0.001 at least (the API's minimum): a rate stored before there was one,
+# small enough to overflow the division, made the runner fail at every poll.
 ADVANCE = """
 UPDATE jobs SET state = 'running', started_at = coalesce(started_at, now()),
     next_batch_at = CASE WHEN max_per_second IS NULL THEN now()
-                         ELSE now() + make_interval(secs => $2 / max_per_second) END
+                         ELSE now() + make_interval(secs => $2 / greatest(max_per_second, 0.001))
+                    END
 WHERE id = $1
 """
 # The start still holds the device: its lease renewed from now.

@@ -7,21 +7,21 @@ never listed. Only keys holding the ``admin`` scope may use these routes.
 **The first key** needs no database shell: with ``FLEETLINE_API_BOOTSTRAP_TOKEN`` set (a
 random string of at least 32 characters, from a Kubernetes Secret), ``POST /v1/apikeys``
 also accepts that token as its bearer credential, and only while no active (unrevoked)
-admin key exists. The operator makes the first admin key with it, then removes the
-setting; should it stay, it still makes no key once an admin key exists, and works again
-only if every admin key was revoked (a way back in, as the database shell would be). Its
-check, the creation and the "no admin key yet" test are one transaction under an
-advisory lock, so two requests racing with the token cannot both make an admin key. The
-token is compared in constant time (both sides hashed first, so not even its length
-leaks), is never logged, and is accepted by no other route. Its attempts share one bucket
-of the rate limit per key (``FLEETLINE_API_RATE_PER_KEY``), as a key's requests do; the
-request size limits apply before any of this, as on every route.
+admin key exists, and it makes an admin key only (other scopes are then made with that
+key). The operator makes the first admin key with it, then removes the setting; should
+it stay, it still makes no key once an admin key exists, and works again only if every
+admin key was revoked (a way back in, as the database shell would be; REST never revokes
+the last active admin key). Its check, the creation and the "no admin key yet" test are
+one transaction under an advisory lock, so two requests racing with the token cannot
+both make an admin key. The token is compared in constant time (both sides hashed
+first, so not even its length leaks), is never logged, and is accepted by no other
+route. Wrong tokens are counted per client address against the rate limit per key
+(``FLEETLINE_API_RATE_PER_KEY``): a client guessing gets 429, and no one else is locked
+out by it; the request size limits apply before any of this, as on every route.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from typing import Annotated, Literal
 
@@ -33,6 +33,7 @@ from fleetline.apikeys import KeyInfo
 from fleetline_api.deps import Admin, Bearer, PoolDep, SettingsDep, actor, authorize, take_rate
 from fleetline_api.openapi import links
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
+from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.schemas.apikeys import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -45,12 +46,9 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/apikeys", tags=["apikeys"], responses=RESPONSES)
 
-# The rate limit's bucket of the bootstrap token's attempts (no key id has 9 characters).
+# The rate limit's buckets of wrong bootstrap tokens: "bootstrap <client address>" (no
+# key id has a space).
 BOOTSTRAP_BUCKET = "bootstrap"
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
 
 
 async def _creator(
@@ -61,10 +59,15 @@ async def _creator(
     token = credentials.credentials if credentials else None
     bootstrap = settings.bootstrap_token
     if token is not None and bootstrap is not None and not token.startswith(apikeys.PREFIX):
-        take_rate(request, BOOTSTRAP_BUCKET)
-        if hmac.compare_digest(_digest(token), _digest(bootstrap.get_secret_value())):
+        bucket = f"{BOOTSTRAP_BUCKET} {request.client.host if request.client else ''}"
+        limiter: KeyRateLimiter = request.state.rate_limits
+        if limiter.wait(bucket) is None and apikeys.same_secret(
+            token, bootstrap.get_secret_value()
+        ):
             return None
-        # As for any other unknown credential: nothing says a bootstrap token exists.
+        # A wrong token counts (429 once this client has made too many), and is then
+        # answered as any other unknown credential: nothing says a bootstrap token exists.
+        take_rate(request, bucket)
     key = await authorize(pool, token, "admin")
     take_rate(request, key.id)
     return key
@@ -109,7 +112,13 @@ async def create_api_key(body: ApiKeyCreate, pool: PoolDep, creator: Creator) ->
     scopes: list[str] = sorted(set(body.scopes))
     async with pool.acquire() as con:
         if creator is None:
-            new = await apikeys.create_first_key(con, name=body.name, scopes=scopes)
+            if scopes != ["admin"]:
+                raise HTTPException(
+                    403,
+                    'the bootstrap token makes only the first admin key: ask for scopes ["admin"], '
+                    "then make other keys with that key",
+                )
+            new = await apikeys.create_first_key(con, name=body.name)
             if new is None:
                 raise HTTPException(
                     403,
@@ -147,17 +156,25 @@ async def list_api_keys(
     summary="Revoke an API key",
     responses={
         **NOT_FOUND,
-        409: {"model": Problem, "description": "A key cannot revoke itself"},
+        409: {
+            "model": Problem,
+            "description": "A key cannot revoke itself, nor the last active admin key",
+        },
     },
 )
 async def revoke_api_key(key_id: KeyId, pool: PoolDep, key: Admin) -> Response:
     """Revoke the key at once: every request with it is refused from then on (401), in
     every API process. The key stays listed, ``revoked``. A key cannot revoke itself (409:
-    revoke it with another admin key), so no admin locks itself out by mistake."""
+    revoke it with another admin key), nor the last active admin key (409: two admins
+    revoking each other at once leave one), so no one locks the API's keys out by
+    mistake."""
     if key_id == key.id:
         raise HTTPException(409, "a key cannot revoke itself; use another admin key")
     async with pool.acquire() as con:
-        if not await apikeys.revoke(con, key_id):
-            raise HTTPException(404, f"no active API key {key_id}")
+        revoked = await apikeys.revoke_keeping_an_admin(con, key_id)
+    if revoked is None:
+        raise HTTPException(409, f"{key_id} is the last active admin key; make another first")
+    if not revoked:
+        raise HTTPException(404, f"no active API key {key_id}")
     log.info("API key %s revoked by %s", key_id, actor(key))
     return Response(status_code=204)

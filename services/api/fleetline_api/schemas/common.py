@@ -241,33 +241,30 @@ class DeviceUpdate(BaseModel):
     )
 
 
+DEVICE_EXAMPLE: dict[str, Any] = {
+    "id": "fridge-1",
+    "tags": {"site": "A", "floor": 2},
+    "online": True,
+    "last_seen": "2026-11-25T14:25:45.049Z",
+    "status_changed_at": "2026-11-25T14:25:45.049Z",
+    "created_at": "2026-11-25T14:25:45.049Z",
+    "key_version": 1,
+    "key_created_at": "2026-11-25T14:25:45.049Z",
+    "enabled": True,
+    "auth": {
+        "type": "key",
+        "primary_thumbprint": None,
+        "secondary_thumbprint": None,
+        "ca": None,
+    },
+    "gateway": None,
+    "parent": None,
+    "offline_reason": None,
+}
+
+
 class DevicePublic(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "fridge-1",
-                    "tags": {"site": "A", "floor": 2},
-                    "online": True,
-                    "last_seen": "2026-11-25T14:25:45.049Z",
-                    "status_changed_at": "2026-11-25T14:25:45.049Z",
-                    "created_at": "2026-11-25T14:25:45.049Z",
-                    "key_version": 1,
-                    "key_created_at": "2026-11-25T14:25:45.049Z",
-                    "enabled": True,
-                    "auth": {
-                        "type": "key",
-                        "primary_thumbprint": None,
-                        "secondary_thumbprint": None,
-                        "ca": None,
-                    },
-                    "gateway": None,
-                    "parent": None,
-                    "offline_reason": None,
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [DEVICE_EXAMPLE]})
     id: str
     tags: dict[str, Any]
     online: bool
@@ -363,28 +360,7 @@ class DevicePage(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "items": [
-                        {
-                            "id": "fridge-1",
-                            "tags": {"site": "A", "floor": 2},
-                            "online": True,
-                            "last_seen": "2026-11-25T14:25:45.049Z",
-                            "status_changed_at": "2026-11-25T14:25:45.049Z",
-                            "created_at": "2026-11-25T14:25:45.049Z",
-                            "key_version": 1,
-                            "key_created_at": "2026-11-25T14:25:45.049Z",
-                            "enabled": True,
-                            "auth": {
-                                "type": "key",
-                                "primary_thumbprint": None,
-                                "secondary_thumbprint": None,
-                                "ca": None,
-                            },
-                            "gateway": None,
-                            "parent": None,
-                            "offline_reason": None,
-                        }
-                    ],
+                    "items": [DEVICE_EXAMPLE],
                     "next_cursor": "ZnJpZGdlLTE",
                 }
             ]

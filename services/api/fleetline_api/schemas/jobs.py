@@ -31,6 +31,8 @@ DEVICE_STATES: tuple[DeviceState, ...] = (
 FINAL_STATES = frozenset(DEVICE_STATES) - {"pending", "running"}
 MAX_BATCH_SIZE = 1000
 MAX_PER_SECOND = 10_000
+# One device in about 17 minutes: the slowest pace a job may take.
+MIN_PER_SECOND = 0.001
 
 
 class MethodSpec(MethodCall):
@@ -67,7 +69,7 @@ class _JobCreate(BaseModel):
     )
     max_per_second: float | None = Field(
         default=None,
-        gt=0,
+        ge=MIN_PER_SECOND,
         le=MAX_PER_SECOND,
         allow_inf_nan=False,
         description="At most this many devices started per second; none: no limit",
@@ -166,43 +168,40 @@ class JobProgress(BaseModel):
     percent: float = Field(description="Devices finished (in any way) of the total, 0-100")
 
 
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": 12,
+    "type": "method",
+    "query": "tags.site = 'A'",
+    "method": {"name": "reboot", "params": {"delay_s": 10}, "timeout_s": 30},
+    "patch": None,
+    "rollout": None,
+    "batch_size": 10,
+    "max_per_second": 5.0,
+    "state": "running",
+    "progress": {
+        "total": 40,
+        "pending": 22,
+        "running": 10,
+        "succeeded": 7,
+        "failed": 1,
+        "rolled_back": 0,
+        "cancelled": 0,
+        "percent": 20.0,
+    },
+    "created_at": "2026-11-25T14:25:45.049Z",
+    "created_by": "ops dashboard (key k3x9q2mz7d1a)",
+    "started_at": "2026-11-25T14:25:45.049Z",
+    "cancelled_at": None,
+    "cancelled_by": None,
+    "paused_at": None,
+    "paused_by": None,
+    "finished_at": None,
+    "error": None,
+}
+
+
 class JobPublic(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": 12,
-                    "type": "method",
-                    "query": "tags.site = 'A'",
-                    "method": {"name": "reboot", "params": {"delay_s": 10}, "timeout_s": 30},
-                    "patch": None,
-                    "rollout": None,
-                    "batch_size": 10,
-                    "max_per_second": 5.0,
-                    "state": "running",
-                    "progress": {
-                        "total": 40,
-                        "pending": 22,
-                        "running": 10,
-                        "succeeded": 7,
-                        "failed": 1,
-                        "rolled_back": 0,
-                        "cancelled": 0,
-                        "percent": 20.0,
-                    },
-                    "created_at": "2026-11-25T14:25:45.049Z",
-                    "created_by": "ops dashboard (key k3x9q2mz7d1a)",
-                    "started_at": "2026-11-25T14:25:45.049Z",
-                    "cancelled_at": None,
-                    "cancelled_by": None,
-                    "paused_at": None,
-                    "paused_by": None,
-                    "finished_at": None,
-                    "error": None,
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
     id: int
     type: JobType
     query: str
@@ -233,42 +232,7 @@ class JobPage(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "items": [
-                        {
-                            "id": 12,
-                            "type": "method",
-                            "query": "tags.site = 'A'",
-                            "method": {
-                                "name": "reboot",
-                                "params": {"delay_s": 10},
-                                "timeout_s": 30,
-                            },
-                            "patch": None,
-                            "rollout": None,
-                            "batch_size": 10,
-                            "max_per_second": 5.0,
-                            "state": "running",
-                            "progress": {
-                                "total": 40,
-                                "pending": 22,
-                                "running": 10,
-                                "succeeded": 7,
-                                "failed": 1,
-                                "rolled_back": 0,
-                                "cancelled": 0,
-                                "percent": 20.0,
-                            },
-                            "created_at": "2026-11-25T14:25:45.049Z",
-                            "created_by": "ops dashboard (key k3x9q2mz7d1a)",
-                            "started_at": "2026-11-25T14:25:45.049Z",
-                            "cancelled_at": None,
-                            "cancelled_by": None,
-                            "paused_at": None,
-                            "paused_by": None,
-                            "finished_at": None,
-                            "error": None,
-                        }
-                    ],
+                    "items": [JOB_EXAMPLE],
                     "next_cursor": None,
                 }
             ]

@@ -207,37 +207,36 @@ RuleIn = Annotated[
 ]
 
 
+RULE_EXAMPLE: dict[str, Any] = {
+    "id": 7,
+    "name": "fridge too warm",
+    "kind": "threshold",
+    "match": {"devices": [], "tags": {"site": "A"}},
+    "metric": "temperature",
+    "raise": {"op": ">", "value": 8, "for_s": 300},
+    "clear": {"op": "<", "value": 6, "for_s": 0},
+    "timeout_s": None,
+    "severity": "major",
+    "message": "{device_id}: {value} °C",
+    "actions": [
+        {
+            "type": "webhook",
+            "url": "https://hooks.example.org/alarms",
+            "secret": "********",
+            "on": ["raised"],
+        }
+    ],
+    "enabled": True,
+    "version": 2,
+    "created_at": "2026-11-25T14:25:45.049Z",
+    "updated_at": "2026-11-25T14:31:02.310Z",
+}
+
+
 class RulePublic(BaseModel):
     model_config = ConfigDict(
         populate_by_name=True,
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": 7,
-                    "name": "fridge too warm",
-                    "kind": "threshold",
-                    "match": {"devices": [], "tags": {"site": "A"}},
-                    "metric": "temperature",
-                    "raise": {"op": ">", "value": 8, "for_s": 300},
-                    "clear": {"op": "<", "value": 6, "for_s": 0},
-                    "timeout_s": None,
-                    "severity": "major",
-                    "message": "{device_id}: {value} °C",
-                    "actions": [
-                        {
-                            "type": "webhook",
-                            "url": "https://hooks.example.org/alarms",
-                            "secret": "********",
-                            "on": ["raised"],
-                        }
-                    ],
-                    "enabled": True,
-                    "version": 2,
-                    "created_at": "2026-11-25T14:25:45.049Z",
-                    "updated_at": "2026-11-25T14:31:02.310Z",
-                }
-            ]
-        },
+        json_schema_extra={"examples": [RULE_EXAMPLE]},
     )
 
     id: int
@@ -262,32 +261,7 @@ class RulePage(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "items": [
-                        {
-                            "id": 7,
-                            "name": "fridge too warm",
-                            "kind": "threshold",
-                            "match": {"devices": [], "tags": {"site": "A"}},
-                            "metric": "temperature",
-                            "raise": {"op": ">", "value": 8, "for_s": 300},
-                            "clear": {"op": "<", "value": 6, "for_s": 0},
-                            "timeout_s": None,
-                            "severity": "major",
-                            "message": "{device_id}: {value} °C",
-                            "actions": [
-                                {
-                                    "type": "webhook",
-                                    "url": "https://hooks.example.org/alarms",
-                                    "secret": "********",
-                                    "on": ["raised"],
-                                }
-                            ],
-                            "enabled": True,
-                            "version": 2,
-                            "created_at": "2026-11-25T14:25:45.049Z",
-                            "updated_at": "2026-11-25T14:31:02.310Z",
-                        }
-                    ],
+                    "items": [RULE_EXAMPLE],
                     "next_cursor": None,
                 }
             ]
