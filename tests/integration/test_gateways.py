@@ -47,6 +47,10 @@ def rest(stack: Backend) -> Iterator[httpx.Client]:
         yield c
 
 
+# What a gateway subscribes to for each child it serves.
+SERVED = ("methods/+/req", "c2d", "twin/desired")
+
+
 class Gateway:
     """A gateway's connection (MQTT 5: a refused publish is answered PUBACK 0x87), with
     its Last Will. It answers every method call for a child with what it was asked, and
@@ -111,8 +115,7 @@ class Gateway:
 
     def serve(self, child: str) -> None:
         """Subscribe to what the cloud sends the child."""
-        kinds = ("methods/+/req", "c2d", "twin/desired")
-        codes = self.subscribe(*(f"devices/{child}/{k}" for k in kinds))
+        codes = self.subscribe(*(f"devices/{child}/{k}" for k in SERVED))
         assert codes == [1, 1, 1], codes
 
     def received(self, topic: str) -> list[bytes]:
@@ -306,10 +309,14 @@ async def test_children_go_offline_with_their_gateway_and_move_to_another_at_onc
         assert gw2.subscribe(f"devices/{child}/c2d") == [NOT_AUTHORIZED]  # not its child yet
         moved = rest.patch(f"/v1/devices/{child}", json={"parent": two})
         assert moved.status_code == 200 and moved.json()["parent"] == two, moved.text
+        # The broker learns of the move from the database's notification (milliseconds
+        # after the commit): the new gateway may serve the child from then on...
+        wait_until(lambda: gw2.subscribe(*(f"devices/{child}/{k}" for k in SERVED)) == [1] * 3,
+                   timeout=5, what="the broker to take the move")
+        # ...and the old one is refused from then on.
         now = int(time.time() * 1000)
         assert gw1.publish(f"devices/{child}/telemetry", reading(now, v=1)) == NOT_AUTHORIZED
         assert gw2.publish(f"devices/{child}/telemetry", reading(now, v=2)) == GRANTED
-        gw2.serve(child)
         sent = rest.post(f"/v1/devices/{child}/messages", json={"body": "hello"})
         message = f"/v1/devices/{child}/messages/{sent.json()['id']}"
         wait_until(lambda: rest.get(message).json()["state"] == "completed", what="c2d ack")

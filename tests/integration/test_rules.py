@@ -443,9 +443,12 @@ async def test_a_rule_on_a_module_series_raises_on_the_module_readings_only(
     ).json()
     await rules_loaded(rules_service, db)
     dev = Device(broker.url, device_id)
-    dev.publish_all([{"ts": now_ms(), "values": {"temp": 45}}])
-    dev.publish_all([{"ts": now_ms(), "values": {"temp": 20}}], kind="modules/env/telemetry")
-    dev.publish_all([{"ts": now_ms(), "values": {"temp": 41}}], kind="modules/env/telemetry")
+    # Each a millisecond after the one before: a reading no later than the last one of its
+    # series is not evaluated, and a broker on this machine answers within a millisecond.
+    start = now_ms()
+    dev.publish_all([{"ts": start, "values": {"temp": 45}}])
+    dev.publish_all([{"ts": start + 1, "values": {"temp": 20}}], kind="modules/env/telemetry")
+    dev.publish_all([{"ts": start + 2, "values": {"temp": 41}}], kind="modules/env/telemetry")
     (alarm,) = await eventually(lambda: alarms_of(db, rule["id"]), what="raise")
     fields = ("device_id", "metric", "value", "peak", "count")
     assert tuple(alarm[f] for f in fields) == (device_id, "env/temp", 41, 41, 1), dict(alarm)

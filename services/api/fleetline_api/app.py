@@ -36,6 +36,7 @@ from fleetline_api.routes import (
     enrollments,
     files,
     firmware,
+    fleet,
     health,
     jobs,
     limits,
@@ -294,6 +295,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     if not settings.metrics_port:
         app.include_router(health.metrics_router)
     app.include_router(devices.router)
+    app.include_router(fleet.router)
     app.include_router(apikeys.router)
     app.include_router(cas.router)
     app.include_router(firmware.router)

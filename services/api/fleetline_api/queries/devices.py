@@ -42,6 +42,23 @@ def list_devices(conditions: str) -> str:
     )
 
 
+def count_devices(conditions: str) -> str:
+    """How many devices match ``conditions`` (from :func:`device_conditions`, ``$1`` to
+    ``$3``) and are behind the gateway ``$4`` (None: any), and how many are online."""
+    return (
+        "SELECT count(*) AS total, count(*) FILTER (WHERE a.online) AS online "
+        "FROM devices d LEFT JOIN device_activity a ON a.device_id = d.id "
+        f"WHERE {conditions} AND ($4::text IS NULL OR d.parent_id = $4)"
+    )
+
+
+# Retention settings (interval text) as seconds: raw, minute rollups, hour rollups.
+RETENTION = """
+SELECT extract(epoch FROM $1::text::interval) AS raw,
+       extract(epoch FROM $2::text::interval) AS minute,
+       extract(epoch FROM $3::text::interval) AS hour
+"""
+
 INSERT_DEVICE = """
 INSERT INTO devices (id, tags, enabled, auth, primary_thumbprint, secondary_thumbprint,
                      ca_name, gateway, parent_id)

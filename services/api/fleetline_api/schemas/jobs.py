@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, WithJsonSchema, field_validator
 
 from fleetline import devicequery
 from fleetline_api.schemas.methods import MethodCall, MethodName
@@ -67,7 +67,7 @@ class _JobCreate(BaseModel):
         le=MAX_BATCH_SIZE,
         description="At most this many of the job's devices run at once",
     )
-    max_per_second: float | None = Field(
+    max_per_second: StrictFloat | None = Field(
         default=None,
         ge=MIN_PER_SECOND,
         le=MAX_PER_SECOND,

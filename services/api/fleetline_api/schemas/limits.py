@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 
 class Limits(BaseModel):
@@ -22,13 +22,13 @@ class Limits(BaseModel):
         },
     )
 
-    messages_per_second: float = Field(ge=0.001, le=1_000_000)
+    messages_per_second: StrictFloat = Field(ge=0.001, le=1_000_000)
     burst_messages: int = Field(
         ge=1,
         le=100_000_000,
         description="Messages a device may send at once (a backlog after an outage)",
     )
-    bytes_per_second: float = Field(ge=1, le=1e12)
+    bytes_per_second: StrictFloat = Field(ge=1, le=1e12)
     burst_bytes: int = Field(
         ge=1_048_576, le=1 << 40, description="At least the largest packet (1 MiB)"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints
 
 # The phases of a device being updated, in order; a report may skip ahead, never back.
 Phase = Literal["notified", "downloading", "verifying", "applying", "rebooting"]
@@ -78,7 +78,7 @@ class RolloutOptions(BaseModel):
         description="Devices in the first wave; the next wave starts once every one of them "
         "has finished, and only under the failure threshold",
     )
-    canary_percent: float | None = Field(
+    canary_percent: StrictFloat | None = Field(
         default=None,
         gt=0,
         le=100,
@@ -92,7 +92,7 @@ class RolloutOptions(BaseModel):
         le=1_000_000,
         description="Devices per wave after the canary; none: all the rest in one wave",
     )
-    failure_threshold_percent: float = Field(
+    failure_threshold_percent: StrictFloat = Field(
         default=10,
         ge=0,
         le=100,

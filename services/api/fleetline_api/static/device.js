@@ -34,7 +34,9 @@ import {
 import * as stream from "./stream.js";
 
 // Raw points up to 1 h; then buckets, whole minutes, hours or days, so the API reads
-// them from its rollups (1 min rollups kept 90 days, 1 h ones 730 days by default).
+// them from its rollups. A range longer than what its source keeps (GET
+// /v1/fleet/retention: 1 min rollups 90 days, 1 h ones 730 days by default) is not
+// offered.
 export const RANGES = [
   { id: "15m", label: "15 min", seconds: 15 * 60, bucket: null },
   { id: "1h", label: "1 h", seconds: 3600, bucket: null },
@@ -53,6 +55,12 @@ function widthText(bucket) {
   if (bucket >= 86400) return `${bucket / 86400} d`;
   if (bucket >= 3600) return `${bucket / 3600} h`;
   return `${bucket / 60} min`;
+}
+
+/** How far back the source of a range's points reaches, in seconds. */
+function reachOf(range, kept) {
+  if (!range.bucket) return kept.raw_s;
+  return range.bucket % 3600 === 0 ? kept.hour_rollups_s : kept.minute_rollups_s;
 }
 
 /**
@@ -128,6 +136,14 @@ export function mount(root, deviceId, params) {
     picker.append(el("span", { class: "range" }, input, el("label", { for: `range-${r.id}` }, r.label)));
   }
   showMode();
+  getJson("/v1/fleet/retention")
+    .then((kept) => {
+      for (const r of RANGES) {
+        if (r === range || r.seconds <= reachOf(r, kept)) continue;
+        picker.querySelector(`#range-${r.id}`).closest(".range").hidden = true;
+      }
+    })
+    .catch(() => {}); // a key without telemetry:read: every range stays offered
 
   // The x range shown: the last `range` up to now, sliding.
   const window = () => {

@@ -3,8 +3,8 @@
 // kept current in between by the stream (telemetry and status of the visible devices).
 // A gateway is marked as one; a device behind a gateway links to it (docs/gateways.md).
 //
-// Above it, the fleet's counts (total, online, offline) under the tag filters, counted
-// by paging GET /v1/devices (the API has no count). A search by id prefix reads its
+// Above it, the fleet's counts (total, online, offline) under the tag filters, from
+// GET /v1/fleet/counts (counted in the database). A search by id prefix reads its
 // page of ids from POST /v1/query (`id >= 'p' AND id < 'p~'`, with the filters; ids are
 // [A-Za-z0-9_.:-], all below '~') and each device from GET /v1/devices/{id}. The column
 // headers sort the page shown.
@@ -33,9 +33,6 @@ const SHOWN_VALUES = 6;
 const RELOAD_DELAY_MS = 300;
 const TAG_PATTERN = /^[A-Za-z0-9_.:-]{1,64}=.{0,256}$/;
 const ID_PREFIX = /^[A-Za-z0-9_.:-]{1,127}$/;
-// Counting reads at most this many pages of COUNT_PAGE devices ("10000+" beyond).
-const COUNT_PAGE = 1000;
-const COUNT_PAGES = 10;
 
 /** A device query's text literal. */
 function literal(text) {
@@ -149,33 +146,18 @@ export function mount(root, params) {
 
   // Counts
   let countController = null;
-  async function countPages(extra, signal) {
-    let n = 0;
-    let cursor = null;
-    for (let page = 0; page < COUNT_PAGES; page++) {
-      const body = await getJson("/v1/devices", { tag: tags, limit: COUNT_PAGE, cursor, ...extra }, { signal });
-      n += body.items.length;
-      cursor = body.next_cursor;
-      if (!cursor) return { n, more: false };
-    }
-    return { n, more: true };
-  }
   async function loadCounts() {
     if (countController) countController.abort();
     countController = new AbortController();
     const { signal } = countController;
     try {
-      const [total, online] = await Promise.all([countPages({}, signal), countPages({ status: "online" }, signal)]);
-      const show = (name, text) => {
-        const node = root.querySelector(`[data-count="${name}"] dd`);
-        setText(node, text);
-      };
-      show("total", total.more ? `${total.n}+` : total.n);
-      show("online", online.more ? `${online.n}+` : online.n);
-      show("offline", total.more || online.more ? "—" : total.n - online.n);
+      const counted = await getJson("/v1/fleet/counts", { tag: tags }, { signal });
+      for (const name of ["total", "online", "offline"]) {
+        setText(root.querySelector(`[data-count="${name}"] dd`), counted[name]);
+      }
       const counts = $("#fleet-counts");
-      counts.dataset.total = String(total.n);
-      counts.dataset.online = String(online.n);
+      counts.dataset.total = String(counted.total);
+      counts.dataset.online = String(counted.online);
       counts.setAttribute(
         "aria-label",
         tags.length ? `Devices with the tags ${tags.join(", ")}` : "All devices",
