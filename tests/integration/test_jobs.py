@@ -3,6 +3,7 @@ devices over the real broker; restarts, cancellation and two replicas sharing a 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -740,7 +741,7 @@ async def test_a_start_that_lost_its_lease_while_waiting_sends_nothing(
     assert "job device not sent: its lease ran out before" in api.log_tail(40)
 
 
-async def test_a_job_too_slow_for_an_interval_stops_no_other_job(
+async def test_a_job_the_database_cannot_compute_with_stops_no_other_job(
     start_private_api: Callable[..., ApiProcess],
     private: asyncpg.Pool[Any],
     job_devices: Callable[..., JobDevice],
@@ -764,9 +765,23 @@ async def test_a_job_too_slow_for_an_interval_stops_no_other_job(
         f"id IN ('{ids[0]}', '{ids[1]}')", spec)
     await private.executemany("INSERT INTO job_devices (job_id, device_id) VALUES ($1, $2)",
                               [(slow, ids[0]), (slow, ids[1])])
+    # A job that cannot run (a timeout beyond every date, stored by hand) fails with its
+    # reason, and no other job with it.
+    spec = orjson.dumps({"name": "ping", "params": {}, "timeout_s": 1e300}).decode()
+    poisoned = await private.fetchval(
+        "INSERT INTO jobs (type, query, spec, batch_size, total) "
+        "VALUES ('method', $1, $2::jsonb, 1, 1) RETURNING id", f"id = '{ids[2]}'", spec)
+    await private.execute("INSERT INTO job_devices (job_id, device_id) VALUES ($1, $2)",
+                          poisoned, ids[2])
     other = c.post("/v1/jobs", json=method_job(f"id = '{ids[2]}'", "ping")).json()
     done = wait_job(c, other["id"], timeout=20)
     assert done["state"] == "completed" and done["progress"]["succeeded"] == 1, done
+    deadline = time.monotonic() + 10
+    while (failed := await private.fetchrow(
+            "SELECT state, error FROM jobs WHERE id = $1", poisoned))["state"] != "failed":
+        assert time.monotonic() < deadline, dict(failed)
+        await asyncio.sleep(0.1)
+    assert failed["error"].startswith("the job cannot run: "), dict(failed)
     # The slow one started a device, and the next waits its turn (at the slowest pace a
     # job may take), not an error.
     await wait_states(private, slow, lambda s: s == {"succeeded": 1, "pending": 1})

@@ -31,7 +31,6 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fleetline import apikeys
 from fleetline.apikeys import KeyInfo
 from fleetline_api.deps import Admin, Bearer, PoolDep, SettingsDep, actor, authorize, take_rate
-from fleetline_api.openapi import links
 from fleetline_api.problems import NOT_FOUND, RESPONSES, Problem
 from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.schemas.apikeys import (
@@ -89,7 +88,6 @@ def _public(row: asyncpg.Record) -> ApiKeyPublic:
     responses={
         201: {
             "description": "The key, with its token: store it now, it is not shown again",
-            "links": links("/id", "RevokeKey:apikeys-revoke_api_key:key_id"),
         },
         403: {
             "model": Problem,

@@ -115,6 +115,7 @@ def whole_number(value: Any) -> Any:
 
 # An integer field that takes 60 and 60.0 but not "60" or true.
 WHOLE_NUMBER = BeforeValidator(whole_number)
+WholeNumber = Annotated[int, WHOLE_NUMBER]
 
 
 # A PostgreSQL regular expression that a whole id must match.
@@ -154,7 +155,7 @@ class GatewayPolicy(BaseModel):
         json_schema_extra=NAMED_KEYS_ONLY,
         description="The tags a child it creates starts with",
     )
-    max_children: Annotated[int, WHOLE_NUMBER] = Field(
+    max_children: WholeNumber = Field(
         default=1000,
         ge=1,
         le=100_000,
@@ -346,7 +347,7 @@ class DeviceCreated(DevicePublic):
 class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ttl_s": 3600}]})
 
-    ttl_s: Annotated[int, WHOLE_NUMBER] = Field(default=3600, ge=1, le=366 * 24 * 3600)
+    ttl_s: WholeNumber = Field(default=3600, ge=1, le=366 * 24 * 3600)
 
 
 class DeviceToken(BaseModel):

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from fleetline.releases import NAME, SHA256_HEX
-from fleetline_api.schemas.common import WHOLE_NUMBER
+from fleetline_api.schemas.common import WholeNumber
 
 ReleaseName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=f"^{NAME.pattern}$")
@@ -41,7 +41,7 @@ class FirmwareCreate(BaseModel):
         "a whole firmware binary"
     )
     notes: str = Field(default="", max_length=2000, description="What changed, for people")
-    size: Annotated[int, WHOLE_NUMBER] = Field(
+    size: WholeNumber = Field(
         ge=1, description="The image's size in bytes (at most FLEETLINE_API_FIRMWARE_MAX_BYTES)"
     )
     sha256: Annotated[str, StringConstraints(pattern=f"^{SHA256_HEX.pattern}$")] = Field(

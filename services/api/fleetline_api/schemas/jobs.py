@@ -12,6 +12,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, WithJsonSchema, field_validator
 
 from fleetline import devicequery
+from fleetline_api.schemas.common import WholeNumber
 from fleetline_api.schemas.methods import MethodCall, MethodName
 from fleetline_api.schemas.query import QUERY_DESCRIPTION
 from fleetline_api.schemas.rollouts import RolloutOptions, RolloutPublic
@@ -61,7 +62,7 @@ class _JobCreate(BaseModel):
         max_length=devicequery.MAX_QUERY_LENGTH,
         description=QUERY_DESCRIPTION + ". Evaluated once, when the job is created",
     )
-    batch_size: int = Field(
+    batch_size: WholeNumber = Field(
         default=10,
         ge=1,
         le=MAX_BATCH_SIZE,

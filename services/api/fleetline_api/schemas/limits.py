@@ -6,6 +6,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
+from fleetline_api.schemas.common import WholeNumber
+
 
 class Limits(BaseModel):
     model_config = ConfigDict(
@@ -23,13 +25,13 @@ class Limits(BaseModel):
     )
 
     messages_per_second: StrictFloat = Field(ge=0.001, le=1_000_000)
-    burst_messages: int = Field(
+    burst_messages: WholeNumber = Field(
         ge=1,
         le=100_000_000,
         description="Messages a device may send at once (a backlog after an outage)",
     )
     bytes_per_second: StrictFloat = Field(ge=1, le=1e12)
-    burst_bytes: int = Field(
+    burst_bytes: WholeNumber = Field(
         ge=1_048_576, le=1 << 40, description="At least the largest packet (1 MiB)"
     )
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
 
 from fleetline import protocol
+from fleetline_api.schemas.common import WholeNumber
 
 # A method name: like a metric name, but not made of dots only (".." would be read as a
 # path segment by HTTP clients).
@@ -53,7 +54,7 @@ class MethodCall(BaseModel):
         default_factory=dict,
         description=f"Passed to the device as is; at most {MAX_PARAMS_BYTES} bytes as JSON",
     )
-    timeout_s: int = Field(
+    timeout_s: WholeNumber = Field(
         default=30,
         ge=1,
         le=MAX_TIMEOUT_SECONDS,

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleetline import devicequery
+from fleetline_api.schemas.common import WholeNumber
 
 QUERY_DESCRIPTION = (
     "A device query, as `tags.site = 'A' AND reported.fw < '1.2'`: `id`, `status`, "
@@ -30,7 +31,7 @@ class QueryRequest(BaseModel):
     query: str = Field(
         default="", max_length=devicequery.MAX_QUERY_LENGTH, description=QUERY_DESCRIPTION
     )
-    limit: int = Field(default=100, ge=1, le=1000)
+    limit: WholeNumber = Field(default=100, ge=1, le=1000)
     cursor: str | None = Field(
         default=None, max_length=128, description="`next_cursor` of the previous page"
     )

@@ -10,7 +10,9 @@ from __future__ import annotations
 from datetime import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints, field_validator
+
+from fleetline_api.schemas.common import WholeNumber, whole_number
 
 # The phases of a device being updated, in order; a report may skip ahead, never back.
 Phase = Literal["notified", "downloading", "verifying", "applying", "rebooting"]
@@ -26,17 +28,17 @@ class PhaseTimeouts(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    notified: int = Field(
+    notified: WholeNumber = Field(
         default=3600,
         ge=1,
         le=7 * DAY_S,
         description="Until it starts downloading (it may be "
         "offline: it gets the notification when it connects)",
     )
-    downloading: int = Field(default=3600, ge=1, le=7 * DAY_S)
-    verifying: int = Field(default=600, ge=1, le=DAY_S)
-    applying: int = Field(default=600, ge=1, le=DAY_S)
-    rebooting: int = Field(
+    downloading: WholeNumber = Field(default=3600, ge=1, le=7 * DAY_S)
+    verifying: WholeNumber = Field(default=600, ge=1, le=DAY_S)
+    applying: WholeNumber = Field(default=600, ge=1, le=DAY_S)
+    rebooting: WholeNumber = Field(
         default=600, ge=1, le=DAY_S, description="Until it reports the new version healthy"
     )
 
@@ -70,8 +72,10 @@ class RolloutOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Within what a JSON number holds exactly (a client may send it as a double).
-    firmware_id: int = Field(ge=1, le=2**53 - 1, description="The release to put on the devices")
-    canary: int = Field(
+    firmware_id: WholeNumber = Field(
+        ge=1, le=2**53 - 1, description="The release to put on the devices"
+    )
+    canary: WholeNumber = Field(
         default=1,
         ge=0,
         le=100_000,
@@ -108,6 +112,12 @@ class RolloutOptions(BaseModel):
     )
     window: Window | None = None
     timeouts: PhaseTimeouts = Field(default_factory=PhaseTimeouts)
+
+    @field_validator("wave_size", mode="before")
+    @classmethod
+    def _whole_wave(cls, value: object) -> object:
+        # As WholeNumber does (beside None, its bounds would not reach the JSON Schema).
+        return None if value is None else whole_number(value)
 
 
 class RolloutSpec(RolloutOptions):

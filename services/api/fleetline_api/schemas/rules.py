@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictFloat,
     StringConstraints,
     Tag,
 )
@@ -189,7 +190,7 @@ class NoDataRule(_RuleCommon):
     )
 
     kind: Literal["no_data"]
-    timeout_s: Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+    timeout_s: Annotated[StrictFloat, Field(gt=0, le=MAX_SECONDS)]
 
 
 def _rule_kind(doc: Any) -> str | None:

@@ -273,36 +273,17 @@ class JobRunner:
                 return False
             try:
                 job = _parse(row)
-            except ValueError as exc:
+                # A savepoint: what the database refuses as data fails this job, not the
+                # runner's every poll (and with it every other job).
+                async with con.transaction():
+                    claimed = await self._claim_devices(con, job, row, free, twin_free)
+            except (ValueError, asyncpg.DataError) as exc:
                 log.error("job cannot run: %s", exc, extra={"job_id": row["id"]})
                 await con.execute(sql.FAIL_JOB, row["id"], f"the job cannot run: {exc}")
                 JOBS.labels("failed").inc()
                 return True
-            # Failures the runner itself recorded (a device deleted, a patch refused, a
-            # lease abandoned) count too: checked here, under the job's lock, before a
-            # device of the next wave can start.
-            if job.rollout is not None and await rollouts.check_threshold(con, job.id):
-                return True
-            window = job.rollout.window if job.rollout is not None else None
-            now = datetime.now(UTC)
-            if window is not None and not rollouts.in_window(now, window):
-                opens = rollouts.window_opens(now, window)
-                await con.execute(sql.WAIT_UNTIL, job.id, opens)
-                log.info("rollout waits for its window", extra={"job_id": job.id, "opens": opens})
-                return True
-            room = row["batch_size"] - await con.fetchval(sql.COUNT_RUNNING, job.id)
-            count = min(free, room, twin_free if job.type in PATCHING else free)
-            rate = row["max_per_second"]
-            if rate is not None:
-                # Spread the starts over the poll interval rather than bursting a batch.
-                per_poll = math.ceil(rate * self._settings.jobs_poll_interval_seconds)
-                count = min(count, max(1, per_poll))
-            if count <= 0:
-                return False
-            claimed = await con.fetch(
-                sql.CLAIM, job.id, count, self._lease_seconds(job), self.identifier
-            )
-            await con.execute(sql.ADVANCE, job.id, float(len(claimed)))
+            if isinstance(claimed, bool):
+                return claimed
         if row["state"] == "queued":
             JOBS.labels("started").inc()
             log.info("job started", extra={"job_id": job.id, "type": job.type})
@@ -310,6 +291,39 @@ class JobRunner:
         for device in claimed:
             self._start(job, device["device_id"], device["attempts"], claimed_at)
         return True
+
+    async def _claim_devices(
+        self, con: db.Connection, job: _Job, row: asyncpg.Record, free: int, twin_free: int
+    ) -> list[asyncpg.Record] | bool:
+        """Under the job's lock: the devices claimed to start now, or, when there are
+        none, whether the job was dealt with (True: it waits for its window, or stopped at
+        its threshold) or has no room (False)."""
+        # Failures the runner itself recorded (a device deleted, a patch refused, a
+        # lease abandoned) count too: checked here, under the job's lock, before a
+        # device of the next wave can start.
+        if job.rollout is not None and await rollouts.check_threshold(con, job.id):
+            return True
+        window = job.rollout.window if job.rollout is not None else None
+        now = datetime.now(UTC)
+        if window is not None and not rollouts.in_window(now, window):
+            opens = rollouts.window_opens(now, window)
+            await con.execute(sql.WAIT_UNTIL, job.id, opens)
+            log.info("rollout waits for its window", extra={"job_id": job.id, "opens": opens})
+            return True
+        room = row["batch_size"] - await con.fetchval(sql.COUNT_RUNNING, job.id)
+        count = min(free, room, twin_free if job.type in PATCHING else free)
+        rate = row["max_per_second"]
+        if rate is not None:
+            # Spread the starts over the poll interval rather than bursting a batch.
+            per_poll = math.ceil(rate * self._settings.jobs_poll_interval_seconds)
+            count = min(count, max(1, per_poll))
+        if count <= 0:
+            return False
+        claimed = await con.fetch(
+            sql.CLAIM, job.id, count, self._lease_seconds(job), self.identifier
+        )
+        await con.execute(sql.ADVANCE, job.id, float(len(claimed)))
+        return list(claimed)
 
     def _start(self, job: _Job, device_id: str, attempt: int, claimed_at: float) -> None:
         task = asyncio.create_task(
