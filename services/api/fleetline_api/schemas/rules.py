@@ -272,32 +272,29 @@ class RulePage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
 
+ALARM_EXAMPLE: dict[str, Any] = {
+    "id": 41,
+    "rule_id": 7,
+    "rule_name": "fridge too warm",
+    "device_id": "fridge-1",
+    "metric": "temperature",
+    "severity": "major",
+    "state": "acknowledged",
+    "raised_at": "2026-11-25T14:25:45.049Z",
+    "acknowledged_at": "2026-11-25T14:31:02.310Z",
+    "acknowledged_by": "ops dashboard (key k3x9q2mz7d1a)",
+    "cleared_at": None,
+    "cleared_by": None,
+    "value": 9.1,
+    "peak": 9.8,
+    "count": 14,
+    "message": "fridge-1: 9.1 °C",
+    "updated_at": "2026-11-25T14:31:02.310Z",
+}
+
+
 class AlarmPublic(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": 41,
-                    "rule_id": 7,
-                    "rule_name": "fridge too warm",
-                    "device_id": "fridge-1",
-                    "metric": "temperature",
-                    "severity": "major",
-                    "state": "acknowledged",
-                    "raised_at": "2026-11-25T14:25:45.049Z",
-                    "acknowledged_at": "2026-11-25T14:31:02.310Z",
-                    "acknowledged_by": "ops dashboard (key k3x9q2mz7d1a)",
-                    "cleared_at": None,
-                    "cleared_by": None,
-                    "value": 9.1,
-                    "peak": 9.8,
-                    "count": 14,
-                    "message": "fridge-1: 9.1 °C",
-                    "updated_at": "2026-11-25T14:31:02.310Z",
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [ALARM_EXAMPLE]})
     id: int
     rule_id: int
     rule_name: str
@@ -322,27 +319,7 @@ class AlarmPage(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "items": [
-                        {
-                            "id": 41,
-                            "rule_id": 7,
-                            "rule_name": "fridge too warm",
-                            "device_id": "fridge-1",
-                            "metric": "temperature",
-                            "severity": "major",
-                            "state": "acknowledged",
-                            "raised_at": "2026-11-25T14:25:45.049Z",
-                            "acknowledged_at": "2026-11-25T14:31:02.310Z",
-                            "acknowledged_by": "ops dashboard (key k3x9q2mz7d1a)",
-                            "cleared_at": None,
-                            "cleared_by": None,
-                            "value": 9.1,
-                            "peak": 9.8,
-                            "count": 14,
-                            "message": "fridge-1: 9.1 °C",
-                            "updated_at": "2026-11-25T14:31:02.310Z",
-                        }
-                    ],
+                    "items": [ALARM_EXAMPLE],
                     "next_cursor": None,
                 }
             ]
