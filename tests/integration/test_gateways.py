@@ -425,7 +425,10 @@ async def test_disabled_deleted_and_surplus_children_and_devices_that_are_no_gat
         assert rest.delete(f"/v1/devices/{k2}").status_code == 204
         time.sleep(2)
         assert rest.get(f"/v1/devices/{k2}").status_code == 404
-        assert gw.received(f"devices/{k2}/twin/desired") == []  # not its child any more
+        # Not its child any more: at most the clearing itself reached it (the broker learns
+        # of the deletion from the database's notification, milliseconds after the commit
+        # the clearing follows), nothing with content.
+        assert set(gw.received(f"devices/{k2}/twin/desired")) <= {b""}
         # A device that is not a gateway is refused another's topics at once, as before
         # gateways (the registry is not asked, nothing recorded).
         assert other.publish(f"devices/{k1}/telemetry", reading(now, t=4)) == NOT_AUTHORIZED
