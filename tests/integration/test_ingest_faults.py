@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from fleetline.migrate import migrate
 from fleetline_dev.embedded import LocalMosquitto, LocalPostgres
 from tests.conftest import Backend, count_rows, wait_rows
-from tests.support import Device, IngestProcess, reading, wait_until
+from tests.support import Device, IngestProcess, TcpProxy, reading, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.storage]
 
@@ -177,3 +178,38 @@ async def test_broker_restart_while_ingest_drains_a_backlog(
         assert stored_at_restart < devices * half, "restart came after the drain"
         wait_until(ingest.ready, what="ingest reconnected")
         pub.close()
+
+
+async def test_network_cuts_between_ingest_and_the_database_lose_and_duplicate_nothing(
+    start_ingest: Callable[..., IngestProcess], broker: LocalMosquitto,
+    db: asyncpg.Pool[Any], database_url: str, uid: str,
+) -> None:
+    """The path from ingest to the database through a relay the test controls, under
+    load: cut (open connections reset, new ones refused) for 3 s, then silent for 3 s
+    (connections open, nothing carried) until they reset. Every reading is stored exactly
+    once, and ingest is not ready while it cannot reach the database."""
+    parts = urlsplit(database_url)
+    relay = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    relay.up()
+    user = parts.netloc.rpartition("@")[0]
+    relayed = urlunsplit(parts._replace(
+        netloc=f"{user + '@' if user else ''}127.0.0.1:{relay.port}"))
+    devices, per_device = 10, 2000
+    ingest = start_ingest(database=relayed)
+    pub = Publisher(broker.url, uid, devices, per_device).start()
+    try:
+        stored = await wait_rows(db, uid, 2000, timeout=60)
+        relay.down()
+        wait_until(lambda: not ingest.ready(), what="ingest not ready while cut off")
+        time.sleep(3)
+        relay.up()
+        await wait_rows(db, uid, stored + 2000, timeout=60)
+        relay.freeze()
+        time.sleep(3)
+        relay.thaw()
+        pub.join()
+        await assert_exactly_once(db, uid, devices, per_device)
+        wait_until(ingest.ready, what="ingest ready again")
+    finally:
+        pub.close()
+        relay.down()
