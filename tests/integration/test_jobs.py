@@ -524,6 +524,24 @@ async def admin_token(pool: asyncpg.Pool[Any]) -> str:
         return (await apikeys.create_key(con, name="jobs test", scopes=["admin"])).token
 
 
+async def stored_job(
+    pool: asyncpg.Pool[Any], method: dict[str, Any], devices: list[str],
+    *, max_per_second: float | None = None,
+) -> int:
+    """A method job written as POST /v1/jobs writes it, one device at a time: the job and
+    its devices in one transaction (a runner's sweep seeing the job without its devices
+    finishes it at once)."""
+    async with pool.acquire() as con, con.transaction():
+        job_id: int = await con.fetchval(
+            "INSERT INTO jobs (type, query, spec, batch_size, max_per_second, total) "
+            "VALUES ('method', $1, $2::jsonb, 1, $3, $4) RETURNING id",
+            "id IN (" + ", ".join(f"'{d}'" for d in devices) + ")",
+            orjson.dumps(method).decode(), max_per_second, len(devices))
+        await con.executemany("INSERT INTO job_devices (job_id, device_id) VALUES ($1, $2)",
+                              [(job_id, d) for d in devices])
+    return job_id
+
+
 async def states(pool: asyncpg.Pool[Any], job_id: int) -> dict[str, int]:
     rows = await pool.fetch(
         "SELECT state, count(*)::int AS n FROM job_devices WHERE job_id = $1 GROUP BY state",
@@ -709,16 +727,8 @@ async def test_a_start_that_lost_its_lease_while_waiting_sends_nothing(
         # The online check before each call waits for this lock.
         await blocker.execute("LOCK TABLE device_activity IN ACCESS EXCLUSIVE MODE")
         # The job as POST /v1/jobs creates it (whose snapshot would wait for the lock).
-        spec = orjson.dumps({"name": "once", "params": {}, "timeout_s": 1}).decode()
-        job_id = await private.fetchval(
-            "INSERT INTO jobs (type, query, spec, batch_size, total) "
-            "VALUES ('method', $1, $2::jsonb, 1, 1) RETURNING id",
-            f"id = '{device_id}'",
-            spec,
-        )
-        await private.execute(
-            "INSERT INTO job_devices (job_id, device_id) VALUES ($1, $2)", job_id, device_id
-        )
+        job_id = await stored_job(private, {"name": "once", "params": {}, "timeout_s": 1},
+                                  [device_id])
 
         async def restarted() -> bool:
             row = await private.fetchrow(
@@ -758,21 +768,12 @@ async def test_a_job_the_database_cannot_compute_with_stops_no_other_job(
                                                  max_per_second=1e-310))
     assert_problem(refused, 422, "max_per_second")
     # Such a job, as it was stored then.
-    spec = orjson.dumps({"name": "ping", "params": {}, "timeout_s": 5}).decode()
-    slow = await private.fetchval(
-        "INSERT INTO jobs (type, query, spec, batch_size, max_per_second, total) "
-        "VALUES ('method', $1, $2::jsonb, 1, 1e-310, 2) RETURNING id",
-        f"id IN ('{ids[0]}', '{ids[1]}')", spec)
-    await private.executemany("INSERT INTO job_devices (job_id, device_id) VALUES ($1, $2)",
-                              [(slow, ids[0]), (slow, ids[1])])
+    slow = await stored_job(private, {"name": "ping", "params": {}, "timeout_s": 5},
+                            ids[:2], max_per_second=1e-310)
     # A job that cannot run (a timeout beyond every date, stored by hand) fails with its
     # reason, and no other job with it.
-    spec = orjson.dumps({"name": "ping", "params": {}, "timeout_s": 1e300}).decode()
-    poisoned = await private.fetchval(
-        "INSERT INTO jobs (type, query, spec, batch_size, total) "
-        "VALUES ('method', $1, $2::jsonb, 1, 1) RETURNING id", f"id = '{ids[2]}'", spec)
-    await private.execute("INSERT INTO job_devices (job_id, device_id) VALUES ($1, $2)",
-                          poisoned, ids[2])
+    poisoned = await stored_job(private, {"name": "ping", "params": {}, "timeout_s": 1e300},
+                                ids[2:])
     other = c.post("/v1/jobs", json=method_job(f"id = '{ids[2]}'", "ping")).json()
     done = wait_job(c, other["id"], timeout=20)
     assert done["state"] == "completed" and done["progress"]["succeeded"] == 1, done
