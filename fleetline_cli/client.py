@@ -108,6 +108,8 @@ def _problem(resp: httpx.Response) -> ApiError:
         text += " (check FLEETLINE_API_KEY; `fleetline apikey create` makes a key)"
     elif resp.status_code == 403:
         text += " (use a key with that scope: `fleetline apikey create --scope ...`)"
+    elif resp.status_code == 412:  # If-Match: only a twin's desired properties take one
+        text += " (the desired properties changed: `fleetline twin show` gives the etag)"
     return ApiError(" ".join(text.split()), status=resp.status_code)
 
 

@@ -17,7 +17,6 @@ from fleetline_cli.common import (
     api_items,
     compact,
     document_argument,
-    fail,
     print_table,
     printed,
 )
@@ -106,22 +105,15 @@ def twin_update(
 ) -> None:
     """Merge a patch into the desired properties; the device is sent the whole desired
     document. Without --etag the last writer wins."""
-    from fleetline_cli.client import ApiClient, ApiError
-
     patch = document_argument(desired, "--desired")
     if not isinstance(patch, dict):
         raise typer.BadParameter("must be a JSON object ({...})", param_hint="--desired")
     headers = {"Content-Type": "application/merge-patch+json"}
     if etag is not None:
         headers["If-Match"] = _etag(etag)
-    try:
-        twin = ApiClient().request(
-            "PATCH", f"{_base(device_id, module)}/twin", content=json.dumps(patch), headers=headers
-        )
-    except ApiError as exc:
-        if exc.status == 412:
-            fail(f"{exc} (the desired properties changed: `fleetline twin show` gives the etag)")
-        fail(str(exc))
+    twin = api(
+        "PATCH", f"{_base(device_id, module)}/twin", content=json.dumps(patch), headers=headers
+    )
     if not printed(twin, output, as_json):
         _show_twin(twin)
 

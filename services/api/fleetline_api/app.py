@@ -73,8 +73,9 @@ class State(TypedDict):
     stream: StreamHub
     jobs: JobRunner
     rate_limits: KeyRateLimiter
-    # How far back each rollup reaches (its retention): older ranges read raw rows.
-    rollup_horizons: dict[str, timedelta]
+    # How far back each table reaches (its retention): raw readings ("telemetry") and the
+    # rollups (older ranges of a rollup read raw rows).
+    retention: dict[str, timedelta]
     # Signs firmware releases' manifests (None: no release can be made).
     release_key: ec.EllipticCurvePrivateKey | None
 
@@ -208,6 +209,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         horizons = {
             table: await pool.fetchval(sql.INTERVAL, retention)
             for table, retention in (
+                ("telemetry", storage.raw_retention),
                 ("telemetry_1m", storage.rollup_1m_retention),
                 ("telemetry_1h", storage.rollup_1h_retention),
             )
@@ -248,7 +250,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 "stream": hub,
                 "jobs": runner,
                 "rate_limits": KeyRateLimiter(settings.rate_per_key, settings.rate_burst_per_key),
-                "rollup_horizons": horizons,
+                "retention": horizons,
                 "release_key": (
                     releases.load_key(settings.release_key_file)
                     if settings.release_key_file

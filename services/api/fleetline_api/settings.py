@@ -118,15 +118,11 @@ class ApiSettings(ServiceSettings):
         "device_tls_cert_file",
         "device_tls_key_file",
         "device_http_url",
+        "bootstrap_token",
         mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("bootstrap_token", mode="before")
-    @classmethod
-    def _no_empty_token(cls, value: object) -> object:
         return None if value == "" else value
 
     @field_validator("bootstrap_token")

@@ -52,13 +52,6 @@ def count_devices(conditions: str) -> str:
     )
 
 
-# Retention settings (interval text) as seconds: raw, minute rollups, hour rollups.
-RETENTION = """
-SELECT extract(epoch FROM $1::text::interval) AS raw,
-       extract(epoch FROM $2::text::interval) AS minute,
-       extract(epoch FROM $3::text::interval) AS hour
-"""
-
 INSERT_DEVICE = """
 INSERT INTO devices (id, tags, enabled, auth, primary_thumbprint, secondary_thumbprint,
                      ca_name, gateway, parent_id)

@@ -5,12 +5,12 @@ for."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from fleetline.settings import StorageSettings
 from fleetline_api.deps import DevicesRead, PoolDep, TelemetryRead
 from fleetline_api.params import TagFilter, device_filter
 from fleetline_api.problems import RESPONSES
@@ -62,19 +62,12 @@ async def fleet_counts(
 
 
 @router.get("/retention", summary="How far back telemetry reaches", response_model=Retention)
-async def retention(pool: PoolDep, _key: TelemetryRead) -> Retention:
+async def retention(request: Request, _key: TelemetryRead) -> Retention:
     """The retention of raw readings and of the minute and hour rollups this API reads
-    (``FLEETLINE_STORAGE_*``): older readings are not there to chart."""
-    storage = StorageSettings()
-    row = await pool.fetchrow(
-        sql.RETENTION,
-        storage.raw_retention,
-        storage.rollup_1m_retention,
-        storage.rollup_1h_retention,
-    )
-    assert row is not None  # one row of constants
+    (``FLEETLINE_STORAGE_*``, read at its start): older readings are not there to chart."""
+    kept: dict[str, timedelta] = request.state.retention
     return Retention(
-        raw_s=int(row["raw"]),
-        minute_rollups_s=int(row["minute"]),
-        hour_rollups_s=int(row["hour"]),
+        raw_s=int(kept["telemetry"].total_seconds()),
+        minute_rollups_s=int(kept["telemetry_1m"].total_seconds()),
+        hour_rollups_s=int(kept["telemetry_1h"].total_seconds()),
     )

@@ -193,7 +193,7 @@ async def telemetry(
         width = _parse_bucket(bucket)
         chosen = [a for a in AGGS if any(a in item.split(",") for item in agg)] or list(AGGS)
         return await _aggregates(
-            pool, request.state.rollup_horizons, device_id, metrics, since, until, width, chosen
+            pool, request.state.retention, device_id, metrics, since, until, width, chosen
         )
     after_ts, after_sid = _decode_cursor(cursor) if cursor else (None, None)
     rows = await pool.fetch(

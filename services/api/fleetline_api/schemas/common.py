@@ -310,24 +310,11 @@ class DeviceCreated(DevicePublic):
         json_schema_extra={
             "examples": [
                 {
-                    "id": "fridge-1",
-                    "tags": {"site": "A", "floor": 2},
+                    # Just registered: never seen yet.
+                    **DEVICE_EXAMPLE,
                     "online": False,
                     "last_seen": None,
                     "status_changed_at": None,
-                    "created_at": "2026-11-25T14:25:45.049Z",
-                    "key_version": 1,
-                    "key_created_at": "2026-11-25T14:25:45.049Z",
-                    "enabled": True,
-                    "auth": {
-                        "type": "key",
-                        "primary_thumbprint": None,
-                        "secondary_thumbprint": None,
-                        "ca": None,
-                    },
-                    "gateway": None,
-                    "parent": None,
-                    "offline_reason": None,
                     "credentials": {
                         "device_id": "fridge-1",
                         "key": "q" * 43 + "=",
