@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint pytest bench clean
+.PHONY: run test lint pytest bench chaos clean
 
 # pip says what it fetches and installs as it goes (a first install takes a few minutes).
 $(STAMP): pyproject.toml
@@ -30,6 +30,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check fleetline fleetline_cli fleetline_dev services
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# The chaos suite's long form (docs/chaos.md): every fault CHAOS_ROUNDS times over, on
+# TimescaleDB and on plain PostgreSQL (about 25 minutes); `make test` runs one round on
+# TimescaleDB. CHAOS_SEED=<seed> replays a run.
+CHAOS_ROUNDS ?= 5
+CHAOS_BACKENDS ?= timescaledb,postgres
+chaos: $(STAMP)
+	scripts/ensure-services.sh test
+	FLEETLINE_CHAOS_ROUNDS=$(CHAOS_ROUNDS) FLEETLINE_CHAOS_BACKENDS=$(CHAOS_BACKENDS) \
+	FLEETLINE_CHAOS_SEED=$(CHAOS_SEED) $(BIN)/pytest tests/chaos
 
 bench: $(STAMP)
 	scripts/ensure-services.sh run

@@ -61,6 +61,7 @@ from fleetline_dev.simulator import (
     MAX_STAGGER_SECONDS,
     PUBLISH_TIMEOUT_SECONDS,
     REPORT_INTERVAL_SECONDS,
+    AckedReadings,
     Reading,
     _answer_method,
     _apply_desired,
@@ -278,7 +279,7 @@ async def _child_readings(
             log.debug("child %s: readings kept for the next batch: %s", child.id, exc)
         else:
             del child.backlog[: len(batch)]
-            stats.readings += len(batch)
+            stats.acked(child.id, batch)
         # A slow publish skips the ticks it took rather than catching up in a burst.
         next_tick = max(next_tick + child.state.interval_seconds, loop.time())
         await asyncio.sleep(next_tick - loop.time())
@@ -437,10 +438,12 @@ async def run_gateways(
     prefix: str = "sim-gw-",
     stop: asyncio.Event | None = None,
     keys: Mapping[str, str] | None = None,
+    on_acked: AckedReadings | None = None,
 ) -> None:
     """Run ``gateways`` simulated gateways with ``children`` children each until ``stop``
     is set (or the task is cancelled); each child takes a reading every
-    ``interval_seconds``.
+    ``interval_seconds``; ``on_acked`` is told of every child's reading the broker
+    acknowledged.
 
     A gateway listed in ``keys`` logs in with its key, as the broker's auth plugin
     requires (:func:`register_gateways` registers them); the others with ``target``'s
@@ -454,7 +457,7 @@ async def run_gateways(
     if interval_seconds <= 0:
         raise ValueError("interval_seconds must be positive")
     stop = stop or asyncio.Event()
-    stats = _Stats()
+    stats = _Stats(on_acked=on_acked)
     ids = gateway_ids(gateways, prefix)
     stagger = min(interval_seconds, MAX_STAGGER_SECONDS) / gateways
     log.info(

@@ -28,10 +28,10 @@ import contextlib
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -77,6 +77,33 @@ MIN_INTERVAL_S = 0.1
 MAX_INTERVAL_S = 3600.0
 
 Reading = dict[str, Any]
+# Told of each device's readings once the broker acknowledged them (device id, readings):
+# the whole-system tests keep each device's own log of what it may expect stored.
+AckedReadings = Callable[[str, list[Reading]], None]
+
+
+@dataclass(frozen=True)
+class OfflinePolicy:
+    """Devices going offline now and then: on a tick, with ``probability``, a device
+    disconnects for a time drawn from ``seconds`` (keeping up to MAX_BACKLOG_READINGS
+    readings), then comes back and sends what it kept as one JSON array."""
+
+    probability: float
+    seconds: tuple[float, float] = (5.0, 20.0)
+
+
+class Sensor(Protocol):
+    """What a simulated device reads on each tick (its firmware version given)."""
+
+    def read(self, fw: str) -> Reading: ...
+
+
+# A device's sensor, made from its own random generator (seeded with its id).
+SensorFactory = Callable[[random.Random], Sensor]
+
+
+class _Offline(Exception):
+    """A device leaves on its own for a while (an OfflinePolicy)."""
 
 
 @dataclass
@@ -92,6 +119,13 @@ class _Stats:
     readings: int = 0
     c2d_messages: int = 0
     method_calls: int = 0
+    on_acked: AckedReadings | None = None
+
+    def acked(self, device_id: str, readings: list[Reading]) -> None:
+        """The broker acknowledged these readings of the device."""
+        self.readings += len(readings)
+        if self.on_acked is not None:
+            self.on_acked(device_id, readings)
 
 
 class _SeenIds:
@@ -307,6 +341,8 @@ async def _device(
     stats: _Stats,
     key: str | None,
     fleet_updates: FleetUpdates | None = None,
+    offline: OfflinePolicy | None = None,
+    sensor: SensorFactory | None = None,
 ) -> None:
     status_topic = topic_for(device_id, STATUS)
     updates = (
@@ -327,7 +363,7 @@ async def _device(
         will=mqtt.Will(status_topic, STATUS_OFFLINE, qos=1, retain=True),
     )
     rng = random.Random(device_id)
-    sensors = _Sensors(rng)
+    sensors = (sensor or _Sensors)(rng)
 
     def fw() -> str:
         return updates.version if updates is not None else FIRMWARE_VERSION
@@ -387,10 +423,14 @@ async def _device(
                                 timeout=PUBLISH_TIMEOUT_SECONDS,
                             )
                             await _while_connected(client, publish)
-                            stats.readings += len(backlog)
+                            stats.acked(device_id, backlog)
                             backlog.clear()
                         next_tick += state.interval_seconds
+                        if offline is not None and rng.random() < offline.probability:
+                            raise _Offline
                         await _while_connected(client, stop.wait(), timeout=next_tick - loop.time())
+                    await _say_offline(client, status_topic)
+                except _Offline:
                     await _say_offline(client, status_topic)
                 except asyncio.CancelledError:
                     await _say_offline(client, status_topic)
@@ -404,8 +444,30 @@ async def _device(
         except (mqtt.MqttError, OSError) as exc:
             attempt += 1
             await _reconnect_later(stop, "device", device_id, connected, exc, attempt)
+            continue
+        if offline is not None and not stop.is_set():
+            await _stay_offline(offline, rng, state, stop, lambda: sensors.read(fw()), backlog)
     if updates is not None:
         updates.stop()
+
+
+async def _stay_offline(
+    policy: OfflinePolicy,
+    rng: random.Random,
+    state: _State,
+    stop: asyncio.Event,
+    read: Callable[[], Reading],
+    backlog: list[Reading],
+) -> None:
+    """Off the network for a while, still taking a reading each interval (the newest
+    MAX_BACKLOG_READINGS kept for the reconnect)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + rng.uniform(*policy.seconds)
+    while loop.time() < until:
+        if await _sleep_or_stop(stop, min(state.interval_seconds, until - loop.time())):
+            return
+        backlog.append(read())
+        del backlog[:-MAX_BACKLOG_READINGS]
 
 
 async def _report(stats: _Stats, devices: int) -> None:
@@ -483,12 +545,17 @@ async def run_fleet(
     stop: asyncio.Event | None = None,
     keys: Mapping[str, str] | None = None,
     updates: UpdatePolicy | None = None,
+    offline: OfflinePolicy | None = None,
+    on_acked: AckedReadings | None = None,
+    sensor: SensorFactory | None = None,
 ) -> None:
     """Run ``devices`` simulated devices until ``stop`` is set (or the task is cancelled).
 
     A device listed in ``keys`` logs in with its key, as the broker's auth plugin
     requires; the others with ``target``'s credentials. With ``updates``, the devices
-    take firmware rollouts (simulated_updates.py).
+    take firmware rollouts (simulated_updates.py); with ``offline``, they leave for a
+    while now and then and send their backlog when back; ``on_acked`` is told of every
+    reading the broker acknowledged.
 
     On stop every device publishes a retained ``offline`` and disconnects cleanly.
     """
@@ -497,7 +564,7 @@ async def run_fleet(
     if interval_seconds <= 0:
         raise ValueError("interval_seconds must be positive")
     stop = stop or asyncio.Event()
-    stats = _Stats()
+    stats = _Stats(on_acked=on_acked)
     ids = device_ids(devices, prefix)
     stagger = min(interval_seconds, MAX_STAGGER_SECONDS) / devices
     log.info(
@@ -510,7 +577,18 @@ async def run_fleet(
     )
     fleet_updates = FleetUpdates(updates) if updates is not None else None
     try:
-        await _run(ids, target, interval_seconds, stagger, stop, stats, keys, fleet_updates)
+        await _run(
+            ids,
+            target,
+            interval_seconds,
+            stagger,
+            stop,
+            stats,
+            keys,
+            fleet_updates,
+            offline,
+            sensor,
+        )
     finally:
         if fleet_updates is not None:
             await fleet_updates.aclose()
@@ -526,6 +604,8 @@ async def _run(
     stats: _Stats,
     keys: Mapping[str, str] | None,
     fleet_updates: FleetUpdates | None,
+    offline: OfflinePolicy | None,
+    sensor: SensorFactory | None,
 ) -> None:
     async with asyncio.TaskGroup() as tg:
         reporter = tg.create_task(_report(stats, len(ids)), name="simulator.report")
@@ -540,6 +620,8 @@ async def _run(
                     stats=stats,
                     key=(keys or {}).get(device_id),
                     fleet_updates=fleet_updates,
+                    offline=offline,
+                    sensor=sensor,
                 ),
                 name=f"simulator.device[{device_id}]",
             )

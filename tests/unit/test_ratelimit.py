@@ -40,3 +40,18 @@ def test_a_limiter_keyed_by_addresses_holds_a_bounded_number_of_buckets(
     assert limiter.take("10.9.9.9", now=0.0) is None
     assert limiter.take("10.9.9.9", now=0.0) is None
     assert limiter.take("10.9.9.9", now=0.0) == 1
+
+
+def test_a_refund_gives_back_what_was_taken_and_no_more() -> None:
+    limiter = KeyRateLimiter(1.0, 2)
+    assert limiter.take("a", now=0.0) is None
+    assert limiter.take("a", now=0.0) is None
+    assert limiter.take("a", now=0.0) == 1  # two attempts in flight spent the bucket
+    limiter.refund("a")  # one of them succeeded
+    assert limiter.take("a", now=0.0) is None
+    limiter.refund("a")
+    limiter.refund("a")
+    limiter.refund("a")  # never above the burst
+    assert [limiter.take("a", now=0.0) for _ in range(3)] == [None, None, 1]
+    limiter.refund("unknown")  # nothing to give back: nothing kept
+    assert "unknown" not in limiter._buckets  # noqa: SLF001

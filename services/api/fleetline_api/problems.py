@@ -86,7 +86,7 @@ def problem_response(
 # set to application/problem+json in the OpenAPI document by install()).
 RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "A parameter makes no sense (the detail says why)"},
-    503: {"model": Problem, "description": "The database did not answer in time"},
+    503: {"model": Problem, "description": "The database is unreachable or did not answer in time"},
     401: {"model": Problem, "description": "No or an invalid API key"},
     403: {"model": Problem, "description": "The key lacks the scope"},
     422: {"model": Problem, "description": "A parameter or the body is invalid"},
@@ -164,15 +164,23 @@ def install(app: FastAPI) -> None:
         return problem_response(request, 400, f"a value is out of range ({exc.sqlstate})")
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database timed out on %s %s: %r", request.method, request.url.path, exc)
+        log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
         return problem_response(
-            request, 503, "the database did not answer in time", headers={"Retry-After": "5"}
+            request,
+            503,
+            "the database is unreachable or did not answer in time",
+            headers={"Retry-After": "5"},
         )
 
     app.add_exception_handler(TimeoutError, unavailable)
     app.add_exception_handler(asyncpg.QueryCanceledError, unavailable)
     app.add_exception_handler(asyncpg.PostgresConnectionError, unavailable)
     app.add_exception_handler(asyncpg.InterfaceError, unavailable)
+    # A database that is down (a refused or reset connection while the pool reconnects)
+    # or shutting down, restarting or recovering from a crash (class 57: "the database
+    # system is shutting down", "terminating connection due to administrator command").
+    app.add_exception_handler(ConnectionError, unavailable)
+    app.add_exception_handler(asyncpg.exceptions.OperatorInterventionError, unavailable)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, _exc: Exception) -> JSONResponse:

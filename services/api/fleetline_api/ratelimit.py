@@ -54,6 +54,14 @@ class KeyRateLimiter:
         for key in full:
             del self._buckets[key]
 
+    def refund(self, key_id: str) -> None:
+        """Give back a token :meth:`take` took: for limits counted on failures, taken
+        before the work (so concurrent attempts cannot all pass one check) and returned
+        when the work succeeded."""
+        if key_id in self._buckets:
+            tokens, at = self._buckets[key_id]
+            self._buckets[key_id] = (min(self.burst, tokens + 1.0), at)
+
     def wait(self, key_id: str, now: float | None = None) -> int | None:
         """What :meth:`take` would answer, taking nothing: for limits counted on
         failures only (checked before the work, taken after a failure)."""

@@ -33,7 +33,7 @@ METHOD_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {
         "model": Problem,
         "description": "The API is not connected to the broker, has too many calls in "
-        "flight, or the database did not answer in time",
+        "flight, or the database is unreachable or did not answer in time",
     },
     504: {"model": Problem, "description": "The device did not answer within timeout_s"},
 }

@@ -64,7 +64,9 @@ async def provision(
         authorization[len(SCHEME) :] if authorization and authorization.startswith(SCHEME) else ""
     )
     address = request.client.host if request.client else ""
-    wait = provisioner.failures.wait(address)
+    # A failure is counted before the credentials are checked and given back when they
+    # pass: concurrent guesses cannot all pass one check.
+    wait = provisioner.failures.take(address)
     if wait is not None:
         raise HTTPException(
             429,
@@ -72,8 +74,9 @@ async def provision(
             headers={"Retry-After": str(wait)},
         )
     reason = await _refused(provisioner, body, token)
-    if reason is not None:
-        provisioner.failures.take(address)
+    if reason is None:
+        provisioner.failures.refund(address)
+    else:
         log.warning(
             "provisioning refused: %s",
             reason,

@@ -1,0 +1,293 @@
+"""The whole system under faults: the full stack on free ports (tests/chaos/cluster.py), a
+fleet of 510 devices in a process of its own (tests/chaos/fleet.py), an operator's REST
+traffic (workload.py), and every kind of fault at times drawn from a printed seed
+(faults.py); then the promises checked with exact counts (invariants.py) and a report.
+
+The short form (one round of faults, TimescaleDB) runs in `make test`; `make chaos` runs
+the long form. Settings, all optional:
+
+- FLEETLINE_CHAOS_SEED: replay a run (its report prints the seed);
+- FLEETLINE_CHAOS_ROUNDS: rounds of faults, each fault once per round (1);
+- FLEETLINE_CHAOS_BACKENDS: timescaledb, postgres or both, comma-separated (timescaledb).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from fleetline import apikeys, releases
+from fleetline_dev.embedded import EmbeddedError, ensure_timescaledb
+from fleetline_dev.simulated_gateways import gateway_ids, register_gateways
+from fleetline_dev.simulator import MODEL, device_ids, register_fleet
+from tests.chaos import invariants
+from tests.chaos.cluster import Cluster
+from tests.chaos.faults import Injector, schedule
+from tests.chaos.workload import METHOD_TIMEOUT_S, Api, Record, Workload
+from tests.support import DEVICE_KEY_SECRET, SUMMARY_PROPERTY, release_key_file, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SEED = int(os.environ.get("FLEETLINE_CHAOS_SEED") or secrets.randbits(32))
+ROUNDS = int(os.environ.get("FLEETLINE_CHAOS_ROUNDS") or 1)
+BACKENDS = (os.environ.get("FLEETLINE_CHAOS_BACKENDS") or "timescaledb").split(",")
+
+DIRECT, PROVISIONED, GATEWAYS, CHILDREN, ALARM = 400, 50, 5, 10, 5
+PREFIX = {"direct": "chaos-d-", "provisioned": "chaos-p-", "gateway": "chaos-gw-",
+          "alarm": "chaos-a-"}
+INTERVAL_S = 5.0
+# A device goes offline on about one reading in 300 (every 25 minutes on average), for
+# 5 to 30 s, and sends what it kept when back.
+OFFLINE_PROBABILITY = 1 / 300
+OFFLINE_SECONDS = (5.0, 30.0)
+PHASE_TIMEOUT_S = 60
+SETTLE_TIMEOUT_S = 240.0
+IMAGE_BYTES = 16 * 1024
+
+
+async def _db(url: str, query: str, *args: Any) -> list[Any]:
+    con = await asyncpg.connect(url)
+    try:
+        return list(await con.fetch(query, *args))
+    finally:
+        await con.close()
+
+
+def db(url: str, query: str, *args: Any) -> list[Any]:
+    return asyncio.run(_db(url, query, *args))
+
+
+async def _register(url: str) -> dict[str, Any]:
+    """The fleet's registry: keys for the direct, gateway and alarm devices (the alarm
+    devices tagged role=alarm, the rule's match), and an admin key."""
+    key_secret = DEVICE_KEY_SECRET.encode()
+    direct = await register_fleet(url, device_ids(DIRECT, PREFIX["direct"]), key_secret)
+    alarm_ids = device_ids(ALARM, PREFIX["alarm"])
+    con = await asyncpg.connect(url)
+    try:
+        await con.execute("INSERT INTO devices (id, tags) SELECT d, '{\"role\": \"alarm\"}' "
+                          "FROM unnest($1::text[]) d", alarm_ids)
+        admin = (await apikeys.create_key(con, name="chaos", scopes=["admin"])).token
+    finally:
+        await con.close()
+    alarm = await register_fleet(url, alarm_ids, key_secret)
+    gateways = await register_gateways(url, gateway_ids(GATEWAYS, PREFIX["gateway"]),
+                                       key_secret, children=CHILDREN)
+    return {"direct": direct, "alarm": alarm, "gateways": gateways, "admin": admin}
+
+
+def _release(api: Api) -> int:
+    image = os.urandom(IMAGE_BYTES)
+    made = api.request("POST", "/v1/firmware", json={
+        "version": "2.0.0", "target": MODEL, "kind": "image", "size": len(image),
+        "sha256": hashlib.sha256(image).hexdigest()})
+    assert made is not None and made.status_code == 201, made and made.text
+    fid = int(made.json()["id"])
+    done = api.request("PUT", f"/v1/firmware/{fid}/content", content=image, headers={
+        "Content-Range": f"bytes 0-{len(image) - 1}/{len(image)}",
+        "Content-Type": "application/octet-stream"})
+    assert done is not None and done.json().get("status") == "released", done and done.text
+    return fid
+
+
+def _setup_rest(api: Api) -> str:
+    """The enrollment group (its key) and the alarm rule."""
+    group = api.request("POST", "/v1/enrollments", json={
+        "id": "chaos-group", "kind": "group", "attestation": "symmetric_key",
+        "registration_pattern": f"{PREFIX['provisioned']}[0-9]+",
+        "initial_tags": {"source": "enrolled"}})
+    assert group is not None and group.status_code == 201, group and group.text
+    rule = api.request("POST", "/v1/rules", json={
+        "name": "chaos: hot", "match": {"tags": {"role": "alarm"}}, "metric": "temperature",
+        "raise": {"op": ">", "value": 50}, "clear": {"op": "<", "value": 30},
+        "severity": "major"})
+    assert rule is not None and rule.status_code == 201, rule and rule.text
+    key: str = group.json()["key"]
+    return key
+
+
+def _jobs(api: Api, fid: int) -> list[int]:
+    """A twin update of the gateways and their children, a method on the provisioned
+    devices, a rollout to the direct devices."""
+    bodies = [
+        {"type": "twin", "query": "tags.source = 'simulated-gateway'",
+         "patch": {"chaos_job": 1}, "batch_size": 10},
+        {"type": "method", "query": "tags.source = 'enrolled'",
+         "method": {"name": "ping", "params": {}, "timeout_s": METHOD_TIMEOUT_S},
+         "batch_size": 10},
+        {"type": "rollout", "query": "tags.source = 'simulator'", "firmware_id": fid,
+         "canary": 5, "wave_size": 100, "batch_size": 50, "failure_threshold_percent": 100,
+         "on_failure": "pause",
+         "timeouts": dict.fromkeys(("notified", "downloading", "verifying", "applying",
+                                    "rebooting"), PHASE_TIMEOUT_S)},
+    ]
+    ids = []
+    for body in bodies:
+        made = api.request("POST", "/v1/jobs", json=body)
+        assert made is not None and made.status_code in (201, 202), made and made.text
+        ids.append(int(made.json()["id"]))
+    return ids
+
+
+def _finals(url: str, c2d_ids: list[str], job_ids: list[int]) -> dict[str, Any]:
+    c2d = Counter(r["state"] for r in db(
+        url, "SELECT state FROM c2d_messages WHERE id = ANY($1::uuid[])", c2d_ids))
+    jobs = Counter(r["state"] for r in db(url, "SELECT state FROM jobs WHERE id = ANY($1)",
+                                          job_ids))
+    devices = Counter(f"{r['type']} {r['state']}" for r in db(
+        url, "SELECT j.type, d.state FROM job_devices d JOIN jobs j ON j.id = d.job_id "
+        "WHERE d.job_id = ANY($1)", job_ids))
+    return {"c2d": dict(c2d), "jobs": dict(jobs), "job_devices": dict(devices)}
+
+
+def _all_final(f: dict[str, Any]) -> bool:
+    return (not set(f["c2d"]) & {"queued", "sent"}
+            and not set(f["jobs"]) & {"queued", "running", "paused"}
+            and not any(k.endswith((" pending", " running")) for k in f["job_devices"]))
+
+
+@pytest.fixture(params=BACKENDS)
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, artifacts: Path
+            ) -> Any:
+    timescale = request.param == "timescaledb"
+    if timescale:
+        try:
+            ensure_timescaledb()
+        except EmbeddedError as exc:
+            pytest.fail(f"TimescaleDB could not be built: {exc}", pytrace=False)
+    logs = artifacts / f"chaos-{request.param}"
+    logs.mkdir(parents=True, exist_ok=True)
+    c = Cluster(tmp_path, logs, timescaledb=timescale)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+# About 2 minutes a round of faults, and the settling after them.
+@pytest.mark.timeout(300 + 240 * ROUNDS)
+def test_the_whole_system_keeps_its_promises_through_faults(
+    cluster: Cluster, tmp_path: Path, record_property: Any,
+) -> None:
+    backend = "TimescaleDB" if cluster.timescaledb else "PostgreSQL"
+    say = print
+    say(f"\nchaos: seed {SEED} ({backend}); replay with FLEETLINE_CHAOS_SEED={SEED}")
+    faults = schedule(SEED, ROUNDS)
+    for f in faults:
+        say(f"  planned t={f.at:6.1f} s  {f.describe()}")
+    registry = asyncio.run(_register(cluster.url))
+    record = Record()
+    api = Api([a.url for a in cluster.apis], registry["admin"], record)
+    fid = _release(api)
+    group_key = _setup_rest(api)
+    ledger = tmp_path / "ledger.json"
+    spec = tmp_path / "fleet.json"
+    assert cluster.broker is not None
+    spec.write_text(json.dumps({
+        "mqtt_url": cluster.broker.tls_url, "ca_file": str(cluster.tls.ca_cert),
+        "interval_s": INTERVAL_S, "offline_probability": OFFLINE_PROBABILITY,
+        "offline_seconds": OFFLINE_SECONDS,
+        "release_key": releases.public_point(releases.load_key(release_key_file())).hex(),
+        "direct_prefix": PREFIX["direct"], "direct_keys": registry["direct"],
+        "provisioned": PROVISIONED, "provisioned_prefix": PREFIX["provisioned"],
+        "enrollment": "chaos-group", "group_key": group_key,
+        "provision_urls": [cluster.api_device_url(i) for i in range(len(cluster.apis))],
+        "gateway_prefix": PREFIX["gateway"], "gateway_keys": registry["gateways"],
+        "children": CHILDREN, "alarm_prefix": PREFIX["alarm"], "alarm_keys": registry["alarm"],
+        "ledger": str(ledger)}))
+    fleet_log = (cluster.log_dir / "fleet.log").open("ab")
+    fleet = subprocess.Popen([sys.executable, "-m", "tests.chaos.fleet", str(spec)],
+                             stdout=fleet_log, stderr=subprocess.STDOUT)
+    total = DIRECT + PROVISIONED + GATEWAYS * (CHILDREN + 1) + ALARM
+    try:
+        wait_until(lambda: db(cluster.url, "SELECT count(*) AS n FROM device_status "
+                              "WHERE online AND device_id LIKE 'chaos-%'")[0]["n"] >= total,
+                   timeout=180, interval=1, what=f"{total} devices online")
+        say(f"chaos: {total} devices online")
+        job_ids = _jobs(api, fid)
+        children = [c for g in gateway_ids(GATEWAYS, PREFIX["gateway"])
+                    for c in device_ids(CHILDREN, f"{g}-c")]
+        targets = (device_ids(DIRECT, PREFIX["direct"])
+                   + device_ids(PROVISIONED, PREFIX["provisioned"]) + children)
+        workload = Workload(api, targets, SEED)
+        injector = Injector(cluster, faults, lambda line: say(f"chaos: {line}"))
+        t0 = time.time()
+        workload.start()
+        injector.start()
+        injector.join()
+        workload.stop()
+        assert injector.error is None, f"a fault could not be injected: {injector.error!r}"
+        assert workload.error is None, f"the workload failed: {workload.error!r}"
+        cluster.wait_ready()
+        say("chaos: faults over, every service ready; waiting for the work to end")
+        finals = wait_until(
+            lambda: (lambda f: f if _all_final(f) else None)(
+                _finals(cluster.url, list(record.c2d_ids), job_ids)),
+            timeout=SETTLE_TIMEOUT_S, interval=2,
+            what="every message, job and rollout device in a final state")
+    finally:
+        fleet.send_signal(signal.SIGTERM)
+        try:
+            fleet.wait(90)
+        except subprocess.TimeoutExpired:
+            fleet.kill()
+        fleet_log.close()
+        api.close()
+    assert fleet.returncode == 0, f"the fleet exited with {fleet.returncode} (fleet.log)"
+    out = json.loads(ledger.read_text())
+    acked: dict[str, list[list[Any]]] = out["acked"]
+    want = sum(len(v) for v in acked.values())
+    query = ("SELECT device_id, time, value FROM readings WHERE metric = 'temperature' "
+             "AND device_id LIKE 'chaos-%'")
+
+    def settled() -> list[Any] | None:
+        rows = db(cluster.url, query)
+        return rows if len(rows) >= want else None
+
+    try:
+        rows = wait_until(settled, timeout=60, interval=1, what="ingest to store the rest")
+    except AssertionError:
+        rows = db(cluster.url, query)
+    telemetry = invariants.check_telemetry(acked, rows, faults)
+    alarm_rows = db(cluster.url, "SELECT device_id, state FROM rule_alarms")
+    alarms = invariants.check_alarms(acked, PREFIX["alarm"], alarm_rows)
+    finals["rollout"] = {k.split()[1]: n for k, n in finals["job_devices"].items()
+                         if k.startswith("rollout")}
+    finals["method_timeout"] = METHOD_TIMEOUT_S
+    wrong_5xx = invariants.check_answers(record, faults)
+    text = invariants.report(
+        seed=SEED, backend=backend,
+        devices={"direct": DIRECT, "provisioned": PROVISIONED, "gateways": GATEWAYS,
+                 "children": GATEWAYS * CHILDREN, "alarm": ALARM},
+        faults=faults, t0=t0, telemetry=telemetry, alarms=alarms, record=record,
+        samples=cluster.samples, finals=finals,
+        provision=dict(Counter(out["provision_statuses"])))
+    say(text)
+    (cluster.log_dir / "report.txt").write_text(text + "\n")
+    for line in text.splitlines():
+        record_property(SUMMARY_PROPERTY, ("chaos", line))
+
+    assert not telemetry.lost, f"acknowledged readings lost: {telemetry.lost[:10]}"
+    assert telemetry.stored + telemetry.lost_in_crash == telemetry.acked
+    assert telemetry.duplicates == 0 and telemetry.wrong_value == 0
+    assert not alarms.wrong, alarms.wrong
+    slow = [a for a in record.methods if a.seconds > METHOD_TIMEOUT_S + 2]
+    assert not slow, [f"{a.status} after {a.seconds:.1f} s" for a in slow]
+    assert not wrong_5xx, wrong_5xx
+    for name, peak in cluster.samples.peak_rss.items():
+        limit = invariants.MAX_RSS_MB[name.split("-")[0]]
+        assert peak < limit * 2**20, f"{name} reached {peak / 2**20:.0f} MB (limit {limit})"
