@@ -61,8 +61,8 @@ from fleetline_dev.simulator import (
     MAX_STAGGER_SECONDS,
     PUBLISH_TIMEOUT_SECONDS,
     REPORT_INTERVAL_SECONDS,
-    AckedReadings,
     Reading,
+    ReadingLog,
     _answer_method,
     _apply_desired,
     _reconnect_later,
@@ -273,6 +273,7 @@ async def _child_readings(
         child.backlog.append(child.sensors.read(FIRMWARE_VERSION))
         del child.backlog[:-MAX_BACKLOG_READINGS]
         batch = list(child.backlog)
+        stats.publishing(child.id, batch)
         try:
             await _publish(client, child.id, TELEMETRY, orjson.dumps(batch))
         except mqtt.MqttError as exc:
@@ -438,12 +439,12 @@ async def run_gateways(
     prefix: str = "sim-gw-",
     stop: asyncio.Event | None = None,
     keys: Mapping[str, str] | None = None,
-    on_acked: AckedReadings | None = None,
+    reading_log: ReadingLog | None = None,
 ) -> None:
     """Run ``gateways`` simulated gateways with ``children`` children each until ``stop``
     is set (or the task is cancelled); each child takes a reading every
-    ``interval_seconds``; ``on_acked`` is told of every child's reading the broker
-    acknowledged.
+    ``interval_seconds``; ``reading_log`` is told of every child's reading published
+    and acknowledged.
 
     A gateway listed in ``keys`` logs in with its key, as the broker's auth plugin
     requires (:func:`register_gateways` registers them); the others with ``target``'s
@@ -457,7 +458,7 @@ async def run_gateways(
     if interval_seconds <= 0:
         raise ValueError("interval_seconds must be positive")
     stop = stop or asyncio.Event()
-    stats = _Stats(on_acked=on_acked)
+    stats = _Stats(log=reading_log)
     ids = gateway_ids(gateways, prefix)
     stagger = min(interval_seconds, MAX_STAGGER_SECONDS) / gateways
     log.info(

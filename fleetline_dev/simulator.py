@@ -77,9 +77,16 @@ MIN_INTERVAL_S = 0.1
 MAX_INTERVAL_S = 3600.0
 
 Reading = dict[str, Any]
-# Told of each device's readings once the broker acknowledged them (device id, readings):
-# the whole-system tests keep each device's own log of what it may expect stored.
-AckedReadings = Callable[[str, list[Reading]], None]
+
+
+class ReadingLog(Protocol):
+    """Told of each device's readings as they are published (again, after a failed
+    publish) and once the broker acknowledged them: the whole-system tests keep each
+    device's own log of what it may expect stored."""
+
+    def published(self, device_id: str, readings: list[Reading]) -> None: ...
+
+    def acked(self, device_id: str, readings: list[Reading]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -119,13 +126,17 @@ class _Stats:
     readings: int = 0
     c2d_messages: int = 0
     method_calls: int = 0
-    on_acked: AckedReadings | None = None
+    log: ReadingLog | None = None
+
+    def publishing(self, device_id: str, readings: list[Reading]) -> None:
+        if self.log is not None:
+            self.log.published(device_id, readings)
 
     def acked(self, device_id: str, readings: list[Reading]) -> None:
         """The broker acknowledged these readings of the device."""
         self.readings += len(readings)
-        if self.on_acked is not None:
-            self.on_acked(device_id, readings)
+        if self.log is not None:
+            self.log.acked(device_id, readings)
 
 
 class _SeenIds:
@@ -416,6 +427,7 @@ async def _device(
                             hold -= 1
                         if hold == 0:
                             payload = backlog[0] if len(backlog) == 1 else backlog
+                            stats.publishing(device_id, backlog)
                             publish = client.publish(
                                 telemetry_topic,
                                 orjson.dumps(payload),
@@ -546,7 +558,7 @@ async def run_fleet(
     keys: Mapping[str, str] | None = None,
     updates: UpdatePolicy | None = None,
     offline: OfflinePolicy | None = None,
-    on_acked: AckedReadings | None = None,
+    reading_log: ReadingLog | None = None,
     sensor: SensorFactory | None = None,
 ) -> None:
     """Run ``devices`` simulated devices until ``stop`` is set (or the task is cancelled).
@@ -564,7 +576,7 @@ async def run_fleet(
     if interval_seconds <= 0:
         raise ValueError("interval_seconds must be positive")
     stop = stop or asyncio.Event()
-    stats = _Stats(on_acked=on_acked)
+    stats = _Stats(log=reading_log)
     ids = device_ids(devices, prefix)
     stagger = min(interval_seconds, MAX_STAGGER_SECONDS) / devices
     log.info(

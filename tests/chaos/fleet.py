@@ -60,15 +60,22 @@ class AlarmSensor:
 
 
 class Ledger:
-    """Each device's acknowledged readings: (ts, temperature, when the ack came)."""
+    """Each device's acknowledged readings: (ts, temperature, when the ack came); and how
+    many readings were published (with re-sends) and how many of them were distinct."""
 
     def __init__(self) -> None:
-        self.acked: dict[str, list[tuple[str, Any, float]]] = defaultdict(list)
+        self.acked_readings: dict[str, list[tuple[str, Any, float]]] = defaultdict(list)
+        self.publishes = 0
+        self.distinct: set[tuple[str, str]] = set()
 
-    def add(self, device_id: str, readings: list[Reading]) -> None:
+    def published(self, device_id: str, readings: list[Reading]) -> None:
+        self.publishes += len(readings)
+        self.distinct.update((device_id, r["ts"]) for r in readings)
+
+    def acked(self, device_id: str, readings: list[Reading]) -> None:
         now = time.time()
         for r in readings:
-            self.acked[device_id].append((r["ts"], r["values"].get("temperature"), now))
+            self.acked_readings[device_id].append((r["ts"], r["values"].get("temperature"), now))
 
 
 async def provision(spec: dict[str, Any], statuses: list[int]) -> dict[str, str]:
@@ -116,19 +123,20 @@ async def run(spec: dict[str, Any], stop: asyncio.Event) -> None:
         await asyncio.gather(
             run_fleet(target, devices=len(spec["direct_keys"]), interval_seconds=interval,
                       prefix=spec["direct_prefix"], stop=stop, keys=spec["direct_keys"],
-                      updates=updates, offline=offline, on_acked=ledger.add),
+                      updates=updates, offline=offline, reading_log=ledger),
             run_fleet(target, devices=len(provisioned), interval_seconds=interval,
                       prefix=spec["provisioned_prefix"], stop=stop, keys=provisioned,
-                      offline=offline, on_acked=ledger.add),
+                      offline=offline, reading_log=ledger),
             run_gateways(target, gateways=len(spec["gateway_keys"]), children=spec["children"],
                          interval_seconds=interval, prefix=spec["gateway_prefix"], stop=stop,
-                         keys=spec["gateway_keys"], on_acked=ledger.add),
+                         keys=spec["gateway_keys"], reading_log=ledger),
             run_fleet(target, devices=len(spec["alarm_keys"]), interval_seconds=1.0,
                       prefix=spec["alarm_prefix"], stop=stop, keys=spec["alarm_keys"],
-                      on_acked=ledger.add, sensor=AlarmSensor),
+                      reading_log=ledger, sensor=AlarmSensor),
         )
     finally:
-        out = {"acked": ledger.acked, "provision_statuses": statuses}
+        out = {"acked": ledger.acked_readings, "publishes": ledger.publishes,
+               "published": len(ledger.distinct), "provision_statuses": statuses}
         Path(spec["ledger"]).write_text(json.dumps(out))
 
 

@@ -130,7 +130,8 @@ def check_answers(record: Record, faults: list[Fault]) -> list[str]:
 
 def report(*, seed: int, backend: str, devices: dict[str, int], faults: list[Fault],
            t0: float, telemetry: Telemetry, alarms: Alarms, record: Record,
-           samples: Any, finals: dict[str, Any], provision: dict[int, int]) -> str:
+           samples: Any, finals: dict[str, Any], provision: dict[int, int],
+           published: tuple[int, int]) -> str:
     lines = [f"chaos run: seed {seed}, {backend}; replay with FLEETLINE_CHAOS_SEED={seed}",
              "devices: " + ", ".join(f"{n} {k}" for k, n in devices.items())
              + f" ({sum(devices.values())} in all)",
@@ -139,7 +140,8 @@ def report(*, seed: int, backend: str, devices: dict[str, int], faults: list[Fau
         took = (f.ended or 0) - (f.started or 0)
         lines.append(f"  t={(f.started or t0) - t0:6.1f} s  {f.describe()}  ({took:.1f} s)")
     lines += [
-        f"readings: {telemetry.acked} acknowledged to devices, {telemetry.stored} of them "
+        f"readings: {published[0]} published ({published[1]} with re-sends), "
+        f"{telemetry.acked} acknowledged to devices, {telemetry.stored} of them "
         f"stored, {telemetry.stored_rows} temperature rows in all, {telemetry.duplicates} "
         f"duplicates, {telemetry.wrong_value} with another value; lost in a broker crash "
         f"(acknowledged in the {autosave_seconds():g} s before it): {telemetry.lost_in_crash};"
@@ -149,6 +151,7 @@ def report(*, seed: int, backend: str, devices: dict[str, int], faults: list[Fau
         f"cloud-to-device messages: {finals['c2d']}",
         f"jobs: {finals['jobs']}",
         f"rollout devices: {finals['rollout']}",
+        f"job devices that failed, by reason: {finals['failed']}",
         f"method calls: {len(record.methods)}, the longest answered in "
         f"{max((a.seconds for a in record.methods), default=0):.2f} s "
         f"(timeout {finals['method_timeout']} s)",

@@ -150,7 +150,11 @@ def _finals(url: str, c2d_ids: list[str], job_ids: list[int]) -> dict[str, Any]:
     devices = Counter(f"{r['type']} {r['state']}" for r in db(
         url, "SELECT j.type, d.state FROM job_devices d JOIN jobs j ON j.id = d.job_id "
         "WHERE d.job_id = ANY($1)", job_ids))
-    return {"c2d": dict(c2d), "jobs": dict(jobs), "job_devices": dict(devices)}
+    reasons = Counter(f"{r['type']}: {r['reason']}" for r in db(
+        url, "SELECT j.type, d.reason FROM job_devices d JOIN jobs j ON j.id = d.job_id "
+        "WHERE d.job_id = ANY($1) AND d.state = 'failed'", job_ids))
+    return {"c2d": dict(c2d), "jobs": dict(jobs), "job_devices": dict(devices),
+            "failed": dict(reasons)}
 
 
 def _all_final(f: dict[str, Any]) -> bool:
@@ -234,11 +238,11 @@ def test_the_whole_system_keeps_its_promises_through_faults(
         assert workload.error is None, f"the workload failed: {workload.error!r}"
         cluster.wait_ready()
         say("chaos: faults over, every service ready; waiting for the work to end")
-        finals = wait_until(
-            lambda: (lambda f: f if _all_final(f) else None)(
-                _finals(cluster.url, list(record.c2d_ids), job_ids)),
-            timeout=SETTLE_TIMEOUT_S, interval=2,
-            what="every message, job and rollout device in a final state")
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        finals = _finals(cluster.url, list(record.c2d_ids), job_ids)
+        while not _all_final(finals) and time.monotonic() < deadline:
+            time.sleep(2)
+            finals = _finals(cluster.url, list(record.c2d_ids), job_ids)
     finally:
         fleet.send_signal(signal.SIGTERM)
         try:
@@ -275,12 +279,14 @@ def test_the_whole_system_keeps_its_promises_through_faults(
                  "children": GATEWAYS * CHILDREN, "alarm": ALARM},
         faults=faults, t0=t0, telemetry=telemetry, alarms=alarms, record=record,
         samples=cluster.samples, finals=finals,
-        provision=dict(Counter(out["provision_statuses"])))
+        provision=dict(Counter(out["provision_statuses"])),
+        published=(out["published"], out["publishes"]))
     say(text)
     (cluster.log_dir / "report.txt").write_text(text + "\n")
     for line in text.splitlines():
         record_property(SUMMARY_PROPERTY, ("chaos", line))
 
+    assert _all_final(finals), f"not ended {SETTLE_TIMEOUT_S:g} s after the faults: {finals}"
     assert not telemetry.lost, f"acknowledged readings lost: {telemetry.lost[:10]}"
     assert telemetry.stored + telemetry.lost_in_crash == telemetry.acked
     assert telemetry.duplicates == 0 and telemetry.wrong_value == 0
