@@ -4,7 +4,9 @@ Each device is its own MQTT connection (client id = device id, QoS 1): a retaine
 ``offline`` Last Will and a retained ``online`` birth message on ``devices/{id}/status``,
 then one reading per interval on ``devices/{id}/telemetry``. Now and then a device holds
 a few readings back and sends them as one JSON array, the way devices send a backlog;
-readings whose publish failed are sent that way after the reconnect.
+readings whose publish failed are sent that way after the reconnect. With an
+OfflinePolicy devices also leave for a while (a clean goodbye) and send what they read
+meanwhile when back.
 
 From the cloud: each device subscribes to its ``c2d``, ``twin/desired`` and
 ``methods/+/req`` topics before it announces itself ``online`` (the API sends queued
@@ -566,8 +568,9 @@ async def run_fleet(
     A device listed in ``keys`` logs in with its key, as the broker's auth plugin
     requires; the others with ``target``'s credentials. With ``updates``, the devices
     take firmware rollouts (simulated_updates.py); with ``offline``, they leave for a
-    while now and then and send their backlog when back; ``on_acked`` is told of every
-    reading the broker acknowledged.
+    while now and then and send their backlog when back. ``reading_log`` is told of every
+    reading published and acknowledged; ``sensor`` makes what the devices read
+    (temperature, humidity, a door and the firmware version by default).
 
     On stop every device publishes a retained ``offline`` and disconnects cleanly.
     """

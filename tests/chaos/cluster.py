@@ -43,8 +43,8 @@ STORE_TOPIC = "$SYS/broker/store/messages/count"
 
 @dataclass
 class Samples:
-    """Peak and last RSS per service (bytes, over its restarts), the broker's message
-    store (max), and one row per sample for the report."""
+    """RSS per service and the broker (bytes, over their restarts: peak, and one row per
+    sample) and the broker's message store (peak, and one row per sample)."""
 
     peak_rss: dict[str, int] = field(default_factory=dict)
     rss: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
@@ -152,12 +152,13 @@ class Cluster:
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
             now = time.time()
-            for name, service in self.services().items():
-                proc = service.proc
-                if proc is None or proc.poll() is not None:
-                    continue
+            running = {n: s.proc.pid for n, s in self.services().items()
+                       if s.proc is not None and s.proc.poll() is None}
+            if self.broker is not None and self.broker.pid is not None:
+                running["mosquitto"] = self.broker.pid
+            for name, pid in running.items():
                 with contextlib.suppress(psutil.Error):
-                    rss = int(psutil.Process(proc.pid).memory_info().rss)
+                    rss = int(psutil.Process(pid).memory_info().rss)
                     self.samples.rss.setdefault(name, []).append((now, rss))
                     self.samples.peak_rss[name] = max(self.samples.peak_rss.get(name, 0), rss)
 
@@ -168,22 +169,15 @@ class Cluster:
         time.sleep(1)
         service.start()
 
-    def restart_broker(self, *, crash: bool) -> None:
-        assert self.broker is not None
+    @staticmethod
+    def restart(server: LocalMosquitto | LocalPostgres, *, crash: bool) -> None:
+        """Stop the server (its own way, or SIGKILL to every process of it), start it."""
         if crash:
-            self.broker.kill()
+            server.kill()
             time.sleep(1)
         else:
-            self.broker.stop()
-        self.broker.start()
-
-    def restart_database(self, *, crash: bool) -> None:
-        if crash:
-            self.pg.kill()
-            time.sleep(1)
-        else:
-            self.pg.stop()
-        self.pg.start()
+            server.stop()
+        server.start()
 
     def pause_database(self, seconds: float) -> None:
         pid = self.pg.pid

@@ -70,14 +70,16 @@ def schedule(seed: int, rounds: int) -> list[Fault]:
 
 def inject(cluster: Cluster, fault: Fault) -> None:
     p = fault.params
+    broker = cluster.broker
+    assert broker is not None
     actions: dict[str, Callable[[], None]] = {
         "kill -9 ingest": lambda: cluster.kill_service(cluster.services()["ingest"]),
         "kill -9 api": lambda: cluster.kill_service(cluster.apis[p.get("api", 0)]),
         "kill -9 rules": lambda: cluster.kill_service(cluster.services()["rules"]),
-        "broker restart": lambda: cluster.restart_broker(crash=False),
-        "broker kill -9": lambda: cluster.restart_broker(crash=True),
-        "database restart": lambda: cluster.restart_database(crash=False),
-        "database kill -9": lambda: cluster.restart_database(crash=True),
+        "broker restart": lambda: cluster.restart(broker, crash=False),
+        "broker kill -9": lambda: cluster.restart(broker, crash=True),
+        "database restart": lambda: cluster.restart(cluster.pg, crash=False),
+        "database kill -9": lambda: cluster.restart(cluster.pg, crash=True),
         "database paused": lambda: cluster.pause_database(p.get("seconds", PAUSE_SECONDS)),
         "relay cut": lambda: cluster.cut_relay(p.get("seconds", 3.0),
                                                silent=p.get("silent", False)),

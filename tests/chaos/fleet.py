@@ -67,12 +67,17 @@ class Ledger:
         self.acked_readings: dict[str, list[tuple[str, Any, float]]] = defaultdict(list)
         self.publishes = 0
         self.distinct: set[tuple[str, str]] = set()
+        self.batches = 0  # acknowledged batches of several readings (a backlog sent)
+        self.largest = 0
 
     def published(self, device_id: str, readings: list[Reading]) -> None:
         self.publishes += len(readings)
         self.distinct.update((device_id, r["ts"]) for r in readings)
 
     def acked(self, device_id: str, readings: list[Reading]) -> None:
+        if len(readings) > 1:
+            self.batches += 1
+            self.largest = max(self.largest, len(readings))
         now = time.time()
         for r in readings:
             self.acked_readings[device_id].append((r["ts"], r["values"].get("temperature"), now))
@@ -136,7 +141,8 @@ async def run(spec: dict[str, Any], stop: asyncio.Event) -> None:
         )
     finally:
         out = {"acked": ledger.acked_readings, "publishes": ledger.publishes,
-               "published": len(ledger.distinct), "provision_statuses": statuses}
+               "published": len(ledger.distinct), "batches": ledger.batches,
+               "largest_batch": ledger.largest, "provision_statuses": statuses}
         Path(spec["ledger"]).write_text(json.dumps(out))
 
 

@@ -131,7 +131,7 @@ def check_answers(record: Record, faults: list[Fault]) -> list[str]:
 def report(*, seed: int, backend: str, devices: dict[str, int], faults: list[Fault],
            t0: float, telemetry: Telemetry, alarms: Alarms, record: Record,
            samples: Any, finals: dict[str, Any], provision: dict[int, int],
-           published: tuple[int, int]) -> str:
+           published: tuple[int, int], batches: tuple[int, int]) -> str:
     lines = [f"chaos run: seed {seed}, {backend}; replay with FLEETLINE_CHAOS_SEED={seed}",
              "devices: " + ", ".join(f"{n} {k}" for k, n in devices.items())
              + f" ({sum(devices.values())} in all)",
@@ -146,6 +146,8 @@ def report(*, seed: int, backend: str, devices: dict[str, int], faults: list[Fau
         f"duplicates, {telemetry.wrong_value} with another value; lost in a broker crash "
         f"(acknowledged in the {autosave_seconds():g} s before it): {telemetry.lost_in_crash};"
         f" lost otherwise: {len(telemetry.lost)}",
+        f"backlogs: {batches[0]} batches of several readings acknowledged, the largest "
+        f"{batches[1]} readings",
         f"alarms: {alarms.spells} hot spells, {alarms.raised} alarms raised, "
         f"{alarms.cleared} cleared ({alarms.ended} spells ended)",
         f"cloud-to-device messages: {finals['c2d']}",

@@ -150,8 +150,8 @@ def _finals(url: str, c2d_ids: list[str], job_ids: list[int]) -> dict[str, Any]:
     devices = Counter(f"{r['type']} {r['state']}" for r in db(
         url, "SELECT j.type, d.state FROM job_devices d JOIN jobs j ON j.id = d.job_id "
         "WHERE d.job_id = ANY($1)", job_ids))
-    reasons = Counter(f"{r['type']}: {r['reason']}" for r in db(
-        url, "SELECT j.type, d.reason FROM job_devices d JOIN jobs j ON j.id = d.job_id "
+    reasons = Counter(f"{r['type']}: {r['reason']} ({(r['error'] or '')[:100]})" for r in db(
+        url, "SELECT j.type, d.reason, d.error FROM job_devices d JOIN jobs j ON j.id = d.job_id "
         "WHERE d.job_id = ANY($1) AND d.state = 'failed'", job_ids))
     return {"c2d": dict(c2d), "jobs": dict(jobs), "job_devices": dict(devices),
             "failed": dict(reasons)}
@@ -161,6 +161,28 @@ def _all_final(f: dict[str, Any]) -> bool:
     return (not set(f["c2d"]) & {"queued", "sent"}
             and not set(f["jobs"]) & {"queued", "running", "paused"}
             and not any(k.endswith((" pending", " running")) for k in f["job_devices"]))
+
+
+def _fleet_spec(cluster: Cluster, registry: dict[str, Any], group_key: str,
+                ledger: Path) -> Path:
+    """What the fleet's process is told (with the devices' keys: readable by its owner
+    only)."""
+    assert cluster.broker is not None
+    spec = cluster.root / "fleet.json"
+    spec.touch(mode=0o600)
+    spec.write_text(json.dumps({
+        "mqtt_url": cluster.broker.tls_url, "ca_file": str(cluster.tls.ca_cert),
+        "interval_s": INTERVAL_S, "offline_probability": OFFLINE_PROBABILITY,
+        "offline_seconds": OFFLINE_SECONDS,
+        "release_key": releases.public_point(releases.load_key(release_key_file())).hex(),
+        "direct_prefix": PREFIX["direct"], "direct_keys": registry["direct"],
+        "provisioned": PROVISIONED, "provisioned_prefix": PREFIX["provisioned"],
+        "enrollment": "chaos-group", "group_key": group_key,
+        "provision_urls": [cluster.api_device_url(i) for i in range(len(cluster.apis))],
+        "gateway_prefix": PREFIX["gateway"], "gateway_keys": registry["gateways"],
+        "children": CHILDREN, "alarm_prefix": PREFIX["alarm"], "alarm_keys": registry["alarm"],
+        "ledger": str(ledger)}))
+    return spec
 
 
 @pytest.fixture(params=BACKENDS)
@@ -199,20 +221,7 @@ def test_the_whole_system_keeps_its_promises_through_faults(
     fid = _release(api)
     group_key = _setup_rest(api)
     ledger = tmp_path / "ledger.json"
-    spec = tmp_path / "fleet.json"
-    assert cluster.broker is not None
-    spec.write_text(json.dumps({
-        "mqtt_url": cluster.broker.tls_url, "ca_file": str(cluster.tls.ca_cert),
-        "interval_s": INTERVAL_S, "offline_probability": OFFLINE_PROBABILITY,
-        "offline_seconds": OFFLINE_SECONDS,
-        "release_key": releases.public_point(releases.load_key(release_key_file())).hex(),
-        "direct_prefix": PREFIX["direct"], "direct_keys": registry["direct"],
-        "provisioned": PROVISIONED, "provisioned_prefix": PREFIX["provisioned"],
-        "enrollment": "chaos-group", "group_key": group_key,
-        "provision_urls": [cluster.api_device_url(i) for i in range(len(cluster.apis))],
-        "gateway_prefix": PREFIX["gateway"], "gateway_keys": registry["gateways"],
-        "children": CHILDREN, "alarm_prefix": PREFIX["alarm"], "alarm_keys": registry["alarm"],
-        "ledger": str(ledger)}))
+    spec = _fleet_spec(cluster, registry, group_key, ledger)
     fleet_log = (cluster.log_dir / "fleet.log").open("ab")
     fleet = subprocess.Popen([sys.executable, "-m", "tests.chaos.fleet", str(spec)],
                              stdout=fleet_log, stderr=subprocess.STDOUT)
@@ -280,7 +289,8 @@ def test_the_whole_system_keeps_its_promises_through_faults(
         faults=faults, t0=t0, telemetry=telemetry, alarms=alarms, record=record,
         samples=cluster.samples, finals=finals,
         provision=dict(Counter(out["provision_statuses"])),
-        published=(out["published"], out["publishes"]))
+        published=(out["published"], out["publishes"]),
+        batches=(out["batches"], out["largest_batch"]))
     say(text)
     (cluster.log_dir / "report.txt").write_text(text + "\n")
     for line in text.splitlines():
@@ -295,5 +305,7 @@ def test_the_whole_system_keeps_its_promises_through_faults(
     assert not slow, [f"{a.status} after {a.seconds:.1f} s" for a in slow]
     assert not wrong_5xx, wrong_5xx
     for name, peak in cluster.samples.peak_rss.items():
-        limit = invariants.MAX_RSS_MB[name.split("-")[0]]
+        limit = invariants.MAX_RSS_MB.get(name.split("-")[0])
+        if limit is None:  # the broker: reported, not a service of fleetline's
+            continue
         assert peak < limit * 2**20, f"{name} reached {peak / 2**20:.0f} MB (limit {limit})"
