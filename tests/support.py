@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -15,13 +16,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
 import asyncpg
 import orjson
 import paho.mqtt.client as mqtt
+import psutil
 
 from fleetline_dev.embedded import free_port
 
@@ -306,6 +308,23 @@ async def full_notify_queue(
         await db.execute(f"DROP TRIGGER {trigger} ON {table}; DROP FUNCTION {fn}()")
 
     return undo
+
+
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """A server frozen as a stalled host would be: SIGSTOP to the process and all its
+    children (PostgreSQL's backends) for the block, then SIGCONT."""
+    root = psutil.Process(pid)
+    tree = [root, *root.children(recursive=True)]
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGCONT)
 
 
 class TcpProxy:

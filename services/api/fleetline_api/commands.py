@@ -28,6 +28,7 @@ from prometheus_client import Counter, Histogram
 from fleetline import mqtt, protocol
 from fleetline_api.queries import commands as sql
 from fleetline_api.schemas.methods import encode_params, params_problem, parse_answer
+from fleetline_api.waits import within
 from fleetline_api.workers.broker import (
     BrokerLink,
     BrokerUnavailableError,
@@ -120,6 +121,11 @@ class OverloadedError(CommandError):
     reason = "overloaded"
 
 
+class DatabaseSlowError(CommandError):
+    status = 503
+    reason = "database"
+
+
 class NoAnswerError(CommandError):
     status = 504
     reason = "timeout"
@@ -161,7 +167,18 @@ async def invoke_method(
     if problem:
         CALLS.labels("invalid").inc()
         raise InvalidParamsError(problem)
-    exists = await pool.fetchrow(sql.DEVICE_ONLINE, device_id, module_id)
+    # The call's timeout bounds the whole call: a database that does not answer (paused,
+    # failing over) does not hold the caller beyond it.
+    deadline = time.monotonic() + timeout_s
+    try:
+        exists = await within(timeout_s, pool.fetchrow(sql.DEVICE_ONLINE, device_id, module_id))
+    except TimeoutError:
+        CALLS.labels("unavailable").inc()
+        raise DatabaseSlowError(
+            f"the database did not answer within the call's {timeout_s:g} s; nothing was sent",
+            headers={"Retry-After": "5"},
+            retryable=True,
+        ) from None
     if exists is None or not exists["module_exists"]:
         CALLS.labels("not_found").inc()
         raise DeviceNotFoundError(f"{target_name(device_id, module_id)} not found")
@@ -178,7 +195,11 @@ async def invoke_method(
     started = time.monotonic()
     try:
         raw = await broker.call(
-            device_id, request_id, request, timeout_seconds=timeout_s, module_id=module_id
+            device_id,
+            request_id,
+            request,
+            timeout_seconds=max(0.0, deadline - time.monotonic()),
+            module_id=module_id,
         )
     except BrokerUnavailableError as exc:
         CALLS.labels("unavailable").inc()

@@ -15,6 +15,7 @@ from fleetline.apikeys import KeyInfo, Scope
 from fleetline_api.queries import devices as sql
 from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.settings import ApiSettings
+from fleetline_api.waits import within
 from fleetline_api.workers.broker import BrokerLink
 
 if TYPE_CHECKING:
@@ -41,6 +42,15 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: flk_<id>_<secret
 # The bearer credentials of a request, if any (for routes that check them themselves).
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+# How long a request waits for its key to be checked: a database that does not answer
+# (paused, failing over) gets the request a 503 after this, not after the pool's 30 s
+# command timeout (TimeoutError is answered 503 by problems.install).
+AUTH_TIMEOUT_SECONDS = 5.0
+
+
+async def _verify(pool: Pool, token: str) -> KeyInfo | None:
+    async with pool.acquire() as con:
+        return await apikeys.verify(con, token)
 
 
 async def authorize(pool: Pool, token: str | None, *scopes: Scope) -> KeyInfo:
@@ -50,8 +60,7 @@ async def authorize(pool: Pool, token: str | None, *scopes: Scope) -> KeyInfo:
         raise HTTPException(
             401, "an API key is required: Authorization: Bearer <key>", headers=_CHALLENGE
         )
-    async with pool.acquire() as con:
-        key = await apikeys.verify(con, token)
+    key = await within(AUTH_TIMEOUT_SECONDS, _verify(pool, token))
     if key is None:
         raise HTTPException(401, "unknown or revoked API key", headers=_CHALLENGE)
     if "admin" not in key.scopes and not set(scopes) & set(key.scopes):
