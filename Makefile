@@ -19,11 +19,13 @@ run: $(STAMP)
 	scripts/ensure-services.sh run
 	$(BIN)/fleetline up
 
-# Lint, types, architecture contracts, then every test against real services.
+# Lint, types, architecture contracts, then every test against real services; the chaos
+# suite's short form last, on its own (it loads both cores).
 test: $(STAMP)
 	scripts/ensure-services.sh test
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --ignore=tests/chaos
+	$(BIN)/pytest tests/chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,7 +5,9 @@ does, in its own task so it goes on publishing meanwhile: on a desired ``firmwar
 rollout it has not seen, it checks the manifest (the release key's signature, its own
 model as the target, a version newer than its own), asks for a download URL on
 ``devices/{id}/transfers/req``, downloads over HTTPS proving itself with a SAS token,
-checks the size and SHA-256, and reports each state in ``reported.firmware``:
+checks the size and SHA-256 (a request left unanswered, a download the API could not
+serve or that broke off is tried again after a backoff, as the application does), and
+reports each state in ``reported.firmware``:
 downloading (with progress), verifying, applying, rebooting, then succeeded (running the
 new version), or failed / rolled_back with a reason. ``fail_share`` and
 ``rollback_share`` of the devices (chosen by device and rollout, the same on every run)
@@ -37,6 +39,11 @@ log = logging.getLogger(__name__)
 ANSWER_TIMEOUT_SECONDS = 15.0
 PUBLISH_TIMEOUT_SECONDS = 10.0
 DOWNLOAD_TIMEOUT_SECONDS = 60.0
+# A download's failed attempts wait from RETRY_MIN_SECONDS, doubling, up to
+# RETRY_MAX_SECONDS; after ATTEMPTS the update fails (fleetline_https.py's backoff).
+RETRY_MIN_SECONDS = 2.0
+RETRY_MAX_SECONDS = 30.0
+ATTEMPTS = 8
 # Concurrent downloads over the whole fleet (one process's connections).
 MAX_DOWNLOADS = 50
 
@@ -56,6 +63,10 @@ class UpdatePolicy:
 
 class Refused(Exception):
     """The update fails with this reason (str)."""
+
+
+class _Again(Refused):
+    """This attempt failed; another may not (no answer, the API could not serve it)."""
 
 
 def _version_key(version: str) -> list[tuple[int, int, str]]:
@@ -138,8 +149,7 @@ class DeviceUpdates:
                 await self._report(client, rollout, "succeeded")
                 return
             await self._report(client, rollout, "downloading", progress=0)
-            url = await self._ask(client, told.get("id"))
-            await self._download(client, rollout, url, manifest)
+            await self._fetch(client, rollout, told.get("id"), manifest)
             await self._report(client, rollout, "verifying")
             await self._report(client, rollout, "applying")
             chance = random.Random(f"{self.device_id}/{rollout}").random()
@@ -165,6 +175,23 @@ class DeviceUpdates:
             # after its reconnection (a new desired document) or times out.
             log.debug("device %s: update interrupted: %r", self.device_id, exc)
             self.rollout = None
+
+    async def _fetch(
+        self, client: mqtt.Client, rollout: int, firmware_id: Any, manifest: dict[str, Any]
+    ) -> None:
+        """Ask for the URL and download the image, again after a backoff when an attempt
+        fails for a reason that may pass."""
+        for attempt in range(ATTEMPTS):
+            try:
+                url = await self._ask(client, firmware_id)
+                await self._download(client, rollout, url, manifest)
+                return
+            except (_Again, httpx.HTTPError) as exc:
+                if attempt == ATTEMPTS - 1:
+                    raise Refused(f"{exc} ({ATTEMPTS} attempts)") from None
+                delay = min(RETRY_MAX_SECONDS, RETRY_MIN_SECONDS * 2**attempt)
+                log.debug("device %s: download again in %g s: %r", self.device_id, delay, exc)
+                await asyncio.sleep(delay)
 
     def _check(self, told: dict[str, Any]) -> dict[str, Any]:
         point = self.fleet.policy.release_key
@@ -197,10 +224,13 @@ class DeviceUpdates:
             )
             answer = await asyncio.wait_for(waiting, ANSWER_TIMEOUT_SECONDS)
         except TimeoutError:
-            raise Refused("no answer to the download request") from None
+            raise _Again("no answer to the download request") from None
         finally:
             self._answers.pop(request_id, None)
-        if answer.get("status") != 200:
+        status = answer.get("status")
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            raise _Again(f"the API could not answer the download request: {answer.get('error')}")
+        if status != 200:
             raise Refused(f"the API refused the download: {answer.get('error')}")
         return str(answer["url"])
 
@@ -216,6 +246,8 @@ class DeviceUpdates:
             self.fleet.downloads,
             self.fleet.http.stream("GET", url, headers=headers) as response,
         ):
+            if response.status_code >= 500 or response.status_code == 429:
+                raise _Again(f"the download answered {response.status_code}")
             if response.status_code != 200:
                 raise Refused(f"the download answered {response.status_code}")
             async for chunk in response.aiter_bytes():

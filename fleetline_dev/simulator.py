@@ -90,6 +90,8 @@ class ReadingLog(Protocol):
 
     def acked(self, device_id: str, readings: list[Reading]) -> None: ...
 
+    def went_offline(self, device_id: str, seconds: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class OfflinePolicy:
@@ -132,13 +134,13 @@ class _Stats:
 
     def publishing(self, device_id: str, readings: list[Reading]) -> None:
         if self.log is not None:
-            self.log.published(device_id, readings)
+            self.log.published(device_id, list(readings))
 
     def acked(self, device_id: str, readings: list[Reading]) -> None:
         """The broker acknowledged these readings of the device."""
         self.readings += len(readings)
         if self.log is not None:
-            self.log.acked(device_id, readings)
+            self.log.acked(device_id, list(readings))
 
 
 class _SeenIds:
@@ -356,6 +358,7 @@ async def _device(
     fleet_updates: FleetUpdates | None = None,
     offline: OfflinePolicy | None = None,
     sensor: SensorFactory | None = None,
+    seed: str = "",
 ) -> None:
     status_topic = topic_for(device_id, STATUS)
     updates = (
@@ -375,7 +378,7 @@ async def _device(
         persistent=False,
         will=mqtt.Will(status_topic, STATUS_OFFLINE, qos=1, retain=True),
     )
-    rng = random.Random(device_id)
+    rng = random.Random(f"{seed}/{device_id}" if seed else device_id)
     sensors = (sensor or _Sensors)(rng)
 
     def fw() -> str:
@@ -460,23 +463,25 @@ async def _device(
             await _reconnect_later(stop, "device", device_id, connected, exc, attempt)
             continue
         if offline is not None and not stop.is_set():
-            await _stay_offline(offline, rng, state, stop, lambda: sensors.read(fw()), backlog)
+            seconds = rng.uniform(*offline.seconds)
+            if stats.log is not None:
+                stats.log.went_offline(device_id, seconds)
+            await _stay_offline(seconds, state, stop, lambda: sensors.read(fw()), backlog)
     if updates is not None:
         updates.stop()
 
 
 async def _stay_offline(
-    policy: OfflinePolicy,
-    rng: random.Random,
+    seconds: float,
     state: _State,
     stop: asyncio.Event,
     read: Callable[[], Reading],
     backlog: list[Reading],
 ) -> None:
-    """Off the network for a while, still taking a reading each interval (the newest
+    """Off the network for ``seconds``, still taking a reading each interval (the newest
     MAX_BACKLOG_READINGS kept for the reconnect)."""
     loop = asyncio.get_running_loop()
-    until = loop.time() + rng.uniform(*policy.seconds)
+    until = loop.time() + seconds
     while loop.time() < until:
         if await _sleep_or_stop(stop, min(state.interval_seconds, until - loop.time())):
             return
@@ -562,6 +567,7 @@ async def run_fleet(
     offline: OfflinePolicy | None = None,
     reading_log: ReadingLog | None = None,
     sensor: SensorFactory | None = None,
+    seed: str = "",
 ) -> None:
     """Run ``devices`` simulated devices until ``stop`` is set (or the task is cancelled).
 
@@ -570,7 +576,8 @@ async def run_fleet(
     take firmware rollouts (simulated_updates.py); with ``offline``, they leave for a
     while now and then and send their backlog when back. ``reading_log`` is told of every
     reading published and acknowledged; ``sensor`` makes what the devices read
-    (temperature, humidity, a door and the firmware version by default).
+    (temperature, humidity, a door and the firmware version by default). Each device's
+    random choices (values, batches, offline periods) come from its id, and ``seed``.
 
     On stop every device publishes a retained ``offline`` and disconnects cleanly.
     """
@@ -603,6 +610,7 @@ async def run_fleet(
             fleet_updates,
             offline,
             sensor,
+            seed,
         )
     finally:
         if fleet_updates is not None:
@@ -621,6 +629,7 @@ async def _run(
     fleet_updates: FleetUpdates | None,
     offline: OfflinePolicy | None,
     sensor: SensorFactory | None,
+    seed: str,
 ) -> None:
     async with asyncio.TaskGroup() as tg:
         reporter = tg.create_task(_report(stats, len(ids)), name="simulator.report")
@@ -637,6 +646,7 @@ async def _run(
                     fleet_updates=fleet_updates,
                     offline=offline,
                     sensor=sensor,
+                    seed=seed,
                 ),
                 name=f"simulator.device[{device_id}]",
             )

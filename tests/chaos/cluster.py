@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from tests.support import (
     RulesProcess,
     ServiceProcess,
     TcpProxy,
+    paused,
     release_key_file,
     wait_until,
 )
@@ -66,6 +66,7 @@ class Cluster:
         self.rules: RulesProcess | None = None
         self.samples = Samples()
         self._stop = threading.Event()
+        self._fault = threading.Lock()
         self._sampler: threading.Thread | None = None
         self._store_client: mqtt.Client | None = None
 
@@ -162,63 +163,68 @@ class Cluster:
                     self.samples.rss.setdefault(name, []).append((now, rss))
                     self.samples.peak_rss[name] = max(self.samples.peak_rss.get(name, 0), rss)
 
-    # -- faults ---------------------------------------------------------------------------
+    # -- faults: one at a time, none once the cluster stops (each under _fault) --------
 
     def kill_service(self, service: ServiceProcess) -> None:
-        service.kill()
-        time.sleep(1)
-        service.start()
+        with self._fault:
+            if self._stop.is_set():
+                return
+            service.kill()
+            self._stop.wait(1)
+            service.start()
 
-    @staticmethod
-    def restart(server: LocalMosquitto | LocalPostgres, *, crash: bool) -> None:
+    def restart(self, server: LocalMosquitto | LocalPostgres, *, crash: bool) -> None:
         """Stop the server (its own way, or SIGKILL to every process of it), start it."""
-        if crash:
-            server.kill()
-            time.sleep(1)
-        else:
-            server.stop()
-        server.start()
+        with self._fault:
+            if self._stop.is_set():
+                return
+            if crash:
+                server.kill()
+                self._stop.wait(1)
+            else:
+                server.stop()
+            server.start()
 
     def pause_database(self, seconds: float) -> None:
-        pid = self.pg.pid
-        assert pid is not None
-        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        for p in tree:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(signal.SIGSTOP)
-        try:
-            time.sleep(seconds)
-        finally:
-            for p in tree:
-                with contextlib.suppress(psutil.Error):
-                    p.send_signal(signal.SIGCONT)
+        with self._fault:
+            pid = self.pg.pid
+            if self._stop.is_set() or pid is None:
+                return
+            with paused(pid):
+                self._stop.wait(seconds)
 
     def cut_relay(self, seconds: float, *, silent: bool) -> None:
         assert self.relay is not None
-        if silent:
-            self.relay.freeze()
-            time.sleep(seconds)
-            self.relay.thaw()
-        else:
-            self.relay.down()
-            time.sleep(seconds)
-            self.relay.up()
+        with self._fault:
+            if self._stop.is_set():
+                return
+            if silent:
+                self.relay.freeze()
+                self._stop.wait(seconds)
+                self.relay.thaw()
+            else:
+                self.relay.down()
+                self._stop.wait(seconds)
+                self.relay.up()
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
         """Every service answers /readyz (after a fault: it has recovered)."""
         for name, service in self.services().items():
             wait_until(service.ready, timeout=timeout, interval=0.2, what=f"{name} ready again")
 
     def stop(self) -> None:
+        """Stop everything, each part even if another fails to stop; a fault under way
+        ends first (its waits end at once) and none starts after."""
         self._stop.set()
-        if self._store_client is not None:
-            self._store_client.loop_stop()
-            self._store_client.disconnect()
-        for service in self.services().values():
-            service.stop()
-        if self.broker is not None:
-            self.broker.stop()
-        if self.relay is not None:
-            self.relay.down()
-        self.pg.stop()
-
+        with self._fault, contextlib.ExitStack() as parts:
+            # Callbacks run last first: the database goes after the services using it.
+            parts.callback(self.pg.stop)
+            if self.relay is not None:
+                parts.callback(self.relay.down)
+            if self.broker is not None:
+                parts.callback(self.broker.stop)
+            for service in self.services().values():
+                parts.callback(service.stop)
+            if self._store_client is not None:
+                parts.callback(self._store_client.disconnect)
+                parts.callback(self._store_client.loop_stop)

@@ -44,7 +44,7 @@ class Fault:
 def schedule(seed: int, rounds: int) -> list[Fault]:
     """Every kind of fault once per round, in an order and with gaps drawn from ``seed``.
     The times assume each fault lasts what its parameters say (a restart about 2 s)."""
-    rng = random.Random(seed)
+    rng = random.Random(f"{seed}/faults")
     faults: list[Fault] = []
     at = 0.0
     for _ in range(rounds):
@@ -91,7 +91,8 @@ def inject(cluster: Cluster, fault: Fault) -> None:
 
 class Injector(threading.Thread):
     """Injects the faults at their times (a fault that would start while the previous
-    one is still under way waits for it); ``error`` holds what stopped it."""
+    one is still under way waits for it); ``error`` holds what stopped it. ``stop``
+    ends it between faults (the fault under way ends first: see Cluster.stop)."""
 
     def __init__(self, cluster: Cluster, faults: list[Fault],
                  say: Callable[[str], None]) -> None:
@@ -101,13 +102,20 @@ class Injector(threading.Thread):
         self.say = say
         self.error: BaseException | None = None
         self.t0 = 0.0
+        self.stopped = threading.Event()
 
     def run(self) -> None:
         self.t0 = time.monotonic()
         try:
             for fault in self.faults:
-                time.sleep(max(0.0, self.t0 + fault.at - time.monotonic()))
+                if self.stopped.wait(max(0.0, self.t0 + fault.at - time.monotonic())):
+                    return
                 self.say(f"t={time.monotonic() - self.t0:6.1f} s  {fault.describe()}")
                 inject(self.cluster, fault)
         except BaseException as exc:  # reported by the test
             self.error = exc
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.stopped.set()
+        if self.is_alive():
+            self.join(timeout)

@@ -60,24 +60,26 @@ class AlarmSensor:
 
 
 class Ledger:
-    """Each device's acknowledged readings: (ts, temperature, when the ack came); and how
-    many readings were published (with re-sends) and how many of them were distinct."""
+    """Each device's acknowledged readings: (ts, temperature, when the ack came); how many
+    readings were published (with re-sends) and how many of them were distinct; the
+    devices' offline periods."""
 
     def __init__(self) -> None:
         self.acked_readings: dict[str, list[tuple[str, Any, float]]] = defaultdict(list)
         self.publishes = 0
         self.distinct: set[tuple[str, str]] = set()
-        self.batches = 0  # acknowledged batches of several readings (a backlog sent)
-        self.largest = 0
+        self.offline: list[tuple[str, float]] = []  # (device, seconds) of each period
+        self.largest = 0  # readings in the largest batch acknowledged
 
     def published(self, device_id: str, readings: list[Reading]) -> None:
         self.publishes += len(readings)
         self.distinct.update((device_id, r["ts"]) for r in readings)
 
+    def went_offline(self, device_id: str, seconds: float) -> None:
+        self.offline.append((device_id, seconds))
+
     def acked(self, device_id: str, readings: list[Reading]) -> None:
-        if len(readings) > 1:
-            self.batches += 1
-            self.largest = max(self.largest, len(readings))
+        self.largest = max(self.largest, len(readings))
         now = time.time()
         for r in readings:
             self.acked_readings[device_id].append((r["ts"], r["values"].get("temperature"), now))
@@ -120,6 +122,7 @@ async def run(spec: dict[str, Any], stop: asyncio.Event) -> None:
     statuses: list[int] = []
     target = parse_mqtt_url(spec["mqtt_url"], ca_file=spec["ca_file"])
     interval = spec["interval_s"]
+    seed = str(spec["seed"])
     offline = OfflinePolicy(spec["offline_probability"], tuple(spec["offline_seconds"]))
     updates = UpdatePolicy(release_key=bytes.fromhex(spec["release_key"]),
                            ca_file=Path(spec["ca_file"]), reboot_seconds=1.0)
@@ -128,10 +131,10 @@ async def run(spec: dict[str, Any], stop: asyncio.Event) -> None:
         await asyncio.gather(
             run_fleet(target, devices=len(spec["direct_keys"]), interval_seconds=interval,
                       prefix=spec["direct_prefix"], stop=stop, keys=spec["direct_keys"],
-                      updates=updates, offline=offline, reading_log=ledger),
+                      updates=updates, offline=offline, reading_log=ledger, seed=seed),
             run_fleet(target, devices=len(provisioned), interval_seconds=interval,
                       prefix=spec["provisioned_prefix"], stop=stop, keys=provisioned,
-                      offline=offline, reading_log=ledger),
+                      offline=offline, reading_log=ledger, seed=seed),
             run_gateways(target, gateways=len(spec["gateway_keys"]), children=spec["children"],
                          interval_seconds=interval, prefix=spec["gateway_prefix"], stop=stop,
                          keys=spec["gateway_keys"], reading_log=ledger),
@@ -141,7 +144,7 @@ async def run(spec: dict[str, Any], stop: asyncio.Event) -> None:
         )
     finally:
         out = {"acked": ledger.acked_readings, "publishes": ledger.publishes,
-               "published": len(ledger.distinct), "batches": ledger.batches,
+               "published": len(ledger.distinct), "offline": ledger.offline,
                "largest_batch": ledger.largest, "provision_statuses": statuses}
         Path(spec["ledger"]).write_text(json.dumps(out))
 

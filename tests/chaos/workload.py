@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 
 METHOD_TIMEOUT_S = 5
-C2D_TTL_S = 40
+# Longer than a run: every message must be completed, not expire.
+C2D_TTL_S = 3600
 PAUSE_SECONDS = (0.3, 1.2)
 
 
@@ -35,6 +36,8 @@ class Record:
     c2d_ids: dict[str, str] = field(default_factory=dict)  # message id -> device
     methods: list[Answer] = field(default_factory=list)
     unreachable: int = 0  # requests neither API process answered
+    # Requests an API process took and did not answer (killed meanwhile): (when, what).
+    interrupted: list[tuple[float, str]] = field(default_factory=list)
 
     def statuses(self) -> Counter[int]:
         return Counter(a.status for a in self.answers)
@@ -60,10 +63,13 @@ class Api:
             started = time.monotonic()
             try:
                 answer = client.request(method, path, **kwargs)
-            except httpx.TransportError:
+            except httpx.ConnectError:  # not taken: the other process, as a balancer would
                 continue
+            except httpx.TransportError as exc:  # taken and lost: not sent again
+                self.record.interrupted.append((time.time(), f"{method} {path}: {exc!r}"))
+                return None
             seconds = time.monotonic() - started
-            text = answer.text[:300] if answer.status_code >= 500 else ""
+            text = answer.text[:300] if answer.status_code >= 400 else ""
             self.record.answers.append(
                 Answer(time.time(), method, path, answer.status_code, seconds, text))
             return answer
@@ -82,7 +88,7 @@ class Workload(threading.Thread):
         super().__init__(daemon=True, name="chaos-workload")
         self.api = api
         self.devices = devices
-        self.rng = random.Random(seed)
+        self.rng = random.Random(f"{seed}/workload")
         self.stopped = threading.Event()
         self.error: BaseException | None = None
         self.n = 0

@@ -39,32 +39,48 @@ def test_a_missing_reading_is_a_crash_loss_only_in_the_window_before_a_broker_ki
     out = invariants.check_telemetry(acked, rows, [crash])
     assert (out.acked, out.stored, out.lost_in_crash) == (3, 1, 1)
     assert [lost[1] for lost in out.lost] == [ts(50)]
-    # Without the kill, both are losses; a duplicate and a changed value are counted.
-    rows += [dict(rows[0]), {"device_id": "d", "time": T0 + timedelta(seconds=97), "value": 1}]
+    assert invariants.missing(acked, rows) == {("d", invariants.epoch_ms(ts(97))),
+                                               ("d", invariants.epoch_ms(ts(50)))}
+    # Without the kill, both are losses; a value other than the one sent is counted.
+    rows.append({"device_id": "d", "time": T0 + timedelta(seconds=97), "value": 1.0})
     out = invariants.check_telemetry(acked, rows, [])
-    assert (len(out.lost), out.duplicates, out.wrong_value) == (1, 1, 1)
+    assert (len(out.lost), out.wrong_value) == (1, 1)
+
+
+def test_a_device_silent_after_the_faults_is_named() -> None:
+    acked = {"a": [[ts(1), 20.0, 10.0], [ts(2), 20.0, 200.0]], "b": [[ts(1), 20.0, 10.0]]}
+    assert invariants.check_liveness(acked, ["a", "b", "c"], after=100.0) == ["b", "c"]
 
 
 def test_each_hot_spell_wants_one_alarm_cleared_unless_still_hot() -> None:
     values = [NORMAL, HOT, HOT, NORMAL, HOT, NORMAL, NORMAL, HOT]
-    acked = {"a-1": [[ts(i), v, 0.0] for i, v in enumerate(values)], "d-1": []}
+    rows = [{"device_id": "a-1", "time": T0 + timedelta(seconds=i), "value": v}
+            for i, v in enumerate(values)]
     good = [{"device_id": "a-1", "state": s} for s in ("cleared", "cleared", "active")]
-    out = invariants.check_alarms(acked, "a-", good)
+    out = invariants.check_alarms(rows, good)
     assert (out.spells, out.ended, out.raised, out.cleared, out.wrong) == (3, 2, 3, 2, [])
     doubled = [*good, {"device_id": "a-1", "state": "cleared"}]
-    assert invariants.check_alarms(acked, "a-", doubled).wrong
-    assert invariants.check_alarms(acked, "a-", good[:2]).wrong
+    assert invariants.check_alarms(rows, doubled).wrong
+    assert invariants.check_alarms(rows, good[:2]).wrong
+    # An alarm for a device with no hot spell at all is wrong too.
+    assert invariants.check_alarms(rows, [*good, {"device_id": "a-2", "state": "active"}]).wrong
 
 
-def test_only_documented_5xx_answers_pass() -> None:
+def test_only_documented_answers_pass() -> None:
     pause = Fault(10, "database paused", started=1000.0, ended=1030.0)
+    kill = Fault(50, "kill -9 api", started=3000.0, ended=3005.0)
     record = Record(answers=[
         Answer(1010.0, "GET", "/v1/devices", 503, 0.1),
         Answer(1040.0, "GET", "/v1/devices", 503, 0.1),   # within 15 s after it
         Answer(9.0, "POST", "/v1/devices/d/methods/ping", 504, 5.0),
+        Answer(9.0, "POST", "/v1/devices/d/methods/ping", 409, 0.1),
         Answer(2000.0, "GET", "/v1/devices", 503, 0.1),   # no fault then
         Answer(1010.0, "GET", "/v1/devices", 500, 0.1),   # never
         Answer(9.0, "GET", "/v1/devices/d", 504, 5.0),    # not a method
-    ])
-    wrong: list[Any] = invariants.check_answers(record, [pause])
-    assert len(wrong) == 3 and all(" 50" in w for w in wrong)
+        Answer(9.0, "GET", "/v1/devices/d/latest", 404, 0.1),  # not expected
+    ], interrupted=[(3001.0, "POST a"), (4000.0, "POST b")])
+    wrong: list[Any] = invariants.check_answers(record, [pause, kill])
+    assert len(wrong) == 5, wrong
+    assert sum(" 50" in w for w in wrong) == 3 and "404" in wrong[3] and "POST b" in wrong[4]
+    record.unreachable = 1
+    assert "neither API process" in invariants.check_answers(record, [pause, kill])[-1]

@@ -8,7 +8,8 @@ X.509 enrollments provision over MQTT, where the broker sees the client certific
 Every refusal is problem+json: 401 for credentials (the same answer whatever was wrong,
 the reason is logged), 403 for a registration the enrollment refuses, 429 over the
 enrollment's rate or after ``FLEETLINE_API_PROVISION_FAILURES_BURST`` (10) failed attempts
-from one address (then one a second).
+from one address (then one a second). An attempt counts as failed while it is checked,
+so that many attempts at once from one address are as many as it may make.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ async def provision(
             "too many failed provisioning attempts from this address",
             headers={"Retry-After": str(wait)},
         )
-    reason = await _refused(provisioner, body, token)
+    try:
+        reason = await _refused(provisioner, body, token)
+    except BaseException:  # not checked (the database did not answer): not a failure
+        provisioner.failures.refund(address)
+        raise
     if reason is None:
         provisioner.failures.refund(address)
     else:
