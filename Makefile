@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint pytest bench chaos clean
+.PHONY: run test lint pytest bench chaos soak perf clean
 
 # pip says what it fetches and installs as it goes (a first install takes a few minutes).
 $(STAMP): pyproject.toml
@@ -42,6 +42,20 @@ chaos: $(STAMP)
 	scripts/ensure-services.sh test
 	FLEETLINE_CHAOS_ROUNDS=$(CHAOS_ROUNDS) FLEETLINE_CHAOS_BACKENDS=$(CHAOS_BACKENDS) \
 	FLEETLINE_CHAOS_SEED=$(CHAOS_SEED) $(BIN)/pytest tests/chaos
+
+# The soak (docs/soak.md: SOAK_MINUTES at half the measured maximum rate) and the
+# performance report (docs/performance.md: every benchmark, then how cost grows); both
+# draw their plots with matplotlib, the `plots` extra.
+SOAK_MINUTES ?= 30
+soak: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[plots]'
+	scripts/ensure-services.sh run
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
+
+perf: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[plots]'
+	scripts/ensure-services.sh run
+	$(BIN)/python bench/report.py
 
 bench: $(STAMP)
 	scripts/ensure-services.sh run

@@ -729,7 +729,9 @@ class Bench:
             out: dict[str, Any] = {"consumer": consumer.name, "messages": n,
                                    "drain": drained}
             own = drained["rows_per_second"] / 2
-            if live_rate is None:
+            if self.args.live_rate and cls is not Naive:
+                rate = self.args.live_rate  # --live-rate: one offered rate (naive: its own)
+            elif live_rate is None:
                 rate = own
             elif drained["lost_rows"]:
                 rate = live_rate  # its drain rate counts only what it kept
@@ -866,7 +868,7 @@ class Bench:
         if a.timescaledb:
             single[TSDB_TAG] = await self.run_consumer(FleetlineIngest, f"fleetline_{TSDB_TAG}",
                                                        a.messages, None)
-        common_rate = single["fleetline"]["drain"]["rows_per_second"] / 2
+        common_rate = a.live_rate or single["fleetline"]["drain"]["rows_per_second"] / 2
         self.results["live_common_rate"] = common_rate
         if not a.only_fleetline:
             single["telegraf"] = await self.run_consumer(TelegrafStyle, "telegraf",
@@ -991,8 +993,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{lv['poll_period_ms_mean']:>8.1f}"
         )
     lines += [
-        "rate: half of fleetline's drain rows/s (for a consumer that drained slower without "
-        "loss: half of its own). Latency is an upper bound,",
+        (f"rate: --live-rate {args.live_rate:,.0f} rows/s offered (naive: half its own "
+         "drain rate). " if args.live_rate else
+         "rate: half of fleetline's drain rows/s (for a consumer that drained slower without "
+         "loss: half of its own). ") + "Latency is an upper bound,",
         "  resolution one poll period ('poll ms': mean time between polls) plus up to 1 ms "
         f"of ts truncation; percentiles over {PROBES_PER_SECOND:g} probes/s sent among the load.",
     ]
@@ -1092,6 +1096,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-messages", type=int,
                    help="50-reading messages for (c) (default 4000; 0 skips)")
     p.add_argument("--live-seconds", type=float, help="live phase length (default 15; 0 skips)")
+    p.add_argument("--live-rate", type=float,
+                   help="rows/s offered in the live phase to every consumer but the naive "
+                        "one (default: half of fleetline's drain rate, a slower lossless "
+                        "consumer half of its own)")
     p.add_argument("--publishers", type=int, default=2, help="publisher processes (default 2)")
     p.add_argument("--telegraf-queue-limit", type=int, default=10_000,
                    help="aiomqtt max_queued_incoming_messages of the second, bounded "

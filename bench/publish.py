@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import orjson
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 READINGS_PER_BATCH_MESSAGE = 50
 MAX_INFLIGHT = 20_000
@@ -48,6 +50,10 @@ class Plan:
     is never less than the real one. With ``probes_per_second``, the workers also send
     that many single-reading probes in all, interleaved with the load, each with its send
     time as ts, on devices ``bench-probe-{worker}``: the poller times those.
+
+    ``username`` and ``password``: the login of every worker's client, for a broker that
+    checks logins (bench/soak.py's, with the auth plugin); without them the workers
+    connect anonymously, as bench/ingest.py's broker allows.
     """
 
     kind: str
@@ -61,6 +67,8 @@ class Plan:
     readings: int = 1
     probes_per_second: float = 0.0
     tag: str = "pub"
+    username: str | None = None
+    password: str | None = None
 
 
 def probe_device(worker: int) -> str:
@@ -91,9 +99,7 @@ def _batched(plan: Plan, worker: int, workers: int) -> Iterator[tuple[str, bytes
         if d % workers != worker:
             continue
         first = plan.base_ms + (j // k) * n
-        docs = [
-            {"ts": first + r, "values": {"temperature": _value(j * n + r)}} for r in range(n)
-        ]
+        docs = [{"ts": first + r, "values": {"temperature": _value(j * n + r)}} for r in range(n)]
         yield topics[d], orjson.dumps(docs)
 
 
@@ -101,8 +107,9 @@ class _Client:
     def __init__(self, plan: Plan, worker: int) -> None:
         self.acked = 0
         self.connected = False
+        self.refused: str | None = None
         self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=f"bench-{plan.tag}-{worker}-{time.monotonic_ns()}",
             protocol=paho.MQTTv311,
             clean_session=True,
@@ -111,17 +118,31 @@ class _Client:
         self.client.max_queued_messages_set(0)
         self.client.on_publish = self._on_publish
         self.client.on_connect = self._on_connect
+        if plan.username is not None:
+            self.client.username_pw_set(plan.username, plan.password)
         self.client.connect(plan.host, plan.port, keepalive=60)
         deadline = time.monotonic() + 10
         while not self.connected:
             if time.monotonic() > deadline:
                 raise RuntimeError("publisher could not connect to the broker")
             self.client.loop(0.05)
+        if self.refused is not None:
+            raise RuntimeError(f"the broker refused the publisher's connection: {self.refused}")
 
     def _on_publish(self, *_args: object) -> None:
         self.acked += 1
 
-    def _on_connect(self, *_args: object) -> None:
+    def _on_connect(
+        self,
+        _client: paho.Client,
+        _userdata: object,
+        _flags: object,
+        reason_code: ReasonCode,
+        _properties: object,
+    ) -> None:
+        # A refused login (a broker that checks them) answers with a failure code.
+        if reason_code.is_failure:
+            self.refused = str(reason_code)
         self.connected = True
 
     def wait_acked(self, sent: int) -> None:
@@ -136,8 +157,8 @@ class _Client:
 
 def _run_bulk(plan: Plan, worker: int, workers: int) -> dict[str, float]:
     c = _Client(plan, worker)
-    gen = _single(plan, worker, workers) if plan.kind == "single" else _batched(
-        plan, worker, workers
+    gen = (
+        _single(plan, worker, workers) if plan.kind == "single" else _batched(plan, worker, workers)
     )
     # Payloads are encoded before the clock starts: the rate is the broker's and paho's.
     msgs = list(gen)
@@ -193,8 +214,9 @@ def _run_live(plan: Plan, worker: int, workers: int) -> dict[str, float]:
             if n == 1:
                 payload = dumps({"ts": ts, "values": {"temperature": _value(sent)}})
             else:
-                payload = dumps([{"ts": ts + r, "values": {"temperature": _value(sent + r)}}
-                                 for r in range(n)])
+                payload = dumps(
+                    [{"ts": ts + r, "values": {"temperature": _value(sent + r)}} for r in range(n)]
+                )
             publish(topics[slot], payload, qos=1)
             sent += 1
             slot = (slot + 1) % len(mine)
@@ -210,12 +232,13 @@ def _run_live(plan: Plan, worker: int, workers: int) -> dict[str, float]:
 
 def _worker(plan: Plan, worker: int, workers: int, out: mp.Queue[dict[str, float]]) -> None:
     try:
-        result = _run_live(plan, worker, workers) if plan.kind == "live" else _run_bulk(
-            plan, worker, workers
+        result = (
+            _run_live(plan, worker, workers)
+            if plan.kind == "live"
+            else _run_bulk(plan, worker, workers)
         )
     except Exception as exc:  # reported to the parent, which fails the run
-        result = {"worker": worker, "sent": 0, "acked": 0, "seconds": 0.0,
-                  "error": repr(exc)}  # type: ignore[dict-item]
+        result = {"worker": worker, "sent": 0, "acked": 0, "seconds": 0.0, "error": repr(exc)}  # type: ignore[dict-item]
     out.put(result)
 
 
@@ -242,5 +265,10 @@ def publish(plan: Plan, workers: int) -> dict[str, float]:
     if acked != sent:
         raise RuntimeError(f"broker acknowledged {acked} of {sent} published messages")
     # Probes are counted apart: "sent" and "rate" are the load.
-    return {"sent": sent - probes, "acked": acked, "seconds": seconds, "probes": probes,
-            "rate": (sent - probes) / seconds if seconds else 0.0}
+    return {
+        "sent": sent - probes,
+        "acked": acked,
+        "seconds": seconds,
+        "probes": probes,
+        "rate": (sent - probes) / seconds if seconds else 0.0,
+    }

@@ -136,6 +136,24 @@ class Service:
         except OSError:
             return 0
 
+    def metrics(self, path: str = "/metrics") -> dict[str, float]:
+        """The service's Prometheus metrics, each name's samples summed over its labels
+        (histograms by their _sum, _count and _bucket names); {} if it does not answer."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        found: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, _, value = line.rpartition(" ")
+            name = name.split("{", 1)[0]
+            with contextlib.suppress(ValueError):
+                found[name] = found.get(name, 0.0) + float(value)
+        return found
+
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
@@ -157,15 +175,24 @@ def service_env(database_url: str) -> dict[str, str]:
     }
 
 
-def ingest_service(workdir: Path, env: dict[str, str], *, client_id: str) -> Service:
-    port = free_port()
+def _consumer(name: str, workdir: Path, env: dict[str, str], client_id: str) -> Service:
+    """Ingest or rules: its health port, on 127.0.0.1, and its MQTT client id."""
+    port, prefix = free_port(), f"FLEETLINE_{name.upper()}"
     env = {
         **env,
-        "FLEETLINE_INGEST_HTTP_HOST": "127.0.0.1",
-        "FLEETLINE_INGEST_HTTP_PORT": str(port),
-        "FLEETLINE_INGEST_CLIENT_ID": client_id,
+        f"{prefix}_HTTP_HOST": "127.0.0.1",
+        f"{prefix}_HTTP_PORT": str(port),
+        f"{prefix}_CLIENT_ID": client_id,
     }
-    return Service("ingest", env, port, workdir)
+    return Service(name, env, port, workdir)
+
+
+def ingest_service(workdir: Path, env: dict[str, str], *, client_id: str) -> Service:
+    return _consumer("ingest", workdir, env, client_id)
+
+
+def rules_service(workdir: Path, env: dict[str, str], *, client_id: str) -> Service:
+    return _consumer("rules", workdir, env, client_id)
 
 
 def api_service(
