@@ -6,7 +6,8 @@ rollout it has not seen, it checks the manifest (the release key's signature, it
 model as the target, a version newer than its own), asks for a download URL on
 ``devices/{id}/transfers/req``, downloads over HTTPS proving itself with a SAS token,
 checks the size and SHA-256 (a request left unanswered, a download the API could not
-serve or that broke off is tried again after a backoff, as the application does), and
+serve or that broke off is tried again after a backoff, as the application does, with
+shorter limits: 2 s doubling to 30 s, 8 attempts), and
 reports each state in ``reported.firmware``:
 downloading (with progress), verifying, applying, rebooting, then succeeded (running the
 new version), or failed / rolled_back with a reason. ``fail_share`` and
@@ -40,7 +41,8 @@ ANSWER_TIMEOUT_SECONDS = 15.0
 PUBLISH_TIMEOUT_SECONDS = 10.0
 DOWNLOAD_TIMEOUT_SECONDS = 60.0
 # A download's failed attempts wait from RETRY_MIN_SECONDS, doubling, up to
-# RETRY_MAX_SECONDS; after ATTEMPTS the update fails (fleetline_https.py's backoff).
+# RETRY_MAX_SECONDS; after ATTEMPTS the update fails (the application's backoff,
+# firmware/common/fleetline_https.py, with limits that fit a rollout's phase timeouts).
 RETRY_MIN_SECONDS = 2.0
 RETRY_MAX_SECONDS = 30.0
 ATTEMPTS = 8

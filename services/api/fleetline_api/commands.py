@@ -133,6 +133,10 @@ class NoAnswerError(CommandError):
 
 # --- direct methods ---------------------------------------------------------------
 
+# The least of a call's timeout left for the device to answer (or half of the timeout,
+# if that is less): with less left, the call is not sent.
+MIN_ANSWER_SECONDS = 1.0
+
 
 def target_name(device_id: str, module_id: str = "") -> str:
     """How messages name a device or one of its modules."""
@@ -156,10 +160,16 @@ async def invoke_method(
     timeout_s: float,
     module_id: str = "",
     before_send: Callable[[], Awaitable[None]] | None = None,
+    since: float | None = None,
 ) -> MethodAnswer:
     """Call ``name`` on the device (or its module ``module_id``) with ``params`` and wait
     up to ``timeout_s`` for its answer. Only a device whose status is online is called (a
     module speaks over its device's connection).
+
+    ``timeout_s`` bounds the whole call, counted from ``since`` (time.monotonic(); the
+    request's arrival) or from now: a database that does not answer (paused, failing
+    over) holds the caller no longer, and a call left with too little time for the
+    device is not sent (DatabaseSlowError, 503).
 
     ``before_send`` is awaited just before the request is published (nothing is sent
     when it raises): the job runner confirms there that it still holds the device."""
@@ -167,18 +177,27 @@ async def invoke_method(
     if problem:
         CALLS.labels("invalid").inc()
         raise InvalidParamsError(problem)
-    # The call's timeout bounds the whole call: a database that does not answer (paused,
-    # failing over) does not hold the caller beyond it.
-    deadline = time.monotonic() + timeout_s
-    try:
-        exists = await within(timeout_s, pool.fetchrow(sql.DEVICE_ONLINE, device_id, module_id))
-    except TimeoutError:
+    deadline = (time.monotonic() if since is None else since) + timeout_s
+
+    def too_slow() -> DatabaseSlowError:
         CALLS.labels("unavailable").inc()
-        raise DatabaseSlowError(
-            f"the database did not answer within the call's {timeout_s:g} s; nothing was sent",
+        return DatabaseSlowError(
+            f"the database was too slow to leave the device any of the call's {timeout_s:g} s;"
+            " nothing was sent",
             headers={"Retry-After": "5"},
             retryable=True,
-        ) from None
+        )
+
+    async def lookup() -> Any:
+        # Waiting for a connection is bounded too: no backlog of lookups builds up
+        # behind a stalled database.
+        async with pool.acquire(timeout=max(0.001, deadline - time.monotonic())) as con:
+            return await con.fetchrow(sql.DEVICE_ONLINE, device_id, module_id)
+
+    try:
+        exists = await within(max(0.0, deadline - time.monotonic()), lookup())
+    except TimeoutError:
+        raise too_slow() from None
     if exists is None or not exists["module_exists"]:
         CALLS.labels("not_found").inc()
         raise DeviceNotFoundError(f"{target_name(device_id, module_id)} not found")
@@ -192,6 +211,8 @@ async def invoke_method(
         fields["module_id"] = module_id
     if before_send is not None:
         await before_send()
+    if deadline - time.monotonic() < min(MIN_ANSWER_SECONDS, timeout_s / 2):
+        raise too_slow()
     started = time.monotonic()
     try:
         raw = await broker.call(

@@ -15,7 +15,7 @@ from fleetline.apikeys import KeyInfo, Scope
 from fleetline_api.queries import devices as sql
 from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.settings import ApiSettings
-from fleetline_api.waits import within
+from fleetline_api.waits import AUTH_TIMEOUT_SECONDS, within
 from fleetline_api.workers.broker import BrokerLink
 
 if TYPE_CHECKING:
@@ -42,14 +42,12 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: flk_<id>_<secret
 # The bearer credentials of a request, if any (for routes that check them themselves).
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
-# How long a request waits for its key to be checked: a database that does not answer
-# (paused, failing over) gets the request a 503 after this, not after the pool's 30 s
-# command timeout (TimeoutError is answered 503 by problems.install).
-AUTH_TIMEOUT_SECONDS = 5.0
 
 
 async def _verify(pool: Pool, token: str) -> KeyInfo | None:
-    async with pool.acquire() as con:
+    # Waiting for a connection is bounded too: no backlog of key checks builds up behind
+    # a stalled database.
+    async with pool.acquire(timeout=AUTH_TIMEOUT_SECONDS) as con:
         return await apikeys.verify(con, token)
 
 

@@ -48,6 +48,9 @@ UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+ARRIVED = "arrived"
+
+
 class RequestMetrics:
     """ASGI middleware counting and timing every HTTP request (see the module)."""
 
@@ -61,6 +64,9 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        # When the request came (time.monotonic()), for routes whose deadline counts from
+        # it (a direct method's timeout_s): request.state.arrived.
+        scope.setdefault("state", {})[ARRIVED] = time.monotonic()
         status = 500  # unless an answer starts
         IN_FLIGHT.inc()
 

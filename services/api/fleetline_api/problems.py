@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -181,6 +182,10 @@ def install(app: FastAPI) -> None:
     # system is shutting down", "terminating connection due to administrator command").
     app.add_exception_handler(ConnectionError, unavailable)
     app.add_exception_handler(asyncpg.exceptions.OperatorInterventionError, unavailable)
+    # Its name not resolving (a failover's DNS), or no connection left for the API
+    # (53300, a reconnection storm after a restart).
+    app.add_exception_handler(socket.gaierror, unavailable)
+    app.add_exception_handler(asyncpg.exceptions.InsufficientResourcesError, unavailable)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, _exc: Exception) -> JSONResponse:

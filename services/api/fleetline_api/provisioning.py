@@ -34,6 +34,7 @@ from fleetline_api import commands, registry
 from fleetline_api.queries import provisioning as sql
 from fleetline_api.ratelimit import KeyRateLimiter
 from fleetline_api.settings import ApiSettings, device_mqtt_url
+from fleetline_api.waits import AUTH_TIMEOUT_SECONDS
 from fleetline_api.workers.broker import BrokerLink
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,11 @@ class Provisioner:
 
     async def enrollment(self, enrollment_id: str, registration_id: str) -> asyncpg.Record | None:
         """The enrollment with ``allowed``: whether the registration id fits it."""
-        row: asyncpg.Record | None = await self.pool.fetchrow(
-            sql.ENROLLMENT_FOR, enrollment_id, registration_id
-        )
+        # As the key check of an API request: bounded, waiting for a connection included.
+        async with self.pool.acquire(timeout=AUTH_TIMEOUT_SECONDS) as con:
+            row: asyncpg.Record | None = await con.fetchrow(
+                sql.ENROLLMENT_FOR, enrollment_id, registration_id
+            )
         return row
 
     async def register(self, enrollment_id: str, registration_id: str) -> Outcome:

@@ -15,6 +15,12 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# How long a request waits for its credentials (an API key, a provisioning token) to be
+# checked in the database: one that does not answer (paused, failing over) gets the
+# request a 503 after this, not after the pool's 30 s command timeout (TimeoutError is
+# answered 503 by problems.install).
+AUTH_TIMEOUT_SECONDS = 5.0
+
 # Work whose caller stopped waiting: referenced until it ends (the event loop keeps only
 # weak references to tasks).
 _LEFT: set[asyncio.Future[Any]] = set()

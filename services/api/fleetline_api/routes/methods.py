@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path
+from fastapi import APIRouter, HTTPException, Path, Request
 
 from fleetline_api import commands
 from fleetline_api.deps import BrokerDep, CommandsWrite, PoolDep
+from fleetline_api.metrics import ARRIVED
 from fleetline_api.problems import RESPONSES, Problem
 from fleetline_api.schemas.common import DeviceId, ModuleId
 from fleetline_api.schemas.methods import MethodCall, MethodName, MethodResult
@@ -40,6 +41,7 @@ METHOD_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 async def _invoke(
+    request: Request,
     pool: Any,
     broker: BrokerLink,
     device_id: str,
@@ -57,6 +59,8 @@ async def _invoke(
             call.params,
             timeout_s=call.timeout_s,
             module_id=module_id,
+            # The timeout counts from the request's arrival: the key check's time included.
+            since=getattr(request.state, ARRIVED, None),
         )
     except commands.CommandError as exc:
         raise HTTPException(exc.status, str(exc), headers=exc.headers or None) from None
@@ -75,6 +79,7 @@ MethodPath = Annotated[MethodName, Path(description="The method's name, as the d
 async def invoke_method(
     device_id: DeviceId,
     name: MethodPath,
+    request: Request,
     pool: PoolDep,
     broker: BrokerDep,
     _key: CommandsWrite,
@@ -82,7 +87,7 @@ async def invoke_method(
 ) -> MethodResult:
     """Call ``name`` on the device with ``params`` and wait up to ``timeout_s`` for its
     answer: the device's own ``status`` and ``payload``. Only an online device is called."""
-    return await _invoke(pool, broker, device_id, "", name, body)
+    return await _invoke(request, pool, broker, device_id, "", name, body)
 
 
 @router.post(
@@ -95,6 +100,7 @@ async def invoke_module_method(
     device_id: DeviceId,
     module_id: ModuleId,
     name: MethodPath,
+    request: Request,
     pool: PoolDep,
     broker: BrokerDep,
     _key: CommandsWrite,
@@ -102,4 +108,4 @@ async def invoke_module_method(
 ) -> MethodResult:
     """Call ``name`` on a module of an online device: the request goes to
     ``devices/{id}/modules/{module_id}/methods/{request_id}/req``."""
-    return await _invoke(pool, broker, device_id, module_id, name, body)
+    return await _invoke(request, pool, broker, device_id, module_id, name, body)

@@ -23,6 +23,7 @@ from fleetline import devicekeys
 from fleetline_api.problems import RESPONSES, Problem
 from fleetline_api.provisioning import FAILED, THROTTLED, Provisioner
 from fleetline_api.schemas.enrollments import ProvisionAnswer, ProvisionRequest
+from fleetline_api.waits import AUTH_TIMEOUT_SECONDS, within
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/provision", tags=["provisioning"], responses=RESPONSES)
@@ -75,7 +76,7 @@ async def provision(
             headers={"Retry-After": str(wait)},
         )
     try:
-        reason = await _refused(provisioner, body, token)
+        reason = await within(AUTH_TIMEOUT_SECONDS, _refused(provisioner, body, token))
     except BaseException:  # not checked (the database did not answer): not a failure
         provisioner.failures.refund(address)
         raise

@@ -412,6 +412,11 @@ class JobRunner:
             )
         except commands.CommandError as exc:
             if exc.retryable:
+                log.info(
+                    "job device not sent, to be started again: %s",
+                    exc,
+                    extra={"job_id": job.id, "device_id": device_id, "attempt": attempt},
+                )
                 return None
             return Outcome("failed", exc.status, exc.reason, None, str(exc))
 
