@@ -440,6 +440,15 @@ def lines_with(text: str, *needles: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if any(n in line for n in needles)]
 
 
+def _named(parts: list[str], columns: str) -> str:
+    """A printed row (its label, then one value per column) with each value named by
+    its column; as printed when the counts differ."""
+    names = columns.split(", ") if columns else []
+    if len(parts) != len(names) + 1 or not names:
+        return "  ".join(parts)
+    return f"{parts[0]}: " + ", ".join(f"{n} {v}" for n, v in zip(names, parts[1:], strict=True))
+
+
 def headline_lines(section: str, line: str, columns: str = "") -> Headline:
     """The printed lines that carry a benchmark's ratios (matching ``line``), as printed,
     each with the heading (matching ``section``) of the part of the report it is in and
@@ -453,7 +462,7 @@ def headline_lines(section: str, line: str, columns: str = "") -> Headline:
             if section and re.match(section, text):
                 heading = text.split(" (")[0].rstrip(":") + (f" ({columns})" if columns else "")
             elif re.search(line, text):
-                out.append((heading, re.sub(r"\s{2,}", "  ", text)))
+                out.append((heading, _named(re.split(r"\s{2,}", text), columns)))
         return out
 
     return pick
