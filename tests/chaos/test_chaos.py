@@ -50,9 +50,9 @@ PREFIX = {"direct": "chaos-d-", "provisioned": "chaos-p-", "gateway": "chaos-gw-
           "alarm": "chaos-a-"}
 INTERVAL_S = 5.0
 # A device goes offline on about one reading in 300 (every 25 minutes on average), for
-# 5 to 30 s, and sends what it kept when back.
+# 5 to 25 s, and sends what it kept when back.
 OFFLINE_PROBABILITY = 1 / 300
-OFFLINE_SECONDS = (5.0, 30.0)
+OFFLINE_SECONDS = (5.0, 25.0)
 PHASE_TIMEOUT_S = 120
 SETTLE_TIMEOUT_S = 180.0
 IMAGE_BYTES = 16 * 1024
@@ -297,7 +297,8 @@ class Run:
             time.sleep(2)
             self.finals = _finals(self.cluster.url, list(self.record.c2d_ids), self.job_ids)
         # Long enough after the last fault for every device to be back and publishing
-        # (offline periods end within 30 s, reconnections back off for at most 30 s).
+        # (offline periods end within 25 s; a reconnection after one fault waits about
+        # a second).
         time.sleep(max(0.0, self.faults_over + QUIET_AFTER_FAULTS_S - time.time()))
 
     def stop(self) -> None:
@@ -357,7 +358,7 @@ class Run:
 # minutes): the fleet connected, every service ready (each), the work ended, the quiet
 # after the faults, the fleet stopped, ingest and rules caught up.
 ONLINE_TIMEOUT_S = 120.0
-QUIET_AFTER_FAULTS_S = 60.0
+QUIET_AFTER_FAULTS_S = 45.0
 FLEET_STOP_TIMEOUT_S = 30.0
 SETTLE_ROWS_S = 15.0
 

@@ -171,8 +171,20 @@ async def test_broker_restart_while_ingest_drains_a_backlog(
             # Mosquitto 2.0 forgets shared subscriptions on restart: only once ingest has
             # subscribed again are readings routed to it (a plain subscription is kept).
             wait_until(lambda: ingest.metric("fleetline_ingest_mqtt_connected") == 1,
-                       what="ingest resubscribed")
-            time.sleep(0.5)
+                       what="ingest connected")
+            # Connected is not yet subscribed (on a loaded machine 0.5 s was not enough):
+            # a probe's reading stored says the share group's subscription is back.
+            probe = Device(mq.url, f"probe-{uid}")
+            try:
+                for n in range(300):
+                    probe.publish(reading(BASE_MS + n, v=0.0)).wait_for_publish(5)
+                    if await count_rows(db, f"probe-{uid}"):
+                        break
+                    time.sleep(0.1)
+                else:
+                    raise AssertionError("ingest never subscribed again")
+            finally:
+                probe.close()
         pub.start(first=half, count=half).join()
         await assert_exactly_once(db, uid, devices, half * 2)
         assert stored_at_restart < devices * half, "restart came after the drain"
