@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from fleetline import __version__
 from fleetline_api.schemas.files import DeviceFile
-from fleetline_api.schemas.rules import AlarmPublic
+from fleetline_api.schemas.rules import ALARM_EXAMPLE, AlarmPublic
 
 PATH = "/v1/stream/asyncapi.json"
 
@@ -43,23 +43,14 @@ _ALARM_EXAMPLE: dict[str, Any] = {
     "type": "alarm",
     "device_id": "fridge-1",
     "ts": "2026-11-25T14:25:45.049Z",
+    # The REST example's alarm at the moment it was raised.
     "alarm": {
-        "id": 41,
-        "rule_id": 7,
-        "rule_name": "fridge too warm",
-        "device_id": "fridge-1",
-        "metric": "temperature",
-        "severity": "major",
+        **ALARM_EXAMPLE,
         "state": "active",
-        "raised_at": "2026-11-25T14:25:45.049Z",
         "acknowledged_at": None,
         "acknowledged_by": None,
-        "cleared_at": None,
-        "cleared_by": None,
-        "value": 9.1,
         "peak": 9.1,
         "count": 1,
-        "message": "fridge-1: 9.1 °C",
         "updated_at": "2026-11-25T14:25:45.049Z",
     },
 }
