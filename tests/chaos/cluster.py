@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import secrets
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +42,11 @@ STORE_TOPIC = "$SYS/broker/store/messages/count"
 
 @dataclass
 class Samples:
-    """RSS per service and the broker (bytes, over their restarts: peak, and one row per
-    sample) and the broker's message store (peak, and one row per sample)."""
+    """The peak RSS of each service and of the broker (bytes, over their restarts) and
+    the broker's largest message store."""
 
     peak_rss: dict[str, int] = field(default_factory=dict)
-    rss: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     max_store: int = 0
-    store: list[tuple[float, int]] = field(default_factory=list)
 
 
 class Cluster:
@@ -141,7 +138,6 @@ class Cluster:
         def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
             with contextlib.suppress(ValueError):
                 count = int(message.payload)
-                self.samples.store.append((time.time(), count))
                 self.samples.max_store = max(self.samples.max_store, count)
 
         client.on_connect = lambda c, *_a: c.subscribe(STORE_TOPIC)
@@ -152,7 +148,6 @@ class Cluster:
 
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
-            now = time.time()
             running = {n: s.proc.pid for n, s in self.services().items()
                        if s.proc is not None and s.proc.poll() is None}
             if self.broker is not None and self.broker.pid is not None:
@@ -160,7 +155,6 @@ class Cluster:
             for name, pid in running.items():
                 with contextlib.suppress(psutil.Error):
                     rss = int(psutil.Process(pid).memory_info().rss)
-                    self.samples.rss.setdefault(name, []).append((now, rss))
                     self.samples.peak_rss[name] = max(self.samples.peak_rss.get(name, 0), rss)
 
     # -- faults: one at a time, none once the cluster stops (each under _fault) --------

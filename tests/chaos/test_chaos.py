@@ -23,8 +23,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -40,6 +41,8 @@ from tests.chaos.workload import METHOD_TIMEOUT_S, Api, Record, Workload
 from tests.support import DEVICE_KEY_SECRET, SUMMARY_PROPERTY, release_key_file, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+T = TypeVar("T")
 
 SEED = int(os.environ.get("FLEETLINE_CHAOS_SEED") or secrets.randbits(32))
 ROUNDS = int(os.environ.get("FLEETLINE_CHAOS_ROUNDS") or 1)
@@ -328,30 +331,29 @@ class Run:
         """The fleet's stored readings once ingest has written what it still held: until
         no acknowledged reading is missing, or the missing ones stop changing."""
         acked = self.fleet_out.get("acked", {})
-        rows = self.stored()
-        last, since = invariants.missing(acked, rows), time.monotonic()
-        while last and time.monotonic() - since < SETTLE_ROWS_S:
-            time.sleep(1)
-            rows = self.stored()
-            now = invariants.missing(acked, rows)
-            if now != last:
-                last, since = now, time.monotonic()
-        return rows
+        return settle(self.stored, lambda rows: invariants.missing(acked, rows))
 
     def settled_alarms(self) -> invariants.Alarms:
         """The alarms once the rules service has evaluated the last readings: until they
         match the hot spells, or stop changing."""
         rows = self.stored(PREFIX["alarm"])
         query = "SELECT device_id, state FROM rule_alarms"
-        alarms = invariants.check_alarms(rows, db(self.cluster.url, query))
-        since = time.monotonic()
-        while alarms.wrong and time.monotonic() - since < SETTLE_ROWS_S:
-            time.sleep(1)
-            again = invariants.check_alarms(rows, db(self.cluster.url, query))
-            if again.wrong != alarms.wrong:
-                since = time.monotonic()
-            alarms = again
-        return alarms
+        return settle(lambda: invariants.check_alarms(rows, db(self.cluster.url, query)),
+                      lambda alarms: alarms.wrong)
+
+
+def settle(look: Callable[[], T], problems: Callable[[T], Any]) -> T:
+    """``look()`` each second until it shows no ``problems``, or the same ones for
+    SETTLE_ROWS_S (another service still catching up changes them): the last look."""
+    seen = look()
+    last, since = problems(seen), time.monotonic()
+    while last and time.monotonic() - since < SETTLE_ROWS_S:
+        time.sleep(1)
+        seen = look()
+        now = problems(seen)
+        if now != last:
+            last, since = now, time.monotonic()
+    return seen
 
 
 # The run's own waits, within the test's timeout (a round of faults takes about 2
