@@ -250,7 +250,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"limits-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(f"results: {out}")
+    print(f"results: {out.relative_to(RESULTS.parent.parent)}")
 
 
 async def unlimit(url: str) -> None:

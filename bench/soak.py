@@ -1639,7 +1639,7 @@ def main() -> None:
     }
     out.write_text(json.dumps(record, indent=1, default=str))
     print(f"\nplots: {', '.join(str(p) for p in made)}")
-    print(f"total {time.time() - started:.0f} s; results: {out}")
+    print(f"total {time.time() - started:.0f} s; results: {out.relative_to(ROOT)}")
     if verdict["problems"]:
         print(f"\n{len(verdict['problems'])} PROBLEM(S):")
         for problem in verdict["problems"]:

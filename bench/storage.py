@@ -232,7 +232,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"storage-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
-    print(f"results: {out}")
+    print(f"results: {out.relative_to(RESULTS.parent.parent)}")
 
 
 if __name__ == "__main__":

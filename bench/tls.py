@@ -170,7 +170,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"tls-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps({"args": vars(args), "runs": results, "medians": med}, indent=2))
-    print(f"results: {out}")
+    print(f"results: {out.relative_to(RESULTS.parent.parent)}")
 
 
 if __name__ == "__main__":

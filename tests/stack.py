@@ -22,7 +22,8 @@ from tests.support import DEVICE_KEY_SECRET, ApiProcess, IngestProcess
 KEY_SECRET = DEVICE_KEY_SECRET.encode()
 INGEST_USER = "fleetline-ingest"
 API_USER = "fleetline-api"
-SERVICES = {INGEST_USER: secrets.token_urlsafe(16), API_USER: secrets.token_urlsafe(16)}
+RULES_USER = "fleetline-rules"
+SERVICES = {user: secrets.token_urlsafe(16) for user in (INGEST_USER, API_USER, RULES_USER)}
 
 
 def service_url(broker: LocalMosquitto, user: str = INGEST_USER) -> str:

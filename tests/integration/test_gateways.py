@@ -19,12 +19,14 @@ from paho.mqtt.properties import Properties
 from websockets.asyncio.client import connect
 
 from fleetline_dev.certs import TlsFiles
+from tests.e2e.test_routes_e2e import routes_env
 from tests.integration.test_api import assert_problem
 from tests.integration.test_cli import fleetline
 from tests.integration.test_jobs import method_job, wait_job
+from tests.integration.test_rules import Receiver, threshold_rule
 from tests.integration.test_stream import next_events, subscribed, ws_url
-from tests.stack import Backend, serve_stack
-from tests.support import wait_until
+from tests.stack import RULES_USER, Backend, serve_stack, service_url
+from tests.support import RulesProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -229,6 +231,78 @@ async def test_a_gateway_carries_its_childrens_readings_twins_methods_and_messag
         gw.close()
 
 
+async def test_rules_routes_and_offline_alarms_treat_children_and_modules_like_any_device(
+    stack: Backend, rest: httpx.Client, uid: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A rules process on the stack: a rule matching the tags the gateway's policy gives
+    its children raises on a child's readings; a route whose query is ``parent = gw``
+    forwards a child's module readings and not those of a device of its own with the
+    same tags; the gateway saying goodbye takes its children offline, which raises
+    their offline alarm at once (the rules service reads the status ingest stores)."""
+    gw_id, child, plain = f"{uid}-gw", f"{uid}-t1", f"{uid}-own"
+    site = {"site": uid}
+    key = make_gateway(rest, gw_id, create_children=True, child_id_pattern=f"{uid}-t[0-9]+",
+                       child_tags=site)
+    own = rest.post("/v1/devices", json={"id": plain, "tags": site})
+    assert own.status_code == 201, own.text
+    receiver = Receiver()
+    rules = RulesProcess(database_url=stack.database_url,
+                         mqtt_url=service_url(stack.broker, RULES_USER),
+                         log_dir=tmp_path_factory.mktemp("gateway-rules"), name=uid,
+                         env=routes_env(uid))
+    rules.start()
+    gw = Gateway(stack, gw_id, key)
+    direct = Gateway(stack, plain, own.json()["credentials"]["key"])  # a device on its own
+    try:
+        hot = threshold_rule(f"{uid} hot", []) | {"match": {"tags": site},
+                                                 "raise": {"op": ">", "value": 30, "for_s": 0}}
+        silent = {"name": f"{uid} silent", "kind": "no_data", "timeout_s": 300,
+                  "match": {"tags": site}, "message": "{device_id} went away"}
+        route = {"name": f"{uid} children's env", "query": f"parent = '{gw_id}'",
+                 "metric": "env/temp", "destination": {"type": "webhook",
+                                                       "url": f"{receiver.url}/{uid}"}}
+        for path, body in (("/v1/rules", hot), ("/v1/rules", silent), ("/v1/routes", route)):
+            made = rest.post(path, json=body)
+            assert made.status_code == 201, made.text
+        gw.serve(child)  # its first subscription creates it, with the policy's tags
+        wait_until(lambda: rules.metric("fleetline_rules_loaded") == 2
+                   and rules.metric("fleetline_rules_routed_devices") == 1,
+                   what="the rules service to take the rules, and the child into the route")
+
+        assert gw.publish(f"devices/{child}/status", b"online", retain=True) == GRANTED
+        now = int(time.time() * 1000)
+        assert gw.publish(f"devices/{child}/telemetry", reading(now, temp=35)) == GRANTED
+        for source, device_id, ts in ((gw, child, now + 1), (direct, plain, now + 2)):
+            assert source.publish(f"devices/{device_id}/modules/env/telemetry",
+                                  reading(ts, temp=12.5)) == GRANTED
+
+        def alarms(state: str) -> list[dict[str, Any]]:
+            got = rest.get("/v1/alarms", params={"device_id": child, "state": state})
+            assert got.status_code == 200, got.text
+            return list(got.json()["items"])
+
+        wait_until(lambda: alarms("active"), what="the child's alarm")
+        [raised] = alarms("active")
+        assert (raised["metric"], raised["value"]) == ("temp", 35), raised
+        wait_until(lambda: receiver.on(f"/{uid}"), what="the routed module reading")
+        time.sleep(1)  # the device of its own published after the child: not routed
+        [hook] = receiver.on(f"/{uid}")
+        body = json.loads(hook["body"])
+        assert (body["device_id"], body["values"]) == (child, {"env/temp": 12.5}), body
+
+        gw.publish(f"devices/{gw_id}/status", b"offline", retain=True)  # a goodbye
+        gw.close()
+        wait_until(lambda: device(rest, child)["offline_reason"] == f"gateway '{gw_id}' offline",
+                   what="the child offline with its gateway")
+        wait_until(lambda: any(a["rule_name"] == f"{uid} silent" for a in alarms("active")),
+                   timeout=10, what="the child's offline alarm, long before 300 s")
+        assert device(rest, plain)["online"]  # not its child: not taken along
+    finally:
+        direct.close()
+        rules.stop()
+        receiver.close()
+
+
 async def test_a_gateway_is_refused_devices_that_are_not_its_children_with_the_reason(
     stack: Backend, rest: httpx.Client, uid: str
 ) -> None:
@@ -300,6 +374,9 @@ async def test_children_go_offline_with_their_gateway_and_move_to_another_at_onc
         assert device(rest, child)["online"] is False
         assert device(rest, child)["offline_reason"] == f"gateway '{one}' offline"
         assert device(rest, one)["offline_reason"] is None
+        env = {"FLEETLINE_API_URL": stack.api.url, "FLEETLINE_API_KEY": stack.key}
+        shown = fleetline("device", "show", child, env=env)
+        assert f"offline: gateway '{one}' offline" in shown.stdout, shown
         gw1 = Gateway(stack, one, key_one)
         gw1.serve(child)
         assert gw1.publish(f"devices/{child}/status", b"online", retain=True) == GRANTED
@@ -310,9 +387,10 @@ async def test_children_go_offline_with_their_gateway_and_move_to_another_at_onc
         moved = rest.patch(f"/v1/devices/{child}", json={"parent": two})
         assert moved.status_code == 200 and moved.json()["parent"] == two, moved.text
         # The broker learns of the move from the database's notification (milliseconds
-        # after the commit): the new gateway may serve the child from then on...
+        # after the commit; here the first subscription after the answer is granted): the
+        # new gateway may serve the child from then on...
         wait_until(lambda: gw2.subscribe(*(f"devices/{child}/{k}" for k in SERVED)) == [1] * 3,
-                   timeout=5, what="the broker to take the move")
+                   timeout=2, what="the broker to take the move")
         # ...and the old one is refused from then on.
         now = int(time.time() * 1000)
         assert gw1.publish(f"devices/{child}/telemetry", reading(now, v=1)) == NOT_AUTHORIZED
@@ -389,6 +467,8 @@ async def test_the_command_line_makes_gateways_moves_children_and_lists_refusals
     assert f"behind gateway {gw}" in made and "no key issued" in made
     listed = run("device", "list", "--parent", gw)
     assert child in listed and other not in listed
+    found = json.loads(run("device", "query", f"parent = '{gw}'", "-o", "json"))
+    assert [d["device_id"] for d in found] == [child], found
     assert f"behind gateway {other}" in run("device", "update", child, "--parent", other)
     assert device(rest, child)["parent"] == other
     run("device", "update", child, "--no-parent")

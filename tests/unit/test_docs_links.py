@@ -1,14 +1,18 @@
-"""The README and the docs link only inside the repository, and every link resolves."""
+"""The README and every other Markdown file of the repository link only inside the
+repository, every link resolves, and none names a path of the machine it was written on."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / name for name in subprocess.run(
+    ["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True
+).stdout.split()]
 # [text](target) and <target>, code spans left out (they may show link syntax).
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)
@@ -30,3 +34,9 @@ def test_no_reference_outside_the_repository(doc: Path) -> None:
     text = doc.read_text()
     for outside in ("../shared", "PROTOCOL.md", "ARCHITECTURE.md", "FACTS.md", "STYLE.md"):
         assert outside not in text, f"{doc.name} refers to {outside}"
+    assert str(ROOT) not in text, f"{doc.name} names this checkout's path"
+
+
+def test_every_markdown_file_is_checked() -> None:
+    assert {ROOT / "README.md", ROOT / "docs" / "protocol.md", ROOT / "bench" / "README.md",
+            ROOT / "firmware" / "README.md"} <= set(DOCS), DOCS
