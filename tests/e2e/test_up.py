@@ -21,6 +21,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 
 from fleetline import releases
@@ -51,7 +52,7 @@ class Up:
             env.pop(name, None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fleetline_cli", "up", "--devices", "3", "--interval", "0.5",
-             "--data-dir", str(data_dir)],
+             "--gateways", "1", "--children-per-gateway", "2", "--data-dir", str(data_dir)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)
         self.lines: list[str] = []
@@ -105,6 +106,19 @@ async def test_up_serves_devices_over_tls_and_the_readme_examples_work(
             await con.close()
         assert up.field(r"dashboard\s+(http://\S+)") == f"{api_url}/dashboard/"
         assert up.field(r"psql\s+\S+ (postgresql://\S+)") == database_url
+        # Every other address the banner prints answers, and each service listens on the
+        # loopback interface only (the devices' TLS and HTTPS listeners are for devices).
+        metrics = re.findall(r"(http://127\.0\.0\.1:(\d+)/metrics) \((\w+)\)", up.output())
+        assert sorted(name for _, _, name in metrics) == ["api", "ingest", "rules"], metrics
+        for path in ("/docs", "/redoc", "/dashboard/"):
+            assert httpx.get(f"{api_url}{path}", timeout=10).status_code == 200, path
+        listening = {c.laddr.port: c.laddr.ip for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN}
+        for url, port, _name in metrics:
+            assert httpx.get(url, timeout=10).status_code == 200, url
+            assert listening[int(port)] == "127.0.0.1", (url, listening[int(port)])
+        for port in ports.values():
+            assert listening[port] == "127.0.0.1", (port, listening[port])
         # The first key, made with the banner's own command (from the project's folder: the
         # command line finds the deployment through the file the banner names).
         command = up.field(r"make an API key.*:\n\s+(.+)")
@@ -126,6 +140,10 @@ async def test_up_serves_devices_over_tls_and_the_readme_examples_work(
         # The simulated fleet publishes over TLS.
         wait_until(lambda: c.get("/v1/devices/sim-0000/latest").json().get("metrics"),
                    timeout=60, what="the simulated devices' readings")
+        # ...and so does the simulated gateway, for its children, created by the broker.
+        wait_until(lambda: c.get("/v1/devices/sim-gw-00-c001/latest").json().get("metrics"),
+                   timeout=60, what="the simulated gateway's children's readings")
+        assert c.get("/v1/devices/sim-gw-00-c001").json()["parent"] == "sim-gw-00"
         # ...read through the command line, which needs only the key and the env file.
         read = subprocess.run(
             [str(ROOT / ".venv/bin/fleetline"), "telemetry", "query", "sim-0000", "--json"],
