@@ -91,11 +91,10 @@ class Gateway:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self.messages.append((msg.topic, msg.payload))
         parts = msg.topic.split("/")
-        if len(parts) == 5 and parts[2] == "methods" and parts[4] == "req":
+        if len(parts) in (5, 7) and parts[-3] == "methods" and parts[-1] == "req":
             call = orjson.loads(msg.payload)
             answer = {"status": 200, "payload": {"child": parts[1], "via": self.id, **call}}
-            self.client.publish(f"devices/{parts[1]}/methods/{parts[3]}/res",
-                                orjson.dumps(answer), qos=1)
+            self.client.publish("/".join([*parts[:-1], "res"]), orjson.dumps(answer), qos=1)
         elif len(parts) == 3 and parts[2] == "c2d":
             ack = {"id": orjson.loads(msg.payload)["id"], "outcome": "complete"}
             self.client.publish(f"devices/{parts[1]}/c2d/ack", orjson.dumps(ack), qos=1)
@@ -218,6 +217,21 @@ async def test_a_gateway_carries_its_childrens_readings_twins_methods_and_messag
         assert called.status_code == 200, called.text
         assert called.json()["payload"] == {"child": made, "via": gw_id, "method": "identify",
                                             "params": {"blink": 3}}
+        # A module of the child: its twin and methods travel through the gateway too.
+        assert rest.put(f"/v1/devices/{meter}/modules/env", json={}).status_code in (200, 201)
+        module = f"devices/{meter}/modules/env"
+        assert gw.subscribe(f"{module}/twin/desired", f"{module}/methods/+/req") == [1, 1]
+        assert gw.publish(f"{module}/twin/reported", {"fan": "auto"}) == GRANTED
+        wait_until(lambda: rest.get(f"/v1/devices/{meter}/modules/env/twin").json()["reported"]
+                   == {"fan": "auto"}, what="the module's reported twin")
+        patched = rest.patch(f"/v1/devices/{meter}/modules/env/twin", json={"fan": "on"})
+        assert patched.status_code == 200, patched.text
+        wait_until(lambda: gw.received(f"{module}/twin/desired"), what="the module's desired")
+        assert orjson.loads(gw.received(f"{module}/twin/desired")[-1])["desired"] == {"fan": "on"}
+        called = rest.post(f"/v1/devices/{meter}/modules/env/methods/calibrate",
+                           json={"params": {}, "timeout_s": 10})
+        assert called.status_code == 200, called.text
+        assert called.json()["payload"]["child"] == meter
         sent = rest.post(f"/v1/devices/{meter}/messages", json={"body": {"reset": True}})
         assert sent.status_code == 201, sent.text
         message = f"/v1/devices/{meter}/messages/{sent.json()['id']}"
