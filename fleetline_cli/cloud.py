@@ -1,5 +1,6 @@
 """What the cloud tells one device: ``fleetline twin`` (desired and reported properties),
-``fleetline method`` (direct methods) and ``fleetline c2d`` (cloud-to-device messages),
+``fleetline method`` (direct methods), ``fleetline c2d`` (cloud-to-device messages) and
+``fleetline module`` (the device's modules, each with a twin and methods of its own),
 over the REST API (FLEETLINE_API_URL, FLEETLINE_API_KEY)."""
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ c2d_app = typer.Typer(
     no_args_is_help=True,
 )
 
+module_app = typer.Typer(
+    help="Modules of a device: named parts of its software, each with its own twin and "
+    "methods (--module of `twin` and `method`).",
+    no_args_is_help=True,
+)
+
 Module = Annotated[str | None, typer.Option(help="A module of the device, not the device.")]
 
 
@@ -62,6 +69,58 @@ def _show_twin(twin: dict[str, Any]) -> None:
     typer.echo("delta (desired, not reported yet)" if twin["delta"] else "delta: none")
     if twin["delta"]:
         typer.echo(_document(twin["delta"]))
+
+
+def _show_module(module: dict[str, Any]) -> None:
+    typer.echo(
+        f"module {module['module_id']} of {module['device_id']}, created {module['created_at']}"
+    )
+
+
+@module_app.command("list")
+def module_list(
+    device_id: str, output: OutputOption = Output.table, as_json: JsonOption = False
+) -> None:
+    """A device's modules, by id."""
+    modules = api("GET", f"/v1/devices/{device_id}/modules")["items"]
+    if printed(modules, output, as_json):
+        return
+    print_table(["module", "created"], [[m["module_id"], m["created_at"]] for m in modules])
+
+
+@module_app.command("create")
+def module_create(
+    device_id: str,
+    module_id: Annotated[str, typer.Argument(help="Its id, unique within the device.")],
+    output: OutputOption = Output.table,
+    as_json: JsonOption = False,
+) -> None:
+    """Register a module of a device (one registered already is shown as it is).
+
+    A module has no credentials of its own: it speaks over its device's connection."""
+    module = api("PUT", f"/v1/devices/{device_id}/modules/{module_id}")
+    if not printed(module, output, as_json):
+        _show_module(module)
+
+
+@module_app.command("show")
+def module_show(
+    device_id: str,
+    module_id: str,
+    output: OutputOption = Output.table,
+    as_json: JsonOption = False,
+) -> None:
+    """One module (`twin show --module` gives its twin)."""
+    module = api("GET", f"/v1/devices/{device_id}/modules/{module_id}")
+    if not printed(module, output, as_json):
+        _show_module(module)
+
+
+@module_app.command("delete")
+def module_delete(device_id: str, module_id: str) -> None:
+    """Remove a module with its twin."""
+    api("DELETE", f"/v1/devices/{device_id}/modules/{module_id}")
+    typer.echo(f"deleted module {module_id} of {device_id}")
 
 
 @twin_app.command("show")

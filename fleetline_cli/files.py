@@ -55,15 +55,18 @@ def file_download(
     device_id: str,
     file_id: int,
     out: Annotated[Path | None, typer.Option(help="Where to write (default: its name).")] = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Write a file the device uploaded."""
+    """Write a file the device uploaded (-o json/yaml: the file as the API lists it, with
+    where it was written)."""
     from fleetline_cli.client import ApiClient
 
     meta = api("GET", f"/v1/devices/{device_id}/files/{file_id}")
     target = out or Path(meta["name"])
     with api_errors():
         size = ApiClient().download(f"/v1/devices/{device_id}/files/{file_id}/content", target)
-    typer.echo(f"wrote {target}: {size:,} bytes")
+    if not printed({**meta, "path": str(target), "written": size}, output):
+        typer.echo(f"wrote {target}: {size:,} bytes")
 
 
 @file_app.command("delete")

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from fleetline import apikeys
 from fleetline.logs import setup_logging
 from fleetline.settings import redact_url
-from fleetline_cli.cloud import c2d_app, method_app, twin_app
+from fleetline_cli.cloud import c2d_app, method_app, module_app, twin_app
 from fleetline_cli.common import (
     JsonOption,
     Output,
@@ -224,6 +224,7 @@ app.add_typer(enrollment_app, name="enrollment")
 app.add_typer(ca_app, name="ca")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(file_app, name="file")
+app.add_typer(module_app, name="module")
 app.add_typer(twin_app, name="twin")
 app.add_typer(method_app, name="method")
 app.add_typer(c2d_app, name="c2d")
@@ -499,16 +500,19 @@ def device_connection_string(
     ] = None,
     mqtt_url: DeviceMqttUrl = None,
     renew: Annotated[bool, typer.Option(help="Issue a new key and use it.")] = False,
+    output: OutputOption = Output.table,
 ) -> None:
-    """A device's connection string. fleetline never returns a key twice, so give the key
-    you were shown (--key), or issue a new one (--renew). The broker is the configured
-    device endpoint (--mqtt-url, FLEETLINE_DEVICE_MQTT_URL), else the one the API names
-    for devices, unless --host and --port say otherwise."""
+    """A device's connection string (-o json/yaml: with its device, host and port).
+    fleetline never returns a key twice, so give the key you were shown (--key), or issue
+    a new one (--renew). The broker is the configured device endpoint (--mqtt-url,
+    FLEETLINE_DEVICE_MQTT_URL), else the one the API names for devices, unless --host and
+    --port say otherwise."""
     from fleetline import devicekeys
     from fleetline.settings import parse_mqtt_url
 
     if renew:
-        typer.echo(rest("POST", f"/v1/devices/{device_id}/key")["connection_string"])
+        creds = rest("POST", f"/v1/devices/{device_id}/key")
+        _print_connection_string(creds["connection_string"], output)
         return
     if not key:
         raise typer.BadParameter("give --key (the key is shown only once) or --renew")
@@ -527,7 +531,21 @@ def device_connection_string(
         named = rest("GET", "/v1/endpoints")
         host = host or named["device_mqtt_host"]
         port = port or named["device_mqtt_port"]
-    typer.echo(devicekeys.connection_string(host=host, port=port, device_id=device_id, key=key))
+    _print_connection_string(
+        devicekeys.connection_string(host=host, port=port, device_id=device_id, key=key), output
+    )
+
+
+def _print_connection_string(text: str, output: Output) -> None:
+    fields = {name: value for name, _eq, value in (p.partition("=") for p in text.split(";"))}
+    parsed = {
+        "device_id": fields.get("DeviceId"),
+        "host": fields.get("HostName"),
+        "port": int(fields["Port"]) if fields.get("Port", "").isdigit() else None,
+        "connection_string": text,
+    }
+    if not printed(parsed, output):
+        typer.echo(text)
 
 
 firmware_app = typer.Typer(
@@ -547,6 +565,16 @@ def _firmware_errors() -> Iterator[None]:
         fail(str(exc))
 
 
+def _file_sizes(paths: list[Path]) -> list[dict[str, Any]]:
+    return [{"path": str(p), "size": p.stat().st_size} for p in paths]
+
+
+def _print_written(written: list[Path], output: Output) -> None:
+    if not printed({"wrote": [str(p) for p in written]}, output):
+        for path in written:
+            typer.echo(f"wrote {path}")
+
+
 @firmware_app.command("build")
 def firmware_build(
     board: Annotated[str, typer.Option(help="The board: esp32, esp8266 or pyboard.")] = "esp32",
@@ -561,6 +589,7 @@ def firmware_build(
         str | None,
         typer.Option(help="The application's version, which it reports (its release's)."),
     ] = None,
+    output: OutputOption = Output.table,
 ) -> None:
     """Compile the application into a folder ready to copy to the board."""
     from fleetline_cli import firmware
@@ -568,6 +597,15 @@ def firmware_build(
     folder = out or Path("build") / f"firmware-{board}"
     with _firmware_errors():
         built = firmware.build(board, folder, mpy_cross=mpy_cross, version=version)
+    summary = {
+        "board": board,
+        "folder": str(folder),
+        "compiler": built.compiler,
+        "files": _file_sizes(built.files),
+        "size": built.size,
+    }
+    if printed(summary, output):
+        return
     typer.echo(f"{built.compiler}")
     for path in built.files:
         typer.echo(f"  {path}  {path.stat().st_size:,} bytes")
@@ -578,6 +616,7 @@ def firmware_build(
 def firmware_bundle(
     build: Annotated[Path, typer.Argument(help="A `firmware build` folder.")],
     out: Annotated[Path, typer.Option(help="The bundle file to write.")],
+    output: OutputOption = Output.table,
 ) -> None:
     """Pack a build's application files into a bundle to release (`firmware upload`):
     boards on an earlier version update themselves to it through a rollout. The
@@ -586,12 +625,15 @@ def firmware_bundle(
 
     with _firmware_errors():
         files = firmware.bundle(build, out)
-    typer.echo(f"wrote {out}: {len(files)} files, {out.stat().st_size:,} bytes")
+    summary = {"bundle": str(out), "size": out.stat().st_size, "files": _file_sizes(files)}
+    if not printed(summary, output):
+        typer.echo(f"wrote {out}: {len(files)} files, {out.stat().st_size:,} bytes")
 
 
 @firmware_app.command("keygen")
 def firmware_keygen(
     out: Annotated[Path, typer.Option(help="Where to write the private key (PEM, owner-only).")],
+    output: OutputOption = Output.table,
 ) -> None:
     """Make a release key: it signs the manifest of every firmware release, and the boards
     carry its public half (RELEASE_KEY in config_local.py) to check them."""
@@ -605,10 +647,12 @@ def firmware_keygen(
             from fleetline_cli.firmware import FirmwareError
 
             raise FirmwareError(str(exc)) from None
+    public = releases.public_point(key).hex()
+    if printed({"key_file": str(out), "release_key": public}, output):
+        typer.echo(f"wrote {out}: keep it secret and backed up, it signs every release", err=True)
+        return
     typer.echo(f"wrote {out}: keep it secret and backed up, it signs every release")
-    typer.echo(
-        f'RELEASE_KEY = "{releases.public_point(key).hex()}"  # in each board\'s config_local.py'
-    )
+    typer.echo(f'RELEASE_KEY = "{public}"  # in each board\'s config_local.py')
 
 
 # What `firmware sign` and `firmware upload` take.
@@ -634,6 +678,7 @@ def firmware_sign(
     out: Annotated[
         Path | None, typer.Option(help="Where to write (default: IMAGE.release.json).")
     ] = None,
+    output: OutputOption = Output.table,
 ) -> None:
     """Sign IMAGE's manifest (version, target, kind, size, SHA-256) with the release key."""
     from fleetline_cli import firmware
@@ -642,7 +687,8 @@ def firmware_sign(
         written = firmware.sign_release(
             image, version=version, target=target, kind=kind, key_file=key, out=out
         )
-    typer.echo(f"wrote {written}")
+    if not printed({"path": str(written), **json.loads(written.read_text())}, output):
+        typer.echo(f"wrote {written}")
 
 
 @firmware_app.command("upload")
@@ -657,6 +703,7 @@ def firmware_upload(
         int,
         typer.Option(min=1024, help="Bytes per request, within the API's body limit."),
     ] = 512 * 1024,
+    output: OutputOption = Output.table,
 ) -> None:
     """Upload IMAGE as a release to the API (FLEETLINE_API_URL), which signs its manifest
     with its release key. The upload resumes by itself after a dropped connection, and
@@ -678,10 +725,77 @@ def firmware_upload(
             progress=progress,
             part_bytes=part_size,
         )
-    typer.echo(
-        f"released {release['target']} {release['version']} as firmware "
-        f"{release['id']} ({release['size']:,} bytes, sha256 {release['sha256']})"
+    if not printed(release, output):
+        typer.echo(
+            f"released {release['target']} {release['version']} as firmware "
+            f"{release['id']} ({release['size']:,} bytes, sha256 {release['sha256']})"
+        )
+
+
+@firmware_app.command("list")
+def firmware_list(
+    target: Annotated[str | None, typer.Option(help="Only releases for this target.")] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=1000, help="The newest this many, at most.")
+    ] = 100,
+    output: OutputOption = Output.table,
+    as_json: JsonOption = False,
+) -> None:
+    """Firmware releases, newest first (unfinished uploads too)."""
+    params: dict[str, Any] = {"limit": limit}
+    if target is not None:
+        params["target"] = target
+    releases = rest("GET", "/v1/firmware", params=params)["items"]
+    if printed(releases, output, as_json):
+        return
+    print_table(
+        ["id", "target", "version", "kind", "status", "size", "released"],
+        [
+            [
+                r["id"],
+                r["target"],
+                r["version"],
+                r["kind"],
+                r["status"]
+                if r["status"] == "released"
+                else (f"uploading ({r['received']:,} bytes so far)", "yellow"),
+                f"{r['size']:,}",
+                r["released_at"],
+            ]
+            for r in releases
+        ],
     )
+
+
+@firmware_app.command("show")
+def firmware_show(
+    firmware_id: Annotated[int, typer.Argument(help="The release's id.")],
+    output: OutputOption = Output.table,
+    as_json: JsonOption = False,
+) -> None:
+    """One firmware release, with its signed manifest."""
+    r = rest("GET", f"/v1/firmware/{firmware_id}")
+    if printed(r, output, as_json):
+        return
+    typer.echo(f"firmware {r['id']}: {r['target']} {r['version']} ({r['kind']}), {r['status']}")
+    typer.echo(f"  {r['size']:,} bytes, sha256 {r['sha256']}")
+    if r["status"] != "released":
+        typer.echo(f"  {r['received']:,} bytes uploaded so far")
+    typer.echo(f"  created {r['created_at']}, released {r['released_at'] or '-'}")
+    if r["notes"]:
+        typer.echo(f"  notes: {r['notes']}")
+    if r["manifest"]:
+        typer.echo(f"  manifest {r['manifest']}")
+        typer.echo(f"  signature {r['signature']}")
+
+
+@firmware_app.command("delete")
+def firmware_delete(
+    firmware_id: Annotated[int, typer.Argument(help="The release's id.")],
+) -> None:
+    """Delete a release and its image (not while a rollout of it is unfinished)."""
+    rest("DELETE", f"/v1/firmware/{firmware_id}")
+    typer.echo(f"deleted firmware {firmware_id}")
 
 
 @firmware_app.command("config")
@@ -745,6 +859,7 @@ def firmware_config(
         str | None,
         typer.Option(help="With --release-key: the releases' target (default: the board's)."),
     ] = None,
+    output: OutputOption = Output.table,
 ) -> None:
     """Write a board's config_local.py (and its CA file) for DEVICE_ID. fleetline never
     returns a key twice: give the key you were shown (--key) or issue a new one (--renew).
@@ -799,8 +914,7 @@ def firmware_config(
                     **updates,
                 },
             )
-        for path in written:
-            typer.echo(f"wrote {path}")
+        _print_written(written, output)
         return
     if device_id is None:
         raise typer.BadParameter("give DEVICE_ID, or --enrollment")
@@ -836,8 +950,7 @@ def firmware_config(
             interval_s=interval,
             extra=updates,
         )
-    for path in written:
-        typer.echo(f"wrote {path}")
+    _print_written(written, output)
 
 
 @firmware_app.command("flash")
@@ -1014,7 +1127,7 @@ def up(
 
 @app.command()
 def simulate(
-    devices: Annotated[int, typer.Option(min=1, help="Simulated devices to run.")] = 10,
+    devices: Annotated[int, typer.Option(min=0, help="Simulated devices to run.")] = 10,
     interval: Annotated[
         float, typer.Option(min=0.1, help="Seconds between a device's readings.")
     ] = 2.0,
@@ -1037,6 +1150,15 @@ def simulate(
     duration: Annotated[
         float, typer.Option(min=0, help="Stop after this many seconds (0: at Ctrl-C).")
     ] = 0,
+    gateways: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Simulated gateways (PREFIXgw-00...), each publishing for its children."
+        ),
+    ] = 0,
+    children_per_gateway: Annotated[
+        int, typer.Option(min=0, help="Children behind each simulated gateway.")
+    ] = 10,
 ) -> None:
     """Simulated devices against a deployment (FLEETLINE_API_URL), until Ctrl-C.
 
@@ -1044,16 +1166,23 @@ def simulate(
     (simulated devices of the prefix registered already get a new one; any other device of
     the prefix stops it, keeping its key), connect to the broker the
     API names for devices (FLEETLINE_DEVICE_MQTT_URL instead) and publish readings,
-    answer methods, take twin changes and cloud-to-device messages."""
+    answer methods, take twin changes and cloud-to-device messages. Gateways (--gateways)
+    are registered as gateways that create their children (GATEWAY-c000...) on their
+    first message, and publish for them."""
     from fleetline_cli import simulate as sim
     from fleetline_cli.client import ApiClient
+    from fleetline_dev.simulated_gateways import gateway_ids
     from fleetline_dev.simulator import device_ids
 
     if ca_file is not None and not ca_file.is_file():
         raise typer.BadParameter(f"{ca_file} is not a file", param_hint="--ca-file")
     if not prefix:
         raise typer.BadParameter("must not be empty", param_hint="--prefix")
-    ids = device_ids(devices, prefix)
+    if devices == 0 and gateways == 0:
+        raise typer.BadParameter("nothing to simulate: give --devices N or --gateways G")
+    ids = device_ids(devices, prefix) if devices else []
+    gateway_prefix = f"{prefix}gw-"
+    gateway_list = gateway_ids(gateways, gateway_prefix) if gateways else []
     with api_errors():
         client = ApiClient()
         try:
@@ -1061,10 +1190,18 @@ def simulate(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--mqtt-url") from None
         keys = sim.register(client, ids)
+        keys |= sim.register_gateways(client, gateway_list, children=children_per_gateway)
     scheme = "mqtts" if target.tls else "mqtt"
+    what = [f"{devices} devices ({ids[0]}...{ids[-1]})"] if ids else []
+    if gateway_list:
+        what.append(
+            f"{gateways} gateway{'s' if gateways > 1 else ''} ({gateway_list[0]}"
+            f"{'...' + gateway_list[-1] if gateways > 1 else ''}) with "
+            f"{children_per_gateway} children each"
+        )
     typer.echo(
-        f"simulating {devices} devices ({ids[0]}...{ids[-1]}) on {scheme}://{target.host}:"
-        f"{target.port}, a reading every {interval:g} s; Ctrl-C stops",
+        f"simulating {' and '.join(what)} on {scheme}://{target.host}:{target.port}, "
+        f"a reading every {interval:g} s; Ctrl-C stops",
         err=True,
     )
     setup_logging("simulate", fmt="console")
@@ -1079,6 +1216,9 @@ def simulate(
                 interval_seconds=interval,
                 prefix=prefix,
                 duration_seconds=duration,
+                gateways=gateways,
+                children_per_gateway=children_per_gateway,
+                gateway_prefix=gateway_prefix,
             )
         )
     except KeyboardInterrupt:

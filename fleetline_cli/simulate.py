@@ -7,6 +7,11 @@ issued a new one), and connect to the broker the API names for devices
 its URL is ``mqtts://``, verifying it against the CA file given (else the system's CAs).
 The devices themselves are fleetline_dev/simulator.py's: readings, twin, methods and
 cloud-to-device messages, as under ``fleetline up``.
+
+Gateways (``--gateways``) are fleetline_dev/simulated_gateways.py's, as under ``fleetline
+up --gateways``: each registered over the API as a gateway that creates its children on
+their first message (ids ``{gateway}-c000``...), with its limits scaled for them, and
+publishing for them on the broker.
 """
 
 from __future__ import annotations
@@ -14,39 +19,95 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 from fleetline.settings import MqttTarget, parse_mqtt_url
 from fleetline_cli.client import ApiClient, ApiError
+from fleetline_dev import simulated_gateways
+from fleetline_dev.simulated_gateways import run_gateways
 from fleetline_dev.simulator import run_fleet
 
 TAGS = {"source": "simulator"}
+# The bounds of a device's limits (PUT /v1/limits/devices/{id}).
+LIMIT_BOUNDS = {
+    "messages_per_second": 1e6,
+    "burst_messages": 100_000_000,
+    "bytes_per_second": 1e12,
+    "burst_bytes": 1 << 40,
+}
 
 
 class NotSimulatedError(ApiError):
     """A device of the prefix exists and is not one of the simulator's."""
 
 
+def _register_one(
+    client: ApiClient, device_id: str, tags: dict[str, str], gateway: dict[str, Any] | None
+) -> str:
+    """Register the device (with ``tags``, and as a gateway with that policy), or issue
+    a new key to one that exists and carries those tags (a real device of the same
+    prefix is left alone: a new key would lock it out); its key."""
+    body: dict[str, Any] = {"id": device_id, "tags": tags, "gateway": gateway}
+    try:
+        return str(client.request("POST", "/v1/devices", json=body)["credentials"]["key"])
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+    device = client.request("GET", f"/v1/devices/{device_id}")
+    if any(device["tags"].get(name) != value for name, value in tags.items()):
+        tagged = " ".join(f"{k}={v}" for k, v in tags.items())
+        raise NotSimulatedError(
+            f"device {device_id} exists and is not a simulated one (no tag {tagged}): "
+            "choose another --prefix"
+        ) from None
+    if gateway is not None and device.get("gateway") is None:
+        client.request("PATCH", f"/v1/devices/{device_id}", json={"gateway": gateway})
+    return str(client.request("POST", f"/v1/devices/{device_id}/key")["key"])
+
+
 def register(client: ApiClient, ids: list[str]) -> dict[str, str]:
-    """Register each device (tagged source=simulator), or issue a new key to one that
-    exists and carries that tag (a real device of the same prefix is left alone: a new
-    key would lock it out); each device's key."""
+    """Register each device (tagged source=simulator), or issue a new key to a simulated
+    one that exists; each device's key."""
+    return {device_id: _register_one(client, device_id, TAGS, None) for device_id in ids}
+
+
+def register_gateways(client: ApiClient, ids: list[str], *, children: int) -> dict[str, str]:
+    """Register each gateway (tagged as simulated_gateways.py tags them) with a policy
+    that creates its children on their first message, or issue a new key to a simulated
+    gateway that exists (one that is no gateway yet is made one). Its publishes for its
+    children count against its own limits: it gets the default limits times
+    ``children + 1``, as its override (a larger override already there is kept). Each
+    gateway's key."""
+    if not ids:
+        return {}
+    default = next(
+        (x for x in client.request("GET", "/v1/limits")["items"] if x["selector"] == "default"),
+        None,
+    )
     keys: dict[str, str] = {}
-    for device_id in ids:
-        try:
-            made = client.request("POST", "/v1/devices", json={"id": device_id, "tags": TAGS})
-            credentials = made["credentials"]
-        except ApiError as exc:
-            if exc.status != 409:
-                raise
-            tags = client.request("GET", f"/v1/devices/{device_id}")["tags"]
-            if any(tags.get(name) != value for name, value in TAGS.items()):
-                raise NotSimulatedError(
-                    f"device {device_id} exists and is not a simulated one (no tag "
-                    "source=simulator): choose another --prefix"
-                ) from None
-            credentials = client.request("POST", f"/v1/devices/{device_id}/key")
-        keys[device_id] = credentials["key"]
+    for gateway_id in ids:
+        keys[gateway_id] = _register_one(
+            client,
+            gateway_id,
+            simulated_gateways.TAGS,
+            simulated_gateways.policy(gateway_id, children),
+        )
+        if default is not None:
+            _scale_limits(client, gateway_id, default, children + 1)
     return keys
+
+
+def _scale_limits(client: ApiClient, device_id: str, default: dict[str, Any], times: int) -> None:
+    current = client.request("GET", f"/v1/devices/{device_id}/limits")["limits"]
+    own = current if current and current["selector"] == f"device:{device_id}" else None
+    limits: dict[str, Any] = {}
+    for name, most in LIMIT_BOUNDS.items():
+        value = min(default[name] * times, most)
+        if own is not None:
+            value = max(value, own[name])
+        limits[name] = float(value) if name.endswith("_per_second") else int(value)
+    if own is None or any(limits[name] != own[name] for name in LIMIT_BOUNDS):
+        client.request("PUT", f"/v1/limits/devices/{device_id}", json=limits)
 
 
 def broker(client: ApiClient, mqtt_url: str | None, ca_file: Path | None) -> MqttTarget:
@@ -63,9 +124,12 @@ async def run(
     interval_seconds: float,
     prefix: str,
     duration_seconds: float,
+    gateways: int,
+    children_per_gateway: int,
+    gateway_prefix: str,
 ) -> None:
-    """The fleet until SIGINT or SIGTERM (or ``duration_seconds``, when not 0): then each
-    device says offline and disconnects."""
+    """The fleet (and its gateways, with their children) until SIGINT or SIGTERM (or
+    ``duration_seconds``, when not 0): then each device says offline and disconnects."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -73,14 +137,30 @@ async def run(
     if duration_seconds > 0:
         loop.call_later(duration_seconds, stop.set)
     try:
-        await run_fleet(
-            target,
-            devices=devices,
-            interval_seconds=interval_seconds,
-            prefix=prefix,
-            stop=stop,
-            keys=keys,
-        )
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(
+                run_fleet(
+                    target,
+                    devices=devices,
+                    interval_seconds=interval_seconds,
+                    prefix=prefix,
+                    stop=stop,
+                    keys=keys,
+                ),
+                name="simulate.devices",
+            )
+            tg.create_task(
+                run_gateways(
+                    target,
+                    gateways=gateways,
+                    children=children_per_gateway,
+                    interval_seconds=interval_seconds,
+                    prefix=gateway_prefix,
+                    stop=stop,
+                    keys=keys,
+                ),
+                name="simulate.gateways",
+            )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

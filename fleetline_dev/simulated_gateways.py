@@ -34,6 +34,7 @@ import logging
 import random
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import orjson
@@ -105,6 +106,17 @@ def child_id_pattern(gateway_id: str) -> str:
     return gateway_id.replace(".", "\\.") + "-c[0-9]+"
 
 
+def policy(gateway_id: str, children: int) -> dict[str, Any]:
+    """A simulated gateway's policy: it creates its children (ids of
+    :func:`child_id_pattern`, tagged like the gateways) on their first message."""
+    return {
+        "create_children": True,
+        "child_id_pattern": child_id_pattern(gateway_id),
+        "child_tags": TAGS,
+        "max_children": max(children, 1000),
+    }
+
+
 async def register_gateways(
     database_url: str, ids: list[str], key_secret: bytes, *, children: int
 ) -> dict[str, str]:
@@ -121,17 +133,7 @@ async def register_gateways(
     Returns each gateway's current key, for the simulator to log in with."""
     if not ids:
         return {}
-    policies = [
-        orjson.dumps(
-            {
-                "create_children": True,
-                "child_id_pattern": child_id_pattern(g),
-                "child_tags": TAGS,
-                "max_children": max(children, 1000),
-            }
-        ).decode()
-        for g in ids
-    ]
+    policies = [orjson.dumps(policy(g, children)).decode() for g in ids]
     con = await asyncpg.connect(database_url)
     try:
         async with con.transaction():

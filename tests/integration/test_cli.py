@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from fleetline import certificates, devicekeys
@@ -81,7 +82,7 @@ def test_missing_key_and_unreachable_api_are_clear_errors() -> None:
 
 
 async def test_device_credentials_verbs(
-    api: ApiProcess, make_key: Callable[..., Any], uid: str
+    api: ApiProcess, make_key: Callable[..., Any], uid: str, tmp_path: Path
 ) -> None:
     env = {"FLEETLINE_API_URL": api.url, "FLEETLINE_API_KEY": await make_key("admin")}
     made = fleetline("device", "create", f"{uid}-k", env=env)
@@ -106,10 +107,24 @@ async def test_device_credentials_verbs(
         f"HostName={endpoint['device_mqtt_host']};Port={endpoint['device_mqtt_port']};"
         f"DeviceId={uid}-k;SharedAccessKey={key}")
     assert f"Port={endpoint['device_mqtt_port']};" in made.stdout
+    as_json = fleetline("device", "connection-string", f"{uid}-k", "--key", key, "--mqtt-url",
+                        "mqtts://broker.example:8884", "-o", "json", env=env)
+    assert json.loads(as_json.stdout) == {
+        "device_id": f"{uid}-k", "host": "broker.example", "port": 8884,
+        "connection_string": f"HostName=broker.example;Port=8884;DeviceId={uid}-k;"
+                             f"SharedAccessKey={key}"}
+    # A board's config, and what was written as JSON.
+    config = fleetline("firmware", "config", f"{uid}-k", "--wifi-ssid", "lab", "--wifi-password",
+                       "pw", "--key", key, "--mqtt-url", "mqtt://broker.example:1883", "--plain",
+                       "--out", str(tmp_path / "config"), "-o", "json", env=env)
+    assert config.returncode == 0, config.stderr
+    assert json.loads(config.stdout) == {"wrote": [str(tmp_path / "config" / "config_local.py")]}
+    assert f"SharedAccessKey={key}" in (tmp_path / "config" / "config_local.py").read_text()
     no_key = fleetline("device", "connection-string", f"{uid}-k", env=env)
     assert no_key.returncode == 2 and "--renew" in no_key.stderr
-    renewed = fleetline("device", "connection-string", f"{uid}-k", "--renew", env=env)
-    new_key = renewed.stdout.strip().rsplit("SharedAccessKey=", 1)[1]
+    renewed = fleetline("device", "connection-string", f"{uid}-k", "--renew", "-o", "yaml",
+                        env=env)
+    new_key = yaml.safe_load(renewed.stdout)["connection_string"].rsplit("SharedAccessKey=", 1)[1]
     version = json.loads(fleetline("device", "show", f"{uid}-k", "--json", env=env).stdout)[
         "key_version"]
     assert new_key == devicekeys.derive_key(DEVICE_KEY_SECRET.encode(), f"{uid}-k", version)

@@ -4,10 +4,13 @@ devices on the real broker; run in-process (typer's runner), as a user types the
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import asyncpg
+import orjson
+import paho.mqtt.client as paho
 import pytest
 import yaml
 from click.testing import Result
@@ -16,7 +19,7 @@ from typer.testing import CliRunner
 from fleetline_cli.main import app
 from fleetline_dev.embedded import LocalMosquitto
 from tests.integration.test_methods import MethodDevice
-from tests.support import ApiProcess
+from tests.support import ApiProcess, Device
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +71,34 @@ def answering(broker: LocalMosquitto) -> Iterator[Callable[[str], MethodDevice]]
     def make(device_id: str) -> MethodDevice:
         made.append(MethodDevice(broker.url, device_id))
         return made[-1]
+
+    yield make
+    for dev in made:
+        dev.close()
+
+
+@pytest.fixture
+def module_answering(broker: LocalMosquitto) -> Iterator[Callable[[str], None]]:
+    """Devices on the broker whose modules answer every method on the module's own topic
+    (docs/protocol.md, section 8) with the module's id, the method and its params."""
+    made: list[Device] = []
+
+    def make(device_id: str) -> None:
+        dev = Device(broker.url, device_id)
+        made.append(dev)
+
+        def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+            body = orjson.loads(msg.payload)
+            payload = {"module": msg.topic.split("/")[3], "method": body["method"],
+                       **body["params"]}
+            dev.client.publish(msg.topic.removesuffix("req") + "res",
+                               orjson.dumps({"status": 200, "payload": payload}), qos=1)
+
+        subscribed = threading.Event()
+        dev.client.on_message = on_message
+        dev.client.on_subscribe = lambda *_a: subscribed.set()
+        dev.client.subscribe(f"devices/{device_id}/modules/+/methods/+/req", qos=1)
+        assert subscribed.wait(10), "the device's subscription was not acknowledged"
 
     yield make
     for dev in made:
@@ -131,6 +162,52 @@ async def test_method_invoke_prints_the_devices_answer(
     failed(cli("method", "invoke", f"{uid}-none", "ping"), "404")
 
 
+async def test_modules_created_listed_shown_called_and_deleted(
+    cli: Cli, online: Any, module_answering: Callable[[str], None], uid: str
+) -> None:
+    [device] = await online(f"{uid}-mod")
+    made = ok(cli("module", "create", device, "relay")).stdout.splitlines()
+    assert made[0].startswith(f"module relay of {device}, created ")
+    env = json.loads(ok(cli("module", "create", device, "env", "-o", "json")).stdout)
+    assert env["device_id"] == device and env["module_id"] == "env" and env["created_at"]
+    # One registered already is shown as it is.
+    again = yaml.safe_load(ok(cli("module", "create", device, "env", "-o", "yaml")).stdout)
+    assert again == env
+    listed = ok(cli("module", "list", device)).stdout.splitlines()
+    assert listed[0].split() == ["module", "created"]
+    assert [line.split()[0] for line in listed[1:]] == ["env", "relay"]
+    assert [m["module_id"] for m in json.loads(ok(cli("module", "list", device, "--json")).stdout)
+            ] == ["env", "relay"]
+    shown = yaml.safe_load(ok(cli("module", "show", device, "env", "-o", "yaml")).stdout)
+    assert shown == env
+    # Its twin is its own, not the device's.
+    ok(cli("twin", "update", device, "--module", "env", "--desired", '{"unit": "C"}'))
+    twin = ok(cli("twin", "show", device, "--module", "env")).stdout.splitlines()
+    assert twin[0] == f"twin of {device} module env"
+    module_twin = json.loads(ok(cli("twin", "show", device, "--module", "env", "-o", "json")
+                                ).stdout)
+    assert module_twin["module_id"] == "env" and module_twin["desired"] == {"unit": "C"}
+    assert json.loads(ok(cli("twin", "show", device, "--json")).stdout)["desired"] == {}
+    # A method reaches the module, on its own topic.
+    module_answering(device)
+    called = yaml.safe_load(ok(cli("method", "invoke", device, "switch", "--module", "relay",
+                                   "--params", '{"on": true}', "--timeout", "5", "-o", "yaml")
+                               ).stdout)
+    assert called["status"] == 200
+    assert called["payload"] == {"module": "relay", "method": "switch", "on": True}
+    text = ok(cli("method", "invoke", device, "ping", "--module", "env", "--timeout", "5"))
+    assert text.stdout.splitlines()[0] == "status 200" and '"module": "env"' in text.stdout
+    failed(cli("method", "invoke", device, "ping", "--module", "ghost", "--timeout", "1"),
+           "404 Not Found", f"module {device}/ghost not found")
+    assert ok(cli("module", "delete", device, "env")).stdout == f"deleted module env of {device}\n"
+    failed(cli("module", "show", device, "env"), "404 Not Found", f"module {device}/env")
+    failed(cli("twin", "show", device, "--module", "env"), "404 Not Found")
+    failed(cli("module", "delete", device, "env"), "404 Not Found")
+    assert [m["module_id"] for m in yaml.safe_load(
+        ok(cli("module", "list", device, "-o", "yaml")).stdout)] == ["relay"]
+    failed(cli("module", "list", f"{uid}-none"), "404 Not Found", f"{uid}-none")
+
+
 async def test_c2d_send_list_show_cancel(cli: Cli, db: asyncpg.Pool[Any], uid: str) -> None:
     device = f"{uid}-c"
     await db.execute("INSERT INTO devices (id) VALUES ($1)", device)
@@ -188,6 +265,18 @@ async def test_jobs_created_watched_listed_and_cancelled(
     assert any(line.split()[:2] == [str(twin["id"]), "twin"] for line in listed[1:])
     desired = json.loads(ok(cli("twin", "show", ids[0], "--json")).stdout)["desired"]
     assert desired == {"interval_s": 5}
+    # A job cancelled while it runs (one device started every 2 s: the second is still
+    # pending): its pending devices are cancelled.
+    running = json.loads(ok(cli("job", "create", "--query", query, "--method", "ping",
+                                "--batch-size", "1", "--max-per-second", "0.5",
+                                "-o", "json")).stdout)
+    assert running["state"] in ("queued", "running")
+    cancelled = ok(cli("job", "cancel", str(running["id"]))).stdout
+    assert cancelled.startswith(f"job {running['id']} (method ping): cancelled, "), cancelled
+    shown = json.loads(ok(cli("job", "show", str(running["id"]), "-o", "json")).stdout)
+    assert shown["state"] == "cancelled" and shown["cancelled_by"]
+    assert shown["progress"]["pending"] == 0 and shown["progress"]["cancelled"] >= 1
+    failed(cli("job", "cancel", str(running["id"])), "409 Conflict", "cancelled already")
     # A job that matches nothing finishes at once; cancelling it then is refused.
     empty = json.loads(ok(cli("job", "create", "--query", f"tags.run = '{uid}-none'",
                               "--method", "ping", "--json")).stdout)

@@ -1,6 +1,7 @@
 """`fleetline simulate` against a deployment it knows only by its API URL and key: the
 secure broker (TLS, the auth plugin checking each device's key) and its API; the
-devices it registers publish readings that ingest stores."""
+devices and gateways it registers publish readings (a gateway its children's) that
+ingest stores."""
 
 from __future__ import annotations
 
@@ -36,16 +37,20 @@ async def until(check: Callable[[], Awaitable[Any]], *, what: str, timeout: floa
 
 
 async def readings_of(secure_db: asyncpg.Pool[Any], prefix: str) -> dict[str, int] | None:
-    """Readings stored per device of the prefix, once each of 3 devices has 3."""
+    """Readings stored per device of the prefix (the gateway's children included), once
+    each of 3 devices has 3 and a child of the gateway has one."""
     counts = dict(await secure_db.fetch(
         "SELECT device_id, count(*) FROM readings WHERE device_id LIKE $1 || '%' "
         "GROUP BY device_id", prefix))
-    return counts if len(counts) == 3 and min(counts.values()) >= 3 else None
+    own = [n for d, n in counts.items() if not d.startswith(f"{prefix}gw-")]
+    children = [d for d in counts if d.startswith(f"{prefix}gw-00-c")]
+    return counts if len(own) == 3 and min(own) >= 3 and children else None
 
 
 async def all_offline(secure_db: asyncpg.Pool[Any], prefix: str) -> bool:
+    """The 3 devices, the gateway and its 2 children said offline."""
     return bool(await secure_db.fetchval(
-        "SELECT count(*) = 3 FROM device_activity WHERE device_id LIKE $1 || '%' AND NOT online",
+        "SELECT count(*) = 6 FROM device_activity WHERE device_id LIKE $1 || '%' AND NOT online",
         prefix))
 
 
@@ -72,7 +77,7 @@ async def test_simulate_registers_its_fleet_and_its_readings_are_stored(
         env.pop("FLEETLINE_DEVICE_MQTT_URL", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "fleetline_cli", "simulate", "--devices", "3", "--interval",
-             "0.2", "--prefix", prefix],
+             "0.2", "--prefix", prefix, "--gateways", "1", "--children-per-gateway", "2"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             per_device = await until(lambda: readings_of(secure_db, prefix),
@@ -82,9 +87,21 @@ async def test_simulate_registers_its_fleet_and_its_readings_are_stored(
         finally:
             proc.kill()
         assert proc.returncode == 0, err
-        assert (f"simulating 3 devices ({prefix}0000...{prefix}0002) on "
+        assert (f"simulating 3 devices ({prefix}0000...{prefix}0002) and 1 gateway "
+                f"({prefix}gw-00) with 2 children each on "
                 f"mqtts://127.0.0.1:{secure_broker.tls_port}") in err
-        assert sorted(per_device) == [f"{prefix}000{i}" for i in range(3)], per_device
+        own = sorted(d for d in per_device if not d.startswith(f"{prefix}gw-"))
+        assert own == [f"{prefix}000{i}" for i in range(3)], per_device
+        # The gateway, registered over the API, created its children, whose readings it
+        # published; its limits were scaled for them.
+        gateway = rest.get(f"/v1/devices/{prefix}gw-00").json()
+        assert gateway["gateway"]["create_children"] and gateway["tags"] == {
+            "source": "simulated-gateway"}
+        child = next(d for d in per_device if d.startswith(f"{prefix}gw-00-c"))
+        assert child in (f"{prefix}gw-00-c000", f"{prefix}gw-00-c001")
+        assert rest.get(f"/v1/devices/{child}").json()["parent"] == f"{prefix}gw-00"
+        limits = rest.get(f"/v1/devices/{prefix}gw-00/limits").json()["limits"]
+        assert limits["selector"] == f"device:{prefix}gw-00"
         # Each device said offline before it went (ingest keeps its status).
         await until(lambda: all_offline(secure_db, prefix), what="the devices to say offline")
         metrics = {r["metric"] for r in await secure_db.fetch(

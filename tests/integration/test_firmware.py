@@ -8,6 +8,7 @@ release key, missing scopes).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import yaml
 
 from fleetline import releases
 from fleetline_dev.embedded import LocalMosquitto
 from tests.integration.test_api import assert_problem, client
+from tests.integration.test_cli import fleetline
 from tests.support import ApiProcess, release_key_file
 
 pytestmark = pytest.mark.integration
@@ -196,15 +199,55 @@ async def test_the_cli_uploads_a_release_in_parts_with_progress(
     assert put_part(c, started["id"], data, 0, PART - 1).status_code == 200
     done = subprocess.run(
         [sys.executable, "-m", "fleetline_cli", "firmware", "upload", str(image),
-         "--version", f"7.0.{uid[-4:]}", "--target", "esp32", "--kind", "image"],
+         "--version", f"7.0.{uid[-4:]}", "--target", "esp32", "--kind", "image", "-o", "json"],
         env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "262,144 of" not in done.stderr  # that part was not sent again
     assert "786,432 of 1,300,000 bytes (60%)" in done.stderr
     assert "1,300,000 of 1,300,000 bytes (100%)" in done.stderr
-    fid = int(done.stdout.split("as firmware ")[1].split()[0])
-    assert fid == started["id"]
+    release = json.loads(done.stdout)  # -o json: the release, alone on stdout
+    fid = release["id"]
+    assert fid == started["id"] and release["status"] == "released" and release["signature"]
     assert c.get(f"/v1/firmware/{fid}/content").content == image.read_bytes()
+    # The releases, listed, shown and deleted (in this process: no start-up to wait for).
+    key_env = {"FLEETLINE_API_URL": api.url, "FLEETLINE_API_KEY": env["FLEETLINE_API_KEY"]}
+
+    def cli(*args: str) -> str:
+        result = fleetline("firmware", *args, env=key_env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    unfinished = declare(c, data, f"7.1.{uid[-4:]}").json()
+    listed = {r["id"]: r for r in json.loads(cli("list", "--target", "esp32", "--limit", "1000",
+                                                 "-o", "json"))}
+    assert listed[fid] == release and listed[unfinished["id"]]["status"] == "uploading"
+    table = cli("list", "--target", "esp32", "--limit", "1000").splitlines()
+    assert table[0].split() == ["id", "target", "version", "kind", "status", "size", "released"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows[str(fid)][1:7] == ["esp32", f"7.0.{uid[-4:]}", "image", "released",
+                                   "1,300,000", release["released_at"]]
+    assert rows[str(unfinished["id"])][4:6] == ["uploading", "(0"]
+    assert yaml.safe_load(cli("show", str(fid), "-o", "yaml")) == release
+    shown = cli("show", str(fid)).splitlines()
+    assert shown[0] == f"firmware {fid}: esp32 7.0.{uid[-4:]} (image), released"
+    assert f"sha256 {release['sha256']}" in shown[1]
+    assert f"  signature {release['signature']}" in shown
+    assert cli("delete", str(unfinished["id"])) == f"deleted firmware {unfinished['id']}\n"
+    gone = fleetline("firmware", "show", str(unfinished["id"]), env=key_env)
+    assert gone.returncode == 1
+    assert gone.stderr == f"error: 404 Not Found: firmware {unfinished['id']} not found\n"
+    # A release key and a manifest signed offline, as JSON and YAML.
+    key_file = tmp_path / "release-key.pem"
+    made = json.loads(cli("keygen", "--out", str(key_file), "-o", "json"))
+    assert made["key_file"] == str(key_file)
+    assert bytes.fromhex(made["release_key"]) == releases.public_point(
+        releases.load_key(key_file))
+    signed = yaml.safe_load(cli("sign", str(image), "--version", "7.2.0", "--target", "esp32",
+                                "--kind", "image", "--key", str(key_file), "-o", "yaml"))
+    assert signed["path"] == str(tmp_path / "app.bin.release.json")
+    assert json.loads(signed["manifest"])["sha256"] == release["sha256"]
+    assert releases.verify(bytes.fromhex(made["release_key"]), signed["manifest"].encode(),
+                           bytes.fromhex(signed["signature"]))
     again = subprocess.run(
         [sys.executable, "-m", "fleetline_cli", "firmware", "upload", str(image),
          "--version", f"7.0.{uid[-4:]}", "--target", "esp32", "--kind", "image"],
