@@ -10,8 +10,9 @@ meanwhile when back.
 
 From the cloud: each device subscribes to its ``c2d``, ``twin/desired`` and
 ``methods/+/req`` topics before it announces itself ``online`` (the API sends queued
-messages when it sees that status), then reports ``{"fw", "model"}`` on
-``twin/reported``.
+messages when it sees that status), then reports ``{"fw", "model", "units"}`` on
+``twin/reported`` (``units``: the unit of each metric it reads that has one, which the
+dashboard shows on its charts; docs/protocol.md, section 5).
 
 - Cloud-to-device messages are acknowledged with ``{"id": ..., "outcome": "complete"}``
   on ``devices/{id}/c2d/ack``. Delivery is at least once: a message whose id the device
@@ -104,7 +105,8 @@ class OfflinePolicy:
 
 
 class Sensor(Protocol):
-    """What a simulated device reads on each tick (its firmware version given)."""
+    """What a simulated device reads on each tick (its firmware version given). A sensor
+    may also have ``units`` (metric name → unit), which the device reports in its twin."""
 
     def read(self, fw: str) -> Reading: ...
 
@@ -261,6 +263,9 @@ async def _answer_method(
 class _Sensors:
     """Plausible values: temperature and humidity drift around a set point."""
 
+    # The metrics it reads that have a unit (door_open is a boolean, fw a text).
+    units: Mapping[str, str] = {"temperature": "°C", "humidity": "%"}
+
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.temperature = rng.gauss(21.0, 1.0)
@@ -282,6 +287,23 @@ class _Sensors:
                 "fw": fw,
             },
         }
+
+
+def _units_of(sensor: Sensor) -> dict[str, str]:
+    """The sensor's ``units`` (metric name → unit), if it has any."""
+    units = getattr(sensor, "units", None)
+    if not isinstance(units, Mapping):
+        return {}
+    return {str(name): unit for name, unit in units.items() if isinstance(unit, str) and unit}
+
+
+def _birth_report(fw: str, units: Mapping[str, str]) -> dict[str, Any]:
+    """What a device reports in its twin once connected: its firmware, its model and the
+    units of its metrics (when it knows any)."""
+    report: dict[str, Any] = {"fw": fw, "model": MODEL}
+    if units:
+        report["units"] = dict(units)
+    return report
 
 
 async def _reconnect_later(
@@ -380,6 +402,7 @@ async def _device(
     )
     rng = random.Random(f"{seed}/{device_id}" if seed else device_id)
     sensors = (sensor or _Sensors)(rng)
+    units = _units_of(sensors)
 
     def fw() -> str:
         return updates.version if updates is not None else FIRMWARE_VERSION
@@ -419,7 +442,7 @@ async def _device(
                     await client.publish(status_topic, STATUS_ONLINE, qos=1, retain=True)
                     await client.publish(
                         topic_for(device_id, TWIN_REPORTED),
-                        orjson.dumps({"fw": fw(), "model": MODEL}),
+                        orjson.dumps(_birth_report(fw(), units)),
                         qos=1,
                     )
                     next_tick = loop.time()

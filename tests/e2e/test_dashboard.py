@@ -1,11 +1,12 @@
 """The web dashboard in a real browser (Debian's Chromium driven by Playwright), against
 the API and ingest as processes, with readings published by a device over MQTT, and a
-firmware rollout created over REST."""
+firmware rollout created over REST; an address the dashboard does not know."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -113,6 +114,10 @@ async def test_dashboard_shows_fleet_history_live_readings_and_dead_letters(
             await expect(chart).to_have_attribute("data-points", "5")
             await expect(chart).to_have_attribute("data-last-value", "24")
             await expect(chart.locator("canvas")).to_have_count(1)
+            # Its twin states no unit: the chart shows none.
+            await expect(page.get_by_test_id("charts")).to_have_attribute("data-units", "0")
+            await expect(chart).not_to_have_attribute("data-unit", re.compile(".*"))
+            await expect(chart.get_by_test_id("chart-unit")).to_be_hidden()
             await expect(page.get_by_test_id("live-status")).to_have_attribute(
                 "data-state", "live", timeout=LIVE_TIMEOUT_MS)
             live_ms = int(time.time() * 1000)
@@ -146,6 +151,15 @@ async def test_dashboard_shows_fleet_history_live_readings_and_dead_letters(
                 '{"values": oops')
             await expect(letter.get_by_test_id("dead-letter-reason")).not_to_be_empty()
             await page.screenshot(path=artifacts / "dashboard-dead-letters.png")
+
+            # An address the dashboard does not know: a page that says so, a way back.
+            await page.goto(f"{api.url}/dashboard/#/no-such-page")
+            await expect(page.get_by_role("heading", name="Not found")).to_be_focused()
+            await expect(page).to_have_title("Not found · fleetline")
+            await expect(page.locator("#mainnav [aria-current]")).to_have_count(0)
+            await page.screenshot(path=artifacts / "dashboard-not-found.png")
+            await page.get_by_role("link", name="Go to the fleet").click()
+            await expect(page.get_by_role("heading", name="Fleet")).to_be_visible()
 
             # Log out: the key is gone, and so is the data.
             await page.get_by_test_id("logout").click()

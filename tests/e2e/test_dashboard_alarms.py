@@ -1,7 +1,7 @@
 """The dashboard's alarms page in a real browser (Debian's Chromium driven by
 Playwright) against the API as a process: alarms filtered by device, state and severity
-(kept in the address), acknowledged and cleared from the page, and one acknowledged
-elsewhere shown at once (the stream announces it)."""
+(kept in the address), sorted by column, acknowledged and cleared from the page, and one
+acknowledged elsewhere shown at once (the stream announces it)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,17 @@ async def test_alarms_filter_acknowledge_clear_and_live_moves(
             await expect(rows.first.get_by_test_id("alarm-message")).to_have_text(f"{one} at 33.5")
             await expect(rows.nth(1).get_by_test_id("alarm-ack")).to_be_disabled()
             await expect(rows.nth(1).get_by_test_id("alarm-clear")).to_be_disabled()
+
+            # The column headers sort the page: by value rising, then falling.
+            value = page.get_by_role("button", name="Value", exact=True)
+            value_header = page.locator('[data-testid="alarm-table"] th[data-sort="value"]')
+            await value.click()
+            await expect(rows.get_by_test_id("alarm-value")).to_have_text(["33.5", "35"])
+            await expect(value_header).to_have_attribute("aria-sort", "ascending")
+            await value.click()
+            await expect(rows.get_by_test_id("alarm-value")).to_have_text(["35", "33.5"])
+            await expect(value_header).to_have_attribute("aria-sort", "descending")
+            await page.screenshot(path=artifacts / "dashboard-alarms-sorted.png")
 
             # Filters: state, then severity across devices; kept in the address.
             await page.get_by_test_id("alarms-state").select_option("active")

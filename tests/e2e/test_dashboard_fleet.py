@@ -2,10 +2,12 @@
 Chromium driven by Playwright) against the API and ingest as processes, with devices
 publishing over MQTT: the fleet's counts, a search by id prefix and sorting by column;
 a device whose readings are two days old opens on a range that shows them, a boolean
-metric on a 0/1 axis; dead letters with their date."""
+metric on a 0/1 axis, and the unit its twin reports on its chart; dead letters with
+their date, sorted by column."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,8 +54,10 @@ async def test_fleet_counts_search_sorting_chart_ranges_and_dead_letter_dates(
             for i, ts in enumerate(times)
         ]
     )
-    # A payload ingest refuses: a dead letter.
-    dev.publish_all([b"{not json"])
+    # The unit of its temperature (the door has none), in its reported twin.
+    dev.publish({"units": {"temp": "°C"}}, kind="twin/reported")
+    # Payloads ingest refuses: dead letters (9 and 2 bytes).
+    dev.publish_all([b"{not json", b"[]"])
     assert await wait_rows(db, alpha2, 12) == 12
 
     async def online() -> bool:
@@ -61,15 +65,18 @@ async def test_fleet_counts_search_sorting_chart_ranges_and_dead_letter_dates(
             await db.fetchval("SELECT online FROM device_activity WHERE device_id = $1", alpha2)
         )
 
-    async def dead_letter() -> bool:
-        return bool(
-            await db.fetchval(
-                "SELECT count(*) FROM dead_letters WHERE topic = $1", f"devices/{alpha2}/telemetry"
-            )
+    async def dead_letters() -> bool:
+        count = await db.fetchval(
+            "SELECT count(*) FROM dead_letters WHERE topic = $1", f"devices/{alpha2}/telemetry"
         )
+        return bool(count == 2)
+
+    async def units_reported() -> bool:
+        return bool(c.get(f"/v1/devices/{alpha2}/twin").json()["reported"].get("units"))
 
     await wait_for(online, "alpha-2 online")
-    await wait_for(dead_letter, "the dead letter")
+    await wait_for(dead_letters, "the dead letters")
+    await wait_for(units_reported, "the reported units")
 
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -129,6 +136,16 @@ async def test_fleet_counts_search_sorting_chart_ranges_and_dead_letter_dates(
             await expect(door).to_have_attribute("data-last-value", "1")
             await expect(door).to_have_attribute("data-y-ticks", "0,1")
             await expect(temp).not_to_have_attribute("data-y-ticks", "0,1")
+            # The temperature's unit, from the twin: beside its name, with its last value
+            # and in the legend under the cursor; the door has none.
+            await expect(temp).to_have_attribute("data-unit", "°C")
+            await expect(temp.get_by_test_id("chart-unit")).to_have_text("in °C")
+            await expect(temp.get_by_test_id("chart-last-value")).to_have_text("23 °C")
+            await temp.locator(".u-over").hover()
+            await expect(temp.locator(".u-legend")).to_contain_text("°C")
+            await expect(door).not_to_have_attribute("data-unit", re.compile(".*"))
+            await expect(door.get_by_test_id("chart-unit")).to_be_hidden()
+            await expect(door.get_by_test_id("chart-last-value")).to_have_text("1")
             await page.screenshot(
                 path=artifacts / "dashboard-device-auto-range.png", full_page=True
             )
@@ -144,9 +161,19 @@ async def test_fleet_counts_search_sorting_chart_ranges_and_dead_letter_dates(
             await page.get_by_test_id("dl-device").fill(alpha2)
             await page.get_by_test_id("dl-device").press("Enter")
             letter = page.get_by_test_id("dead-letter-row")
-            await expect(letter).to_have_count(1)
-            received = await letter.locator("time.received").inner_text()
+            await expect(letter).to_have_count(2)
+            received = await letter.first.locator("time.received").inner_text()
             assert str(datetime.now().year) in received and ":" in received, received
+            # Sorted by size, smallest first, then largest first.
+            size = page.locator('#dl-table th[data-sort="size"]')
+            payloads = letter.get_by_test_id("dead-letter-payload")
+            await page.get_by_role("button", name="Size", exact=True).click()
+            await expect(payloads).to_have_text(["[]", "{not json"])
+            await expect(size).to_have_attribute("aria-sort", "ascending")
+            await page.get_by_role("button", name="Size", exact=True).click()
+            await expect(payloads).to_have_text(["{not json", "[]"])
+            await expect(size).to_have_attribute("aria-sort", "descending")
+            await page.screenshot(path=artifacts / "dashboard-dead-letters-sorted.png")
             assert problems == []
         finally:
             await browser.close()

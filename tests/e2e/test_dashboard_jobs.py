@@ -1,8 +1,8 @@
 """The dashboard's jobs in a real browser (Debian's Chromium driven by Playwright),
 against the API as a process (its job runner) and a device on the real broker: the
-jobs list with each job's progress, a rollout linked to its rollout page, a method
-job's page with each device's outcome (the device's answer, an offline device's
-failure), and a job cancelled from its page."""
+jobs list with each job's progress (sorted by column), a rollout linked to its rollout
+page, a method job's page with each device's outcome (the device's answer, an offline
+device's failure), and a job cancelled from its page."""
 
 from __future__ import annotations
 
@@ -112,6 +112,14 @@ async def test_jobs_list_progress_outcomes_and_cancel(
                 running_row = page.locator(f'[data-testid="job-row"][data-job-id="{running_id}"]')
                 await expect(running_row.get_by_test_id("job-state")).to_have_text("running")
                 await page.screenshot(path=artifacts / "dashboard-jobs.png", full_page=True)
+
+                # The column headers sort the page: by type, methods before rollouts.
+                await page.get_by_role("button", name="Type", exact=True).click()
+                await expect(page.locator('#jobs-table th[data-sort="type"]')).to_have_attribute(
+                    "aria-sort", "ascending"
+                )
+                types = await page.get_by_test_id("job-type").all_inner_texts()
+                assert types == sorted(types) and "rollout" in types, types
 
                 # The method job: each device's outcome.
                 await row.get_by_test_id("job-link").click()

@@ -1,7 +1,8 @@
 """The dashboard's rules in a real browser (Debian's Chromium driven by Playwright)
 against the API and ingest as processes, with readings published over MQTT: a rule
 created in the form (the API's validation errors shown next to the fields they name, a
-400's detail above the form), edited, listed, and backtested over the readings."""
+400's detail above the form), edited, listed (sorted by column), and backtested over
+the readings."""
 
 from __future__ import annotations
 
@@ -134,6 +135,15 @@ async def test_rules_create_with_validation_errors_edit_list_and_backtest(
             await expect(row.get_by_test_id("rule-condition")).to_have_text("temp > 36")
             await expect(row.get_by_test_id("rule-enabled")).to_have_text("yes")
             await page.screenshot(path=artifacts / "dashboard-rules.png")
+            # Sorted by id as they come; the header sorts them the other way.
+            by_id = page.locator('#rules-table th[data-sort="id"]')
+            await expect(by_id).to_have_attribute("aria-sort", "ascending")
+            await page.get_by_role("button", name="Id", exact=True).click()
+            await expect(by_id).to_have_attribute("aria-sort", "descending")
+            ids = await page.get_by_test_id("rule-row").evaluate_all(
+                "rows => rows.map((row) => Number(row.dataset.ruleId))"
+            )
+            assert ids == sorted(ids, reverse=True) and rule_id in ids, ids
             assert [
                 p for p in problems if "status of 422" not in p and "status of 400" not in p
             ] == []

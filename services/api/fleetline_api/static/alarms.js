@@ -1,17 +1,31 @@
 // Alarms: GET /v1/alarms (newest first, cursor paging) filtered by state, severity and
 // device (kept in the address), with Acknowledge (POST /v1/alarms/{id}/ack) and Clear
 // (POST /v1/alarms/{id}/clear) as each alarm's state allows. The table is shared with
-// the device page (alarmList). Refreshed every 15 s, and at once when the stream
-// announces an alarm of a device shown.
+// the device page (alarmList), and its column headers sort the alarms shown. Refreshed
+// every 15 s, and at once when the stream announces an alarm of a device shown.
 
 import { describe, getJson, postJson } from "./api.js";
 import { deviceLink, formatValue, setAbsoluteTime, setText, showError, template, templateElement } from "./dom.js";
+import { cursorPager } from "./pager.js";
+import { by, compareNewest, compareNumbers, compareRank, compareText, sortableTable } from "./sort.js";
 import * as stream from "./stream.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_MS = 15_000;
 export const STATES = ["active", "acknowledged", "cleared"];
 export const SEVERITIES = ["critical", "major", "minor", "warning", "info"];
+
+// Sort keys of the alarm table: newest, most severe, active first; ties keep the API's
+// order (newest first).
+const COMPARE = {
+  raised: by((a) => a.raised_at, compareNewest),
+  device: by((a) => a.device_id),
+  rule: by((a) => a.rule_name),
+  severity: by((a) => a.severity, compareRank(SEVERITIES)),
+  state: by((a) => a.state, compareRank(STATES)),
+  value: by((a) => a.value, compareNumbers),
+  message: by((a) => a.message, compareText),
+};
 
 function alarmRow(alarm, { onAction }) {
   const tr = templateElement("alarm-row");
@@ -65,11 +79,18 @@ export function alarmList(container, { errorNode, onChanged, showDevice = true, 
   const tbody = node.querySelector("tbody");
   const empty = node.querySelector(".alarms-empty");
   setText(empty, emptyText);
+  let alarms = [];
+  const sorter = sortableTable(node.querySelector("table"), { compare: COMPARE, onSort: show });
+
+  function show() {
+    tbody.replaceChildren(...sorter.order(alarms).map((alarm) => alarmRow(alarm, { onAction })));
+  }
 
   async function onAction(alarm, action, tr) {
     for (const button of tr.querySelectorAll("button")) button.disabled = true;
     try {
       const moved = await postJson(`/v1/alarms/${alarm.id}/${action}`);
+      alarms = alarms.map((a) => (a.id === moved.id ? moved : a));
       tr.replaceWith(alarmRow(moved, { onAction }));
       showError(errorNode, "");
     } catch (err) {
@@ -80,7 +101,8 @@ export function alarmList(container, { errorNode, onChanged, showDevice = true, 
 
   return {
     render(items) {
-      tbody.replaceChildren(...items.map((alarm) => alarmRow(alarm, { onAction })));
+      alarms = items;
+      show();
       empty.hidden = items.length > 0;
       node.dataset.loaded = "true";
     },
@@ -101,9 +123,12 @@ export function mount(root, params) {
   $("#alarms-device").value = deviceId;
   if (ruleId) setText($("#alarms-title"), `Alarms of rule ${ruleId}`);
 
-  const cursors = [null];
-  let pageIndex = 0;
-  let nextCursor = null;
+  const pager = cursorPager({
+    prev: $("#alarms-prev"),
+    next: $("#alarms-next"),
+    label: $("#alarms-page"),
+    onPage: () => load(),
+  });
   let controller = null;
   let closed = false;
   const list = alarmList($("#alarms-list"), {
@@ -141,16 +166,13 @@ export function mount(root, params) {
           device_id: deviceId || null,
           rule_id: ruleId || null,
           limit: PAGE_SIZE,
-          cursor: cursors[pageIndex],
+          cursor: pager.cursor(),
         },
         { signal: controller.signal },
       );
       if (closed) return;
       list.render(page.items);
-      nextCursor = page.next_cursor;
-      $("#alarms-prev").disabled = pageIndex === 0;
-      $("#alarms-next").disabled = !nextCursor;
-      setText($("#alarms-page"), `Page ${pageIndex + 1}`);
+      pager.loaded(page.next_cursor);
       setText($("#alarms-updated"), `Updated ${new Date().toLocaleTimeString()}`);
       if (!keepError) showError(error, "");
     } catch (err) {
@@ -158,17 +180,6 @@ export function mount(root, params) {
     }
   }
 
-  $("#alarms-next").addEventListener("click", () => {
-    if (!nextCursor) return;
-    cursors[pageIndex + 1] = nextCursor;
-    pageIndex += 1;
-    load();
-  });
-  $("#alarms-prev").addEventListener("click", () => {
-    if (pageIndex === 0) return;
-    pageIndex -= 1;
-    load();
-  });
   $("#alarms-refresh").addEventListener("click", () => load());
 
   // New and moved alarms arrive on the stream: read the page again (once per burst).

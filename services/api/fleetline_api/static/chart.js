@@ -2,11 +2,14 @@
 // raw points, or buckets (avg with a min–max band). Live readings are merged in: raw
 // points in time order without duplicates (a reading is identified by its ts), buckets
 // updated in place. The figure carries what it shows as data- attributes
-// (data-points, data-last-value, data-last-ts, data-kind, data-y-ticks) for tests and tools.
+// (data-points, data-last-value, data-last-ts, data-kind, data-y-ticks, data-unit) for
+// tests and tools.
 //
 // A metric whose values are all 0 or 1 is taken for a boolean (devices may send true and
 // false, stored as 1 and 0; the API keeps no type): its axis is 0/1 only, drawn as
-// steps. Units: the API says nothing of them, so none is shown.
+// steps. Units: a device may state them in its reported twin (`units`, docs/protocol.md
+// section 5; the device page passes them on): a known unit is shown beside the name, on
+// the y axis (not a boolean's) and with every value; an unknown one not at all.
 
 import { formatValue, setAbsoluteTime, setText, templateElement } from "./dom.js";
 
@@ -15,6 +18,12 @@ const HEIGHT = 200;
 
 export function colorFor(index) {
   return PALETTE[index % PALETTE.length];
+}
+
+/** A value with its unit, if one is known: "21.5 °C". */
+export function withUnit(value, unit) {
+  const text = formatValue(value);
+  return unit && value !== null && value !== undefined ? `${text} ${unit}` : text;
 }
 
 function translucent(hex, alpha) {
@@ -28,12 +37,14 @@ export class MetricChart {
    * @param window      () => [startSeconds, endSeconds]: the x range shown
    * @param bucket      bucket width in seconds, or null for raw points
    * @param color       the series colour
+   * @param unit        the metric's unit ("°C"), or "" when none is known
    */
-  constructor(metric, { window, bucket, color }) {
+  constructor(metric, { window, bucket, color, unit = "" }) {
     this.metric = metric;
     this.window = window;
     this.bucket = bucket;
     this.color = color;
+    this.unit = "";
     this.last = null; // the newest reading: {t, value}
     this.figure = templateElement("chart");
     this.figure.dataset.metric = metric;
@@ -41,16 +52,31 @@ export class MetricChart {
     setText(this.figure.querySelector(".metric-name"), metric);
     this.plotNode = this.figure.querySelector(".plot");
     this.plotNode.setAttribute("role", "img");
-    this.plotNode.setAttribute(
-      "aria-label",
-      bucket ? `${metric}: average per ${bucket} s with minimum and maximum` : `${metric}: readings`,
-    );
     // raw: [xs, ys]; buckets: [xs, avg, min, max] (+ counts, for merging live readings)
     this.data = bucket ? [[], [], [], []] : [[], []];
     this.counts = [];
     this.plot = null;
     this.boolean = false;
     this.figure.dataset.kind = "number";
+    this.setUnit(unit);
+  }
+
+  /** Show the metric's unit ("" or null: none known); the plot is rebuilt on a change. */
+  setUnit(unit) {
+    const next = unit || "";
+    const changed = next !== this.unit;
+    this.unit = next;
+    const node = this.figure.querySelector(".unit");
+    setText(node, next ? `in ${next}` : "");
+    node.hidden = !next;
+    if (next) this.figure.dataset.unit = next;
+    else delete this.figure.dataset.unit;
+    const what = this.bucket
+      ? `average per ${this.bucket} s with minimum and maximum`
+      : "readings";
+    this.plotNode.setAttribute("aria-label", `${this.metric}: ${what}${next ? `, in ${next}` : ""}`);
+    if (changed) this.rebuild();
+    this.publish();
   }
 
   /** Whether every value shown is 0 or 1 (and there is one). */
@@ -72,12 +98,16 @@ export class MetricChart {
     if (flag === this.boolean) return;
     this.boolean = flag;
     this.figure.dataset.kind = flag ? "boolean" : "number";
-    if (this.plot) {
-      this.plot.destroy();
-      this.plot = null;
-      this.plotNode.replaceChildren();
-      this.attach();
-    }
+    this.rebuild();
+  }
+
+  /** Draw the plot again from scratch (its options changed), if it is drawn. */
+  rebuild() {
+    if (!this.plot) return;
+    this.plot.destroy();
+    this.plot = null;
+    this.plotNode.replaceChildren();
+    this.attach();
   }
 
   /** Create the uPlot instance (once the figure is in the document, to know its width). */
@@ -86,11 +116,15 @@ export class MetricChart {
     const series = [{}];
     let bands;
     const steps = this.boolean && typeof uPlot.paths.stepped === "function" ? uPlot.paths.stepped({ align: 1 }) : undefined;
+    // The legend (the values under the cursor) says the unit; so does the y axis, but a
+    // boolean's, which stays 0/1.
+    const value = (_u, v) => withUnit(v, this.unit);
+    const axisLabel = this.unit && !this.boolean ? { label: this.unit, labelSize: 18, labelGap: 2 } : {};
     if (this.bucket) {
       series.push(
-        { label: "avg", stroke: this.color, width: 1.5, paths: steps, value: (_u, v) => formatValue(v) },
-        { label: "min", stroke: translucent(this.color, 0.5), width: 1, dash: [4, 3], value: (_u, v) => formatValue(v) },
-        { label: "max", stroke: translucent(this.color, 0.5), width: 1, dash: [4, 3], value: (_u, v) => formatValue(v) },
+        { label: "avg", stroke: this.color, width: 1.5, paths: steps, value },
+        { label: "min", stroke: translucent(this.color, 0.5), width: 1, dash: [4, 3], value },
+        { label: "max", stroke: translucent(this.color, 0.5), width: 1, dash: [4, 3], value },
       );
       bands = [{ series: [3, 2], fill: translucent(this.color, 0.12) }];
     } else {
@@ -100,7 +134,7 @@ export class MetricChart {
         width: 1.5,
         paths: steps,
         points: { show: (u) => u.data[0].length <= 120, size: 5 },
-        value: (_u, v) => formatValue(v),
+        value,
       });
     }
     this.plot = new uPlot(
@@ -117,6 +151,7 @@ export class MetricChart {
           {},
           {
             size: 56,
+            ...axisLabel,
             splits: this.boolean ? () => [0, 1] : undefined,
             // The ticks drawn, also as data-y-ticks (the axis is drawn on a canvas).
             values: (_u, ticks) => {
@@ -228,7 +263,7 @@ export class MetricChart {
     if (this.last) {
       this.figure.dataset.lastValue = String(this.last.value);
       this.figure.dataset.lastTs = new Date(this.last.t * 1000).toISOString();
-      setText(valueNode, formatValue(this.last.value));
+      setText(valueNode, withUnit(this.last.value, this.unit));
       setAbsoluteTime(tsNode, new Date(this.last.t * 1000));
     } else {
       delete this.figure.dataset.lastValue;

@@ -1,13 +1,24 @@
-// Dead letters: GET /v1/dead-letters, newest first, cursor paging, filtered by device.
-// The first page refreshes every 15 s.
+// Dead letters: GET /v1/dead-letters, newest first, cursor paging, filtered by device;
+// the column headers sort the page shown. The first page refreshes every 15 s.
 
 import { describe, getJson } from "./api.js";
 import { formatBytes, setAbsoluteTime, setText, showError, template, templateElement } from "./dom.js";
+import { cursorPager } from "./pager.js";
+import { by, compareNewest, compareNumbers, sortableTable } from "./sort.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_MS = 15_000;
 const PREVIEW_CHARS = 80;
 const SHOWN_BYTES = 4096;
+
+// Sort keys of the table (rows: {item, tr}); ties keep the API's order (newest first).
+const COMPARE = {
+  received: by((r) => r.item.received_at, compareNewest),
+  device: by((r) => r.item.device_id),
+  topic: by((r) => r.item.topic),
+  reason: by((r) => r.item.reason),
+  size: by((r) => r.item.payload_size, compareNumbers),
+};
 
 export function mount(root, params) {
   root.append(template("dead-letters"));
@@ -17,10 +28,18 @@ export function mount(root, params) {
   const deviceId = params.get("device_id") || "";
   $("#dl-device").value = deviceId;
 
-  const cursors = [null];
-  let pageIndex = 0;
-  let nextCursor = null;
+  const pager = cursorPager({
+    prev: $("#dl-prev"),
+    next: $("#dl-next"),
+    label: $("#dl-page"),
+    onPage: () => load(),
+  });
   let controller = null;
+  let rows = []; // {item, tr} in the API's order
+  const sorter = sortableTable($("#dl-table"), {
+    compare: COMPARE,
+    onSort: () => tbody.replaceChildren(...sorter.order(rows).map((r) => r.tr)),
+  });
 
   $("#dl-filters").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -62,19 +81,16 @@ export function mount(root, params) {
     try {
       const page = await getJson(
         "/v1/dead-letters",
-        { limit: PAGE_SIZE, cursor: cursors[pageIndex], device_id: deviceId || null },
+        { limit: PAGE_SIZE, cursor: pager.cursor(), device_id: deviceId || null },
         { signal: controller.signal },
       );
       // Keep rows whose <details> the user opened.
       const open = new Set([...tbody.querySelectorAll("details[open]")].map((d) => d.closest("tr").dataset.id));
-      const rows = page.items.map(row);
-      for (const tr of rows) if (open.has(tr.dataset.id)) tr.querySelector("details").open = true;
-      tbody.replaceChildren(...rows);
-      nextCursor = page.next_cursor;
+      rows = page.items.map((item) => ({ item, tr: row(item) }));
+      for (const { tr } of rows) if (open.has(tr.dataset.id)) tr.querySelector("details").open = true;
+      tbody.replaceChildren(...sorter.order(rows).map((r) => r.tr));
+      pager.loaded(page.next_cursor);
       $("#dl-empty").hidden = page.items.length > 0;
-      $("#dl-prev").disabled = pageIndex === 0;
-      $("#dl-next").disabled = !nextCursor;
-      setText($("#dl-page"), `Page ${pageIndex + 1}`);
       setText($("#dl-updated"), `Updated ${new Date().toLocaleTimeString()}`);
       showError(error, "");
     } catch (err) {
@@ -82,20 +98,9 @@ export function mount(root, params) {
     }
   }
 
-  $("#dl-next").addEventListener("click", () => {
-    if (!nextCursor) return;
-    cursors[pageIndex + 1] = nextCursor;
-    pageIndex += 1;
-    load();
-  });
-  $("#dl-prev").addEventListener("click", () => {
-    if (pageIndex === 0) return;
-    pageIndex -= 1;
-    load();
-  });
   $("#dl-refresh").addEventListener("click", () => load());
   const timer = setInterval(() => {
-    if (pageIndex === 0 && !document.hidden) load();
+    if (pager.index() === 0 && !document.hidden) load();
   }, REFRESH_MS);
   load();
 

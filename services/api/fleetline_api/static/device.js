@@ -7,7 +7,10 @@
 // the range is chosen from the newest reading (rangeFor), so old data is on screen.
 //
 // Below the charts, its twin, methods, cloud-to-device messages and alarms
-// (devicecontrol.js); the stream's alarm events of this device refresh the alarms.
+// (devicecontrol.js); the stream's alarm events of this device refresh the alarms. The
+// units a device reports in its twin (`units`: series name → unit, docs/protocol.md
+// section 5) are shown on its charts and beside its last values, each time the twin is
+// read; a series without one shows none.
 //
 // Gateways (docs/gateways.md): a device behind a gateway links to it, and says why it is
 // offline when its gateway took it offline (read again when the stream says it went
@@ -15,13 +18,12 @@
 // the broker refused it.
 
 import { ApiError, describe, getJson, mapLimit } from "./api.js";
-import { MetricChart, colorFor } from "./chart.js";
+import { MetricChart, colorFor, withUnit } from "./chart.js";
 import * as controls from "./devicecontrol.js";
 import {
   deviceHref,
   el,
   fillTags,
-  formatValue,
   setAbsoluteTime,
   setOfflineReason,
   setRelativeTime,
@@ -31,6 +33,7 @@ import {
   template,
   templateElement,
 } from "./dom.js";
+import { cursorPager } from "./pager.js";
 import * as stream from "./stream.js";
 
 // Raw points up to 1 h; then buckets, whole minutes, hours or days, so the API reads
@@ -89,8 +92,24 @@ const CHILDREN_PAGE = 50;
 // The latest refusals shown (the API's default).
 const REFUSALS_LIMIT = 100;
 
+// A unit longer than this is not one ("°C", "m/s²", "kWh"): it is not shown.
+const MAX_UNIT_CHARS = 24;
+
 function seconds(iso) {
   return Date.parse(iso) / 1000;
+}
+
+/** The units of a twin's reported `units` (series name → unit): the non-empty strings. */
+export function unitsOf(twin) {
+  const declared = twin && twin.reported ? twin.reported.units : null;
+  const units = new Map();
+  if (declared === null || typeof declared !== "object" || Array.isArray(declared)) return units;
+  for (const [metric, unit] of Object.entries(declared)) {
+    if (typeof unit !== "string") continue;
+    const text = unit.trim();
+    if (text && text.length <= MAX_UNIT_CHARS) units.set(metric, text);
+  }
+  return units;
 }
 
 export function mount(root, deviceId, params) {
@@ -152,7 +171,8 @@ export function mount(root, deviceId, params) {
   };
 
   const charts = new Map(); // metric → MetricChart
-  const texts = new Map(); // metric → {row, t}
+  const texts = new Map(); // metric → {row, t, value}
+  let units = new Map(); // metric → unit, from the reported twin
   let generation = 0;
   let loading = false;
   let pending = [];
@@ -164,7 +184,12 @@ export function mount(root, deviceId, params) {
   function chartFor(metric) {
     let chart = charts.get(metric);
     if (chart) return chart;
-    chart = new MetricChart(metric, { window, bucket: range.bucket, color: colorFor(charts.size) });
+    chart = new MetricChart(metric, {
+      window,
+      bucket: range.bucket,
+      color: colorFor(charts.size),
+      unit: units.get(metric),
+    });
     charts.set(metric, chart);
     // Keep the charts in metric order.
     const after = [...charts.keys()].filter((m) => m > metric).sort()[0];
@@ -191,10 +216,25 @@ export function mount(root, deviceId, params) {
       rowsNode.insertBefore(row, after || null);
       $("#text-metrics").hidden = false;
     }
-    texts.set(metric, { row, t });
+    texts.set(metric, { row, t, value });
     row.dataset.value = String(value);
-    setText(row.querySelector(".value"), formatValue(value));
+    showTextValue(metric, row, value);
     setAbsoluteTime(row.querySelector("time"), new Date(t * 1000));
+  }
+
+  function showTextValue(metric, row, value) {
+    const unit = units.get(metric);
+    setText(row.querySelector(".value"), withUnit(value, unit));
+    if (unit) row.dataset.unit = unit;
+    else delete row.dataset.unit;
+  }
+
+  /** The twin was read: show the units it states (and no more those it dropped). */
+  function showUnits(twin) {
+    units = unitsOf(twin);
+    for (const [metric, chart] of charts) chart.setUnit(units.get(metric));
+    for (const [metric, { row, value }] of texts) showTextValue(metric, row, value);
+    chartsNode.dataset.units = String(units.size);
   }
 
   function noteSeen(iso) {
@@ -314,9 +354,12 @@ export function mount(root, deviceId, params) {
   // A gateway's children (GET /v1/devices?parent=ID, paged by cursor like the fleet
   // list) and its refusals (GET /v1/devices/{id}/refusals).
   const gateway = (() => {
-    const cursors = [null];
-    let pageIndex = 0;
-    let nextCursor = null;
+    const pager = cursorPager({
+      prev: $("#children-prev"),
+      next: $("#children-next"),
+      label: $("#children-page"),
+      onPage: () => load(),
+    });
     let controller = null;
     const gatewayError = $("#gateway-error");
 
@@ -352,16 +395,13 @@ export function mount(root, deviceId, params) {
       const { signal } = controller;
       try {
         const [page, refusals] = await Promise.all([
-          getJson("/v1/devices", { parent: deviceId, limit: CHILDREN_PAGE, cursor: cursors[pageIndex] }, { signal }),
+          getJson("/v1/devices", { parent: deviceId, limit: CHILDREN_PAGE, cursor: pager.cursor() }, { signal }),
           getJson(`${path}/refusals`, { limit: REFUSALS_LIMIT }, { signal }),
         ]);
         if (closed) return;
         $("#gateway-children tbody").replaceChildren(...page.items.map(childRow));
-        nextCursor = page.next_cursor;
+        pager.loaded(page.next_cursor);
         $("#children-empty").hidden = page.items.length > 0;
-        $("#children-prev").disabled = pageIndex === 0;
-        $("#children-next").disabled = !nextCursor;
-        setText($("#children-page"), `Page ${pageIndex + 1}`);
         $("#gateway-refusals tbody").replaceChildren(...refusals.map(refusalRow));
         $("#refusals-empty").hidden = refusals.length > 0;
         const more = $("#refusals-more");
@@ -373,18 +413,6 @@ export function mount(root, deviceId, params) {
         if (err.name !== "AbortError") showError(gatewayError, describe(err));
       }
     }
-
-    $("#children-next").addEventListener("click", () => {
-      if (!nextCursor) return;
-      cursors[pageIndex + 1] = nextCursor;
-      pageIndex += 1;
-      load();
-    });
-    $("#children-prev").addEventListener("click", () => {
-      if (pageIndex === 0) return;
-      pageIndex -= 1;
-      load();
-    });
 
     return {
       load,
@@ -483,7 +511,7 @@ export function mount(root, deviceId, params) {
   }
 
   // Twin, methods, messages and alarms.
-  const panels = controls.mount($("#device-panels"), deviceId);
+  const panels = controls.mount($("#device-panels"), deviceId, { onTwin: showUnits });
 
   // Stream first; history once it is subscribed (or after a short wait without it).
   let subscribedOnce = false;

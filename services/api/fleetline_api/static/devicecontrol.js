@@ -55,7 +55,8 @@ function oneLine(value, max = 120) {
   return text.length > max ? `${text.slice(0, max)}…` : text;
 }
 
-export function mount(container, deviceId) {
+/** `onTwin(twin)`: called with the twin document each time it is read or saved. */
+export function mount(container, deviceId, { onTwin = () => {} } = {}) {
   container.append(template("device-panels"));
   const $ = (selector) => container.querySelector(selector);
   const path = `/v1/devices/${encodeURIComponent(deviceId)}`;
@@ -79,6 +80,7 @@ export function mount(container, deviceId) {
     );
     $("#twin").dataset.desiredVersion = String(data.desired_version);
     if (!keepEdit) $("#twin-edit").value = formatJson(data.desired);
+    onTwin(data);
   }
 
   async function loadTwin(options) {

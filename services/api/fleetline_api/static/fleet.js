@@ -24,6 +24,8 @@ import {
   template,
   templateElement,
 } from "./dom.js";
+import { cursorPager } from "./pager.js";
+import { sortableTable } from "./sort.js";
 import * as stream from "./stream.js";
 
 const PAGE_SIZE = 50;
@@ -51,9 +53,13 @@ export function searchQuery(prefix, tags, status) {
   return parts.join(" AND ");
 }
 
+function byId(a, b) {
+  return a.device.id < b.device.id ? -1 : a.device.id > b.device.id ? 1 : 0;
+}
+
 // Sort keys of the table; ties fall back to the id.
 const COMPARE = {
-  id: () => 0,
+  id: byId,
   status: (a, b) => Number(b.device.online) - Number(a.device.online),
   parent: (a, b) => (a.device.parent || "").localeCompare(b.device.parent || ""),
   seen: (a, b) => Date.parse(b.lastSeen || 0) - Date.parse(a.lastSeen || 0),
@@ -70,12 +76,17 @@ export function mount(root, params) {
   $("#filter-status").value = status;
   $("#search-id").value = search;
   $("#search-clear").hidden = !search;
-  let sort = { key: "id", dir: 1 };
 
-  // Paging: the cursors of the pages seen so far (the first page has none).
-  const cursors = [null];
-  let pageIndex = 0;
-  let nextCursor = null;
+  // Paging by cursor; a new page starts with no rows.
+  const pager = cursorPager({
+    prev: $("#fleet-prev"),
+    next: $("#fleet-next"),
+    label: $("#fleet-page"),
+    onPage() {
+      rows = new Map();
+      load();
+    },
+  });
   // device id → {row, device, values: Map(metric → {ts, value})}
   let rows = new Map();
   let subscribedTo = "";
@@ -125,23 +136,14 @@ export function mount(root, params) {
   $("#search-clear").addEventListener("click", () => setFilters(tags, status, ""));
 
   // Sorting the page shown
+  const sorter = sortableTable($("#fleet-table"), {
+    compare: COMPARE,
+    initial: { key: "id", dir: 1 },
+    tie: byId,
+    onSort: renderSort,
+  });
   function renderSort() {
-    for (const th of root.querySelectorAll("#fleet-table th[data-sort]")) {
-      if (th.dataset.sort === sort.key) th.setAttribute("aria-sort", sort.dir > 0 ? "ascending" : "descending");
-      else th.removeAttribute("aria-sort");
-    }
-    const byId = (a, b) => (a.device.id < b.device.id ? -1 : a.device.id > b.device.id ? 1 : 0);
-    const sorted = [...rows.values()].sort(
-      (a, b) => COMPARE[sort.key](a, b) * sort.dir || byId(a, b) * (sort.key === "id" ? sort.dir : 1),
-    );
-    tbody.replaceChildren(...sorted.map((entry) => entry.row));
-  }
-  for (const th of root.querySelectorAll("#fleet-table th[data-sort]")) {
-    th.querySelector("button").addEventListener("click", () => {
-      const key = th.dataset.sort;
-      sort = { key, dir: sort.key === key ? -sort.dir : 1 };
-      renderSort();
-    });
+    tbody.replaceChildren(...sorter.order(rows.values()).map((entry) => entry.row));
   }
 
   // Counts
@@ -296,7 +298,7 @@ export function mount(root, params) {
   async function searchPage(signal) {
     const found = await postJson(
       "/v1/query",
-      { query: searchQuery(search, tags, status), limit: PAGE_SIZE, cursor: cursors[pageIndex] },
+      { query: searchQuery(search, tags, status), limit: PAGE_SIZE, cursor: pager.cursor() },
       { signal },
     );
     const devices = await mapLimit(found.items, 6, async (match) => {
@@ -321,20 +323,17 @@ export function mount(root, params) {
         ? await searchPage(signal)
         : await getJson(
             "/v1/devices",
-            { tag: tags, status: status || null, limit: PAGE_SIZE, cursor: cursors[pageIndex] },
+            { tag: tags, status: status || null, limit: PAGE_SIZE, cursor: pager.cursor() },
             { signal },
           );
       const next = new Map();
       for (const device of page.items) next.set(device.id, rowFor(device));
       rows = next;
       renderSort();
-      nextCursor = page.next_cursor;
+      pager.loaded(page.next_cursor);
       $("#fleet-empty").hidden = page.items.length > 0;
       setText($("#fleet-empty"), search ? `No device id starts with "${search}".` : "No device matches.");
       $("#fleet-table").dataset.loaded = "true";
-      $("#fleet-prev").disabled = pageIndex === 0;
-      $("#fleet-next").disabled = !nextCursor;
-      setText($("#fleet-page"), `Page ${pageIndex + 1}`);
       if (!latestDenied) showError(error, "");
       follow([...next.keys()]);
       await loadLatest([...next.values()], signal);
@@ -344,19 +343,6 @@ export function mount(root, params) {
     }
   }
 
-  $("#fleet-next").addEventListener("click", () => {
-    if (!nextCursor) return;
-    cursors[pageIndex + 1] = nextCursor;
-    pageIndex += 1;
-    rows = new Map();
-    load();
-  });
-  $("#fleet-prev").addEventListener("click", () => {
-    if (pageIndex === 0) return;
-    pageIndex -= 1;
-    rows = new Map();
-    load();
-  });
   $("#fleet-refresh").addEventListener("click", () => load());
   const timer = setInterval(() => {
     if (!document.hidden) load();

@@ -1,15 +1,27 @@
 // Jobs: GET /v1/jobs (newest first, cursor paging, filtered by state), each with what it
 // does over which devices and its progress. A method or twin job opens on its own page
 // (job.js), a firmware rollout on its rollout page. Refreshed every few seconds while a
-// job shown is under way, every 15 s otherwise.
+// job shown is under way, every 15 s otherwise. The column headers sort the page shown.
 
 import { describe, getJson } from "./api.js";
 import { el, setAbsoluteTime, setText, showError, template, templateElement } from "./dom.js";
+import { cursorPager } from "./pager.js";
 import { ACTIVE_REFRESH_MS, fillProgress, isFinished, progressElement, setStateBadge } from "./rollouts.js";
+import { by, compareNewest, compareNumbers, compareRank, sortableTable } from "./sort.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_MS = 15_000;
 const STATES = ["queued", "running", "paused", "completed", "cancelled", "failed"];
+
+// Sort keys of the table: ties keep the API's order (newest first).
+const COMPARE = {
+  id: by((job) => job.id, compareNumbers),
+  type: by((job) => job.type),
+  what: by((job) => jobWhat(job)),
+  state: by((job) => job.state, compareRank(STATES)),
+  progress: by((job) => job.progress.percent, compareNumbers),
+  created: by((job) => job.created_at, compareNewest),
+};
 
 /** A JSON value on one line, shortened. */
 function brief(value, max = 80) {
@@ -57,9 +69,17 @@ export function mount(root, params) {
   });
   $("#jobs-filters").addEventListener("submit", (event) => event.preventDefault());
 
-  const cursors = [null];
-  let pageIndex = 0;
-  let nextCursor = null;
+  const pager = cursorPager({
+    prev: $("#jobs-prev"),
+    next: $("#jobs-next"),
+    label: $("#jobs-page"),
+    onPage: () => load(),
+  });
+  let jobs = [];
+  const sorter = sortableTable($("#jobs-table"), {
+    compare: COMPARE,
+    onSort: () => tbody.replaceChildren(...sorter.order(jobs).map(row)),
+  });
   let controller = null;
   let timer = null;
   let closed = false;
@@ -103,17 +123,15 @@ export function mount(root, params) {
     try {
       const page = await getJson(
         "/v1/jobs",
-        { state: state || null, limit: PAGE_SIZE, cursor: cursors[pageIndex] },
+        { state: state || null, limit: PAGE_SIZE, cursor: pager.cursor() },
         { signal: controller.signal },
       );
       if (closed) return;
-      tbody.replaceChildren(...page.items.map(row));
-      active = page.items.some((job) => !isFinished(job));
-      nextCursor = page.next_cursor;
-      $("#jobs-empty").hidden = page.items.length > 0;
-      $("#jobs-prev").disabled = pageIndex === 0;
-      $("#jobs-next").disabled = !nextCursor;
-      setText($("#jobs-page"), `Page ${pageIndex + 1}`);
+      jobs = page.items;
+      tbody.replaceChildren(...sorter.order(jobs).map(row));
+      active = jobs.some((job) => !isFinished(job));
+      pager.loaded(page.next_cursor);
+      $("#jobs-empty").hidden = jobs.length > 0;
       setText($("#jobs-updated"), `Updated ${new Date().toLocaleTimeString()}`);
       $("#jobs-table").dataset.loaded = "true";
       showError(error, "");
@@ -124,17 +142,6 @@ export function mount(root, params) {
     schedule(active ? ACTIVE_REFRESH_MS : REFRESH_MS);
   }
 
-  $("#jobs-next").addEventListener("click", () => {
-    if (!nextCursor) return;
-    cursors[pageIndex + 1] = nextCursor;
-    pageIndex += 1;
-    load();
-  });
-  $("#jobs-prev").addEventListener("click", () => {
-    if (pageIndex === 0) return;
-    pageIndex -= 1;
-    load();
-  });
   $("#jobs-refresh").addEventListener("click", () => load());
   load();
 

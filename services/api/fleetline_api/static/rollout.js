@@ -22,6 +22,7 @@ import {
   setStateBadge,
   stateText,
 } from "./rollouts.js";
+import { sortableTable } from "./sort.js";
 
 // One page of the API's: enough to see a canary and its first waves whole.
 const DEVICE_LIMIT = 1000;
@@ -92,7 +93,6 @@ export function mount(root, jobId, params) {
   let job = null;
   let devices = [];
   let more = false;
-  let sort = { key: "wave", dir: 1 };
   let controller = null;
   let generation = 0;
   let timer = null;
@@ -230,16 +230,15 @@ export function mount(root, jobId, params) {
     return tr;
   }
 
+  const sorter = sortableTable($("#rollout-devices"), {
+    compare: COMPARE,
+    initial: { key: "wave", dir: 1 },
+    tie: (a, b) => a.wave - b.wave || compareIds(a, b),
+    onSort: () => renderDevices(),
+  });
+
   function renderDevices() {
-    for (const th of root.querySelectorAll("#rollout-devices th[data-sort]")) {
-      if (th.dataset.sort === sort.key) th.setAttribute("aria-sort", sort.dir > 0 ? "ascending" : "descending");
-      else th.removeAttribute("aria-sort");
-    }
-    const primary = COMPARE[sort.key];
-    const sorted = [...devices].sort(
-      (a, b) => primary(a, b) * sort.dir || a.wave - b.wave || compareIds(a, b),
-    );
-    $("#rollout-devices tbody").replaceChildren(...sorted.map(deviceRow));
+    $("#rollout-devices tbody").replaceChildren(...sorter.order(devices).map(deviceRow));
     const empty = $("#rollout-devices-empty");
     setText(empty, stateFilter ? `No device is ${stateText(stateFilter)}.` : "This rollout has no devices.");
     empty.hidden = devices.length > 0;
@@ -251,14 +250,6 @@ export function mount(root, jobId, params) {
         : "",
     );
     note.hidden = !more;
-  }
-
-  for (const th of root.querySelectorAll("#rollout-devices th[data-sort]")) {
-    th.querySelector("button").addEventListener("click", () => {
-      const key = th.dataset.sort;
-      sort = { key, dir: sort.key === key ? -sort.dir : 1 };
-      renderDevices();
-    });
   }
 
   function schedule() {

@@ -5,6 +5,7 @@
 
 import { describe, getJson } from "./api.js";
 import { setAbsoluteTime, setText, showError, template, templateElement } from "./dom.js";
+import { cursorPager } from "./pager.js";
 
 const PAGE_SIZE = 50;
 const SCAN_LIMIT = 200;
@@ -75,10 +76,13 @@ export function mount(root) {
   const tbody = $("#rollouts-table tbody");
   const error = $("#rollouts-error");
 
-  // Job cursors of the pages seen so far (the first page has none).
-  const cursors = [null];
-  let pageIndex = 0;
-  let nextCursor = null;
+  // Paged by job cursor.
+  const pager = cursorPager({
+    prev: $("#rollouts-prev"),
+    next: $("#rollouts-next"),
+    label: $("#rollouts-page"),
+    onPage: () => load(),
+  });
   let controller = null;
   let timer = null;
   let closed = false;
@@ -133,16 +137,13 @@ export function mount(root) {
     controller = new AbortController();
     let active = false;
     try {
-      const { found, next } = await scan(cursors[pageIndex], controller.signal);
+      const { found, next } = await scan(pager.cursor(), controller.signal);
       tbody.replaceChildren(...found.map(row));
       active = found.some((job) => !isFinished(job));
-      nextCursor = next;
+      pager.loaded(next);
       const empty = $("#rollouts-empty");
       empty.hidden = found.length > 0;
       setText(empty, next ? "No rollout among these jobs; older jobs may hold some." : "No rollout.");
-      $("#rollouts-prev").disabled = pageIndex === 0;
-      $("#rollouts-next").disabled = !nextCursor;
-      setText($("#rollouts-page"), `Page ${pageIndex + 1}`);
       setText($("#rollouts-updated"), `Updated ${new Date().toLocaleTimeString()}`);
       showError(error, "");
     } catch (err) {
@@ -152,17 +153,6 @@ export function mount(root) {
     schedule(active ? ACTIVE_REFRESH_MS : REFRESH_MS);
   }
 
-  $("#rollouts-next").addEventListener("click", () => {
-    if (!nextCursor) return;
-    cursors[pageIndex + 1] = nextCursor;
-    pageIndex += 1;
-    load();
-  });
-  $("#rollouts-prev").addEventListener("click", () => {
-    if (pageIndex === 0) return;
-    pageIndex -= 1;
-    load();
-  });
   $("#rollouts-refresh").addEventListener("click", () => load());
   load();
 

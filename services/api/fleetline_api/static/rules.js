@@ -1,10 +1,25 @@
 // Rules: GET /v1/rules (by id, cursor paging), each with what it matches, its condition,
-// severity and whether it is enabled; a rule's page edits it (rule.js).
+// severity and whether it is enabled; a rule's page edits it (rule.js). The column
+// headers sort the page shown.
 
+import { SEVERITIES } from "./alarms.js";
 import { describe, getJson } from "./api.js";
 import { el, formatValue, setAbsoluteTime, setText, showError, template } from "./dom.js";
+import { cursorPager } from "./pager.js";
+import { by, compareNewest, compareNumbers, compareRank, sortableTable } from "./sort.js";
 
 const PAGE_SIZE = 100;
+
+// Sort keys of the table: enabled and most severe first; ties by id.
+const COMPARE = {
+  id: by((rule) => rule.id, compareNumbers),
+  name: by((rule) => rule.name),
+  devices: by((rule) => matchText(rule.match)),
+  condition: by((rule) => ruleConditionText(rule)),
+  severity: by((rule) => rule.severity, compareRank(SEVERITIES)),
+  enabled: by((rule) => Number(!rule.enabled), compareNumbers),
+  changed: by((rule) => rule.updated_at, compareNewest),
+};
 
 /** A condition as text: "> 30 for 10 s", "outside 5…25". */
 export function conditionText(cond) {
@@ -33,9 +48,19 @@ export function mount(root) {
   root.append(template("rules"));
   const $ = (selector) => root.querySelector(selector);
   const error = $("#rules-error");
-  const cursors = [null];
-  let pageIndex = 0;
-  let nextCursor = null;
+  const pager = cursorPager({
+    prev: $("#rules-prev"),
+    next: $("#rules-next"),
+    label: $("#rules-page"),
+    onPage: () => load(),
+  });
+  let rules = [];
+  const sorter = sortableTable($("#rules-table"), {
+    compare: COMPARE,
+    initial: { key: "id", dir: 1 },
+    tie: COMPARE.id,
+    onSort: () => $("#rules-table tbody").replaceChildren(...sorter.order(rules).map(row)),
+  });
   let controller = null;
 
   function row(rule) {
@@ -60,13 +85,11 @@ export function mount(root) {
     if (controller) controller.abort();
     controller = new AbortController();
     try {
-      const page = await getJson("/v1/rules", { limit: PAGE_SIZE, cursor: cursors[pageIndex] }, { signal: controller.signal });
-      $("#rules-table tbody").replaceChildren(...page.items.map(row));
-      nextCursor = page.next_cursor;
-      $("#rules-empty").hidden = page.items.length > 0;
-      $("#rules-prev").disabled = pageIndex === 0;
-      $("#rules-next").disabled = !nextCursor;
-      setText($("#rules-page"), `Page ${pageIndex + 1}`);
+      const page = await getJson("/v1/rules", { limit: PAGE_SIZE, cursor: pager.cursor() }, { signal: controller.signal });
+      rules = page.items;
+      $("#rules-table tbody").replaceChildren(...sorter.order(rules).map(row));
+      pager.loaded(page.next_cursor);
+      $("#rules-empty").hidden = rules.length > 0;
       setText($("#rules-updated"), `Updated ${new Date().toLocaleTimeString()}`);
       $("#rules-table").dataset.loaded = "true";
       showError(error, "");
@@ -75,17 +98,6 @@ export function mount(root) {
     }
   }
 
-  $("#rules-next").addEventListener("click", () => {
-    if (!nextCursor) return;
-    cursors[pageIndex + 1] = nextCursor;
-    pageIndex += 1;
-    load();
-  });
-  $("#rules-prev").addEventListener("click", () => {
-    if (pageIndex === 0) return;
-    pageIndex -= 1;
-    load();
-  });
   $("#rules-refresh").addEventListener("click", () => load());
   load();
 

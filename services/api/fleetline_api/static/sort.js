@@ -1,0 +1,90 @@
+// Sorting the rows shown in a table by column, the same way on every page. A sortable
+// column's header is `<th data-sort="KEY"><button type="button" class="sort">`; a click
+// sorts by that column, a second click reverses it, and aria-sort says which column and
+// which way (style.css draws the arrows). What the first click gives is the comparator's
+// own order: times newest first, states in their usual order, names and numbers rising.
+// Rows the comparator holds equal keep the order `tie` gives them, else the API's (the
+// sort is stable). The page shown is sorted; the API still pages in its own order.
+
+/** Text order for sorting: "" (nothing) last, by the user's locale. */
+export function compareText(a, b) {
+  const x = a === null || a === undefined ? "" : String(a);
+  const y = b === null || b === undefined ? "" : String(b);
+  if (!x || !y) return Number(!x) - Number(!y);
+  return x.localeCompare(y);
+}
+
+/** Number order: null (nothing) last. */
+export function compareNumbers(a, b) {
+  const x = typeof a === "number" ? a : null;
+  const y = typeof b === "number" ? b : null;
+  if (x === null || y === null) return Number(x === null) - Number(y === null);
+  return x - y;
+}
+
+/** Time order, newest first (ISO times or dates); none last. */
+export function compareNewest(a, b) {
+  const x = a ? Date.parse(a) : Number.NaN;
+  const y = b ? Date.parse(b) : Number.NaN;
+  if (Number.isNaN(x) || Number.isNaN(y)) return Number(Number.isNaN(x)) - Number(Number.isNaN(y));
+  return y - x;
+}
+
+/** Order by place in `list` (values not in it last). */
+export function compareRank(list) {
+  const rank = (value) => {
+    const i = list.indexOf(value);
+    return i < 0 ? list.length : i;
+  };
+  return (a, b) => rank(a) - rank(b);
+}
+
+/** A comparator of `field(item)` by `compare`. */
+export function by(field, compare = compareText) {
+  return (a, b) => compare(field(a), field(b));
+}
+
+/**
+ * Make the `th[data-sort]` headers of `table` sort it.
+ *
+ * @param compare  sort key (the header's data-sort) → comparator of two items
+ * @param initial  {key, dir} sorted by at first, or null: the order the items come in
+ * @param tie      comparator for items equal under the column's (not reversed with it)
+ * @param onSort   called after a click changed the order: render the rows again
+ * @returns {order(items) → a sorted copy, state() → {key, dir} or null}
+ */
+export function sortableTable(table, { compare, initial = null, tie = () => 0, onSort }) {
+  let sort = initial ? { ...initial } : null;
+  const headers = [...table.querySelectorAll("th[data-sort]")];
+
+  function mark() {
+    for (const th of headers) {
+      if (sort && th.dataset.sort === sort.key) {
+        th.setAttribute("aria-sort", sort.dir > 0 ? "ascending" : "descending");
+      } else {
+        th.removeAttribute("aria-sort");
+      }
+    }
+  }
+
+  for (const th of headers) {
+    th.querySelector("button").addEventListener("click", () => {
+      const key = th.dataset.sort;
+      sort = { key, dir: sort && sort.key === key ? -sort.dir : 1 };
+      mark();
+      onSort();
+    });
+  }
+  mark();
+
+  return {
+    order(items) {
+      if (!sort) return [...items];
+      const primary = compare[sort.key];
+      return [...items].sort((a, b) => primary(a, b) * sort.dir || tie(a, b));
+    },
+    state() {
+      return sort ? { ...sort } : null;
+    },
+  };
+}
