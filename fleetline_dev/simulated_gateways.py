@@ -10,7 +10,7 @@ A gateway (MQTT 5, a retained ``offline`` Last Will on its own status):
   registers each gateway with ``create_children`` and a pattern its children's ids
   match, and with limits that leave room for its children;
 - says itself ``online``, then each child (retained), and reports ``{"fw", "model"}``
-  for itself and for each child;
+  for itself and for each child (a child's with the ``units`` of its readings);
 - publishes each child's readings (the simulated devices' shape), one batch (a JSON
   array) per child per interval: the readings the child took since its last batch went
   out, one unless a publish failed;
@@ -349,7 +349,9 @@ async def _session(
             orjson.dumps({"fw": FIRMWARE_VERSION, "model": GATEWAY_MODEL}),
         )
         await _all([_publish(client, c, STATUS, STATUS_ONLINE, retain=True) for c in children])
-        reported = orjson.dumps({"fw": FIRMWARE_VERSION, "model": CHILD_MODEL})
+        reported = orjson.dumps(
+            {"fw": FIRMWARE_VERSION, "model": CHILD_MODEL, "units": dict(_Sensors.units)}
+        )
         await _all([_publish(client, c, TWIN_REPORTED, reported) for c in children])
         # The children's batches spread over one interval, as the devices' starts are.
         stagger = min(itself.state.interval_seconds, MAX_STAGGER_SECONDS) / max(1, len(children))

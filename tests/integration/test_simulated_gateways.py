@@ -108,7 +108,8 @@ async def test_a_simulated_gateway_publishes_for_its_children_and_answers_for_th
             assert (device["parent"], device["tags"]) == (gw, TAGS), device
         await _until(lambda: _all_online(api, children), "the children online")
         twin = (await api.get(f"/v1/devices/{children[1]}/twin")).json()
-        assert twin["reported"] == {"fw": FIRMWARE_VERSION, "model": CHILD_MODEL}
+        assert twin["reported"] == {"fw": FIRMWARE_VERSION, "model": CHILD_MODEL,
+                                    "units": {"temperature": "°C", "humidity": "%"}}
         # The gateway has room for its children in its own limits.
         limits = (await api.get(f"/v1/devices/{gw}/limits")).json()
         assert limits["limits"]["selector"] == f"device:{gw}"
