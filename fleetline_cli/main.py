@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -114,9 +115,20 @@ def migrate(
 
 
 apikey_app = typer.Typer(
-    help="API keys for the REST API (FLEETLINE_DATABASE_URL).", no_args_is_help=True
+    help="API keys for the REST API: over the API with an admin key (FLEETLINE_API_KEY) or, "
+    "for a deployment's first key, its bootstrap token (FLEETLINE_API_BOOTSTRAP_TOKEN); "
+    "without either, in the database (FLEETLINE_DATABASE_URL).",
+    no_args_is_help=True,
 )
 app.add_typer(apikey_app, name="apikey")
+
+
+def _rest_credential(*, bootstrap: bool = False) -> str | None:
+    """What the ``apikey`` verbs call the API with: an admin key, or (``bootstrap``: to
+    create the first admin key) the deployment's bootstrap token; None: they go to the
+    database instead."""
+    names = ["FLEETLINE_API_KEY"] + (["FLEETLINE_API_BOOTSTRAP_TOKEN"] if bootstrap else [])
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
 
 
 def _database_unreachable(dsn: str, exc: Exception) -> str:
@@ -162,15 +174,24 @@ def apikey_create(
 ) -> None:
     """Create an API key and print it (-o json/yaml: with its id, name and scopes). It is
     shown this once: store it now."""
-    try:
-        key = _with_database(lambda con: apikeys.create_key(con, name=name, scopes=scope))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    made = {"id": key.id, "name": name, "scopes": sorted(set(scope)), "token": key.token}
+    credential = _rest_credential(bootstrap=True)
+    if credential is not None:
+        from fleetline_cli.client import ApiClient
+
+        with api_errors():
+            body = {"name": name, "scopes": scope}
+            answer = ApiClient(key=credential).request("POST", "/v1/apikeys", json=body)
+        made = {k: answer[k] for k in ("id", "name", "scopes", "token")}
+    else:
+        try:
+            key = _with_database(lambda con: apikeys.create_key(con, name=name, scopes=scope))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        made = {"id": key.id, "name": name, "scopes": sorted(set(scope)), "token": key.token}
     if not printed(made, output):
-        typer.echo(key.token)
+        typer.echo(made["token"])
     typer.echo(
-        f"created key {key.id} ({', '.join(sorted(set(scope)))}); it is not shown again", err=True
+        f"created key {made['id']} ({', '.join(made['scopes'])}); it is not shown again", err=True
     )
 
 
@@ -180,11 +201,13 @@ def apikey_list(
     as_json: JsonOption = False,
 ) -> None:
     """List API keys (never their secrets)."""
-    rows = _with_database(apikeys.list_keys)
-    docs = [
-        {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in dict(r).items()}
-        for r in rows
-    ]
+    if _rest_credential() is not None:
+        docs = api_items("/v1/apikeys")
+    else:
+        docs = [
+            {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in dict(r).items()}
+            for r in _with_database(apikeys.list_keys)
+        ]
     if printed(docs, output, as_json):
         return
     print_table(
@@ -209,7 +232,9 @@ def apikey_revoke(
     """Revoke an API key: requests with it get 401 from now on."""
     parts = apikeys.split_token(key)
     key_id = parts[0] if parts else key
-    if not _with_database(lambda con: apikeys.revoke(con, key_id)):
+    if _rest_credential() is not None:
+        rest("DELETE", f"/v1/apikeys/{key_id}")
+    elif not _with_database(lambda con: apikeys.revoke(con, key_id)):
         fail(f"no active key {key_id} (`fleetline apikey list` shows them)")
     typer.echo(f"revoked {key_id}")
 

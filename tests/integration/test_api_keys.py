@@ -20,6 +20,7 @@ from fleetline_api.settings import ApiSettings
 from fleetline_dev.embedded import LocalMosquitto
 from tests.conftest import Backend, migrated_database
 from tests.integration.test_api import assert_problem, client
+from tests.integration.test_cli import fleetline
 from tests.support import DEVICE_KEY_SECRET, ApiProcess
 
 pytestmark = pytest.mark.integration
@@ -119,6 +120,12 @@ async def _bootstrap(proc: ApiProcess, url: str, bootstrap: str) -> None:
         assert_problem(boot.post("/v1/apikeys", json=reader), 403, 'scopes ["admin"]')
         wider = {**admin, "scopes": ["admin", "devices:read"]}
         assert_problem(boot.post("/v1/apikeys", json=wider), 403, "only the first admin key")
+
+    # The command line takes the token too, for the first admin key only.
+    env = {"FLEETLINE_API_URL": proc.url, "FLEETLINE_API_BOOTSTRAP_TOKEN": bootstrap,
+           "FLEETLINE_DATABASE_URL": "postgresql://x@127.0.0.1:9/x"}
+    refused = fleetline("apikey", "create", "-s", "telemetry:read", env=env)
+    assert refused.returncode == 1 and 'scopes ["admin"]' in refused.stderr, refused
 
     # Racing for the first admin key: exactly one wins.
     async with httpx.AsyncClient(base_url=proc.url, timeout=10,
