@@ -24,7 +24,7 @@ run: $(STAMP)
 test: $(STAMP)
 	scripts/ensure-services.sh test
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest -n 2 --dist loadfile --ignore=tests/chaos
+	$(BIN)/pytest -n 2 --dist loadfile --ignore=tests/chaos --durations=25
 	$(BIN)/pytest tests/chaos
 
 lint: $(STAMP)

@@ -1,14 +1,15 @@
 """What the API says about itself, against the API as a process: the OpenAPI document
-(written summaries, tag descriptions, examples for every JSON request body and the main
-responses), the stream's AsyncAPI document, the HTTP metrics per route template, and
-/docs and /redoc rendered by headless Chromium with every request off the API's own
-host blocked (their assets come from the API, not a CDN)."""
+(written summaries, tag descriptions, examples for every JSON request body and every
+successful JSON response, each valid for its schema), the stream's AsyncAPI document,
+the HTTP metrics per route template, and /docs and /redoc rendered by headless Chromium
+with every request off the API's own host blocked (their assets come from the API, not
+a CDN)."""
 
 from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
-# Responses whose schemas carry examples (the main ones of the API).
-EXAMPLE_RESPONSES = {
-    "DevicePublic", "DeviceCreated", "DevicePage", "Latest", "PointPage", "TwinPublic",
-    "MethodResult", "LimitsPublic", "ApiKeyPublic", "ApiKeyCreated", "ApiKeyList",
-}
 
 
 def _generated(operation: dict[str, Any]) -> str:
@@ -40,14 +36,70 @@ def _generated(operation: dict[str, Any]) -> str:
 
 
 def _has_examples(doc: dict[str, Any], schema: dict[str, Any]) -> bool:
-    """The schema, or each alternative of it, carries examples."""
+    """The schema, or each alternative of it, carries examples; an array's items do (the
+    docs show a list of one)."""
     if "$ref" in schema:
         schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
     if "examples" in schema:
         return True
+    if schema.get("type") == "array":
+        return _has_examples(doc, schema.get("items", {}))
     alternatives = [s for s in schema.get("anyOf", schema.get("oneOf", []))
                     if s.get("type") != "null"]
     return bool(alternatives) and all(_has_examples(doc, s) for s in alternatives)
+
+
+def _media_examples(content: dict[str, Any]) -> list[Any]:
+    """The examples a media type (or a parameter) gives beside its schema's."""
+    named = [example["value"] for example in content.get("examples", {}).values()]
+    return named + ([content["example"]] if "example" in content else [])
+
+
+def _subschemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The schema and every schema written inside it."""
+    yield schema
+    for key in ("properties", "patternProperties", "$defs"):
+        for sub in schema.get(key, {}).values():
+            yield from _subschemas(sub)
+    for key in ("items", "additionalProperties", "propertyNames", "contains", "not"):
+        if isinstance(schema.get(key), dict):
+            yield from _subschemas(schema[key])
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        for sub in schema.get(key, []):
+            yield from _subschemas(sub)
+
+
+def _invalid_examples(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """Each example in the document that its schema refuses: where, and why."""
+    invalid: list[tuple[str, str]] = []
+
+    def check(where: str, schema: dict[str, Any], examples: list[Any]) -> None:
+        validator = jsonschema.Draft202012Validator({**schema, "components": doc["components"]})
+        for i, example in enumerate(examples):
+            invalid.extend((f"{where} example {i}", f"{'/'.join(map(str, e.absolute_path))}: "
+                            f"{e.message[:200]}") for e in validator.iter_errors(example))
+
+    def check_schema(where: str, schema: dict[str, Any]) -> None:
+        for sub in _subschemas(schema):
+            check(where, sub, sub.get("examples", []))
+
+    for name, schema in doc["components"]["schemas"].items():
+        check_schema(name, schema)
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            where = f"{method.upper()} {path}"
+            for param in op.get("parameters", []):
+                check(f"{where} {param['name']}", param.get("schema", {}), _media_examples(param))
+                check_schema(f"{where} {param['name']}", param.get("schema", {}))
+            contents = [(f"{where} body", op.get("requestBody", {}).get("content", {}))]
+            contents += [(f"{where} {status}", response.get("content", {}))
+                         for status, response in op["responses"].items()]
+            for part, content in contents:
+                for media, described in content.items():
+                    schema = described.get("schema") or {}
+                    check(f"{part} {media}", schema, _media_examples(described))
+                    check_schema(f"{part} {media}", schema)
+    return invalid
 
 
 async def test_openapi_has_summaries_tag_descriptions_and_examples(api: ApiProcess) -> None:
@@ -74,13 +126,27 @@ async def test_openapi_has_summaries_tag_descriptions_and_examples(api: ApiProce
             if "examples" not in content and not _has_examples(doc, content["schema"]):
                 without.append((method, path, media))
     assert bodies >= 25 and without == []
-    schemas = doc["components"]["schemas"]
-    assert {n for n in EXAMPLE_RESPONSES if "examples" not in schemas[n]} == set()
-    # The examples are valid for their own schemas (schemathesis sends them, too).
-    for schema in schemas.values():
-        for example in schema.get("examples", []):
-            jsonschema.validate(example, {**schema, "components": doc["components"]},
-                                cls=jsonschema.Draft202012Validator)
+    # Every successful response but a 204 describes its body, and every JSON one shows
+    # an example (its own, or its schema's).
+    responses, undescribed, without = 0, [], []
+    for method, path, op in operations:
+        for status, response in op["responses"].items():
+            if not status.startswith("2") or status == "204":
+                continue
+            if not response.get("content"):
+                undescribed.append((method, path, status))
+            for media, content in response.get("content", {}).items():
+                if media != "application/json" and not media.endswith("+json"):
+                    continue  # bytes (a firmware image, a file's content)
+                responses += 1
+                if not content.get("schema"):
+                    undescribed.append((method, path, status))
+                elif not _media_examples(content) and not _has_examples(doc, content["schema"]):
+                    without.append((method, path, status))
+    assert responses >= 80 and undescribed == [] and without == []
+    # The examples are valid for their own schemas (schemathesis sends those of request
+    # bodies, too).
+    assert _invalid_examples(doc) == []
 
 
 async def test_the_streams_asyncapi_document_describes_its_messages_and_close_codes(

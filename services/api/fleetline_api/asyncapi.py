@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from fleetline import __version__
-from fleetline_api.schemas.files import DeviceFile
+from fleetline_api.schemas.files import FILE_EXAMPLE, DeviceFile
 from fleetline_api.schemas.rules import ALARM_EXAMPLE, AlarmPublic
 
 PATH = "/v1/stream/asyncapi.json"
@@ -56,21 +56,9 @@ _ALARM_EXAMPLE: dict[str, Any] = {
 }
 _FILE_EXAMPLE: dict[str, Any] = {
     "type": "file",
-    "device_id": "cam-2",
-    "ts": "2026-11-25T14:30:00.120Z",
-    "file": {
-        "id": 318,
-        "device_id": "cam-2",
-        "name": "snapshots/door.jpg",
-        "content_type": "image/jpeg",
-        "state": "complete",
-        "size": 48213,
-        "sha256": "5e" * 32,
-        "received": 48213,
-        "created_at": "2026-11-25T14:29:58.004Z",
-        "completed_at": "2026-11-25T14:30:00.120Z",
-        "expires_at": None,
-    },
+    "device_id": FILE_EXAMPLE["device_id"],
+    "ts": FILE_EXAMPLE["completed_at"],
+    "file": FILE_EXAMPLE,  # the REST example of a file, as it landed
 }
 
 

@@ -4,7 +4,7 @@ name (``FLEETLINE_API_DEVICE_MQTT_URL``), for tools that build device configurat
 from __future__ import annotations
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from fleetline_api.deps import DevicesRead, SettingsDep
 from fleetline_api.problems import RESPONSES
@@ -14,6 +14,18 @@ router = APIRouter(prefix="/v1/endpoints", tags=["devices"], responses=RESPONSES
 
 
 class Endpoints(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "device_mqtt_url": "mqtts://mqtt.example.org:8883",
+                    "device_mqtt_host": "mqtt.example.org",
+                    "device_mqtt_port": 8883,
+                    "device_mqtt_tls": True,
+                }
+            ]
+        }
+    )
     device_mqtt_url: str = Field(description="mqtts://host:port (mqtt:// without TLS)")
     device_mqtt_host: str
     device_mqtt_port: int

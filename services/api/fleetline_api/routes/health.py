@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -15,7 +17,13 @@ router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+def _example(status: str, summary: str) -> dict[int | str, dict[str, Any]]:
+    """The success response's example: ``{"status": status}``."""
+    example = {status: {"summary": summary, "value": {"status": status}}}
+    return {200: {"content": {"application/json": {"examples": example}}}}
+
+
+@router.get("/healthz", summary="Liveness: the process answers", responses=_example("ok", "Alive"))
 async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
@@ -24,7 +32,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: database and broker reachable",
-    responses={503: {"model": Problem, "description": "Not ready"}},
+    responses={**_example("ready", "Ready"), 503: {"model": Problem, "description": "Not ready"}},
 )
 async def readyz(pool: PoolDep, request: Request) -> dict[str, str]:
     """The database answers (within 2 s) and the broker connection is up."""

@@ -124,10 +124,33 @@ async def stream(
             await _close(websocket, 1013, "client too slow: a send timed out")
 
 
+# The document as served at api.example.org, its channels, operations and components
+# left out (the whole is some 11 kB).
+_ASYNCAPI_HEAD = {
+    k: v
+    for k, v in asyncapi.document("api.example.org", secure=True).items()
+    if k not in ("channels", "operations", "components")
+}
+
+
 @router.get(
     asyncapi.PATH,
     summary="The stream's AsyncAPI document",
     response_description="An AsyncAPI 3.0 document (JSON)",
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "examples": {
+                        "head": {
+                            "summary": "Its head (channels, operations, components left out)",
+                            "value": _ASYNCAPI_HEAD,
+                        }
+                    }
+                }
+            }
+        }
+    },
 )
 async def stream_asyncapi(request: Request) -> dict[str, Any]:
     """How ``/v1/stream`` (a WebSocket, not in this OpenAPI document) works, as an

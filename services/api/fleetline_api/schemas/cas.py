@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -56,7 +56,34 @@ class CaProof(BaseModel):
     )
 
 
+# The example CA once verified (the certificate above: its subject, SHA-256 and expiry).
+CA_EXAMPLE: dict[str, Any] = {
+    "name": "factory-ca",
+    "subject": "CN=factory-ca",
+    "thumbprint": "e4e716786e4c042b271e7cc361a705a4664057159452fdaa8d5b8c9fd425ceb4",
+    "not_after": "2035-12-30T00:00:00Z",
+    "verified": True,
+    "verification_code": None,
+    "verified_at": "2026-11-25T14:31:02.310Z",
+    "created_at": "2026-11-25T14:25:45.049Z",
+}
+
+
 class CaPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                CA_EXAMPLE,
+                {
+                    # Just added: not trusted until verified.
+                    **CA_EXAMPLE,
+                    "verified": False,
+                    "verification_code": "9c41d0e8a7b35f26e1c04d9b7a6f2e83",
+                    "verified_at": None,
+                },
+            ]
+        }
+    )
     name: str
     subject: str
     thumbprint: str = Field(description="SHA-256 of the certificate's DER, lower-case hex")
@@ -70,4 +97,5 @@ class CaPublic(BaseModel):
 
 
 class CaList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [CA_EXAMPLE]}]})
     items: list[CaPublic]

@@ -286,6 +286,20 @@ class DevicePublic(BaseModel):
 class GatewayRefusal(BaseModel):
     """What the broker refused a gateway for one child: the latest reason and topic."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "child_id": "pump-9",
+                    "reason": "'pump-9' is outside the child id pattern of 'gw-7'",
+                    "topic": "devices/pump-9/telemetry",
+                    "count": 3,
+                    "first_refused_at": "2026-11-25T14:25:45.049Z",
+                    "last_refused_at": "2026-11-25T14:31:02.310Z",
+                }
+            ]
+        }
+    )
     child_id: str
     reason: str
     topic: str
@@ -294,9 +308,19 @@ class GatewayRefusal(BaseModel):
     last_refused_at: datetime
 
 
+CREDENTIALS_EXAMPLE: dict[str, Any] = {
+    "device_id": "fridge-1",
+    "key": "q" * 43 + "=",
+    "key_version": 1,
+    "connection_string": "HostName=mqtt.example.org;Port=8883;"
+    "DeviceId=fridge-1;SharedAccessKey=" + "q" * 43 + "=",
+}
+
+
 class DeviceCredentials(BaseModel):
     """The device's key, shown this once: fleetline keeps only its fingerprint."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [CREDENTIALS_EXAMPLE]})
     device_id: str
     key: str = Field(description="Base64 symmetric key; the MQTT password, or signs tokens")
     key_version: int
@@ -315,13 +339,7 @@ class DeviceCreated(DevicePublic):
                     "online": False,
                     "last_seen": None,
                     "status_changed_at": None,
-                    "credentials": {
-                        "device_id": "fridge-1",
-                        "key": "q" * 43 + "=",
-                        "key_version": 1,
-                        "connection_string": "HostName=mqtt.example.org;Port=8883;"
-                        "DeviceId=fridge-1;SharedAccessKey=" + "q" * 43 + "=",
-                    },
+                    "credentials": CREDENTIALS_EXAMPLE,
                 }
             ]
         }
@@ -338,6 +356,17 @@ class TokenRequest(BaseModel):
 
 
 class DeviceToken(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "device_id": "fridge-1",
+                    "token": "sig=" + "Xk" * 21 + "w=&se=1795620345",
+                    "expires_at": "2026-11-25T15:25:45Z",
+                }
+            ]
+        }
+    )
     device_id: str
     token: str = Field(description="MQTT password: sig=<base64 hmac>&se=<expiry>")
     expires_at: datetime
@@ -358,6 +387,14 @@ class DevicePage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
 
+# The example device's latest temperature (a metric's value at its time).
+TEMPERATURE_EXAMPLE: dict[str, Any] = {
+    "ts": "2026-11-25T14:25:45.049Z",
+    "value": 4.5,
+    "value_text": None,
+}
+
+
 class MetricValue(BaseModel):
     ts: datetime
     value: float | None
@@ -371,11 +408,7 @@ class Latest(BaseModel):
                 {
                     "device_id": "fridge-1",
                     "metrics": {
-                        "temperature": {
-                            "ts": "2026-11-25T14:25:45.049Z",
-                            "value": 4.5,
-                            "value_text": None,
-                        },
+                        "temperature": TEMPERATURE_EXAMPLE,
                         "door": {
                             "ts": "2026-11-25T14:25:45.049Z",
                             "value": None,
@@ -402,14 +435,7 @@ class PointPage(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "items": [
-                        {
-                            "ts": "2026-11-25T14:25:45.049Z",
-                            "metric": "temperature",
-                            "value": 4.5,
-                            "value_text": None,
-                        }
-                    ],
+                    "items": [{**TEMPERATURE_EXAMPLE, "metric": "temperature"}],
                     "next_cursor": None,
                 }
             ]
@@ -430,6 +456,28 @@ class Bucket(BaseModel):
 
 
 class Aggregates(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    # bucket=5m over whole minutes: read from the minute rollups.
+                    "bucket_seconds": 300.0,
+                    "source": "telemetry_1m",
+                    "items": [
+                        {
+                            "bucket": "2026-11-25T14:25:00Z",
+                            "metric": "temperature",
+                            "avg": 4.6,
+                            "min": 4.5,
+                            "max": 4.8,
+                            "count": 5,
+                            "last": 4.5,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
     bucket_seconds: float
     source: Literal["telemetry", "telemetry_1m", "telemetry_1h"] = Field(
         description="Raw rows, or the minute or hour rollups (the same numbers)"
@@ -438,13 +486,28 @@ class Aggregates(BaseModel):
 
 
 class DeviceValue(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"device_id": "fridge-1", **TEMPERATURE_EXAMPLE}]}
+    )
     device_id: str
     ts: datetime
     value: float | None
     value_text: str | None
 
 
+DEAD_LETTER_EXAMPLE: dict[str, Any] = {
+    "id": 311,
+    "received_at": "2026-11-25T14:25:45.049Z",
+    "topic": "devices/fridge-1/telemetry",
+    "device_id": "fridge-1",
+    "reason": "not JSON: unexpected character, expected a string key: line 1 column 2 (char 1)",
+    "payload_text": "{temperature: 4.5}",
+    "payload_size": 18,
+}
+
+
 class DeadLetter(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [DEAD_LETTER_EXAMPLE]})
     id: int
     received_at: datetime
     topic: str
@@ -455,24 +518,47 @@ class DeadLetter(BaseModel):
 
 
 class DeadLetterPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [DEAD_LETTER_EXAMPLE], "next_cursor": "311"}]}
+    )
     items: list[DeadLetter]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
 
 class FleetLatest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "metric": "temperature",
+                    "items": [{"device_id": "fridge-1", **TEMPERATURE_EXAMPLE}],
+                    "next_cursor": "fridge-1",
+                }
+            ]
+        }
+    )
     metric: str
     items: list[DeviceValue]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+
+
+MODULE_EXAMPLE: dict[str, Any] = {
+    "device_id": "fridge-1",
+    "module_id": "compressor",
+    "created_at": "2026-11-25T14:25:45.049Z",
+}
 
 
 class ModulePublic(BaseModel):
     """A module of a device: a named part of its software with its own twin and methods,
     speaking over the device's connection under devices/{id}/modules/{module_id}/."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [MODULE_EXAMPLE]})
     device_id: str
     module_id: str
     created_at: datetime
 
 
 class ModuleList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [MODULE_EXAMPLE]}]})
     items: list[ModulePublic] = Field(description="The device's modules, ordered by id")

@@ -20,6 +20,16 @@ from fleetline_api.schemas.common import (
 Desired = Annotated[dict[str, Any], Field(description="Initial desired twin properties")]
 
 
+ENROLLMENT_CREATE_EXAMPLE: dict[str, Any] = {
+    "id": "factory-line-1",
+    "kind": "group",
+    "attestation": "symmetric_key",
+    "registration_pattern": "sensor-[0-9]+",
+    "initial_tags": {"site": "A"},
+    "initial_desired": {"interval_s": 60},
+}
+
+
 class EnrollmentCreate(BaseModel):
     """``group``: any registration id the pattern allows; ``individual``: one device
     whose registration id is the enrollment's id. ``symmetric_key`` attestation issues the
@@ -27,19 +37,7 @@ class EnrollmentCreate(BaseModel):
     group) or ``thumbprint`` (the device's certificate, for an individual enrollment)."""
 
     model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "factory-line-1",
-                    "kind": "group",
-                    "attestation": "symmetric_key",
-                    "registration_pattern": "sensor-[0-9]+",
-                    "initial_tags": {"site": "A"},
-                    "initial_desired": {"interval_s": 60},
-                }
-            ]
-        },
+        extra="forbid", json_schema_extra={"examples": [ENROLLMENT_CREATE_EXAMPLE]}
     )
 
     id: DeviceId
@@ -87,7 +85,22 @@ class EnrollmentUpdate(BaseModel):
     )
 
 
+# The enrollment above, as stored, after some registrations.
+ENROLLMENT_EXAMPLE: dict[str, Any] = {
+    **ENROLLMENT_CREATE_EXAMPLE,
+    "ca_name": None,
+    "thumbprint": None,
+    "reprovision": "keep",
+    "enabled": True,
+    "key_version": 1,
+    "registrations": 42,
+    "created_at": "2026-11-25T14:25:45.049Z",
+    "updated_at": "2026-11-25T14:25:45.049Z",
+}
+
+
 class EnrollmentPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [ENROLLMENT_EXAMPLE]})
     id: str
     kind: str
     attestation: str
@@ -105,6 +118,11 @@ class EnrollmentPublic(BaseModel):
 
 
 class EnrollmentCreated(EnrollmentPublic):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{**ENROLLMENT_EXAMPLE, "registrations": 0, "key": "Zm" * 21 + "w="}]
+        }
+    )
     key: str | None = Field(
         description="symmetric_key: the enrollment key, shown this once. A group's device "
         "proves base64(HMAC-SHA256(key, registration id)); an individual one the key"
@@ -112,10 +130,25 @@ class EnrollmentCreated(EnrollmentPublic):
 
 
 class EnrollmentList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [ENROLLMENT_EXAMPLE]}]})
     items: list[EnrollmentPublic]
 
 
+# A device of the enrollment above that registered (the device id is the registration id).
+REGISTRATION_EXAMPLE: dict[str, Any] = {
+    "registration_id": "sensor-0042",
+    "device_id": "sensor-0042",
+    "status": "assigned",
+    "error": None,
+    "attempts": 1,
+    "operation_id": "0f8d3b52-6c1e-4a9f-b7d2-5e3a9c1f4b60",
+    "created_at": "2026-11-25T14:25:45.049Z",
+    "updated_at": "2026-11-25T14:25:45.049Z",
+}
+
+
 class RegistrationPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [REGISTRATION_EXAMPLE]})
     registration_id: str
     device_id: str | None
     status: str
@@ -127,23 +160,43 @@ class RegistrationPublic(BaseModel):
 
 
 class RegistrationPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [REGISTRATION_EXAMPLE], "next_cursor": None}]}
+    )
     items: list[RegistrationPublic]
     next_cursor: str | None
 
 
+PROVISION_EXAMPLE: dict[str, Any] = {
+    "enrollment_id": "factory-line-1",
+    "registration_id": "sensor-0042",
+}
+
+
 class ProvisionRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [{"enrollment_id": "factory-line-1", "registration_id": "sensor-0042"}]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [PROVISION_EXAMPLE]})
 
     enrollment_id: DeviceId
     registration_id: DeviceId
 
 
 class ProvisionAnswer(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **PROVISION_EXAMPLE,
+                    "status": "assigned",
+                    "operation_id": REGISTRATION_EXAMPLE["operation_id"],
+                    "device_id": REGISTRATION_EXAMPLE["device_id"],
+                    "auth": {"type": "key", "key": "q" * 43 + "=", "key_version": 1},
+                    "mqtt_url": "mqtts://mqtt.example.org:8883",
+                    "error": None,
+                    "retry_after_s": None,
+                }
+            ]
+        }
+    )
     status: Literal["assigned", "failed", "throttled"]
     enrollment_id: str
     registration_id: str

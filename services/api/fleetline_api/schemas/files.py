@@ -5,10 +5,39 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+FILE_EXAMPLE: dict[str, Any] = {
+    "id": 318,
+    "device_id": "cam-2",
+    "name": "snapshots/door.jpg",
+    "content_type": "image/jpeg",
+    "state": "complete",
+    "size": 48213,
+    "sha256": "5e" * 32,
+    "received": 48213,
+    "created_at": "2026-11-25T14:29:58.004Z",
+    "completed_at": "2026-11-25T14:30:00.120Z",
+    "expires_at": None,
+}
 
 
 class DeviceFile(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                FILE_EXAMPLE,
+                {
+                    # A part uploaded, the rest to come.
+                    **FILE_EXAMPLE,
+                    "state": "uploading",
+                    "received": 16384,
+                    "completed_at": None,
+                    "expires_at": "2026-11-26T14:29:58.004Z",
+                },
+            ]
+        }
+    )
     id: int
     device_id: str
     name: str
@@ -29,5 +58,8 @@ class DeviceFile(BaseModel):
 
 
 class DeviceFilePage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [FILE_EXAMPLE], "next_cursor": None}]}
+    )
     items: list[DeviceFile] = Field(description="Newest first")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")

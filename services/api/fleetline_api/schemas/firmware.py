@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from fleetline.releases import NAME, SHA256_HEX
+from fleetline.releases import NAME, SHA256_HEX, Manifest
 from fleetline_api.schemas.common import WholeNumber
 
 ReleaseName = Annotated[
@@ -15,21 +15,19 @@ ReleaseName = Annotated[
 ]
 
 
+FIRMWARE_CREATE_EXAMPLE: dict[str, Any] = {
+    "version": "2.1.0",
+    "target": "esp32",
+    "kind": "image",
+    "notes": "fixes the sensor's drift",
+    "size": 1048576,
+    "sha256": "9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f",
+}
+
+
 class FirmwareCreate(BaseModel):
     model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "version": "2.1.0",
-                    "target": "esp32",
-                    "kind": "image",
-                    "notes": "fixes the sensor's drift",
-                    "size": 1048576,
-                    "sha256": "9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f9f",
-                }
-            ]
-        },
+        extra="forbid", json_schema_extra={"examples": [FIRMWARE_CREATE_EXAMPLE]}
     )
 
     version: ReleaseName = Field(
@@ -50,7 +48,40 @@ class FirmwareCreate(BaseModel):
     )
 
 
+# The release above once uploaded whole and signed.
+FIRMWARE_EXAMPLE: dict[str, Any] = {
+    "id": 1,
+    **FIRMWARE_CREATE_EXAMPLE,
+    "received": FIRMWARE_CREATE_EXAMPLE["size"],
+    "status": "released",
+    "manifest": Manifest(
+        **{k: FIRMWARE_CREATE_EXAMPLE[k] for k in ("version", "target", "kind", "size", "sha256")}
+    )
+    .to_bytes()
+    .decode(),
+    "signature": "4e" * 32 + "1d" * 32,
+    "created_at": "2026-11-25T14:25:45.049Z",
+    "released_at": "2026-11-25T14:27:12.803Z",
+}
+
+
 class FirmwarePublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                FIRMWARE_EXAMPLE,
+                {
+                    # Created, half its bytes uploaded: no manifest yet.
+                    **FIRMWARE_EXAMPLE,
+                    "received": 524288,
+                    "status": "uploading",
+                    "manifest": None,
+                    "signature": None,
+                    "released_at": None,
+                },
+            ]
+        }
+    )
     id: int
     version: str
     target: str
@@ -72,10 +103,12 @@ class FirmwarePublic(BaseModel):
 
 
 class FirmwareList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [FIRMWARE_EXAMPLE]}]})
     items: list[FirmwarePublic]
 
 
 class ReleaseKey(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"public_key": "a7" * 64}]})
     public_key: str = Field(
         description="The release key's public point x || y in hex: RELEASE_KEY in a "
         "board's config_local.py"

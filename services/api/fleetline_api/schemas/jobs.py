@@ -243,9 +243,30 @@ class JobPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
 
+# A device of the example job that answered its reboot call.
+JOB_DEVICE_EXAMPLE: dict[str, Any] = {
+    "device_id": "fridge-1",
+    "state": "succeeded",
+    "attempts": 1,
+    "status": 200,
+    "reason": "answered",
+    "result": {"request_id": "3b9e0d7c51a84f2e9c6d0a1b7e4f5c28", "payload": {"rebooting_in_s": 10}},
+    "error": None,
+    "started_at": "2026-11-25T14:25:45.049Z",
+    "finished_at": "2026-11-25T14:25:45.612Z",
+    "wave": 0,
+    "phase": None,
+    "phase_at": None,
+    "progress": None,
+    "refused_reports": 0,
+    "refused_report": None,
+}
+
+
 class JobDevicePublic(BaseModel):
     """One device's part in a job."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_DEVICE_EXAMPLE]})
     device_id: str
     state: DeviceState
     attempts: int = Field(description="Times the device was started (a restart may add one)")
@@ -282,5 +303,8 @@ class JobDevicePublic(BaseModel):
 
 
 class JobDevicePage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [JOB_DEVICE_EXAMPLE], "next_cursor": None}]}
+    )
     items: list[JobDevicePublic] = Field(description="Ordered by device id")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")

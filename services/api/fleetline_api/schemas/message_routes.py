@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from fleetline import devicequery
-from fleetline_api.schemas.common import MetricName
+from fleetline_api.schemas.common import TEMPERATURE_EXAMPLE, MetricName
 from fleetline_api.schemas.query import QUERY_DESCRIPTION
 from fleetline_api.schemas.rules import Name, Number, Secret, Url
 
@@ -71,20 +71,17 @@ class MqttDestination(_Body):
 Destination = Annotated[WebhookDestination | MqttDestination, Field(discriminator="type")]
 
 
+ROUTE_IN_EXAMPLE: dict[str, Any] = {
+    "name": "temperatures to the plant's broker",
+    "source": "readings",
+    "query": "tags.site = 'A'",
+    "metric": "temperature",
+    "destination": {"type": "mqtt", "topic": "plant/a/temperature"},
+}
+
+
 class RouteIn(_Body):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "temperatures to the plant's broker",
-                    "source": "readings",
-                    "query": "tags.site = 'A'",
-                    "metric": "temperature",
-                    "destination": {"type": "mqtt", "topic": "plant/a/temperature"},
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [ROUTE_IN_EXAMPLE]})
     name: Name
     enabled: bool = True
     source: Literal["readings", "files"] = Field(
@@ -104,7 +101,20 @@ class RouteIn(_Body):
     destination: Destination
 
 
+# The route above, as stored.
+ROUTE_EXAMPLE: dict[str, Any] = {
+    "id": 3,
+    **ROUTE_IN_EXAMPLE,
+    "enabled": True,
+    "condition": None,
+    "version": 1,
+    "created_at": "2026-11-25T14:25:45.049Z",
+    "updated_at": "2026-11-25T14:25:45.049Z",
+}
+
+
 class RoutePublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [ROUTE_EXAMPLE]})
     id: int
     name: str
     enabled: bool
@@ -119,11 +129,31 @@ class RoutePublic(BaseModel):
 
 
 class RoutePage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [ROUTE_EXAMPLE], "next_cursor": None}]}
+    )
     items: list[RoutePublic]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
 
 
+# The example device's temperature, forwarded by the route above.
+ROUTE_DELIVERY_EXAMPLE: dict[str, Any] = {
+    "id": 5120,
+    "device_id": "fridge-1",
+    "ts": TEMPERATURE_EXAMPLE["ts"],
+    "values": {"temperature": TEMPERATURE_EXAMPLE["value"]},
+    "status": "delivered",
+    "attempts": 1,
+    "next_attempt_at": "2026-11-25T14:25:45.180Z",
+    "last_error": None,
+    "response_status": None,
+    "created_at": "2026-11-25T14:25:45.180Z",
+    "delivered_at": "2026-11-25T14:25:45.204Z",
+}
+
+
 class RouteDelivery(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [ROUTE_DELIVERY_EXAMPLE]})
     id: int
     device_id: str
     ts: datetime = Field(description="The reading's time")
@@ -138,5 +168,8 @@ class RouteDelivery(BaseModel):
 
 
 class RouteDeliveryPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [ROUTE_DELIVERY_EXAMPLE], "next_cursor": None}]}
+    )
     items: list[RouteDelivery] = Field(description="Newest first")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")

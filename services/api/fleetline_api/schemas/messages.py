@@ -106,32 +106,29 @@ class MessageEvent(BaseModel):
     detail: str | None
 
 
+MESSAGE_EXAMPLE: dict[str, Any] = {
+    "id": "5b0c2f8e-9a41-4c1e-8f07-3d2a6b9e1c55",
+    "device_id": "fridge-1",
+    "state": "completed",
+    "body": {"display": "service due"},
+    "properties": {"priority": "high"},
+    "created_at": "2026-11-25T14:25:45.049Z",
+    "created_by": "ops dashboard (key k3x9q2mz7d1a)",
+    "expires_at": "2026-11-25T14:35:45.049Z",
+    "sent_at": "2026-11-25T14:25:45.049Z",
+    "last_sent_at": "2026-11-25T14:25:45.049Z",
+    "deliveries": 1,
+    "finished_at": "2026-11-25T14:31:02.310Z",
+    "history": [
+        {"at": "2026-11-25T14:25:45.049Z", "event": "queued", "detail": None},
+        {"at": "2026-11-25T14:25:45.049Z", "event": "sent", "detail": None},
+        {"at": "2026-11-25T14:31:02.310Z", "event": "completed", "detail": None},
+    ],
+}
+
+
 class MessagePublic(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "5b0c2f8e-9a41-4c1e-8f07-3d2a6b9e1c55",
-                    "device_id": "fridge-1",
-                    "state": "completed",
-                    "body": {"display": "service due"},
-                    "properties": {"priority": "high"},
-                    "created_at": "2026-11-25T14:25:45.049Z",
-                    "created_by": "ops dashboard (key k3x9q2mz7d1a)",
-                    "expires_at": "2026-11-25T14:35:45.049Z",
-                    "sent_at": "2026-11-25T14:25:45.049Z",
-                    "last_sent_at": "2026-11-25T14:25:45.049Z",
-                    "deliveries": 1,
-                    "finished_at": "2026-11-25T14:31:02.310Z",
-                    "history": [
-                        {"at": "2026-11-25T14:25:45.049Z", "event": "queued", "detail": None},
-                        {"at": "2026-11-25T14:25:45.049Z", "event": "sent", "detail": None},
-                        {"at": "2026-11-25T14:31:02.310Z", "event": "completed", "detail": None},
-                    ],
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [MESSAGE_EXAMPLE]})
     id: uuid.UUID = Field(description="The id the device receives and acknowledges")
     device_id: str
     state: MessageState
@@ -150,5 +147,8 @@ class MessagePublic(BaseModel):
 
 
 class MessagePage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [MESSAGE_EXAMPLE], "next_cursor": None}]}
+    )
     items: list[MessagePublic]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")

@@ -8,7 +8,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleetline import devicequery
-from fleetline_api.schemas.common import WholeNumber
+from fleetline_api.schemas.common import DEVICE_EXAMPLE, WholeNumber
+from fleetline_api.schemas.twins import TWIN_EXAMPLE
 
 QUERY_DESCRIPTION = (
     "A device query, as `tags.site = 'A' AND reported.fw < '1.2'`: `id`, `status`, "
@@ -37,9 +38,18 @@ class QueryRequest(BaseModel):
     )
 
 
+# The example device, as a query matches it (its tags, status and twin).
+DEVICE_MATCH_EXAMPLE: dict[str, Any] = {
+    "device_id": DEVICE_EXAMPLE["id"],
+    **{k: DEVICE_EXAMPLE[k] for k in ("tags", "online", "last_seen")},
+    **{k: TWIN_EXAMPLE[k] for k in ("desired", "desired_version", "reported", "reported_version")},
+}
+
+
 class DeviceMatch(BaseModel):
     """A device a query matched: its registry entry, status and twin."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [DEVICE_MATCH_EXAMPLE]})
     device_id: str
     tags: dict[str, Any]
     online: bool
@@ -51,5 +61,10 @@ class DeviceMatch(BaseModel):
 
 
 class QueryPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [DEVICE_MATCH_EXAMPLE], "next_cursor": DEVICE_EXAMPLE["id"]}]
+        }
+    )
     items: list[DeviceMatch] = Field(description="Matching devices, ordered by id")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page")

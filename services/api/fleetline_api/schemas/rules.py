@@ -330,6 +330,18 @@ class AlarmPage(BaseModel):
 
 
 class AlarmEvent(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "at": ALARM_EXAMPLE["acknowledged_at"],
+                    "event": "acknowledged",
+                    "actor": ALARM_EXAMPLE["acknowledged_by"],
+                    "value": ALARM_EXAMPLE["value"],
+                }
+            ]
+        }
+    )
     at: datetime
     event: Literal["raised", "acknowledged", "cleared"]
     actor: str | None = Field(description="rules, or the API key that moved it")
@@ -337,6 +349,28 @@ class AlarmEvent(BaseModel):
 
 
 class Delivery(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    # The example rule's webhook, run when the example alarm was raised.
+                    "id": 93,
+                    "event": "raised",
+                    "action_index": 0,
+                    "action_type": "webhook",
+                    "action": RULE_EXAMPLE["actions"][0],
+                    "target": None,
+                    "status": "delivered",
+                    "attempts": 1,
+                    "next_attempt_at": ALARM_EXAMPLE["raised_at"],
+                    "last_error": None,
+                    "response_status": 200,
+                    "created_at": ALARM_EXAMPLE["raised_at"],
+                    "delivered_at": "2026-11-25T14:25:45.312Z",
+                }
+            ]
+        }
+    )
     id: int
     event: Trigger
     action_index: int
@@ -369,4 +403,28 @@ class Backtest(BaseModel):
     readings: int = Field(description="Readings replayed")
     alarms: list[BacktestAlarm]
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    # The example rule over a day: the example alarm, had it been live.
+                    "rule_id": RULE_EXAMPLE["id"],
+                    "from": "2026-11-24T15:00:00Z",
+                    "to": "2026-11-25T15:00:00Z",
+                    "readings": 1440,
+                    "alarms": [
+                        {
+                            "device_id": ALARM_EXAMPLE["device_id"],
+                            "raised_at": ALARM_EXAMPLE["raised_at"],
+                            "cleared_at": "2026-11-25T14:52:10.000Z",
+                            "value": 5.8,
+                            "peak": ALARM_EXAMPLE["peak"],
+                            "count": 27,
+                            "message": ALARM_EXAMPLE["message"],
+                        }
+                    ],
+                }
+            ]
+        },
+    )

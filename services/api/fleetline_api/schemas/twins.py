@@ -54,28 +54,25 @@ DESIRED_PATCH_SCHEMA: dict[str, Any] = {
 }
 
 
+TWIN_EXAMPLE: dict[str, Any] = {
+    "device_id": "fridge-1",
+    "module_id": None,
+    "tags": {"site": "A"},
+    "desired": {"interval_s": 30},
+    "desired_version": 3,
+    "desired_updated_at": "2026-11-25T14:25:45.049Z",
+    "desired_published_version": 3,
+    "reported": {"interval_s": 60, "firmware": "2.0.4"},
+    "reported_version": 7,
+    "reported_updated_at": "2026-11-25T14:25:45.049Z",
+    "delta": {"interval_s": 30},
+}
+
+
 class TwinPublic(BaseModel):
     """A device twin: its tags, desired and reported properties, and their difference."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "device_id": "fridge-1",
-                    "module_id": None,
-                    "tags": {"site": "A"},
-                    "desired": {"interval_s": 30},
-                    "desired_version": 3,
-                    "desired_updated_at": "2026-11-25T14:25:45.049Z",
-                    "desired_published_version": 3,
-                    "reported": {"interval_s": 60, "firmware": "2.0.4"},
-                    "reported_version": 7,
-                    "reported_updated_at": "2026-11-25T14:25:45.049Z",
-                    "delta": {"interval_s": 30},
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [TWIN_EXAMPLE]})
 
     device_id: str
     module_id: str | None = Field(
