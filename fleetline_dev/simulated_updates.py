@@ -103,16 +103,23 @@ class DeviceUpdates:
         self.model = model
         self.rollout: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._client: mqtt.Client | None = None  # the connection the update runs on
         self._answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     def take_desired(self, client: mqtt.Client, firmware: Any) -> None:
-        """The desired ``firmware``: a rollout not seen before starts an update."""
+        """The desired ``firmware``: a rollout not seen before starts an update. The same
+        rollout again on a new connection (the retained desired twin after a reconnection)
+        while its update still runs on the old one starts it over on the new one, as the
+        application does; on the same connection it is a repeat, and ignored."""
         if not isinstance(firmware, dict):
             return
         rollout = firmware.get("rollout")
-        if type(rollout) is not int or rollout == self.rollout:
+        if type(rollout) is not int:
             return
-        self.rollout = rollout
+        running = self._task is not None and not self._task.done()
+        if rollout == self.rollout and (client is self._client or not running):
+            return
+        self.rollout, self._client = rollout, client
         if self._task is not None:
             self._task.cancel()
         self._task = asyncio.create_task(
