@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from urllib.parse import quote
 
 import asyncpg
 import typer
@@ -115,20 +116,32 @@ def migrate(
 
 
 apikey_app = typer.Typer(
-    help="API keys for the REST API: over the API with an admin key (FLEETLINE_API_KEY) or, "
-    "for a deployment's first key, its bootstrap token (FLEETLINE_API_BOOTSTRAP_TOKEN); "
-    "without either, in the database (FLEETLINE_DATABASE_URL).",
+    help="API keys for the REST API: in the database (FLEETLINE_DATABASE_URL), or with "
+    "--api over the API (/v1/apikeys) with an admin key (FLEETLINE_API_KEY).",
     no_args_is_help=True,
 )
 app.add_typer(apikey_app, name="apikey")
 
+OverApiOption = Annotated[
+    bool,
+    typer.Option(
+        "--api",
+        help="Over the REST API (FLEETLINE_API_URL) with the admin key in FLEETLINE_API_KEY, "
+        "not in the database.",
+    ),
+]
 
-def _rest_credential(*, bootstrap: bool = False) -> str | None:
-    """What the ``apikey`` verbs call the API with: an admin key, or (``bootstrap``: to
-    create the first admin key) the deployment's bootstrap token; None: they go to the
-    database instead."""
-    names = ["FLEETLINE_API_KEY"] + (["FLEETLINE_API_BOOTSTRAP_TOKEN"] if bootstrap else [])
-    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+def _bootstrap_token(source: Path) -> str:
+    """The bootstrap token in ``source`` ('-': standard input), its first line."""
+    try:
+        text = sys.stdin.readline() if str(source) == "-" else source.read_text()
+    except OSError as exc:
+        fail(f"cannot read the bootstrap token from {source}: {exc.strerror}")
+    token = text.strip().splitlines()[0] if text.strip() else ""
+    if not token:
+        fail(f"no bootstrap token in {'standard input' if str(source) == '-' else source}")
+    return token
 
 
 def _database_unreachable(dsn: str, exc: Exception) -> str:
@@ -170,17 +183,25 @@ def apikey_create(
         list[str], typer.Option("--scope", "-s", help=f"Repeatable: {', '.join(apikeys.SCOPES)}.")
     ],
     name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
+    over_api: OverApiOption = False,
+    bootstrap_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Over the REST API with the deployment's bootstrap token, read from this "
+            "file ('-': standard input): its first admin key, while it has none.",
+        ),
+    ] = None,
     output: OutputOption = Output.table,
 ) -> None:
     """Create an API key and print it (-o json/yaml: with its id, name and scopes). It is
     shown this once: store it now."""
-    credential = _rest_credential(bootstrap=True)
-    if credential is not None:
+    if over_api or bootstrap_token_file is not None:
         from fleetline_cli.client import ApiClient
 
+        token = None if bootstrap_token_file is None else _bootstrap_token(bootstrap_token_file)
         with api_errors():
             body = {"name": name, "scopes": scope}
-            answer = ApiClient(key=credential).request("POST", "/v1/apikeys", json=body)
+            answer = ApiClient(key=token).request("POST", "/v1/apikeys", json=body)
         made = {k: answer[k] for k in ("id", "name", "scopes", "token")}
     else:
         try:
@@ -197,17 +218,20 @@ def apikey_create(
 
 @apikey_app.command("list")
 def apikey_list(
+    over_api: OverApiOption = False,
     output: OutputOption = Output.table,
     as_json: JsonOption = False,
 ) -> None:
     """List API keys (never their secrets)."""
-    if _rest_credential() is not None:
+    if over_api:
         docs = api_items("/v1/apikeys")
     else:
         docs = [
             {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in dict(r).items()}
             for r in _with_database(apikeys.list_keys)
         ]
+        for doc in docs:  # as the API lists them
+            doc["state"] = "revoked" if doc.get("revoked_at") else "active"
     if printed(docs, output, as_json):
         return
     print_table(
@@ -228,12 +252,13 @@ def apikey_list(
 @apikey_app.command("revoke")
 def apikey_revoke(
     key: Annotated[str, typer.Argument(help="The key's id, or the whole key")],
+    over_api: OverApiOption = False,
 ) -> None:
     """Revoke an API key: requests with it get 401 from now on."""
     parts = apikeys.split_token(key)
     key_id = parts[0] if parts else key
-    if _rest_credential() is not None:
-        rest("DELETE", f"/v1/apikeys/{key_id}")
+    if over_api:
+        rest("DELETE", f"/v1/apikeys/{quote(key_id, safe='')}")
     elif not _with_database(lambda con: apikeys.revoke(con, key_id)):
         fail(f"no active key {key_id} (`fleetline apikey list` shows them)")
     typer.echo(f"revoked {key_id}")

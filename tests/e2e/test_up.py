@@ -112,13 +112,15 @@ async def test_up_serves_devices_over_tls_and_the_readme_examples_work(
         assert sorted(name for _, _, name in metrics) == ["api", "ingest", "rules"], metrics
         for path in ("/docs", "/redoc", "/dashboard/"):
             assert httpx.get(f"{api_url}{path}", timeout=10).status_code == 200, path
-        listening = {c.laddr.port: c.laddr.ip for c in psutil.net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN}
+        listening: dict[int, set[str]] = {}
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN:
+                listening.setdefault(conn.laddr.port, set()).add(conn.laddr.ip)
         for url, port, _name in metrics:
             assert httpx.get(url, timeout=10).status_code == 200, url
-            assert listening[int(port)] == "127.0.0.1", (url, listening[int(port)])
+            assert listening[int(port)] == {"127.0.0.1"}, (url, listening[int(port)])
         for port in ports.values():
-            assert listening[port] == "127.0.0.1", (port, listening[port])
+            assert listening[port] == {"127.0.0.1"}, (port, listening[port])
         # The first key, made with the banner's own command (from the project's folder: the
         # command line finds the deployment through the file the banner names).
         command = up.field(r"make an API key.*:\n\s+(.+)")

@@ -92,7 +92,7 @@ def test_a_short_bootstrap_token_is_refused_at_start(monkeypatch: pytest.MonkeyP
 
 
 async def test_the_bootstrap_token_makes_keys_only_while_no_admin_key_exists(
-    backend: Backend, broker: LocalMosquitto, artifacts: Path, uid: str
+    backend: Backend, broker: LocalMosquitto, artifacts: Path, uid: str, tmp_path: Path
 ) -> None:
     bootstrap = secrets.token_hex(32)
     async with migrated_database(backend.admin_url, "fleetline_bootstrap") as url:
@@ -101,14 +101,14 @@ async def test_the_bootstrap_token_makes_keys_only_while_no_admin_key_exists(
                           env={"FLEETLINE_API_BOOTSTRAP_TOKEN": bootstrap})
         proc.start()
         try:
-            await _bootstrap(proc, url, bootstrap)
+            await _bootstrap(proc, url, bootstrap, tmp_path)
         finally:
             proc.stop()
         # Never logged.
         assert bootstrap not in proc.log_path.read_text()
 
 
-async def _bootstrap(proc: ApiProcess, url: str, bootstrap: str) -> None:
+async def _bootstrap(proc: ApiProcess, url: str, bootstrap: str, tmp_path: Path) -> None:
     admin = {"name": "first admin", "scopes": ["admin"]}
     with client(proc, bootstrap) as boot, client(proc, "0" * 64) as wrong:
         # A wrong token is an unknown credential; the right one works on this route only.
@@ -121,11 +121,17 @@ async def _bootstrap(proc: ApiProcess, url: str, bootstrap: str) -> None:
         wider = {**admin, "scopes": ["admin", "devices:read"]}
         assert_problem(boot.post("/v1/apikeys", json=wider), 403, "only the first admin key")
 
-    # The command line takes the token too, for the first admin key only.
-    env = {"FLEETLINE_API_URL": proc.url, "FLEETLINE_API_BOOTSTRAP_TOKEN": bootstrap,
-           "FLEETLINE_DATABASE_URL": "postgresql://x@127.0.0.1:9/x"}
-    refused = fleetline("apikey", "create", "-s", "telemetry:read", env=env)
+    # The command line takes the token too (from a file), for the first admin key only.
+    token_file = tmp_path / "bootstrap"
+    token_file.write_text(f"{bootstrap}\n")
+    env = {"FLEETLINE_API_URL": proc.url, "FLEETLINE_DATABASE_URL": "postgresql://x@127.0.0.1:9/x"}
+    refused = fleetline("apikey", "create", "-s", "telemetry:read", "--bootstrap-token-file",
+                        str(token_file), env=env)
     assert refused.returncode == 1 and 'scopes ["admin"]' in refused.stderr, refused
+    token_file.write_text("\n")
+    empty = fleetline("apikey", "create", "-s", "admin", "--bootstrap-token-file",
+                      str(token_file), env=env)
+    assert empty.returncode == 1 and "no bootstrap token in" in empty.stderr, empty
 
     # Racing for the first admin key: exactly one wins.
     async with httpx.AsyncClient(base_url=proc.url, timeout=10,

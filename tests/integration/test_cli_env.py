@@ -82,18 +82,27 @@ def test_apikey_create_then_the_api_through_the_env_file_of_a_parent(
                                "-o", "json")).stdout)
     assert reader["scopes"] == ["devices:read"] and reader["token"].startswith("flk_")
     assert apikeys.split_token(reader["token"])[0] == reader["id"]  # type: ignore[index]
-    # With an admin key, the same verbs go over the API (no database reachable here).
+    # With --api and an admin key, the same verbs go over the API (no database here).
     over_api = {"FLEETLINE_API_KEY": key, "FLEETLINE_DATABASE_URL": "postgresql://x@127.0.0.1:9/x"}
-    grafana = json.loads(ok(run("apikey", "create", "-s", "telemetry:read", "--name", "grafana",
-                                "-o", "json", **over_api)).stdout)
+    grafana = json.loads(ok(run("apikey", "create", "--api", "-s", "telemetry:read", "--name",
+                                "grafana", "-o", "json", **over_api)).stdout)
     assert grafana["scopes"] == ["telemetry:read"] and grafana["token"].startswith("flk_")
-    listed = json.loads(ok(run("apikey", "list", "-o", "json", **over_api)).stdout)
+    listed = json.loads(ok(run("apikey", "list", "--api", "-o", "json", **over_api)).stdout)
     assert {"from-env", "reader", "grafana"} <= {k["name"] for k in listed}
-    assert ok(run("apikey", "revoke", grafana["id"], **over_api)).stdout.strip() == (
+    assert {k["state"] for k in listed} <= {"active", "revoked"}  # other tests' keys too
+    # Both ways list a key alike.
+    [by_db] = [k for k in yaml.safe_load(ok(run("apikey", "list", "-o", "yaml")).stdout)
+               if k["id"] == grafana["id"]]
+    [by_api] = [k for k in listed if k["id"] == grafana["id"]]
+    assert by_db.keys() >= by_api.keys() and by_db["state"] == by_api["state"] == "active"
+    assert ok(run("apikey", "revoke", "--api", grafana["id"], **over_api)).stdout.strip() == (
         f"revoked {grafana['id']}")
-    failed(run("apikey", "revoke", str(apikeys.split_token(key)[0]), **over_api), "409",
-           "a key cannot revoke itself")
-    failed(run("apikey", "create", "-s", "admin", FLEETLINE_API_KEY=reader["token"]), "403")
+    failed(run("apikey", "revoke", "--api", str(apikeys.split_token(key)[0]), **over_api),
+           "409", "a key cannot revoke itself")
+    failed(run("apikey", "create", "--api", "-s", "admin", FLEETLINE_API_KEY=reader["token"]),
+           "403")
+    # Without --api, a key in the environment changes nothing: the database makes the key.
+    ok(run("apikey", "create", "-s", "devices:read", FLEETLINE_API_KEY="flk_stale"))
     # --json is -o json.
     devices = json.loads(ok(run("device", "list", "--json", FLEETLINE_API_KEY=key)).stdout)
     assert isinstance(devices, list)
