@@ -21,20 +21,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from fleetline import limits
 from fleetline.settings import MqttTarget, parse_mqtt_url
 from fleetline_cli.client import ApiClient, ApiError
 from fleetline_dev import simulated_gateways
-from fleetline_dev.simulated_gateways import run_gateways
-from fleetline_dev.simulator import run_fleet
+from fleetline_dev.simulated_gateways import run_devices_and_gateways
 
 TAGS = {"source": "simulator"}
-# The bounds of a device's limits (PUT /v1/limits/devices/{id}).
-LIMIT_BOUNDS = {
-    "messages_per_second": 1e6,
-    "burst_messages": 100_000_000,
-    "bytes_per_second": 1e12,
-    "burst_bytes": 1 << 40,
-}
 
 
 class NotSimulatedError(ApiError):
@@ -100,14 +93,9 @@ def register_gateways(client: ApiClient, ids: list[str], *, children: int) -> di
 def _scale_limits(client: ApiClient, device_id: str, default: dict[str, Any], times: int) -> None:
     current = client.request("GET", f"/v1/devices/{device_id}/limits")["limits"]
     own = current if current and current["selector"] == f"device:{device_id}" else None
-    limits: dict[str, Any] = {}
-    for name, most in LIMIT_BOUNDS.items():
-        value = min(default[name] * times, most)
-        if own is not None:
-            value = max(value, own[name])
-        limits[name] = float(value) if name.endswith("_per_second") else int(value)
-    if own is None or any(limits[name] != own[name] for name in LIMIT_BOUNDS):
-        client.request("PUT", f"/v1/limits/devices/{device_id}", json=limits)
+    wanted = limits.scaled(default, times, own)
+    if own is None or any(wanted[name] != own[name] for name in limits.MOST):
+        client.request("PUT", f"/v1/limits/devices/{device_id}", json=wanted)
 
 
 def broker(client: ApiClient, mqtt_url: str | None, ca_file: Path | None) -> MqttTarget:
@@ -137,30 +125,17 @@ async def run(
     if duration_seconds > 0:
         loop.call_later(duration_seconds, stop.set)
     try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(
-                run_fleet(
-                    target,
-                    devices=devices,
-                    interval_seconds=interval_seconds,
-                    prefix=prefix,
-                    stop=stop,
-                    keys=keys,
-                ),
-                name="simulate.devices",
-            )
-            tg.create_task(
-                run_gateways(
-                    target,
-                    gateways=gateways,
-                    children=children_per_gateway,
-                    interval_seconds=interval_seconds,
-                    prefix=gateway_prefix,
-                    stop=stop,
-                    keys=keys,
-                ),
-                name="simulate.gateways",
-            )
+        await run_devices_and_gateways(
+            target,
+            devices=devices,
+            gateways=gateways,
+            children_per_gateway=children_per_gateway,
+            interval_seconds=interval_seconds,
+            stop=stop,
+            keys=keys,
+            prefix=prefix,
+            gateway_prefix=gateway_prefix,
+        )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

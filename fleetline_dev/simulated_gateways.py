@@ -40,7 +40,7 @@ import asyncpg
 import orjson
 from pydantic import SecretStr
 
-from fleetline import mqtt
+from fleetline import limits, mqtt
 from fleetline.db import close_connection
 from fleetline.mqtt import make_client
 from fleetline.protocol import (
@@ -55,6 +55,7 @@ from fleetline.protocol import (
     topic_for,
 )
 from fleetline.settings import MqttTarget
+from fleetline_dev.simulated_updates import UpdatePolicy
 from fleetline_dev.simulator import (
     FIRMWARE_VERSION,
     GOODBYE_TIMEOUT_SECONDS,
@@ -75,6 +76,7 @@ from fleetline_dev.simulator import (
     _take_c2d,
     _while_connected,
     issue_keys,
+    run_fleet,
 )
 
 log = logging.getLogger(__name__)
@@ -149,27 +151,34 @@ async def register_gateways(
                 policies,
                 orjson.dumps(TAGS).decode(),
             )
-            await con.execute(
-                """
-                INSERT INTO device_limits AS l (selector, device_id, messages_per_second,
-                    burst_messages, bytes_per_second, burst_bytes)
-                SELECT 'device:' || g, g, least(d.messages_per_second * $2::integer, 1e6),
-                       least(d.burst_messages::bigint * $2::integer, 100000000)::integer,
-                       least(d.bytes_per_second * $2::integer, 1e12),
-                       least(d.burst_bytes * $2::integer, 1099511627776)
-                FROM unnest($1::text[]) g, device_limits d
-                WHERE d.selector = 'default'
-                ON CONFLICT (selector) DO UPDATE SET
-                    messages_per_second = greatest(l.messages_per_second,
-                                                   EXCLUDED.messages_per_second),
-                    burst_messages = greatest(l.burst_messages, EXCLUDED.burst_messages),
-                    bytes_per_second = greatest(l.bytes_per_second, EXCLUDED.bytes_per_second),
-                    burst_bytes = greatest(l.burst_bytes, EXCLUDED.burst_bytes),
-                    updated_at = now()
-                """,
-                ids,
-                children + 1,
+            default = await con.fetchrow(
+                f"SELECT {', '.join(limits.MOST)} FROM device_limits WHERE selector = 'default'"
             )
+            if default is not None:
+                overrides = {
+                    r["device_id"]: dict(r)
+                    for r in await con.fetch(
+                        f"SELECT device_id, {', '.join(limits.MOST)} FROM device_limits"
+                        " WHERE selector = ANY($1::text[])",
+                        [f"device:{g}" for g in ids],
+                    )
+                }
+                rows = []
+                for g in ids:
+                    wanted = limits.scaled(dict(default), children + 1, overrides.get(g))
+                    rows.append((f"device:{g}", g, *(wanted[name] for name in limits.MOST)))
+                await con.executemany(
+                    f"""
+                    INSERT INTO device_limits (selector, device_id, {", ".join(limits.MOST)})
+                    VALUES ($1, $2, $3, $4, $5, $6)
+                    ON CONFLICT (selector) DO UPDATE SET
+                        messages_per_second = EXCLUDED.messages_per_second,
+                        burst_messages = EXCLUDED.burst_messages,
+                        bytes_per_second = EXCLUDED.bytes_per_second,
+                        burst_bytes = EXCLUDED.burst_bytes, updated_at = now()
+                    """,
+                    rows,
+                )
             return await issue_keys(con, ids, key_secret)
     finally:
         await close_connection(con)
@@ -495,3 +504,46 @@ async def run_gateways(
         await asyncio.gather(*tasks)
         reporter.cancel()
     log.info("simulated gateways stopped: %d children's readings sent", stats.readings)
+
+
+async def run_devices_and_gateways(
+    target: MqttTarget,
+    *,
+    devices: int,
+    gateways: int,
+    children_per_gateway: int,
+    interval_seconds: float,
+    stop: asyncio.Event,
+    keys: Mapping[str, str],
+    prefix: str = "sim-",
+    gateway_prefix: str = "sim-gw-",
+    updates: UpdatePolicy | None = None,
+) -> None:
+    """The simulated devices (:func:`run_fleet`) and gateways (:func:`run_gateways`)
+    together, until ``stop`` is set: what ``fleetline up`` and ``fleetline simulate``
+    run."""
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(
+            run_fleet(
+                target,
+                devices=devices,
+                interval_seconds=interval_seconds,
+                prefix=prefix,
+                stop=stop,
+                keys=keys,
+                updates=updates,
+            ),
+            name="simulator.devices",
+        )
+        tg.create_task(
+            run_gateways(
+                target,
+                gateways=gateways,
+                children=children_per_gateway,
+                interval_seconds=interval_seconds,
+                prefix=gateway_prefix,
+                stop=stop,
+                keys=keys,
+            ),
+            name="simulator.gateways",
+        )

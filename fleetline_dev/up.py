@@ -48,9 +48,13 @@ from fleetline_dev.embedded import (
     port_is_free,
     psql_command,
 )
-from fleetline_dev.simulated_gateways import gateway_ids, register_gateways, run_gateways
+from fleetline_dev.simulated_gateways import (
+    gateway_ids,
+    register_gateways,
+    run_devices_and_gateways,
+)
 from fleetline_dev.simulated_updates import UpdatePolicy
-from fleetline_dev.simulator import device_ids, register_fleet, run_fleet
+from fleetline_dev.simulator import device_ids, register_fleet
 
 log = logging.getLogger(__name__)
 
@@ -565,29 +569,16 @@ async def _start_simulator(
     await _wait_ingest_ready(ingest_port, stop)
     if stop.is_set():
         return
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(
-            run_fleet(
-                target,
-                devices=devices,
-                interval_seconds=interval_seconds,
-                stop=stop,
-                keys=keys,
-                updates=updates,
-            ),
-            name="up.simulator.devices",
-        )
-        tg.create_task(
-            run_gateways(
-                target,
-                gateways=gateways,
-                children=children_per_gateway,
-                interval_seconds=interval_seconds,
-                stop=stop,
-                keys=keys,
-            ),
-            name="up.simulator.gateways",
-        )
+    await run_devices_and_gateways(
+        target,
+        devices=devices,
+        gateways=gateways,
+        children_per_gateway=children_per_gateway,
+        interval_seconds=interval_seconds,
+        stop=stop,
+        keys=keys,
+        updates=updates,
+    )
 
 
 def _updates(devices_target: DevicesEndpoint | None) -> UpdatePolicy | None:

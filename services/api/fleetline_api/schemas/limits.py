@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
+from fleetline.limits import MOST
 from fleetline_api.schemas.common import WholeNumber
 
 _LIMITS: dict[str, Any] = {
@@ -20,15 +21,15 @@ _LIMITS: dict[str, Any] = {
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_LIMITS]})
 
-    messages_per_second: StrictFloat = Field(ge=0.001, le=1_000_000)
+    messages_per_second: StrictFloat = Field(ge=0.001, le=MOST["messages_per_second"])
     burst_messages: WholeNumber = Field(
         ge=1,
-        le=100_000_000,
+        le=MOST["burst_messages"],
         description="Messages a device may send at once (a backlog after an outage)",
     )
-    bytes_per_second: StrictFloat = Field(ge=1, le=1e12)
+    bytes_per_second: StrictFloat = Field(ge=1, le=MOST["bytes_per_second"])
     burst_bytes: WholeNumber = Field(
-        ge=1_048_576, le=1 << 40, description="At least the largest packet (1 MiB)"
+        ge=1_048_576, le=MOST["burst_bytes"], description="At least the largest packet (1 MiB)"
     )
 
 
