@@ -61,6 +61,11 @@ export class MetricChart {
     this.setUnit(unit);
   }
 
+  /** The unit beside a value: none on a 0/1 chart (a state, not a quantity). */
+  get valueUnit() {
+    return this.boolean ? "" : this.unit;
+  }
+
   /** Show the metric's unit ("" or null: none known); the plot is rebuilt on a change. */
   setUnit(unit) {
     const next = unit || "";
@@ -118,7 +123,7 @@ export class MetricChart {
     const steps = this.boolean && typeof uPlot.paths.stepped === "function" ? uPlot.paths.stepped({ align: 1 }) : undefined;
     // The legend (the values under the cursor) says the unit; so does the y axis, but a
     // boolean's, which stays 0/1.
-    const value = (_u, v) => withUnit(v, this.unit);
+    const value = (_u, v) => withUnit(v, this.valueUnit);
     const axisLabel = this.unit && !this.boolean ? { label: this.unit, labelSize: 18, labelGap: 2 } : {};
     if (this.bucket) {
       series.push(
@@ -263,7 +268,7 @@ export class MetricChart {
     if (this.last) {
       this.figure.dataset.lastValue = String(this.last.value);
       this.figure.dataset.lastTs = new Date(this.last.t * 1000).toISOString();
-      setText(valueNode, withUnit(this.last.value, this.unit));
+      setText(valueNode, withUnit(this.last.value, this.valueUnit));
       setAbsoluteTime(tsNode, new Date(this.last.t * 1000));
     } else {
       delete this.figure.dataset.lastValue;

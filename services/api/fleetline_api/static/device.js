@@ -106,7 +106,9 @@ export function unitsOf(twin) {
   if (declared === null || typeof declared !== "object" || Array.isArray(declared)) return units;
   for (const [metric, unit] of Object.entries(declared)) {
     if (typeof unit !== "string") continue;
-    const text = unit.trim();
+    // A device writes this text: no control or format characters (a bidi override
+    // would reorder what follows it on the page).
+    const text = unit.replace(/[\p{Cc}\p{Cf}]/gu, "").trim();
     if (text && text.length <= MAX_UNIT_CHARS) units.set(metric, text);
   }
   return units;

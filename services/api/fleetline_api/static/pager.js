@@ -12,15 +12,20 @@ export function cursorPager({ prev, next, label, onPage }) {
   let index = 0;
   let nextCursor = null;
 
+  // Until the page asked for is loaded, neither button moves: a second click would
+  // count a page that was never shown.
   next.addEventListener("click", () => {
     if (!nextCursor) return;
     cursors[index + 1] = nextCursor;
     index += 1;
+    nextCursor = null;
+    next.disabled = prev.disabled = true;
     onPage();
   });
   prev.addEventListener("click", () => {
-    if (index === 0) return;
+    if (index === 0 || prev.disabled) return;
     index -= 1;
+    next.disabled = prev.disabled = true;
     onPage();
   });
 

@@ -6,11 +6,20 @@
 // Rows the comparator holds equal keep the order `tie` gives them, else the API's (the
 // sort is stable). The page shown is sorted; the API still pages in its own order.
 
+/**
+ * Where a missing value goes: last, whichever way the column is sorted. A comparator
+ * answers ±Infinity when one side is missing, which sortableTable does not reverse.
+ */
+function missingLast(xMissing, yMissing) {
+  if (xMissing === yMissing) return 0;
+  return xMissing ? Number.POSITIVE_INFINITY : Number.NEGATIVE_INFINITY;
+}
+
 /** Text order for sorting: "" (nothing) last, by the user's locale. */
 export function compareText(a, b) {
   const x = a === null || a === undefined ? "" : String(a);
   const y = b === null || b === undefined ? "" : String(b);
-  if (!x || !y) return Number(!x) - Number(!y);
+  if (!x || !y) return missingLast(!x, !y);
   return x.localeCompare(y);
 }
 
@@ -18,7 +27,7 @@ export function compareText(a, b) {
 export function compareNumbers(a, b) {
   const x = typeof a === "number" ? a : null;
   const y = typeof b === "number" ? b : null;
-  if (x === null || y === null) return Number(x === null) - Number(y === null);
+  if (x === null || y === null) return missingLast(x === null, y === null);
   return x - y;
 }
 
@@ -26,17 +35,17 @@ export function compareNumbers(a, b) {
 export function compareNewest(a, b) {
   const x = a ? Date.parse(a) : Number.NaN;
   const y = b ? Date.parse(b) : Number.NaN;
-  if (Number.isNaN(x) || Number.isNaN(y)) return Number(Number.isNaN(x)) - Number(Number.isNaN(y));
+  if (Number.isNaN(x) || Number.isNaN(y)) return missingLast(Number.isNaN(x), Number.isNaN(y));
   return y - x;
 }
 
 /** Order by place in `list` (values not in it last). */
 export function compareRank(list) {
-  const rank = (value) => {
-    const i = list.indexOf(value);
-    return i < 0 ? list.length : i;
+  return (a, b) => {
+    const x = list.indexOf(a);
+    const y = list.indexOf(b);
+    return x < 0 || y < 0 ? missingLast(x < 0, y < 0) : x - y;
   };
-  return (a, b) => rank(a) - rank(b);
 }
 
 /** A comparator of `field(item)` by `compare`. */
@@ -81,7 +90,11 @@ export function sortableTable(table, { compare, initial = null, tie = () => 0, o
     order(items) {
       if (!sort) return [...items];
       const primary = compare[sort.key];
-      return [...items].sort((a, b) => primary(a, b) * sort.dir || tie(a, b));
+      const directed = (a, b) => {
+        const order = primary(a, b);
+        return Number.isFinite(order) ? order * sort.dir : order; // missing: last both ways
+      };
+      return [...items].sort((a, b) => directed(a, b) || tie(a, b));
     },
     state() {
       return sort ? { ...sort } : null;
