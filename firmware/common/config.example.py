@@ -49,6 +49,10 @@ INTERVAL_S = 10
 ADC_PIN = None  # e.g. 34: its raw reading (read_u16, 0-65535) as the metric "adc"
 RELAY_PIN = None  # e.g. 2: method `switch` {"on": true} and desired relay_on drive it
 RELAY_ACTIVE_HIGH = True
+# The units the device reports for its metrics (the dashboard shows them on the charts):
+# the board's own (uptime_s s, mem_free B, mcu_temp and temperature °C, humidity %, rssi
+# dBm) and these over them; None drops one. E.g. {"adc": "mV"}.
+UNITS = {}
 
 # The hardware watchdog resets the board when the loop stalls this long (the loop feeds
 # it, also while it waits on the network). 0: off.

@@ -15,6 +15,23 @@ SOCKET_TIMEOUT_S = 10
 GC_EVERY_MS = 5000
 
 
+# The units of what the board layers read (docs/protocol.md, the twin's `units`); a
+# config's UNITS adds its own or replaces these (None: no unit for that metric).
+UNITS = {"uptime_s": "s", "mem_free": "B", "mcu_temp": "°C", "rssi": "dBm",
+         "temperature": "°C", "humidity": "%"}
+
+
+def units(config):
+    """The units the device reports: UNITS with the config's UNITS over them."""
+    out = dict(UNITS)
+    for name, unit in getattr(config, "UNITS", {}).items():
+        if unit is None:
+            out.pop(name, None)
+        else:
+            out[name] = unit
+    return out
+
+
 def log(text):
     print(text)  # noqa: T201 - the serial console is the board's log
 

@@ -17,46 +17,47 @@ _AD_SERVICE_DATA_16 = 0x16
 _AD_NAME_SHORT = 0x08
 _AD_NAME_COMPLETE = 0x09
 
-# The objects read here, 3 bytes each: the object id; its size in bytes, plus 0x80 when it
-# is signed; its scale, the power of ten its raw value is divided by (0xFF: a boolean).
+# The objects read here, 4 bytes each: the object id; its size in bytes, plus 0x80 when it
+# is signed; its scale, the power of ten its raw value is divided by (0xFF: a boolean);
+# its metric's place in _UNITS (0xFF: no unit: booleans, counts, the packet id, buttons).
 # _NAMES holds their names in the same order; a name given by two ids (a coarser
-# resolution) is the same metric. Bytes and a tuple, not a dict of tuples: a few hundred
-# bytes of heap instead of a few KB.
+# resolution) is the same metric, with the same place in _UNITS. Bytes and tuples, not a
+# dict of tuples: a few hundred bytes of heap instead of a few KB.
 _OBJECTS = (
-    b"\x00\x01\x00"  # packet id
-    b"\x01\x01\x00"  # battery, %
-    b"\x02\x82\x02"  # temperature, degrees Celsius
-    b"\x03\x02\x02"  # humidity, %
-    b"\x04\x03\x02"  # pressure, hPa
-    b"\x05\x03\x02"  # illuminance, lux
-    b"\x08\x82\x02"  # dew point, degrees Celsius
-    b"\x09\x01\x00"  # count
-    b"\x0a\x03\x03"  # energy, kWh
-    b"\x0b\x03\x02"  # power, W
-    b"\x0c\x02\x03"  # voltage, V
-    b"\x0d\x02\x00"  # PM2.5, ug/m3
-    b"\x0e\x02\x00"  # PM10, ug/m3
-    b"\x0f\x01\xff"  # generic boolean
-    b"\x10\x01\xff"  # power on
-    b"\x11\x01\xff"  # opening
-    b"\x12\x02\x00"  # CO2, ppm
-    b"\x13\x02\x00"  # TVOC, ug/m3
-    b"\x14\x02\x02"  # moisture, %
-    b"\x15\x01\xff"  # battery low
-    b"\x1a\x01\xff"  # door
-    b"\x21\x01\xff"  # motion
-    b"\x23\x01\xff"  # occupancy
-    b"\x2d\x01\xff"  # window
-    b"\x2e\x01\x00"  # humidity, %
-    b"\x2f\x01\x00"  # moisture, %
-    b"\x3a\x01\x00"  # button event: 0 none, 1 press, 2 double press...
-    b"\x3d\x02\x00"  # count
-    b"\x3e\x04\x00"  # count
-    b"\x3f\x82\x01"  # rotation, degrees
-    b"\x40\x02\x00"  # distance, mm
-    b"\x43\x02\x03"  # current, A
-    b"\x45\x82\x01"  # temperature, degrees Celsius
-    b"\x4a\x02\x01"  # voltage, V
+    b"\x00\x01\x00\xff"  # packet id
+    b"\x01\x01\x00\x00"  # battery, %
+    b"\x02\x82\x02\x01"  # temperature, degrees Celsius
+    b"\x03\x02\x02\x02"  # humidity, %
+    b"\x04\x03\x02\x03"  # pressure, hPa
+    b"\x05\x03\x02\x04"  # illuminance, lux
+    b"\x08\x82\x02\x05"  # dew point, degrees Celsius
+    b"\x09\x01\x00\xff"  # count
+    b"\x0a\x03\x03\x06"  # energy, kWh
+    b"\x0b\x03\x02\x07"  # power, W
+    b"\x0c\x02\x03\x08"  # voltage, V
+    b"\x0d\x02\x00\x09"  # PM2.5, ug/m3
+    b"\x0e\x02\x00\x0a"  # PM10, ug/m3
+    b"\x0f\x01\xff\xff"  # generic boolean
+    b"\x10\x01\xff\xff"  # power on
+    b"\x11\x01\xff\xff"  # opening
+    b"\x12\x02\x00\x0b"  # CO2, ppm
+    b"\x13\x02\x00\x0c"  # TVOC, ug/m3
+    b"\x14\x02\x02\x0d"  # moisture, %
+    b"\x15\x01\xff\xff"  # battery low
+    b"\x1a\x01\xff\xff"  # door
+    b"\x21\x01\xff\xff"  # motion
+    b"\x23\x01\xff\xff"  # occupancy
+    b"\x2d\x01\xff\xff"  # window
+    b"\x2e\x01\x00\x02"  # humidity, %
+    b"\x2f\x01\x00\x0d"  # moisture, %
+    b"\x3a\x01\x00\xff"  # button event: 0 none, 1 press, 2 double press...
+    b"\x3d\x02\x00\xff"  # count
+    b"\x3e\x04\x00\xff"  # count
+    b"\x3f\x82\x01\x0e"  # rotation, degrees
+    b"\x40\x02\x00\x0f"  # distance, mm
+    b"\x43\x02\x03\x10"  # current, A
+    b"\x45\x82\x01\x01"  # temperature, degrees Celsius
+    b"\x4a\x02\x01\x08"  # voltage, V
 )
 _NAMES = (
     "packet_id", "battery", "temperature", "humidity", "pressure", "illuminance",
@@ -65,12 +66,18 @@ _NAMES = (
     "occupancy", "window", "humidity", "moisture", "button", "count", "count", "rotation",
     "distance", "current", "temperature", "voltage",
 )
+# The unit of each metric that has one (a twin's reported ``units``), by its place: also
+# its bit in a mask of metrics (unit_mask): 17 bits, a small int on any board.
+_UNITS = (
+    "%", "°C", "%", "hPa", "lx", "°C", "kWh", "W", "V", "µg/m³", "µg/m³", "ppm", "µg/m³",
+    "%", "°", "mm", "A",
+)
 _DIVISORS = (1, 10, 100, 1000)
 
 
 def _find(object_id: int) -> int:
     """The position of ``object_id`` in _OBJECTS, or -1."""
-    for at in range(0, len(_OBJECTS), 3):
+    for at in range(0, len(_OBJECTS), 4):
         if _OBJECTS[at] == object_id:
             return at
     return -1
@@ -163,7 +170,7 @@ def decode(data: object) -> tuple:
         if _OBJECTS[at + 1] & 0x80 and raw >= 1 << (8 * size - 1):
             raw -= 1 << (8 * size)
         scale = _OBJECTS[at + 2]
-        name = _NAMES[at // 3]
+        name = _NAMES[at // 4]
         if scale == 0xFF:
             values[name] = raw != 0
         elif scale == 0:
@@ -173,3 +180,38 @@ def decode(data: object) -> tuple:
             values[name] = raw / _DIVISORS[scale]
         i += 1 + size
     return values, None
+
+
+def unit_mask(data: object) -> int:
+    """The metrics with a unit in BTHome v2 service data ``data`` (as ``decode`` reads
+    it, up to the first object unknown here): one bit each, its place in _UNITS. No
+    allocation; 0 for data ``decode`` refuses."""
+    view = memoryview(data)
+    end = len(view)
+    if end < 1 or view[0] >> 5 != 2 or view[0] & 1:
+        return 0
+    mask = 0
+    i = 1
+    while i < end:
+        at = _find(view[i])
+        if at < 0:
+            break
+        size = _OBJECTS[at + 1] & 0x7F
+        if i + 1 + size > end:
+            return 0
+        place = _OBJECTS[at + 3]
+        if place != 0xFF:
+            mask |= 1 << place
+        i += 1 + size
+    return mask
+
+
+def units(mask: int, into: object = None) -> dict:
+    """The units of the metrics in ``mask`` (unit_mask) by metric name, added to the
+    dict ``into`` (a new one when None)."""
+    out = {} if into is None else into
+    for at in range(0, len(_OBJECTS), 4):
+        place = _OBJECTS[at + 3]
+        if place != 0xFF and mask >> place & 1:
+            out[_NAMES[at // 4]] = _UNITS[place]
+    return out

@@ -17,7 +17,10 @@ topics not its own (``Device.on_message``). For each child it:
   otherwise);
 - reports ``mac``, ``model`` (the advertised name), ``rssi`` (when it moved by
   ``rssi_step_db``) and ``battery`` on ``devices/{child}/twin/reported`` when they
-  change;
+  change, and ``units`` (metric → unit, fleetline_bthome) once for each metric with a
+  unit when its first reading is queued;
+- answers a rollout (its desired ``firmware``) at once with ``reported.firmware``
+  ``failed``: a BTHome sensor takes no firmware update;
 - answers the methods ``identify`` (what the gateway knows of it: last seen, signal,
   battery, last values) and ``ping``; any other 404;
 - acknowledges cloud-to-device messages (``complete``, once per id; a handler may
@@ -136,6 +139,7 @@ class Child:
         self.subscribed = False  # in this connection
         self.online = None  # what its status said (None: to be said, in this connection)
         self.refused_at = None  # ticks_ms the broker refused its topics
+        self.units = 0  # the metrics whose unit it reports (fleetline_bthome.unit_mask)
 
     def id(self) -> str:
         return CHILD_PREFIX + binascii.hexlify(self.addr).decode()
@@ -452,6 +456,11 @@ class Gateway:
                 time.ticks_diff(now, child.sent_at) < child.interval_s * 1000:
             return
         child.sent_at = now
+        new = fleetline_bthome.unit_mask(data) & ~child.units
+        if new:  # metrics sent for the first time: their units, merged into the twin's
+            child.units |= new
+            # A mask (a small int) until it is published: no dict per child meanwhile.
+            child.report_("units", new | (child.report.get("units", 0) if child.report else 0))
         # Without a clock, no ts: ingest stamps the reading on arrival.
         self._queue(child, fleetline_device.epoch_ms() if fleetline_device.clock_valid()
                     else None, data)
@@ -537,7 +546,15 @@ class Gateway:
                     self._log("gateway: " + child.id() + " not heard: offline")
                 child.online = alive
             if child.report and child.subscribed:
-                device.publish(child.topic("twin/reported"), json.dumps(child.report))
+                report = child.report
+                units = report.get("units", 0)  # a mask until now (_heard)
+                if units:
+                    report["units"] = fleetline_bthome.units(units)
+                try:
+                    device.publish(child.topic("twin/reported"), json.dumps(report))
+                finally:
+                    if units:  # kept as a mask, should the publish fail
+                        report["units"] = units
                 child.report = None
         if settled:  # readings after their child's status
             self._flush()
@@ -704,7 +721,9 @@ class Gateway:
     def _take_desired(self, child: Child, msg: object) -> None:
         """``interval_s``: the child's readings at most this often (s, 0 to 86,400;
         absent: the configured default). Reported with ``desired_version``, and
-        ``desired_errors`` for what could not be applied."""
+        ``desired_errors`` for what could not be applied. ``firmware`` (a rollout): the
+        rollout's own report, ``failed`` at once (docs/ota.md): a BTHome sensor takes
+        no update."""
         if msg is not None and len(msg) == 0:  # the retained document was cleared
             return
         doc = _json_object(msg)
@@ -724,8 +743,21 @@ class Gateway:
         else:
             errors["interval_s"] = "interval_s must be a number from 0 to " + str(
                 MAX_CHILD_INTERVAL_S) + ", not " + repr(value)[:40]
+        value = desired.get("firmware")
+        rollout = value.get("rollout") if isinstance(value, dict) else None
+        if isinstance(rollout, int) and not isinstance(rollout, bool):
+            release = value.get("version")
+            child.report_("firmware", {
+                "rollout": rollout, "state": "failed", "progress": None,
+                "version": release if isinstance(release, str) else None, "running": None,
+                "reason": "a BLE sensor behind gateway " + self.device.device_id
+                + ": it takes no firmware updates",
+            })
+        elif value is not None:
+            errors["firmware"] = "firmware must be a rollout's notification, not " + repr(
+                value)[:40]
         for name in desired:
-            if name != "interval_s":
+            if name != "interval_s" and name != "firmware":
                 errors[name] = "unknown here"
         child.desired_version = version
         child.report_("interval_s", child.interval_s)

@@ -12,6 +12,7 @@ import machine
 def main():
     import board
     import config_local as config
+    import fleetline_board
     import fleetline_device
     from umqtt.simple import MQTTClient
 
@@ -51,6 +52,7 @@ def main():
             "fw": VERSION,
             "model": board.model(),
             "platform": board.PLATFORM,
+            "units": fleetline_board.units(config),
         },
         log=board.log,
         # Readings taken offline, kept in flash across a reset ("" to keep them in RAM only).

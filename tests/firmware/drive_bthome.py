@@ -4,7 +4,8 @@ Reads each advert of the file ``sys.argv[1]`` (a JSON list of advertising data i
 a file, as the unix port does not start with a long argument) with
 firmware/common/fleetline_bthome.py and prints one JSON line per advert: whether it
 carries BTHome data (the quick test), its service data (hex), its name, and what
-``decode`` made of it, or the error each step raised.
+``decode`` made of it (with ``units``: what ``units(unit_mask(...))`` gave), or the
+error each step raised.
 
     micropython drive_bthome.py adverts.json
 """
@@ -35,6 +36,7 @@ def read(adv: bytes) -> dict:
         return out
     out["values"] = values
     out["unknown"] = unknown
+    out["units"] = fleetline_bthome.units(fleetline_bthome.unit_mask(data))
     return out
 
 

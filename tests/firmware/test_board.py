@@ -209,6 +209,8 @@ async def test_the_esp32_application_runs_over_tls_against_the_real_services(
             and t["reported"].get("interval_s") == 1 and t, timeout=30,
             what="the desired interval reported")
         assert twin["reported"]["platform"] == "esp32"
+        assert twin["reported"]["units"] == {"uptime_s": "s", "mem_free": "B", "mcu_temp": "°C",
+                                             "rssi": "dBm", "temperature": "°C", "humidity": "%"}
 
         # A cloud-to-device message, completed by the board.
         posted = c.post(f"/v1/devices/{device_id}/messages", json={"body": {"say": "hello"}})

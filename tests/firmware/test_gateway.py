@@ -9,22 +9,26 @@ it). aioble goes on the board as ``mip install aioble-central`` puts it (its cor
 central parts only), compiled like the rest (``.mpy``), from the micropython-lib the
 build keeps beside umqtt.simple.
 
-- the BTHome parser, under MicroPython, against adverts built here with ``struct``;
+- the BTHome parser, under MicroPython, against adverts built here with ``struct``, and
+  the unit of each metric;
 - the gateway on a broker without the auth plugin (driver ``drive_gateway.py``, an
-  observer on ``devices/#``): the children's statuses, readings, reported properties,
-  methods, cloud-to-device messages and desired twin on their own topics; a sensor that
+  observer on ``devices/#``): the children's statuses, readings, reported properties
+  (``units`` once per child), methods, cloud-to-device messages and desired twin (a
+  rollout's notification answered ``failed``) on their own topics; a sensor that
   goes silent goes offline; the number of children bounded; readings kept through an
   outage in a bounded queue; 32 children in an ESP32 app's heap;
 - the ESP32 application configured as a gateway (``GATEWAY = True``: boot.py then
   main.py, as on a board) over TLS to the broker with the auth plugin, ingest and the
-  API: children created with their parent and tags, their readings stored, their
-  methods and messages served through the REST API, a silent sensor offline, and when
+  API: children created with their parent and tags, their readings stored, their units
+  in their twins, their methods and messages served through the REST API, a rollout
+  over them failing each at once with the gateway's reason, a silent sensor offline, and when
   the gateway is killed its children offline because of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import secrets
@@ -116,6 +120,26 @@ MALFORMED = [
     advert(bytes([0x00])),  # a packet id without its value
 ]
 FOREIGN = [(FLAGS + ad(0x09, b"phone")).hex(), "", "ff"]  # no BTHome data (or nothing)
+# The BTHome objects with a unit: object id, size in bytes.
+EVERY_UNIT = [
+    (0x01, 1),
+    (0x02, 2),
+    (0x03, 2),
+    (0x04, 3),
+    (0x05, 3),
+    (0x08, 2),
+    (0x0A, 3),
+    (0x0B, 3),
+    (0x0C, 2),
+    (0x0D, 2),
+    (0x0E, 2),
+    (0x12, 2),
+    (0x13, 2),
+    (0x14, 2),
+    (0x3F, 2),
+    (0x40, 2),
+    (0x43, 2),
+]
 
 
 def macs(count: int) -> list[str]:
@@ -362,6 +386,7 @@ def test_bthome_adverts_are_read_under_micropython(
                 "name": "TH-1",
                 "values": {"packet_id": 1, "battery": 87, "temperature": 21.37, "humidity": 45.5},
                 "unknown": None,
+                "units": {"battery": "%", "temperature": "°C", "humidity": "%"},
             },
         ),
         (
@@ -397,12 +422,55 @@ def test_bthome_adverts_are_read_under_micropython(
                     "temperature": -12.3,
                     "count": 4000000000,
                 },
+                # Booleans and counts have no unit; the coarser temperature has the other's.
+                "units": {"voltage": "V", "pressure": "hPa", "temperature": "°C"},
+            },
+        ),
+        # Every object with a unit, each once (zeros), and some without one: the unit of
+        # each metric (the table a child's reported ``units`` comes from).
+        (
+            advert(
+                b"".join(bytes([object_id]) + bytes(size) for object_id, size in EVERY_UNIT)
+                + obj(0x00, "<B", 1)
+                + obj(0x09, "<B", 2)
+                + obj(0x15, "<B", 1)
+                + obj(0x3A, "<B", 1)
+            ),
+            {
+                "carries": True,
+                "name": None,
+                "unknown": None,
+                "units": {
+                    "battery": "%",
+                    "temperature": "°C",
+                    "humidity": "%",
+                    "pressure": "hPa",
+                    "illuminance": "lx",
+                    "dewpoint": "°C",
+                    "energy": "kWh",
+                    "power": "W",
+                    "voltage": "V",
+                    "pm2_5": "µg/m³",
+                    "pm10": "µg/m³",
+                    "co2": "ppm",
+                    "tvoc": "µg/m³",
+                    "moisture": "%",
+                    "rotation": "°",
+                    "distance": "mm",
+                    "current": "A",
+                },
             },
         ),
         # An object id unknown here: what precedes it is read, nothing after.
         (
             advert(obj(0x01, "<B", 50) + bytes([0x77, 1, 2]) + obj(0x02, "<h", 100)),
-            {"carries": True, "name": None, "values": {"battery": 50}, "unknown": 0x77},
+            {
+                "carries": True,
+                "name": None,
+                "values": {"battery": 50},
+                "unknown": 0x77,
+                "units": {"battery": "%"},
+            },
         ),
         # Zero padding after the structures ends them.
         (
@@ -453,8 +521,9 @@ def test_bthome_adverts_are_read_under_micropython(
     got = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(got) == len(cases), done.stdout
     for (advert_hex, expected), result in zip(cases, got, strict=True):
-        if "data" not in expected:
-            result.pop("data", None)
+        for optional in ("data", "units", "values"):
+            if optional not in expected:
+                result.pop(optional, None)
         assert result == expected, advert_hex
 
 
@@ -545,9 +614,16 @@ def test_the_gateway_speaks_for_its_children_on_their_own_topics(
             "model": "TH-1",
             "battery": 87,
             "rssi": -61,
+            "units": {"battery": "%", "temperature": "°C", "humidity": "%"},
         }
         assert observer.reported(children[2])["model"] == "DW-3"
         assert "battery" not in observer.reported(children[2])
+        # Units once per child, for the metrics it sent (a window has none), not with
+        # every reading.
+        assert observer.reported(children[2])["units"] == {"voltage": "V"}
+        for child in children:
+            with_units = [p for p in observer.on(child, "twin/reported") if b'"units"' in p]
+            assert len(with_units) == 1, (child, with_units)
 
         # Methods on a child's own topics.
         identify = observer.ask(children[0], "r1", json.dumps({"method": "identify"}))
@@ -577,11 +653,19 @@ def test_the_gateway_speaks_for_its_children_on_their_own_topics(
         ] * 2
         assert gw.log().count("c2d to " + children[1] + ': {"say": "hi"}') == 1
 
-        # A child's desired twin: applied, reported with what it could not apply.
+        # A child's desired twin: applied, reported with what it could not apply. A
+        # rollout reaching it (its desired firmware) is answered at once as the
+        # rollout's own report: failed, with the reason.
+        notification = {"rollout": 41, "id": 7, "version": "2.0.0", "kind": "bundle"}
         observer.send(
             children[2],
             "twin/desired",
-            json.dumps({"version": 3, "desired": {"interval_s": 5, "colour": "red"}}),
+            json.dumps(
+                {
+                    "version": 3,
+                    "desired": {"interval_s": 5, "colour": "red", "firmware": notification},
+                }
+            ),
         )
         wait_until(
             lambda: observer.reported(children[2]).get("desired_version") == 3,
@@ -590,6 +674,28 @@ def test_the_gateway_speaks_for_its_children_on_their_own_topics(
         )
         assert observer.reported(children[2])["interval_s"] == 5
         assert observer.reported(children[2])["desired_errors"] == {"colour": "unknown here"}
+        assert observer.reported(children[2])["firmware"] == {
+            "rollout": 41,
+            "state": "failed",
+            "progress": None,
+            "version": "2.0.0",
+            "running": None,
+            "reason": f"a BLE sensor behind gateway {gateway_id}: it takes no firmware updates",
+        }
+        # A firmware member that is no rollout's notification is an error of the document.
+        observer.send(
+            children[2],
+            "twin/desired",
+            json.dumps({"version": 4, "desired": {"interval_s": 5, "firmware": "2.0.0"}}),
+        )
+        wait_until(
+            lambda: observer.reported(children[2]).get("desired_version") == 4,
+            timeout=10,
+            what="the second desired twin reported",
+        )
+        assert observer.reported(children[2])["desired_errors"] == {
+            "firmware": "firmware must be a rollout's notification, not '2.0.0'"
+        }
 
         # The second thermometer goes silent: offline once not heard for 2 s.
         write_scenario(fakes, [s for s in sensors if s["addr"] != t2])
@@ -925,6 +1031,19 @@ async def test_the_esp32_application_as_a_gateway_on_the_real_stack(
             what="TH-1's twin",
         )
         assert twin["reported"]["battery"] == 87 and twin["reported"]["rssi"] == -61
+        # Each child's units, as the dashboard reads them: the degree sign arrived whole.
+        for ch, units in (
+            (children[0], {"battery": "%", "temperature": "°C", "humidity": "%"}),
+            (children[1], {"battery": "%", "temperature": "°C", "humidity": "%"}),
+            (children[2], {"voltage": "V"}),
+        ):
+            wait_until(
+                lambda ch=ch, units=units: (
+                    c.get(f"/v1/devices/{ch}/twin").json()["reported"].get("units") == units
+                ),
+                timeout=20,
+                what=f"{ch}'s units: {c.get(f'/v1/devices/{ch}/twin').json()['reported']}",
+            )
 
         # A method on a child through the REST API, answered by the gateway.
         answer = c.post(f"/v1/devices/{children[0]}/methods/identify", json={"timeout_s": 15})
@@ -955,6 +1074,59 @@ async def test_the_esp32_application_as_a_gateway_on_the_real_stack(
             timeout=30,
             what="the child's desired interval reported",
         )
+
+        # A rollout over the gateway's children: each fails at once, with the gateway's
+        # reason (not a timeout: the phases are given 10 minutes).
+        image = b"a release no BLE sensor takes" * 10
+        made = c.post(
+            "/v1/firmware",
+            json={
+                "version": "2.0.0",
+                "target": f"ble-{uid}",
+                "kind": "image",
+                "size": len(image),
+                "sha256": hashlib.sha256(image).hexdigest(),
+            },
+        )
+        assert made.status_code == 201, made.text
+        uploaded = c.put(
+            f"/v1/firmware/{made.json()['id']}/content",
+            content=image,
+            headers={
+                "Content-Range": f"bytes 0-{len(image) - 1}/{len(image)}",
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        assert uploaded.status_code == 200, uploaded.text
+        rolled = time.monotonic()
+        job = c.post(
+            "/v1/jobs",
+            json={
+                "type": "rollout",
+                "query": f"parent = '{gateway_id}'",
+                "firmware_id": made.json()["id"],
+                "canary": 3,
+                "failure_threshold_percent": 100.0,
+                "timeouts": {"notified": 600},
+            },
+        )
+        assert job.status_code in (200, 201, 202), job.text
+        job_id = job.json()["id"]
+        finished = wait_until(
+            lambda: (j := c.get(f"/v1/jobs/{job_id}").json())["finished_at"] and j,
+            timeout=30,
+            what=f"the rollout finished: {c.get(f'/v1/jobs/{job_id}/devices').text}",
+        )
+        rollout_s = time.monotonic() - rolled
+        rows = c.get(f"/v1/jobs/{job_id}/devices").json()["items"]
+        assert sorted(r["device_id"] for r in rows) == sorted(children), rows
+        reason = f"a BLE sensor behind gateway {gateway_id}: it takes no firmware updates"
+        for row in rows:
+            assert row["state"] == "failed" and row["error"] == reason, row
+        assert finished["progress"].get("failed") == 3, finished
+        reported = c.get(f"/v1/devices/{children[0]}/twin").json()["reported"]
+        assert reported["firmware"]["state"] == "failed", reported
+        assert "firmware" not in (reported.get("desired_errors") or {}), reported
 
         # The third sensor goes silent: offline by its own status, no reason given.
         write_scenario(folder / "fakes", [s for s in sensors if s["addr"] != t3])
@@ -1008,5 +1180,5 @@ async def test_the_esp32_application_as_a_gateway_on_the_real_stack(
     REPORT.append(
         f"esp32 application as a gateway over TLS ({APP_HEAP_KIB}K heap): 3 children, "
         f"{time.monotonic() - started:.0f} s; the least free heap a reading reported "
-        f"{min(free):,.0f} bytes"
+        f"{min(free):,.0f} bytes; a rollout over its children failed them in {rollout_s:.1f} s"
     )
