@@ -138,7 +138,7 @@ def _bootstrap_token(source: Path) -> str:
         text = sys.stdin.readline() if str(source) == "-" else source.read_text()
     except OSError as exc:
         fail(f"cannot read the bootstrap token from {source}: {exc.strerror}")
-    token = text.strip().splitlines()[0] if text.strip() else ""
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
     if not token:
         fail(f"no bootstrap token in {'standard input' if str(source) == '-' else source}")
     return token

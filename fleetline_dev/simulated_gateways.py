@@ -171,11 +171,15 @@ async def register_gateways(
                     f"""
                     INSERT INTO device_limits (selector, device_id, {", ".join(limits.MOST)})
                     VALUES ($1, $2, $3, $4, $5, $6)
-                    ON CONFLICT (selector) DO UPDATE SET
-                        messages_per_second = EXCLUDED.messages_per_second,
-                        burst_messages = EXCLUDED.burst_messages,
-                        bytes_per_second = EXCLUDED.bytes_per_second,
-                        burst_bytes = EXCLUDED.burst_bytes, updated_at = now()
+                    ON CONFLICT (selector) DO UPDATE SET  -- never lower (a PUT since read)
+                        messages_per_second = greatest(device_limits.messages_per_second,
+                                                       EXCLUDED.messages_per_second),
+                        burst_messages = greatest(device_limits.burst_messages,
+                                                  EXCLUDED.burst_messages),
+                        bytes_per_second = greatest(device_limits.bytes_per_second,
+                                                    EXCLUDED.bytes_per_second),
+                        burst_bytes = greatest(device_limits.burst_bytes, EXCLUDED.burst_bytes),
+                        updated_at = now()
                     """,
                     rows,
                 )

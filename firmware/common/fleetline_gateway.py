@@ -140,6 +140,7 @@ class Child:
         self.online = None  # what its status said (None: to be said, in this connection)
         self.refused_at = None  # ticks_ms the broker refused its topics
         self.units = 0  # the metrics whose unit it reports (fleetline_bthome.unit_mask)
+        self.rollout = None  # the last rollout answered (its notification stays desired)
 
     def id(self) -> str:
         return CHILD_PREFIX + binascii.hexlify(self.addr).decode()
@@ -746,13 +747,15 @@ class Gateway:
         value = desired.get("firmware")
         rollout = value.get("rollout") if isinstance(value, dict) else None
         if isinstance(rollout, int) and not isinstance(rollout, bool):
-            release = value.get("version")
-            child.report_("firmware", {
-                "rollout": rollout, "state": "failed", "progress": None,
-                "version": release if isinstance(release, str) else None, "running": None,
-                "reason": "a BLE sensor behind gateway " + self.device.device_id
-                + ": it takes no firmware updates",
-            })
+            if rollout != child.rollout:  # once: its notification stays in the desired twin
+                child.rollout = rollout
+                release = value.get("version")
+                child.report_("firmware", {
+                    "rollout": rollout, "state": "failed", "progress": None,
+                    "version": release if isinstance(release, str) else None, "running": None,
+                    "reason": "a BLE sensor behind gateway " + self.device.device_id
+                    + ": it takes no firmware updates",
+                })
         elif value is not None:
             errors["firmware"] = "firmware must be a rollout's notification, not " + repr(
                 value)[:40]

@@ -682,14 +682,27 @@ def test_the_gateway_speaks_for_its_children_on_their_own_topics(
             "running": None,
             "reason": f"a BLE sensor behind gateway {gateway_id}: it takes no firmware updates",
         }
+        # The notification stays in the desired twin: a later change is not answered again.
+        observer.send(
+            children[2],
+            "twin/desired",
+            json.dumps({"version": 4, "desired": {"interval_s": 6, "firmware": notification}}),
+        )
+        wait_until(
+            lambda: observer.reported(children[2]).get("desired_version") == 4,
+            timeout=10,
+            what="the desired twin reported again",
+        )
+        reports = [json.loads(r) for r in observer.on(children[2], "twin/reported")]
+        assert sum("firmware" in r for r in reports) == 1, reports
         # A firmware member that is no rollout's notification is an error of the document.
         observer.send(
             children[2],
             "twin/desired",
-            json.dumps({"version": 4, "desired": {"interval_s": 5, "firmware": "2.0.0"}}),
+            json.dumps({"version": 5, "desired": {"interval_s": 5, "firmware": "2.0.0"}}),
         )
         wait_until(
-            lambda: observer.reported(children[2]).get("desired_version") == 4,
+            lambda: observer.reported(children[2]).get("desired_version") == 5,
             timeout=10,
             what="the second desired twin reported",
         )

@@ -25,7 +25,7 @@ import {
   templateElement,
 } from "./dom.js";
 import { cursorPager } from "./pager.js";
-import { sortableTable } from "./sort.js";
+import { by, compareNewest, compareText, sortableTable } from "./sort.js";
 import * as stream from "./stream.js";
 
 const PAGE_SIZE = 50;
@@ -61,8 +61,8 @@ function byId(a, b) {
 const COMPARE = {
   id: byId,
   status: (a, b) => Number(b.device.online) - Number(a.device.online),
-  parent: (a, b) => (a.device.parent || "").localeCompare(b.device.parent || ""),
-  seen: (a, b) => Date.parse(b.lastSeen || 0) - Date.parse(a.lastSeen || 0),
+  parent: by((row) => row.device.parent, compareText),
+  seen: by((row) => row.lastSeen, compareNewest),
 };
 
 export function mount(root, params) {

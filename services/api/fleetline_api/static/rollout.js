@@ -22,7 +22,7 @@ import {
   setStateBadge,
   stateText,
 } from "./rollouts.js";
-import { sortableTable } from "./sort.js";
+import { by, compareNumbers, sortableTable } from "./sort.js";
 
 // One page of the API's: enough to see a canary and its first waves whole.
 const DEVICE_LIMIT = 1000;
@@ -53,7 +53,7 @@ const COMPARE = {
   state: (a, b) => rank(DEVICE_STATES, a.state) - rank(DEVICE_STATES, b.state),
   wave: (a, b) => a.wave - b.wave,
   phase: (a, b) => rank(PHASE_ORDER, a.phase) - rank(PHASE_ORDER, b.phase),
-  progress: (a, b) => (a.progress ?? -1) - (b.progress ?? -1),
+  progress: by((d) => d.progress, compareNumbers),
 };
 
 /** Seconds as "90 s", "10 min", "1 h", "1 h 30 min", "2 d". */

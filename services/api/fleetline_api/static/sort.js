@@ -28,7 +28,7 @@ export function compareNumbers(a, b) {
   const x = typeof a === "number" ? a : null;
   const y = typeof b === "number" ? b : null;
   if (x === null || y === null) return missingLast(x === null, y === null);
-  return x - y;
+  return x < y ? -1 : x > y ? 1 : 0; // not x - y: that may overflow to ±Infinity
 }
 
 /** Time order, newest first (ISO times or dates); none last. */
@@ -36,7 +36,7 @@ export function compareNewest(a, b) {
   const x = a ? Date.parse(a) : Number.NaN;
   const y = b ? Date.parse(b) : Number.NaN;
   if (Number.isNaN(x) || Number.isNaN(y)) return missingLast(Number.isNaN(x), Number.isNaN(y));
-  return y - x;
+  return Math.sign(y - x);
 }
 
 /** Order by place in `list` (values not in it last). */
