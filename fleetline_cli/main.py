@@ -792,10 +792,7 @@ def firmware_list(
     as_json: JsonOption = False,
 ) -> None:
     """Firmware releases, newest first (unfinished uploads too)."""
-    params: dict[str, Any] = {"limit": limit}
-    if target is not None:
-        params["target"] = target
-    releases = rest("GET", "/v1/firmware", params=params)["items"]
+    releases = api_items("/v1/firmware", at_most=limit, target=target)
     if printed(releases, output, as_json):
         return
     print_table(
